@@ -1,0 +1,3 @@
+"""The fedge coordinator service (FastAPI + SQLAlchemy)."""
+
+__version__ = "0.1.0"

@@ -1,0 +1,41 @@
+"""The application factory. Nothing is built at import time: tests and the CLI call
+``create_app(settings)`` with their own settings."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+from fastapi import FastAPI
+
+from coordinator import __version__
+from coordinator.api import build_router
+from coordinator.errors import install_error_handlers
+from coordinator.runtime import Runtime
+from coordinator.settings import Settings
+
+log = logging.getLogger(__name__)
+
+
+def create_app(settings: Settings | None = None) -> FastAPI:
+    settings = settings or Settings()
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        runtime = Runtime.open(settings)
+        app.state.runtime = runtime
+        try:
+            yield
+        finally:
+            runtime.close()
+
+    app = FastAPI(
+        title="fedge coordinator",
+        version=__version__,
+        description="Federated edge learning: tasks, rounds, devices and model updates.",
+        lifespan=lifespan,
+    )
+    install_error_handlers(app)
+    app.include_router(build_router())
+    return app

@@ -1,0 +1,136 @@
+"""One error family, one renderer.
+
+::
+
+    ApiError (status, code, detail)
+    ├── BadRequest            400
+    ├── Unauthorized          401
+    ├── Forbidden             403
+    ├── NotFound              404
+    ├── Conflict              409
+    ├── PayloadTooLarge       413
+    ├── Unprocessable         422
+    ├── RateLimited           429 (Retry-After)
+    └── NotReady              503
+
+Every rejection renders as ``{"error": code, "detail": text}``; FastAPI's validation errors and
+Starlette's routing errors are rendered the same way.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from pydantic import BaseModel
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+log = logging.getLogger(__name__)
+
+
+class ErrorBody(BaseModel):
+    error: str
+    detail: str
+
+
+class ApiError(Exception):
+    status_code = 400
+    default_code = "bad_request"
+
+    def __init__(
+        self, detail: str, *, code: str | None = None, headers: dict[str, str] | None = None
+    ) -> None:
+        super().__init__(detail)
+        self.detail = detail
+        self.code = code or self.default_code
+        self.headers = headers
+
+
+class BadRequest(ApiError):
+    status_code, default_code = 400, "bad_request"
+
+
+class Unauthorized(ApiError):
+    status_code, default_code = 401, "unauthorized"
+
+
+class Forbidden(ApiError):
+    status_code, default_code = 403, "forbidden"
+
+
+class NotFound(ApiError):
+    status_code, default_code = 404, "not_found"
+
+
+class Conflict(ApiError):
+    status_code, default_code = 409, "conflict"
+
+
+class PayloadTooLarge(ApiError):
+    status_code, default_code = 413, "payload_too_large"
+
+
+class Unprocessable(ApiError):
+    status_code, default_code = 422, "validation_error"
+
+
+class RateLimited(ApiError):
+    status_code, default_code = 429, "rate_limited"
+
+
+class NotReady(ApiError):
+    status_code, default_code = 503, "not_ready"
+
+
+_DESCRIPTIONS = {
+    400: "Malformed request",
+    401: "Missing or invalid credentials",
+    403: "Not allowed for this caller",
+    404: "No such resource",
+    409: "Conflicts with the resource's current state",
+    413: "Body larger than the configured limit",
+    422: "Request body or parameters are invalid",
+    429: "Too many requests; retry after the given time",
+    503: "Not ready",
+}
+
+
+def error_responses(*statuses: int) -> dict[int | str, dict[str, Any]]:
+    """OpenAPI ``responses=`` entries documenting the error body for each status."""
+    return {s: {"model": ErrorBody, "description": _DESCRIPTIONS[s]} for s in statuses}
+
+
+def _render(status: int, code: str, detail: str, headers: dict[str, str] | None = None):
+    return JSONResponse({"error": code, "detail": detail}, status_code=status, headers=headers)
+
+
+def _summarize_validation(exc: RequestValidationError) -> str:
+    parts = []
+    for err in exc.errors()[:5]:
+        loc = ".".join(str(p) for p in err.get("loc", ()) if p != "body")
+        parts.append(f"{loc or 'body'}: {err.get('msg', 'invalid')}")
+    return "; ".join(parts) or "invalid request"
+
+
+def install_error_handlers(app: FastAPI) -> None:
+    @app.exception_handler(ApiError)
+    async def _api_error(_request: Request, exc: ApiError) -> JSONResponse:
+        return _render(exc.status_code, exc.code, exc.detail, exc.headers)
+
+    @app.exception_handler(RequestValidationError)
+    async def _validation(_request: Request, exc: RequestValidationError) -> JSONResponse:
+        return _render(422, "validation_error", _summarize_validation(exc))
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http(_request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        codes = {404: "not_found", 405: "method_not_allowed", 401: "unauthorized"}
+        code = codes.get(exc.status_code, "http_error")
+        return _render(exc.status_code, code, str(exc.detail), getattr(exc, "headers", None))
+
+    @app.exception_handler(Exception)
+    async def _unexpected(_request: Request, exc: Exception) -> JSONResponse:
+        log.exception("unhandled error", exc_info=exc)
+        return _render(500, "internal_error", "the coordinator hit an unexpected error")

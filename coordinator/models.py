@@ -1,0 +1,238 @@
+"""SQLAlchemy 2.0 ORM models: the coordinator's whole durable state (see DESIGN.md).
+
+Status values are short strings validated in code (the ``*_STATUSES`` tuples), which keeps
+migrations portable between SQLite and PostgreSQL.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Any
+
+from sqlalchemy import (
+    JSON,
+    BigInteger,
+    Float,
+    ForeignKey,
+    Index,
+    Integer,
+    MetaData,
+    String,
+    Text,
+    UniqueConstraint,
+)
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
+
+from coordinator.db import UTCDateTime, utcnow
+
+NAMING_CONVENTION = {
+    "ix": "ix_%(column_0_label)s",
+    "uq": "uq_%(table_name)s_%(column_0_name)s",
+    "ck": "ck_%(table_name)s_%(constraint_name)s",
+    "fk": "fk_%(table_name)s_%(column_0_name)s_%(referred_table_name)s",
+    "pk": "pk_%(table_name)s",
+}
+
+TASK_STATUSES = ("draft", "running", "paused", "completed", "cancelled", "failed")
+ROUND_STATUSES = ("open", "aggregating", "closed", "failed")
+DEVICE_STATUSES = ("active", "revoked")
+ASSIGNMENT_STATUSES = ("assigned", "downloaded", "uploaded", "dropped", "cancelled")
+ASSIGNMENT_ACTIVE = ("assigned", "downloaded")
+UPDATE_STATUSES = ("accepted", "applied", "rejected")
+ROLES = ("admin", "viewer")
+
+
+class Base(DeclarativeBase):
+    metadata = MetaData(naming_convention=NAMING_CONVENTION)
+    type_annotation_map = {datetime: UTCDateTime(), dict[str, Any]: JSON, list[Any]: JSON}
+
+
+def _now_column() -> Mapped[datetime]:
+    return mapped_column(UTCDateTime(), default=utcnow, nullable=False)
+
+
+class Task(Base):
+    __tablename__ = "tasks"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    name: Mapped[str] = mapped_column(String(200))
+    description: Mapped[str] = mapped_column(Text, default="")
+    status: Mapped[str] = mapped_column(String(16), default="draft", index=True)
+    # {"architecture": ...} or {"spec": [...]}, as given by the administrator.
+    model_config_: Mapped[dict[str, Any]] = mapped_column("model_config", JSON)
+    # Ordered [{"name", "shape"}] (shared.modelspec.ModelSpec.to_dict()).
+    model_spec: Mapped[list[Any]] = mapped_column(JSON)
+    aggregation: Mapped[dict[str, Any]] = mapped_column(JSON)
+    compression: Mapped[dict[str, Any]] = mapped_column(JSON)
+    training: Mapped[dict[str, Any]] = mapped_column(JSON)
+    # Latest model version; -1 until initial weights exist.
+    current_version: Mapped[int] = mapped_column(Integer, default=-1)
+    # Server optimizer state (e.g. momentum buffer) lives in a blob; digest here.
+    optimizer_state_digest: Mapped[str | None] = mapped_column(String(64), default=None)
+    created_at: Mapped[datetime] = _now_column()
+    updated_at: Mapped[datetime] = _now_column()
+    started_at: Mapped[datetime | None] = mapped_column(default=None)
+    finished_at: Mapped[datetime | None] = mapped_column(default=None)
+    status_reason: Mapped[str | None] = mapped_column(Text, default=None)
+
+    rounds: Mapped[list[Round]] = relationship(back_populates="task", order_by="Round.number")
+
+
+class ModelVersion(Base):
+    __tablename__ = "model_versions"
+    __table_args__ = (UniqueConstraint("task_id", "version"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    task_id: Mapped[int] = mapped_column(ForeignKey("tasks.id", ondelete="CASCADE"), index=True)
+    version: Mapped[int] = mapped_column(Integer)
+    blob_digest: Mapped[str] = mapped_column(String(64))
+    size_bytes: Mapped[int] = mapped_column(BigInteger)
+    round_id: Mapped[int | None] = mapped_column(ForeignKey("rounds.id"), default=None)
+    num_updates: Mapped[int] = mapped_column(Integer, default=0)
+    metrics: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
+    created_at: Mapped[datetime] = _now_column()
+
+
+class Round(Base):
+    __tablename__ = "rounds"
+    __table_args__ = (UniqueConstraint("task_id", "number"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    task_id: Mapped[int] = mapped_column(ForeignKey("tasks.id", ondelete="CASCADE"), index=True)
+    number: Mapped[int] = mapped_column(Integer)
+    base_version: Mapped[int] = mapped_column(Integer)
+    status: Mapped[str] = mapped_column(String(16), default="open", index=True)
+    target_updates: Mapped[int] = mapped_column(Integer, default=0)
+    opened_at: Mapped[datetime] = _now_column()
+    deadline_at: Mapped[datetime | None] = mapped_column(default=None)
+    closed_at: Mapped[datetime | None] = mapped_column(default=None)
+    result_version: Mapped[int | None] = mapped_column(Integer, default=None)
+    num_assigned: Mapped[int] = mapped_column(Integer, default=0)
+    num_received: Mapped[int] = mapped_column(Integer, default=0)
+    num_stale: Mapped[int] = mapped_column(Integer, default=0)
+    num_dropped: Mapped[int] = mapped_column(Integer, default=0)
+    num_rejected: Mapped[int] = mapped_column(Integer, default=0)
+    metrics: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
+    status_reason: Mapped[str | None] = mapped_column(Text, default=None)
+
+    task: Mapped[Task] = relationship(back_populates="rounds")
+
+
+class Device(Base):
+    __tablename__ = "devices"
+
+    id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    name: Mapped[str] = mapped_column(String(100))
+    public_key: Mapped[str] = mapped_column(String(64), unique=True)
+    status: Mapped[str] = mapped_column(String(16), default="active", index=True)
+    capabilities: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
+    enrollment_token_id: Mapped[int | None] = mapped_column(
+        ForeignKey("enrollment_tokens.id"), default=None
+    )
+    enrolled_at: Mapped[datetime] = _now_column()
+    last_seen_at: Mapped[datetime | None] = mapped_column(default=None)
+    revoked_at: Mapped[datetime | None] = mapped_column(default=None)
+    # Reliability statistics used by selection.
+    num_assigned: Mapped[int] = mapped_column(Integer, default=0)
+    num_completed: Mapped[int] = mapped_column(Integer, default=0)
+    num_dropped: Mapped[int] = mapped_column(Integer, default=0)
+
+
+class Assignment(Base):
+    __tablename__ = "assignments"
+    __table_args__ = (
+        UniqueConstraint("round_id", "device_id"),
+        Index("ix_assignments_device_status", "device_id", "status"),
+    )
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    task_id: Mapped[int] = mapped_column(ForeignKey("tasks.id", ondelete="CASCADE"), index=True)
+    round_id: Mapped[int] = mapped_column(ForeignKey("rounds.id", ondelete="CASCADE"), index=True)
+    device_id: Mapped[str] = mapped_column(ForeignKey("devices.id", ondelete="CASCADE"))
+    base_version: Mapped[int] = mapped_column(Integer)
+    status: Mapped[str] = mapped_column(String(16), default="assigned", index=True)
+    assigned_at: Mapped[datetime] = _now_column()
+    lease_expires_at: Mapped[datetime | None] = mapped_column(default=None)
+    downloaded_at: Mapped[datetime | None] = mapped_column(default=None)
+    finished_at: Mapped[datetime | None] = mapped_column(default=None)
+    metrics: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
+
+
+class Update(Base):
+    __tablename__ = "updates"
+    __table_args__ = (
+        UniqueConstraint("device_id", "idempotency_key"),
+        Index("ix_updates_task_status", "task_id", "status"),
+    )
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    task_id: Mapped[int] = mapped_column(ForeignKey("tasks.id", ondelete="CASCADE"))
+    assignment_id: Mapped[int | None] = mapped_column(
+        ForeignKey("assignments.id", ondelete="CASCADE"), unique=True, default=None
+    )
+    device_id: Mapped[str] = mapped_column(ForeignKey("devices.id", ondelete="CASCADE"))
+    round_id: Mapped[int | None] = mapped_column(ForeignKey("rounds.id"), default=None)
+    base_version: Mapped[int] = mapped_column(Integer)
+    num_examples: Mapped[int] = mapped_column(BigInteger)
+    blob_digest: Mapped[str] = mapped_column(String(64))
+    byte_size: Mapped[int] = mapped_column(BigInteger)
+    staleness: Mapped[int] = mapped_column(Integer)
+    weight: Mapped[float] = mapped_column(Float)
+    status: Mapped[str] = mapped_column(String(16), default="accepted")
+    reason: Mapped[str | None] = mapped_column(Text, default=None)
+    idempotency_key: Mapped[str] = mapped_column(String(128))
+    received_at: Mapped[datetime] = _now_column()
+    applied_version: Mapped[int | None] = mapped_column(Integer, default=None)
+    # Metrics the device sent with its work (train loss etc.), copied at acceptance.
+    metrics: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
+
+
+class EnrollmentToken(Base):
+    __tablename__ = "enrollment_tokens"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    token_hash: Mapped[str] = mapped_column(String(64), unique=True)
+    prefix: Mapped[str] = mapped_column(String(16))
+    label: Mapped[str] = mapped_column(String(200), default="")
+    max_uses: Mapped[int] = mapped_column(Integer, default=1)
+    uses: Mapped[int] = mapped_column(Integer, default=0)
+    created_at: Mapped[datetime] = _now_column()
+    expires_at: Mapped[datetime] = mapped_column()
+    revoked_at: Mapped[datetime | None] = mapped_column(default=None)
+
+
+class ApiKey(Base):
+    __tablename__ = "api_keys"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    key_hash: Mapped[str] = mapped_column(String(64), unique=True)
+    prefix: Mapped[str] = mapped_column(String(16))
+    name: Mapped[str] = mapped_column(String(200), default="")
+    role: Mapped[str] = mapped_column(String(16))
+    created_at: Mapped[datetime] = _now_column()
+    last_used_at: Mapped[datetime | None] = mapped_column(default=None)
+    revoked_at: Mapped[datetime | None] = mapped_column(default=None)
+
+
+class UsedNonce(Base):
+    """Nonces of signed device requests, kept for twice the skew window (replay protection
+    that survives restarts and is shared by every coordinator process)."""
+
+    __tablename__ = "used_nonces"
+
+    device_id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    nonce: Mapped[str] = mapped_column(String(32), primary_key=True)
+    expires_at: Mapped[datetime] = mapped_column(index=True)
+
+
+class Lease(Base):
+    """A named lease (e.g. ``task:3``) held by one coordinator process until it expires.
+
+    On PostgreSQL the scheduler also takes row locks; the lease row is what serializes the
+    scheduler across processes on SQLite."""
+
+    __tablename__ = "leases"
+
+    name: Mapped[str] = mapped_column(String(64), primary_key=True)
+    holder: Mapped[str] = mapped_column(String(64))
+    expires_at: Mapped[datetime] = mapped_column()

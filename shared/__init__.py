@@ -1,0 +1,4 @@
+"""Code both sides of fedge import: wire format, compression codecs, request signing.
+
+Nothing here imports ``coordinator`` or ``edge_agent``.
+"""

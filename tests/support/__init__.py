@@ -1,0 +1,1 @@
+"""Test harness shared by the test packages (databases, servers)."""
