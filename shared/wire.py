@@ -1,0 +1,437 @@
+"""Binary wire format of model updates (device -> coordinator) and models (downloads).
+
+Layout (little-endian; full tables in docs/wire-format.md)::
+
+    magic "FEDG" | version u16 | kind u8 (1 update, 2 model) | flags u8
+    update: task_id u64 | base_version u64 | num_examples u64 | bits u8 | scope u8 | 0 u16
+            | chunk u32 | topk_fraction f64 | num_tensors u32
+    model:  num_tensors u32
+    descriptors: name_len u16 | name | ndim u8 | dims u32 x ndim | index coding u8
+                 | value coding u8 | index param u8 | nnz u32 | index bytes u64 | value bytes u64
+    sections, in descriptor order: index bytes then value bytes
+
+No pickle, no JSON. Decoders validate everything and raise :class:`WireFormatError` with a
+stable code; encoders raise ``ValueError`` for invalid input (NaN, wrong dtypes, ...).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Literal, NamedTuple
+
+import numpy as np
+
+from shared.compression import CompressedUpdate, as_float32
+from shared.indexcoding import decode_indices, encode_indices
+from shared.limits import DEFAULT_LIMITS, Limits
+from shared.modelspec import ModelSpec, Weights
+from shared.policy import ALLOWED_BITS, CompressionPolicy
+from shared.quantize import Quantized, dequantize, max_code, pack_codes, unpack_codes
+from shared.topk import topk_count
+from shared.wireerror import CODES, WireFormatError
+from shared.wirelayout import (
+    KIND_MODEL,
+    KIND_UPDATE,
+    MAGIC,
+    MAX_ID,
+    MODEL_FIXED,
+    PREFIX,
+    SCOPE_CODES,
+    SCOPE_NAMES,
+    UPDATE_FIXED,
+    UPDATE_HEADER_BYTES,
+    VALUE_F16,
+    VALUE_F32,
+    VALUE_QUANT,
+    Descriptor,
+    Reader,
+    as_bytes_view,
+    read_descriptors,
+    read_prefix,
+)
+
+__all__ = [
+    "CODES",
+    "DEFAULT_LIMITS",
+    "MAGIC",
+    "DecodedTensor",
+    "DecodedUpdate",
+    "Limits",
+    "UpdateHeader",
+    "WireFormatError",
+    "decode_model",
+    "decode_update",
+    "encode_model",
+    "encode_update",
+    "peek_update_header",
+]
+
+_F16_MAX = float(np.finfo(np.float16).max)
+
+
+class UpdateHeader(NamedTuple):
+    task_id: int
+    base_version: int
+    num_examples: int
+
+
+@dataclass
+class DecodedTensor:
+    """One decoded tensor: flat sorted unique int64 ``indices`` (``None`` = dense) and values."""
+
+    name: str
+    shape: tuple[int, ...]
+    indices: np.ndarray | None
+    values: np.ndarray
+
+    @property
+    def size(self) -> int:
+        return math.prod(self.shape)
+
+
+@dataclass
+class DecodedUpdate:
+    """A validated update, ready to be aggregated with :meth:`add_to`."""
+
+    task_id: int
+    base_version: int
+    num_examples: int
+    bits: int
+    chunk: int
+    topk_fraction: float
+    tensors: list[DecodedTensor]
+    scope: str = field(default="tensor")
+
+    @property
+    def nnz(self) -> int:
+        return sum(int(t.values.size) for t in self.tensors)
+
+    @property
+    def spec(self) -> ModelSpec:
+        return ModelSpec.from_dict([{"name": t.name, "shape": list(t.shape)} for t in self.tensors])
+
+    def to_dense(self) -> Weights:
+        """Dense float32 tensors (zeros where the update carries nothing)."""
+        out: Weights = {}
+        for t in self.tensors:
+            if t.indices is None:
+                dense = t.values.copy()
+            else:
+                dense = np.zeros(t.size, dtype=np.float32)
+                dense[t.indices] = t.values
+            out[t.name] = dense.reshape(t.shape)
+        return out
+
+    def add_to(self, acc: Mapping[str, np.ndarray], weight: float) -> None:
+        """``acc[name].flat[indices] += weight * values`` for every tensor, in O(nnz).
+
+        ``acc`` holds C-contiguous float arrays of the update's shapes (float64 is fine; the
+        product is formed in the accumulator's dtype). ``ValueError`` if a tensor is missing or
+        has another shape; then nothing has been added.
+        """
+        targets = []
+        for t in self.tensors:
+            a = acc.get(t.name)
+            if a is None or a.shape != t.shape:
+                got = None if a is None else a.shape
+                raise ValueError(f"accumulator for {t.name!r} has shape {got}, need {t.shape}")
+            if not a.flags.c_contiguous or not a.flags.writeable:
+                raise ValueError(f"accumulator for {t.name!r} must be writable and C-contiguous")
+            if not np.issubdtype(a.dtype, np.floating):
+                raise ValueError(f"accumulator for {t.name!r} must have a floating dtype")
+            targets.append(a.reshape(-1))
+        for t, flat in zip(self.tensors, targets, strict=True):
+            contribution = np.multiply(t.values, weight, dtype=flat.dtype)
+            if t.indices is None:
+                flat += contribution
+            else:
+                flat[t.indices] += contribution
+
+
+# ----------------------------------------------------------------------------- updates
+
+
+def _join(head: list[bytes], sections: list[np.ndarray]) -> bytes:
+    """Concatenate header bytes and contiguous array sections with a single copy."""
+    views = [np.ascontiguousarray(s).data.cast("B") for s in sections]
+    return b"".join([*head, *views])
+
+
+def _check_id(name: str, value: int, *, minimum: int = 0) -> None:
+    if isinstance(value, bool) or not isinstance(value, int | np.integer):
+        raise ValueError(f"{name} must be an integer, got {value!r}")
+    if not minimum <= value <= MAX_ID:
+        raise ValueError(f"{name} must be in [{minimum}, 2**63), got {value}")
+
+
+def encode_update(
+    c: CompressedUpdate,
+    *,
+    task_id: int,
+    base_version: int,
+    num_examples: int,
+    limits: Limits = DEFAULT_LIMITS,
+) -> bytes:
+    """Serialize a compressed update (``ValueError`` if it is inconsistent or out of limits)."""
+    _check_id("task_id", task_id)
+    _check_id("base_version", base_version)
+    _check_id("num_examples", num_examples, minimum=1)
+    CompressionPolicy(topk_fraction=c.topk_fraction, bits=c.bits, chunk=c.chunk, scope=c.scope)
+    if not c.tensors:
+        raise ValueError("an update must hold at least one tensor")
+    try:
+        ModelSpec.from_dict(
+            [{"name": t.name, "shape": list(t.shape)} for t in c.tensors], limits=limits
+        )
+    except ValueError as exc:
+        raise ValueError(f"update tensors: {exc}") from None
+    parts: list[bytes] = [
+        PREFIX.pack(MAGIC, 1, KIND_UPDATE, 0),
+        UPDATE_FIXED.pack(
+            task_id,
+            base_version,
+            num_examples,
+            c.bits,
+            SCOPE_CODES[c.scope],
+            0,
+            c.chunk,
+            c.topk_fraction,
+            len(c.tensors),
+        ),
+    ]
+    sections: list[np.ndarray] = []
+    for t in c.tensors:
+        t.validate(bits=c.bits, chunk=c.chunk)
+        if t.indices is None:
+            coding, param, ibytes = 0, 0, np.empty(0, dtype=np.uint8)
+        else:
+            enc = encode_indices(t.indices.astype(np.int64, copy=False), t.size)
+            coding, param, ibytes = enc.coding, enc.param, enc.data
+        if c.bits == 32:
+            assert t.values is not None
+            vc, vparts = VALUE_F32, [t.values.astype("<f4", copy=False)]
+        else:
+            q = t.quantized
+            assert q is not None
+            vc = VALUE_QUANT
+            vparts = [q.scales.astype("<f4", copy=False), pack_codes(q.codes, c.bits)]
+        vbytes = sum(int(p.nbytes) for p in vparts)
+        parts.append(
+            Descriptor(t.name, t.shape, coding, vc, param, t.nnz, ibytes.nbytes, vbytes).pack()
+        )
+        sections.append(ibytes)
+        sections.extend(vparts)
+    return _join(parts, sections)
+
+
+def _read_update_header(
+    reader: Reader, limits: Limits
+) -> tuple[UpdateHeader, int, int, str, float, int]:
+    read_prefix(reader, KIND_UPDATE)
+    task, base, examples, bits, scope, reserved, chunk, fraction, count = reader.unpack(
+        UPDATE_FIXED, "update header"
+    )
+    if task > MAX_ID or base > MAX_ID:
+        raise WireFormatError("bad_header", "task id and base version must be below 2**63")
+    if not 1 <= examples <= MAX_ID:
+        raise WireFormatError("bad_header", f"num_examples must be in [1, 2**63), got {examples}")
+    if bits not in ALLOWED_BITS:
+        raise WireFormatError("bad_header", f"bits must be one of {ALLOWED_BITS}, got {bits}")
+    if scope not in SCOPE_NAMES:
+        raise WireFormatError("bad_header", f"unknown top-k scope {scope}")
+    if reserved != 0:
+        raise WireFormatError("bad_header", "reserved header field must be 0")
+    if chunk == 0:
+        raise WireFormatError("bad_header", "chunk must be at least 1")
+    if chunk > limits.max_chunk:
+        raise WireFormatError("limit_exceeded", f"chunk {chunk}, the limit is {limits.max_chunk}")
+    if not (math.isfinite(fraction) and 0.0 < fraction <= 1.0):
+        raise WireFormatError("bad_header", f"topk_fraction must be in (0, 1], got {fraction}")
+    header = UpdateHeader(int(task), int(base), int(examples))
+    return header, int(bits), int(chunk), SCOPE_NAMES[scope], float(fraction), int(count)
+
+
+def peek_update_header(data: bytes | bytearray | memoryview) -> UpdateHeader:
+    """``(task_id, base_version, num_examples)`` from the fixed header only (cheap).
+
+    Validates the fixed header (magic, version, kind, field ranges) but not the tensors; a
+    full :func:`decode_update` is still needed before the update is used.
+    """
+    view = as_bytes_view(data)
+    reader = Reader(view[:UPDATE_HEADER_BYTES])
+    return _read_update_header(reader, DEFAULT_LIMITS)[0]
+
+
+def _check_spec(descs: list[Descriptor], spec: ModelSpec) -> None:
+    got = [(d.name, d.shape) for d in descs]
+    want = [(t.name, t.shape) for t in spec.tensors]
+    if got != want:
+        for i, (g, w) in enumerate(zip(got, want, strict=False)):
+            if g != w:
+                raise WireFormatError(
+                    "shape_mismatch", f"tensor {i} is {g[0]!r} {g[1]}, expected {w[0]!r} {w[1]}"
+                )
+        raise WireFormatError(
+            "shape_mismatch", f"{len(got)} tensors, the model spec has {len(want)}"
+        )
+
+
+def _check_policy(
+    descs: list[Descriptor], policy: CompressionPolicy, *, bits: int, chunk: int, scope: str
+) -> None:
+    if bits != policy.bits:
+        raise WireFormatError(
+            "policy_mismatch", f"{bits}-bit values, the policy says {policy.bits}"
+        )
+    if chunk != policy.chunk:
+        raise WireFormatError("policy_mismatch", f"chunk {chunk}, the policy says {policy.chunk}")
+    if scope != policy.scope:
+        raise WireFormatError(
+            "policy_mismatch", f"scope {scope!r}, the policy says {policy.scope!r}"
+        )
+    f = policy.topk_fraction
+    if policy.scope == "tensor":
+        for d in descs:
+            k = topk_count(d.size, f)
+            if d.nnz > k:
+                raise WireFormatError(
+                    "policy_mismatch", f"tensor {d.name!r} carries {d.nnz} values, at most {k}"
+                )
+    else:
+        total = sum(d.size for d in descs)
+        nnz = sum(d.nnz for d in descs)
+        k = topk_count(total, f)
+        if nnz > k:
+            raise WireFormatError(
+                "policy_mismatch", f"the update carries {nnz} values, at most {k}"
+            )
+
+
+def _decode_values(view: memoryview, d: Descriptor, *, bits: int, chunk: int) -> np.ndarray:
+    what = f"tensor {d.name!r}"
+    if d.value_coding in (VALUE_F32, VALUE_F16):
+        raw = np.frombuffer(view, dtype="<f4" if d.value_coding == VALUE_F32 else "<f2")
+        values = raw.astype(np.float32)
+        if not np.isfinite(values).all():
+            raise WireFormatError("non_finite", f"{what}: NaN or infinite value")
+        return values
+    nchunks = -(-d.nnz // chunk)
+    scales = np.frombuffer(view[: 4 * nchunks], dtype="<f4").astype(np.float32)
+    if not np.isfinite(scales).all():
+        raise WireFormatError("non_finite", f"{what}: NaN or infinite scale")
+    if (scales < 0).any():
+        raise WireFormatError("negative_scale", f"{what}: negative scale")
+    packed = np.frombuffer(view[4 * nchunks :], dtype=np.uint8)
+    codes, padding_zero = unpack_codes(packed, bits, d.nnz)
+    if not padding_zero:
+        raise WireFormatError("invalid_code", f"{what}: padding bits after the last code are set")
+    if d.nnz and int(codes.max()) > max_code(bits):
+        raise WireFormatError("invalid_code", f"{what}: code above {max_code(bits)}")
+    return dequantize(Quantized(bits=bits, chunk=chunk, codes=codes, scales=scales))
+
+
+def decode_update(
+    data: bytes | bytearray | memoryview,
+    *,
+    spec: ModelSpec | None = None,
+    policy: CompressionPolicy | None = None,
+    limits: Limits = DEFAULT_LIMITS,
+) -> DecodedUpdate:
+    """Parse and fully validate an update; ``WireFormatError`` on any problem.
+
+    With ``spec`` the tensors must match it (``shape_mismatch``); with ``policy`` the codec
+    parameters must equal the policy's and no tensor (scope ``tensor``) or the whole update
+    (scope ``global``) may carry more than ``ceil(topk_fraction * size)`` values
+    (``policy_mismatch``). Both checks run before any section is decoded.
+    """
+    reader = Reader(as_bytes_view(data))
+    header, bits, chunk, scope, fraction, count = _read_update_header(reader, limits)
+    descs = read_descriptors(reader, count, limits, kind=KIND_UPDATE, bits=bits, chunk=chunk)
+    if spec is not None:
+        _check_spec(descs, spec)
+    if policy is not None:
+        _check_policy(descs, policy, bits=bits, chunk=chunk, scope=scope)
+    tensors: list[DecodedTensor] = []
+    for d in descs:
+        ibuf = np.frombuffer(reader.take(d.index_bytes, "index section"), dtype=np.uint8)
+        indices = decode_indices(d.index_coding, d.index_param, ibuf, d.nnz, d.size)
+        vview = reader.take(d.value_bytes, "value section")
+        values = _decode_values(vview, d, bits=bits, chunk=chunk)
+        tensors.append(DecodedTensor(d.name, d.shape, indices, values))
+    return DecodedUpdate(
+        task_id=header.task_id,
+        base_version=header.base_version,
+        num_examples=header.num_examples,
+        bits=bits,
+        chunk=chunk,
+        topk_fraction=fraction,
+        tensors=tensors,
+        scope=scope,
+    )
+
+
+# ----------------------------------------------------------------------------- models
+
+
+def encode_model(
+    weights: Mapping[str, np.ndarray],
+    *,
+    dtype: Literal["f32", "f16"] = "f32",
+    limits: Limits = DEFAULT_LIMITS,
+) -> bytes:
+    """Serialize dense weights as float32 or float16.
+
+    ``ValueError`` for NaN/Inf, non-float arrays, or (f16) values beyond float16's range.
+    """
+    if dtype not in ("f32", "f16"):
+        raise ValueError(f"dtype must be 'f32' or 'f16', got {dtype!r}")
+    if not isinstance(weights, Mapping) or not weights:
+        raise ValueError("weights must be a non-empty mapping of tensor name -> array")
+    arrays = {name: as_float32(name, a) for name, a in weights.items()}
+    spec = ModelSpec.from_dict(
+        [{"name": n, "shape": list(a.shape)} for n, a in arrays.items()], limits=limits
+    )
+    parts: list[bytes] = [
+        PREFIX.pack(MAGIC, 1, KIND_MODEL, 0),
+        MODEL_FIXED.pack(len(arrays)),
+    ]
+    sections: list[np.ndarray] = []
+    for t in spec.tensors:
+        a = arrays[t.name].reshape(-1)
+        if dtype == "f16":
+            with np.errstate(over="ignore"):
+                values = a.astype("<f2")
+            if not np.isfinite(values).all():
+                worst = float(np.abs(a).max())
+                raise ValueError(
+                    f"tensor {t.name!r}: |value| up to {worst:g} overflows float16 "
+                    f"(max {_F16_MAX:g}); use dtype='f32'"
+                )
+            vc = VALUE_F16
+        else:
+            values, vc = a.astype("<f4", copy=False), VALUE_F32
+        parts.append(Descriptor(t.name, t.shape, 0, vc, 0, t.size, 0, values.nbytes).pack())
+        sections.append(values)
+    return _join(parts, sections)
+
+
+def decode_model(
+    data: bytes | bytearray | memoryview,
+    *,
+    spec: ModelSpec | None = None,
+    limits: Limits = DEFAULT_LIMITS,
+) -> Weights:
+    """Parse and validate a model blob into float32 arrays (``WireFormatError`` on problems)."""
+    reader = Reader(as_bytes_view(data))
+    read_prefix(reader, KIND_MODEL)
+    (count,) = reader.unpack(MODEL_FIXED, "model header")
+    descs = read_descriptors(reader, count, limits, kind=KIND_MODEL)
+    if spec is not None:
+        _check_spec(descs, spec)
+    out: Weights = {}
+    for d in descs:
+        values = _decode_values(reader.take(d.value_bytes, "value section"), d, bits=32, chunk=1)
+        out[d.name] = values.reshape(d.shape)
+    return out
