@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 from alembic import command
 from alembic.config import Config
 from alembic.runtime.migration import MigrationContext
@@ -16,7 +14,8 @@ import migrations
 
 def alembic_config(url: str) -> Config:
     cfg = Config()
-    cfg.set_main_option("script_location", str(Path(migrations.__file__).parent))
+    # __path__, not __file__: a stale editable install may see a namespace package.
+    cfg.set_main_option("script_location", next(iter(migrations.__path__)))
     cfg.set_main_option("sqlalchemy.url", url.replace("%", "%%"))
     return cfg
 
