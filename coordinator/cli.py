@@ -1,0 +1,230 @@
+"""``fedge coordinator init | migrate | serve | create-key``: parse options, call the library.
+
+Options override ``FEDGE_*`` environment variables, which override the data directory's
+``coordinator.env``, which overrides the defaults (see docs/configuration.md). The work is
+done by :mod:`coordinator.bootstrap` and :mod:`coordinator.server`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from pydantic import ValidationError
+
+from coordinator.bootstrap import (
+    BootstrapError,
+    InitResult,
+    create_key,
+    init_data_dir,
+    load_settings,
+    migrate_database,
+    redact_url,
+    schema_report,
+)
+from coordinator.models import ROLES
+from coordinator.server import ServeError, format_url, serve
+from coordinator.settings import Settings
+
+PROG = "fedge coordinator"
+
+
+def build_parser() -> argparse.ArgumentParser:
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument(
+        "--data-dir", type=Path, help="coordinator state directory (FEDGE_DATA_DIR)"
+    )
+    common.add_argument("--database-url", help="SQLAlchemy database URL (FEDGE_DATABASE_URL)")
+
+    parser = argparse.ArgumentParser(
+        prog=PROG, description="Set up, migrate and run the fedge coordinator service."
+    )
+    sub = parser.add_subparsers(dest="command", required=True, metavar="command")
+
+    init = sub.add_parser(
+        "init",
+        parents=[common],
+        help="create the data directory, TLS certificates, schema and an admin key",
+        description="Create the data directory with a private CA and server certificate, "
+        "migrate the database and print a bootstrap admin API key (shown once).",
+    )
+    init.add_argument(
+        "--host",
+        dest="hosts",
+        action="append",
+        default=[],
+        metavar="NAME",
+        help="DNS name or IP address the server certificate is valid for (repeatable); "
+        "localhost, 127.0.0.1 and ::1 are always included",
+    )
+    init.add_argument(
+        "--force",
+        action="store_true",
+        help="re-initialize an existing data directory: new CA and certificate, new admin "
+        "key; the database and blobs are kept",
+    )
+
+    mig = sub.add_parser(
+        "migrate",
+        parents=[common],
+        help="upgrade (or downgrade) the database schema",
+        description="Apply Alembic migrations to the configured database.",
+    )
+    target = mig.add_mutually_exclusive_group()
+    target.add_argument("--revision", default="head", help="upgrade to this revision (head)")
+    target.add_argument("--downgrade", metavar="REV", help="downgrade to REV (e.g. base)")
+    target.add_argument(
+        "--status",
+        action="store_true",
+        help="only report the schema revision; exit status 1 when it is not at head",
+    )
+
+    srv = sub.add_parser(
+        "serve",
+        parents=[common],
+        help="run the coordinator (HTTPS)",
+        description="Serve the REST API over HTTPS with the data directory's certificate.",
+    )
+    srv.add_argument("--host", help="address to listen on (FEDGE_HOST, default 127.0.0.1)")
+    srv.add_argument("--port", type=int, help="port (FEDGE_PORT, default 8443; 0 = any free)")
+    srv.add_argument(
+        "--insecure-http",
+        action="store_const",
+        const=True,
+        default=None,
+        help="serve plain HTTP (only behind a TLS-terminating proxy; FEDGE_INSECURE_HTTP)",
+    )
+    srv.add_argument(
+        "--port-file",
+        type=Path,
+        help="once listening, write the bound port to this file (atomically); removed on exit",
+    )
+    srv.add_argument(
+        "--forwarded-allow-ips",
+        help="proxies whose X-Forwarded-* headers are trusted (comma-separated, '*' for any; "
+        "default: loopback or $FORWARDED_ALLOW_IPS)",
+    )
+    srv.add_argument(
+        "--graceful-timeout",
+        type=int,
+        default=10,
+        metavar="SECONDS",
+        help="on SIGTERM, how long in-flight requests may take to finish (10)",
+    )
+
+    key = sub.add_parser(
+        "create-key",
+        parents=[common],
+        help="create an API key directly in the database (bootstrap, recovery)",
+        description="Create an administrator API key without going through the REST API.",
+    )
+    key.add_argument("--role", required=True, choices=ROLES)
+    key.add_argument("--name", required=True, help="who or what the key is for")
+    return parser
+
+
+def _settings(args: argparse.Namespace) -> Settings:
+    return load_settings(
+        data_dir=args.data_dir,
+        database_url=args.database_url,
+        host=getattr(args, "host", None),
+        port=getattr(args, "port", None),
+        insecure_http=getattr(args, "insecure_http", None),
+    )
+
+
+def _print_init(result: InitResult, settings: Settings) -> None:
+    serve_cmd = f"fedge coordinator serve --data-dir {result.data_dir}"
+    url = format_url("https", settings.host, settings.port)
+    print(
+        f"Initialized a fedge coordinator in {result.data_dir}\n"
+        f"  database     {redact_url(result.database_url)} (schema at {result.revision})\n"
+        f"  blobs        {result.blob_dir}\n"
+        f"  CA           {result.tls.ca_cert}  (give it to every device: agents pin it)\n"
+        f"  CA key       {result.tls.ca_key}  (keep it private, offline once you are done)\n"
+        f"  certificate  {result.tls.server_cert}  (valid for {', '.join(result.hosts)})\n"
+        f"  settings     {result.env_file}\n"
+        "\n"
+        "Bootstrap admin API key (shown only this once; store it somewhere safe now):\n"
+        "\n"
+        f"    {result.admin_key}\n"
+        "\n"
+        "Next steps:\n"
+        f"  1. serve:        {serve_cmd}\n"
+        f"  2. check:        curl --cacert {result.tls.ca_cert} {url}/readyz\n"
+        f"  3. administer:   send 'Authorization: Bearer <key>' to {url}/api/v1/...\n"
+        "                   (create enrollment tokens for devices, then tasks)\n"
+        f"  4. devices:      enroll agents with a token and {result.tls.ca_cert}"
+    )
+
+
+def _init(args: argparse.Namespace) -> int:
+    settings = _settings(args)
+    result = init_data_dir(settings, hosts=args.hosts, force=args.force)
+    _print_init(result, settings)
+    return 0
+
+
+def _migrate(args: argparse.Namespace) -> int:
+    settings = _settings(args)
+    if args.status:
+        report = schema_report(settings)
+        state = "at head" if report.after == report.head else "NOT at head"
+        print(
+            f"{redact_url(report.database_url)}: schema at {report.after or 'nothing'} "
+            f"(head {report.head}): {state}"
+        )
+        return 0 if report.after == report.head else 1
+    if args.downgrade is not None:
+        result = migrate_database(settings, revision=args.downgrade, downgrade=True)
+    else:
+        result = migrate_database(settings, revision=args.revision)
+    print(
+        f"{redact_url(result.database_url)}: schema {result.before or 'nothing'} -> "
+        f"{result.after or 'nothing'} (head {result.head})"
+    )
+    return 0
+
+
+def _serve(args: argparse.Namespace) -> int:
+    return serve(
+        _settings(args),
+        port_file=args.port_file,
+        forwarded_allow_ips=args.forwarded_allow_ips,
+        graceful_timeout_s=args.graceful_timeout,
+    )
+
+
+def _create_key(args: argparse.Namespace) -> int:
+    secret = create_key(_settings(args), name=args.name, role=args.role)
+    print(f"New {args.role} API key {args.name!r} (shown only this once):\n\n    {secret}")
+    return 0
+
+
+_HANDLERS = {"init": _init, "migrate": _migrate, "serve": _serve, "create-key": _create_key}
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of ``fedge coordinator``; returns the exit status."""
+    parser = build_parser()
+    try:
+        args = parser.parse_args(sys.argv[1:] if argv is None else argv)
+    except SystemExit as exc:  # --help (0) or a usage error (2)
+        return int(exc.code or 0)
+    try:
+        return _HANDLERS[args.command](args)
+    except (BootstrapError, ServeError) as exc:
+        print(f"{PROG} {args.command}: error: {exc}", file=sys.stderr)
+        return 1
+    except ValidationError as exc:
+        problems = "; ".join(
+            f"FEDGE_{'_'.join(str(p) for p in err['loc']).upper()}: {err['msg']}"
+            for err in exc.errors()
+        )
+        print(f"{PROG} {args.command}: invalid setting: {problems}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":  # pragma: no cover
+    raise SystemExit(main())

@@ -1,0 +1,193 @@
+"""Run the coordinator under uvicorn (``fedge coordinator serve``).
+
+HTTPS is the default: the server refuses to start without its certificate and key unless plain
+HTTP was asked for explicitly (``--insecure-http`` / ``FEDGE_INSECURE_HTTP=true``), which is
+only sound behind a proxy that terminates TLS. ``X-Forwarded-*`` headers are honoured only
+from the addresses in ``forwarded_allow_ips`` (uvicorn's rule; loopback by default).
+
+The listening socket is bound before the app starts, so port 0 works: once the server is
+ready it prints its URL and, when asked, writes the bound port to a file atomically (tests and
+the demo wait for that file). SIGTERM and SIGINT stop it gracefully: no new connections,
+in-flight requests get ``graceful_timeout_s`` to finish, the app's lifespan shuts down, and
+the process exits with status 0.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import socket
+import ssl
+import sys
+import threading
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager, suppress
+from pathlib import Path
+from types import FrameType
+
+import uvicorn
+
+from coordinator.app import create_app
+from coordinator.bootstrap import BootstrapError, schema_report
+from coordinator.settings import Settings
+
+_STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
+
+class ServeError(Exception):
+    """The server cannot start; the message says why and what to do."""
+
+
+def check_tls(settings: Settings) -> tuple[Path, Path] | None:
+    """The (certificate, key) pair to serve with, or None for explicit plain HTTP.
+
+    Raises :class:`ServeError` when TLS is required and the files are missing or unusable.
+    """
+    if settings.insecure_http:
+        return None
+    cert, key = settings.tls_cert, settings.tls_key
+    assert cert is not None and key is not None  # filled in by Settings
+    missing = [str(p) for p in (cert, key) if not p.is_file()]
+    if missing:
+        raise ServeError(
+            f"no TLS certificate to serve HTTPS with (missing: {', '.join(missing)}). "
+            "Run `fedge coordinator init --data-dir DIR` to create a private CA and server "
+            "certificate, or set FEDGE_TLS_CERT and FEDGE_TLS_KEY. Plain HTTP is only for "
+            "running behind a TLS-terminating proxy and must be asked for with --insecure-http "
+            "(FEDGE_INSECURE_HTTP=true)."
+        )
+    try:
+        ssl.create_default_context(ssl.Purpose.CLIENT_AUTH).load_cert_chain(cert, key)
+    except (ssl.SSLError, OSError) as exc:
+        raise ServeError(f"cannot load TLS certificate {cert} with key {key}: {exc}") from exc
+    return cert, key
+
+
+def bind_socket(host: str, port: int) -> socket.socket:
+    """A listening-ready TCP socket bound to ``host:port`` (port 0: the kernel picks one)."""
+    try:
+        family, kind, proto, _, address = socket.getaddrinfo(
+            host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
+        )[0]
+        sock = socket.socket(family, kind, proto)
+    except OSError as exc:
+        raise ServeError(f"cannot listen on {host}:{port}: {exc}") from exc
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind(address)
+    except OSError as exc:
+        sock.close()
+        raise ServeError(f"cannot listen on {host}:{port}: {exc}") from exc
+    return sock
+
+
+def format_url(scheme: str, host: str, port: int) -> str:
+    return f"{scheme}://[{host}]:{port}" if ":" in host else f"{scheme}://{host}:{port}"
+
+
+def write_port_file(path: Path, port: int) -> None:
+    """Write ``port`` to ``path`` atomically: readers see no file or the whole number."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(f"{port}\n", encoding="ascii")
+    os.replace(tmp, path)
+
+
+class _Server(uvicorn.Server):
+    """uvicorn's server with a hook that runs once it accepts connections."""
+
+    def __init__(self, config: uvicorn.Config, on_started: Callable[[], None]) -> None:
+        super().__init__(config)
+        self._on_started = on_started
+
+    async def startup(self, sockets: list[socket.socket] | None = None) -> None:
+        await super().startup(sockets=sockets)
+        if self.started and not self.should_exit:
+            self._on_started()
+
+
+@contextmanager
+def _quiet_stop_signals() -> Iterator[None]:
+    """After a graceful stop uvicorn re-raises the signal it caught to the previous handler.
+    With the default handlers that would kill the process (SIGTERM -> status -15) or raise
+    KeyboardInterrupt; these no-op handlers let ``serve`` return 0 instead."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def _ignore(_sig: int, _frame: FrameType | None) -> None:
+        return None
+
+    previous = {sig: signal.signal(sig, _ignore) for sig in _STOP_SIGNALS}
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
+def _warn(message: str) -> None:
+    print(f"fedge coordinator serve: {message}", file=sys.stderr, flush=True)
+
+
+def serve(
+    settings: Settings,
+    *,
+    port_file: Path | None = None,
+    forwarded_allow_ips: str | None = None,
+    graceful_timeout_s: int = 10,
+) -> int:
+    """Serve the coordinator until SIGTERM/SIGINT; returns the process exit status."""
+    tls = check_tls(settings)
+    scheme = "https" if tls else "http"
+    if tls is None:
+        _warn(
+            "WARNING: serving plain HTTP because --insecure-http / FEDGE_INSECURE_HTTP is set. "
+            "Do this only behind a proxy that terminates TLS: API keys and device traffic "
+            "would otherwise cross the network unencrypted."
+        )
+    try:
+        status = schema_report(settings)
+        if status.after != status.head:
+            _warn(
+                f"the database schema is at {status.after or 'nothing'}, expected "
+                f"{status.head}; /readyz answers 503 until `fedge coordinator migrate` runs"
+            )
+    except BootstrapError as exc:
+        _warn(f"{exc}; /readyz answers 503 until the database is reachable")
+
+    sock = bind_socket(settings.host, settings.port)
+    port = sock.getsockname()[1]
+    url = format_url(scheme, settings.host, port)
+    wrote_port_file = False
+
+    def announce() -> None:
+        nonlocal wrote_port_file
+        print(f"fedge coordinator listening on {url}", flush=True)
+        if tls is not None:
+            print(f"TLS certificate {tls[0]}", flush=True)
+        if port_file is not None:
+            write_port_file(port_file, port)
+            wrote_port_file = True
+
+    config = uvicorn.Config(
+        create_app(settings),
+        ssl_certfile=str(tls[0]) if tls else None,
+        ssl_keyfile=str(tls[1]) if tls else None,
+        log_level=settings.log_level.lower(),
+        proxy_headers=True,
+        forwarded_allow_ips=forwarded_allow_ips,
+        timeout_graceful_shutdown=graceful_timeout_s,
+        server_header=False,
+    )
+    server = _Server(config, on_started=announce)
+    try:
+        with _quiet_stop_signals():
+            asyncio.run(server.serve(sockets=[sock]))
+    finally:
+        sock.close()
+        if port_file is not None and wrote_port_file:
+            with suppress(FileNotFoundError):
+                port_file.unlink()
+    print("fedge coordinator stopped", flush=True)
+    return 0 if server.started else 1
