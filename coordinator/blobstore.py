@@ -27,7 +27,7 @@ class BlobStore:
         self.root.mkdir(parents=True, exist_ok=True)
 
     def path(self, digest: str) -> Path:
-        if not _DIGEST_RE.match(digest):
+        if not _DIGEST_RE.fullmatch(digest):
             raise ValueError(f"not a SHA-256 hex digest: {digest!r}")
         return self.root / digest[:2] / digest[2:4] / digest
 
