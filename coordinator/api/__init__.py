@@ -1,13 +1,22 @@
-"""HTTP routers. One router per resource; ``build_router`` assembles them."""
+"""HTTP routers. One router per resource; ``build_router`` assembles them.
+
+Health probes live at the root; everything else is under ``/api/v1``.
+"""
 
 from __future__ import annotations
 
 from fastapi import APIRouter
 
-from coordinator.api import health
+from coordinator.api import device, devices, health, keys, tokens
+
+API_PREFIX = "/api/v1"
 
 
 def build_router() -> APIRouter:
     router = APIRouter()
     router.include_router(health.router)
+    api = APIRouter(prefix=API_PREFIX)
+    for module in (tokens, keys, devices, device):
+        api.include_router(module.router)
+    router.include_router(api)
     return router

@@ -1,0 +1,144 @@
+"""Request dependencies shared by every router, as ``Annotated`` aliases.
+
+- ``RuntimeDep``, ``SettingsDep``, ``BlobsDep``: what the running coordinator holds.
+- ``SessionDep``: one database session per request; it commits when the handler returns and
+  rolls back when it raises, both *before* the response is sent, so a client never sees a
+  success for a change that was not committed. Service functions flush, never commit.
+- ``AdminDep`` / ``ViewerDep``: the caller's API key (``Authorization: Bearer``); admin-only
+  routes answer 403 ``forbidden`` to viewer keys.
+- ``DeviceDep``: a verified signed device request (:mod:`coordinator.auth`). It holds no
+  session open, so long-polls can wait without a database connection.
+- ``Pagination``: ``limit``/``offset`` query parameters of list routes.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Annotated, TypeVar
+
+from fastapi import Depends, Query, Request
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+from sqlalchemy import Select, func, select
+from sqlalchemy.orm import Session
+
+from coordinator.auth import DeviceIdentity, authenticate_device
+from coordinator.blobstore import BlobStore
+from coordinator.errors import Forbidden, Unauthorized
+from coordinator.models import ApiKey
+from coordinator.runtime import Runtime
+from coordinator.secrets import find_api_key
+from coordinator.settings import Settings
+
+T = TypeVar("T")
+
+#: Largest value accepted for integer identifiers in paths (fits a 32-bit INTEGER column).
+MAX_ID = 2**31 - 1
+#: Largest list offset (keeps SQL parameters within every backend's integer range).
+MAX_OFFSET = 2**31 - 1
+
+
+def get_runtime(request: Request) -> Runtime:
+    runtime: Runtime = request.app.state.runtime
+    return runtime
+
+
+RuntimeDep = Annotated[Runtime, Depends(get_runtime)]
+
+
+def get_settings(runtime: RuntimeDep) -> Settings:
+    return runtime.settings
+
+
+def get_blobs(runtime: RuntimeDep) -> BlobStore:
+    return runtime.blobs
+
+
+SettingsDep = Annotated[Settings, Depends(get_settings)]
+BlobsDep = Annotated[BlobStore, Depends(get_blobs)]
+
+
+def get_session(runtime: RuntimeDep) -> Iterator[Session]:
+    """One session per request: commit on success, roll back on error."""
+    session = runtime.sessions()
+    try:
+        yield session
+        session.commit()
+    except BaseException:
+        session.rollback()
+        raise
+    finally:
+        session.close()
+
+
+# scope="function": the commit happens before the response leaves, not after.
+SessionDep = Annotated[Session, Depends(get_session, scope="function")]
+
+_bearer = HTTPBearer(
+    auto_error=False,
+    scheme_name="ApiKey",
+    description="An API key: `Authorization: Bearer fk_...` (role admin or viewer).",
+)
+
+
+@dataclass(frozen=True)
+class Caller:
+    """The administrator (API key) making a request."""
+
+    key_id: int
+    name: str
+    role: str
+
+
+def get_caller(
+    session: SessionDep,
+    credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)],
+) -> Caller:
+    if credentials is None or not credentials.credentials:
+        raise Unauthorized(
+            "missing API key: send 'Authorization: Bearer <key>'",
+            headers={"WWW-Authenticate": "Bearer"},
+        )
+    key: ApiKey | None = find_api_key(session, credentials.credentials)
+    if key is None:
+        raise Unauthorized("unknown or revoked API key", headers={"WWW-Authenticate": "Bearer"})
+    return Caller(key_id=key.id, name=key.name, role=key.role)
+
+
+def require_viewer(caller: Annotated[Caller, Depends(get_caller)]) -> Caller:
+    return caller
+
+
+def require_admin(caller: Annotated[Caller, Depends(get_caller)]) -> Caller:
+    if caller.role != "admin":
+        raise Forbidden(f"API key role '{caller.role}' may only read; this route needs 'admin'")
+    return caller
+
+
+ViewerDep = Annotated[Caller, Depends(require_viewer)]
+AdminDep = Annotated[Caller, Depends(require_admin)]
+
+DeviceDep = Annotated[DeviceIdentity, Depends(authenticate_device)]
+
+
+@dataclass(frozen=True)
+class Page:
+    limit: int
+    offset: int
+
+
+def get_page(
+    limit: Annotated[int, Query(ge=1, le=500, description="Page size")] = 50,
+    offset: Annotated[int, Query(ge=0, le=MAX_OFFSET, description="Items to skip")] = 0,
+) -> Page:
+    return Page(limit=limit, offset=offset)
+
+
+Pagination = Annotated[Page, Depends(get_page)]
+
+
+def paginate(session: Session, stmt: Select[T], page: Page) -> tuple[list[T], int]:
+    """One page of ``stmt``'s rows (which must be ordered) and the total row count."""
+    total = session.scalar(select(func.count()).select_from(stmt.order_by(None).subquery()))
+    rows = list(session.scalars(stmt.limit(page.limit).offset(page.offset)))
+    return rows, int(total or 0)

@@ -1,0 +1,84 @@
+"""Devices (admin API): list, detail, revoke."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+from fastapi import APIRouter, Path, Query
+from sqlalchemy import select
+
+from coordinator.api.deps import AdminDep, Pagination, SessionDep, ViewerDep, paginate
+from coordinator.enrollment import revoke_device
+from coordinator.errors import NotFound, error_responses
+from coordinator.models import Device
+from coordinator.schemas.devices import DevicePublic, DevicesPublic, DeviceStatus
+
+router = APIRouter(prefix="/devices", tags=["devices"])
+DeviceId = Annotated[str, Path(pattern=r"^[A-Za-z0-9_-]{1,64}$", description="Device id")]
+
+
+def to_public(device: Device) -> DevicePublic:
+    return DevicePublic(
+        device_id=device.id,
+        name=device.name,
+        status=device.status,  # type: ignore[arg-type]
+        public_key=device.public_key,
+        capabilities=device.capabilities or {},
+        enrolled_at=device.enrolled_at,
+        last_seen_at=device.last_seen_at,
+        revoked_at=device.revoked_at,
+        enrollment_token_id=device.enrollment_token_id,
+        num_assigned=device.num_assigned,
+        num_completed=device.num_completed,
+        num_dropped=device.num_dropped,
+    )
+
+
+def _get(session: SessionDep, device_id: str) -> Device:
+    device = session.get(Device, device_id)
+    if device is None:
+        raise NotFound(f"no device {device_id}")
+    return device
+
+
+@router.get(
+    "",
+    response_model=DevicesPublic,
+    summary="List devices (oldest enrollment first), optionally by status",
+    responses=error_responses(401, 422),
+)
+def list_devices(
+    _caller: ViewerDep,
+    session: SessionDep,
+    page: Pagination,
+    status: Annotated[DeviceStatus | None, Query(description="Only this status")] = None,
+) -> DevicesPublic:
+    stmt = select(Device).order_by(Device.enrolled_at, Device.id)
+    if status is not None:
+        stmt = stmt.where(Device.status == status)
+    rows, total = paginate(session, stmt, page)
+    return DevicesPublic(
+        items=[to_public(d) for d in rows], total=total, limit=page.limit, offset=page.offset
+    )
+
+
+@router.get(
+    "/{device_id}",
+    response_model=DevicePublic,
+    summary="One device",
+    responses=error_responses(401, 404, 422),
+)
+def get_device(device_id: DeviceId, _caller: ViewerDep, session: SessionDep) -> DevicePublic:
+    return to_public(_get(session, device_id))
+
+
+@router.post(
+    "/{device_id}/revoke",
+    response_model=DevicePublic,
+    summary="Revoke a device: refused at once, its active assignments cancelled",
+    responses=error_responses(401, 403, 404, 422),
+)
+def revoke(device_id: DeviceId, _caller: AdminDep, session: SessionDep) -> DevicePublic:
+    device = _get(session, device_id)
+    revoke_device(session, device)
+    return to_public(device)

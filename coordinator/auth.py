@@ -1,0 +1,224 @@
+"""Verification of signed device requests (docs/protocol.md, "Request signing").
+
+A device request passes when, in this order:
+
+1. the four ``X-Fedge-*`` headers are present and well formed (401 ``invalid_signature``);
+2. the body fits ``max_upload_bytes`` (413 ``payload_too_large``, checked while it streams in);
+3. the device exists (401 ``unknown_device``) and the signature covers the request's method,
+   path, query and body digest (401 ``invalid_signature``);
+4. the device is not revoked (403 ``device_revoked``);
+5. the timestamp lies within the skew window (401 ``clock_skew``);
+6. the device is within its request rate (429 ``rate_limited`` with ``Retry-After``);
+7. the nonce was not used by this device before (401 ``replayed_nonce``). Nonces are rows of
+   ``used_nonces`` kept for twice the skew window, so a restart or another coordinator process
+   does not reopen a replay window; a request older than the window fails step 5 instead.
+
+Passing requests update the device's ``last_seen_at``. The check runs in its own short
+transaction and holds no session afterwards (long-polls wait without a connection). The
+verified body is cached on the request, so handlers read it again with ``await
+request.body()`` (or take it from :attr:`DeviceIdentity.body`).
+
+The rate limit is a token bucket per device and per coordinator process (capacity
+``device_rate_per_minute``, refilled continuously); several replicas each apply it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import timedelta
+
+from fastapi import Request
+from fastapi.concurrency import run_in_threadpool
+from sqlalchemy import delete
+from sqlalchemy.exc import IntegrityError
+
+from coordinator.db import session_scope, utcnow
+from coordinator.errors import Forbidden, PayloadTooLarge, RateLimited, Unauthorized
+from coordinator.models import Device, UsedNonce
+from coordinator.runtime import Runtime
+from shared.signing import (
+    SignatureError,
+    SignedHeaders,
+    check_skew,
+    parse_signed_headers,
+    public_key_from_b64,
+    verify_request,
+)
+
+#: How often (seconds) one process deletes expired nonces.
+NONCE_PRUNE_INTERVAL_S = 60.0
+_EXTRAS_KEY = "device_authenticator"
+
+
+@dataclass(frozen=True)
+class DeviceIdentity:
+    """The device a verified request came from, and the exact body that was signed."""
+
+    id: str
+    name: str
+    body: bytes = field(repr=False, default=b"")
+
+
+class RateLimiter:
+    """Token buckets keyed by device: ``per_minute`` burst, refilled at ``per_minute/60``/s."""
+
+    def __init__(self, per_minute: int, *, clock: Callable[[], float] = time.monotonic) -> None:
+        self.capacity = float(per_minute)
+        self.rate = per_minute / 60.0
+        self._clock = clock
+        self._buckets: dict[str, tuple[float, float]] = {}
+        self._lock = threading.Lock()
+
+    def acquire(self, key: str) -> float:
+        """Take one token; 0.0 when granted, else the seconds until one is available."""
+        now = self._clock()
+        with self._lock:
+            tokens, last = self._buckets.get(key, (self.capacity, now))
+            tokens = min(self.capacity, tokens + (now - last) * self.rate)
+            if tokens >= 1.0:
+                self._buckets[key] = (tokens - 1.0, now)
+                return 0.0
+            self._buckets[key] = (tokens, now)
+            return (1.0 - tokens) / self.rate
+
+
+class DeviceAuthenticator:
+    """Per-process state of device verification: the rate limiter and the prune clock."""
+
+    def __init__(self, runtime: Runtime) -> None:
+        self.runtime = runtime
+        self.limiter = RateLimiter(runtime.settings.device_rate_per_minute)
+        self._last_prune = -math.inf
+        self._prune_lock = threading.Lock()
+
+    def _prune_due(self) -> bool:
+        now = time.monotonic()
+        with self._prune_lock:
+            if now - self._last_prune < NONCE_PRUNE_INTERVAL_S:
+                return False
+            self._last_prune = now
+            return True
+
+    def verify(
+        self, signed: SignedHeaders, *, method: str, path: str, query: str, body: bytes
+    ) -> DeviceIdentity:
+        """Steps 3-7 of the module docstring, in one transaction; raises an ApiError."""
+        settings = self.runtime.settings
+        window = settings.signature_skew_s
+        body_sha256 = hashlib.sha256(body).hexdigest()
+        with session_scope(self.runtime.sessions) as session:
+            device = session.get(Device, signed.device_id)
+            if device is None:
+                raise Unauthorized(
+                    f"no device {signed.device_id!r} is enrolled", code="unknown_device"
+                )
+            try:
+                verify_request(
+                    public_key_from_b64(device.public_key),
+                    signed,
+                    method=method,
+                    path=path,
+                    query=query,
+                    body_sha256=body_sha256,
+                )
+            except SignatureError as exc:
+                raise Unauthorized(exc.detail, code=exc.code) from None
+            if device.status == "revoked":
+                raise Forbidden(f"device {device.id} has been revoked", code="device_revoked")
+            try:
+                check_skew(signed.timestamp, window_s=window)
+            except SignatureError as exc:
+                raise Unauthorized(exc.detail, code=exc.code) from None
+            wait = self.limiter.acquire(device.id)
+            if wait > 0:
+                retry_after = max(1, math.ceil(wait))
+                raise RateLimited(
+                    f"device {device.id} exceeded {settings.device_rate_per_minute} "
+                    f"requests per minute; retry in {retry_after} s",
+                    headers={"Retry-After": str(retry_after)},
+                )
+            now = utcnow()
+            if self._prune_due():
+                session.execute(delete(UsedNonce).where(UsedNonce.expires_at < now))
+            else:
+                session.execute(
+                    delete(UsedNonce).where(
+                        UsedNonce.device_id == device.id,
+                        UsedNonce.nonce == signed.nonce,
+                        UsedNonce.expires_at < now,
+                    )
+                )
+            session.add(
+                UsedNonce(
+                    device_id=device.id,
+                    nonce=signed.nonce,
+                    expires_at=now + timedelta(seconds=2 * window),
+                )
+            )
+            try:
+                session.flush()
+            except IntegrityError:
+                raise Unauthorized(
+                    "this nonce was already used; sign every request with a fresh nonce",
+                    code="replayed_nonce",
+                ) from None
+            device.last_seen_at = now
+            return DeviceIdentity(id=device.id, name=device.name, body=body)
+
+
+def get_authenticator(runtime: Runtime) -> DeviceAuthenticator:
+    existing = runtime.extras.get(_EXTRAS_KEY)
+    if isinstance(existing, DeviceAuthenticator):
+        return existing
+    created = runtime.extras.setdefault(_EXTRAS_KEY, DeviceAuthenticator(runtime))
+    assert isinstance(created, DeviceAuthenticator)
+    return created
+
+
+async def read_body(request: Request, *, limit: int) -> bytes:
+    """The request body, refused with 413 as soon as it exceeds ``limit`` bytes.
+
+    The body is cached on the request (as Starlette's ``Request.body`` does), so later readers
+    (``await request.body()``) get the same bytes without reading the stream again.
+    """
+    cached = getattr(request, "_body", None)
+    if isinstance(cached, bytes):
+        if len(cached) > limit:
+            raise PayloadTooLarge(f"body of {len(cached)} bytes exceeds the limit of {limit}")
+        return cached
+    declared = request.headers.get("content-length", "")
+    if declared.isdigit() and int(declared) > limit:
+        raise PayloadTooLarge(f"body of {declared} bytes exceeds the limit of {limit}")
+    chunks: list[bytes] = []
+    size = 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise PayloadTooLarge(f"body exceeds the limit of {limit} bytes")
+        chunks.append(chunk)
+    body = b"".join(chunks)
+    request._body = body  # Starlette's own cache attribute
+    return body
+
+
+async def authenticate_device(request: Request) -> DeviceIdentity:
+    """FastAPI dependency behind ``DeviceDep``: verify the signed request or raise."""
+    runtime: Runtime = request.app.state.runtime
+    try:
+        signed = parse_signed_headers(request.headers)
+    except SignatureError as exc:
+        raise Unauthorized(exc.detail, code=exc.code) from None
+    body = await read_body(request, limit=runtime.settings.max_upload_bytes)
+    return await run_in_threadpool(
+        get_authenticator(runtime).verify,
+        signed,
+        method=request.method,
+        path=request.url.path,
+        query=request.url.query,
+        body=body,
+    )

@@ -1,0 +1,55 @@
+"""Devices: enrollment request/answer and the device record."""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Any, Literal
+
+from pydantic import BaseModel, Field, field_validator
+
+from coordinator.schemas.common import DeviceName, JsonObject, Page, Strict
+from shared.signing import public_key_from_b64, public_key_to_b64
+
+DeviceStatus = Literal["active", "revoked"]
+
+
+class EnrollRequest(Strict):
+    token: str = Field(min_length=1, max_length=200, description="Enrollment token secret")
+    public_key: str = Field(
+        min_length=1,
+        max_length=100,
+        description="Standard base64 of the raw 32-byte Ed25519 public key",
+    )
+    name: DeviceName
+    capabilities: JsonObject = Field(default_factory=dict)
+
+    @field_validator("public_key")
+    @classmethod
+    def _ed25519(cls, value: str) -> str:
+        # Re-encode so one key has exactly one stored form (base64 admits aliases).
+        return public_key_to_b64(public_key_from_b64(value))
+
+
+class EnrollResponse(BaseModel):
+    device_id: str
+    name: str
+    enrolled_at: datetime
+
+
+class DevicePublic(BaseModel):
+    device_id: str
+    name: str
+    status: DeviceStatus
+    public_key: str
+    capabilities: dict[str, Any]
+    enrolled_at: datetime
+    last_seen_at: datetime | None
+    revoked_at: datetime | None
+    enrollment_token_id: int | None
+    num_assigned: int
+    num_completed: int
+    num_dropped: int
+
+
+class DevicesPublic(Page[DevicePublic]):
+    pass

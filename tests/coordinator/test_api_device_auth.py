@@ -1,0 +1,206 @@
+"""Device identity: enrollment and the verification of every signed request."""
+
+from __future__ import annotations
+
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+from sqlalchemy import func, select
+
+from coordinator.app import create_app
+from coordinator.db import make_engine, make_sessionmaker, session_scope
+from coordinator.models import Device, EnrollmentToken, UsedNonce
+from tests.support.device import API, SignedDevice, make_token
+from tests.support.servers import serve_in_thread
+
+ME = f"{API}/device/me"
+
+
+def _count(settings, model) -> int:
+    engine = make_engine(settings.database_url)
+    try:
+        with session_scope(make_sessionmaker(engine)) as s:
+            return int(s.scalar(select(func.count()).select_from(model)) or 0)
+    finally:
+        engine.dispose()
+
+
+def test_enroll_then_me(coordinator):
+    with SignedDevice.enroll(coordinator, name="pi-1", capabilities={"cpu": 4}) as device:
+        r = device.get(ME)
+        assert r.status_code == 200, r.text
+        body = r.json()
+        assert body["device_id"] == device.device_id
+        assert body["name"] == "pi-1"
+        assert body["capabilities"] == {"cpu": 4}
+        assert body["status"] == "active"
+        assert body["public_key"] == device.public_key_b64
+        assert body["last_seen_at"] is not None
+
+
+def test_one_use_token_enrolls_exactly_one_of_concurrent_devices(coordinator):
+    token = make_token(coordinator, max_uses=1)
+    devices = [SignedDevice(coordinator.url, coordinator.ca_file) for _ in range(6)]
+    try:
+        with ThreadPoolExecutor(len(devices)) as pool:
+            responses = list(pool.map(lambda d: d.enroll_request(token), devices))
+    finally:
+        for d in devices:
+            d.close()
+    codes = sorted(r.status_code for r in responses)
+    assert codes == [201] + [401] * 5, [r.text for r in responses]
+    assert {r.json()["error"] for r in responses if r.status_code == 401} == {"invalid_token"}
+    assert _count(coordinator.settings, Device) == 1
+
+
+@pytest.mark.parametrize("max_uses", [1, 3])
+def test_token_is_used_up_after_max_uses(coordinator, max_uses):
+    token = make_token(coordinator, max_uses=max_uses)
+    for _ in range(max_uses):
+        SignedDevice.enroll(coordinator, token=token).close()
+    with SignedDevice(coordinator.url, coordinator.ca_file) as extra:
+        r = extra.enroll_request(token)
+    assert r.status_code == 401
+    assert r.json()["error"] == "invalid_token"
+    assert _count(coordinator.settings, Device) == max_uses
+
+
+def test_unknown_expired_and_revoked_tokens_are_refused(coordinator):
+    expired = make_token(coordinator, expires_in_s=1)
+    revoked = make_token(coordinator)
+    with coordinator.admin() as admin:
+        tokens = admin.get(f"{API}/enrollment-tokens").json()["items"]
+        newest = max(t["id"] for t in tokens)
+        assert admin.post(f"{API}/enrollment-tokens/{newest}/revoke").status_code == 200
+    deadline = time.monotonic() + 5
+    while time.monotonic() < deadline:  # wait for the 1-second token to expire
+        with coordinator.admin() as admin:
+            statuses = {t["status"] for t in admin.get(f"{API}/enrollment-tokens").json()["items"]}
+        if "expired" in statuses:
+            break
+        time.sleep(0.1)
+    for token in (expired, revoked, "fe_not-a-token"):
+        with SignedDevice(coordinator.url, coordinator.ca_file) as device:
+            r = device.enroll_request(token)
+        assert r.status_code == 401, token
+        assert r.json() == {"error": "invalid_token", "detail": r.json()["detail"]}
+    assert _count(coordinator.settings, Device) == 0
+
+
+def test_same_key_cannot_enroll_twice(coordinator):
+    key = Ed25519PrivateKey.generate()
+    SignedDevice.enroll(coordinator, key=key).close()
+    with SignedDevice(coordinator.url, coordinator.ca_file, key=key) as again:
+        r = again.enroll_request(make_token(coordinator))
+    assert r.status_code == 409
+    assert r.json()["error"] == "key_already_enrolled"
+    assert _count(coordinator.settings, Device) == 1
+    # The refused enrollment did not use up the token it presented.
+    engine = make_engine(coordinator.settings.database_url)
+    try:
+        with session_scope(make_sessionmaker(engine)) as s:
+            uses = sorted(s.scalars(select(EnrollmentToken.uses)))
+    finally:
+        engine.dispose()
+    assert uses == [0, 1]
+
+
+@pytest.mark.parametrize(
+    "field, value",
+    [
+        ("public_key", "not base64!"),
+        ("public_key", "AAAA"),
+        ("name", ""),
+        ("name", "x" * 101),
+        ("name", "bad\nname"),
+        ("capabilities", {"deep": [[[[[[[[[[1]]]]]]]]]]}),
+    ],
+)
+def test_enroll_validates_its_body(coordinator, field, value):
+    with SignedDevice(coordinator.url, coordinator.ca_file) as device:
+        body = {"token": make_token(coordinator), "public_key": device.public_key_b64, "name": "d"}
+        body[field] = value
+        r = device.client.post(f"{API}/device/enroll", json=body)
+    assert r.status_code == 422, r.text
+    assert r.json()["error"] == "validation_error"
+    assert field in r.json()["detail"]
+    assert _count(coordinator.settings, Device) == 0
+
+
+@pytest.fixture
+def device(coordinator):
+    with SignedDevice.enroll(coordinator) as d:
+        yield d
+
+
+def test_unsigned_request_is_refused(device):
+    r = device.get(ME, sign=False)
+    assert r.status_code == 401
+    assert r.json()["error"] == "invalid_signature"
+
+
+def test_signature_by_another_key_is_refused(device):
+    r = device.get(ME, key=Ed25519PrivateKey.generate())
+    assert r.status_code == 401
+    assert r.json()["error"] == "invalid_signature"
+
+
+def test_tampered_query_is_refused(device):
+    request = device.build("GET", ME, params={"a": "1"})
+    request.url = request.url.copy_with(query=b"a=2")
+    r = device.send(request)
+    assert r.status_code == 401
+    assert r.json()["error"] == "invalid_signature"
+
+
+def test_unknown_device_is_refused(coordinator):
+    with SignedDevice(coordinator.url, coordinator.ca_file, device_id="no-such-device") as d:
+        r = d.get(ME)
+    assert r.status_code == 401
+    assert r.json()["error"] == "unknown_device"
+
+
+@pytest.mark.parametrize("offset_s", [-3600, 3600])
+def test_skewed_clock_is_refused(device, offset_s):
+    r = device.get(ME, timestamp=int(time.time()) + offset_s)
+    assert r.status_code == 401
+    assert r.json()["error"] == "clock_skew"
+
+
+def test_replayed_request_is_refused(device):
+    request = device.build("GET", ME)
+    assert device.send(request).status_code == 200
+    r = device.send(request)
+    assert r.status_code == 401
+    assert r.json()["error"] == "replayed_nonce"
+
+
+def test_replay_is_refused_after_a_restart(coordinator, device):
+    request = device.build("GET", ME)
+    assert device.send(request).status_code == 200
+    # A second coordinator on the same database (a restart, or another replica).
+    app = create_app(coordinator.settings)
+    settings = coordinator.settings
+    with (
+        serve_in_thread(app, certfile=settings.tls_cert, keyfile=settings.tls_key) as url,
+        SignedDevice(url, coordinator.ca_file, key=device.key, device_id=device.device_id) as other,
+    ):
+        replay = other.client.build_request("GET", ME, headers=dict(request.headers))
+        r = other.send(replay)
+        assert r.status_code == 401
+        assert r.json()["error"] == "replayed_nonce"
+        assert other.get(ME).status_code == 200
+    assert _count(settings, UsedNonce) == 2
+
+
+def test_revoked_device_is_refused_at_once(coordinator, device):
+    assert device.get(ME).status_code == 200
+    with coordinator.admin() as admin:
+        r = admin.post(f"{API}/devices/{device.device_id}/revoke")
+        assert r.status_code == 200
+        assert r.json()["status"] == "revoked"
+    r = device.get(ME)
+    assert r.status_code == 403
+    assert r.json()["error"] == "device_revoked"
