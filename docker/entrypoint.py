@@ -1,0 +1,216 @@
+"""Entrypoint of the coordinator image.
+
+``serve`` (the image's default command) prepares and starts the service:
+
+1. wait for the database, with a bounded number of attempts (PostgreSQL usually starts
+   alongside the coordinator and needs a few seconds);
+2. apply the Alembic migrations, under a PostgreSQL advisory lock so that several replicas
+   starting at once migrate exactly once;
+3. replace this process with ``fedge coordinator serve`` (so it receives SIGTERM directly).
+
+Any other command runs as given, e.g. ``fedge coordinator init`` or
+``fedge coordinator create-key`` as a one-off container.
+
+Configured only through ``FEDGE_*`` environment variables: the coordinator's settings, plus
+
+- ``FEDGE_DB_WAIT_ATTEMPTS`` (default 30) and ``FEDGE_DB_WAIT_INTERVAL_S`` (default 2):
+  how long to wait for the database;
+- ``FEDGE_MIGRATE_ON_START`` (default true): set false when migrations run as a separate job.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import sys
+import time
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+
+from sqlalchemy import Connection, Engine, text
+from sqlalchemy.engine import make_url
+from sqlalchemy.exc import SQLAlchemyError
+
+from coordinator.db import make_engine
+from coordinator.migrate import head_revision, upgrade
+from coordinator.settings import Settings
+
+# One fixed 64-bit key for pg_advisory_lock: "the fedge schema is being migrated".
+MIGRATION_LOCK_KEY = int.from_bytes(
+    hashlib.sha256(b"fedge.migrations").digest()[:8], "big", signed=True
+)
+_TRUE = {"1", "true", "yes", "on"}
+_FALSE = {"0", "false", "no", "off"}
+
+
+class StartupError(RuntimeError):
+    """The container cannot start the service; the message says why."""
+
+
+def env_int(name: str, default: int, *, minimum: int = 1) -> int:
+    raw = os.environ.get(name, "").strip()
+    if not raw:
+        return default
+    try:
+        value = int(raw)
+    except ValueError:
+        raise StartupError(f"{name}={raw!r} is not an integer") from None
+    if value < minimum:
+        raise StartupError(f"{name}={value} must be at least {minimum}")
+    return value
+
+
+def env_float(name: str, default: float) -> float:
+    raw = os.environ.get(name, "").strip()
+    if not raw:
+        return default
+    try:
+        value = float(raw)
+    except ValueError:
+        raise StartupError(f"{name}={raw!r} is not a number") from None
+    if not value >= 0:
+        raise StartupError(f"{name}={raw!r} must be a non-negative number")
+    return value
+
+
+def env_bool(name: str, default: bool) -> bool:
+    raw = os.environ.get(name, "").strip().lower()
+    if not raw:
+        return default
+    if raw in _TRUE:
+        return True
+    if raw in _FALSE:
+        return False
+    raise StartupError(f"{name}={raw!r} is not a boolean (true/false)")
+
+
+def redact(url: str) -> str:
+    try:
+        return make_url(url).render_as_string(hide_password=True)
+    except Exception:  # not a URL SQLAlchemy understands: print nothing of it
+        return "<unparseable database URL>"
+
+
+def first_line(exc: BaseException) -> str:
+    """The first line of an error's message (driver errors run to several lines)."""
+    lines = str(exc).strip().splitlines()
+    return lines[0] if lines else exc.__class__.__name__
+
+
+def log(message: str) -> None:
+    print(f"fedge entrypoint: {message}", file=sys.stderr, flush=True)
+
+
+def open_engine(url: str, *, connect_timeout_s: int = 5) -> Engine:
+    """An engine whose connection attempts give up after ``connect_timeout_s`` on PostgreSQL
+    (a host that drops packets would otherwise hang an attempt for minutes)."""
+    if make_url(url).get_backend_name() == "postgresql":
+        return make_engine(url, connect_args={"connect_timeout": connect_timeout_s})
+    return make_engine(url)
+
+
+def wait_for_database(
+    url: str,
+    *,
+    attempts: int,
+    interval_s: float,
+    sleep: Callable[[float], None] = time.sleep,
+) -> int:
+    """Connect and run ``SELECT 1`` until it works; return the number of attempts it took.
+
+    Raises :class:`StartupError` with the last error after ``attempts`` failures.
+    """
+    engine = open_engine(url)
+    try:
+        for attempt in range(1, attempts + 1):
+            try:
+                with engine.connect() as conn:
+                    conn.execute(text("SELECT 1"))
+                return attempt
+            except SQLAlchemyError as exc:
+                reason = first_line(getattr(exc, "orig", None) or exc)
+                if attempt == attempts:
+                    raise StartupError(
+                        f"database {redact(url)} unreachable after {attempts} attempts: {reason}"
+                    ) from exc
+                log(f"waiting for database {redact(url)} ({attempt}/{attempts}): {reason}")
+                sleep(interval_s)
+    finally:
+        engine.dispose()
+    raise AssertionError("unreachable")  # pragma: no cover
+
+
+@contextmanager
+def migration_lock(conn: Connection) -> Iterator[None]:
+    """Hold the advisory lock that serialises migrations (PostgreSQL; a no-op elsewhere)."""
+    if conn.dialect.name != "postgresql":
+        yield
+        return
+    conn.execute(text("SELECT pg_advisory_lock(:key)"), {"key": MIGRATION_LOCK_KEY})
+    conn.commit()
+    try:
+        yield
+    finally:
+        conn.execute(text("SELECT pg_advisory_unlock(:key)"), {"key": MIGRATION_LOCK_KEY})
+        conn.commit()
+
+
+def current_revision(conn: Connection) -> str | None:
+    from alembic.runtime.migration import MigrationContext
+
+    revision = MigrationContext.configure(conn).get_current_revision()
+    conn.rollback()
+    return revision
+
+
+def migrate(url: str) -> tuple[str | None, str | None]:
+    """Upgrade the database to the head revision; return (revision before, revision after)."""
+    engine = open_engine(url)
+    try:
+        with engine.connect() as conn, migration_lock(conn):
+            before = current_revision(conn)
+            if before != head_revision(url):
+                upgrade(url)
+            after = current_revision(conn)
+    finally:
+        engine.dispose()
+    return before, after
+
+
+def prestart(settings: Settings) -> None:
+    """Wait for the database and migrate it (unless FEDGE_MIGRATE_ON_START=false)."""
+    url = settings.database_url
+    attempts = env_int("FEDGE_DB_WAIT_ATTEMPTS", 30)
+    interval_s = env_float("FEDGE_DB_WAIT_INTERVAL_S", 2.0)
+    used = wait_for_database(url, attempts=attempts, interval_s=interval_s)
+    log(f"database {redact(url)} answered (attempt {used})")
+    if not env_bool("FEDGE_MIGRATE_ON_START", True):
+        log("FEDGE_MIGRATE_ON_START=false: not migrating")
+        return
+    before, after = migrate(url)
+    if before == after:
+        log(f"schema already at {after}")
+    else:
+        log(f"migrated schema from {before or 'nothing'} to {after}")
+
+
+def main(argv: Sequence[str]) -> int:
+    """Run ``serve`` (prepare, then exec the server) or any other command as given."""
+    args = list(argv)
+    if args and args[0] != "serve":
+        os.execvp(args[0], args)  # noqa: S606 (the container's command, given by the operator)
+    try:
+        prestart(Settings())
+    except ValueError as exc:  # pydantic's ValidationError: a FEDGE_* variable is malformed
+        log(f"invalid configuration: {exc}")
+        return 2
+    except StartupError as exc:
+        log(str(exc))
+        return 1
+    command = ["fedge", "coordinator", "serve", *args[1:]]
+    os.execvp(command[0], command)  # noqa: S606
+    return 0  # pragma: no cover (execvp does not return)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main(sys.argv[1:]))
