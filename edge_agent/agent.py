@@ -1,0 +1,434 @@
+"""The agent loop: wait for work, train on local data, upload a compressed update, repeat.
+
+One assignment goes through these steps (docs/agent.md tells the story for operators):
+
+1. upload whatever the outbox still holds (updates computed before a crash or an outage);
+2. long-poll ``GET /device/work`` for an assignment;
+3. fetch the base model (cached per version, revalidated with its ETag);
+4. train a copy on local data, while a background long-poll watches for cancellation;
+5. delta = local - base; compress it with the task's policy and the error-feedback residual;
+6. commit the encoded update (with its idempotency key and both residuals) to the outbox,
+   then make the new residual current (see :mod:`edge_agent.outbox` for why in that order);
+7. upload it; remove it from the outbox on success, or discard it (restoring the residual)
+   when the coordinator refuses it for good, e.g. 409 stale_update;
+8. report training and evaluation metrics.
+
+Errors that a later attempt may cure (network, 5xx, 429, clock skew) keep the outbox entry and
+pause the loop; a revoked or unknown device stops the agent with :class:`FatalAgentError`.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from enum import StrEnum
+from typing import Any
+
+import numpy as np
+
+from edge_agent.client import CoordinatorClient, Work
+from edge_agent.data import LocalData
+from edge_agent.errors import AgentError, ApiError, AuthError, DeviceRevoked, StaleUpdate
+from edge_agent.faults import NO_FAULTS, FaultDecision
+from edge_agent.outbox import RESIDUAL_BEFORE, OutboxEntry, new_idempotency_key
+from edge_agent.state import State
+from edge_agent.trainers import Trainer, TrainerFactory, builtin_trainer
+from edge_agent.watcher import CancelWatcher
+from shared.compression import compress
+from shared.modelspec import ModelSpec, Weights
+from shared.policy import CompressionPolicy, PolicyError
+from shared.wire import WireFormatError, decode_model, encode_update
+
+log = logging.getLogger(__name__)
+
+# Errors after which the device cannot go on: it must be re-enrolled.
+FATAL_CODES = frozenset({"device_revoked", "unknown_device"})
+# Refusals that may pass (clock, replay, a signature made during a key rotation): keep the
+# update and try again later.
+TRANSIENT_AUTH_CODES = frozenset({"clock_skew", "replayed_nonce", "invalid_signature"})
+
+
+# Metrics the coordinator takes (docs/protocol.md, "Metrics").
+METRIC_KEYS = frozenset(
+    {"train_loss", "eval_loss", "eval_accuracy", "num_eval_examples", "train_time_s"}
+)
+
+
+def _refused_for_good(exc: ApiError) -> bool:
+    """True when uploading the same update again cannot succeed (so it is discarded)."""
+    if exc.status is None or exc.status >= 500 or exc.status == 429:
+        return False
+    lasting = not isinstance(exc, DeviceRevoked)
+    return lasting and exc.code not in FATAL_CODES | TRANSIENT_AUTH_CODES
+
+
+class FatalAgentError(RuntimeError):
+    """The coordinator no longer accepts this device (revoked or unknown)."""
+
+
+class Outcome(StrEnum):
+    UPLOADED = "uploaded"  # accepted by the coordinator
+    STALE = "stale"  # refused as too stale; discarded
+    DISCARDED = "discarded"  # refused for another lasting reason; discarded
+    PENDING = "pending"  # still in the outbox (network trouble); retried later
+    CANCELLED = "cancelled"  # the coordinator cancelled the assignment while training
+    DROPPED = "dropped"  # simulated dropout: vanished without uploading
+    FAILED = "failed"  # could not be worked on (bad config, model unavailable)
+    STOPPED = "stopped"  # the agent was asked to stop
+
+
+class FaultSource:
+    """What the agent asks for simulated faults (a real device has none)."""
+
+    def decide(self, assignment_id: int) -> FaultDecision:  # pragma: no cover - protocol
+        raise NotImplementedError
+
+
+@dataclass
+class AgentStats:
+    assignments: int = 0
+    uploaded: int = 0
+    duplicates: int = 0
+    stale_accepted: int = 0
+    stale_refused: int = 0
+    late_uploads: int = 0
+    discarded: int = 0
+    cancelled: int = 0
+    dropped: int = 0
+    failed: int = 0
+
+
+class Agent:
+    """Runs one device. Thread-safe :meth:`stop`; everything else runs in the caller's thread."""
+
+    def __init__(
+        self,
+        *,
+        state: State,
+        client: CoordinatorClient,
+        data: LocalData,
+        trainer_factory: TrainerFactory = builtin_trainer,
+        seed: int = 0,
+        faults: Any = NO_FAULTS,
+        poll_wait: float = 30.0,
+        cancel_poll_wait: float | None = None,
+        error_pause_s: float = 5.0,
+        before_upload: Callable[[OutboxEntry], None] | None = None,
+    ) -> None:
+        self.state = state
+        self.client = client
+        self.data = data
+        self.trainer_factory = trainer_factory
+        self.seed = seed
+        self.faults = faults
+        self.poll_wait = poll_wait
+        self.cancel_poll_wait = poll_wait if cancel_poll_wait is None else cancel_poll_wait
+        self.error_pause_s = error_pause_s
+        self.before_upload = before_upload
+        self.stats = AgentStats()
+        self._stop = threading.Event()
+        self._interrupt: threading.Event | None = None
+        self._trainers: dict[int, Trainer] = {}
+        self._given_up: set[int] = set()
+        self.idle = True  # True while only waiting (safe to abandon at once)
+
+    # -- control ---------------------------------------------------------------------------
+
+    def stop(self) -> None:
+        """Ask the loop to end; training stops at the next minibatch."""
+        self._stop.set()
+        interrupt = self._interrupt
+        if interrupt is not None:
+            interrupt.set()
+
+    @property
+    def stopping(self) -> bool:
+        return self._stop.is_set()
+
+    def _pause(self, seconds: float) -> None:
+        self._stop.wait(seconds)
+
+    # -- the loop --------------------------------------------------------------------------
+
+    def run(self, *, max_rounds: int | None = None, once: bool = False) -> AgentStats:
+        """Work until stopped, or until ``max_rounds`` assignments (1 with ``once``) were
+        handled. Raises :class:`FatalAgentError` when the device is revoked or unknown."""
+        limit = 1 if once else max_rounds
+        handled = 0
+        log.info("agent started; coordinator %s", self.client.base_url)
+        while not self.stopping and (limit is None or handled < limit):
+            try:
+                self.flush_outbox()
+                self.idle = True
+                log.debug("waiting up to %.0f s for work", self.poll_wait)
+                work = self.client.get_work(self.poll_wait)
+            except AgentError as exc:
+                self._check_fatal(exc)
+                log.warning("cannot reach the coordinator (%s); trying again shortly", exc)
+                self._pause(self.error_pause_s)
+                continue
+            finally:
+                self.idle = False
+            if work is None or work.cancelled:
+                continue
+            if work.assignment_id in self._given_up:
+                self._wait_until_cancelled(work)
+                continue
+            try:
+                outcome = self.handle(work)
+            except AgentError as exc:
+                self._check_fatal(exc)
+                log.warning("assignment %d interrupted: %s", work.assignment_id, exc)
+                self._pause(self.error_pause_s)
+                continue
+            if outcome is not Outcome.STOPPED:
+                handled += 1
+        self.idle = True
+        log.info("agent stopped after %d assignment(s)", handled)
+        return self.stats
+
+    def _check_fatal(self, exc: AgentError) -> None:
+        if isinstance(exc, DeviceRevoked) or exc.code in FATAL_CODES:
+            raise FatalAgentError(
+                f"the coordinator refuses this device ({exc.code}: {exc.detail}); "
+                "enroll it again with a new token"
+            ) from exc
+
+    # -- one assignment --------------------------------------------------------------------
+
+    def handle(self, work: Work) -> Outcome:
+        """Work on one assignment from model download to upload."""
+        self.stats.assignments += 1
+        log.info(
+            "got assignment %d: task %d, round %s, model version %d",
+            work.assignment_id,
+            work.task_id,
+            work.round_id,
+            work.base_version,
+        )
+        decision: FaultDecision = self.faults.decide(work.assignment_id)
+        try:
+            spec = ModelSpec.from_dict(work.spec)
+            policy = CompressionPolicy.from_dict(work.compression)
+            base = self._fetch_model(work, spec)
+            trainer = self._trainer_for(work)
+        except (ValueError, PolicyError) as exc:
+            return self._give_up(work, f"cannot work on it: {exc}")
+        except ApiError as exc:
+            if isinstance(exc, AuthError) or exc.status is None or exc.status >= 500:
+                raise
+            return self._give_up(work, f"the coordinator refused the model download: {exc}")
+        if decision.drop:
+            log.info("simulated dropout: vanishing during assignment %d", work.assignment_id)
+            self.stats.dropped += 1
+            self._given_up.add(work.assignment_id)
+            self._wait_until_cancelled(work)
+            return Outcome.DROPPED
+        interrupt = threading.Event()
+        self._interrupt = interrupt
+        if self.stopping:
+            interrupt.set()
+        watcher = CancelWatcher(
+            self.client, work.assignment_id, wait=self.cancel_poll_wait, on_cancel=interrupt
+        )
+        started = time.monotonic()
+        with watcher:
+            if decision.delay_s > 0:
+                log.info("simulated straggler: %.1f s of extra compute", decision.delay_s)
+                interrupt.wait(decision.delay_s)
+            rng = np.random.default_rng([self.seed, work.assignment_id])
+            result = trainer.train(base, work.training, rng, should_stop=interrupt.is_set)
+        self._interrupt = None
+        train_time = time.monotonic() - started
+        if watcher.cancelled.is_set():
+            log.info(
+                "assignment %d was cancelled: stopped training, dropping it", work.assignment_id
+            )
+            self.stats.cancelled += 1
+            return Outcome.CANCELLED
+        if self.stopping or result.stopped:
+            log.info("stopping: assignment %d left unfinished", work.assignment_id)
+            return Outcome.STOPPED
+        metrics = dict(result.metrics)
+        metrics.update(trainer.evaluate(result.weights))
+        metrics["train_time_s"] = train_time
+        log.info(
+            "trained on %d examples in %.2f s (loss %.4f)",
+            result.num_examples,
+            train_time,
+            metrics.get("train_loss", float("nan")),
+        )
+        entry = self._commit_update(work, spec, policy, base, result.weights, result, metrics)
+        if decision.offline_s > 0:
+            log.info("simulated offline spell of %.1f s before uploading", decision.offline_s)
+            self._pause(decision.offline_s)
+            if self.stopping:
+                return Outcome.STOPPED
+            self.stats.late_uploads += 1
+        return self._upload(entry)
+
+    def _trainer_for(self, work: Work) -> Trainer:
+        trainer = self._trainers.get(work.task_id)
+        if trainer is None:
+            trainer = self.trainer_factory(work.model, self.data)
+            self._trainers[work.task_id] = trainer
+        return trainer
+
+    def _give_up(self, work: Work, reason: str) -> Outcome:
+        log.error("giving up assignment %d: %s", work.assignment_id, reason)
+        self.stats.failed += 1
+        self._given_up.add(work.assignment_id)
+        return Outcome.FAILED
+
+    def _wait_until_cancelled(self, work: Work) -> None:
+        """Stay away from an assignment until the coordinator cancels it (or a while passes)."""
+        with CancelWatcher(self.client, work.assignment_id, wait=self.cancel_poll_wait) as w:
+            deadline = time.monotonic() + max(self.cancel_poll_wait, 1.0) * 4
+            while not (w.cancelled.is_set() or self.stopping) and time.monotonic() < deadline:
+                w.cancelled.wait(0.1)
+
+    # -- model -----------------------------------------------------------------------------
+
+    def _fetch_model(self, work: Work, spec: ModelSpec) -> Weights:
+        """The base model, from the cache when the coordinator says it is unchanged (304)."""
+        task, version = work.task_id, work.base_version
+        cached = self.state.cached_model(task, version)
+        for attempt in range(2):
+            etag = cached[1] if cached is not None else None
+            data, new_etag = self.client.download_model(task, version, etag=etag)
+            if data is None and cached is not None:
+                log.info("model v%d unchanged; using the cached copy", version)
+                data = cached[0]
+            elif data is None:
+                raise AgentError("bad_response", "304 Not Modified without a cached model")
+            else:
+                log.info("downloaded model v%d (%d bytes)", version, len(data))
+                self.state.cache_model(task, version, data, new_etag)
+            try:
+                weights: Weights = decode_model(data, spec=spec)
+                return weights
+            except WireFormatError as exc:
+                if attempt == 0 and cached is not None:
+                    log.warning("cached model v%d is unreadable (%s); downloading", version, exc)
+                    self.state.drop_cached_model(task, version)
+                    cached = None
+                    continue
+                raise ValueError(f"model v{version} does not decode: {exc}") from exc
+        raise AssertionError("unreachable")  # pragma: no cover
+
+    # -- update ----------------------------------------------------------------------------
+
+    def _commit_update(
+        self,
+        work: Work,
+        spec: ModelSpec,
+        policy: CompressionPolicy,
+        base: Weights,
+        local: Weights,
+        result: Any,
+        metrics: dict[str, float],
+    ) -> OutboxEntry:
+        """Compress, encode and durably save the update; then advance the residual."""
+        delta = {t.name: local[t.name] - base[t.name] for t in spec.tensors}
+        residual = self.state.load_residual(work.task_id, spec) if policy.error_feedback else None
+        before = copy.deepcopy(residual)
+        rng = np.random.default_rng([self.seed, work.assignment_id, 1])
+        compressed = compress(delta, policy, rng, residual)
+        body = encode_update(
+            compressed,
+            task_id=work.task_id,
+            base_version=work.base_version,
+            num_examples=int(result.num_examples),
+        )
+        dense = 4 * spec.num_params
+        log.info(
+            "update compressed to %d bytes (%.0fx smaller than %d dense bytes)",
+            len(body),
+            dense / max(1, len(body)),
+            dense,
+        )
+        entry = OutboxEntry(
+            assignment_id=work.assignment_id,
+            task_id=work.task_id,
+            base_version=work.base_version,
+            upload_url=work.upload_url,
+            idempotency_key=new_idempotency_key(work.assignment_id),
+            num_examples=int(result.num_examples),
+            created_at=time.time(),
+            metrics={
+                k: float(v) for k, v in metrics.items() if k in METRIC_KEYS and np.isfinite(v)
+            },
+            has_residual=residual is not None,
+        )
+        self.state.outbox.add(entry, body, residual_before=before, residual_after=residual)
+        if residual is not None:
+            self.state.save_residual(work.task_id, residual)
+        return entry
+
+    def flush_outbox(self) -> None:
+        """Upload every pending update (oldest first). Network trouble propagates."""
+        for entry in self.state.outbox.entries():
+            if self.stopping:
+                return
+            log.info("uploading saved update for assignment %d", entry.assignment_id)
+            self._upload(entry)
+
+    def _upload(self, entry: OutboxEntry) -> Outcome:
+        if self.before_upload is not None:
+            self.before_upload(entry)
+        body = self.state.outbox.body(entry)
+        try:
+            receipt = self.client.upload_update(entry.upload_url, body, entry.idempotency_key)
+        except StaleUpdate as exc:
+            log.info(
+                "update for assignment %d is too stale (%s); discarding it",
+                entry.assignment_id,
+                exc.detail,
+            )
+            self._discard(entry)
+            self.stats.stale_refused += 1
+            return Outcome.STALE
+        except ApiError as exc:
+            if not _refused_for_good(exc):
+                raise
+            log.warning(
+                "the coordinator refused the update for assignment %d (%s); discarding it",
+                entry.assignment_id,
+                exc,
+            )
+            self._discard(entry)
+            self.stats.discarded += 1
+            return Outcome.DISCARDED
+        self.state.outbox.remove(entry)
+        self.stats.uploaded += 1
+        if receipt.get("duplicate"):
+            self.stats.duplicates += 1
+        staleness = int(receipt.get("staleness") or 0)
+        if staleness > 0:
+            self.stats.stale_accepted += 1
+        log.info(
+            "uploaded update for assignment %d (%d bytes, staleness %d%s)",
+            entry.assignment_id,
+            len(body),
+            staleness,
+            ", already received before" if receipt.get("duplicate") else "",
+        )
+        if entry.metrics:
+            try:
+                self.client.report_metrics(entry.assignment_id, entry.metrics)
+            except AgentError as exc:
+                log.warning(
+                    "could not report metrics for assignment %d: %s", entry.assignment_id, exc
+                )
+        return Outcome.UPLOADED
+
+    def _discard(self, entry: OutboxEntry) -> None:
+        """Drop a refused update and restore the residual it had advanced."""
+        self.state.restore_residual(
+            entry.task_id, self.state.outbox.residual_file(entry, RESIDUAL_BEFORE)
+        )
+        self.state.outbox.remove(entry)

@@ -1,0 +1,234 @@
+"""The device's REST client of the coordinator (see docs/protocol.md, section Devices).
+
+Every request except enrollment is signed with the device's Ed25519 key through
+:mod:`shared.signing`; the signature covers the final request as sent (method, path, query,
+body) and is recomputed on every retry. Connection errors, 5xx and 429 are retried with
+exponential backoff and jitter (:mod:`edge_agent.transport`); other errors raise the
+:mod:`edge_agent.errors` family.
+"""
+
+from __future__ import annotations
+
+import random
+import threading
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import httpx
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+from edge_agent.errors import AgentError
+from edge_agent.transport import RetryPolicy, Session
+from shared import signing
+
+API = "/api/v1"
+MAX_WAIT_S = 60
+
+
+@dataclass(frozen=True)
+class Work:
+    """One assignment as the work long-poll describes it."""
+
+    assignment_id: int
+    status: str
+    task_id: int = 0
+    round_id: int | None = None
+    mode: str = "sync"
+    base_version: int = 0
+    deadline: str | None = None
+    model_url: str = ""
+    upload_url: str = ""
+    compression: Mapping[str, Any] = field(default_factory=dict)
+    training: Mapping[str, Any] = field(default_factory=dict)
+    model: Mapping[str, Any] = field(default_factory=dict)
+    spec: list[Mapping[str, Any]] = field(default_factory=list)
+
+    @property
+    def cancelled(self) -> bool:
+        return self.status == "cancelled"
+
+    @classmethod
+    def from_json(cls, body: Mapping[str, Any]) -> Work:
+        try:
+            assignment_id = int(body["assignment_id"])
+            status = str(body.get("status", "assigned"))
+        except (KeyError, TypeError, ValueError) as exc:
+            raise AgentError("bad_response", f"work answer lacks assignment_id: {exc}") from None
+        if status == "cancelled":
+            return cls(assignment_id=assignment_id, status=status)
+        try:
+            return cls(
+                assignment_id=assignment_id,
+                status=status,
+                task_id=int(body["task_id"]),
+                round_id=None if body.get("round_id") is None else int(body["round_id"]),
+                mode=str(body.get("mode", "sync")),
+                base_version=int(body["base_version"]),
+                deadline=body.get("deadline"),
+                model_url=str(body.get("model_url", "")),
+                upload_url=str(body["upload_url"]),
+                compression=dict(body.get("compression") or {}),
+                training=dict(body.get("training") or {}),
+                model=dict(body.get("model") or {}),
+                spec=list(body.get("spec") or []),
+            )
+        except (KeyError, TypeError, ValueError) as exc:
+            raise AgentError("bad_response", f"malformed work answer: {exc!r}") from None
+
+
+@dataclass
+class Traffic:
+    """Bytes this client moved: update bodies uploaded, model bodies downloaded."""
+
+    upload_bytes: int = 0
+    uploads: int = 0
+    model_bytes: int = 0
+    downloads: int = 0
+    not_modified: int = 0
+
+
+class CoordinatorClient:
+    """Signed, retrying HTTP client for the device API."""
+
+    def __init__(
+        self,
+        base_url: str,
+        *,
+        ca_file: str | None = None,
+        transport: httpx.BaseTransport | None = None,
+        identity: tuple[str, Ed25519PrivateKey] | None = None,
+        timeout: float = 30.0,
+        retry: RetryPolicy | None = None,
+        sleep: Callable[[float], Any] = time.sleep,
+        rng: random.Random | None = None,
+        interrupted: Callable[[], bool] | None = None,
+    ) -> None:
+        self.identity = identity
+        self.traffic = Traffic()
+        self._traffic_lock = threading.Lock()
+        self._session = Session(
+            base_url,
+            ca_file=ca_file,
+            transport=transport,
+            timeout=timeout,
+            retry=retry,
+            sleep=sleep,
+            rng=rng,
+            interrupted=interrupted,
+        )
+        self._timeout = timeout
+
+    @property
+    def base_url(self) -> str:
+        return self._session.base_url
+
+    def close(self) -> None:
+        self._session.close()
+
+    def __enter__(self) -> CoordinatorClient:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # -- signing ---------------------------------------------------------------------------
+
+    def _sign(self, request: httpx.Request) -> None:
+        if self.identity is None:
+            raise AgentError("not_enrolled", "this device has no identity; enroll it first")
+        device_id, key = self.identity
+        headers = signing.sign_request(
+            key,
+            device_id=device_id,
+            method=request.method,
+            path=request.url.path,
+            query=request.url.query.decode("ascii"),
+            body=request.content,
+        )
+        request.headers.update(headers)
+
+    def _signed(self, method: str, path: str, **kwargs: Any) -> httpx.Response:
+        return self._session.request(method, path, prepare=self._sign, **kwargs)
+
+    # -- API -------------------------------------------------------------------------------
+
+    def enroll(
+        self, token: str, public_key: str, name: str, capabilities: Mapping[str, Any] | None = None
+    ) -> str:
+        """Register ``public_key`` (base64 raw Ed25519) with an enrollment token; the device id."""
+        response = self._session.request(
+            "POST",
+            f"{API}/device/enroll",
+            json_body={
+                "token": token,
+                "public_key": public_key,
+                "name": name,
+                "capabilities": dict(capabilities or {}),
+            },
+        )
+        body = response.json()
+        try:
+            return str(body["device_id"])
+        except (KeyError, TypeError):
+            raise AgentError("bad_response", "enrollment answer lacks device_id") from None
+
+    def get_work(self, wait: float, current: int | None = None) -> Work | None:
+        """Long-poll for work (or, with ``current``, for that assignment's cancellation).
+        ``None`` when the wait ended without news (204)."""
+        wait_s = max(0, min(MAX_WAIT_S, int(wait)))
+        params: dict[str, Any] = {"wait": wait_s}
+        if current is not None:
+            params["current"] = current
+        response = self._signed(
+            "GET", f"{API}/device/work", params=params, timeout=wait_s + self._timeout
+        )
+        if response.status_code == 204 or not response.content:
+            return None
+        return Work.from_json(response.json())
+
+    def download_model(
+        self, task_id: int, version: int, etag: str | None = None
+    ) -> tuple[bytes | None, str | None]:
+        """The model's wire bytes and ETag; ``(None, etag)`` when ``etag`` still matches (304)."""
+        headers = {"If-None-Match": etag} if etag else None
+        response = self._signed(
+            "GET", f"{API}/device/tasks/{task_id}/models/{version}", headers=headers
+        )
+        new_etag = response.headers.get("ETag", etag)
+        with self._traffic_lock:
+            if response.status_code == 304:
+                self.traffic.not_modified += 1
+            else:
+                self.traffic.downloads += 1
+                self.traffic.model_bytes += len(response.content)
+        if response.status_code == 304:
+            return None, new_etag
+        return response.content, new_etag
+
+    def upload_update(self, upload_url: str, body: bytes, idempotency_key: str) -> dict[str, Any]:
+        """Upload an encoded update; the coordinator's receipt (``duplicate`` tells a replay)."""
+        response = self._signed(
+            "POST",
+            upload_url,
+            content=body,
+            headers={
+                "Idempotency-Key": idempotency_key,
+                "Content-Type": "application/octet-stream",
+            },
+        )
+        with self._traffic_lock:
+            self.traffic.uploads += 1
+            self.traffic.upload_bytes += len(body)
+        receipt: dict[str, Any] = response.json()
+        return receipt
+
+    def report_metrics(self, assignment_id: int, metrics: Mapping[str, float]) -> None:
+        self._signed(
+            "POST", f"{API}/device/assignments/{assignment_id}/metrics", json_body=dict(metrics)
+        )
+
+    def me(self) -> dict[str, Any]:
+        body: dict[str, Any] = self._signed("GET", f"{API}/device/me").json()
+        return body

@@ -1,0 +1,96 @@
+"""Simulated device faults for fleet runs: dropouts, stragglers, offline spells.
+
+For every assignment a device draws one :class:`FaultDecision` from its own seeded
+generator:
+
+- **dropout** (probability ``dropout``): the device vanishes mid-training. It has fetched the
+  model, then never trains nor uploads that assignment; the coordinator marks it dropped.
+- **straggler delay**: extra compute time, heavy-tailed (Pareto with shape
+  ``straggler_shape`` times a per-device lognormal speed factor, times ``straggler_scale_s``),
+  capped at ``straggler_cap_s``. The wait ends early when the round is cancelled, as real
+  training would.
+- **offline spell** (probability ``offline``): after computing and saving its update the
+  device loses its connection for ``offline_s`` seconds and uploads afterwards, so the update
+  reaches the coordinator late (stale, or refused when too stale).
+
+A real agent runs with :data:`NO_FAULTS`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+
+@dataclass(frozen=True)
+class FaultConfig:
+    dropout: float = 0.0
+    straggler_scale_s: float = 0.0
+    straggler_shape: float = 1.5
+    straggler_cap_s: float = 5.0
+    device_speed_sigma: float = 0.5
+    offline: float = 0.0
+    offline_s: tuple[float, float] = (1.0, 3.0)
+
+    def __post_init__(self) -> None:
+        for name in ("dropout", "offline"):
+            value = getattr(self, name)
+            if not 0.0 <= value <= 1.0:
+                raise ValueError(f"{name} must be a probability in [0, 1], got {value}")
+        if self.straggler_scale_s < 0 or self.straggler_cap_s < 0:
+            raise ValueError("straggler delays must not be negative")
+        if self.straggler_shape <= 0:
+            raise ValueError("straggler_shape must be positive")
+        low, high = self.offline_s
+        if not 0 <= low <= high:
+            raise ValueError("offline_s must be (low, high) with 0 <= low <= high")
+
+
+@dataclass(frozen=True)
+class FaultDecision:
+    drop: bool = False
+    delay_s: float = 0.0
+    offline_s: float = 0.0
+
+
+NO_FAULT = FaultDecision()
+
+
+class FaultSchedule:
+    """Draws the fault decision for each assignment of one device."""
+
+    def __init__(self, config: FaultConfig, rng: np.random.Generator) -> None:
+        self.config = config
+        self._rng = rng
+        self.speed = float(rng.lognormal(0.0, config.device_speed_sigma))
+        self._decided: dict[int, FaultDecision] = {}
+
+    def decide(self, assignment_id: int) -> FaultDecision:
+        """The decision for an assignment; asking again gives the same answer."""
+        if assignment_id in self._decided:
+            return self._decided[assignment_id]
+        cfg, rng = self.config, self._rng
+        drop, offline, spell = rng.random(3)
+        delay = 0.0
+        if cfg.straggler_scale_s > 0:
+            pareto = float(rng.pareto(cfg.straggler_shape))
+            delay = min(cfg.straggler_cap_s, cfg.straggler_scale_s * self.speed * pareto)
+        low, high = cfg.offline_s
+        decision = FaultDecision(
+            drop=bool(drop < cfg.dropout),
+            delay_s=delay,
+            offline_s=float(low + (high - low) * spell) if offline < cfg.offline else 0.0,
+        )
+        self._decided[assignment_id] = decision
+        return decision
+
+
+class NoFaults:
+    """The schedule of a real device: nothing simulated."""
+
+    def decide(self, assignment_id: int) -> FaultDecision:
+        return NO_FAULT
+
+
+NO_FAULTS = NoFaults()

@@ -1,0 +1,149 @@
+"""One HTTP session to the coordinator: pinned CA, timeouts, retries with backoff and jitter.
+
+Both the device client (:mod:`edge_agent.client`) and the administrator's client
+(:mod:`edge_agent.admin_client`) send through :class:`Session`. A request is retried on
+connection errors and timeouts, on 5xx answers and on 429 (waiting at least ``Retry-After``);
+any other 4xx is raised at once as an :class:`~edge_agent.errors.ApiError`. Every attempt
+rebuilds the request and runs the ``prepare`` hook again, so a signed request gets a fresh
+nonce and timestamp per attempt (the coordinator refuses replayed nonces).
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import ssl
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import httpx
+
+from edge_agent.errors import ApiError, RateLimited, Unreachable, error_from_response
+
+log = logging.getLogger(__name__)
+
+RETRY_STATUSES = frozenset({429, 500, 502, 503, 504})
+
+
+@dataclass(frozen=True)
+class RetryPolicy:
+    """How often and how patiently to retry. ``attempts`` counts the first try."""
+
+    attempts: int = 5
+    base_delay: float = 0.5
+    max_delay: float = 30.0
+    max_retry_after: float = 300.0
+
+    def __post_init__(self) -> None:
+        if self.attempts < 1:
+            raise ValueError("RetryPolicy.attempts must be at least 1")
+        if self.base_delay < 0 or self.max_delay < 0 or self.max_retry_after < 0:
+            raise ValueError("RetryPolicy delays must not be negative")
+
+    def backoff(self, retry: int, rng: random.Random) -> float:
+        """Delay before retry number ``retry`` (0-based): exponential, capped, with jitter
+        in [50%, 100%] of the capped value so that many devices do not retry in step."""
+        ceiling = min(self.max_delay, self.base_delay * (2.0**retry))
+        return ceiling * (0.5 + 0.5 * rng.random())
+
+
+def verify_setting(ca_file: str | None) -> ssl.SSLContext | bool:
+    """TLS verification: an SSL context trusting only ``ca_file`` (the coordinator's private
+    CA, pinned), or the system trust store when no CA is given."""
+    if ca_file is None:
+        return True
+    return ssl.create_default_context(cafile=ca_file)
+
+
+class Session:
+    """A thread-safe wrapper of one :class:`httpx.Client` that retries."""
+
+    def __init__(
+        self,
+        base_url: str,
+        *,
+        ca_file: str | None = None,
+        transport: httpx.BaseTransport | None = None,
+        timeout: float = 30.0,
+        retry: RetryPolicy | None = None,
+        sleep: Callable[[float], Any] = time.sleep,
+        rng: random.Random | None = None,
+        headers: Mapping[str, str] | None = None,
+        interrupted: Callable[[], bool] | None = None,
+    ) -> None:
+        self.base_url = base_url.rstrip("/")
+        self.retry = retry or RetryPolicy()
+        self._sleep = sleep
+        self._rng = rng or random.Random()
+        self._interrupted = interrupted
+        self._client = httpx.Client(
+            base_url=self.base_url,
+            verify=verify_setting(ca_file) if transport is None else True,
+            transport=transport,
+            timeout=httpx.Timeout(timeout, connect=min(timeout, 10.0)),
+            headers=dict(headers or {}),
+            follow_redirects=False,
+        )
+
+    def close(self) -> None:
+        self._client.close()
+
+    def request(
+        self,
+        method: str,
+        path: str,
+        *,
+        params: Mapping[str, Any] | None = None,
+        content: bytes | None = None,
+        json_body: Any = None,
+        headers: Mapping[str, str] | None = None,
+        timeout: float | None = None,
+        prepare: Callable[[httpx.Request], None] | None = None,
+    ) -> httpx.Response:
+        """Send with retries; return a response with status < 400 (304 included)."""
+        policy = self.retry
+        last_error: Exception | None = None
+        for attempt in range(policy.attempts):
+            request = self._client.build_request(
+                method,
+                path,
+                params=params,
+                content=content,
+                json=json_body,
+                headers=headers,
+                timeout=httpx.USE_CLIENT_DEFAULT if timeout is None else timeout,
+            )
+            if prepare is not None:
+                prepare(request)
+            wait = policy.backoff(attempt, self._rng)
+            try:
+                response = self._client.send(request)
+            except httpx.TransportError as exc:
+                last_error = Unreachable(
+                    "unreachable", f"{method} {request.url.path}: {type(exc).__name__}: {exc}"
+                )
+                last_error.__cause__ = exc
+            else:
+                if response.status_code < 400:
+                    return response
+                error = error_from_response(response)
+                if response.status_code not in RETRY_STATUSES:
+                    raise error
+                last_error = error
+                if isinstance(error, RateLimited) and error.retry_after is not None:
+                    wait = max(wait, min(error.retry_after, policy.max_retry_after))
+            if attempt + 1 >= policy.attempts or self._is_interrupted():
+                break
+            log.debug("retrying %s %s in %.2f s after: %s", method, path, wait, last_error)
+            self._sleep(wait)
+            if self._is_interrupted():
+                break
+        assert last_error is not None
+        if isinstance(last_error, ApiError | Unreachable):
+            raise last_error
+        raise Unreachable("unreachable", str(last_error))  # pragma: no cover
+
+    def _is_interrupted(self) -> bool:
+        return self._interrupted is not None and self._interrupted()

@@ -1,0 +1,329 @@
+"""The agent loop against an in-memory device API (MockTransport): the flow, the outbox across
+crashes, residual bookkeeping, 409 stale updates, cancellation, caching, fatal errors."""
+
+from __future__ import annotations
+
+import hashlib
+import threading
+import time
+from typing import Any
+
+import numpy as np
+import pytest
+
+from edge_agent.agent import Agent, FatalAgentError, Outcome
+from edge_agent.data import LocalData
+from edge_agent.datasets import load_dataset
+from edge_agent.device import enroll_device, open_client
+from edge_agent.errors import ServerError
+from edge_agent.faults import FaultConfig, FaultSchedule
+from edge_agent.state import State
+from edge_agent.trainers import NumpyTrainer
+from edge_agent.transport import RetryPolicy
+from shared import architectures
+from shared.wire import decode_model, decode_update
+from tests.edge_agent.fake_coordinator import MODEL, FakeCoordinator
+
+FAST_RETRY = RetryPolicy(attempts=2, base_delay=0.0, max_delay=0.0)
+
+
+class Crash(BaseException):
+    """Stands for the process dying at a chosen instant."""
+
+
+@pytest.fixture(scope="module")
+def data() -> LocalData:
+    ds = load_dataset("digits", test_fraction=0.2, rng=np.random.default_rng(0))
+    return LocalData(ds.X_train[:300], ds.y_train[:300], ds.X_test[:60], ds.y_test[:60])
+
+
+@pytest.fixture
+def fake() -> FakeCoordinator:
+    return FakeCoordinator()
+
+
+@pytest.fixture
+def state_dir(tmp_path, fake):
+    enroll_device(
+        tmp_path / "device",
+        url="https://coordinator.test",
+        token="t",
+        name="d",
+        seed=11,
+        transport=fake.transport(),
+    )
+    return tmp_path / "device"
+
+
+def make_agent(state_dir, fake, data, **kwargs: Any) -> Agent:
+    state = State(state_dir)
+    client = open_client(state, transport=fake.transport(), retry=FAST_RETRY)
+    return Agent(
+        state=state,
+        client=client,
+        data=data,
+        seed=state.load_config().seed,
+        poll_wait=0.2,
+        error_pause_s=0.0,
+        **kwargs,
+    )
+
+
+def test_one_round_uploads_a_compressed_delta_and_keeps_the_residual(state_dir, fake, data):
+    fake.assign(1)
+    agent = make_agent(state_dir, fake, data)
+    stats = agent.run(once=True)
+    assert stats.uploaded == 1
+    (received,) = fake.received.values()
+    assert received.assignment_id == 1
+    # the update is sparse and the residual holds exactly what it did not carry
+    base = decode_model(fake.models[0])
+    residual = agent.state.load_residual(1, architectures.build_spec(MODEL))
+    trainer = NumpyTrainer(MODEL, data)
+    rng = np.random.default_rng([agent.seed, 1])
+    local = trainer.train(base, {"epochs": 1, "batch_size": 32, "lr": 0.1}, rng).weights
+    for name in base:
+        true_delta = local[name] - base[name]
+        np.testing.assert_allclose(
+            received.delta[name] + residual.values[name], true_delta, rtol=1e-5, atol=1e-6
+        )
+    nnz = sum(int((v != 0).sum()) for v in received.delta.values())
+    assert nnz <= 0.06 * sum(v.size for v in base.values())
+    assert agent.state.outbox.entries() == []
+    assert set(fake.metrics[1]) <= {
+        "train_loss",
+        "eval_loss",
+        "eval_accuracy",
+        "num_eval_examples",
+        "train_time_s",
+    }
+    assert fake.metrics[1]["num_eval_examples"] == 60
+
+
+def test_crash_before_upload_uploads_the_outbox_after_restart(state_dir, fake, data):
+    fake.assign(1)
+
+    def die(entry):
+        raise Crash()
+
+    agent = make_agent(state_dir, fake, data, before_upload=die)
+    with pytest.raises(Crash):
+        agent.run(once=True)
+    assert fake.received == {}
+    (pending,) = State(state_dir).outbox.entries()
+
+    restarted = make_agent(state_dir, fake, data)
+    restarted.flush_outbox()
+    (received,) = fake.received.values()
+    assert received.key == pending.idempotency_key
+    assert State(state_dir).outbox.entries() == []
+
+
+def test_crash_after_upload_counts_once(state_dir, fake, data):
+    fake.assign(1)
+    agent = make_agent(state_dir, fake, data)
+    real_upload = agent.client.upload_update
+
+    def upload_then_die(*args, **kwargs):
+        real_upload(*args, **kwargs)
+        raise Crash()
+
+    agent.client.upload_update = upload_then_die  # type: ignore[method-assign]
+    with pytest.raises(Crash):
+        agent.run(once=True)
+    assert len(fake.received) == 1
+    restarted = make_agent(state_dir, fake, data)
+    restarted.flush_outbox()
+    assert len(fake.received) == 1
+    assert restarted.stats.duplicates == 1
+    assert State(state_dir).outbox.entries() == []
+
+
+def test_residual_survives_restart_and_feeds_the_next_update(state_dir, fake, data):
+    spec = architectures.build_spec(MODEL)
+    fake.assign(1)
+    make_agent(state_dir, fake, data).run(once=True)
+    kept = State(state_dir).load_residual(1, spec)
+    assert kept.norm() > 0
+
+    fake.assign(2)
+    agent = make_agent(state_dir, fake, data)
+    agent.run(once=True)
+    second = next(r for r in fake.received.values() if r.assignment_id == 2)
+    # the second update carries (part of) the first round's residual: what it sent plus what
+    # is left equals the new delta plus the old residual
+    base = decode_model(fake.models[0])
+    rng = np.random.default_rng([agent.seed, 2])
+    local = NumpyTrainer(MODEL, data).train(base, {"epochs": 1}, rng).weights
+    left = State(state_dir).load_residual(1, spec)
+    for name in base:
+        np.testing.assert_allclose(
+            second.delta[name] + left.values[name],
+            local[name] - base[name] + kept.values[name],
+            rtol=1e-5,
+            atol=1e-6,
+        )
+
+
+def test_stale_update_is_discarded_and_the_residual_restored(state_dir, fake, data):
+    spec = architectures.build_spec(MODEL)
+    fake.assign(1)
+    make_agent(state_dir, fake, data).run(once=True)
+    before = State(state_dir).load_residual(1, spec).values["W"].copy()
+    fake.assign(2)
+    fake.stale.add(2)
+    agent = make_agent(state_dir, fake, data)
+    agent.run(once=True)
+    assert agent.stats.stale_refused == 1
+    assert [r.assignment_id for r in fake.received.values()] == [1]
+    assert State(state_dir).outbox.entries() == []
+    np.testing.assert_array_equal(State(state_dir).load_residual(1, spec).values["W"], before)
+
+
+def test_transient_upload_failure_keeps_the_update(state_dir, fake, data):
+    fake.assign(1)
+    fake.fail_uploads = 2  # both attempts of the first upload fail
+    agent = make_agent(state_dir, fake, data)
+    with pytest.raises(ServerError, match="unavailable"):
+        agent.handle(agent.client.get_work(0))
+    assert len(State(state_dir).outbox.entries()) == 1
+    agent.flush_outbox()
+    assert len(fake.received) == 1
+    assert State(state_dir).outbox.entries() == []
+
+
+class BlockingTrainer:
+    """Trains "forever" until told to stop; reports when it started."""
+
+    def __init__(self, model, data):
+        self.started = threading.Event()
+
+    def train(self, weights, config, rng, *, should_stop=None):
+        from edge_agent.trainers import TrainResult
+
+        self.started.set()
+        deadline = time.monotonic() + 10
+        while not (should_stop and should_stop()) and time.monotonic() < deadline:
+            time.sleep(0.01)
+        return TrainResult(weights=weights, num_examples=1, stopped=True)
+
+    def evaluate(self, weights):
+        return {}
+
+
+def test_cancelled_round_stops_training(state_dir, fake, data):
+    trainers: list[BlockingTrainer] = []
+
+    def factory(model, local):
+        trainers.append(BlockingTrainer(model, local))
+        return trainers[-1]
+
+    fake.assign(1)
+    agent = make_agent(state_dir, fake, data, trainer_factory=factory)
+    work = agent.client.get_work(0)
+
+    def cancel_when_training():
+        while not trainers:
+            time.sleep(0.01)
+        assert trainers[0].started.wait(5)
+        fake.cancel(1)
+
+    helper = threading.Thread(target=cancel_when_training)
+    helper.start()
+    started = time.monotonic()
+    outcome = agent.handle(work)
+    helper.join()
+    assert outcome is Outcome.CANCELLED
+    assert time.monotonic() - started < 5
+    assert fake.received == {} and State(state_dir).outbox.entries() == []
+
+
+def test_stop_ends_training_without_uploading(state_dir, fake, data):
+    holder: list[BlockingTrainer] = []
+
+    def factory(model, local):
+        holder.append(BlockingTrainer(model, local))
+        return holder[-1]
+
+    fake.assign(1)
+    agent = make_agent(state_dir, fake, data, trainer_factory=factory)
+    runner = threading.Thread(target=agent.run)
+    runner.start()
+    while not holder:
+        time.sleep(0.01)
+    assert holder[0].started.wait(5)
+    agent.stop()
+    runner.join(5)
+    assert not runner.is_alive()
+    assert fake.received == {}
+
+
+def test_model_is_cached_and_revalidated_with_its_etag(state_dir, fake, data):
+    fake.assign(1)
+    fake.assign(2)
+    agent = make_agent(state_dir, fake, data)
+    agent.run(max_rounds=2)
+    model_requests = [r for r in fake.requests if "/models/" in r.url.path]
+    assert len(model_requests) == 2
+    assert "If-None-Match" not in model_requests[0].headers
+    assert model_requests[1].headers["If-None-Match"].startswith('"')
+    assert agent.client.traffic.downloads == 1 and agent.client.traffic.not_modified == 1
+
+
+def test_corrupt_cached_model_is_downloaded_again(state_dir, fake, data):
+    fake.assign(1)
+    agent = make_agent(state_dir, fake, data)
+    cached_etag = '"' + hashlib.sha256(fake.models[0]).hexdigest() + '"'
+    agent.state.cache_model(1, 0, b"garbage", cached_etag)
+    agent.run(once=True)
+    assert agent.stats.uploaded == 1
+    assert agent.state.cached_model(1, 0)[0] == fake.models[0]
+
+
+def test_revoked_device_stops_the_agent(state_dir, fake, data):
+    fake.revoked.add("dev1")
+    agent = make_agent(state_dir, fake, data)
+    with pytest.raises(FatalAgentError, match="enroll it again"):
+        agent.run(once=True)
+
+
+def test_bad_policy_gives_the_assignment_up_once(state_dir, fake, data):
+    fake.assign(1, compression={"topk_fraction": 2.0})
+    fake.assign(2)
+    agent = make_agent(state_dir, fake, data)
+    stats = agent.run(max_rounds=2)
+    assert stats.failed == 1 and stats.uploaded == 1
+
+
+def test_simulated_dropout_never_uploads(state_dir, fake, data):
+    fake.assign(1)
+    schedule = FaultSchedule(FaultConfig(dropout=1.0), np.random.default_rng(0))
+    agent = make_agent(state_dir, fake, data, faults=schedule, cancel_poll_wait=0.1)
+    fake.cancel(1)  # the coordinator gives up on it; the vanished device just leaves it
+    stats = agent.run(once=True)
+    assert stats.dropped == 1 and fake.received == {}
+
+
+def test_offline_spell_uploads_late(state_dir, fake, data):
+    fake.assign(1)
+    schedule = FaultSchedule(
+        FaultConfig(offline=1.0, offline_s=(0.05, 0.05)), np.random.default_rng(0)
+    )
+    agent = make_agent(state_dir, fake, data, faults=schedule)
+    stats = agent.run(once=True)
+    assert stats.late_uploads == 1 and stats.uploaded == 1
+
+
+def test_saved_update_header_names_task_version_and_examples(state_dir, fake, data):
+    fake.assign(1)
+
+    def keep(entry):
+        raise Crash()
+
+    agent = make_agent(state_dir, fake, data, before_upload=keep)
+    with pytest.raises(Crash):
+        agent.run(once=True)
+    (entry,) = agent.state.outbox.entries()
+    decoded = decode_update(agent.state.outbox.body(entry))
+    assert (decoded.task_id, decoded.base_version, decoded.num_examples) == (1, 0, 300)
+    assert decoded.bits == 4 and decoded.topk_fraction == 0.05

@@ -1,0 +1,53 @@
+"""Simulated faults: seeded, within their bounds, at the configured rates."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from edge_agent.faults import NO_FAULTS, FaultConfig, FaultSchedule
+
+
+def decisions(config, seed=0, n=4000):
+    schedule = FaultSchedule(config, np.random.default_rng(seed))
+    return [schedule.decide(i) for i in range(n)]
+
+
+def test_rates_and_bounds():
+    config = FaultConfig(
+        dropout=0.2, straggler_scale_s=0.5, straggler_cap_s=3.0, offline=0.1, offline_s=(1, 2)
+    )
+    ds = decisions(config)
+    drop_rate = np.mean([d.drop for d in ds])
+    offline = [d.offline_s for d in ds if d.offline_s > 0]
+    delays = np.array([d.delay_s for d in ds])
+    assert drop_rate == pytest.approx(0.2, abs=0.03)
+    assert len(offline) / len(ds) == pytest.approx(0.1, abs=0.02)
+    assert all(1 <= s <= 2 for s in offline)
+    assert delays.max() <= 3.0 and delays.min() >= 0
+    # heavy tail: the mean is well above the median and some hit the cap
+    assert delays.mean() > 1.5 * np.median(delays)
+    assert (delays == 3.0).any()
+
+
+def test_seeded_and_stable_per_assignment():
+    config = FaultConfig(dropout=0.5, straggler_scale_s=1.0)
+    assert decisions(config, seed=3, n=50) == decisions(config, seed=3, n=50)
+    assert decisions(config, seed=3, n=50) != decisions(config, seed=4, n=50)
+    schedule = FaultSchedule(config, np.random.default_rng(0))
+    first = schedule.decide(7)
+    schedule.decide(8)
+    assert schedule.decide(7) == first
+
+
+def test_no_faults():
+    d = NO_FAULTS.decide(1)
+    assert not d.drop and d.delay_s == 0 and d.offline_s == 0
+
+
+@pytest.mark.parametrize(
+    "kwargs", [{"dropout": 1.5}, {"offline": -0.1}, {"straggler_shape": 0}, {"offline_s": (2, 1)}]
+)
+def test_bad_config(kwargs):
+    with pytest.raises(ValueError):
+        FaultConfig(**kwargs)
