@@ -40,9 +40,9 @@ BOOTSTRAP_KEY_NAME = "bootstrap admin"
 _MARKERS = (ENV_FILE, "fedge.db", "tls/ca.crt", "tls/server.crt")
 
 
-class BootstrapError(Exception):
-    """An operator-facing problem with a data directory or database; the message says what
-    to do."""
+class SetupError(Exception):
+    """A problem the operator must fix (data directory, database, certificates); the message
+    says what to do."""
 
 
 @dataclass(frozen=True)
@@ -108,13 +108,13 @@ def init_data_dir(
     data_dir = settings.data_dir.resolve()
     found = existing_markers(data_dir)
     if found and not force:
-        raise BootstrapError(
+        raise SetupError(
             f"{data_dir} already holds a coordinator (found {found[0].name}); "
             "use --force to replace its certificates and issue a new admin key "
             "(the database and blobs are kept)"
         )
     if data_dir.exists() and not data_dir.is_dir():
-        raise BootstrapError(f"{data_dir} exists and is not a directory")
+        raise SetupError(f"{data_dir} exists and is not a directory")
     created = not data_dir.exists()
     all_hosts = tuple(dict.fromkeys([*hosts, *settings.public_hostnames, *DEFAULT_HOSTS]))
     try:
@@ -172,7 +172,7 @@ def _check_sqlite_dir(url: str) -> None:
         return
     parent = Path(parsed.database).parent
     if not parent.is_dir():
-        raise BootstrapError(
+        raise SetupError(
             f"the directory of the SQLite database {parsed.database} does not exist; "
             "run `fedge coordinator init --data-dir ...` first or set FEDGE_DATABASE_URL"
         )
@@ -186,7 +186,7 @@ def current_revision(url: str) -> str | None:
         with engine.connect() as conn:
             return MigrationContext.configure(conn).get_current_revision()
     except SQLAlchemyError as exc:
-        raise BootstrapError(f"cannot reach the database {redact_url(url)}: {exc}") from exc
+        raise SetupError(f"cannot reach the database {redact_url(url)}: {exc}") from exc
     finally:
         engine.dispose()
 
@@ -203,7 +203,7 @@ def migrate_database(
         else:
             migrate.upgrade(url, revision)
     except SQLAlchemyError as exc:
-        raise BootstrapError(f"migration of {redact_url(url)} failed: {exc}") from exc
+        raise SetupError(f"migration of {redact_url(url)} failed: {exc}") from exc
     return MigrationResult(
         database_url=url,
         before=before,
@@ -224,7 +224,7 @@ def create_key(settings: Settings, *, name: str, role: str) -> str:
     which is shown once and stored only as a hash."""
     status = schema_report(settings)
     if status.after != status.head:
-        raise BootstrapError(
+        raise SetupError(
             f"the database schema is at {status.after or 'nothing'}, expected {status.head}; "
             "run `fedge coordinator migrate` first"
         )

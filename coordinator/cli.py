@@ -14,8 +14,8 @@ from pathlib import Path
 from pydantic import ValidationError
 
 from coordinator.bootstrap import (
-    BootstrapError,
     InitResult,
+    SetupError,
     create_key,
     init_data_dir,
     load_settings,
@@ -24,7 +24,6 @@ from coordinator.bootstrap import (
     schema_report,
 )
 from coordinator.models import ROLES
-from coordinator.server import ServeError, format_url, serve
 from coordinator.settings import Settings
 
 PROG = "fedge coordinator"
@@ -136,7 +135,8 @@ def _settings(args: argparse.Namespace) -> Settings:
 
 def _print_init(result: InitResult, settings: Settings) -> None:
     serve_cmd = f"fedge coordinator serve --data-dir {result.data_dir}"
-    url = format_url("https", settings.host, settings.port)
+    host = f"[{settings.host}]" if ":" in settings.host else settings.host
+    url = f"https://{host}:{settings.port}"
     print(
         f"Initialized a fedge coordinator in {result.data_dir}\n"
         f"  database     {redact_url(result.database_url)} (schema at {result.revision})\n"
@@ -188,6 +188,9 @@ def _migrate(args: argparse.Namespace) -> int:
 
 
 def _serve(args: argparse.Namespace) -> int:
+    # Imported here: FastAPI and uvicorn load only for the command that needs them.
+    from coordinator.server import serve
+
     return serve(
         _settings(args),
         port_file=args.port_file,
@@ -214,7 +217,7 @@ def main(argv: list[str] | None = None) -> int:
         return int(exc.code or 0)
     try:
         return _HANDLERS[args.command](args)
-    except (BootstrapError, ServeError) as exc:
+    except SetupError as exc:  # includes the server's ServeError
         print(f"{PROG} {args.command}: error: {exc}", file=sys.stderr)
         return 1
     except ValidationError as exc:

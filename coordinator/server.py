@@ -29,13 +29,13 @@ from types import FrameType
 import uvicorn
 
 from coordinator.app import create_app
-from coordinator.bootstrap import BootstrapError, schema_report
+from coordinator.bootstrap import SetupError, schema_report
 from coordinator.settings import Settings
 
 _STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
 
-class ServeError(Exception):
+class ServeError(SetupError):
     """The server cannot start; the message says why and what to do."""
 
 
@@ -153,7 +153,7 @@ def serve(
                 f"the database schema is at {status.after or 'nothing'}, expected "
                 f"{status.head}; /readyz answers 503 until `fedge coordinator migrate` runs"
             )
-    except BootstrapError as exc:
+    except SetupError as exc:
         _warn(f"{exc}; /readyz answers 503 until the database is reachable")
 
     sock = bind_socket(settings.host, settings.port)
