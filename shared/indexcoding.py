@@ -1,6 +1,7 @@
 """Coding of the sorted flat indices of a sparse tensor.
 
-The encoder tries every coding and keeps the smallest (ties go to the earlier one below):
+The encoder computes the size of every coding and keeps the smallest; ties go to the bitmap
+(fastest to decode), then Rice:
 
 ``RICE``
     Golomb-Rice coded gaps ``g_0 = i_0``, ``g_j = i_j - i_{j-1} - 1`` with a per-tensor
@@ -11,7 +12,9 @@ The encoder tries every coding and keeps the smallest (ties go to the earlier on
     difference, the remainders come from reshaping the first stream to ``(n, p)`` bits.
 ``BITMAP``
     ``ceil(size / 8)`` bytes, bit ``i`` set when index ``i`` is present (``np.packbits``).
-    Smaller than Rice above roughly 20 % density.
+    Rice with ``p = 0`` is the same bitmap cut after the last index, so the bitmap never beats
+    Rice by more than rounding; it is kept because it ties in the dense regime and decodes
+    with fewer passes (``unpackbits`` + ``flatnonzero``, no cumulative sum).
 ``RAW``
     Little-endian u16 (tensors up to 65536 elements) or u32 indices. Smallest only for a handful
     of indices in a small tensor; the decoder checks order and uniqueness explicitly.
@@ -118,12 +121,12 @@ def encode_indices(indices: np.ndarray, size: int) -> EncodedIndices:
     p, rice_size = _best_rice_param(gaps)
     bitmap_size = (size + 7) // 8
     raw_size = n * raw_width(size)
-    if rice_size <= bitmap_size and rice_size <= raw_size:
-        return EncodedIndices(RICE, p, _encode_rice(gaps, p))
-    if bitmap_size <= raw_size:
+    if bitmap_size <= rice_size and bitmap_size <= raw_size:
         mask = np.zeros(size, dtype=np.uint8)
         mask[indices] = 1
         return EncodedIndices(BITMAP, 0, np.packbits(mask, bitorder="little"))
+    if rice_size <= raw_size:
+        return EncodedIndices(RICE, p, _encode_rice(gaps, p))
     width = raw_width(size)
     return EncodedIndices(RAW, 0, indices.astype(f"<u{width}").view(np.uint8))
 

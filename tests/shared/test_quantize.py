@@ -1,0 +1,192 @@
+"""The stochastic quantizer: unbiasedness, its variance bound, and code packing."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from shared.quantize import (
+    QUANT_BITS,
+    chunk_scales,
+    dequantize,
+    half_levels,
+    max_code,
+    pack_codes,
+    packed_size,
+    quantize,
+    unpack_codes,
+)
+
+CHUNK = 128
+
+
+def _test_vector() -> np.ndarray:
+    """300 values = two full chunks and a short one, with zeros, extremes, tiny and grid values."""
+    rng = np.random.default_rng(1234)
+    v = rng.standard_normal(300).astype(np.float32)
+    v[:10] = 0.0
+    v[10] = 5.0
+    v[11] = -5.0
+    v[12:20] = 1e-3
+    v[200] = 0.0
+    v[290:300] = [-0.7, 0.7, 0.1, -0.1, 0.0, 2.0, -2.0, 0.33, 1.5, -1.25]
+    return v
+
+
+def _exact_error_variance(v: np.ndarray, bits: int, chunk: int) -> np.ndarray:
+    """Per-value variance D^2 p (1 - p) of the scheme in quantize's docstring (float64)."""
+    s = half_levels(bits)
+    scales = np.repeat(chunk_scales(v, chunk).astype(np.float64), chunk)[: v.size]
+    step = np.where(scales > 0, scales / s, 0.0)
+    y = np.where(scales > 0, v / np.where(scales > 0, scales, 1.0), 0.0) * s + s
+    p = y - np.floor(y)
+    return step**2 * p * (1 - p)
+
+
+@pytest.mark.parametrize("bits", QUANT_BITS)
+def test_quantizer_is_unbiased(bits: int) -> None:
+    """Mean over many seeded draws is within 5 standard errors of every coordinate."""
+    v = _test_vector()
+    draws = 3000
+    rng = np.random.default_rng(2024 + bits)
+    total = np.zeros(v.size)
+    for _ in range(draws):
+        total += dequantize(quantize(v, bits=bits, chunk=CHUNK, rng=rng))
+    mean = total / draws
+    se = np.sqrt(_exact_error_variance(v, bits, CHUNK) / draws)
+    # Float32 rounding of levels/scales is ~1e-7 relative; allow that on top of 5 SE.
+    tolerance = 5 * se + 1e-6 * np.abs(v).max()
+    assert np.all(np.abs(mean - v) <= tolerance), np.max(np.abs(mean - v) / (se + 1e-12))
+    # The draws really are random where a value is not on the grid.
+    assert np.count_nonzero(se) > 200
+
+
+def _chunks_to_check(d: int) -> dict[str, np.ndarray]:
+    rng = np.random.default_rng(99)
+    spike = np.zeros(d, np.float32)
+    spike[3] = 2.0
+    plus_minus = np.zeros(d, np.float32)
+    plus_minus[:2] = [1.0, -1.0]
+    return {
+        "normal": rng.standard_normal(d).astype(np.float32),
+        "uniform": rng.uniform(-1, 1, d).astype(np.float32),
+        "spike": spike,
+        "plus_minus": plus_minus,
+        "constant": np.full(d, 0.3, np.float32),
+        "heavy_tail": rng.standard_t(1.5, d).astype(np.float32),
+    }
+
+
+@pytest.mark.parametrize("bits", QUANT_BITS)
+@pytest.mark.parametrize("d", [16, 256])
+def test_variance_bound(bits: int, d: int) -> None:
+    """E||Q(v) - v||^2 per chunk obeys the bound in the quantize module docstring.
+
+    Bits >= 2: QSGD's min(d/s^2, sqrt(d)/s) ||v||^2 with s = 2**(b-1) - 1 levels per side.
+    One bit: exactly d m^2 - ||v||^2 <= (d - 1) ||v||^2 (QSGD's d/s^2 with s = 1).
+    The exact expectation is also checked against an empirical average over seeded draws.
+    """
+    rng = np.random.default_rng(5 + bits + d)
+    draws = 400
+    for name, v in _chunks_to_check(d).items():
+        norm2 = float(np.dot(v.astype(np.float64), v))
+        exact = float(_exact_error_variance(v, bits, d).sum())
+        if bits == 1:
+            m = float(np.abs(v).max())
+            assert exact == pytest.approx(d * m * m - norm2, rel=1e-5, abs=1e-9), name
+            bound = (d - 1) * norm2
+        else:
+            s = half_levels(bits)
+            bound = min(d / s**2, math.sqrt(d) / s) * norm2
+        assert exact <= bound * (1 + 1e-6) + 1e-12, (name, exact, bound)
+        errors = np.empty(draws)
+        for i in range(draws):
+            e = dequantize(quantize(v, bits=bits, chunk=d, rng=rng)).astype(np.float64) - v
+            errors[i] = np.dot(e, e)
+        se = errors.std() / math.sqrt(draws) + 1e-12
+        assert abs(errors.mean() - exact) <= 5 * se + 1e-6 * norm2, (name, errors.mean(), exact)
+
+
+def test_one_bit_cannot_meet_sqrt_branch() -> None:
+    """Documented limitation: for (m, -m, 0, ...) the one-bit error exceeds sqrt(d) ||v||^2."""
+    d = 256
+    v = np.zeros(d, np.float32)
+    v[:2] = [1.0, -1.0]
+    exact = float(_exact_error_variance(v, 1, d).sum())
+    assert exact == pytest.approx(d - 2)
+    assert exact > math.sqrt(d) / 0.5 * 2.0  # sqrt(d)/s ||v||^2 with s = 1/2, ||v||^2 = 2
+
+
+@pytest.mark.parametrize("bits", QUANT_BITS)
+def test_codes_scales_and_levels(bits: int) -> None:
+    v = _test_vector()
+    q = quantize(v, bits=bits, chunk=CHUNK, rng=np.random.default_rng(0))
+    assert q.codes.dtype == np.uint8 and q.codes.shape == v.shape
+    assert q.codes.max() <= max_code(bits)
+    np.testing.assert_array_equal(q.scales, [np.abs(v[i : i + CHUNK]).max() for i in (0, 128, 256)])
+    out = dequantize(q)
+    assert out.dtype == np.float32
+    assert np.all(np.abs(out) <= np.repeat(q.scales, CHUNK)[: v.size])
+    # Values already on the grid (here: +-m, and 0 for bits >= 2) are reproduced exactly.
+    assert out[10] == 5.0 and out[11] == -5.0
+    if bits >= 2:
+        np.testing.assert_array_equal(out[:10], 0.0)
+
+
+def test_zero_chunk_and_empty_input() -> None:
+    rng = np.random.default_rng(0)
+    for bits in QUANT_BITS:
+        q = quantize(np.zeros(10, np.float32), bits=bits, chunk=4, rng=rng)
+        np.testing.assert_array_equal(q.scales, 0.0)
+        np.testing.assert_array_equal(dequantize(q), 0.0)
+        e = quantize(np.zeros(0, np.float32), bits=bits, chunk=4, rng=rng)
+        assert e.codes.size == 0 and e.scales.size == 0 and dequantize(e).size == 0
+
+
+def test_extreme_magnitudes_do_not_overflow() -> None:
+    v = np.array([3.4e38, -3.4e38, 1e-45, 0.0, 1e38], np.float32)
+    for bits in QUANT_BITS:
+        out = dequantize(quantize(v, bits=bits, chunk=2, rng=np.random.default_rng(1)))
+        assert np.isfinite(out).all()
+        tiny = dequantize(quantize(v[2:3], bits=bits, chunk=1, rng=np.random.default_rng(1)))
+        assert np.isfinite(tiny).all()
+
+
+@pytest.mark.parametrize("bits", QUANT_BITS)
+def test_same_seed_same_codes(bits: int) -> None:
+    v = _test_vector()
+    a = quantize(v, bits=bits, chunk=CHUNK, rng=np.random.default_rng(42))
+    b = quantize(v, bits=bits, chunk=CHUNK, rng=np.random.default_rng(42))
+    np.testing.assert_array_equal(a.codes, b.codes)
+
+
+@settings(max_examples=80, deadline=None)
+@given(
+    bits=st.sampled_from(QUANT_BITS),
+    n=st.integers(0, 70),
+    seed=st.integers(0, 2**32 - 1),
+)
+def test_pack_unpack_round_trip(bits: int, n: int, seed: int) -> None:
+    codes = np.random.default_rng(seed).integers(0, max_code(bits) + 1, n).astype(np.uint8)
+    packed = pack_codes(codes, bits)
+    assert packed.dtype == np.uint8 and packed.size == packed_size(n, bits)
+    back, padding_zero = unpack_codes(packed, bits, n)
+    assert padding_zero
+    np.testing.assert_array_equal(back, codes)
+
+
+def test_pack_layout_is_lsb_first() -> None:
+    assert pack_codes(np.array([1, 2, 3], np.uint8), 2).tolist() == [1 | 2 << 2 | 3 << 4]
+    assert pack_codes(np.array([1, 14, 5], np.uint8), 4).tolist() == [1 | 14 << 4, 5]
+    assert pack_codes(np.array([1, 0, 1], np.uint8), 1).tolist() == [0b101]
+    _, padding_zero = unpack_codes(np.array([0b1000_0001], np.uint8), 1, 3)
+    assert not padding_zero
+
+
+def test_invalid_bits_rejected() -> None:
+    with pytest.raises(ValueError, match="bits"):
+        quantize(np.zeros(3, np.float32), bits=3, chunk=2, rng=np.random.default_rng(0))

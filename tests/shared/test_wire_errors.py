@@ -1,0 +1,468 @@
+"""One crafted input per decoder error code (and per distinct cause where a code has several)."""
+
+from __future__ import annotations
+
+import math
+import struct
+from collections.abc import Callable
+
+import numpy as np
+import pytest
+
+from shared.compression import compress
+from shared.feedback import Residual
+from shared.indexcoding import BITMAP, RAW, RICE, encode_indices
+from shared.limits import Limits
+from shared.modelspec import ModelSpec
+from shared.policy import CompressionPolicy
+from shared.quantize import pack_codes
+from shared.wire import (
+    CODES,
+    WireFormatError,
+    decode_model,
+    decode_update,
+    encode_model,
+    encode_update,
+    peek_update_header,
+)
+from shared.wirelayout import KIND_MODEL, VALUE_F16, VALUE_F32, VALUE_QUANT
+from tests.shared.wirecraft import RawTensor, model_blob, prefix, update_blob
+
+F32_4 = np.arange(4, dtype="<f4").tobytes()
+
+
+def _quant(codes: list[int], scales: list[float], bits: int) -> bytes:
+    return np.array(scales, "<f4").tobytes() + pack_codes(np.array(codes, np.uint8), bits).tobytes()
+
+
+def _sparse(coding: int, index: bytes, nnz: int, size: int = 100, param: int = 0) -> RawTensor:
+    return RawTensor(
+        shape=(size,),
+        index_coding=coding,
+        param=param,
+        nnz=nnz,
+        index=index,
+        values=np.ones(nnz, "<f4").tobytes(),
+    )
+
+
+def _rice(indices: list[int], size: int) -> tuple[int, bytes]:
+    enc = encode_indices(np.array(indices, np.int64), size)
+    assert enc.coding == RICE
+    return enc.param, enc.data.tobytes()
+
+
+P5, RICE5 = _rice([5, 9, 40, 41, 60], 100)
+# Rice with p = 0 for indices 0, 1, 101: ones at bits 0, 1 and 101 (13 bytes, fits size 100).
+UNARY_0_1_101 = np.packbits(np.isin(np.arange(104), [0, 1, 101]), bitorder="little").tobytes()
+VALID_UPDATE = update_blob()
+VALID_MODEL = model_blob()
+
+SPEC = ModelSpec.from_dict([{"name": "w", "shape": [4]}])
+
+# (id, blob, code, decoder)
+UpdateCase = tuple[str, bytes, str]
+UPDATE_CASES: list[UpdateCase] = [
+    ("bad_magic", b"FEDX" + VALID_UPDATE[4:], "bad_magic"),
+    ("bad_magic_short", b"XY", "bad_magic"),
+    ("unsupported_version", update_blob(head={"version": 2}), "unsupported_version"),
+    ("wrong_kind", VALID_MODEL, "wrong_kind"),
+    ("truncated_empty", b"", "truncated"),
+    ("truncated_magic", b"FED", "truncated"),
+    ("truncated_header", VALID_UPDATE[:30], "truncated"),
+    ("truncated_section", VALID_UPDATE[:-1], "truncated"),
+    ("trailing_bytes", VALID_UPDATE + b"\x00", "trailing_bytes"),
+    ("too_many_tensors", update_blob(count=5000), "limit_exceeded"),
+    ("name_too_long", update_blob([RawTensor(name="n" * 300)]), "limit_exceeded"),
+    ("too_many_dims", update_blob([RawTensor(shape=(1,) * 9)]), "limit_exceeded"),
+    (
+        "tensor_too_big",
+        update_blob([RawTensor(shape=(1 << 16, 1 << 16), nnz=0, values=b"")]),
+        "limit_exceeded",
+    ),
+    ("chunk_too_big", update_blob(chunk=(1 << 20) + 1), "limit_exceeded"),
+    ("unknown_kind", update_blob(head={"kind": 9}), "bad_header"),
+    ("flags_set", update_blob(head={"flags": 1}), "bad_header"),
+    ("zero_examples", update_blob(examples=0), "bad_header"),
+    ("huge_task_id", update_blob(task=1 << 63), "bad_header"),
+    ("bits_3", update_blob(bits=3), "bad_header"),
+    ("unknown_scope", update_blob(scope=2), "bad_header"),
+    ("reserved_set", update_blob(reserved=1), "bad_header"),
+    ("chunk_zero", update_blob(chunk=0), "bad_header"),
+    ("fraction_nan", update_blob(fraction=math.nan), "bad_header"),
+    ("fraction_zero", update_blob(fraction=0.0), "bad_header"),
+    ("fraction_above_one", update_blob(fraction=1.5), "bad_header"),
+    ("no_tensors", update_blob([]), "bad_header"),
+    ("empty_name", update_blob([RawTensor(raw_name=b"")]), "bad_descriptor"),
+    ("name_not_utf8", update_blob([RawTensor(raw_name=b"\xff\xfe")]), "bad_descriptor"),
+    ("duplicate_name", update_blob([RawTensor(), RawTensor()]), "bad_descriptor"),
+    (
+        "nnz_above_size",
+        update_blob([RawTensor(nnz=5, values=np.ones(5, "<f4").tobytes())]),
+        "bad_descriptor",
+    ),
+    ("value_bytes_wrong", update_blob([RawTensor(values=F32_4 + b"\0" * 4)]), "bad_descriptor"),
+    (
+        "f16_in_update",
+        update_blob([RawTensor(value_coding=VALUE_F16, values=b"\0" * 8)]),
+        "bad_descriptor",
+    ),
+    (
+        "quant_in_32bit_update",
+        update_blob([RawTensor(value_coding=VALUE_QUANT, values=_quant([0] * 4, [1.0], 4))]),
+        "bad_descriptor",
+    ),
+    ("f32_in_4bit_update", update_blob(bits=4), "bad_descriptor"),
+    (
+        "dense_with_fewer_values",
+        update_blob([RawTensor(nnz=3, values=F32_4[:12])]),
+        "bad_descriptor",
+    ),
+    ("bitmap_wrong_length", update_blob([_sparse(BITMAP, b"\x01", 1)]), "bad_descriptor"),
+    (
+        "param_on_bitmap",
+        update_blob(
+            [RawTensor(**{**_sparse(BITMAP, b"\x01" + b"\0" * 12, 1).__dict__, "param": 3})]
+        ),
+        "bad_descriptor",
+    ),
+    ("unknown_index_coding", update_blob([_sparse(7, b"", 1)]), "unknown_encoding"),
+    ("unknown_value_coding", update_blob([RawTensor(value_coding=9)]), "unknown_encoding"),
+    (
+        "nan_value",
+        update_blob([RawTensor(values=np.array([0, np.nan, 1, 2], "<f4").tobytes())]),
+        "non_finite",
+    ),
+    (
+        "inf_value",
+        update_blob([RawTensor(values=np.array([0, 1, -np.inf, 2], "<f4").tobytes())]),
+        "non_finite",
+    ),
+    (
+        "nan_scale",
+        update_blob(
+            [RawTensor(value_coding=VALUE_QUANT, values=_quant([0] * 4, [math.nan], 4))], bits=4
+        ),
+        "non_finite",
+    ),
+    (
+        "inf_scale",
+        update_blob(
+            [RawTensor(value_coding=VALUE_QUANT, values=_quant([0] * 4, [math.inf], 4))], bits=4
+        ),
+        "non_finite",
+    ),
+    (
+        "negative_scale",
+        update_blob(
+            [RawTensor(value_coding=VALUE_QUANT, values=_quant([0] * 4, [-1.0], 4))], bits=4
+        ),
+        "negative_scale",
+    ),
+    (
+        "code_3_in_2bit",
+        update_blob(
+            [RawTensor(value_coding=VALUE_QUANT, values=_quant([0, 3, 1, 2], [1.0], 2))], bits=2
+        ),
+        "invalid_code",
+    ),
+    (
+        "code_15_in_4bit",
+        update_blob(
+            [RawTensor(value_coding=VALUE_QUANT, values=_quant([15, 0, 1, 2], [1.0], 4))], bits=4
+        ),
+        "invalid_code",
+    ),
+    (
+        "code_255_in_8bit",
+        update_blob(
+            [RawTensor(value_coding=VALUE_QUANT, values=_quant([1, 255, 1, 2], [1.0], 8))], bits=8
+        ),
+        "invalid_code",
+    ),
+    (
+        "padding_bits_set",
+        update_blob(
+            [
+                RawTensor(
+                    shape=(3,),
+                    value_coding=VALUE_QUANT,
+                    values=np.array([1.0], "<f4").tobytes() + bytes([0b1100_0000]),
+                )
+            ],
+            bits=2,
+        ),
+        "invalid_code",
+    ),
+    (
+        "bitmap_padding_set",
+        update_blob([_sparse(BITMAP, b"\x01" + b"\0" * 11 + b"\x80", 1)]),
+        "bad_index_coding",
+    ),
+    (
+        "rice_spare_byte",
+        update_blob([_sparse(RICE, _rice([0, 1, 2], 100)[1] + b"\0", 3)]),
+        "bad_index_coding",
+    ),
+    (
+        "rice_param_too_big",
+        update_blob([_sparse(RICE, b"\0" * 8, 1, param=40)]),
+        "bad_index_coding",
+    ),
+    ("bitmap_count", update_blob([_sparse(BITMAP, b"\x03" + b"\0" * 12, 1)]), "count_mismatch"),
+    ("rice_count", update_blob([_sparse(RICE, b"\x07", 2)]), "count_mismatch"),
+    (
+        "raw_out_of_range",
+        update_blob([_sparse(RAW, np.array([3, 100], "<u2").tobytes(), 2)]),
+        "index_out_of_range",
+    ),
+    ("rice_out_of_range", update_blob([_sparse(RICE, UNARY_0_1_101, 3)]), "index_out_of_range"),
+    (
+        "raw_not_sorted",
+        update_blob([_sparse(RAW, np.array([3, 1], "<u2").tobytes(), 2)]),
+        "indices_not_sorted",
+    ),
+    (
+        "raw_duplicate",
+        update_blob([_sparse(RAW, np.array([1, 1], "<u2").tobytes(), 2)]),
+        "duplicate_index",
+    ),
+]
+
+
+@pytest.mark.parametrize(
+    ("blob", "code"), [c[1:] for c in UPDATE_CASES], ids=[c[0] for c in UPDATE_CASES]
+)
+def test_update_error_codes(blob: bytes, code: str) -> None:
+    with pytest.raises(WireFormatError) as err:
+        decode_update(blob)
+    assert err.value.code == code
+    assert err.value.detail and code in str(err.value)
+
+
+MODEL_CASES: list[UpdateCase] = [
+    ("wrong_kind", VALID_UPDATE, "wrong_kind"),
+    ("bad_magic", b"\0" * 20, "bad_magic"),
+    ("truncated", VALID_MODEL[:-3], "truncated"),
+    ("trailing", VALID_MODEL + b"x", "trailing_bytes"),
+    ("version", prefix(kind=KIND_MODEL, version=7) + VALID_MODEL[8:], "unsupported_version"),
+    ("zero_tensors", model_blob([]), "bad_header"),
+    ("huge_count", model_blob(count=0xFFFFFFFF), "limit_exceeded"),
+    ("sparse_model", model_blob([_sparse(BITMAP, b"\x01" + b"\0" * 12, 1)]), "bad_descriptor"),
+    (
+        "quant_model",
+        model_blob([RawTensor(value_coding=VALUE_QUANT, values=_quant([0] * 4, [1.0], 4))]),
+        "bad_descriptor",
+    ),
+    (
+        "nan",
+        model_blob([RawTensor(values=np.array([0, 1, 2, np.nan], "<f4").tobytes())]),
+        "non_finite",
+    ),
+    (
+        "f16_inf",
+        model_blob(
+            [RawTensor(value_coding=VALUE_F16, values=np.array([0, np.inf, 1, 2], "<f2").tobytes())]
+        ),
+        "non_finite",
+    ),
+]
+
+
+@pytest.mark.parametrize(
+    ("blob", "code"), [c[1:] for c in MODEL_CASES], ids=[c[0] for c in MODEL_CASES]
+)
+def test_model_error_codes(blob: bytes, code: str) -> None:
+    with pytest.raises(WireFormatError) as err:
+        decode_model(blob)
+    assert err.value.code == code
+
+
+def test_crafted_blobs_are_valid_apart_from_the_defect() -> None:
+    """The crafting helpers themselves produce decodable blobs."""
+    assert decode_update(VALID_UPDATE).to_dense()["w"].tolist() == [0, 1, 2, 3]
+    assert decode_model(VALID_MODEL)["w"].tolist() == [0, 1, 2, 3]
+    d = decode_update(update_blob([_sparse(RICE, RICE5, 5, param=P5)]))
+    assert d.tensors[0].indices is not None
+    assert d.tensors[0].indices.tolist() == [5, 9, 40, 41, 60]
+    raw = decode_update(update_blob([_sparse(RAW, np.array([1, 3], "<u2").tobytes(), 2)]))
+    assert raw.tensors[0].indices is not None and raw.tensors[0].indices.tolist() == [1, 3]
+    q = update_blob(
+        [RawTensor(value_coding=VALUE_QUANT, values=_quant([0, 1, 2, 1], [2.0], 2))], bits=2
+    )
+    assert decode_update(q).tensors[0].values.tolist() == [-2.0, 0.0, 2.0, 0.0]
+
+
+def _update(w: dict[str, np.ndarray], policy: CompressionPolicy) -> bytes:
+    c = compress(w, policy, np.random.default_rng(0))
+    return encode_update(c, task_id=1, base_version=0, num_examples=1)
+
+
+W = {"a": np.linspace(-1, 1, 100, dtype=np.float32).reshape(10, 10), "b": np.ones(10, np.float32)}
+POLICY = CompressionPolicy(topk_fraction=0.1, bits=4, chunk=16)
+
+
+@pytest.mark.parametrize(
+    "spec",
+    [
+        [{"name": "a", "shape": [100]}, {"name": "b", "shape": [10]}],
+        [{"name": "a", "shape": [10, 10]}, {"name": "c", "shape": [10]}],
+        [{"name": "b", "shape": [10]}, {"name": "a", "shape": [10, 10]}],
+        [{"name": "a", "shape": [10, 10]}],
+        [
+            {"name": "a", "shape": [10, 10]},
+            {"name": "b", "shape": [10]},
+            {"name": "c", "shape": []},
+        ],
+    ],
+)
+def test_shape_mismatch(spec: list[dict[str, object]]) -> None:
+    blob = _update(W, POLICY)
+    decode_update(blob, spec=ModelSpec.from_weights(W))
+    with pytest.raises(WireFormatError) as err:
+        decode_update(blob, spec=ModelSpec.from_dict(spec))
+    assert err.value.code == "shape_mismatch"
+    with pytest.raises(WireFormatError) as err:
+        decode_model(encode_model(W), spec=ModelSpec.from_dict(spec))
+    assert err.value.code == "shape_mismatch"
+
+
+@pytest.mark.parametrize(
+    ("sent", "expected"),
+    [
+        (CompressionPolicy(topk_fraction=0.1, bits=8, chunk=16), POLICY),
+        (CompressionPolicy(topk_fraction=0.1, bits=4, chunk=32), POLICY),
+        (CompressionPolicy(topk_fraction=0.1, bits=4, chunk=16, scope="global"), POLICY),
+        (CompressionPolicy(topk_fraction=0.2, bits=4, chunk=16), POLICY),
+        (CompressionPolicy(topk_fraction=1.0, bits=4, chunk=16), POLICY),
+        (
+            CompressionPolicy(topk_fraction=0.2, bits=4, chunk=16, scope="global"),
+            CompressionPolicy(topk_fraction=0.1, bits=4, chunk=16, scope="global"),
+        ),
+    ],
+)
+def test_policy_mismatch(sent: CompressionPolicy, expected: CompressionPolicy) -> None:
+    blob = _update(W, sent)
+    decode_update(blob, policy=sent)
+    with pytest.raises(WireFormatError) as err:
+        decode_update(blob, policy=expected)
+    assert err.value.code == "policy_mismatch"
+
+
+def test_policy_allows_fewer_values_and_global_scope_budget() -> None:
+    sent = CompressionPolicy(topk_fraction=0.05, bits=4, chunk=16)
+    decode_update(_update(W, sent), policy=CompressionPolicy(topk_fraction=0.1, bits=4, chunk=16))
+    # Global scope may concentrate the whole budget in one tensor.
+    g = CompressionPolicy(topk_fraction=0.1, bits=4, chunk=16, scope="global")
+    w = {"a": W["a"] * 100, "b": W["b"]}
+    d = decode_update(_update(w, g), policy=g)
+    assert d.tensors[1].values.size == 0 and d.nnz == 11
+
+
+def test_checksum_mismatch_on_corrupt_residual() -> None:
+    data = bytearray(Residual({"w": np.ones(4, np.float32)}).to_bytes())
+    data[-1] ^= 0x01
+    with pytest.raises(WireFormatError) as err:
+        Residual.from_bytes(bytes(data))
+    assert err.value.code == "checksum_mismatch"
+
+
+def test_every_code_is_tested() -> None:
+    tested = {c[2] for c in UPDATE_CASES} | {c[2] for c in MODEL_CASES}
+    tested |= {"shape_mismatch", "policy_mismatch", "checksum_mismatch"}
+    assert tested == set(CODES)
+
+
+def test_unknown_code_is_a_programming_error() -> None:
+    with pytest.raises(ValueError, match="unknown wire error code"):
+        WireFormatError("nope", "x")
+
+
+def test_peek_update_header() -> None:
+    blob = update_blob(task=7, base=3, examples=11)
+    assert peek_update_header(blob) == (7, 3, 11)
+    assert peek_update_header(blob[:52]) == (7, 3, 11)
+    for bad, code in [
+        (blob[:40], "truncated"),
+        (VALID_MODEL, "wrong_kind"),
+        (update_blob(examples=0), "bad_header"),
+    ]:
+        with pytest.raises(WireFormatError) as err:
+            peek_update_header(bad)
+        assert err.value.code == code
+
+
+@pytest.mark.parametrize(
+    ("call", "message"),
+    [
+        (lambda: encode_model({"w": np.array([1.0, np.nan], np.float32)}), "NaN"),
+        (lambda: encode_model({"w": np.array([1, 2], np.int32)}), "floating dtype"),
+        (
+            lambda: encode_model({"w": np.array([7e4], np.float32)}, dtype="f16"),
+            "overflows float16",
+        ),
+        (lambda: encode_model({"w": np.ones(2, np.float32)}, dtype="f64"), "dtype"),  # type: ignore[arg-type]
+        (lambda: encode_model({}), "non-empty"),
+        (lambda: encode_model({"w": [1.0, 2.0]}), "numpy array"),  # type: ignore[dict-item]
+        (lambda: encode_model({"": np.ones(1, np.float32)}), "non-empty string"),
+        (
+            lambda: encode_update(
+                compress(W, POLICY, np.random.default_rng(0)),
+                task_id=-1,
+                base_version=0,
+                num_examples=1,
+            ),
+            "task_id",
+        ),
+        (
+            lambda: encode_update(
+                compress(W, POLICY, np.random.default_rng(0)),
+                task_id=0,
+                base_version=1 << 63,
+                num_examples=1,
+            ),
+            "base_version",
+        ),
+        (
+            lambda: encode_update(
+                compress(W, POLICY, np.random.default_rng(0)),
+                task_id=0,
+                base_version=0,
+                num_examples=0,
+            ),
+            "num_examples",
+        ),
+    ],
+)
+def test_encoders_validate_input(call: Callable[[], object], message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        call()
+
+
+def test_f16_accepts_values_that_round_to_its_max() -> None:
+    out = decode_model(encode_model({"w": np.array([65504.0, -65519.0], np.float32)}, dtype="f16"))
+    assert out["w"].tolist() == [65504.0, -65504.0]
+
+
+def test_limits_can_be_tightened() -> None:
+    blob = _update(W, POLICY)
+    for limits in (
+        Limits(max_tensors=1),
+        Limits(max_tensor_elements=50),
+        Limits(max_total_elements=105),
+        Limits(max_name_bytes=0 + 1, max_ndim=1),
+        Limits(max_chunk=8),
+    ):
+        with pytest.raises(WireFormatError) as err:
+            decode_update(blob, limits=limits)
+        assert err.value.code == "limit_exceeded"
+    with pytest.raises(ValueError, match="at most"):
+        Limits(max_tensor_elements=1 << 32)
+
+
+def test_struct_layout_is_little_endian() -> None:
+    blob = update_blob(task=0x0102030405060708, examples=3)
+    assert blob[:4] == b"FEDG"
+    assert struct.unpack_from("<H", blob, 4) == (1,)
+    assert blob[8:16] == bytes([8, 7, 6, 5, 4, 3, 2, 1])
+    assert VALUE_F32 == 0

@@ -1,0 +1,121 @@
+"""Hand-built blobs for wire-format tests: every header field and section can be set freely,
+so tests can produce exactly the malformed input they mean to."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+
+from shared.limits import Limits
+from shared.wirelayout import (
+    KIND_MODEL,
+    KIND_UPDATE,
+    MAGIC,
+    MODEL_FIXED,
+    PREFIX,
+    UPDATE_FIXED,
+    Descriptor,
+    Reader,
+    as_bytes_view,
+    read_descriptors,
+)
+
+
+@dataclass
+class RawTensor:
+    """A tensor as raw descriptor fields and section bytes (``None`` = consistent default)."""
+
+    name: str = "w"
+    shape: tuple[int, ...] = (4,)
+    index_coding: int = 0
+    value_coding: int = 0
+    param: int = 0
+    nnz: int | None = None
+    index: bytes = b""
+    values: bytes | None = None
+    index_bytes: int | None = None
+    value_bytes: int | None = None
+    raw_name: bytes | None = None
+
+    def descriptor_bytes(self) -> bytes:
+        nnz = math.prod(self.shape) if self.nnz is None else self.nnz
+        values = self.section_values()
+        d = Descriptor(
+            self.name,
+            self.shape,
+            self.index_coding,
+            self.value_coding,
+            self.param,
+            nnz,
+            len(self.index) if self.index_bytes is None else self.index_bytes,
+            len(values) if self.value_bytes is None else self.value_bytes,
+        )
+        packed = d.pack()
+        if self.raw_name is not None:
+            name = self.name.encode()
+            packed = (
+                len(self.raw_name).to_bytes(2, "little") + self.raw_name + packed[2 + len(name) :]
+            )
+        return packed
+
+    def section_values(self) -> bytes:
+        if self.values is not None:
+            return self.values
+        return np.arange(math.prod(self.shape), dtype="<f4").tobytes()
+
+
+def prefix(
+    *, magic: bytes = MAGIC, version: int = 1, kind: int = KIND_UPDATE, flags: int = 0
+) -> bytes:
+    return PREFIX.pack(magic, version, kind, flags)
+
+
+def update_header(
+    *,
+    task: int = 1,
+    base: int = 0,
+    examples: int = 1,
+    bits: int = 32,
+    scope: int = 0,
+    reserved: int = 0,
+    chunk: int = 256,
+    fraction: float = 1.0,
+    count: int | None = None,
+    tensors: int = 1,
+) -> bytes:
+    n = tensors if count is None else count
+    return UPDATE_FIXED.pack(task, base, examples, bits, scope, reserved, chunk, fraction, n)
+
+
+def update_blob(
+    tensors: list[RawTensor] | None = None,
+    *,
+    head: dict[str, object] | None = None,
+    **fields: object,
+) -> bytes:
+    """An update blob: ``head`` overrides the prefix, ``fields`` the update header."""
+    tensors = [RawTensor()] if tensors is None else tensors
+    out = prefix(**(head or {}))  # type: ignore[arg-type]
+    out += update_header(tensors=len(tensors), **fields)  # type: ignore[arg-type]
+    out += b"".join(t.descriptor_bytes() for t in tensors)
+    out += b"".join(t.index + t.section_values() for t in tensors)
+    return out
+
+
+def model_blob(tensors: list[RawTensor] | None = None, *, count: int | None = None) -> bytes:
+    tensors = [RawTensor()] if tensors is None else tensors
+    out = prefix(kind=KIND_MODEL) + MODEL_FIXED.pack(len(tensors) if count is None else count)
+    out += b"".join(t.descriptor_bytes() for t in tensors)
+    out += b"".join(t.index + t.section_values() for t in tensors)
+    return out
+
+
+def descriptors_of(blob: bytes) -> list[Descriptor]:
+    """The descriptors of a valid update blob (to see which codings the encoder chose)."""
+    reader = Reader(as_bytes_view(blob))
+    reader.unpack(PREFIX, "prefix")
+    fields = reader.unpack(UPDATE_FIXED, "header")
+    bits, chunk, count = fields[3], fields[6], fields[8]
+    return read_descriptors(reader, count, Limits(), kind=KIND_UPDATE, bits=bits, chunk=chunk)
