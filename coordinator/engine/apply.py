@@ -1,0 +1,252 @@
+"""One aggregation, in three steps, so that no transaction is held while numbers crunch:
+
+1. :func:`plan_aggregation` (short transaction): pick the accepted updates to apply, reject
+   those now beyond ``max_staleness``, and fix each update's weight with ``tau`` relative to
+   the version being built on (``task.current_version``).
+2. :func:`compute` (no transaction): stream the update blobs into one dense buffer, take the
+   server step, write the new model blob (and optimizer state) to the content-addressed blob
+   store, run the evaluation hook.
+3. :func:`commit_aggregation` (short transaction): lock the task row, check that nothing
+   moved (same current version, round still active, every planned update still
+   ``accepted``), then commit together the new ``ModelVersion``, the updates' ``applied``
+   marks, the round's closing and ``task.current_version``.
+
+A crash anywhere leaves either the old state (plus, at most, an unreferenced blob) or the new
+one; the next attempt plans again. Nothing is applied twice: step 3 only succeeds for updates
+still ``accepted`` at the version they were planned against, and ``(task_id, version)`` is
+unique.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
+from coordinator.blobstore import BlobStore
+from coordinator.engine import rounds
+from coordinator.engine.aggregate import WeightedBlob, aggregate_blobs
+from coordinator.engine.config import AggregationConfig
+from coordinator.engine.evalhook import EvalHook, run_hook
+from coordinator.engine.modelio import load_state, load_weights, store_state, store_weights
+from coordinator.engine.staleness import update_weight
+from coordinator.engine.strategies import make_strategy
+from coordinator.models import ModelVersion, Round, Task, Update
+from shared.limits import Limits
+from shared.modelspec import ModelSpec
+from shared.policy import CompressionPolicy
+
+
+@dataclass(frozen=True)
+class PlannedUpdate:
+    update_id: int
+    digest: str
+    weight: float
+    tau: int
+
+
+@dataclass(frozen=True)
+class Plan:
+    """Everything step 2 needs, detached from the database."""
+
+    task_id: int
+    round_id: int
+    base_version: int
+    base_digest: str
+    state_digest: str | None
+    spec: ModelSpec
+    policy: CompressionPolicy
+    model_config: dict[str, Any]
+    config: AggregationConfig
+    items: tuple[PlannedUpdate, ...]
+
+    @property
+    def new_version(self) -> int:
+        return self.base_version + 1
+
+
+@dataclass(frozen=True)
+class Result:
+    model_digest: str
+    model_size: int
+    state_digest: str | None
+    total_weight: float
+    server_metrics: dict[str, float]
+
+
+def plan_aggregation(
+    session: Session, task: Task, rnd: Round, cfg: AggregationConfig
+) -> Plan | None:
+    """Choose the updates for the next version; ``None`` when there is nothing to do yet.
+
+    Sync: every accepted update of the task (fresh ones plus stragglers of earlier rounds).
+    Async: the ``buffer_size`` oldest accepted updates, and only once that many exist.
+    Updates whose staleness relative to the current version exceeds ``max_staleness`` are
+    rejected here (counted as ``num_rejected`` of the round).
+    """
+    base = task.current_version
+    model = session.scalar(
+        select(ModelVersion).where(ModelVersion.task_id == task.id, ModelVersion.version == base)
+    )
+    if model is None:
+        raise RuntimeError(f"task {task.id} has no stored model version {base}")
+    pending = session.scalars(
+        select(Update)
+        .where(Update.task_id == task.id, Update.status == "accepted")
+        .order_by(Update.received_at, Update.id)
+    ).all()
+    items: list[PlannedUpdate] = []
+    rejected = 0
+    for u in pending:
+        tau = max(0, base - u.base_version)
+        if tau > cfg.max_staleness:
+            u.status = "rejected"
+            u.reason = (
+                f"staleness {tau} at aggregation of version {base + 1} exceeds "
+                f"max_staleness {cfg.max_staleness}"
+            )
+            rejected += 1
+            continue
+        weight = update_weight(
+            cfg.staleness, tau=tau, num_examples=u.num_examples, weighting=cfg.weighting
+        )
+        items.append(PlannedUpdate(u.id, u.blob_digest, weight, tau))
+    if rejected:
+        rnd.num_rejected += rejected
+        session.flush()
+    if cfg.mode == "async":
+        if len(items) < cfg.buffer_size:
+            return None
+        items = items[: cfg.buffer_size]
+    elif not items:
+        return None
+    return Plan(
+        task_id=task.id,
+        round_id=rnd.id,
+        base_version=base,
+        base_digest=model.blob_digest,
+        state_digest=task.optimizer_state_digest,
+        spec=ModelSpec.from_dict(task.model_spec),
+        policy=CompressionPolicy.from_dict(task.compression),
+        model_config=dict(task.model_config_),
+        config=cfg,
+        items=tuple(items),
+    )
+
+
+def compute(
+    plan: Plan, blobs: BlobStore, *, hook: EvalHook | None, limits: Limits | None = None
+) -> Result:
+    """Aggregate the planned updates and write the new model (no database access)."""
+    kwargs = {} if limits is None else {"limits": limits}
+    acc = aggregate_blobs(
+        blobs,
+        (WeightedBlob(i.digest, i.weight) for i in plan.items),
+        spec=plan.spec,
+        policy=plan.policy,
+        **kwargs,
+    )
+    total_weight = acc.total_weight
+    delta = acc.mean()
+    weights = load_weights(blobs, plan.base_digest, plan.spec)
+    strategy = make_strategy(plan.config)
+    new_weights, new_state = strategy.step(weights, delta, load_state(blobs, plan.state_digest))
+    del delta, weights
+    model_digest, model_size = store_weights(blobs, new_weights)
+    state_digest = store_state(blobs, new_state)
+    cfg = plan.config
+    due = plan.new_version % cfg.eval_every == 0 or plan.new_version >= cfg.num_rounds
+    server = run_hook(hook, plan.model_config, new_weights) if due else {}
+    return Result(model_digest, model_size, state_digest, total_weight, server)
+
+
+def target_reached(cfg: AggregationConfig, server_metrics: dict[str, float]) -> bool:
+    """True when the configured server-side metric reached its target (losses: at or below
+    the target; anything else: at or above)."""
+    if cfg.target_metric is None or cfg.target_value is None:
+        return False
+    name = cfg.target_metric.removeprefix("server_")
+    value = server_metrics.get(name)
+    if value is None:
+        return False
+    if "loss" in name:
+        return value <= cfg.target_value
+    return value >= cfg.target_value
+
+
+def commit_aggregation(
+    session: Session, plan: Plan, result: Result, *, now: datetime, seen_window_s: float
+) -> list[str] | None:
+    """Step 3. Returns the devices to wake, or ``None`` when the state moved meanwhile (the
+    work is discarded; nothing was changed)."""
+    task = session.scalar(select(Task).where(Task.id == plan.task_id).with_for_update())
+    if task is None or task.current_version != plan.base_version:
+        return None
+    if task.status not in ("running", "paused"):
+        return None
+    rnd = session.get(Round, plan.round_id)
+    if rnd is None or rnd.status not in rounds.ACTIVE_ROUND:
+        return None
+    ids = [i.update_id for i in plan.items]
+    updates = {
+        u.id: u
+        for u in session.scalars(
+            select(Update).where(Update.id.in_(ids), Update.status == "accepted").with_for_update()
+        )
+    }
+    if len(updates) != len(ids):
+        return None
+    new_version = plan.new_version
+    for item in plan.items:
+        u = updates[item.update_id]
+        u.status = "applied"
+        u.applied_version = new_version
+        u.weight = item.weight
+    session.flush()
+    server = {f"server_{k}": v for k, v in result.server_metrics.items()}
+    metrics = {**rounds.version_client_metrics(session, task.id, new_version), **server}
+    session.add(
+        ModelVersion(
+            task_id=task.id,
+            version=new_version,
+            blob_digest=result.model_digest,
+            size_bytes=result.model_size,
+            round_id=rnd.id,
+            num_updates=len(ids),
+            metrics=metrics,
+            created_at=now,
+        )
+    )
+    rnd.status = "closed"
+    rnd.closed_at = now
+    rnd.result_version = new_version
+    rnd.num_received = len(ids)
+    rnd.num_stale = sum(1 for i in plan.items if i.tau > 0)
+    rnd.metrics = metrics
+    task.current_version = new_version
+    task.optimizer_state_digest = result.state_digest
+    task.updated_at = now
+    session.flush()
+
+    cfg = plan.config
+    if new_version >= cfg.num_rounds:
+        return rounds.finish_task(
+            session, task, now=now, reason=f"{cfg.num_rounds} aggregations done"
+        )
+    if target_reached(cfg, result.server_metrics):
+        return rounds.finish_task(
+            session,
+            task,
+            now=now,
+            reason=f"{cfg.target_metric} reached {cfg.target_value} at version {new_version}",
+        )
+    if task.status != "running":
+        return []
+    if cfg.mode == "async":
+        rounds.open_async_round(session, task, cfg, now=now)
+        return []
+    _, assigned = rounds.open_sync_round(session, task, cfg, now=now, seen_window_s=seen_window_s)
+    return assigned

@@ -1,0 +1,34 @@
+"""Starting and stopping the round engine inside the app's lifespan."""
+
+from __future__ import annotations
+
+import asyncio
+
+from coordinator.engine.evalhook import load_hook
+from coordinator.engine.notify import Notifier
+from coordinator.engine.scheduler import Scheduler
+from coordinator.runtime import Runtime
+
+NOTIFIER_KEY = "notifier"
+SCHEDULER_KEY = "scheduler"
+
+
+async def start_engine(runtime: Runtime) -> None:
+    """Install the long-poll notifier and (unless disabled) start the scheduler.
+
+    A bad ``eval_hook`` setting fails the start, so a misconfigured coordinator does not run
+    silently without its evaluation."""
+    notifier = Notifier(asyncio.get_running_loop())
+    runtime.extras[NOTIFIER_KEY] = notifier
+    load_hook(runtime.settings.eval_hook)
+    if runtime.settings.scheduler_enabled:
+        scheduler = Scheduler(runtime, notifier)
+        runtime.extras[SCHEDULER_KEY] = scheduler
+        scheduler.start()
+
+
+async def stop_engine(runtime: Runtime) -> None:
+    scheduler = runtime.extras.pop(SCHEDULER_KEY, None)
+    if isinstance(scheduler, Scheduler):
+        await scheduler.stop()
+    runtime.extras.pop(NOTIFIER_KEY, None)

@@ -1,0 +1,390 @@
+"""The round state machine: opening, closing and failing rounds, ending assignments, ending
+tasks. Every function works inside the caller's transaction (it flushes, never commits) and
+returns the ids of devices whose long-polls should wake once the transaction has committed.
+
+Sync round: ``open`` (collecting) -> ``aggregating`` (closed to new work, quorum met) ->
+``closed`` (new version committed, see :mod:`coordinator.engine.apply`), or ``open`` ->
+``failed`` (deadline passed below quorum). Async round: ``open`` -> ``closed`` when
+``buffer_size`` updates are applied. docs/rounds.md describes the rules.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from datetime import datetime, timedelta
+from typing import Any
+
+import numpy as np
+from sqlalchemy import func, select, update
+from sqlalchemy.orm import Session
+
+from coordinator.engine.config import AggregationConfig
+from coordinator.engine.selection import busy_clause, choose, eligible_devices
+from coordinator.models import ASSIGNMENT_ACTIVE, Assignment, Device, Round, Task, Update
+
+ACTIVE_ROUND = ("open", "aggregating")
+
+
+def active_round(session: Session, task_id: int) -> Round | None:
+    """The task's open or aggregating round (there is at most one)."""
+    return session.scalar(
+        select(Round)
+        .where(Round.task_id == task_id, Round.status.in_(ACTIVE_ROUND))
+        .order_by(Round.number.desc())
+        .limit(1)
+    )
+
+
+def next_round_number(session: Session, task_id: int) -> int:
+    last = session.scalar(select(func.max(Round.number)).where(Round.task_id == task_id))
+    return 1 if last is None else int(last) + 1
+
+
+def count_pending(session: Session, task_id: int, *, base_version: int | None = None) -> int:
+    """Accepted, not yet applied updates of a task (optionally only on ``base_version``)."""
+    stmt = select(func.count(Update.id)).where(
+        Update.task_id == task_id, Update.status == "accepted"
+    )
+    if base_version is not None:
+        stmt = stmt.where(Update.base_version == base_version)
+    return int(session.scalar(stmt) or 0)
+
+
+def _lock_idle_devices(session: Session, device_ids: list[str]) -> list[str]:
+    """Row-lock the chosen devices and keep those still idle.
+
+    On PostgreSQL two processes (or a round opening and an async work request) could pick the
+    same device at once; ``FOR UPDATE SKIP LOCKED`` plus the re-check of busyness after the
+    lock settles it. SQLite serializes writers, so there the re-check simply passes.
+    """
+    if not device_ids:
+        return []
+    locked = session.scalars(
+        select(Device.id)
+        .where(Device.id.in_(device_ids))
+        .with_for_update(skip_locked=True)
+        .order_by(Device.id)
+    ).all()
+    if not locked:
+        return []
+    still_idle = set(
+        session.scalars(select(Device.id).where(Device.id.in_(locked), ~busy_clause()))
+    )
+    return [d for d in device_ids if d in still_idle]
+
+
+def _assign(
+    session: Session, task: Task, rnd: Round, device_ids: Iterable[str], *, lease_until: datetime
+) -> list[str]:
+    ids = list(device_ids)
+    for device_id in ids:
+        session.add(
+            Assignment(
+                task_id=task.id,
+                round_id=rnd.id,
+                device_id=device_id,
+                base_version=rnd.base_version,
+                status="assigned",
+                lease_expires_at=lease_until,
+            )
+        )
+    if ids:
+        session.execute(
+            update(Device)
+            .where(Device.id.in_(ids))
+            .values(num_assigned=Device.num_assigned + 1)
+            .execution_options(synchronize_session=False)
+        )
+    rnd.num_assigned += len(ids)
+    session.flush()
+    return ids
+
+
+def open_sync_round(
+    session: Session, task: Task, cfg: AggregationConfig, *, now: datetime, seen_window_s: float
+) -> tuple[Round | None, list[str]]:
+    """Select devices and open the next sync round on the current version.
+
+    Opens nothing while fewer devices are eligible than the round could need to reach its
+    quorum (counting fresh updates already waiting); the scheduler tries again next tick.
+    The selection rng is seeded by (task, round number), so a round's pick is reproducible.
+    """
+    fresh = count_pending(session, task.id, base_version=task.current_version)
+    candidates = eligible_devices(session, now=now, seen_window_s=seen_window_s)
+    if len(candidates) < max(1, cfg.min_updates - fresh):
+        return None, []
+    number = next_round_number(session, task.id)
+    rng = np.random.default_rng([task.id, number])
+    chosen = _lock_idle_devices(session, choose(candidates, cfg.num_selected, rng))
+    if len(chosen) < max(1, cfg.min_updates - fresh):
+        return None, []
+    deadline = now + timedelta(seconds=cfg.round_deadline_s)
+    rnd = Round(
+        task_id=task.id,
+        number=number,
+        base_version=task.current_version,
+        status="open",
+        target_updates=cfg.clients_per_round,
+        opened_at=now,
+        deadline_at=deadline,
+        num_received=fresh,
+    )
+    session.add(rnd)
+    session.flush()
+    return rnd, _assign(session, task, rnd, chosen, lease_until=deadline)
+
+
+def open_async_round(
+    session: Session, task: Task, cfg: AggregationConfig, *, now: datetime
+) -> Round:
+    """Open the next async round on the current version; work is handed out on demand."""
+    rnd = Round(
+        task_id=task.id,
+        number=next_round_number(session, task.id),
+        base_version=task.current_version,
+        status="open",
+        target_updates=cfg.buffer_size,
+        opened_at=now,
+        num_received=count_pending(session, task.id),
+    )
+    session.add(rnd)
+    session.flush()
+    return rnd
+
+
+def assign_async(
+    session: Session,
+    task: Task,
+    rnd: Round,
+    device_id: str,
+    cfg: AggregationConfig,
+    *,
+    now: datetime,
+) -> Assignment | None:
+    """A new async assignment for an idle device, unless the concurrency cap is reached or the
+    device already worked on this round's version. The caller holds the task row lock."""
+    done_here = session.scalar(
+        select(func.count(Assignment.id)).where(
+            Assignment.round_id == rnd.id, Assignment.device_id == device_id
+        )
+    )
+    if done_here:
+        return None
+    active = session.scalar(
+        select(func.count(Assignment.id)).where(
+            Assignment.task_id == task.id, Assignment.status.in_(ASSIGNMENT_ACTIVE)
+        )
+    )
+    if int(active or 0) >= cfg.max_concurrency:
+        return None
+    if not _lock_idle_devices(session, [device_id]):
+        return None
+    _assign(session, task, rnd, [device_id], lease_until=now + timedelta(seconds=cfg.lease_s))
+    return session.scalar(
+        select(Assignment).where(Assignment.round_id == rnd.id, Assignment.device_id == device_id)
+    )
+
+
+def end_assignments(
+    session: Session, assignments: Iterable[Assignment], *, status: str, now: datetime
+) -> list[str]:
+    """Move active assignments to ``cancelled`` or ``dropped``; a drop counts against the
+    device's reliability and the assignment's round. Returns the devices to wake."""
+    assert status in ("cancelled", "dropped")
+    woken: list[str] = []
+    dropped_per_round: dict[int, int] = {}
+    dropped_devices: list[str] = []
+    for a in assignments:
+        if a.status not in ASSIGNMENT_ACTIVE:
+            continue
+        a.status = status
+        a.finished_at = now
+        woken.append(a.device_id)
+        if status == "dropped":
+            dropped_devices.append(a.device_id)
+            dropped_per_round[a.round_id] = dropped_per_round.get(a.round_id, 0) + 1
+    for device_id in dropped_devices:
+        session.execute(
+            update(Device)
+            .where(Device.id == device_id)
+            .values(num_dropped=Device.num_dropped + 1)
+            .execution_options(synchronize_session=False)
+        )
+    for round_id, n in dropped_per_round.items():
+        session.execute(
+            update(Round)
+            .where(Round.id == round_id)
+            .values(num_dropped=Round.num_dropped + n)
+            .execution_options(synchronize_session=False)
+        )
+    session.flush()
+    return woken
+
+
+def active_assignments(
+    session: Session, *, task_id: int, round_id: int | None = None
+) -> list[Assignment]:
+    stmt = select(Assignment).where(
+        Assignment.task_id == task_id, Assignment.status.in_(ASSIGNMENT_ACTIVE)
+    )
+    if round_id is not None:
+        stmt = stmt.where(Assignment.round_id == round_id)
+    return list(session.scalars(stmt.order_by(Assignment.id)))
+
+
+def close_sync_round_if_due(
+    session: Session, task: Task, rnd: Round, cfg: AggregationConfig, *, now: datetime
+) -> list[str]:
+    """Close an open sync round on its target or at its deadline.
+
+    Target reached (``clients_per_round`` fresh updates) -> ``aggregating``; the devices still
+    working are cancelled (not their fault: not counted as drops). Deadline with quorum ->
+    ``aggregating``; devices that did not upload are dropped. Deadline below quorum ->
+    ``failed``, devices dropped; the fresh updates stay accepted and join the next aggregation
+    (they are on the same version).
+    """
+    fresh = count_pending(session, task.id, base_version=rnd.base_version)
+    if rnd.num_received != fresh:
+        rnd.num_received = fresh
+    reached = fresh >= cfg.clients_per_round
+    expired = rnd.deadline_at is not None and now >= rnd.deadline_at
+    if not (reached or expired):
+        return []
+    working = active_assignments(session, task_id=task.id, round_id=rnd.id)
+    if reached:
+        rnd.status = "aggregating"
+        return end_assignments(session, working, status="cancelled", now=now)
+    woken = end_assignments(session, working, status="dropped", now=now)
+    if fresh >= cfg.min_updates:
+        rnd.status = "aggregating"
+    else:
+        fail_round(
+            session,
+            rnd,
+            reason=f"deadline passed with {fresh} of the {cfg.min_updates} updates needed",
+            now=now,
+        )
+    return woken
+
+
+def fail_round(session: Session, rnd: Round, *, reason: str, now: datetime) -> None:
+    rnd.status = "failed"
+    rnd.closed_at = now
+    rnd.status_reason = reason
+    session.flush()
+
+
+def expire_async_leases(session: Session, task: Task, *, now: datetime) -> list[str]:
+    """Drop async assignments whose lease ran out (frees their concurrency slot)."""
+    expired = session.scalars(
+        select(Assignment).where(
+            Assignment.task_id == task.id,
+            Assignment.status.in_(ASSIGNMENT_ACTIVE),
+            Assignment.lease_expires_at.is_not(None),
+            Assignment.lease_expires_at < now,
+        )
+    ).all()
+    return end_assignments(session, expired, status="dropped", now=now)
+
+
+def reject_pending(session: Session, task_id: int, *, reason: str) -> int:
+    """Mark every accepted, unapplied update of a task rejected (the task ended)."""
+    result = session.execute(
+        update(Update)
+        .where(Update.task_id == task_id, Update.status == "accepted")
+        .values(status="rejected", reason=reason)
+        .execution_options(synchronize_session=False)
+    )
+    return int(result.rowcount or 0)  # type: ignore[attr-defined]
+
+
+def finish_task(session: Session, task: Task, *, now: datetime, reason: str) -> list[str]:
+    """Complete a task: no more rounds, working devices cancelled, leftovers rejected."""
+    task.status = "completed"
+    task.finished_at = now
+    task.updated_at = now
+    task.status_reason = reason
+    return wind_down(session, task, now=now, reason=f"task completed: {reason}")
+
+
+def wind_down(session: Session, task: Task, *, now: datetime, reason: str) -> list[str]:
+    """Effects of a task that stopped running for good (completed, cancelled, failed): its
+    active round fails, its working devices are cancelled, waiting updates are rejected."""
+    rnd = active_round(session, task.id)
+    if rnd is not None:
+        fail_round(session, rnd, reason=reason, now=now)
+    woken = end_assignments(
+        session, active_assignments(session, task_id=task.id), status="cancelled", now=now
+    )
+    reject_pending(session, task.id, reason=reason)
+    session.flush()
+    return woken
+
+
+def pause_effects(session: Session, task: Task, *, now: datetime) -> list[str]:
+    """A paused task keeps its open round but no device works on it."""
+    return end_assignments(
+        session, active_assignments(session, task_id=task.id), status="cancelled", now=now
+    )
+
+
+# ------------------------------------------------------------------------------ metrics
+
+CLIENT_METRICS = ("train_loss", "eval_loss", "eval_accuracy", "num_eval_examples", "train_time_s")
+
+
+def _weighted(pairs: list[tuple[float, float]]) -> float | None:
+    total = sum(w for _, w in pairs)
+    if not pairs or total <= 0:
+        return None
+    return sum(v * w for v, w in pairs) / total
+
+
+def client_metrics(rows: Iterable[tuple[dict[str, Any], int]]) -> dict[str, float]:
+    """Aggregate device-reported metrics of the updates in one version.
+
+    ``train_loss`` is weighted by each update's ``num_examples``; ``eval_loss`` and
+    ``eval_accuracy`` by the reported ``num_eval_examples``; ``train_time_s`` is the mean.
+    """
+    train: list[tuple[float, float]] = []
+    eval_loss: list[tuple[float, float]] = []
+    eval_acc: list[tuple[float, float]] = []
+    times: list[float] = []
+    train_examples = 0
+    eval_examples = 0
+    for metrics, num_examples in rows:
+        if "train_loss" in metrics:
+            train.append((float(metrics["train_loss"]), float(num_examples)))
+            train_examples += int(num_examples)
+        n_eval = float(metrics.get("num_eval_examples") or 0)
+        if n_eval > 0:
+            if "eval_loss" in metrics:
+                eval_loss.append((float(metrics["eval_loss"]), n_eval))
+            if "eval_accuracy" in metrics:
+                eval_acc.append((float(metrics["eval_accuracy"]), n_eval))
+            eval_examples += int(n_eval)
+        if "train_time_s" in metrics:
+            times.append(float(metrics["train_time_s"]))
+    out: dict[str, float] = {}
+    for key, value in (
+        ("train_loss", _weighted(train)),
+        ("eval_loss", _weighted(eval_loss)),
+        ("eval_accuracy", _weighted(eval_acc)),
+        ("train_time_s", sum(times) / len(times) if times else None),
+    ):
+        if value is not None:
+            out[key] = value
+    if train_examples:
+        out["train_examples"] = train_examples
+    if eval_examples:
+        out["eval_examples"] = eval_examples
+    return out
+
+
+def version_client_metrics(session: Session, task_id: int, version: int) -> dict[str, float]:
+    rows = session.execute(
+        select(Update.metrics, Update.num_examples).where(
+            Update.task_id == task_id, Update.applied_version == version
+        )
+    ).all()
+    return client_metrics((dict(m or {}), int(n)) for m, n in rows)

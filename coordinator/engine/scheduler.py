@@ -1,0 +1,266 @@
+"""The scheduler: a loop in the coordinator's lifespan that moves every task's rounds forward.
+
+Everything it decides comes from the database, so a restarted coordinator resumes where the
+last one stopped (an ``aggregating`` round is aggregated again, an expired round is closed).
+Each tick runs in a worker thread (``asyncio.to_thread``) and never blocks the event loop.
+
+For each task that needs attention, a tick takes the task's lease (``leases``: one
+coordinator process acts for a task at a time; the lease lapses after
+``settings.lease_ttl_s`` if its holder dies), then:
+
+1. in one short transaction (task row locked on PostgreSQL), applies the state rules of
+   :mod:`coordinator.engine.rounds`: open, close or fail rounds, drop expired async
+   assignments, wind down paused, cancelled and finished tasks;
+2. if a round is ready to aggregate, plans, computes and commits it
+   (:mod:`coordinator.engine.apply`).
+
+Devices affected (newly assigned, cancelled) are woken through the :class:`Notifier` after
+each commit. Uploads call :meth:`Scheduler.kick` so a round that reached its target closes
+without waiting for the next tick.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from dataclasses import dataclass, field
+
+from sqlalchemy import exists, or_, select
+from sqlalchemy.orm import Session
+
+from coordinator.db import session_scope, utcnow
+from coordinator.engine import apply, leases, rounds
+from coordinator.engine.aggregate import BadStoredUpdate
+from coordinator.engine.config import AggregationConfig, ConfigError
+from coordinator.engine.evalhook import EvalHook, load_hook
+from coordinator.engine.notify import Notifier
+from coordinator.models import ASSIGNMENT_ACTIVE, Assignment, Round, Task, Update
+from coordinator.runtime import Runtime
+
+log = logging.getLogger(__name__)
+
+TERMINAL = ("completed", "cancelled", "failed")
+
+
+@dataclass
+class StepOutcome:
+    """What one task step did: devices to wake and whether a version was committed."""
+
+    woken: list[str] = field(default_factory=list)
+    aggregated: bool = False
+
+
+def tasks_needing_attention(session: Session) -> list[int]:
+    """Running and paused tasks, and stopped tasks with leftovers to wind down."""
+    leftovers = or_(
+        exists().where(Assignment.task_id == Task.id, Assignment.status.in_(ASSIGNMENT_ACTIVE)),
+        exists().where(Round.task_id == Task.id, Round.status.in_(rounds.ACTIVE_ROUND)),
+        exists().where(Update.task_id == Task.id, Update.status == "accepted"),
+    )
+    stmt = (
+        select(Task.id)
+        .where(or_(Task.status.in_(("running", "paused")), Task.status.in_(TERMINAL) & leftovers))
+        .order_by(Task.id)
+    )
+    return list(session.scalars(stmt))
+
+
+class TaskStepper:
+    """The per-task work of one tick (blocking; used by the scheduler and by tests)."""
+
+    def __init__(self, runtime: Runtime, *, hook: EvalHook | None = None) -> None:
+        self.runtime = runtime
+        self.hook = hook
+
+    @property
+    def holder(self) -> str:
+        return self.runtime.settings.instance_id
+
+    def tick(self) -> list[str]:
+        """One pass over every task that needs attention; the devices to wake."""
+        with session_scope(self.runtime.sessions) as session:
+            task_ids = tasks_needing_attention(session)
+        woken: list[str] = []
+        for task_id in task_ids:
+            try:
+                woken.extend(self.step(task_id).woken)
+            except Exception:
+                log.exception("scheduler step for task %s failed; retrying next tick", task_id)
+        return woken
+
+    def step(self, task_id: int) -> StepOutcome:
+        """Advance one task as far as it can go now (if this process holds its lease)."""
+        settings = self.runtime.settings
+        with session_scope(self.runtime.sessions) as session:
+            acquired = leases.acquire(
+                session,
+                leases.task_lease_name(task_id),
+                holder=self.holder,
+                ttl_s=settings.lease_ttl_s,
+                now=utcnow(),
+            )
+        outcome = StepOutcome()
+        if not acquired:
+            return outcome
+        ready = self._transitions(task_id, outcome)
+        if ready:
+            self._aggregate(task_id, outcome)
+        return outcome
+
+    def _transitions(self, task_id: int, outcome: StepOutcome) -> bool:
+        """Step 1; True when a round is ready to aggregate."""
+        settings = self.runtime.settings
+        now = utcnow()
+        with session_scope(self.runtime.sessions) as session:
+            task = session.scalar(select(Task).where(Task.id == task_id).with_for_update())
+            if task is None:
+                return False
+            if task.status in TERMINAL:
+                outcome.woken += rounds.wind_down(
+                    session, task, now=now, reason=f"task {task.status}"
+                )
+                return False
+            if task.status == "paused":
+                outcome.woken += rounds.pause_effects(session, task, now=now)
+                rnd = rounds.active_round(session, task.id)
+                return rnd is not None and rnd.status == "aggregating"
+            if task.status != "running":
+                return False
+            try:
+                cfg = AggregationConfig.from_dict(task.aggregation)
+            except ConfigError as exc:
+                task.status = "failed"
+                task.status_reason = f"invalid aggregation config: {exc}"
+                task.finished_at = task.updated_at = now
+                outcome.woken += rounds.wind_down(session, task, now=now, reason="task failed")
+                return False
+            if task.current_version < 0:
+                return False
+            if task.current_version >= cfg.num_rounds:
+                outcome.woken += rounds.finish_task(
+                    session, task, now=now, reason=f"{cfg.num_rounds} aggregations done"
+                )
+                return False
+            if cfg.mode == "async":
+                return self._async_transitions(session, task, cfg, outcome)
+            rnd = rounds.active_round(session, task.id)
+            if rnd is not None and rnd.status == "open":
+                outcome.woken += rounds.close_sync_round_if_due(session, task, rnd, cfg, now=now)
+            if rnd is None or rnd.status == "failed":
+                rnd, assigned = rounds.open_sync_round(
+                    session, task, cfg, now=now, seen_window_s=settings.device_seen_window_s
+                )
+                outcome.woken += assigned
+            return rnd is not None and rnd.status == "aggregating"
+
+    def _async_transitions(
+        self, session: Session, task: Task, cfg: AggregationConfig, outcome: StepOutcome
+    ) -> bool:
+        now = utcnow()
+        outcome.woken += rounds.expire_async_leases(session, task, now=now)
+        rnd = rounds.active_round(session, task.id)
+        if rnd is None:
+            rnd = rounds.open_async_round(session, task, cfg, now=now)
+        pending = rounds.count_pending(session, task.id)
+        if rnd.num_received != min(pending, cfg.buffer_size):
+            rnd.num_received = min(pending, cfg.buffer_size)
+        return pending >= cfg.buffer_size
+
+    def _aggregate(self, task_id: int, outcome: StepOutcome) -> None:
+        """Step 2: plan, compute and commit one aggregation (repeated while async buffers
+        are full)."""
+        settings = self.runtime.settings
+        for _ in range(100):
+            with session_scope(self.runtime.sessions) as session:
+                task = session.get(Task, task_id)
+                rnd = None if task is None else rounds.active_round(session, task_id)
+                if task is None or rnd is None:
+                    return
+                cfg = AggregationConfig.from_dict(task.aggregation)
+                if cfg.mode == "sync" and rnd.status != "aggregating":
+                    return
+                plan = apply.plan_aggregation(session, task, rnd, cfg)
+                if plan is None and cfg.mode == "sync":
+                    rounds.fail_round(
+                        session, rnd, reason="no updates left to aggregate", now=utcnow()
+                    )
+            if plan is None:
+                return
+            try:
+                result = apply.compute(plan, self.runtime.blobs, hook=self.hook)
+            except BadStoredUpdate as exc:
+                self._reject_unreadable(plan.items[exc.index].update_id, exc.detail)
+                continue
+            with session_scope(self.runtime.sessions) as session:
+                woken = apply.commit_aggregation(
+                    session,
+                    plan,
+                    result,
+                    now=utcnow(),
+                    seen_window_s=settings.device_seen_window_s,
+                )
+            if woken is None:
+                log.info("aggregation of task %s discarded: state moved meanwhile", task_id)
+                return
+            outcome.aggregated = True
+            outcome.woken += woken
+            if cfg.mode == "sync":
+                return
+
+    def _reject_unreadable(self, update_id: int, detail: str) -> None:
+        log.error("update %s cannot be aggregated (%s); rejecting it", update_id, detail)
+        with session_scope(self.runtime.sessions) as session:
+            u = session.get(Update, update_id)
+            if u is not None and u.status == "accepted":
+                u.status = "rejected"
+                u.reason = f"stored update unreadable at aggregation: {detail}"
+
+    def release_leases(self) -> None:
+        with session_scope(self.runtime.sessions) as session:
+            leases.release_all(session, holder=self.holder)
+
+
+class Scheduler:
+    """Runs :class:`TaskStepper` ticks every ``settings.scheduler_interval_s`` (or sooner
+    when kicked) until stopped."""
+
+    def __init__(self, runtime: Runtime, notifier: Notifier) -> None:
+        self.runtime = runtime
+        self.notifier = notifier
+        self.stepper = TaskStepper(runtime, hook=load_hook(runtime.settings.eval_hook))
+        self._wake = asyncio.Event()
+        self._stopping = False
+        self._task: asyncio.Task[None] | None = None
+
+    def start(self) -> None:
+        self._task = asyncio.get_running_loop().create_task(self._run(), name="fedge-scheduler")
+
+    def kick(self) -> None:
+        """Run the next tick now (call on the event loop)."""
+        self._wake.set()
+
+    async def _run(self) -> None:
+        interval = self.runtime.settings.scheduler_interval_s
+        while not self._stopping:
+            try:
+                woken = await asyncio.to_thread(self.stepper.tick)
+                self.notifier.notify(woken)
+            except Exception:
+                log.exception("scheduler tick failed; retrying")
+            if self._stopping:
+                break
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._wake.wait(), interval)
+            self._wake.clear()
+
+    async def stop(self) -> None:
+        """Finish the current tick, stop, and hand this process's leases back."""
+        self._stopping = True
+        self._wake.set()
+        if self._task is not None:
+            await self._task
+        try:
+            await asyncio.to_thread(self.stepper.release_leases)
+        except Exception:
+            log.exception("could not release scheduler leases at shutdown")

@@ -1,0 +1,85 @@
+"""Which devices may take work, and which of them a sync round picks.
+
+Eligible: status ``active`` (not revoked), seen within ``settings.device_seen_window_s`` and
+not busy (no assignment ``assigned``/``downloaded`` in any task).
+
+Selection is reliability-informed without starving anyone: each device's chance of
+delivering is estimated by the mean of a Beta posterior with an optimistic prior,
+``p = (A + completed) / (A + B + completed + dropped)`` with ``A = 3, B = 1`` (a new device
+starts at 0.75), floored at ``P_MIN``. ``n`` devices are then drawn **without replacement
+with probability proportional to p** (Efraimidis-Spirakis keys ``u ** (1 / p)``). Reliable
+devices are preferred, a device that drops often is picked less often but is never shut
+out, and a new device competes from the start instead of waiting for a track record.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+
+import numpy as np
+from sqlalchemy import ColumnElement, exists, select
+from sqlalchemy.orm import Session
+
+from coordinator.models import ASSIGNMENT_ACTIVE, Assignment, Device
+
+PRIOR_SUCCESS = 3.0
+PRIOR_FAILURE = 1.0
+P_MIN = 0.05
+
+
+@dataclass(frozen=True)
+class Candidate:
+    device_id: str
+    num_completed: int
+    num_dropped: int
+
+
+def busy_clause() -> ColumnElement[bool]:
+    """SQL condition: the device holds an active assignment in some task."""
+    return exists().where(
+        Assignment.device_id == Device.id, Assignment.status.in_(ASSIGNMENT_ACTIVE)
+    )
+
+
+def eligible_devices(session: Session, *, now: datetime, seen_window_s: float) -> list[Candidate]:
+    """Active, recently seen, idle devices (ordered by id, so selection is reproducible)."""
+    since = now - timedelta(seconds=seen_window_s)
+    rows = session.execute(
+        select(Device.id, Device.num_completed, Device.num_dropped)
+        .where(
+            Device.status == "active",
+            Device.last_seen_at.is_not(None),
+            Device.last_seen_at >= since,
+            ~busy_clause(),
+        )
+        .order_by(Device.id)
+    ).all()
+    return [Candidate(r[0], int(r[1]), int(r[2])) for r in rows]
+
+
+def success_probability(completed: np.ndarray, dropped: np.ndarray) -> np.ndarray:
+    """Posterior mean success rate under the optimistic Beta prior, floored at ``P_MIN``."""
+    c = np.asarray(completed, dtype=np.float64)
+    d = np.asarray(dropped, dtype=np.float64)
+    p = (PRIOR_SUCCESS + c) / (PRIOR_SUCCESS + PRIOR_FAILURE + c + d)
+    return np.maximum(p, P_MIN)
+
+
+def choose(candidates: Sequence[Candidate], n: int, rng: np.random.Generator) -> list[str]:
+    """Up to ``n`` device ids, drawn without replacement with probability proportional to
+    their estimated success rate."""
+    if n <= 0 or not candidates:
+        return []
+    if len(candidates) <= n:
+        return [c.device_id for c in candidates]
+    p = success_probability(
+        np.array([c.num_completed for c in candidates]),
+        np.array([c.num_dropped for c in candidates]),
+    )
+    # Efraimidis-Spirakis: the n largest keys u^(1/p) form a weighted sample without
+    # replacement. Compare log-keys log(u)/p for numerical range.
+    keys = np.log(rng.random(len(candidates))) / p
+    picked = np.argsort(-keys, kind="stable")[:n]
+    return [candidates[i].device_id for i in np.sort(picked)]

@@ -1,0 +1,293 @@
+"""Accepting an uploaded update (``POST /device/assignments/{id}/update``).
+
+Order of checks (each rejection changes nothing):
+
+1. a repeated ``Idempotency-Key`` of this device answers the first result (200);
+2. the assignment exists (404) and belongs to the device (403 ``not_your_assignment``), has
+   no update yet (409 ``already_uploaded``), its task is running (409 ``task_not_running``);
+3. the body decodes and matches the task's spec and compression policy (400 wire codes,
+   422 ``shape_mismatch``/``policy_mismatch``), its header names the assignment's task and base
+   version (422 ``task_mismatch``/``base_version_mismatch``), ``num_examples >= 1``;
+4. staleness ``tau = current_version - base_version`` is within ``max_staleness``
+   (409 ``stale_update``).
+
+Then the blob is written (fsynced) and the ``Update`` row committed, in that order, before
+the answer. A race between two requests with the same key or for the same assignment ends in
+the unique constraints; the loser re-reads and answers like a repeat.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import asdict, dataclass
+from datetime import datetime
+from typing import Any
+
+from sqlalchemy import select, update
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import Session
+
+from coordinator.blobstore import BlobStore
+from coordinator.db import session_scope, utcnow
+from coordinator.engine.config import AggregationConfig, ConfigError
+from coordinator.engine.staleness import update_weight
+from coordinator.errors import BadRequest, Conflict, Forbidden, NotFound, Unprocessable
+from coordinator.models import Assignment, Device, Round, Task, Update
+from coordinator.runtime import Runtime
+from shared.modelspec import ModelSpec
+from shared.policy import CompressionPolicy
+from shared.wire import DecodedUpdate, WireFormatError, decode_update
+
+IDEMPOTENCY_KEY = re.compile(r"^[A-Za-z0-9_.-]{1,128}$")
+#: Wire codes answered with 422 (well-formed data that does not fit this task); the rest 400.
+UNPROCESSABLE_WIRE_CODES = frozenset({"shape_mismatch", "policy_mismatch"})
+
+
+@dataclass(frozen=True)
+class UploadResult:
+    update_id: int
+    assignment_id: int
+    task_id: int
+    base_version: int
+    staleness: int
+    weight: float
+    status: str
+    duplicate: bool
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass(frozen=True)
+class _Context:
+    task_id: int
+    base_version: int
+    current_version: int
+    spec: ModelSpec
+    policy: CompressionPolicy
+    config: AggregationConfig
+
+
+def check_idempotency_key(key: str | None) -> str:
+    if not key:
+        raise BadRequest(
+            "send an Idempotency-Key header (1..128 of A-Z a-z 0-9 _ . -) with every upload",
+            code="missing_idempotency_key",
+        )
+    if not IDEMPOTENCY_KEY.match(key):
+        raise BadRequest("Idempotency-Key must be 1..128 characters of A-Z a-z 0-9 _ . -")
+    return key
+
+
+def _config(task: Task) -> AggregationConfig:
+    try:
+        return AggregationConfig.from_dict(task.aggregation)
+    except ConfigError as exc:
+        raise Conflict(
+            f"task {task.id} has an unusable configuration: {exc}", code="task_not_running"
+        ) from None
+
+
+def _first_result(session: Session, u: Update) -> UploadResult:
+    """The answer the first upload got (its weight recomputed from the staleness at
+    acceptance, since the stored weight becomes the one used at aggregation)."""
+    task = session.get(Task, u.task_id)
+    assert task is not None
+    cfg = _config(task)
+    weight = update_weight(
+        cfg.staleness, tau=u.staleness, num_examples=u.num_examples, weighting=cfg.weighting
+    )
+    assert u.assignment_id is not None
+    return UploadResult(
+        update_id=u.id,
+        assignment_id=u.assignment_id,
+        task_id=u.task_id,
+        base_version=u.base_version,
+        staleness=u.staleness,
+        weight=weight,
+        status="accepted",
+        duplicate=True,
+    )
+
+
+def _repeat(
+    session: Session, *, device_id: str, key: str, assignment_id: int
+) -> UploadResult | None:
+    u = session.scalar(
+        select(Update).where(Update.device_id == device_id, Update.idempotency_key == key)
+    )
+    if u is None:
+        return None
+    if u.assignment_id != assignment_id:
+        raise Conflict(
+            f"Idempotency-Key {key!r} was already used for assignment {u.assignment_id}; "
+            "use a fresh key for each update"
+        )
+    return _first_result(session, u)
+
+
+def _check_assignment(
+    session: Session, *, device_id: str, assignment_id: int
+) -> tuple[Assignment, Task]:
+    a = session.get(Assignment, assignment_id)
+    if a is None:
+        raise NotFound(f"no assignment {assignment_id}")
+    if a.device_id != device_id:
+        raise Forbidden(
+            f"assignment {assignment_id} belongs to another device", code="not_your_assignment"
+        )
+    if session.scalar(select(Update.id).where(Update.assignment_id == a.id)) is not None:
+        raise Conflict(f"assignment {assignment_id} already has an update", code="already_uploaded")
+    task = session.get(Task, a.task_id)
+    assert task is not None
+    if task.status != "running":
+        raise Conflict(f"task {task.id} is {task.status}, not running", code="task_not_running")
+    return a, task
+
+
+def _check_staleness(cfg: AggregationConfig, *, current: int, base: int) -> int:
+    tau = max(0, current - base)
+    if tau > cfg.max_staleness:
+        raise Conflict(
+            f"update on version {base} is {tau} versions behind the current version {current}; "
+            f"the task accepts at most {cfg.max_staleness}. Discard it and fetch new work.",
+            code="stale_update",
+        )
+    return tau
+
+
+def decode_checked(body: bytes, ctx: _Context) -> DecodedUpdate:
+    """Step 3 of the module docstring."""
+    try:
+        decoded = decode_update(body, spec=ctx.spec, policy=ctx.policy)
+    except WireFormatError as exc:
+        if exc.code in UNPROCESSABLE_WIRE_CODES:
+            raise Unprocessable(exc.detail, code=exc.code) from None
+        raise BadRequest(exc.detail, code=exc.code) from None
+    if decoded.task_id != ctx.task_id:
+        raise Unprocessable(
+            f"the update is for task {decoded.task_id}, the assignment for task {ctx.task_id}",
+            code="task_mismatch",
+        )
+    if decoded.base_version != ctx.base_version:
+        raise Unprocessable(
+            f"the update was trained on version {decoded.base_version}, the assignment is on "
+            f"version {ctx.base_version}",
+            code="base_version_mismatch",
+        )
+    if decoded.num_examples < 1:
+        raise Unprocessable("num_examples must be at least 1")
+    return decoded
+
+
+def _record(
+    session: Session,
+    *,
+    device_id: str,
+    assignment_id: int,
+    key: str,
+    decoded: DecodedUpdate,
+    digest: str,
+    size: int,
+    now: datetime,
+) -> UploadResult:
+    repeat = _repeat(session, device_id=device_id, key=key, assignment_id=assignment_id)
+    if repeat is not None:
+        return repeat
+    a, task = _check_assignment(session, device_id=device_id, assignment_id=assignment_id)
+    cfg = _config(task)
+    tau = _check_staleness(cfg, current=task.current_version, base=a.base_version)
+    weight = update_weight(
+        cfg.staleness, tau=tau, num_examples=decoded.num_examples, weighting=cfg.weighting
+    )
+    u = Update(
+        task_id=task.id,
+        assignment_id=a.id,
+        device_id=device_id,
+        round_id=a.round_id,
+        base_version=a.base_version,
+        num_examples=decoded.num_examples,
+        blob_digest=digest,
+        byte_size=size,
+        staleness=tau,
+        weight=weight,
+        status="accepted",
+        idempotency_key=key,
+        received_at=now,
+        metrics=dict(a.metrics or {}),
+    )
+    session.add(u)
+    was_dropped = a.status == "dropped"
+    a.status = "uploaded"
+    a.finished_at = now
+    session.flush()
+    if was_dropped:  # a straggler delivered after all: it is not a dropout
+        session.execute(
+            update(Round)
+            .where(Round.id == a.round_id)
+            .values(num_dropped=Round.num_dropped - 1)
+            .execution_options(synchronize_session=False)
+        )
+    session.execute(
+        update(Device)
+        .where(Device.id == device_id)
+        .values(
+            num_completed=Device.num_completed + 1,
+            num_dropped=Device.num_dropped - (1 if was_dropped else 0),
+        )
+        .execution_options(synchronize_session=False)
+    )
+    session.flush()
+    return UploadResult(
+        update_id=u.id,
+        assignment_id=a.id,
+        task_id=task.id,
+        base_version=a.base_version,
+        staleness=tau,
+        weight=weight,
+        status="accepted",
+        duplicate=False,
+    )
+
+
+def accept_upload(
+    runtime: Runtime, *, device_id: str, assignment_id: int, key: str, body: bytes
+) -> UploadResult:
+    """Validate, store and record one upload (blocking: call from a worker thread)."""
+    with session_scope(runtime.sessions) as session:
+        repeat = _repeat(session, device_id=device_id, key=key, assignment_id=assignment_id)
+        if repeat is not None:
+            return repeat
+        a, task = _check_assignment(session, device_id=device_id, assignment_id=assignment_id)
+        ctx = _Context(
+            task_id=task.id,
+            base_version=a.base_version,
+            current_version=task.current_version,
+            spec=ModelSpec.from_dict(task.model_spec),
+            policy=CompressionPolicy.from_dict(task.compression),
+            config=_config(task),
+        )
+    decoded = decode_checked(body, ctx)
+    _check_staleness(ctx.config, current=ctx.current_version, base=ctx.base_version)
+    blobs: BlobStore = runtime.blobs
+    digest = blobs.put(body)
+    try:
+        with session_scope(runtime.sessions) as session:
+            return _record(
+                session,
+                device_id=device_id,
+                assignment_id=assignment_id,
+                key=key,
+                decoded=decoded,
+                digest=digest,
+                size=len(body),
+                now=utcnow(),
+            )
+    except IntegrityError:
+        # A concurrent request with the same key or for the same assignment won the race.
+        with session_scope(runtime.sessions) as session:
+            repeat = _repeat(session, device_id=device_id, key=key, assignment_id=assignment_id)
+            if repeat is not None:
+                return repeat
+            _check_assignment(session, device_id=device_id, assignment_id=assignment_id)
+        raise

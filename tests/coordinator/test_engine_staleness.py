@@ -1,0 +1,57 @@
+"""Staleness functions and update weights."""
+
+from __future__ import annotations
+
+import itertools
+import math
+
+import pytest
+
+from coordinator.engine.staleness import StalenessConfig, staleness_factor, update_weight
+
+
+@pytest.mark.parametrize(
+    ("config", "tau", "expected"),
+    [
+        (StalenessConfig(function="constant"), 0, 1.0),
+        (StalenessConfig(function="constant"), 7, 1.0),
+        (StalenessConfig(function="polynomial", a=0.5), 0, 1.0),
+        (StalenessConfig(function="polynomial", a=0.5), 3, 0.5),  # (1+3)^-0.5
+        (StalenessConfig(function="polynomial", a=1.0), 4, 0.2),  # (1+4)^-1
+        (StalenessConfig(function="polynomial", a=2.0), 1, 0.25),
+        (StalenessConfig(function="hinge", a=0.5, b=2), 0, 1.0),
+        (StalenessConfig(function="hinge", a=0.5, b=2), 2, 1.0),
+        (StalenessConfig(function="hinge", a=0.5, b=2), 4, 0.5),  # 1/(0.5*2+1)
+        (StalenessConfig(function="hinge", a=2.0, b=1), 3, 0.2),  # 1/(2*2+1)
+    ],
+)
+def test_staleness_factor_at_chosen_tau(config: StalenessConfig, tau: int, expected: float) -> None:
+    assert math.isclose(staleness_factor(config, tau), expected, rel_tol=1e-12)
+
+
+def test_polynomial_decreases_with_staleness() -> None:
+    config = StalenessConfig(function="polynomial", a=0.5)
+    values = [staleness_factor(config, tau) for tau in range(10)]
+    assert all(a > b for a, b in itertools.pairwise(values))
+
+
+@pytest.mark.parametrize(("weighting", "expected"), [("num_examples", 40 * 0.5), ("equal", 0.5)])
+def test_update_weight(weighting: str, expected: float) -> None:
+    config = StalenessConfig(function="polynomial", a=0.5)
+    assert update_weight(config, tau=3, num_examples=40, weighting=weighting) == pytest.approx(
+        expected
+    )
+
+
+def test_negative_staleness_is_an_error() -> None:
+    with pytest.raises(ValueError, match="negative"):
+        staleness_factor(StalenessConfig(), -1)
+
+
+@pytest.mark.parametrize(
+    "data",
+    [{"function": "exponential"}, {"a": -1}, {"b": float("nan")}, {"c": 1}, {"a": "x"}],
+)
+def test_invalid_config_is_rejected(data: dict) -> None:
+    with pytest.raises(ValueError):
+        StalenessConfig.from_dict(data)
