@@ -1,0 +1,230 @@
+"""The import rules between fedge's packages, and the edge agent's light footprint.
+
+* ``shared`` imports neither ``coordinator`` nor ``edge_agent``; ``edge_agent`` never imports
+  ``coordinator``; ``coordinator`` never imports ``edge_agent`` (checked on the source with
+  ``ast``, so a violation inside a function counts too).
+* ``edge_agent`` and ``shared``, every module of them, import on a plain install (numpy, httpx,
+  cryptography and their own dependencies): a fresh interpreter whose import system refuses
+  everything else imports them all. The coordinator's and the demo's dependencies must not even
+  be attempted at import time; demo and fleet code imports them inside functions.
+"""
+
+from __future__ import annotations
+
+import ast
+import json
+import subprocess
+import sys
+import typing
+from importlib import metadata
+from pathlib import Path
+
+import pytest
+from packaging.requirements import Requirement
+from packaging.utils import canonicalize_name
+
+ROOT = Path(__file__).resolve().parents[1]
+FORBIDDEN = {
+    "shared": {"coordinator", "edge_agent"},
+    "edge_agent": {"coordinator"},
+    "coordinator": {"edge_agent"},
+}
+# Must never be attempted at import time by shared or edge_agent, even inside try/except.
+HEAVY = [
+    "fastapi",
+    "starlette",
+    "sqlalchemy",
+    "alembic",
+    "uvicorn",
+    "pydantic_settings",
+    "psycopg",
+    "sklearn",
+    "matplotlib",
+    "tqdm",
+]
+
+
+def _absolute(node: ast.ImportFrom, module: str, is_package: bool) -> str:
+    if node.level == 0:
+        return node.module or ""
+    parts = module.split(".")
+    base = parts if is_package else parts[:-1]
+    base = base[: len(base) - (node.level - 1)]
+    return ".".join([*base, node.module] if node.module else base)
+
+
+def imported_modules(source: str, *, module: str, is_package: bool = False) -> set[str]:
+    """Every module named by an import statement or by ``importlib.import_module("...")`` /
+    ``__import__("...")`` with a literal name, anywhere in ``source``."""
+    found: set[str] = set()
+    for node in ast.walk(ast.parse(source)):
+        if isinstance(node, ast.Import):
+            found.update(alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom):
+            found.add(_absolute(node, module, is_package))
+        elif isinstance(node, ast.Call) and node.args:
+            func = node.func
+            name = func.attr if isinstance(func, ast.Attribute) else getattr(func, "id", None)
+            first = node.args[0]
+            literal = isinstance(first, ast.Constant) and isinstance(first.value, str)
+            if name in {"import_module", "__import__"} and literal:
+                found.add(typing.cast(ast.Constant, first).value)
+    return found
+
+
+def violations(package: str) -> list[str]:
+    problems = []
+    for path in sorted((ROOT / package).rglob("*.py")):
+        rel = path.relative_to(ROOT)
+        is_package = path.name == "__init__.py"
+        parts = rel.with_suffix("").parts
+        module = ".".join(parts[:-1] if is_package else parts)
+        source = path.read_text(encoding="utf-8")
+        for name in sorted(imported_modules(source, module=module, is_package=is_package)):
+            if name.partition(".")[0] in FORBIDDEN[package]:
+                problems.append(f"{rel} imports {name}")
+    return problems
+
+
+@pytest.mark.parametrize("package", sorted(FORBIDDEN))
+def test_packages_import_only_in_the_allowed_direction(package: str) -> None:
+    assert (ROOT / package / "__init__.py").is_file()
+    assert violations(package) == []
+
+
+@pytest.mark.parametrize(
+    "source",
+    [
+        "import coordinator",
+        "import coordinator.models as m",
+        "from coordinator.db import utcnow",
+        "def f():\n    from coordinator import app\n",
+        "import importlib\nimportlib.import_module('coordinator.cli')",
+    ],
+)
+def test_the_checker_sees_every_form_of_import(source: str) -> None:
+    names = imported_modules(source, module="edge_agent.x.y")
+    assert any(n.partition(".")[0] == "coordinator" for n in names), names
+
+
+def test_relative_imports_resolve_inside_the_package() -> None:
+    assert imported_modules("from . import signing", module="shared.cli") == {"shared"}
+    assert imported_modules("from .wire import x", module="shared", is_package=True) == {
+        "shared.wire"
+    }
+
+
+def plain_install_modules() -> list[str]:
+    """Top-level modules provided by fedge's base dependencies (no extras), transitively."""
+    seen: set[str] = set()
+    todo = ["fedge"]
+    while todo:
+        for spec in metadata.requires(todo.pop()) or []:
+            req = Requirement(spec)
+            if req.marker is not None and not req.marker.evaluate({"extra": ""}):
+                continue
+            name = canonicalize_name(req.name)
+            if name not in seen:
+                seen.add(name)
+                todo.append(name)
+    assert {"numpy", "httpx", "cryptography"} <= seen
+    provided = metadata.packages_distributions()
+    return sorted(
+        module
+        for module, dists in provided.items()
+        if any(canonicalize_name(d) in seen for d in dists)
+    )
+
+
+PROBE = r"""
+import importlib, importlib.abc, json, pkgutil, sys
+
+heavy = set(json.loads(sys.argv[1]))
+roots = json.loads(sys.argv[3])
+allowed = set(json.loads(sys.argv[2])) | set(roots)
+attempts = []
+
+
+class PlainInstall(importlib.abc.MetaPathFinder):
+    def find_spec(self, fullname, path=None, target=None):
+        top = fullname.partition(".")[0]
+        if top in heavy or (top not in allowed and top not in sys.stdlib_module_names):
+            attempts.append(fullname)
+            raise ModuleNotFoundError(f"No module named {fullname!r}", name=fullname)
+        return None
+
+
+preloaded = sorted(m for m in sys.modules if m.partition(".")[0] in heavy | set(roots))
+sys.meta_path.insert(0, PlainInstall())
+results = {}
+
+
+def visit(name):
+    before = len(attempts)
+    try:
+        module = importlib.import_module(name)
+        error = None
+    except BaseException as exc:
+        module, error = None, f"{type(exc).__name__}: {exc}"
+    results[name] = {"error": error, "attempted": attempts[before:]}
+    if module is not None and hasattr(module, "__path__"):
+        for info in pkgutil.iter_modules(module.__path__, name + "."):
+            visit(info.name)
+
+
+for root in roots:
+    visit(root)
+print(json.dumps({"preloaded": preloaded, "results": results}))
+"""
+
+
+def probe(roots: list[str], *, cwd: Path) -> dict:
+    """Import ``roots`` and all their submodules in a fresh interpreter that only has the
+    plain install's modules; report per module."""
+    result = subprocess.run(
+        [sys.executable, "-c", PROBE, *map(json.dumps, (HEAVY, plain_install_modules(), roots))],
+        capture_output=True,
+        text=True,
+        cwd=cwd,
+        timeout=120,
+    )
+    assert result.returncode == 0, result.stderr
+    return json.loads(result.stdout)
+
+
+def heavy_attempts(result: dict) -> list[str]:
+    return [a for a in result["attempted"] if a.partition(".")[0] in HEAVY]
+
+
+def test_agent_and_shared_import_on_a_plain_install() -> None:
+    report = probe(["shared", "edge_agent"], cwd=ROOT)
+    assert report["preloaded"] == []
+    results = report["results"]
+    assert "edge_agent" in results and "shared.signing" in results
+    failures = {name: r["error"] for name, r in results.items() if r["error"]}
+    attempts = {name: heavy_attempts(r) for name, r in results.items()}
+    assert failures == {}, f"modules that do not import on a plain install: {failures}"
+    assert {k: v for k, v in attempts.items() if v} == {}, (
+        "modules that try the coordinator's or the demo's dependencies at import time "
+        "(import them inside the functions that need them)"
+    )
+
+
+def test_the_probe_catches_a_heavy_import(tmp_path: Path) -> None:
+    """The probe can fail: it reports heavy imports (even guarded ones) and modules that need
+    anything beyond the plain install, and leaves imports inside functions alone."""
+    sample = tmp_path / "fedge_probe_sample"
+    sample.mkdir()
+    (sample / "__init__.py").write_text("import numpy\nimport httpx\n")
+    (sample / "guarded.py").write_text("try:\n    import tqdm\nexcept ImportError:\n    pass\n")
+    (sample / "eager.py").write_text("import json\nimport sqlalchemy\n")
+    (sample / "lazy.py").write_text("def plot():\n    import matplotlib\n")
+    (sample / "other.py").write_text("import some_unlisted_dependency\n")
+    report = probe(["fedge_probe_sample"], cwd=tmp_path)["results"]
+    results = {name: (r["error"], heavy_attempts(r)) for name, r in report.items()}
+    assert results["fedge_probe_sample"] == (None, [])
+    assert results["fedge_probe_sample.lazy"] == (None, [])
+    assert results["fedge_probe_sample.guarded"] == (None, ["tqdm"])
+    assert results["fedge_probe_sample.eager"][0].startswith("ModuleNotFoundError")
+    assert results["fedge_probe_sample.eager"][1] == ["sqlalchemy"]
+    assert results["fedge_probe_sample.other"][0].startswith("ModuleNotFoundError")
