@@ -116,7 +116,7 @@ class CompressedUpdate:
         return ModelSpec(tuple(TensorSpec(t.name, t.shape) for t in self.tensors))
 
 
-def as_float32(name: str, array: object) -> np.ndarray:
+def as_float32(name: str, array: object, *, check_finite: bool = True) -> np.ndarray:
     """A C-contiguous float32 view/copy of a finite real floating array, else ``ValueError``."""
     if isinstance(array, np.generic):
         array = np.asarray(array)
@@ -126,7 +126,7 @@ def as_float32(name: str, array: object) -> np.ndarray:
         raise ValueError(f"tensor {name!r}: expected a floating dtype, got {array.dtype}")
     with np.errstate(over="ignore"):
         out = np.array(array, dtype=np.float32, order="C", copy=None)
-    if not np.isfinite(out).all():
+    if check_finite and not np.isfinite(out).all():
         raise ValueError(f"tensor {name!r}: contains NaN or infinite values (as float32)")
     return out
 
@@ -177,16 +177,18 @@ def compress(
         raise ValueError("delta must be a non-empty mapping of tensor name -> array")
     if residual is not None and not policy.error_feedback:
         raise ValueError("a residual was given but the policy disables error feedback")
-    arrays = {name: as_float32(name, a) for name, a in delta.items()}
+    # With a residual (always finite) one check of delta + residual covers the delta too.
+    arrays = {name: as_float32(name, a, check_finite=residual is None) for name, a in delta.items()}
     spec = ModelSpec.from_weights(arrays)
     flats: list[np.ndarray] = []
     if residual is not None:
         if residual.spec != spec:
             raise ValueError("the residual's model spec differs from the delta's")
-        with np.errstate(over="ignore"):
+        with np.errstate(over="ignore", invalid="ignore"):
             flats = [(arrays[t.name] + residual.values[t.name]).reshape(-1) for t in spec.tensors]
         for t, x in zip(spec.tensors, flats, strict=True):
             if not np.isfinite(x).all():
+                as_float32(t.name, arrays[t.name])  # names NaN/Inf in the delta itself
                 raise ValueError(f"tensor {t.name!r}: delta + residual overflows float32")
     else:
         flats = [arrays[t.name].reshape(-1) for t in spec.tensors]
