@@ -15,7 +15,6 @@ import ast
 import json
 import subprocess
 import sys
-import typing
 from importlib import metadata
 from pathlib import Path
 
@@ -65,10 +64,9 @@ def imported_modules(source: str, *, module: str, is_package: bool = False) -> s
         elif isinstance(node, ast.Call) and node.args:
             func = node.func
             name = func.attr if isinstance(func, ast.Attribute) else getattr(func, "id", None)
-            first = node.args[0]
-            literal = isinstance(first, ast.Constant) and isinstance(first.value, str)
-            if name in {"import_module", "__import__"} and literal:
-                found.add(typing.cast(ast.Constant, first).value)
+            value = getattr(node.args[0], "value", None)
+            if name in {"import_module", "__import__"} and isinstance(value, str):
+                found.add(value)
     return found
 
 
