@@ -7,7 +7,17 @@ from __future__ import annotations
 
 from fastapi import APIRouter
 
-from coordinator.api import device, devices, health, keys, tokens
+from coordinator.api import (
+    device,
+    device_work,
+    devices,
+    health,
+    keys,
+    model_versions,
+    rounds,
+    tasks,
+    tokens,
+)
 
 API_PREFIX = "/api/v1"
 
@@ -16,7 +26,7 @@ def build_router() -> APIRouter:
     router = APIRouter()
     router.include_router(health.router)
     api = APIRouter(prefix=API_PREFIX)
-    for module in (tokens, keys, devices, device):
+    for module in (tasks, rounds, model_versions, devices, tokens, keys, device, device_work):
         api.include_router(module.router)
     router.include_router(api)
     return router

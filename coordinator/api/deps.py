@@ -15,6 +15,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from dataclasses import dataclass
+from datetime import timedelta
 from typing import Annotated, TypeVar
 
 from fastapi import Depends, Query, Request
@@ -24,16 +25,19 @@ from sqlalchemy.orm import Session
 
 from coordinator.auth import DeviceIdentity, authenticate_device
 from coordinator.blobstore import BlobStore
+from coordinator.db import utcnow
 from coordinator.errors import Forbidden, Unauthorized
 from coordinator.models import ApiKey
 from coordinator.runtime import Runtime
-from coordinator.secrets import find_api_key
+from coordinator.secrets import hash_secret
 from coordinator.settings import Settings
 
 T = TypeVar("T")
 
 #: Largest value accepted for integer identifiers in paths (fits a 32-bit INTEGER column).
 MAX_ID = 2**31 - 1
+#: How precisely an API key's ``last_used_at`` is kept.
+LAST_USED_RESOLUTION = timedelta(minutes=1)
 #: Largest list offset (keeps SQL parameters within every backend's integer range).
 MAX_OFFSET = 2**31 - 1
 
@@ -99,9 +103,15 @@ def get_caller(
             "missing API key: send 'Authorization: Bearer <key>'",
             headers={"WWW-Authenticate": "Bearer"},
         )
-    key: ApiKey | None = find_api_key(session, credentials.credentials)
-    if key is None:
+    key = session.scalar(
+        select(ApiKey).where(ApiKey.key_hash == hash_secret(credentials.credentials))
+    )
+    if key is None or key.revoked_at is not None:
         raise Unauthorized("unknown or revoked API key", headers={"WWW-Authenticate": "Bearer"})
+    now = utcnow()
+    # Kept to the minute, so that reads do not turn into writes.
+    if key.last_used_at is None or now - key.last_used_at > LAST_USED_RESOLUTION:
+        key.last_used_at = now
     return Caller(key_id=key.id, name=key.name, role=key.role)
 
 

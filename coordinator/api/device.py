@@ -6,15 +6,27 @@ long-poll, update upload and metrics live in :mod:`coordinator.api.device_work`.
 
 from __future__ import annotations
 
-from fastapi import APIRouter
+from fastapi import APIRouter, Response
+from sqlalchemy import select, update
 from sqlalchemy.orm import Session
 
-from coordinator.api.deps import DeviceDep, SessionDep
+from coordinator.api.deps import BlobsDep, DeviceDep, SessionDep
 from coordinator.api.devices import to_public
+from coordinator.api.model_versions import (
+    MODEL_RESPONSES,
+    Dtype,
+    IfNoneMatch,
+    VersionRef,
+    find_version,
+    model_response,
+)
+from coordinator.api.tasks import TaskId, get_task
+from coordinator.db import utcnow
 from coordinator.enrollment import enroll_device
-from coordinator.errors import NotFound, error_responses
-from coordinator.models import Device
+from coordinator.errors import Forbidden, NotFound, error_responses
+from coordinator.models import Assignment, Device
 from coordinator.schemas.devices import DevicePublic, EnrollRequest, EnrollResponse
+from shared.modelspec import ModelSpec
 
 router = APIRouter(prefix="/device", tags=["device"])
 
@@ -55,3 +67,45 @@ def _device(session: Session, device_id: str) -> Device:
 )
 def me(device: DeviceDep, session: SessionDep) -> DevicePublic:
     return to_public(_device(session, device.id))
+
+
+@router.get(
+    "/tasks/{task_id}/models/{version}",
+    response_class=Response,
+    summary="Download a model of a task the device has an assignment for",
+    description="The first download of an assignment's base model marks it `downloaded`.",
+    responses={**MODEL_RESPONSES, **error_responses(*SIGNED_ERRORS, 404, 422)},
+)
+def download_model(
+    task_id: TaskId,
+    version: VersionRef,
+    device: DeviceDep,
+    session: SessionDep,
+    blobs: BlobsDep,
+    dtype: Dtype = "f32",
+    if_none_match: IfNoneMatch = None,
+) -> Response:
+    mine = select(Assignment.id).where(
+        Assignment.task_id == task_id, Assignment.device_id == device.id
+    )
+    if session.scalar(mine.limit(1)) is None:
+        raise Forbidden(
+            f"device {device.id} has no assignment for task {task_id}", code="not_your_assignment"
+        )
+    task = get_task(session, task_id)
+    row = find_version(session, task_id, version)
+    response = model_response(
+        blobs, row, ModelSpec.from_dict(task.model_spec), dtype=dtype, if_none_match=if_none_match
+    )
+    session.execute(
+        update(Assignment)
+        .where(
+            Assignment.task_id == task_id,
+            Assignment.device_id == device.id,
+            Assignment.base_version == row.version,
+            Assignment.status == "assigned",
+        )
+        .values(status="downloaded", downloaded_at=utcnow())
+        .execution_options(synchronize_session=False)
+    )
+    return response

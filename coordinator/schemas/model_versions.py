@@ -1,0 +1,25 @@
+"""Model versions of a task (version 0 is the initial model)."""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Any
+
+from pydantic import BaseModel, Field
+
+from coordinator.schemas.common import Page
+
+
+class ModelVersionPublic(BaseModel):
+    task_id: int
+    version: int
+    digest: str = Field(description="SHA-256 of the float32 wire encoding (the ETag)")
+    size_bytes: int
+    round_id: int | None = Field(description="The round that produced it (none for version 0)")
+    num_updates: int
+    metrics: dict[str, Any]
+    created_at: datetime
+
+
+class ModelVersionsPublic(Page[ModelVersionPublic]):
+    pass

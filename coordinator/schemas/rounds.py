@@ -1,0 +1,36 @@
+"""Rounds of a task, with their counts and metrics (written by the round engine)."""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Any, Literal
+
+from pydantic import BaseModel
+
+from coordinator.schemas.common import Page
+
+RoundStatus = Literal["open", "aggregating", "closed", "failed"]
+
+
+class RoundPublic(BaseModel):
+    id: int
+    task_id: int
+    number: int
+    base_version: int
+    status: RoundStatus
+    status_reason: str | None
+    target_updates: int
+    result_version: int | None
+    opened_at: datetime
+    deadline_at: datetime | None
+    closed_at: datetime | None
+    num_assigned: int
+    num_received: int
+    num_stale: int
+    num_dropped: int
+    num_rejected: int
+    metrics: dict[str, Any]
+
+
+class RoundsPublic(Page[RoundPublic]):
+    pass

@@ -1,0 +1,248 @@
+"""Tasks: model, aggregation, compression and training configuration, and the task record.
+
+Every config object forbids unknown fields and non-finite numbers, so a typo is a 422 with
+the field's name instead of a silently ignored setting.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, Discriminator, Field, Tag, model_validator
+
+from coordinator.schemas.common import JsonObject, Name, Page, Strict, Text
+from shared import architectures
+from shared.limits import MAX_CHUNK
+from shared.modelspec import ModelSpec
+from shared.policy import CompressionPolicy, PolicyError
+
+TaskStatus = Literal["draft", "running", "paused", "completed", "cancelled", "failed"]
+BUILTIN_TRAINERS = ("softmax", "mlp")
+#: A trainer named by entry point: ``package.module:function``.
+ENTRY_POINT_PATTERN = r"^[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*:[A-Za-z_][A-Za-z0-9_]*$"
+MAX_SEED = 2**63 - 1
+
+# ------------------------------------------------------------------------------ model
+
+
+class BuiltinModel(Strict):
+    """A built-in architecture; the coordinator builds its spec and seeded initial weights."""
+
+    architecture: Literal["softmax", "mlp"]
+    input_dim: int = Field(ge=1, le=10_000_000)
+    num_classes: int = Field(ge=2, le=1_000_000)
+    hidden: list[Annotated[int, Field(ge=1, le=1_000_000)]] = Field(
+        default_factory=list, max_length=architectures.MAX_HIDDEN_LAYERS
+    )
+    seed: int = Field(default=0, ge=0, le=MAX_SEED)
+
+    @model_validator(mode="after")
+    def _layers(self) -> BuiltinModel:
+        architectures.layers(self.model_dump())  # ValueError names the problem
+        return self
+
+
+class TensorEntry(Strict):
+    name: str = Field(min_length=1, max_length=256)
+    shape: list[Annotated[int, Field(ge=0, le=2**31 - 1)]] = Field(max_length=8)
+
+
+class SpecModel(Strict):
+    """Explicit tensors; initial weights are uploaded with ``PUT /tasks/{id}/model``."""
+
+    spec: list[TensorEntry] = Field(min_length=1, max_length=4096)
+
+    @model_validator(mode="after")
+    def _spec(self) -> SpecModel:
+        ModelSpec.from_dict([t.model_dump() for t in self.spec])
+        return self
+
+
+def _model_kind(value: Any) -> str:
+    if isinstance(value, dict):
+        return "spec" if "spec" in value else "builtin"
+    return "spec" if isinstance(value, SpecModel) else "builtin"
+
+
+ModelConfig = Annotated[
+    Annotated[BuiltinModel, Tag("builtin")] | Annotated[SpecModel, Tag("spec")],
+    Discriminator(_model_kind),
+]
+
+
+def model_spec(model: BuiltinModel | SpecModel) -> ModelSpec:
+    return architectures.build_spec(model.model_dump())
+
+
+# ------------------------------------------------------------------------ aggregation
+
+
+class TargetMetric(Strict):
+    """Stop early once a model version's metric reaches ``value``."""
+
+    name: str = Field(default="accuracy", min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_.]+$")
+    value: float
+
+
+class StalenessConfig(Strict):
+    """``s(tau)``: constant 1, polynomial ``(1+tau)^-a``, hinge (1 if tau <= b else
+    ``1/(a(tau-b)+1)``)."""
+
+    function: Literal["constant", "polynomial", "hinge"] = "polynomial"
+    a: float = Field(default=0.5, gt=0, le=1000)
+    b: int = Field(default=4, ge=0, le=1_000_000)
+
+
+class AggregationConfig(Strict):
+    mode: Literal["sync", "async"] = "sync"
+    strategy: Literal["fedavg", "fedavgm", "fedadam", "fedyogi"] = "fedavg"
+    num_rounds: int = Field(default=20, ge=1, le=1_000_000)
+    target_metric: TargetMetric | None = None
+    clients_per_round: int = Field(default=10, ge=1, le=100_000)
+    over_selection: float = Field(default=0.3, ge=0, le=5)
+    min_updates: int = Field(default=1, ge=1, le=100_000)
+    round_deadline_s: float = Field(default=60, gt=0, le=7 * 24 * 3600)
+    lease_s: float = Field(default=120, gt=0, le=7 * 24 * 3600)
+    max_staleness: int = Field(default=4, ge=0, le=1_000_000)
+    staleness: StalenessConfig = Field(default_factory=StalenessConfig)
+    weighting: Literal["num_examples", "equal"] = "num_examples"
+    server_lr: float = Field(default=1.0, gt=0, le=1000)
+    server_momentum: float = Field(default=0.0, ge=0, lt=1, description="fedavgm")
+    server_beta1: float = Field(default=0.9, ge=0, lt=1, description="fedadam, fedyogi")
+    server_beta2: float = Field(default=0.99, ge=0, lt=1, description="fedadam, fedyogi")
+    server_eps: float = Field(default=1e-3, ge=1e-12, le=1, description="fedadam, fedyogi")
+    buffer_size: int = Field(default=10, ge=1, le=100_000)
+    max_concurrency: int = Field(default=20, ge=1, le=100_000)
+    eval_every: int = Field(default=1, ge=1, le=1_000_000)
+
+    @model_validator(mode="after")
+    def _consistent(self) -> AggregationConfig:
+        if self.min_updates > self.clients_per_round:
+            raise ValueError(
+                f"min_updates ({self.min_updates}) must not exceed clients_per_round "
+                f"({self.clients_per_round})"
+            )
+        return self
+
+
+# ------------------------------------------------------------------------ compression
+
+_DEFAULT_POLICY = CompressionPolicy()
+
+
+class CompressionConfig(Strict):
+    """The compression policy devices must apply (see shared.policy.CompressionPolicy)."""
+
+    topk_fraction: float = Field(default=_DEFAULT_POLICY.topk_fraction, gt=0, le=1)
+    bits: Literal[1, 2, 4, 8, 32] = _DEFAULT_POLICY.bits  # type: ignore[assignment]
+    chunk: int = Field(default=_DEFAULT_POLICY.chunk, ge=1, le=MAX_CHUNK)
+    error_feedback: bool = _DEFAULT_POLICY.error_feedback
+    scope: Literal["tensor", "global"] = _DEFAULT_POLICY.scope
+
+    @model_validator(mode="after")
+    def _policy(self) -> CompressionConfig:
+        try:
+            CompressionPolicy.from_dict(self.model_dump())
+        except PolicyError as exc:
+            raise ValueError(str(exc)) from None
+        return self
+
+    def policy(self) -> CompressionPolicy:
+        return CompressionPolicy.from_dict(self.model_dump())
+
+
+# --------------------------------------------------------------------------- training
+
+
+class TrainingConfig(Strict):
+    """Handed to devices. ``trainer`` is ``softmax``, ``mlp`` or ``package.module:function``;
+    when omitted it is the model's built-in architecture."""
+
+    trainer: str | None = Field(
+        default=None, min_length=1, max_length=200, pattern=f"^(softmax|mlp)$|{ENTRY_POINT_PATTERN}"
+    )
+    epochs: int = Field(default=1, ge=1, le=1000)
+    batch_size: int = Field(default=32, ge=1, le=65536)
+    lr: float = Field(default=0.1, gt=0, le=1000)
+    proximal_mu: float = Field(default=0.0, ge=0, le=1_000_000)
+    extra: JsonObject = Field(default_factory=dict)
+
+
+class TrainingPublic(TrainingConfig):
+    trainer: str  # always resolved in stored tasks
+
+
+def resolve_trainer(model: BuiltinModel | SpecModel, training: TrainingConfig) -> TrainingConfig:
+    """``training`` with its trainer filled in and checked against the model (ValueError)."""
+    trainer = training.trainer
+    if isinstance(model, BuiltinModel):
+        if trainer is None:
+            trainer = model.architecture
+        elif trainer in BUILTIN_TRAINERS and trainer != model.architecture:
+            raise ValueError(
+                f"trainer '{trainer}' cannot train a '{model.architecture}' model; "
+                f"use '{model.architecture}' or a custom trainer"
+            )
+    elif trainer is None:
+        raise ValueError("a model given by spec needs training.trainer (a custom trainer)")
+    return training.model_copy(update={"trainer": trainer})
+
+
+# ------------------------------------------------------------------------------ tasks
+
+
+class TaskCreate(Strict):
+    name: Name
+    description: Text = ""
+    model: ModelConfig
+    aggregation: AggregationConfig = Field(default_factory=AggregationConfig)
+    compression: CompressionConfig = Field(default_factory=CompressionConfig)
+    training: TrainingConfig = Field(default_factory=TrainingConfig)
+
+    @model_validator(mode="after")
+    def _trainer(self) -> TaskCreate:
+        self.training = resolve_trainer(self.model, self.training)
+        return self
+
+
+class TaskUpdate(Strict):
+    """A change to a draft task. Omitted (or null) fields stay as they are; ``aggregation``,
+    ``compression`` and ``training`` are merged key by key into the current values and the
+    result is validated as a whole; a new ``model`` rebuilds the spec and initial weights."""
+
+    name: Name | None = None
+    description: Text | None = None
+    model: ModelConfig | None = None
+    aggregation: JsonObject | None = None
+    compression: JsonObject | None = None
+    training: JsonObject | None = None
+
+
+class TensorSpecPublic(BaseModel):
+    name: str
+    shape: list[int]
+
+
+class TaskPublic(BaseModel):
+    id: int
+    name: str
+    description: str
+    status: TaskStatus
+    status_reason: str | None
+    model: ModelConfig
+    spec: list[TensorSpecPublic]
+    num_params: int
+    aggregation: AggregationConfig
+    compression: CompressionConfig
+    training: TrainingPublic
+    current_version: int = Field(description="Latest model version; -1 before initial weights")
+    has_initial_weights: bool
+    created_at: datetime
+    updated_at: datetime
+    started_at: datetime | None
+    finished_at: datetime | None
+
+
+class TasksPublic(Page[TaskPublic]):
+    pass

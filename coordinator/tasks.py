@@ -1,0 +1,329 @@
+"""Task service: creation, draft edits, initial weights and lifecycle transitions.
+
+Service functions flush, never commit (the request's session commits). Blobs are written
+before the rows that name them, so a committed row never points at a missing blob; a failed
+transaction can at worst leave an unreferenced blob behind.
+
+Storage format of ``Task.aggregation``: the API's :class:`AggregationConfig` with every default
+filled in, except that the API's ``target_metric: {"name", "value"}`` is stored flat as
+``target_metric`` (name) and ``target_value``, the form the round engine reads
+(:mod:`coordinator.engine.config`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any, TypeVar
+
+import numpy as np
+from pydantic import BaseModel, ValidationError
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
+from coordinator.blobstore import BlobStore
+from coordinator.db import utcnow
+from coordinator.errors import ApiError, BadRequest, Conflict, Unprocessable
+from coordinator.models import ModelVersion, Task
+from coordinator.schemas.model_versions import ModelVersionPublic
+from coordinator.schemas.tasks import (
+    AggregationConfig,
+    BuiltinModel,
+    CompressionConfig,
+    SpecModel,
+    TaskCreate,
+    TaskPublic,
+    TaskUpdate,
+    TensorSpecPublic,
+    TrainingConfig,
+    TrainingPublic,
+    model_spec,
+    resolve_trainer,
+)
+from coordinator.settings import Settings
+from shared import architectures, wire
+from shared.limits import DEFAULT_LIMITS, Limits
+from shared.modelspec import ModelSpec
+
+#: Lifecycle actions: action -> (statuses it applies to, status it leads to).
+TRANSITIONS: dict[str, tuple[tuple[str, ...], str]] = {
+    "start": (("draft",), "running"),
+    "pause": (("running",), "paused"),
+    "resume": (("paused",), "running"),
+    "cancel": (("draft", "running", "paused"), "cancelled"),
+}
+#: Wire codes that mean "valid encoding, wrong content" (422); the others are 400.
+UNPROCESSABLE_WIRE_CODES = frozenset({"shape_mismatch", "policy_mismatch"})
+
+ModelConfig = BuiltinModel | SpecModel
+M = TypeVar("M", bound=BaseModel)
+
+
+# ------------------------------------------------------------------------ conversions
+
+
+def aggregation_to_stored(cfg: AggregationConfig) -> dict[str, Any]:
+    data = cfg.model_dump(mode="json")
+    target = data.pop("target_metric")
+    data["target_metric"] = None if target is None else target["name"]
+    data["target_value"] = None if target is None else target["value"]
+    return data
+
+
+def aggregation_from_stored(data: Mapping[str, Any]) -> AggregationConfig:
+    values = dict(data)
+    name, value = values.pop("target_metric", None), values.pop("target_value", None)
+    values["target_metric"] = None if name is None else {"name": name, "value": value}
+    return AggregationConfig.model_validate(values)
+
+
+def parse_model(data: Mapping[str, Any]) -> ModelConfig:
+    if "spec" in data:
+        return SpecModel.model_validate(data)
+    return BuiltinModel.model_validate(data)
+
+
+def to_public(task: Task) -> TaskPublic:
+    spec = ModelSpec.from_dict(task.model_spec)
+    return TaskPublic(
+        id=task.id,
+        name=task.name,
+        description=task.description,
+        status=task.status,  # type: ignore[arg-type]
+        status_reason=task.status_reason,
+        model=parse_model(task.model_config_),
+        spec=[TensorSpecPublic(name=t.name, shape=list(t.shape)) for t in spec.tensors],
+        num_params=spec.num_params,
+        aggregation=aggregation_from_stored(task.aggregation),
+        compression=CompressionConfig.model_validate(task.compression),
+        training=TrainingPublic.model_validate(task.training),
+        current_version=task.current_version,
+        has_initial_weights=task.current_version >= 0,
+        created_at=task.created_at,
+        updated_at=task.updated_at,
+        started_at=task.started_at,
+        finished_at=task.finished_at,
+    )
+
+
+def version_to_public(row: ModelVersion) -> ModelVersionPublic:
+    return ModelVersionPublic(
+        task_id=row.task_id,
+        version=row.version,
+        digest=row.blob_digest,
+        size_bytes=row.size_bytes,
+        round_id=row.round_id,
+        num_updates=row.num_updates,
+        metrics=row.metrics or {},
+        created_at=row.created_at,
+    )
+
+
+def _validation_detail(exc: ValidationError, *, prefix: str) -> str:
+    parts = []
+    for err in exc.errors()[:5]:
+        loc = ".".join(str(p) for p in (prefix, *err.get("loc", ())))
+        parts.append(f"{loc}: {err.get('msg', 'invalid')}")
+    return "; ".join(parts)
+
+
+def _validate(model: type[M], data: Any, *, prefix: str) -> M:
+    try:
+        return model.model_validate(data)
+    except ValidationError as exc:
+        raise Unprocessable(_validation_detail(exc, prefix=prefix)) from None
+
+
+# ------------------------------------------------------------------------------ model
+
+
+def model_limits(settings: Settings) -> Limits:
+    """Decoder limits for a model of at most ``max_model_bytes`` of float32 values."""
+    max_params = max(1, settings.max_model_bytes // 4)
+    return Limits(
+        max_tensor_elements=min(DEFAULT_LIMITS.max_tensor_elements, max_params),
+        max_total_elements=min(DEFAULT_LIMITS.max_total_elements, max_params),
+    )
+
+
+def _checked_spec(model: ModelConfig, settings: Settings) -> ModelSpec:
+    try:
+        spec = model_spec(model)
+    except ValueError as exc:
+        raise Unprocessable(f"model: {exc}") from None
+    max_params = settings.max_model_bytes // 4
+    if spec.num_params > max_params:
+        raise Unprocessable(
+            f"model: {spec.num_params} parameters; this coordinator allows at most "
+            f"{max_params} (max_model_bytes / 4)"
+        )
+    return spec
+
+
+def _store_version_zero(session: Session, blobs: BlobStore, task: Task, data: bytes) -> None:
+    """Make ``data`` (an encoded model) the task's version 0, replacing any earlier one."""
+    digest = blobs.put(data)
+    row = session.scalar(
+        select(ModelVersion).where(ModelVersion.task_id == task.id, ModelVersion.version == 0)
+    )
+    if row is None:
+        row = ModelVersion(task_id=task.id, version=0, num_updates=0, metrics={})
+        session.add(row)
+    row.blob_digest = digest
+    row.size_bytes = len(data)
+    row.created_at = utcnow()
+    task.current_version = 0
+
+
+def _drop_version_zero(session: Session, task: Task) -> None:
+    row = session.scalar(
+        select(ModelVersion).where(ModelVersion.task_id == task.id, ModelVersion.version == 0)
+    )
+    if row is not None:
+        session.delete(row)
+    task.current_version = -1
+
+
+def _initial_weights(model: BuiltinModel) -> bytes:
+    weights = architectures.init_weights(model.model_dump(), np.random.default_rng(model.seed))
+    return wire.encode_model(weights)
+
+
+# ------------------------------------------------------------------------------ tasks
+
+
+def create_task(session: Session, blobs: BlobStore, settings: Settings, body: TaskCreate) -> Task:
+    """A new draft task; built-in models get seeded initial weights as version 0."""
+    spec = _checked_spec(body.model, settings)
+    now = utcnow()
+    task = Task(
+        name=body.name,
+        description=body.description,
+        status="draft",
+        model_config_=body.model.model_dump(mode="json"),
+        model_spec=spec.to_dict(),
+        aggregation=aggregation_to_stored(body.aggregation),
+        compression=body.compression.model_dump(mode="json"),
+        training=body.training.model_dump(mode="json"),
+        current_version=-1,
+        created_at=now,
+        updated_at=now,
+    )
+    session.add(task)
+    session.flush()
+    if isinstance(body.model, BuiltinModel):
+        _store_version_zero(session, blobs, task, _initial_weights(body.model))
+        session.flush()
+    return task
+
+
+def require_draft(task: Task) -> None:
+    if task.status != "draft":
+        raise Conflict(
+            f"task {task.id} is {task.status}; only draft tasks can be changed",
+            code="task_not_draft",
+        )
+
+
+def update_task(
+    session: Session, blobs: BlobStore, settings: Settings, task: Task, patch: TaskUpdate
+) -> Task:
+    """Apply a draft edit (see :class:`TaskUpdate`); 409 ``task_not_draft`` otherwise."""
+    require_draft(task)
+    old_model = parse_model(task.model_config_)
+    model = patch.model if patch.model is not None else old_model
+    aggregation = aggregation_from_stored(task.aggregation)
+    if patch.aggregation is not None:
+        merged = {**aggregation.model_dump(), **patch.aggregation}
+        aggregation = _validate(AggregationConfig, merged, prefix="aggregation")
+    compression = CompressionConfig.model_validate(task.compression)
+    if patch.compression is not None:
+        merged = {**compression.model_dump(), **patch.compression}
+        compression = _validate(CompressionConfig, merged, prefix="compression")
+    training_data = {**task.training, **(patch.training or {})}
+    # A trainer that was only the old architecture's default follows the new model.
+    if (
+        patch.model is not None
+        and isinstance(old_model, BuiltinModel)
+        and task.training.get("trainer") == old_model.architecture
+        and "trainer" not in (patch.training or {})
+    ):
+        training_data["trainer"] = None
+    training = _validate(TrainingConfig, training_data, prefix="training")
+    try:
+        training = resolve_trainer(model, training)
+    except ValueError as exc:
+        raise Unprocessable(f"training: {exc}") from None
+
+    if patch.model is not None:
+        spec = _checked_spec(model, settings)
+        same_spec = spec.to_dict() == task.model_spec
+        if isinstance(model, BuiltinModel):
+            _store_version_zero(session, blobs, task, _initial_weights(model))
+        elif not same_spec:
+            _drop_version_zero(session, task)
+        task.model_config_ = model.model_dump(mode="json")
+        task.model_spec = spec.to_dict()
+    if patch.name is not None:
+        task.name = patch.name
+    if patch.description is not None:
+        task.description = patch.description
+    task.aggregation = aggregation_to_stored(aggregation)
+    task.compression = compression.model_dump(mode="json")
+    task.training = training.model_dump(mode="json")
+    task.updated_at = utcnow()
+    session.flush()
+    return task
+
+
+def upload_initial_model(
+    session: Session, blobs: BlobStore, settings: Settings, task: Task, data: bytes
+) -> ModelVersion:
+    """Decode an uploaded model against the task's spec and store it as version 0."""
+    require_draft(task)
+    spec = ModelSpec.from_dict(task.model_spec)
+    try:
+        weights = wire.decode_model(data, spec=spec, limits=model_limits(settings))
+    except wire.WireFormatError as exc:
+        cls: type[ApiError] = Unprocessable if exc.code in UNPROCESSABLE_WIRE_CODES else BadRequest
+        raise cls(exc.detail, code=exc.code) from None
+    # Stored canonically as float32, whatever precision was uploaded.
+    _store_version_zero(session, blobs, task, wire.encode_model(weights))
+    task.updated_at = utcnow()
+    session.flush()
+    row = session.scalar(
+        select(ModelVersion).where(ModelVersion.task_id == task.id, ModelVersion.version == 0)
+    )
+    assert row is not None
+    return row
+
+
+def transition(session: Session, task: Task, action: str) -> Task:
+    """Apply a lifecycle action; 409 ``invalid_transition`` when it does not apply.
+
+    Pausing or cancelling only changes the status here: the round engine then cancels the
+    task's active assignments (waking their devices) and, for a cancelled task, fails its
+    open round and rejects updates not yet aggregated.
+    """
+    sources, target = TRANSITIONS[action]
+    if task.status not in sources:
+        allowed = " or ".join(sources)
+        raise Conflict(
+            f"cannot {action} task {task.id}: it is {task.status} (needs {allowed})",
+            code="invalid_transition",
+        )
+    if action == "start" and task.current_version < 0:
+        raise Conflict(
+            f"cannot start task {task.id}: it has no initial weights; upload them with "
+            f"PUT /api/v1/tasks/{task.id}/model",
+            code="invalid_transition",
+        )
+    now = utcnow()
+    task.status = target
+    task.status_reason = None
+    task.updated_at = now
+    if action == "start":
+        task.started_at = now
+    if target == "cancelled":
+        task.finished_at = now
+    session.flush()
+    return task
