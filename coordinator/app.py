@@ -11,6 +11,7 @@ from fastapi import FastAPI
 
 from coordinator import __version__
 from coordinator.api import build_router
+from coordinator.engine.lifecycle import start_engine, stop_engine
 from coordinator.errors import install_error_handlers
 from coordinator.runtime import Runtime
 from coordinator.settings import Settings
@@ -26,7 +27,11 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         runtime = Runtime.open(settings)
         app.state.runtime = runtime
         try:
-            yield
+            await start_engine(runtime)
+            try:
+                yield
+            finally:
+                await stop_engine(runtime)
         finally:
             runtime.close()
 

@@ -1,0 +1,205 @@
+"""The device's work cycle: the work long-poll, update upload and metrics.
+
+Every route depends on ``DeviceDep`` (a verified signed request; the body was read with the
+``max_upload_bytes`` limit enforced while it streamed in and is part of the signature). The
+database work runs in worker threads with short transactions of its own; the long-poll waits
+on an in-process signal holding no session or connection (docs/protocol.md).
+"""
+
+from __future__ import annotations
+
+import asyncio
+from datetime import datetime
+from typing import Annotated, Any, Literal
+
+from fastapi import APIRouter, Header, Path, Query, Response
+from fastapi.concurrency import run_in_threadpool
+from pydantic import BaseModel, Field, ValidationError
+
+from coordinator.api.deps import MAX_ID, DeviceDep, RuntimeDep
+from coordinator.db import session_scope, utcnow
+from coordinator.engine.lifecycle import NOTIFIER_KEY, SCHEDULER_KEY
+from coordinator.engine.notify import Notifier
+from coordinator.engine.reports import record_metrics
+from coordinator.engine.updates import accept_upload, check_idempotency_key
+from coordinator.engine.work import cancellation, find_work
+from coordinator.errors import Unprocessable, error_responses
+from coordinator.runtime import Runtime
+from coordinator.schemas.common import Strict
+
+router = APIRouter(prefix="/device", tags=["device"])
+
+SIGNED_ERRORS = (401, 403, 413, 429)
+
+AssignmentId = Annotated[int, Path(ge=1, le=MAX_ID, description="Assignment id")]
+
+
+class WorkAssignment(BaseModel):
+    assignment_id: int
+    status: str
+    task_id: int
+    round_id: int
+    mode: Literal["sync", "async"]
+    base_version: int
+    deadline: datetime | None = Field(description="When the assignment's lease ends")
+    model_url: str
+    upload_url: str
+    compression: dict[str, Any]
+    training: dict[str, Any]
+    model: dict[str, Any]
+    spec: list[dict[str, Any]]
+
+
+class WorkCancelled(BaseModel):
+    assignment_id: int
+    status: Literal["cancelled"]
+    reason: str
+    task_id: int
+    round_id: int
+    base_version: int
+
+
+class UploadAccepted(BaseModel):
+    update_id: int
+    assignment_id: int
+    task_id: int
+    base_version: int
+    staleness: int
+    weight: float
+    status: str
+    duplicate: bool
+
+
+class DeviceMetrics(Strict):
+    """What a device reports about its training and local evaluation (all optional)."""
+
+    train_loss: float | None = None
+    eval_loss: float | None = None
+    eval_accuracy: float | None = Field(default=None, ge=0.0, le=1.0)
+    num_eval_examples: int | None = Field(default=None, ge=0, le=2**62)
+    train_time_s: float | None = Field(default=None, ge=0.0)
+
+
+def get_notifier(runtime: Runtime) -> Notifier | None:
+    notifier = runtime.extras.get(NOTIFIER_KEY)
+    return notifier if isinstance(notifier, Notifier) else None
+
+
+def _check_work(runtime: Runtime, device_id: str, current: int | None) -> dict[str, Any] | None:
+    with session_scope(runtime.sessions) as session:
+        if current is not None:
+            return cancellation(session, device_id=device_id, assignment_id=current)
+        return find_work(session, device_id=device_id, now=utcnow())
+
+
+@router.get(
+    "/work",
+    response_model=WorkAssignment | WorkCancelled,
+    summary="Long-poll for work, or for the cancellation of the current assignment",
+    responses={
+        204: {"description": "Nothing within the wait"},
+        **error_responses(*SIGNED_ERRORS, 404, 422),
+    },
+)
+async def work(
+    device: DeviceDep,
+    runtime: RuntimeDep,
+    wait: Annotated[int, Query(ge=0, le=60, description="Seconds to wait for news")] = 0,
+    current: Annotated[
+        int | None, Query(ge=1, le=MAX_ID, description="The assignment being worked on")
+    ] = None,
+) -> Any:
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + min(wait, runtime.settings.long_poll_max_s)
+    recheck = runtime.settings.long_poll_recheck_s
+    notifier = get_notifier(runtime)
+    if notifier is None:  # no lifespan engine (should not happen): plain re-checks
+        notifier = Notifier(loop)
+    with notifier.subscribe(device.id) as sub:
+        while True:
+            found = await run_in_threadpool(_check_work, runtime, device.id, current)
+            if found is not None:
+                return found
+            remaining = deadline - loop.time()
+            if remaining <= 0:
+                return Response(status_code=204)
+            await sub.wait(min(remaining, recheck))
+
+
+@router.post(
+    "/assignments/{assignment_id}/update",
+    status_code=201,
+    response_model=UploadAccepted,
+    summary="Upload the update (binary wire format) of an assignment",
+    responses={
+        200: {"model": UploadAccepted, "description": "Repeated Idempotency-Key: first result"},
+        **error_responses(*SIGNED_ERRORS, 400, 404, 409, 422),
+    },
+    openapi_extra={
+        "requestBody": {
+            "required": True,
+            "content": {
+                "application/octet-stream": {"schema": {"type": "string", "format": "binary"}}
+            },
+        }
+    },
+)
+async def upload_update(
+    device: DeviceDep,
+    runtime: RuntimeDep,
+    assignment_id: AssignmentId,
+    response: Response,
+    idempotency_key: Annotated[
+        str | None, Header(alias="Idempotency-Key", description="1..128 of [A-Za-z0-9_.-]")
+    ] = None,
+) -> UploadAccepted:
+    key = check_idempotency_key(idempotency_key)
+    result = await run_in_threadpool(
+        accept_upload,
+        runtime,
+        device_id=device.id,
+        assignment_id=assignment_id,
+        key=key,
+        body=device.body,
+    )
+    if result.duplicate:
+        response.status_code = 200
+    else:
+        scheduler = runtime.extras.get(SCHEDULER_KEY)
+        if scheduler is not None:
+            scheduler.kick()
+    return UploadAccepted(**result.to_dict())
+
+
+def _store_metrics(
+    runtime: Runtime, device_id: str, assignment_id: int, metrics: dict[str, Any]
+) -> None:
+    with session_scope(runtime.sessions) as session:
+        record_metrics(session, device_id=device_id, assignment_id=assignment_id, metrics=metrics)
+
+
+@router.post(
+    "/assignments/{assignment_id}/metrics",
+    status_code=204,
+    summary="Report training and local evaluation metrics of an assignment",
+    responses=error_responses(*SIGNED_ERRORS, 404, 422),
+    openapi_extra={
+        "requestBody": {
+            "required": True,
+            "content": {"application/json": {"schema": DeviceMetrics.model_json_schema()}},
+        }
+    },
+)
+async def report_metrics(
+    device: DeviceDep, runtime: RuntimeDep, assignment_id: AssignmentId
+) -> Response:
+    try:
+        body = DeviceMetrics.model_validate_json(device.body or b"{}")
+    except ValidationError as exc:
+        errors = exc.errors()
+        where = ".".join(str(p) for p in errors[0]["loc"]) if errors else ""
+        message = errors[0]["msg"] if errors else "invalid metrics"
+        raise Unprocessable(f"{where or 'body'}: {message}") from None
+    metrics = body.model_dump(exclude_none=True)
+    await run_in_threadpool(_store_metrics, runtime, device.id, assignment_id, metrics)
+    return Response(status_code=204)
