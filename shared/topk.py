@@ -33,27 +33,38 @@ def topk_count(size: int, fraction: float) -> int:
 def top_k_indices(magnitude: np.ndarray, k: int) -> np.ndarray:
     """Sorted flat int64 indices of ``k`` largest entries of a 1-D non-negative array.
 
-    Ties are broken arbitrarily (but deterministically for a given input). For large inputs
-    with a small ``k`` a strided sample gives a threshold ``t`` just below the k-th largest
-    value; the exact selection then runs only over the entries ``>= t``. This is exact: when
-    at least ``k`` entries reach ``t``, every k-th-largest candidate is among them. If the
-    guess was too high the full ``argpartition`` runs instead, so only speed depends on it.
+    Finds the k-th largest value ``v`` with ``np.partition`` and keeps every entry ``> v``
+    plus the first (lowest-index) entries ``== v`` needed to reach exactly ``k``; the indices
+    come out of ``np.flatnonzero`` already sorted, so no O(k log k) sort is needed.
+
+    For large inputs with a small ``k`` a strided sample first gives a threshold ``t`` just
+    below the k-th largest value and the selection runs only over the entries ``>= t``. This
+    is exact: when at least ``k`` entries reach ``t``, all entries ``>= v`` are among them. If
+    the guess was too high the selection runs over the whole array, so only speed depends on
+    the sample.
     """
     n = magnitude.size
     if k <= 0:
         return np.empty(0, dtype=np.int64)
     if k >= n:
         return np.arange(n, dtype=np.int64)
+    candidates = None
     if n >= _SAMPLE_MIN_SIZE and k <= n // 4:
-        idx = _sampled_top_k(magnitude, k)
-        if idx is not None:
-            return idx
-    idx = np.argpartition(magnitude, n - k)[n - k :].astype(np.int64, copy=False)
-    idx.sort()
-    return idx
+        candidates = _candidates(magnitude, k)
+    values = magnitude if candidates is None else magnitude[candidates]
+    c = values.size
+    kth = np.partition(values, c - k)[c - k]
+    keep = values > kth
+    missing = k - int(np.count_nonzero(keep))
+    keep[np.flatnonzero(values == kth)[:missing]] = True
+    chosen = np.flatnonzero(keep)
+    if candidates is not None:
+        chosen = candidates[chosen]
+    return chosen.astype(np.int64, copy=False)
 
 
-def _sampled_top_k(magnitude: np.ndarray, k: int) -> np.ndarray | None:
+def _candidates(magnitude: np.ndarray, k: int) -> np.ndarray | None:
+    """Sorted indices of all entries ``>= t`` for a sampled ``t``, if there are >= k of them."""
     n = magnitude.size
     sample = magnitude[:: max(1, n // _SAMPLE_SIZE)]
     m = sample.size
@@ -65,9 +76,6 @@ def _sampled_top_k(magnitude: np.ndarray, k: int) -> np.ndarray | None:
         return None
     threshold = np.partition(sample, m - above)[m - above]
     candidates = np.flatnonzero(magnitude >= threshold)
-    c = candidates.size
-    if c < k or c > n // 2:
+    if candidates.size < k or candidates.size > n // 2:
         return None
-    chosen = candidates[np.argpartition(magnitude[candidates], c - k)[c - k :]]
-    chosen.sort()
-    return chosen.astype(np.int64, copy=False)
+    return candidates
