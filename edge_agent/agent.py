@@ -23,7 +23,7 @@ import copy
 import logging
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from enum import StrEnum
 from typing import Any
@@ -36,7 +36,7 @@ from edge_agent.errors import AgentError, ApiError, AuthError, DeviceRevoked, St
 from edge_agent.faults import NO_FAULTS, FaultDecision
 from edge_agent.outbox import RESIDUAL_BEFORE, OutboxEntry, new_idempotency_key
 from edge_agent.state import State
-from edge_agent.trainers import Trainer, TrainerFactory, builtin_trainer
+from edge_agent.trainers import Trainer, TrainerFactory, task_trainer_factory
 from edge_agent.watcher import CancelWatcher
 from shared.compression import compress
 from shared.modelspec import ModelSpec, Weights
@@ -64,6 +64,11 @@ def _refused_for_good(exc: ApiError) -> bool:
         return False
     lasting = not isinstance(exc, DeviceRevoked)
     return lasting and exc.code not in FATAL_CODES | TRANSIENT_AUTH_CODES
+
+
+def _metrics_payload(metrics: Mapping[str, float]) -> dict[str, float | int]:
+    """Metrics as the coordinator takes them (counts as integers)."""
+    return {k: int(v) if k == "num_eval_examples" else v for k, v in metrics.items()}
 
 
 class FatalAgentError(RuntimeError):
@@ -111,13 +116,14 @@ class Agent:
         state: State,
         client: CoordinatorClient,
         data: LocalData,
-        trainer_factory: TrainerFactory = builtin_trainer,
+        trainer_factory: TrainerFactory | None = None,
         seed: int = 0,
         faults: Any = NO_FAULTS,
         poll_wait: float = 30.0,
         cancel_poll_wait: float | None = None,
         error_pause_s: float = 5.0,
         before_upload: Callable[[OutboxEntry], None] | None = None,
+        stop_event: threading.Event | None = None,
     ) -> None:
         self.state = state
         self.client = client
@@ -130,7 +136,9 @@ class Agent:
         self.error_pause_s = error_pause_s
         self.before_upload = before_upload
         self.stats = AgentStats()
-        self._stop = threading.Event()
+        # (base version, bytes) of every accepted upload, for traffic reports
+        self.uploads: list[tuple[int, int]] = []
+        self._stop = stop_event if stop_event is not None else threading.Event()
         self._interrupt: threading.Event | None = None
         self._trainers: dict[int, Trainer] = {}
         self._given_up: set[int] = set()
@@ -155,14 +163,20 @@ class Agent:
     # -- the loop --------------------------------------------------------------------------
 
     def run(self, *, max_rounds: int | None = None, once: bool = False) -> AgentStats:
-        """Work until stopped, or until ``max_rounds`` assignments (1 with ``once``) were
-        handled. Raises :class:`FatalAgentError` when the device is revoked or unknown."""
+        """Upload pending updates, then work until stopped or until ``max_rounds``
+        assignments (1 with ``once``) were handled and uploaded. Raises
+        :class:`FatalAgentError` when the device is revoked or unknown."""
         limit = 1 if once else max_rounds
         handled = 0
         log.info("agent started; coordinator %s", self.client.base_url)
-        while not self.stopping and (limit is None or handled < limit):
+        self.idle = False
+        while not self.stopping:
             try:
+                # Updates saved before a crash or an outage go first, also when no new
+                # assignment is wanted (``max_rounds=0`` only uploads what is pending).
                 self.flush_outbox()
+                if limit is not None and handled >= limit:
+                    break
                 self.idle = True
                 log.debug("waiting up to %.0f s for work", self.poll_wait)
                 work = self.client.get_work(self.poll_wait)
@@ -238,7 +252,8 @@ class Agent:
         started = time.monotonic()
         with watcher:
             if decision.delay_s > 0:
-                log.info("simulated straggler: %.1f s of extra compute", decision.delay_s)
+                if decision.delay_s >= 0.05:
+                    log.info("simulated straggler: %.1f s of extra compute", decision.delay_s)
                 interrupt.wait(decision.delay_s)
             rng = np.random.default_rng([self.seed, work.assignment_id])
             result = trainer.train(base, work.training, rng, should_stop=interrupt.is_set)
@@ -272,9 +287,14 @@ class Agent:
         return self._upload(entry)
 
     def _trainer_for(self, work: Work) -> Trainer:
+        """The trainer for the task: the agent's own factory when one was given, else the one
+        the task names (``softmax``/``mlp`` built in, or an installed ``module:factory``)."""
         trainer = self._trainers.get(work.task_id)
         if trainer is None:
-            trainer = self.trainer_factory(work.model, self.data)
+            factory = self.trainer_factory
+            if factory is None:
+                factory = task_trainer_factory(work.training)
+            trainer = factory(work.model, self.data)
             self._trainers[work.task_id] = trainer
         return trainer
 
@@ -405,6 +425,7 @@ class Agent:
             return Outcome.DISCARDED
         self.state.outbox.remove(entry)
         self.stats.uploaded += 1
+        self.uploads.append((entry.base_version, len(body)))
         if receipt.get("duplicate"):
             self.stats.duplicates += 1
         staleness = int(receipt.get("staleness") or 0)
@@ -419,7 +440,7 @@ class Agent:
         )
         if entry.metrics:
             try:
-                self.client.report_metrics(entry.assignment_id, entry.metrics)
+                self.client.report_metrics(entry.assignment_id, _metrics_payload(entry.metrics))
             except AgentError as exc:
                 log.warning(
                     "could not report metrics for assignment %d: %s", entry.assignment_id, exc

@@ -190,3 +190,15 @@ def load_trainer_factory(entry_point: str | None) -> TrainerFactory:
         raise DataError(f"trainer {entry_point!r} is not callable")
     result: TrainerFactory = factory
     return result
+
+
+BUILTIN_TRAINERS = ("softmax", "mlp")
+
+
+def task_trainer_factory(training: Mapping[str, Any]) -> TrainerFactory:
+    """The factory a task's ``training.trainer`` names: built-in for ``softmax``/``mlp`` (or
+    when unset), else an entry point that must be installed on the device."""
+    name = training.get("trainer")
+    if name is None or name in BUILTIN_TRAINERS:
+        return builtin_trainer
+    return load_trainer_factory(str(name))

@@ -1,0 +1,190 @@
+"""Many simulated devices in one process: one thread, state dir and data shard per device.
+
+Each device is a real :class:`~edge_agent.agent.Agent` with its own Ed25519 identity, its own
+HTTPS client and its own state directory, talking to a real coordinator; only the device
+hardware is simulated. Faults (:mod:`edge_agent.faults`) are drawn per device from generators
+derived from one seed, so a run is reproducible up to thread timing.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Sequence
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+
+import numpy as np
+
+from edge_agent.agent import Agent, AgentStats, FatalAgentError
+from edge_agent.client import CoordinatorClient
+from edge_agent.data import LocalData, check_arrays, split_local
+from edge_agent.device import enroll_device, open_client
+from edge_agent.faults import FaultConfig, FaultSchedule
+from edge_agent.state import State
+from edge_agent.trainers import TrainerFactory
+from edge_agent.transport import RetryPolicy
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class SimulatedDevice:
+    index: int
+    state_dir: Path
+    data: LocalData
+    seed: int
+    faults: FaultSchedule
+    agent: Agent | None = None
+    client: CoordinatorClient | None = None
+    thread: threading.Thread | None = None
+    error: BaseException | None = None
+
+
+@dataclass
+class FleetStats:
+    """Totals over all devices (``uploads_by_base_version``: version -> (count, bytes))."""
+
+    agents: AgentStats = field(default_factory=AgentStats)
+    upload_bytes: int = 0
+    uploads: int = 0
+    model_bytes: int = 0
+    downloads: int = 0
+    errors: list[str] = field(default_factory=list)
+    uploads_by_base_version: dict[int, tuple[int, int]] = field(default_factory=dict)
+
+
+class Fleet:
+    """Enroll, start and stop a simulated fleet."""
+
+    def __init__(
+        self,
+        *,
+        url: str,
+        ca_file: str | None,
+        root: str | Path,
+        shards: Sequence[tuple[np.ndarray, np.ndarray]],
+        seed: int,
+        faults: FaultConfig | None = None,
+        poll_wait: float = 2.0,
+        eval_fraction: float = 0.2,
+        trainer_factory: TrainerFactory | None = None,
+        retry: RetryPolicy | None = None,
+    ) -> None:
+        self.url = url
+        self.ca_file = ca_file
+        self.root = Path(root)
+        self.poll_wait = poll_wait
+        self.trainer_factory = trainer_factory
+        self.retry = retry or RetryPolicy(attempts=6, base_delay=0.2, max_delay=2.0)
+        self._stop = threading.Event()
+        fault_config = faults or FaultConfig()
+        seeds = np.random.SeedSequence(seed).spawn(len(shards))
+        self.devices: list[SimulatedDevice] = []
+        for i, ((X, y), seq) in enumerate(zip(shards, seeds, strict=True)):
+            agent_seq, fault_seq, split_seq = seq.spawn(3)
+            x32, labels = check_arrays(X, y)
+            data = split_local(
+                x32, labels, eval_fraction=eval_fraction, rng=np.random.default_rng(split_seq)
+            )
+            self.devices.append(
+                SimulatedDevice(
+                    index=i,
+                    state_dir=self.root / f"device-{i:03d}",
+                    data=data,
+                    seed=int(agent_seq.generate_state(1, dtype=np.uint64)[0] >> np.uint64(1)),
+                    faults=FaultSchedule(fault_config, np.random.default_rng(fault_seq)),
+                )
+            )
+
+    def enroll(self, token: str) -> list[str]:
+        """Enroll every device with one (multi-use) token; their device ids."""
+        ids = []
+        for device in self.devices:
+            config = enroll_device(
+                device.state_dir,
+                url=self.url,
+                token=token,
+                ca_file=self.ca_file,
+                name=f"sim-{device.index:03d}",
+                capabilities={"simulated": True, "examples": device.data.num_train},
+                seed=device.seed,
+                retry=self.retry,
+            )
+            ids.append(config.device_id)
+        return ids
+
+    def start(self) -> None:
+        for device in self.devices:
+            state = State(device.state_dir)
+            device.client = open_client(
+                state, retry=self.retry, sleep=self._stop.wait, interrupted=self._stop.is_set
+            )
+            device.agent = Agent(
+                state=state,
+                client=device.client,
+                data=device.data,
+                trainer_factory=self.trainer_factory,
+                seed=device.seed,
+                faults=device.faults,
+                poll_wait=self.poll_wait,
+                error_pause_s=min(1.0, self.poll_wait),
+                stop_event=self._stop,
+            )
+            device.thread = threading.Thread(
+                target=self._run, args=(device,), name=f"sim-{device.index:03d}", daemon=True
+            )
+            device.thread.start()
+
+    def _run(self, device: SimulatedDevice) -> None:
+        assert device.agent is not None
+        try:
+            device.agent.run()
+        except FatalAgentError as exc:
+            log.warning("device %d stopped: %s", device.index, exc)
+            device.error = exc
+        except Exception as exc:
+            if not self._stop.is_set():
+                log.exception("device %d crashed", device.index)
+                device.error = exc
+
+    def stop(self, *, timeout: float | None = None) -> None:
+        """Stop every agent and wait for the threads (at most about one long-poll)."""
+        self._stop.set()
+        for device in self.devices:
+            if device.agent is not None:
+                device.agent.stop()
+        limit = timeout if timeout is not None else self.poll_wait + 10.0
+        for device in self.devices:
+            if device.thread is not None:
+                device.thread.join(limit)
+        for device in self.devices:
+            if device.client is not None and not (device.thread and device.thread.is_alive()):
+                device.client.close()
+
+    def __enter__(self) -> Fleet:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    def stats(self) -> FleetStats:
+        total = FleetStats()
+        for device in self.devices:
+            if device.agent is not None:
+                for f in fields(AgentStats):
+                    name = f.name
+                    value = getattr(total.agents, name) + getattr(device.agent.stats, name)
+                    setattr(total.agents, name, value)
+                for version, size in list(device.agent.uploads):
+                    count, nbytes = total.uploads_by_base_version.get(version, (0, 0))
+                    total.uploads_by_base_version[version] = (count + 1, nbytes + size)
+            if device.client is not None:
+                traffic = device.client.traffic
+                total.upload_bytes += traffic.upload_bytes
+                total.uploads += traffic.uploads
+                total.model_bytes += traffic.model_bytes
+                total.downloads += traffic.downloads
+            if device.error is not None:
+                total.errors.append(f"device {device.index}: {device.error}")
+        return total
