@@ -12,6 +12,7 @@ from sqlalchemy import func, select
 from coordinator.app import create_app
 from coordinator.db import make_engine, make_sessionmaker, session_scope
 from coordinator.models import Device, EnrollmentToken, UsedNonce
+from tests.coordinator.conftest import Coordinator, make_key
 from tests.support.device import API, SignedDevice, make_token
 from tests.support.servers import serve_in_thread
 
@@ -204,3 +205,71 @@ def test_revoked_device_is_refused_at_once(coordinator, device):
     r = device.get(ME)
     assert r.status_code == 403
     assert r.json()["error"] == "device_revoked"
+
+
+@pytest.fixture
+def limited(settings, tls_paths):
+    """A coordinator with tiny limits: 5 device requests a minute, 1 KiB device bodies,
+    4 KiB models."""
+    tight = settings.model_copy(
+        update={"device_rate_per_minute": 5, "max_upload_bytes": 1024, "max_model_bytes": 4096}
+    )
+    app = create_app(tight)
+    admin_key, viewer_key = make_key(tight, "admin"), make_key(tight, "viewer")
+    with serve_in_thread(app, certfile=tight.tls_cert, keyfile=tight.tls_key) as url:
+        yield Coordinator(url, tight, app, tls_paths.ca_cert, admin_key, viewer_key)
+
+
+def test_device_rate_limit_answers_429_with_retry_after(limited):
+    with SignedDevice.enroll(limited) as device, SignedDevice.enroll(limited) as other:
+        codes = [device.get(ME).status_code for _ in range(5)]
+        assert codes == [200] * 5
+        r = device.get(ME)
+        assert r.status_code == 429
+        assert r.json()["error"] == "rate_limited"
+        assert 1 <= int(r.headers["Retry-After"]) <= 60
+        # The limit is per device.
+        assert other.get(ME).status_code == 200
+
+
+def test_device_body_limit_is_413(limited):
+    with SignedDevice.enroll(limited) as device:
+        path = f"{API}/device/assignments/1/metrics"
+        r = device.post(path, content=b"x" * 2048, headers={"Content-Type": "application/json"})
+        assert r.status_code == 413
+        assert r.json()["error"] == "payload_too_large"
+
+        def chunks():
+            for _ in range(4):
+                yield b"y" * 512
+
+        request = device.client.build_request("POST", path, content=chunks())
+        request.headers.update(
+            {
+                "X-Fedge-Device": device.device_id,
+                "X-Fedge-Timestamp": str(int(time.time())),
+                "X-Fedge-Nonce": "0" * 32,
+                "X-Fedge-Signature": "A" * 86 + "==",
+            }
+        )
+        assert "Content-Length" not in request.headers
+        r = device.send(request)
+        assert r.status_code == 413
+        assert r.json()["error"] == "payload_too_large"
+
+
+def test_model_upload_limit_is_413(limited):
+    body = {
+        "name": "big",
+        "model": {"spec": [{"name": "w", "shape": [4]}]},
+        "training": {"trainer": "pkg.mod:train"},
+    }
+    with limited.admin() as admin:
+        task = admin.post(f"{API}/tasks", json=body).json()
+        r = admin.put(f"{API}/tasks/{task['id']}/model", content=b"\0" * 5000)
+        assert r.status_code == 413
+        assert r.json()["error"] == "payload_too_large"
+        too_many = {**body, "model": {"spec": [{"name": "w", "shape": [2000]}]}}
+        r = admin.post(f"{API}/tasks", json=too_many)
+        assert r.status_code == 422
+        assert "max_model_bytes" in r.json()["detail"]
