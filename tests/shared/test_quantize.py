@@ -18,6 +18,7 @@ from shared.quantize import (
     pack_codes,
     packed_size,
     quantize,
+    uniform_u32,
     unpack_codes,
 )
 
@@ -63,6 +64,24 @@ def test_quantizer_is_unbiased(bits: int) -> None:
     assert np.all(np.abs(mean - v) <= tolerance), np.max(np.abs(mean - v) / (se + 1e-12))
     # The draws really are random where a value is not on the grid.
     assert np.count_nonzero(se) > 200
+
+
+@pytest.mark.parametrize(
+    "bit_generator", [np.random.PCG64, np.random.MT19937, np.random.Philox, np.random.SFC64]
+)
+def test_uniform_draws_for_every_bit_generator(bit_generator: type) -> None:
+    """Raw 64-bit outputs are split in two; 32-bit generators go through rng.integers."""
+    rng = np.random.Generator(bit_generator(3))
+    u = uniform_u32(rng, 200_001)
+    assert u.dtype == np.uint32 and u.size == 200_001
+    # Each of the 32 bits is set half of the time (5 standard errors).
+    ones = ((u[:, None] >> np.arange(32, dtype=np.uint32)) & 1).mean(axis=0)
+    assert np.all(np.abs(ones - 0.5) < 5 * 0.5 / np.sqrt(u.size))
+    v = _test_vector()
+    draws = [dequantize(quantize(v, bits=1, chunk=CHUNK, rng=rng)) for _ in range(2000)]
+    mean = np.mean(draws, axis=0, dtype=np.float64)
+    se = np.sqrt(_exact_error_variance(v, 1, CHUNK) / 2000)
+    assert np.all(np.abs(mean - v) <= 5 * se + 1e-6 * np.abs(v).max())
 
 
 def _chunks_to_check(d: int) -> dict[str, np.ndarray]:
