@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-dev
 DEMO_STAMP := $(VENV)/.installed-demo
 
-.PHONY: install test lint bench demo clean
+.PHONY: install test lint bench demo clean docker-test
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -35,6 +35,11 @@ bench: $(STAMP)
 
 demo: $(DEMO_STAMP)
 	$(BIN)/fedge demo $(DEMO_ARGS)
+
+# Build the coordinator image with podman and run a short federated task against it
+# (installs podman, buildah, runc, debootstrap and hadolint when missing; see docker/test.sh).
+docker-test: $(STAMP)
+	VENV_BIN=$(BIN) bash docker/test.sh
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache .mypy_cache .ruff_cache

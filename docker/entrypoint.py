@@ -6,12 +6,14 @@
    alongside the coordinator and needs a few seconds);
 2. apply the Alembic migrations, under a PostgreSQL advisory lock so that several replicas
    starting at once migrate exactly once;
-3. replace this process with ``fedge coordinator serve`` (so it receives SIGTERM directly).
+3. run ``fedge coordinator serve`` in this process (PID 1 of the container, so it receives
+   SIGTERM directly and stops gracefully).
 
 Any other command runs as given, e.g. ``fedge coordinator init`` or
 ``fedge coordinator create-key`` as a one-off container.
 
-Configured only through ``FEDGE_*`` environment variables: the coordinator's settings, plus
+Configured only through ``FEDGE_*`` environment variables: the coordinator's settings (read
+exactly as ``fedge coordinator serve`` reads them, so both see the same database), plus
 
 - ``FEDGE_DB_WAIT_ATTEMPTS`` (default 30) and ``FEDGE_DB_WAIT_INTERVAL_S`` (default 2):
   how long to wait for the database;
@@ -27,10 +29,13 @@ import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 
+from alembic.runtime.migration import MigrationContext
 from sqlalchemy import Connection, Engine, text
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import SQLAlchemyError
 
+from coordinator.bootstrap import load_settings
+from coordinator.cli import main as coordinator_main
 from coordinator.db import make_engine
 from coordinator.migrate import head_revision, upgrade
 from coordinator.settings import Settings
@@ -156,8 +161,6 @@ def migration_lock(conn: Connection) -> Iterator[None]:
 
 
 def current_revision(conn: Connection) -> str | None:
-    from alembic.runtime.migration import MigrationContext
-
     revision = MigrationContext.configure(conn).get_current_revision()
     conn.rollback()
     return revision
@@ -195,21 +198,19 @@ def prestart(settings: Settings) -> None:
 
 
 def main(argv: Sequence[str]) -> int:
-    """Run ``serve`` (prepare, then exec the server) or any other command as given."""
+    """Run ``serve`` (prepare, then serve) or exec any other command as given."""
     args = list(argv)
     if args and args[0] != "serve":
         os.execvp(args[0], args)  # noqa: S606 (the container's command, given by the operator)
     try:
-        prestart(Settings())
+        prestart(load_settings())
     except ValueError as exc:  # pydantic's ValidationError: a FEDGE_* variable is malformed
         log(f"invalid configuration: {exc}")
         return 2
     except StartupError as exc:
         log(str(exc))
         return 1
-    command = ["fedge", "coordinator", "serve", *args[1:]]
-    os.execvp(command[0], command)  # noqa: S606
-    return 0  # pragma: no cover (execvp does not return)
+    return coordinator_main(["serve", *args[1:]])
 
 
 if __name__ == "__main__":

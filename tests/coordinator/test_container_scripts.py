@@ -1,0 +1,223 @@
+"""The image's entrypoint (wait for the database, migrate under a lock) and health check, run
+against real databases and a real HTTPS/HTTP coordinator on loopback."""
+
+from __future__ import annotations
+
+import importlib.util
+import socket
+import threading
+import time
+from pathlib import Path
+from types import ModuleType
+
+import pytest
+from sqlalchemy import create_engine, text
+
+from coordinator.app import create_app
+from coordinator.migrate import head_revision
+from coordinator.settings import Settings
+from coordinator.tls import create_ca_and_server_cert
+from tests.support import databases
+from tests.support.servers import serve_in_thread
+
+DOCKER = Path(__file__).resolve().parents[2] / "docker"
+
+
+def load(name: str) -> ModuleType:
+    spec = importlib.util.spec_from_file_location(f"fedge_docker_{name}", DOCKER / f"{name}.py")
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+entrypoint = load("entrypoint")
+healthcheck = load("healthcheck")
+
+
+def closed_port() -> int:
+    """A loopback port nothing listens on (bound, then released)."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+# -- waiting for the database -----------------------------------------------------------------
+
+
+def test_wait_for_database_answers_at_once_when_it_is_up(tmp_path):
+    slept: list[float] = []
+    used = entrypoint.wait_for_database(
+        f"sqlite:///{tmp_path / 'fedge.db'}", attempts=3, interval_s=1.0, sleep=slept.append
+    )
+    assert used == 1
+    assert slept == []
+
+
+def test_wait_for_database_gives_up_after_bounded_attempts_without_leaking_the_password():
+    url = f"postgresql+psycopg://fedge:s3cret-pw@127.0.0.1:{closed_port()}/fedge"
+    slept: list[float] = []
+    with pytest.raises(entrypoint.StartupError) as info:
+        entrypoint.wait_for_database(url, attempts=3, interval_s=0.25, sleep=slept.append)
+    assert slept == [0.25, 0.25]
+    message = str(info.value)
+    assert "unreachable after 3 attempts" in message
+    assert "s3cret-pw" not in message
+    assert "***" in message
+
+
+@pytest.mark.parametrize(
+    ("name", "value", "reader", "expected"),
+    [
+        ("FEDGE_DB_WAIT_ATTEMPTS", "", lambda n: entrypoint.env_int(n, 30), 30),
+        ("FEDGE_DB_WAIT_ATTEMPTS", "5", lambda n: entrypoint.env_int(n, 30), 5),
+        ("FEDGE_DB_WAIT_INTERVAL_S", "0.5", lambda n: entrypoint.env_float(n, 2.0), 0.5),
+        ("FEDGE_MIGRATE_ON_START", "false", lambda n: entrypoint.env_bool(n, True), False),
+        ("FEDGE_MIGRATE_ON_START", "Yes", lambda n: entrypoint.env_bool(n, False), True),
+    ],
+)
+def test_entrypoint_variables(monkeypatch, name, value, reader, expected):
+    monkeypatch.setenv(name, value)
+    assert reader(name) == expected
+
+
+@pytest.mark.parametrize(
+    ("name", "value", "reader"),
+    [
+        ("FEDGE_DB_WAIT_ATTEMPTS", "many", lambda n: entrypoint.env_int(n, 30)),
+        ("FEDGE_DB_WAIT_ATTEMPTS", "0", lambda n: entrypoint.env_int(n, 30)),
+        ("FEDGE_DB_WAIT_INTERVAL_S", "-1", lambda n: entrypoint.env_float(n, 2.0)),
+        ("FEDGE_DB_WAIT_INTERVAL_S", "nan", lambda n: entrypoint.env_float(n, 2.0)),
+        ("FEDGE_MIGRATE_ON_START", "maybe", lambda n: entrypoint.env_bool(n, True)),
+    ],
+)
+def test_malformed_entrypoint_variables_are_refused_by_name(monkeypatch, name, value, reader):
+    monkeypatch.setenv(name, value)
+    with pytest.raises(entrypoint.StartupError, match=name):
+        reader(name)
+
+
+def test_entrypoint_stops_with_status_1_and_a_message_when_the_database_never_answers(
+    monkeypatch, capsys, tmp_path
+):
+    monkeypatch.setenv("FEDGE_DATA_DIR", str(tmp_path))
+    monkeypatch.setenv(
+        "FEDGE_DATABASE_URL", f"postgresql+psycopg://fedge@127.0.0.1:{closed_port()}/fedge"
+    )
+    monkeypatch.setenv("FEDGE_DB_WAIT_ATTEMPTS", "2")
+    monkeypatch.setenv("FEDGE_DB_WAIT_INTERVAL_S", "0")
+    assert entrypoint.main(["serve"]) == 1
+    assert "unreachable after 2 attempts" in capsys.readouterr().err
+
+
+# -- migrating --------------------------------------------------------------------------------
+
+
+def revision_of(url: str) -> str | None:
+    engine = create_engine(url)
+    try:
+        with engine.connect() as conn:
+            return conn.execute(text("SELECT version_num FROM alembic_version")).scalar()
+    finally:
+        engine.dispose()
+
+
+def test_migrate_brings_an_empty_sqlite_database_to_head_once(tmp_path):
+    url = f"sqlite:///{tmp_path / 'fedge.db'}"
+    head = head_revision(url)
+    assert entrypoint.migrate(url) == (None, head)
+    assert entrypoint.migrate(url) == (head, head)
+    assert revision_of(url) == head
+
+
+@pytest.fixture
+def empty_postgres() -> databases.PostgresDatabase:
+    admin_url = databases.postgres_admin_url()
+    if admin_url is None:
+        if databases.in_ci():
+            pytest.fail(f"CI=true but {databases.ENV} is not set")
+        pytest.skip(f"{databases.ENV} is not set")
+    db = databases.PostgresDatabase(admin_url)
+    db.create()
+    yield db
+    db.drop()
+
+
+@pytest.mark.postgres
+def test_replicas_starting_together_migrate_postgres_exactly_once(empty_postgres):
+    """Without the advisory lock, concurrent upgrades race on CREATE TABLE and one fails."""
+    url = empty_postgres.url
+    head = head_revision(url)
+    barrier = threading.Barrier(3)
+    results: list[tuple[str | None, str | None]] = []
+    errors: list[BaseException] = []
+
+    def replica() -> None:
+        try:
+            barrier.wait(timeout=30)
+            results.append(entrypoint.migrate(url))
+        except BaseException as exc:
+            errors.append(exc)
+
+    threads = [threading.Thread(target=replica, daemon=True) for _ in range(3)]
+    for t in threads:
+        t.start()
+    deadline = time.monotonic() + 60
+    for t in threads:
+        t.join(timeout=max(0.0, deadline - time.monotonic()))
+    assert not any(t.is_alive() for t in threads), "a migration hung"
+    assert errors == []
+    assert sorted(results, key=lambda r: r[0] or "") == [(None, head), (head, head), (head, head)]
+    assert revision_of(url) == head
+
+
+# -- health check -----------------------------------------------------------------------------
+
+
+@pytest.fixture
+def app_settings(tmp_path, sqlite_template) -> Settings:
+    return Settings(data_dir=tmp_path / "data", database_url=sqlite_template.fresh(tmp_path))
+
+
+def port_of(url: str) -> int:
+    return int(url.rsplit(":", 1)[1])
+
+
+def test_healthcheck_passes_over_https_verifying_the_private_ca(app_settings, tmp_path):
+    tls = create_ca_and_server_cert(tmp_path / "tls")
+    app = create_app(app_settings)
+    with serve_in_thread(app, certfile=tls.server_cert, keyfile=tls.server_key) as url:
+        probe = Settings(port=port_of(url), tls_cert=tls.server_cert, tls_key=tls.server_key)
+        assert healthcheck.check(probe) is None
+
+        # A chain from another CA does not verify the server's certificate.
+        other = create_ca_and_server_cert(tmp_path / "other")
+        problem = healthcheck.check(probe.model_copy(update={"tls_cert": other.server_cert}))
+        assert problem is not None and "CERTIFICATE_VERIFY_FAILED" in problem
+
+
+def test_healthcheck_passes_over_plain_http_when_insecure_http_is_set(app_settings):
+    app = create_app(app_settings)
+    with serve_in_thread(app, certfile=None, keyfile=None) as url:
+        assert healthcheck.check(Settings(port=port_of(url), insecure_http=True)) is None
+        # The same server probed over HTTPS is not healthy.
+        assert healthcheck.check(Settings(port=port_of(url), data_dir=Path("/nonexistent")))
+
+
+def test_healthcheck_fails_when_nothing_listens():
+    problem = healthcheck.check(Settings(port=closed_port(), insecure_http=True), timeout_s=2)
+    assert problem is not None and "unreachable" in problem
+
+
+@pytest.mark.parametrize(
+    ("host", "insecure", "expected"),
+    [
+        ("0.0.0.0", False, "https://127.0.0.1:8443/healthz"),
+        ("::", True, "http://127.0.0.1:8443/healthz"),
+        ("127.0.0.1", True, "http://127.0.0.1:8443/healthz"),
+        ("::1", False, "https://[::1]:8443/healthz"),
+        ("10.1.2.3", False, "https://10.1.2.3:8443/healthz"),
+    ],
+)
+def test_healthcheck_probes_the_address_the_server_listens_on(host, insecure, expected):
+    assert healthcheck.probe_url(Settings(host=host, port=8443, insecure_http=insecure)) == expected
