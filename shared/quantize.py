@@ -127,28 +127,46 @@ def chunk_scales(values: np.ndarray, chunk: int) -> np.ndarray:
     return scales
 
 
+#: Values per block: temporaries of a block (~1 MB each) stay in cache and are reused from the
+#: heap, instead of each whole-array temporary costing fresh pages.
+_BLOCK = 1 << 18
+
+
+def _blocks(n: int, chunk: int) -> Iterator[tuple[int, int]]:
+    """``(start, stop)`` ranges of whole chunks covering ``n`` values."""
+    step = chunk * max(1, _BLOCK // chunk)
+    for start in range(0, n, step):
+        yield start, min(n, start + step)
+
+
 def quantize(values: np.ndarray, *, bits: int, chunk: int, rng: np.random.Generator) -> Quantized:
     """Stochastically quantize finite float32 ``values`` (see the module docstring)."""
-    s = half_levels(bits)
+    s = np.float32(half_levels(bits))
     if chunk < 1:
         raise ValueError(f"chunk must be >= 1, got {chunk}")
     x = np.ascontiguousarray(values, dtype=np.float32).reshape(-1)
     n = x.size
     scales = chunk_scales(x, chunk)
-    y = np.empty(n, dtype=np.float32)
     safe = np.where(scales > 0, scales, np.float32(1.0))
-    for vs, ss, rows in _pieces(n, chunk):
-        np.divide(x[vs].reshape(rows, -1), safe[ss, None], out=y[vs].reshape(rows, -1))
-    # |x / m| <= 1 exactly (correctly rounded division), and rounding is monotonic, so y lies
-    # in [0, 2s] without clipping.
-    s32 = np.float32(s)
-    y *= s32
-    y += s32
-    low = np.floor(y)
-    codes = low.astype(np.uint8)
-    y -= low  # fractional part p in [0, 1): the probability of rounding up
-    y *= np.float32(2.0**32)  # exact (a power of two), below 2**32
-    codes += uniform_u32(rng, n) < y.astype(np.uint32)
+    codes = np.empty(n, dtype=np.uint8)
+    for start, stop in _blocks(n, chunk):
+        xb, first = x[start:stop], start // chunk
+        y = np.empty(stop - start, dtype=np.float32)
+        for vs, ss, rows in _pieces(stop - start, chunk):
+            block_safe = safe[first + ss.start : first + ss.stop, None]
+            np.divide(xb[vs].reshape(rows, -1), block_safe, out=y[vs].reshape(rows, -1))
+        # |x / m| <= 1 exactly (correctly rounded division), and rounding is monotonic, so y
+        # lies in [0, 2s] without clipping.
+        y *= s
+        y += s
+        cb = codes[start:stop]
+        np.copyto(cb, y, casting="unsafe")  # truncation is floor for y >= 0
+        y -= cb  # fractional part p in [0, 1): the probability of rounding up
+        # floor(p * 2**32): the scaling is exact (a power of two) and stays below 2**32.
+        threshold = np.multiply(
+            y, np.float32(2.0**32), out=np.empty(y.size, np.uint32), casting="unsafe"
+        )
+        cb += uniform_u32(rng, y.size) < threshold
     return Quantized(bits=bits, chunk=chunk, codes=codes, scales=scales)
 
 
@@ -176,12 +194,16 @@ def dequantize(q: Quantized) -> np.ndarray:
     The level is in [-1, 1] before the scale is applied, so nothing overflows. (Arithmetic
     rather than a table lookup: ``np.take`` would first widen the uint8 codes to intp.)
     """
-    s = half_levels(q.bits)
-    out = q.codes.astype(np.float32)
-    out -= np.float32(s)
-    out *= np.float32(1.0 / s)
-    for vs, ss, rows in _pieces(out.size, q.chunk):
-        out[vs].reshape(rows, -1)[...] *= q.scales[ss, None]
+    s = np.float32(half_levels(q.bits))
+    inv = np.float32(1.0 / float(s))
+    out = np.empty(q.codes.size, dtype=np.float32)
+    for start, stop in _blocks(out.size, q.chunk):
+        ob, first = out[start:stop], start // q.chunk
+        np.copyto(ob, q.codes[start:stop], casting="unsafe")
+        ob -= s
+        ob *= inv
+        for vs, ss, rows in _pieces(stop - start, q.chunk):
+            ob[vs].reshape(rows, -1)[...] *= q.scales[first + ss.start : first + ss.stop, None]
     return out
 
 

@@ -156,6 +156,25 @@ def test_codes_scales_and_levels(bits: int) -> None:
         np.testing.assert_array_equal(out[:10], 0.0)
 
 
+@pytest.mark.parametrize(("bits", "chunk"), [(4, 1000), (1, 256), (8, 3)])
+def test_large_input_spans_blocks(bits: int, chunk: int) -> None:
+    """Inputs longer than one internal block: every code is floor(y) or floor(y) + 1 and
+    dequantization matches the elementwise definition."""
+    rng = np.random.default_rng(bits)
+    v = rng.standard_normal(3 * (1 << 18) + 17).astype(np.float32)
+    q = quantize(v, bits=bits, chunk=chunk, rng=rng)
+    s = half_levels(bits)
+    scale = np.repeat(q.scales.astype(np.float64), chunk)[: v.size]
+    y = v / scale * s + s
+    assert np.all((q.codes == np.floor(y)) | (q.codes == np.floor(y) + 1))
+    expected = ((q.codes.astype(np.float64) - s) / s) * scale
+    np.testing.assert_allclose(dequantize(q), expected, rtol=1e-6, atol=0)
+    # Rounded up about as often as the fractional parts say (a loose check of the draws).
+    frac = y - np.floor(y)
+    up = q.codes > np.floor(y)
+    assert abs(up.mean() - frac.mean()) < 5 * np.sqrt(0.25 / v.size)
+
+
 def test_zero_chunk_and_empty_input() -> None:
     rng = np.random.default_rng(0)
     for bits in QUANT_BITS:
