@@ -51,24 +51,20 @@ def count_pending(session: Session, task_id: int, *, base_version: int | None = 
 
 
 def _lock_idle_devices(session: Session, device_ids: list[str]) -> list[str]:
-    """Row-lock the chosen devices and keep those still idle.
+    """Row-lock the chosen devices (in id order) and keep those still idle.
 
     On PostgreSQL two processes (or a round opening and an async work request) could pick the
-    same device at once; ``FOR UPDATE SKIP LOCKED`` plus the re-check of busyness after the
-    lock settles it. SQLite serializes writers, so there the re-check simply passes.
+    same device at once; the lock plus the re-check of busyness after it settles it. The lock
+    waits rather than skipping, since device rows are also locked briefly by every signed
+    request (``last_seen_at``). SQLite serializes writers, so there the re-check simply passes.
     """
     if not device_ids:
         return []
-    locked = session.scalars(
-        select(Device.id)
-        .where(Device.id.in_(device_ids))
-        .with_for_update(skip_locked=True)
-        .order_by(Device.id)
+    session.execute(
+        select(Device.id).where(Device.id.in_(device_ids)).order_by(Device.id).with_for_update()
     ).all()
-    if not locked:
-        return []
     still_idle = set(
-        session.scalars(select(Device.id).where(Device.id.in_(locked), ~busy_clause()))
+        session.scalars(select(Device.id).where(Device.id.in_(device_ids), ~busy_clause()))
     )
     return [d for d in device_ids if d in still_idle]
 

@@ -12,7 +12,9 @@ import numpy as np
 import pytest
 
 from shared.modelspec import ModelSpec
+from shared.wire import decode_model
 from tests.coordinator.conftest import Coordinator
+from tests.support.device import API
 from tests.support.rounds import (
     Db,
     Fleet,
@@ -241,3 +243,42 @@ def test_an_update_beyond_max_staleness_is_refused_and_nothing_is_stored(
         assert "max_staleness" in r.json()["detail"] or "at most 0" in r.json()["detail"]
         assert len(db.updates(task_id)) == before
         assert not db.blobs.exists(hashlib.sha256(bodies[2]).hexdigest())
+
+
+def test_the_task_completes_after_num_rounds_and_the_final_model_is_downloadable(
+    coordinator: Coordinator, db: Db
+) -> None:
+    with fleet_of(coordinator, 2) as fleet:
+        task_id = create_task(
+            coordinator,
+            aggregation={
+                "clients_per_round": 1,
+                "over_selection": 1.0,
+                "min_updates": 1,
+                "round_deadline_s": 600,
+                "num_rounds": 2,
+            },
+        )
+        rng = np.random.default_rng(6)
+        for version in (0, 1):
+            works = [d.work(wait=10) for d in fleet]
+            assert all(w is not None and w["base_version"] == version for w in works)
+            first = works[0]
+            assert first is not None
+            body = make_update(first, delta=random_delta(spec_of(first), rng), num_examples=8)
+            assert fleet[0].upload(first, body).status_code == 201
+            wait_until(lambda v=version: db.task(task_id).current_version == v + 1)
+        task = wait_until(lambda: (t := db.task(task_id)).status == "completed" and t)
+        assert task.finished_at is not None
+        # The other device's assignment of the last round is cancelled, its update refused.
+        last = works[1]
+        assert last is not None
+        assert fleet[1].work(current=last["assignment_id"])["status"] == "cancelled"  # type: ignore[index]
+        body = make_update(last, delta=random_delta(spec_of(last), rng), num_examples=8)
+        r = fleet[1].upload(last, body)
+        assert (r.status_code, r.json()["error"]) == (409, "task_not_running")
+        assert [r.status for r in db.rounds(task_id)] == ["closed", "closed"]
+        with coordinator.admin() as admin:
+            final = admin.get(f"{API}/tasks/{task_id}/models/latest")
+        assert final.status_code == 200
+        assert_weights_equal(decode_model(final.content), db.weights(task_id, 2))

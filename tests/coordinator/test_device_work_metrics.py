@@ -1,0 +1,145 @@
+"""Round metrics: device-reported training and evaluation metrics (reported before or after
+the upload) and the server-side evaluation hook, which can also end a task early."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import numpy as np
+import pytest
+
+from coordinator.settings import Settings
+from shared import architectures
+from shared.modelspec import Weights
+from shared.wire import decode_model
+from tests.coordinator.conftest import Coordinator
+from tests.support.device import API
+from tests.support.rounds import (
+    SMALL_MODEL,
+    Db,
+    create_task,
+    fleet_of,
+    make_update,
+    random_delta,
+    spec_of,
+    wait_until,
+)
+
+
+def _held_out() -> tuple[np.ndarray, np.ndarray]:
+    rng = np.random.default_rng(42)
+    return rng.standard_normal((64, 4)).astype(np.float32), rng.integers(0, 3, 64)
+
+
+def server_eval(model_config: dict, weights: Weights) -> dict[str, float]:
+    """The evaluation hook under test (``settings.eval_hook`` points here)."""
+    X, y = _held_out()
+    return architectures.evaluate(model_config, weights, X, y)
+
+
+@pytest.fixture
+def settings(settings: Settings) -> Settings:
+    return settings.model_copy(update={"eval_hook": f"{__name__}:server_eval"})
+
+
+@pytest.fixture
+def db(coordinator: Coordinator) -> Iterator[Db]:
+    handle = Db(coordinator.settings)
+    yield handle
+    handle.close()
+
+
+def test_round_metrics_combine_device_reports_and_server_evaluation(
+    coordinator: Coordinator, db: Db
+) -> None:
+    with fleet_of(coordinator, 3) as fleet:
+        task_id = create_task(
+            coordinator,
+            aggregation={
+                "clients_per_round": 2,
+                "over_selection": 0.5,
+                "min_updates": 2,
+                "round_deadline_s": 600,
+                "num_rounds": 3,
+            },
+        )
+        works = [d.work(wait=10) for d in fleet]
+        assert all(w is not None for w in works)
+        spec = spec_of(works[0])  # type: ignore[arg-type]
+        rng = np.random.default_rng(8)
+        a, b = works[0], works[1]
+        assert a is not None and b is not None
+        # Device A reports before uploading, device B after.
+        r = fleet[0].metrics(
+            a["assignment_id"],
+            train_loss=1.0,
+            eval_loss=0.9,
+            eval_accuracy=0.5,
+            num_eval_examples=10,
+            train_time_s=2.0,
+        )
+        assert r.status_code == 204
+        for device, work, n in ((fleet[0], a, 10), (fleet[1], b, 30)):
+            body = make_update(work, delta=random_delta(spec, rng), num_examples=n)
+            assert device.upload(work, body).status_code == 201
+        wait_until(lambda: db.task(task_id).current_version == 1)
+        assert (
+            fleet[1]
+            .metrics(
+                b["assignment_id"],
+                train_loss=2.0,
+                eval_loss=0.5,
+                eval_accuracy=0.75,
+                num_eval_examples=30,
+                train_time_s=4.0,
+            )
+            .status_code
+            == 204
+        )
+
+        with coordinator.admin() as admin:
+            rnd = admin.get(f"{API}/tasks/{task_id}/rounds/1").json()
+            versions = admin.get(f"{API}/tasks/{task_id}/models").json()["items"]
+            latest = admin.get(f"{API}/tasks/{task_id}/models/1").content
+        m = rnd["metrics"]
+        assert m["train_loss"] == pytest.approx((1.0 * 10 + 2.0 * 30) / 40)  # by num_examples
+        assert m["eval_loss"] == pytest.approx((0.9 * 10 + 0.5 * 30) / 40)  # by eval examples
+        assert m["eval_accuracy"] == pytest.approx((0.5 * 10 + 0.75 * 30) / 40)
+        assert m["train_time_s"] == pytest.approx(3.0)
+        # The server-side hook evaluated the committed model.
+        X, y = _held_out()
+        want = architectures.evaluate(SMALL_MODEL, decode_model(latest), X, y)
+        assert m["server_loss"] == pytest.approx(want["loss"])
+        assert m["server_accuracy"] == pytest.approx(want["accuracy"])
+        v1 = next(v for v in versions if v["version"] == 1)
+        assert v1["metrics"]["server_loss"] == pytest.approx(want["loss"])
+        assert v1["metrics"]["train_loss"] == pytest.approx(m["train_loss"])
+
+
+def test_reaching_the_target_metric_completes_the_task(coordinator: Coordinator, db: Db) -> None:
+    with fleet_of(coordinator, 2) as fleet:
+        task_id = create_task(
+            coordinator,
+            aggregation={
+                "clients_per_round": 1,
+                "over_selection": 1.0,
+                "min_updates": 1,
+                "num_rounds": 50,
+                # Any finite loss is below this: the first version reaches the target.
+                "target_metric": {"name": "loss", "value": 1e6},
+            },
+        )
+        works = [d.work(wait=10) for d in fleet]
+        first = works[0]
+        assert first is not None and works[1] is not None
+        body = make_update(
+            first, delta=random_delta(spec_of(first), np.random.default_rng(0)), num_examples=4
+        )
+        assert fleet[0].upload(first, body).status_code == 201
+        task = wait_until(lambda: (t := db.task(task_id)).status == "completed" and t)
+        assert task.current_version == 1
+        assert task.finished_at is not None
+        assert "loss reached" in (task.status_reason or "")
+        assert db.round(task_id, 2) is None
+        stopped = fleet[1].work(current=works[1]["assignment_id"])
+        assert stopped is not None and stopped["status"] == "cancelled"

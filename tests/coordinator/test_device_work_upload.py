@@ -1,0 +1,188 @@
+"""Update upload: idempotency, validation against the task, size limits. Every rejection is a
+4xx with a stable code and stores nothing."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import httpx
+import numpy as np
+import pytest
+
+from coordinator.settings import Settings
+from shared import signing
+from shared.compression import compress
+from shared.policy import CompressionPolicy
+from shared.wire import encode_update
+from tests.coordinator.conftest import Coordinator
+from tests.support.device import API
+from tests.support.rounds import (
+    Db,
+    TestDevice,
+    action,
+    create_task,
+    fleet_of,
+    make_update,
+    random_delta,
+    spec_of,
+    wait_until,
+)
+
+LIMIT = 4096
+
+
+@pytest.fixture
+def settings(settings: Settings) -> Settings:
+    return settings.model_copy(update={"max_upload_bytes": LIMIT})
+
+
+@dataclass
+class Assigned:
+    device: TestDevice
+    work: dict[str, Any]
+    task_id: int
+    db: Db
+
+    def body(self, **kwargs: Any) -> bytes:
+        delta = random_delta(spec_of(self.work), np.random.default_rng(9))
+        return make_update(self.work, delta=delta, num_examples=12, **kwargs)
+
+    def nothing_stored(self) -> bool:
+        assignment = self.db.assignments(self.task_id)[0]
+        return self.db.updates(self.task_id) == [] and assignment.status == "assigned"
+
+
+@pytest.fixture
+def assigned(coordinator: Coordinator) -> Iterator[Assigned]:
+    db = Db(coordinator.settings)
+    with fleet_of(coordinator, 1) as fleet:
+        task_id = create_task(
+            coordinator,
+            aggregation={
+                "clients_per_round": 2,
+                "over_selection": 0.0,
+                "min_updates": 1,
+                "round_deadline_s": 600,
+            },
+        )
+        work = wait_until(lambda: fleet[0].work())
+        yield Assigned(fleet[0], work, task_id, db)
+    db.close()
+
+
+def test_a_repeated_idempotency_key_answers_the_first_result(assigned: Assigned) -> None:
+    body = assigned.body()
+    first = assigned.device.upload(assigned.work, body, key="upload-1")
+    assert first.status_code == 201, first.text
+    assert first.json()["duplicate"] is False
+    again = assigned.device.upload(assigned.work, body, key="upload-1")
+    assert again.status_code == 200
+    assert again.json() == {**first.json(), "duplicate": True}
+    assert len(assigned.db.updates(assigned.task_id)) == 1
+    other_key = assigned.device.upload(assigned.work, body, key="upload-2")
+    assert (other_key.status_code, other_key.json()["error"]) == (409, "already_uploaded")
+    stored = assigned.db.updates(assigned.task_id)
+    assert len(stored) == 1 and stored[0].idempotency_key == "upload-1"
+    assert assigned.db.blobs.get(stored[0].blob_digest) == body
+    assert assigned.db.assignments(assigned.task_id)[0].status == "uploaded"
+
+
+def test_the_idempotency_key_is_required(assigned: Assigned) -> None:
+    cases = [({}, "missing_idempotency_key"), ({"Idempotency-Key": "not ok!"}, "bad_request")]
+    for headers, code in cases:
+        r = assigned.device.post(
+            assigned.work["upload_url"], content=assigned.body(), headers=headers
+        )
+        assert (r.status_code, r.json()["error"]) == (400, code)
+        assert assigned.nothing_stored()
+
+
+def _other_spec(a: Assigned) -> bytes:
+    delta = {"W": np.ones((5, 3), np.float32), "b": np.ones(3, np.float32)}
+    return make_update(a.work, delta=delta, num_examples=3)
+
+
+def _other_policy(a: Assigned) -> bytes:
+    policy = CompressionPolicy(topk_fraction=0.5, bits=8, error_feedback=False)
+    delta = random_delta(spec_of(a.work), np.random.default_rng(1))
+    c = compress(delta, policy, np.random.default_rng(2))
+    return encode_update(
+        c, task_id=a.work["task_id"], base_version=a.work["base_version"], num_examples=3
+    )
+
+
+BAD_BODIES: list[tuple[str, Callable[[Assigned], bytes], int, str]] = [
+    ("garbage", lambda a: b"definitely not an update", 400, "bad_magic"),
+    ("truncated", lambda a: a.body()[:-3], 400, "truncated"),
+    ("trailing", lambda a: a.body() + b"\0", 400, "trailing_bytes"),
+    ("spec", _other_spec, 422, "shape_mismatch"),
+    ("policy", _other_policy, 422, "policy_mismatch"),
+    ("task", lambda a: a.body(task_id=a.work["task_id"] + 1), 422, "task_mismatch"),
+    ("base", lambda a: a.body(base_version=7), 422, "base_version_mismatch"),
+]
+
+
+def test_invalid_updates_are_refused_with_their_code(assigned: Assigned) -> None:
+    # One coordinator for the whole table: each case must leave nothing behind for the next.
+    for name, make, status, code in BAD_BODIES:
+        r = assigned.device.upload(assigned.work, make(assigned))
+        assert (r.status_code, r.json()["error"]) == (status, code), (name, r.text)
+        assert r.json()["detail"], name
+        assert assigned.nothing_stored(), name
+    # The assignment is still open for a valid update.
+    assert assigned.device.upload(assigned.work, assigned.body()).status_code == 201
+
+
+def test_a_body_over_the_limit_is_refused_up_front(assigned: Assigned) -> None:
+    r = assigned.device.upload(assigned.work, b"\0" * (LIMIT + 1))
+    assert (r.status_code, r.json()["error"]) == (413, "payload_too_large")
+    assert assigned.nothing_stored()
+
+
+def test_the_limit_holds_while_a_body_without_length_streams_in(assigned: Assigned) -> None:
+    def chunks() -> Iterator[bytes]:
+        for _ in range(64):  # 64 KiB in total, far over the limit
+            yield b"\0" * 1024
+
+    path = assigned.work["upload_url"]
+    headers = signing.sign_request(
+        assigned.device.key, device_id=assigned.device.device_id, method="POST", path=path
+    )
+    headers["Idempotency-Key"] = "streamed"
+    request = assigned.device.client.build_request("POST", path, content=chunks(), headers=headers)
+    assert "content-length" not in request.headers
+    try:
+        r = assigned.device.client.send(request)
+    except httpx.HTTPError:  # the server may close the connection before reading it all
+        r = None
+    if r is not None:
+        assert (r.status_code, r.json()["error"]) == (413, "payload_too_large")
+    assert assigned.nothing_stored()
+
+
+def test_uploads_to_a_task_that_is_not_running_are_refused(
+    coordinator: Coordinator, assigned: Assigned
+) -> None:
+    body = assigned.body()
+    action(coordinator, assigned.task_id, "pause")
+    r = assigned.device.upload(assigned.work, body)
+    assert (r.status_code, r.json()["error"]) == (409, "task_not_running")
+    assert assigned.db.updates(assigned.task_id) == []
+
+
+def test_metrics_are_validated(assigned: Assigned) -> None:
+    aid = assigned.work["assignment_id"]
+    for bad in ({"eval_accuracy": 1.5}, {"train_loss": "low"}, {"surprise": 1}):
+        r = assigned.device.metrics(aid, **bad)
+        assert (r.status_code, r.json()["error"]) == (422, "validation_error"), bad
+    r = assigned.device.post(
+        f"{API}/device/assignments/{aid}/metrics",
+        content=b'{"train_loss": NaN}',
+        headers={"Content-Type": "application/json"},
+    )
+    assert (r.status_code, r.json()["error"]) == (422, "validation_error")
+    assert assigned.db.assignments(assigned.task_id)[0].metrics == {}
+    assert assigned.device.metrics(aid, train_loss=0.25).status_code == 204
+    assert assigned.db.assignments(assigned.task_id)[0].metrics == {"train_loss": 0.25}
