@@ -16,8 +16,11 @@
 #     host: a short federated task with a few agents over HTTPS;
 #  6. starts a second container on the same database with FEDGE_INSECURE_HTTP=true (a replica
 #     behind a TLS-terminating proxy): health check over plain HTTP, /readyz, no second migration;
-#  7. checks that the entrypoint gives up on an unreachable database after its bounded retries;
-#  8. removes the containers, the database and the temporary files, whatever happened.
+#  7. the compose default: `fedge coordinator init` in a one-off container on a fresh data
+#     volume (private CA, certificate, bootstrap admin key), then a container serving from that
+#     volume: healthy over HTTPS, and the admin key works with the CA copied out of the volume;
+#  8. checks that the entrypoint gives up on an unreachable database after its bounded retries;
+#  9. removes containers, volume, database and temporary files, whatever happened.
 #
 # Containers run with `--runtime runc`, small ulimits and the host network (crun cannot set
 # rlimits on these machines; the host network keeps all traffic on loopback). Podman's timed
@@ -41,6 +44,8 @@ DB_NAME="fedge_docker_${RUN_ID}"
 CTR_HTTPS="fedge-docker-test-https-${RUN_ID}"
 CTR_HTTP="fedge-docker-test-http-${RUN_ID}"
 CTR_NODB="fedge-docker-test-nodb-${RUN_ID}"
+CTR_INIT="fedge-docker-test-init-${RUN_ID}"
+VOLUME="fedge-docker-test-data-${RUN_ID}"
 WORK=""
 DB_CREATED=0
 T0=$(date +%s)
@@ -60,7 +65,7 @@ DB_URL="${PG_ADMIN_URL%/*}/${DB_NAME}"
 cleanup() {
   local status=$?
   set +e
-  for ctr in "$CTR_HTTPS" "$CTR_HTTP" "$CTR_NODB"; do
+  for ctr in "$CTR_HTTPS" "$CTR_HTTP" "$CTR_NODB" "$CTR_INIT"; do
     if "${PODMAN[@]}" container exists "$ctr" 2>/dev/null; then
       if [ "$status" -ne 0 ]; then
         echo "---- logs of $ctr ----" >&2
@@ -69,6 +74,9 @@ cleanup() {
       pm rm --force --time 5 "$ctr" >/dev/null
     fi
   done
+  if podman volume exists "$VOLUME" 2>/dev/null; then
+    podman volume rm --force "$VOLUME" >/dev/null
+  fi
   if [ "$DB_CREATED" = 1 ]; then
     psql "$PG_ADMIN_URI" -qX -c "DROP DATABASE IF EXISTS \"${DB_NAME}\" WITH (FORCE)" >/dev/null
   fi
@@ -302,6 +310,35 @@ ready=$("$PY" -c 'import sys, httpx; print(httpx.get(sys.argv[1], timeout=10).js
 replica_log=$("${PODMAN[@]}" logs "$CTR_HTTP" 2>&1)
 grep -q "schema already at $head" <<<"$replica_log" \
   || fail "the replica did not find the schema at head"
+
+step "built-in TLS: fedge coordinator init in a data volume, then serve from it"
+podman volume create "$VOLUME" >/dev/null
+"${PODMAN[@]}" run --rm "${LIMITS[@]}" --network host -v "$VOLUME:/var/lib/fedge" \
+  -e FEDGE_DATABASE_URL="$DB_URL" -e FEDGE_PUBLIC_HOSTNAMES='["coordinator.example"]' \
+  "$IMAGE" fedge coordinator init >"$WORK/init.log" 2>&1 \
+  || { cat "$WORK/init.log" >&2; fail "fedge coordinator init in the container"; }
+INIT_KEY=$(grep -o 'fk_[A-Za-z0-9_-]*' "$WORK/init.log" | head -1)
+[ -n "$INIT_KEY" ] || fail "init printed no admin key"
+INIT_PORT=$(free_port)
+run_coordinator "$CTR_INIT" "$INIT_PORT" -v "$VOLUME:/var/lib/fedge"
+wait_healthy "$CTR_INIT"
+"${PODMAN[@]}" cp "$CTR_INIT:/var/lib/fedge/tls/ca.crt" "$WORK/init-ca.crt"
+devices=$("$PY" - "https://127.0.0.1:$INIT_PORT" "$WORK/init-ca.crt" "$INIT_KEY" <<'EOF'
+import ssl
+import sys
+
+import httpx
+
+url, ca, key = sys.argv[1:]
+context = ssl.create_default_context(cafile=ca)
+answer = httpx.get(
+    f"{url}/api/v1/devices", verify=context, headers={"Authorization": f"Bearer {key}"}, timeout=10
+)
+answer.raise_for_status()
+print(answer.json()["total"])
+EOF
+)
+[ "$devices" -ge 3 ] || fail "the init container sees $devices devices, expected the smoke fleet"
 
 step "entrypoint gives up on an unreachable database"
 "${PODMAN[@]}" run --name "$CTR_NODB" "${LIMITS[@]}" --network host --health-interval disable \
