@@ -39,7 +39,7 @@ SIGNED_ERRORS = (401, 403, 413, 429)
     status_code=201,
     response_model=EnrollResponse,
     summary="Enroll a device with an enrollment token and its Ed25519 public key",
-    responses=error_responses(401, 409, 422),
+    responses=error_responses(400, 401, 409, 422),
 )
 def enroll(body: EnrollRequest, session: SessionDep) -> EnrollResponse:
     device = enroll_device(

@@ -35,7 +35,7 @@ def to_public(key: ApiKey) -> ApiKeyPublic:
     status_code=201,
     response_model=ApiKeyCreated,
     summary="Create an API key (the secret is shown only here)",
-    responses=error_responses(401, 403, 422),
+    responses=error_responses(400, 401, 403, 422),
 )
 def create(body: ApiKeyCreate, _caller: AdminDep, session: SessionDep) -> ApiKeyCreated:
     key, secret = create_api_key(session, name=body.name, role=body.role)

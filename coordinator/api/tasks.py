@@ -56,7 +56,7 @@ async def model_body(request: Request, settings: SettingsDep) -> bytes:
     status_code=201,
     response_model=TaskPublic,
     summary="Create a task (draft); built-in models get seeded initial weights",
-    responses=error_responses(401, 403, 422),
+    responses=error_responses(400, 401, 403, 422),
 )
 def create(
     body: TaskCreate,
@@ -106,7 +106,7 @@ def read(task_id: TaskId, _caller: ViewerDep, session: SessionDep) -> TaskPublic
     "/{task_id}",
     response_model=TaskPublic,
     summary="Change a draft task (409 task_not_draft otherwise)",
-    responses=error_responses(401, 403, 404, 409, 422),
+    responses=error_responses(400, 401, 403, 404, 409, 422),
 )
 def update(
     task_id: TaskId,

@@ -37,7 +37,7 @@ def to_public(token: EnrollmentToken) -> TokenPublic:
     status_code=201,
     response_model=TokenCreated,
     summary="Create an enrollment token (the secret is shown only here)",
-    responses=error_responses(401, 403, 422),
+    responses=error_responses(400, 401, 403, 422),
 )
 def create(body: TokenCreate, _caller: AdminDep, session: SessionDep) -> TokenCreated:
     token, secret = create_token(

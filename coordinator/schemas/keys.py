@@ -5,7 +5,7 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Literal
 
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, ConfigDict, Field
 
 from coordinator.schemas.common import Label, Page, Strict
 
@@ -13,6 +13,11 @@ Role = Literal["admin", "viewer"]
 
 
 class ApiKeyCreate(Strict):
+    model_config = ConfigDict(
+        **Strict.model_config,
+        json_schema_extra={"examples": [{"name": "dashboard", "role": "viewer"}]},
+    )
+
     name: Label = ""
     role: Role
 

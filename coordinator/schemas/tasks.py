@@ -9,7 +9,7 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, Discriminator, Field, Tag, model_validator
+from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag, model_validator
 
 from coordinator.schemas.common import JsonObject, Name, Page, Strict, Text
 from shared import architectures
@@ -193,6 +193,28 @@ def resolve_trainer(model: BuiltinModel | SpecModel, training: TrainingConfig) -
 
 
 class TaskCreate(Strict):
+    model_config = ConfigDict(
+        **Strict.model_config,
+        json_schema_extra={
+            "examples": [
+                {
+                    "name": "digits",
+                    "description": "handwritten digits, softmax regression",
+                    "model": {
+                        "architecture": "softmax",
+                        "input_dim": 64,
+                        "num_classes": 10,
+                        "hidden": [],
+                        "seed": 0,
+                    },
+                    "aggregation": {"mode": "sync", "clients_per_round": 10, "min_updates": 5},
+                    "compression": {"topk_fraction": 0.1, "bits": 8},
+                    "training": {"epochs": 1, "batch_size": 32, "lr": 0.1},
+                }
+            ]
+        },
+    )
+
     name: Name
     description: Text = ""
     model: ModelConfig

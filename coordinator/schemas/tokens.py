@@ -5,7 +5,7 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Literal
 
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, ConfigDict, Field
 
 from coordinator.schemas.common import Label, Page, Strict
 
@@ -14,6 +14,11 @@ MAX_TOKEN_TTL_S = 366 * 24 * 3600
 
 
 class TokenCreate(Strict):
+    model_config = ConfigDict(
+        **Strict.model_config,
+        json_schema_extra={"examples": [{"label": "lab", "max_uses": 20, "expires_in_s": 3600}]},
+    )
+
     label: Label = ""
     max_uses: int = Field(default=1, ge=1, le=1_000_000, description="Enrollments allowed")
     expires_in_s: int = Field(
