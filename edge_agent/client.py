@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import random
 import threading
-import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -101,7 +100,7 @@ class CoordinatorClient:
         identity: tuple[str, Ed25519PrivateKey] | None = None,
         timeout: float = 30.0,
         retry: RetryPolicy | None = None,
-        sleep: Callable[[float], Any] = time.sleep,
+        sleep: Callable[[float], Any] | None = None,
         rng: random.Random | None = None,
         interrupted: Callable[[], bool] | None = None,
     ) -> None:

@@ -106,6 +106,8 @@ def task_body(options: DemoOptions, dataset: Dataset) -> dict[str, Any]:
             "over_selection": 0.5,
             "min_updates": max(1, per_round // 2),
             "round_deadline_s": options.round_deadline_s,
+            # async assignments of vanished devices expire after this (sync: the deadline)
+            "lease_s": 2 * options.round_deadline_s,
             "max_staleness": 3,
             "staleness": {"function": "polynomial", "a": 0.5},
             "buffer_size": per_round,

@@ -74,7 +74,7 @@ def summary_text(report: Mapping[str, Any]) -> str:
         version = row["version"]
         r = rounds.get(version, {})
         lines.append(
-            f"{version:>5}  {version:>7}  {row['accuracy']:>13.3f}  "
+            f"{r.get('number', ''):>5}  {version:>7}  {row['accuracy']:>13.3f}  "
             f"{central.get(version, float('nan')):>15.3f}  {r.get('num_received', ''):>7}  "
             f"{r.get('num_dropped', ''):>7}  {r.get('num_stale', ''):>5}"
         )

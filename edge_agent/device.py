@@ -84,7 +84,7 @@ def open_client(
     *,
     transport: httpx.BaseTransport | None = None,
     retry: RetryPolicy | None = None,
-    sleep: Callable[[float], Any] = time.sleep,
+    sleep: Callable[[float], Any] | None = None,
     interrupted: Callable[[], bool] | None = None,
     timeout: float = 30.0,
 ) -> CoordinatorClient:

@@ -57,6 +57,10 @@ def verify_setting(ca_file: str | None) -> ssl.SSLContext | bool:
     return ssl.create_default_context(cafile=ca_file)
 
 
+def _sleep(seconds: float) -> None:
+    time.sleep(seconds)
+
+
 class Session:
     """A thread-safe wrapper of one :class:`httpx.Client` that retries."""
 
@@ -68,14 +72,14 @@ class Session:
         transport: httpx.BaseTransport | None = None,
         timeout: float = 30.0,
         retry: RetryPolicy | None = None,
-        sleep: Callable[[float], Any] = time.sleep,
+        sleep: Callable[[float], Any] | None = None,
         rng: random.Random | None = None,
         headers: Mapping[str, str] | None = None,
         interrupted: Callable[[], bool] | None = None,
     ) -> None:
         self.base_url = base_url.rstrip("/")
         self.retry = retry or RetryPolicy()
-        self._sleep = sleep
+        self._sleep = sleep if sleep is not None else _sleep
         self._rng = rng or random.Random()
         self._interrupted = interrupted
         self._client = httpx.Client(
