@@ -196,12 +196,19 @@ def test_healthcheck_passes_over_https_verifying_the_private_ca(app_settings, tm
         assert problem is not None and "CERTIFICATE_VERIFY_FAILED" in problem
 
 
-def test_healthcheck_passes_over_plain_http_when_insecure_http_is_set(app_settings):
+def test_healthcheck_passes_over_plain_http_when_insecure_http_is_set(app_settings, tmp_path):
+    tls = create_ca_and_server_cert(tmp_path / "tls")
     app = create_app(app_settings)
     with serve_in_thread(app, certfile=None, keyfile=None) as url:
         assert healthcheck.check(Settings(port=port_of(url), insecure_http=True)) is None
-        # The same server probed over HTTPS is not healthy.
-        assert healthcheck.check(Settings(port=port_of(url), data_dir=Path("/nonexistent")))
+        # Without FEDGE_INSECURE_HTTP the probe speaks TLS, which a plain HTTP server fails.
+        problem = healthcheck.check(Settings(port=port_of(url), tls_cert=tls.server_cert))
+        assert problem is not None and "unreachable" in problem
+
+
+def test_healthcheck_reports_a_missing_certificate_file(tmp_path):
+    problem = healthcheck.check(Settings(port=closed_port(), tls_cert=tmp_path / "none.crt"))
+    assert problem is not None and "cannot load" in problem
 
 
 def test_healthcheck_fails_when_nothing_listens():
