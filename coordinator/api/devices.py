@@ -4,10 +4,18 @@ from __future__ import annotations
 
 from typing import Annotated
 
-from fastapi import APIRouter, Path, Query
+from fastapi import APIRouter, BackgroundTasks, Path, Query
 from sqlalchemy import select
 
-from coordinator.api.deps import AdminDep, Pagination, SessionDep, ViewerDep, paginate
+from coordinator.api.deps import (
+    AdminDep,
+    Pagination,
+    RuntimeDep,
+    SessionDep,
+    ViewerDep,
+    paginate,
+)
+from coordinator.api.signals import wake_devices
 from coordinator.enrollment import revoke_device
 from coordinator.errors import NotFound, error_responses
 from coordinator.models import Device
@@ -78,7 +86,14 @@ def get_device(device_id: DeviceId, _caller: ViewerDep, session: SessionDep) -> 
     summary="Revoke a device: refused at once, its active assignments cancelled",
     responses=error_responses(401, 403, 404, 422),
 )
-def revoke(device_id: DeviceId, _caller: AdminDep, session: SessionDep) -> DevicePublic:
+def revoke(
+    device_id: DeviceId,
+    _caller: AdminDep,
+    session: SessionDep,
+    runtime: RuntimeDep,
+    background: BackgroundTasks,
+) -> DevicePublic:
     device = _get(session, device_id)
     revoke_device(session, device)
+    background.add_task(wake_devices, runtime, [device.id])
     return to_public(device)

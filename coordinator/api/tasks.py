@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Depends, Path, Query, Request
+from fastapi import APIRouter, BackgroundTasks, Depends, Path, Query, Request
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
@@ -14,11 +14,13 @@ from coordinator.api.deps import (
     AdminDep,
     BlobsDep,
     Pagination,
+    RuntimeDep,
     SessionDep,
     SettingsDep,
     ViewerDep,
     paginate,
 )
+from coordinator.api.signals import kick_scheduler
 from coordinator.auth import read_body
 from coordinator.errors import NotFound, error_responses
 from coordinator.models import Task
@@ -150,9 +152,17 @@ def _action(action: str, summary: str) -> None:
         operation_id=f"task_{action}",
         responses=error_responses(401, 403, 404, 409, 422),
     )
-    def handler(task_id: TaskId, _caller: AdminDep, session: SessionDep) -> TaskPublic:
+    def handler(
+        task_id: TaskId,
+        _caller: AdminDep,
+        session: SessionDep,
+        runtime: RuntimeDep,
+        background: BackgroundTasks,
+    ) -> TaskPublic:
         task = get_task(session, task_id, for_update=True)
-        return service.to_public(service.transition(session, task, action))
+        result = service.to_public(service.transition(session, task, action))
+        background.add_task(kick_scheduler, runtime)
+        return result
 
 
 _action("start", "Start a draft task (it needs initial weights)")

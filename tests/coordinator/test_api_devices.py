@@ -3,11 +3,18 @@ download (only for tasks it has an assignment for)."""
 
 from __future__ import annotations
 
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
 from sqlalchemy import select
 
+from coordinator.app import create_app
 from coordinator.models import Assignment
+from tests.coordinator.conftest import Coordinator, make_key
 from tests.support.device import API, SignedDevice
 from tests.support.rows import add_assignment, db_session
+from tests.support.servers import serve_in_thread
 
 SOFTMAX = {"architecture": "softmax", "input_dim": 4, "num_classes": 2}
 
@@ -129,3 +136,41 @@ def test_download_marks_only_the_assignment_on_that_version(coordinator):
         )
         assert device.get(f"{API}/device/tasks/{task_id}/models/0").status_code == 200
         assert _statuses(settings, [on_v0, on_v1]) == {on_v0: "downloaded", on_v1: "assigned"}
+
+
+@pytest.fixture
+def slow_recheck(settings, tls_paths):
+    """A coordinator whose long-polls re-check the database only once a minute, so a prompt
+    answer can only come from the in-process wake-up."""
+    cfg = settings.model_copy(update={"long_poll_recheck_s": 60.0})
+    app = create_app(cfg)
+    admin_key, viewer_key = make_key(cfg, "admin"), make_key(cfg, "viewer")
+    with serve_in_thread(app, certfile=cfg.tls_cert, keyfile=cfg.tls_key) as url:
+        yield Coordinator(url, cfg, app, tls_paths.ca_cert, admin_key, viewer_key)
+
+
+def test_revocation_wakes_the_devices_long_poll(slow_recheck):
+    coordinator = slow_recheck
+    task_id = _task(coordinator)
+    with SignedDevice.enroll(coordinator) as device:
+        assignment = add_assignment(
+            coordinator.settings, task_id=task_id, device_id=device.device_id
+        )
+        with ThreadPoolExecutor(1) as pool:
+            started = time.monotonic()
+            poll = pool.submit(
+                device.get, f"{API}/device/work", params={"wait": 30, "current": assignment}
+            )
+            deadline = time.monotonic() + 10
+            notifier = coordinator.app.state.runtime.extras["notifier"]
+            while notifier.waiting(device.device_id) == 0:  # the poll is waiting
+                assert time.monotonic() < deadline and not poll.done(), "poll did not wait"
+                time.sleep(0.02)
+            with coordinator.admin() as admin:
+                assert admin.post(f"{API}/devices/{device.device_id}/revoke").status_code == 200
+            r = poll.result(timeout=20)
+            elapsed = time.monotonic() - started
+        assert r.status_code == 200, r.text
+        assert r.json()["assignment_id"] == assignment
+        assert r.json()["status"] == "cancelled"
+        assert elapsed < 15
