@@ -182,7 +182,9 @@ def commit_aggregation(
 ) -> list[str] | None:
     """Step 3. Returns the devices to wake, or ``None`` when the state moved meanwhile (the
     work is discarded; nothing was changed)."""
-    task = session.scalar(select(Task).where(Task.id == plan.task_id).with_for_update())
+    task = session.scalar(
+        select(Task).where(Task.id == plan.task_id).with_for_update(key_share=True)
+    )
     if task is None or task.current_version != plan.base_version:
         return None
     if task.status not in ("running", "paused"):
@@ -194,7 +196,9 @@ def commit_aggregation(
     updates = {
         u.id: u
         for u in session.scalars(
-            select(Update).where(Update.id.in_(ids), Update.status == "accepted").with_for_update()
+            select(Update)
+            .where(Update.id.in_(ids), Update.status == "accepted")
+            .with_for_update(key_share=True)
         )
     }
     if len(updates) != len(ids):

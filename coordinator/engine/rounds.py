@@ -53,6 +53,11 @@ def count_pending(session: Session, task_id: int, *, base_version: int | None = 
 def _lock_idle_devices(session: Session, device_ids: list[str]) -> list[str]:
     """Row-lock the chosen devices (in id order) and keep those still idle.
 
+    Every row lock the engine takes is ``FOR NO KEY UPDATE`` (``key_share=True``): it
+    serializes the engine's own writers but not the ``FOR KEY SHARE`` locks PostgreSQL takes
+    on referenced rows when an upload inserts an ``updates`` row, which would otherwise
+    deadlock an aggregation against a concurrent upload.
+
     On PostgreSQL two processes (or a round opening and an async work request) could pick the
     same device at once; the lock plus the re-check of busyness after it settles it. The lock
     waits rather than skipping, since device rows are also locked briefly by every signed
@@ -61,7 +66,10 @@ def _lock_idle_devices(session: Session, device_ids: list[str]) -> list[str]:
     if not device_ids:
         return []
     session.execute(
-        select(Device.id).where(Device.id.in_(device_ids)).order_by(Device.id).with_for_update()
+        select(Device.id)
+        .where(Device.id.in_(device_ids))
+        .order_by(Device.id)
+        .with_for_update(key_share=True)
     ).all()
     still_idle = set(
         session.scalars(select(Device.id).where(Device.id.in_(device_ids), ~busy_clause()))

@@ -113,7 +113,9 @@ class TaskStepper:
         settings = self.runtime.settings
         now = utcnow()
         with session_scope(self.runtime.sessions) as session:
-            task = session.scalar(select(Task).where(Task.id == task_id).with_for_update())
+            task = session.scalar(
+                select(Task).where(Task.id == task_id).with_for_update(key_share=True)
+            )
             if task is None:
                 return False
             if task.status in TERMINAL:

@@ -69,7 +69,9 @@ def find_work(session: Session, *, device_id: str, now: datetime) -> dict[str, A
             continue
         # Serialize with the scheduler and other requests for this task (concurrency cap).
         task = session.scalar(
-            select(Task).where(Task.id == candidate.id, Task.status == "running").with_for_update()
+            select(Task)
+            .where(Task.id == candidate.id, Task.status == "running")
+            .with_for_update(key_share=True)
         )
         if task is None:
             continue
