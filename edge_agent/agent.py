@@ -256,7 +256,13 @@ class Agent:
                     log.info("simulated straggler: %.1f s of extra compute", decision.delay_s)
                 interrupt.wait(decision.delay_s)
             rng = np.random.default_rng([self.seed, work.assignment_id])
-            result = trainer.train(base, work.training, rng, should_stop=interrupt.is_set)
+            try:
+                result = trainer.train(base, work.training, rng, should_stop=interrupt.is_set)
+                spec.check(result.weights)
+            except Exception as exc:  # a broken trainer must not take the agent down
+                log.exception("training failed on assignment %d", work.assignment_id)
+                self._interrupt = None
+                return self._give_up(work, f"training failed: {exc!r}")
         self._interrupt = None
         train_time = time.monotonic() - started
         if watcher.cancelled.is_set():

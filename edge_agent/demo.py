@@ -17,6 +17,7 @@ tqdm are demo extras, imported lazily.
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import logging
 import math
 import sys
@@ -352,6 +353,16 @@ def _collect(
     }
 
 
+DEMO_EXTRAS = {"sklearn": "scikit-learn", "matplotlib": "matplotlib", "tqdm": "tqdm"}
+
+
+def missing_extras() -> list[str]:
+    """The demo's optional dependencies that are not installed."""
+    return [
+        name for module, name in DEMO_EXTRAS.items() if importlib.util.find_spec(module) is None
+    ]
+
+
 def build_parser() -> argparse.ArgumentParser:
     d = DemoOptions()
     p = argparse.ArgumentParser(
@@ -418,6 +429,13 @@ def main(argv: list[str] | None = None) -> int:
         args = parser.parse_args(sys.argv[1:] if argv is None else argv)
     except SystemExit as exc:
         return int(exc.code or 0)
+    missing = missing_extras()
+    if missing:
+        print(
+            f"fedge demo needs {', '.join(missing)}; install them with: pip install 'fedge[demo]'",
+            file=sys.stderr,
+        )
+        return 3
     logging.basicConfig(
         level=logging.INFO if args.verbose else logging.WARNING,
         format="%(asctime)s %(threadName)s %(levelname)s %(message)s",

@@ -327,3 +327,24 @@ def test_saved_update_header_names_task_version_and_examples(state_dir, fake, da
     decoded = decode_update(agent.state.outbox.body(entry))
     assert (decoded.task_id, decoded.base_version, decoded.num_examples) == (1, 0, 300)
     assert decoded.bits == 4 and decoded.topk_fraction == 0.05
+
+
+class BrokenTrainer:
+    def __init__(self, model, data):
+        pass
+
+    def train(self, weights, config, rng, *, should_stop=None):
+        raise ZeroDivisionError("bug in user code")
+
+    def evaluate(self, weights):
+        return {}
+
+
+def test_a_failing_trainer_gives_the_assignment_up_without_stopping_the_agent(
+    state_dir, fake, data
+):
+    fake.assign(1)
+    agent = make_agent(state_dir, fake, data, trainer_factory=BrokenTrainer)
+    assert agent.handle(agent.client.get_work(0)) is Outcome.FAILED
+    assert agent.stats.failed == 1 and fake.received == {}
+    assert agent.state.outbox.entries() == []

@@ -88,3 +88,16 @@ def test_agent_process_trains_uploads_and_stops_on_sigterm(live, digits, tmp_pat
     assert "received SIGTERM" in err
     assert State(state_dir).outbox.entries() == []
     assert live.rounds(task["id"])[0]["num_received"] == 1
+
+
+def test_demo_without_its_extras_says_what_to_install(monkeypatch, capsys):
+    import importlib.util
+
+    from edge_agent import demo
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(
+        importlib.util, "find_spec", lambda name, *a: None if name == "tqdm" else real(name, *a)
+    )
+    assert demo.main(["--devices", "2"]) == 3
+    assert "pip install 'fedge[demo]'" in capsys.readouterr().err
