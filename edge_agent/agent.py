@@ -34,7 +34,12 @@ from edge_agent.client import CoordinatorClient, Work
 from edge_agent.data import LocalData
 from edge_agent.errors import AgentError, ApiError, AuthError, DeviceRevoked, StaleUpdate
 from edge_agent.faults import NO_FAULTS, FaultDecision
-from edge_agent.outbox import RESIDUAL_BEFORE, OutboxEntry, new_idempotency_key
+from edge_agent.outbox import (
+    RESIDUAL_BEFORE,
+    OutboxEntry,
+    PendingUpdateExists,
+    new_idempotency_key,
+)
 from edge_agent.state import State
 from edge_agent.trainers import Trainer, TrainerFactory, task_trainer_factory
 from edge_agent.watcher import CancelWatcher
@@ -64,6 +69,16 @@ def _refused_for_good(exc: ApiError) -> bool:
         return False
     lasting = not isinstance(exc, DeviceRevoked)
     return lasting and exc.code not in FATAL_CODES | TRANSIENT_AUTH_CODES
+
+
+def _in_spec_order(spec: ModelSpec, weights: Mapping[str, np.ndarray]) -> Weights:
+    """``weights`` ordered as ``spec`` (ValueError when names or shapes differ)."""
+    missing = [name for name in spec.names if name not in weights]
+    if missing or len(weights) != len(spec.names):
+        raise ValueError(f"trained weights do not match the model spec (missing {missing})")
+    ordered = {name: weights[name] for name in spec.names}
+    spec.check(ordered)
+    return ordered
 
 
 def _metrics_payload(metrics: Mapping[str, float]) -> dict[str, float | int]:
@@ -242,40 +257,38 @@ class Agent:
             self._given_up.add(work.assignment_id)
             self._wait_until_cancelled(work)
             return Outcome.DROPPED
-        interrupt = threading.Event()
-        self._interrupt = interrupt
-        if self.stopping:
-            interrupt.set()
+        interrupt = self._new_interrupt()
         watcher = CancelWatcher(
             self.client, work.assignment_id, wait=self.cancel_poll_wait, on_cancel=interrupt
         )
         started = time.monotonic()
-        with watcher:
-            if decision.delay_s > 0:
-                if decision.delay_s >= 0.05:
-                    log.info("simulated straggler: %.1f s of extra compute", decision.delay_s)
-                interrupt.wait(decision.delay_s)
-            rng = np.random.default_rng([self.seed, work.assignment_id])
-            try:
+        try:
+            with watcher:
+                if decision.delay_s > 0:
+                    if decision.delay_s >= 0.05:
+                        log.info("simulated straggler: %.1f s of extra compute", decision.delay_s)
+                    interrupt.wait(decision.delay_s)
+                rng = np.random.default_rng([self.seed, work.assignment_id])
                 result = trainer.train(base, work.training, rng, should_stop=interrupt.is_set)
-                spec.check(result.weights)
-            except Exception as exc:  # a broken trainer must not take the agent down
-                log.exception("training failed on assignment %d", work.assignment_id)
-                self._interrupt = None
-                return self._give_up(work, f"training failed: {exc!r}")
-        self._interrupt = None
-        train_time = time.monotonic() - started
-        if watcher.cancelled.is_set():
-            log.info(
-                "assignment %d was cancelled: stopped training, dropping it", work.assignment_id
-            )
-            self.stats.cancelled += 1
-            return Outcome.CANCELLED
-        if self.stopping or result.stopped:
-            log.info("stopping: assignment %d left unfinished", work.assignment_id)
-            return Outcome.STOPPED
-        metrics = dict(result.metrics)
-        metrics.update(trainer.evaluate(result.weights))
+                local = _in_spec_order(spec, result.weights)
+            train_time = time.monotonic() - started
+            if watcher.cancelled.is_set():
+                log.info(
+                    "assignment %d was cancelled: stopped training, dropping it",
+                    work.assignment_id,
+                )
+                self.stats.cancelled += 1
+                return Outcome.CANCELLED
+            if self.stopping or result.stopped:
+                log.info("stopping: assignment %d left unfinished", work.assignment_id)
+                return Outcome.STOPPED
+            metrics = dict(result.metrics)
+            metrics.update(trainer.evaluate(local))
+        except Exception as exc:  # a broken trainer must not take the agent down
+            log.exception("training failed on assignment %d", work.assignment_id)
+            return self._give_up(work, f"training failed: {exc!r}")
+        finally:
+            self._interrupt = None
         metrics["train_time_s"] = train_time
         log.info(
             "trained on %d examples in %.2f s (loss %.4f)",
@@ -283,7 +296,10 @@ class Agent:
             train_time,
             metrics.get("train_loss", float("nan")),
         )
-        entry = self._commit_update(work, spec, policy, base, result.weights, result, metrics)
+        try:
+            entry = self._commit_update(work, spec, policy, base, local, result, metrics)
+        except (ValueError, PendingUpdateExists) as exc:  # e.g. a diverged model (NaN)
+            return self._give_up(work, f"cannot make an update: {exc}")
         if decision.offline_s > 0:
             log.info("simulated offline spell of %.1f s before uploading", decision.offline_s)
             self._pause(decision.offline_s)
@@ -312,10 +328,22 @@ class Agent:
 
     def _wait_until_cancelled(self, work: Work) -> None:
         """Stay away from an assignment until the coordinator cancels it (or a while passes)."""
-        with CancelWatcher(self.client, work.assignment_id, wait=self.cancel_poll_wait) as w:
-            deadline = time.monotonic() + max(self.cancel_poll_wait, 1.0) * 4
-            while not (w.cancelled.is_set() or self.stopping) and time.monotonic() < deadline:
-                w.cancelled.wait(0.1)
+        interrupt = self._new_interrupt()
+        try:
+            with CancelWatcher(
+                self.client, work.assignment_id, wait=self.cancel_poll_wait, on_cancel=interrupt
+            ):
+                interrupt.wait(max(self.cancel_poll_wait, 1.0) * 4)
+        finally:
+            self._interrupt = None
+
+    def _new_interrupt(self) -> threading.Event:
+        """An event set by :meth:`stop` or by a cancellation, for the work at hand."""
+        interrupt = threading.Event()
+        self._interrupt = interrupt
+        if self.stopping:
+            interrupt.set()
+        return interrupt
 
     # -- model -----------------------------------------------------------------------------
 

@@ -348,3 +348,18 @@ def test_a_failing_trainer_gives_the_assignment_up_without_stopping_the_agent(
     assert agent.handle(agent.client.get_work(0)) is Outcome.FAILED
     assert agent.stats.failed == 1 and fake.received == {}
     assert agent.state.outbox.entries() == []
+
+
+class DivergingTrainer(BrokenTrainer):
+    def train(self, weights, config, rng, *, should_stop=None):
+        from edge_agent.trainers import TrainResult
+
+        return TrainResult({k: np.full_like(v, np.nan) for k, v in weights.items()}, 10)
+
+
+def test_a_diverged_model_is_not_uploaded(state_dir, fake, data):
+    fake.assign(1)
+    agent = make_agent(state_dir, fake, data, trainer_factory=DivergingTrainer)
+    assert agent.handle(agent.client.get_work(0)) is Outcome.FAILED
+    assert fake.received == {} and agent.state.outbox.entries() == []
+    assert not agent.state.residual_path(1).exists()
