@@ -115,6 +115,11 @@ def _stop_on_signals(stop: Callable[[], None], idle: Callable[[], bool]) -> Iter
 
 
 def _run(args: argparse.Namespace) -> int:
+    with State(args.state_dir, recover=False).exclusive():
+        return _run_locked(args)
+
+
+def _run_locked(args: argparse.Namespace) -> int:
     state = State(args.state_dir)
     config = state.load_config()
     X, y = load_arrays(args.data)
@@ -158,7 +163,7 @@ def _run(args: argparse.Namespace) -> int:
 
 
 def _status(args: argparse.Namespace) -> int:
-    state = State(args.state_dir)
+    state = State(args.state_dir, recover=False)
     summary: dict[str, Any] = state.summary()
     if args.remote:
         with open_client(state) as client:

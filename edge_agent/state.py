@@ -17,11 +17,13 @@ each file either old or new; leftovers of interrupted writes are deleted on open
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import logging
 import os
 import secrets
 import stat
 import time
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -39,6 +41,7 @@ log = logging.getLogger(__name__)
 CONFIG = "agent.json"
 KEY = "identity.pem"
 CA = "ca.pem"
+LOCK = ".lock"
 STATE_FORMAT = 1
 MODELS_KEPT_PER_TASK = 2
 
@@ -78,13 +81,30 @@ def new_seed() -> int:
 
 
 class State:
-    """Open (or create) a state directory; cleans up after interrupted writes."""
+    """Open (or create) a state directory; cleans up after interrupted writes.
 
-    def __init__(self, directory: str | os.PathLike[str]) -> None:
+    Only the process that runs the agent should recover (and hold :meth:`exclusive`);
+    readers such as ``fedge agent status`` open with ``recover=False``."""
+
+    def __init__(self, directory: str | os.PathLike[str], *, recover: bool = True) -> None:
         self.directory = Path(directory)
         self.directory.mkdir(parents=True, exist_ok=True, mode=0o700)
         self.outbox = Outbox(self.directory / "outbox")
-        self.recover()
+        if recover:
+            self.recover()
+
+    @contextlib.contextmanager
+    def exclusive(self) -> Iterator[None]:
+        """Hold the state directory's lock: one running agent per state directory."""
+        fd = os.open(self.directory / LOCK, os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                raise StateError(f"another agent is running with {self}") from None
+            yield
+        finally:
+            os.close(fd)  # closing releases the lock
 
     # -- recovery --------------------------------------------------------------------------
 

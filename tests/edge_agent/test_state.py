@@ -214,3 +214,21 @@ def test_summary(tmp_path):
     assert summary["outbox"] == [{"assignment_id": 7, "task_id": 1, "base_version": 2}]
     assert summary["residual_tasks"] == [3]
     assert summary["cached_models"] == ["task-3/v2"]
+
+
+def test_one_agent_per_state_dir(tmp_path):
+    state = State(tmp_path)
+    with state.exclusive():
+        with pytest.raises(StateError, match="another agent is running"):
+            with State(tmp_path).exclusive():
+                pass
+    with State(tmp_path).exclusive():
+        pass
+
+
+def test_readers_leave_a_running_agents_temp_files_alone(tmp_path):
+    State(tmp_path)
+    in_flight = tmp_path / ".agent.json.tmp-1234"
+    in_flight.write_text("{")
+    State(tmp_path, recover=False).summary()
+    assert in_flight.exists()
