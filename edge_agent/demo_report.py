@@ -132,11 +132,13 @@ def plot(report: Mapping[str, Any], path: Path) -> None:
     ax1.set_ylim(0, 1)
     ax1.legend()
     ax1.set_title("Accuracy on the held-out test split")
-    cum = report["traffic"]["cumulative"]
+    cum = [c for c in report["traffic"]["cumulative"] if c["dense_bytes"] > 0]
     xs = [c["version"] for c in cum]
     ax2.plot(xs, [c["upload_bytes"] / 1e3 for c in cum], "o-", label="uploaded (compressed)")
     ax2.plot(xs, [c["dense_bytes"] / 1e3 for c in cum], "s--", label="dense float32")
     ax2.set_yscale("log")
+    for ax in (ax1, ax2):
+        ax.xaxis.get_major_locator().set_params(integer=True)
     ax2.set_xlabel("round (model version)")
     ax2.set_ylabel("cumulative upload (kB)")
     ax2.legend()

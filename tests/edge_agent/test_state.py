@@ -217,11 +217,13 @@ def test_summary(tmp_path):
 
 
 def test_one_agent_per_state_dir(tmp_path):
-    state = State(tmp_path)
-    with state.exclusive():
+    holder = State(tmp_path).exclusive()
+    holder.__enter__()
+    try:
         with pytest.raises(StateError, match="another agent is running"):
-            with State(tmp_path).exclusive():
-                pass
+            State(tmp_path).exclusive().__enter__()
+    finally:
+        holder.__exit__(None, None, None)
     with State(tmp_path).exclusive():
         pass
 
