@@ -34,6 +34,7 @@ from typing import Any
 
 import numpy as np
 import pytest
+from sqlalchemy.engine import make_url
 
 from coordinator.blobstore import BlobStore
 from coordinator.migrate import upgrade
@@ -64,8 +65,6 @@ from tests.support.rounds import (
     spec_of,
     wait_until,
 )
-
-pytestmark = pytest.mark.slow
 
 AGGREGATION = {
     "clients_per_round": 3,
@@ -106,7 +105,8 @@ def dbs(
         (tmp_path / "source").mkdir()
         target = tmp_path / "restored" / "fedge.db"
         source_url = sqlite_template.fresh(tmp_path / "source")
-        yield Databases(source_url, f"sqlite:///{target}", lambda: _unlink_sqlite(source_url))
+        source_file = Path(make_url(source_url).database or "")
+        yield Databases(source_url, f"sqlite:///{target}", source_file.unlink)
         return
     admin_url = _postgres_admin_url()
     require_tools("pg_dump", "pg_restore")
@@ -119,12 +119,6 @@ def dbs(
     finally:
         source.drop()
         target_db.drop()
-
-
-def _unlink_sqlite(url: str) -> None:
-    path = Path(url.removeprefix("sqlite:///"))
-    for leftover in (path, *(path.with_name(path.name + s) for s in ("-wal", "-shm"))):
-        leftover.unlink(missing_ok=True)
 
 
 def _settings(data_dir: Path, database_url: str, tls: TlsPaths) -> Settings:
@@ -228,6 +222,26 @@ def schema_status(settings: Settings) -> subprocess.CompletedProcess[str]:
     )
 
 
+@pytest.mark.parametrize(
+    ("ci", "outcome", "message"),
+    [
+        ("", pytest.skip.Exception, "fedge-no-such-tool not on PATH"),
+        ("true", pytest.fail.Exception, "CI=true but fedge-no-such-tool not on PATH"),
+    ],
+)
+def test_missing_backup_tools_skip_the_leg_but_fail_under_ci(
+    monkeypatch: pytest.MonkeyPatch, ci: str, outcome: type[BaseException], message: str
+) -> None:
+    monkeypatch.setenv("CI", ci)
+    # Both outcomes are caught, so a skip where a failure is due fails this test.
+    with pytest.raises((pytest.skip.Exception, pytest.fail.Exception)) as raised:
+        require_tools("tar", "fedge-no-such-tool")
+    assert type(raised.value) is outcome
+    assert str(raised.value).startswith(message)
+    require_tools("tar")  # present: nothing happens
+
+
+@pytest.mark.slow
 def test_restored_backup_continues_the_task_from_the_same_version(
     dbs: Databases, tls_paths: TlsPaths, tmp_path: Path
 ) -> None:
