@@ -9,9 +9,10 @@ On each backend:
 2. The coordinator stops (SIGTERM). The blob store is archived with ``tar`` first, then the
    database is dumped (``pg_dump --format=custom``, or SQLite's online backup API). The
    originals are deleted, so nothing can be read from them afterwards.
-3. The dump is restored into a fresh database (an empty PostgreSQL database with
-   ``pg_restore``, a new SQLite file) and the archive into a fresh directory;
-   ``fedge coordinator migrate --status`` finds the schema at head.
+3. The dump is restored into a fresh database (with ``pg_restore`` into an empty PostgreSQL
+   database, or into one a new deployment has just migrated; a new SQLite file) and the
+   archive into a fresh directory; ``fedge coordinator migrate --status`` finds the schema at
+   head.
 4. A new coordinator process serves the restored state: ``/readyz`` is 200, the old admin key
    works, the task, its rounds, devices and model versions read back exactly as before, the
    latest model has the same bytes and ETag (a device's cached ETag still gets 304), and
@@ -81,7 +82,8 @@ ROUND_TIMEOUT_S = 30.0
 
 @dataclass
 class Databases:
-    """A migrated source database and an empty restore target, both thrown away after."""
+    """A migrated source database and a restore target without data (empty, or only
+    migrated), both thrown away after."""
 
     source: str
     target: str
@@ -97,7 +99,15 @@ def _postgres_admin_url() -> str:
     return url
 
 
-@pytest.fixture(params=["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
+@pytest.fixture(
+    params=[
+        "sqlite",
+        pytest.param("postgres", marks=pytest.mark.postgres),
+        # What docs/deploy.md describes: the new deployment's coordinator already migrated
+        # its (empty) database, and pg_restore --clean --if-exists replaces that schema.
+        pytest.param("postgres-over-migrated", marks=pytest.mark.postgres),
+    ]
+)
 def dbs(
     request: pytest.FixtureRequest, tmp_path: Path, sqlite_template: databases.SqliteTemplate
 ) -> Iterator[Databases]:
@@ -115,6 +125,8 @@ def dbs(
         source.create()
         upgrade(source.url)
         target_db.create()  # empty: no schema, no alembic_version
+        if request.param == "postgres-over-migrated":
+            upgrade(target_db.url)
         yield Databases(source.url, target_db.url, source.drop)
     finally:
         source.drop()
