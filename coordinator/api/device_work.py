@@ -22,7 +22,7 @@ from coordinator.engine.lifecycle import NOTIFIER_KEY, SCHEDULER_KEY
 from coordinator.engine.notify import Notifier
 from coordinator.engine.reports import record_metrics
 from coordinator.engine.updates import accept_upload, check_idempotency_key
-from coordinator.engine.work import cancellation, find_work
+from coordinator.engine.work import cancellation, find_work, require_active
 from coordinator.errors import Unprocessable, error_responses
 from coordinator.runtime import Runtime
 from coordinator.schemas.common import Strict
@@ -88,7 +88,12 @@ def get_notifier(runtime: Runtime) -> Notifier | None:
 def _check_work(runtime: Runtime, device_id: str, current: int | None) -> dict[str, Any] | None:
     with session_scope(runtime.sessions) as session:
         if current is not None:
-            return cancellation(session, device_id=device_id, assignment_id=current)
+            stopped = cancellation(session, device_id=device_id, assignment_id=current)
+            if stopped is not None:
+                return stopped
+        require_active(session, device_id)
+        if current is not None:
+            return None
         return find_work(session, device_id=device_id, now=utcnow())
 
 

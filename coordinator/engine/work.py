@@ -3,6 +3,9 @@
 - :func:`find_work`: the device's active assignment (``assigned``/``downloaded``), else, in a
   running async task whose concurrency cap allows it, a new assignment on the current version
   (a device works at most once per async round, i.e. per model version).
+- :func:`require_active`: a device revoked while it waited is refused (403 ``device_revoked``)
+  as soon as its poll wakes; a poll on its current assignment first reports the cancellation
+  that the revocation caused.
 - :func:`cancellation`: whether the assignment the device is working on was stopped
   (``cancelled``: its round closed early, the task was paused, cancelled or completed;
   ``dropped``: its round's deadline passed). Both are answered as ``status: cancelled`` so
@@ -20,7 +23,7 @@ from sqlalchemy.orm import Session
 from coordinator.engine import rounds
 from coordinator.engine.config import AggregationConfig, ConfigError
 from coordinator.errors import Forbidden, NotFound
-from coordinator.models import ASSIGNMENT_ACTIVE, Assignment, Task
+from coordinator.models import ASSIGNMENT_ACTIVE, Assignment, Device, Task
 
 API = "/api/v1"
 
@@ -86,6 +89,13 @@ def find_work(session: Session, *, device_id: str, now: datetime) -> dict[str, A
         if a is not None:
             return assignment_payload(a, task, mode="async")
     return None
+
+
+def require_active(session: Session, device_id: str) -> None:
+    """A device revoked while its long-poll waited gets no more work (403 at once)."""
+    device = session.get(Device, device_id)
+    if device is None or device.status != "active":
+        raise Forbidden(f"device {device_id} has been revoked", code="device_revoked")
 
 
 def cancellation(session: Session, *, device_id: str, assignment_id: int) -> dict[str, Any] | None:

@@ -134,3 +134,18 @@ def test_a_device_cannot_act_on_another_devices_assignment(
         assert (r.status_code, r.json()["error"]) == (404, "not_found")
         # The owner still can.
         assert fleet[owner].upload(work, body).status_code == 201
+
+
+def test_a_device_revoked_while_waiting_for_work_is_refused_at_once(
+    coordinator: Coordinator,
+) -> None:
+    with fleet_of(coordinator, 1) as fleet, ThreadPoolExecutor(max_workers=1) as pool:
+        device = fleet[0]
+        started = time.monotonic()
+        poll = pool.submit(device.get, f"{API}/device/work", params={"wait": LONG_WAIT})
+        wait_until(lambda: _notifier(coordinator).waiting(device.device_id) == 1)
+        with coordinator.admin() as admin:
+            assert admin.post(f"{API}/devices/{device.device_id}/revoke").status_code == 200
+        r = poll.result(timeout=LONG_WAIT)
+        assert time.monotonic() - started < LONG_WAIT / 3
+    assert (r.status_code, r.json()["error"]) == (403, "device_revoked")
