@@ -11,6 +11,7 @@ from typing import Any
 import numpy as np
 import pytest
 
+from coordinator.engine.strategies import state_from_bytes
 from shared.modelspec import ModelSpec
 from shared.wire import decode_model
 from tests.coordinator.conftest import Coordinator
@@ -282,3 +283,39 @@ def test_the_task_completes_after_num_rounds_and_the_final_model_is_downloadable
             final = admin.get(f"{API}/tasks/{task_id}/models/latest")
         assert final.status_code == 200
         assert_weights_equal(decode_model(final.content), db.weights(task_id, 2))
+
+
+def test_server_momentum_is_persisted_between_versions(coordinator: Coordinator, db: Db) -> None:
+    with fleet_of(coordinator, 1) as fleet:
+        task_id = create_task(
+            coordinator,
+            aggregation={
+                "strategy": "fedavgm",
+                "server_momentum": 0.5,
+                "server_lr": 1.0,
+                "clients_per_round": 1,
+                "over_selection": 0.0,
+                "min_updates": 1,
+                "num_rounds": 2,
+            },
+        )
+        rng = np.random.default_rng(12)
+        deltas = []
+        for version in (0, 1):
+            work = fleet[0].work(wait=10)
+            assert work is not None and work["base_version"] == version
+            body = make_update(work, delta=random_delta(spec_of(work), rng), num_examples=9)
+            assert fleet[0].upload(work, body).status_code == 201
+            deltas.append(decoded_delta(body, spec_of(work)))
+            wait_until(lambda v=version: db.task(task_id).current_version == v + 1)
+        w0, w1, w2 = (db.weights(task_id, v) for v in (0, 1, 2))
+        # m1 = d1, w1 = w0 + m1; m2 = 0.5 * m1 + d2, w2 = w1 + m2
+        m2 = {n: 0.5 * deltas[0][n].astype(np.float64) + deltas[1][n] for n in w0}
+        assert_weights_equal(w1, expected_model(w0, [deltas[0]], [1.0]))
+        assert_weights_equal(w2, {n: (w1[n] + m2[n]).astype(np.float32) for n in w0})
+        # The momentum buffer lives in the blob store, referenced by the task.
+        digest = db.task(task_id).optimizer_state_digest
+        assert digest is not None
+        state = state_from_bytes(db.blobs.get(digest))
+        for name in w0:
+            np.testing.assert_allclose(state[f"m/{name}"], m2[name], rtol=1e-12)
