@@ -11,6 +11,7 @@ from fastapi import FastAPI
 
 from coordinator import __version__
 from coordinator.api import build_router
+from coordinator.api.bodylimit import BodyLimitMiddleware
 from coordinator.engine.lifecycle import start_engine, stop_engine
 from coordinator.errors import install_error_handlers
 from coordinator.runtime import Runtime
@@ -42,5 +43,6 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         lifespan=lifespan,
     )
     install_error_handlers(app)
+    app.add_middleware(BodyLimitMiddleware, settings=settings)
     app.include_router(build_router())
     return app

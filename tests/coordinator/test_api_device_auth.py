@@ -11,6 +11,7 @@ import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from sqlalchemy import func, select
 
+from coordinator.api.bodylimit import MAX_JSON_BODY
 from coordinator.app import create_app
 from coordinator.db import make_engine, make_sessionmaker, session_scope
 from coordinator.models import Device, EnrollmentToken, UsedNonce
@@ -275,3 +276,28 @@ def test_model_upload_limit_is_413(limited):
         r = admin.post(f"{API}/tasks", json=too_many)
         assert r.status_code == 422
         assert "max_model_bytes" in r.json()["detail"]
+
+
+def test_oversized_bodies_are_refused_before_anything_reads_them(limited):
+    big = b"[" + b"1," * (MAX_JSON_BODY // 2) + b"1]"
+    assert len(big) > MAX_JSON_BODY
+
+    def stream():  # no Content-Length: refused while it streams in
+        for i in range(0, len(big), 65536):
+            yield big[i : i + 65536]
+
+    json_header = {"Content-Type": "application/json"}
+    with limited.client() as anonymous:
+        for path in (f"{API}/device/enroll", f"{API}/tasks"):
+            for content in (big, stream()):
+                r = anonymous.post(path, content=content, headers=json_header)
+                assert r.status_code == 413, (path, r.text)
+                assert r.json()["error"] == "payload_too_large"
+        # The connection pool recovers: the next request is answered normally.
+        r = anonymous.post(f"{API}/tasks", json={"name": "x"})
+        assert r.status_code == 401
+    with limited.admin() as admin:
+        r = admin.put(f"{API}/tasks/1/model", content=(b"\0" * 1024 for _ in range(5)))
+        assert r.status_code == 413
+        assert r.json()["error"] == "payload_too_large"
+        assert admin.get(f"{API}/tasks").json()["total"] == 0
