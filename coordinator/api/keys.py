@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Annotated
 
 from fastapi import APIRouter, Path
-from sqlalchemy import func, select
+from sqlalchemy import select
 
 from coordinator.api.deps import MAX_ID, AdminDep, Pagination, SessionDep, ViewerDep, paginate
 from coordinator.db import utcnow
@@ -67,12 +67,14 @@ def revoke(key_id: KeyId, _caller: AdminDep, session: SessionDep) -> ApiKeyPubli
         raise NotFound(f"no API key {key_id}")
     if key.revoked_at is None:
         if key.role == "admin":
-            active_admins = session.scalar(
-                select(func.count())
-                .select_from(ApiKey)
+            # Locking the active admin keys serializes concurrent revocations (PostgreSQL),
+            # so two of them cannot each leave the other as "the last one".
+            active_admins = session.scalars(
+                select(ApiKey.id)
                 .where(ApiKey.role == "admin", ApiKey.revoked_at.is_(None))
-            )
-            if (active_admins or 0) <= 1:
+                .with_for_update()
+            ).all()
+            if len(active_admins) <= 1:
                 raise Conflict("this is the last active admin key; create another admin key first")
         key.revoked_at = utcnow()
         session.flush()
