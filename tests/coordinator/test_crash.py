@@ -118,7 +118,7 @@ def test_a_killed_coordinator_resumes_and_applies_every_update_once(
 
         second = stack.enter_context(_process(settings, tls_paths, tmp_path / "2"))
         for device in fleet:  # the devices now talk to the restarted coordinator
-            device.client.base_url = second.url  # type: ignore[assignment]
+            device.client.base_url = second.url
         if kill_point == "round_open":
             r = fleet[2].upload(works[2], bodies[2])  # type: ignore[arg-type]
             assert r.status_code == 201, r.text
@@ -129,6 +129,6 @@ def test_a_killed_coordinator_resumes_and_applies_every_update_once(
         assert db.round(task_id, 1).status == "closed"  # type: ignore[union-attr]
         assert_weights_equal(db.weights(task_id, 1), _stored_aggregate(db, task_id, spec))
         # The task goes on: the next round opens on version 1.
-        nxt = wait_until(lambda: db.round(task_id, 2))
+        nxt = db.wait_round(task_id, 2)
         assert nxt.base_version == 1
         fleet.close()  # before the server stops, so it has no connections to drain

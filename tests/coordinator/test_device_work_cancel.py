@@ -108,7 +108,7 @@ def test_a_device_cannot_act_on_another_devices_assignment(
             coordinator,
             aggregation={"clients_per_round": 1, "over_selection": 0.0, "min_updates": 1},
         )
-        wait_until(lambda: db.round(task_id, 1))
+        db.wait_round(task_id, 1)
         works = [d.work(wait=0) for d in fleet]
         owner = 0 if works[0] is not None else 1
         work = works[owner]

@@ -136,7 +136,7 @@ def test_reaching_the_target_metric_completes_the_task(coordinator: Coordinator,
             first, delta=random_delta(spec_of(first), np.random.default_rng(0)), num_examples=4
         )
         assert fleet[0].upload(first, body).status_code == 201
-        task = wait_until(lambda: (t := db.task(task_id)).status == "completed" and t)
+        task = db.wait_task(task_id, lambda t: t.status == "completed")
         assert task.current_version == 1
         assert task.finished_at is not None
         assert "loss reached" in (task.status_reason or "")

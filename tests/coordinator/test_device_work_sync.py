@@ -3,16 +3,18 @@
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
+from functools import partial
 from typing import Any
 
 import numpy as np
 import pytest
 
 from coordinator.engine.strategies import state_from_bytes
-from shared.modelspec import ModelSpec
+from coordinator.models import Task
+from shared.modelspec import ModelSpec, Weights
 from shared.wire import decode_model
 from tests.coordinator.conftest import Coordinator
 from tests.support.device import API
@@ -36,7 +38,7 @@ def db(coordinator: Coordinator) -> Iterator[Db]:
     handle.close()
 
 
-def expected_model(w0: dict, deltas: list[dict], weights: list[float]) -> dict:
+def expected_model(w0: Weights, deltas: Sequence[Weights], weights: Sequence[float]) -> Weights:
     """w0 + sum(w_i * d_i) / sum(w_i), computed independently of the coordinator."""
     total = float(sum(weights))
     return {
@@ -49,7 +51,11 @@ def expected_model(w0: dict, deltas: list[dict], weights: list[float]) -> dict:
     }
 
 
-def assert_weights_equal(got: dict, want: dict) -> None:
+def _at_version(version: int, task: Task) -> bool:
+    return task.current_version == version
+
+
+def assert_weights_equal(got: Weights, want: Weights) -> None:
     assert list(got) == list(want)
     for name in want:
         np.testing.assert_allclose(got[name], want[name], rtol=1e-6, atol=1e-7)
@@ -86,7 +92,7 @@ def test_round_closes_at_deadline_with_quorum_when_30_percent_drop(
             deltas.append(decoded_delta(body, spec))
             counts.append(10 + 5 * i)
 
-        rnd = wait_until(lambda: (r := db.round(task_id, 1)) is not None and r.closed_at and r)
+        rnd = db.wait_round(task_id, 1, closed=True)
         assert rnd.status == "closed"
         assert (rnd.num_assigned, rnd.num_received, rnd.num_dropped) == (10, 7, 3)
         assert rnd.result_version == 1
@@ -106,7 +112,7 @@ def test_round_closes_at_deadline_with_quorum_when_30_percent_drop(
             stats = db.device(device.device_id)
             assert (stats.num_completed, stats.num_dropped) == (1, 0)
         # The next round is open on the new version.
-        nxt = wait_until(lambda: db.round(task_id, 2))
+        nxt = db.wait_round(task_id, 2)
         assert nxt.base_version == 1
 
 
@@ -130,11 +136,11 @@ def test_below_quorum_the_round_fails_and_a_new_one_opens(coordinator: Coordinat
             body = make_update(work, delta=random_delta(spec, rng), num_examples=20)
             assert device.upload(work, body).status_code == 201
 
-        first = wait_until(lambda: (r := db.round(task_id, 1)) is not None and r.closed_at and r)
+        first = db.wait_round(task_id, 1, closed=True)
         assert first.status == "failed"
         assert "2 of the 3" in (first.status_reason or "")
         assert first.num_dropped == 1
-        second = wait_until(lambda: db.round(task_id, 2))
+        second = db.wait_round(task_id, 2)
         assert (second.status, second.base_version) == ("open", 0)
         # Nothing was aggregated; the two updates wait, still on the current version.
         assert db.task(task_id).current_version == 0
@@ -204,7 +210,7 @@ def test_a_late_update_enters_the_next_version_with_its_staleness_weight(
         assert late["weight"] == pytest.approx(30 / np.sqrt(2))
 
         # Round 2 (on version 1): two fresh updates close it; the late one rides along.
-        rnd2 = wait_until(lambda: db.round(task_id, 2))
+        rnd2 = db.wait_round(task_id, 2)
         assert rnd2.base_version == 1
         fresh_works = [d.work(wait=10) for d in fleet[:2]]
         rng = np.random.default_rng(4)
@@ -226,8 +232,8 @@ def test_a_late_update_enters_the_next_version_with_its_staleness_weight(
         applied = by_assignment[straggler["assignment_id"]]
         assert (applied.status, applied.applied_version, applied.staleness) == ("applied", 2, 1)
         assert applied.weight == pytest.approx(30 / np.sqrt(2))
-        rnd2 = db.round(task_id, 2)
-        assert rnd2 is not None and (rnd2.num_received, rnd2.num_stale) == (3, 1)
+        closed2 = db.round(task_id, 2)
+        assert closed2 is not None and (closed2.num_received, closed2.num_stale) == (3, 1)
         # A late delivery is not a dropout.
         assert db.device(fleet[2].device_id).num_completed == 1
 
@@ -238,7 +244,7 @@ def test_an_update_beyond_max_staleness_is_refused_and_nothing_is_stored(
     with late_update_scenario(coordinator, db, max_staleness=0) as sc:
         fleet, task_id, works, bodies = sc.fleet, sc.task_id, sc.works, sc.bodies
         before = len(db.updates(task_id))
-        r = fleet[2].upload(works[2], bodies[2])  # type: ignore[arg-type]
+        r = fleet[2].upload(works[2], bodies[2])
         assert r.status_code == 409
         assert r.json()["error"] == "stale_update"
         assert "max_staleness" in r.json()["detail"] or "at most 0" in r.json()["detail"]
@@ -268,8 +274,8 @@ def test_the_task_completes_after_num_rounds_and_the_final_model_is_downloadable
             assert first is not None
             body = make_update(first, delta=random_delta(spec_of(first), rng), num_examples=8)
             assert fleet[0].upload(first, body).status_code == 201
-            wait_until(lambda v=version: db.task(task_id).current_version == v + 1)
-        task = wait_until(lambda: (t := db.task(task_id)).status == "completed" and t)
+            db.wait_task(task_id, partial(_at_version, version + 1))
+        task = db.wait_task(task_id, lambda t: t.status == "completed")
         assert task.finished_at is not None
         # The other device's assignment of the last round is cancelled, its update refused.
         last = works[1]
@@ -307,7 +313,7 @@ def test_server_momentum_is_persisted_between_versions(coordinator: Coordinator,
             body = make_update(work, delta=random_delta(spec_of(work), rng), num_examples=9)
             assert fleet[0].upload(work, body).status_code == 201
             deltas.append(decoded_delta(body, spec_of(work)))
-            wait_until(lambda v=version: db.task(task_id).current_version == v + 1)
+            db.wait_task(task_id, partial(_at_version, version + 1))
         w0, w1, w2 = (db.weights(task_id, v) for v in (0, 1, 2))
         # m1 = d1, w1 = w0 + m1; m2 = 0.5 * m1 + d2, w2 = w1 + m2
         m2 = {n: 0.5 * deltas[0][n].astype(np.float64) + deltas[1][n] for n in w0}

@@ -49,7 +49,7 @@ def test_every_round_is_aggregated_exactly_once(
         ]
         fleet = stack.enter_context(fleet_of(procs[0], 6))
         for i, device in enumerate(fleet):  # half the fleet talks to each process
-            device.client.base_url = procs[i % 2].url  # type: ignore[assignment]
+            device.client.base_url = procs[i % 2].url
         task_id = create_task(
             procs[1],
             aggregation={

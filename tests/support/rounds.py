@@ -17,7 +17,7 @@ import secrets
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from typing import Any, Protocol, TypeVar
+from typing import Any, Protocol, TypeVar, cast
 
 import httpx
 import numpy as np
@@ -48,7 +48,9 @@ class _Server(Protocol):
     def admin(self) -> httpx.Client: ...
 
 
-def wait_until(predicate: Callable[[], T], *, timeout: float = 20.0, interval: float = 0.05) -> T:
+def wait_until(
+    predicate: Callable[[], T | None], *, timeout: float = 20.0, interval: float = 0.05
+) -> T:
     """Poll ``predicate`` until it returns something truthy (the value is returned)."""
     deadline = time.monotonic() + timeout
     while True:
@@ -129,7 +131,7 @@ class Fleet(list[TestDevice]):
         token = make_token(server, max_uses=n)
         fleet = cls()
         for i in range(n):
-            device = TestDevice.enroll(server, token=token, name=f"dev-{i}")
+            device = cast(TestDevice, TestDevice.enroll(server, token=token, name=f"dev-{i}"))
             assert device.work(wait=0) is None
             fleet.append(device)
         return fleet
@@ -203,7 +205,33 @@ class Db:
             return value
 
     def task(self, task_id: int) -> Task:
-        return self.read(lambda s: s.get(Task, task_id))  # type: ignore[arg-type,return-value]
+        task = self.read(lambda s: s.get(Task, task_id))
+        assert task is not None, f"no task {task_id}"
+        return task
+
+    def wait_task(
+        self, task_id: int, predicate: Callable[[Task], bool], *, timeout: float = 20.0
+    ) -> Task:
+        """The task once ``predicate`` holds for it (polling the database)."""
+
+        def probe() -> Task | None:
+            task = self.task(task_id)
+            return task if predicate(task) else None
+
+        return wait_until(probe, timeout=timeout)
+
+    def wait_round(
+        self, task_id: int, number: int, *, closed: bool = False, timeout: float = 20.0
+    ) -> Round:
+        """Round ``number`` once it exists (and, with ``closed``, once it closed or failed)."""
+
+        def probe() -> Round | None:
+            rnd = self.round(task_id, number)
+            if rnd is None or (closed and rnd.closed_at is None):
+                return None
+            return rnd
+
+        return wait_until(probe, timeout=timeout)
 
     def rounds(self, task_id: int) -> list[Round]:
         return self.read(
@@ -236,7 +264,9 @@ class Db:
         )
 
     def device(self, device_id: str) -> Device:
-        return self.read(lambda s: s.get(Device, device_id))  # type: ignore[arg-type,return-value]
+        device = self.read(lambda s: s.get(Device, device_id))
+        assert device is not None, f"no device {device_id}"
+        return device
 
     def version(self, task_id: int, version: int) -> ModelVersion | None:
         return self.read(
