@@ -274,10 +274,12 @@ def test_restored_backup_continues_the_task_from_the_same_version(
                     for c in take_work(fleet, base_version=version, rng=rng):
                         upload(fleet, c)
                     wait_for_version(db, task_id, version + 1)
-            round3 = take_work(fleet, base_version=2, rng=rng)
-            cached = fleet.by_id(round3[0].device_id).get(round3[0].work["model_url"])
-            assert cached.status_code == 200, cached.text
-            upload(fleet, round3[0])
+                round3 = take_work(fleet, base_version=2, rng=rng)
+                cached = fleet.by_id(round3[0].device_id).get(round3[0].work["model_url"])
+                assert cached.status_code == 200, cached.text
+                upload(fleet, round3[0])
+                # The round's counters follow uploads on the next scheduler tick.
+                wait_until(lambda: getattr(db.round(task_id, 3), "num_received", 0) == 1)
             before = snapshot(first, admin_key, task_id)
         finally:
             fleet.close()  # no open connections for the graceful stop to wait on
