@@ -7,6 +7,8 @@ run inside one test each, on fresh tasks, with the case named in every assertion
 
 from __future__ import annotations
 
+from typing import Any
+
 import numpy as np
 from sqlalchemy import func, select
 
@@ -77,11 +79,13 @@ def test_target_metric_round_trips_and_is_stored_for_the_engine(coordinator):
         task = create(admin, aggregation={"target_metric": target})
     assert task["aggregation"]["target_metric"] == target
     with db_session(coordinator.settings) as s:
-        stored = s.get(Task, task["id"]).aggregation
+        row = s.get(Task, task["id"])
+        assert row is not None
+        stored = row.aggregation
     assert (stored["target_metric"], stored["target_value"]) == ("accuracy", 0.9)
 
 
-INVALID_TASKS = [
+INVALID_TASKS: list[tuple[dict[str, Any], str]] = [
     ({"aggregation": {"min_updates": 11, "clients_per_round": 10}}, "min_updates"),
     ({"aggregation": {"over_selection": 5.5}}, "over_selection"),
     ({"aggregation": {"mode": "semi"}}, "mode"),

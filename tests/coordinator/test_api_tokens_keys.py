@@ -64,6 +64,7 @@ def test_api_key_roles_and_revocation(coordinator):
         assert r.status_code == 422 and "role" in r.json()["detail"]
     with db_session(coordinator.settings) as s:
         row = s.get(ApiKey, viewer["id"])
+        assert row is not None
         assert row.key_hash == hashlib.sha256(viewer["key"].encode()).hexdigest()
     with coordinator.client(viewer["key"]) as client:
         assert client.get(f"{API}/tasks").status_code == 200
