@@ -65,6 +65,14 @@ class BlobStore:
         except FileNotFoundError:
             raise BlobNotFound(digest) from None
 
+    def check(self) -> tuple[bool, str]:
+        """(usable, detail): the root is a directory this process can read and write."""
+        if not self.root.is_dir():
+            return False, f"blob directory {self.root} does not exist"
+        if not os.access(self.root, os.R_OK | os.W_OK | os.X_OK):
+            return False, f"blob directory {self.root} is not readable and writable"
+        return True, "ok"
+
     def verify(self, digest: str) -> bool:
         """True when the stored bytes still hash to their name."""
         return hashlib.sha256(self.get(digest)).hexdigest() == digest

@@ -13,6 +13,9 @@
     ├── RateLimited           429 (Retry-After)
     └── NotReady              503
 
+A blob that the database names but the blob store lacks (a restore without the blob
+directory, a lost volume) renders as 503 ``blob_missing`` with its digest, not as a 500.
+
 Every rejection renders as ``{"error": code, "detail": text}``; FastAPI's validation errors and
 Starlette's routing errors are rendered the same way.
 """
@@ -27,6 +30,8 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel
 from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from coordinator.blobstore import BlobNotFound
 
 log = logging.getLogger(__name__)
 
@@ -129,6 +134,16 @@ def install_error_handlers(app: FastAPI) -> None:
         codes = {404: "not_found", 405: "method_not_allowed", 401: "unauthorized"}
         code = codes.get(exc.status_code, "http_error")
         return _render(exc.status_code, code, str(exc.detail), getattr(exc, "headers", None))
+
+    @app.exception_handler(BlobNotFound)
+    async def _blob_missing(_request: Request, exc: BlobNotFound) -> JSONResponse:
+        digest = exc.args[0] if exc.args else "?"
+        log.error("blob %s is named in the database but missing from the blob store", digest)
+        return _render(
+            503,
+            "blob_missing",
+            f"blob {digest} is missing from the blob store; restore the blob directory",
+        )
 
     @app.exception_handler(Exception)
     async def _unexpected(_request: Request, exc: Exception) -> JSONResponse:
