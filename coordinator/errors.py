@@ -131,7 +131,16 @@ def install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(_request: Request, exc: StarletteHTTPException) -> JSONResponse:
-        codes = {404: "not_found", 405: "method_not_allowed", 401: "unauthorized"}
+        codes = {
+            400: "bad_request",
+            401: "unauthorized",
+            403: "forbidden",
+            404: "not_found",
+            405: "method_not_allowed",
+            413: "payload_too_large",
+            422: "validation_error",
+            429: "rate_limited",
+        }
         code = codes.get(exc.status_code, "http_error")
         return _render(exc.status_code, code, str(exc.detail), getattr(exc, "headers", None))
 

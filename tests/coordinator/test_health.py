@@ -45,3 +45,14 @@ def test_readyz_reports_an_unusable_blob_directory(coordinator):
         response = client.get("/readyz")
     assert response.status_code == 503
     assert "does not exist" in response.json()["detail"]
+
+
+def test_an_unreadable_json_body_is_a_bad_request(coordinator):
+    with coordinator.admin() as admin:
+        response = admin.post(
+            "/api/v1/tasks",
+            content=b"\xff\xfe{",
+            headers={"Content-Type": "application/json"},
+        )
+    assert 400 <= response.status_code < 500
+    assert response.json()["error"] in {"bad_request", "validation_error"}
