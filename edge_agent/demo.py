@@ -38,9 +38,14 @@ from edge_agent.demo_report import (
     summary_text,
     write_report,
 )
+from edge_agent.errors import AgentError
 from edge_agent.faults import FaultConfig
 from edge_agent.fleet import Fleet, FleetStats
-from edge_agent.local_coordinator import LocalCoordinator, start_local_coordinator
+from edge_agent.local_coordinator import (
+    CoordinatorStartError,
+    LocalCoordinator,
+    start_local_coordinator,
+)
 from edge_agent.partition import dirichlet_partition, iid_partition, label_skew
 from shared import architectures
 from shared.wire import decode_model
@@ -176,7 +181,11 @@ def _wait_for_task(
     deadline = time.monotonic() + timeout_s
     task: dict[str, Any] = admin.get_task(task_id)
     while time.monotonic() < deadline:
-        task = admin.get_task(task_id)
+        try:
+            task = admin.get_task(task_id)
+        except AgentError as exc:  # a slow answer is not the end of the demo
+            log.warning("the coordinator did not answer (%s); asking again", exc)
+            continue
         version = max(0, int(task.get("current_version", 0)))
         progress.update(min(version, rounds), status=task["status"])
         if task["status"] in FINAL_STATUSES:
@@ -273,12 +282,22 @@ def run_demo(options: DemoOptions) -> dict[str, Any]:
                 timings["trained_s"] = time.monotonic() - started
                 report = _collect(options, admin, final, dataset, fleet, body)
                 report["timings"] = timings
+        except Exception:
+            _keep_log(coordinator, options.out)
+            raise
         finally:
             if fleet is not None:
                 fleet.stop(timeout=5)
             _stop(coordinator)
     report["wall_time_s"] = time.monotonic() - started
     return report
+
+
+def _keep_log(coordinator: LocalCoordinator, out: Path) -> None:
+    """Copy the coordinator's log out of the temporary directory for a failed run."""
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "coordinator.log").write_text(coordinator.log_text())
+    print(f"the coordinator's log is in {out / 'coordinator.log'}", file=sys.stderr)
 
 
 def _stop(coordinator: LocalCoordinator) -> None:
@@ -450,6 +469,9 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as exc:
         print(f"fedge demo: error: {exc}", file=sys.stderr)
         return 2
+    except (AgentError, CoordinatorStartError) as exc:
+        print(f"fedge demo: error: {exc}", file=sys.stderr)
+        return 1
     json_path, png_path = write_report(report, options.out)
     print(summary_text(report))
     print(f"\nreport: {json_path}\nplot:   {png_path}")
