@@ -154,9 +154,15 @@ class CoordinatorClient:
     # -- API -------------------------------------------------------------------------------
 
     def enroll(
-        self, token: str, public_key: str, name: str, capabilities: Mapping[str, Any] | None = None
+        self,
+        token: str,
+        name: str,
+        capabilities: Mapping[str, Any] | None = None,
+        *,
+        public_key: str,
     ) -> str:
-        """Register ``public_key`` (base64 raw Ed25519) with an enrollment token; the device id."""
+        """Register ``public_key`` (base64 of the raw Ed25519 key) with an enrollment token;
+        the new device id. Enrollment is the one unsigned device request."""
         response = self._session.request(
             "POST",
             f"{API}/device/enroll",

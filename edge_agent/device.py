@@ -61,9 +61,9 @@ def enroll_device(
     with CoordinatorClient(url, ca_file=ca_file, transport=transport, retry=retry) as client:
         device_id = client.enroll(
             token,
-            signing.public_key_to_b64(key.public_key()),
             device_name,
             dict(capabilities) if capabilities is not None else default_capabilities(),
+            public_key=signing.public_key_to_b64(key.public_key()),
         )
     ca_name = state.save_ca(ca_file) if ca_file is not None else None
     config = AgentConfig(

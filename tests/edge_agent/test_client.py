@@ -126,7 +126,7 @@ def test_a_tampered_signed_request_does_not_verify(key):
 def test_enroll_is_not_signed_and_returns_device_id(key):
     rec = Recorder(httpx.Response(201, json={"device_id": "abc", "name": "n"}))
     client = CoordinatorClient("https://c.test", transport=httpx.MockTransport(rec))
-    assert client.enroll("tok", "pubkey", "n", {"cpu": 2}) == "abc"
+    assert client.enroll("tok", "n", {"cpu": 2}, public_key="pubkey") == "abc"
     assert signing.HEADER_SIGNATURE not in rec.requests[0].headers
     assert json.loads(rec.requests[0].content) == {
         "token": "tok",
@@ -253,7 +253,7 @@ def test_error_without_json_body():
     rec = Recorder(httpx.Response(404, text="<html>nope</html>"))
     client = CoordinatorClient("https://c.test", transport=httpx.MockTransport(rec))
     with pytest.raises(errors.NotFound) as exc:
-        client.enroll("t", "k", "n")
+        client.enroll("t", "n", public_key="k")
     assert exc.value.code == "http_404" and "nope" in exc.value.detail
 
 
