@@ -7,11 +7,13 @@ import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
+import anyio.to_thread
 from fastapi import FastAPI
 
 from coordinator import __version__
 from coordinator.api import build_router
 from coordinator.api.bodylimit import BodyLimitMiddleware
+from coordinator.api.overload import OverloadMiddleware
 from coordinator.engine.lifecycle import start_engine, stop_engine
 from coordinator.errors import install_error_handlers
 from coordinator.runtime import Runtime
@@ -25,6 +27,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        # More threads than requests in flight (see coordinator.api.overload).
+        anyio.to_thread.current_default_thread_limiter().total_tokens = settings.worker_threads
         runtime = Runtime.open(settings)
         app.state.runtime = runtime
         try:
@@ -44,5 +48,6 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     )
     install_error_handlers(app)
     app.add_middleware(BodyLimitMiddleware, settings=settings)
+    app.add_middleware(OverloadMiddleware, max_in_flight=settings.max_connections)
     app.include_router(build_router())
     return app

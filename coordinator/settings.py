@@ -8,6 +8,9 @@ from pathlib import Path
 from pydantic import Field, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+#: Threads kept free beyond one per request in flight (the scheduler runs in threads too).
+THREAD_MARGIN = 16
+
 
 class Settings(BaseSettings):
     """Everything the coordinator reads from its environment. See docs/configuration.md."""
@@ -40,6 +43,20 @@ class Settings(BaseSettings):
     device_rate_per_minute: int = Field(default=600, ge=1)
     device_seen_window_s: int = Field(default=600, ge=1)
 
+    worker_threads: int = Field(
+        default=1024,
+        ge=16,
+        le=8192,
+        description="Worker threads for blocking request work (created on demand). Must exceed "
+        "max_connections by at least 16 (the scheduler's threads).",
+    )
+    max_connections: int = Field(
+        default=1000,
+        ge=1,
+        description="Requests in flight, long-polls included, before the coordinator answers "
+        "503 overloaded (each device keeps at most two).",
+    )
+
     scheduler_enabled: bool = True
     scheduler_interval_s: float = Field(default=0.5, gt=0)
     lease_ttl_s: float = Field(default=10.0, gt=0)
@@ -53,6 +70,12 @@ class Settings(BaseSettings):
 
     @model_validator(mode="after")
     def _defaults(self) -> Settings:
+        if self.worker_threads < self.max_connections + THREAD_MARGIN:
+            raise ValueError(
+                f"worker_threads ({self.worker_threads}) must exceed max_connections "
+                f"({self.max_connections}) by at least {THREAD_MARGIN}: a request holding a "
+                "database lock must always find a thread for its next step"
+            )
         if not self.database_url:
             self.database_url = f"sqlite:///{(self.data_dir / 'fedge.db').resolve()}"
         if self.blob_dir is None:

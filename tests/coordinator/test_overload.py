@@ -1,0 +1,42 @@
+"""Many requests at once: the coordinator answers each of them, or refuses it cleanly.
+
+With few worker threads and requests holding SQLite's write lock from one threaded step to
+the next, an unbounded number of requests in flight used to stall the server until database
+timeouts fired (every thread waiting for the lock, its holder waiting for a thread)."""
+
+from __future__ import annotations
+
+from concurrent.futures import ThreadPoolExecutor
+
+import httpx
+import pytest
+
+from coordinator.settings import Settings
+from tests.coordinator.conftest import Coordinator
+
+THREADS = 24
+IN_FLIGHT = THREADS - 16
+
+
+@pytest.fixture
+def settings(settings: Settings) -> Settings:
+    return settings.model_copy(update={"worker_threads": THREADS, "max_connections": IN_FLIGHT})
+
+
+def test_a_burst_of_requests_is_answered_or_refused_with_503(coordinator: Coordinator) -> None:
+    def get(client: httpx.Client) -> httpx.Response:
+        return client.get("/api/v1/tasks")
+
+    with coordinator.admin() as admin, ThreadPoolExecutor(4 * THREADS) as pool:
+        responses = list(pool.map(lambda _: get(admin), range(300)))
+    statuses = {r.status_code for r in responses}
+    assert statuses <= {200, 503}
+    assert 200 in statuses
+    for refused in (r for r in responses if r.status_code == 503):
+        assert refused.json()["error"] == "overloaded"
+        assert refused.headers["retry-after"] == "1"
+
+
+def test_settings_keep_threads_above_requests_in_flight() -> None:
+    with pytest.raises(ValueError, match="must exceed max_connections"):
+        Settings(worker_threads=100, max_connections=90)
