@@ -12,7 +12,7 @@ import asyncio
 from datetime import datetime
 from typing import Annotated, Any, Literal
 
-from fastapi import APIRouter, Header, Path, Query, Response
+from fastapi import APIRouter, Header, Path, Query, Request, Response
 from fastapi.concurrency import run_in_threadpool
 from pydantic import BaseModel, Field, ValidationError
 
@@ -107,6 +107,7 @@ def _check_work(runtime: Runtime, device_id: str, current: int | None) -> dict[s
     },
 )
 async def work(
+    request: Request,
     device: DeviceDep,
     runtime: RuntimeDep,
     wait: Annotated[int, Query(ge=0, le=60, description="Seconds to wait for news")] = 0,
@@ -126,7 +127,8 @@ async def work(
             if found is not None:
                 return found
             remaining = deadline - loop.time()
-            if remaining <= 0:
+            if remaining <= 0 or await request.is_disconnected():
+                # A device that went away stops costing a database check per re-check.
                 return Response(status_code=204)
             await sub.wait(min(remaining, recheck))
 
