@@ -72,6 +72,22 @@ def _use_token(session: Session, secret: str) -> int:
     return int(token_id)
 
 
+def _repeated_enrollment(session: Session, *, token: str, public_key: str) -> Device | None:
+    """The active device this token already enrolled with this key, if any.
+
+    A device whose enrollment answer was lost (a dropped connection) retries with the same
+    token and key; it gets its device id again, without using the token a second time."""
+    return session.scalar(
+        select(Device)
+        .join(EnrollmentToken, EnrollmentToken.id == Device.enrollment_token_id)
+        .where(
+            Device.public_key == public_key,
+            Device.status == "active",
+            EnrollmentToken.token_hash == hash_secret(token),
+        )
+    )
+
+
 def enroll_device(
     session: Session,
     *,
@@ -79,8 +95,14 @@ def enroll_device(
     public_key: str,
     name: str,
     capabilities: dict[str, Any],
-) -> Device:
-    """Register a device's public key with an enrollment token (flushed)."""
+) -> tuple[Device, bool]:
+    """Register a device's public key with an enrollment token (flushed).
+
+    Returns the device and whether it is new; a repeat of an earlier enrollment (same token,
+    same key) returns the device it created."""
+    existing = _repeated_enrollment(session, token=token, public_key=public_key)
+    if existing is not None:
+        return existing, False
     token_id = _use_token(session, token)
     if session.scalar(select(Device.id).where(Device.public_key == public_key)) is not None:
         raise Conflict("this public key is already enrolled", code="key_already_enrolled")
@@ -98,7 +120,7 @@ def enroll_device(
         session.flush()
     except IntegrityError:  # the same key enrolled concurrently
         raise Conflict("this public key is already enrolled", code="key_already_enrolled") from None
-    return device
+    return device, True
 
 
 def cancel_active_assignments(session: Session, *, device_id: str) -> int:

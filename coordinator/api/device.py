@@ -39,16 +39,23 @@ SIGNED_ERRORS = (401, 403, 413, 429)
     status_code=201,
     response_model=EnrollResponse,
     summary="Enroll a device with an enrollment token and its Ed25519 public key",
-    responses=error_responses(400, 401, 409, 422),
+    description="Repeating an enrollment (same token, same key), e.g. after a lost answer, "
+    "answers 200 with the same device id and does not use the token again.",
+    responses={
+        200: {"model": EnrollResponse, "description": "A repeated enrollment"},
+        **error_responses(400, 401, 409, 422),
+    },
 )
-def enroll(body: EnrollRequest, session: SessionDep) -> EnrollResponse:
-    device = enroll_device(
+def enroll(body: EnrollRequest, session: SessionDep, response: Response) -> EnrollResponse:
+    device, created = enroll_device(
         session,
         token=body.token,
         public_key=body.public_key,
         name=body.name,
         capabilities=body.capabilities,
     )
+    if not created:
+        response.status_code = 200
     return EnrollResponse(device_id=device.id, name=device.name, enrolled_at=device.enrolled_at)
 
 

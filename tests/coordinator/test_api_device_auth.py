@@ -113,6 +113,24 @@ def test_same_key_cannot_enroll_twice(coordinator):
     assert uses == [0, 1]
 
 
+def test_repeated_enrollment_returns_the_same_device(coordinator):
+    """A device whose enrollment answer was lost retries: same token, same key."""
+    key = Ed25519PrivateKey.generate()
+    token = make_token(coordinator, max_uses=1)
+    with SignedDevice(coordinator.url, coordinator.ca_file, key=key) as device:
+        first = device.enroll_request(token)
+        again = device.enroll_request(token)
+    assert first.status_code == 201
+    assert again.status_code == 200
+    assert again.json()["device_id"] == first.json()["device_id"]
+    assert _count(coordinator.settings, Device) == 1
+    # The token was used once, and another key still cannot use it.
+    with SignedDevice(coordinator.url, coordinator.ca_file) as other:
+        refused = other.enroll_request(token)
+    assert refused.status_code == 401
+    assert refused.json()["error"] == "invalid_token"
+
+
 INVALID_ENROLLMENTS: list[tuple[str, Any]] = [
     ("public_key", "not base64!"),
     ("public_key", "AAAA"),
