@@ -147,11 +147,14 @@ def make_shards(
 
 
 class _Progress:
-    """A tqdm bar over rounds when asked for (tqdm is a demo extra)."""
+    """A tqdm bar over rounds when asked for (tqdm is a demo extra); on a terminal-less
+    stderr (CI logs, pipes) one plain line per finished round instead of redrawn bars."""
 
     def __init__(self, total: int, enabled: bool) -> None:
         self.bar: Any = None
-        if enabled:
+        self.total = total
+        self.plain = enabled and not sys.stderr.isatty()
+        if enabled and not self.plain:
             from tqdm import tqdm
 
             self.bar = tqdm(total=total, desc="rounds", unit="round", file=sys.stderr)
@@ -161,6 +164,9 @@ class _Progress:
         if self.bar is not None:
             self.bar.update(max(0, done - self.done))
             self.bar.set_postfix(postfix, refresh=True)
+        elif self.plain and done > self.done:
+            extra = " ".join(f"{k}={v}" for k, v in postfix.items())
+            print(f"rounds: {done}/{self.total} {extra}".rstrip(), file=sys.stderr, flush=True)
         self.done = max(self.done, done)
 
     def close(self) -> None:

@@ -87,9 +87,12 @@ def summary_text(report: Mapping[str, Any]) -> str:
         f"compression ratio {t['compression_ratio']:.1f}x",
         f"downloads: {t['downloads']} models, {_size(t['model_bytes'])} "
         f"({t['not_modified']} answered from cache with 304)",
-        f"rounds: {c['rounds_closed']} closed, {c['rounds_failed']} failed; devices dropped "
-        f"{c['dropped']} assignments, {c['stale']} updates arrived stale "
-        f"({c['late_uploads']} after offline spells, {c['stale_refused']} refused as too stale)",
+        f"rounds: {c['rounds_closed']} closed, {c['rounds_failed']} failed",
+        f"faults injected: {c.get('simulated_dropouts', 0)} devices vanished mid-training, "
+        f"{c['late_uploads']} uploads held back by offline spells, "
+        f"{c.get('cancelled_while_training', 0)} stragglers stopped by cancellation",
+        f"coordinator saw: {c['dropped']} assignments dropped at deadlines, {c['stale']} updates "
+        f"stale but accepted (weighted down), {c['stale_refused']} refused as too stale",
         f"final accuracy: federated {report['final_accuracy']:.3f}, "
         f"centralized {report['baseline'][-1]['accuracy']:.3f}; "
         f"wall time {report['wall_time_s']:.1f} s",
