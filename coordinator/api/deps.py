@@ -25,7 +25,7 @@ from sqlalchemy.orm import Session
 
 from coordinator.auth import DeviceIdentity, authenticate_device
 from coordinator.blobstore import BlobStore
-from coordinator.db import utcnow
+from coordinator.db import session_scope, utcnow
 from coordinator.errors import Forbidden, Unauthorized
 from coordinator.models import ApiKey
 from coordinator.runtime import Runtime
@@ -64,15 +64,8 @@ BlobsDep = Annotated[BlobStore, Depends(get_blobs)]
 
 def get_session(runtime: RuntimeDep) -> Iterator[Session]:
     """One session per request: commit on success, roll back on error."""
-    session = runtime.sessions()
-    try:
+    with session_scope(runtime.sessions) as session:
         yield session
-        session.commit()
-    except BaseException:
-        session.rollback()
-        raise
-    finally:
-        session.close()
 
 
 # scope="function": the commit happens before the response leaves, not after.

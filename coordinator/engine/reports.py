@@ -13,21 +13,15 @@ from typing import Any
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
+from coordinator.engine.ownership import own_assignment
 from coordinator.engine.rounds import version_client_metrics
-from coordinator.errors import Forbidden, NotFound
-from coordinator.models import Assignment, ModelVersion, Round, Update
+from coordinator.models import ModelVersion, Round, Update
 
 
 def record_metrics(
     session: Session, *, device_id: str, assignment_id: int, metrics: dict[str, Any]
 ) -> None:
-    a = session.get(Assignment, assignment_id)
-    if a is None:
-        raise NotFound(f"no assignment {assignment_id}")
-    if a.device_id != device_id:
-        raise Forbidden(
-            f"assignment {assignment_id} belongs to another device", code="not_your_assignment"
-        )
+    a = own_assignment(session, device_id=device_id, assignment_id=assignment_id)
     a.metrics = {**(a.metrics or {}), **metrics}
     u = session.scalar(select(Update).where(Update.assignment_id == a.id))
     if u is None:

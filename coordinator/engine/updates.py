@@ -30,8 +30,9 @@ from sqlalchemy.orm import Session
 from coordinator.blobstore import BlobStore
 from coordinator.db import session_scope, utcnow
 from coordinator.engine.config import AggregationConfig, ConfigError
+from coordinator.engine.ownership import own_assignment
 from coordinator.engine.staleness import update_weight
-from coordinator.errors import BadRequest, Conflict, Forbidden, NotFound, Unprocessable
+from coordinator.errors import BadRequest, Conflict, Unprocessable
 from coordinator.models import Assignment, Device, Round, Task, Update
 from coordinator.runtime import Runtime
 from shared.modelspec import ModelSpec
@@ -129,13 +130,7 @@ def _repeat(
 def _check_assignment(
     session: Session, *, device_id: str, assignment_id: int
 ) -> tuple[Assignment, Task]:
-    a = session.get(Assignment, assignment_id)
-    if a is None:
-        raise NotFound(f"no assignment {assignment_id}")
-    if a.device_id != device_id:
-        raise Forbidden(
-            f"assignment {assignment_id} belongs to another device", code="not_your_assignment"
-        )
+    a = own_assignment(session, device_id=device_id, assignment_id=assignment_id)
     if session.scalar(select(Update.id).where(Update.assignment_id == a.id)) is not None:
         raise Conflict(f"assignment {assignment_id} already has an update", code="already_uploaded")
     task = session.get(Task, a.task_id)

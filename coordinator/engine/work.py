@@ -22,7 +22,8 @@ from sqlalchemy.orm import Session
 
 from coordinator.engine import rounds
 from coordinator.engine.config import AggregationConfig, ConfigError
-from coordinator.errors import Forbidden, NotFound
+from coordinator.engine.ownership import own_assignment
+from coordinator.errors import Forbidden
 from coordinator.models import ASSIGNMENT_ACTIVE, Assignment, Device, Task
 
 API = "/api/v1"
@@ -100,13 +101,7 @@ def require_active(session: Session, device_id: str) -> None:
 
 def cancellation(session: Session, *, device_id: str, assignment_id: int) -> dict[str, Any] | None:
     """A ``status: cancelled`` body when the device's assignment was stopped, else ``None``."""
-    a = session.get(Assignment, assignment_id)
-    if a is None:
-        raise NotFound(f"no assignment {assignment_id}")
-    if a.device_id != device_id:
-        raise Forbidden(
-            f"assignment {assignment_id} belongs to another device", code="not_your_assignment"
-        )
+    a = own_assignment(session, device_id=device_id, assignment_id=assignment_id)
     if a.status not in ("cancelled", "dropped"):
         return None
     return {
