@@ -10,8 +10,9 @@ Layout (little-endian; full tables in docs/wire-format.md)::
                  | value coding u8 | index param u8 | nnz u32 | index bytes u64 | value bytes u64
     sections, in descriptor order: index bytes then value bytes
 
-No pickle, no JSON. Decoders validate everything and raise :class:`WireFormatError` with a
-stable code; encoders raise ``ValueError`` for invalid input (NaN, wrong dtypes, ...).
+Plain binary only (no object serialization, no JSON arrays). Decoders validate everything
+and raise :class:`WireFormatError` with a stable code; encoders raise ``ValueError`` for
+invalid input (NaN, wrong dtypes, ...).
 """
 
 from __future__ import annotations

@@ -129,7 +129,8 @@ def make_strategy(config: AggregationConfig) -> Strategy:
 
 
 def state_to_bytes(state: OptimizerState) -> bytes:
-    """Serialize optimizer state as an uncompressed ``.npz`` (no pickle)."""
+    """Serialize optimizer state as an uncompressed ``.npz`` of plain float arrays (object
+    arrays are never written nor read)."""
     buf = io.BytesIO()
     np.savez(
         buf, allow_pickle=False, **{k: np.asarray(v, dtype=np.float64) for k, v in state.items()}
