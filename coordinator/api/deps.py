@@ -13,13 +13,14 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from datetime import timedelta
-from typing import Annotated, TypeVar
+from typing import Annotated, Any, TypeVar
 
 from fastapi import Depends, Query, Request
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+from pydantic import BaseModel
 from sqlalchemy import Select, func, select
 from sqlalchemy.orm import Session
 
@@ -33,6 +34,7 @@ from coordinator.secrets import hash_secret
 from coordinator.settings import Settings
 
 T = TypeVar("T")
+P = TypeVar("P", bound=BaseModel)
 
 #: Largest value accepted for integer identifiers in paths (fits a 32-bit INTEGER column).
 MAX_ID = 2**31 - 1
@@ -140,8 +142,20 @@ def get_page(
 Pagination = Annotated[Page, Depends(get_page)]
 
 
-def paginate(session: Session, stmt: Select[T], page: Page) -> tuple[list[T], int]:
-    """One page of ``stmt``'s rows (which must be ordered) and the total row count."""
+def page_of(
+    schema: type[P],
+    session: Session,
+    stmt: Select[T],
+    page: Page,
+    convert: Callable[[T], Any],
+) -> P:
+    """One page of ``stmt``'s rows (which must be ordered), each converted to its public
+    schema, with the total row count: the body of every list endpoint."""
     total = session.scalar(select(func.count()).select_from(stmt.order_by(None).subquery()))
-    rows = list(session.scalars(stmt.limit(page.limit).offset(page.offset)))
-    return rows, int(total or 0)
+    rows = session.scalars(stmt.limit(page.limit).offset(page.offset))
+    return schema(
+        items=[convert(row) for row in rows],
+        total=int(total or 0),
+        limit=page.limit,
+        offset=page.offset,
+    )

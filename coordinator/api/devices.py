@@ -13,7 +13,7 @@ from coordinator.api.deps import (
     RuntimeDep,
     SessionDep,
     ViewerDep,
-    paginate,
+    page_of,
 )
 from coordinator.api.signals import wake_devices
 from coordinator.enrollment import revoke_device
@@ -64,10 +64,7 @@ def list_devices(
     stmt = select(Device).order_by(Device.enrolled_at, Device.id)
     if status is not None:
         stmt = stmt.where(Device.status == status)
-    rows, total = paginate(session, stmt, page)
-    return DevicesPublic(
-        items=[to_public(d) for d in rows], total=total, limit=page.limit, offset=page.offset
-    )
+    return page_of(DevicesPublic, session, stmt, page, to_public)
 
 
 @router.get(

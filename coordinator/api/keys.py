@@ -7,7 +7,7 @@ from typing import Annotated
 from fastapi import APIRouter, Path
 from sqlalchemy import select
 
-from coordinator.api.deps import MAX_ID, AdminDep, Pagination, SessionDep, ViewerDep, paginate
+from coordinator.api.deps import MAX_ID, AdminDep, Pagination, SessionDep, ViewerDep, page_of
 from coordinator.db import utcnow
 from coordinator.errors import Conflict, NotFound, error_responses
 from coordinator.models import ApiKey
@@ -49,9 +49,8 @@ def create(body: ApiKeyCreate, _caller: AdminDep, session: SessionDep) -> ApiKey
     responses=error_responses(401, 422),
 )
 def list_keys(_caller: ViewerDep, session: SessionDep, page: Pagination) -> ApiKeysPublic:
-    rows, total = paginate(session, select(ApiKey).order_by(ApiKey.id.desc()), page)
-    return ApiKeysPublic(
-        items=[to_public(k) for k in rows], total=total, limit=page.limit, offset=page.offset
+    return page_of(
+        ApiKeysPublic, session, select(ApiKey).order_by(ApiKey.id.desc()), page, to_public
     )
 
 

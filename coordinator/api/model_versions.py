@@ -13,7 +13,7 @@ from fastapi import APIRouter, Header, Path, Query, Response
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
-from coordinator.api.deps import BlobsDep, Pagination, SessionDep, ViewerDep, paginate
+from coordinator.api.deps import BlobsDep, Pagination, SessionDep, ViewerDep, page_of
 from coordinator.api.tasks import TaskId, get_task
 from coordinator.blobstore import BlobStore
 from coordinator.errors import NotFound, Unprocessable, error_responses
@@ -117,13 +117,7 @@ def list_versions(
     stmt = (
         select(ModelVersion).where(ModelVersion.task_id == task_id).order_by(ModelVersion.version)
     )
-    rows, total = paginate(session, stmt, page)
-    return ModelVersionsPublic(
-        items=[version_to_public(r) for r in rows],
-        total=total,
-        limit=page.limit,
-        offset=page.offset,
-    )
+    return page_of(ModelVersionsPublic, session, stmt, page, version_to_public)
 
 
 @router.get(

@@ -7,7 +7,7 @@ from typing import Annotated
 from fastapi import APIRouter, Path, Query
 from sqlalchemy import select
 
-from coordinator.api.deps import MAX_ID, Pagination, SessionDep, ViewerDep, paginate
+from coordinator.api.deps import MAX_ID, Pagination, SessionDep, ViewerDep, page_of
 from coordinator.api.tasks import TaskId, get_task
 from coordinator.errors import NotFound, error_responses
 from coordinator.models import Round
@@ -56,10 +56,7 @@ def list_rounds(
     stmt = select(Round).where(Round.task_id == task_id).order_by(Round.number)
     if status is not None:
         stmt = stmt.where(Round.status == status)
-    rows, total = paginate(session, stmt, page)
-    return RoundsPublic(
-        items=[to_public(r) for r in rows], total=total, limit=page.limit, offset=page.offset
-    )
+    return page_of(RoundsPublic, session, stmt, page, to_public)
 
 
 @router.get(

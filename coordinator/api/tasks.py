@@ -18,7 +18,7 @@ from coordinator.api.deps import (
     SessionDep,
     SettingsDep,
     ViewerDep,
-    paginate,
+    page_of,
 )
 from coordinator.api.signals import kick_scheduler
 from coordinator.auth import read_body
@@ -85,13 +85,7 @@ def list_tasks(
     stmt = select(Task).order_by(Task.id.desc())
     if status is not None:
         stmt = stmt.where(Task.status == status)
-    rows, total = paginate(session, stmt, page)
-    return TasksPublic(
-        items=[service.to_public(t) for t in rows],
-        total=total,
-        limit=page.limit,
-        offset=page.offset,
-    )
+    return page_of(TasksPublic, session, stmt, page, service.to_public)
 
 
 @router.get(

@@ -7,7 +7,7 @@ from typing import Annotated
 from fastapi import APIRouter, Path
 from sqlalchemy import select
 
-from coordinator.api.deps import MAX_ID, AdminDep, Pagination, SessionDep, ViewerDep, paginate
+from coordinator.api.deps import MAX_ID, AdminDep, Pagination, SessionDep, ViewerDep, page_of
 from coordinator.db import utcnow
 from coordinator.enrollment import create_token, token_status
 from coordinator.errors import NotFound, error_responses
@@ -54,10 +54,7 @@ def create(body: TokenCreate, _caller: AdminDep, session: SessionDep) -> TokenCr
 )
 def list_tokens(_caller: ViewerDep, session: SessionDep, page: Pagination) -> TokensPublic:
     stmt = select(EnrollmentToken).order_by(EnrollmentToken.id.desc())
-    rows, total = paginate(session, stmt, page)
-    return TokensPublic(
-        items=[to_public(t) for t in rows], total=total, limit=page.limit, offset=page.offset
-    )
+    return page_of(TokensPublic, session, stmt, page, to_public)
 
 
 @router.post(
