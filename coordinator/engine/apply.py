@@ -19,7 +19,8 @@ unique.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import time
+from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
@@ -75,6 +76,9 @@ class Result:
     state_digest: str | None
     total_weight: float
     server_metrics: dict[str, float]
+    #: Seconds spent in each part of :func:`compute`: ``aggregate`` (read, decode and add every
+    #: update), ``step`` (server optimizer), ``store`` (write model and state blobs), ``eval``.
+    timings: dict[str, float] = field(default_factory=dict)
 
 
 def plan_aggregation(
@@ -142,6 +146,7 @@ def compute(
 ) -> Result:
     """Aggregate the planned updates and write the new model (no database access)."""
     kwargs = {} if limits is None else {"limits": limits}
+    start = time.perf_counter()
     acc = aggregate_blobs(
         blobs,
         (WeightedBlob(i.digest, i.weight) for i in plan.items),
@@ -151,16 +156,25 @@ def compute(
     )
     total_weight = acc.total_weight
     delta = acc.mean()
+    aggregated = time.perf_counter()
     weights = load_weights(blobs, plan.base_digest, plan.spec)
     strategy = make_strategy(plan.config)
     new_weights, new_state = strategy.step(weights, delta, load_state(blobs, plan.state_digest))
     del delta, weights
+    stepped = time.perf_counter()
     model_digest, model_size = store_weights(blobs, new_weights)
     state_digest = store_state(blobs, new_state)
+    stored = time.perf_counter()
     cfg = plan.config
     due = plan.new_version % cfg.eval_every == 0 or plan.new_version >= cfg.num_rounds
     server = run_hook(hook, plan.model_config, new_weights) if due else {}
-    return Result(model_digest, model_size, state_digest, total_weight, server)
+    timings = {
+        "aggregate": aggregated - start,
+        "step": stepped - aggregated,
+        "store": stored - stepped,
+        "eval": time.perf_counter() - stored,
+    }
+    return Result(model_digest, model_size, state_digest, total_weight, server, timings)
 
 
 def target_reached(cfg: AggregationConfig, server_metrics: dict[str, float]) -> bool:
