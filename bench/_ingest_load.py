@@ -1,0 +1,363 @@
+"""Load-generator processes of bench/ingest.py (private module).
+
+Each process runs one asyncio loop with one ``httpx.AsyncClient`` and drives a slice of the
+enrolled devices. Every request is signed with the product's :func:`shared.signing.sign_request`
+and every update body is built once per (task, base version) with the product's encoder
+(:func:`shared.compression.compress` + :func:`shared.wire.encode_update`). A process reports
+its own CPU time over the measured window, so a reader can see whether it was saturated.
+
+Phases (``cfg["phase"]``):
+
+- ``steady``: every device loops get work (``wait=0``) -> upload -> repeat until ``t_end``;
+  uploads completed inside ``[t0, t1]`` are counted, with their latency.
+- ``assign``: every device gets one assignment, then the process waits for ``go``.
+- ``upload``: (after ``assign``) every device uploads its one assignment (measured).
+- ``longpoll``: every device sends one ``GET /work?wait=W`` and records when it is answered.
+- ``ceiling``: like ``steady`` against the bare signature-check app (``POST /verify``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import resource
+import ssl
+import time
+from typing import Any
+
+import httpx
+import numpy as np
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+from shared.architectures import build_spec
+from shared.compression import compress
+from shared.policy import CompressionPolicy
+from shared.signing import sign_request
+from shared.wire import encode_update
+
+API = "/api/v1"
+
+
+def _raise_nofile(n: int) -> None:
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    want = min(hard, max(soft, n))
+    if want > soft:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (want, hard))
+
+
+def _cpu() -> float:
+    r = resource.getrusage(resource.RUSAGE_SELF)
+    return r.ru_utime + r.ru_stime
+
+
+class _Bodies:
+    """Update bodies encoded once per (task, base version) with the product's encoder."""
+
+    def __init__(self, model: dict[str, Any], compression: dict[str, Any], seed: int) -> None:
+        self.spec = build_spec(model)
+        self.policy = CompressionPolicy.from_dict(compression)
+        rng = np.random.default_rng(seed)
+        self.delta = {
+            t.name: rng.standard_normal(t.shape).astype(np.float32) for t in self.spec.tensors
+        }
+        self.rng = rng
+        self._cache: dict[tuple[int, int], bytes] = {}
+
+    def get(self, task_id: int, base_version: int) -> bytes:
+        key = (task_id, base_version)
+        body = self._cache.get(key)
+        if body is None:
+            c = compress(self.delta, self.policy, self.rng)
+            body = encode_update(c, task_id=task_id, base_version=base_version, num_examples=32)
+            self._cache[key] = body
+        return body
+
+
+class _Device:
+    def __init__(self, device_id: str, key: bytes) -> None:
+        self.id = device_id
+        self.key = Ed25519PrivateKey.from_private_bytes(key)
+        self.seq = 0
+
+    def headers(self, method: str, path: str, query: str = "", body: bytes = b"") -> dict[str, str]:
+        return sign_request(
+            self.key, device_id=self.id, method=method, path=path, query=query, body=body
+        )
+
+
+def _client(cfg: dict[str, Any], n: int) -> httpx.AsyncClient:
+    ctx = ssl.create_default_context(cafile=cfg["ca_file"]) if cfg.get("ca_file") else False
+    return httpx.AsyncClient(
+        base_url=cfg["url"],
+        verify=ctx,
+        timeout=httpx.Timeout(cfg.get("timeout", 120.0)),
+        limits=httpx.Limits(max_connections=n + 8, max_keepalive_connections=n + 8),
+    )
+
+
+async def _get_work(
+    client: httpx.AsyncClient, dev: _Device, wait: int = 0
+) -> tuple[int, dict[str, Any] | None]:
+    query = f"wait={wait}"
+    path = f"{API}/device/work"
+    r = await client.get(f"{path}?{query}", headers=dev.headers("GET", path, query))
+    if r.status_code == 200:
+        body: dict[str, Any] = r.json()
+        return 200, body
+    return r.status_code, None
+
+
+async def _upload(
+    client: httpx.AsyncClient, dev: _Device, work: dict[str, Any], bodies: _Bodies
+) -> httpx.Response:
+    body = bodies.get(int(work["task_id"]), int(work["base_version"]))
+    path = str(work["upload_url"])
+    dev.seq += 1
+    headers = dev.headers("POST", path, "", body)
+    headers["Idempotency-Key"] = f"b{work['assignment_id']}-{dev.seq}"
+    headers["Content-Type"] = "application/octet-stream"
+    return await client.post(path, content=body, headers=headers)
+
+
+class _Stats:
+    def __init__(self) -> None:
+        self.latencies: list[float] = []  # accepted uploads completed inside the window
+        self.codes: dict[str, int] = {}
+        self.work_200 = 0
+        self.work_other = 0
+        self.errors: dict[str, int] = {}
+
+    def code(self, kind: str, status: int) -> None:
+        k = f"{kind}_{status}"
+        self.codes[k] = self.codes.get(k, 0) + 1
+
+    def error(self, exc: BaseException) -> None:
+        k = type(exc).__name__
+        self.errors[k] = self.errors.get(k, 0) + 1
+
+
+async def _steady(cfg: dict[str, Any]) -> dict[str, Any]:
+    devices = [_Device(d, bytes.fromhex(k)) for d, k in cfg["devices"]]
+    bodies = _Bodies(cfg["model"], cfg["compression"], cfg["seed"])
+    t0, t1, t_end = cfg["t0"], cfg["t1"], cfg["t_end"]
+    st = _Stats()
+    in_window = {"work": 0, "work_200": 0, "uploads": 0}
+    cpu: dict[str, float] = {}
+
+    def inside(t: float) -> bool:
+        return t0 <= t <= t1
+
+    async def device_loop(dev: _Device) -> None:
+        while time.time() < t_end:
+            try:
+                status, work = await _get_work(client, dev)
+                now = time.time()
+                st.code("work", status)
+                if inside(now):
+                    in_window["work"] += 1
+                if work is None or work.get("status") == "cancelled":
+                    await asyncio.sleep(cfg.get("idle_sleep_s", 0.02))
+                    continue
+                if inside(now):
+                    in_window["work_200"] += 1
+                start = time.perf_counter()
+                r = await _upload(client, dev, work, bodies)
+                lat = time.perf_counter() - start
+                now = time.time()
+                st.code("upload", r.status_code)
+                if r.status_code == 201 and inside(now):
+                    in_window["uploads"] += 1
+                    st.latencies.append(lat)
+                elif r.status_code >= 400:
+                    await asyncio.sleep(0.05)
+            except httpx.HTTPError as exc:
+                st.error(exc)
+                await asyncio.sleep(0.1)
+
+    async def cpu_marks() -> None:
+        await asyncio.sleep(max(0.0, t0 - time.time()))
+        cpu["t0"] = _cpu()
+        await asyncio.sleep(max(0.0, t1 - time.time()))
+        cpu["t1"] = _cpu()
+
+    async with _client(cfg, len(devices)) as client:
+        await asyncio.sleep(max(0.0, cfg["t_start"] - time.time()))
+        await asyncio.gather(cpu_marks(), *(device_loop(d) for d in devices))
+    return {
+        "latencies": st.latencies,
+        "codes": st.codes,
+        "errors": st.errors,
+        "in_window": in_window,
+        "cpu_s": cpu.get("t1", 0.0) - cpu.get("t0", 0.0),
+    }
+
+
+async def _assign_upload(cfg: dict[str, Any], ready: Any, go: Any) -> dict[str, Any]:
+    """Phase ``assign`` then, after ``go``, phase ``upload``."""
+    devices = [_Device(d, bytes.fromhex(k)) for d, k in cfg["devices"]]
+    bodies = _Bodies(cfg["model"], cfg["compression"], cfg["seed"])
+    st = _Stats()
+    works: list[tuple[_Device, dict[str, Any]]] = []
+    async with _client(cfg, len(devices)) as client:
+        sem = asyncio.Semaphore(cfg.get("assign_concurrency", 50))
+
+        async def assign(dev: _Device) -> None:
+            async with sem:
+                for _ in range(50):
+                    status, work = await _get_work(client, dev)
+                    st.code("work", status)
+                    if work is not None and work.get("status") != "cancelled":
+                        works.append((dev, work))
+                        bodies.get(int(work["task_id"]), int(work["base_version"]))
+                        return
+                    await asyncio.sleep(0.05)
+
+        await asyncio.gather(*(assign(d) for d in devices))
+        ready.set()
+        while not go.is_set():
+            await asyncio.sleep(0.005)
+        cpu0 = _cpu()
+        start_all = time.time()
+
+        async def up(dev: _Device, work: dict[str, Any]) -> None:
+            start = time.perf_counter()
+            try:
+                r = await _upload(client, dev, work, bodies)
+            except httpx.HTTPError as exc:
+                st.error(exc)
+                return
+            st.code("upload", r.status_code)
+            if r.status_code == 201:
+                st.latencies.append(time.perf_counter() - start)
+
+        await asyncio.gather(*(up(d, w) for d, w in works))
+        end_all = time.time()
+    return {
+        "assigned": len(works),
+        "latencies": st.latencies,
+        "codes": st.codes,
+        "errors": st.errors,
+        "cpu_s": _cpu() - cpu0,
+        "start": start_all,
+        "end": end_all,
+    }
+
+
+async def _longpoll(cfg: dict[str, Any], ready: Any) -> dict[str, Any]:
+    """Every device sends one long-poll; the answer times (wall clock) are returned."""
+    devices = [_Device(d, bytes.fromhex(k)) for d, k in cfg["devices"]]
+    st = _Stats()
+    answered: list[float] = []
+    statuses: list[int] = []
+    sent = 0
+    async with _client(cfg, len(devices)) as client:
+        # Open the connections first (TLS handshakes are not part of the wake-up).
+        sem = asyncio.Semaphore(50)
+
+        async def warm(dev: _Device) -> None:
+            async with sem:
+                try:
+                    r = await client.get("/healthz")
+                    st.code("healthz", r.status_code)
+                except httpx.HTTPError as exc:
+                    st.error(exc)
+
+        await asyncio.gather(*(warm(d) for d in devices))
+
+        async def poll(dev: _Device) -> None:
+            nonlocal sent
+            path = f"{API}/device/work"
+            query = f"wait={cfg['wait']}"
+            deadline = time.time() + cfg["poll_for_s"]
+            while time.time() < deadline:
+                try:
+                    sent += 1
+                    r = await client.get(f"{path}?{query}", headers=dev.headers("GET", path, query))
+                except httpx.HTTPError as exc:
+                    st.error(exc)
+                    await asyncio.sleep(0.5)
+                    continue
+                st.code("work", r.status_code)
+                if r.status_code == 200:
+                    answered.append(time.time())
+                    statuses.append(r.status_code)
+                    return
+                if r.status_code != 204:
+                    await asyncio.sleep(1.0)
+
+        tasks = [asyncio.create_task(poll(d)) for d in devices]
+        await asyncio.sleep(1.0)
+        ready.set()
+        cpu0 = _cpu()
+        await asyncio.gather(*tasks)
+    return {
+        "answered": answered,
+        "requests_sent": sent,
+        "codes": st.codes,
+        "errors": st.errors,
+        "cpu_s": _cpu() - cpu0,
+    }
+
+
+async def _ceiling(cfg: dict[str, Any]) -> dict[str, Any]:
+    """Steady signed POSTs of a 2 KB body to the bare verification app."""
+    n = cfg["concurrency"]
+    key = Ed25519PrivateKey.from_private_bytes(hashlib.sha256(b"ceiling").digest())
+    body = np.random.default_rng(cfg["seed"]).bytes(2048)
+    t0, t1, t_end = cfg["t0"], cfg["t1"], cfg["t_end"]
+    lat: list[float] = []
+    st = _Stats()
+    cpu: dict[str, float] = {}
+
+    async def loop() -> None:
+        while time.time() < t_end:
+            headers = sign_request(
+                key, device_id="ceiling", method="POST", path="/verify", body=body
+            )
+            start = time.perf_counter()
+            try:
+                r = await client.post("/verify", content=body, headers=headers)
+            except httpx.HTTPError as exc:
+                st.error(exc)
+                continue
+            now = time.time()
+            st.code("verify", r.status_code)
+            if r.status_code == 200 and t0 <= now <= t1:
+                lat.append(time.perf_counter() - start)
+
+    async def cpu_marks() -> None:
+        await asyncio.sleep(max(0.0, t0 - time.time()))
+        cpu["t0"] = _cpu()
+        await asyncio.sleep(max(0.0, t1 - time.time()))
+        cpu["t1"] = _cpu()
+
+    async with _client(cfg, n) as client:
+        await asyncio.sleep(max(0.0, cfg["t_start"] - time.time()))
+        await asyncio.gather(cpu_marks(), *(loop() for _ in range(n)))
+    return {
+        "latencies": lat,
+        "codes": st.codes,
+        "errors": st.errors,
+        "cpu_s": cpu.get("t1", 0.0) - cpu.get("t0", 0.0),
+    }
+
+
+def worker(cfg: dict[str, Any], out: Any, ready: Any = None, go: Any = None) -> None:
+    """Entry point of one load-generator process; puts its result dict on ``out``."""
+    _raise_nofile(4096)
+    phase = cfg["phase"]
+    try:
+        if phase == "steady":
+            result = asyncio.run(_steady(cfg))
+        elif phase == "assign_upload":
+            result = asyncio.run(_assign_upload(cfg, ready, go))
+        elif phase == "longpoll":
+            result = asyncio.run(_longpoll(cfg, ready))
+        elif phase == "ceiling":
+            result = asyncio.run(_ceiling(cfg))
+        else:
+            raise ValueError(phase)
+    except BaseException as exc:  # reported to the parent rather than lost
+        out.put({"error": f"{type(exc).__name__}: {exc}"})
+        raise
+    out.put(result)
