@@ -30,12 +30,14 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from datetime import timedelta
+from datetime import datetime, timedelta
+from typing import TYPE_CHECKING
 
 from fastapi import Request
 from fastapi.concurrency import run_in_threadpool
-from sqlalchemy import delete
-from sqlalchemy.exc import IntegrityError
+from sqlalchemy import Insert, delete
+from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.orm import Session
 
 from coordinator.db import session_scope, utcnow
 from coordinator.errors import Forbidden, PayloadTooLarge, RateLimited, Unauthorized
@@ -49,6 +51,9 @@ from shared.signing import (
     public_key_from_b64,
     verify_request,
 )
+
+if TYPE_CHECKING:
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
 #: How often (seconds) one process deletes expired nonces.
 NONCE_PRUNE_INTERVAL_S = 60.0
@@ -87,14 +92,61 @@ class RateLimiter:
             return (1.0 - tokens) / self.rate
 
 
+#: Parsed public keys kept per process (a device's key never changes; bounded anyway).
+KEY_CACHE_SIZE = 65536
+
+
+def _insert_nonce(
+    session: Session, device_id: str, nonce: str, *, now: datetime, ttl: timedelta
+) -> bool:
+    """Record a nonce in one statement; False when it is in use (a replay).
+
+    An expired row of the same nonce (kept until the next prune) is taken over, as the
+    separate delete-then-insert did before: ``INSERT ... ON CONFLICT DO UPDATE ... WHERE
+    expires_at < now`` changes no row exactly when the nonce is still live.
+    """
+    values = {"device_id": device_id, "nonce": nonce, "expires_at": now + ttl}
+    dialect = session.get_bind().dialect.name
+    stmt: Insert
+    if dialect == "postgresql":
+        pg = postgresql.insert(UsedNonce).values(values)
+        stmt = pg.on_conflict_do_update(
+            index_elements=[UsedNonce.device_id, UsedNonce.nonce],
+            set_={"expires_at": pg.excluded.expires_at},
+            where=UsedNonce.expires_at < now,
+        )
+    elif dialect == "sqlite":
+        lite = sqlite.insert(UsedNonce).values(values)
+        stmt = lite.on_conflict_do_update(
+            index_elements=[UsedNonce.device_id, UsedNonce.nonce],
+            set_={"expires_at": lite.excluded.expires_at},
+            where=UsedNonce.expires_at < now,
+        )
+    else:  # pragma: no cover - fedge supports SQLite and PostgreSQL
+        raise RuntimeError(f"unsupported database dialect {dialect!r}")
+    return session.execute(stmt.returning(UsedNonce.nonce)).first() is not None
+
+
 class DeviceAuthenticator:
-    """Per-process state of device verification: the rate limiter and the prune clock."""
+    """Per-process state of device verification: the rate limiter, the prune clock and a
+    cache of parsed public keys (keyed by the stored base64 text, so a changed row is
+    parsed again)."""
 
     def __init__(self, runtime: Runtime) -> None:
         self.runtime = runtime
         self.limiter = RateLimiter(runtime.settings.device_rate_per_minute)
         self._last_prune = -math.inf
         self._prune_lock = threading.Lock()
+        self._keys: dict[str, Ed25519PublicKey] = {}
+
+    def _public_key(self, text: str) -> Ed25519PublicKey:
+        key = self._keys.get(text)
+        if key is None:
+            key = public_key_from_b64(text)
+            if len(self._keys) >= KEY_CACHE_SIZE:
+                self._keys.clear()
+            self._keys[text] = key
+        return key
 
     def _prune_due(self) -> bool:
         now = time.monotonic()
@@ -119,7 +171,7 @@ class DeviceAuthenticator:
                 )
             try:
                 verify_request(
-                    public_key_from_b64(device.public_key),
+                    self._public_key(device.public_key),
                     signed,
                     method=method,
                     path=path,
@@ -145,28 +197,13 @@ class DeviceAuthenticator:
             now = utcnow()
             if self._prune_due():
                 session.execute(delete(UsedNonce).where(UsedNonce.expires_at < now))
-            else:
-                session.execute(
-                    delete(UsedNonce).where(
-                        UsedNonce.device_id == device.id,
-                        UsedNonce.nonce == signed.nonce,
-                        UsedNonce.expires_at < now,
-                    )
-                )
-            session.add(
-                UsedNonce(
-                    device_id=device.id,
-                    nonce=signed.nonce,
-                    expires_at=now + timedelta(seconds=2 * window),
-                )
-            )
-            try:
-                session.flush()
-            except IntegrityError:
+            if not _insert_nonce(
+                session, device.id, signed.nonce, now=now, ttl=timedelta(seconds=2 * window)
+            ):
                 raise Unauthorized(
                     "this nonce was already used; sign every request with a fresh nonce",
                     code="replayed_nonce",
-                ) from None
+                )
             device.last_seen_at = now
             return DeviceIdentity(id=device.id, name=device.name, body=body)
 

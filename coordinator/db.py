@@ -12,6 +12,10 @@ from sqlalchemy.engine import Dialect
 from sqlalchemy.orm import Session, sessionmaker
 from sqlalchemy.types import TypeDecorator
 
+#: Execution option marking a transaction that only reads (see :func:`make_engine`).
+READ_ONLY_OPTION = "fedge_read_only"
+READ_ONLY: dict[str, Any] = {READ_ONLY_OPTION: True}
+
 
 def utcnow() -> datetime:
     return datetime.now(UTC)
@@ -42,7 +46,9 @@ def make_engine(url: str, **kwargs: Any) -> Engine:
 
     SQLite: WAL journal, ``synchronous=FULL`` (a committed update survives power loss),
     foreign keys on, a generous busy timeout, and ``BEGIN IMMEDIATE`` so that concurrent
-    writers queue on the lock instead of failing when a read transaction upgrades.
+    writers queue on the lock instead of failing when a read transaction upgrades. A
+    transaction opened with :data:`READ_ONLY` (``session_scope(..., read_only=True)``) begins
+    deferred instead: it reads a WAL snapshot without taking or waiting for the write lock.
     """
     if url.startswith("sqlite"):
         engine = create_engine(url, connect_args={"timeout": 30}, **kwargs)
@@ -59,7 +65,10 @@ def make_engine(url: str, **kwargs: Any) -> Engine:
 
         @event.listens_for(engine, "begin")
         def _sqlite_begin(conn: Any) -> None:
-            conn.exec_driver_sql("BEGIN IMMEDIATE")
+            if conn.get_execution_options().get(READ_ONLY_OPTION):
+                conn.exec_driver_sql("BEGIN")
+            else:
+                conn.exec_driver_sql("BEGIN IMMEDIATE")
 
         return engine
     kwargs.setdefault("pool_pre_ping", True)
@@ -73,10 +82,16 @@ def make_sessionmaker(engine: Engine) -> sessionmaker[Session]:
 
 
 @contextmanager
-def session_scope(factory: sessionmaker[Session]) -> Iterator[Session]:
-    """Commit on success, roll back on any error (for code outside a request)."""
+def session_scope(factory: sessionmaker[Session], *, read_only: bool = False) -> Iterator[Session]:
+    """Commit on success, roll back on any error (for code outside a request).
+
+    ``read_only=True`` promises that the transaction writes nothing; on SQLite it then does
+    not take the write lock (a write in it fails with "database is locked" under contention).
+    """
     session = factory()
     try:
+        if read_only:
+            session.connection(execution_options=READ_ONLY)
         yield session
         session.commit()
     except BaseException:

@@ -18,6 +18,7 @@ the unique constraints; the loser re-reads and answers like a repeat.
 
 from __future__ import annotations
 
+import copy
 import re
 from dataclasses import asdict, dataclass
 from datetime import datetime
@@ -87,6 +88,48 @@ def _config(task: Task) -> AggregationConfig:
         raise Conflict(
             f"task {task.id} has an unusable configuration: {exc}", code="task_not_running"
         ) from None
+
+
+@dataclass(frozen=True)
+class _Parsed:
+    """A task's spec, policy and aggregation config parsed from its JSON columns."""
+
+    model_spec: Any
+    compression: Any
+    aggregation: Any
+    spec: ModelSpec
+    policy: CompressionPolicy
+    config: AggregationConfig
+
+
+#: Parsed task configurations per task id, reused while the JSON columns are unchanged.
+_PARSED: dict[int, _Parsed] = {}
+_PARSED_MAX = 4096
+
+
+def _parsed(task: Task) -> _Parsed:
+    """Parse a task's configuration once (every upload of a task needs it); a task whose
+    columns differ from the cached ones (equality of the JSON values) is parsed again."""
+    hit = _PARSED.get(task.id)
+    if (
+        hit is not None
+        and hit.model_spec == task.model_spec
+        and hit.compression == task.compression
+        and hit.aggregation == task.aggregation
+    ):
+        return hit
+    parsed = _Parsed(  # copies: the session's JSON values may be changed in place later
+        model_spec=copy.deepcopy(task.model_spec),
+        compression=copy.deepcopy(task.compression),
+        aggregation=copy.deepcopy(task.aggregation),
+        spec=ModelSpec.from_dict(task.model_spec),
+        policy=CompressionPolicy.from_dict(task.compression),
+        config=_config(task),
+    )
+    if len(_PARSED) >= _PARSED_MAX:
+        _PARSED.clear()
+    _PARSED[task.id] = parsed
+    return parsed
 
 
 def _first_result(session: Session, u: Update) -> UploadResult:
@@ -186,11 +229,15 @@ def _record(
     size: int,
     now: datetime,
 ) -> UploadResult:
-    repeat = _repeat(session, device_id=device_id, key=key, assignment_id=assignment_id)
-    if repeat is not None:
-        return repeat
-    a, task = _check_assignment(session, device_id=device_id, assignment_id=assignment_id)
-    cfg = _config(task)
+    # A repeat or a second upload for this assignment that committed since the first check
+    # ends in the unique constraints (device_id, idempotency_key) and (assignment_id); the
+    # caller then answers it like a repeat or a conflict.
+    a = own_assignment(session, device_id=device_id, assignment_id=assignment_id)
+    task = session.get(Task, a.task_id)
+    assert task is not None
+    if task.status != "running":
+        raise Conflict(f"task {task.id} is {task.status}, not running", code="task_not_running")
+    cfg = _parsed(task).config
     tau = _check_staleness(cfg, current=task.current_version, base=a.base_version)
     weight = update_weight(
         cfg.staleness, tau=tau, num_examples=decoded.num_examples, weighting=cfg.weighting
@@ -249,18 +296,19 @@ def accept_upload(
     runtime: Runtime, *, device_id: str, assignment_id: int, key: str, body: bytes
 ) -> UploadResult:
     """Validate, store and record one upload (blocking: call from a worker thread)."""
-    with session_scope(runtime.sessions) as session:
+    with session_scope(runtime.sessions, read_only=True) as session:
         repeat = _repeat(session, device_id=device_id, key=key, assignment_id=assignment_id)
         if repeat is not None:
             return repeat
         a, task = _check_assignment(session, device_id=device_id, assignment_id=assignment_id)
+        parsed = _parsed(task)
         ctx = _Context(
             task_id=task.id,
             base_version=a.base_version,
             current_version=task.current_version,
-            spec=ModelSpec.from_dict(task.model_spec),
-            policy=CompressionPolicy.from_dict(task.compression),
-            config=_config(task),
+            spec=parsed.spec,
+            policy=parsed.policy,
+            config=parsed.config,
         )
     decoded = decode_checked(body, ctx)
     _check_staleness(ctx.config, current=ctx.current_version, base=ctx.base_version)
@@ -280,7 +328,7 @@ def accept_upload(
             )
     except IntegrityError:
         # A concurrent request with the same key or for the same assignment won the race.
-        with session_scope(runtime.sessions) as session:
+        with session_scope(runtime.sessions, read_only=True) as session:
             repeat = _repeat(session, device_id=device_id, key=key, assignment_id=assignment_id)
             if repeat is not None:
                 return repeat
