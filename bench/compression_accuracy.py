@@ -1,0 +1,409 @@
+"""Accuracy per uploaded byte: dense float32 FedAvg vs top-k x quantization, with and without
+error feedback, on a non-IID fleet (issue #7).
+
+Fleet: 100 simulated devices holding Dirichlet(alpha=0.5) label-skewed shards of scikit-learn's
+digits (``edge_agent.datasets`` / ``edge_agent.partition``; 20 % stratified held-out test split,
+about 14 training examples per device), an MLP 64-128-10 (9,610 parameters) trained by the
+built-in numpy trainer. Sync rounds; every round 20 of the 100 devices are sampled uniformly
+without replacement, as a deployment that asks a fraction of its fleet each round; the same
+devices (per round and seed) for every setting. Settings: dense float32 (the product's
+uncompressed policy: top-k 1.0, 32 bits, no error feedback, which encodes plain float32
+tensors) and top-k fraction in {0.1, 0.01, 0.001} x {8, 4, 2} bits, each with and without error
+feedback (18 compressed settings), plus centralized training of the same model (same initial
+weights, same test split) on the union of the training data for ``rounds x epochs`` epochs with
+the same batch size and learning rate (``edge_agent.demo_report.centralized_baseline``; it has
+converged long before). Every setting runs the same number of rounds, for 3 seeds; the seed
+fixes the split, the partition, the initial model, the device sampling and all training and
+quantization randomness, so reruns give the same accuracies and bytes.
+
+**In-process, no HTTP**: this measures the algorithm's accuracy per byte, not the service.
+Each update is nevertheless produced and consumed as in deployment (``bench/_compression_sim.py``):
+the agent's ``compress`` + ``encode_update`` with a per-device error-feedback residual kept
+across rounds, the coordinator's ``decode_update`` + ``Accumulator`` (weight = num_examples)
++ server strategy. Upload bytes are the lengths of the encoded wire-format updates; the ratio
+is the dense run's bytes over the setting's bytes (same number of updates, same seed).
+
+Main configuration, the same for every setting and all of it settable in a task's config:
+``training = {epochs: 5, batch_size: 16, lr: 0.1}``, ``aggregation = {strategy: fedavg,
+server_lr: 1.0, server_momentum: 0.9}`` (FedAvgM), ``compression.chunk = 64`` and
+``scope = tensor`` (as the demo), 40 rounds. The demo's own training config (2 epochs, lr 0.05,
+no server momentum) is one of the ablations: it leaves dense 4 points below centralized and
+compressed settings far behind in 40 rounds. The full run's ablations change one thing at a
+time (demo training, no server momentum, server_lr 3, all devices every round, 60 rounds,
+global top-k, a 64-512-10 model) for dense, top-1 %/4-bit with and without EF and
+top-0.1 %/2-bit with EF. ``wire_ceiling`` records the byte ratio of a single update for larger
+hidden layers: the fixed header and per-tensor descriptors (188 bytes for this model) bound
+the ratio of a small model. Per setting, ``diagnostics`` says how much of each round's update
+reached the server (cosine and norm ratio of the aggregated decoded delta to the aggregate of
+the same round's uncompressed deltas).
+
+Targets (reported met / not met, never asserted): a setting with >= 250x fewer upload bytes
+than dense at <= 1.0 accuracy point lost (mean over seeds of the paired final-accuracy
+difference, same rounds); dense federated accuracy within 2 points of centralized. Rounds to
+target: first round with test accuracy >= 0.90, and >= the dense run's mean final accuracy
+minus one point.
+
+    python bench/compression_accuracy.py              # full: 40 rounds, 3 seeds, ablations
+    python bench/compression_accuracy.py --quick      # 20 rounds, 1 seed, 3 settings
+    python bench/compression_accuracy.py --plot-only  # redraw the PNGs from the JSON
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import platform
+import sys
+import time
+from concurrent.futures import ProcessPoolExecutor
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from _compression_report import (
+    check_targets,
+    make_summary,
+    plot,
+    spread,
+    summarize_setting,
+    table,
+)
+from _compression_sim import (
+    DENSE,
+    FleetConfig,
+    Setting,
+    run_centralized,
+    run_federated,
+    wire_ceiling,
+)
+
+NAME = "compression_accuracy"
+RESULTS = Path(__file__).resolve().parent / "results"
+TOPK = (0.1, 0.01, 0.001)
+BITS = (8, 4, 2)
+LAST = 5  # rounds averaged for the "last rounds" accuracy
+
+MAIN = FleetConfig(
+    devices=100,
+    per_round=20,
+    rounds=40,
+    alpha=0.5,
+    hidden=(128,),
+    training={"epochs": 5, "batch_size": 16, "lr": 0.1},
+    aggregation={"strategy": "fedavg", "server_lr": 1.0, "server_momentum": 0.9},
+    chunk=64,
+    scope="tensor",
+)
+ABLATION_SETTINGS = (
+    DENSE,
+    Setting(0.01, 4, True),
+    Setting(0.01, 4, False),
+    Setting(0.001, 2, True),
+)
+ABLATIONS: tuple[tuple[str, str, dict[str, Any]], ...] = (
+    (
+        "demo training",
+        "the demo's training config: 2 epochs, lr 0.05, plain FedAvg (no server momentum)",
+        {
+            "training": {"epochs": 2, "batch_size": 16, "lr": 0.05},
+            "aggregation": {"strategy": "fedavg", "server_lr": 1.0},
+        },
+    ),
+    (
+        "no server momentum",
+        "plain FedAvg (server_momentum 0), otherwise the main config",
+        {"aggregation": {"strategy": "fedavg", "server_lr": 1.0}},
+    ),
+    (
+        "server_lr 3",
+        "plain FedAvg with server_lr 3.0 instead of momentum",
+        {"aggregation": {"strategy": "fedavg", "server_lr": 3.0}},
+    ),
+    ("all devices", "all 100 devices every round", {"per_round": 100}),
+    ("60 rounds", "60 rounds instead of 40", {"rounds": 60}),
+    (
+        "global top-k",
+        "compression scope 'global' (one top-k over the whole update)",
+        {"scope": "global"},
+    ),
+    ("hidden 512", "a larger model, MLP 64-512-10 (38,410 parameters)", {"hidden": (512,)}),
+)
+
+
+def machine_info() -> dict[str, Any]:
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return {
+        "platform": platform.platform(),
+        "cpu": cpu,
+        "cpu_count": os.cpu_count(),
+        "python": platform.python_version(),
+        "numpy": np.__version__,
+        "load_average_1_5_15min": list(os.getloadavg()) if hasattr(os, "getloadavg") else None,
+    }
+
+
+def all_settings() -> list[Setting]:
+    return [DENSE] + [Setting(f, b, ef) for f in TOPK for b in BITS for ef in (True, False)]
+
+
+def quick_settings() -> list[Setting]:
+    return [DENSE, Setting(0.01, 4, True), Setting(0.01, 4, False)]
+
+
+Job = tuple[str, FleetConfig, Setting | None, int]
+
+
+def _run(job: Job) -> dict[str, Any]:
+    _group, fleet, setting, seed = job
+    if setting is None:
+        return run_centralized(fleet, seed, rounds=fleet.rounds)
+    return run_federated(fleet, setting, seed)
+
+
+def _cost(job: Job) -> float:
+    """Rough relative CPU cost, to start the longest jobs first."""
+    _, fleet, setting, _ = job
+    if setting is None:
+        return 0.5
+    epochs = float(fleet.training.get("epochs", 1))
+    return fleet.per_round * fleet.rounds * epochs * fleet.hidden[0]
+
+
+def _fleet_dict(fleet: FleetConfig) -> dict[str, Any]:
+    d = dataclasses.asdict(fleet)
+    d["hidden"] = list(fleet.hidden)
+    return d
+
+
+def _group_report(
+    fleet: FleetConfig,
+    settings: list[Setting],
+    runs: dict[tuple[str, int], dict[str, Any]],
+    seeds: list[int],
+) -> list[dict[str, Any]]:
+    dense_runs = [runs[(DENSE.name, s)] for s in seeds]
+    dense_final = float(np.mean([r["accuracy"][-1] for r in dense_runs]))
+    targets = {"0.90": 0.90, "dense_minus_1pt": dense_final - 0.01}
+    out = []
+    for st in settings:
+        s = summarize_setting(
+            [runs[(st.name, seed)] for seed in seeds], dense_runs, targets=targets, last=LAST
+        )
+        policy = fleet.policy(st.topk, st.bits, st.ef).to_dict()
+        out.append(
+            {
+                "name": st.name,
+                "topk": st.topk,
+                "bits": st.bits,
+                "error_feedback": st.ef,
+                "policy": policy,
+                "targets_accuracy": targets,
+                **s,
+            }
+        )
+    return out
+
+
+def run(args: argparse.Namespace) -> dict[str, Any]:
+    started_at = datetime.now(UTC).isoformat(timespec="seconds")
+    t0 = time.perf_counter()
+    fleet = dataclasses.replace(MAIN, rounds=args.rounds) if args.rounds else MAIN
+    if args.quick and not args.rounds:
+        fleet = dataclasses.replace(fleet, rounds=20)
+    reps = args.reps or (1 if args.quick else 3)
+    seeds = [args.seed + i for i in range(reps)]
+    settings = quick_settings() if args.quick else all_settings()
+    ablations = [] if (args.quick or args.no_ablations) else list(ABLATIONS)
+
+    jobs: list[Job] = [("main", fleet, st, seed) for st in settings for seed in seeds]
+    jobs += [("main", fleet, None, seed) for seed in seeds]
+    ablation_fleets = {}
+    for name, _, overrides in ablations:
+        af = dataclasses.replace(fleet, **overrides)
+        ablation_fleets[name] = af
+        jobs += [(name, af, st, seed) for st in ABLATION_SETTINGS for seed in seeds]
+    order = sorted(range(len(jobs)), key=lambda i: -_cost(jobs[i]))
+    results: dict[int, dict[str, Any]] = {}
+    done = 0
+    with ProcessPoolExecutor(max_workers=args.workers) as pool:
+        futures = {i: pool.submit(_run, jobs[i]) for i in order}
+        for i in order:
+            results[i] = futures[i].result()
+            done += 1
+            if done % 10 == 0 or done == len(jobs):
+                print(
+                    f"  {done}/{len(jobs)} runs done ({time.perf_counter() - t0:.0f} s)",
+                    file=sys.stderr,
+                )
+
+    def runs_of(group: str) -> dict[tuple[str, int], dict[str, Any]]:
+        return {
+            (job[2].name, job[3]): results[i]
+            for i, job in enumerate(jobs)
+            if job[0] == group and job[2] is not None
+        }
+
+    main_settings = _group_report(fleet, settings, runs_of("main"), seeds)
+    central_runs = [results[i] for i, job in enumerate(jobs) if job[0] == "main" and not job[2]]
+    central_finals = [r["accuracy"][-1] for r in central_runs]
+    central = {
+        "method": "edge_agent.demo_report.centralized_baseline: NumpyTrainer on the union of "
+        "the devices' training data, training.epochs epochs per round, same init and test split",
+        "epochs": central_runs[0]["epochs"],
+        "seeds": seeds,
+        "final_accuracy": {"per_seed": central_finals, **spread(central_finals)},
+        "best_accuracy": spread([max(r["accuracy"]) for r in central_runs]),
+        "accuracy_curve": {
+            k: v
+            for k, v in zip(
+                ("mean", "min", "max"),
+                (
+                    np.mean([r["accuracy"] for r in central_runs], axis=0).tolist(),
+                    np.min([r["accuracy"] for r in central_runs], axis=0).tolist(),
+                    np.max([r["accuracy"] for r in central_runs], axis=0).tolist(),
+                ),
+                strict=True,
+            )
+        },
+    }
+    dense = main_settings[0]
+    ablation_reports = []
+    for name, description, overrides in ablations:
+        af = ablation_fleets[name]
+        ablation_reports.append(
+            {
+                "name": name,
+                "description": description,
+                "overrides": {
+                    k: list(v) if isinstance(v, tuple) else v for k, v in overrides.items()
+                },
+                "settings": _group_report(af, list(ABLATION_SETTINGS), runs_of(name), seeds),
+            }
+        )
+    ceiling = wire_ceiling(
+        [128] if args.quick else [128, 256, 512, 1024, 2048],
+        [Setting(f, b, False) for f in TOPK for b in BITS],
+        chunk=fleet.chunk,
+        scope=fleet.scope,
+        seed=args.seed,
+    )
+    first = next(iter(runs_of("main").values()))
+    return {
+        "benchmark": NAME,
+        "command": " ".join([sys.executable, *sys.argv]),
+        "argv": sys.argv[1:],
+        "quick": args.quick,
+        "started_at": started_at,
+        "finished_at": datetime.now(UTC).isoformat(timespec="seconds"),
+        "runtime_s": time.perf_counter() - t0,
+        "workers": args.workers,
+        "machine": machine_info(),
+        "config": {
+            **_fleet_dict(fleet),
+            "dataset": "digits (scikit-learn load_digits), stratified 20 % test split",
+            "model": f"mlp 64-{'-'.join(map(str, fleet.hidden))}-10",
+            "num_params": first["num_params"],
+            "label_skew": first["label_skew"],
+            "seeds": seeds,
+            "repetitions": reps,
+            "sampling": f"{fleet.per_round} of {fleet.devices} devices per round, uniform "
+            "without replacement, same devices for every setting",
+            "weighting": "num_examples (sync rounds, staleness 0)",
+            "last_rounds_averaged": LAST,
+            "dense_encoding": "policy topk_fraction=1.0, bits=32, error_feedback=False "
+            "(shared.policy.DENSE with the task's chunk/scope): plain float32 tensors",
+        },
+        "settings": main_settings,
+        "centralized": central,
+        "targets": check_targets(main_settings, dense, central),
+        "ablations": ablation_reports,
+        "wire_ceiling": ceiling,
+        "summary": {
+            **make_summary(main_settings, dense, central),
+            "highest_ratio_any_setting": check_targets(main_settings, dense, central)[
+                "ratio_250x_within_1pt"
+            ]["highest_ratio_any_setting"],
+            "wire_fixed_bytes_per_update": ceiling[0]["fixed_header_bytes"],
+            "dense_bytes_per_update": ceiling[0]["dense_bytes"],
+            "ratio_ceiling_for_this_model": ceiling[0]["dense_bytes"]
+            / ceiling[0]["fixed_header_bytes"],
+        },
+    }
+
+
+def print_report(report: dict[str, Any]) -> None:
+    print(table(report["settings"], report["centralized"], "0.90"))
+    for a in report.get("ablations", []):
+        print(f"\nablation '{a['name']}': {a['description']}")
+        for s in a["settings"]:
+            fa = s["final_accuracy"]
+            print(
+                f"  {s['name']:<18} {fa['mean']:.4f} ({fa['min']:.3f}-{fa['max']:.3f}) "
+                f"loss {s['loss_points_vs_dense']['mean']:+.2f} pts  "
+                f"ratio {s['ratio_vs_dense']['mean']:.1f}"
+            )
+    print("\ndiagnostics (cosine / norm ratio of the aggregated sent delta to this round's")
+    print("uncompressed aggregate, rounds 1-10):")
+    for s in report["settings"]:
+        d = s["diagnostics"]
+        print(
+            f"  {s['name']:<18} {d['cosine_rounds_1_10']:.2f} / {d['norm_ratio_rounds_1_10']:.2f}"
+        )
+    print("\nbytes of one update (ratio to dense float32) by hidden width:")
+    for row in report["wire_ceiling"]:
+        if row["setting"] in ("top1%-4b", "top0.1%-2b"):
+            print(
+                f"  hidden {row['hidden']:>5} ({row['num_params']:>7,} params) {row['setting']:<11}"
+                f" {row['bytes']:>7,} B of which {row['fixed_header_bytes']} fixed: "
+                f"{row['ratio']:.1f}x"
+            )
+    print("\ntargets:")
+    for name, t in report["targets"].items():
+        print(f"- {name}: {'met' if t['met'] else 'NOT met'}  {json.dumps(t)}")
+    print("\nsummary:", json.dumps(report["summary"], indent=2))
+
+
+def main(argv: list[str] | None = None) -> int:
+    doc = __doc__ or ""
+    parser = argparse.ArgumentParser(description=doc.split("\n\n")[0])
+    parser.add_argument("--quick", action="store_true", help="20 rounds, 1 seed, 3 settings")
+    parser.add_argument("--plot-only", action="store_true", help="redraw PNGs from the JSON")
+    parser.add_argument("--rounds", type=int, default=None, help="override the round count")
+    parser.add_argument("--reps", type=int, default=None, help="repetitions (seeds)")
+    parser.add_argument("--seed", type=int, default=0, help="first seed")
+    parser.add_argument("--workers", type=int, default=2, help="worker processes")
+    parser.add_argument("--no-ablations", action="store_true", help="skip the ablations")
+    parser.add_argument("--output", type=Path, default=None, help="JSON results path")
+    args = parser.parse_args(argv)
+    output = args.output or RESULTS / (f"{NAME}.quick.json" if args.quick else f"{NAME}.json")
+    # compression_accuracy.json -> compression_accuracy.png, compression_accuracy_ablations.png;
+    # compression_accuracy.quick.json -> compression_accuracy.quick.png (git-ignored)
+    stem, _, suffix = output.name.removesuffix(".json").partition(".")
+    if args.plot_only:
+        report = json.loads(output.read_text())
+    else:
+        report = run(args)
+        output.parent.mkdir(parents=True, exist_ok=True)
+        output.write_text(json.dumps(report, indent=1) + "\n")
+        print(f"wrote {output}", file=sys.stderr)
+    print_report(report)
+    for path in plot(report, output.parent, stem, f".{suffix}" if suffix else ""):
+        print(f"wrote {path}", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
