@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import select
+from sqlalchemy import select, update
 from sqlalchemy.orm import Session
 
 from coordinator.blobstore import BlobStore
@@ -40,8 +40,12 @@ from shared.limits import Limits
 from shared.modelspec import ModelSpec
 from shared.policy import CompressionPolicy
 
+#: Ids per ``IN (...)`` list: SQLite allows at most 32,766 bound parameters per statement, and
+#: a round may hold up to 100,000 updates (``clients_per_round``, ``buffer_size``).
+IN_BATCH = 10_000
 
-@dataclass(frozen=True)
+
+@dataclass(frozen=True, slots=True)
 class PlannedUpdate:
     update_id: int
     digest: str
@@ -97,27 +101,31 @@ def plan_aggregation(
     )
     if model is None:
         raise RuntimeError(f"task {task.id} has no stored model version {base}")
-    pending = session.scalars(
-        select(Update)
+    # Plain columns, not ORM objects: a round of 10,000 updates would otherwise hold 10,000
+    # tracked ``Update`` instances (with their metrics) in the session.
+    pending = session.execute(
+        select(Update.id, Update.blob_digest, Update.base_version, Update.num_examples)
         .where(Update.task_id == task.id, Update.status == "accepted")
         .order_by(Update.received_at, Update.id)
     ).all()
     items: list[PlannedUpdate] = []
-    rejected = 0
-    for u in pending:
-        tau = max(0, base - u.base_version)
+    rejects: list[dict[str, Any]] = []
+    for update_id, digest, base_version, num_examples in pending:
+        tau = max(0, base - base_version)
         if tau > cfg.max_staleness:
-            u.status = "rejected"
-            u.reason = (
+            reason = (
                 f"staleness {tau} at aggregation of version {base + 1} exceeds "
                 f"max_staleness {cfg.max_staleness}"
             )
-            rejected += 1
+            rejects.append({"id": update_id, "status": "rejected", "reason": reason})
             continue
         weight = update_weight(
-            cfg.staleness, tau=tau, num_examples=u.num_examples, weighting=cfg.weighting
+            cfg.staleness, tau=tau, num_examples=num_examples, weighting=cfg.weighting
         )
-        items.append(PlannedUpdate(u.id, u.blob_digest, weight, tau))
+        items.append(PlannedUpdate(update_id, digest, weight, tau))
+    rejected = len(rejects)
+    if rejects:
+        session.execute(update(Update), rejects)
     if rejected:
         rnd.num_rejected += rejected
         session.flush()
@@ -160,7 +168,7 @@ def compute(
     weights = load_weights(blobs, plan.base_digest, plan.spec)
     strategy = make_strategy(plan.config)
     new_weights, new_state = strategy.step(weights, delta, load_state(blobs, plan.state_digest))
-    del delta, weights
+    del acc, delta, weights  # the dense float64 sum is spent; free it before encoding
     stepped = time.perf_counter()
     model_digest, model_size = store_weights(blobs, new_weights)
     state_digest = store_state(blobs, new_state)
@@ -207,22 +215,31 @@ def commit_aggregation(
     if rnd is None or rnd.status not in rounds.ACTIVE_ROUND:
         return None
     ids = [i.update_id for i in plan.items]
-    updates = {
-        u.id: u
-        for u in session.scalars(
-            select(Update)
-            .where(Update.id.in_(ids), Update.status == "accepted")
-            .with_for_update(key_share=True)
+    locked = 0
+    for start in range(0, len(ids), IN_BATCH):
+        locked += len(
+            session.scalars(
+                select(Update.id)
+                .where(Update.id.in_(ids[start : start + IN_BATCH]), Update.status == "accepted")
+                .with_for_update(key_share=True)
+            ).all()
         )
-    }
-    if len(updates) != len(ids):
+    if locked != len(ids):
         return None
     new_version = plan.new_version
-    for item in plan.items:
-        u = updates[item.update_id]
-        u.status = "applied"
-        u.applied_version = new_version
-        u.weight = item.weight
+    # One executemany by primary key instead of loading and tracking every row.
+    session.execute(
+        update(Update),
+        [
+            {
+                "id": i.update_id,
+                "status": "applied",
+                "applied_version": new_version,
+                "weight": i.weight,
+            }
+            for i in plan.items
+        ],
+    )
     session.flush()
     server = {f"server_{k}": v for k, v in result.server_metrics.items()}
     metrics = {**rounds.version_client_metrics(session, task.id, new_version), **server}

@@ -46,9 +46,16 @@ class Strategy(ABC):
 
 
 def _to_f32(weights: Arrays, step: Arrays) -> dict[str, np.ndarray]:
+    """``float32(float64(w) + step)`` per tensor. A float64 ``step`` (which the strategies
+    create or own) receives the sum in place, so no further dense float64 buffers are
+    allocated; the result is bit-identical (float64 addition is commutative)."""
     out: dict[str, np.ndarray] = {}
     for name, w in weights.items():
-        out[name] = (np.asarray(w, dtype=np.float64) + step[name]).astype(np.float32)
+        s = step[name]
+        if s.dtype == np.float64 and s.flags.writeable and s.shape == np.shape(w):
+            out[name] = np.add(s, w, out=s).astype(np.float32)
+        else:
+            out[name] = (np.asarray(w, dtype=np.float64) + s).astype(np.float32)
     return out
 
 
