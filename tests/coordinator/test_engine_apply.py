@@ -102,10 +102,10 @@ def _round_with_uploads(
         deltas.append(delta)
         examples.append(n)
     with session_scope(runtime.sessions) as session:
-        task = session.get(Task, task_id)
+        current = session.get(Task, task_id)
         rnd = rounds.active_round(session, task_id)
-        assert task is not None and rnd is not None
-        rounds.close_sync_round_if_due(session, task, rnd, cfg, now=utcnow())
+        assert current is not None and rnd is not None
+        rounds.close_sync_round_if_due(session, current, rnd, cfg, now=utcnow())
         assert rnd.status == "aggregating"
     return task_id, deltas, examples
 
