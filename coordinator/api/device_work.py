@@ -4,11 +4,21 @@ Every route depends on ``DeviceDep`` (a verified signed request; the body was re
 ``max_upload_bytes`` limit enforced while it streamed in and is part of the signature). The
 database work runs in worker threads with short transactions of its own; the long-poll waits
 on an in-process signal holding no session or connection (docs/protocol.md).
+
+A long-poll checks the database on arrival with its own check. While it waits, its re-checks
+(every ``long_poll_recheck_s``, for changes made by other coordinator processes) and its
+wake-ups are batched: the waits end on a clock shared by every poll, and every poll that
+wakes in the same event-loop turn is checked in one :func:`coordinator.engine.work.
+check_waiting` call, so a thousand idle devices cost a few queries per re-check instead of a
+thousand, and a round opened for all of them is answered from one query. A poll whose batch
+verdict is anything but its active assignment or "nothing new" runs its own check as before.
 """
 
 from __future__ import annotations
 
 import asyncio
+import logging
+import math
 from datetime import datetime
 from typing import Annotated, Any, Literal
 
@@ -22,12 +32,20 @@ from coordinator.engine.lifecycle import NOTIFIER_KEY, SCHEDULER_KEY
 from coordinator.engine.notify import Notifier
 from coordinator.engine.reports import record_metrics
 from coordinator.engine.updates import accept_upload, check_idempotency_key
-from coordinator.engine.work import cancellation, find_work, require_active
+from coordinator.engine.work import (
+    Verdict,
+    cancellation,
+    check_waiting,
+    find_work,
+    require_active,
+)
 from coordinator.errors import Unprocessable, error_responses
 from coordinator.runtime import Runtime
 from coordinator.schemas.common import Strict
 
 router = APIRouter(prefix="/device", tags=["device"])
+log = logging.getLogger(__name__)
+_CHECKER_KEY = "work_batch_checker"
 
 SIGNED_ERRORS = (401, 403, 413, 429)
 
@@ -85,6 +103,60 @@ def get_notifier(runtime: Runtime) -> Notifier | None:
     return notifier if isinstance(notifier, Notifier) else None
 
 
+class BatchChecker:
+    """Coalesces the checks of waiting long-polls: every check asked for in one event-loop
+    turn goes to the database in a single worker-thread call."""
+
+    def __init__(self, runtime: Runtime) -> None:
+        self.runtime = runtime
+        self._pending: list[tuple[str, int | None, asyncio.Future[Verdict]]] = []
+        self.batches = 0  # for tests and diagnostics
+
+    async def check(self, device_id: str, current: int | None) -> Verdict:
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[Verdict] = loop.create_future()
+        if not self._pending:
+            loop.call_soon(self._start)  # after the other polls woken in this turn
+        self._pending.append((device_id, current, future))
+        return await future
+
+    def _start(self) -> None:
+        batch, self._pending = self._pending, []
+        if batch:
+            asyncio.get_running_loop().create_task(self._run(batch))
+
+    async def _run(self, batch: list[tuple[str, int | None, asyncio.Future[Verdict]]]) -> None:
+        self.batches += 1
+        polls = [(d, c) for d, c, _ in batch]
+        try:
+            verdicts = await run_in_threadpool(_check_batch, self.runtime, polls)
+        except Exception:  # every poll falls back to its own check
+            log.exception("batched long-poll check failed")
+            verdicts = [("check", None)] * len(batch)
+        for (_, _, future), verdict in zip(batch, verdicts, strict=True):
+            if not future.done():
+                future.set_result(verdict)
+
+
+def _check_batch(runtime: Runtime, polls: list[tuple[str, int | None]]) -> list[Verdict]:
+    with session_scope(runtime.sessions, read_only=True) as session:
+        return check_waiting(session, polls)
+
+
+def get_checker(runtime: Runtime) -> BatchChecker:
+    existing = runtime.extras.get(_CHECKER_KEY)
+    if isinstance(existing, BatchChecker):
+        return existing
+    created = runtime.extras.setdefault(_CHECKER_KEY, BatchChecker(runtime))
+    assert isinstance(created, BatchChecker)
+    return created
+
+
+def _next_tick(now: float, period: float) -> float:
+    """The next multiple of ``period`` on the loop clock: every poll re-checks at once."""
+    return (math.floor(now / period) + 1) * period
+
+
 def _check_work(runtime: Runtime, device_id: str, current: int | None) -> dict[str, Any] | None:
     with session_scope(runtime.sessions) as session:
         if current is not None:
@@ -121,16 +193,24 @@ async def work(
     notifier = get_notifier(runtime)
     if notifier is None:  # no lifespan engine (should not happen): plain re-checks
         notifier = Notifier(loop)
+    checker = get_checker(runtime)
     with notifier.subscribe(device.id) as sub:
+        own_check = True
         while True:
-            found = await run_in_threadpool(_check_work, runtime, device.id, current)
-            if found is not None:
-                return found
+            if own_check:
+                found = await run_in_threadpool(_check_work, runtime, device.id, current)
+                if found is not None:
+                    return found
             remaining = deadline - loop.time()
             if remaining <= 0 or await request.is_disconnected():
                 # A device that went away stops costing a database check per re-check.
                 return Response(status_code=204)
-            await sub.wait(min(remaining, recheck))
+            now = loop.time()
+            await sub.wait(min(remaining, _next_tick(now, recheck) - now))
+            verdict, payload = await checker.check(device.id, current)
+            if verdict == "found":
+                return payload
+            own_check = verdict == "check"
 
 
 @router.post(

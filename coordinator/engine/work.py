@@ -10,14 +10,18 @@
   (``cancelled``: its round closed early, the task was paused, cancelled or completed;
   ``dropped``: its round's deadline passed). Both are answered as ``status: cancelled`` so
   the device stops training at once.
+- :func:`check_waiting`: the same questions for many waiting long-polls in a few queries
+  (the re-checks and wake-ups of idle devices); a poll is only answered from it when the
+  answer is its active assignment, anything else goes back to the poll's own check.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from datetime import datetime
-from typing import Any
+from typing import Any, Literal
 
-from sqlalchemy import select
+from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
 from coordinator.engine import rounds
@@ -49,7 +53,11 @@ def assignment_payload(a: Assignment, task: Task, *, mode: str) -> dict[str, Any
 
 
 def _mode(task: Task) -> str:
-    mode = (task.aggregation or {}).get("mode", "sync")
+    return _mode_of(task.aggregation)
+
+
+def _mode_of(aggregation: Any) -> str:
+    mode = (aggregation or {}).get("mode", "sync") if isinstance(aggregation, dict) else "sync"
     return mode if mode in ("sync", "async") else "sync"
 
 
@@ -65,16 +73,18 @@ def find_work(session: Session, *, device_id: str, now: datetime) -> dict[str, A
         task = session.get(Task, active.task_id)
         assert task is not None
         return assignment_payload(active, task, mode=_mode(task))
-    async_tasks = session.scalars(
-        select(Task).where(Task.status == "running").order_by(Task.id)
+    # Only the ids and modes of the running tasks: the full row is loaded (and locked) for
+    # the async ones alone.
+    candidates = session.execute(
+        select(Task.id, Task.aggregation).where(Task.status == "running").order_by(Task.id)
     ).all()
-    for candidate in async_tasks:
-        if _mode(candidate) != "async":
+    for candidate_id, aggregation in candidates:
+        if _mode_of(aggregation) != "async":
             continue
         # Serialize with the scheduler and other requests for this task (concurrency cap).
         task = session.scalar(
             select(Task)
-            .where(Task.id == candidate.id, Task.status == "running")
+            .where(Task.id == candidate_id, Task.status == "running")
             .with_for_update(key_share=True)
         )
         if task is None:
@@ -112,3 +122,117 @@ def cancellation(session: Session, *, device_id: str, assignment_id: int) -> dic
         "round_id": a.round_id,
         "base_version": a.base_version,
     }
+
+
+#: What :func:`check_waiting` says about one waiting poll: ``found`` (the payload is the
+#: answer), ``none`` (nothing new: keep waiting) or ``check`` (run the poll's own check).
+Verdict = tuple[Literal["found", "none", "check"], dict[str, Any] | None]
+#: Ids per ``IN (...)`` list of :func:`check_waiting`.
+CHECK_CHUNK = 500
+
+
+def _chunks(items: Sequence[Any]) -> list[Sequence[Any]]:
+    return [items[i : i + CHECK_CHUNK] for i in range(0, len(items), CHECK_CHUNK)]
+
+
+def _async_work_rounds(session: Session) -> list[int]:
+    """Open rounds of running async tasks that may hand out an assignment now (as
+    :func:`find_work` sees them: a task whose configuration cannot be read hands out none)."""
+    open_rounds: list[int] = []
+    for task_id, aggregation, version in session.execute(
+        select(Task.id, Task.aggregation, Task.current_version).where(Task.status == "running")
+    ):
+        if _mode_of(aggregation) != "async":
+            continue
+        try:
+            cfg = AggregationConfig.from_dict(aggregation)
+        except ConfigError:
+            continue
+        rnd = rounds.active_round(session, task_id)
+        if rnd is None or rnd.status != "open" or rnd.base_version != version:
+            continue
+        active = session.scalar(
+            select(func.count(Assignment.id)).where(
+                Assignment.task_id == task_id, Assignment.status.in_(ASSIGNMENT_ACTIVE)
+            )
+        )
+        if int(active or 0) < cfg.max_concurrency:
+            open_rounds.append(rnd.id)
+    return open_rounds
+
+
+def check_waiting(session: Session, polls: Sequence[tuple[str, int | None]]) -> list[Verdict]:
+    """One verdict per waiting poll ``(device_id, current)``, in order, from a few queries.
+
+    ``found`` is given only for a poll without ``current`` of an active device that has an
+    active assignment: exactly what :func:`find_work` would answer. ``check`` whenever the
+    poll's own check may answer something else (revoked or unknown device, its current
+    assignment stopped or not its own, async work possibly available to it); ``none`` when
+    it would answer nothing.
+    """
+    device_ids = sorted({d for d, _ in polls})
+    status: dict[str, str] = {}
+    for part in _chunks(device_ids):
+        status.update(session.execute(select(Device.id, Device.status).where(Device.id.in_(part))))
+    currents = sorted({c for _, c in polls if c is not None})
+    owners: dict[int, tuple[str, str]] = {}
+    for part in _chunks(currents):
+        for aid, owner_id, st in session.execute(
+            select(Assignment.id, Assignment.device_id, Assignment.status).where(
+                Assignment.id.in_(part)
+            )
+        ):
+            owners[aid] = (owner_id, st)
+    idle = sorted({d for d, c in polls if c is None and status.get(d) == "active"})
+    latest: dict[str, Assignment] = {}
+    for part in _chunks(idle):
+        for a in session.scalars(
+            select(Assignment)
+            .where(Assignment.device_id.in_(part), Assignment.status.in_(ASSIGNMENT_ACTIVE))
+            .order_by(Assignment.id.desc())
+        ):
+            latest.setdefault(a.device_id, a)
+    tasks = (
+        {
+            t.id: t
+            for t in session.scalars(
+                select(Task).where(Task.id.in_({a.task_id for a in latest.values()}))
+            )
+        }
+        if latest
+        else {}
+    )
+    waiting = [d for d in idle if d not in latest]
+    may_get_work: set[str] = set()
+    if waiting:
+        open_rounds = _async_work_rounds(session)
+        if open_rounds:
+            done: dict[int, set[str]] = {r: set() for r in open_rounds}
+            for part in _chunks(waiting):
+                for rid, did in session.execute(
+                    select(Assignment.round_id, Assignment.device_id).where(
+                        Assignment.round_id.in_(open_rounds), Assignment.device_id.in_(part)
+                    )
+                ):
+                    done[rid].add(did)
+            may_get_work = {d for d in waiting if any(d not in done[r] for r in open_rounds)}
+    verdicts: list[Verdict] = []
+    for device_id, current in polls:
+        if status.get(device_id) != "active":
+            verdicts.append(("check", None))
+        elif current is not None:
+            owner = owners.get(current)
+            stopped = owner is None or owner[0] != device_id or owner[1] in ("cancelled", "dropped")
+            verdicts.append(("check", None) if stopped else ("none", None))
+        elif device_id in latest:
+            a = latest[device_id]
+            task = tasks.get(a.task_id)
+            if task is None:
+                verdicts.append(("check", None))
+            else:
+                verdicts.append(("found", assignment_payload(a, task, mode=_mode(task))))
+        elif device_id in may_get_work:
+            verdicts.append(("check", None))
+        else:
+            verdicts.append(("none", None))
+    return verdicts
