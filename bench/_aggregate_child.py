@@ -95,6 +95,8 @@ def run(url: str, blob_dir: Path, task_id: int, *, check_reference: bool) -> dic
     rss_before_kb = _status_kb("VmRSS")
     hwm_before_kb = _status_kb("VmHWM")
 
+    step_peaks_kb: dict[str, int] = {}
+    cpu0 = time.process_time()
     t0 = time.perf_counter()
     with session_scope(runtime.sessions) as session:
         task = session.get(Task, task_id)
@@ -105,14 +107,21 @@ def run(url: str, blob_dir: Path, task_id: int, *, check_reference: bool) -> dic
         plan = apply.plan_aggregation(session, task, rnd, cfg)
     assert plan is not None
     t1 = time.perf_counter()
+    step_peaks_kb["plan"] = _status_kb("VmHWM")
+    cpu1 = time.process_time()
     result = apply.compute(plan, blobs, hook=None)
+    cpu2 = time.process_time()
     t2 = time.perf_counter()
+    step_peaks_kb["compute"] = _status_kb("VmHWM")
     with session_scope(runtime.sessions) as session:
         woken = apply.commit_aggregation(
             session, plan, result, now=utcnow(), seen_window_s=settings.device_seen_window_s
         )
     t3 = time.perf_counter()
+    cpu3 = time.process_time()
     hwm_after_kb = _status_kb("VmHWM")
+    step_peaks_kb["commit"] = hwm_after_kb
+    rss_after_kb = _status_kb("VmRSS")
     assert woken is not None, "commit found the state moved"
     reads = blobs.reads
 
@@ -155,12 +164,18 @@ def run(url: str, blob_dir: Path, task_id: int, *, check_reference: bool) -> dic
             "total": t3 - t0,
             "compute_under_tracemalloc": traced_s,
         },
+        "cpu_seconds": {"plan": cpu1 - cpu0, "compute": cpu2 - cpu1, "commit": cpu3 - cpu2},
         "memory": {
             "peak_rss_reset": can_reset,
             "rss_before_bytes": rss_before_kb * 1024,
             "hwm_before_bytes": hwm_before_kb * 1024,
             "hwm_after_bytes": hwm_after_kb * 1024,
             "peak_rss_delta_bytes": (hwm_after_kb - rss_before_kb) * 1024,
+            # Peak RSS growth reached by the end of each step (cumulative high-water mark).
+            "peak_rss_delta_after_step_bytes": {
+                k: (v - rss_before_kb) * 1024 for k, v in step_peaks_kb.items()
+            },
+            "rss_after_bytes": rss_after_kb * 1024,
             "tracemalloc_peak_bytes": traced_peak,
         },
         "model_digest": result.model_digest,

@@ -62,6 +62,7 @@ POOL_SIZE = 16
 FULL_SIZES = (10, 100, 1000, 10000)
 QUICK_SIZES = (10, 100, 1000)
 PG_SIZE = 1000
+PROFILE_SIZE = 1000
 PG_DEFAULT = "postgresql+psycopg://postgres@127.0.0.1:5432/test"
 PG_DATABASE = "fedge_bench_agg"
 #: Target: peak aggregation memory at the largest size within this factor of the smallest.
@@ -102,16 +103,24 @@ def scratch_dir() -> Path:
     return Path(tempfile.mkdtemp(prefix="fedge-bench-agg-"))
 
 
-def run_child(url: str, blob_dir: Path, task_id: int, *, check: bool) -> dict[str, Any]:
+def run_child(
+    url: str, blob_dir: Path, task_id: int, *, check: bool, profile: Path | None = None
+) -> dict[str, Any]:
+    """Aggregate in a fresh process (under py-spy, sampling at 250 Hz, with ``profile``)."""
+    cmd = [sys.executable, str(CHILD), url, str(blob_dir), str(task_id), "1" if check else "0"]
+    if profile is not None:
+        spy = shutil.which("py-spy") or str(Path(sys.executable).with_name("py-spy"))
+        cmd = [spy, "record", "-r", "250", "--format", "raw", "-o", str(profile), "--", *cmd]
     proc = subprocess.run(
-        [sys.executable, str(CHILD), url, str(blob_dir), str(task_id), "1" if check else "0"],
+        cmd,
         capture_output=True,
         text=True,
         check=False,
     )
     if proc.returncode != 0:
         raise RuntimeError(f"aggregation child failed:\n{proc.stderr[-4000:]}")
-    result: dict[str, Any] = json.loads(proc.stdout.strip().splitlines()[-1])
+    line = [x for x in proc.stdout.splitlines() if x.startswith("{")][-1]  # py-spy prints too
+    result: dict[str, Any] = json.loads(line)
     return result
 
 
@@ -122,6 +131,7 @@ def measure_backend(
     cases: list[PolicyCase],
     sizes: dict[str, list[int]],
     seed: int,
+    profile_dir: Path | None = None,
 ) -> list[dict[str, Any]]:
     """Prepare every (policy, size) round on one database, then aggregate each in a child."""
     runtime = open_runtime(url, data_dir)
@@ -152,7 +162,11 @@ def measure_backend(
     finally:
         runtime.close()
     for case, p in prepared:
-        child = run_child(url, blob_dir, p.task_id, check=p.size <= 100)
+        profile = None
+        if profile_dir is not None and p.size == PROFILE_SIZE:
+            profile_dir.mkdir(parents=True, exist_ok=True)
+            profile = profile_dir / f"aggregate.{backend}.{case.name}.{p.size}.txt"
+        child = run_child(url, blob_dir, p.task_id, check=p.size <= 100, profile=profile)
         row = {
             "backend": backend,
             "policy": case.name,
@@ -344,6 +358,12 @@ def main() -> None:
         help="admin URL of a PostgreSQL server ('' to skip)",
     )
     ap.add_argument("--seed", type=int, default=SEED)
+    ap.add_argument(
+        "--profile-dir",
+        type=Path,
+        help=f"run the {PROFILE_SIZE}-update aggregations under py-spy (collapsed stacks here; "
+        "timings of profiled runs include the sampler's overhead)",
+    )
     args = ap.parse_args()
     name = "aggregate.quick" if args.quick else "aggregate"
     output: Path = args.output or RESULTS / f"{name}.json"
@@ -374,6 +394,7 @@ def main() -> None:
             cases,
             sizes,
             args.seed,
+            args.profile_dir,
         )
         if args.postgres_url:
             try:
