@@ -1,0 +1,559 @@
+"""Async (FedBuff) vs sync rounds: wall-clock time to a target accuracy under faults.
+
+Issue #7 item 2. Every run is the real platform on loopback: a coordinator child process
+(HTTPS, SQLite file, blob store) and a fleet of real agents (``edge_agent.fleet.Fleet``, one
+thread, state directory, identity and HTTPS client per device) with simulated faults:
+
+* 30% dropout: a device vanishes after fetching the model (the coordinator drops it at the
+  round deadline, sync, or when its lease expires, async);
+* heavy-tailed log-normal straggler delays (scaled down to about a second so the benchmark
+  runs in minutes; see ``_fleet_bench.LogNormalFaults``).
+
+The same fleet (digits, Dirichlet alpha=0.5 shards, the built-in MLP 64-128-10, same training
+and compression settings), the same seeds and the same fault draws are used for every variant:
+
+* ``sync``: ``clients_per_round`` C, over-selection 0.3 (1.3x C devices picked), quorum
+  ``min_updates``, a round deadline set from the delay distribution (about its p95);
+* ``async-*``: FedBuff, buffer size K, concurrency cap, lease, ``max_staleness``, with the
+  staleness functions constant, polynomial ``(1+tau)^-0.5`` (FedBuff's) and hinge.
+
+The coordinator evaluates every model version on the held-out test split (its
+``FEDGE_EVAL_HOOK``) and stops the task when that accuracy reaches the target (the task's
+``target_metric``), so time-to-target is the coordinator's own record: the model version's
+``created_at`` minus the task's ``started_at``. Counts (updates applied fresh/stale, refused,
+assignments dropped) come from the admin API and the coordinator's SQLite file.
+
+    python bench/async_vs_sync.py            # full run (2 repetitions)
+    python bench/async_vs_sync.py --quick    # make bench
+    python bench/async_vs_sync.py --plot-only
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from _fleet_bench import (
+    RESULTS_DIR,
+    LogNormalFaults,
+    LogNormalSchedule,
+    Spread,
+    code_state,
+    collect,
+    configure_logging,
+    machine_info,
+    now_iso,
+    start_coordinator,
+    time_to_target,
+    wait_for_task,
+    write_json,
+)
+
+from edge_agent.admin_client import AdminClient
+from edge_agent.datasets import load_dataset
+from edge_agent.fleet import Fleet
+from edge_agent.partition import dirichlet_partition
+
+NAME = "async_vs_sync"
+SPEEDUP_TARGET = 3.5
+FEDBUFF_REPORTED = 3.3
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--quick", action="store_true", help="reduced run for make bench")
+    p.add_argument("--plot-only", action="store_true", help="redraw the plot from the JSON")
+    p.add_argument("--reps", type=int, help="repetitions (full 2, quick 1)")
+    p.add_argument("--devices", type=int, help="fleet size (full 40, quick 30)")
+    p.add_argument("--target", type=float, help="target test accuracy (0.80)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--clients-per-round", type=int, default=10, help="sync C (10)")
+    p.add_argument("--over-selection", type=float, default=0.3)
+    p.add_argument("--min-updates", type=int, default=6, help="sync quorum (6)")
+    p.add_argument("--deadline", type=float, help="sync round deadline s (default: ~p95 delay)")
+    p.add_argument("--buffer-size", type=int, default=5, help="async K (5)")
+    p.add_argument("--concurrency", type=int, help="async concurrency cap (default: fleet size)")
+    p.add_argument("--lease", type=float, help="async lease s (default: the sync deadline)")
+    p.add_argument("--max-staleness", type=int, default=10)
+    p.add_argument(
+        "--recheck",
+        type=float,
+        default=0.2,
+        help="coordinator FEDGE_LONG_POLL_RECHECK_S (0.2; the product default is 1.0)",
+    )
+    p.add_argument("--variants", nargs="*", help="subset of variants to run")
+    p.add_argument("--budget", type=float, help="time budget per run in s")
+    p.add_argument("--output", type=Path, help="results JSON path")
+    p.add_argument("-v", "--verbose", action="store_true")
+    return p.parse_args(argv)
+
+
+def variants(args: argparse.Namespace, devices: int, deadline: float) -> dict[str, dict[str, Any]]:
+    """Aggregation settings (and the coordinator's long-poll re-check interval) of every
+    variant; the rest of the task is shared."""
+    lease = args.lease if args.lease is not None else deadline
+    sync = {
+        "mode": "sync",
+        "clients_per_round": args.clients_per_round,
+        "over_selection": args.over_selection,
+        "min_updates": args.min_updates,
+        "round_deadline_s": deadline,
+        "lease_s": deadline,
+        "max_staleness": args.max_staleness,
+    }
+    common = {
+        "mode": "async",
+        "buffer_size": args.buffer_size,
+        "max_concurrency": args.concurrency or devices,
+        "lease_s": lease,
+        "round_deadline_s": deadline,
+        "max_staleness": args.max_staleness,
+    }
+    poly = {"function": "polynomial", "a": 0.5}
+    recheck = args.recheck
+    return {
+        "sync": {"aggregation": sync, "recheck_s": recheck},
+        "async-constant": {
+            "aggregation": {**common, "staleness": {"function": "constant"}},
+            "recheck_s": recheck,
+        },
+        "async-polynomial": {"aggregation": {**common, "staleness": poly}, "recheck_s": recheck},
+        "async-hinge": {
+            "aggregation": {**common, "staleness": {"function": "hinge", "a": 1.0, "b": 2}},
+            "recheck_s": recheck,
+        },
+        # sensitivity: FedBuff's K=10 instead of K=5
+        "async-polynomial-K10": {
+            "aggregation": {**common, "buffer_size": 10, "staleness": poly},
+            "recheck_s": recheck,
+        },
+        # sensitivity: the coordinator's default long-poll re-check (idle async devices learn
+        # of a new model version only at a re-check; see the report)
+        "async-polynomial-recheck1s": {
+            "aggregation": {**common, "staleness": poly},
+            "recheck_s": 1.0,
+        },
+    }
+
+
+QUICK_VARIANTS = ["sync", "async-polynomial"]
+FULL_VARIANTS = [
+    "sync",
+    "async-constant",
+    "async-polynomial",
+    "async-hinge",
+    "async-polynomial-K10",
+    "async-polynomial-recheck1s",
+]
+
+
+def task_body(
+    name: str, agg: dict[str, Any], *, input_dim: int, num_classes: int, target: float, seed: int
+) -> dict[str, Any]:
+    return {
+        "name": f"bench-{name}",
+        "model": {
+            "architecture": "mlp",
+            "input_dim": input_dim,
+            "num_classes": num_classes,
+            "hidden": [128],
+            "seed": seed,
+        },
+        "aggregation": {
+            "strategy": "fedavg",
+            "num_rounds": 1000,
+            "target_metric": {"name": "accuracy", "value": target},
+            **agg,
+        },
+        "compression": {
+            "topk_fraction": 0.1,
+            "bits": 8,
+            "chunk": 64,
+            "error_feedback": True,
+            "scope": "tensor",
+        },
+        "training": {"epochs": 2, "batch_size": 16, "lr": 0.05},
+    }
+
+
+def run_one(
+    name: str,
+    variant: dict[str, Any],
+    *,
+    rep_seed: int,
+    data_seed: int,
+    devices: int,
+    faults: LogNormalFaults,
+    target: float,
+    budget_s: float,
+    work: Path,
+) -> dict[str, Any]:
+    """One variant, one repetition, on a fresh coordinator and a fresh fleet."""
+    agg = variant["aggregation"]
+    recheck_s = float(variant["recheck_s"])
+    rng = np.random.default_rng(data_seed)
+    dataset = load_dataset("digits", test_fraction=0.2, rng=rng)
+    parts = dirichlet_partition(dataset.y_train, devices, 0.5, rng)
+    shards = [(dataset.X_train[p], dataset.y_train[p]) for p in parts]
+    body = task_body(
+        name,
+        agg,
+        input_dim=dataset.input_dim,
+        num_classes=dataset.num_classes,
+        target=target,
+        seed=data_seed,
+    )
+    root = work / f"{name}-{rep_seed}"
+    wall0 = time.monotonic()
+    coordinator = start_coordinator(root, (dataset.X_test, dataset.y_test), recheck_s=recheck_s)
+    fleet: Fleet | None = None
+    try:
+        with AdminClient(
+            coordinator.url, coordinator.admin_key, ca_file=coordinator.ca_file
+        ) as admin:
+            task = admin.create_task(body)
+            token = admin.create_enrollment_token(
+                label="bench fleet", max_uses=devices, expires_in_s=3600
+            )["token"]
+            fleet = Fleet(
+                url=coordinator.url,
+                ca_file=coordinator.ca_file,
+                root=root / "devices",
+                shards=shards,
+                seed=rep_seed,
+            )
+            fault_seeds = np.random.SeedSequence([rep_seed, 7]).spawn(devices)
+            schedules = [LogNormalSchedule(faults, np.random.default_rng(s)) for s in fault_seeds]
+            for device, schedule in zip(fleet.devices, schedules, strict=True):
+                device.faults = schedule  # type: ignore[assignment]
+            fleet.enroll(token)
+            fleet.start()
+            admin.start_task(task["id"])
+            t0 = time.monotonic()
+            final, timed_out = wait_for_task(admin, task["id"], budget_s=budget_s)
+            elapsed = time.monotonic() - t0
+            fleet.stop(timeout=5)
+            stats = fleet.stats()
+            record = collect(admin, coordinator, task["id"])
+    finally:
+        if fleet is not None:
+            fleet.stop(timeout=5)
+        coordinator.stop()
+    curve = record["curve"]
+    ttt = time_to_target(curve, target)
+    accs = [p["accuracy"] for p in curve if p["accuracy"] is not None]
+    closed = [r for r in record["rounds"] if r["status"] == "closed"]
+    sync_info: dict[str, Any] = {}
+    if agg["mode"] == "sync":
+        sync_info = _sync_round_stats(record["rounds"])
+    versions = len(curve) - 1
+    return {
+        "variant": name,
+        "rep_seed": rep_seed,
+        "aggregation": agg,
+        "coordinator_long_poll_recheck_s": recheck_s,
+        "status": final["status"],
+        "status_reason": final.get("status_reason"),
+        "timed_out": timed_out,
+        "time_to_target_s": ttt,
+        "final_accuracy": accs[-1] if accs else None,
+        "best_accuracy": max(accs) if accs else None,
+        "versions": versions,
+        "aggregations_per_s": versions / curve[-1]["t_s"]
+        if versions and curve[-1]["t_s"]
+        else None,
+        "updates_applied_per_s": record["updates"]["applied"] / curve[-1]["t_s"]
+        if versions and curve[-1]["t_s"]
+        else None,
+        "mean_updates_per_version": statistics.fmean(p["num_updates"] for p in curve[1:])
+        if versions
+        else None,
+        "run_elapsed_s": elapsed,
+        "wall_incl_setup_s": time.monotonic() - wall0,
+        "curve": curve,
+        "rounds_closed": len(closed),
+        "rounds_failed": record["rounds_failed"],
+        "updates": {k: v for k, v in record["updates"].items() if k != "byte_sizes"},
+        "assignments": record["assignments"],
+        "dropped": record["rounds_dropped_total"],
+        "sync_rounds": sync_info,
+        "timeline": record["timeline"],
+        "agents": {
+            "assignments": stats.agents.assignments,
+            "uploaded": stats.agents.uploaded,
+            "simulated_dropouts": stats.agents.dropped,
+            "stale_refused": stats.agents.stale_refused,
+            "cancelled_while_training": stats.agents.cancelled,
+            "errors": stats.errors,
+        },
+    }
+
+
+def _sync_round_stats(rounds: list[dict[str, Any]]) -> dict[str, Any]:
+    """How sync rounds ended: on reaching C updates, at the deadline, or failed."""
+    from _fleet_bench import parse_time
+
+    durations, by_target, by_deadline = [], 0, 0
+    for r in rounds:
+        opened, closed, deadline = (
+            parse_time(r["opened_at"]),
+            parse_time(r["closed_at"]),
+            parse_time(r["deadline_at"]),
+        )
+        if opened is None or closed is None:
+            continue
+        durations.append(closed - opened)
+        if r["status"] == "closed":
+            if deadline is not None and closed >= deadline - 0.05:
+                by_deadline += 1
+            else:
+                by_target += 1
+    return {
+        "rounds": len(rounds),
+        "closed_on_target": by_target,
+        "closed_at_deadline": by_deadline,
+        "failed": sum(1 for r in rounds if r["status"] == "failed"),
+        "mean_round_s": statistics.fmean(durations) if durations else None,
+        "mean_received": statistics.fmean(int(r["num_received"]) for r in rounds)
+        if rounds
+        else None,
+        "mean_dropped": statistics.fmean(int(r["num_dropped"]) for r in rounds) if rounds else None,
+    }
+
+
+def summarize(runs: list[dict[str, Any]], names: list[str], target: float) -> dict[str, Any]:
+    per_variant: dict[str, Any] = {}
+    for name in names:
+        mine = [r for r in runs if r["variant"] == name]
+        ttt = [r["time_to_target_s"] for r in mine]
+        reached = [t for t in ttt if t is not None]
+        per_variant[name] = {
+            "runs": len(mine),
+            "reached_target": len(reached),
+            "time_to_target_s": Spread([t if t is not None else math.nan for t in ttt]).to_dict(),
+            "final_accuracy": Spread([r["final_accuracy"] or math.nan for r in mine]).to_dict(),
+            "versions": Spread([float(r["versions"]) for r in mine]).to_dict(),
+            "aggregations_per_s": Spread(
+                [r["aggregations_per_s"] or math.nan for r in mine]
+            ).to_dict()["mean"],
+            "updates_applied_per_s": Spread(
+                [r["updates_applied_per_s"] or math.nan for r in mine]
+            ).to_dict()["mean"],
+            "mean_staleness_applied": Spread(
+                [r["updates"]["mean_staleness_applied"] for r in mine]
+            ).to_dict()["mean"],
+            "median_s_version_to_assignment": Spread(
+                [r["timeline"]["version_to_assigned_s"].get("median", math.nan) for r in mine]
+            ).to_dict()["mean"],
+            "median_s_assignment_to_upload": Spread(
+                [r["timeline"]["assigned_to_upload_s"].get("median", math.nan) for r in mine]
+            ).to_dict()["mean"],
+            "median_s_device_idle_after_upload": Spread(
+                [
+                    r["timeline"]["device_idle_after_s"].get("uploaded", {}).get("median", math.nan)
+                    for r in mine
+                ]
+            ).to_dict()["mean"],
+            "median_s_device_idle_after_drop": Spread(
+                [
+                    r["timeline"]["device_idle_after_s"].get("dropped", {}).get("median", math.nan)
+                    for r in mine
+                ]
+            ).to_dict()["mean"],
+            "sync_rounds": [r["sync_rounds"] for r in mine] if name == "sync" else None,
+            "updates_applied_fresh": sum(r["updates"]["applied_fresh"] for r in mine),
+            "updates_applied_stale": sum(r["updates"]["applied_stale"] for r in mine),
+            "updates_refused_stale": sum(r["agents"]["stale_refused"] for r in mine),
+            "assignments_dropped": sum(r["assignments"].get("dropped", 0) for r in mine),
+        }
+    sync = per_variant.get("sync", {}).get("time_to_target_s", {}).get("mean")
+    speedups: dict[str, Any] = {}
+    for name in names:
+        if name == "sync":
+            continue
+        mean = per_variant[name]["time_to_target_s"]["mean"]
+        pairs = []
+        for r_sync in (r for r in runs if r["variant"] == "sync"):
+            for r in runs:
+                same = r["variant"] == name and r["rep_seed"] == r_sync["rep_seed"]
+                if same and r["time_to_target_s"] and r_sync["time_to_target_s"]:
+                    pairs.append(r_sync["time_to_target_s"] / r["time_to_target_s"])
+        speedups[name] = {
+            "ratio_of_means": sync / mean if sync and mean else None,
+            "per_repetition": Spread(pairs).to_dict(),
+        }
+    valid = {k: v["ratio_of_means"] for k, v in speedups.items() if v["ratio_of_means"]}
+    best = max(valid, key=lambda k: valid[k]) if valid else None
+    best_ratio = valid[best] if best else None
+    return {
+        "target_accuracy": target,
+        "per_variant": per_variant,
+        "speedup_sync_over_async": speedups,
+        "best_async_variant": best,
+        "best_speedup": best_ratio,
+        "speedup_target": SPEEDUP_TARGET,
+        "fedbuff_reported": FEDBUFF_REPORTED,
+        "target_met": bool(best_ratio is not None and best_ratio >= SPEEDUP_TARGET),
+    }
+
+
+def plot(result: dict[str, Any], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(12, 4.5), gridspec_kw={"width_ratios": [2, 1]})
+    names = list(result["summary"]["per_variant"])
+    colors = {n: f"C{i}" for i, n in enumerate(names)}
+    seen: set[str] = set()
+    for run in result["runs"]:
+        pts = [p for p in run["curve"] if p["accuracy"] is not None]
+        label = run["variant"] if run["variant"] not in seen else None
+        seen.add(run["variant"])
+        ax1.plot(
+            [p["t_s"] for p in pts],
+            [p["accuracy"] for p in pts],
+            "-",
+            color=colors[run["variant"]],
+            alpha=0.9 if label else 0.45,
+            lw=1.3,
+            label=label,
+        )
+    target = result["summary"]["target_accuracy"]
+    ax1.axhline(target, color="grey", ls=":", lw=1, label=f"target {target:.2f}")
+    ax1.set_xlabel("wall-clock time since task start (s)")
+    ax1.set_ylabel("test accuracy (coordinator eval hook)")
+    ax1.set_ylim(0, 1)
+    ax1.legend(loc="lower right")
+    ax1.set_title(f"Accuracy over time, {result['parameters']['devices']} devices, faults")
+    per = result["summary"]["per_variant"]
+    means = [per[n]["time_to_target_s"]["mean"] or 0.0 for n in names]
+    errs = [per[n]["time_to_target_s"]["std"] or 0.0 for n in names]
+    ax2.bar(range(len(names)), means, yerr=errs, color=[colors[n] for n in names], capsize=4)
+    ax2.set_xticks(range(len(names)), names, rotation=25, ha="right")
+    ax2.set_ylabel("time to target (s), mean and std")
+    best = result["summary"]["best_speedup"]
+    ax2.set_title(f"best speedup {best:.2f}x (target {SPEEDUP_TARGET}x)" if best else "speedup")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def print_summary(result: dict[str, Any]) -> None:
+    s = result["summary"]
+    print(f"\nasync vs sync: target accuracy {s['target_accuracy']}")
+    print(
+        f"{'variant':<18} {'reached':>7} {'t→target s':>12} {'final acc':>10} "
+        f"{'versions':>8} {'fresh':>6} {'stale':>6} {'refused':>7} {'dropped':>7}"
+    )
+    for name, v in s["per_variant"].items():
+        t = v["time_to_target_s"]
+        tt = f"{t['mean']:.1f}±{t['std']:.1f}" if t["mean"] is not None else "-"
+        acc = v["final_accuracy"]["mean"]
+        print(
+            f"{name:<18} {v['reached_target']:>3}/{v['runs']:<3} {tt:>12} "
+            f"{acc if acc is None else f'{acc:.3f}':>10} {v['versions']['mean']:>8.1f} "
+            f"{v['updates_applied_fresh']:>6} {v['updates_applied_stale']:>6} "
+            f"{v['updates_refused_stale']:>7} {v['assignments_dropped']:>7}"
+        )
+    for name, sp in s["speedup_sync_over_async"].items():
+        r = sp["ratio_of_means"]
+        print(f"speedup sync/{name}: {r:.2f}x" if r else f"speedup sync/{name}: -")
+    print(
+        f"target {SPEEDUP_TARGET}x: {'met' if s['target_met'] else 'NOT met'} "
+        f"(best {s['best_async_variant']}: {s['best_speedup']})"
+    )
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    out = args.output or RESULTS_DIR / (f"{NAME}.quick.json" if args.quick else f"{NAME}.json")
+    png = out.with_suffix(".png") if not args.quick else RESULTS_DIR / f"{NAME}.quick.png"
+    if args.plot_only:
+        import json
+
+        result = json.loads(out.read_text())
+        plot(result, png)
+        print_summary(result)
+        return 0
+    configure_logging(args.verbose)
+    reps = args.reps or (1 if args.quick else 2)
+    devices = args.devices or (30 if args.quick else 40)
+    target = args.target if args.target is not None else 0.80
+    faults = LogNormalFaults()
+    deadline = args.deadline if args.deadline is not None else round(faults.quantile(0.95), 1)
+    all_variants = variants(args, devices, deadline)
+    names = args.variants or (["sync", "async-polynomial"] if args.quick else list(all_variants))
+    budget = args.budget or (45.0 if args.quick else 90.0)
+    started = time.monotonic()
+    runs = []
+    with tempfile.TemporaryDirectory(prefix="fedge-bench-") as tmp:
+        for rep in range(reps):
+            for name in names:
+                print(f"[{time.monotonic() - started:6.1f}s] rep {rep} {name} ...", file=sys.stderr)
+                run = run_one(
+                    name,
+                    all_variants[name],
+                    rep_seed=args.seed + rep,
+                    data_seed=args.seed,
+                    devices=devices,
+                    faults=faults,
+                    target=target,
+                    budget_s=budget,
+                    work=Path(tmp),
+                )
+                runs.append(run)
+                ttt = run["time_to_target_s"]
+                print(
+                    f"    {run['status']}: {run['versions']} versions, "
+                    f"time to target {ttt if ttt is None else f'{ttt:.1f}s'}, "
+                    f"final acc {run['final_accuracy']}",
+                    file=sys.stderr,
+                )
+    result = {
+        "benchmark": NAME,
+        "command": " ".join([Path(sys.executable).name, *sys.argv]),
+        "timestamp": now_iso(),
+        "machine": machine_info(),
+        "code": code_state(),
+        "runtime_s": time.monotonic() - started,
+        "parameters": {
+            "quick": args.quick,
+            "repetitions": reps,
+            "devices": devices,
+            "dataset": "digits (sklearn, 20% stratified test split)",
+            "partition": "Dirichlet alpha=0.5",
+            "seeds": {"data": args.seed, "repetitions": [args.seed + r for r in range(reps)]},
+            "faults": faults.to_dict(),
+            "budget_per_run_s": budget,
+            "target_accuracy": target,
+            "target_choice": "reached by every variant in trial runs; the coordinator stops "
+            "the task at the first version whose test accuracy (eval hook) reaches it",
+            "task_template": task_body(
+                "template", {}, input_dim=64, num_classes=10, target=target, seed=args.seed
+            ),
+            "variants": {n: all_variants[n] for n in names},
+        },
+        "runs": runs,
+    }
+    result["summary"] = summarize(runs, names, target)
+    write_json(out, result)
+    plot(result, png)
+    print_summary(result)
+    print(f"\nresults: {out}\nplot:    {png}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
