@@ -1,14 +1,22 @@
 """Binary wire format of model updates (device -> coordinator) and models (downloads).
 
-Layout (little-endian; full tables in docs/wire-format.md)::
+Layout (little-endian; full tables in docs/wire-format.md). Updates are written in version 2,
+models in version 1; decoders read both versions of both kinds::
 
     magic "FEDG" | version u16 | kind u8 (1 update, 2 model) | flags u8
-    update: task_id u64 | base_version u64 | num_examples u64 | bits u8 | scope u8 | 0 u16
-            | chunk u32 | topk_fraction f64 | num_tensors u32
-    model:  num_tensors u32
-    descriptors: name_len u16 | name | ndim u8 | dims u32 x ndim | index coding u8
-                 | value coding u8 | index param u8 | nnz u32 | index bytes u64 | value bytes u64
+    v2 update: task_id var | base_version var | num_examples var | bits u8 | scope u8
+               | chunk var | topk_fraction as m var, e var (m * 10**-e) | num_tensors var
+    v2 model:  num_tensors var
+    v2 descriptor: name_len var | name | ndim u8 | dims var x ndim | codings u8
+               (index | value << 4) | nnz var (not for dense) | Rice only: param u8, index bytes var
+    v1 update: task_id u64 | base_version u64 | num_examples u64 | bits u8 | scope u8 | 0 u16
+               | chunk u32 | topk_fraction f64 | num_tensors u32
+    v1 model:  num_tensors u32
+    v1 descriptor: name_len u16 | name | ndim u8 | dims u32 x ndim | index coding u8
+               | value coding u8 | index param u8 | nnz u32 | index bytes u64 | value bytes u64
     sections, in descriptor order: index bytes then value bytes
+
+``var`` is an unsigned LEB128 varint in its shortest form.
 
 Plain binary only (no object serialization, no JSON arrays). Decoders validate everything
 and raise :class:`WireFormatError` with a stable code; encoders raise ``ValueError`` for
@@ -42,13 +50,16 @@ from shared.wirelayout import (
     SCOPE_CODES,
     SCOPE_NAMES,
     UPDATE_FIXED,
-    UPDATE_HEADER_BYTES,
+    V1,
+    V2,
     VALUE_F16,
     VALUE_F32,
     VALUE_QUANT,
     Descriptor,
     Reader,
     as_bytes_view,
+    encode_fraction,
+    encode_varint,
     read_descriptors,
     read_prefix,
 )
@@ -67,6 +78,7 @@ __all__ = [
     "encode_model",
     "encode_update",
     "peek_update_header",
+    "update_overhead_bytes",
 ]
 
 _F16_MAX = float(np.finfo(np.float16).max)
@@ -175,7 +187,23 @@ def encode_update(
     num_examples: int,
     limits: Limits = DEFAULT_LIMITS,
 ) -> bytes:
-    """Serialize a compressed update (``ValueError`` if it is inconsistent or out of limits)."""
+    """Serialize a compressed update in format version 2 (``ValueError`` if it is
+    inconsistent or out of limits)."""
+    return _encode_update(
+        c, task_id=task_id, base_version=base_version, num_examples=num_examples, limits=limits
+    )
+
+
+def _encode_update(
+    c: CompressedUpdate,
+    *,
+    task_id: int,
+    base_version: int,
+    num_examples: int,
+    limits: Limits = DEFAULT_LIMITS,
+    version: int = V2,
+) -> bytes:
+    """:func:`encode_update` in format ``version`` (1 is kept to test the version 1 reader)."""
     _check_id("task_id", task_id)
     _check_id("base_version", base_version)
     _check_id("num_examples", num_examples, minimum=1)
@@ -188,20 +216,31 @@ def encode_update(
         )
     except ValueError as exc:
         raise ValueError(f"update tensors: {exc}") from None
-    parts: list[bytes] = [
-        PREFIX.pack(MAGIC, 1, KIND_UPDATE, 0),
-        UPDATE_FIXED.pack(
-            task_id,
-            base_version,
-            num_examples,
-            c.bits,
-            SCOPE_CODES[c.scope],
-            0,
-            c.chunk,
-            c.topk_fraction,
-            len(c.tensors),
-        ),
-    ]
+    parts: list[bytes] = [PREFIX.pack(MAGIC, version, KIND_UPDATE, 0)]
+    if version == V1:
+        parts.append(
+            UPDATE_FIXED.pack(
+                task_id,
+                base_version,
+                num_examples,
+                c.bits,
+                SCOPE_CODES[c.scope],
+                0,
+                c.chunk,
+                c.topk_fraction,
+                len(c.tensors),
+            )
+        )
+    else:
+        parts += [
+            encode_varint(int(task_id)),
+            encode_varint(int(base_version)),
+            encode_varint(int(num_examples)),
+            bytes([c.bits, SCOPE_CODES[c.scope]]),
+            encode_varint(c.chunk),
+            encode_fraction(c.topk_fraction),
+            encode_varint(len(c.tensors)),
+        ]
     sections: list[np.ndarray] = []
     for t in c.tensors:
         t.validate(bits=c.bits, chunk=c.chunk)
@@ -219,21 +258,41 @@ def encode_update(
             vc = VALUE_QUANT
             vparts = [q.scales.astype("<f4", copy=False), pack_codes(q.codes, c.bits)]
         vbytes = sum(int(p.nbytes) for p in vparts)
-        parts.append(
-            Descriptor(t.name, t.shape, coding, vc, param, t.nnz, ibytes.nbytes, vbytes).pack()
-        )
+        d = Descriptor(t.name, t.shape, coding, vc, param, t.nnz, ibytes.nbytes, vbytes)
+        parts.append(d.pack(version))
         sections.append(ibytes)
         sections.extend(vparts)
     return _join(parts, sections)
 
 
-def _read_update_header(
-    reader: Reader, limits: Limits
-) -> tuple[UpdateHeader, int, int, str, float, int]:
-    read_prefix(reader, KIND_UPDATE)
-    task, base, examples, bits, scope, reserved, chunk, fraction, count = reader.unpack(
-        UPDATE_FIXED, "update header"
-    )
+class _UpdateHead(NamedTuple):
+    header: UpdateHeader
+    bits: int
+    chunk: int
+    scope: str
+    fraction: float
+    num_tensors: int
+    version: int
+
+
+def _read_update_header(reader: Reader, limits: Limits) -> _UpdateHead:
+    version = read_prefix(reader, KIND_UPDATE)
+    fraction: float
+    if version == V1:
+        task, base, examples, bits, scope, reserved, chunk, fraction, count = reader.unpack(
+            UPDATE_FIXED, "update header"
+        )
+        if reserved != 0:
+            raise WireFormatError("bad_header", "reserved header field must be 0")
+    else:
+        task = reader.varint("task_id")
+        base = reader.varint("base_version")
+        examples = reader.varint("num_examples")
+        bits = reader.u8("bits")
+        scope = reader.u8("scope")
+        chunk = reader.varint("chunk")
+        fraction = reader.fraction("topk_fraction")
+        count = reader.varint("num_tensors")
     if task > MAX_ID or base > MAX_ID:
         raise WireFormatError("bad_header", "task id and base version must be below 2**63")
     if not 1 <= examples <= MAX_ID:
@@ -242,8 +301,6 @@ def _read_update_header(
         raise WireFormatError("bad_header", f"bits must be one of {ALLOWED_BITS}, got {bits}")
     if scope not in SCOPE_NAMES:
         raise WireFormatError("bad_header", f"unknown top-k scope {scope}")
-    if reserved != 0:
-        raise WireFormatError("bad_header", "reserved header field must be 0")
     if chunk == 0:
         raise WireFormatError("bad_header", "chunk must be at least 1")
     if chunk > limits.max_chunk:
@@ -251,18 +308,46 @@ def _read_update_header(
     if not (math.isfinite(fraction) and 0.0 < fraction <= 1.0):
         raise WireFormatError("bad_header", f"topk_fraction must be in (0, 1], got {fraction}")
     header = UpdateHeader(int(task), int(base), int(examples))
-    return header, int(bits), int(chunk), SCOPE_NAMES[scope], float(fraction), int(count)
+    return _UpdateHead(
+        header, int(bits), int(chunk), SCOPE_NAMES[scope], float(fraction), int(count), version
+    )
 
 
 def peek_update_header(data: bytes | bytearray | memoryview) -> UpdateHeader:
     """``(task_id, base_version, num_examples)`` from the fixed header only (cheap).
 
-    Validates the fixed header (magic, version, kind, field ranges) but not the tensors; a
-    full :func:`decode_update` is still needed before the update is used.
+    Validates the header (magic, version, kind, field ranges) but not the tensors; a full
+    :func:`decode_update` is still needed before the update is used. Reads at most the 52
+    header bytes of version 1 or the at most 64 of version 2.
     """
-    view = as_bytes_view(data)
-    reader = Reader(view[:UPDATE_HEADER_BYTES])
-    return _read_update_header(reader, DEFAULT_LIMITS)[0]
+    return _read_update_header(Reader(as_bytes_view(data)), DEFAULT_LIMITS).header
+
+
+def _read_update_descriptors(
+    reader: Reader, limits: Limits
+) -> tuple[_UpdateHead, list[Descriptor]]:
+    head = _read_update_header(reader, limits)
+    descs = read_descriptors(
+        reader,
+        head.num_tensors,
+        limits,
+        kind=KIND_UPDATE,
+        bits=head.bits,
+        chunk=head.chunk,
+        version=head.version,
+    )
+    return head, descs
+
+
+def update_overhead_bytes(data: bytes | bytearray | memoryview) -> int:
+    """Bytes of a valid update before its first section: prefix, header and descriptors.
+
+    Checks the header and descriptors like :func:`decode_update` (``WireFormatError``), but
+    not the sections.
+    """
+    reader = Reader(as_bytes_view(data))
+    _read_update_descriptors(reader, DEFAULT_LIMITS)
+    return reader.pos
 
 
 def _check_spec(descs: list[Descriptor], spec: ModelSpec) -> None:
@@ -348,8 +433,8 @@ def decode_update(
     (``policy_mismatch``). Both checks run before any section is decoded.
     """
     reader = Reader(as_bytes_view(data))
-    header, bits, chunk, scope, fraction, count = _read_update_header(reader, limits)
-    descs = read_descriptors(reader, count, limits, kind=KIND_UPDATE, bits=bits, chunk=chunk)
+    head, descs = _read_update_descriptors(reader, limits)
+    bits, chunk, scope = head.bits, head.chunk, head.scope
     if spec is not None:
         _check_spec(descs, spec)
     if policy is not None:
@@ -362,12 +447,12 @@ def decode_update(
         values = _decode_values(vview, d, bits=bits, chunk=chunk)
         tensors.append(DecodedTensor(d.name, d.shape, indices, values))
     return DecodedUpdate(
-        task_id=header.task_id,
-        base_version=header.base_version,
-        num_examples=header.num_examples,
+        task_id=head.header.task_id,
+        base_version=head.header.base_version,
+        num_examples=head.header.num_examples,
         bits=bits,
         chunk=chunk,
-        topk_fraction=fraction,
+        topk_fraction=head.fraction,
         tensors=tensors,
         scope=scope,
     )
@@ -382,10 +467,23 @@ def encode_model(
     dtype: Literal["f32", "f16"] = "f32",
     limits: Limits = DEFAULT_LIMITS,
 ) -> bytes:
-    """Serialize dense weights as float32 or float16.
+    """Serialize dense weights as float32 or float16, in format version 1.
 
+    Models stay in version 1 so that agents which read only version 1 can still download
+    them (for a dense model the header is a negligible share of the bytes).
     ``ValueError`` for NaN/Inf, non-float arrays, or (f16) values beyond float16's range.
     """
+    return _encode_model(weights, dtype=dtype, limits=limits)
+
+
+def _encode_model(
+    weights: Mapping[str, np.ndarray],
+    *,
+    dtype: Literal["f32", "f16"] = "f32",
+    limits: Limits = DEFAULT_LIMITS,
+    version: int = V1,
+) -> bytes:
+    """:func:`encode_model` in format ``version``."""
     if dtype not in ("f32", "f16"):
         raise ValueError(f"dtype must be 'f32' or 'f16', got {dtype!r}")
     if not isinstance(weights, Mapping) or not weights:
@@ -394,10 +492,8 @@ def encode_model(
     spec = ModelSpec.from_dict(
         [{"name": n, "shape": list(a.shape)} for n, a in arrays.items()], limits=limits
     )
-    parts: list[bytes] = [
-        PREFIX.pack(MAGIC, 1, KIND_MODEL, 0),
-        MODEL_FIXED.pack(len(arrays)),
-    ]
+    count = MODEL_FIXED.pack(len(arrays)) if version == V1 else encode_varint(len(arrays))
+    parts: list[bytes] = [PREFIX.pack(MAGIC, version, KIND_MODEL, 0), count]
     sections: list[np.ndarray] = []
     for t in spec.tensors:
         a = arrays[t.name].reshape(-1)
@@ -413,7 +509,8 @@ def encode_model(
             vc = VALUE_F16
         else:
             values, vc = a.astype("<f4", copy=False), VALUE_F32
-        parts.append(Descriptor(t.name, t.shape, 0, vc, 0, t.size, 0, values.nbytes).pack())
+        d = Descriptor(t.name, t.shape, 0, vc, 0, t.size, 0, values.nbytes)
+        parts.append(d.pack(version))
         sections.append(values)
     return _join(parts, sections)
 
@@ -426,9 +523,12 @@ def decode_model(
 ) -> Weights:
     """Parse and validate a model blob into float32 arrays (``WireFormatError`` on problems)."""
     reader = Reader(as_bytes_view(data))
-    read_prefix(reader, KIND_MODEL)
-    (count,) = reader.unpack(MODEL_FIXED, "model header")
-    descs = read_descriptors(reader, count, limits, kind=KIND_MODEL)
+    version = read_prefix(reader, KIND_MODEL)
+    if version == V1:
+        (count,) = reader.unpack(MODEL_FIXED, "model header")
+    else:
+        count = reader.varint("num_tensors")
+    descs = read_descriptors(reader, count, limits, kind=KIND_MODEL, version=version)
     if spec is not None:
         _check_spec(descs, spec)
     out: Weights = {}

@@ -18,6 +18,8 @@ CODES: dict[str, str] = {
     "trailing_bytes": "bytes follow the last declared section",
     "limit_exceeded": "a declared count or size is larger than the decoder's limits",
     "bad_header": "a fixed header field holds an invalid value",
+    "bad_varint": "a variable-length integer is longer than 10 bytes, overflows 64 bits, or is "
+    "not in its shortest form",
     "bad_descriptor": "a tensor descriptor is inconsistent (name, sizes, counts)",
     "unknown_encoding": "a tensor uses an index or value encoding this decoder does not know",
     "non_finite": "a value or scale is NaN or infinite",

@@ -1,8 +1,11 @@
-"""Byte layout of fedge blobs: fixed headers, tensor descriptors, and a bounds-checked reader.
+"""Byte layout of fedge blobs: headers, tensor descriptors, and a bounds-checked reader.
 
-See docs/wire-format.md for the tables. Everything is little-endian. Parsing checks each
-declared count and length against :class:`~shared.limits.Limits` and against the bytes that
-remain *before* anything proportional to it is allocated.
+See docs/wire-format.md for the tables. Everything is little-endian. Two versions share the
+8-byte prefix: version 1 uses fixed-width header and descriptor fields; version 2 (what
+updates are written in) uses unsigned LEB128 varints and leaves out every length the decoder
+can compute. Both are read. Parsing checks each declared count and length against
+:class:`~shared.limits.Limits` and against the bytes that remain *before* anything
+proportional to it is allocated.
 """
 
 from __future__ import annotations
@@ -10,15 +13,20 @@ from __future__ import annotations
 import math
 import struct
 from dataclasses import dataclass
+from decimal import Decimal
 from functools import cache
 
-from shared.indexcoding import ALL, index_section_bounds
+from shared.indexcoding import ALL, CODING_NAMES, RICE, index_section_bounds
 from shared.limits import Limits
 from shared.quantize import packed_size
 from shared.wireerror import WireFormatError
 
 MAGIC = b"FEDG"
-FORMAT_VERSION = 1
+V1, V2 = 1, 2
+#: Versions the decoders read.
+READ_VERSIONS = (V1, V2)
+#: Version ``encode_update`` writes (``encode_model`` writes :data:`V1`).
+FORMAT_VERSION = V2
 KIND_UPDATE, KIND_MODEL = 1, 2
 KIND_NAMES = {KIND_UPDATE: "update", KIND_MODEL: "model"}
 VALUE_F32, VALUE_F16, VALUE_QUANT = 0, 1, 2
@@ -27,6 +35,14 @@ SCOPE_CODES = {"tensor": 0, "global": 1}
 SCOPE_NAMES = {v: k for k, v in SCOPE_CODES.items()}
 #: task ids, versions and example counts must fit a signed 64-bit database column.
 MAX_ID = (1 << 63) - 1
+#: Largest dimension (version 1 stores dimensions as u32; version 2 keeps the same bound).
+MAX_DIM = (1 << 32) - 1
+#: A varint holds at most a u64: 10 bytes of 7 bits, the last byte 0 or 1.
+MAX_VARINT_BYTES = 10
+#: Version 2 top-k fraction ``m * 10**-e``: the shortest round-trip decimal has <= 17 digits,
+#: and a fraction in (0, 1] has ``e <= 340`` (the smallest subnormal is 5e-324).
+MAX_FRACTION_MANTISSA = 10**17 - 1
+MAX_FRACTION_EXPONENT = 340
 
 PREFIX = struct.Struct("<4sHBB")  # magic, version, kind, flags
 UPDATE_FIXED = struct.Struct("<QQQBBHIdI")  # task, base, examples, bits, scope, 0, chunk, f, n
@@ -34,9 +50,39 @@ MODEL_FIXED = struct.Struct("<I")  # number of tensors
 NAME_LEN = struct.Struct("<H")
 NDIM = struct.Struct("<B")
 DESC_TAIL = struct.Struct("<BBBIQQ")  # index coding, value coding, param, nnz, ibytes, vbytes
-#: A descriptor with a one-byte name and no dimensions.
+#: A version 1 descriptor with a one-byte name and no dimensions.
 MIN_DESCRIPTOR_BYTES = NAME_LEN.size + 1 + NDIM.size + DESC_TAIL.size
+#: A version 2 descriptor: name length, a one-byte name, ndim 0, codings (dense: no nnz).
+MIN_DESCRIPTOR_BYTES_V2 = 4
+#: Prefix and fixed update header of version 1.
 UPDATE_HEADER_BYTES = PREFIX.size + UPDATE_FIXED.size
+
+
+def encode_varint(value: int) -> bytes:
+    """Unsigned LEB128: 7 bits per byte, least significant first, high bit = more follows."""
+    if value < 0 or value >> 64:
+        raise ValueError(f"a varint holds 0 .. 2**64 - 1, got {value}")
+    out = bytearray()
+    while value >= 0x80:
+        out.append((value & 0x7F) | 0x80)
+        value >>= 7
+    out.append(value)
+    return bytes(out)
+
+
+def fraction_parts(fraction: float) -> tuple[int, int]:
+    """``(m, e)`` with ``fraction == float(f"{m}e-{e}")``: the shortest decimal that
+    round-trips (Python's ``repr``), without trailing zeros. Needs ``0 < fraction <= 1``."""
+    if not (math.isfinite(fraction) and 0.0 < fraction <= 1.0):
+        raise ValueError(f"topk_fraction must be in (0, 1], got {fraction!r}")
+    _sign, digits, exponent = Decimal(repr(float(fraction))).normalize().as_tuple()
+    assert isinstance(exponent, int) and exponent <= 0
+    return int("".join(map(str, digits))), -exponent
+
+
+def encode_fraction(fraction: float) -> bytes:
+    m, e = fraction_parts(fraction)
+    return encode_varint(m) + encode_varint(e)
 
 
 @cache
@@ -61,7 +107,10 @@ class Descriptor:
     def size(self) -> int:
         return math.prod(self.shape)
 
-    def pack(self) -> bytes:
+    def pack(self, version: int = V1) -> bytes:
+        """The descriptor's bytes in format ``version``."""
+        if version == V2:
+            return self._pack_v2()
         name = self.name.encode("utf-8")
         return b"".join(
             (
@@ -79,6 +128,20 @@ class Descriptor:
                 ),
             )
         )
+
+    def _pack_v2(self) -> bytes:
+        name = self.name.encode("utf-8")
+        if any(d > MAX_DIM for d in self.shape):
+            raise ValueError(f"tensor {self.name!r}: dimensions must be below 2**32")
+        parts = [encode_varint(len(name)), name, NDIM.pack(len(self.shape))]
+        parts.extend(encode_varint(d) for d in self.shape)
+        parts.append(bytes([self.index_coding | self.value_coding << 4]))
+        if self.index_coding != ALL:
+            parts.append(encode_varint(self.nnz))
+        if self.index_coding == RICE:
+            parts.append(bytes([self.index_param]))
+            parts.append(encode_varint(self.index_bytes))
+        return b"".join(parts)
 
 
 def value_section_bytes(value_coding: int, count: int, *, bits: int, chunk: int) -> int:
@@ -119,6 +182,41 @@ class Reader:
         self.pos += st.size
         return values
 
+    def u8(self, what: str) -> int:
+        self.need(1, what)
+        value = self.data[self.pos]
+        self.pos += 1
+        return value
+
+    def varint(self, what: str) -> int:
+        """One unsigned LEB128 integer (< 2**64), in its one shortest encoding."""
+        value = 0
+        for i in range(MAX_VARINT_BYTES):
+            byte = self.u8(what)
+            value |= (byte & 0x7F) << (7 * i)
+            if byte < 0x80:
+                if byte == 0 and i > 0:
+                    raise WireFormatError("bad_varint", f"{what}: not in its shortest form")
+                if i == MAX_VARINT_BYTES - 1 and byte > 1:
+                    raise WireFormatError("bad_varint", f"{what}: overflows 64 bits")
+                return value
+        raise WireFormatError("bad_varint", f"{what}: longer than {MAX_VARINT_BYTES} bytes")
+
+    def fraction(self, what: str) -> float:
+        """A version 2 top-k fraction; only the canonical ``(m, e)`` of a value is accepted."""
+        m = self.varint(f"{what} mantissa")
+        e = self.varint(f"{what} exponent")
+        if not (1 <= m <= MAX_FRACTION_MANTISSA and e <= MAX_FRACTION_EXPONENT):
+            raise WireFormatError("bad_header", f"{what} {m}e-{e} is not in (0, 1]")
+        value = float(f"{m}e-{e}")
+        if not 0.0 < value <= 1.0:
+            raise WireFormatError("bad_header", f"{what} {m}e-{e} is not in (0, 1]")
+        if fraction_parts(value) != (m, e):
+            raise WireFormatError(
+                "bad_header", f"{what} {m}e-{e} is not the shortest decimal of {value!r}"
+            )
+        return value
+
 
 def as_bytes_view(data: object) -> memoryview:
     """A flat byte view of ``bytes``, ``bytearray``, ``memoryview`` or a uint8 array."""
@@ -126,20 +224,21 @@ def as_bytes_view(data: object) -> memoryview:
         view = memoryview(data)  # type: ignore[arg-type]
     except TypeError:
         raise TypeError(f"expected a bytes-like object, got {type(data).__name__}") from None
-    if view.ndim != 1 or view.format not in ("B", "b", "c"):
+    if view.ndim != 1 or view.format != "B":
         view = view.cast("B")
     return view
 
 
-def read_prefix(reader: Reader, expected_kind: int) -> None:
-    """Check magic, version, kind and flags."""
+def read_prefix(reader: Reader, expected_kind: int) -> int:
+    """Check magic, version, kind and flags; return the format version."""
     head = bytes(reader.data[:4])
     if head != MAGIC[: len(head)]:
         raise WireFormatError("bad_magic", f"expected {MAGIC!r}, got {head!r}")
     _magic, version, kind, flags = reader.unpack(PREFIX, "header")
-    if version != FORMAT_VERSION:
+    if version not in READ_VERSIONS:
         raise WireFormatError(
-            "unsupported_version", f"format version {version}, this decoder reads 1"
+            "unsupported_version",
+            f"format version {version}, this decoder reads {' and '.join(map(str, READ_VERSIONS))}",
         )
     if kind not in KIND_NAMES:
         raise WireFormatError("bad_header", f"unknown blob kind {kind}")
@@ -150,6 +249,7 @@ def read_prefix(reader: Reader, expected_kind: int) -> None:
         )
     if flags != 0:
         raise WireFormatError("bad_header", f"reserved flags must be 0, got {flags}")
+    return int(version)
 
 
 def _allowed_values(kind: int, bits: int) -> tuple[int, ...]:
@@ -159,7 +259,14 @@ def _allowed_values(kind: int, bits: int) -> tuple[int, ...]:
 
 
 def read_descriptors(
-    reader: Reader, count: int, limits: Limits, *, kind: int, bits: int = 32, chunk: int = 1
+    reader: Reader,
+    count: int,
+    limits: Limits,
+    *,
+    kind: int,
+    bits: int = 32,
+    chunk: int = 1,
+    version: int = V1,
 ) -> list[Descriptor]:
     """Parse and validate ``count`` descriptors, then check the section lengths add up."""
     if count == 0:
@@ -168,13 +275,17 @@ def read_descriptors(
         raise WireFormatError(
             "limit_exceeded", f"{count} tensors, the limit is {limits.max_tensors}"
         )
-    reader.need(count * MIN_DESCRIPTOR_BYTES, f"{count} tensor descriptors")
+    smallest = MIN_DESCRIPTOR_BYTES if version == V1 else MIN_DESCRIPTOR_BYTES_V2
+    reader.need(count * smallest, f"{count} tensor descriptors")
     allowed = _allowed_values(kind, bits)
     out: list[Descriptor] = []
     names: set[str] = set()
     total = 0
     for i in range(count):
-        (name_len,) = reader.unpack(NAME_LEN, f"descriptor {i}")
+        if version == V1:
+            (name_len,) = reader.unpack(NAME_LEN, f"descriptor {i}")
+        else:
+            name_len = reader.varint(f"tensor {i} name length")
         if name_len == 0:
             raise WireFormatError("bad_descriptor", f"tensor {i} has an empty name")
         if name_len > limits.max_name_bytes:
@@ -189,12 +300,19 @@ def read_descriptors(
         if name in names:
             raise WireFormatError("bad_descriptor", f"duplicate tensor name {name!r}")
         names.add(name)
-        (ndim,) = reader.unpack(NDIM, f"tensor {name!r} rank")
+        ndim = reader.u8(f"tensor {name!r} rank")
         if ndim > limits.max_ndim:
             raise WireFormatError(
                 "limit_exceeded", f"tensor {name!r} has {ndim} dims, the limit is {limits.max_ndim}"
             )
-        shape = tuple(reader.unpack(dims_struct(ndim), f"tensor {name!r} shape"))
+        if version == V1:
+            shape = tuple(reader.unpack(dims_struct(ndim), f"tensor {name!r} shape"))
+        else:
+            shape = tuple(reader.varint(f"tensor {name!r} shape") for _ in range(ndim))
+            if any(d > MAX_DIM for d in shape):
+                raise WireFormatError(
+                    "limit_exceeded", f"tensor {name!r} has a dimension of 2**32 or more"
+                )
         size = math.prod(shape)
         if size > limits.max_tensor_elements:
             raise WireFormatError(
@@ -207,8 +325,11 @@ def read_descriptors(
                 "limit_exceeded",
                 f"more than the limit of {limits.max_total_elements} elements in total",
             )
-        ic, vc, param, nnz, ibytes, vbytes = reader.unpack(DESC_TAIL, f"tensor {name!r} codec")
-        d = Descriptor(name, shape, ic, vc, param, nnz, ibytes, vbytes)
+        if version == V1:
+            ic, vc, param, nnz, ibytes, vbytes = reader.unpack(DESC_TAIL, f"tensor {name!r} codec")
+            d = Descriptor(name, shape, ic, vc, param, nnz, ibytes, vbytes)
+        else:
+            d = _read_codec_v2(reader, name, shape, size, bits=bits, chunk=chunk)
         _check_descriptor(d, size, kind=kind, bits=bits, chunk=chunk, allowed=allowed)
         out.append(d)
     declared = sum(d.index_bytes + d.value_bytes for d in out)
@@ -221,6 +342,28 @@ def read_descriptors(
             "trailing_bytes", f"{reader.remaining - declared} bytes after the last section"
         )
     return out
+
+
+def _read_codec_v2(
+    reader: Reader, name: str, shape: tuple[int, ...], size: int, *, bits: int, chunk: int
+) -> Descriptor:
+    """The codec part of a version 2 descriptor. Fields the decoder can compute are not in
+    the blob: nnz of a dense tensor, index bytes of every coding but Rice, value bytes."""
+    what = f"tensor {name!r}"
+    codings = reader.u8(f"{what} codings")
+    ic, vc = codings & 0x0F, codings >> 4
+    nnz = size if ic == ALL else reader.varint(f"{what} nnz")
+    if ic == RICE:
+        param = reader.u8(f"{what} index parameter")
+        ibytes = reader.varint(f"{what} index bytes")
+    else:
+        # Bitmap and raw lengths are fixed by nnz and size; _check_descriptor reports an
+        # unknown coding or nnz > size.
+        param = 0
+        known = ic in CODING_NAMES and nnz <= size
+        ibytes = index_section_bounds(ic, 0, nnz, size)[0] if known else 0
+    vbytes = value_section_bytes(vc, nnz, bits=bits, chunk=chunk) if vc in VALUE_NAMES else 0
+    return Descriptor(name, shape, ic, vc, param, nnz, ibytes, vbytes)
 
 
 def _check_descriptor(

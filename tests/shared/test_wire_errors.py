@@ -65,7 +65,8 @@ UpdateCase = tuple[str, bytes, str]
 UPDATE_CASES: list[UpdateCase] = [
     ("bad_magic", b"FEDX" + VALID_UPDATE[4:], "bad_magic"),
     ("bad_magic_short", b"XY", "bad_magic"),
-    ("unsupported_version", update_blob(head={"version": 2}), "unsupported_version"),
+    ("unsupported_version", update_blob(head={"version": 3}), "unsupported_version"),
+    ("unsupported_version_0", update_blob(head={"version": 0}), "unsupported_version"),
     ("wrong_kind", VALID_MODEL, "wrong_kind"),
     ("truncated_empty", b"", "truncated"),
     ("truncated_magic", b"FED", "truncated"),
@@ -370,6 +371,7 @@ def test_checksum_mismatch_on_corrupt_residual() -> None:
 def test_every_code_is_tested() -> None:
     tested = {c[2] for c in UPDATE_CASES} | {c[2] for c in MODEL_CASES}
     tested |= {"shape_mismatch", "policy_mismatch", "checksum_mismatch"}
+    tested |= {"bad_varint"}  # tests/shared/test_wire_v2.py
     assert tested == set(CODES)
 
 

@@ -16,9 +16,17 @@ from shared.compression import compress
 from shared.indexcoding import index_section_bounds
 from shared.limits import Limits
 from shared.policy import CompressionPolicy
-from shared.wire import WireFormatError, decode_model, decode_update, encode_model, encode_update
-from shared.wirelayout import KIND_MODEL, MODEL_FIXED, PREFIX
-from tests.shared.wirecraft import RawTensor, update_blob
+from shared.wire import (
+    WireFormatError,
+    _encode_model,
+    _encode_update,
+    decode_model,
+    decode_update,
+    encode_model,
+    encode_update,
+)
+from shared.wirelayout import KIND_MODEL, MODEL_FIXED, PREFIX, V1, V2, encode_varint
+from tests.shared.wirecraft import RawTensor, update_blob, update_blob_v2
 
 Decoder = Callable[[bytes], object]
 
@@ -33,6 +41,7 @@ def _valid_blobs() -> list[bytes]:
         "big": rng.standard_normal(300).astype(np.float32),
     }
     blobs = [encode_model(w), encode_model(w, dtype="f16")]
+    blobs += [_encode_model(w, version=V2), _encode_model(w, dtype="f16", version=V2)]
     for bits, fraction, scope in [
         (32, 1.0, "tensor"),
         (1, 0.01, "tensor"),
@@ -44,10 +53,13 @@ def _valid_blobs() -> list[bytes]:
         policy = CompressionPolicy(topk_fraction=fraction, bits=bits, chunk=5, scope=scope)  # type: ignore[arg-type]
         c = compress(w, policy, rng)
         blobs.append(encode_update(c, task_id=3, base_version=2, num_examples=9))
+        blobs.append(_encode_update(c, task_id=3, base_version=2, num_examples=9, version=V1))
     return blobs
 
 
 VALID = _valid_blobs()
+#: The first blobs of VALID are models (v1, v1 f16, v2, v2 f16), the rest updates.
+NUM_MODELS = 4
 DECODERS: list[Decoder] = [decode_update, decode_model]
 
 
@@ -79,9 +91,9 @@ def test_random_bytes(data: bytes) -> None:
 
 
 @FUZZ
-@given(tail=st.binary(max_size=300), kind=st.sampled_from([1, 2]))
-def test_random_bytes_behind_a_valid_prefix(tail: bytes, kind: int) -> None:
-    _decode_all(PREFIX.pack(b"FEDG", 1, kind, 0) + tail)
+@given(tail=st.binary(max_size=300), kind=st.sampled_from([1, 2]), version=st.sampled_from([1, 2]))
+def test_random_bytes_behind_a_valid_prefix(tail: bytes, kind: int, version: int) -> None:
+    _decode_all(PREFIX.pack(b"FEDG", version, kind, 0) + tail)
 
 
 @FUZZ
@@ -122,7 +134,7 @@ def test_field_overwrites_with_huge_values(blob: bytes, data: st.DataObject) -> 
 @pytest.mark.parametrize("index", range(len(VALID)))
 def test_every_truncation_is_reported_as_truncated(index: int) -> None:
     blob = VALID[index]
-    decode = decode_model if index < 2 else decode_update
+    decode = decode_model if index < NUM_MODELS else decode_update
     for n in range(len(blob)):
         with pytest.raises(WireFormatError) as err:
             decode(blob[:n])
@@ -217,6 +229,45 @@ MALICIOUS: list[tuple[str, bytes, Limits]] = [
         GENEROUS,
     ),
     ("huge_name", update_blob([RawTensor(name="x" * 60000)])[:200], GENEROUS),
+    ("v2_many_tensors", update_blob_v2(count=(1 << 64) - 1), GENEROUS),
+    ("v2_many_tensors_default_limits", update_blob_v2(count=1 << 32), Limits()),
+    (
+        "v2_huge_dense_tensor",
+        update_blob_v2([RawTensor(shape=(1 << 16, 1 << 15), values=b"")]),
+        GENEROUS,
+    ),
+    (
+        "v2_huge_rice",
+        update_blob_v2(
+            [
+                RawTensor(
+                    shape=(1 << 31,),
+                    index_coding=1,
+                    param=20,
+                    nnz=(1 << 31) - 1,
+                    index_bytes=index_section_bounds(1, 20, (1 << 31) - 1, 1 << 31)[1],
+                    values=b"",
+                )
+            ]
+        ),
+        GENEROUS,
+    ),
+    (
+        "v2_huge_quantized",
+        update_blob_v2([RawTensor(shape=(1 << 31,), value_coding=2, values=b"")], bits=1),
+        GENEROUS,
+    ),
+    (
+        "v2_huge_model",
+        PREFIX.pack(b"FEDG", V2, KIND_MODEL, 0)
+        + encode_varint(3)
+        + b"".join(
+            RawTensor(name=f"t{i}", shape=(1 << 31,), values=b"").descriptor_bytes_v2()
+            for i in range(3)
+        ),
+        GENEROUS,
+    ),
+    ("v2_huge_name", update_blob_v2([RawTensor(name="x" * 60000)])[:200], GENEROUS),
 ]
 
 
@@ -250,9 +301,23 @@ def test_decoding_a_valid_blob_is_traced_by_tracemalloc() -> None:
 
 
 def test_struct_overflow_fields_round_to_limit_errors() -> None:
-    """Overwriting the tensor count with 2**32 - 1 in a real blob is a limit error."""
-    blob = bytearray(VALID[2])
+    """Overwriting the tensor count with 2**32 - 1 in a real v1 blob is a limit error."""
+    blob = bytearray(VALID[NUM_MODELS + 1])
+    assert struct.unpack_from("<H", blob, 4) == (V1,)
     struct.pack_into("<I", blob, 48, 0xFFFFFFFF)
     with pytest.raises(WireFormatError) as err:
         decode_update(bytes(blob))
+    assert err.value.code == "limit_exceeded"
+
+
+def test_varint_overflow_fields_round_to_limit_errors() -> None:
+    """The same in a v2 blob: the one-byte tensor count becomes a 5-byte 2**32 - 1."""
+    blob = VALID[NUM_MODELS]
+    assert struct.unpack_from("<H", blob, 4) == (V2,)
+    # after the prefix: task 3, base 2, examples 9, bits 32, scope 0, chunk 5,
+    # fraction 1 (m = 1, e = 0), 5 tensors
+    assert blob[8:17] == bytes([3, 2, 9, 32, 0, 5, 1, 0, 5])
+    mutated = blob[:16] + encode_varint(0xFFFFFFFF) + blob[17:]
+    with pytest.raises(WireFormatError) as err:
+        decode_update(mutated)
     assert err.value.code == "limit_exceeded"

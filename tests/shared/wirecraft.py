@@ -9,6 +9,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from shared.limits import Limits
+from shared.wire import _read_update_descriptors
 from shared.wirelayout import (
     KIND_MODEL,
     KIND_UPDATE,
@@ -16,10 +17,11 @@ from shared.wirelayout import (
     MODEL_FIXED,
     PREFIX,
     UPDATE_FIXED,
+    V2,
     Descriptor,
     Reader,
     as_bytes_view,
-    read_descriptors,
+    encode_varint,
 )
 
 
@@ -59,6 +61,22 @@ class RawTensor:
                 len(self.raw_name).to_bytes(2, "little") + self.raw_name + packed[2 + len(name) :]
             )
         return packed
+
+    def descriptor_bytes_v2(self) -> bytes:
+        nnz = math.prod(self.shape) if self.nnz is None else self.nnz
+        values = self.section_values()
+        index_bytes = len(self.index) if self.index_bytes is None else self.index_bytes
+        d = Descriptor(
+            self.name,
+            self.shape,
+            self.index_coding,
+            self.value_coding,
+            self.param,
+            nnz,
+            index_bytes,
+            len(values),
+        )
+        return d.pack(V2)
 
     def section_values(self) -> bytes:
         if self.values is not None:
@@ -113,9 +131,51 @@ def model_blob(tensors: list[RawTensor] | None = None, *, count: int | None = No
 
 
 def descriptors_of(blob: bytes) -> list[Descriptor]:
-    """The descriptors of a valid update blob (to see which codings the encoder chose)."""
-    reader = Reader(as_bytes_view(blob))
-    reader.unpack(PREFIX, "prefix")
-    fields = reader.unpack(UPDATE_FIXED, "header")
-    bits, chunk, count = fields[3], fields[6], fields[8]
-    return read_descriptors(reader, count, Limits(), kind=KIND_UPDATE, bits=bits, chunk=chunk)
+    """The descriptors of a valid update blob of either version (to see which codings the
+    encoder chose)."""
+    return _read_update_descriptors(Reader(as_bytes_view(blob)), Limits())[1]
+
+
+# ----------------------------------------------------------------------------- version 2
+
+
+def var(value: int | bytes) -> bytes:
+    """A varint, or ``bytes`` taken verbatim (to craft malformed varints)."""
+    return value if isinstance(value, bytes) else encode_varint(value)
+
+
+def update_header_v2(
+    *,
+    task: int | bytes = 1,
+    base: int | bytes = 0,
+    examples: int | bytes = 1,
+    bits: int = 32,
+    scope: int = 0,
+    chunk: int | bytes = 256,
+    mantissa: int | bytes = 1,
+    exponent: int | bytes = 0,
+    count: int | bytes | None = None,
+    tensors: int = 1,
+) -> bytes:
+    n = tensors if count is None else count
+    fields = [var(task), var(base), var(examples), bytes([bits, scope]), var(chunk)]
+    return b"".join([*fields, var(mantissa), var(exponent), var(n)])
+
+
+def update_blob_v2(
+    tensors: list[RawTensor] | None = None,
+    *,
+    head: dict[str, object] | None = None,
+    descriptors: list[bytes] | None = None,
+    **fields: object,
+) -> bytes:
+    """A version 2 update blob: ``head`` overrides the prefix, ``fields`` the header,
+    ``descriptors`` (raw bytes) replace the descriptors built from ``tensors``."""
+    tensors = [RawTensor()] if tensors is None else tensors
+    out = prefix(**{"version": V2, **(head or {})})  # type: ignore[arg-type]
+    out += update_header_v2(tensors=len(tensors), **fields)  # type: ignore[arg-type]
+    if descriptors is None:
+        descriptors = [t.descriptor_bytes_v2() for t in tensors]
+    out += b"".join(descriptors)
+    out += b"".join(t.index + t.section_values() for t in tensors)
+    return out
