@@ -111,6 +111,7 @@ class BatchChecker:
         self.runtime = runtime
         self._pending: list[tuple[str, int | None, asyncio.Future[Verdict]]] = []
         self.batches = 0  # for tests and diagnostics
+        self.failures = 0  # batches that fell back to one check per poll
 
     async def check(self, device_id: str, current: int | None) -> Verdict:
         loop = asyncio.get_running_loop()
@@ -131,6 +132,7 @@ class BatchChecker:
         try:
             verdicts = await run_in_threadpool(_check_batch, self.runtime, polls)
         except Exception:  # every poll falls back to its own check
+            self.failures += 1
             log.exception("batched long-poll check failed")
             verdicts = [("check", None)] * len(batch)
         for (_, _, future), verdict in zip(batch, verdicts, strict=True):

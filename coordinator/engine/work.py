@@ -173,7 +173,8 @@ def check_waiting(session: Session, polls: Sequence[tuple[str, int | None]]) -> 
     device_ids = sorted({d for d, _ in polls})
     status: dict[str, str] = {}
     for part in _chunks(device_ids):
-        status.update(session.execute(select(Device.id, Device.status).where(Device.id.in_(part))))
+        rows = session.execute(select(Device.id, Device.status).where(Device.id.in_(part)))
+        status.update({device_id: st for device_id, st in rows})  # not a Result: it has keys()
     currents = sorted({c for _, c in polls if c is not None})
     owners: dict[int, tuple[str, str]] = {}
     for part in _chunks(currents):

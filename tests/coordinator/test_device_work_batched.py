@@ -64,6 +64,7 @@ def test_a_round_opened_for_many_waiting_devices_answers_them_from_few_batches(
             again = device.work(wait=0)
             assert again == answer
     assert 1 <= batches < n
+    assert _checker(coordinator).failures == 0  # answered by the batch, not by the fallback
 
 
 def test_a_re_check_sees_a_change_no_signal_announced(
@@ -94,6 +95,7 @@ def test_an_idle_poll_re_checks_in_batches_and_answers_nothing_at_its_deadline(
         polls = [pool.submit(d.work, wait=1) for d in fleet]
         assert [p.result(timeout=LONG_WAIT) for p in polls] == [None, None, None]
     assert _checker(coordinator).batches > before
+    assert _checker(coordinator).failures == 0
 
 
 def test_a_nonce_is_recorded_once_and_an_expired_one_is_taken_over(db_url: str) -> None:
