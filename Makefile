@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-dev
 DEMO_STAMP := $(VENV)/.installed-demo
 
-.PHONY: install test lint bench demo clean docker-test
+.PHONY: install test lint bench bench-full demo clean docker-test
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -30,8 +30,20 @@ lint: $(STAMP)
 	$(BIN)/ruff format --check .
 	$(BIN)/mypy
 
+# Benchmarks measure, they never assert; no test calls them. `bench` runs the codec benchmark
+# (half a minute; bench/results/codec.json) and the quick version of every other one (a few
+# minutes; bench/results/*.quick.json, git-ignored); `bench-full` runs the full ones (the
+# figures the README quotes: bench/results/*.json and *.png), then rewrites the README's
+# Results section from them.
+BENCHES := codec compression_accuracy async_vs_sync flower_setting aggregate ingest
+
 bench: $(STAMP)
 	$(BIN)/python bench/codec.py
+	set -e; for b in $(filter-out codec,$(BENCHES)); do $(BIN)/python bench/$$b.py --quick; done
+
+bench-full: $(STAMP)
+	set -e; for b in $(BENCHES); do $(BIN)/python bench/$$b.py; done
+	$(BIN)/python bench/report.py --readme README.md
 
 demo: $(DEMO_STAMP)
 	$(BIN)/fedge demo $(DEMO_ARGS)

@@ -1,0 +1,513 @@
+"""The README's Results section, made from the benchmarks' JSON files in bench/results/.
+
+Each benchmark writes its own ``bench/results/<name>.json`` (and a PNG plot); this script reads
+them and writes one Markdown section: the machine and the command, then per benchmark a table,
+its plot and its targets (met or not, with the measured value). Everything between the two
+marker lines in the README is replaced; the text around them (the explanations of missed
+targets and the next steps) is written by hand.
+
+    python bench/report.py                    # print the section
+    python bench/report.py --readme README.md # replace it in the README
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Callable, Iterable
+from pathlib import Path
+from typing import Any
+
+RESULTS = Path(__file__).resolve().parent / "results"
+START = "<!-- bench-results:start (made by bench/report.py from bench/results/*.json) -->"
+END = "<!-- bench-results:end -->"
+
+Row = list[str]
+
+
+def table(header: Row, rows: Iterable[Row], align: str) -> str:
+    """A Markdown table; ``align`` has one letter per column: l(eft) or r(ight)."""
+    marks = {"l": "---", "r": "---:"}
+    lines = [
+        "| " + " | ".join(header) + " |",
+        "|" + "|".join(marks[a] for a in align) + "|",
+    ]
+    lines += ["| " + " | ".join(r) + " |" for r in rows]
+    return "\n".join(lines)
+
+
+def fmt(value: float | None, spec: str = ",.1f", none: str = "–") -> str:
+    return none if value is None else format(value, spec)
+
+
+def verdict(met: bool | None) -> str:
+    return "–" if met is None else ("**met**" if met else "not met")
+
+
+def mean_range(d: dict[str, Any] | None, spec: str = ".3f") -> str:
+    if not d or d.get("mean") is None:
+        return "–"
+    if d.get("min") is None or d["min"] == d["max"]:
+        return format(d["mean"], spec)
+    return f"{d['mean']:{spec}} ({d['min']:{spec}}–{d['max']:{spec}})"
+
+
+def image(name: str) -> str:
+    path = RESULTS / f"{name}.png"
+    return f"![{name}](bench/results/{name}.png)" if path.exists() else ""
+
+
+# ----------------------------------------------------------------------------- benchmarks
+
+
+def codec(d: dict[str, Any]) -> str:
+    keep = {(1.0, 32), (0.1, 4), (0.01, 4), (0.01, 2), (0.001, 4), (0.001, 2)}
+    rows = [
+        [
+            f"{r['params']:,}",
+            f"{100 * r['topk_fraction']:g} %",
+            str(r["bits"]),
+            f"{r['bytes']:,}",
+            f"{r['ratio']:,.0f}×",
+            fmt(r["encode_mb_s"], ",.0f"),
+            fmt(r["decode_mb_s"], ",.0f"),
+        ]
+        for r in d["results"]
+        if (r["topk_fraction"], r["bits"]) in keep
+    ]
+    targets = [
+        [name, fmt(t["value"], ",.0f"), f"≥ {t['target']:,.0f}", verdict(t["met"])]
+        for name, t in d["targets"].items()
+        if "cpu" not in name
+    ]
+    return "\n\n".join(
+        [
+            f"Update size and codec speed (`bench/codec.py`; {len(d['results'])} configurations, "
+            "best of 3 runs; bytes count every header, descriptor, index and scale byte; MB/s of "
+            "dense float32 input).",
+            table(
+                [
+                    "parameters",
+                    "top-k",
+                    "bits",
+                    "bytes",
+                    "vs dense f32",
+                    "encode MB/s",
+                    "decode MB/s",
+                ],
+                rows,
+                "rrrrrrr",
+            ),
+            table(["target", "measured", "target", "verdict"], targets, "lrrl"),
+        ]
+    )
+
+
+def compression_accuracy(d: dict[str, Any]) -> str:
+    cfg = d["config"]
+    rows = []
+    for s in d["settings"]:
+        rt = s["rounds_to_target"].get("0.90") or next(iter(s["rounds_to_target"].values()))
+        reached = "–" if rt["mean"] is None else f"{rt['mean']:.1f} ({rt['n']}/{len(s['seeds'])})"
+        rows.append(
+            [
+                s["name"],
+                mean_range(s["final_accuracy"]),
+                fmt(s["loss_points_vs_dense"]["mean"], "+.2f"),
+                reached,
+                fmt(s["upload_bytes"]["mean"], ",.0f"),
+                fmt(s["ratio_vs_dense"]["mean"], ",.1f") + "×",
+            ]
+        )
+    c = d["centralized"]
+    rows.append(["centralized", mean_range(c["final_accuracy"]), "", "", "", ""])
+    t = d["targets"]
+    ratio = t["ratio_250x_within_1pt"]
+    best = ratio["highest_ratio_any_setting"]
+    within = d["summary"].get("highest_ratio_within_1pt")
+    gap = t["federated_within_2pt_of_centralized"]
+    targets = [
+        [
+            "≥ 250× fewer upload bytes, ≤ 1.0 point lost",
+            (
+                f"best within 1 point: {within['name']} {within['ratio']:,.0f}×; "
+                if within
+                else "no setting within 1 point; "
+            )
+            + f"highest ratio: {best['name']} {best['ratio']:,.0f}× at {best['loss_points']:+.1f} pts",
+            verdict(ratio["met"]),
+        ],
+        [
+            "federated within 2 points of centralized",
+            f"dense FedAvg {gap['gap_points']:.1f} points below",
+            verdict(gap["met"]),
+        ],
+    ]
+    return "\n\n".join(
+        [
+            f"Accuracy per uploaded byte (`bench/compression_accuracy.py`): {cfg['devices']} "
+            f"devices, Dirichlet α = {cfg['alpha']} on digits, {cfg['model']} "
+            f"({cfg['num_params']:,} parameters), {cfg['rounds']} sync rounds of "
+            f"{cfg['per_round']} devices, {cfg['repetitions']} seeds (mean and min–max). "
+            "Loss is in accuracy points against dense FedAvg of the same seed.",
+            table(
+                [
+                    "setting",
+                    "final accuracy",
+                    "vs dense",
+                    "rounds to 0.90",
+                    "upload bytes",
+                    "ratio",
+                ],
+                rows,
+                "lrrrrr",
+            ),
+            image("compression_accuracy"),
+            table(["target", "measured", "verdict"], targets, "lll"),
+        ]
+    )
+
+
+def async_vs_sync(d: dict[str, Any]) -> str:
+    s = d["summary"]
+    speed = s["speedup_sync_over_async"]
+    rows = []
+    for name, v in s["per_variant"].items():
+        sp = speed.get(name, {}).get("ratio_of_means")
+        rows.append(
+            [
+                name,
+                f"{v['reached_target']}/{v['runs']}",
+                mean_range(v["time_to_target_s"], ".1f"),
+                "1.0×" if name == "sync" else fmt(sp, ".2f") + "×",
+                mean_range(v["final_accuracy"]),
+                fmt(v["mean_staleness_applied"], ".2f"),
+                f"{v['updates_applied_stale']}/{v['updates_applied_fresh']}",
+            ]
+        )
+    p = d["parameters"]
+    targets = [
+        [
+            f"async ≥ {s['speedup_target']}× faster to {s['target_accuracy']} accuracy",
+            f"{s['best_async_variant']}: {fmt(s['best_speedup'], '.2f')}× "
+            f"(FedBuff reports {s['fedbuff_reported']}×)",
+            verdict(s["target_met"]),
+        ]
+    ]
+    return "\n\n".join(
+        [
+            f"Async (FedBuff) vs sync under faults (`bench/async_vs_sync.py`): real coordinator "
+            f"and {p['devices']} agents over HTTPS, {int(100 * p['faults']['dropout'])} % dropout, "
+            f"log-normal straggler delays (median {p['faults']['median_s']} s, p99 "
+            f"{p['faults']['p99_s']:.1f} s), {p['repetitions']} repetitions; time to "
+            f"{s['target_accuracy']} test accuracy as the coordinator recorded it.",
+            table(
+                [
+                    "variant",
+                    "reached",
+                    "time to target s",
+                    "speed-up",
+                    "final accuracy",
+                    "mean τ",
+                    "stale/fresh applied",
+                ],
+                rows,
+                "lrrrrrr",
+            ),
+            image("async_vs_sync"),
+            table(["target", "measured", "verdict"], targets, "lll"),
+        ]
+    )
+
+
+def ingest(d: dict[str, Any]) -> str:
+    rows = []
+    for b in d["backends"]:
+        for r, u in zip(b["runs"], b["upload_only"], strict=False):
+            rows.append(
+                [
+                    b["backend"],
+                    str(r["concurrency"]),
+                    fmt(r["updates_per_s"], ",.0f"),
+                    fmt(r["upload_p50_ms"], ",.1f"),
+                    fmt(r["upload_p99_ms"], ",.1f"),
+                    fmt(r["coordinator_cpu_ms_per_update"], ".2f"),
+                    fmt(u["coordinator_cpu_ms_per_upload_request"], ".2f"),
+                ]
+            )
+    for r in d.get("ceiling", []):
+        rows.append(
+            [
+                "ceiling: bare verify",
+                str(r["concurrency"]),
+                fmt(r["requests_per_s"], ",.0f") + " req/s",
+                fmt(r["p50_ms"], ",.1f"),
+                fmt(r["p99_ms"], ",.1f"),
+                fmt(r.get("server_cpu_ms_per_request"), ".2f"),
+                "",
+            ]
+        )
+    s = d["summary"]
+    tg = d["targets"]
+    targets = []
+    for name in (b["backend"] for b in d["backends"]):
+        v = s[name]
+        targets += [
+            [
+                f"{name}: ≥ {tg['updates_per_s_at_500']:,} updates/s at 500 devices",
+                f"{fmt(v['updates_per_s'], ',.0f')} at C = {v['at_concurrency']}",
+                verdict(v["target_updates_per_s_met"]),
+            ],
+            [
+                f"{name}: p99 < {tg['p99_ms_at_500']} ms at 500 devices",
+                f"{fmt(v['upload_p99_ms'], ',.0f')} ms",
+                verdict(v["target_p99_met"]),
+            ],
+            [
+                f"{name}: ≤ {tg['cpu_ms_per_update']} ms coordinator CPU per update",
+                f"{fmt(v['coordinator_cpu_ms_per_update'], '.2f')} ms "
+                f"(upload request alone {fmt(v['coordinator_cpu_ms_per_upload_request'], '.2f')})",
+                verdict(v["target_cpu_met"]),
+            ],
+        ]
+        lp = v.get("longpoll")
+        if lp:
+            targets += [
+                [
+                    f"{name}: {lp['devices']:,} idle devices woken within "
+                    f"{tg['longpoll_wake_s_1000']} s",
+                    f"all within {fmt(lp['wake_all_within_s'], '.2f')} s",
+                    verdict(lp["target_wake_met"]),
+                ],
+                [
+                    f"{name}: idle load < {tg['idle_requests_per_device_per_25s']} request per "
+                    "device per 25 s",
+                    fmt(lp["idle_requests_per_device_per_25s"], ".2f"),
+                    verdict(lp["target_idle_met"]),
+                ],
+            ]
+    p = d["params"]
+    return "\n\n".join(
+        [
+            f"Ingest (`bench/ingest.py`): the coordinator in its own process (uvicorn, HTTPS), "
+            f"{p['procs']} load-generator processes driving C enrolled devices that each take "
+            f"work and upload a signed top-1 % 4-bit update of a {p['num_params']:,}-parameter "
+            "model. The 2 cores are shared by coordinator and load generators, so updates/s and "
+            "latency are lower bounds; coordinator CPU per update is the figure that does not "
+            "depend on that.",
+            table(
+                [
+                    "backend",
+                    "C",
+                    "updates/s",
+                    "p50 ms",
+                    "p99 ms",
+                    "coordinator CPU ms/update",
+                    "upload request alone ms",
+                ],
+                rows,
+                "lrrrrrr",
+            ),
+            image("ingest"),
+            table(["target", "measured", "verdict"], targets, "lll"),
+        ]
+    )
+
+
+def aggregate(d: dict[str, Any]) -> str:
+    rows = [
+        [
+            r["policy"],
+            f"{r['updates']:,}",
+            fmt(r["seconds"]["total"], ".2f"),
+            fmt(r["seconds"]["aggregate"], ".2f"),
+            fmt(r["memory"]["peak_rss_delta_bytes"] / 1e6, ".1f"),
+            fmt(r["memory"]["tracemalloc_peak_bytes"] / 1e6, ".1f"),
+            fmt(r["updates_per_s"], ",.0f"),
+        ]
+        for r in d["results"]
+    ]
+    for r in d.get("postgresql", []):
+        rows.append(
+            [
+                f"{r['policy']} (PostgreSQL)",
+                f"{r['updates']:,}",
+                fmt(r["seconds"]["total"], ".2f"),
+                fmt(r["seconds"]["aggregate"], ".2f"),
+                fmt(r["memory"]["peak_rss_delta_bytes"] / 1e6, ".1f"),
+                fmt(r["memory"]["tracemalloc_peak_bytes"] / 1e6, ".1f"),
+                fmt(r["updates_per_s"], ",.0f"),
+            ]
+        )
+    s = d["summary"]
+    targets = [
+        [
+            f"{name}: peak memory flat (≤ {s['flat_factor_target']:g}×) from {v['smallest']:,} "
+            f"to {v['largest']:,} updates",
+            f"RSS ×{v['peak_rss_ratio_largest_vs_smallest']:.2f}, tracemalloc "
+            f"×{v['tracemalloc_ratio_largest_vs_smallest']:.2f}",
+            verdict(v["memory_flat_target_met"]),
+        ]
+        for name, v in s["policies"].items()
+    ]
+    p = d["parameters"]
+    return "\n\n".join(
+        [
+            f"Aggregation (`bench/aggregate.py`): one round's aggregation of a "
+            f"{p['num_params']:,}-parameter model through the engine (plan, streaming decode "
+            "into one dense buffer, commit), each in a fresh process; peak RSS growth and the "
+            "tracemalloc peak of the compute step.",
+            table(
+                [
+                    "policy",
+                    "updates",
+                    "total s",
+                    "decode+sum s",
+                    "peak RSS growth MB",
+                    "tracemalloc peak MB",
+                    "updates/s",
+                ],
+                rows,
+                "lrrrrrr",
+            ),
+            image("aggregate"),
+            table(["target", "measured", "verdict"], targets, "lll"),
+        ]
+    )
+
+
+def flower_setting(d: dict[str, Any]) -> str:
+    flower = d["parameters"]["flower"]
+    rows = [
+        [
+            "Flower 1.42 (measured here)",
+            fmt(flower["seconds_per_round"], ".1f"),
+            fmt(flower["upload_bytes_per_client_per_round"], ",.0f"),
+            fmt(flower["memory_mib_per_client"], ",.0f"),
+            fmt(flower["test_accuracy"], ".3f"),
+        ]
+    ]
+    for r in d["runs"]:
+        rows.append(
+            [
+                f"fedge {r['policy']}",
+                fmt(r["seconds_per_round"], ".2f"),
+                fmt(r["upload_bytes_per_client_per_round"], ",.0f"),
+                fmt(r["agent_peak_rss_mib"]["max"], ",.0f"),
+                fmt(r["final_accuracy_hook"], ".3f"),
+            ]
+        )
+    s = d["summary"]
+    names = {
+        "round_speedup": "rounds ≥ 20× faster",
+        "upload_reduction": "upload bytes per client per round ≥ 250× smaller",
+        "memory_fraction_of_flower": "agent memory ≤ ¼ of Flower's",
+        "accuracy": "accuracy no lower (≥ 0.903)",
+    }
+    targets = []
+    for key, label in names.items():
+        t = s["targets_headline"][key]
+        best = max(
+            s["targets_per_policy"].items(),
+            key=lambda kv: (
+                (kv[1][key]["met"], kv[1][key]["value"])
+                if key != "memory_fraction_of_flower"
+                else (kv[1][key]["met"], -kv[1][key]["value"])
+            ),
+        )
+        targets.append(
+            [
+                label,
+                f"{s['headline_policy']}: {t['value']:,.3g}; best: {best[0]} "
+                f"{best[1][key]['value']:,.3g}",
+                verdict(t["met"]),
+            ]
+        )
+    c = d["centralized"]
+    return "\n\n".join(
+        [
+            "The setting measured for Flower 1.42 on this machine (`bench/flower_setting.py`): "
+            "digits, Dirichlet α = 0.5 over 10 clients, MLP 64-128-10, FedAvg, 10 rounds, every "
+            "client every round; each fedge agent is its own `fedge agent run` process against "
+            "a real coordinator over HTTPS. Centralized training of the same model: "
+            f"{c['same_epochs_accuracy']:.3f}.",
+            table(
+                ["", "s per round", "upload B per client per round", "agent MiB", "accuracy"],
+                rows,
+                "lrrrr",
+            ),
+            image("flower_setting"),
+            table(["target", "measured", "verdict"], targets, "lll"),
+        ]
+    )
+
+
+SECTIONS: list[tuple[str, str, Callable[[dict[str, Any]], str]]] = [
+    ("codec", "Update size and codec speed", codec),
+    ("compression_accuracy", "Compression vs accuracy", compression_accuracy),
+    ("async_vs_sync", "Async vs sync under faults", async_vs_sync),
+    ("ingest", "Ingest at scale", ingest),
+    ("aggregate", "Aggregation at scale", aggregate),
+    ("flower_setting", "Against Flower in its own setting", flower_setting),
+]
+
+
+def machine_line(found: dict[str, dict[str, Any]]) -> str:
+    for d in found.values():
+        m = d.get("machine")
+        if isinstance(m, dict):
+            cpu = m.get("cpu_count") or m.get("cpus") or "?"
+            plat = m.get("platform") or m.get("system") or ""
+            py = m.get("python") or m.get("python_version") or ""
+            return f"{cpu} cores, {plat}, Python {py}".strip(", ")
+    return "unknown"
+
+
+def render(results: Path = RESULTS) -> str:
+    found: dict[str, dict[str, Any]] = {}
+    for name, _, _ in SECTIONS:
+        path = results / f"{name}.json"
+        if path.exists():
+            found[name] = json.loads(path.read_text())
+    parts = [
+        START,
+        "",
+        f"Measured with `make bench-full` on this project's machine ({machine_line(found)}; "
+        "shared with other jobs, so compare ratios within one run rather than absolute "
+        "times). Raw figures: `bench/results/*.json`.",
+    ]
+    for name, title, fn in SECTIONS:
+        parts += ["", f"### {title}", ""]
+        if name in found:
+            parts.append(fn(found[name]))
+        else:
+            parts.append(f"_No results yet: run `python bench/{name}.py`._")
+    parts += ["", END]
+    return "\n".join(p for p in parts if p is not None)
+
+
+def splice(text: str, section: str) -> str:
+    if START in text and END in text:
+        head, rest = text.split(START, 1)
+        _, tail = rest.split(END, 1)
+        return head + section + tail
+    return text.rstrip("\n") + "\n\n## Results\n\n" + section + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--readme", type=Path, help="replace the section in this file")
+    ap.add_argument("--results", type=Path, default=RESULTS)
+    args = ap.parse_args(argv)
+    section = render(args.results)
+    if args.readme:
+        args.readme.write_text(splice(args.readme.read_text(), section))
+        print(f"wrote the Results section of {args.readme}", file=sys.stderr)
+    else:
+        print(section)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
