@@ -3,9 +3,10 @@
 Layout (little-endian; full tables in docs/wire-format.md). Updates are written in version 2,
 models in version 1; decoders read both versions of both kinds::
 
-    magic "FEDG" | version u16 | kind u8 (1 update, 2 model) | flags u8
+    magic "FEDG" | version u16 | kind u8 (1 update, 2 model) | flags u8 (bit 0: metrics)
     v2 update: task_id var | base_version var | num_examples var | bits u8 | scope u8
                | chunk var | topk_fraction as m var, e var (m * 10**-e) | num_tensors var
+               | metrics block when flag bit 0 (shared.wiremetrics)
     v2 model:  num_tensors var
     v2 descriptor: name_len var | name | ndim u8 | dims var x ndim | codings u8
                (index | value << 4) | nnz var (not for dense) | Rice only: param u8, index bytes var
@@ -63,11 +64,13 @@ from shared.wirelayout import (
     read_descriptors,
     read_prefix,
 )
+from shared.wiremetrics import FLAG_METRICS, METRIC_KEYS, encode_metrics, read_metrics
 
 __all__ = [
     "CODES",
     "DEFAULT_LIMITS",
     "MAGIC",
+    "METRIC_KEYS",
     "DecodedTensor",
     "DecodedUpdate",
     "Limits",
@@ -116,6 +119,8 @@ class DecodedUpdate:
     topk_fraction: float
     tensors: list[DecodedTensor]
     scope: str = field(default="tensor")
+    #: What the device measured (the update's metrics block; names in :data:`METRIC_KEYS`).
+    metrics: dict[str, float] = field(default_factory=dict)
 
     @property
     def nnz(self) -> int:
@@ -185,12 +190,19 @@ def encode_update(
     task_id: int,
     base_version: int,
     num_examples: int,
+    metrics: Mapping[str, float] | None = None,
     limits: Limits = DEFAULT_LIMITS,
 ) -> bytes:
     """Serialize a compressed update in format version 2 (``ValueError`` if it is
-    inconsistent or out of limits)."""
+    inconsistent or out of limits). ``metrics`` (names in :data:`METRIC_KEYS`) travel in the
+    update's metrics block, so the device needs no separate report."""
     return _encode_update(
-        c, task_id=task_id, base_version=base_version, num_examples=num_examples, limits=limits
+        c,
+        task_id=task_id,
+        base_version=base_version,
+        num_examples=num_examples,
+        metrics=metrics,
+        limits=limits,
     )
 
 
@@ -200,10 +212,14 @@ def _encode_update(
     task_id: int,
     base_version: int,
     num_examples: int,
+    metrics: Mapping[str, float] | None = None,
     limits: Limits = DEFAULT_LIMITS,
     version: int = V2,
 ) -> bytes:
     """:func:`encode_update` in format ``version`` (1 is kept to test the version 1 reader)."""
+    block = encode_metrics(metrics or {})
+    if block and version == V1:
+        raise ValueError("format version 1 carries no metrics")
     _check_id("task_id", task_id)
     _check_id("base_version", base_version)
     _check_id("num_examples", num_examples, minimum=1)
@@ -216,7 +232,8 @@ def _encode_update(
         )
     except ValueError as exc:
         raise ValueError(f"update tensors: {exc}") from None
-    parts: list[bytes] = [PREFIX.pack(MAGIC, version, KIND_UPDATE, 0)]
+    flags = FLAG_METRICS if block else 0
+    parts: list[bytes] = [PREFIX.pack(MAGIC, version, KIND_UPDATE, flags)]
     if version == V1:
         parts.append(
             UPDATE_FIXED.pack(
@@ -240,6 +257,7 @@ def _encode_update(
             encode_varint(c.chunk),
             encode_fraction(c.topk_fraction),
             encode_varint(len(c.tensors)),
+            block,
         ]
     sections: list[np.ndarray] = []
     for t in c.tensors:
@@ -273,10 +291,13 @@ class _UpdateHead(NamedTuple):
     fraction: float
     num_tensors: int
     version: int
+    metrics: dict[str, float]
 
 
 def _read_update_header(reader: Reader, limits: Limits) -> _UpdateHead:
-    version = read_prefix(reader, KIND_UPDATE)
+    version, flags = read_prefix(reader, KIND_UPDATE, allowed_flags=FLAG_METRICS)
+    if flags and version == V1:
+        raise WireFormatError("bad_header", f"reserved flags must be 0, got {flags:#04x}")
     fraction: float
     if version == V1:
         task, base, examples, bits, scope, reserved, chunk, fraction, count = reader.unpack(
@@ -293,6 +314,7 @@ def _read_update_header(reader: Reader, limits: Limits) -> _UpdateHead:
         chunk = reader.varint("chunk")
         fraction = reader.fraction("topk_fraction")
         count = reader.varint("num_tensors")
+    metrics = read_metrics(reader) if flags & FLAG_METRICS else {}
     if task > MAX_ID or base > MAX_ID:
         raise WireFormatError("bad_header", "task id and base version must be below 2**63")
     if not 1 <= examples <= MAX_ID:
@@ -309,7 +331,14 @@ def _read_update_header(reader: Reader, limits: Limits) -> _UpdateHead:
         raise WireFormatError("bad_header", f"topk_fraction must be in (0, 1], got {fraction}")
     header = UpdateHeader(int(task), int(base), int(examples))
     return _UpdateHead(
-        header, int(bits), int(chunk), SCOPE_NAMES[scope], float(fraction), int(count), version
+        header,
+        int(bits),
+        int(chunk),
+        SCOPE_NAMES[scope],
+        float(fraction),
+        int(count),
+        version,
+        metrics,
     )
 
 
@@ -318,7 +347,7 @@ def peek_update_header(data: bytes | bytearray | memoryview) -> UpdateHeader:
 
     Validates the header (magic, version, kind, field ranges) but not the tensors; a full
     :func:`decode_update` is still needed before the update is used. Reads at most the 52
-    header bytes of version 1 or the at most 64 of version 2.
+    header bytes of version 1, or of version 2 at most 64 plus a metrics block of at most 32.
     """
     return _read_update_header(Reader(as_bytes_view(data)), DEFAULT_LIMITS).header
 
@@ -455,6 +484,7 @@ def decode_update(
         topk_fraction=head.fraction,
         tensors=tensors,
         scope=scope,
+        metrics=head.metrics,
     )
 
 
@@ -523,7 +553,7 @@ def decode_model(
 ) -> Weights:
     """Parse and validate a model blob into float32 arrays (``WireFormatError`` on problems)."""
     reader = Reader(as_bytes_view(data))
-    version = read_prefix(reader, KIND_MODEL)
+    version, _ = read_prefix(reader, KIND_MODEL)
     if version == V1:
         (count,) = reader.unpack(MODEL_FIXED, "model header")
     else:

@@ -33,6 +33,7 @@ CODES: dict[str, str] = {
     "shape_mismatch": "names, order or shapes differ from the expected model spec",
     "policy_mismatch": "the update does not obey the task's compression policy",
     "checksum_mismatch": "a stored checksum does not match the data",
+    "bad_metrics": "the metrics block of an update is malformed or a metric is out of range",
 }
 
 

@@ -229,8 +229,9 @@ def as_bytes_view(data: object) -> memoryview:
     return view
 
 
-def read_prefix(reader: Reader, expected_kind: int) -> int:
-    """Check magic, version, kind and flags; return the format version."""
+def read_prefix(reader: Reader, expected_kind: int, *, allowed_flags: int = 0) -> tuple[int, int]:
+    """Check magic, version, kind and flags (only bits of ``allowed_flags`` may be set);
+    return the format version and the flags."""
     head = bytes(reader.data[:4])
     if head != MAGIC[: len(head)]:
         raise WireFormatError("bad_magic", f"expected {MAGIC!r}, got {head!r}")
@@ -247,9 +248,9 @@ def read_prefix(reader: Reader, expected_kind: int) -> int:
             "wrong_kind",
             f"expected a {KIND_NAMES[expected_kind]}, got a {KIND_NAMES[kind]}",
         )
-    if flags != 0:
-        raise WireFormatError("bad_header", f"reserved flags must be 0, got {flags}")
-    return int(version)
+    if flags & ~allowed_flags:
+        raise WireFormatError("bad_header", f"reserved flags must be 0, got {flags:#04x}")
+    return int(version), int(flags)
 
 
 def _allowed_values(kind: int, bits: int) -> tuple[int, ...]:

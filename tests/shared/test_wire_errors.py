@@ -372,6 +372,7 @@ def test_every_code_is_tested() -> None:
     tested = {c[2] for c in UPDATE_CASES} | {c[2] for c in MODEL_CASES}
     tested |= {"shape_mismatch", "policy_mismatch", "checksum_mismatch"}
     tested |= {"bad_varint"}  # tests/shared/test_wire_v2.py
+    tested |= {"bad_metrics"}  # tests/shared/test_wire_metrics.py
     assert tested == set(CODES)
 
 

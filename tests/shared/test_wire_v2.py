@@ -420,7 +420,8 @@ def test_non_canonical_or_out_of_range_fractions(mantissa: int, exponent: int) -
         ({"count": 4097}, "limit_exceeded"),
         ({"count": 50}, "truncated"),
         ({"head": {"version": 3}}, "unsupported_version"),
-        ({"head": {"flags": 1}}, "bad_header"),
+        ({"head": {"flags": 2}}, "bad_header"),
+        ({"head": {"flags": 1}}, "bad_metrics"),  # announced, but a descriptor follows
     ],
 )
 def test_version_2_header_errors(fields: dict[str, object], code: str) -> None:

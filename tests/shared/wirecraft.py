@@ -167,13 +167,16 @@ def update_blob_v2(
     *,
     head: dict[str, object] | None = None,
     descriptors: list[bytes] | None = None,
+    metrics: bytes = b"",
     **fields: object,
 ) -> bytes:
     """A version 2 update blob: ``head`` overrides the prefix, ``fields`` the header,
+    ``metrics`` is put verbatim after the header (set ``head={"flags": 1}`` to announce it),
     ``descriptors`` (raw bytes) replace the descriptors built from ``tensors``."""
     tensors = [RawTensor()] if tensors is None else tensors
     out = prefix(**{"version": V2, **(head or {})})  # type: ignore[arg-type]
     out += update_header_v2(tensors=len(tensors), **fields)  # type: ignore[arg-type]
+    out += metrics
     if descriptors is None:
         descriptors = [t.descriptor_bytes_v2() for t in tensors]
     out += b"".join(descriptors)
