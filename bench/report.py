@@ -135,7 +135,8 @@ def compression_accuracy(d: dict[str, Any]) -> str:
                 if within
                 else "no setting within 1 point; "
             )
-            + f"highest ratio: {best['name']} {best['ratio']:,.0f}× at {best['loss_points']:+.1f} pts",
+            + f"highest ratio: {best['name']} {best['ratio']:,.0f}× "
+            f"at {best['loss_points']:+.1f} pts",
             verdict(ratio["met"]),
         ],
         [

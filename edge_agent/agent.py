@@ -9,9 +9,10 @@ One assignment goes through these steps (docs/agent.md tells the story for opera
 5. delta = local - base; compress it with the task's policy and the error-feedback residual;
 6. commit the encoded update (with its idempotency key and both residuals) to the outbox,
    then make the new residual current (see :mod:`edge_agent.outbox` for why in that order);
+   the training and evaluation metrics travel inside the update (its metrics block);
 7. upload it; remove it from the outbox on success, or discard it (restoring the residual)
-   when the coordinator refuses it for good, e.g. 409 stale_update;
-8. report training and evaluation metrics.
+   when the coordinator refuses it for good, e.g. 409 stale_update; an entry written by an
+   older agent that still lists metrics has them reported separately.
 
 Errors that a later attempt may cure (network, 5xx, 429, clock skew) keep the outbox entry and
 pause the loop; a revoked or unknown device stops the agent with :class:`FatalAgentError`.
@@ -47,6 +48,7 @@ from shared.compression import compress
 from shared.modelspec import ModelSpec, Weights
 from shared.policy import CompressionPolicy, PolicyError
 from shared.wire import WireFormatError, decode_model, encode_update
+from shared.wiremetrics import carried_metrics
 
 log = logging.getLogger(__name__)
 
@@ -55,12 +57,6 @@ FATAL_CODES = frozenset({"device_revoked", "unknown_device"})
 # Refusals that may pass (clock, replay, a signature made during a key rotation): keep the
 # update and try again later.
 TRANSIENT_AUTH_CODES = frozenset({"clock_skew", "replayed_nonce", "invalid_signature"})
-
-
-# Metrics the coordinator takes (docs/protocol.md, "Metrics").
-METRIC_KEYS = frozenset(
-    {"train_loss", "eval_loss", "eval_accuracy", "num_eval_examples", "train_time_s"}
-)
 
 
 def _refused_for_good(exc: ApiError) -> bool:
@@ -392,11 +388,13 @@ class Agent:
         before = copy.deepcopy(residual)
         rng = np.random.default_rng([self.seed, work.assignment_id, 1])
         compressed = compress(delta, policy, rng, residual)
+        carried = carried_metrics(metrics)  # in the update itself: no separate report
         body = encode_update(
             compressed,
             task_id=work.task_id,
             base_version=work.base_version,
             num_examples=int(result.num_examples),
+            metrics=carried,
         )
         dense = 4 * spec.num_params
         log.info(
@@ -413,9 +411,7 @@ class Agent:
             idempotency_key=new_idempotency_key(work.assignment_id),
             num_examples=int(result.num_examples),
             created_at=time.time(),
-            metrics={
-                k: float(v) for k, v in metrics.items() if k in METRIC_KEYS and np.isfinite(v)
-            },
+            metrics={},  # carried in the body (entries written by older agents may have some)
             has_residual=residual is not None,
         )
         self.state.outbox.add(entry, body, residual_before=before, residual_after=residual)

@@ -242,6 +242,10 @@ def _record(
     weight = update_weight(
         cfg.staleness, tau=tau, num_examples=decoded.num_examples, weighting=cfg.weighting
     )
+    # Metrics carried in the update join (and override) any the device reported before.
+    metrics = {**(a.metrics or {}), **decoded.metrics}
+    if decoded.metrics:
+        a.metrics = metrics
     u = Update(
         task_id=task.id,
         assignment_id=a.id,
@@ -256,7 +260,7 @@ def _record(
         status="accepted",
         idempotency_key=key,
         received_at=now,
-        metrics=dict(a.metrics or {}),
+        metrics=metrics,
     )
     session.add(u)
     was_dropped = a.status == "dropped"

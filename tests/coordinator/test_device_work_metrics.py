@@ -116,6 +116,46 @@ def test_round_metrics_combine_device_reports_and_server_evaluation(
         assert v1["metrics"]["train_loss"] == pytest.approx(m["train_loss"])
 
 
+def test_metrics_carried_in_the_update_count_like_a_report(
+    coordinator: Coordinator, db: Db
+) -> None:
+    """No separate report: the update's metrics block reaches the round, and a report sent
+    afterwards still joins in."""
+    with fleet_of(coordinator, 2) as fleet:
+        task_id = create_task(
+            coordinator,
+            aggregation={
+                "clients_per_round": 2,
+                "over_selection": 0.0,
+                "min_updates": 2,
+                "round_deadline_s": 600,
+                "num_rounds": 2,
+            },
+        )
+        works = [d.work(wait=10) for d in fleet]
+        assert all(w is not None for w in works)
+        a, b = works[0], works[1]
+        assert a is not None and b is not None
+        spec = spec_of(a)
+        rng = np.random.default_rng(3)
+        inline = {"train_loss": 1.5, "eval_accuracy": 0.25, "num_eval_examples": 8}
+        body = make_update(a, delta=random_delta(spec, rng), num_examples=10, metrics=inline)
+        assert fleet[0].upload(a, body).status_code == 201
+        body = make_update(b, delta=random_delta(spec, rng), num_examples=30)
+        assert fleet[1].upload(b, body).status_code == 201
+        wait_until(lambda: db.task(task_id).current_version == 1)
+        with coordinator.admin() as admin:
+            m = admin.get(f"{API}/tasks/{task_id}/rounds/1").json()["metrics"]
+        assert m["train_loss"] == pytest.approx(1.5)  # only A sent one
+        assert m["eval_accuracy"] == pytest.approx(0.25)
+        assert m["eval_examples"] == 8
+        r = fleet[1].metrics(b["assignment_id"], train_loss=0.5)
+        assert r.status_code == 204
+        with coordinator.admin() as admin:
+            m = admin.get(f"{API}/tasks/{task_id}/rounds/1").json()["metrics"]
+        assert m["train_loss"] == pytest.approx((1.5 * 10 + 0.5 * 30) / 40)
+
+
 def test_reaching_the_target_metric_completes_the_task(coordinator: Coordinator, db: Db) -> None:
     with fleet_of(coordinator, 2) as fleet:
         task_id = create_task(

@@ -32,6 +32,7 @@ class Received:
     key: str
     body: bytes
     delta: Weights
+    metrics: dict[str, float] = field(default_factory=dict)  # the update's metrics block
 
 
 @dataclass
@@ -44,7 +45,7 @@ class FakeCoordinator:
     revoked: set[str] = field(default_factory=set)
     fail_uploads: int = 0
     received: dict[str, Received] = field(default_factory=dict)
-    metrics: dict[int, dict[str, float]] = field(default_factory=dict)
+    metrics: dict[int, dict[str, float]] = field(default_factory=dict)  # separate reports
     requests: list[httpx.Request] = field(default_factory=list)
     max_wait_s: float = 0.2
 
@@ -157,7 +158,9 @@ class FakeCoordinator:
         if any(r.assignment_id == assignment_id for r in self.received.values()):
             return _error(409, "already_uploaded")
         update = decode_update(request.content)
-        self.received[key] = Received(assignment_id, key, request.content, update.to_dense())
+        self.received[key] = Received(
+            assignment_id, key, request.content, update.to_dense(), update.metrics
+        )
         return httpx.Response(
             201,
             json={

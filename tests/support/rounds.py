@@ -169,8 +169,10 @@ def make_update(
     rng: np.random.Generator | None = None,
     task_id: int | None = None,
     base_version: int | None = None,
+    metrics: dict[str, float] | None = None,
 ) -> bytes:
-    """Encode ``delta`` for an assignment with the task's policy (lossless by default)."""
+    """Encode ``delta`` for an assignment with the task's policy (lossless by default),
+    carrying ``metrics`` in its metrics block."""
     policy = CompressionPolicy.from_dict(work["compression"])
     c = compress(delta, policy, rng or np.random.default_rng(0))
     return encode_update(
@@ -178,6 +180,7 @@ def make_update(
         task_id=work["task_id"] if task_id is None else task_id,
         base_version=work["base_version"] if base_version is None else base_version,
         num_examples=num_examples,
+        metrics=metrics,
     )
 
 
