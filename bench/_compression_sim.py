@@ -41,7 +41,7 @@ from shared.compression import compress
 from shared.feedback import Residual
 from shared.modelspec import Weights
 from shared.policy import CompressionPolicy
-from shared.wire import decode_update, encode_update
+from shared.wire import decode_update, encode_update, update_overhead_bytes
 
 TASK_ID = 1
 
@@ -237,16 +237,10 @@ def run_centralized(fleet: FleetConfig, seed: int, *, rounds: int) -> dict[str, 
     }
 
 
-def update_header_bytes(spec_names_ndims: list[tuple[str, int]]) -> int:
-    """Fixed bytes of one encoded update (prefix, header, one descriptor per tensor), from the
-    product's layout constants in ``shared.wirelayout``."""
-    from shared.wirelayout import DESC_TAIL, NAME_LEN, NDIM, UPDATE_HEADER_BYTES, dims_struct
-
-    per_tensor = sum(
-        NAME_LEN.size + len(name.encode()) + NDIM.size + dims_struct(ndim).size + DESC_TAIL.size
-        for name, ndim in spec_names_ndims
-    )
-    return UPDATE_HEADER_BYTES + per_tensor
+def update_header_bytes(blob: bytes) -> int:
+    """Bytes of an encoded update before its first section (prefix, header, descriptors), as
+    the product's decoder counts them."""
+    return update_overhead_bytes(blob)
 
 
 def wire_ceiling(
@@ -262,11 +256,13 @@ def wire_ceiling(
         gen = np.random.default_rng(seed)
         delta = {t.name: gen.standard_normal(t.shape, dtype=np.float32) for t in spec.tensors}
         sizes = {}
+        headers = {}
         for s in [DENSE, *settings]:
             policy = fleet.policy(s.topk, s.bits, False)
             c = compress(delta, policy, np.random.default_rng(seed))
-            sizes[s] = len(encode_update(c, task_id=TASK_ID, base_version=0, num_examples=1))
-        header = update_header_bytes([(t.name, len(t.shape)) for t in spec.tensors])
+            blob = encode_update(c, task_id=TASK_ID, base_version=0, num_examples=1)
+            sizes[s] = len(blob)
+            headers[s] = update_header_bytes(blob)
         for s in settings:
             out.append(
                 {
@@ -274,7 +270,7 @@ def wire_ceiling(
                     "num_params": spec.num_params,
                     "setting": f"top{s.topk * 100:g}%-{s.bits}b",
                     "bytes": sizes[s],
-                    "fixed_header_bytes": header,
+                    "fixed_header_bytes": headers[s],
                     "dense_bytes": sizes[DENSE],
                     "ratio": sizes[DENSE] / sizes[s],
                 }
