@@ -77,7 +77,7 @@ def codec(d: dict[str, Any]) -> str:
         if (r["topk_fraction"], r["bits"]) in keep
     ]
     targets = [
-        [name, fmt(t["value"], ",.0f"), f"≥ {t['target']:,.0f}", verdict(t["met"])]
+        [_codec_target(name), fmt(t["value"], ",.0f"), f"≥ {t['target']:,.0f}", verdict(t["met"])]
         for name, t in d["targets"].items()
         if "cpu" not in name
     ]
@@ -102,6 +102,17 @@ def codec(d: dict[str, Any]) -> str:
             table(["target", "measured", "target", "verdict"], targets, "lrrl"),
         ]
     )
+
+
+def _codec_target(name: str) -> str:
+    """``ratio_top1pct_4bit@1001088`` -> ``size ratio, top-1 % 4-bit, 1,001,088 params``."""
+    what, _, where = name.partition("@")
+    if what.startswith("ratio_top"):
+        k, bits = what[len("ratio_top") :].split("pct_")
+        return f"size ratio, top-{k} % {bits[:-3]}-bit, {int(where):,} parameters"
+    step = "encode" if "encode" in what else "decode"
+    scope = "top-k ≤ 1 %" if where == "topk<=1%" else "all configurations"
+    return f"slowest {step} MB/s, {scope}"
 
 
 def compression_accuracy(d: dict[str, Any]) -> str:
@@ -292,7 +303,8 @@ def ingest(d: dict[str, Any]) -> str:
     return "\n\n".join(
         [
             f"Ingest (`bench/ingest.py`): the coordinator in its own process (uvicorn, HTTPS), "
-            f"{p['procs']} load-generator processes driving C enrolled devices that each take "
+            f"{p['procs']} load-generator processes ({p.get('longpoll_procs', p['procs'])} "
+            "for the long-poll test) driving C enrolled devices that each take "
             f"work and upload a signed top-1 % 4-bit update of a {p['num_params']:,}-parameter "
             "model. The 2 cores are shared by coordinator and load generators, so updates/s and "
             "latency are lower bounds; coordinator CPU per update is the figure that does not "
@@ -474,7 +486,8 @@ def render(results: Path = RESULTS) -> str:
     parts = [
         START,
         "",
-        f"Measured with `make bench-full` on this project's machine ({machine_line(found)}; "
+        f"Measured with the scripts as `make bench-full` runs them, on this project's machine "
+        f"({machine_line(found)}; "
         "shared with other jobs, so compare ratios within one run rather than absolute "
         "times). Raw figures: `bench/results/*.json`.",
     ]
