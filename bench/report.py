@@ -58,6 +58,17 @@ def image(name: str) -> str:
     return f"![{name}](bench/results/{name}.png)" if path.exists() else ""
 
 
+def section(
+    intro: str, header: Row, rows: list[Row], align: str, plot: str | None, targets: list[Row]
+) -> str:
+    """One benchmark: what it measures, its table, its plot, its targets."""
+    parts = [intro, table(header, rows, align)]
+    if plot:
+        parts.append(image(plot))
+    parts.append(table(["target", "measured", "verdict"], targets, "lll"))
+    return "\n\n".join(p for p in parts if p)
+
+
 # ----------------------------------------------------------------------------- benchmarks
 
 
@@ -77,30 +88,27 @@ def codec(d: dict[str, Any]) -> str:
         if (r["topk_fraction"], r["bits"]) in keep
     ]
     targets = [
-        [_codec_target(name), fmt(t["value"], ",.0f"), f"≥ {t['target']:,.0f}", verdict(t["met"])]
+        [_codec_target(name), f"{t['value']:,.0f} (≥ {t['target']:,.0f})", verdict(t["met"])]
         for name, t in d["targets"].items()
         if "cpu" not in name
     ]
-    return "\n\n".join(
+    return section(
+        f"Update size and codec speed (`bench/codec.py`; {len(d['results'])} configurations, "
+        "best of 3 runs; bytes count every header, descriptor, index and scale byte; MB/s of "
+        "dense float32 input).",
         [
-            f"Update size and codec speed (`bench/codec.py`; {len(d['results'])} configurations, "
-            "best of 3 runs; bytes count every header, descriptor, index and scale byte; MB/s of "
-            "dense float32 input).",
-            table(
-                [
-                    "parameters",
-                    "top-k",
-                    "bits",
-                    "bytes",
-                    "vs dense f32",
-                    "encode MB/s",
-                    "decode MB/s",
-                ],
-                rows,
-                "rrrrrrr",
-            ),
-            table(["target", "measured", "target", "verdict"], targets, "lrrl"),
-        ]
+            "parameters",
+            "top-k",
+            "bits",
+            "bytes",
+            "vs dense f32",
+            "encode MB/s",
+            "decode MB/s",
+        ],
+        rows,
+        "rrrrrrr",
+        "codec",
+        targets,
     )
 
 
@@ -156,28 +164,24 @@ def compression_accuracy(d: dict[str, Any]) -> str:
             verdict(gap["met"]),
         ],
     ]
-    return "\n\n".join(
+    return section(
+        f"Accuracy per uploaded byte (`bench/compression_accuracy.py`): {cfg['devices']} "
+        f"devices, Dirichlet α = {cfg['alpha']} on digits, {cfg['model']} "
+        f"({cfg['num_params']:,} parameters), {cfg['rounds']} sync rounds of "
+        f"{cfg['per_round']} devices, {cfg['repetitions']} seeds (mean and min–max). "
+        "Loss is in accuracy points against dense FedAvg of the same seed.",
         [
-            f"Accuracy per uploaded byte (`bench/compression_accuracy.py`): {cfg['devices']} "
-            f"devices, Dirichlet α = {cfg['alpha']} on digits, {cfg['model']} "
-            f"({cfg['num_params']:,} parameters), {cfg['rounds']} sync rounds of "
-            f"{cfg['per_round']} devices, {cfg['repetitions']} seeds (mean and min–max). "
-            "Loss is in accuracy points against dense FedAvg of the same seed.",
-            table(
-                [
-                    "setting",
-                    "final accuracy",
-                    "vs dense",
-                    "rounds to 0.90",
-                    "upload bytes",
-                    "ratio",
-                ],
-                rows,
-                "lrrrrr",
-            ),
-            image("compression_accuracy"),
-            table(["target", "measured", "verdict"], targets, "lll"),
-        ]
+            "setting",
+            "final accuracy",
+            "points lost",
+            "rounds to 0.90",
+            "upload bytes",
+            "ratio",
+        ],
+        rows,
+        "lrrrrr",
+        "compression_accuracy",
+        targets,
     )
 
 
@@ -207,29 +211,25 @@ def async_vs_sync(d: dict[str, Any]) -> str:
             verdict(s["target_met"]),
         ]
     ]
-    return "\n\n".join(
+    return section(
+        f"Async (FedBuff) vs sync under faults (`bench/async_vs_sync.py`): real coordinator "
+        f"and {p['devices']} agents over HTTPS, {int(100 * p['faults']['dropout'])} % dropout, "
+        f"log-normal straggler delays (median {p['faults']['median_s']} s, p99 "
+        f"{p['faults']['p99_s']:.1f} s), {p['repetitions']} repetitions; time to "
+        f"{s['target_accuracy']} test accuracy as the coordinator recorded it.",
         [
-            f"Async (FedBuff) vs sync under faults (`bench/async_vs_sync.py`): real coordinator "
-            f"and {p['devices']} agents over HTTPS, {int(100 * p['faults']['dropout'])} % dropout, "
-            f"log-normal straggler delays (median {p['faults']['median_s']} s, p99 "
-            f"{p['faults']['p99_s']:.1f} s), {p['repetitions']} repetitions; time to "
-            f"{s['target_accuracy']} test accuracy as the coordinator recorded it.",
-            table(
-                [
-                    "variant",
-                    "reached",
-                    "time to target s",
-                    "speed-up",
-                    "final accuracy",
-                    "mean τ",
-                    "stale/fresh applied",
-                ],
-                rows,
-                "lrrrrrr",
-            ),
-            image("async_vs_sync"),
-            table(["target", "measured", "verdict"], targets, "lll"),
-        ]
+            "variant",
+            "reached",
+            "time to target s",
+            "speed-up",
+            "final accuracy",
+            "mean τ",
+            "stale/fresh applied",
+        ],
+        rows,
+        "lrrrrrr",
+        "async_vs_sync",
+        targets,
     )
 
 
@@ -300,59 +300,45 @@ def ingest(d: dict[str, Any]) -> str:
                 ],
             ]
     p = d["params"]
-    return "\n\n".join(
+    return section(
+        f"Ingest (`bench/ingest.py`): the coordinator in its own process (uvicorn, HTTPS), "
+        f"{p['procs']} load-generator processes ({p.get('longpoll_procs', p['procs'])} "
+        "for the long-poll test) driving C enrolled devices that each take "
+        f"work and upload a signed top-1 % 4-bit update of a {p['num_params']:,}-parameter "
+        "model. The 2 cores are shared by coordinator and load generators, so updates/s and "
+        "latency are lower bounds; coordinator CPU per update is the figure that does not "
+        "depend on that.",
         [
-            f"Ingest (`bench/ingest.py`): the coordinator in its own process (uvicorn, HTTPS), "
-            f"{p['procs']} load-generator processes ({p.get('longpoll_procs', p['procs'])} "
-            "for the long-poll test) driving C enrolled devices that each take "
-            f"work and upload a signed top-1 % 4-bit update of a {p['num_params']:,}-parameter "
-            "model. The 2 cores are shared by coordinator and load generators, so updates/s and "
-            "latency are lower bounds; coordinator CPU per update is the figure that does not "
-            "depend on that.",
-            table(
-                [
-                    "backend",
-                    "C",
-                    "updates/s",
-                    "p50 ms",
-                    "p99 ms",
-                    "coordinator CPU ms/update",
-                    "upload request alone ms",
-                ],
-                rows,
-                "lrrrrrr",
-            ),
-            image("ingest"),
-            table(["target", "measured", "verdict"], targets, "lll"),
-        ]
+            "backend",
+            "C",
+            "updates/s",
+            "p50 ms",
+            "p99 ms",
+            "coordinator CPU ms/update",
+            "upload request alone ms",
+        ],
+        rows,
+        "lrrrrrr",
+        "ingest",
+        targets,
     )
 
 
-def aggregate(d: dict[str, Any]) -> str:
-    rows = [
-        [
-            r["policy"],
-            f"{r['updates']:,}",
-            fmt(r["seconds"]["total"], ".2f"),
-            fmt(r["seconds"]["aggregate"], ".2f"),
-            fmt(r["memory"]["peak_rss_delta_bytes"] / 1e6, ".1f"),
-            fmt(r["memory"]["tracemalloc_peak_bytes"] / 1e6, ".1f"),
-            fmt(r["updates_per_s"], ",.0f"),
-        ]
-        for r in d["results"]
+def _aggregate_row(r: dict[str, Any], label: str) -> Row:
+    return [
+        label,
+        f"{r['updates']:,}",
+        fmt(r["seconds"]["total"], ".2f"),
+        fmt(r["seconds"]["aggregate"], ".2f"),
+        fmt(r["memory"]["peak_rss_delta_bytes"] / 1e6, ".1f"),
+        fmt(r["memory"]["tracemalloc_peak_bytes"] / 1e6, ".1f"),
+        fmt(r["updates_per_s"], ",.0f"),
     ]
-    for r in d.get("postgresql", []):
-        rows.append(
-            [
-                f"{r['policy']} (PostgreSQL)",
-                f"{r['updates']:,}",
-                fmt(r["seconds"]["total"], ".2f"),
-                fmt(r["seconds"]["aggregate"], ".2f"),
-                fmt(r["memory"]["peak_rss_delta_bytes"] / 1e6, ".1f"),
-                fmt(r["memory"]["tracemalloc_peak_bytes"] / 1e6, ".1f"),
-                fmt(r["updates_per_s"], ",.0f"),
-            ]
-        )
+
+
+def aggregate(d: dict[str, Any]) -> str:
+    rows = [_aggregate_row(r, r["policy"]) for r in d["results"]]
+    rows += [_aggregate_row(r, f"{r['policy']} (PostgreSQL)") for r in d.get("postgresql", [])]
     s = d["summary"]
     targets = [
         [
@@ -365,28 +351,24 @@ def aggregate(d: dict[str, Any]) -> str:
         for name, v in s["policies"].items()
     ]
     p = d["parameters"]
-    return "\n\n".join(
+    return section(
+        f"Aggregation (`bench/aggregate.py`): one round's aggregation of a "
+        f"{p['num_params']:,}-parameter model through the engine (plan, streaming decode "
+        "into one dense buffer, commit), each in a fresh process; peak RSS growth and the "
+        "tracemalloc peak of the compute step.",
         [
-            f"Aggregation (`bench/aggregate.py`): one round's aggregation of a "
-            f"{p['num_params']:,}-parameter model through the engine (plan, streaming decode "
-            "into one dense buffer, commit), each in a fresh process; peak RSS growth and the "
-            "tracemalloc peak of the compute step.",
-            table(
-                [
-                    "policy",
-                    "updates",
-                    "total s",
-                    "decode+sum s",
-                    "peak RSS growth MB",
-                    "tracemalloc peak MB",
-                    "updates/s",
-                ],
-                rows,
-                "lrrrrrr",
-            ),
-            image("aggregate"),
-            table(["target", "measured", "verdict"], targets, "lll"),
-        ]
+            "policy",
+            "updates",
+            "total s",
+            "decode+sum s",
+            "peak RSS growth MB",
+            "tracemalloc peak MB",
+            "updates/s",
+        ],
+        rows,
+        "lrrrrrr",
+        "aggregate",
+        targets,
     )
 
 
@@ -438,21 +420,17 @@ def flower_setting(d: dict[str, Any]) -> str:
             ]
         )
     c = d["centralized"]
-    return "\n\n".join(
-        [
-            "The setting measured for Flower 1.42 on this machine (`bench/flower_setting.py`): "
-            "digits, Dirichlet α = 0.5 over 10 clients, MLP 64-128-10, FedAvg, 10 rounds, every "
-            "client every round; each fedge agent is its own `fedge agent run` process against "
-            "a real coordinator over HTTPS. Centralized training of the same model: "
-            f"{c['same_epochs_accuracy']:.3f}.",
-            table(
-                ["", "s per round", "upload B per client per round", "agent MiB", "accuracy"],
-                rows,
-                "lrrrr",
-            ),
-            image("flower_setting"),
-            table(["target", "measured", "verdict"], targets, "lll"),
-        ]
+    return section(
+        "The setting measured for Flower 1.42 on this machine (`bench/flower_setting.py`): "
+        "digits, Dirichlet α = 0.5 over 10 clients, MLP 64-128-10, FedAvg, 10 rounds, every "
+        "client every round; each fedge agent is its own `fedge agent run` process against "
+        "a real coordinator over HTTPS. Centralized training of the same model: "
+        f"{c['same_epochs_accuracy']:.3f}.",
+        ["", "s per round", "upload B per client per round", "agent MiB", "accuracy"],
+        rows,
+        "lrrrr",
+        "flower_setting",
+        targets,
     )
 
 
