@@ -95,7 +95,30 @@ def session_scope(factory: sessionmaker[Session], *, read_only: bool = False) ->
         yield session
         session.commit()
     except BaseException:
+        _drop_sqlite_connection(session)
         session.rollback()
         raise
     finally:
         session.close()
+
+
+def _drop_sqlite_connection(session: Session) -> None:
+    """Roll back and close (instead of pooling) the SQLite connection of a failed transaction.
+
+    An error raised while a query's result was still unread leaves that statement active, and
+    on SQLite an active statement keeps its read snapshot past a rollback: a pooled connection
+    in that state fails every later ``BEGIN IMMEDIATE`` at once with "database is locked" as
+    soon as another connection has written. So the transaction is rolled back first (that
+    releases the write lock) and the connection is then invalidated; the pool opens a fresh
+    one when needed. The closed connection's snapshot ends with the last reference to the
+    result, and a snapshot blocks no writer.
+    """
+    if not session.in_transaction():
+        return
+    connection = session.connection()
+    if connection.dialect.name != "sqlite":
+        return
+    dbapi = connection.connection.dbapi_connection
+    if dbapi is not None:
+        dbapi.rollback()
+    connection.invalidate()
