@@ -26,6 +26,7 @@ the input).
 from __future__ import annotations
 
 import math
+import numbers
 import struct
 from collections.abc import Mapping
 
@@ -44,26 +45,39 @@ METRIC_IDS: dict[int, str] = {
     4: "num_eval_examples",
     5: "train_time_s",
 }
-METRIC_NUMBERS = {name: key for key, name in METRIC_IDS.items()}
 #: The metrics an update can carry (the same a device may report on its own).
-METRIC_KEYS = frozenset(METRIC_NUMBERS)
+METRIC_KEYS = frozenset(METRIC_IDS.values())
 COUNT_KEYS = frozenset({"num_eval_examples"})
 MAX_COUNT = (1 << 62) - 1
 _F32 = struct.Struct("<f")
+_F32_MAX = 3.4028234663852886e38
 
 
-def _check(name: str, value: float) -> str | None:
-    """Why ``value`` is not a valid ``name`` metric, or ``None``."""
+def _normalize(name: str, value: object) -> tuple[float, None] | tuple[None, str]:
+    """``(value, None)`` with a count as an exact ``int`` and any other metric as a
+    ``float``, or ``(None, why)`` when ``value`` is not a valid ``name`` metric."""
     if name in COUNT_KEYS:
-        ok = float(value).is_integer() and 0 <= value <= MAX_COUNT
-        return None if ok else f"{name} must be a whole number in [0, 2**62), got {value!r}"
-    if not math.isfinite(value):
-        return f"{name} must be finite, got {value!r}"
-    if name == "eval_accuracy" and not 0.0 <= value <= 1.0:
-        return f"eval_accuracy must be in [0, 1], got {value!r}"
-    if name == "train_time_s" and value < 0:
-        return f"train_time_s must not be negative, got {value!r}"
-    return None
+        if isinstance(value, numbers.Integral):
+            count = int(value)
+        elif isinstance(value, numbers.Real) and float(value).is_integer():
+            count = int(float(value))
+        else:
+            count = -1
+        if 0 <= count <= MAX_COUNT:
+            return count, None
+        return None, f"{name} must be a whole number in [0, 2**62), got {value!r}"
+    if not isinstance(value, numbers.Real):
+        return None, f"{name} must be a number, got {value!r}"
+    number = float(value)
+    if not math.isfinite(number):
+        return None, f"{name} must be finite, got {value!r}"
+    if abs(number) > _F32_MAX:
+        return None, f"{name} {value!r} does not fit a float32"
+    if name == "eval_accuracy" and not 0.0 <= number <= 1.0:
+        return None, f"eval_accuracy must be in [0, 1], got {value!r}"
+    if name == "train_time_s" and number < 0:
+        return None, f"train_time_s must not be negative, got {value!r}"
+    return number, None
 
 
 def carried_metrics(metrics: Mapping[str, float]) -> dict[str, float]:
@@ -71,17 +85,10 @@ def carried_metrics(metrics: Mapping[str, float]) -> dict[str, float]:
     trainer's extra or out-of-range metrics are left out rather than failing the update)."""
     out: dict[str, float] = {}
     for name, value in metrics.items():
-        try:
-            number = float(value)
-        except (TypeError, ValueError):
-            continue
-        if name in METRIC_KEYS and _check(name, number) is None:
-            if name not in COUNT_KEYS:
-                try:
-                    _F32.pack(number)
-                except OverflowError:
-                    continue
-            out[name] = int(number) if name in COUNT_KEYS else number
+        if name in METRIC_KEYS:
+            number, problem = _normalize(name, value)
+            if problem is None and number is not None:
+                out[name] = number
     return out
 
 
@@ -97,18 +104,13 @@ def encode_metrics(metrics: Mapping[str, float]) -> bytes:
     for key, name in METRIC_IDS.items():
         if name not in metrics:
             continue
-        value = metrics[name]
-        problem = _check(name, float(value))
-        if problem:
+        number, problem = _normalize(name, metrics[name])
+        if number is None:
             raise ValueError(problem)
         if name in COUNT_KEYS:
-            parts.append(bytes([key]) + encode_varint(int(value)))
-            continue
-        try:
-            packed = _F32.pack(float(value))
-        except OverflowError:
-            raise ValueError(f"{name} {value!r} does not fit a float32") from None
-        parts.append(bytes([key]) + packed)
+            parts.append(bytes([key]) + encode_varint(int(number)))
+        else:
+            parts.append(bytes([key]) + _F32.pack(number))
     return b"".join(parts)
 
 
@@ -129,12 +131,9 @@ def read_metrics(reader: Reader) -> dict[str, float]:
             raise WireFormatError("bad_metrics", "metric keys must be strictly increasing")
         last = key
         name = METRIC_IDS[key]
-        if name in COUNT_KEYS:
-            value = float(reader.varint(name))
-        else:
-            (value,) = reader.unpack(_F32, name)
-        problem = _check(name, value)
-        if problem:
-            raise WireFormatError("bad_metrics", problem)
-        out[name] = int(value) if name in COUNT_KEYS else float(value)
+        raw: object = reader.varint(name) if name in COUNT_KEYS else reader.unpack(_F32, name)[0]
+        number, problem = _normalize(name, raw)
+        if number is None:
+            raise WireFormatError("bad_metrics", str(problem))
+        out[name] = number
     return out

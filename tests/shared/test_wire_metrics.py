@@ -7,7 +7,7 @@ import struct
 
 import numpy as np
 import pytest
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from shared.compression import CompressedUpdate, compress
@@ -56,6 +56,8 @@ metric_values = {
 
 
 @settings(max_examples=150, deadline=None)
+@example({"num_eval_examples": (1 << 62) - 1})  # counts stay exact above 2**53
+@example({"num_eval_examples": (1 << 53) + 1})
 @given(
     st.dictionaries(st.sampled_from(sorted(METRIC_KEYS)), st.just(0)).flatmap(
         lambda keys: st.fixed_dictionaries({k: metric_values[k] for k in keys})
