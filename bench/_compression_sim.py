@@ -237,12 +237,6 @@ def run_centralized(fleet: FleetConfig, seed: int, *, rounds: int) -> dict[str, 
     }
 
 
-def update_header_bytes(blob: bytes) -> int:
-    """Bytes of an encoded update before its first section (prefix, header, descriptors), as
-    the product's decoder counts them."""
-    return update_overhead_bytes(blob)
-
-
 def wire_ceiling(
     hidden_sizes: list[int], settings: list[Setting], *, chunk: int, scope: str, seed: int
 ) -> list[dict[str, Any]]:
@@ -262,7 +256,7 @@ def wire_ceiling(
             c = compress(delta, policy, np.random.default_rng(seed))
             blob = encode_update(c, task_id=TASK_ID, base_version=0, num_examples=1)
             sizes[s] = len(blob)
-            headers[s] = update_header_bytes(blob)
+            headers[s] = update_overhead_bytes(blob)
         for s in settings:
             out.append(
                 {

@@ -32,10 +32,10 @@ headline: top-1% per tensor, 4-bit values, error feedback), and for the trade-of
 ``top1pct-4bit-ef-global``, ``top10pct-8bit-ef``, ``top0.1pct-4bit-ef`` (full run only) and
 ``dense`` float32 (reference). Training: 5 local epochs, batch 16, SGD lr 0.1 (the main
 configuration of ``bench/compression_accuracy.py``; Flower's local settings are not recorded
-here, so ``--epochs 2 --lr 0.05``, the demo's, is the lighter alternative), plain FedAvg on
-the server. Targets: rounds at least 20x faster
-than Flower, at least 250x fewer upload bytes per client per round, at most a quarter of its
-memory per client, test accuracy at least 0.903.
+here; ``--epochs 2 --lr 0.05``, the demo's earlier settings, is the lighter alternative),
+plain FedAvg on the server. Targets: rounds at least 20x faster than Flower, at least 250x
+fewer upload bytes per client per round, at most a quarter of its memory per client, test
+accuracy at least 0.903.
 
     python bench/flower_setting.py            # full run
     python bench/flower_setting.py --quick    # make bench
