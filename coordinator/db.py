@@ -9,6 +9,7 @@ from typing import Any
 
 from sqlalchemy import DateTime, Engine, create_engine, event
 from sqlalchemy.engine import Dialect
+from sqlalchemy.exc import PendingRollbackError
 from sqlalchemy.orm import Session, sessionmaker
 from sqlalchemy.types import TypeDecorator
 
@@ -112,10 +113,17 @@ def _drop_sqlite_connection(session: Session) -> None:
     releases the write lock) and the connection is then invalidated; the pool opens a fresh
     one when needed. The closed connection's snapshot ends with the last reference to the
     result, and a snapshot blocks no writer.
+
+    A session whose flush failed (a unique constraint, say) has already rolled its
+    connection back and refuses to hand it out; a failed INSERT or UPDATE leaves no result
+    open, so there is nothing to drop.
     """
     if not session.in_transaction():
         return
-    connection = session.connection()
+    try:
+        connection = session.connection()
+    except PendingRollbackError:
+        return
     if connection.dialect.name != "sqlite":
         return
     dbapi = connection.connection.dbapi_connection
