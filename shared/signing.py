@@ -2,6 +2,12 @@
 
 The canonical request and the headers are specified in docs/protocol.md. Both sides build the
 canonical bytes with :func:`canonical_request`, so they cannot drift apart.
+
+Verification adds the RFC 8032 checks that cryptography (OpenSSL) leaves out: it accepts a
+public key of small order, and under the identity point the one signature (R = identity,
+S = 0) verifies every message. :func:`public_key_from_b64` refuses non-canonical, off-curve and
+small-order keys; :func:`verify_signature` refuses S >= L, a non-canonical or small-order R and
+(for keys loaded some other way) a non-canonical or small-order key, before cryptography runs.
 """
 
 from __future__ import annotations
@@ -19,6 +25,7 @@ from urllib.parse import parse_qsl, quote
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
+from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 
 SCHEME = "FEDGE-SIG-V1"
 HEADER_DEVICE = "X-Fedge-Device"
@@ -31,6 +38,19 @@ _NONCE_RE = re.compile(r"^[0-9a-f]{32}$")
 _DEVICE_RE = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
 EMPTY_BODY_SHA256 = hashlib.sha256(b"").hexdigest()
 
+#: The field prime, the order of the base point and the curve constant d (RFC 8032 5.1).
+_P = 2**255 - 19
+_L = 2**252 + 27742317777372353535851937790883648493
+_D = -121665 * pow(121666, -1, _P) % _P
+_Y_MASK = (1 << 255) - 1
+#: y of two of the four points of order 8; the other two have y = p - this.
+_Y_ORDER_8 = 2707385501144840649318225287225658788936804267575313519463743609750303402022
+#: The y values (sign bit cleared) of every 32-byte encoding of the eight points of order 1, 2,
+#: 4 and 8: identity (y = 1, or p + 1), order 2 (y = p - 1), order 4 (y = 0, or p) and order 8.
+#: Either sign bit decodes to a small-order point (or is invalid), so it is ignored, as in
+#: libsodium's blocklist. tests/shared/test_signing_strict.py derives this set from the curve.
+SMALL_ORDER_Y = frozenset({0, 1, _P - 1, _Y_ORDER_8, _P - _Y_ORDER_8, _P, _P + 1})
+
 
 class SignatureError(ValueError):
     """A signed request is malformed or does not verify. ``code`` is the API error code."""
@@ -39,6 +59,47 @@ class SignatureError(ValueError):
         super().__init__(detail)
         self.code = code
         self.detail = detail
+
+
+class PublicKeyError(SignatureError):
+    """A public key that is malformed, non-canonical, not on the curve or of small order.
+
+    A ValueError, so the enrollment schema answers 422 for it; and a :class:`SignatureError`
+    with code ``invalid_signature``, so a device stored with such a key (enrolled before these
+    checks) has every request refused: no signature under that key proves anything."""
+
+    def __init__(self, detail: str) -> None:
+        super().__init__("invalid_signature", detail)
+
+
+def has_small_order(encoding: bytes) -> bool:
+    """Whether a 32-byte point encoding names a point of order 1, 2, 4 or 8, in any of its
+    encodings (canonical or not, either sign bit)."""
+    return int.from_bytes(encoding, "little") & _Y_MASK in SMALL_ORDER_Y
+
+
+def _is_canonical(encoding: bytes) -> bool:
+    return int.from_bytes(encoding, "little") & _Y_MASK < _P
+
+
+def _weak_point(encoding: bytes) -> str | None:
+    """Why a point encoding is unusable in a signature or a key (cheap checks), or None."""
+    if not _is_canonical(encoding):
+        return "is not canonically encoded (y >= 2^255 - 19)"
+    if has_small_order(encoding):
+        return "is a small-order point"
+    return None
+
+
+def _on_curve(encoding: bytes) -> bool:
+    """Whether a canonical encoding decodes to a point (RFC 8032 5.1.3): x^2 = (y^2 - 1) /
+    (d y^2 + 1) has a root, and x = 0 comes with a clear sign bit."""
+    n = int.from_bytes(encoding, "little")
+    y = n & _Y_MASK
+    x2 = (y * y - 1) * pow(_D * y * y + 1, -1, _P) % _P
+    if x2 == 0:
+        return n >> 255 == 0
+    return pow(x2, (_P - 1) // 2, _P) == 1
 
 
 def canonical_query(query: str) -> str:
@@ -160,8 +221,26 @@ def verify_request(
         nonce=signed.nonce,
         body_sha256=body_sha256,
     )
+    verify_signature(public_key, signed.signature, message)
+
+
+def verify_signature(public_key: Ed25519PublicKey, signature: bytes, message: bytes) -> None:
+    """Ed25519 verification with RFC 8032's strict checks; raises :class:`SignatureError`.
+
+    Refused before cryptography runs: S >= L (a malleated copy of a valid signature), an R that
+    is non-canonical or of small order, and a key that is non-canonical or of small order."""
+    problem = _weak_point(public_key.public_bytes(Encoding.Raw, PublicFormat.Raw))
+    if problem is not None:
+        raise SignatureError("invalid_signature", f"the device's public key {problem}")
+    if len(signature) != 64:
+        raise SignatureError("invalid_signature", "an Ed25519 signature has 64 bytes")
+    problem = _weak_point(signature[:32])
+    if problem is not None:
+        raise SignatureError("invalid_signature", f"the signature's R {problem}")
+    if int.from_bytes(signature[32:], "little") >= _L:
+        raise SignatureError("invalid_signature", "the signature is not canonical (S >= L)")
     try:
-        public_key.verify(signed.signature, message)
+        public_key.verify(signature, message)
     except InvalidSignature:
         raise SignatureError("invalid_signature", "the signature does not verify") from None
 
@@ -177,17 +256,28 @@ def check_skew(timestamp: int, *, now: float | None = None, window_s: int = 300)
 
 
 def public_key_to_b64(key: Ed25519PublicKey) -> str:
-    raw = key.public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
+    raw = key.public_bytes(Encoding.Raw, PublicFormat.Raw)
     return base64.b64encode(raw).decode("ascii")
 
 
 def public_key_from_b64(text: str) -> Ed25519PublicKey:
+    """Parse a stored or submitted key; raises :class:`PublicKeyError` (a ValueError) for a key
+    that is malformed or that RFC 8032's strict checks refuse."""
     try:
         raw = base64.b64decode(text, validate=True)
     except (binascii.Error, ValueError):
-        raise ValueError("public_key must be standard base64") from None
+        raise PublicKeyError("public_key must be standard base64") from None
     if len(raw) != 32:
-        raise ValueError("public_key must be the raw 32-byte Ed25519 key")
+        raise PublicKeyError("public_key must be the raw 32-byte Ed25519 key")
+    if not _is_canonical(raw):
+        raise PublicKeyError("public_key is not canonically encoded (y >= 2^255 - 19)")
+    if has_small_order(raw):
+        raise PublicKeyError(
+            "public_key is a small-order point (such as the identity); a signature under it "
+            "binds nothing"
+        )
+    if not _on_curve(raw):
+        raise PublicKeyError("public_key is not a point on the Ed25519 curve")
     return Ed25519PublicKey.from_public_bytes(raw)
 
 
