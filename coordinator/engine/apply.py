@@ -20,10 +20,12 @@ unique.
 from __future__ import annotations
 
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
+import numpy as np
 from sqlalchemy import select, update
 from sqlalchemy.orm import Session
 
@@ -43,6 +45,16 @@ from shared.policy import CompressionPolicy
 #: Ids per ``IN (...)`` list: SQLite allows at most 32,766 bound parameters per statement, and
 #: a round may hold up to 100,000 updates (``clients_per_round``, ``buffer_size``).
 IN_BATCH = 10_000
+
+
+class AggregationFailed(Exception):
+    """The planned updates cannot make a usable model (e.g. the new weights leave float32's
+    range); the scheduler fails the round with ``reason`` and rejects the updates instead of
+    computing the same result again."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
 
 
 @dataclass(frozen=True, slots=True)
@@ -152,25 +164,37 @@ def plan_aggregation(
 def compute(
     plan: Plan, blobs: BlobStore, *, hook: EvalHook | None, limits: Limits | None = None
 ) -> Result:
-    """Aggregate the planned updates and write the new model (no database access)."""
+    """Aggregate the planned updates and write the new model (no database access).
+
+    :class:`AggregationFailed` when the mean update, the new weights (as float32) or the
+    optimizer state is not finite: no blob is written then."""
     kwargs = {} if limits is None else {"limits": limits}
     start = time.perf_counter()
-    acc = aggregate_blobs(
-        blobs,
-        (WeightedBlob(i.digest, i.weight) for i in plan.items),
-        spec=plan.spec,
-        policy=plan.policy,
-        **kwargs,
-    )
-    total_weight = acc.total_weight
-    delta = acc.mean()
+    with np.errstate(over="ignore", invalid="ignore"):  # a non-finite sum is checked below
+        acc = aggregate_blobs(
+            blobs,
+            (WeightedBlob(i.digest, i.weight) for i in plan.items),
+            spec=plan.spec,
+            policy=plan.policy,
+            **kwargs,
+        )
+        total_weight = acc.total_weight
+        delta = acc.mean()
+    _check_finite("the weighted mean update is not finite", delta)
     aggregated = time.perf_counter()
     weights = load_weights(blobs, plan.base_digest, plan.spec)
     strategy = make_strategy(plan.config)
     new_weights, new_state = strategy.step(weights, delta, load_state(blobs, plan.state_digest))
     del acc, delta, weights  # the dense float64 sum is spent; free it before encoding
+    _check_finite(f"the new model (version {plan.new_version}) overflows float32", new_weights)
+    _check_finite("the new server optimizer state is not finite", new_state)
     stepped = time.perf_counter()
-    model_digest, model_size = store_weights(blobs, new_weights)
+    try:
+        model_digest, model_size = store_weights(blobs, new_weights)
+    except ValueError as exc:  # encode_model refuses what it cannot write
+        raise AggregationFailed(
+            f"the new model (version {plan.new_version}) cannot be encoded: {exc}"
+        ) from None
     state_digest = store_state(blobs, new_state)
     stored = time.perf_counter()
     cfg = plan.config
@@ -183,6 +207,15 @@ def compute(
         "eval": time.perf_counter() - stored,
     }
     return Result(model_digest, model_size, state_digest, total_weight, server, timings)
+
+
+def _check_finite(what: str, arrays: Mapping[str, np.ndarray]) -> None:
+    """:class:`AggregationFailed` (``what``, and the first tensor of ``arrays`` holding a NaN
+    or an infinite value); one vectorized pass per tensor."""
+    for name, a in arrays.items():
+        bad = a.size - int(np.count_nonzero(np.isfinite(a)))
+        if bad:
+            raise AggregationFailed(f"{what}: tensor {name!r} has {bad} NaN or infinite value(s)")
 
 
 def target_reached(cfg: AggregationConfig, server_metrics: dict[str, float]) -> bool:

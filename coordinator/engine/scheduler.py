@@ -26,7 +26,7 @@ import contextlib
 import logging
 from dataclasses import dataclass, field
 
-from sqlalchemy import exists, or_, select
+from sqlalchemy import exists, or_, select, update
 from sqlalchemy.orm import Session
 
 from coordinator.db import session_scope, utcnow
@@ -194,6 +194,9 @@ class TaskStepper:
             except BadStoredUpdate as exc:
                 self._reject_unreadable(plan.items[exc.index].update_id, exc.detail)
                 continue
+            except apply.AggregationFailed as exc:
+                self._fail_aggregation(plan, exc.reason)
+                return
             with session_scope(self.runtime.sessions) as session:
                 woken = apply.commit_aggregation(
                     session,
@@ -217,6 +220,51 @@ class TaskStepper:
             if u is not None and u.status == "accepted":
                 u.status = "rejected"
                 u.reason = f"stored update unreadable at aggregation: {detail}"
+
+    def _fail_aggregation(self, plan: apply.Plan, reason: str) -> None:
+        """Fail the planned round and reject its updates, in one transaction, so the same
+        aggregation is not computed again; the next round opens as usual on the next tick.
+        Nothing changes when the round is no longer active (another attempt settled it)."""
+        log.error(
+            "aggregation of task %s round %s failed (%s); failing the round",
+            plan.task_id,
+            plan.round_id,
+            reason,
+        )
+        reason = f"aggregation failed: {reason}"
+        now = utcnow()
+        with session_scope(self.runtime.sessions) as session:
+            # The task row first, in the order commit_aggregation locks.
+            session.scalar(
+                select(Task.id).where(Task.id == plan.task_id).with_for_update(key_share=True)
+            )
+            failed = session.execute(
+                update(Round)
+                .where(Round.id == plan.round_id, Round.status.in_(rounds.ACTIVE_ROUND))
+                .values(status="failed", status_reason=reason, closed_at=now)
+                .execution_options(synchronize_session=False)
+            )
+            if failed.rowcount != 1:  # type: ignore[attr-defined]
+                return
+            ids = [i.update_id for i in plan.items]
+            rejected = 0
+            for start in range(0, len(ids), apply.IN_BATCH):
+                done = session.execute(
+                    update(Update)
+                    .where(
+                        Update.id.in_(ids[start : start + apply.IN_BATCH]),
+                        Update.status == "accepted",
+                    )
+                    .values(status="rejected", reason=reason)
+                    .execution_options(synchronize_session=False)
+                )
+                rejected += done.rowcount  # type: ignore[attr-defined]
+            session.execute(
+                update(Round)
+                .where(Round.id == plan.round_id)
+                .values(num_rejected=Round.num_rejected + rejected)
+                .execution_options(synchronize_session=False)
+            )
 
     def release_leases(self) -> None:
         with session_scope(self.runtime.sessions) as session:

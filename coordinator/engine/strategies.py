@@ -48,14 +48,18 @@ class Strategy(ABC):
 def _to_f32(weights: Arrays, step: Arrays) -> dict[str, np.ndarray]:
     """``float32(float64(w) + step)`` per tensor. A float64 ``step`` (which the strategies
     create or own) receives the sum in place, so no further dense float64 buffers are
-    allocated; the result is bit-identical (float64 addition is commutative)."""
+    allocated; the result is bit-identical (float64 addition is commutative).
+
+    A sum beyond float32's range becomes infinite without a warning: the caller checks the
+    result (``coordinator.engine.apply.compute`` fails the aggregation)."""
     out: dict[str, np.ndarray] = {}
-    for name, w in weights.items():
-        s = step[name]
-        if s.dtype == np.float64 and s.flags.writeable and s.shape == np.shape(w):
-            out[name] = np.add(s, w, out=s).astype(np.float32)
-        else:
-            out[name] = (np.asarray(w, dtype=np.float64) + s).astype(np.float32)
+    with np.errstate(over="ignore", invalid="ignore"):
+        for name, w in weights.items():
+            s = step[name]
+            if s.dtype == np.float64 and s.flags.writeable and s.shape == np.shape(w):
+                out[name] = np.add(s, w, out=s).astype(np.float32)
+            else:
+                out[name] = (np.asarray(w, dtype=np.float64) + s).astype(np.float32)
     return out
 
 
