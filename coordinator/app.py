@@ -11,7 +11,7 @@ import anyio.to_thread
 from fastapi import FastAPI
 
 from coordinator import __version__
-from coordinator.api import build_router
+from coordinator.api import API_PREFIX, build_router
 from coordinator.api.bodylimit import BodyLimitMiddleware
 from coordinator.api.overload import OverloadMiddleware
 from coordinator.engine.lifecycle import start_engine, stop_engine
@@ -48,6 +48,11 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     )
     install_error_handlers(app)
     app.add_middleware(BodyLimitMiddleware, settings=settings)
-    app.add_middleware(OverloadMiddleware, max_in_flight=settings.max_connections)
+    app.add_middleware(
+        OverloadMiddleware,
+        max_in_flight=settings.max_connections,
+        device_limit=settings.device_connections,  # the rest is kept for probes and admins
+        device_prefix=f"{API_PREFIX}/device/",
+    )
     app.include_router(build_router())
     return app

@@ -3,20 +3,41 @@
 A device request passes when, in this order:
 
 1. the four ``X-Fedge-*`` headers are present and well formed (401 ``invalid_signature``);
-2. the body fits ``max_upload_bytes`` (413 ``payload_too_large``, checked while it streams in);
-3. the device exists (401 ``unknown_device``) and the signature covers the request's method,
-   path, query and body digest (401 ``invalid_signature``);
-4. the device is not revoked (403 ``device_revoked``);
-5. the timestamp lies within the skew window (401 ``clock_skew``);
-6. the device is within its request rate (429 ``rate_limited`` with ``Retry-After``);
-7. the nonce was not used by this device before (401 ``replayed_nonce``). Nonces are rows of
+2. the device named by ``X-Fedge-Device`` exists (401 ``unknown_device``) and is not revoked
+   (403 ``device_revoked``): a read-only lookup made before any byte of the body is read, so
+   a client naming a device that is not enrolled cannot make the coordinator take in a body;
+3. the device has fewer than ``device_max_in_flight`` requests in flight (429
+   ``too_many_requests`` with ``Retry-After``; see "Slots" below);
+4. the body fits ``max_upload_bytes`` (413 ``payload_too_large``, checked while it streams in);
+5. the signature covers the request's method, path, query and body digest (401
+   ``invalid_signature``); the device's existence and status are checked again in the same
+   transaction, for a device revoked meanwhile;
+6. the timestamp lies within the skew window (401 ``clock_skew``);
+7. the device is within its request rate (429 ``rate_limited`` with ``Retry-After``);
+8. the nonce was not used by this device before (401 ``replayed_nonce``). Nonces are rows of
    ``used_nonces`` kept for twice the skew window, so a restart or another coordinator process
-   does not reopen a replay window; a request older than the window fails step 5 instead.
+   does not reopen a replay window; a request older than the window fails step 6 instead.
 
-Passing requests update the device's ``last_seen_at``. The check runs in its own short
-transaction and holds no session afterwards (long-polls wait without a connection). The
-verified body is cached on the request, so handlers read it again with ``await
+A body larger than its route's limit by its ``Content-Length`` is refused with 413 even
+before step 1 (:mod:`coordinator.api.bodylimit`). Since step 2 comes before the signature, a
+revoked device is refused without one: whoever knows a device id learns that it is revoked,
+as ``unknown_device`` already told whether it is enrolled.
+
+Passing requests update the device's ``last_seen_at``. The checks of steps 5-8 run in their
+own short transaction and hold no session afterwards (long-polls wait without a connection).
+The verified body is cached on the request, so handlers read it again with ``await
 request.body()`` (or take it from :attr:`DeviceIdentity.body`).
+
+Slots (:class:`DeviceSlots`): one device may have ``device_max_in_flight`` requests in flight
+and ``device_max_long_polls`` work long-polls open, per coordinator process. The device id is
+claimed before it is proven, and the request slot must be taken before the body is read (the
+body is what the signature covers), so it is taken after step 2 for an enrolled, active
+device, and given back when the request ends, at once when verification fails. Someone who
+forges an enrolled device's id can therefore hold that device's request slots while trickling
+a body in, but no more than ``device_max_in_flight`` per device id they know, and never a slot
+of a device id that is not enrolled; counting only verified requests would instead let one
+client fill every device's share with slow bodies. Long-poll slots are taken after
+verification (:func:`coordinator.api.device_work.work`), so a forger cannot take them.
 
 The rate limit is a token bucket per device and per coordinator process (capacity
 ``device_rate_per_minute``, refilled continuously); several replicas each apply it.
@@ -28,14 +49,14 @@ import hashlib
 import math
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import TYPE_CHECKING
 
 from fastapi import Request
 from fastapi.concurrency import run_in_threadpool
-from sqlalchemy import Insert, delete
+from sqlalchemy import Insert, delete, select
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session
 
@@ -58,6 +79,9 @@ if TYPE_CHECKING:
 #: How often (seconds) one process deletes expired nonces.
 NONCE_PRUNE_INTERVAL_S = 60.0
 _EXTRAS_KEY = "device_authenticator"
+_SLOTS_KEY = "device_slots"
+#: ``Retry-After`` (seconds) of a request refused for want of a free slot of its device.
+SLOT_RETRY_AFTER_S = 1
 
 
 @dataclass(frozen=True)
@@ -159,7 +183,7 @@ class DeviceAuthenticator:
     def verify(
         self, signed: SignedHeaders, *, method: str, path: str, query: str, body: bytes
     ) -> DeviceIdentity:
-        """Steps 3-7 of the module docstring, in one transaction; raises an ApiError."""
+        """Steps 5-8 of the module docstring, in one transaction; raises an ApiError."""
         settings = self.runtime.settings
         window = settings.signature_skew_s
         body_sha256 = hashlib.sha256(body).hexdigest()
@@ -217,6 +241,101 @@ def get_authenticator(runtime: Runtime) -> DeviceAuthenticator:
     return created
 
 
+class DeviceSlots:
+    """Requests in flight and open work long-polls per device, in one coordinator process.
+
+    Slots are taken and given back by async code on the event loop only, so no lock is
+    needed; a device's entries are dropped when its last slot is given back.
+    """
+
+    def __init__(self, *, max_in_flight: int, max_long_polls: int, poll_retry_after_s: int):
+        self.max_in_flight = max_in_flight
+        self.max_long_polls = max_long_polls
+        self.poll_retry_after_s = poll_retry_after_s
+        self._in_flight: dict[str, int] = {}
+        self._long_polls: dict[str, int] = {}
+
+    def in_flight(self, device_id: str) -> int:
+        return self._in_flight.get(device_id, 0)
+
+    def long_polls(self, device_id: str) -> int:
+        return self._long_polls.get(device_id, 0)
+
+    def request(self, device_id: str) -> _Slot:
+        """A request slot of ``device_id`` for a ``with`` block, or 429 ``too_many_requests``."""
+        return _Slot(
+            self._in_flight,
+            device_id,
+            self.max_in_flight,
+            what="requests in flight",
+            retry_after_s=SLOT_RETRY_AFTER_S,
+        )
+
+    def long_poll(self, device_id: str) -> _Slot:
+        """A long-poll slot of ``device_id`` for a ``with`` block, or 429
+        ``too_many_requests``. ``Retry-After`` is one re-check period: a poll whose client
+        vanished without a word is noticed, and its slot given back, within that time."""
+        return _Slot(
+            self._long_polls,
+            device_id,
+            self.max_long_polls,
+            what="work long-polls open",
+            retry_after_s=self.poll_retry_after_s,
+        )
+
+
+class _Slot:
+    """Taken on entering the ``with`` block (or refused), given back on leaving it."""
+
+    def __init__(
+        self, counts: dict[str, int], key: str, limit: int, *, what: str, retry_after_s: int
+    ) -> None:
+        self.counts, self.key, self.limit = counts, key, limit
+        self.what, self.retry_after_s = what, retry_after_s
+
+    def __enter__(self) -> None:
+        held = self.counts.get(self.key, 0)
+        if held >= self.limit:
+            raise RateLimited(
+                f"device {self.key} already has {held} {self.what}, its limit; "
+                f"retry in {self.retry_after_s} s",
+                code="too_many_requests",
+                headers={"Retry-After": str(self.retry_after_s)},
+            )
+        self.counts[self.key] = held + 1
+
+    def __exit__(self, *exc: object) -> None:
+        held = self.counts[self.key] - 1
+        if held:
+            self.counts[self.key] = held
+        else:
+            del self.counts[self.key]
+
+
+def get_device_slots(runtime: Runtime) -> DeviceSlots:
+    existing = runtime.extras.get(_SLOTS_KEY)
+    if isinstance(existing, DeviceSlots):
+        return existing
+    settings = runtime.settings
+    created = runtime.extras.setdefault(
+        _SLOTS_KEY,
+        DeviceSlots(
+            max_in_flight=settings.device_max_in_flight,
+            max_long_polls=settings.device_max_long_polls,
+            poll_retry_after_s=max(1, math.ceil(settings.long_poll_recheck_s)),
+        ),
+    )
+    assert isinstance(created, DeviceSlots)
+    return created
+
+
+def _device_status(runtime: Runtime, device_id: str) -> str | None:
+    """Step 2's lookup: the device's status, None when no such device is enrolled."""
+    with session_scope(runtime.sessions, read_only=True) as session:
+        status: str | None = session.scalar(select(Device.status).where(Device.id == device_id))
+        return status
+
+
 async def read_body(request: Request, *, limit: int) -> bytes:
     """The request body, refused with 413 as soon as it exceeds ``limit`` bytes.
 
@@ -243,19 +362,27 @@ async def read_body(request: Request, *, limit: int) -> bytes:
     return body
 
 
-async def authenticate_device(request: Request) -> DeviceIdentity:
-    """FastAPI dependency behind ``DeviceDep``: verify the signed request or raise."""
+async def authenticate_device(request: Request) -> AsyncIterator[DeviceIdentity]:
+    """FastAPI dependency behind ``DeviceDep``: verify the signed request or raise. The
+    device's request slot is held until the request ends (FastAPI closes the dependency
+    after the response), and given back at once when verification fails."""
     runtime: Runtime = request.app.state.runtime
     try:
         signed = parse_signed_headers(request.headers)
     except SignatureError as exc:
         raise Unauthorized(exc.detail, code=exc.code) from None
-    body = await read_body(request, limit=runtime.settings.max_upload_bytes)
-    return await run_in_threadpool(
-        get_authenticator(runtime).verify,
-        signed,
-        method=request.method,
-        path=request.url.path,
-        query=request.url.query,
-        body=body,
-    )
+    status = await run_in_threadpool(_device_status, runtime, signed.device_id)
+    if status is None:
+        raise Unauthorized(f"no device {signed.device_id!r} is enrolled", code="unknown_device")
+    if status == "revoked":
+        raise Forbidden(f"device {signed.device_id} has been revoked", code="device_revoked")
+    with get_device_slots(runtime).request(signed.device_id):
+        body = await read_body(request, limit=runtime.settings.max_upload_bytes)
+        yield await run_in_threadpool(
+            get_authenticator(runtime).verify,
+            signed,
+            method=request.method,
+            path=request.url.path,
+            query=request.url.query,
+            body=body,
+        )

@@ -10,6 +10,8 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 
 #: Threads kept free beyond one per request in flight (the scheduler runs in threads too).
 THREAD_MARGIN = 16
+#: Largest default of ``reserved_connections`` (requests in flight kept for non-device routes).
+MAX_DEFAULT_RESERVE = 32
 
 
 class Settings(BaseSettings):
@@ -54,7 +56,26 @@ class Settings(BaseSettings):
         default=1000,
         ge=1,
         description="Requests in flight, long-polls included, before the coordinator answers "
-        "503 overloaded (each device keeps at most two).",
+        "503 overloaded. Device routes may fill all but reserved_connections of them.",
+    )
+    reserved_connections: int | None = Field(
+        default=None,
+        ge=0,
+        description="Requests in flight kept for /healthz, /readyz and the admin API: device "
+        "routes get 503 overloaded beyond max_connections minus this. Unset: a quarter of "
+        "max_connections, at most 32.",
+    )
+    device_max_in_flight: int = Field(
+        default=8,
+        ge=2,
+        description="Requests one device may have in flight, long-polls included, before it "
+        "gets 429 too_many_requests.",
+    )
+    device_max_long_polls: int = Field(
+        default=4,
+        ge=1,
+        description="Work long-polls one device may have open before it gets 429 "
+        "too_many_requests. Must be below device_max_in_flight.",
     )
 
     scheduler_enabled: bool = True
@@ -76,6 +97,20 @@ class Settings(BaseSettings):
                 f"({self.max_connections}) by at least {THREAD_MARGIN}: a request holding a "
                 "database lock must always find a thread for its next step"
             )
+        if (
+            self.reserved_connections is not None
+            and self.reserved_connections >= self.max_connections
+        ):
+            raise ValueError(
+                f"reserved_connections ({self.reserved_connections}) must be below "
+                f"max_connections ({self.max_connections}): device routes need at least one"
+            )
+        if self.device_max_long_polls >= self.device_max_in_flight:
+            raise ValueError(
+                f"device_max_long_polls ({self.device_max_long_polls}) must be below "
+                f"device_max_in_flight ({self.device_max_in_flight}): a device whose "
+                "long-polls are all open must still be able to upload"
+            )
         if not self.database_url:
             self.database_url = f"sqlite:///{(self.data_dir / 'fedge.db').resolve()}"
         if self.blob_dir is None:
@@ -85,6 +120,19 @@ class Settings(BaseSettings):
         if self.tls_key is None:
             self.tls_key = self.data_dir / "tls" / "server.key"
         return self
+
+    @property
+    def connection_reserve(self) -> int:
+        """Requests in flight kept for non-device routes (derived when unset; computed here
+        rather than stored, so a ``model_copy`` that changes ``max_connections`` follows)."""
+        if self.reserved_connections is not None:
+            return self.reserved_connections
+        return min(MAX_DEFAULT_RESERVE, self.max_connections // 4)
+
+    @property
+    def device_connections(self) -> int:
+        """Requests in flight device routes may fill: ``max_connections`` minus the reserve."""
+        return self.max_connections - self.connection_reserve
 
     @property
     def blobs(self) -> Path:

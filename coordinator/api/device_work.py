@@ -12,6 +12,11 @@ wakes in the same event-loop turn is checked in one :func:`coordinator.engine.wo
 check_waiting` call, so a thousand idle devices cost a few queries per re-check instead of a
 thousand, and a round opened for all of them is answered from one query. A poll whose batch
 verdict is anything but its active assignment or "nothing new" runs its own check as before.
+
+A device may keep ``device_max_long_polls`` polls with a wait open (besides its cap on
+requests in flight, :class:`coordinator.auth.DeviceSlots`); one more is refused at once with
+429 ``too_many_requests`` and ``Retry-After``, before its first check. The slot is taken after
+the request was verified, so nobody but the device itself can use up its polls.
 """
 
 from __future__ import annotations
@@ -19,6 +24,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import math
+from contextlib import AbstractContextManager, nullcontext
 from datetime import datetime
 from typing import Annotated, Any, Literal
 
@@ -27,6 +33,7 @@ from fastapi.concurrency import run_in_threadpool
 from pydantic import BaseModel, Field, ValidationError
 
 from coordinator.api.deps import MAX_ID, DeviceDep, RuntimeDep
+from coordinator.auth import get_device_slots
 from coordinator.db import session_scope, utcnow
 from coordinator.engine.lifecycle import NOTIFIER_KEY, SCHEDULER_KEY
 from coordinator.engine.notify import Notifier
@@ -190,13 +197,18 @@ async def work(
     ] = None,
 ) -> Any:
     loop = asyncio.get_running_loop()
-    deadline = loop.time() + min(wait, runtime.settings.long_poll_max_s)
+    wait_s = min(wait, runtime.settings.long_poll_max_s)
+    deadline = loop.time() + wait_s
     recheck = runtime.settings.long_poll_recheck_s
     notifier = get_notifier(runtime)
     if notifier is None:  # no lifespan engine (should not happen): plain re-checks
         notifier = Notifier(loop)
     checker = get_checker(runtime)
-    with notifier.subscribe(device.id) as sub:
+    # A check without a wait holds nothing for long and needs no long-poll slot.
+    slot: AbstractContextManager[None] = (
+        get_device_slots(runtime).long_poll(device.id) if wait_s > 0 else nullcontext()
+    )
+    with slot, notifier.subscribe(device.id) as sub:
         own_check = True
         while True:
             if own_check:
