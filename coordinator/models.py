@@ -174,6 +174,9 @@ class Update(Base):
     round_id: Mapped[int | None] = mapped_column(ForeignKey("rounds.id"), default=None)
     base_version: Mapped[int] = mapped_column(Integer)
     num_examples: Mapped[int] = mapped_column(BigInteger)
+    # The examples that count for the weight (coordinator.engine.examples); null on rows
+    # written before it existed (then the claim capped by the task's max_num_examples).
+    num_examples_counted: Mapped[int | None] = mapped_column(BigInteger, default=None)
     blob_digest: Mapped[str] = mapped_column(String(64))
     byte_size: Mapped[int] = mapped_column(BigInteger)
     staleness: Mapped[int] = mapped_column(Integer)

@@ -93,6 +93,19 @@ class Accumulator:
         return self.sums
 
 
+def max_abs(update: DecodedUpdate) -> float:
+    """The largest magnitude among the update's carried values (0.0 when it carries none);
+    two reductions per tensor, no temporary array."""
+    return max(
+        (
+            max(float(t.values.max()), -float(t.values.min()))
+            for t in update.tensors
+            if t.values.size
+        ),
+        default=0.0,
+    )
+
+
 def iter_decoded(
     blobs: BlobStore,
     items: Iterable[WeightedBlob],

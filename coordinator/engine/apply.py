@@ -30,7 +30,7 @@ from sqlalchemy import select, update
 from sqlalchemy.orm import Session
 
 from coordinator.blobstore import BlobStore
-from coordinator.engine import rounds
+from coordinator.engine import examples, rounds
 from coordinator.engine.aggregate import WeightedBlob, aggregate_blobs
 from coordinator.engine.config import AggregationConfig
 from coordinator.engine.evalhook import EvalHook, run_hook
@@ -116,13 +116,20 @@ def plan_aggregation(
     # Plain columns, not ORM objects: a round of 10,000 updates would otherwise hold 10,000
     # tracked ``Update`` instances (with their metrics) in the session.
     pending = session.execute(
-        select(Update.id, Update.blob_digest, Update.base_version, Update.num_examples)
+        select(
+            Update.id,
+            Update.blob_digest,
+            Update.base_version,
+            Update.num_examples,
+            Update.num_examples_counted,
+        )
         .where(Update.task_id == task.id, Update.status == "accepted")
         .order_by(Update.received_at, Update.id)
     ).all()
-    items: list[PlannedUpdate] = []
+    # (id, digest, tau, counted examples) of the updates to apply; weights once they are known.
+    chosen: list[tuple[int, str, int, int]] = []
     rejects: list[dict[str, Any]] = []
-    for update_id, digest, base_version, num_examples in pending:
+    for update_id, digest, base_version, num_examples, counted in pending:
         tau = max(0, base - base_version)
         if tau > cfg.max_staleness:
             reason = (
@@ -131,10 +138,8 @@ def plan_aggregation(
             )
             rejects.append({"id": update_id, "status": "rejected", "reason": reason})
             continue
-        weight = update_weight(
-            cfg.staleness, tau=tau, num_examples=num_examples, weighting=cfg.weighting
-        )
-        items.append(PlannedUpdate(update_id, digest, weight, tau))
+        count = examples.stored_count(counted, num_examples, cap=cfg.max_num_examples)
+        chosen.append((update_id, digest, tau, count))
     rejected = len(rejects)
     if rejects:
         session.execute(update(Update), rejects)
@@ -142,11 +147,23 @@ def plan_aggregation(
         rnd.num_rejected += rejected
         session.flush()
     if cfg.mode == "async":
-        if len(items) < cfg.buffer_size:
+        if len(chosen) < cfg.buffer_size:
             return None
-        items = items[: cfg.buffer_size]
-    elif not items:
+        chosen = chosen[: cfg.buffer_size]
+    elif not chosen:
         return None
+    # The weight counts the examples clipped to a multiple of the cohort's median
+    # (coordinator.engine.examples), then discounts staleness.
+    clipped = examples.cohort_clip([count for *_, count in chosen])
+    items = [
+        PlannedUpdate(
+            update_id,
+            digest,
+            update_weight(cfg.staleness, tau=tau, num_examples=int(n), weighting=cfg.weighting),
+            tau,
+        )
+        for (update_id, digest, tau, _), n in zip(chosen, clipped, strict=True)
+    ]
     return Plan(
         task_id=task.id,
         round_id=rnd.id,

@@ -19,6 +19,14 @@ Mode = Literal["sync", "async"]
 Weighting = Literal["num_examples", "equal"]
 
 STRATEGIES = ("fedavg", "fedavgm", "fedadam", "fedyogi")
+#: The largest finite float32: no decoded update value exceeds it, so as ``max_update_abs``
+#: it switches the per-value bound off (the aggregate's finite check still applies).
+FLOAT32_MAX = 3.4028234663852886e38
+#: Defaults of the update bounds (docs/rounds.md, "Update bounds").
+MAX_UPDATE_ABS = 1e6
+MAX_NUM_EXAMPLES = 10_000_000
+#: ``max_num_examples`` stays an integer that float64 weights represent exactly.
+NUM_EXAMPLES_LIMIT = 2**53
 
 
 class ConfigError(ValueError):
@@ -98,6 +106,8 @@ class AggregationConfig:
     target_metric: str | None = None
     target_value: float | None = None
     eval_every: int = 1
+    max_update_abs: float = MAX_UPDATE_ABS
+    max_num_examples: int = MAX_NUM_EXAMPLES
 
     @property
     def num_selected(self) -> int:
@@ -147,4 +157,10 @@ class AggregationConfig:
             target_metric=target_metric,
             target_value=target_value,
             eval_every=_integer(data, "eval_every", 1, lo=1, hi=10_000_000),
+            max_update_abs=_number(
+                data, "max_update_abs", MAX_UPDATE_ABS, lo=1e-12, hi=FLOAT32_MAX
+            ),
+            max_num_examples=_integer(
+                data, "max_num_examples", MAX_NUM_EXAMPLES, lo=1, hi=NUM_EXAMPLES_LIMIT
+            ),
         )

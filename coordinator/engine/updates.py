@@ -7,7 +7,9 @@ Order of checks (each rejection changes nothing):
    no update yet (409 ``already_uploaded``), its task is running (409 ``task_not_running``);
 3. the body decodes and matches the task's spec and compression policy (400 wire codes,
    422 ``shape_mismatch``/``policy_mismatch``), its header names the assignment's task and base
-   version (422 ``task_mismatch``/``base_version_mismatch``), ``num_examples >= 1``;
+   version (422 ``task_mismatch``/``base_version_mismatch``), ``num_examples >= 1`` and at
+   most the task's ``max_num_examples`` (422 ``num_examples_out_of_range``), and no value's
+   magnitude exceeds ``max_update_abs`` (422 ``update_out_of_range``);
 4. staleness ``tau = current_version - base_version`` is within ``max_staleness``
    (409 ``stale_update``).
 
@@ -30,6 +32,8 @@ from sqlalchemy.orm import Session
 
 from coordinator.blobstore import BlobStore
 from coordinator.db import session_scope, utcnow
+from coordinator.engine import examples
+from coordinator.engine.aggregate import max_abs
 from coordinator.engine.config import AggregationConfig, ConfigError
 from coordinator.engine.ownership import own_assignment
 from coordinator.engine.staleness import update_weight
@@ -138,8 +142,11 @@ def _first_result(session: Session, u: Update) -> UploadResult:
     task = session.get(Task, u.task_id)
     assert task is not None
     cfg = _config(task)
+    counted = examples.stored_count(
+        u.num_examples_counted, u.num_examples, cap=cfg.max_num_examples
+    )
     weight = update_weight(
-        cfg.staleness, tau=u.staleness, num_examples=u.num_examples, weighting=cfg.weighting
+        cfg.staleness, tau=u.staleness, num_examples=counted, weighting=cfg.weighting
     )
     assert u.assignment_id is not None
     return UploadResult(
@@ -215,6 +222,14 @@ def decode_checked(body: bytes, ctx: _Context) -> DecodedUpdate:
         )
     if decoded.num_examples < 1:
         raise Unprocessable("num_examples must be at least 1")
+    examples.check_claim(decoded.num_examples, cap=ctx.config.max_num_examples)
+    largest = max_abs(decoded)
+    if largest > ctx.config.max_update_abs:
+        raise Unprocessable(
+            f"the update carries a value of magnitude {largest:.6g}; this task accepts at most "
+            f"{ctx.config.max_update_abs:.6g} (aggregation.max_update_abs)",
+            code="update_out_of_range",
+        )
     return decoded
 
 
@@ -239,9 +254,14 @@ def _record(
         raise Conflict(f"task {task.id} is {task.status}, not running", code="task_not_running")
     cfg = _parsed(task).config
     tau = _check_staleness(cfg, current=task.current_version, base=a.base_version)
-    weight = update_weight(
-        cfg.staleness, tau=tau, num_examples=decoded.num_examples, weighting=cfg.weighting
+    counted = examples.counted_examples(
+        session,
+        task_id=task.id,
+        device_id=device_id,
+        claimed=decoded.num_examples,
+        cap=cfg.max_num_examples,
     )
+    weight = update_weight(cfg.staleness, tau=tau, num_examples=counted, weighting=cfg.weighting)
     # Metrics carried in the update join (and override) any the device reported before.
     metrics = {**(a.metrics or {}), **decoded.metrics}
     if decoded.metrics:
@@ -253,6 +273,7 @@ def _record(
         round_id=a.round_id,
         base_version=a.base_version,
         num_examples=decoded.num_examples,
+        num_examples_counted=counted,
         blob_digest=digest,
         byte_size=size,
         staleness=tau,

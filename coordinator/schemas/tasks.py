@@ -11,6 +11,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag, model_validator
 
+from coordinator.engine import config as engine_config
 from coordinator.schemas.common import JsonObject, Name, Page, Strict, Text
 from shared import architectures
 from shared.limits import MAX_CHUNK
@@ -115,6 +116,18 @@ class AggregationConfig(Strict):
     buffer_size: int = Field(default=10, ge=1, le=100_000)
     max_concurrency: int = Field(default=20, ge=1, le=100_000)
     eval_every: int = Field(default=1, ge=1, le=1_000_000)
+    max_update_abs: float = Field(
+        default=engine_config.MAX_UPDATE_ABS,
+        ge=1e-12,
+        le=engine_config.FLOAT32_MAX,
+        description="uploads carrying a value of larger magnitude are refused (422)",
+    )
+    max_num_examples: int = Field(
+        default=engine_config.MAX_NUM_EXAMPLES,
+        ge=1,
+        le=engine_config.NUM_EXAMPLES_LIMIT,
+        description="uploads claiming more examples are refused (422)",
+    )
 
     @model_validator(mode="after")
     def _consistent(self) -> AggregationConfig:
