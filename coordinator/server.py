@@ -10,11 +10,16 @@ ready it prints its URL and, when asked, writes the bound port to a file atomica
 the demo wait for that file). SIGTERM and SIGINT stop it gracefully: no new connections,
 in-flight requests get ``graceful_timeout_s`` to finish, the app's lifespan shuts down, and
 the process exits with status 0.
+
+Logging is uvicorn's console configuration, with the coordinator's own loggers added at
+``log_level`` (they would otherwise reach only Python's last-resort handler, which prints
+warnings and errors alone).
 """
 
 from __future__ import annotations
 
 import asyncio
+import copy
 import os
 import signal
 import socket
@@ -25,8 +30,10 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager, suppress
 from pathlib import Path
 from types import FrameType
+from typing import Any
 
 import uvicorn
+import uvicorn.config
 
 from coordinator.app import create_app
 from coordinator.bootstrap import SetupError, schema_report
@@ -91,6 +98,18 @@ def write_port_file(path: Path, port: int) -> None:
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     tmp.write_text(f"{port}\n", encoding="ascii")
     os.replace(tmp, path)
+
+
+def log_config(level: str) -> dict[str, Any]:
+    """uvicorn's logging configuration plus the ``coordinator`` loggers at ``level``, on
+    uvicorn's console handler."""
+    config = copy.deepcopy(uvicorn.config.LOGGING_CONFIG)
+    config["loggers"]["coordinator"] = {
+        "handlers": ["default"],
+        "level": level.upper(),
+        "propagate": False,
+    }
+    return config
 
 
 class _Server(uvicorn.Server):
@@ -175,6 +194,7 @@ def serve(
         ssl_certfile=str(tls[0]) if tls else None,
         ssl_keyfile=str(tls[1]) if tls else None,
         log_level=settings.log_level.lower(),
+        log_config=log_config(settings.log_level),
         proxy_headers=True,
         forwarded_allow_ips=forwarded_allow_ips,
         timeout_graceful_shutdown=graceful_timeout_s,

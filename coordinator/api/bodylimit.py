@@ -10,14 +10,24 @@ exceeds the route's limit, and stops a streamed (chunked) body as soon as it doe
 - every other route (JSON bodies) gets :data:`MAX_JSON_BODY`.
 
 Routes still check their exact limit while reading (:func:`coordinator.auth.read_body`).
+
+A client that closes its connection before its body is in makes the reader raise Starlette's
+``ClientDisconnect``. Nobody is left to answer, so that is not an application error: the
+middleware logs it as one INFO line (method, path, bytes received) and ends the request,
+instead of letting the error handler render a 500 for nobody and uvicorn log the exception a
+second time, each with a traceback. Nothing was changed by the request: device requests are
+verified, and handlers act, only once the whole body is in.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import re
 from collections.abc import Awaitable, Callable, MutableMapping
 from typing import Any
+
+from starlette.requests import ClientDisconnect
 
 from coordinator.settings import Settings
 
@@ -26,6 +36,8 @@ Message = MutableMapping[str, Any]
 Receive = Callable[[], Awaitable[Message]]
 Send = Callable[[Message], Awaitable[None]]
 ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
+
+log = logging.getLogger(__name__)
 
 #: Largest body of a JSON route (task definitions, metrics, enrollment, ...).
 MAX_JSON_BODY = 1 << 20
@@ -92,6 +104,16 @@ class BodyLimitMiddleware:
 
         try:
             await self.app(scope, limited_receive, guarded_send)
+        except ClientDisconnect:
+            if refused:
+                return  # the client has its 413
+            log.info(
+                "client disconnected mid-request: %s %s, %d of %s body bytes received",
+                scope["method"],
+                scope["path"],
+                received,
+                "?" if declared is None else declared,
+            )
         except Exception:
             if not refused:
                 raise
