@@ -17,7 +17,7 @@ from typing import Any, TypeVar
 
 import numpy as np
 from pydantic import BaseModel, ValidationError
-from sqlalchemy import select
+from sqlalchemy import select, update
 from sqlalchemy.orm import Session
 
 from coordinator.blobstore import BlobStore
@@ -318,12 +318,25 @@ def transition(session: Session, task: Task, action: str) -> Task:
             code="invalid_transition",
         )
     now = utcnow()
-    task.status = target
-    task.status_reason = None
-    task.updated_at = now
+    values: dict[str, Any] = {"status": target, "status_reason": None, "updated_at": now}
     if action == "start":
-        task.started_at = now
+        values["started_at"] = now
     if target == "cancelled":
-        task.finished_at = now
+        values["finished_at"] = now
+    # Compare-and-set on the status read above: the round engine may have completed or
+    # failed the task since (it holds the task row lock while it does), and an action must
+    # not overwrite that newer state.
     session.flush()
+    moved = session.execute(
+        update(Task)
+        .where(Task.id == task.id, Task.status == task.status)
+        .values(**values)
+        .execution_options(synchronize_session=False)
+    )
+    session.refresh(task)
+    if not moved.rowcount:  # type: ignore[attr-defined]
+        raise Conflict(
+            f"cannot {action} task {task.id}: it became {task.status} meanwhile",
+            code="invalid_transition",
+        )
     return task

@@ -57,6 +57,11 @@ class AggregationFailed(Exception):
         self.reason = reason
 
 
+class RoundMoved(RuntimeError):
+    """The round got another outcome while its aggregation was being committed (the
+    transaction is rolled back; nothing of it is kept)."""
+
+
 @dataclass(frozen=True, slots=True)
 class PlannedUpdate:
     update_id: int
@@ -140,11 +145,9 @@ def plan_aggregation(
             continue
         count = examples.stored_count(counted, num_examples, cap=cfg.max_num_examples)
         chosen.append((update_id, digest, tau, count))
-    rejected = len(rejects)
     if rejects:
         session.execute(update(Update), rejects)
-    if rejected:
-        rnd.num_rejected += rejected
+        rounds.bump_round(session, rnd.id, num_rejected=len(rejects))
         session.flush()
     if cfg.mode == "async":
         if len(chosen) < cfg.buffer_size:
@@ -305,12 +308,21 @@ def commit_aggregation(
             created_at=now,
         )
     )
-    rnd.status = "closed"
-    rnd.closed_at = now
-    rnd.result_version = new_version
-    rnd.num_received = len(ids)
-    rnd.num_stale = sum(1 for i in plan.items if i.tau > 0)
-    rnd.metrics = metrics
+    # Under the task row lock nobody else moves the round; the compare-and-set still makes
+    # sure a round gets exactly one outcome, whatever a future caller forgets to lock.
+    closed = rounds.set_round_status(
+        session,
+        rnd,
+        expected=rounds.ACTIVE_ROUND,
+        to="closed",
+        closed_at=now,
+        result_version=new_version,
+        num_received=len(ids),
+        num_stale=sum(1 for i in plan.items if i.tau > 0),
+        metrics=metrics,
+    )
+    if not closed:
+        raise RoundMoved(f"round {rnd.id} left {rounds.ACTIVE_ROUND} during its commit")
     task.current_version = new_version
     task.optimizer_state_digest = result.state_digest
     task.updated_at = now

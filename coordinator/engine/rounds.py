@@ -17,12 +17,16 @@ from typing import Any
 import numpy as np
 from sqlalchemy import func, select, update
 from sqlalchemy.orm import Session
+from sqlalchemy.orm.attributes import set_committed_value
+from sqlalchemy.orm.util import identity_key
 
 from coordinator.engine.config import AggregationConfig
 from coordinator.engine.selection import busy_clause, choose, eligible_devices
 from coordinator.models import ASSIGNMENT_ACTIVE, Assignment, Device, Round, Task, Update
 
 ACTIVE_ROUND = ("open", "aggregating")
+#: Ids per ``IN (...)`` list (SQLite allows at most 32,766 bound parameters per statement).
+CHUNK = 10_000
 
 
 def active_round(session: Session, task_id: int) -> Round | None:
@@ -99,7 +103,7 @@ def _assign(
             .values(num_assigned=Device.num_assigned + 1)
             .execution_options(synchronize_session=False)
         )
-    rnd.num_assigned += len(ids)
+    bump_round(session, rnd.id, num_assigned=len(ids))
     session.flush()
     return ids
 
@@ -193,36 +197,101 @@ def end_assignments(
     session: Session, assignments: Iterable[Assignment], *, status: str, now: datetime
 ) -> list[str]:
     """Move active assignments to ``cancelled`` or ``dropped``; a drop counts against the
-    device's reliability and the assignment's round. Returns the devices to wake."""
+    device's reliability and the assignment's round. Returns the devices to wake.
+
+    The change is one conditional ``UPDATE .. WHERE status IN ('assigned', 'downloaded')``:
+    an assignment whose upload committed meanwhile (or that another writer ended) keeps its
+    newer state, and only the rows this statement really moved are counted. On PostgreSQL a
+    row that a concurrent upload holds locked is waited for and then re-checked against the
+    condition, so the upload and the scheduler cannot both win.
+    """
     assert status in ("cancelled", "dropped")
-    woken: list[str] = []
-    dropped_per_round: dict[int, int] = {}
-    dropped_devices: list[str] = []
-    for a in assignments:
-        if a.status not in ASSIGNMENT_ACTIVE:
-            continue
-        a.status = status
-        a.finished_at = now
-        woken.append(a.device_id)
-        if status == "dropped":
-            dropped_devices.append(a.device_id)
-            dropped_per_round[a.round_id] = dropped_per_round.get(a.round_id, 0) + 1
-    for device_id in dropped_devices:
-        session.execute(
-            update(Device)
-            .where(Device.id == device_id)
-            .values(num_dropped=Device.num_dropped + 1)
-            .execution_options(synchronize_session=False)
-        )
-    for round_id, n in dropped_per_round.items():
+    ids = sorted({a.id for a in assignments})
+    moved: list[tuple[int, str, int]] = []
+    for start in range(0, len(ids), CHUNK):
+        moved += [
+            (row.id, row.device_id, row.round_id)
+            for row in session.execute(
+                update(Assignment)
+                .where(
+                    Assignment.id.in_(ids[start : start + CHUNK]),
+                    Assignment.status.in_(ASSIGNMENT_ACTIVE),
+                )
+                .values(status=status, finished_at=now)
+                .returning(Assignment.id, Assignment.device_id, Assignment.round_id)
+                .execution_options(synchronize_session=False)
+            )
+        ]
+    _expire_status(session, Assignment, [m[0] for m in moved])
+    woken = [device_id for _, device_id, _ in moved]
+    if status == "dropped":
+        for device_id in sorted(woken):
+            session.execute(
+                update(Device)
+                .where(Device.id == device_id)
+                .values(num_dropped=Device.num_dropped + 1)
+                .execution_options(synchronize_session=False)
+            )
+        per_round: dict[int, int] = {}
+        for _, _, round_id in moved:
+            per_round[round_id] = per_round.get(round_id, 0) + 1
+        for round_id, n in sorted(per_round.items()):
+            bump_round(session, round_id, num_dropped=n)
+    session.flush()
+    return woken
+
+
+def bump_round(session: Session, round_id: int, **deltas: int) -> None:
+    """Add to a round's counters in SQL (``num_x = num_x + n``), never from a value read
+    earlier, so concurrent writers cannot lose each other's counts."""
+    values = {name: getattr(Round, name) + n for name, n in deltas.items() if n}
+    if values:
         session.execute(
             update(Round)
             .where(Round.id == round_id)
-            .values(num_dropped=Round.num_dropped + n)
+            .values(**values)
             .execution_options(synchronize_session=False)
         )
+        _expire_attrs(session, Round, [round_id], list(values))
+
+
+def set_round_status(
+    session: Session,
+    rnd: Round,
+    *,
+    expected: Iterable[str],
+    to: str,
+    **values: Any,
+) -> bool:
+    """Compare-and-set a round's status: ``expected`` -> ``to`` (plus ``values``) in one
+    conditional ``UPDATE``. False, and nothing changed, when the round is no longer in an
+    expected state (another writer moved it first); the loaded ``rnd`` is refreshed to what
+    the statement wrote."""
     session.flush()
-    return woken
+    result = session.execute(
+        update(Round)
+        .where(Round.id == rnd.id, Round.status.in_(tuple(expected)))
+        .values(status=to, **values)
+        .execution_options(synchronize_session=False)
+    )
+    if not result.rowcount:  # type: ignore[attr-defined]
+        session.refresh(rnd)
+        return False
+    for name, value in {"status": to, **values}.items():
+        set_committed_value(rnd, name, value)
+    return True
+
+
+def _expire_status(session: Session, model: type[Any], ids: list[int]) -> None:
+    _expire_attrs(session, model, ids, ["status", "finished_at"])
+
+
+def _expire_attrs(session: Session, model: type[Any], ids: list[int], attrs: list[str]) -> None:
+    """Loaded objects written by a Core statement re-read those attributes on next access."""
+    for obj_id in ids:
+        obj = session.identity_map.get(identity_key(model, obj_id))
+        if obj is not None:
+            session.expire(obj, attrs)
 
 
 def active_assignments(
@@ -254,28 +323,39 @@ def close_sync_round_if_due(
     expired = rnd.deadline_at is not None and now >= rnd.deadline_at
     if not (reached or expired):
         return []
-    working = active_assignments(session, task_id=task.id, round_id=rnd.id)
     if reached:
-        rnd.status = "aggregating"
+        if not set_round_status(session, rnd, expected=("open",), to="aggregating"):
+            return []
+        working = active_assignments(session, task_id=task.id, round_id=rnd.id)
         return end_assignments(session, working, status="cancelled", now=now)
-    woken = end_assignments(session, working, status="dropped", now=now)
     if fresh >= cfg.min_updates:
-        rnd.status = "aggregating"
-    else:
-        fail_round(
-            session,
-            rnd,
-            reason=f"deadline passed with {fresh} of the {cfg.min_updates} updates needed",
-            now=now,
-        )
-    return woken
+        if not set_round_status(session, rnd, expected=("open",), to="aggregating"):
+            return []
+    elif not fail_round(
+        session,
+        rnd,
+        reason=f"deadline passed with {fresh} of the {cfg.min_updates} updates needed",
+        now=now,
+        expected=("open",),
+    ):
+        return []
+    working = active_assignments(session, task_id=task.id, round_id=rnd.id)
+    return end_assignments(session, working, status="dropped", now=now)
 
 
-def fail_round(session: Session, rnd: Round, *, reason: str, now: datetime) -> None:
-    rnd.status = "failed"
-    rnd.closed_at = now
-    rnd.status_reason = reason
-    session.flush()
+def fail_round(
+    session: Session,
+    rnd: Round,
+    *,
+    reason: str,
+    now: datetime,
+    expected: Iterable[str] = ACTIVE_ROUND,
+) -> bool:
+    """``expected`` -> ``failed`` with the reason; False (nothing changed) when another
+    writer already gave the round its outcome."""
+    return set_round_status(
+        session, rnd, expected=expected, to="failed", closed_at=now, status_reason=reason
+    )
 
 
 def expire_async_leases(session: Session, task: Task, *, now: datetime) -> list[str]:
@@ -289,6 +369,23 @@ def expire_async_leases(session: Session, task: Task, *, now: datetime) -> list[
         )
     ).all()
     return end_assignments(session, expired, status="dropped", now=now)
+
+
+def cancel_doomed(
+    session: Session, task: Task, cfg: AggregationConfig, *, now: datetime
+) -> list[str]:
+    """Cancel active assignments trained on a version already more than ``max_staleness``
+    behind the current one: their upload could only be refused as stale, so their devices
+    stop now and take new work (async tasks; a sync round's work is ended when it closes)."""
+    oldest_usable = task.current_version - cfg.max_staleness
+    doomed = session.scalars(
+        select(Assignment).where(
+            Assignment.task_id == task.id,
+            Assignment.status.in_(ASSIGNMENT_ACTIVE),
+            Assignment.base_version < oldest_usable,
+        )
+    ).all()
+    return end_assignments(session, doomed, status="cancelled", now=now)
 
 
 def reject_pending(session: Session, task_id: int, *, reason: str) -> int:

@@ -66,6 +66,18 @@ def tasks_needing_attention(session: Session) -> list[int]:
     return list(session.scalars(stmt))
 
 
+def lock_task(session: Session, task_id: int) -> Task | None:
+    """The task row, locked for this transaction (``FOR NO KEY UPDATE`` on PostgreSQL;
+    SQLite's write lock already serializes writers). Every engine transaction that moves a
+    task's rounds or updates starts here, so they run one after another per task."""
+    return session.scalar(
+        select(Task)
+        .where(Task.id == task_id)
+        .with_for_update(key_share=True)
+        .execution_options(populate_existing=True)
+    )
+
+
 class TaskStepper:
     """The per-task work of one tick (blocking; used by the scheduler and by tests)."""
 
@@ -113,9 +125,7 @@ class TaskStepper:
         settings = self.runtime.settings
         now = utcnow()
         with session_scope(self.runtime.sessions) as session:
-            task = session.scalar(
-                select(Task).where(Task.id == task_id).with_for_update(key_share=True)
-            )
+            task = lock_task(session, task_id)
             if task is None:
                 return False
             if task.status in TERMINAL:
@@ -161,6 +171,7 @@ class TaskStepper:
     ) -> bool:
         now = utcnow()
         outcome.woken += rounds.expire_async_leases(session, task, now=now)
+        outcome.woken += rounds.cancel_doomed(session, task, cfg, now=now)
         rnd = rounds.active_round(session, task.id)
         if rnd is None:
             rnd = rounds.open_async_round(session, task, cfg, now=now)
@@ -175,7 +186,10 @@ class TaskStepper:
         settings = self.runtime.settings
         for _ in range(100):
             with session_scope(self.runtime.sessions) as session:
-                task = session.get(Task, task_id)
+                # The plan reads the round and may fail it or reject updates: it runs under
+                # the task row lock like every other writer of the task's rounds, so it sees
+                # (and cannot overwrite) an aggregation another process just committed.
+                task = lock_task(session, task_id)
                 rnd = None if task is None else rounds.active_round(session, task_id)
                 if task is None or rnd is None:
                     return
@@ -197,14 +211,17 @@ class TaskStepper:
             except apply.AggregationFailed as exc:
                 self._fail_aggregation(plan, exc.reason)
                 return
-            with session_scope(self.runtime.sessions) as session:
-                woken = apply.commit_aggregation(
-                    session,
-                    plan,
-                    result,
-                    now=utcnow(),
-                    seen_window_s=settings.device_seen_window_s,
-                )
+            try:
+                with session_scope(self.runtime.sessions) as session:
+                    woken = apply.commit_aggregation(
+                        session,
+                        plan,
+                        result,
+                        now=utcnow(),
+                        seen_window_s=settings.device_seen_window_s,
+                    )
+            except apply.RoundMoved:
+                woken = None
             if woken is None:
                 log.info("aggregation of task %s discarded: state moved meanwhile", task_id)
                 return
@@ -216,10 +233,14 @@ class TaskStepper:
     def _reject_unreadable(self, update_id: int, detail: str) -> None:
         log.error("update %s cannot be aggregated (%s); rejecting it", update_id, detail)
         with session_scope(self.runtime.sessions) as session:
-            u = session.get(Update, update_id)
-            if u is not None and u.status == "accepted":
-                u.status = "rejected"
-                u.reason = f"stored update unreadable at aggregation: {detail}"
+            session.execute(
+                update(Update)
+                .where(Update.id == update_id, Update.status == "accepted")
+                .values(
+                    status="rejected", reason=f"stored update unreadable at aggregation: {detail}"
+                )
+                .execution_options(synchronize_session=False)
+            )
 
     def _fail_aggregation(self, plan: apply.Plan, reason: str) -> None:
         """Fail the planned round and reject its updates, in one transaction, so the same
@@ -234,17 +255,9 @@ class TaskStepper:
         reason = f"aggregation failed: {reason}"
         now = utcnow()
         with session_scope(self.runtime.sessions) as session:
-            # The task row first, in the order commit_aggregation locks.
-            session.scalar(
-                select(Task.id).where(Task.id == plan.task_id).with_for_update(key_share=True)
-            )
-            failed = session.execute(
-                update(Round)
-                .where(Round.id == plan.round_id, Round.status.in_(rounds.ACTIVE_ROUND))
-                .values(status="failed", status_reason=reason, closed_at=now)
-                .execution_options(synchronize_session=False)
-            )
-            if failed.rowcount != 1:  # type: ignore[attr-defined]
+            lock_task(session, plan.task_id)
+            rnd = session.get(Round, plan.round_id)
+            if rnd is None or not rounds.fail_round(session, rnd, reason=reason, now=now):
                 return
             ids = [i.update_id for i in plan.items]
             rejected = 0
@@ -259,12 +272,7 @@ class TaskStepper:
                     .execution_options(synchronize_session=False)
                 )
                 rejected += done.rowcount  # type: ignore[attr-defined]
-            session.execute(
-                update(Round)
-                .where(Round.id == plan.round_id)
-                .values(num_rejected=Round.num_rejected + rejected)
-                .execution_options(synchronize_session=False)
-            )
+            rounds.bump_round(session, plan.round_id, num_rejected=rejected)
 
     def release_leases(self) -> None:
         with session_scope(self.runtime.sessions) as session:

@@ -32,13 +32,13 @@ from sqlalchemy.orm import Session
 
 from coordinator.blobstore import BlobStore
 from coordinator.db import session_scope, utcnow
-from coordinator.engine import examples
+from coordinator.engine import examples, rounds
 from coordinator.engine.aggregate import max_abs
 from coordinator.engine.config import AggregationConfig, ConfigError
 from coordinator.engine.ownership import own_assignment
 from coordinator.engine.staleness import update_weight
 from coordinator.errors import BadRequest, Conflict, Unprocessable
-from coordinator.models import Assignment, Device, Round, Task, Update
+from coordinator.models import Assignment, Device, Task, Update
 from coordinator.runtime import Runtime
 from shared.modelspec import ModelSpec
 from shared.policy import CompressionPolicy
@@ -195,7 +195,8 @@ def _check_staleness(cfg: AggregationConfig, *, current: int, base: int) -> int:
     if tau > cfg.max_staleness:
         raise Conflict(
             f"update on version {base} is {tau} versions behind the current version {current}; "
-            f"the task accepts at most {cfg.max_staleness}. Discard it and fetch new work.",
+            f"the task accepts at most {cfg.max_staleness}. The assignment is cancelled: "
+            "discard the update and fetch new work.",
             code="stale_update",
         )
     return tau
@@ -247,9 +248,7 @@ def _record(
     # A repeat or a second upload for this assignment that committed since the first check
     # ends in the unique constraints (device_id, idempotency_key) and (assignment_id); the
     # caller then answers it like a repeat or a conflict.
-    a = own_assignment(session, device_id=device_id, assignment_id=assignment_id)
-    task = session.get(Task, a.task_id)
-    assert task is not None
+    a, task = lock_for_upload(session, device_id=device_id, assignment_id=assignment_id)
     if task.status != "running":
         raise Conflict(f"task {task.id} is {task.status}, not running", code="task_not_running")
     cfg = _parsed(task).config
@@ -289,12 +288,7 @@ def _record(
     a.finished_at = now
     session.flush()
     if was_dropped:  # a straggler delivered after all: it is not a dropout
-        session.execute(
-            update(Round)
-            .where(Round.id == a.round_id)
-            .values(num_dropped=Round.num_dropped - 1)
-            .execution_options(synchronize_session=False)
-        )
+        rounds.bump_round(session, a.round_id, num_dropped=-1)
     session.execute(
         update(Device)
         .where(Device.id == device_id)
@@ -317,6 +311,39 @@ def _record(
     )
 
 
+def lock_for_upload(
+    session: Session, *, device_id: str, assignment_id: int
+) -> tuple[Assignment, Task]:
+    """Lock what an upload decides on, in the engine's lock order (docs/rounds.md,
+    "Concurrency"), and read it fresh: the task row ``FOR SHARE`` (uploads of a task run
+    side by side, but not while an engine transaction holds the task: its status and version
+    cannot move under this upload), then the device row, then the assignment row, so the
+    status read here is the latest and nobody ends the assignment before this commits.
+    SQLite's write lock serializes it all anyway."""
+    a = own_assignment(session, device_id=device_id, assignment_id=assignment_id)
+    task = session.scalar(
+        select(Task)
+        .where(Task.id == a.task_id)
+        .with_for_update(read=True)
+        .execution_options(populate_existing=True)
+    )
+    assert task is not None
+    session.execute(
+        select(Device.id).where(Device.id == device_id).with_for_update(key_share=True)
+    ).all()
+    a = own_assignment(session, device_id=device_id, assignment_id=assignment_id, for_update=True)
+    return a, task
+
+
+def end_stale_assignment(runtime: Runtime, *, device_id: str, assignment_id: int) -> None:
+    """Cancel an assignment whose upload was refused as too stale: its work can never be
+    accepted, so the device must not get it again (it gets new work on the current version
+    instead). Cancelled, not dropped: the version moved on, the device did deliver."""
+    with session_scope(runtime.sessions) as session:
+        a, _ = lock_for_upload(session, device_id=device_id, assignment_id=assignment_id)
+        rounds.end_assignments(session, [a], status="cancelled", now=utcnow())
+
+
 def accept_upload(
     runtime: Runtime, *, device_id: str, assignment_id: int, key: str, body: bytes
 ) -> UploadResult:
@@ -336,10 +363,10 @@ def accept_upload(
             config=parsed.config,
         )
     decoded = decode_checked(body, ctx)
-    _check_staleness(ctx.config, current=ctx.current_version, base=ctx.base_version)
-    blobs: BlobStore = runtime.blobs
-    digest = blobs.put(body)
     try:
+        _check_staleness(ctx.config, current=ctx.current_version, base=ctx.base_version)
+        blobs: BlobStore = runtime.blobs
+        digest = blobs.put(body)
         with session_scope(runtime.sessions) as session:
             return _record(
                 session,
@@ -351,6 +378,10 @@ def accept_upload(
                 size=len(body),
                 now=utcnow(),
             )
+    except Conflict as exc:
+        if exc.code == "stale_update":
+            end_stale_assignment(runtime, device_id=device_id, assignment_id=assignment_id)
+        raise
     except IntegrityError:
         # A concurrent request with the same key or for the same assignment won the race.
         with session_scope(runtime.sessions, read_only=True) as session:
