@@ -93,6 +93,10 @@ class UploadAccepted(BaseModel):
     weight: float
     status: str
     duplicate: bool
+    num_examples_counted: int = Field(
+        description="How many of the claimed examples the weight counts (the claim, bounded "
+        "by the task's rules; docs/rounds.md, 'Update bounds')"
+    )
 
 
 class DeviceMetrics(Strict):

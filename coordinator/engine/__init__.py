@@ -11,6 +11,7 @@
     rounds      open / close / fail / aggregate rounds (the state machine)
     scheduler   the loop in the app lifespan that drives ``rounds``
     updates     accepting an upload
+    examples    how many of an update's claimed examples count for its weight
     work        what the work long-poll answers
     notify      in-process wake-ups for long-polls
     evalhook    optional server-side evaluation after each aggregation

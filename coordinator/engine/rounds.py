@@ -54,6 +54,17 @@ def count_pending(session: Session, task_id: int, *, base_version: int | None = 
     return int(session.scalar(stmt) or 0)
 
 
+def lock_devices(session: Session, device_ids: list[str]) -> None:
+    """Row-lock devices in id order (``FOR NO KEY UPDATE``; nothing on SQLite)."""
+    for start in range(0, len(device_ids), CHUNK):
+        session.execute(
+            select(Device.id)
+            .where(Device.id.in_(device_ids[start : start + CHUNK]))
+            .order_by(Device.id)
+            .with_for_update(key_share=True)
+        ).all()
+
+
 def _lock_idle_devices(session: Session, device_ids: list[str]) -> list[str]:
     """Row-lock the chosen devices (in id order) and keep those still idle.
 
@@ -69,12 +80,7 @@ def _lock_idle_devices(session: Session, device_ids: list[str]) -> list[str]:
     """
     if not device_ids:
         return []
-    session.execute(
-        select(Device.id)
-        .where(Device.id.in_(device_ids))
-        .order_by(Device.id)
-        .with_for_update(key_share=True)
-    ).all()
+    lock_devices(session, sorted(device_ids))
     still_idle = set(
         session.scalars(select(Device.id).where(Device.id.in_(device_ids), ~busy_clause()))
     )
@@ -206,7 +212,10 @@ def end_assignments(
     condition, so the upload and the scheduler cannot both win.
     """
     assert status in ("cancelled", "dropped")
-    ids = sorted({a.id for a in assignments})
+    chosen = list(assignments)
+    ids = sorted({a.id for a in chosen})
+    # Devices before assignments: the lock order of uploads and revocations too.
+    lock_devices(session, sorted({a.device_id for a in chosen}))
     moved: list[tuple[int, str, int]] = []
     for start in range(0, len(ids), CHUNK):
         moved += [

@@ -59,6 +59,8 @@ class UploadResult:
     weight: float
     status: str
     duplicate: bool
+    #: The examples the weight counts (the claim, bounded: docs/rounds.md "Update bounds").
+    num_examples_counted: int
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -158,6 +160,7 @@ def _first_result(session: Session, u: Update) -> UploadResult:
         weight=weight,
         status="accepted",
         duplicate=True,
+        num_examples_counted=counted,
     )
 
 
@@ -308,6 +311,7 @@ def _record(
         weight=weight,
         status="accepted",
         duplicate=False,
+        num_examples_counted=counted,
     )
 
 
@@ -328,9 +332,7 @@ def lock_for_upload(
         .execution_options(populate_existing=True)
     )
     assert task is not None
-    session.execute(
-        select(Device.id).where(Device.id == device_id).with_for_update(key_share=True)
-    ).all()
+    rounds.lock_devices(session, [device_id])
     a = own_assignment(session, device_id=device_id, assignment_id=assignment_id, for_update=True)
     return a, task
 

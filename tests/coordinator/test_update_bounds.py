@@ -247,6 +247,7 @@ def test_a_claim_above_the_cap_is_refused_and_one_above_the_history_counts_at_th
         # Device 0 claims 10,000 times its history: it counts 4 x 100.
         deltas, answers = _round(stepper, task_id, fleet, [1_000_000, 100, 100], rng)
         assert [a["weight"] for a in answers] == [400.0, 100.0, 100.0]
+        assert [a["num_examples_counted"] for a in answers] == [400, 100, 100]
         rows = db.updates(task_id)[3:]
         assert [(u.num_examples, u.num_examples_counted) for u in rows] == [
             (1_000_000, 400),
@@ -262,6 +263,7 @@ def test_a_claim_above_the_cap_is_refused_and_one_above_the_history_counts_at_th
             headers={"Idempotency-Key": first.idempotency_key},
         )
         assert (again.status_code, again.json()["weight"]) == (200, 400.0)
+        assert again.json()["num_examples_counted"] == 400
 
         stepper.step(task_id)
         assert db.task(task_id).current_version == 2
