@@ -492,8 +492,11 @@ def client_metrics(rows: Iterable[tuple[dict[str, Any], int]]) -> dict[str, floa
 
 
 def version_client_metrics(session: Session, task_id: int, version: int) -> dict[str, float]:
+    """The version's device metrics, ``train_loss`` weighted by the counted examples (a claim
+    bounded like the update's weight, so one device's claim cannot dominate the metric)."""
+    counted = func.coalesce(Update.num_examples_counted, Update.num_examples)
     rows = session.execute(
-        select(Update.metrics, Update.num_examples).where(
+        select(Update.metrics, counted).where(
             Update.task_id == task_id, Update.applied_version == version
         )
     ).all()

@@ -16,6 +16,7 @@ from coordinator.db import make_engine, make_sessionmaker, session_scope
 from coordinator.secrets import create_api_key
 from coordinator.settings import Settings
 from coordinator.tls import TlsPaths, create_ca_and_server_cert
+from tests.support.rounds import Db
 from tests.support.servers import serve_in_thread
 
 
@@ -81,3 +82,11 @@ def coordinator(settings: Settings, tls_paths: TlsPaths) -> Iterator[Coordinator
     viewer_key = make_key(settings, "viewer")
     with serve_in_thread(app, certfile=settings.tls_cert, keyfile=settings.tls_key) as url:
         yield Coordinator(url, settings, app, tls_paths.ca_cert, admin_key, viewer_key)
+
+
+@pytest.fixture
+def db(settings: Settings) -> Iterator[Db]:
+    """Read access to the test's database and blob store (the coordinator's, when one runs)."""
+    handle = Db(settings)
+    yield handle
+    handle.close()

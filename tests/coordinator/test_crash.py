@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import os
 import threading
-from collections.abc import Iterator
 from contextlib import AbstractContextManager, ExitStack
 from pathlib import Path
 
@@ -48,13 +47,6 @@ def hang_in_aggregation(model_config: dict, weights: dict) -> dict:
     marker.write_text("aggregating")
     threading.Event().wait()
     return {}
-
-
-@pytest.fixture
-def db(settings: Settings) -> Iterator[Db]:
-    handle = Db(settings)
-    yield handle
-    handle.close()
 
 
 def _process(

@@ -6,8 +6,6 @@ when aggregation runs (and can let more than ``buffer_size`` updates pile up).""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-
 import numpy as np
 import pytest
 
@@ -31,13 +29,6 @@ from tests.support.rounds import (
 @pytest.fixture
 def settings(settings: Settings) -> Settings:
     return settings.model_copy(update={"scheduler_enabled": False})
-
-
-@pytest.fixture
-def db(coordinator: Coordinator) -> Iterator[Db]:
-    handle = Db(coordinator.settings)
-    yield handle
-    handle.close()
 
 
 def _stepper(coordinator: Coordinator) -> TaskStepper:

@@ -4,7 +4,6 @@ checks; the upload path's one-statement nonce and read-only first transaction.""
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from datetime import timedelta
 
@@ -23,13 +22,6 @@ from tests.support.device import API
 from tests.support.rounds import Db, create_task, fleet_of, wait_until
 
 LONG_WAIT = 30
-
-
-@pytest.fixture
-def db(coordinator: Coordinator) -> Iterator[Db]:
-    handle = Db(coordinator.settings)
-    yield handle
-    handle.close()
 
 
 def _notifier(coordinator: Coordinator) -> Notifier:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
@@ -31,13 +30,6 @@ LONG_WAIT = 30
 def settings(settings: Settings) -> Settings:
     # A re-check period as long as the poll: only the in-process signal can end it early.
     return settings.model_copy(update={"long_poll_recheck_s": float(LONG_WAIT)})
-
-
-@pytest.fixture
-def db(coordinator: Coordinator) -> Iterator[Db]:
-    handle = Db(coordinator.settings)
-    yield handle
-    handle.close()
 
 
 def _notifier(coordinator: Coordinator) -> Notifier:

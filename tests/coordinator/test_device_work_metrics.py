@@ -3,8 +3,6 @@ the upload) and the server-side evaluation hook, which can also end a task early
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-
 import numpy as np
 import pytest
 
@@ -40,13 +38,6 @@ def server_eval(model_config: dict, weights: Weights) -> dict[str, float]:
 @pytest.fixture
 def settings(settings: Settings) -> Settings:
     return settings.model_copy(update={"eval_hook": f"{__name__}:server_eval"})
-
-
-@pytest.fixture
-def db(coordinator: Coordinator) -> Iterator[Db]:
-    handle = Db(coordinator.settings)
-    yield handle
-    handle.close()
 
 
 def test_round_metrics_combine_device_reports_and_server_evaluation(

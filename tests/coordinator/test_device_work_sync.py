@@ -31,13 +31,6 @@ from tests.support.rounds import (
 )
 
 
-@pytest.fixture
-def db(coordinator: Coordinator) -> Iterator[Db]:
-    handle = Db(coordinator.settings)
-    yield handle
-    handle.close()
-
-
 def expected_model(w0: Weights, deltas: Sequence[Weights], weights: Sequence[float]) -> Weights:
     """w0 + sum(w_i * d_i) / sum(w_i), computed independently of the coordinator."""
     total = float(sum(weights))

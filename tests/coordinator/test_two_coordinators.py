@@ -8,7 +8,6 @@ on the commit-time checks (task row lock, version check, ``accepted`` updates on
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator
 from contextlib import ExitStack
 from pathlib import Path
 
@@ -26,13 +25,6 @@ from tests.support.rounds import Db, create_task, fleet_of, make_update, random_
 pytestmark = [pytest.mark.postgres, pytest.mark.slow]
 
 NUM_ROUNDS = 4
-
-
-@pytest.fixture
-def db(settings: Settings) -> Iterator[Db]:
-    handle = Db(settings)
-    yield handle
-    handle.close()
 
 
 @pytest.mark.parametrize("db_url", ["postgres"], indirect=True)

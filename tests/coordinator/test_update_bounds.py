@@ -18,7 +18,6 @@ exactly how often an aggregation is attempted.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -65,13 +64,6 @@ ASYNC = {"mode": "async", "buffer_size": 2, "max_concurrency": 2, "num_rounds": 
 @pytest.fixture
 def settings(settings: Settings) -> Settings:
     return settings.model_copy(update={"scheduler_enabled": False})
-
-
-@pytest.fixture
-def db(coordinator: Coordinator) -> Iterator[Db]:
-    handle = Db(coordinator.settings)
-    yield handle
-    handle.close()
 
 
 @pytest.fixture
@@ -220,7 +212,12 @@ def _round(
     for device, claim in zip(fleet, claims, strict=True):
         work = work_of(stepper, task_id, device)
         spec = spec_of(work)
-        body = make_update(work, delta=random_delta(spec, rng), num_examples=claim)
+        body = make_update(
+            work,
+            delta=random_delta(spec, rng),
+            num_examples=claim,
+            metrics={"train_loss": 1.0 if claim > 100 else 0.5},
+        )
         answers.append(upload_ok(device, work, body))
         deltas.append(decoded_delta(body, spec))
     return deltas, answers
@@ -269,6 +266,10 @@ def test_a_claim_above_the_cap_is_refused_and_one_above_the_history_counts_at_th
         assert db.task(task_id).current_version == 2
         applied = db.updates(task_id)[3:]
         assert [u.weight for u in applied] == [400.0, 100.0, 100.0]  # share 2/3, not ~1
+        # The round's train loss weighs the counted examples too (not the claim of 1,000,000).
+        metrics = db.version(task_id, 2).metrics  # type: ignore[union-attr]
+        assert metrics["train_examples"] == 600
+        assert metrics["train_loss"] == pytest.approx((400 * 1.0 + 200 * 0.5) / 600)
         assert_weights_equal(
             db.weights(task_id, 2), expected_model(db.weights(task_id, 1), deltas, [400, 100, 100])
         )

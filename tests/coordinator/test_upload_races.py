@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import ssl
 import threading
-from collections.abc import Iterator
 
 import httpx
 import numpy as np
@@ -26,13 +25,6 @@ from tests.support.rounds import (
 )
 
 PARALLEL = 8
-
-
-@pytest.fixture
-def db(coordinator: Coordinator) -> Iterator[Db]:
-    handle = Db(coordinator.settings)
-    yield handle
-    handle.close()
 
 
 def _in_parallel(coordinator: Coordinator, requests: list[httpx.Request]) -> list[httpx.Response]:
