@@ -3,14 +3,14 @@
 Every step is the product's own code; only the transport (HTTP, database, blob store) is left
 out:
 
-* data: ``edge_agent.datasets.load_dataset`` (digits, stratified held-out test split) and
-  ``edge_agent.partition.dirichlet_partition`` (non-IID shards, one per device);
+* data: ``edge_agent.sim.datasets.load_dataset`` (digits, stratified held-out test split) and
+  ``edge_agent.sim.partition.dirichlet_partition`` (non-IID shards, one per device);
 * device: ``edge_agent.trainers.NumpyTrainer`` trains a copy of the global model; the delta
   ``local - base`` is compressed with ``shared.compression.compress`` (and the device's own
   ``shared.feedback.Residual``, kept across rounds, when the policy has error feedback) and
   encoded with ``shared.wire.encode_update`` -- the same calls, with the same seeding
   (``[seed, assignment]`` for training, ``[seed, assignment, 1]`` for compression), as
-  ``edge_agent.agent.Agent._commit_update``. The encoded length is the upload size;
+  ``edge_agent.uploads.save_update``. The encoded length is the upload size;
 * server: ``shared.wire.decode_update`` (with the task's policy check) into the coordinator's
   ``coordinator.engine.aggregate.Accumulator`` with the weight from
   ``coordinator.engine.staleness.update_weight`` (sync rounds: staleness 0, weight =
@@ -32,9 +32,9 @@ from coordinator.engine.config import AggregationConfig
 from coordinator.engine.staleness import update_weight
 from coordinator.engine.strategies import OptimizerState, make_strategy
 from edge_agent.data import LocalData
-from edge_agent.datasets import Dataset, load_dataset
-from edge_agent.demo_report import centralized_baseline
-from edge_agent.partition import dirichlet_partition, label_skew
+from edge_agent.sim.datasets import Dataset, load_dataset
+from edge_agent.sim.demo_report import centralized_baseline
+from edge_agent.sim.partition import dirichlet_partition, label_skew
 from edge_agent.trainers import NumpyTrainer
 from shared import architectures
 from shared.compression import compress
@@ -212,7 +212,7 @@ def run_federated(fleet: FleetConfig, setting: Setting, seed: int) -> dict[str, 
 
 def run_centralized(fleet: FleetConfig, seed: int, *, rounds: int) -> dict[str, Any]:
     """The same model trained on the union of the devices' training data with the product's
-    demo baseline (``edge_agent.demo_report.centralized_baseline``): ``training.epochs``
+    demo baseline (``edge_agent.sim.demo_report.centralized_baseline``): ``training.epochs``
     epochs per round, so ``rounds * epochs`` epochs in all."""
     started = time.process_time()
     data, _, _ = make_fleet(fleet, seed)

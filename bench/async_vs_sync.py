@@ -1,7 +1,7 @@
 """Async (FedBuff) vs sync rounds: wall-clock time to a target accuracy under faults.
 
 Issue #7 item 2. Every run is the real platform on loopback: a coordinator child process
-(HTTPS, SQLite file, blob store) and a fleet of real agents (``edge_agent.fleet.Fleet``, one
+(HTTPS, SQLite file, blob store) and a fleet of real agents (``edge_agent.sim.fleet.Fleet``, one
 thread, state directory, identity and HTTPS client per device) with simulated faults:
 
 * 30% dropout: a device vanishes after fetching the model (the coordinator drops it at the
@@ -60,9 +60,9 @@ from _fleet_bench import (
 )
 
 from edge_agent.admin_client import AdminClient
-from edge_agent.datasets import load_dataset
-from edge_agent.fleet import Fleet
-from edge_agent.partition import dirichlet_partition
+from edge_agent.sim.datasets import load_dataset
+from edge_agent.sim.fleet import Fleet
+from edge_agent.sim.partition import dirichlet_partition
 
 NAME = "async_vs_sync"
 SPEEDUP_TARGET = 3.5

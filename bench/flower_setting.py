@@ -24,7 +24,7 @@ admin REST API. Measured after the fact from the coordinator:
 * test accuracy: the coordinator's evaluation hook on the held-out test split (every model
   version), and the final version downloaded and evaluated again here;
 * centralized accuracy: the same model trained by the product's trainer on the pooled
-  training data (``edge_agent.demo_report.centralized_baseline``), for the same number of
+  training data (``edge_agent.sim.demo_report.centralized_baseline``), for the same number of
   epochs as the federated run and for a long run (the figure Flower's 0.969 corresponds to).
 
 Compression policies (each on a fresh coordinator and fresh agents): ``top1pct-4bit-ef`` (the
@@ -78,10 +78,10 @@ from _fleet_bench import (
 
 from coordinator.blobstore import BlobStore
 from edge_agent.admin_client import AdminClient
-from edge_agent.datasets import load_dataset
-from edge_agent.demo_report import centralized_baseline
 from edge_agent.device import enroll_device
-from edge_agent.partition import dirichlet_partition
+from edge_agent.sim.datasets import load_dataset
+from edge_agent.sim.demo_report import centralized_baseline
+from edge_agent.sim.partition import dirichlet_partition
 from shared import architectures
 from shared.wire import decode_model, decode_update
 
@@ -534,7 +534,7 @@ def main(argv: list[str] | None = None) -> int:
         "parameters": {
             "quick": args.quick,
             "seed": args.seed,
-            "dataset": "digits (sklearn), 20% stratified test split (edge_agent.datasets)",
+            "dataset": "digits (sklearn), 20% stratified test split (edge_agent.sim.datasets)",
             "partition": "Dirichlet alpha=0.5 over 10 clients",
             "shard_sizes": [len(p) for p in parts],
             "model": MODEL,

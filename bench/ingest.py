@@ -1,7 +1,7 @@
 """Ingest benchmark: how fast the coordinator accepts signed, compressed updates.
 
 The coordinator runs in its own process (``fedge coordinator init`` + ``serve`` over HTTPS
-with the certificate ``init`` made, via :func:`edge_agent.local_coordinator.
+with the certificate ``init`` made, via :func:`edge_agent.sim.local_coordinator.
 start_local_coordinator`), once on SQLite (a file) and once on PostgreSQL (a fresh database
 ``fedge_bench``, dropped afterwards). Load generators run in ``--procs`` OTHER processes
 (asyncio + ``httpx.AsyncClient``), each driving a slice of C real enrolled devices (enrollment
@@ -70,7 +70,7 @@ if str(ROOT) not in sys.path:
 
 from bench import _ingest_load  # noqa: E402
 from edge_agent.admin_client import AdminClient  # noqa: E402
-from edge_agent.local_coordinator import LocalCoordinator, start_local_coordinator  # noqa: E402
+from edge_agent.sim.local_coordinator import LocalCoordinator, start_local_coordinator  # noqa: E402
 from shared.signing import public_key_to_b64  # noqa: E402
 
 RESULTS = ROOT / "bench" / "results"

@@ -2,7 +2,7 @@
 
 Used by ``make docker-test`` against the container, and usable against any deployment. Through
 the admin REST API it creates an enrollment token and a small task (softmax on scikit-learn's
-bundled digits); a simulated fleet (:mod:`edge_agent.fleet`: real agents, each with its own
+bundled digits); a simulated fleet (:mod:`edge_agent.sim.fleet`: real agents, each with its own
 Ed25519 key, state directory and data shard, over HTTPS with the pinned CA) enrolls and trains
 until the task completes. Then it checks what an operator would: the task completed, every
 round closed with updates from the devices, one model version per round, and the final model
@@ -27,9 +27,9 @@ from typing import Any
 import numpy as np
 
 from edge_agent.admin_client import AdminClient
-from edge_agent.datasets import load_dataset
-from edge_agent.fleet import Fleet
-from edge_agent.partition import iid_partition
+from edge_agent.sim.datasets import load_dataset
+from edge_agent.sim.fleet import Fleet
+from edge_agent.sim.partition import iid_partition
 from shared import architectures, wire
 
 TERMINAL = ("completed", "cancelled", "failed")

@@ -14,57 +14,40 @@ One assignment goes through these steps (docs/agent.md tells the story for opera
    when the coordinator refuses it for good, e.g. 409 stale_update; an entry written by an
    older agent that still lists metrics has them reported separately.
 
+Steps 5-7 live in :mod:`edge_agent.uploads`. Whoever builds the agent may step in at fixed
+points through :class:`~edge_agent.hooks.AgentHooks` (the fleet simulation injects its faults
+there); a real device runs with the do-nothing defaults.
+
 Errors that a later attempt may cure (network, 5xx, 429, clock skew) keep the outbox entry and
 pause the loop; a revoked or unknown device stops the agent with :class:`FatalAgentError`.
 """
 
 from __future__ import annotations
 
-import copy
 import logging
 import threading
 import time
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
-from enum import StrEnum
-from typing import Any
 
 import numpy as np
 
 from edge_agent.client import CoordinatorClient, Work
 from edge_agent.data import LocalData
-from edge_agent.errors import AgentError, ApiError, AuthError, DeviceRevoked, StaleUpdate
-from edge_agent.faults import NO_FAULTS, FaultDecision
-from edge_agent.outbox import (
-    RESIDUAL_BEFORE,
-    OutboxEntry,
-    PendingUpdateExists,
-    new_idempotency_key,
-)
+from edge_agent.errors import AgentError, ApiError, AuthError, DeviceRevoked
+from edge_agent.hooks import NO_HOOKS, AgentHooks
+from edge_agent.outbox import OutboxEntry, PendingUpdateExists
+from edge_agent.outcome import AgentStats, Outcome
 from edge_agent.state import State
 from edge_agent.trainers import Trainer, TrainerFactory, task_trainer_factory
+from edge_agent.uploads import FATAL_CODES, save_update, upload_entry
 from edge_agent.watcher import CancelWatcher
-from shared.compression import compress
 from shared.modelspec import ModelSpec, Weights
 from shared.policy import CompressionPolicy, PolicyError
-from shared.wire import WireFormatError, decode_model, encode_update
-from shared.wiremetrics import carried_metrics
+from shared.wire import WireFormatError, decode_model
+
+__all__ = ["Agent", "AgentStats", "FatalAgentError", "Outcome"]
 
 log = logging.getLogger(__name__)
-
-# Errors after which the device cannot go on: it must be re-enrolled.
-FATAL_CODES = frozenset({"device_revoked", "unknown_device"})
-# Refusals that may pass (clock, replay, a signature made during a key rotation): keep the
-# update and try again later.
-TRANSIENT_AUTH_CODES = frozenset({"clock_skew", "replayed_nonce", "invalid_signature"})
-
-
-def _refused_for_good(exc: ApiError) -> bool:
-    """True when uploading the same update again cannot succeed (so it is discarded)."""
-    if exc.status is None or exc.status >= 500 or exc.status == 429:
-        return False
-    lasting = not isinstance(exc, DeviceRevoked)
-    return lasting and exc.code not in FATAL_CODES | TRANSIENT_AUTH_CODES
 
 
 def _in_spec_order(spec: ModelSpec, weights: Mapping[str, np.ndarray]) -> Weights:
@@ -77,45 +60,8 @@ def _in_spec_order(spec: ModelSpec, weights: Mapping[str, np.ndarray]) -> Weight
     return ordered
 
 
-def _metrics_payload(metrics: Mapping[str, float]) -> dict[str, float | int]:
-    """Metrics as the coordinator takes them (counts as integers)."""
-    return {k: int(v) if k == "num_eval_examples" else v for k, v in metrics.items()}
-
-
 class FatalAgentError(RuntimeError):
     """The coordinator no longer accepts this device (revoked or unknown)."""
-
-
-class Outcome(StrEnum):
-    UPLOADED = "uploaded"  # accepted by the coordinator
-    STALE = "stale"  # refused as too stale; discarded
-    DISCARDED = "discarded"  # refused for another lasting reason; discarded
-    PENDING = "pending"  # still in the outbox (network trouble); retried later
-    CANCELLED = "cancelled"  # the coordinator cancelled the assignment while training
-    DROPPED = "dropped"  # simulated dropout: vanished without uploading
-    FAILED = "failed"  # could not be worked on (bad config, model unavailable)
-    STOPPED = "stopped"  # the agent was asked to stop
-
-
-class FaultSource:
-    """What the agent asks for simulated faults (a real device has none)."""
-
-    def decide(self, assignment_id: int) -> FaultDecision:  # pragma: no cover - protocol
-        raise NotImplementedError
-
-
-@dataclass
-class AgentStats:
-    assignments: int = 0
-    uploaded: int = 0
-    duplicates: int = 0
-    stale_accepted: int = 0
-    stale_refused: int = 0
-    late_uploads: int = 0
-    discarded: int = 0
-    cancelled: int = 0
-    dropped: int = 0
-    failed: int = 0
 
 
 class Agent:
@@ -129,7 +75,7 @@ class Agent:
         data: LocalData,
         trainer_factory: TrainerFactory | None = None,
         seed: int = 0,
-        faults: Any = NO_FAULTS,
+        hooks: AgentHooks | None = None,
         poll_wait: float = 30.0,
         cancel_poll_wait: float | None = None,
         error_pause_s: float = 5.0,
@@ -141,7 +87,7 @@ class Agent:
         self.data = data
         self.trainer_factory = trainer_factory
         self.seed = seed
-        self.faults = faults
+        self.hooks = hooks if hooks is not None else NO_HOOKS
         self.poll_wait = poll_wait
         self.cancel_poll_wait = poll_wait if cancel_poll_wait is None else cancel_poll_wait
         self.error_pause_s = error_pause_s
@@ -235,7 +181,6 @@ class Agent:
             work.round_id,
             work.base_version,
         )
-        decision: FaultDecision = self.faults.decide(work.assignment_id)
         try:
             spec = ModelSpec.from_dict(work.spec)
             policy = CompressionPolicy.from_dict(work.compression)
@@ -247,8 +192,8 @@ class Agent:
             if isinstance(exc, AuthError) or exc.status is None or exc.status >= 500:
                 raise
             return self._give_up(work, f"the coordinator refused the model download: {exc}")
-        if decision.drop:
-            log.info("simulated dropout: vanishing during assignment %d", work.assignment_id)
+        if not self.hooks.keep_assignment(work):
+            log.info("walking away from assignment %d", work.assignment_id)
             self.stats.dropped += 1
             self._given_up.add(work.assignment_id)
             self._wait_until_cancelled(work)
@@ -260,10 +205,7 @@ class Agent:
         started = time.monotonic()
         try:
             with watcher:
-                if decision.delay_s > 0:
-                    if decision.delay_s >= 0.05:
-                        log.info("simulated straggler: %.1f s of extra compute", decision.delay_s)
-                    interrupt.wait(decision.delay_s)
+                self.hooks.before_training(work, interrupt)
                 rng = np.random.default_rng([self.seed, work.assignment_id])
                 result = trainer.train(base, work.training, rng, should_stop=interrupt.is_set)
                 local = _in_spec_order(spec, result.weights)
@@ -293,12 +235,20 @@ class Agent:
             metrics.get("train_loss", float("nan")),
         )
         try:
-            entry = self._commit_update(work, spec, policy, base, local, result, metrics)
+            entry = save_update(
+                self.state,
+                work,
+                spec=spec,
+                policy=policy,
+                base=base,
+                local=local,
+                num_examples=int(result.num_examples),
+                metrics=metrics,
+                seed=self.seed,
+            )
         except (ValueError, PendingUpdateExists) as exc:  # e.g. a diverged model (NaN)
             return self._give_up(work, f"cannot make an update: {exc}")
-        if decision.offline_s > 0:
-            log.info("simulated offline spell of %.1f s before uploading", decision.offline_s)
-            self._pause(decision.offline_s)
+        if self.hooks.before_first_upload(work, self._stop):
             if self.stopping:
                 return Outcome.STOPPED
             self.stats.late_uploads += 1
@@ -372,53 +322,6 @@ class Agent:
 
     # -- update ----------------------------------------------------------------------------
 
-    def _commit_update(
-        self,
-        work: Work,
-        spec: ModelSpec,
-        policy: CompressionPolicy,
-        base: Weights,
-        local: Weights,
-        result: Any,
-        metrics: dict[str, float],
-    ) -> OutboxEntry:
-        """Compress, encode and durably save the update; then advance the residual."""
-        delta = {t.name: local[t.name] - base[t.name] for t in spec.tensors}
-        residual = self.state.load_residual(work.task_id, spec) if policy.error_feedback else None
-        before = copy.deepcopy(residual)
-        rng = np.random.default_rng([self.seed, work.assignment_id, 1])
-        compressed = compress(delta, policy, rng, residual)
-        carried = carried_metrics(metrics)  # in the update itself: no separate report
-        body = encode_update(
-            compressed,
-            task_id=work.task_id,
-            base_version=work.base_version,
-            num_examples=int(result.num_examples),
-            metrics=carried,
-        )
-        dense = 4 * spec.num_params
-        log.info(
-            "update compressed to %d bytes (%.0fx smaller than %d dense bytes)",
-            len(body),
-            dense / max(1, len(body)),
-            dense,
-        )
-        entry = OutboxEntry(
-            assignment_id=work.assignment_id,
-            task_id=work.task_id,
-            base_version=work.base_version,
-            upload_url=work.upload_url,
-            idempotency_key=new_idempotency_key(work.assignment_id),
-            num_examples=int(result.num_examples),
-            created_at=time.time(),
-            metrics={},  # carried in the body (entries written by older agents may have some)
-            has_residual=residual is not None,
-        )
-        self.state.outbox.add(entry, body, residual_before=before, residual_after=residual)
-        if residual is not None:
-            self.state.save_residual(work.task_id, residual)
-        return entry
-
     def flush_outbox(self) -> None:
         """Upload every pending update (oldest first). Network trouble propagates."""
         for entry in self.state.outbox.entries():
@@ -430,56 +333,4 @@ class Agent:
     def _upload(self, entry: OutboxEntry) -> Outcome:
         if self.before_upload is not None:
             self.before_upload(entry)
-        body = self.state.outbox.body(entry)
-        try:
-            receipt = self.client.upload_update(entry.upload_url, body, entry.idempotency_key)
-        except StaleUpdate as exc:
-            log.info(
-                "update for assignment %d is too stale (%s); discarding it",
-                entry.assignment_id,
-                exc.detail,
-            )
-            self._discard(entry)
-            self.stats.stale_refused += 1
-            return Outcome.STALE
-        except ApiError as exc:
-            if not _refused_for_good(exc):
-                raise
-            log.warning(
-                "the coordinator refused the update for assignment %d (%s); discarding it",
-                entry.assignment_id,
-                exc,
-            )
-            self._discard(entry)
-            self.stats.discarded += 1
-            return Outcome.DISCARDED
-        self.state.outbox.remove(entry)
-        self.stats.uploaded += 1
-        self.uploads.append((entry.base_version, len(body)))
-        if receipt.get("duplicate"):
-            self.stats.duplicates += 1
-        staleness = int(receipt.get("staleness") or 0)
-        if staleness > 0:
-            self.stats.stale_accepted += 1
-        log.info(
-            "uploaded update for assignment %d (%d bytes, staleness %d%s)",
-            entry.assignment_id,
-            len(body),
-            staleness,
-            ", already received before" if receipt.get("duplicate") else "",
-        )
-        if entry.metrics:
-            try:
-                self.client.report_metrics(entry.assignment_id, _metrics_payload(entry.metrics))
-            except AgentError as exc:
-                log.warning(
-                    "could not report metrics for assignment %d: %s", entry.assignment_id, exc
-                )
-        return Outcome.UPLOADED
-
-    def _discard(self, entry: OutboxEntry) -> None:
-        """Drop a refused update and restore the residual it had advanced."""
-        self.state.restore_residual(
-            entry.task_id, self.state.outbox.residual_file(entry, RESIDUAL_BEFORE)
-        )
-        self.state.outbox.remove(entry)
+        return upload_entry(self.state, self.client, entry, stats=self.stats, uploads=self.uploads)

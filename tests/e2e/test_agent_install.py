@@ -60,8 +60,8 @@ def test_plain_install_is_the_agent_only(tmp_path: Path) -> None:
 
     probe = (
         "import sys, importlib, pkgutil, edge_agent\n"
-        "for m in pkgutil.iter_modules(edge_agent.__path__):\n"
-        "    importlib.import_module('edge_agent.' + m.name)\n"
+        "for m in pkgutil.walk_packages(edge_agent.__path__, 'edge_agent.'):\n"
+        "    importlib.import_module(m.name)\n"
         f"bad = [n for n in {SERVER_LIBS + DEMO_LIBS!r} if n in sys.modules]\n"
         "print(','.join(bad))\n"
     )

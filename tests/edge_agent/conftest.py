@@ -22,8 +22,8 @@ from coordinator.tls import TlsPaths, create_ca_and_server_cert
 from edge_agent.admin_client import AdminClient
 from edge_agent.agent import Agent
 from edge_agent.data import LocalData
-from edge_agent.datasets import Dataset, load_dataset
 from edge_agent.device import enroll_device, open_client
+from edge_agent.sim.datasets import Dataset, load_dataset
 from edge_agent.state import State
 from edge_agent.transport import RetryPolicy
 from tests.support import databases

@@ -9,7 +9,7 @@ import pytest
 
 from edge_agent import admin_cli, errors
 from edge_agent.admin_client import AdminClient
-from edge_agent.local_coordinator import CoordinatorStartError, parse_admin_key
+from edge_agent.sim.local_coordinator import CoordinatorStartError, parse_admin_key
 from edge_agent.transport import RetryPolicy
 
 

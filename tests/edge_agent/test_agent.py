@@ -14,10 +14,11 @@ import pytest
 
 from edge_agent.agent import Agent, FatalAgentError, Outcome
 from edge_agent.data import LocalData
-from edge_agent.datasets import load_dataset
 from edge_agent.device import enroll_device, open_client
 from edge_agent.errors import ServerError
-from edge_agent.faults import FaultConfig, FaultSchedule
+from edge_agent.hooks import AgentHooks
+from edge_agent.sim.datasets import load_dataset
+from edge_agent.sim.faults import FaultConfig, FaultHooks, FaultSchedule
 from edge_agent.state import State
 from edge_agent.trainers import NumpyTrainer
 from edge_agent.transport import RetryPolicy
@@ -345,10 +346,74 @@ def test_bad_policy_gives_the_assignment_up_once(state_dir, fake, data):
     assert stats.failed == 1 and stats.uploaded == 1
 
 
+class RecordingHooks(AgentHooks):
+    """Records when the agent calls its hooks and what it can see at that moment."""
+
+    def __init__(self, agent_state: State, *, keep: bool = True) -> None:
+        self.state = agent_state
+        self.keep = keep
+        self.calls: list[tuple[Any, ...]] = []
+
+    def keep_assignment(self, work):
+        self.calls.append(("keep", work.assignment_id))
+        return self.keep
+
+    def before_training(self, work, interrupted):
+        self.calls.append(("train", work.assignment_id, interrupted.is_set()))
+
+    def before_first_upload(self, work, stop):
+        saved = [e.assignment_id for e in self.state.outbox.entries()]
+        self.calls.append(("upload", work.assignment_id, saved))
+        return False
+
+
+def test_hooks_are_called_at_their_points_and_only_for_fresh_updates(state_dir, fake, data):
+    fake.fail_uploads = 2  # both attempts fail: update 1 stays in the outbox, flushed later
+    fake.assign(1)
+    fake.assign(2)
+    hooks = RecordingHooks(State(state_dir))
+    agent = make_agent(state_dir, fake, data, hooks=hooks)
+    stats = agent.run(max_rounds=1)  # assignment 1 was interrupted, so 2 is the one counted
+    assert hooks.calls == [
+        ("keep", 1),
+        ("train", 1, False),
+        ("upload", 1, [1]),  # already durable in the outbox
+        ("keep", 2),
+        ("train", 2, False),
+        ("upload", 2, [2]),  # the flush of 1 did not pass through the hook
+    ]
+    assert stats.uploaded == 2 and stats.late_uploads == 0 and stats.dropped == 0
+
+
+def test_a_declining_hook_makes_the_agent_walk_away(state_dir, fake, data):
+    fake.assign(1)
+    hooks = RecordingHooks(State(state_dir), keep=False)
+    agent = make_agent(state_dir, fake, data, hooks=hooks, cancel_poll_wait=0.1)
+    fake.cancel(1)
+    stats = agent.run(once=True)
+    assert hooks.calls == [("keep", 1)]
+    assert stats.dropped == 1 and fake.received == {} and agent.state.outbox.entries() == []
+
+
+def test_a_waiting_hook_is_interrupted_by_cancellation(state_dir, fake, data):
+    class Straggler(AgentHooks):
+        interrupted_in_time = False
+
+        def before_training(self, work, interrupted):
+            fake.cancel(work.assignment_id)
+            Straggler.interrupted_in_time = interrupted.wait(10)
+
+    fake.assign(1)
+    agent = make_agent(state_dir, fake, data, hooks=Straggler(), cancel_poll_wait=0.1)
+    outcome = agent.handle(agent.client.get_work(0))
+    assert Straggler.interrupted_in_time
+    assert outcome is Outcome.CANCELLED and fake.received == {}
+
+
 def test_simulated_dropout_never_uploads(state_dir, fake, data):
     fake.assign(1)
     schedule = FaultSchedule(FaultConfig(dropout=1.0), np.random.default_rng(0))
-    agent = make_agent(state_dir, fake, data, faults=schedule, cancel_poll_wait=0.1)
+    agent = make_agent(state_dir, fake, data, hooks=FaultHooks(schedule), cancel_poll_wait=0.1)
     fake.cancel(1)  # the coordinator gives up on it; the vanished device just leaves it
     stats = agent.run(once=True)
     assert stats.dropped == 1 and fake.received == {}
@@ -359,7 +424,7 @@ def test_offline_spell_uploads_late(state_dir, fake, data):
     schedule = FaultSchedule(
         FaultConfig(offline=1.0, offline_s=(0.05, 0.05)), np.random.default_rng(0)
     )
-    agent = make_agent(state_dir, fake, data, faults=schedule)
+    agent = make_agent(state_dir, fake, data, hooks=FaultHooks(schedule))
     stats = agent.run(once=True)
     assert stats.late_uploads == 1 and stats.uploaded == 1
 

@@ -93,7 +93,7 @@ def test_agent_process_trains_uploads_and_stops_on_sigterm(live, digits, tmp_pat
 def test_demo_without_its_extras_says_what_to_install(monkeypatch, capsys):
     import importlib.util
 
-    from edge_agent import demo
+    from edge_agent.sim import demo
 
     real = importlib.util.find_spec
     monkeypatch.setattr(

@@ -2,10 +2,19 @@
 
 from __future__ import annotations
 
+import threading
+
 import numpy as np
 import pytest
 
-from edge_agent.faults import NO_FAULTS, FaultConfig, FaultSchedule
+from edge_agent.client import Work
+from edge_agent.sim.faults import (
+    NO_FAULTS,
+    FaultConfig,
+    FaultDecision,
+    FaultHooks,
+    FaultSchedule,
+)
 
 
 def decisions(config, seed=0, n=4000):
@@ -51,3 +60,46 @@ def test_no_faults():
 def test_bad_config(kwargs):
     with pytest.raises(ValueError):
         FaultConfig(**kwargs)
+
+
+class Fixed:
+    """A fault source that always decides the same."""
+
+    def __init__(self, decision: FaultDecision) -> None:
+        self.decision = decision
+
+    def decide(self, assignment_id: int) -> FaultDecision:
+        return self.decision
+
+
+WORK = Work(assignment_id=5, status="assigned", task_id=1)
+
+
+@pytest.mark.parametrize(
+    ("decision", "keeps", "holds_back"),
+    [
+        (FaultDecision(), True, False),
+        (FaultDecision(drop=True), False, False),
+        (FaultDecision(offline_s=100.0), True, True),
+    ],
+)
+def test_fault_hooks_turn_decisions_into_hook_answers(decision, keeps, holds_back):
+    hooks = FaultHooks(Fixed(decision))
+    stop = threading.Event()
+    stop.set()  # a long offline spell ends at once when the agent stops
+    assert hooks.keep_assignment(WORK) is keeps
+    assert hooks.before_first_upload(WORK, stop) is holds_back
+
+
+def test_a_straggler_delay_waits_on_the_agents_event():
+    class Event(threading.Event):
+        waited: list[float | None] = []
+
+        def wait(self, timeout=None):
+            self.waited.append(timeout)
+            return True
+
+    interrupted = Event()
+    FaultHooks(Fixed(FaultDecision(delay_s=2.5))).before_training(WORK, interrupted)
+    FaultHooks(Fixed(FaultDecision())).before_training(WORK, interrupted)
+    assert Event.waited == [2.5]

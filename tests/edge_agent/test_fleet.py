@@ -6,9 +6,9 @@ import stat
 
 import numpy as np
 
-from edge_agent.faults import FaultConfig
-from edge_agent.fleet import Fleet
-from edge_agent.partition import dirichlet_partition
+from edge_agent.sim.faults import FaultConfig
+from edge_agent.sim.fleet import Fleet
+from edge_agent.sim.partition import dirichlet_partition
 from edge_agent.state import State
 from tests.edge_agent.conftest import wait_for
 

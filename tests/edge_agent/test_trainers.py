@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from edge_agent.data import LocalData, split_local
-from edge_agent.datasets import load_dataset
+from edge_agent.sim.datasets import load_dataset
 from edge_agent.trainers import NumpyTrainer, TrainingConfig, _loss_and_grads, load_trainer_factory
 from shared import architectures
 

@@ -2,8 +2,9 @@
 
 Each device is a real :class:`~edge_agent.agent.Agent` with its own Ed25519 identity, its own
 HTTPS client and its own state directory, talking to a real coordinator; only the device
-hardware is simulated. Faults (:mod:`edge_agent.faults`) are drawn per device from generators
-derived from one seed, so a run is reproducible up to thread timing.
+hardware is simulated. Faults (:mod:`edge_agent.sim.faults`) are drawn per device from generators
+derived from one seed, so a run is reproducible up to thread timing, and reach each agent from
+outside through its hooks (:class:`~edge_agent.sim.faults.FaultHooks`).
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from edge_agent.agent import Agent, AgentStats, FatalAgentError
 from edge_agent.client import CoordinatorClient
 from edge_agent.data import LocalData, check_arrays, split_local
 from edge_agent.device import enroll_device, open_client
-from edge_agent.faults import FaultConfig, FaultSchedule
+from edge_agent.sim.faults import FaultConfig, FaultHooks, FaultSchedule, FaultSource
 from edge_agent.state import State
 from edge_agent.trainers import TrainerFactory
 from edge_agent.transport import RetryPolicy
@@ -34,7 +35,7 @@ class SimulatedDevice:
     state_dir: Path
     data: LocalData
     seed: int
-    faults: FaultSchedule
+    faults: FaultSource  # replaceable before start() (a benchmark's own schedule)
     agent: Agent | None = None
     client: CoordinatorClient | None = None
     thread: threading.Thread | None = None
@@ -126,7 +127,7 @@ class Fleet:
                 data=device.data,
                 trainer_factory=self.trainer_factory,
                 seed=device.seed,
-                faults=device.faults,
+                hooks=FaultHooks(device.faults),
                 poll_wait=self.poll_wait,
                 error_pause_s=min(1.0, self.poll_wait),
                 stop_event=self._stop,

@@ -31,22 +31,22 @@ from typing import Any
 import numpy as np
 
 from edge_agent.admin_client import AdminClient
-from edge_agent.datasets import DATASETS, Dataset, load_dataset
-from edge_agent.demo_report import (
+from edge_agent.errors import AgentError
+from edge_agent.sim.datasets import DATASETS, Dataset, load_dataset
+from edge_agent.sim.demo_report import (
     centralized_baseline,
     evaluate_versions,
     summary_text,
     write_report,
 )
-from edge_agent.errors import AgentError
-from edge_agent.faults import FaultConfig
-from edge_agent.fleet import Fleet, FleetStats
-from edge_agent.local_coordinator import (
+from edge_agent.sim.faults import FaultConfig
+from edge_agent.sim.fleet import Fleet, FleetStats
+from edge_agent.sim.local_coordinator import (
     CoordinatorStartError,
     LocalCoordinator,
     start_local_coordinator,
 )
-from edge_agent.partition import dirichlet_partition, iid_partition, label_skew
+from edge_agent.sim.partition import dirichlet_partition, iid_partition, label_skew
 from shared import architectures
 from shared.wire import decode_model
 

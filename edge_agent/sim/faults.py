@@ -13,14 +13,24 @@ generator:
   device loses its connection for ``offline_s`` seconds and uploads afterwards, so the update
   reaches the coordinator late (stale, or refused when too stale).
 
-A real agent runs with :data:`NO_FAULTS`.
+The agent itself knows nothing of these: :class:`FaultHooks` turns one device's decisions into
+the agent's neutral hook points (:class:`edge_agent.hooks.AgentHooks`), and the fleet passes it
+to each agent it builds. A real agent runs with no hooks (the equivalent of :data:`NO_FAULTS`).
 """
 
 from __future__ import annotations
 
+import logging
+import threading
 from dataclasses import dataclass
+from typing import Protocol
 
 import numpy as np
+
+from edge_agent.client import Work
+from edge_agent.hooks import AgentHooks
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -94,3 +104,43 @@ class NoFaults:
 
 
 NO_FAULTS = NoFaults()
+
+
+class FaultSource(Protocol):
+    """Anything that decides a device's faults per assignment (the same answer when asked
+    again): :class:`FaultSchedule`, :data:`NO_FAULTS`, or a benchmark's own schedule."""
+
+    def decide(self, assignment_id: int) -> FaultDecision: ...
+
+
+class FaultHooks(AgentHooks):
+    """Injects one device's simulated faults into its agent, from outside the agent.
+
+    - dropout: declines the assignment once its model is fetched (the agent walks away);
+    - straggler delay: waits before training, ended early by cancellation or stop;
+    - offline spell: holds the first upload back, ended early by stop.
+    """
+
+    def __init__(self, faults: FaultSource) -> None:
+        self.faults = faults
+
+    def keep_assignment(self, work: Work) -> bool:
+        if self.faults.decide(work.assignment_id).drop:
+            log.info("simulated dropout: vanishing during assignment %d", work.assignment_id)
+            return False
+        return True
+
+    def before_training(self, work: Work, interrupted: threading.Event) -> None:
+        delay = self.faults.decide(work.assignment_id).delay_s
+        if delay > 0:
+            if delay >= 0.05:
+                log.info("simulated straggler: %.1f s of extra compute", delay)
+            interrupted.wait(delay)
+
+    def before_first_upload(self, work: Work, stop: threading.Event) -> bool:
+        offline = self.faults.decide(work.assignment_id).offline_s
+        if offline <= 0:
+            return False
+        log.info("simulated offline spell of %.1f s before uploading", offline)
+        stop.wait(offline)
+        return True

@@ -1,0 +1,167 @@
+"""The update step of the agent loop: make the update durable, then send it and settle it.
+
+:func:`save_update` compresses ``local - base`` with the task's policy and the error-feedback
+residual, encodes it, commits it (with its idempotency key and both residuals) to the outbox,
+then makes the new residual current (see :mod:`edge_agent.outbox` for why in that order).
+:func:`upload_entry` sends an outbox entry and removes it on success, or discards it (restoring
+the residual it advanced) when the coordinator refuses it for good, e.g. 409 stale_update.
+Errors that a later attempt may cure (network, 5xx, 429, clock skew) propagate and leave the
+entry in the outbox.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import time
+from collections.abc import Mapping
+
+import numpy as np
+
+from edge_agent.client import CoordinatorClient, Work
+from edge_agent.errors import AgentError, ApiError, DeviceRevoked, StaleUpdate
+from edge_agent.outbox import RESIDUAL_BEFORE, OutboxEntry, new_idempotency_key
+from edge_agent.outcome import AgentStats, Outcome
+from edge_agent.state import State
+from shared.compression import compress
+from shared.modelspec import ModelSpec, Weights
+from shared.policy import CompressionPolicy
+from shared.wire import encode_update
+from shared.wiremetrics import carried_metrics
+
+log = logging.getLogger(__name__)
+
+# Errors after which the device cannot go on: it must be re-enrolled.
+FATAL_CODES = frozenset({"device_revoked", "unknown_device"})
+# Refusals that may pass (clock, replay, a signature made during a key rotation): keep the
+# update and try again later.
+TRANSIENT_AUTH_CODES = frozenset({"clock_skew", "replayed_nonce", "invalid_signature"})
+
+
+def refused_for_good(exc: ApiError) -> bool:
+    """True when uploading the same update again cannot succeed (so it is discarded)."""
+    if exc.status is None or exc.status >= 500 or exc.status == 429:
+        return False
+    lasting = not isinstance(exc, DeviceRevoked)
+    return lasting and exc.code not in FATAL_CODES | TRANSIENT_AUTH_CODES
+
+
+def _metrics_payload(metrics: Mapping[str, float]) -> dict[str, float | int]:
+    """Metrics as the coordinator takes them (counts as integers)."""
+    return {k: int(v) if k == "num_eval_examples" else v for k, v in metrics.items()}
+
+
+def save_update(
+    state: State,
+    work: Work,
+    *,
+    spec: ModelSpec,
+    policy: CompressionPolicy,
+    base: Weights,
+    local: Weights,
+    num_examples: int,
+    metrics: Mapping[str, float],
+    seed: int,
+) -> OutboxEntry:
+    """Compress, encode and durably save the update; then advance the residual.
+
+    The training and evaluation metrics travel inside the update (its metrics block).
+    """
+    delta = {t.name: local[t.name] - base[t.name] for t in spec.tensors}
+    residual = state.load_residual(work.task_id, spec) if policy.error_feedback else None
+    before = copy.deepcopy(residual)
+    rng = np.random.default_rng([seed, work.assignment_id, 1])
+    compressed = compress(delta, policy, rng, residual)
+    carried = carried_metrics(metrics)  # in the update itself: no separate report
+    body = encode_update(
+        compressed,
+        task_id=work.task_id,
+        base_version=work.base_version,
+        num_examples=num_examples,
+        metrics=carried,
+    )
+    dense = 4 * spec.num_params
+    log.info(
+        "update compressed to %d bytes (%.0fx smaller than %d dense bytes)",
+        len(body),
+        dense / max(1, len(body)),
+        dense,
+    )
+    entry = OutboxEntry(
+        assignment_id=work.assignment_id,
+        task_id=work.task_id,
+        base_version=work.base_version,
+        upload_url=work.upload_url,
+        idempotency_key=new_idempotency_key(work.assignment_id),
+        num_examples=num_examples,
+        created_at=time.time(),
+        metrics={},  # carried in the body (entries written by older agents may have some)
+        has_residual=residual is not None,
+    )
+    state.outbox.add(entry, body, residual_before=before, residual_after=residual)
+    if residual is not None:
+        state.save_residual(work.task_id, residual)
+    return entry
+
+
+def upload_entry(
+    state: State,
+    client: CoordinatorClient,
+    entry: OutboxEntry,
+    *,
+    stats: AgentStats,
+    uploads: list[tuple[int, int]],
+) -> Outcome:
+    """Send one outbox entry and settle it, counting in ``stats`` and appending
+    ``(base version, bytes)`` to ``uploads`` when accepted. An entry written by an older agent
+    that still lists metrics has them reported separately."""
+    body = state.outbox.body(entry)
+    try:
+        receipt = client.upload_update(entry.upload_url, body, entry.idempotency_key)
+    except StaleUpdate as exc:
+        log.info(
+            "update for assignment %d is too stale (%s); discarding it",
+            entry.assignment_id,
+            exc.detail,
+        )
+        discard_entry(state, entry)
+        stats.stale_refused += 1
+        return Outcome.STALE
+    except ApiError as exc:
+        if not refused_for_good(exc):
+            raise
+        log.warning(
+            "the coordinator refused the update for assignment %d (%s); discarding it",
+            entry.assignment_id,
+            exc,
+        )
+        discard_entry(state, entry)
+        stats.discarded += 1
+        return Outcome.DISCARDED
+    state.outbox.remove(entry)
+    stats.uploaded += 1
+    uploads.append((entry.base_version, len(body)))
+    if receipt.get("duplicate"):
+        stats.duplicates += 1
+    staleness = int(receipt.get("staleness") or 0)
+    if staleness > 0:
+        stats.stale_accepted += 1
+    log.info(
+        "uploaded update for assignment %d (%d bytes, staleness %d%s)",
+        entry.assignment_id,
+        len(body),
+        staleness,
+        ", already received before" if receipt.get("duplicate") else "",
+    )
+    if entry.metrics:
+        try:
+            client.report_metrics(entry.assignment_id, _metrics_payload(entry.metrics))
+        except AgentError as exc:
+            log.warning("could not report metrics for assignment %d: %s", entry.assignment_id, exc)
+    return Outcome.UPLOADED
+
+
+def discard_entry(state: State, entry: OutboxEntry) -> None:
+    """Drop a refused update and restore the residual it had advanced."""
+    state.restore_residual(entry.task_id, state.outbox.residual_file(entry, RESIDUAL_BEFORE))
+    state.outbox.remove(entry)
