@@ -1,9 +1,10 @@
 """Content-addressed filesystem blob store for models and updates.
 
 A blob's name is the SHA-256 of its bytes; it lives at ``<root>/<d[0:2]>/<d[2:4]>/<d>``.
-Writes are atomic and durable: a temporary file in the target directory is written and
-fsynced, renamed over the final name and the directory is fsynced. A crash leaves either no
-blob or the whole blob; stray temporary files are ignored and can be swept.
+Writes are atomic and durable (``shared.durable``): a temporary file ``.tmp-<random>`` in the
+target directory is written and fsynced, renamed over the final name and the directory is
+fsynced. A crash leaves either no blob or the whole blob; stray temporary files are ignored and
+can be swept. Blobs get mode 0600.
 """
 
 from __future__ import annotations
@@ -11,10 +12,13 @@ from __future__ import annotations
 import hashlib
 import os
 import re
-import tempfile
 from pathlib import Path
 
+from shared.durable import write_bytes_atomic
+
 _DIGEST_RE = re.compile(r"^[0-9a-f]{64}$")
+TEMP_PREFIX = ".tmp-"
+BLOB_MODE = 0o600
 
 
 class BlobNotFound(KeyError):
@@ -36,18 +40,7 @@ class BlobStore:
         target = self.path(digest)
         if target.exists():
             return digest
-        target.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=target.parent)
-        try:
-            with os.fdopen(fd, "wb") as fh:
-                fh.write(data)
-                fh.flush()
-                os.fsync(fh.fileno())
-            os.replace(tmp, target)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
-        _fsync_dir(target.parent)
+        write_bytes_atomic(target, data, mode=BLOB_MODE, temp_prefix=TEMP_PREFIX)
         return digest
 
     def get(self, digest: str) -> bytes:
@@ -76,11 +69,3 @@ class BlobStore:
     def verify(self, digest: str) -> bool:
         """True when the stored bytes still hash to their name."""
         return hashlib.sha256(self.get(digest)).hexdigest() == digest
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)

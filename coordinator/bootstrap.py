@@ -17,7 +17,6 @@ variables, ``<data_dir>/coordinator.env``, built-in defaults.
 
 from __future__ import annotations
 
-import os
 import shutil
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -33,6 +32,7 @@ from coordinator.db import make_engine, make_sessionmaker, session_scope
 from coordinator.secrets import create_api_key
 from coordinator.settings import Settings
 from coordinator.tls import DEFAULT_HOSTS, TlsPaths, create_ca_and_server_cert
+from shared.durable import write_bytes_atomic
 
 ENV_FILE = "coordinator.env"
 BOOTSTRAP_KEY_NAME = "bootstrap admin"
@@ -154,13 +154,7 @@ def write_env_file(settings: Settings, *, data_dir: Path) -> Path:
     if settings.blobs.resolve() != (data_dir / "blobs"):
         lines.append(f"FEDGE_BLOB_DIR={settings.blobs.resolve()}")
     path = data_dir / ENV_FILE
-    tmp = path.with_name(path.name + ".tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "w", encoding="utf-8") as fh:
-        fh.write("\n".join(lines) + "\n")
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
+    write_bytes_atomic(path, ("\n".join(lines) + "\n").encode("utf-8"), mode=0o600)
     return path
 
 

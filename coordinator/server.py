@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import asyncio
 import copy
-import os
 import signal
 import socket
 import ssl
@@ -38,6 +37,7 @@ import uvicorn.config
 from coordinator.app import create_app
 from coordinator.bootstrap import SetupError, schema_report
 from coordinator.settings import Settings
+from shared.durable import write_bytes_atomic
 
 _STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
@@ -95,9 +95,7 @@ def format_url(scheme: str, host: str, port: int) -> str:
 
 def write_port_file(path: Path, port: int) -> None:
     """Write ``port`` to ``path`` atomically: readers see no file or the whole number."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(f"{port}\n", encoding="ascii")
-    os.replace(tmp, path)
+    write_bytes_atomic(path, f"{port}\n".encode("ascii"))
 
 
 def log_config(level: str) -> dict[str, Any]:

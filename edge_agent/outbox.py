@@ -3,7 +3,7 @@
 Each entry is a directory ``outbox/<assignment_id>/`` holding ``meta.json`` (task, upload URL,
 idempotency key, metrics to report), ``update.bin`` (the encoded update, wire format) and,
 when error feedback is on, ``residual-before`` / ``residual-after`` (the task's residual before
-and after this update's compression, in :class:`shared.feedback.Residual` files). An entry is
+and after this update's compression, as :mod:`edge_agent.residual_store` files). An entry is
 built in a temporary directory and renamed into place in one step, so it exists completely or
 not at all.
 
@@ -30,19 +30,12 @@ import time
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-from edge_agent.fsutil import (
-    TEMP_MARKER,
-    fsync_dir,
-    read_json,
-    remove_temp_files,
-    write_bytes_atomic,
-    write_json_atomic,
-)
-
-if TYPE_CHECKING:
-    from shared.feedback import Residual
+from edge_agent.fsutil import read_json, remove_temp_files, write_json_atomic
+from edge_agent.residual_store import save_residual
+from shared.durable import TEMP_MARKER, fsync_dir, write_bytes_atomic
+from shared.feedback import Residual
 
 META = "meta.json"
 BODY = "update.bin"
@@ -140,8 +133,8 @@ class Outbox:
             write_bytes_atomic(tmp / BODY, body)
             if entry.has_residual:
                 assert residual_before is not None and residual_after is not None
-                residual_before.save(tmp / RESIDUAL_BEFORE)
-                residual_after.save(tmp / RESIDUAL_AFTER)
+                save_residual(residual_before, tmp / RESIDUAL_BEFORE)
+                save_residual(residual_after, tmp / RESIDUAL_AFTER)
             write_json_atomic(tmp / META, asdict(entry) | {"metrics": dict(entry.metrics)})
             fsync_dir(tmp)
             os.rename(tmp, final)

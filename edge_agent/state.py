@@ -6,12 +6,13 @@ Layout (see docs/agent.md)::
       agent.json              device id, coordinator URL, CA file name, name, seed
       identity.pem            Ed25519 private key, PKCS#8 PEM, mode 0600
       ca.pem                  the coordinator's CA certificate (pinned), when given
-      residuals/task-<id>.res error-feedback residual per task (shared.feedback.Residual)
+      residuals/task-<id>.res error-feedback residual per task (edge_agent.residual_store)
       outbox/<assignment>/    computed updates waiting for upload (edge_agent.outbox)
       models/task-<id>/v<n>.bin  cached model versions (wire format) + v<n>.json (ETag)
 
-Every file is written atomically (temp file, fsync, rename), so a crash at any instant leaves
-each file either old or new; leftovers of interrupted writes are deleted on open.
+Every file is written atomically (``shared.durable``: temp file, fsync, rename, fsync of the
+directory), so a crash at any instant leaves each file either old or new; leftovers of
+interrupted writes are deleted on open.
 """
 
 from __future__ import annotations
@@ -30,9 +31,11 @@ from typing import Any
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from edge_agent.fsutil import read_json, remove_temp_files, write_bytes_atomic, write_json_atomic
+from edge_agent.fsutil import read_json, remove_temp_files, write_json_atomic
 from edge_agent.outbox import RESIDUAL_AFTER, Outbox
+from edge_agent.residual_store import RESIDUAL_FILE_MODE, load_residual, save_residual
 from shared import signing
+from shared.durable import write_bytes_atomic
 from shared.feedback import Residual
 from shared.modelspec import ModelSpec
 
@@ -116,7 +119,7 @@ class State:
         for entry in self.outbox.entries():
             after = self.outbox.residual_file(entry, RESIDUAL_AFTER)
             if after is not None and after.exists():
-                write_bytes_atomic(self.residual_path(entry.task_id), after.read_bytes())
+                self._copy_residual(after, entry.task_id)
 
     def __str__(self) -> str:
         return str(self.directory)
@@ -191,20 +194,22 @@ class State:
         if not path.exists():
             return Residual.zeros(spec)
         try:
-            return Residual.load(path, spec=spec)
+            return load_residual(path, spec=spec)
         except (ValueError, OSError) as exc:
             log.warning("ignoring unusable residual %s: %s", path, exc)
             return Residual.zeros(spec)
 
     def save_residual(self, task_id: int, residual: Residual) -> None:
-        path = self.residual_path(task_id)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        residual.save(path)
+        save_residual(residual, self.residual_path(task_id))
 
     def restore_residual(self, task_id: int, source: Path | None) -> None:
         """Make ``source`` (a residual file) the task's residual."""
         if source is not None and source.exists():
-            write_bytes_atomic(self.residual_path(task_id), source.read_bytes())
+            self._copy_residual(source, task_id)
+
+    def _copy_residual(self, source: Path, task_id: int) -> None:
+        data = source.read_bytes()
+        write_bytes_atomic(self.residual_path(task_id), data, mode=RESIDUAL_FILE_MODE)
 
     # -- model cache -----------------------------------------------------------------------
 

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import Protocol
 
 import numpy as np
 
@@ -25,16 +25,27 @@ from shared.policy import CompressionPolicy, Scope
 from shared.quantize import Quantized, dequantize, max_code, quantize
 from shared.topk import top_k_indices, topk_count
 
-if TYPE_CHECKING:
-    from shared.feedback import Residual
-
 __all__ = [
     "CompressedTensor",
     "CompressedUpdate",
+    "ResidualMemory",
     "as_float32",
     "compress",
     "decompress",
 ]
+
+
+class ResidualMemory(Protocol):
+    """What :func:`compress` needs of an error-feedback residual (:class:`shared.feedback.Residual`
+    is one): its model spec and its float32 arrays by tensor name, which ``compress`` replaces.
+
+    A protocol rather than an import, so that this module does not depend on
+    ``shared.feedback`` (which depends on ``shared.wire``, which depends on this module)."""
+
+    values: Weights
+
+    @property
+    def spec(self) -> ModelSpec: ...
 
 
 @dataclass(frozen=True, eq=False)
@@ -164,7 +175,7 @@ def compress(
     delta: Mapping[str, np.ndarray],
     policy: CompressionPolicy,
     rng: np.random.Generator,
-    residual: Residual | None = None,
+    residual: ResidualMemory | None = None,
 ) -> CompressedUpdate:
     """Compress a model delta under ``policy``; randomness only from ``rng``.
 

@@ -1,24 +1,19 @@
 """Error-feedback residual: what compression dropped, carried into the next update.
 
 A device keeps one :class:`Residual` per task and must not lose it across restarts, so it
-serializes to a small checksummed file::
+serializes to a small checksummed byte string (the content of a residual file)::
 
     magic "FEDR" | version u16 | reserved u16 (0) | crc32 u32 | payload length u64 | payload
 
-where the payload is a dense float32 model blob (``wire.encode_model``). ``save`` is atomic
-(temp file, fsync, ``os.replace``, fsync of the directory): after a crash the file holds either
-the old residual or the new one, never a mix.
+where the payload is a dense float32 model blob (``wire.encode_model``). This module does no
+file I/O: the agent stores residuals (atomically) in ``edge_agent.residual_store``.
 """
 
 from __future__ import annotations
 
-import contextlib
-import os
 import struct
-import tempfile
 import zlib
 from collections.abc import Mapping
-from pathlib import Path
 
 import numpy as np
 
@@ -93,28 +88,3 @@ class Residual:
         if zlib.crc32(payload) != crc:
             raise WireFormatError("checksum_mismatch", "residual file is corrupt (CRC32)")
         return cls(decode_model(payload, spec=spec, limits=limits))
-
-    def save(self, path: str | os.PathLike[str]) -> None:
-        """Write atomically: a crash leaves the previous file or the new one, never a mix."""
-        target = Path(path)
-        data = self.to_bytes()
-        fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
-        try:
-            with os.fdopen(fd, "wb") as f:
-                f.write(data)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, target)
-        except BaseException:
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(tmp)
-            raise
-        dir_fd = os.open(target.parent, os.O_RDONLY)
-        try:
-            os.fsync(dir_fd)
-        finally:
-            os.close(dir_fd)
-
-    @classmethod
-    def load(cls, path: str | os.PathLike[str], *, spec: ModelSpec | None = None) -> Residual:
-        return cls.from_bytes(Path(path).read_bytes(), spec=spec)

@@ -6,6 +6,10 @@
 * Nothing in ``edge_agent`` outside ``edge_agent/sim`` imports ``edge_agent.sim`` (the fleet
   simulation: demo, faults): the agent core runs on devices and knows no simulation. ``shared``
   and ``coordinator`` import no ``edge_agent`` at all, so not its simulation either.
+* The modules of ``shared`` import each other without a cycle, counting imports under
+  ``TYPE_CHECKING`` and inside functions (a cycle there is a tangle even when it runs).
+* Files are replaced durably in one place, ``shared/durable.py``: no other module of the three
+  packages calls ``os.replace``, ``os.fsync`` or ``tempfile.mkstemp``.
 * ``edge_agent`` and ``shared``, every module of them, import on a plain install (numpy, httpx,
   cryptography and their own dependencies): a fresh interpreter whose import system refuses
   everything else imports them all. The coordinator's and the demo's dependencies must not even
@@ -15,6 +19,7 @@
 from __future__ import annotations
 
 import ast
+import graphlib
 import json
 import subprocess
 import sys
@@ -177,6 +182,85 @@ def test_the_simulation_rule_catches_an_import_from_the_core(tmp_path: Path, sou
     found = sim_violations(tmp_path)
     assert found, source
     assert all(v.startswith("edge_agent/agent.py imports edge_agent.sim") for v in found), found
+
+
+def module_graph(root: Path, package: str) -> dict[str, set[str]]:
+    """For each module of ``package``, the modules of ``package`` it imports (any import
+    statement anywhere in it; ``from pkg import mod`` imports ``pkg.mod``)."""
+    sources: dict[str, tuple[str, bool]] = {}
+    for path in sorted((root / package).rglob("*.py")):
+        is_package = path.name == "__init__.py"
+        parts = path.relative_to(root).with_suffix("").parts
+        sources[".".join(parts[:-1] if is_package else parts)] = (
+            path.read_text(encoding="utf-8"),
+            is_package,
+        )
+    graph: dict[str, set[str]] = {}
+    for module, (source, is_package) in sources.items():
+        names = imported_modules(source, module=module, is_package=is_package)
+        for node in ast.walk(ast.parse(source)):
+            if isinstance(node, ast.ImportFrom):
+                base = _absolute(node, module, is_package)
+                names.update(f"{base}.{alias.name}" for alias in node.names)
+        graph[module] = {name for name in names if name in sources and name != module}
+    return graph
+
+
+def import_cycle(graph: dict[str, set[str]]) -> list[str]:
+    """One import cycle of ``graph`` (its first module repeated at the end), or ``[]``."""
+    try:
+        list(graphlib.TopologicalSorter(graph).static_order())
+    except graphlib.CycleError as exc:
+        return list(exc.args[1])
+    return []
+
+
+def test_shared_modules_import_each_other_without_a_cycle() -> None:
+    graph = module_graph(ROOT, "shared")
+    assert {"shared.compression", "shared.feedback", "shared.wire"} <= set(graph)
+    assert import_cycle(graph) == []
+
+
+def test_the_cycle_check_sees_type_checking_and_function_imports(tmp_path: Path) -> None:
+    pkg = tmp_path / "pkg"
+    pkg.mkdir()
+    (pkg / "__init__.py").write_text("")
+    (pkg / "a.py").write_text(
+        "from typing import TYPE_CHECKING\nif TYPE_CHECKING:\n    import pkg.b\n"
+    )
+    (pkg / "b.py").write_text("def f():\n    from pkg import c\n")
+    (pkg / "c.py").write_text("from .a import x\n")
+    (pkg / "d.py").write_text("from pkg import a\n")
+    cycle = import_cycle(module_graph(tmp_path, "pkg"))
+    assert sorted(set(cycle)) == ["pkg.a", "pkg.b", "pkg.c"]
+    (pkg / "c.py").write_text("")
+    assert import_cycle(module_graph(tmp_path, "pkg")) == []
+
+
+DURABLE_WRITE_CALLS = {("os", "replace"), ("os", "fsync"), ("tempfile", "mkstemp")}
+
+
+def durable_write_calls(source: str) -> list[str]:
+    """``os.replace``/``os.fsync``/``tempfile.mkstemp`` calls in ``source``, as written."""
+    found = []
+    for node in ast.walk(ast.parse(source)):
+        if isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute):
+            owner = getattr(node.func.value, "id", None)
+            if (owner, node.func.attr) in DURABLE_WRITE_CALLS:
+                found.append(f"{owner}.{node.func.attr}")
+    return found
+
+
+def test_files_are_replaced_durably_only_in_shared_durable() -> None:
+    helper = ROOT / "shared" / "durable.py"
+    assert durable_write_calls(helper.read_text(encoding="utf-8"))
+    elsewhere = {
+        str(path.relative_to(ROOT)): calls
+        for package in sorted(FORBIDDEN)
+        for path in sorted((ROOT / package).rglob("*.py"))
+        if path != helper and (calls := durable_write_calls(path.read_text(encoding="utf-8")))
+    }
+    assert elsewhere == {}, "use shared.durable.write_atomic / write_bytes_atomic"
 
 
 def plain_install_modules() -> list[str]:

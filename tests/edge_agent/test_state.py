@@ -1,4 +1,5 @@
-"""Durable agent state: atomic files, key mode, outbox and residual across "crashes"."""
+"""Durable agent state: JSON files, key mode, residual files, outbox and residual across
+"crashes" (the atomic write itself: tests/shared/test_durable.py)."""
 
 from __future__ import annotations
 
@@ -16,9 +17,11 @@ from edge_agent.outbox import (
     PendingUpdateExists,
     new_idempotency_key,
 )
+from edge_agent.residual_store import load_residual, save_residual
 from edge_agent.state import AgentConfig, State, StateError
 from shared.feedback import Residual
 from shared.modelspec import ModelSpec
+from shared.wireerror import WireFormatError
 
 SPEC = ModelSpec.from_dict([{"name": "W", "shape": [3, 2]}, {"name": "b", "shape": [2]}])
 
@@ -41,26 +44,68 @@ def entry(assignment_id=7, task_id=1, *, has_residual=True) -> OutboxEntry:
     )
 
 
-def test_atomic_write_replaces_and_leaves_no_temp_files(tmp_path):
+def test_json_files_are_replaced_atomically(tmp_path):
     path = tmp_path / "a" / "file.json"
     fsutil.write_json_atomic(path, {"v": 1})
-    fsutil.write_json_atomic(path, {"v": 2})
+    fsutil.write_json_atomic(path, {"v": 2}, mode=0o600)
     assert fsutil.read_json(path) == {"v": 2}
+    assert path.read_text() == '{\n  "v": 2\n}\n'
+    assert stat.S_IMODE(path.stat().st_mode) == 0o600
     assert [p.name for p in path.parent.iterdir()] == ["file.json"]
 
 
-def test_failed_write_keeps_the_old_content(tmp_path, monkeypatch):
-    path = tmp_path / "file.bin"
-    fsutil.write_bytes_atomic(path, b"old")
+# Residual({"W": arange(6).reshape(3, 2) / 4, "b": [-1.5, 2]}) as written by Residual.save
+# before residual files moved to edge_agent.residual_store: existing state dirs hold these.
+OLD_RESIDUAL_FILE = bytes.fromhex(
+    "4645445201000000a7a208426e00000000000000464544470100020002000000010057020300000002000000"
+    "000000060000000000000000000000180000000000000001006201020000000000000200000000000000000000"
+    "000800000000000000000000000000803e0000003f0000403f0000803f0000a03f0000c0bf00000040"
+)
+
+
+def test_residual_files_keep_their_format(tmp_path):
+    expected = Residual(
+        {
+            "W": np.arange(6, dtype=np.float32).reshape(3, 2) / np.float32(4),
+            "b": np.array([-1.5, 2.0], np.float32),
+        }
+    )
+    old = tmp_path / "old.res"
+    old.write_bytes(OLD_RESIDUAL_FILE)
+    loaded = load_residual(old, spec=SPEC)
+    for name in SPEC.names:
+        np.testing.assert_array_equal(loaded.values[name], expected.values[name])
+    new = tmp_path / "new.res"
+    save_residual(expected, new)
+    assert new.read_bytes() == OLD_RESIDUAL_FILE
+    assert stat.S_IMODE(new.stat().st_mode) == 0o600
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["new.res", "old.res"]
+
+
+def test_failed_residual_save_keeps_the_old_file(tmp_path, monkeypatch):
+    path = tmp_path / "r.res"
+    save_residual(residual(1.0), path)
+    before = path.read_bytes()
 
     def broken_replace(src, dst):
         raise OSError("disk full")
 
     monkeypatch.setattr(os, "replace", broken_replace)
     with pytest.raises(OSError, match="disk full"):
-        fsutil.write_bytes_atomic(path, b"new")
-    assert path.read_bytes() == b"old"
-    assert [p.name for p in tmp_path.iterdir()] == ["file.bin"]
+        save_residual(residual(7.0), path)
+    assert path.read_bytes() == before
+    assert [p.name for p in tmp_path.iterdir()] == ["r.res"]  # no temp file left behind
+
+
+def test_corrupt_residual_file_is_rejected_and_replaced_by_zeros(tmp_path):
+    state = State(tmp_path)
+    state.save_residual(1, residual(0.25))
+    path = state.residual_path(1)
+    path.write_bytes(path.read_bytes()[:-1])
+    with pytest.raises(WireFormatError) as err:
+        load_residual(path, spec=SPEC)
+    assert err.value.code == "truncated"
+    assert state.load_residual(1, SPEC).norm() == 0
 
 
 def test_identity_key_is_private_and_stable(tmp_path):
@@ -150,6 +195,7 @@ def test_discard_path_restores_the_previous_residual(tmp_path):
     reopened = State(tmp_path)
     assert reopened.outbox.entries() == []
     np.testing.assert_allclose(reopened.load_residual(1, SPEC).values["W"], 0.5)
+    assert stat.S_IMODE(state.residual_path(1).stat().st_mode) == 0o600
 
 
 def test_one_pending_entry_per_task(tmp_path):

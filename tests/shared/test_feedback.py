@@ -1,8 +1,6 @@
 from __future__ import annotations
 
-import os
 from collections.abc import Callable
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -37,11 +35,11 @@ def test_bytes_round_trip_is_exact() -> None:
         assert back.values[name].dtype == np.float32
 
 
-def test_restart_from_file_continues_identically(tmp_path: Path) -> None:
-    """Saving after step 5 and loading into a new object gives the same updates as never
-    stopping (same rng stream), i.e. a device can reboot between rounds."""
+def test_restart_from_bytes_continues_identically() -> None:
+    """Serializing after step 5 and parsing into a new object gives the same updates as never
+    stopping (same rng stream), i.e. a device can reboot between rounds. (The agent's residual
+    files hold these bytes: tests/edge_agent/test_state.py.)"""
     deltas = _deltas(10)
-    path = tmp_path / "task-1.res"
 
     rng = np.random.default_rng(99)
     uninterrupted = Residual.zeros(SPEC)
@@ -50,9 +48,9 @@ def test_restart_from_file_continues_identically(tmp_path: Path) -> None:
     rng = np.random.default_rng(99)
     residual = Residual.zeros(SPEC)
     got = [decompress(compress(d, POLICY, rng, residual)) for d in deltas[:5]]
-    residual.save(path)
+    data = residual.to_bytes()
     del residual
-    restarted = Residual.load(path, spec=SPEC)
+    restarted = Residual.from_bytes(data, spec=SPEC)
     got += [decompress(compress(d, POLICY, rng, restarted)) for d in deltas[5:]]
 
     for a, b in zip(expected, got, strict=True):
@@ -60,23 +58,6 @@ def test_restart_from_file_continues_identically(tmp_path: Path) -> None:
             np.testing.assert_array_equal(a[name], b[name])
     for name in SPEC.names:
         np.testing.assert_array_equal(restarted.values[name], uninterrupted.values[name])
-    assert [p.name for p in tmp_path.iterdir()] == ["task-1.res"]
-
-
-def test_save_replaces_atomically(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    path = tmp_path / "r.res"
-    old = Residual({"w": np.ones(3, np.float32)})
-    old.save(path)
-    before = path.read_bytes()
-
-    def fail(*_args: object) -> None:
-        raise OSError("disk full")
-
-    monkeypatch.setattr(os, "replace", fail)
-    with pytest.raises(OSError, match="disk full"):
-        Residual({"w": np.full(3, 7.0, np.float32)}).save(path)
-    assert path.read_bytes() == before
-    assert [p.name for p in tmp_path.iterdir()] == ["r.res"]  # no temp file left behind
 
 
 @pytest.mark.parametrize(
@@ -92,14 +73,9 @@ def test_save_replaces_atomically(tmp_path: Path, monkeypatch: pytest.MonkeyPatc
         (lambda b: b[:40] + bytes([b[40] ^ 0x01]) + b[41:], "checksum_mismatch"),
     ],
 )
-def test_corrupt_residual_file_is_rejected(
-    tmp_path: Path, mutate: Callable[[bytes], bytes], code: str
-) -> None:
-    path = tmp_path / "r.res"
-    Residual.zeros(SPEC).save(path)
-    path.write_bytes(mutate(path.read_bytes()))
+def test_corrupt_residual_bytes_are_rejected(mutate: Callable[[bytes], bytes], code: str) -> None:
     with pytest.raises(WireFormatError) as err:
-        Residual.load(path, spec=SPEC)
+        Residual.from_bytes(mutate(Residual.zeros(SPEC).to_bytes()), spec=SPEC)
     assert err.value.code == code
 
 
