@@ -99,8 +99,8 @@ class ChaosDevice(threading.Thread):
         self.weights = np.asarray(weights, float) / float(np.sum(weights))
         self.stop = stop
         self.log = log
-        # A second connection, for the second of two uploads sent at once.
-        self.other = _client(str(device.client.base_url), ca_file)
+        self.base_url = str(device.client.base_url)
+        self.ca_file = ca_file
         self.num_examples = int(rng.integers(5, 30))
 
     def _poll(self, *, wait: int, current: int | None = None) -> dict[str, Any] | None:
@@ -133,10 +133,14 @@ class ChaosDevice(threading.Thread):
             self._send(self.device.client, first)
             return
         second = self._upload_request(work, body, key if action == "twice" else key + "-b")
-        other = threading.Thread(target=self._send, args=(self.other, second))
-        other.start()
-        self._send(self.device.client, first)
-        other.join()
+        # The second goes over a connection of its own, opened now: one kept idle between
+        # rare uses would race the server closing it (keep-alive timeout) with a POST that
+        # httpx does not retry.
+        with _client(self.base_url, self.ca_file) as client:
+            other = threading.Thread(target=self._send, args=(client, second))
+            other.start()
+            self._send(self.device.client, first)
+            other.join()
 
     def _wait_until_stopped(self, work: dict[str, Any]) -> bool:
         """Wait on the cancellation long-poll; True once the assignment was stopped."""
@@ -159,8 +163,6 @@ class ChaosDevice(threading.Thread):
                 self._upload(work, action)
         except Exception as exc:  # reported to the test, which fails on it
             self.log.failure(f"device thread crashed: {exc!r}")
-        finally:
-            self.other.close()
 
 
 class Operator(threading.Thread):
