@@ -12,7 +12,7 @@ that must hold afterwards whatever the interleaving (tests/support/chaos.py).
 from __future__ import annotations
 
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from contextlib import ExitStack
 from pathlib import Path
 from typing import Any
@@ -40,13 +40,6 @@ def settings(settings: Settings) -> Settings:
     return settings.model_copy(
         update={"device_rate_per_minute": 100_000, "long_poll_recheck_s": 0.05}
     )
-
-
-@pytest.fixture
-def db(settings: Settings) -> Iterator[Db]:
-    handle = Db(settings)
-    yield handle
-    handle.close()
 
 
 def _sync_task(server: Any, num_rounds: int) -> int:

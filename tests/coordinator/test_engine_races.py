@@ -44,13 +44,6 @@ def settings(settings: Settings) -> Settings:
 
 
 @pytest.fixture
-def db(coordinator: Coordinator) -> Iterator[Db]:
-    handle = Db(coordinator.settings)
-    yield handle
-    handle.close()
-
-
-@pytest.fixture
 def replica(coordinator: Coordinator) -> Iterator[Runtime]:
     """A second coordinator's engine on the same database (its own connection pool)."""
     runtime = Runtime.open(coordinator.settings)
