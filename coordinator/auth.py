@@ -64,6 +64,7 @@ from coordinator.db import session_scope, utcnow
 from coordinator.errors import Forbidden, PayloadTooLarge, RateLimited, Unauthorized
 from coordinator.models import Device, UsedNonce
 from coordinator.runtime import Runtime
+from coordinator.states import DeviceStatus
 from shared.signing import (
     SignatureError,
     SignedHeaders,
@@ -204,7 +205,7 @@ class DeviceAuthenticator:
                 )
             except SignatureError as exc:
                 raise Unauthorized(exc.detail, code=exc.code) from None
-            if device.status == "revoked":
+            if device.status == DeviceStatus.REVOKED:
                 raise Forbidden(f"device {device.id} has been revoked", code="device_revoked")
             try:
                 check_skew(signed.timestamp, window_s=window)
@@ -329,10 +330,12 @@ def get_device_slots(runtime: Runtime) -> DeviceSlots:
     return created
 
 
-def _device_status(runtime: Runtime, device_id: str) -> str | None:
+def _device_status(runtime: Runtime, device_id: str) -> DeviceStatus | None:
     """Step 2's lookup: the device's status, None when no such device is enrolled."""
     with session_scope(runtime.sessions, read_only=True) as session:
-        status: str | None = session.scalar(select(Device.status).where(Device.id == device_id))
+        status: DeviceStatus | None = session.scalar(
+            select(Device.status).where(Device.id == device_id)
+        )
         return status
 
 
@@ -374,7 +377,7 @@ async def authenticate_device(request: Request) -> AsyncIterator[DeviceIdentity]
     status = await run_in_threadpool(_device_status, runtime, signed.device_id)
     if status is None:
         raise Unauthorized(f"no device {signed.device_id!r} is enrolled", code="unknown_device")
-    if status == "revoked":
+    if status == DeviceStatus.REVOKED:
         raise Forbidden(f"device {signed.device_id} has been revoked", code="device_revoked")
     with get_device_slots(runtime).request(signed.device_id):
         body = await read_body(request, limit=runtime.settings.max_upload_bytes)

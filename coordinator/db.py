@@ -5,9 +5,10 @@ from __future__ import annotations
 from collections.abc import Iterator
 from contextlib import contextmanager
 from datetime import UTC, datetime
-from typing import Any
+from enum import StrEnum
+from typing import Any, TypeVar
 
-from sqlalchemy import DateTime, Engine, create_engine, event
+from sqlalchemy import CheckConstraint, DateTime, Engine, String, create_engine, event
 from sqlalchemy.engine import Dialect
 from sqlalchemy.exc import PendingRollbackError
 from sqlalchemy.orm import Session, sessionmaker
@@ -40,6 +41,40 @@ class UTCDateTime(TypeDecorator[datetime]):
         if value is None:
             return None
         return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
+
+
+E = TypeVar("E", bound=StrEnum)
+
+
+class StatusType(TypeDecorator[E]):
+    """A status column: stores the enum's string value, reads back the enum member.
+
+    Plain strings of a member's value are accepted. Any other value (``TaskStatus("runing")``
+    raises) is refused when the statement's parameters are processed, before anything is sent
+    to the database (``StatementError`` wrapping the ``ValueError``); the column's CHECK
+    constraint (:func:`status_check`) refuses it in the database too, for writes that bypass
+    the ORM.
+    """
+
+    impl = String(16)
+    cache_ok = True
+
+    def __init__(self, enum_cls: type[E]) -> None:
+        super().__init__(16)
+        self.enum_cls = enum_cls
+
+    def process_bind_param(self, value: E | str | None, dialect: Dialect) -> str | None:
+        return None if value is None else self.enum_cls(value).value
+
+    def process_result_value(self, value: str | None, dialect: Dialect) -> E | None:
+        return None if value is None else self.enum_cls(value)
+
+
+def status_check(enum_cls: type[StrEnum], column: str = "status") -> CheckConstraint:
+    """``CHECK (status IN (...))`` over the enum's values, named ``ck_<table>_<column>`` by the
+    models' naming convention."""
+    values = ", ".join(f"'{member.value}'" for member in enum_cls)
+    return CheckConstraint(f"{column} IN ({values})", name=column)
 
 
 def make_engine(url: str, **kwargs: Any) -> Engine:

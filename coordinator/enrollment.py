@@ -17,8 +17,9 @@ from sqlalchemy.orm import Session
 
 from coordinator.db import utcnow
 from coordinator.errors import Conflict, Unauthorized
-from coordinator.models import ASSIGNMENT_ACTIVE, Assignment, Device, EnrollmentToken
+from coordinator.models import Assignment, Device, EnrollmentToken
 from coordinator.secrets import TOKEN_PREFIX, display_prefix, hash_secret, new_secret
+from coordinator.states import ASSIGNMENT_ACTIVE, AssignmentStatus, DeviceStatus
 
 
 def create_token(
@@ -82,7 +83,7 @@ def _repeated_enrollment(session: Session, *, token: str, public_key: str) -> De
         .join(EnrollmentToken, EnrollmentToken.id == Device.enrollment_token_id)
         .where(
             Device.public_key == public_key,
-            Device.status == "active",
+            Device.status == DeviceStatus.ACTIVE,
             EnrollmentToken.token_hash == hash_secret(token),
         )
     )
@@ -110,7 +111,7 @@ def enroll_device(
         id=str(uuid.uuid4()),
         name=name,
         public_key=public_key,
-        status="active",
+        status=DeviceStatus.ACTIVE,
         capabilities=capabilities,
         enrollment_token_id=token_id,
         enrolled_at=utcnow(),
@@ -128,7 +129,7 @@ def cancel_active_assignments(session: Session, *, device_id: str) -> int:
     result = session.execute(
         update(Assignment)
         .where(Assignment.device_id == device_id, Assignment.status.in_(ASSIGNMENT_ACTIVE))
-        .values(status="cancelled", finished_at=utcnow())
+        .values(status=AssignmentStatus.CANCELLED, finished_at=utcnow())
         .execution_options(synchronize_session=False)
     )
     return int(getattr(result, "rowcount", 0) or 0)
@@ -138,9 +139,9 @@ def revoke_device(session: Session, device: Device) -> None:
     """Revoke at once: its next request is refused, its active assignments are cancelled.
 
     Revoking a revoked device changes nothing (the first revocation time is kept)."""
-    if device.status == "revoked":
+    if device.status == DeviceStatus.REVOKED:
         return
-    device.status = "revoked"
+    device.status = DeviceStatus.REVOKED
     device.revoked_at = utcnow()
     cancel_active_assignments(session, device_id=device.id)
     session.flush()

@@ -1,7 +1,9 @@
 """SQLAlchemy 2.0 ORM models: the coordinator's whole durable state (see DESIGN.md).
 
-Status values are short strings validated in code (the ``*_STATUSES`` tuples), which keeps
-migrations portable between SQLite and PostgreSQL.
+Status columns hold the string values of the enums in :mod:`coordinator.states` (a
+``String(16)`` on every backend, so migrations stay portable between SQLite and PostgreSQL);
+the ORM reads them back as enum members, refuses any other value before it is sent, and a
+CHECK constraint per column (``ck_<table>_status``) refuses it in the database too.
 """
 
 from __future__ import annotations
@@ -23,7 +25,15 @@ from sqlalchemy import (
 )
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
 
-from coordinator.db import UTCDateTime, utcnow
+from coordinator.db import StatusType, UTCDateTime, status_check, utcnow
+from coordinator.states import ASSIGNMENT_ACTIVE as ASSIGNMENT_ACTIVE  # older import path
+from coordinator.states import (
+    AssignmentStatus,
+    DeviceStatus,
+    RoundStatus,
+    TaskStatus,
+    UpdateStatus,
+)
 
 NAMING_CONVENTION = {
     "ix": "ix_%(column_0_label)s",
@@ -33,12 +43,6 @@ NAMING_CONVENTION = {
     "pk": "pk_%(table_name)s",
 }
 
-TASK_STATUSES = ("draft", "running", "paused", "completed", "cancelled", "failed")
-ROUND_STATUSES = ("open", "aggregating", "closed", "failed")
-DEVICE_STATUSES = ("active", "revoked")
-ASSIGNMENT_STATUSES = ("assigned", "downloaded", "uploaded", "dropped", "cancelled")
-ASSIGNMENT_ACTIVE = ("assigned", "downloaded")
-UPDATE_STATUSES = ("accepted", "applied", "rejected")
 ROLES = ("admin", "viewer")
 
 
@@ -53,11 +57,14 @@ def _now_column() -> Mapped[datetime]:
 
 class Task(Base):
     __tablename__ = "tasks"
+    __table_args__ = (status_check(TaskStatus),)
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
     name: Mapped[str] = mapped_column(String(200))
     description: Mapped[str] = mapped_column(Text, default="")
-    status: Mapped[str] = mapped_column(String(16), default="draft", index=True)
+    status: Mapped[TaskStatus] = mapped_column(
+        StatusType(TaskStatus), default=TaskStatus.DRAFT, index=True
+    )
     # {"architecture": ...} or {"spec": [...]}, as given by the administrator.
     model_config_: Mapped[dict[str, Any]] = mapped_column("model_config", JSON)
     # Ordered [{"name", "shape"}] (shared.modelspec.ModelSpec.to_dict()).
@@ -95,13 +102,15 @@ class ModelVersion(Base):
 
 class Round(Base):
     __tablename__ = "rounds"
-    __table_args__ = (UniqueConstraint("task_id", "number"),)
+    __table_args__ = (UniqueConstraint("task_id", "number"), status_check(RoundStatus))
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
     task_id: Mapped[int] = mapped_column(ForeignKey("tasks.id", ondelete="CASCADE"), index=True)
     number: Mapped[int] = mapped_column(Integer)
     base_version: Mapped[int] = mapped_column(Integer)
-    status: Mapped[str] = mapped_column(String(16), default="open", index=True)
+    status: Mapped[RoundStatus] = mapped_column(
+        StatusType(RoundStatus), default=RoundStatus.OPEN, index=True
+    )
     target_updates: Mapped[int] = mapped_column(Integer, default=0)
     opened_at: Mapped[datetime] = _now_column()
     deadline_at: Mapped[datetime | None] = mapped_column(default=None)
@@ -120,11 +129,14 @@ class Round(Base):
 
 class Device(Base):
     __tablename__ = "devices"
+    __table_args__ = (status_check(DeviceStatus),)
 
     id: Mapped[str] = mapped_column(String(64), primary_key=True)
     name: Mapped[str] = mapped_column(String(100))
     public_key: Mapped[str] = mapped_column(String(64), unique=True)
-    status: Mapped[str] = mapped_column(String(16), default="active", index=True)
+    status: Mapped[DeviceStatus] = mapped_column(
+        StatusType(DeviceStatus), default=DeviceStatus.ACTIVE, index=True
+    )
     capabilities: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
     enrollment_token_id: Mapped[int | None] = mapped_column(
         ForeignKey("enrollment_tokens.id"), default=None
@@ -143,6 +155,7 @@ class Assignment(Base):
     __table_args__ = (
         UniqueConstraint("round_id", "device_id"),
         Index("ix_assignments_device_status", "device_id", "status"),
+        status_check(AssignmentStatus),
     )
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
@@ -150,7 +163,9 @@ class Assignment(Base):
     round_id: Mapped[int] = mapped_column(ForeignKey("rounds.id", ondelete="CASCADE"), index=True)
     device_id: Mapped[str] = mapped_column(ForeignKey("devices.id", ondelete="CASCADE"))
     base_version: Mapped[int] = mapped_column(Integer)
-    status: Mapped[str] = mapped_column(String(16), default="assigned", index=True)
+    status: Mapped[AssignmentStatus] = mapped_column(
+        StatusType(AssignmentStatus), default=AssignmentStatus.ASSIGNED, index=True
+    )
     assigned_at: Mapped[datetime] = _now_column()
     lease_expires_at: Mapped[datetime | None] = mapped_column(default=None)
     downloaded_at: Mapped[datetime | None] = mapped_column(default=None)
@@ -163,6 +178,7 @@ class Update(Base):
     __table_args__ = (
         UniqueConstraint("device_id", "idempotency_key"),
         Index("ix_updates_task_status", "task_id", "status"),
+        status_check(UpdateStatus),
     )
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
@@ -181,7 +197,9 @@ class Update(Base):
     byte_size: Mapped[int] = mapped_column(BigInteger)
     staleness: Mapped[int] = mapped_column(Integer)
     weight: Mapped[float] = mapped_column(Float)
-    status: Mapped[str] = mapped_column(String(16), default="accepted")
+    status: Mapped[UpdateStatus] = mapped_column(
+        StatusType(UpdateStatus), default=UpdateStatus.ACCEPTED
+    )
     reason: Mapped[str | None] = mapped_column(Text, default=None)
     idempotency_key: Mapped[str] = mapped_column(String(128))
     received_at: Mapped[datetime] = _now_column()

@@ -40,16 +40,17 @@ from coordinator.schemas.tasks import (
     resolve_trainer,
 )
 from coordinator.settings import Settings
+from coordinator.states import TaskStatus
 from shared import architectures, wire
 from shared.limits import DEFAULT_LIMITS, Limits
 from shared.modelspec import ModelSpec
 
 #: Lifecycle actions: action -> (statuses it applies to, status it leads to).
-TRANSITIONS: dict[str, tuple[tuple[str, ...], str]] = {
-    "start": (("draft",), "running"),
-    "pause": (("running",), "paused"),
-    "resume": (("paused",), "running"),
-    "cancel": (("draft", "running", "paused"), "cancelled"),
+TRANSITIONS: dict[str, tuple[tuple[TaskStatus, ...], TaskStatus]] = {
+    "start": ((TaskStatus.DRAFT,), TaskStatus.RUNNING),
+    "pause": ((TaskStatus.RUNNING,), TaskStatus.PAUSED),
+    "resume": ((TaskStatus.PAUSED,), TaskStatus.RUNNING),
+    "cancel": ((TaskStatus.DRAFT, TaskStatus.RUNNING, TaskStatus.PAUSED), TaskStatus.CANCELLED),
 }
 #: Wire codes that mean "valid encoding, wrong content" (422); the others are 400.
 UNPROCESSABLE_WIRE_CODES = frozenset({"shape_mismatch", "policy_mismatch"})
@@ -88,7 +89,7 @@ def to_public(task: Task) -> TaskPublic:
         id=task.id,
         name=task.name,
         description=task.description,
-        status=task.status,  # type: ignore[arg-type]
+        status=task.status,
         status_reason=task.status_reason,
         model=parse_model(task.model_config_),
         spec=[TensorSpecPublic(name=t.name, shape=list(t.shape)) for t in spec.tensors],
@@ -198,7 +199,7 @@ def create_task(session: Session, blobs: BlobStore, settings: Settings, body: Ta
     task = Task(
         name=body.name,
         description=body.description,
-        status="draft",
+        status=TaskStatus.DRAFT,
         model_config_=body.model.model_dump(mode="json"),
         model_spec=spec.to_dict(),
         aggregation=aggregation_to_stored(body.aggregation),
@@ -217,7 +218,7 @@ def create_task(session: Session, blobs: BlobStore, settings: Settings, body: Ta
 
 
 def require_draft(task: Task) -> None:
-    if task.status != "draft":
+    if task.status != TaskStatus.DRAFT:
         raise Conflict(
             f"task {task.id} is {task.status}; only draft tasks can be changed",
             code="task_not_draft",
@@ -321,7 +322,7 @@ def transition(session: Session, task: Task, action: str) -> Task:
     values: dict[str, Any] = {"status": target, "status_reason": None, "updated_at": now}
     if action == "start":
         values["started_at"] = now
-    if target == "cancelled":
+    if target == TaskStatus.CANCELLED:
         values["finished_at"] = now
     # Compare-and-set on the status read above: the round engine may have completed or
     # failed the task since (it holds the task row lock while it does), and an action must

@@ -25,6 +25,15 @@ def _run(connection: Connection) -> None:
         context.run_migrations()
 
 
+def _sqlite_foreign_keys(connection: Connection, *, on: bool) -> None:
+    """Switch SQLite's foreign-key enforcement. Only outside a transaction does the pragma
+    take effect, hence the driver connection rather than ``connection.execute`` (which would
+    begin one)."""
+    connection.connection.driver_connection.execute(  # type: ignore[union-attr]
+        f"PRAGMA foreign_keys={'ON' if on else 'OFF'}"
+    )
+
+
 def run_migrations_online() -> None:
     connection = config.attributes.get("connection")
     if connection is not None:
@@ -34,7 +43,17 @@ def run_migrations_online() -> None:
     engine = make_engine(url)
     try:
         with engine.connect() as conn:
-            _run(conn)
+            # Batch mode rebuilds SQLite tables (copy, drop, rename); with enforcement on,
+            # dropping a referenced table would cascade into its children. Migrations that
+            # rebuild check the references themselves (PRAGMA foreign_key_check).
+            sqlite = conn.dialect.name == "sqlite"
+            if sqlite:
+                _sqlite_foreign_keys(conn, on=False)
+            try:
+                _run(conn)
+            finally:
+                if sqlite:
+                    _sqlite_foreign_keys(conn, on=True)
     finally:
         engine.dispose()
 

@@ -26,6 +26,7 @@ from coordinator.enrollment import enroll_device
 from coordinator.errors import Forbidden, NotFound, error_responses
 from coordinator.models import Assignment, Device
 from coordinator.schemas.devices import DevicePublic, EnrollRequest, EnrollResponse
+from coordinator.states import AssignmentStatus
 from shared.modelspec import ModelSpec
 
 router = APIRouter(prefix="/device", tags=["device"])
@@ -110,9 +111,9 @@ def download_model(
             Assignment.task_id == task_id,
             Assignment.device_id == device.id,
             Assignment.base_version == row.version,
-            Assignment.status == "assigned",
+            Assignment.status == AssignmentStatus.ASSIGNED,
         )
-        .values(status="downloaded", downloaded_at=utcnow())
+        .values(status=AssignmentStatus.DOWNLOADED, downloaded_at=utcnow())
         .execution_options(synchronize_session=False)
     )
     return response

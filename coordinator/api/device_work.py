@@ -49,6 +49,7 @@ from coordinator.engine.work import (
 from coordinator.errors import Unprocessable, error_responses
 from coordinator.runtime import Runtime
 from coordinator.schemas.common import Strict
+from coordinator.states import AssignmentStatus, UpdateStatus
 
 router = APIRouter(prefix="/device", tags=["device"])
 log = logging.getLogger(__name__)
@@ -61,7 +62,7 @@ AssignmentId = Annotated[int, Path(ge=1, le=MAX_ID, description="Assignment id")
 
 class WorkAssignment(BaseModel):
     assignment_id: int
-    status: str
+    status: AssignmentStatus
     task_id: int
     round_id: int
     mode: Literal["sync", "async"]
@@ -77,7 +78,7 @@ class WorkAssignment(BaseModel):
 
 class WorkCancelled(BaseModel):
     assignment_id: int
-    status: Literal["cancelled"]
+    status: Literal[AssignmentStatus.CANCELLED]
     reason: str
     task_id: int
     round_id: int
@@ -91,7 +92,7 @@ class UploadAccepted(BaseModel):
     base_version: int
     staleness: int
     weight: float
-    status: str
+    status: UpdateStatus
     duplicate: bool
     num_examples_counted: int = Field(
         description="How many of the claimed examples the weight counts (the claim, bounded "

@@ -19,7 +19,8 @@ from coordinator.api.signals import wake_devices
 from coordinator.enrollment import revoke_device
 from coordinator.errors import NotFound, error_responses
 from coordinator.models import Device
-from coordinator.schemas.devices import DevicePublic, DevicesPublic, DeviceStatus
+from coordinator.schemas.devices import DevicePublic, DevicesPublic
+from coordinator.states import DeviceStatus
 
 router = APIRouter(prefix="/devices", tags=["devices"])
 DeviceId = Annotated[str, Path(pattern=r"^[A-Za-z0-9_-]{1,64}$", description="Device id")]
@@ -29,7 +30,7 @@ def to_public(device: Device) -> DevicePublic:
     return DevicePublic(
         device_id=device.id,
         name=device.name,
-        status=device.status,  # type: ignore[arg-type]
+        status=device.status,
         public_key=device.public_key,
         capabilities=device.capabilities or {},
         enrolled_at=device.enrolled_at,

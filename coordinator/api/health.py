@@ -11,6 +11,7 @@ from coordinator.errors import NotReady, error_responses
 from coordinator.migrate import schema_status
 from coordinator.models import ModelVersion, Task
 from coordinator.runtime import Runtime
+from coordinator.states import TASK_LIVE
 
 router = APIRouter(tags=["health"])
 
@@ -51,7 +52,7 @@ def _blobs_status(runtime: Runtime) -> tuple[bool, str]:
             select(ModelVersion.blob_digest)
             .join(Task, Task.id == ModelVersion.task_id)
             .where(
-                Task.status.in_(("running", "paused")),
+                Task.status.in_(TASK_LIVE),
                 ModelVersion.version == Task.current_version,
             )
         ).all()

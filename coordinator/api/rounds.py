@@ -11,7 +11,8 @@ from coordinator.api.deps import MAX_ID, Pagination, SessionDep, ViewerDep, page
 from coordinator.api.tasks import TaskId, get_task
 from coordinator.errors import NotFound, error_responses
 from coordinator.models import Round
-from coordinator.schemas.rounds import RoundPublic, RoundsPublic, RoundStatus
+from coordinator.schemas.rounds import RoundPublic, RoundsPublic
+from coordinator.states import RoundStatus
 
 router = APIRouter(prefix="/tasks/{task_id}/rounds", tags=["rounds"])
 RoundNumber = Annotated[int, Path(ge=0, le=MAX_ID, description="Round number within the task")]
@@ -23,7 +24,7 @@ def to_public(rnd: Round) -> RoundPublic:
         task_id=rnd.task_id,
         number=rnd.number,
         base_version=rnd.base_version,
-        status=rnd.status,  # type: ignore[arg-type]
+        status=rnd.status,
         status_reason=rnd.status_reason,
         target_updates=rnd.target_updates,
         result_version=rnd.result_version,

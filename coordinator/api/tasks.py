@@ -25,7 +25,8 @@ from coordinator.auth import read_body
 from coordinator.errors import NotFound, error_responses
 from coordinator.models import Task
 from coordinator.schemas.model_versions import ModelVersionPublic
-from coordinator.schemas.tasks import TaskCreate, TaskPublic, TasksPublic, TaskStatus, TaskUpdate
+from coordinator.schemas.tasks import TaskCreate, TaskPublic, TasksPublic, TaskUpdate
+from coordinator.states import TaskStatus
 
 router = APIRouter(prefix="/tasks", tags=["tasks"])
 TaskId = Annotated[int, Path(ge=1, le=MAX_ID, description="Task id")]

@@ -29,6 +29,7 @@ from sqlalchemy.orm import Session
 
 from coordinator.errors import Unprocessable
 from coordinator.models import Update
+from coordinator.states import UPDATE_COUNTED
 
 #: A claim counts at most this many times the device's recent largest count. (4 rather than 2:
 #: a device's data may well grow fourfold between uploads early on, e.g. 10 then 40 examples,
@@ -73,7 +74,7 @@ def device_history(
         .where(
             Update.task_id == task_id,
             Update.device_id == device_id,
-            Update.status.in_(("accepted", "applied")),
+            Update.status.in_(UPDATE_COUNTED),
         )
         .order_by(Update.id.desc())
         .limit(limit)

@@ -16,6 +16,7 @@ from sqlalchemy.orm import Session
 from coordinator.engine.ownership import own_assignment
 from coordinator.engine.rounds import version_client_metrics
 from coordinator.models import ModelVersion, Round, Update
+from coordinator.states import UpdateStatus
 
 
 def record_metrics(
@@ -28,7 +29,7 @@ def record_metrics(
         return
     u.metrics = {**(u.metrics or {}), **metrics}
     session.flush()
-    if u.status != "applied" or u.applied_version is None:
+    if u.status != UpdateStatus.APPLIED or u.applied_version is None:
         return
     client = version_client_metrics(session, u.task_id, u.applied_version)
     for row in (

@@ -22,9 +22,17 @@ from sqlalchemy.orm.util import identity_key
 
 from coordinator.engine.config import AggregationConfig
 from coordinator.engine.selection import busy_clause, choose, eligible_devices
-from coordinator.models import ASSIGNMENT_ACTIVE, Assignment, Device, Round, Task, Update
+from coordinator.models import Assignment, Device, Round, Task, Update
+from coordinator.states import (
+    ASSIGNMENT_ACTIVE,
+    ASSIGNMENT_ENDED,
+    ROUND_ACTIVE,
+    AssignmentStatus,
+    RoundStatus,
+    TaskStatus,
+    UpdateStatus,
+)
 
-ACTIVE_ROUND = ("open", "aggregating")
 #: Ids per ``IN (...)`` list (SQLite allows at most 32,766 bound parameters per statement).
 CHUNK = 10_000
 
@@ -33,7 +41,7 @@ def active_round(session: Session, task_id: int) -> Round | None:
     """The task's open or aggregating round (there is at most one)."""
     return session.scalar(
         select(Round)
-        .where(Round.task_id == task_id, Round.status.in_(ACTIVE_ROUND))
+        .where(Round.task_id == task_id, Round.status.in_(ROUND_ACTIVE))
         .order_by(Round.number.desc())
         .limit(1)
     )
@@ -47,7 +55,7 @@ def next_round_number(session: Session, task_id: int) -> int:
 def count_pending(session: Session, task_id: int, *, base_version: int | None = None) -> int:
     """Accepted, not yet applied updates of a task (optionally only on ``base_version``)."""
     stmt = select(func.count(Update.id)).where(
-        Update.task_id == task_id, Update.status == "accepted"
+        Update.task_id == task_id, Update.status == UpdateStatus.ACCEPTED
     )
     if base_version is not None:
         stmt = stmt.where(Update.base_version == base_version)
@@ -98,7 +106,7 @@ def _assign(
                 round_id=rnd.id,
                 device_id=device_id,
                 base_version=rnd.base_version,
-                status="assigned",
+                status=AssignmentStatus.ASSIGNED,
                 lease_expires_at=lease_until,
             )
         )
@@ -137,7 +145,7 @@ def open_sync_round(
         task_id=task.id,
         number=number,
         base_version=task.current_version,
-        status="open",
+        status=RoundStatus.OPEN,
         target_updates=cfg.clients_per_round,
         opened_at=now,
         deadline_at=deadline,
@@ -156,7 +164,7 @@ def open_async_round(
         task_id=task.id,
         number=next_round_number(session, task.id),
         base_version=task.current_version,
-        status="open",
+        status=RoundStatus.OPEN,
         target_updates=cfg.buffer_size,
         opened_at=now,
         num_received=count_pending(session, task.id),
@@ -200,7 +208,7 @@ def assign_async(
 
 
 def end_assignments(
-    session: Session, assignments: Iterable[Assignment], *, status: str, now: datetime
+    session: Session, assignments: Iterable[Assignment], *, status: AssignmentStatus, now: datetime
 ) -> list[str]:
     """Move active assignments to ``cancelled`` or ``dropped``; a drop counts against the
     device's reliability and the assignment's round. Returns the devices to wake.
@@ -211,7 +219,7 @@ def end_assignments(
     row that a concurrent upload holds locked is waited for and then re-checked against the
     condition, so the upload and the scheduler cannot both win.
     """
-    assert status in ("cancelled", "dropped")
+    assert status in ASSIGNMENT_ENDED
     chosen = list(assignments)
     ids = sorted({a.id for a in chosen})
     # Devices before assignments: the lock order of uploads and revocations too.
@@ -233,7 +241,7 @@ def end_assignments(
         ]
     _expire_status(session, Assignment, [m[0] for m in moved])
     woken = [device_id for _, device_id, _ in moved]
-    if status == "dropped":
+    if status == AssignmentStatus.DROPPED:
         for device_id in sorted(woken):
             session.execute(
                 update(Device)
@@ -268,8 +276,8 @@ def set_round_status(
     session: Session,
     rnd: Round,
     *,
-    expected: Iterable[str],
-    to: str,
+    expected: Iterable[RoundStatus],
+    to: RoundStatus,
     **values: Any,
 ) -> bool:
     """Compare-and-set a round's status: ``expected`` -> ``to`` (plus ``values``) in one
@@ -333,23 +341,27 @@ def close_sync_round_if_due(
     if not (reached or expired):
         return []
     if reached:
-        if not set_round_status(session, rnd, expected=("open",), to="aggregating"):
+        if not set_round_status(
+            session, rnd, expected=(RoundStatus.OPEN,), to=RoundStatus.AGGREGATING
+        ):
             return []
         working = active_assignments(session, task_id=task.id, round_id=rnd.id)
-        return end_assignments(session, working, status="cancelled", now=now)
+        return end_assignments(session, working, status=AssignmentStatus.CANCELLED, now=now)
     if fresh >= cfg.min_updates:
-        if not set_round_status(session, rnd, expected=("open",), to="aggregating"):
+        if not set_round_status(
+            session, rnd, expected=(RoundStatus.OPEN,), to=RoundStatus.AGGREGATING
+        ):
             return []
     elif not fail_round(
         session,
         rnd,
         reason=f"deadline passed with {fresh} of the {cfg.min_updates} updates needed",
         now=now,
-        expected=("open",),
+        expected=(RoundStatus.OPEN,),
     ):
         return []
     working = active_assignments(session, task_id=task.id, round_id=rnd.id)
-    return end_assignments(session, working, status="dropped", now=now)
+    return end_assignments(session, working, status=AssignmentStatus.DROPPED, now=now)
 
 
 def fail_round(
@@ -358,12 +370,12 @@ def fail_round(
     *,
     reason: str,
     now: datetime,
-    expected: Iterable[str] = ACTIVE_ROUND,
+    expected: Iterable[RoundStatus] = ROUND_ACTIVE,
 ) -> bool:
     """``expected`` -> ``failed`` with the reason; False (nothing changed) when another
     writer already gave the round its outcome."""
     return set_round_status(
-        session, rnd, expected=expected, to="failed", closed_at=now, status_reason=reason
+        session, rnd, expected=expected, to=RoundStatus.FAILED, closed_at=now, status_reason=reason
     )
 
 
@@ -377,7 +389,7 @@ def expire_async_leases(session: Session, task: Task, *, now: datetime) -> list[
             Assignment.lease_expires_at < now,
         )
     ).all()
-    return end_assignments(session, expired, status="dropped", now=now)
+    return end_assignments(session, expired, status=AssignmentStatus.DROPPED, now=now)
 
 
 def cancel_doomed(
@@ -394,15 +406,15 @@ def cancel_doomed(
             Assignment.base_version < oldest_usable,
         )
     ).all()
-    return end_assignments(session, doomed, status="cancelled", now=now)
+    return end_assignments(session, doomed, status=AssignmentStatus.CANCELLED, now=now)
 
 
 def reject_pending(session: Session, task_id: int, *, reason: str) -> int:
     """Mark every accepted, unapplied update of a task rejected (the task ended)."""
     result = session.execute(
         update(Update)
-        .where(Update.task_id == task_id, Update.status == "accepted")
-        .values(status="rejected", reason=reason)
+        .where(Update.task_id == task_id, Update.status == UpdateStatus.ACCEPTED)
+        .values(status=UpdateStatus.REJECTED, reason=reason)
         .execution_options(synchronize_session=False)
     )
     return int(result.rowcount or 0)  # type: ignore[attr-defined]
@@ -410,7 +422,7 @@ def reject_pending(session: Session, task_id: int, *, reason: str) -> int:
 
 def finish_task(session: Session, task: Task, *, now: datetime, reason: str) -> list[str]:
     """Complete a task: no more rounds, working devices cancelled, leftovers rejected."""
-    task.status = "completed"
+    task.status = TaskStatus.COMPLETED
     task.finished_at = now
     task.updated_at = now
     task.status_reason = reason
@@ -424,7 +436,10 @@ def wind_down(session: Session, task: Task, *, now: datetime, reason: str) -> li
     if rnd is not None:
         fail_round(session, rnd, reason=reason, now=now)
     woken = end_assignments(
-        session, active_assignments(session, task_id=task.id), status="cancelled", now=now
+        session,
+        active_assignments(session, task_id=task.id),
+        status=AssignmentStatus.CANCELLED,
+        now=now,
     )
     reject_pending(session, task.id, reason=reason)
     session.flush()
@@ -434,7 +449,10 @@ def wind_down(session: Session, task: Task, *, now: datetime, reason: str) -> li
 def pause_effects(session: Session, task: Task, *, now: datetime) -> list[str]:
     """A paused task keeps its open round but no device works on it."""
     return end_assignments(
-        session, active_assignments(session, task_id=task.id), status="cancelled", now=now
+        session,
+        active_assignments(session, task_id=task.id),
+        status=AssignmentStatus.CANCELLED,
+        now=now,
     )
 
 

@@ -35,12 +35,19 @@ from coordinator.engine.aggregate import BadStoredUpdate
 from coordinator.engine.config import AggregationConfig, ConfigError
 from coordinator.engine.evalhook import EvalHook, load_hook
 from coordinator.engine.notify import Notifier
-from coordinator.models import ASSIGNMENT_ACTIVE, Assignment, Round, Task, Update
+from coordinator.models import Assignment, Round, Task, Update
 from coordinator.runtime import Runtime
+from coordinator.states import (
+    ASSIGNMENT_ACTIVE,
+    ROUND_ACTIVE,
+    TASK_LIVE,
+    TASK_TERMINAL,
+    RoundStatus,
+    TaskStatus,
+    UpdateStatus,
+)
 
 log = logging.getLogger(__name__)
-
-TERMINAL = ("completed", "cancelled", "failed")
 
 
 @dataclass
@@ -55,12 +62,12 @@ def tasks_needing_attention(session: Session) -> list[int]:
     """Running and paused tasks, and stopped tasks with leftovers to wind down."""
     leftovers = or_(
         exists().where(Assignment.task_id == Task.id, Assignment.status.in_(ASSIGNMENT_ACTIVE)),
-        exists().where(Round.task_id == Task.id, Round.status.in_(rounds.ACTIVE_ROUND)),
-        exists().where(Update.task_id == Task.id, Update.status == "accepted"),
+        exists().where(Round.task_id == Task.id, Round.status.in_(ROUND_ACTIVE)),
+        exists().where(Update.task_id == Task.id, Update.status == UpdateStatus.ACCEPTED),
     )
     stmt = (
         select(Task.id)
-        .where(or_(Task.status.in_(("running", "paused")), Task.status.in_(TERMINAL) & leftovers))
+        .where(or_(Task.status.in_(TASK_LIVE), Task.status.in_(TASK_TERMINAL) & leftovers))
         .order_by(Task.id)
     )
     return list(session.scalars(stmt))
@@ -128,21 +135,21 @@ class TaskStepper:
             task = lock_task(session, task_id)
             if task is None:
                 return False
-            if task.status in TERMINAL:
+            if task.status in TASK_TERMINAL:
                 outcome.woken += rounds.wind_down(
                     session, task, now=now, reason=f"task {task.status}"
                 )
                 return False
-            if task.status == "paused":
+            if task.status == TaskStatus.PAUSED:
                 outcome.woken += rounds.pause_effects(session, task, now=now)
                 rnd = rounds.active_round(session, task.id)
-                return rnd is not None and rnd.status == "aggregating"
-            if task.status != "running":
+                return rnd is not None and rnd.status == RoundStatus.AGGREGATING
+            if task.status != TaskStatus.RUNNING:
                 return False
             try:
                 cfg = AggregationConfig.from_dict(task.aggregation)
             except ConfigError as exc:
-                task.status = "failed"
+                task.status = TaskStatus.FAILED
                 task.status_reason = f"invalid aggregation config: {exc}"
                 task.finished_at = task.updated_at = now
                 outcome.woken += rounds.wind_down(session, task, now=now, reason="task failed")
@@ -157,14 +164,14 @@ class TaskStepper:
             if cfg.mode == "async":
                 return self._async_transitions(session, task, cfg, outcome)
             rnd = rounds.active_round(session, task.id)
-            if rnd is not None and rnd.status == "open":
+            if rnd is not None and rnd.status == RoundStatus.OPEN:
                 outcome.woken += rounds.close_sync_round_if_due(session, task, rnd, cfg, now=now)
-            if rnd is None or rnd.status == "failed":
+            if rnd is None or rnd.status == RoundStatus.FAILED:
                 rnd, assigned = rounds.open_sync_round(
                     session, task, cfg, now=now, seen_window_s=settings.device_seen_window_s
                 )
                 outcome.woken += assigned
-            return rnd is not None and rnd.status == "aggregating"
+            return rnd is not None and rnd.status == RoundStatus.AGGREGATING
 
     def _async_transitions(
         self, session: Session, task: Task, cfg: AggregationConfig, outcome: StepOutcome
@@ -194,7 +201,7 @@ class TaskStepper:
                 if task is None or rnd is None:
                     return
                 cfg = AggregationConfig.from_dict(task.aggregation)
-                if cfg.mode == "sync" and rnd.status != "aggregating":
+                if cfg.mode == "sync" and rnd.status != RoundStatus.AGGREGATING:
                     return
                 plan = apply.plan_aggregation(session, task, rnd, cfg)
                 if plan is None and cfg.mode == "sync":
@@ -235,9 +242,10 @@ class TaskStepper:
         with session_scope(self.runtime.sessions) as session:
             session.execute(
                 update(Update)
-                .where(Update.id == update_id, Update.status == "accepted")
+                .where(Update.id == update_id, Update.status == UpdateStatus.ACCEPTED)
                 .values(
-                    status="rejected", reason=f"stored update unreadable at aggregation: {detail}"
+                    status=UpdateStatus.REJECTED,
+                    reason=f"stored update unreadable at aggregation: {detail}",
                 )
                 .execution_options(synchronize_session=False)
             )
@@ -266,9 +274,9 @@ class TaskStepper:
                     update(Update)
                     .where(
                         Update.id.in_(ids[start : start + apply.IN_BATCH]),
-                        Update.status == "accepted",
+                        Update.status == UpdateStatus.ACCEPTED,
                     )
-                    .values(status="rejected", reason=reason)
+                    .values(status=UpdateStatus.REJECTED, reason=reason)
                     .execution_options(synchronize_session=False)
                 )
                 rejected += done.rowcount  # type: ignore[attr-defined]

@@ -22,7 +22,8 @@ import numpy as np
 from sqlalchemy import ColumnElement, exists, select
 from sqlalchemy.orm import Session
 
-from coordinator.models import ASSIGNMENT_ACTIVE, Assignment, Device
+from coordinator.models import Assignment, Device
+from coordinator.states import ASSIGNMENT_ACTIVE, DeviceStatus
 
 PRIOR_SUCCESS = 3.0
 PRIOR_FAILURE = 1.0
@@ -49,7 +50,7 @@ def eligible_devices(session: Session, *, now: datetime, seen_window_s: float) -
     rows = session.execute(
         select(Device.id, Device.num_completed, Device.num_dropped)
         .where(
-            Device.status == "active",
+            Device.status == DeviceStatus.ACTIVE,
             Device.last_seen_at.is_not(None),
             Device.last_seen_at >= since,
             ~busy_clause(),

@@ -40,6 +40,7 @@ from coordinator.engine.staleness import update_weight
 from coordinator.errors import BadRequest, Conflict, Unprocessable
 from coordinator.models import Assignment, Device, Task, Update
 from coordinator.runtime import Runtime
+from coordinator.states import AssignmentStatus, TaskStatus, UpdateStatus
 from shared.modelspec import ModelSpec
 from shared.policy import CompressionPolicy
 from shared.wire import DecodedUpdate, WireFormatError, decode_update
@@ -57,7 +58,7 @@ class UploadResult:
     base_version: int
     staleness: int
     weight: float
-    status: str
+    status: UpdateStatus
     duplicate: bool
     #: The examples the weight counts (the claim, bounded: docs/rounds.md "Update bounds").
     num_examples_counted: int
@@ -158,7 +159,7 @@ def _first_result(session: Session, u: Update) -> UploadResult:
         base_version=u.base_version,
         staleness=u.staleness,
         weight=weight,
-        status="accepted",
+        status=UpdateStatus.ACCEPTED,
         duplicate=True,
         num_examples_counted=counted,
     )
@@ -188,7 +189,7 @@ def _check_assignment(
         raise Conflict(f"assignment {assignment_id} already has an update", code="already_uploaded")
     task = session.get(Task, a.task_id)
     assert task is not None
-    if task.status != "running":
+    if task.status != TaskStatus.RUNNING:
         raise Conflict(f"task {task.id} is {task.status}, not running", code="task_not_running")
     return a, task
 
@@ -252,7 +253,7 @@ def _record(
     # ends in the unique constraints (device_id, idempotency_key) and (assignment_id); the
     # caller then answers it like a repeat or a conflict.
     a, task = lock_for_upload(session, device_id=device_id, assignment_id=assignment_id)
-    if task.status != "running":
+    if task.status != TaskStatus.RUNNING:
         raise Conflict(f"task {task.id} is {task.status}, not running", code="task_not_running")
     cfg = _parsed(task).config
     tau = _check_staleness(cfg, current=task.current_version, base=a.base_version)
@@ -280,14 +281,14 @@ def _record(
         byte_size=size,
         staleness=tau,
         weight=weight,
-        status="accepted",
+        status=UpdateStatus.ACCEPTED,
         idempotency_key=key,
         received_at=now,
         metrics=metrics,
     )
     session.add(u)
-    was_dropped = a.status == "dropped"
-    a.status = "uploaded"
+    was_dropped = a.status == AssignmentStatus.DROPPED
+    a.status = AssignmentStatus.UPLOADED
     a.finished_at = now
     session.flush()
     if was_dropped:  # a straggler delivered after all: it is not a dropout
@@ -309,7 +310,7 @@ def _record(
         base_version=a.base_version,
         staleness=tau,
         weight=weight,
-        status="accepted",
+        status=UpdateStatus.ACCEPTED,
         duplicate=False,
         num_examples_counted=counted,
     )
@@ -343,7 +344,7 @@ def end_stale_assignment(runtime: Runtime, *, device_id: str, assignment_id: int
     instead). Cancelled, not dropped: the version moved on, the device did deliver."""
     with session_scope(runtime.sessions) as session:
         a, _ = lock_for_upload(session, device_id=device_id, assignment_id=assignment_id)
-        rounds.end_assignments(session, [a], status="cancelled", now=utcnow())
+        rounds.end_assignments(session, [a], status=AssignmentStatus.CANCELLED, now=utcnow())
 
 
 def accept_upload(

@@ -28,7 +28,15 @@ from coordinator.engine import rounds
 from coordinator.engine.config import AggregationConfig, ConfigError
 from coordinator.engine.ownership import own_assignment
 from coordinator.errors import Forbidden
-from coordinator.models import ASSIGNMENT_ACTIVE, Assignment, Device, Task
+from coordinator.models import Assignment, Device, Task
+from coordinator.states import (
+    ASSIGNMENT_ACTIVE,
+    ASSIGNMENT_ENDED,
+    AssignmentStatus,
+    DeviceStatus,
+    RoundStatus,
+    TaskStatus,
+)
 
 API = "/api/v1"
 
@@ -76,7 +84,7 @@ def find_work(session: Session, *, device_id: str, now: datetime) -> dict[str, A
     # Only the ids and modes of the running tasks: the full row is loaded (and locked) for
     # the async ones alone.
     candidates = session.execute(
-        select(Task.id, Task.aggregation).where(Task.status == "running").order_by(Task.id)
+        select(Task.id, Task.aggregation).where(Task.status == TaskStatus.RUNNING).order_by(Task.id)
     ).all()
     for candidate_id, aggregation in candidates:
         if _mode_of(aggregation) != "async":
@@ -84,7 +92,7 @@ def find_work(session: Session, *, device_id: str, now: datetime) -> dict[str, A
         # Serialize with the scheduler and other requests for this task (concurrency cap).
         task = session.scalar(
             select(Task)
-            .where(Task.id == candidate_id, Task.status == "running")
+            .where(Task.id == candidate_id, Task.status == TaskStatus.RUNNING)
             .with_for_update(key_share=True)
         )
         if task is None:
@@ -94,7 +102,11 @@ def find_work(session: Session, *, device_id: str, now: datetime) -> dict[str, A
         except ConfigError:
             continue
         rnd = rounds.active_round(session, task.id)
-        if rnd is None or rnd.status != "open" or rnd.base_version != task.current_version:
+        if (
+            rnd is None
+            or rnd.status != RoundStatus.OPEN
+            or rnd.base_version != task.current_version
+        ):
             continue
         a = rounds.assign_async(session, task, rnd, device_id, cfg, now=now)
         if a is not None:
@@ -105,19 +117,21 @@ def find_work(session: Session, *, device_id: str, now: datetime) -> dict[str, A
 def require_active(session: Session, device_id: str) -> None:
     """A device revoked while its long-poll waited gets no more work (403 at once)."""
     device = session.get(Device, device_id)
-    if device is None or device.status != "active":
+    if device is None or device.status != DeviceStatus.ACTIVE:
         raise Forbidden(f"device {device_id} has been revoked", code="device_revoked")
 
 
 def cancellation(session: Session, *, device_id: str, assignment_id: int) -> dict[str, Any] | None:
     """A ``status: cancelled`` body when the device's assignment was stopped, else ``None``."""
     a = own_assignment(session, device_id=device_id, assignment_id=assignment_id)
-    if a.status not in ("cancelled", "dropped"):
+    if a.status not in ASSIGNMENT_ENDED:
         return None
     return {
         "assignment_id": a.id,
-        "status": "cancelled",
-        "reason": "deadline passed" if a.status == "dropped" else "stopped by the coordinator",
+        "status": AssignmentStatus.CANCELLED,
+        "reason": "deadline passed"
+        if a.status == AssignmentStatus.DROPPED
+        else "stopped by the coordinator",
         "task_id": a.task_id,
         "round_id": a.round_id,
         "base_version": a.base_version,
@@ -140,7 +154,9 @@ def _async_work_rounds(session: Session) -> list[int]:
     :func:`find_work` sees them: a task whose configuration cannot be read hands out none)."""
     open_rounds: list[int] = []
     for task_id, aggregation, version in session.execute(
-        select(Task.id, Task.aggregation, Task.current_version).where(Task.status == "running")
+        select(Task.id, Task.aggregation, Task.current_version).where(
+            Task.status == TaskStatus.RUNNING
+        )
     ):
         if _mode_of(aggregation) != "async":
             continue
@@ -149,7 +165,7 @@ def _async_work_rounds(session: Session) -> list[int]:
         except ConfigError:
             continue
         rnd = rounds.active_round(session, task_id)
-        if rnd is None or rnd.status != "open" or rnd.base_version != version:
+        if rnd is None or rnd.status != RoundStatus.OPEN or rnd.base_version != version:
             continue
         active = session.scalar(
             select(func.count(Assignment.id)).where(
@@ -171,12 +187,12 @@ def check_waiting(session: Session, polls: Sequence[tuple[str, int | None]]) -> 
     it would answer nothing.
     """
     device_ids = sorted({d for d, _ in polls})
-    status: dict[str, str] = {}
+    status: dict[str, DeviceStatus] = {}
     for part in _chunks(device_ids):
         rows = session.execute(select(Device.id, Device.status).where(Device.id.in_(part)))
         status.update({device_id: st for device_id, st in rows})  # not a Result: it has keys()
     currents = sorted({c for _, c in polls if c is not None})
-    owners: dict[int, tuple[str, str]] = {}
+    owners: dict[int, tuple[str, AssignmentStatus]] = {}
     for part in _chunks(currents):
         for aid, owner_id, st in session.execute(
             select(Assignment.id, Assignment.device_id, Assignment.status).where(
@@ -184,7 +200,7 @@ def check_waiting(session: Session, polls: Sequence[tuple[str, int | None]]) -> 
             )
         ):
             owners[aid] = (owner_id, st)
-    idle = sorted({d for d, c in polls if c is None and status.get(d) == "active"})
+    idle = sorted({d for d, c in polls if c is None and status.get(d) == DeviceStatus.ACTIVE})
     latest: dict[str, Assignment] = {}
     for part in _chunks(idle):
         for a in session.scalars(
@@ -219,11 +235,11 @@ def check_waiting(session: Session, polls: Sequence[tuple[str, int | None]]) -> 
             may_get_work = {d for d in waiting if any(d not in done[r] for r in open_rounds)}
     verdicts: list[Verdict] = []
     for device_id, current in polls:
-        if status.get(device_id) != "active":
+        if status.get(device_id) != DeviceStatus.ACTIVE:
             verdicts.append(("check", None))
         elif current is not None:
             owner = owners.get(current)
-            stopped = owner is None or owner[0] != device_id or owner[1] in ("cancelled", "dropped")
+            stopped = owner is None or owner[0] != device_id or owner[1] in ASSIGNMENT_ENDED
             verdicts.append(("check", None) if stopped else ("none", None))
         elif device_id in latest:
             a = latest[device_id]

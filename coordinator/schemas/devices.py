@@ -3,14 +3,13 @@
 from __future__ import annotations
 
 from datetime import datetime
-from typing import Any, Literal
+from typing import Any
 
 from pydantic import BaseModel, Field, field_validator
 
 from coordinator.schemas.common import DeviceName, JsonObject, Page, Strict
+from coordinator.states import DeviceStatus
 from shared.signing import public_key_from_b64, public_key_to_b64
-
-DeviceStatus = Literal["active", "revoked"]
 
 
 class EnrollRequest(Strict):

@@ -3,13 +3,12 @@
 from __future__ import annotations
 
 from datetime import datetime
-from typing import Any, Literal
+from typing import Any
 
 from pydantic import BaseModel
 
 from coordinator.schemas.common import Page
-
-RoundStatus = Literal["open", "aggregating", "closed", "failed"]
+from coordinator.states import RoundStatus
 
 
 class RoundPublic(BaseModel):

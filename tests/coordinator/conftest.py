@@ -16,6 +16,7 @@ from coordinator.db import make_engine, make_sessionmaker, session_scope
 from coordinator.secrets import create_api_key
 from coordinator.settings import Settings
 from coordinator.tls import TlsPaths, create_ca_and_server_cert
+from tests.support import databases
 from tests.support.rounds import Db
 from tests.support.servers import serve_in_thread
 
@@ -23,6 +24,21 @@ from tests.support.servers import serve_in_thread
 @pytest.fixture(scope="session")
 def tls_paths(tmp_path_factory: pytest.TempPathFactory) -> TlsPaths:
     return create_ca_and_server_cert(tmp_path_factory.mktemp("tls"))
+
+
+@pytest.fixture(params=["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
+def empty_db_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
+    """A database with no tables at all, on each backend."""
+    if request.param == "sqlite":
+        yield f"sqlite:///{tmp_path / 'empty.db'}"
+        return
+    session_db: databases.PostgresDatabase = request.getfixturevalue("postgres_db")
+    db = databases.PostgresDatabase(session_db.admin_url.render_as_string(hide_password=False))
+    db.create()
+    try:
+        yield db.url
+    finally:
+        db.drop()
 
 
 @pytest.fixture

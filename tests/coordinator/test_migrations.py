@@ -4,11 +4,9 @@ come apart again cleanly, and /readyz must notice a database that is not at head
 from __future__ import annotations
 
 import ssl
-from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
-import pytest
 from alembic.autogenerate import compare_metadata
 from alembic.runtime.migration import MigrationContext
 from sqlalchemy import inspect
@@ -19,23 +17,7 @@ from coordinator.db import make_engine
 from coordinator.models import Base
 from coordinator.settings import Settings
 from coordinator.tls import TlsPaths
-from tests.support import databases
 from tests.support.servers import serve_in_thread
-
-
-@pytest.fixture(params=["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
-def empty_db_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
-    """A database with no tables at all, on each backend."""
-    if request.param == "sqlite":
-        yield f"sqlite:///{tmp_path / 'empty.db'}"
-        return
-    session_db: databases.PostgresDatabase = request.getfixturevalue("postgres_db")
-    db = databases.PostgresDatabase(session_db.admin_url.render_as_string(hide_password=False))
-    db.create()
-    try:
-        yield db.url
-    finally:
-        db.drop()
 
 
 def schema_diff(url: str) -> list[object]:
