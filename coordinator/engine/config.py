@@ -1,22 +1,25 @@
-"""A task's aggregation settings as a typed, validated value.
+"""A task's aggregation settings: the one definition of their fields, defaults and bounds.
 
-``Task.aggregation`` is stored as JSON (validated by the task API when the task is created).
-The engine parses it again with :meth:`AggregationConfig.from_dict` so that every default and
-bound is applied in one place; a stored config that no longer parses fails the task with a
-clear reason instead of crashing the scheduler.
+The task API validates a task body's ``aggregation`` with :class:`AggregationConfig`
+(:mod:`coordinator.schemas.tasks` re-exports it), stores it as JSON, and the engine parses the
+stored JSON again with :meth:`AggregationConfig.from_dict`, so both apply the same defaults and
+bounds. A stored config that no longer parses raises :class:`ConfigError` and fails the task
+with a clear reason instead of crashing the scheduler.
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Mapping
-from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from coordinator.engine.staleness import StalenessConfig
+from pydantic import BaseModel, Field, ValidationError, model_validator
+
+from coordinator.engine.staleness import CONFIG, StalenessConfig
 
 Mode = Literal["sync", "async"]
 Weighting = Literal["num_examples", "equal"]
+Strategy = Literal["fedavg", "fedavgm", "fedadam", "fedyogi"]
 
 STRATEGIES = ("fedavg", "fedavgm", "fedadam", "fedyogi")
 #: The largest finite float32: no decoded update value exceeds it, so as ``max_update_abs``
@@ -27,87 +30,84 @@ MAX_UPDATE_ABS = 1e6
 MAX_NUM_EXAMPLES = 10_000_000
 #: ``max_num_examples`` stays an integer that float64 weights represent exactly.
 NUM_EXAMPLES_LIMIT = 2**53
+#: The longest deadline or lease: a week.
+WEEK_S = 7 * 24 * 3600.0
+#: The shortest deadline or lease; the scheduler could not act on anything shorter.
+MIN_PERIOD_S = 0.05
+#: The server optimizer's largest momentum and beta: 1 - 1e-6, so one version moves a value
+#: by at most 1e6 times the step (docs/rounds.md, "Update bounds").
+MAX_MOMENTUM = 0.999999
 
 
 class ConfigError(ValueError):
     """An aggregation config that cannot be used; the message names the field."""
 
 
-def _number(data: Mapping[str, Any], key: str, default: float, *, lo: float, hi: float) -> float:
-    value = data.get(key, default)
-    if value is None:
-        value = default
-    if isinstance(value, bool) or not isinstance(value, int | float):
-        raise ConfigError(f"aggregation.{key} must be a number, got {value!r}")
-    value = float(value)
-    if not math.isfinite(value) or not lo <= value <= hi:
-        raise ConfigError(f"aggregation.{key} must be in [{lo}, {hi}], got {value}")
-    return value
+class TargetMetric(BaseModel):
+    """Stop early once a model version's metric reaches ``value``."""
+
+    model_config = CONFIG
+
+    name: str = Field(default="accuracy", min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_.]+$")
+    value: float = Field(strict=True)
 
 
-def _integer(data: Mapping[str, Any], key: str, default: int, *, lo: int, hi: int) -> int:
-    value = data.get(key, default)
-    if value is None:
-        value = default
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise ConfigError(f"aggregation.{key} must be an integer, got {value!r}")
-    if not lo <= value <= hi:
-        raise ConfigError(f"aggregation.{key} must be in [{lo}, {hi}], got {value}")
-    return value
+class AggregationConfig(BaseModel):
+    """How rounds of one task run. Field meanings: docs/api.md, docs/rounds.md."""
 
-
-def _choice(data: Mapping[str, Any], key: str, default: str, allowed: tuple[str, ...]) -> str:
-    value = data.get(key, default)
-    if value is None:
-        value = default
-    if value not in allowed:
-        raise ConfigError(f"aggregation.{key} must be one of {list(allowed)}, got {value!r}")
-    return str(value)
-
-
-def _target(data: Mapping[str, Any]) -> tuple[str | None, float | None]:
-    """The early-stop target: stored flat (``target_metric: "accuracy"``, ``target_value``)
-    as the task API writes it, or as the API's object ``{"name": ..., "value": ...}``."""
-    name: Any = data.get("target_metric")
-    value: Any = data.get("target_value")
-    if isinstance(name, Mapping):
-        name, value = name.get("name", "accuracy"), name.get("value")
-    if name is None:
-        return None, None
-    if not isinstance(name, str) or not name:
-        raise ConfigError(f"aggregation.target_metric must be a metric name, got {name!r}")
-    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
-        raise ConfigError(f"aggregation target value must be a number, got {value!r}")
-    return name, float(value)
-
-
-@dataclass(frozen=True, kw_only=True)
-class AggregationConfig:
-    """How rounds of one task run. Field meanings: docs/rounds.md and docs/protocol.md."""
+    model_config = CONFIG
 
     mode: Mode = "sync"
-    strategy: str = "fedavg"
-    num_rounds: int = 20
-    clients_per_round: int = 10
-    over_selection: float = 0.3
-    min_updates: int = 1
-    round_deadline_s: float = 60.0
-    lease_s: float = 120.0
-    max_staleness: int = 4
-    staleness: StalenessConfig = field(default_factory=StalenessConfig)
+    strategy: Strategy = "fedavg"
+    num_rounds: int = Field(default=20, ge=1, le=1_000_000, strict=True)
+    target_metric: TargetMetric | None = None
+    clients_per_round: int = Field(default=10, ge=1, le=100_000, strict=True)
+    over_selection: float = Field(default=0.3, ge=0, le=5, strict=True)
+    min_updates: int = Field(default=1, ge=1, le=100_000, strict=True)
+    round_deadline_s: float = Field(default=60.0, ge=MIN_PERIOD_S, le=WEEK_S, strict=True)
+    lease_s: float = Field(default=120.0, ge=MIN_PERIOD_S, le=WEEK_S, strict=True)
+    max_staleness: int = Field(default=4, ge=0, le=1_000_000, strict=True)
+    staleness: StalenessConfig = Field(default_factory=StalenessConfig)
     weighting: Weighting = "num_examples"
-    server_lr: float = 1.0
-    server_momentum: float = 0.0
-    server_beta1: float = 0.9
-    server_beta2: float = 0.99
-    server_eps: float = 1e-3
-    buffer_size: int = 10
-    max_concurrency: int = 20
-    target_metric: str | None = None
-    target_value: float | None = None
-    eval_every: int = 1
-    max_update_abs: float = MAX_UPDATE_ABS
-    max_num_examples: int = MAX_NUM_EXAMPLES
+    server_lr: float = Field(default=1.0, gt=0, le=1000, strict=True)
+    server_momentum: float = Field(
+        default=0.0, ge=0, le=MAX_MOMENTUM, strict=True, description="fedavgm"
+    )
+    server_beta1: float = Field(
+        default=0.9, ge=0, le=MAX_MOMENTUM, strict=True, description="fedadam, fedyogi"
+    )
+    server_beta2: float = Field(
+        default=0.99, ge=0, le=MAX_MOMENTUM, strict=True, description="fedadam, fedyogi"
+    )
+    server_eps: float = Field(
+        default=1e-3, ge=1e-12, le=1, strict=True, description="fedadam, fedyogi"
+    )
+    buffer_size: int = Field(default=10, ge=1, le=100_000, strict=True)
+    max_concurrency: int = Field(default=20, ge=1, le=100_000, strict=True)
+    eval_every: int = Field(default=1, ge=1, le=1_000_000, strict=True)
+    max_update_abs: float = Field(
+        default=MAX_UPDATE_ABS,
+        ge=1e-12,
+        le=FLOAT32_MAX,
+        strict=True,
+        description="uploads carrying a value of larger magnitude are refused (422)",
+    )
+    max_num_examples: int = Field(
+        default=MAX_NUM_EXAMPLES,
+        ge=1,
+        le=NUM_EXAMPLES_LIMIT,
+        strict=True,
+        description="uploads claiming more examples are refused (422)",
+    )
+
+    @model_validator(mode="after")
+    def _consistent(self) -> AggregationConfig:
+        if self.min_updates > self.clients_per_round:
+            raise ValueError(
+                f"min_updates ({self.min_updates}) must not exceed clients_per_round "
+                f"({self.clients_per_round})"
+            )
+        return self
 
     @property
     def num_selected(self) -> int:
@@ -115,52 +115,41 @@ class AggregationConfig:
         # Round first so 10 * 1.3 = 13.000000000000002 does not become 14.
         return math.ceil(round(self.clients_per_round * (1.0 + self.over_selection), 9))
 
+    @property
+    def target_name(self) -> str | None:
+        """The early-stop metric's name (None: no target)."""
+        return None if self.target_metric is None else self.target_metric.name
+
+    @property
+    def target_value(self) -> float | None:
+        return None if self.target_metric is None else self.target_metric.value
+
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> AggregationConfig:
-        """Parse and validate; unknown keys are ignored (they belong to other versions)."""
+        """Parse and validate a stored config (:class:`ConfigError` names the field).
+
+        The early-stop target is read in the stored form (``target_metric`` a name and
+        ``target_value``, as ``coordinator.tasks`` writes it) or the API's object form. Unknown
+        top-level keys are ignored: another coordinator version may have written them.
+        """
         if not isinstance(data, Mapping):
             raise ConfigError("aggregation must be an object")
-        cpr = _integer(data, "clients_per_round", 10, lo=1, hi=100_000)
-        min_updates = _integer(data, "min_updates", 1, lo=1, hi=100_000)
-        if min_updates > cpr:
-            raise ConfigError(
-                f"aggregation.min_updates ({min_updates}) exceeds clients_per_round ({cpr})"
-            )
-        deadline = _number(data, "round_deadline_s", 60.0, lo=0.05, hi=7 * 86400.0)
-        target_metric, target_value = _target(data)
-        staleness = data.get("staleness") or {}
+        values = {k: v for k, v in data.items() if k in cls.model_fields}
+        if isinstance(values.get("target_metric"), str):
+            values["target_metric"] = {
+                "name": values["target_metric"],
+                "value": data.get("target_value"),
+            }
         try:
-            staleness_cfg = StalenessConfig.from_dict(staleness)
-        except ValueError as exc:
-            raise ConfigError(f"aggregation.staleness: {exc}") from None
-        return cls(
-            mode=_choice(data, "mode", "sync", ("sync", "async")),  # type: ignore[arg-type]
-            strategy=_choice(data, "strategy", "fedavg", STRATEGIES),
-            num_rounds=_integer(data, "num_rounds", 20, lo=1, hi=10_000_000),
-            clients_per_round=cpr,
-            over_selection=_number(data, "over_selection", 0.3, lo=0.0, hi=10.0),
-            min_updates=min_updates,
-            round_deadline_s=deadline,
-            lease_s=_number(data, "lease_s", max(120.0, deadline), lo=0.05, hi=7 * 86400.0),
-            max_staleness=_integer(data, "max_staleness", 4, lo=0, hi=1_000_000),
-            staleness=staleness_cfg,
-            weighting=_choice(  # type: ignore[arg-type]
-                data, "weighting", "num_examples", ("num_examples", "equal")
-            ),
-            server_lr=_number(data, "server_lr", 1.0, lo=0.0, hi=1e6),
-            server_momentum=_number(data, "server_momentum", 0.0, lo=0.0, hi=0.999999),
-            server_beta1=_number(data, "server_beta1", 0.9, lo=0.0, hi=0.999999),
-            server_beta2=_number(data, "server_beta2", 0.99, lo=0.0, hi=0.999999),
-            server_eps=_number(data, "server_eps", 1e-3, lo=1e-12, hi=1.0),
-            buffer_size=_integer(data, "buffer_size", 10, lo=1, hi=100_000),
-            max_concurrency=_integer(data, "max_concurrency", 20, lo=1, hi=1_000_000),
-            target_metric=target_metric,
-            target_value=target_value,
-            eval_every=_integer(data, "eval_every", 1, lo=1, hi=10_000_000),
-            max_update_abs=_number(
-                data, "max_update_abs", MAX_UPDATE_ABS, lo=1e-12, hi=FLOAT32_MAX
-            ),
-            max_num_examples=_integer(
-                data, "max_num_examples", MAX_NUM_EXAMPLES, lo=1, hi=NUM_EXAMPLES_LIMIT
-            ),
-        )
+            return cls.model_validate(values)
+        except ValidationError as exc:
+            raise ConfigError(describe(exc, prefix="aggregation")) from None
+
+
+def describe(exc: ValidationError, *, prefix: str) -> str:
+    """A validation error as one line, each problem led by its field: ``aggregation.x: ...``."""
+    problems = []
+    for err in exc.errors():
+        where = ".".join([prefix, *(str(part) for part in err["loc"])])
+        problems.append(f"{where}: {err['msg']}")
+    return "; ".join(problems)

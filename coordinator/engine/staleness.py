@@ -11,45 +11,40 @@ An update's weight is ``num_examples * s(tau)`` (or ``s(tau)`` with equal weight
 
 from __future__ import annotations
 
-import math
 from collections.abc import Mapping
-from dataclasses import dataclass
 from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
 
 FUNCTIONS = ("constant", "polynomial", "hinge")
 Function = Literal["constant", "polynomial", "hinge"]
 
+#: Task configuration objects: unknown fields, non-finite numbers and numbers of the wrong
+#: type (``true`` or ``"4"`` for a count, ``4.0`` for an integer) are errors; values are
+#: immutable. The API validates a task body and the engine parses the stored JSON with the
+#: same models (:mod:`coordinator.engine.config`).
+CONFIG = ConfigDict(extra="forbid", allow_inf_nan=False, frozen=True)
 
-@dataclass(frozen=True, kw_only=True)
-class StalenessConfig:
-    """A staleness function and its parameters (``a`` and ``b`` as in the formulas above)."""
+
+class StalenessConfig(BaseModel):
+    """``s(tau)``: constant 1, polynomial ``(1+tau)^-a``, hinge (1 if tau <= b else
+    ``1/(a(tau-b)+1)``)."""
+
+    model_config = CONFIG
 
     function: Function = "polynomial"
-    a: float = 0.5
-    b: float = 4.0
-
-    def __post_init__(self) -> None:
-        if self.function not in FUNCTIONS:
-            raise ValueError(f"function must be one of {list(FUNCTIONS)}, got {self.function!r}")
-        for name in ("a", "b"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int | float):
-                raise ValueError(f"{name} must be a number, got {value!r}")
-            if not math.isfinite(value) or value < 0:
-                raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
-            object.__setattr__(self, name, float(value))
+    a: float = Field(default=0.5, gt=0, le=1000, strict=True)
+    b: int = Field(default=4, ge=0, le=1_000_000, strict=True)
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> StalenessConfig:
+        """Parse and validate (``ValueError``, a pydantic ``ValidationError``, names the field)."""
         if not isinstance(data, Mapping):
             raise ValueError("must be an object like {'function': 'polynomial', 'a': 0.5}")
-        unknown = sorted(str(k) for k in data if k not in ("function", "a", "b"))
-        if unknown:
-            raise ValueError(f"unknown field(s): {', '.join(unknown)}")
-        return cls(**{str(k): v for k, v in data.items() if v is not None})
+        return cls.model_validate(dict(data))
 
     def to_dict(self) -> dict[str, Any]:
-        return {"function": self.function, "a": self.a, "b": self.b}
+        return self.model_dump()
 
 
 def staleness_factor(config: StalenessConfig, tau: int) -> float:

@@ -11,14 +11,16 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag, model_validator
 
-from coordinator.engine import config as engine_config
+from coordinator.engine.config import AggregationConfig as AggregationConfig
+from coordinator.engine.config import TargetMetric as TargetMetric
+from coordinator.engine.staleness import StalenessConfig as StalenessConfig
 from coordinator.schemas.common import JsonObject, Name, Page, Strict, Text
-from coordinator.states import TaskStatus
 from shared import architectures
 from shared.limits import MAX_CHUNK
 from shared.modelspec import ModelSpec
 from shared.policy import CompressionPolicy, PolicyError
 
+TaskStatus = Literal["draft", "running", "paused", "completed", "cancelled", "failed"]
 BUILTIN_TRAINERS = ("softmax", "mlp")
 #: A trainer named by entry point: ``package.module:function``.
 ENTRY_POINT_PATTERN = r"^[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*:[A-Za-z_][A-Za-z0-9_]*$"
@@ -78,66 +80,9 @@ def model_spec(model: BuiltinModel | SpecModel) -> ModelSpec:
 
 # ------------------------------------------------------------------------ aggregation
 
-
-class TargetMetric(Strict):
-    """Stop early once a model version's metric reaches ``value``."""
-
-    name: str = Field(default="accuracy", min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_.]+$")
-    value: float
-
-
-class StalenessConfig(Strict):
-    """``s(tau)``: constant 1, polynomial ``(1+tau)^-a``, hinge (1 if tau <= b else
-    ``1/(a(tau-b)+1)``)."""
-
-    function: Literal["constant", "polynomial", "hinge"] = "polynomial"
-    a: float = Field(default=0.5, gt=0, le=1000)
-    b: int = Field(default=4, ge=0, le=1_000_000)
-
-
-class AggregationConfig(Strict):
-    mode: Literal["sync", "async"] = "sync"
-    strategy: Literal["fedavg", "fedavgm", "fedadam", "fedyogi"] = "fedavg"
-    num_rounds: int = Field(default=20, ge=1, le=1_000_000)
-    target_metric: TargetMetric | None = None
-    clients_per_round: int = Field(default=10, ge=1, le=100_000)
-    over_selection: float = Field(default=0.3, ge=0, le=5)
-    min_updates: int = Field(default=1, ge=1, le=100_000)
-    round_deadline_s: float = Field(default=60, gt=0, le=7 * 24 * 3600)
-    lease_s: float = Field(default=120, gt=0, le=7 * 24 * 3600)
-    max_staleness: int = Field(default=4, ge=0, le=1_000_000)
-    staleness: StalenessConfig = Field(default_factory=StalenessConfig)
-    weighting: Literal["num_examples", "equal"] = "num_examples"
-    server_lr: float = Field(default=1.0, gt=0, le=1000)
-    server_momentum: float = Field(default=0.0, ge=0, lt=1, description="fedavgm")
-    server_beta1: float = Field(default=0.9, ge=0, lt=1, description="fedadam, fedyogi")
-    server_beta2: float = Field(default=0.99, ge=0, lt=1, description="fedadam, fedyogi")
-    server_eps: float = Field(default=1e-3, ge=1e-12, le=1, description="fedadam, fedyogi")
-    buffer_size: int = Field(default=10, ge=1, le=100_000)
-    max_concurrency: int = Field(default=20, ge=1, le=100_000)
-    eval_every: int = Field(default=1, ge=1, le=1_000_000)
-    max_update_abs: float = Field(
-        default=engine_config.MAX_UPDATE_ABS,
-        ge=1e-12,
-        le=engine_config.FLOAT32_MAX,
-        description="uploads carrying a value of larger magnitude are refused (422)",
-    )
-    max_num_examples: int = Field(
-        default=engine_config.MAX_NUM_EXAMPLES,
-        ge=1,
-        le=engine_config.NUM_EXAMPLES_LIMIT,
-        description="uploads claiming more examples are refused (422)",
-    )
-
-    @model_validator(mode="after")
-    def _consistent(self) -> AggregationConfig:
-        if self.min_updates > self.clients_per_round:
-            raise ValueError(
-                f"min_updates ({self.min_updates}) must not exceed clients_per_round "
-                f"({self.clients_per_round})"
-            )
-        return self
-
+# AggregationConfig, StalenessConfig and TargetMetric are the round engine's own models
+# (coordinator.engine.config): the API validates a task body with what the engine parses
+# the stored task with, so the two cannot drift apart.
 
 # ------------------------------------------------------------------------ compression
 

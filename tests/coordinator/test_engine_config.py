@@ -20,23 +20,46 @@ def test_num_selected_over_selects(cpr: int, over: float, expected: int) -> None
 def test_defaults_and_flat_target() -> None:
     cfg = AggregationConfig.from_dict({"target_metric": "accuracy", "target_value": 0.9})
     assert (cfg.mode, cfg.strategy, cfg.clients_per_round) == ("sync", "fedavg", 10)
-    assert (cfg.target_metric, cfg.target_value) == ("accuracy", 0.9)
+    assert (cfg.target_name, cfg.target_value) == ("accuracy", 0.9)
     nested = AggregationConfig.from_dict({"target_metric": {"name": "loss", "value": 0.2}})
-    assert (nested.target_metric, nested.target_value) == ("loss", 0.2)
+    assert (nested.target_name, nested.target_value) == ("loss", 0.2)
+    none = AggregationConfig.from_dict({"target_metric": None, "target_value": None})
+    assert (none.target_metric, none.target_name, none.target_value) == (None, None, None)
+
+
+def test_unknown_keys_of_another_version_are_ignored() -> None:
+    assert AggregationConfig.from_dict({"num_rounds": 3, "future_key": 1}).num_rounds == 3
 
 
 @pytest.mark.parametrize(
     "data",
     [
         {"mode": "batch"},
-        {"clients_per_round": 2, "min_updates": 3},
         {"round_deadline_s": -1},
         {"strategy": "fedprox"},
         {"staleness": {"function": "polynomial", "a": -2}},
         {"target_metric": "accuracy"},
         {"buffer_size": True},
+        {"num_rounds": None},
+        {"num_rounds": 5.0},
+        {"over_selection": "0.3"},
+        {"lease_s": 0.01},
+        {"staleness": {"function": "hinge", "b": 1.5}},
+        {"staleness": {"c": 1}},
     ],
 )
 def test_invalid_configs_name_the_field(data: dict) -> None:
-    with pytest.raises(ConfigError, match="aggregation"):
+    key = next(iter(data))
+    with pytest.raises(ConfigError, match=f"aggregation.{key}"):
         AggregationConfig.from_dict(data)
+
+
+def test_inconsistent_config_is_a_config_error() -> None:
+    with pytest.raises(ConfigError, match=r"min_updates \(3\) must not exceed"):
+        AggregationConfig.from_dict({"clients_per_round": 2, "min_updates": 3})
+
+
+@pytest.mark.parametrize("data", [None, [], "sync"])
+def test_a_config_that_is_no_object_is_a_config_error(data: object) -> None:
+    with pytest.raises(ConfigError, match="must be an object"):
+        AggregationConfig.from_dict(data)  # type: ignore[arg-type]

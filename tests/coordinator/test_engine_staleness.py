@@ -50,8 +50,25 @@ def test_negative_staleness_is_an_error() -> None:
 
 @pytest.mark.parametrize(
     "data",
-    [{"function": "exponential"}, {"a": -1}, {"b": float("nan")}, {"c": 1}, {"a": "x"}],
+    [
+        {"function": "exponential"},
+        {"a": -1},
+        {"a": 0},
+        {"a": 1001},
+        {"b": float("nan")},
+        {"b": 1.5},
+        {"b": -1},
+        {"b": True},
+        {"c": 1},
+        {"a": "x"},
+    ],
 )
 def test_invalid_config_is_rejected(data: dict) -> None:
     with pytest.raises(ValueError):
         StalenessConfig.from_dict(data)
+
+
+def test_defaults_and_round_trip() -> None:
+    config = StalenessConfig.from_dict({})
+    assert config.to_dict() == {"function": "polynomial", "a": 0.5, "b": 4}
+    assert StalenessConfig.from_dict(config.to_dict()) == config
