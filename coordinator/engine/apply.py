@@ -38,6 +38,7 @@ from coordinator.engine.modelio import load_state, load_weights, store_state, st
 from coordinator.engine.staleness import update_weight
 from coordinator.engine.strategies import make_strategy
 from coordinator.models import ModelVersion, Round, Task, Update
+from coordinator.states import ROUND_ACTIVE, TASK_LIVE, RoundStatus, TaskStatus, UpdateStatus
 from shared.limits import Limits
 from shared.modelspec import ModelSpec
 from shared.policy import CompressionPolicy
@@ -128,7 +129,7 @@ def plan_aggregation(
             Update.num_examples,
             Update.num_examples_counted,
         )
-        .where(Update.task_id == task.id, Update.status == "accepted")
+        .where(Update.task_id == task.id, Update.status == UpdateStatus.ACCEPTED)
         .order_by(Update.received_at, Update.id)
     ).all()
     # (id, digest, tau, counted examples) of the updates to apply; weights once they are known.
@@ -141,7 +142,7 @@ def plan_aggregation(
                 f"staleness {tau} at aggregation of version {base + 1} exceeds "
                 f"max_staleness {cfg.max_staleness}"
             )
-            rejects.append({"id": update_id, "status": "rejected", "reason": reason})
+            rejects.append({"id": update_id, "status": UpdateStatus.REJECTED, "reason": reason})
             continue
         count = examples.stored_count(counted, num_examples, cap=cfg.max_num_examples)
         chosen.append((update_id, digest, tau, count))
@@ -262,10 +263,10 @@ def commit_aggregation(
     )
     if task is None or task.current_version != plan.base_version:
         return None
-    if task.status not in ("running", "paused"):
+    if task.status not in TASK_LIVE:
         return None
     rnd = session.get(Round, plan.round_id)
-    if rnd is None or rnd.status not in rounds.ACTIVE_ROUND:
+    if rnd is None or rnd.status not in ROUND_ACTIVE:
         return None
     ids = [i.update_id for i in plan.items]
     locked = 0
@@ -273,7 +274,10 @@ def commit_aggregation(
         locked += len(
             session.scalars(
                 select(Update.id)
-                .where(Update.id.in_(ids[start : start + IN_BATCH]), Update.status == "accepted")
+                .where(
+                    Update.id.in_(ids[start : start + IN_BATCH]),
+                    Update.status == UpdateStatus.ACCEPTED,
+                )
                 .with_for_update(key_share=True)
             ).all()
         )
@@ -286,7 +290,7 @@ def commit_aggregation(
         [
             {
                 "id": i.update_id,
-                "status": "applied",
+                "status": UpdateStatus.APPLIED,
                 "applied_version": new_version,
                 "weight": i.weight,
             }
@@ -313,8 +317,8 @@ def commit_aggregation(
     closed = rounds.set_round_status(
         session,
         rnd,
-        expected=rounds.ACTIVE_ROUND,
-        to="closed",
+        expected=ROUND_ACTIVE,
+        to=RoundStatus.CLOSED,
         closed_at=now,
         result_version=new_version,
         num_received=len(ids),
@@ -322,7 +326,7 @@ def commit_aggregation(
         metrics=metrics,
     )
     if not closed:
-        raise RoundMoved(f"round {rnd.id} left {rounds.ACTIVE_ROUND} during its commit")
+        raise RoundMoved(f"round {rnd.id} left {tuple(map(str, ROUND_ACTIVE))} during its commit")
     task.current_version = new_version
     task.optimizer_state_digest = result.state_digest
     task.updated_at = now
@@ -340,7 +344,7 @@ def commit_aggregation(
             now=now,
             reason=f"{cfg.target_name} reached {cfg.target_value} at version {new_version}",
         )
-    if task.status != "running":
+    if task.status != TaskStatus.RUNNING:
         return []
     if cfg.mode == "async":
         rounds.open_async_round(session, task, cfg, now=now)

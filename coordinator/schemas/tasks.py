@@ -15,12 +15,12 @@ from coordinator.engine.config import AggregationConfig as AggregationConfig
 from coordinator.engine.config import TargetMetric as TargetMetric
 from coordinator.engine.staleness import StalenessConfig as StalenessConfig
 from coordinator.schemas.common import JsonObject, Name, Page, Strict, Text
+from coordinator.states import TaskStatus
 from shared import architectures
 from shared.limits import MAX_CHUNK
 from shared.modelspec import ModelSpec
 from shared.policy import CompressionPolicy, PolicyError
 
-TaskStatus = Literal["draft", "running", "paused", "completed", "cancelled", "failed"]
 BUILTIN_TRAINERS = ("softmax", "mlp")
 #: A trainer named by entry point: ``package.module:function``.
 ENTRY_POINT_PATTERN = r"^[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*:[A-Za-z_][A-Za-z0-9_]*$"
