@@ -1,11 +1,11 @@
-"""Byte layout of fedge blobs: headers, tensor descriptors, and a bounds-checked reader.
+"""Byte layout of fedge blobs: prefix, tensor descriptors, varints and a bounds-checked reader.
 
-See docs/wire-format.md for the tables. Everything is little-endian. Two versions share the
-8-byte prefix: version 1 uses fixed-width header and descriptor fields; version 2 (what
-updates are written in) uses unsigned LEB128 varints and leaves out every length the decoder
-can compute. Both are read. Parsing checks each declared count and length against
-:class:`~shared.limits.Limits` and against the bytes that remain *before* anything
-proportional to it is allocated.
+See docs/wire-format.md for the tables. Everything is little-endian; after the fixed 8-byte
+prefix (magic, format version, kind, flags) integers are unsigned LEB128 varints in their
+shortest form, and no length the decoder can compute is sent. There is one format version
+(:data:`FORMAT_VERSION`); any other is ``unsupported_version``. Parsing checks each declared
+count and length against :class:`~shared.limits.Limits` and against the bytes that remain
+*before* anything proportional to it is allocated.
 """
 
 from __future__ import annotations
@@ -14,19 +14,16 @@ import math
 import struct
 from dataclasses import dataclass
 from decimal import Decimal
-from functools import cache
 
 from shared.indexcoding import ALL, CODING_NAMES, RICE, index_section_bounds
 from shared.limits import Limits
+from shared.modelspec import ModelSpec
 from shared.quantize import packed_size
 from shared.wireerror import WireFormatError
 
 MAGIC = b"FEDG"
-V1, V2 = 1, 2
-#: Versions the decoders read.
-READ_VERSIONS = (V1, V2)
-#: Version ``encode_update`` writes (``encode_model`` writes :data:`V1`).
-FORMAT_VERSION = V2
+#: The one format version: what the encoders write and the only one the decoders read.
+FORMAT_VERSION = 2
 KIND_UPDATE, KIND_MODEL = 1, 2
 KIND_NAMES = {KIND_UPDATE: "update", KIND_MODEL: "model"}
 VALUE_F32, VALUE_F16, VALUE_QUANT = 0, 1, 2
@@ -35,27 +32,18 @@ SCOPE_CODES = {"tensor": 0, "global": 1}
 SCOPE_NAMES = {v: k for k, v in SCOPE_CODES.items()}
 #: task ids, versions and example counts must fit a signed 64-bit database column.
 MAX_ID = (1 << 63) - 1
-#: Largest dimension (version 1 stores dimensions as u32; version 2 keeps the same bound).
+#: Largest dimension.
 MAX_DIM = (1 << 32) - 1
 #: A varint holds at most a u64: 10 bytes of 7 bits, the last byte 0 or 1.
 MAX_VARINT_BYTES = 10
-#: Version 2 top-k fraction ``m * 10**-e``: the shortest round-trip decimal has <= 17 digits,
-#: and a fraction in (0, 1] has ``e <= 340`` (the smallest subnormal is 5e-324).
+#: Top-k fraction ``m * 10**-e``: the shortest round-trip decimal has <= 17 digits, and a
+#: fraction in (0, 1] has ``e <= 340`` (the smallest subnormal is 5e-324).
 MAX_FRACTION_MANTISSA = 10**17 - 1
 MAX_FRACTION_EXPONENT = 340
 
 PREFIX = struct.Struct("<4sHBB")  # magic, version, kind, flags
-UPDATE_FIXED = struct.Struct("<QQQBBHIdI")  # task, base, examples, bits, scope, 0, chunk, f, n
-MODEL_FIXED = struct.Struct("<I")  # number of tensors
-NAME_LEN = struct.Struct("<H")
-NDIM = struct.Struct("<B")
-DESC_TAIL = struct.Struct("<BBBIQQ")  # index coding, value coding, param, nnz, ibytes, vbytes
-#: A version 1 descriptor with a one-byte name and no dimensions.
-MIN_DESCRIPTOR_BYTES = NAME_LEN.size + 1 + NDIM.size + DESC_TAIL.size
-#: A version 2 descriptor: name length, a one-byte name, ndim 0, codings (dense: no nnz).
-MIN_DESCRIPTOR_BYTES_V2 = 4
-#: Prefix and fixed update header of version 1.
-UPDATE_HEADER_BYTES = PREFIX.size + UPDATE_FIXED.size
+#: The smallest descriptor: name length, a one-byte name, ndim 0, codings (dense: no nnz).
+MIN_DESCRIPTOR_BYTES = 4
 
 
 def encode_varint(value: int) -> bytes:
@@ -85,11 +73,6 @@ def encode_fraction(fraction: float) -> bytes:
     return encode_varint(m) + encode_varint(e)
 
 
-@cache
-def dims_struct(ndim: int) -> struct.Struct:
-    return struct.Struct(f"<{ndim}I")
-
-
 @dataclass(frozen=True)
 class Descriptor:
     """What a blob declares about one tensor before its section."""
@@ -107,33 +90,13 @@ class Descriptor:
     def size(self) -> int:
         return math.prod(self.shape)
 
-    def pack(self, version: int = V1) -> bytes:
-        """The descriptor's bytes in format ``version``."""
-        if version == V2:
-            return self._pack_v2()
-        name = self.name.encode("utf-8")
-        return b"".join(
-            (
-                NAME_LEN.pack(len(name)),
-                name,
-                NDIM.pack(len(self.shape)),
-                dims_struct(len(self.shape)).pack(*self.shape),
-                DESC_TAIL.pack(
-                    self.index_coding,
-                    self.value_coding,
-                    self.index_param,
-                    self.nnz,
-                    self.index_bytes,
-                    self.value_bytes,
-                ),
-            )
-        )
-
-    def _pack_v2(self) -> bytes:
+    def pack(self) -> bytes:
+        """The descriptor's bytes. Lengths the decoder can compute (nnz of a dense tensor,
+        index bytes of every coding but Rice, value bytes) are left out."""
         name = self.name.encode("utf-8")
         if any(d > MAX_DIM for d in self.shape):
             raise ValueError(f"tensor {self.name!r}: dimensions must be below 2**32")
-        parts = [encode_varint(len(name)), name, NDIM.pack(len(self.shape))]
+        parts = [encode_varint(len(name)), name, bytes([len(self.shape)])]
         parts.extend(encode_varint(d) for d in self.shape)
         parts.append(bytes([self.index_coding | self.value_coding << 4]))
         if self.index_coding != ALL:
@@ -203,7 +166,7 @@ class Reader:
         raise WireFormatError("bad_varint", f"{what}: longer than {MAX_VARINT_BYTES} bytes")
 
     def fraction(self, what: str) -> float:
-        """A version 2 top-k fraction; only the canonical ``(m, e)`` of a value is accepted."""
+        """A top-k fraction; only the canonical ``(m, e)`` of a value is accepted."""
         m = self.varint(f"{what} mantissa")
         e = self.varint(f"{what} exponent")
         if not (1 <= m <= MAX_FRACTION_MANTISSA and e <= MAX_FRACTION_EXPONENT):
@@ -229,17 +192,17 @@ def as_bytes_view(data: object) -> memoryview:
     return view
 
 
-def read_prefix(reader: Reader, expected_kind: int, *, allowed_flags: int = 0) -> tuple[int, int]:
+def read_prefix(reader: Reader, expected_kind: int, *, allowed_flags: int = 0) -> int:
     """Check magic, version, kind and flags (only bits of ``allowed_flags`` may be set);
-    return the format version and the flags."""
+    return the flags."""
     head = bytes(reader.data[:4])
     if head != MAGIC[: len(head)]:
         raise WireFormatError("bad_magic", f"expected {MAGIC!r}, got {head!r}")
     _magic, version, kind, flags = reader.unpack(PREFIX, "header")
-    if version not in READ_VERSIONS:
+    if version != FORMAT_VERSION:
         raise WireFormatError(
             "unsupported_version",
-            f"format version {version}, this decoder reads {' and '.join(map(str, READ_VERSIONS))}",
+            f"format version {version}, this decoder reads version {FORMAT_VERSION}",
         )
     if kind not in KIND_NAMES:
         raise WireFormatError("bad_header", f"unknown blob kind {kind}")
@@ -250,7 +213,7 @@ def read_prefix(reader: Reader, expected_kind: int, *, allowed_flags: int = 0) -
         )
     if flags & ~allowed_flags:
         raise WireFormatError("bad_header", f"reserved flags must be 0, got {flags:#04x}")
-    return int(version), int(flags)
+    return int(flags)
 
 
 def _allowed_values(kind: int, bits: int) -> tuple[int, ...]:
@@ -267,7 +230,6 @@ def read_descriptors(
     kind: int,
     bits: int = 32,
     chunk: int = 1,
-    version: int = V1,
 ) -> list[Descriptor]:
     """Parse and validate ``count`` descriptors, then check the section lengths add up."""
     if count == 0:
@@ -276,17 +238,13 @@ def read_descriptors(
         raise WireFormatError(
             "limit_exceeded", f"{count} tensors, the limit is {limits.max_tensors}"
         )
-    smallest = MIN_DESCRIPTOR_BYTES if version == V1 else MIN_DESCRIPTOR_BYTES_V2
-    reader.need(count * smallest, f"{count} tensor descriptors")
+    reader.need(count * MIN_DESCRIPTOR_BYTES, f"{count} tensor descriptors")
     allowed = _allowed_values(kind, bits)
     out: list[Descriptor] = []
     names: set[str] = set()
     total = 0
     for i in range(count):
-        if version == V1:
-            (name_len,) = reader.unpack(NAME_LEN, f"descriptor {i}")
-        else:
-            name_len = reader.varint(f"tensor {i} name length")
+        name_len = reader.varint(f"tensor {i} name length")
         if name_len == 0:
             raise WireFormatError("bad_descriptor", f"tensor {i} has an empty name")
         if name_len > limits.max_name_bytes:
@@ -306,14 +264,11 @@ def read_descriptors(
             raise WireFormatError(
                 "limit_exceeded", f"tensor {name!r} has {ndim} dims, the limit is {limits.max_ndim}"
             )
-        if version == V1:
-            shape = tuple(reader.unpack(dims_struct(ndim), f"tensor {name!r} shape"))
-        else:
-            shape = tuple(reader.varint(f"tensor {name!r} shape") for _ in range(ndim))
-            if any(d > MAX_DIM for d in shape):
-                raise WireFormatError(
-                    "limit_exceeded", f"tensor {name!r} has a dimension of 2**32 or more"
-                )
+        shape = tuple(reader.varint(f"tensor {name!r} shape") for _ in range(ndim))
+        if any(d > MAX_DIM for d in shape):
+            raise WireFormatError(
+                "limit_exceeded", f"tensor {name!r} has a dimension of 2**32 or more"
+            )
         size = math.prod(shape)
         if size > limits.max_tensor_elements:
             raise WireFormatError(
@@ -326,12 +281,7 @@ def read_descriptors(
                 "limit_exceeded",
                 f"more than the limit of {limits.max_total_elements} elements in total",
             )
-        if version == V1:
-            ic, vc, param, nnz, ibytes, vbytes = reader.unpack(DESC_TAIL, f"tensor {name!r} codec")
-            d = Descriptor(name, shape, ic, vc, param, nnz, ibytes, vbytes)
-        else:
-            d = _read_codec_v2(reader, name, shape, size, bits=bits, chunk=chunk)
-        _check_descriptor(d, size, kind=kind, bits=bits, chunk=chunk, allowed=allowed)
+        d = _read_codec(reader, name, shape, kind=kind, bits=bits, chunk=chunk, allowed=allowed)
         out.append(d)
     declared = sum(d.index_bytes + d.value_bytes for d in out)
     if declared > reader.remaining:
@@ -345,50 +295,56 @@ def read_descriptors(
     return out
 
 
-def _read_codec_v2(
-    reader: Reader, name: str, shape: tuple[int, ...], size: int, *, bits: int, chunk: int
+def _read_codec(
+    reader: Reader,
+    name: str,
+    shape: tuple[int, ...],
+    *,
+    kind: int,
+    bits: int,
+    chunk: int,
+    allowed: tuple[int, ...],
 ) -> Descriptor:
-    """The codec part of a version 2 descriptor. Fields the decoder can compute are not in
+    """The codec part of a descriptor, validated. Fields the decoder can compute are not in
     the blob: nnz of a dense tensor, index bytes of every coding but Rice, value bytes."""
     what = f"tensor {name!r}"
+    size = math.prod(shape)
     codings = reader.u8(f"{what} codings")
     ic, vc = codings & 0x0F, codings >> 4
+    if ic not in CODING_NAMES:
+        raise WireFormatError("unknown_encoding", f"{what}: unknown index coding {ic}")
+    if vc not in VALUE_NAMES:
+        raise WireFormatError("unknown_encoding", f"{what}: unknown value coding {vc}")
+    if vc not in allowed:
+        raise WireFormatError(
+            "bad_descriptor", f"{what}: value coding {VALUE_NAMES[vc]} is not allowed here"
+        )
+    if kind == KIND_MODEL and ic != ALL:
+        raise WireFormatError("bad_descriptor", f"{what}: model tensors must be dense")
     nnz = size if ic == ALL else reader.varint(f"{what} nnz")
-    if ic == RICE:
-        param = reader.u8(f"{what} index parameter")
-        ibytes = reader.varint(f"{what} index bytes")
-    else:
-        # Bitmap and raw lengths are fixed by nnz and size; _check_descriptor reports an
-        # unknown coding or nnz > size.
-        param = 0
-        known = ic in CODING_NAMES and nnz <= size
-        ibytes = index_section_bounds(ic, 0, nnz, size)[0] if known else 0
-    vbytes = value_section_bytes(vc, nnz, bits=bits, chunk=chunk) if vc in VALUE_NAMES else 0
+    if nnz > size:
+        raise WireFormatError("bad_descriptor", f"{what}: {nnz} values for {size} elements")
+    param = reader.u8(f"{what} index parameter") if ic == RICE else 0
+    lo, hi = index_section_bounds(ic, param, nnz, size)
+    ibytes = reader.varint(f"{what} index bytes") if ic == RICE else lo
+    if not lo <= ibytes <= hi:
+        raise WireFormatError(
+            "bad_descriptor", f"{what}: index section is {ibytes} bytes, not in [{lo}, {hi}]"
+        )
+    vbytes = value_section_bytes(vc, nnz, bits=bits, chunk=chunk)
     return Descriptor(name, shape, ic, vc, param, nnz, ibytes, vbytes)
 
 
-def _check_descriptor(
-    d: Descriptor, size: int, *, kind: int, bits: int, chunk: int, allowed: tuple[int, ...]
-) -> None:
-    what = f"tensor {d.name!r}"
-    if d.nnz > size:
-        raise WireFormatError("bad_descriptor", f"{what}: {d.nnz} values for {size} elements")
-    if d.value_coding not in VALUE_NAMES:
-        raise WireFormatError("unknown_encoding", f"{what}: unknown value coding {d.value_coding}")
-    if d.value_coding not in allowed:
+def check_spec(descs: list[Descriptor], spec: ModelSpec) -> None:
+    """``shape_mismatch`` unless the descriptors name the tensors of ``spec``, in order."""
+    got = [(d.name, d.shape) for d in descs]
+    want = [(t.name, t.shape) for t in spec.tensors]
+    if got != want:
+        for i, (g, w) in enumerate(zip(got, want, strict=False)):
+            if g != w:
+                raise WireFormatError(
+                    "shape_mismatch", f"tensor {i} is {g[0]!r} {g[1]}, expected {w[0]!r} {w[1]}"
+                )
         raise WireFormatError(
-            "bad_descriptor",
-            f"{what}: value coding {VALUE_NAMES[d.value_coding]} is not allowed here",
-        )
-    expected = value_section_bytes(d.value_coding, d.nnz, bits=bits, chunk=chunk)
-    if d.value_bytes != expected:
-        raise WireFormatError(
-            "bad_descriptor", f"{what}: value section is {d.value_bytes} bytes, expected {expected}"
-        )
-    if kind == KIND_MODEL and d.index_coding != ALL:
-        raise WireFormatError("bad_descriptor", f"{what}: model tensors must be dense")
-    lo, hi = index_section_bounds(d.index_coding, d.index_param, d.nnz, size)
-    if not lo <= d.index_bytes <= hi:
-        raise WireFormatError(
-            "bad_descriptor", f"{what}: index section is {d.index_bytes} bytes, not in [{lo}, {hi}]"
+            "shape_mismatch", f"{len(got)} tensors, the model spec has {len(want)}"
         )

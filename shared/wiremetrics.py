@@ -1,10 +1,10 @@
-"""The optional metrics block of a version 2 update: what the device measured, in its upload.
+"""The optional metrics block of an update: what the device measured, in its upload.
 
 A device reports its training loss, local evaluation and training time with every update.
 Sent as a separate JSON request they cost a second signed round trip and about 70 bytes, a
 third of a top-1 % update of a small model; inside the update they take 11 to 32 bytes and no
 extra request. The block is present when bit 0 of the prefix flags is set, and sits right
-after the fixed header fields (before the tensor descriptors)::
+after the header fields (before the tensor descriptors)::
 
     count u8 (1 .. 5) | count x (key u8 | value)
 
@@ -35,7 +35,7 @@ from shared.wirelayout import Reader, encode_varint
 
 __all__ = ["FLAG_METRICS", "METRIC_KEYS", "carried_metrics", "encode_metrics", "read_metrics"]
 
-#: Prefix flag: a metrics block follows the fixed header (version 2 updates only).
+#: Prefix flag: a metrics block follows the update header (updates only).
 FLAG_METRICS = 0x01
 #: Key id -> metric name; the order of the ids is the order in the block.
 METRIC_IDS: dict[int, str] = {

@@ -54,9 +54,14 @@ def test_json_files_are_replaced_atomically(tmp_path):
     assert [p.name for p in path.parent.iterdir()] == ["file.json"]
 
 
-# Residual({"W": arange(6).reshape(3, 2) / 4, "b": [-1.5, 2]}) as written by Residual.save
-# before residual files moved to edge_agent.residual_store: existing state dirs hold these.
-OLD_RESIDUAL_FILE = bytes.fromhex(
+# Residual({"W": arange(6).reshape(3, 2) / 4, "b": [-1.5, 2]}): its payload is a model blob
+# in the one wire format version (docs/wire-format.md).
+RESIDUAL_FILE = bytes.fromhex(
+    "4645445201000000bfb7e24734000000000000004645444702000200020157020302000162010200000000000000"
+    "803e0000003f0000403f0000803f0000a03f0000c0bf00000040"
+)
+# The same residual with the payload in the fixed-width layout of before the one version.
+PRE_RELEASE_RESIDUAL_FILE = bytes.fromhex(
     "4645445201000000a7a208426e00000000000000464544470100020002000000010057020300000002000000"
     "000000060000000000000000000000180000000000000001006201020000000000000200000000000000000000"
     "000800000000000000000000000000803e0000003f0000403f0000803f0000a03f0000c0bf00000040"
@@ -71,15 +76,26 @@ def test_residual_files_keep_their_format(tmp_path):
         }
     )
     old = tmp_path / "old.res"
-    old.write_bytes(OLD_RESIDUAL_FILE)
+    old.write_bytes(RESIDUAL_FILE)
     loaded = load_residual(old, spec=SPEC)
     for name in SPEC.names:
         np.testing.assert_array_equal(loaded.values[name], expected.values[name])
     new = tmp_path / "new.res"
     save_residual(expected, new)
-    assert new.read_bytes() == OLD_RESIDUAL_FILE
+    assert new.read_bytes() == RESIDUAL_FILE
     assert stat.S_IMODE(new.stat().st_mode) == 0o600
     assert sorted(p.name for p in tmp_path.iterdir()) == ["new.res", "old.res"]
+
+
+def test_a_residual_file_of_the_pre_release_layout_is_replaced_by_zeros(tmp_path):
+    state = State(tmp_path)
+    path = state.residual_path(1)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(PRE_RELEASE_RESIDUAL_FILE)
+    with pytest.raises(WireFormatError) as err:
+        load_residual(path, spec=SPEC)
+    assert err.value.code == "unsupported_version"
+    assert state.load_residual(1, SPEC).norm() == 0
 
 
 def test_failed_residual_save_keeps_the_old_file(tmp_path, monkeypatch):

@@ -25,10 +25,8 @@ from shared.wire import (
     encode_update,
     peek_update_header,
 )
-from shared.wirelayout import KIND_MODEL, VALUE_F16, VALUE_F32, VALUE_QUANT
+from shared.wirelayout import FORMAT_VERSION, KIND_MODEL, VALUE_F16, VALUE_F32, VALUE_QUANT
 from tests.shared.wirecraft import RawTensor, model_blob, prefix, update_blob
-
-F32_4 = np.arange(4, dtype="<f4").tobytes()
 
 
 def _quant(codes: list[int], scales: list[float], bits: int) -> bytes:
@@ -66,11 +64,12 @@ UPDATE_CASES: list[UpdateCase] = [
     ("bad_magic", b"FEDX" + VALID_UPDATE[4:], "bad_magic"),
     ("bad_magic_short", b"XY", "bad_magic"),
     ("unsupported_version", update_blob(head={"version": 3}), "unsupported_version"),
+    ("unsupported_version_1", update_blob(head={"version": 1}), "unsupported_version"),
     ("unsupported_version_0", update_blob(head={"version": 0}), "unsupported_version"),
     ("wrong_kind", VALID_MODEL, "wrong_kind"),
     ("truncated_empty", b"", "truncated"),
     ("truncated_magic", b"FED", "truncated"),
-    ("truncated_header", VALID_UPDATE[:30], "truncated"),
+    ("truncated_header", VALID_UPDATE[:12], "truncated"),
     ("truncated_section", VALID_UPDATE[:-1], "truncated"),
     ("trailing_bytes", VALID_UPDATE + b"\x00", "trailing_bytes"),
     ("too_many_tensors", update_blob(count=5000), "limit_exceeded"),
@@ -83,26 +82,24 @@ UPDATE_CASES: list[UpdateCase] = [
     ),
     ("chunk_too_big", update_blob(chunk=(1 << 20) + 1), "limit_exceeded"),
     ("unknown_kind", update_blob(head={"kind": 9}), "bad_header"),
-    ("flags_set", update_blob(head={"flags": 1}), "bad_header"),
+    ("flags_set", update_blob(head={"flags": 2}), "bad_header"),
     ("zero_examples", update_blob(examples=0), "bad_header"),
     ("huge_task_id", update_blob(task=1 << 63), "bad_header"),
     ("bits_3", update_blob(bits=3), "bad_header"),
     ("unknown_scope", update_blob(scope=2), "bad_header"),
-    ("reserved_set", update_blob(reserved=1), "bad_header"),
     ("chunk_zero", update_blob(chunk=0), "bad_header"),
-    ("fraction_nan", update_blob(fraction=math.nan), "bad_header"),
-    ("fraction_zero", update_blob(fraction=0.0), "bad_header"),
-    ("fraction_above_one", update_blob(fraction=1.5), "bad_header"),
+    ("fraction_zero", update_blob(mantissa=0, exponent=0), "bad_header"),
+    ("fraction_above_one", update_blob(mantissa=15, exponent=1), "bad_header"),
+    ("fraction_not_shortest", update_blob(mantissa=10, exponent=1), "bad_header"),
     ("no_tensors", update_blob([]), "bad_header"),
     ("empty_name", update_blob([RawTensor(raw_name=b"")]), "bad_descriptor"),
     ("name_not_utf8", update_blob([RawTensor(raw_name=b"\xff\xfe")]), "bad_descriptor"),
     ("duplicate_name", update_blob([RawTensor(), RawTensor()]), "bad_descriptor"),
     (
         "nnz_above_size",
-        update_blob([RawTensor(nnz=5, values=np.ones(5, "<f4").tobytes())]),
+        update_blob([_sparse(RAW, np.arange(5, dtype="<u2").tobytes(), 5, size=4)]),
         "bad_descriptor",
     ),
-    ("value_bytes_wrong", update_blob([RawTensor(values=F32_4 + b"\0" * 4)]), "bad_descriptor"),
     (
         "f16_in_update",
         update_blob([RawTensor(value_coding=VALUE_F16, values=b"\0" * 8)]),
@@ -115,15 +112,9 @@ UPDATE_CASES: list[UpdateCase] = [
     ),
     ("f32_in_4bit_update", update_blob(bits=4), "bad_descriptor"),
     (
-        "dense_with_fewer_values",
-        update_blob([RawTensor(nnz=3, values=F32_4[:12])]),
-        "bad_descriptor",
-    ),
-    ("bitmap_wrong_length", update_blob([_sparse(BITMAP, b"\x01", 1)]), "bad_descriptor"),
-    (
-        "param_on_bitmap",
+        "rice_index_bytes_too_few",
         update_blob(
-            [RawTensor(**{**_sparse(BITMAP, b"\x01" + b"\0" * 12, 1).__dict__, "param": 3})]
+            [RawTensor(**{**_sparse(RICE, RICE5, 5, param=P5).__dict__, "index_bytes": 1})]
         ),
         "bad_descriptor",
     ),
@@ -247,6 +238,9 @@ MODEL_CASES: list[UpdateCase] = [
     ("truncated", VALID_MODEL[:-3], "truncated"),
     ("trailing", VALID_MODEL + b"x", "trailing_bytes"),
     ("version", prefix(kind=KIND_MODEL, version=7) + VALID_MODEL[8:], "unsupported_version"),
+    ("version_1", prefix(kind=KIND_MODEL, version=1) + VALID_MODEL[8:], "unsupported_version"),
+    ("flags_set", model_blob(head={"flags": 1}), "bad_header"),
+    ("unknown_kind", model_blob(head={"kind": 3}), "bad_header"),
     ("zero_tensors", model_blob([]), "bad_header"),
     ("huge_count", model_blob(count=0xFFFFFFFF), "limit_exceeded"),
     ("sparse_model", model_blob([_sparse(BITMAP, b"\x01" + b"\0" * 12, 1)]), "bad_descriptor"),
@@ -371,7 +365,7 @@ def test_checksum_mismatch_on_corrupt_residual() -> None:
 def test_every_code_is_tested() -> None:
     tested = {c[2] for c in UPDATE_CASES} | {c[2] for c in MODEL_CASES}
     tested |= {"shape_mismatch", "policy_mismatch", "checksum_mismatch"}
-    tested |= {"bad_varint"}  # tests/shared/test_wire_v2.py
+    tested |= {"bad_varint"}  # tests/shared/test_wire_layout.py
     tested |= {"bad_metrics"}  # tests/shared/test_wire_metrics.py
     assert tested == set(CODES)
 
@@ -384,9 +378,10 @@ def test_unknown_code_is_a_programming_error() -> None:
 def test_peek_update_header() -> None:
     blob = update_blob(task=7, base=3, examples=11)
     assert peek_update_header(blob) == (7, 3, 11)
-    assert peek_update_header(blob[:52]) == (7, 3, 11)
+    header_end = 8 + 10  # prefix; 7, 3, 11, bits, scope, chunk 256 (2 bytes), 1, 0, count
+    assert peek_update_header(blob[:header_end]) == (7, 3, 11)
     for bad, code in [
-        (blob[:40], "truncated"),
+        (blob[: header_end - 1], "truncated"),
         (VALID_MODEL, "wrong_kind"),
         (update_blob(examples=0), "bad_header"),
     ]:
@@ -463,9 +458,13 @@ def test_limits_can_be_tightened() -> None:
         Limits(max_tensor_elements=1 << 32)
 
 
-def test_struct_layout_is_little_endian() -> None:
+def test_layout_is_little_endian() -> None:
     blob = update_blob(task=0x0102030405060708, examples=3)
     assert blob[:4] == b"FEDG"
-    assert struct.unpack_from("<H", blob, 4) == (1,)
-    assert blob[8:16] == bytes([8, 7, 6, 5, 4, 3, 2, 1])
+    assert struct.unpack_from("<H", blob, 4) == (FORMAT_VERSION,) == (2,)
+    # LEB128: the least significant 7 bits first, the high bit set on all but the last byte
+    task = 0x0102030405060708  # 57 bits: nine groups of 7
+    groups = [(task >> (7 * i)) & 0x7F for i in range(9)]
+    assert blob[8:17] == bytes([g | 0x80 for g in groups[:-1]] + groups[-1:])
+    assert blob[8:17].hex() == "888e98a8c0e0808101"
     assert VALUE_F32 == 0

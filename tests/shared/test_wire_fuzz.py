@@ -18,15 +18,13 @@ from shared.limits import Limits
 from shared.policy import CompressionPolicy
 from shared.wire import (
     WireFormatError,
-    _encode_model,
-    _encode_update,
     decode_model,
     decode_update,
     encode_model,
     encode_update,
 )
-from shared.wirelayout import KIND_MODEL, MODEL_FIXED, PREFIX, V1, V2, encode_varint
-from tests.shared.wirecraft import RawTensor, update_blob, update_blob_v2
+from shared.wirelayout import FORMAT_VERSION, KIND_MODEL, encode_varint
+from tests.shared.wirecraft import RawTensor, model_blob, prefix, update_blob
 
 Decoder = Callable[[bytes], object]
 
@@ -41,7 +39,6 @@ def _valid_blobs() -> list[bytes]:
         "big": rng.standard_normal(300).astype(np.float32),
     }
     blobs = [encode_model(w), encode_model(w, dtype="f16")]
-    blobs += [_encode_model(w, version=V2), _encode_model(w, dtype="f16", version=V2)]
     for bits, fraction, scope in [
         (32, 1.0, "tensor"),
         (1, 0.01, "tensor"),
@@ -53,13 +50,12 @@ def _valid_blobs() -> list[bytes]:
         policy = CompressionPolicy(topk_fraction=fraction, bits=bits, chunk=5, scope=scope)  # type: ignore[arg-type]
         c = compress(w, policy, rng)
         blobs.append(encode_update(c, task_id=3, base_version=2, num_examples=9))
-        blobs.append(_encode_update(c, task_id=3, base_version=2, num_examples=9, version=V1))
     return blobs
 
 
 VALID = _valid_blobs()
-#: The first blobs of VALID are models (v1, v1 f16, v2, v2 f16), the rest updates.
-NUM_MODELS = 4
+#: The first blobs of VALID are models (f32, f16), the rest updates.
+NUM_MODELS = 2
 DECODERS: list[Decoder] = [decode_update, decode_model]
 
 
@@ -91,9 +87,9 @@ def test_random_bytes(data: bytes) -> None:
 
 
 @FUZZ
-@given(tail=st.binary(max_size=300), kind=st.sampled_from([1, 2]), version=st.sampled_from([1, 2]))
-def test_random_bytes_behind_a_valid_prefix(tail: bytes, kind: int, version: int) -> None:
-    _decode_all(PREFIX.pack(b"FEDG", version, kind, 0) + tail)
+@given(tail=st.binary(max_size=300), kind=st.sampled_from([1, 2]), flags=st.sampled_from([0, 1]))
+def test_random_bytes_behind_a_valid_prefix(tail: bytes, kind: int, flags: int) -> None:
+    _decode_all(prefix(kind=kind, flags=flags) + tail)
 
 
 @FUZZ
@@ -161,27 +157,17 @@ GENEROUS = Limits(
 )
 
 MALICIOUS: list[tuple[str, bytes, Limits]] = [
-    ("many_tensors", update_blob(count=0xFFFFFFFF), GENEROUS),
-    ("many_tensors_default_limits", update_blob(count=0xFFFFFFFF), Limits()),
+    ("many_tensors", update_blob(count=(1 << 64) - 1), GENEROUS),
+    ("many_tensors_default_limits", update_blob(count=1 << 32), Limits()),
+    ("huge_dense_tensor", update_blob([RawTensor(shape=(1 << 16, 1 << 15), values=b"")]), GENEROUS),
     (
-        "huge_dense_tensor",
-        update_blob([RawTensor(shape=(1 << 16, 1 << 15), values=b"", value_bytes=4 << 31)]),
+        "huge_sparse_bitmap",
+        update_blob([RawTensor(shape=(1 << 31,), index_coding=2, nnz=1 << 30, values=b"")]),
         GENEROUS,
     ),
     (
-        "huge_sparse_bitmap",
-        update_blob(
-            [
-                RawTensor(
-                    shape=(1 << 31,),
-                    index_coding=2,
-                    nnz=1 << 30,
-                    index_bytes=1 << 28,
-                    values=b"",
-                    value_bytes=4 << 30,
-                )
-            ]
-        ),
+        "huge_raw",
+        update_blob([RawTensor(shape=(1 << 31,), index_coding=3, nnz=1 << 30, values=b"")]),
         GENEROUS,
     ),
     (
@@ -195,7 +181,6 @@ MALICIOUS: list[tuple[str, bytes, Limits]] = [
                     nnz=(1 << 31) - 1,
                     index_bytes=index_section_bounds(1, 20, (1 << 31) - 1, 1 << 31)[1],
                     values=b"",
-                    value_bytes=4 * ((1 << 31) - 1),
                 )
             ]
         ),
@@ -203,71 +188,16 @@ MALICIOUS: list[tuple[str, bytes, Limits]] = [
     ),
     (
         "huge_quantized",
-        update_blob(
-            [
-                RawTensor(
-                    shape=(1 << 31,),
-                    value_coding=2,
-                    values=b"",
-                    value_bytes=(1 << 31) // 8 * 1 + 4 * ((1 << 31) // 256),
-                )
-            ],
-            bits=1,
-        ),
+        update_blob([RawTensor(shape=(1 << 31,), value_coding=2, values=b"")], bits=1),
         GENEROUS,
     ),
     (
         "huge_model",
-        PREFIX.pack(b"FEDG", 1, KIND_MODEL, 0)
-        + MODEL_FIXED.pack(3)
-        + b"".join(
-            RawTensor(
-                name=f"t{i}", shape=(1 << 31,), values=b"", value_bytes=4 << 31
-            ).descriptor_bytes()
-            for i in range(3)
-        ),
+        model_blob([RawTensor(name=f"t{i}", shape=(1 << 31,), values=b"") for i in range(3)]),
         GENEROUS,
     ),
+    ("huge_model_count", model_blob(count=(1 << 64) - 1), GENEROUS),
     ("huge_name", update_blob([RawTensor(name="x" * 60000)])[:200], GENEROUS),
-    ("v2_many_tensors", update_blob_v2(count=(1 << 64) - 1), GENEROUS),
-    ("v2_many_tensors_default_limits", update_blob_v2(count=1 << 32), Limits()),
-    (
-        "v2_huge_dense_tensor",
-        update_blob_v2([RawTensor(shape=(1 << 16, 1 << 15), values=b"")]),
-        GENEROUS,
-    ),
-    (
-        "v2_huge_rice",
-        update_blob_v2(
-            [
-                RawTensor(
-                    shape=(1 << 31,),
-                    index_coding=1,
-                    param=20,
-                    nnz=(1 << 31) - 1,
-                    index_bytes=index_section_bounds(1, 20, (1 << 31) - 1, 1 << 31)[1],
-                    values=b"",
-                )
-            ]
-        ),
-        GENEROUS,
-    ),
-    (
-        "v2_huge_quantized",
-        update_blob_v2([RawTensor(shape=(1 << 31,), value_coding=2, values=b"")], bits=1),
-        GENEROUS,
-    ),
-    (
-        "v2_huge_model",
-        PREFIX.pack(b"FEDG", V2, KIND_MODEL, 0)
-        + encode_varint(3)
-        + b"".join(
-            RawTensor(name=f"t{i}", shape=(1 << 31,), values=b"").descriptor_bytes_v2()
-            for i in range(3)
-        ),
-        GENEROUS,
-    ),
-    ("v2_huge_name", update_blob_v2([RawTensor(name="x" * 60000)])[:200], GENEROUS),
 ]
 
 
@@ -300,20 +230,11 @@ def test_decoding_a_valid_blob_is_traced_by_tracemalloc() -> None:
     assert peak >= 4 << 20
 
 
-def test_struct_overflow_fields_round_to_limit_errors() -> None:
-    """Overwriting the tensor count with 2**32 - 1 in a real v1 blob is a limit error."""
-    blob = bytearray(VALID[NUM_MODELS + 1])
-    assert struct.unpack_from("<H", blob, 4) == (V1,)
-    struct.pack_into("<I", blob, 48, 0xFFFFFFFF)
-    with pytest.raises(WireFormatError) as err:
-        decode_update(bytes(blob))
-    assert err.value.code == "limit_exceeded"
-
-
 def test_varint_overflow_fields_round_to_limit_errors() -> None:
-    """The same in a v2 blob: the one-byte tensor count becomes a 5-byte 2**32 - 1."""
+    """Overwriting a real blob's one-byte tensor count with a 5-byte 2**32 - 1 is a limit
+    error."""
     blob = VALID[NUM_MODELS]
-    assert struct.unpack_from("<H", blob, 4) == (V2,)
+    assert struct.unpack_from("<H", blob, 4) == (FORMAT_VERSION,)
     # after the prefix: task 3, base 2, examples 9, bits 32, scope 0, chunk 5,
     # fraction 1 (m = 1, e = 0), 5 tensors
     assert blob[8:17] == bytes([3, 2, 9, 32, 0, 5, 1, 0, 5])

@@ -1,4 +1,4 @@
-"""The metrics block of a version 2 update: a device's training and evaluation metrics travel
+"""The metrics block of an update: a device's training and evaluation metrics travel
 inside its upload (``shared.wiremetrics``)."""
 
 from __future__ import annotations
@@ -15,14 +15,13 @@ from shared.policy import CompressionPolicy
 from shared.wire import (
     METRIC_KEYS,
     WireFormatError,
-    _encode_update,
     decode_update,
     encode_update,
     peek_update_header,
 )
-from shared.wirelayout import V1, V2, encode_varint
+from shared.wirelayout import encode_varint
 from shared.wiremetrics import encode_metrics
-from tests.shared.wirecraft import prefix, update_blob_v2, update_header_v2
+from tests.shared.wirecraft import prefix, update_blob, update_header
 
 IDS = {"task_id": 3, "base_version": 5, "num_examples": 40}
 FULL = {
@@ -106,11 +105,6 @@ def test_the_encoder_refuses_what_the_block_cannot_carry(
         encode_update(_update(), **IDS, metrics=metrics)
 
 
-def test_version_1_carries_no_metrics() -> None:
-    with pytest.raises(ValueError, match="version 1"):
-        _encode_update(_update(), **IDS, metrics={"train_loss": 1.0}, version=V1)
-
-
 def _f(x: float) -> bytes:
     return struct.pack("<f", x)
 
@@ -132,13 +126,13 @@ def _f(x: float) -> bytes:
     ],
 )
 def test_the_decoder_rejects_a_malformed_block(block: bytes, code: str) -> None:
-    blob = update_blob_v2(head={"flags": 1}, metrics=block)
+    blob = update_blob(head={"flags": 1}, metrics=block)
     _rejected(blob, code)
 
 
 @pytest.mark.parametrize("block", [b"", b"\x01", b"\x01\x01\x00\x00", b"\x02\x01" + _f(1.0)])
 def test_a_block_cut_short_is_truncated(block: bytes) -> None:
-    _rejected(prefix(version=V2, flags=1) + update_header_v2(tensors=1) + block, "truncated")
+    _rejected(prefix(flags=1) + update_header(tensors=1) + block, "truncated")
 
 
 def _rejected(blob: bytes, code: str) -> None:
@@ -153,13 +147,13 @@ def _rejected(blob: bytes, code: str) -> None:
 def test_a_well_formed_hand_built_block_is_read() -> None:
     block = encode_metrics({"eval_accuracy": 0.5, "train_loss": 2.0})
     assert block == b"\x02\x01" + _f(2.0) + b"\x03" + _f(0.5)
-    got = decode_update(update_blob_v2(head={"flags": 1}, metrics=block))
+    got = decode_update(update_blob(head={"flags": 1}, metrics=block))
     assert got.metrics == {"train_loss": 2.0, "eval_accuracy": 0.5}
 
 
 def test_a_block_without_its_flag_is_not_a_block() -> None:
     # Without the flag the block's bytes are read as descriptors and do not fit.
-    blob = update_blob_v2(metrics=encode_metrics({"train_loss": 2.0}))
+    blob = update_blob(metrics=encode_metrics({"train_loss": 2.0}))
     with pytest.raises(WireFormatError):
         decode_update(blob)
 

@@ -16,15 +16,13 @@ from shared.policy import ALLOWED_BITS, CompressionPolicy
 from shared.quantize import quantize
 from shared.wire import (
     DecodedUpdate,
-    _encode_model,
-    _encode_update,
     decode_model,
     decode_update,
     encode_model,
     encode_update,
     peek_update_header,
 )
-from shared.wirelayout import V1, V2, VALUE_F32, VALUE_QUANT
+from shared.wirelayout import FORMAT_VERSION, VALUE_F32, VALUE_QUANT
 from tests.shared.wirecraft import descriptors_of
 
 FINITE_F32 = st.floats(width=32, allow_nan=False, allow_infinity=False)
@@ -47,10 +45,9 @@ def _bits_equal(a: np.ndarray, b: np.ndarray) -> None:
 
 
 @settings(max_examples=80, deadline=None)
-@given(w=weights(), version=st.sampled_from([V1, V2]))
-def test_dense_f32_model_round_trip(w: dict[str, np.ndarray], version: int) -> None:
-    blob = _encode_model(w, version=version)
-    assert blob[4] == version
+@given(w=weights())
+def test_dense_f32_model_round_trip(w: dict[str, np.ndarray]) -> None:
+    blob = encode_model(w)
     out = decode_model(blob, spec=ModelSpec.from_weights(w))
     assert list(out) == list(w)
     for name in w:
@@ -58,10 +55,13 @@ def test_dense_f32_model_round_trip(w: dict[str, np.ndarray], version: int) -> N
         assert out[name].flags.writeable
 
 
-def test_models_are_written_in_version_1() -> None:
+def test_models_and_updates_are_written_in_the_one_version() -> None:
     w = {"w": np.ones(3, np.float32)}
-    assert encode_model(w)[4:6] == bytes([V1, 0])
-    assert encode_model(w) == _encode_model(w, version=V1)
+    version = FORMAT_VERSION.to_bytes(2, "little")
+    assert encode_model(w)[4:8] == version + bytes([2, 0])  # kind model, no flags
+    c = compress(w, CompressionPolicy(topk_fraction=1.0, bits=32), np.random.default_rng(0))
+    update = encode_update(c, task_id=1, base_version=0, num_examples=1)
+    assert update[4:8] == version + bytes([1, 0])  # kind update, no metrics
 
 
 @settings(max_examples=80, deadline=None)
@@ -79,12 +79,7 @@ def test_dense_f16_model_round_trip(w: dict[str, np.ndarray]) -> None:
 def _check_update_round_trip(
     c: CompressedUpdate, policy: CompressionPolicy | None, spec: ModelSpec
 ) -> DecodedUpdate:
-    """Both versions decode to the same thing; returns the version 2 (default) result."""
     blob = encode_update(c, task_id=12, base_version=3, num_examples=40)
-    assert blob[4:6] == bytes([V2, 0])
-    v1 = _encode_update(c, task_id=12, base_version=3, num_examples=40, version=V1)
-    assert len(blob) < len(v1)
-    _check_blob(v1, c, policy, spec)
     return _check_blob(blob, c, policy, spec)
 
 

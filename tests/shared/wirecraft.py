@@ -9,15 +9,13 @@ from dataclasses import dataclass
 import numpy as np
 
 from shared.limits import Limits
-from shared.wire import _read_update_descriptors
+from shared.wire_update import _read_update_descriptors
 from shared.wirelayout import (
+    FORMAT_VERSION,
     KIND_MODEL,
     KIND_UPDATE,
     MAGIC,
-    MODEL_FIXED,
     PREFIX,
-    UPDATE_FIXED,
-    V2,
     Descriptor,
     Reader,
     as_bytes_view,
@@ -27,7 +25,10 @@ from shared.wirelayout import (
 
 @dataclass
 class RawTensor:
-    """A tensor as raw descriptor fields and section bytes (``None`` = consistent default)."""
+    """A tensor as raw descriptor fields and section bytes (``None`` = consistent default).
+
+    ``index_bytes`` is only sent for Rice; every other section length follows from the
+    descriptor, so a wrong one is a truncated or trailing input rather than a descriptor."""
 
     name: str = "w"
     shape: tuple[int, ...] = (4,)
@@ -38,12 +39,10 @@ class RawTensor:
     index: bytes = b""
     values: bytes | None = None
     index_bytes: int | None = None
-    value_bytes: int | None = None
     raw_name: bytes | None = None
 
     def descriptor_bytes(self) -> bytes:
         nnz = math.prod(self.shape) if self.nnz is None else self.nnz
-        values = self.section_values()
         d = Descriptor(
             self.name,
             self.shape,
@@ -52,31 +51,14 @@ class RawTensor:
             self.param,
             nnz,
             len(self.index) if self.index_bytes is None else self.index_bytes,
-            len(values) if self.value_bytes is None else self.value_bytes,
+            len(self.section_values()),
         )
         packed = d.pack()
         if self.raw_name is not None:
             name = self.name.encode()
-            packed = (
-                len(self.raw_name).to_bytes(2, "little") + self.raw_name + packed[2 + len(name) :]
-            )
+            cut = len(encode_varint(len(name))) + len(name)
+            packed = encode_varint(len(self.raw_name)) + self.raw_name + packed[cut:]
         return packed
-
-    def descriptor_bytes_v2(self) -> bytes:
-        nnz = math.prod(self.shape) if self.nnz is None else self.nnz
-        values = self.section_values()
-        index_bytes = len(self.index) if self.index_bytes is None else self.index_bytes
-        d = Descriptor(
-            self.name,
-            self.shape,
-            self.index_coding,
-            self.value_coding,
-            self.param,
-            nnz,
-            index_bytes,
-            len(values),
-        )
-        return d.pack(V2)
 
     def section_values(self) -> bytes:
         if self.values is not None:
@@ -84,67 +66,22 @@ class RawTensor:
         return np.arange(math.prod(self.shape), dtype="<f4").tobytes()
 
 
-def prefix(
-    *, magic: bytes = MAGIC, version: int = 1, kind: int = KIND_UPDATE, flags: int = 0
-) -> bytes:
-    return PREFIX.pack(magic, version, kind, flags)
-
-
-def update_header(
-    *,
-    task: int = 1,
-    base: int = 0,
-    examples: int = 1,
-    bits: int = 32,
-    scope: int = 0,
-    reserved: int = 0,
-    chunk: int = 256,
-    fraction: float = 1.0,
-    count: int | None = None,
-    tensors: int = 1,
-) -> bytes:
-    n = tensors if count is None else count
-    return UPDATE_FIXED.pack(task, base, examples, bits, scope, reserved, chunk, fraction, n)
-
-
-def update_blob(
-    tensors: list[RawTensor] | None = None,
-    *,
-    head: dict[str, object] | None = None,
-    **fields: object,
-) -> bytes:
-    """An update blob: ``head`` overrides the prefix, ``fields`` the update header."""
-    tensors = [RawTensor()] if tensors is None else tensors
-    out = prefix(**(head or {}))  # type: ignore[arg-type]
-    out += update_header(tensors=len(tensors), **fields)  # type: ignore[arg-type]
-    out += b"".join(t.descriptor_bytes() for t in tensors)
-    out += b"".join(t.index + t.section_values() for t in tensors)
-    return out
-
-
-def model_blob(tensors: list[RawTensor] | None = None, *, count: int | None = None) -> bytes:
-    tensors = [RawTensor()] if tensors is None else tensors
-    out = prefix(kind=KIND_MODEL) + MODEL_FIXED.pack(len(tensors) if count is None else count)
-    out += b"".join(t.descriptor_bytes() for t in tensors)
-    out += b"".join(t.index + t.section_values() for t in tensors)
-    return out
-
-
-def descriptors_of(blob: bytes) -> list[Descriptor]:
-    """The descriptors of a valid update blob of either version (to see which codings the
-    encoder chose)."""
-    return _read_update_descriptors(Reader(as_bytes_view(blob)), Limits())[1]
-
-
-# ----------------------------------------------------------------------------- version 2
-
-
 def var(value: int | bytes) -> bytes:
     """A varint, or ``bytes`` taken verbatim (to craft malformed varints)."""
     return value if isinstance(value, bytes) else encode_varint(value)
 
 
-def update_header_v2(
+def prefix(
+    *,
+    magic: bytes = MAGIC,
+    version: int = FORMAT_VERSION,
+    kind: int = KIND_UPDATE,
+    flags: int = 0,
+) -> bytes:
+    return PREFIX.pack(magic, version, kind, flags)
+
+
+def update_header(
     *,
     task: int | bytes = 1,
     base: int | bytes = 0,
@@ -157,12 +94,13 @@ def update_header_v2(
     count: int | bytes | None = None,
     tensors: int = 1,
 ) -> bytes:
+    """The header after the prefix; the top-k fraction is ``mantissa * 10**-exponent``."""
     n = tensors if count is None else count
     fields = [var(task), var(base), var(examples), bytes([bits, scope]), var(chunk)]
     return b"".join([*fields, var(mantissa), var(exponent), var(n)])
 
 
-def update_blob_v2(
+def update_blob(
     tensors: list[RawTensor] | None = None,
     *,
     head: dict[str, object] | None = None,
@@ -170,15 +108,35 @@ def update_blob_v2(
     metrics: bytes = b"",
     **fields: object,
 ) -> bytes:
-    """A version 2 update blob: ``head`` overrides the prefix, ``fields`` the header,
-    ``metrics`` is put verbatim after the header (set ``head={"flags": 1}`` to announce it),
-    ``descriptors`` (raw bytes) replace the descriptors built from ``tensors``."""
+    """An update blob: ``head`` overrides the prefix, ``fields`` the header, ``metrics`` is put
+    verbatim after the header (set ``head={"flags": 1}`` to announce it), ``descriptors``
+    (raw bytes) replace the descriptors built from ``tensors``."""
     tensors = [RawTensor()] if tensors is None else tensors
-    out = prefix(**{"version": V2, **(head or {})})  # type: ignore[arg-type]
-    out += update_header_v2(tensors=len(tensors), **fields)  # type: ignore[arg-type]
+    out = prefix(**(head or {}))  # type: ignore[arg-type]
+    out += update_header(tensors=len(tensors), **fields)  # type: ignore[arg-type]
     out += metrics
     if descriptors is None:
-        descriptors = [t.descriptor_bytes_v2() for t in tensors]
+        descriptors = [t.descriptor_bytes() for t in tensors]
     out += b"".join(descriptors)
     out += b"".join(t.index + t.section_values() for t in tensors)
     return out
+
+
+def model_blob(
+    tensors: list[RawTensor] | None = None,
+    *,
+    count: int | bytes | None = None,
+    head: dict[str, object] | None = None,
+) -> bytes:
+    """A model blob: ``head`` overrides the prefix, ``count`` the number of tensors."""
+    tensors = [RawTensor()] if tensors is None else tensors
+    out = prefix(**{"kind": KIND_MODEL, **(head or {})})  # type: ignore[arg-type]
+    out += var(len(tensors) if count is None else count)
+    out += b"".join(t.descriptor_bytes() for t in tensors)
+    out += b"".join(t.index + t.section_values() for t in tensors)
+    return out
+
+
+def descriptors_of(blob: bytes) -> list[Descriptor]:
+    """The descriptors of a valid update blob (to see which codings the encoder chose)."""
+    return _read_update_descriptors(Reader(as_bytes_view(blob)), Limits())[1]

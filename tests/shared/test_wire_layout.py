@@ -1,9 +1,8 @@
-"""Format version 2 (compact varint header, written by ``encode_update``) and the version 1
-reader kept for stored blobs and older agents."""
+"""The byte layout (the one format version): pinned vectors, fixed overhead, varints, the
+top-k fraction, header fields and descriptors."""
 
 from __future__ import annotations
 
-import struct
 import tracemalloc
 from typing import TypedDict
 
@@ -16,22 +15,19 @@ from shared import architectures
 from shared.compression import CompressedUpdate, compress, decompress
 from shared.indexcoding import BITMAP, RAW, RICE, index_section_bounds
 from shared.limits import Limits
-from shared.modelspec import ModelSpec
 from shared.policy import DENSE, CompressionPolicy
 from shared.wire import (
     WireFormatError,
-    _encode_model,
-    _encode_update,
     decode_model,
     decode_update,
+    encode_model,
     encode_update,
     peek_update_header,
     update_overhead_bytes,
 )
 from shared.wirelayout import (
+    FORMAT_VERSION,
     MAX_FRACTION_EXPONENT,
-    V1,
-    V2,
     VALUE_QUANT,
     Reader,
     as_bytes_view,
@@ -39,31 +35,36 @@ from shared.wirelayout import (
     encode_varint,
     fraction_parts,
 )
-from tests.shared.wirecraft import RawTensor, descriptors_of, update_blob_v2, var
+from tests.shared.wirecraft import RawTensor, descriptors_of, update_blob, var
 
-# ------------------------------------------------------------------ version 1 test vectors
-# Produced by encode_update / encode_model before version 2 existed (commit 60e3ad5), from
-# the inputs rebuilt by _mlp_update() and _small_dense_update() below and the model in
-# test_version_1_model_vector.
+# ------------------------------------------------------------------ pinned vectors
+# What encode_update / encode_model write for the inputs rebuilt by _mlp_update(),
+# _small_dense_update() and MODEL below. A change of these bytes is a change of the format.
 
-MLP_V1 = bytes.fromhex(
-    "46454447010001000c000000000000005901000000000000851a00000000000004000000000100007b14ae47"
-    "e17a843f04000000020057300240000000800000000102065200000054000000000000002d00000000000000"
-    "02006230018000000001020302000000030000000000000005000000000000000200573102800000000a0000"
-    "000102060d0000000e000000000000000b0000000000000002006231010a0000000102000100000001000000"
-    "0000000005000000000000008f326c90eeba8971a3c906e998832048627dade200b00561d1d3352cd3ecfeb2"
-    "3637420200ab592b41ccde4ce69d33c5d44063ee03a10065de0a81222104908c2172e04a1487e52b427b65e5"
-    "7b60e97bee5229c01d1b8540d2b2b23b3323322323c32ecccc22bb212312b1c2c2c2cbcc2323cbb2dcbd2322"
-    "3ccd2c2b3c3122cb2c13008142ee2840edb657a2dc691b85709d1fd9c98c0185cc5c4011001e1dd01e010431"
-    "6cfb3f00"
+MLP_BLOB = bytes.fromhex(
+    "46454447020001000cd9028535040080020102040257300240800121520654026230018001210203030257"
+    "310280010a210d060e026231010a210100018f326c90eeba8971a3c906e998832048627dade200b00561d1"
+    "d3352cd3ecfeb23637420200ab592b41ccde4ce69d33c5d44063ee03a10065de0a81222104908c2172e04a"
+    "1487e52b427b65e57b60e97bee5229c01d1b8540d2b2b23b3323322323c32ecccc22bb212312b1c2c2c2cb"
+    "cc2323cbb2dcbd23223ccd2c2b3c3122cb2c13008142ee2840edb657a2dc691b85709d1fd9c98c0185cc5c"
+    "4011001e1dd01e0104316cfb3f00"
 )
-DENSE_V1 = bytes.fromhex(
+DENSE_BLOB = bytes.fromhex(
+    "4645444702000100ffffffffffffffff7f00012001030100030173000001760103000165020003000000803e"
+    "614b4dbf9884a9bf82527ebe"
+)
+MODEL = {"a": np.array([[1.5, -2.0], [0.0, 3.25]], np.float32), "b": np.array([0.5], np.float32)}
+MODEL_F16_BLOB = bytes.fromhex("4645444702000200020161020202100162010110003e00c0000080420038")
+
+# Blobs of the fixed-width layout numbered 1 that preceded this one during development (the
+# same small update and model): refused like any other version.
+OLD_UPDATE = bytes.fromhex(
     "4645444701000100ffffffffffffff7f00000000000000000100000000000000200100000300000000000000"
     "0000f03f03000000010073000000000100000000000000000000000400000000000000010076010300000000"
     "00000300000000000000000000000c0000000000000001006502000000000300000000000000000000000000"
     "000000000000000000000000000000803e614b4dbf9884a9bf82527ebe"
 )
-MODEL_V1 = bytes.fromhex(
+OLD_MODEL = bytes.fromhex(
     "4645444701000200020000000100610202000000020000000001000400000000000000000000000800000000"
     "00000001006201010000000001000100000000000000000000000200000000000000003e00c0000080420038"
 )
@@ -104,88 +105,78 @@ def _small_dense_update() -> CompressedUpdate:
     return compress(w, SMALL_POLICY, np.random.default_rng(1))
 
 
-def _same_update(a: object, b: object) -> None:
-    from shared.wire import DecodedUpdate
-
-    assert isinstance(a, DecodedUpdate) and isinstance(b, DecodedUpdate)
-    head = ("task_id", "base_version", "num_examples", "bits", "chunk", "topk_fraction", "scope")
-    assert [getattr(a, f) for f in head] == [getattr(b, f) for f in head]
-    for ta, tb in zip(a.tensors, b.tensors, strict=True):
-        assert (ta.name, ta.shape) == (tb.name, tb.shape)
-        if ta.indices is None:
-            assert tb.indices is None
-        else:
-            assert tb.indices is not None
-            np.testing.assert_array_equal(ta.indices, tb.indices)
-        np.testing.assert_array_equal(ta.values.view(np.uint32), tb.values.view(np.uint32))
-
-
 @pytest.mark.parametrize(
-    ("vector", "make", "policy", "ids", "spec"),
+    ("vector", "make", "policy", "ids"),
     [
-        (MLP_V1, _mlp_update, MLP_POLICY, MLP_IDS, MLP_SPEC),
-        (DENSE_V1, _small_dense_update, SMALL_POLICY, SMALL_IDS, None),
+        (MLP_BLOB, _mlp_update, MLP_POLICY, MLP_IDS),
+        (DENSE_BLOB, _small_dense_update, SMALL_POLICY, SMALL_IDS),
     ],
     ids=["mlp_top1_4bit", "small_dense_global"],
 )
-def test_version_1_vectors_decode_like_version_2(
-    vector: bytes,
-    make: object,
-    policy: CompressionPolicy,
-    ids: Ids,
-    spec: ModelSpec | None,
+def test_pinned_update_vectors(
+    vector: bytes, make: object, policy: CompressionPolicy, ids: Ids
 ) -> None:
     assert callable(make)
     c = make()
-    assert struct.unpack_from("<H", vector, 4) == (V1,)
-    # The kept version 1 encoder path is byte-identical to the encoder before version 2.
-    assert _encode_update(c, version=V1, **ids) == vector
-    blob = encode_update(c, **ids)
-    assert struct.unpack_from("<H", blob, 4) == (V2,)
-    old = decode_update(vector, spec=spec, policy=policy)
-    new = decode_update(blob, spec=spec, policy=policy)
-    _same_update(old, new)
+    assert encode_update(c, **ids) == vector
+    assert vector[4:6] == FORMAT_VERSION.to_bytes(2, "little")
+    d = decode_update(vector, policy=policy)
     expected = decompress(c)
-    for name, dense in old.to_dense().items():
+    for name, dense in d.to_dense().items():
         np.testing.assert_array_equal(dense.view(np.uint32), expected[name].view(np.uint32))
     want = (ids["task_id"], ids["base_version"], ids["num_examples"])
-    assert peek_update_header(vector) == peek_update_header(blob) == want
+    assert peek_update_header(vector) == want
 
 
-def test_version_1_model_vector() -> None:
-    out = decode_model(MODEL_V1)
-    assert out["a"].tolist() == [[1.5, -2.0], [0.0, 3.25]]
-    assert out["b"].tolist() == [0.5]
-    v2 = _encode_model(out, dtype="f16", version=V2)
-    assert struct.unpack_from("<H", v2, 4) == (V2,) and len(v2) < len(MODEL_V1)
-    assert {k: v.tolist() for k, v in decode_model(v2).items()} == {
-        k: v.tolist() for k, v in out.items()
-    }
+def test_pinned_model_vector() -> None:
+    assert encode_model(MODEL, dtype="f16") == MODEL_F16_BLOB
+    out = decode_model(MODEL_F16_BLOB)
+    assert {k: v.tolist() for k, v in out.items()} == {k: v.tolist() for k, v in MODEL.items()}
+    # prefix 8, count 1, "a": 1 + 1 + 1 + 2 + 1 = 6, "b": 1 + 1 + 1 + 1 + 1 = 5, 10 value bytes
+    assert len(MODEL_F16_BLOB) == 8 + 1 + 6 + 5 + 10
+
+
+@pytest.mark.parametrize("version", [0, 1, 3, 0xFFFF])
+def test_other_versions_are_unsupported(version: int) -> None:
+    for blob, decode in [
+        (DENSE_BLOB, decode_update),
+        (DENSE_BLOB, peek_update_header),
+        (MODEL_F16_BLOB, decode_model),
+    ]:
+        other = blob[:4] + version.to_bytes(2, "little") + blob[6:]
+        with pytest.raises(WireFormatError) as err:
+            decode(other)
+        assert err.value.code == "unsupported_version"
+    for old, decode in [
+        (OLD_UPDATE, decode_update),
+        (OLD_UPDATE, peek_update_header),
+        (OLD_MODEL, decode_model),
+    ]:
+        with pytest.raises(WireFormatError) as err:
+            decode(old)
+        assert err.value.code == "unsupported_version"
 
 
 # ------------------------------------------------------------------ fixed overhead
 
-#: Documented in docs/wire-format.md ("Size of the header").
-MLP_OVERHEAD_V1, MLP_OVERHEAD_V2 = 188, 61
-MLP_BYTES_V1, MLP_BYTES_V2 = 356, 229
+#: Documented in docs/wire-format.md ("Update header").
+MLP_OVERHEAD, MLP_BYTES = 61, 229
 
 
 def test_fixed_overhead_of_the_mlp_update() -> None:
     c = _mlp_update()
     blob = encode_update(c, **MLP_IDS)
-    assert update_overhead_bytes(MLP_V1) == MLP_OVERHEAD_V1
-    assert update_overhead_bytes(blob) == MLP_OVERHEAD_V2
-    assert (len(MLP_V1), len(blob)) == (MLP_BYTES_V1, MLP_BYTES_V2)
+    assert update_overhead_bytes(blob) == MLP_OVERHEAD
+    assert len(blob) == MLP_BYTES
     # prefix 8 + header 12 (ids 1 + 2 + 2, bits, scope, chunk 2, fraction 2, count 1) + four
     # Rice descriptors (name length, name, ndim, dims, codings, nnz, p, index bytes):
     # W0 1+2+1+3+1+1+1+1 = 11, b0 10, W1 11, b1 9 = 61 bytes
     codings = [d.index_coding for d in descriptors_of(blob)]
     assert codings == [RICE] * 4
-    # The payload is the same in both versions.
-    assert len(MLP_V1) - MLP_OVERHEAD_V1 == len(blob) - MLP_OVERHEAD_V2 == 168
+    assert len(blob) - MLP_OVERHEAD == 168
     # Smallest ids: one byte each.
     small = encode_update(c, task_id=1, base_version=0, num_examples=1)
-    assert update_overhead_bytes(small) == MLP_OVERHEAD_V2 - 2
+    assert update_overhead_bytes(small) == MLP_OVERHEAD - 2
     # Dense f32 upload of the same model: 9,610 x 4 value bytes + the header.
     dense = compress(
         {t.name: np.ones(t.shape, np.float32) for t in MLP_SPEC.tensors},
@@ -241,23 +232,23 @@ def test_largest_varint() -> None:
 
 NON_MINIMAL_ONE = b"\x81\x00"
 
-# Every varint field of a version 2 update header and descriptor, written non-minimally.
+# Every varint field of an update header, written non-minimally.
 VARINT_FIELDS = ["task", "base", "examples", "chunk", "mantissa", "exponent", "count"]
 
 
 @pytest.mark.parametrize("field", VARINT_FIELDS)
 def test_non_minimal_header_varints_are_rejected(field: str) -> None:
-    valid = update_blob_v2(examples=1, chunk=1, task=1, base=1, mantissa=1, exponent=0)
+    valid = update_blob(examples=1, chunk=1, task=1, base=1, mantissa=1, exponent=0)
     assert decode_update(valid).num_examples == 1
     good = {"exponent": 0} if field == "exponent" else {}
     fields: dict[str, object] = {"task": 1, "base": 1, "examples": 1, "chunk": 1, "mantissa": 1}
     fields.update(good)
     fields[field] = b"\x80\x00" if field == "exponent" else NON_MINIMAL_ONE
     with pytest.raises(WireFormatError) as err:
-        decode_update(update_blob_v2(**fields))  # type: ignore[arg-type]
+        decode_update(update_blob(**fields))  # type: ignore[arg-type]
     assert err.value.code == "bad_varint"
     with pytest.raises(WireFormatError) as err:
-        peek_update_header(update_blob_v2(**fields))  # type: ignore[arg-type]
+        peek_update_header(update_blob(**fields))  # type: ignore[arg-type]
     assert err.value.code == "bad_varint"
 
 
@@ -291,8 +282,8 @@ DENSE_W = RawTensor()  # "w", shape (4,), dense f32
         ),
     ],
 )
-def test_version_2_descriptor_errors(descriptor: bytes, code: str | None) -> None:
-    blob = update_blob_v2([DENSE_W], descriptors=[descriptor])
+def test_descriptor_errors(descriptor: bytes, code: str | None) -> None:
+    blob = update_blob([DENSE_W], descriptors=[descriptor])
     if code is None:
         assert decode_update(blob).to_dense()["w"].tolist() == [0, 1, 2, 3]
         return
@@ -301,7 +292,7 @@ def test_version_2_descriptor_errors(descriptor: bytes, code: str | None) -> Non
     assert err.value.code == code
 
 
-def test_version_2_sparse_descriptors() -> None:
+def test_sparse_descriptors() -> None:
     """Bitmap and raw lengths are implied; Rice carries its parameter and length."""
     values = np.array([7.0, 8.0], "<f4").tobytes()
     raw = RawTensor(
@@ -315,9 +306,9 @@ def test_version_2_sparse_descriptors() -> None:
     bitmap = RawTensor(
         name="b", shape=(16,), index_coding=BITMAP, nnz=2, index=bitmap_index, values=values
     )
-    assert raw.descriptor_bytes_v2() == b"\x01w\x01\x64\x03\x02"
-    assert bitmap.descriptor_bytes_v2() == b"\x01b\x01\x10\x02\x02"
-    d = decode_update(update_blob_v2([raw, bitmap]))
+    assert raw.descriptor_bytes() == b"\x01w\x01\x64\x03\x02"
+    assert bitmap.descriptor_bytes() == b"\x01b\x01\x10\x02\x02"
+    d = decode_update(update_blob([raw, bitmap]))
     assert [t.indices.tolist() for t in d.tensors if t.indices is not None] == [[3, 90], [3, 9]]
     rice_lo, rice_hi = index_section_bounds(RICE, 2, 2, 100)
     for ibytes in (rice_lo - 1, rice_hi + 1):
@@ -331,11 +322,11 @@ def test_version_2_sparse_descriptors() -> None:
             values=values,
         )
         with pytest.raises(WireFormatError) as err:
-            decode_update(update_blob_v2([rice]))
+            decode_update(update_blob([rice]))
         assert err.value.code == "bad_descriptor"
 
 
-def test_version_2_quantized_value_length_is_implied() -> None:
+def test_quantized_value_length_is_implied() -> None:
     c = _mlp_update()
     blob = encode_update(c, **MLP_IDS)
     descs = descriptors_of(blob)
@@ -396,7 +387,7 @@ def test_common_fractions_take_two_bytes() -> None:
     ],
 )
 def test_non_canonical_or_out_of_range_fractions(mantissa: int, exponent: int) -> None:
-    blob = update_blob_v2(mantissa=mantissa, exponent=exponent)
+    blob = update_blob(mantissa=mantissa, exponent=exponent)
     with pytest.raises(WireFormatError) as err:
         decode_update(blob)
     assert err.value.code == "bad_header"
@@ -419,20 +410,21 @@ def test_non_canonical_or_out_of_range_fractions(mantissa: int, exponent: int) -
         ({"count": 0}, "bad_header"),
         ({"count": 4097}, "limit_exceeded"),
         ({"count": 50}, "truncated"),
+        ({"head": {"version": 1}}, "unsupported_version"),
         ({"head": {"version": 3}}, "unsupported_version"),
         ({"head": {"flags": 2}}, "bad_header"),
         ({"head": {"flags": 1}}, "bad_metrics"),  # announced, but a descriptor follows
     ],
 )
-def test_version_2_header_errors(fields: dict[str, object], code: str) -> None:
+def test_header_errors(fields: dict[str, object], code: str) -> None:
     with pytest.raises(WireFormatError) as err:
-        decode_update(update_blob_v2(**fields))  # type: ignore[arg-type]
+        decode_update(update_blob(**fields))  # type: ignore[arg-type]
     assert err.value.code == code
 
 
 def test_largest_ids_round_trip() -> None:
     top = (1 << 63) - 1
-    blob = update_blob_v2(task=top, base=top, examples=top)
+    blob = update_blob(task=top, base=top, examples=top)
     assert peek_update_header(blob) == (top, top, top)
     assert decode_update(blob).task_id == top
 
@@ -455,9 +447,9 @@ def test_every_truncation_of_the_mlp_update() -> None:
         assert err.value.code == "truncated", n
 
 
-def test_v2_count_is_checked_before_descriptors_are_parsed() -> None:
+def test_count_is_checked_before_descriptors_are_parsed() -> None:
     """2**40 tensors declared in a 30-byte blob: truncated, nothing allocated."""
-    blob = update_blob_v2(count=1 << 40)
+    blob = update_blob(count=1 << 40)
     generous = Limits(max_tensors=1 << 62)
     tracemalloc.start()
     try:
