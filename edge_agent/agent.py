@@ -11,8 +11,7 @@ One assignment goes through these steps (docs/agent.md tells the story for opera
    then make the new residual current (see :mod:`edge_agent.outbox` for why in that order);
    the training and evaluation metrics travel inside the update (its metrics block);
 7. upload it; remove it from the outbox on success, or discard it (restoring the residual)
-   when the coordinator refuses it for good, e.g. 409 stale_update; an entry written by an
-   older agent that still lists metrics has them reported separately.
+   when the coordinator refuses it for good, e.g. 409 stale_update.
 
 Steps 5-7 live in :mod:`edge_agent.uploads`. Whoever builds the agent may step in at fixed
 points through :class:`~edge_agent.hooks.AgentHooks` (the fleet simulation injects its faults

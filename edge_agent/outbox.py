@@ -1,7 +1,7 @@
 """The outbox: computed updates waiting for upload, durable across crashes.
 
 Each entry is a directory ``outbox/<assignment_id>/`` holding ``meta.json`` (task, upload URL,
-idempotency key, metrics to report), ``update.bin`` (the encoded update, wire format) and,
+idempotency key), ``update.bin`` (the encoded update, wire format) and,
 when error feedback is on, ``residual-before`` / ``residual-after`` (the task's residual before
 and after this update's compression, as :mod:`edge_agent.residual_store` files). An entry is
 built in a temporary directory and renamed into place in one step, so it exists completely or
@@ -28,7 +28,7 @@ import secrets
 import shutil
 import time
 from collections.abc import Mapping
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -55,7 +55,6 @@ class OutboxEntry:
     idempotency_key: str
     num_examples: int
     created_at: float
-    metrics: Mapping[str, float] = field(default_factory=dict)
     has_residual: bool = False
 
     @classmethod
@@ -68,7 +67,6 @@ class OutboxEntry:
             idempotency_key=str(value["idempotency_key"]),
             num_examples=int(value["num_examples"]),
             created_at=float(value["created_at"]),
-            metrics={str(k): float(v) for k, v in dict(value.get("metrics") or {}).items()},
             has_residual=bool(value.get("has_residual", False)),
         )
 
@@ -135,7 +133,7 @@ class Outbox:
                 assert residual_before is not None and residual_after is not None
                 save_residual(residual_before, tmp / RESIDUAL_BEFORE)
                 save_residual(residual_after, tmp / RESIDUAL_AFTER)
-            write_json_atomic(tmp / META, asdict(entry) | {"metrics": dict(entry.metrics)})
+            write_json_atomic(tmp / META, asdict(entry))
             fsync_dir(tmp)
             os.rename(tmp, final)
         except BaseException:

@@ -19,7 +19,7 @@ from collections.abc import Mapping
 import numpy as np
 
 from edge_agent.client import CoordinatorClient, Work
-from edge_agent.errors import AgentError, ApiError, DeviceRevoked, StaleUpdate
+from edge_agent.errors import ApiError, DeviceRevoked, StaleUpdate
 from edge_agent.outbox import RESIDUAL_BEFORE, OutboxEntry, new_idempotency_key
 from edge_agent.outcome import AgentStats, Outcome
 from edge_agent.state import State
@@ -44,11 +44,6 @@ def refused_for_good(exc: ApiError) -> bool:
         return False
     lasting = not isinstance(exc, DeviceRevoked)
     return lasting and exc.code not in FATAL_CODES | TRANSIENT_AUTH_CODES
-
-
-def _metrics_payload(metrics: Mapping[str, float]) -> dict[str, float | int]:
-    """Metrics as the coordinator takes them (counts as integers)."""
-    return {k: int(v) if k == "num_eval_examples" else v for k, v in metrics.items()}
 
 
 def save_update(
@@ -95,7 +90,6 @@ def save_update(
         idempotency_key=new_idempotency_key(work.assignment_id),
         num_examples=num_examples,
         created_at=time.time(),
-        metrics={},  # carried in the body (entries written by older agents may have some)
         has_residual=residual is not None,
     )
     state.outbox.add(entry, body, residual_before=before, residual_after=residual)
@@ -113,8 +107,7 @@ def upload_entry(
     uploads: list[tuple[int, int]],
 ) -> Outcome:
     """Send one outbox entry and settle it, counting in ``stats`` and appending
-    ``(base version, bytes)`` to ``uploads`` when accepted. An entry written by an older agent
-    that still lists metrics has them reported separately."""
+    ``(base version, bytes)`` to ``uploads`` when accepted."""
     body = state.outbox.body(entry)
     try:
         receipt = client.upload_update(entry.upload_url, body, entry.idempotency_key)
@@ -153,11 +146,6 @@ def upload_entry(
         staleness,
         ", already received before" if receipt.get("duplicate") else "",
     )
-    if entry.metrics:
-        try:
-            client.report_metrics(entry.assignment_id, _metrics_payload(entry.metrics))
-        except AgentError as exc:
-            log.warning("could not report metrics for assignment %d: %s", entry.assignment_id, exc)
     return Outcome.UPLOADED
 
 

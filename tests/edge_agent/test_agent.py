@@ -3,7 +3,6 @@ crashes, residual bookkeeping, 409 stale updates, cancellation, caching, fatal e
 
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import threading
 import time
@@ -23,17 +22,8 @@ from edge_agent.state import State
 from edge_agent.trainers import NumpyTrainer
 from edge_agent.transport import RetryPolicy
 from shared import architectures
-from shared.compression import compress
-from shared.policy import CompressionPolicy
-from shared.wire import decode_model, decode_update, encode_update
+from shared.wire import decode_model, decode_update
 from tests.edge_agent.fake_coordinator import MODEL, FakeCoordinator
-
-RNG = np.random.default_rng(0)
-
-
-class _Crash(Exception):
-    pass
-
 
 FAST_RETRY = RetryPolicy(attempts=2, base_delay=0.0, max_delay=0.0)
 
@@ -112,43 +102,6 @@ def test_one_round_uploads_a_compressed_delta_and_keeps_the_residual(state_dir, 
     assert received.metrics["num_eval_examples"] == 60
     assert fake.metrics == {}
     assert not [r for r in fake.requests if r.url.path.endswith("/metrics")]
-
-
-def test_an_outbox_entry_of_an_older_agent_has_its_metrics_reported_separately(
-    state_dir, fake, data
-):
-    """Entries written before metrics travelled in the update list them in their metadata:
-    after the upload they are reported with the metrics request, as before."""
-    fake.assign(5)
-    first = make_agent(state_dir, fake, data)
-
-    def crash(entry: Any) -> None:  # computed and saved in the outbox, not uploaded
-        raise _Crash
-
-    first.before_upload = crash
-    with pytest.raises(_Crash):
-        first.run(once=True)
-    (saved,) = first.state.outbox.entries()
-    body = first.state.outbox.body(saved)
-    spec = architectures.build_spec(MODEL)
-    decoded = decode_update(body, spec=spec)
-    assert decoded.metrics  # what this agent writes
-    old_body = encode_update(
-        compress(decoded.to_dense(), CompressionPolicy(topk_fraction=1.0, bits=32), RNG),
-        task_id=saved.task_id,
-        base_version=saved.base_version,
-        num_examples=saved.num_examples,
-    )
-    old = dataclasses.replace(
-        saved, metrics={"train_loss": 0.75, "num_eval_examples": 6.0}, has_residual=False
-    )
-    first.state.outbox.remove(saved)
-    first.state.outbox.add(old, old_body)
-    second = make_agent(state_dir, fake, data)
-    second.run(max_rounds=0)
-    (received,) = fake.received.values()
-    assert received.metrics == {}
-    assert fake.metrics == {5: {"train_loss": 0.75, "num_eval_examples": 6}}
 
 
 def test_crash_before_upload_uploads_the_outbox_after_restart(state_dir, fake, data):

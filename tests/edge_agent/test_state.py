@@ -39,7 +39,6 @@ def entry(assignment_id=7, task_id=1, *, has_residual=True) -> OutboxEntry:
         idempotency_key=new_idempotency_key(assignment_id),
         num_examples=40,
         created_at=1000.0 + assignment_id,
-        metrics={"train_loss": 0.5},
         has_residual=has_residual,
     )
 
