@@ -11,11 +11,12 @@ import anyio.to_thread
 from fastapi import FastAPI
 
 from coordinator import __version__
-from coordinator.api import API_PREFIX, build_router
+from coordinator.api import build_router
 from coordinator.api.bodylimit import BodyLimitMiddleware
 from coordinator.api.overload import OverloadMiddleware
 from coordinator.engine.lifecycle import start_engine, stop_engine
 from coordinator.errors import install_error_handlers
+from coordinator.paths import DEVICE_PREFIX
 from coordinator.runtime import Runtime
 from coordinator.settings import Settings
 
@@ -52,7 +53,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         OverloadMiddleware,
         max_in_flight=settings.max_connections,
         device_limit=settings.device_connections,  # the rest is kept for probes and admins
-        device_prefix=f"{API_PREFIX}/device/",
+        device_prefix=DEVICE_PREFIX + "/",
     )
     app.include_router(build_router())
     return app

@@ -79,8 +79,6 @@ if TYPE_CHECKING:
 
 #: How often (seconds) one process deletes expired nonces.
 NONCE_PRUNE_INTERVAL_S = 60.0
-_EXTRAS_KEY = "device_authenticator"
-_SLOTS_KEY = "device_slots"
 #: ``Retry-After`` (seconds) of a request refused for want of a free slot of its device.
 SLOT_RETRY_AFTER_S = 1
 
@@ -234,12 +232,10 @@ class DeviceAuthenticator:
 
 
 def get_authenticator(runtime: Runtime) -> DeviceAuthenticator:
-    existing = runtime.extras.get(_EXTRAS_KEY)
-    if isinstance(existing, DeviceAuthenticator):
-        return existing
-    created = runtime.extras.setdefault(_EXTRAS_KEY, DeviceAuthenticator(runtime))
-    assert isinstance(created, DeviceAuthenticator)
-    return created
+    """The process's authenticator (made on first use, on the event loop)."""
+    if runtime.authenticator is None:
+        runtime.authenticator = DeviceAuthenticator(runtime)
+    return runtime.authenticator
 
 
 class DeviceSlots:
@@ -314,20 +310,15 @@ class _Slot:
 
 
 def get_device_slots(runtime: Runtime) -> DeviceSlots:
-    existing = runtime.extras.get(_SLOTS_KEY)
-    if isinstance(existing, DeviceSlots):
-        return existing
-    settings = runtime.settings
-    created = runtime.extras.setdefault(
-        _SLOTS_KEY,
-        DeviceSlots(
+    """The process's per-device slots (made on first use, on the event loop)."""
+    if runtime.slots is None:
+        settings = runtime.settings
+        runtime.slots = DeviceSlots(
             max_in_flight=settings.device_max_in_flight,
             max_long_polls=settings.device_max_long_polls,
             poll_retry_after_s=max(1, math.ceil(settings.long_poll_recheck_s)),
-        ),
-    )
-    assert isinstance(created, DeviceSlots)
-    return created
+        )
+    return runtime.slots
 
 
 def _device_status(runtime: Runtime, device_id: str) -> DeviceStatus | None:

@@ -1,20 +1,35 @@
-"""What one running coordinator holds: settings, database engine, sessions, blob store.
+"""What one running coordinator holds: settings, database engine, sessions, blob store, and
+the per-process parts of the engine and of device authentication.
 
 Built in the app's lifespan (never at import time) and reachable from requests as
-``request.app.state.runtime``.
+``request.app.state.runtime``. Each part has a typed field:
+
+- ``notifier``, ``scheduler``: set by the round engine when the app starts
+  (:mod:`coordinator.engine.lifecycle`); ``None`` without it (an API-only process has no
+  scheduler, a runtime opened by a script has neither);
+- ``authenticator``, ``slots``, ``batch_checker``: made on first use by their modules'
+  ``get_*`` functions (device authentication, per-device slots, batched long-poll checks);
+- ``task_configs``: parsed task configurations, reused while a task's JSON is unchanged.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING
 
 from sqlalchemy import Engine
 from sqlalchemy.orm import Session, sessionmaker
 
 from coordinator.blobstore import BlobStore
 from coordinator.db import make_engine, make_sessionmaker
+from coordinator.engine.taskcache import TaskConfigCache
 from coordinator.settings import Settings
+
+if TYPE_CHECKING:
+    from coordinator.auth import DeviceAuthenticator, DeviceSlots
+    from coordinator.engine.longpoll import BatchChecker
+    from coordinator.engine.notify import Notifier
+    from coordinator.engine.scheduler import Scheduler
 
 
 @dataclass
@@ -23,8 +38,12 @@ class Runtime:
     engine: Engine
     sessions: sessionmaker[Session]
     blobs: BlobStore
-    # Filled by the round engine (notifier, scheduler) when the app starts.
-    extras: dict[str, Any] = field(default_factory=dict)
+    notifier: Notifier | None = None
+    scheduler: Scheduler | None = None
+    authenticator: DeviceAuthenticator | None = None
+    slots: DeviceSlots | None = None
+    batch_checker: BatchChecker | None = None
+    task_configs: TaskConfigCache = field(default_factory=TaskConfigCache)
 
     @classmethod
     def open(cls, settings: Settings) -> Runtime:

@@ -18,8 +18,7 @@ from coordinator.api import (
     tasks,
     tokens,
 )
-
-API_PREFIX = "/api/v1"
+from coordinator.paths import API_PREFIX
 
 
 def build_router() -> APIRouter:

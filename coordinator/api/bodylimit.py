@@ -29,6 +29,7 @@ from typing import Any
 
 from starlette.requests import ClientDisconnect
 
+from coordinator.paths import API_PREFIX, DEVICE_PREFIX
 from coordinator.settings import Settings
 
 Scope = MutableMapping[str, Any]
@@ -45,10 +46,14 @@ MAX_JSON_BODY = 1 << 20
 
 def binary_routes(settings: Settings) -> list[tuple[str, re.Pattern[str], int]]:
     return [
-        ("PUT", re.compile(r"^/api/v1/tasks/[^/]+/model$"), settings.max_model_bytes),
+        (
+            "PUT",
+            re.compile(rf"^{re.escape(API_PREFIX)}/tasks/[^/]+/model$"),
+            settings.max_model_bytes,
+        ),
         (
             "POST",
-            re.compile(r"^/api/v1/device/assignments/[^/]+/update$"),
+            re.compile(rf"^{re.escape(DEVICE_PREFIX)}/assignments/[^/]+/update$"),
             settings.max_upload_bytes,
         ),
     ]

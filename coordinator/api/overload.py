@@ -21,6 +21,8 @@ import json
 from collections.abc import Awaitable, Callable, MutableMapping
 from typing import Any
 
+from coordinator.paths import DEVICE_PREFIX
+
 Scope = MutableMapping[str, Any]
 Message = MutableMapping[str, Any]
 Receive = Callable[[], Awaitable[Message]]
@@ -39,7 +41,7 @@ class OverloadMiddleware:
         *,
         max_in_flight: int,
         device_limit: int | None = None,
-        device_prefix: str = "/api/v1/device/",
+        device_prefix: str = DEVICE_PREFIX + "/",
     ) -> None:
         self.app = app
         self.max_in_flight = max_in_flight

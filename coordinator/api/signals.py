@@ -10,21 +10,16 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 
-from coordinator.engine.lifecycle import NOTIFIER_KEY, SCHEDULER_KEY
-from coordinator.engine.notify import Notifier
-from coordinator.engine.scheduler import Scheduler
 from coordinator.runtime import Runtime
 
 
 async def wake_devices(runtime: Runtime, device_ids: Iterable[str]) -> None:
     """Wake the devices' open long-polls (e.g. their assignments were cancelled)."""
-    notifier = runtime.extras.get(NOTIFIER_KEY)
-    if isinstance(notifier, Notifier):
-        notifier.notify(device_ids)
+    if runtime.notifier is not None:
+        runtime.notifier.notify(device_ids)
 
 
 async def kick_scheduler(runtime: Runtime) -> None:
     """Run the scheduler's next tick now (e.g. a task was started, paused or cancelled)."""
-    scheduler = runtime.extras.get(SCHEDULER_KEY)
-    if isinstance(scheduler, Scheduler):
-        scheduler.kick()
+    if runtime.scheduler is not None:
+        runtime.scheduler.kick()

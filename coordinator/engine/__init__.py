@@ -13,6 +13,8 @@
     updates     accepting an upload
     examples    how many of an update's claimed examples count for its weight
     work        what the work long-poll answers
+    longpoll    the long-poll's wait, with batched re-checks
+    taskcache   parsed task configurations, per process
     notify      in-process wake-ups for long-polls
     evalhook    optional server-side evaluation after each aggregation
 

@@ -9,9 +9,6 @@ from coordinator.engine.notify import Notifier
 from coordinator.engine.scheduler import Scheduler
 from coordinator.runtime import Runtime
 
-NOTIFIER_KEY = "notifier"
-SCHEDULER_KEY = "scheduler"
-
 
 async def start_engine(runtime: Runtime) -> None:
     """Install the long-poll notifier and (unless disabled) start the scheduler.
@@ -19,16 +16,15 @@ async def start_engine(runtime: Runtime) -> None:
     A bad ``eval_hook`` setting fails the start, so a misconfigured coordinator does not run
     silently without its evaluation."""
     notifier = Notifier(asyncio.get_running_loop())
-    runtime.extras[NOTIFIER_KEY] = notifier
+    runtime.notifier = notifier
     load_hook(runtime.settings.eval_hook)
     if runtime.settings.scheduler_enabled:
-        scheduler = Scheduler(runtime, notifier)
-        runtime.extras[SCHEDULER_KEY] = scheduler
-        scheduler.start()
+        runtime.scheduler = Scheduler(runtime, notifier)
+        runtime.scheduler.start()
 
 
 async def stop_engine(runtime: Runtime) -> None:
-    scheduler = runtime.extras.pop(SCHEDULER_KEY, None)
-    if isinstance(scheduler, Scheduler):
+    scheduler, runtime.scheduler = runtime.scheduler, None
+    if scheduler is not None:
         await scheduler.stop()
-    runtime.extras.pop(NOTIFIER_KEY, None)
+    runtime.notifier = None

@@ -20,7 +20,6 @@ the unique constraints; the loser re-reads and answers like a repeat.
 
 from __future__ import annotations
 
-import copy
 import re
 from dataclasses import asdict, dataclass
 from datetime import datetime
@@ -37,6 +36,7 @@ from coordinator.engine.aggregate import max_abs
 from coordinator.engine.config import AggregationConfig, ConfigError
 from coordinator.engine.ownership import own_assignment
 from coordinator.engine.staleness import update_weight
+from coordinator.engine.taskcache import ParsedTask, TaskConfigCache
 from coordinator.errors import BadRequest, Conflict, Unprocessable
 from coordinator.models import Assignment, Device, Task, Update
 from coordinator.runtime import Runtime
@@ -97,46 +97,13 @@ def _config(task: Task) -> AggregationConfig:
         ) from None
 
 
-@dataclass(frozen=True)
-class _Parsed:
-    """A task's spec, policy and aggregation config parsed from its JSON columns."""
-
-    model_spec: Any
-    compression: Any
-    aggregation: Any
-    spec: ModelSpec
-    policy: CompressionPolicy
-    config: AggregationConfig
-
-
-#: Parsed task configurations per task id, reused while the JSON columns are unchanged.
-_PARSED: dict[int, _Parsed] = {}
-_PARSED_MAX = 4096
-
-
-def _parsed(task: Task) -> _Parsed:
-    """Parse a task's configuration once (every upload of a task needs it); a task whose
-    columns differ from the cached ones (equality of the JSON values) is parsed again."""
-    hit = _PARSED.get(task.id)
-    if (
-        hit is not None
-        and hit.model_spec == task.model_spec
-        and hit.compression == task.compression
-        and hit.aggregation == task.aggregation
-    ):
-        return hit
-    parsed = _Parsed(  # copies: the session's JSON values may be changed in place later
-        model_spec=copy.deepcopy(task.model_spec),
-        compression=copy.deepcopy(task.compression),
-        aggregation=copy.deepcopy(task.aggregation),
-        spec=ModelSpec.from_dict(task.model_spec),
-        policy=CompressionPolicy.from_dict(task.compression),
-        config=_config(task),
-    )
-    if len(_PARSED) >= _PARSED_MAX:
-        _PARSED.clear()
-    _PARSED[task.id] = parsed
-    return parsed
+def _parsed(configs: TaskConfigCache, task: Task) -> ParsedTask:
+    try:
+        return configs.get(task)
+    except ConfigError as exc:
+        raise Conflict(
+            f"task {task.id} has an unusable configuration: {exc}", code="task_not_running"
+        ) from None
 
 
 def _first_result(session: Session, u: Update) -> UploadResult:
@@ -240,6 +207,7 @@ def decode_checked(body: bytes, ctx: _Context) -> DecodedUpdate:
 
 def _record(
     session: Session,
+    configs: TaskConfigCache,
     *,
     device_id: str,
     assignment_id: int,
@@ -255,7 +223,7 @@ def _record(
     a, task = lock_for_upload(session, device_id=device_id, assignment_id=assignment_id)
     if task.status != TaskStatus.RUNNING:
         raise Conflict(f"task {task.id} is {task.status}, not running", code="task_not_running")
-    cfg = _parsed(task).config
+    cfg = _parsed(configs, task).config
     tau = _check_staleness(cfg, current=task.current_version, base=a.base_version)
     counted = examples.counted_examples(
         session,
@@ -356,7 +324,7 @@ def accept_upload(
         if repeat is not None:
             return repeat
         a, task = _check_assignment(session, device_id=device_id, assignment_id=assignment_id)
-        parsed = _parsed(task)
+        parsed = _parsed(runtime.task_configs, task)
         ctx = _Context(
             task_id=task.id,
             base_version=a.base_version,
@@ -373,6 +341,7 @@ def accept_upload(
         with session_scope(runtime.sessions) as session:
             return _record(
                 session,
+                runtime.task_configs,
                 device_id=device_id,
                 assignment_id=assignment_id,
                 key=key,

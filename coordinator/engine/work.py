@@ -29,6 +29,7 @@ from coordinator.engine.config import AggregationConfig, ConfigError
 from coordinator.engine.ownership import own_assignment
 from coordinator.errors import Forbidden
 from coordinator.models import Assignment, Device, Task
+from coordinator.paths import DEVICE_PREFIX
 from coordinator.states import (
     ASSIGNMENT_ACTIVE,
     ASSIGNMENT_ENDED,
@@ -37,8 +38,6 @@ from coordinator.states import (
     RoundStatus,
     TaskStatus,
 )
-
-API = "/api/v1"
 
 
 def assignment_payload(a: Assignment, task: Task, *, mode: str) -> dict[str, Any]:
@@ -51,8 +50,8 @@ def assignment_payload(a: Assignment, task: Task, *, mode: str) -> dict[str, Any
         "mode": mode,
         "base_version": a.base_version,
         "deadline": a.lease_expires_at,
-        "model_url": f"{API}/device/tasks/{task.id}/models/{a.base_version}",
-        "upload_url": f"{API}/device/assignments/{a.id}/update",
+        "model_url": f"{DEVICE_PREFIX}/tasks/{task.id}/models/{a.base_version}",
+        "upload_url": f"{DEVICE_PREFIX}/assignments/{a.id}/update",
         "compression": task.compression,
         "training": task.training,
         "model": task.model_config_,

@@ -162,7 +162,7 @@ def test_revocation_wakes_the_devices_long_poll(slow_recheck):
                 device.get, f"{API}/device/work", params={"wait": 30, "current": assignment}
             )
             deadline = time.monotonic() + 10
-            notifier = coordinator.app.state.runtime.extras["notifier"]
+            notifier = coordinator.app.state.runtime.notifier
             while notifier.waiting(device.device_id) == 0:  # the poll is waiting
                 assert time.monotonic() < deadline and not poll.done(), "poll did not wait"
                 time.sleep(0.02)

@@ -17,7 +17,6 @@ import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from coordinator.auth import DeviceSlots, get_device_slots
-from coordinator.engine.lifecycle import NOTIFIER_KEY
 from coordinator.settings import Settings
 from tests.coordinator.conftest import Coordinator
 from tests.coordinator.test_overload import IN_FLIGHT, RESERVED, THREADS, RawRequest
@@ -80,7 +79,7 @@ def test_long_polls_beyond_a_devices_cap_are_refused_while_others_are_served(
     coordinator: Coordinator, devices: tuple[SignedDevice, SignedDevice]
 ) -> None:
     greedy, other = devices
-    notifier = coordinator.app.state.runtime.extras[NOTIFIER_KEY]
+    notifier = coordinator.app.state.runtime.notifier
     held = [held_poll(coordinator, greedy) for _ in range(MAX_LONG_POLLS)]
     try:
         wait_until(lambda: notifier.waiting(greedy.device_id) == MAX_LONG_POLLS)

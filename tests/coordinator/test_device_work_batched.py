@@ -10,11 +10,12 @@ from datetime import timedelta
 import pytest
 from sqlalchemy import update
 
-from coordinator.api.device_work import BatchChecker, get_checker
 from coordinator.auth import _insert_nonce
 from coordinator.db import make_engine, make_sessionmaker, session_scope, utcnow
+from coordinator.engine.config import ConfigError
+from coordinator.engine.longpoll import BatchChecker, get_checker
 from coordinator.engine.notify import Notifier
-from coordinator.engine.updates import _parsed
+from coordinator.engine.taskcache import TaskConfigCache
 from coordinator.models import Device, Task
 from coordinator.settings import Settings
 from tests.coordinator.conftest import Coordinator
@@ -25,7 +26,7 @@ LONG_WAIT = 30
 
 
 def _notifier(coordinator: Coordinator) -> Notifier:
-    notifier = coordinator.app.state.runtime.extras["notifier"]
+    notifier = coordinator.app.state.runtime.notifier
     assert isinstance(notifier, Notifier)
     return notifier
 
@@ -141,10 +142,15 @@ def test_parsed_task_configuration_follows_a_changed_task() -> None:
         compression={"topk_fraction": 1.0, "bits": 32, "chunk": 256, "error_feedback": False},
         aggregation={"mode": "async", "buffer_size": 3},
     )
-    first = _parsed(task)
-    assert _parsed(task) is first
+    cache = TaskConfigCache()
+    first = cache.get(task)
+    assert cache.get(task) is first
     task.aggregation = {"mode": "async", "buffer_size": 5}
-    second = _parsed(task)
+    second = cache.get(task)
     assert second is not first and second.config.buffer_size == 5
     task.model_spec = [{"name": "w", "shape": [3]}]
-    assert _parsed(task).spec.num_params == 3
+    assert cache.get(task).spec.num_params == 3
+    # A configuration the engine cannot use is not cached.
+    task.aggregation = {"mode": "async", "buffer_size": 0}
+    with pytest.raises(ConfigError):
+        cache.get(task)

@@ -33,7 +33,7 @@ def settings(settings: Settings) -> Settings:
 
 
 def _notifier(coordinator: Coordinator) -> Notifier:
-    notifier = coordinator.app.state.runtime.extras["notifier"]
+    notifier = coordinator.app.state.runtime.notifier
     assert isinstance(notifier, Notifier)
     return notifier
 

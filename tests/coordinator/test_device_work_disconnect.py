@@ -5,7 +5,6 @@ from __future__ import annotations
 import httpx
 import pytest
 
-from coordinator.engine.lifecycle import NOTIFIER_KEY
 from tests.coordinator.conftest import Coordinator
 from tests.support.device import API, SignedDevice
 from tests.support.rounds import wait_until
@@ -14,7 +13,7 @@ WAIT = 30
 
 
 def test_a_disconnected_long_poll_stops_waiting(coordinator: Coordinator) -> None:
-    notifier = coordinator.app.state.runtime.extras[NOTIFIER_KEY]
+    notifier = coordinator.app.state.runtime.notifier
     with SignedDevice.enroll(coordinator) as device:
         request = device.build("GET", f"{API}/device/work", params={"wait": WAIT})
         request.extensions["timeout"] = httpx.Timeout(5.0, read=1.0).as_dict()

@@ -25,7 +25,6 @@ from urllib.parse import urlsplit
 import httpx
 import pytest
 
-from coordinator.engine.lifecycle import NOTIFIER_KEY
 from coordinator.settings import Settings
 from tests.coordinator.conftest import Coordinator
 from tests.support.device import API, SignedDevice
@@ -146,7 +145,7 @@ def test_probes_and_administrators_are_served_while_devices_fill_their_share(
     coordinator: Coordinator,
 ) -> None:
     share = IN_FLIGHT - RESERVED
-    notifier = coordinator.app.state.runtime.extras[NOTIFIER_KEY]
+    notifier = coordinator.app.state.runtime.notifier
     per_device = coordinator.settings.device_max_long_polls - 1
     devices = [SignedDevice.enroll(coordinator) for _ in range(-(-share // per_device))]
     held: list[RawRequest] = []
