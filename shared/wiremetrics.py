@@ -33,7 +33,14 @@ from collections.abc import Mapping
 from shared.wireerror import WireFormatError
 from shared.wirelayout import Reader, encode_varint
 
-__all__ = ["FLAG_METRICS", "METRIC_KEYS", "carried_metrics", "encode_metrics", "read_metrics"]
+__all__ = [
+    "FLAG_METRICS",
+    "METRIC_KEYS",
+    "carried_metrics",
+    "check_metrics",
+    "encode_metrics",
+    "read_metrics",
+]
 
 #: Prefix flag: a metrics block follows the update header (updates only).
 FLAG_METRICS = 0x01
@@ -80,6 +87,22 @@ def _normalize(name: str, value: object) -> tuple[float, None] | tuple[None, str
     return number, None
 
 
+def check_metrics(metrics: Mapping[str, object]) -> dict[str, float]:
+    """``metrics`` with every value normalized (counts as exact ints); ``ValueError`` naming
+    the first unknown name or invalid value. The rules of the table above, for any carrier
+    of device metrics (the update's block, a JSON report)."""
+    unknown = sorted(set(metrics) - METRIC_KEYS)
+    if unknown:
+        raise ValueError(f"unknown metrics {unknown}; a device reports {sorted(METRIC_KEYS)}")
+    out: dict[str, float] = {}
+    for name, value in metrics.items():
+        number, problem = _normalize(name, value)
+        if number is None:
+            raise ValueError(problem)
+        out[name] = number
+    return out
+
+
 def carried_metrics(metrics: Mapping[str, float]) -> dict[str, float]:
     """The entries of ``metrics`` an update can carry: known names with valid values (a
     trainer's extra or out-of-range metrics are left out rather than failing the update)."""
@@ -95,18 +118,14 @@ def carried_metrics(metrics: Mapping[str, float]) -> dict[str, float]:
 def encode_metrics(metrics: Mapping[str, float]) -> bytes:
     """The block for ``metrics`` (empty bytes for no metrics; ``ValueError`` on an unknown
     name or a value out of its range). Floats are rounded to float32."""
-    unknown = sorted(set(metrics) - METRIC_KEYS)
-    if unknown:
-        raise ValueError(f"unknown metrics {unknown}; an update carries {sorted(METRIC_KEYS)}")
-    if not metrics:
+    checked = check_metrics(metrics)
+    if not checked:
         return b""
-    parts = [bytes([len(metrics)])]
+    parts = [bytes([len(checked)])]
     for key, name in METRIC_IDS.items():
-        if name not in metrics:
+        if name not in checked:
             continue
-        number, problem = _normalize(name, metrics[name])
-        if number is None:
-            raise ValueError(problem)
+        number = checked[name]
         if name in COUNT_KEYS:
             parts.append(bytes([key]) + encode_varint(int(number)))
         else:

@@ -30,7 +30,7 @@ from sqlalchemy import select, update
 from sqlalchemy.orm import Session
 
 from coordinator.blobstore import BlobStore
-from coordinator.engine import examples, rounds
+from coordinator.engine import examples, reports, rounds
 from coordinator.engine.aggregate import WeightedBlob, aggregate_blobs
 from coordinator.engine.config import AggregationConfig
 from coordinator.engine.evalhook import EvalHook, run_hook
@@ -299,7 +299,7 @@ def commit_aggregation(
     )
     session.flush()
     server = {f"server_{k}": v for k, v in result.server_metrics.items()}
-    metrics = {**rounds.version_client_metrics(session, task.id, new_version), **server}
+    metrics = {**reports.version_client_metrics(session, task.id, new_version), **server}
     session.add(
         ModelVersion(
             task_id=task.id,

@@ -6,10 +6,11 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Any, Literal
 
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Field, model_validator
 
 from coordinator.schemas.common import Strict
 from coordinator.states import AssignmentStatus, UpdateStatus
+from shared.wiremetrics import check_metrics
 
 
 class WorkAssignment(BaseModel):
@@ -53,10 +54,18 @@ class UploadAccepted(BaseModel):
 
 
 class DeviceMetrics(Strict):
-    """What a device reports about its training and local evaluation (all optional)."""
+    """What a device reports about its training and local evaluation (all optional). The
+    names and the rules for their values are the update's metrics block's
+    (:mod:`shared.wiremetrics`): losses finite, ``eval_accuracy`` in [0, 1],
+    ``num_eval_examples`` a whole number in [0, 2**62), ``train_time_s`` >= 0."""
 
     train_loss: float | None = None
     eval_loss: float | None = None
-    eval_accuracy: float | None = Field(default=None, ge=0.0, le=1.0)
-    num_eval_examples: int | None = Field(default=None, ge=0, le=2**62)
-    train_time_s: float | None = Field(default=None, ge=0.0)
+    eval_accuracy: float | None = None
+    num_eval_examples: int | None = None
+    train_time_s: float | None = None
+
+    @model_validator(mode="after")
+    def _values_follow_the_wire_rules(self) -> DeviceMetrics:
+        check_metrics(self.model_dump(exclude_none=True))
+        return self
