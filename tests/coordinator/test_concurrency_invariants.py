@@ -56,6 +56,28 @@ def _sync_task(server: Any, num_rounds: int) -> int:
     )
 
 
+def _chaos(
+    db: Db,
+    task_id: int,
+    fleet: Any,
+    *,
+    ca_file: Any,
+    seed: int,
+    timeout_s: float = 240,
+    operator: Callable[[threading.Event, ChaosLog], threading.Thread] | None = None,
+) -> ChaosLog:
+    """Run the chaos fleet on the task until it stops running."""
+    return run_fleet(
+        fleet,
+        ca_file=ca_file,
+        seed=seed,
+        weights=WEIGHTS,
+        until=lambda: db.task(task_id).status not in ("running", "paused"),
+        timeout_s=timeout_s,
+        operator=operator,
+    )
+
+
 def _settled(db: Db, task_id: int) -> bool:
     """The task ended and the engine wound it down (no work, no waiting update)."""
     if db.task(task_id).status != "completed":
@@ -97,15 +119,8 @@ def test_sync_rounds_keep_their_invariants_under_chaos(coordinator: Coordinator,
     num_rounds = 30
     with fleet_of(coordinator, 8) as fleet:
         task_id = _sync_task(coordinator, num_rounds)
-        log = run_fleet(
-            fleet,
-            ca_file=coordinator.ca_file,
-            seed=7,
-            weights=WEIGHTS,
-            until=lambda: db.task(task_id).status not in ("running", "paused"),
-            timeout_s=240,
-            operator=_operator(coordinator.admin, db, task_id, every=10),
-        )
+        operator = _operator(coordinator.admin, db, task_id, every=10)
+        log = _chaos(db, task_id, fleet, ca_file=coordinator.ca_file, seed=7, operator=operator)
     _assert_clean(log, db, task_id)
     rounds = db.rounds(task_id)
     assert sum(r.status == "closed" for r in rounds) == num_rounds
@@ -126,14 +141,7 @@ def test_async_rounds_keep_their_invariants_under_chaos(coordinator: Coordinator
                 "num_rounds": num_rounds,
             },
         )
-        log = run_fleet(
-            fleet,
-            ca_file=coordinator.ca_file,
-            seed=11,
-            weights=WEIGHTS,
-            until=lambda: db.task(task_id).status not in ("running", "paused"),
-            timeout_s=240,
-        )
+        log = _chaos(db, task_id, fleet, ca_file=coordinator.ca_file, seed=11)
     _assert_clean(log, db, task_id)
     assert db.task(task_id).current_version == num_rounds
 
@@ -161,12 +169,12 @@ def test_two_replicas_racing_for_200_rounds_give_each_round_one_outcome(
         for i, device in enumerate(fleet):  # half the fleet talks to each process
             device.client.base_url = httpx.URL(procs[i % 2].url)
         task_id = _sync_task(procs[1], num_rounds)
-        log = run_fleet(
+        log = _chaos(
+            db,
+            task_id,
             fleet,
             ca_file=tls_paths.ca_cert,
             seed=3,
-            weights=WEIGHTS,
-            until=lambda: db.task(task_id).status not in ("running", "paused"),
             timeout_s=600,
             operator=_operator(procs[0].admin, db, task_id, every=40),
         )
