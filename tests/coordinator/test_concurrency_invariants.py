@@ -31,8 +31,10 @@ from tests.support.rounds import Db, create_task, fleet_of, wait_until
 
 pytestmark = pytest.mark.slow
 
-#: prompt, late, vanish, twice, race (tests/support/chaos.py)
-WEIGHTS = (0.55, 0.15, 0.1, 0.12, 0.08)
+#: prompt, late, vanish, twice, race (tests/support/chaos.py). With 6 devices picked for 4
+#: updates, a round misses its target at the deadline with probability ~0.26 and then almost
+#: surely has a device that vanished: over 30 rounds some drop stays with probability > 0.999.
+WEIGHTS = (0.5, 0.1, 0.2, 0.12, 0.08)
 
 
 @pytest.fixture
@@ -46,8 +48,8 @@ def _sync_task(server: Any, num_rounds: int) -> int:
     return create_task(
         server,
         aggregation={
-            "clients_per_round": 3,
-            "over_selection": 1.0,
+            "clients_per_round": 4,
+            "over_selection": 0.5,
             "min_updates": 2,
             "round_deadline_s": 0.8,
             "max_staleness": 1,
