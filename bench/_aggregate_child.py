@@ -26,14 +26,14 @@ from typing import Any
 import numpy as np
 from sqlalchemy import func, select
 
-from coordinator.blobstore import BlobStore
-from coordinator.db import session_scope, utcnow
-from coordinator.engine import apply, rounds
-from coordinator.engine.config import AggregationConfig
-from coordinator.models import ModelVersion, Task, Update
-from coordinator.runtime import Runtime
-from coordinator.settings import Settings
-from shared.wire import decode_model, decode_update
+from fedge.coordinator.blobstore import BlobStore
+from fedge.coordinator.db import session_scope, utcnow
+from fedge.coordinator.engine import apply, rounds
+from fedge.coordinator.engine.config import AggregationConfig
+from fedge.coordinator.models import ModelVersion, Task, Update
+from fedge.coordinator.runtime import Runtime
+from fedge.coordinator.settings import Settings
+from fedge.shared.wire import decode_model, decode_update
 
 
 class CountingBlobStore(BlobStore):

@@ -1,11 +1,12 @@
 """Data preparation for bench/aggregate.py, entirely through the coordinator's own functions.
 
 A migrated database (SQLite file or a fresh PostgreSQL database), a blob store, enrolled
-devices (``coordinator.enrollment``), one task per measured size (``coordinator.tasks``), a
-sync round opened by the round engine (``rounds.open_sync_round``), one upload per assignment
-through the upload path (``coordinator.engine.updates.accept_upload``: decode and check, blob
-write, ``Update`` row), and the round closed by the engine (``rounds.close_sync_round_if_due``
--> ``aggregating``). What is left is exactly the state a coordinator is in when a round's
+devices (``fedge.coordinator.enrollment``), one task per measured size
+(``fedge.coordinator.tasks``), a sync round opened by the round engine
+(``rounds.open_sync_round``), one upload per assignment through the upload path
+(``fedge.coordinator.engine.updates.accept_upload``: decode and check, blob write, ``Update`` row),
+and the round closed by the engine (``rounds.close_sync_round_if_due`` -> ``aggregating``). What is
+left is exactly the state a coordinator is in when a round's
 aggregation starts.
 """
 
@@ -23,23 +24,23 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from sqlalchemy import create_engine, select, text
 from sqlalchemy.engine import make_url
 
-from coordinator.db import session_scope, utcnow
-from coordinator.engine import rounds
-from coordinator.engine.config import AggregationConfig
-from coordinator.engine.updates import accept_upload
-from coordinator.enrollment import create_token, enroll_device
-from coordinator.migrate import upgrade
-from coordinator.models import Assignment, Device, Task, Update
-from coordinator.runtime import Runtime
-from coordinator.schemas.tasks import TaskCreate
-from coordinator.settings import Settings
-from coordinator.tasks import create_task, transition
-from shared.architectures import build_spec
-from shared.compression import CompressedUpdate, compress
-from shared.modelspec import ModelSpec
-from shared.policy import CompressionPolicy
-from shared.signing import public_key_to_b64
-from shared.wire import encode_update
+from fedge.coordinator.db import session_scope, utcnow
+from fedge.coordinator.engine import rounds
+from fedge.coordinator.engine.config import AggregationConfig
+from fedge.coordinator.engine.updates import accept_upload
+from fedge.coordinator.enrollment import create_token, enroll_device
+from fedge.coordinator.migrate import upgrade
+from fedge.coordinator.models import Assignment, Device, Task, Update
+from fedge.coordinator.runtime import Runtime
+from fedge.coordinator.schemas.tasks import TaskCreate
+from fedge.coordinator.settings import Settings
+from fedge.coordinator.tasks import create_task, transition
+from fedge.shared.architectures import build_spec
+from fedge.shared.compression import CompressedUpdate, compress
+from fedge.shared.modelspec import ModelSpec
+from fedge.shared.policy import CompressionPolicy
+from fedge.shared.signing import public_key_to_b64
+from fedge.shared.wire import encode_update
 
 #: A ~1M-parameter built-in MLP: 784 -> 1024 -> 192 -> 10 (1,002,570 float32 parameters).
 MODEL: dict[str, Any] = {

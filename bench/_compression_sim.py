@@ -3,20 +3,20 @@
 Every step is the product's own code; only the transport (HTTP, database, blob store) is left
 out:
 
-* data: ``edge_agent.sim.datasets.load_dataset`` (digits, stratified held-out test split) and
-  ``edge_agent.sim.partition.dirichlet_partition`` (non-IID shards, one per device);
-* device: ``edge_agent.trainers.NumpyTrainer`` trains a copy of the global model; the delta
-  ``local - base`` is compressed with ``shared.compression.compress`` (and the device's own
-  ``shared.feedback.Residual``, kept across rounds, when the policy has error feedback) and
-  encoded with ``shared.wire.encode_update`` -- the same calls, with the same seeding
+* data: ``fedge.edge_agent.sim.datasets.load_dataset`` (digits, stratified held-out test split) and
+  ``fedge.edge_agent.sim.partition.dirichlet_partition`` (non-IID shards, one per device);
+* device: ``fedge.edge_agent.trainers.NumpyTrainer`` trains a copy of the global model; the delta
+  ``local - base`` is compressed with ``fedge.shared.compression.compress`` (and the device's own
+  ``fedge.shared.feedback.Residual``, kept across rounds, when the policy has error feedback) and
+  encoded with ``fedge.shared.wire.encode_update`` -- the same calls, with the same seeding
   (``[seed, assignment]`` for training, ``[seed, assignment, 1]`` for compression), as
-  ``edge_agent.uploads.save_update``. The encoded length is the upload size;
-* server: ``shared.wire.decode_update`` (with the task's policy check) into the coordinator's
-  ``coordinator.engine.aggregate.Accumulator`` with the weight from
-  ``coordinator.engine.staleness.update_weight`` (sync rounds: staleness 0, weight =
-  num_examples), then the strategy from ``coordinator.engine.strategies.make_strategy`` for the
-  task's ``AggregationConfig`` -- what ``coordinator.engine.apply.compute`` does, minus reading
-  blobs from the blob store.
+  ``fedge.edge_agent.uploads.save_update``. The encoded length is the upload size;
+* server: ``fedge.shared.wire.decode_update`` (with the task's policy check) into the coordinator's
+  ``fedge.coordinator.engine.aggregate.Accumulator`` with the weight from
+  ``fedge.coordinator.engine.staleness.update_weight`` (sync rounds: staleness 0, weight =
+  num_examples), then the strategy from ``fedge.coordinator.engine.strategies.make_strategy`` for
+  the task's ``AggregationConfig`` -- what ``fedge.coordinator.engine.apply.compute`` does, minus
+  reading blobs from the blob store.
 """
 
 from __future__ import annotations
@@ -27,21 +27,21 @@ from typing import Any
 
 import numpy as np
 
-from coordinator.engine.aggregate import Accumulator
-from coordinator.engine.config import AggregationConfig
-from coordinator.engine.staleness import update_weight
-from coordinator.engine.strategies import OptimizerState, make_strategy
-from edge_agent.data import LocalData
-from edge_agent.sim.datasets import Dataset, load_dataset
-from edge_agent.sim.demo_report import centralized_baseline
-from edge_agent.sim.partition import dirichlet_partition, label_skew
-from edge_agent.trainers import NumpyTrainer
-from shared import architectures
-from shared.compression import compress
-from shared.feedback import Residual
-from shared.modelspec import Weights
-from shared.policy import CompressionPolicy
-from shared.wire import decode_update, encode_update, update_overhead_bytes
+from fedge.coordinator.engine.aggregate import Accumulator
+from fedge.coordinator.engine.config import AggregationConfig
+from fedge.coordinator.engine.staleness import update_weight
+from fedge.coordinator.engine.strategies import OptimizerState, make_strategy
+from fedge.edge_agent.data import LocalData
+from fedge.edge_agent.sim.datasets import Dataset, load_dataset
+from fedge.edge_agent.sim.demo_report import centralized_baseline
+from fedge.edge_agent.sim.partition import dirichlet_partition, label_skew
+from fedge.edge_agent.trainers import NumpyTrainer
+from fedge.shared import architectures
+from fedge.shared.compression import compress
+from fedge.shared.feedback import Residual
+from fedge.shared.modelspec import Weights
+from fedge.shared.policy import CompressionPolicy
+from fedge.shared.wire import decode_update, encode_update, update_overhead_bytes
 
 TASK_ID = 1
 
@@ -212,7 +212,7 @@ def run_federated(fleet: FleetConfig, setting: Setting, seed: int) -> dict[str, 
 
 def run_centralized(fleet: FleetConfig, seed: int, *, rounds: int) -> dict[str, Any]:
     """The same model trained on the union of the devices' training data with the product's
-    demo baseline (``edge_agent.sim.demo_report.centralized_baseline``): ``training.epochs``
+    demo baseline (``fedge.edge_agent.sim.demo_report.centralized_baseline``): ``training.epochs``
     epochs per round, so ``rounds * epochs`` epochs in all."""
     started = time.process_time()
     data, _, _ = make_fleet(fleet, seed)

@@ -3,7 +3,7 @@
 Everything runs the real product: a coordinator child process (``fedge coordinator init`` and
 ``serve``: HTTPS on loopback with its private CA, a SQLite file and a blob store in a temporary
 directory), a task created through the admin REST API, and real agents (the in-process
-:class:`edge_agent.sim.fleet.Fleet`, or ``fedge agent run`` subprocesses). The coordinator
+:class:`fedge.edge_agent.sim.fleet.Fleet`, or ``fedge agent run`` subprocesses). The coordinator
 evaluates every model version itself through its ``FEDGE_EVAL_HOOK`` (see
 ``_fleet_bench_eval.py``), so accuracy over time is read back from its records. Counts and
 byte sizes are read after the run from the admin API and, read-only, from the coordinator's
@@ -29,10 +29,10 @@ from typing import Any
 
 import numpy as np
 
-from edge_agent.admin_client import AdminClient
-from edge_agent.errors import AgentError
-from edge_agent.sim.faults import FaultDecision
-from edge_agent.sim.local_coordinator import LocalCoordinator, start_local_coordinator
+from fedge.edge_agent.admin_client import AdminClient
+from fedge.edge_agent.errors import AgentError
+from fedge.edge_agent.sim.faults import FaultDecision
+from fedge.edge_agent.sim.local_coordinator import LocalCoordinator, start_local_coordinator
 
 log = logging.getLogger("fleet_bench")
 
@@ -110,7 +110,7 @@ def start_coordinator(
 class LogNormalFaults:
     """Dropout and log-normal straggler delays (what issue #7 item 2 asks for).
 
-    ``edge_agent.sim.faults.FaultConfig`` offers Pareto-distributed delays times a per-device
+    ``fedge.edge_agent.sim.faults.FaultConfig`` offers Pareto-distributed delays times a per-device
     log-normal speed; it has no purely log-normal per-assignment delay, so the benchmark plugs
     its own schedule into each simulated device (the agent asks any object with
     ``decide(assignment_id)``). Delay of one assignment:

@@ -15,7 +15,7 @@ from typing import Any
 
 import numpy as np
 
-from shared import architectures
+from fedge.shared import architectures
 
 ENV = "FLEET_BENCH_TEST_SET"
 

@@ -1,5 +1,5 @@
 """The ceiling of bench/ingest.py: a bare FastAPI endpoint that only verifies an Ed25519
-request signature (the product's :mod:`shared.signing`) over the body, served by a single
+request signature (the product's :mod:`fedge.shared.signing`) over the body, served by a single
 uvicorn worker over TLS. Run as a subprocess:
 
     python bench/_ingest_ceiling.py CERT KEY PORT_FILE
@@ -19,7 +19,7 @@ from fastapi import FastAPI, Request, Response
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from shared.signing import (
+from fedge.shared.signing import (
     SignatureError,
     check_skew,
     parse_signed_headers,

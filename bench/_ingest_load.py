@@ -1,11 +1,11 @@
 """Load-generator processes of bench/ingest.py (private module).
 
 Each process runs one asyncio loop with one ``httpx.AsyncClient`` and drives a slice of the
-enrolled devices. Every request is signed with the product's :func:`shared.signing.sign_request`
-and every update body is built once per (task, base version) with the product's encoder
-(:func:`shared.compression.compress` + :func:`shared.wire.encode_update`). A process reports
-its own CPU time over the measured window, so a reader can see whether it was saturated.
-
+enrolled devices. Every request is signed with the product's
+:func:`fedge.shared.signing.sign_request` and every update body is built once per (task, base
+version) with the product's encoder (:func:`fedge.shared.compression.compress` +
+:func:`fedge.shared.wire.encode_update`). A process reports its own CPU time over the measured
+window, so a reader can see whether it was saturated.
 Phases (``cfg["phase"]``):
 
 - ``steady``: every device loops get work (``wait=0``) -> upload -> repeat until ``t_end``;
@@ -29,11 +29,11 @@ import httpx
 import numpy as np
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from shared.architectures import build_spec
-from shared.compression import compress
-from shared.policy import CompressionPolicy
-from shared.signing import sign_request
-from shared.wire import encode_update
+from fedge.shared.architectures import build_spec
+from fedge.shared.compression import compress
+from fedge.shared.policy import CompressionPolicy
+from fedge.shared.signing import sign_request
+from fedge.shared.wire import encode_update
 
 API = "/api/v1"
 

@@ -52,7 +52,7 @@ from _aggregate_prep import (
     prepare_round,
 )
 
-from shared.policy import CompressionPolicy
+from fedge.shared.policy import CompressionPolicy
 
 HERE = Path(__file__).resolve().parent
 RESULTS = HERE / "results"

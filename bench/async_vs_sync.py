@@ -1,9 +1,9 @@
 """Async (FedBuff) vs sync rounds: wall-clock time to a target accuracy under faults.
 
 Issue #7 item 2. Every run is the real platform on loopback: a coordinator child process
-(HTTPS, SQLite file, blob store) and a fleet of real agents (``edge_agent.sim.fleet.Fleet``, one
-thread, state directory, identity and HTTPS client per device) with simulated faults:
-
+(HTTPS, SQLite file, blob store) and a fleet of real agents
+(``fedge.edge_agent.sim.fleet.Fleet``, one thread, state directory, identity and HTTPS client per
+device) with simulated faults:
 * 30% dropout: a device vanishes after fetching the model (the coordinator drops it at the
   round deadline, sync, or when its lease expires, async);
 * heavy-tailed log-normal straggler delays (scaled down to about a second so the benchmark
@@ -59,10 +59,10 @@ from _fleet_bench import (
     write_json,
 )
 
-from edge_agent.admin_client import AdminClient
-from edge_agent.sim.datasets import load_dataset
-from edge_agent.sim.fleet import Fleet
-from edge_agent.sim.partition import dirichlet_partition
+from fedge.edge_agent.admin_client import AdminClient
+from fedge.edge_agent.sim.datasets import load_dataset
+from fedge.edge_agent.sim.fleet import Fleet
+from fedge.edge_agent.sim.partition import dirichlet_partition
 
 NAME = "async_vs_sync"
 SPEEDUP_TARGET = 3.5

@@ -35,11 +35,11 @@ from typing import Any
 
 import numpy as np
 
-from shared.compression import compress
-from shared.feedback import Residual
-from shared.modelspec import ModelSpec
-from shared.policy import CompressionPolicy
-from shared.wire import decode_update, encode_update
+from fedge.shared.compression import compress
+from fedge.shared.feedback import Residual
+from fedge.shared.modelspec import ModelSpec
+from fedge.shared.policy import CompressionPolicy
+from fedge.shared.wire import decode_update, encode_update
 
 FRACTIONS = (1.0, 0.1, 0.01, 0.001)
 BITS = (32, 8, 4, 2, 1)

@@ -2,7 +2,7 @@
 error feedback, on a non-IID fleet (issue #7).
 
 Fleet: 100 simulated devices holding Dirichlet(alpha=0.5) label-skewed shards of scikit-learn's
-digits (``edge_agent.sim``: ``datasets`` / ``partition``; 20 % stratified held-out test split,
+digits (``fedge.edge_agent.sim``: ``datasets`` / ``partition``; 20 % stratified held-out test split,
 about 14 training examples per device), an MLP 64-128-10 (9,610 parameters) trained by the
 built-in numpy trainer. Sync rounds; every round 20 of the 100 devices are sampled uniformly
 without replacement, as a deployment that asks a fraction of its fleet each round; the same
@@ -11,7 +11,7 @@ uncompressed policy: top-k 1.0, 32 bits, no error feedback, which encodes plain 
 tensors) and top-k fraction in {0.1, 0.01, 0.001} x {8, 4, 2} bits, each with and without error
 feedback (18 compressed settings), plus centralized training of the same model (same initial
 weights, same test split) on the union of the training data for ``rounds x epochs`` epochs with
-the same batch size and learning rate (``edge_agent.sim.demo_report.centralized_baseline``;
+the same batch size and learning rate (``fedge.edge_agent.sim.demo_report.centralized_baseline``;
 it has converged long before). Every setting runs the same number of rounds, for 3 seeds; the seed
 fixes the split, the partition, the initial model, the device sampling and all training and
 quantization randomness, so reruns give the same accuracies and bytes.
@@ -261,8 +261,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     central_runs = [results[i] for i, job in enumerate(jobs) if job[0] == "main" and not job[2]]
     central_finals = [r["accuracy"][-1] for r in central_runs]
     central = {
-        "method": "edge_agent.sim.demo_report.centralized_baseline: NumpyTrainer on the union of "
-        "the devices' training data, training.epochs epochs per round, same init and test split",
+        "method": "fedge.edge_agent.sim.demo_report.centralized_baseline: NumpyTrainer on the "
+        "union of the devices' training data, training.epochs epochs per round, same init and "
+        "test split",
         "epochs": central_runs[0]["epochs"],
         "seeds": seeds,
         "final_accuracy": {"per_seed": central_finals, **spread(central_finals)},
@@ -325,7 +326,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             "weighting": "num_examples (sync rounds, staleness 0)",
             "last_rounds_averaged": LAST,
             "dense_encoding": "policy topk_fraction=1.0, bits=32, error_feedback=False "
-            "(shared.policy.DENSE with the task's chunk/scope): plain float32 tensors",
+            "(fedge.shared.policy.DENSE with the task's chunk/scope): plain float32 tensors",
         },
         "settings": main_settings,
         "centralized": central,

@@ -8,7 +8,7 @@ in every round, no artificial delays and no faults. Flower's figures on this mac
 
 What runs: the real coordinator (a child process: HTTPS on loopback with its private CA, a
 SQLite file, a blob store) and 10 real agents, each a separate ``fedge agent run`` process
-(``python -m shared.cli agent run --data shard.npz``). The benchmark enrolls the devices with
+(``python -m fedge.shared.cli agent run --data shard.npz``). The benchmark enrolls the devices with
 the library call ``enroll_device`` (so their seeds are fixed) and creates the task through the
 admin REST API. Measured after the fact from the coordinator:
 
@@ -24,7 +24,7 @@ admin REST API. Measured after the fact from the coordinator:
 * test accuracy: the coordinator's evaluation hook on the held-out test split (every model
   version), and the final version downloaded and evaluated again here;
 * centralized accuracy: the same model trained by the product's trainer on the pooled
-  training data (``edge_agent.sim.demo_report.centralized_baseline``), for the same number of
+  training data (``fedge.edge_agent.sim.demo_report.centralized_baseline``), for the same number of
   epochs as the federated run and for a long run (the figure Flower's 0.969 corresponds to).
 
 Compression policies (each on a fresh coordinator and fresh agents): ``top1pct-4bit-ef`` (the
@@ -76,14 +76,14 @@ from _fleet_bench import (
     write_json,
 )
 
-from coordinator.blobstore import BlobStore
-from edge_agent.admin_client import AdminClient
-from edge_agent.device import enroll_device
-from edge_agent.sim.datasets import load_dataset
-from edge_agent.sim.demo_report import centralized_baseline
-from edge_agent.sim.partition import dirichlet_partition
-from shared import architectures
-from shared.wire import decode_model, decode_update
+from fedge.coordinator.blobstore import BlobStore
+from fedge.edge_agent.admin_client import AdminClient
+from fedge.edge_agent.device import enroll_device
+from fedge.edge_agent.sim.datasets import load_dataset
+from fedge.edge_agent.sim.demo_report import centralized_baseline
+from fedge.edge_agent.sim.partition import dirichlet_partition
+from fedge.shared import architectures
+from fedge.shared.wire import decode_model, decode_update
 
 NAME = "flower_setting"
 CLIENTS = 10
@@ -156,7 +156,7 @@ def _agent_command(state_dir: Path, data: Path) -> list[str]:
     return [
         sys.executable,
         "-m",
-        "shared.cli",
+        "fedge.shared.cli",
         "agent",
         "-q",
         "run",
@@ -534,14 +534,18 @@ def main(argv: list[str] | None = None) -> int:
         "parameters": {
             "quick": args.quick,
             "seed": args.seed,
-            "dataset": "digits (sklearn), 20% stratified test split (edge_agent.sim.datasets)",
+            "dataset": (
+                "digits (sklearn), 20% stratified test split (fedge.edge_agent.sim.datasets)"
+            ),
             "partition": "Dirichlet alpha=0.5 over 10 clients",
             "shard_sizes": [len(p) for p in parts],
             "model": MODEL,
             "training": training,
             "rounds": ROUNDS,
             "clients_per_round": CLIENTS,
-            "agents": "10 separate `python -m shared.cli agent run` processes, --eval-fraction 0",
+            "agents": (
+                "10 separate `python -m fedge.shared.cli agent run` processes, --eval-fraction 0"
+            ),
             "policies": {n: POLICIES[n] for n in policies},
             "flower": FLOWER,
             "targets": TARGETS,

@@ -1,14 +1,14 @@
 """Ingest benchmark: how fast the coordinator accepts signed, compressed updates.
 
 The coordinator runs in its own process (``fedge coordinator init`` + ``serve`` over HTTPS
-with the certificate ``init`` made, via :func:`edge_agent.sim.local_coordinator.
+with the certificate ``init`` made, via :func:`fedge.edge_agent.sim.local_coordinator.
 start_local_coordinator`), once on SQLite (a file) and once on PostgreSQL (a fresh database
 ``fedge_bench``, dropped afterwards). Load generators run in ``--procs`` OTHER processes
 (asyncio + ``httpx.AsyncClient``), each driving a slice of C real enrolled devices (enrollment
 tokens from the admin API, seeded Ed25519 keys). Per device: get work (``wait=0``) -> upload
-the update of that assignment -> repeat. Each request is signed with ``shared.signing``; the
+the update of that assignment -> repeat. Each request is signed with ``fedge.shared.signing``; the
 update body (an MLP 256-300-80, 101,180 parameters; top-1% 4-bit, error feedback) is encoded
-with ``shared.compression``/``shared.wire`` once per (task, base version).
+with ``fedge.shared.compression``/``fedge.shared.wire`` once per (task, base version).
 
 The task is async (FedBuff): ``max_concurrency`` above C, ``max_staleness`` large,
 ``buffer_size = min(100, C // 2)`` (a device works at most once per model version, so the
@@ -69,9 +69,9 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 from bench import _ingest_load  # noqa: E402
-from edge_agent.admin_client import AdminClient  # noqa: E402
-from edge_agent.sim.local_coordinator import LocalCoordinator, start_local_coordinator  # noqa: E402
-from shared.signing import public_key_to_b64  # noqa: E402
+from fedge.edge_agent.admin_client import AdminClient  # noqa: E402
+from fedge.edge_agent.sim.local_coordinator import LocalCoordinator, start_local_coordinator  # noqa: E402
+from fedge.shared.signing import public_key_to_b64  # noqa: E402
 
 RESULTS = ROOT / "bench" / "results"
 PG_ADMIN_URL = "postgresql+psycopg://postgres@127.0.0.1:5432/test"

@@ -10,15 +10,15 @@ from contextlib import asynccontextmanager
 import anyio.to_thread
 from fastapi import FastAPI
 
-from coordinator import __version__
-from coordinator.api import build_router
-from coordinator.api.bodylimit import BodyLimitMiddleware
-from coordinator.api.overload import OverloadMiddleware
-from coordinator.engine.lifecycle import start_engine, stop_engine
-from coordinator.errors import install_error_handlers
-from coordinator.paths import DEVICE_PREFIX
-from coordinator.runtime import Runtime
-from coordinator.settings import Settings
+from fedge.coordinator import __version__
+from fedge.coordinator.api import build_router
+from fedge.coordinator.api.bodylimit import BodyLimitMiddleware
+from fedge.coordinator.api.overload import OverloadMiddleware
+from fedge.coordinator.engine.lifecycle import start_engine, stop_engine
+from fedge.coordinator.errors import install_error_handlers
+from fedge.coordinator.paths import DEVICE_PREFIX
+from fedge.coordinator.runtime import Runtime
+from fedge.coordinator.settings import Settings
 
 log = logging.getLogger(__name__)
 
@@ -28,7 +28,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        # More threads than requests in flight (see coordinator.api.overload).
+        # More threads than requests in flight (see fedge.coordinator.api.overload).
         anyio.to_thread.current_default_thread_limiter().total_tokens = settings.worker_threads
         runtime = Runtime.open(settings)
         app.state.runtime = runtime

@@ -19,7 +19,7 @@ A device request passes when, in this order:
    does not reopen a replay window; a request older than the window fails step 6 instead.
 
 A body larger than its route's limit by its ``Content-Length`` is refused with 413 even
-before step 1 (:mod:`coordinator.api.bodylimit`). Since step 2 comes before the signature, a
+before step 1 (:mod:`fedge.coordinator.api.bodylimit`). Since step 2 comes before the signature, a
 revoked device is refused without one: whoever knows a device id learns that it is revoked,
 as ``unknown_device`` already told whether it is enrolled.
 
@@ -37,7 +37,7 @@ forges an enrolled device's id can therefore hold that device's request slots wh
 a body in, but no more than ``device_max_in_flight`` per device id they know, and never a slot
 of a device id that is not enrolled; counting only verified requests would instead let one
 client fill every device's share with slow bodies. Long-poll slots are taken after
-verification (:func:`coordinator.api.device_work.work`), so a forger cannot take them.
+verification (:func:`fedge.coordinator.api.device_work.work`), so a forger cannot take them.
 
 The rate limit is a token bucket per device and per coordinator process (capacity
 ``device_rate_per_minute``, refilled continuously); several replicas each apply it.
@@ -60,12 +60,12 @@ from sqlalchemy import Insert, delete, select
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session
 
-from coordinator.db import session_scope, utcnow
-from coordinator.errors import Forbidden, PayloadTooLarge, RateLimited, Unauthorized
-from coordinator.models import Device, UsedNonce
-from coordinator.runtime import Runtime
-from coordinator.states import DeviceStatus
-from shared.signing import (
+from fedge.coordinator.db import session_scope, utcnow
+from fedge.coordinator.errors import Forbidden, PayloadTooLarge, RateLimited, Unauthorized
+from fedge.coordinator.models import Device, UsedNonce
+from fedge.coordinator.runtime import Runtime
+from fedge.coordinator.states import DeviceStatus
+from fedge.shared.signing import (
     SignatureError,
     SignedHeaders,
     check_skew,

@@ -1,7 +1,7 @@
 """Content-addressed filesystem blob store for models and updates.
 
 A blob's name is the SHA-256 of its bytes; it lives at ``<root>/<d[0:2]>/<d[2:4]>/<d>``.
-Writes are atomic and durable (``shared.durable``): a temporary file ``.tmp-<random>`` in the
+Writes are atomic and durable (``fedge.shared.durable``): a temporary file ``.tmp-<random>`` in the
 target directory is written and fsynced, renamed over the final name and the directory is
 fsynced. A crash leaves either no blob or the whole blob; stray temporary files are ignored and
 can be swept. Blobs get mode 0600.
@@ -14,7 +14,7 @@ import os
 import re
 from pathlib import Path
 
-from shared.durable import write_bytes_atomic
+from fedge.shared.durable import write_bytes_atomic
 
 _DIGEST_RE = re.compile(r"^[0-9a-f]{64}$")
 TEMP_PREFIX = ".tmp-"

@@ -27,12 +27,12 @@ from alembic.runtime.migration import MigrationContext
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import SQLAlchemyError
 
-from coordinator import migrate
-from coordinator.db import make_engine, make_sessionmaker, session_scope
-from coordinator.secrets import create_api_key
-from coordinator.settings import Settings
-from coordinator.tls import DEFAULT_HOSTS, TlsPaths, create_ca_and_server_cert
-from shared.durable import write_bytes_atomic
+from fedge.coordinator import migrate
+from fedge.coordinator.db import make_engine, make_sessionmaker, session_scope
+from fedge.coordinator.secrets import create_api_key
+from fedge.coordinator.settings import Settings
+from fedge.coordinator.tls import DEFAULT_HOSTS, TlsPaths, create_ca_and_server_cert
+from fedge.shared.durable import write_bytes_atomic
 
 ENV_FILE = "coordinator.env"
 BOOTSTRAP_KEY_NAME = "bootstrap admin"

@@ -2,7 +2,7 @@
 
 Options override ``FEDGE_*`` environment variables, which override the data directory's
 ``coordinator.env``, which overrides the defaults (see docs/configuration.md). The work is
-done by :mod:`coordinator.bootstrap` and :mod:`coordinator.server`.
+done by :mod:`fedge.coordinator.bootstrap` and :mod:`fedge.coordinator.server`.
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ from pathlib import Path
 
 from pydantic import ValidationError
 
-from coordinator.bootstrap import (
+from fedge.coordinator.bootstrap import (
     InitResult,
     SetupError,
     create_key,
@@ -23,8 +23,8 @@ from coordinator.bootstrap import (
     redact_url,
     schema_report,
 )
-from coordinator.models import ROLES
-from coordinator.settings import Settings
+from fedge.coordinator.models import ROLES
+from fedge.coordinator.settings import Settings
 
 PROG = "fedge coordinator"
 
@@ -189,7 +189,7 @@ def _migrate(args: argparse.Namespace) -> int:
 
 def _serve(args: argparse.Namespace) -> int:
     # Imported here: FastAPI and uvicorn load only for the command that needs them.
-    from coordinator.server import serve
+    from fedge.coordinator.server import serve
 
     return serve(
         _settings(args),

@@ -15,11 +15,11 @@ from sqlalchemy import select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
-from coordinator.db import utcnow
-from coordinator.errors import Conflict, Unauthorized
-from coordinator.models import Assignment, Device, EnrollmentToken
-from coordinator.secrets import TOKEN_PREFIX, display_prefix, hash_secret, new_secret
-from coordinator.states import ASSIGNMENT_ACTIVE, AssignmentStatus, DeviceStatus
+from fedge.coordinator.db import utcnow
+from fedge.coordinator.errors import Conflict, Unauthorized
+from fedge.coordinator.models import Assignment, Device, EnrollmentToken
+from fedge.coordinator.secrets import TOKEN_PREFIX, display_prefix, hash_secret, new_secret
+from fedge.coordinator.states import ASSIGNMENT_ACTIVE, AssignmentStatus, DeviceStatus
 
 
 def create_token(

@@ -31,7 +31,7 @@ from fastapi.responses import JSONResponse
 from pydantic import BaseModel
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from coordinator.blobstore import BlobNotFound
+from fedge.coordinator.blobstore import BlobNotFound
 
 log = logging.getLogger(__name__)
 

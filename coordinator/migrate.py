@@ -9,13 +9,13 @@ from alembic.script import ScriptDirectory
 from sqlalchemy import Engine
 from sqlalchemy.exc import SQLAlchemyError
 
-import migrations
+import fedge.migrations
 
 
 def alembic_config(url: str) -> Config:
     cfg = Config()
     # __path__, not __file__: a stale editable install may see a namespace package.
-    cfg.set_main_option("script_location", next(iter(migrations.__path__)))
+    cfg.set_main_option("script_location", next(iter(fedge.migrations.__path__)))
     cfg.set_main_option("sqlalchemy.url", url.replace("%", "%%"))
     return cfg
 

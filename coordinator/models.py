@@ -1,6 +1,6 @@
 """SQLAlchemy 2.0 ORM models: the coordinator's whole durable state (see DESIGN.md).
 
-Status columns hold the string values of the enums in :mod:`coordinator.states` (a
+Status columns hold the string values of the enums in :mod:`fedge.coordinator.states` (a
 ``String(16)`` on every backend, so migrations stay portable between SQLite and PostgreSQL);
 the ORM reads them back as enum members, refuses any other value before it is sent, and a
 CHECK constraint per column (``ck_<table>_status``) refuses it in the database too.
@@ -25,9 +25,9 @@ from sqlalchemy import (
 )
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
 
-from coordinator.db import StatusType, UTCDateTime, status_check, utcnow
-from coordinator.states import ASSIGNMENT_ACTIVE as ASSIGNMENT_ACTIVE  # older import path
-from coordinator.states import (
+from fedge.coordinator.db import StatusType, UTCDateTime, status_check, utcnow
+from fedge.coordinator.states import ASSIGNMENT_ACTIVE as ASSIGNMENT_ACTIVE  # older import path
+from fedge.coordinator.states import (
     AssignmentStatus,
     DeviceStatus,
     RoundStatus,
@@ -67,7 +67,7 @@ class Task(Base):
     )
     # {"architecture": ...} or {"spec": [...]}, as given by the administrator.
     model_config_: Mapped[dict[str, Any]] = mapped_column("model_config", JSON)
-    # Ordered [{"name", "shape"}] (shared.modelspec.ModelSpec.to_dict()).
+    # Ordered [{"name", "shape"}] (fedge.shared.modelspec.ModelSpec.to_dict()).
     model_spec: Mapped[list[Any]] = mapped_column(JSON)
     aggregation: Mapped[dict[str, Any]] = mapped_column(JSON)
     compression: Mapped[dict[str, Any]] = mapped_column(JSON)
@@ -190,7 +190,7 @@ class Update(Base):
     round_id: Mapped[int | None] = mapped_column(ForeignKey("rounds.id"), default=None)
     base_version: Mapped[int] = mapped_column(Integer)
     num_examples: Mapped[int] = mapped_column(BigInteger)
-    # The examples that count for the weight (coordinator.engine.examples); null on rows
+    # The examples that count for the weight (fedge.coordinator.engine.examples); null on rows
     # written before it existed (then the claim capped by the task's max_num_examples).
     num_examples_counted: Mapped[int | None] = mapped_column(BigInteger, default=None)
     blob_digest: Mapped[str] = mapped_column(String(64))

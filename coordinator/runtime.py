@@ -5,7 +5,7 @@ Built in the app's lifespan (never at import time) and reachable from requests a
 ``request.app.state.runtime``. Each part has a typed field:
 
 - ``notifier``, ``scheduler``: set by the round engine when the app starts
-  (:mod:`coordinator.engine.lifecycle`); ``None`` without it (an API-only process has no
+  (:mod:`fedge.coordinator.engine.lifecycle`); ``None`` without it (an API-only process has no
   scheduler, a runtime opened by a script has neither);
 - ``authenticator``, ``slots``, ``batch_checker``: made on first use by their modules'
   ``get_*`` functions (device authentication, per-device slots, batched long-poll checks);
@@ -20,16 +20,16 @@ from typing import TYPE_CHECKING
 from sqlalchemy import Engine
 from sqlalchemy.orm import Session, sessionmaker
 
-from coordinator.blobstore import BlobStore
-from coordinator.db import make_engine, make_sessionmaker
-from coordinator.engine.taskcache import TaskConfigCache
-from coordinator.settings import Settings
+from fedge.coordinator.blobstore import BlobStore
+from fedge.coordinator.db import make_engine, make_sessionmaker
+from fedge.coordinator.engine.taskcache import TaskConfigCache
+from fedge.coordinator.settings import Settings
 
 if TYPE_CHECKING:
-    from coordinator.auth import DeviceAuthenticator, DeviceSlots
-    from coordinator.engine.longpoll import BatchChecker
-    from coordinator.engine.notify import Notifier
-    from coordinator.engine.scheduler import Scheduler
+    from fedge.coordinator.auth import DeviceAuthenticator, DeviceSlots
+    from fedge.coordinator.engine.longpoll import BatchChecker
+    from fedge.coordinator.engine.notify import Notifier
+    from fedge.coordinator.engine.scheduler import Scheduler
 
 
 @dataclass

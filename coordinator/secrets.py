@@ -9,8 +9,8 @@ from datetime import datetime
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from coordinator.db import utcnow
-from coordinator.models import ROLES, ApiKey
+from fedge.coordinator.db import utcnow
+from fedge.coordinator.models import ROLES, ApiKey
 
 API_KEY_PREFIX = "fk_"
 TOKEN_PREFIX = "fe_"  # noqa: S105 (a prefix, not a secret)

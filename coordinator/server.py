@@ -34,10 +34,10 @@ from typing import Any
 import uvicorn
 import uvicorn.config
 
-from coordinator.app import create_app
-from coordinator.bootstrap import SetupError, schema_report
-from coordinator.settings import Settings
-from shared.durable import write_bytes_atomic
+from fedge.coordinator.app import create_app
+from fedge.coordinator.bootstrap import SetupError, schema_report
+from fedge.coordinator.settings import Settings
+from fedge.shared.durable import write_bytes_atomic
 
 _STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
@@ -99,10 +99,10 @@ def write_port_file(path: Path, port: int) -> None:
 
 
 def log_config(level: str) -> dict[str, Any]:
-    """uvicorn's logging configuration plus the ``coordinator`` loggers at ``level``, on
+    """uvicorn's logging configuration plus the ``fedge.coordinator`` loggers at ``level``, on
     uvicorn's console handler."""
     config = copy.deepcopy(uvicorn.config.LOGGING_CONFIG)
-    config["loggers"]["coordinator"] = {
+    config["loggers"]["fedge.coordinator"] = {
         "handlers": ["default"],
         "level": level.upper(),
         "propagate": False,

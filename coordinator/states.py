@@ -3,7 +3,7 @@
 Each enum's values are the strings stored in the ``status`` columns and sent in the API, so a
 member compares and serializes exactly like the string it replaces. The database refuses any
 other value (a CHECK constraint per column, migration 0003), and so does the ORM before the
-statement is sent (:class:`coordinator.db.StatusType`).
+statement is sent (:class:`fedge.coordinator.db.StatusType`).
 
 The groups below (which states still have work in them, which are final) are defined here
 once; every query and check uses them.

@@ -7,7 +7,7 @@ transaction can at worst leave an unreferenced blob behind.
 Storage format of ``Task.aggregation``: the API's :class:`AggregationConfig` with every default
 filled in, except that the API's ``target_metric: {"name", "value"}`` is stored flat as
 ``target_metric`` (name) and ``target_value``, the form the round engine reads
-(:mod:`coordinator.engine.config`).
+(:mod:`fedge.coordinator.engine.config`).
 """
 
 from __future__ import annotations
@@ -20,12 +20,12 @@ from pydantic import BaseModel, ValidationError
 from sqlalchemy import select, update
 from sqlalchemy.orm import Session
 
-from coordinator.blobstore import BlobStore
-from coordinator.db import utcnow
-from coordinator.errors import ApiError, BadRequest, Conflict, Unprocessable
-from coordinator.models import ModelVersion, Task
-from coordinator.schemas.model_versions import ModelVersionPublic
-from coordinator.schemas.tasks import (
+from fedge.coordinator.blobstore import BlobStore
+from fedge.coordinator.db import utcnow
+from fedge.coordinator.errors import ApiError, BadRequest, Conflict, Unprocessable
+from fedge.coordinator.models import ModelVersion, Task
+from fedge.coordinator.schemas.model_versions import ModelVersionPublic
+from fedge.coordinator.schemas.tasks import (
     AggregationConfig,
     BuiltinModel,
     CompressionConfig,
@@ -39,11 +39,11 @@ from coordinator.schemas.tasks import (
     model_spec,
     resolve_trainer,
 )
-from coordinator.settings import Settings
-from coordinator.states import TaskStatus
-from shared import architectures, wire
-from shared.limits import DEFAULT_LIMITS, Limits
-from shared.modelspec import ModelSpec
+from fedge.coordinator.settings import Settings
+from fedge.coordinator.states import TaskStatus
+from fedge.shared import architectures, wire
+from fedge.shared.limits import DEFAULT_LIMITS, Limits
+from fedge.shared.modelspec import ModelSpec
 
 #: Lifecycle actions: action -> (statuses it applies to, status it leads to).
 TRANSITIONS: dict[str, tuple[tuple[TaskStatus, ...], TaskStatus]] = {

@@ -17,7 +17,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-from shared.durable import write_bytes_atomic
+from fedge.shared.durable import write_bytes_atomic
 
 DEFAULT_HOSTS = ("localhost", "127.0.0.1", "::1")
 

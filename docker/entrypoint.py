@@ -34,11 +34,11 @@ from sqlalchemy import Connection, Engine, text
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import SQLAlchemyError
 
-from coordinator.bootstrap import load_settings
-from coordinator.cli import main as coordinator_main
-from coordinator.db import make_engine
-from coordinator.migrate import head_revision, upgrade
-from coordinator.settings import Settings
+from fedge.coordinator.bootstrap import load_settings
+from fedge.coordinator.cli import main as coordinator_main
+from fedge.coordinator.db import make_engine
+from fedge.coordinator.migrate import head_revision, upgrade
+from fedge.coordinator.settings import Settings
 
 # One fixed 64-bit key for pg_advisory_lock: "the fedge schema is being migrated".
 MIGRATION_LOCK_KEY = int.from_bytes(

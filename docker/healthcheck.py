@@ -20,7 +20,7 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
-from coordinator.settings import Settings
+from fedge.coordinator.settings import Settings
 
 # Addresses that mean "every interface": probe through loopback instead.
 _WILDCARD = {"", "0.0.0.0", "::", "[::]"}  # noqa: S104 (compared against, not bound)

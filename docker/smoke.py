@@ -2,8 +2,8 @@
 
 Used by ``make docker-test`` against the container, and usable against any deployment. Through
 the admin REST API it creates an enrollment token and a small task (softmax on scikit-learn's
-bundled digits); a simulated fleet (:mod:`edge_agent.sim.fleet`: real agents, each with its own
-Ed25519 key, state directory and data shard, over HTTPS with the pinned CA) enrolls and trains
+bundled digits); a simulated fleet (:mod:`fedge.edge_agent.sim.fleet`: real agents, each with its
+own Ed25519 key, state directory and data shard, over HTTPS with the pinned CA) enrolls and trains
 until the task completes. Then it checks what an operator would: the task completed, every
 round closed with updates from the devices, one model version per round, and the final model
 classifies held-out digits better than the initial one.
@@ -26,11 +26,11 @@ from typing import Any
 
 import numpy as np
 
-from edge_agent.admin_client import AdminClient
-from edge_agent.sim.datasets import load_dataset
-from edge_agent.sim.fleet import Fleet
-from edge_agent.sim.partition import iid_partition
-from shared import architectures, wire
+from fedge.edge_agent.admin_client import AdminClient
+from fedge.edge_agent.sim.datasets import load_dataset
+from fedge.edge_agent.sim.fleet import Fleet
+from fedge.edge_agent.sim.partition import iid_partition
+from fedge.shared import architectures, wire
 
 TERMINAL = ("completed", "cancelled", "failed")
 

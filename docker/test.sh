@@ -279,7 +279,7 @@ DB_CREATED=1
 
 # Certificates mounted read-only, as an operator would; the key readable by the image's uid.
 TLS="$WORK/tls"
-"$PY" -c 'import sys; from pathlib import Path; from coordinator.tls import create_ca_and_server_cert as c; c(Path(sys.argv[1]))' "$TLS"
+"$PY" -c 'import sys; from pathlib import Path; from fedge.coordinator.tls import create_ca_and_server_cert as c; c(Path(sys.argv[1]))' "$TLS"
 chmod 0755 "$WORK" "$TLS"
 chown 10001:10001 "$TLS/server.key"
 
@@ -298,7 +298,7 @@ uid=$("${PODMAN[@]}" exec "$CTR_HTTPS" id -u)
   || fail "image user is root"
 step "runs as uid $uid"
 
-head=$("$PY" -c 'from coordinator.migrate import head_revision; print(head_revision())')
+head=$("$PY" -c 'from fedge.coordinator.migrate import head_revision; print(head_revision())')
 revision=$(psql "$PG_DB_URI" -qAtX -c 'SELECT version_num FROM alembic_version')
 [ "$revision" = "$head" ] || fail "alembic_version is '$revision', expected '$head'"
 step "database migrated to $revision"

@@ -1,4 +1,4 @@
-"""``fedge admin``: a thin command line over :class:`edge_agent.admin_client.AdminClient`.
+"""``fedge admin``: a thin command line over :class:`fedge.edge_agent.admin_client.AdminClient`.
 
 Connection options come from ``--url/--ca/--key`` or ``FEDGE_URL``/``FEDGE_CA``/
 ``FEDGE_API_KEY``. Answers are printed as JSON; errors as ``error: <code>: <detail>``.
@@ -13,8 +13,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from edge_agent.admin_client import AdminClient
-from edge_agent.errors import AgentError
+from fedge.edge_agent.admin_client import AdminClient
+from fedge.edge_agent.errors import AgentError
 
 PROG = "fedge admin"
 

@@ -2,7 +2,7 @@
 
 Authenticates with ``Authorization: Bearer <api key>``, pins the coordinator's CA like the
 device client and retries the same way (connection errors, 5xx, 429). Rejections raise the
-:mod:`edge_agent.errors` family with the coordinator's code and detail. Used by the demo, the
+:mod:`fedge.edge_agent.errors` family with the coordinator's code and detail. Used by the demo, the
 fleet simulation and ``fedge admin``.
 """
 
@@ -14,7 +14,7 @@ from typing import Any
 
 import httpx
 
-from edge_agent.transport import RetryPolicy, Session
+from fedge.edge_agent.transport import RetryPolicy, Session
 
 API = "/api/v1"
 LIFECYCLE_ACTIONS = ("start", "pause", "resume", "cancel")

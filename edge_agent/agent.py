@@ -8,13 +8,13 @@ One assignment goes through these steps (docs/agent.md tells the story for opera
 4. train a copy on local data, while a background long-poll watches for cancellation;
 5. delta = local - base; compress it with the task's policy and the error-feedback residual;
 6. commit the encoded update (with its idempotency key and both residuals) to the outbox,
-   then make the new residual current (see :mod:`edge_agent.outbox` for why in that order);
+   then make the new residual current (see :mod:`fedge.edge_agent.outbox` for why in that order);
    the training and evaluation metrics travel inside the update (its metrics block);
 7. upload it; remove it from the outbox on success, or discard it (restoring the residual)
    when the coordinator refuses it for good, e.g. 409 stale_update.
 
-Steps 5-7 live in :mod:`edge_agent.uploads`. Whoever builds the agent may step in at fixed
-points through :class:`~edge_agent.hooks.AgentHooks` (the fleet simulation injects its faults
+Steps 5-7 live in :mod:`fedge.edge_agent.uploads`. Whoever builds the agent may step in at fixed
+points through :class:`~fedge.edge_agent.hooks.AgentHooks` (the fleet simulation injects its faults
 there); a real device runs with the do-nothing defaults.
 
 Errors that a later attempt may cure (network, 5xx, 429, clock skew) keep the outbox entry and
@@ -30,19 +30,19 @@ from collections.abc import Callable, Mapping
 
 import numpy as np
 
-from edge_agent.client import CoordinatorClient, Work
-from edge_agent.data import LocalData
-from edge_agent.errors import AgentError, ApiError, AuthError, DeviceRevoked
-from edge_agent.hooks import NO_HOOKS, AgentHooks
-from edge_agent.outbox import OutboxEntry, PendingUpdateExists
-from edge_agent.outcome import AgentStats, Outcome
-from edge_agent.state import State
-from edge_agent.trainers import Trainer, TrainerFactory, task_trainer_factory
-from edge_agent.uploads import FATAL_CODES, save_update, upload_entry
-from edge_agent.watcher import CancelWatcher
-from shared.modelspec import ModelSpec, Weights
-from shared.policy import CompressionPolicy, PolicyError
-from shared.wire import WireFormatError, decode_model
+from fedge.edge_agent.client import CoordinatorClient, Work
+from fedge.edge_agent.data import LocalData
+from fedge.edge_agent.errors import AgentError, ApiError, AuthError, DeviceRevoked
+from fedge.edge_agent.hooks import NO_HOOKS, AgentHooks
+from fedge.edge_agent.outbox import OutboxEntry, PendingUpdateExists
+from fedge.edge_agent.outcome import AgentStats, Outcome
+from fedge.edge_agent.state import State
+from fedge.edge_agent.trainers import Trainer, TrainerFactory, task_trainer_factory
+from fedge.edge_agent.uploads import FATAL_CODES, save_update, upload_entry
+from fedge.edge_agent.watcher import CancelWatcher
+from fedge.shared.modelspec import ModelSpec, Weights
+from fedge.shared.policy import CompressionPolicy, PolicyError
+from fedge.shared.wire import WireFormatError, decode_model
 
 __all__ = ["Agent", "AgentStats", "FatalAgentError", "Outcome"]
 

@@ -1,8 +1,9 @@
 """``fedge agent enroll | run | status``: parse options, call the library.
 
-The work is done by :mod:`edge_agent.device` (enrollment), :mod:`edge_agent.agent` (the loop)
-and :mod:`edge_agent.state` (status). SIGINT/SIGTERM stop ``run`` cleanly: a waiting agent
-stops at once, a training agent at the next minibatch; everything it saved stays valid.
+The work is done by :mod:`fedge.edge_agent.device` (enrollment), :mod:`fedge.edge_agent.agent`
+(the loop) and :mod:`fedge.edge_agent.state` (status). SIGINT/SIGTERM stop ``run`` cleanly: a
+waiting agent stops at once, a training agent at the next minibatch; everything it saved stays
+valid.
 """
 
 from __future__ import annotations
@@ -20,15 +21,15 @@ from typing import Any
 
 import numpy as np
 
-from edge_agent.agent import Agent, FatalAgentError
-from edge_agent.data import DataError, load_arrays, split_local
-from edge_agent.device import enroll_device, open_client
-from edge_agent.errors import AgentError
-from edge_agent.state import State, StateError
-from edge_agent.trainers import load_trainer_factory
+from fedge.edge_agent.agent import Agent, FatalAgentError
+from fedge.edge_agent.data import DataError, load_arrays, split_local
+from fedge.edge_agent.device import enroll_device, open_client
+from fedge.edge_agent.errors import AgentError
+from fedge.edge_agent.state import State, StateError
+from fedge.edge_agent.trainers import load_trainer_factory
 
 PROG = "fedge agent"
-log = logging.getLogger("edge_agent")
+log = logging.getLogger("fedge.edge_agent")
 
 
 def build_parser() -> argparse.ArgumentParser:

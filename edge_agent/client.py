@@ -1,10 +1,10 @@
 """The device's REST client of the coordinator (see docs/protocol.md, section Devices).
 
 Every request except enrollment is signed with the device's Ed25519 key through
-:mod:`shared.signing`; the signature covers the final request as sent (method, path, query,
+:mod:`fedge.shared.signing`; the signature covers the final request as sent (method, path, query,
 body) and is recomputed on every retry. Connection errors, 5xx and 429 are retried with
-exponential backoff and jitter (:mod:`edge_agent.transport`); other errors raise the
-:mod:`edge_agent.errors` family.
+exponential backoff and jitter (:mod:`fedge.edge_agent.transport`); other errors raise the
+:mod:`fedge.edge_agent.errors` family.
 """
 
 from __future__ import annotations
@@ -18,9 +18,9 @@ from typing import Any
 import httpx
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from edge_agent.errors import AgentError
-from edge_agent.transport import RetryPolicy, Session
-from shared import signing
+from fedge.edge_agent.errors import AgentError
+from fedge.edge_agent.transport import RetryPolicy, Session
+from fedge.shared import signing
 
 API = "/api/v1"
 MAX_WAIT_S = 60

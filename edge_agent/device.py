@@ -18,10 +18,10 @@ from typing import Any
 
 import httpx
 
-from edge_agent.client import CoordinatorClient
-from edge_agent.state import AgentConfig, State, StateError, new_seed
-from edge_agent.transport import RetryPolicy
-from shared import signing
+from fedge.edge_agent.client import CoordinatorClient
+from fedge.edge_agent.state import AgentConfig, State, StateError, new_seed
+from fedge.edge_agent.transport import RetryPolicy
+from fedge.shared import signing
 
 log = logging.getLogger(__name__)
 

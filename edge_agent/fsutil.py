@@ -1,7 +1,7 @@
-"""The agent's small files: JSON documents written with :mod:`shared.durable`, and the sweep
+"""The agent's small files: JSON documents written with :mod:`fedge.shared.durable`, and the sweep
 of leftovers of interrupted writes in a state directory.
 
-Atomic writes themselves live in :mod:`shared.durable` (temporary files named
+Atomic writes themselves live in :mod:`fedge.shared.durable` (temporary files named
 ``.<name>.tmp-<random>``). :func:`remove_temp_files` also deletes ``.<name>.<random>.tmp``,
 the temporary names residual files had before (a state directory written by an older agent may
 still hold one).
@@ -13,8 +13,8 @@ import json
 from pathlib import Path
 from typing import Any
 
-from shared import durable
-from shared.durable import write_bytes_atomic
+from fedge.shared import durable
+from fedge.shared.durable import write_bytes_atomic
 
 LEGACY_TEMP_PATTERN = ".*.tmp"
 

@@ -1,20 +1,20 @@
-"""Points where whoever builds an :class:`~edge_agent.agent.Agent` may step into its work.
+"""Points where whoever builds an :class:`~fedge.edge_agent.agent.Agent` may step into its work.
 
 The agent calls these at fixed moments of an assignment and knows nothing about what a hook
 stands for. Every method of :class:`AgentHooks` has a do-nothing default, which is what a real
 device runs (``fedge agent run`` passes none). The fleet simulation subclasses it to inject
-its faults from outside the agent (:class:`edge_agent.sim.faults.FaultHooks`); a test may use
+its faults from outside the agent (:class:`fedge.edge_agent.sim.faults.FaultHooks`); a test may use
 it to act at a chosen instant.
 
 Hooks run in the agent's thread. One that blocks should wait on the event it is given, so
-that a cancellation or :meth:`~edge_agent.agent.Agent.stop` ends the wait at once.
+that a cancellation or :meth:`~fedge.edge_agent.agent.Agent.stop` ends the wait at once.
 """
 
 from __future__ import annotations
 
 import threading
 
-from edge_agent.client import Work
+from fedge.edge_agent.client import Work
 
 
 class AgentHooks:

@@ -3,7 +3,7 @@
 Each entry is a directory ``outbox/<assignment_id>/`` holding ``meta.json`` (task, upload URL,
 idempotency key), ``update.bin`` (the encoded update, wire format) and,
 when error feedback is on, ``residual-before`` / ``residual-after`` (the task's residual before
-and after this update's compression, as :mod:`edge_agent.residual_store` files). An entry is
+and after this update's compression, as :mod:`fedge.edge_agent.residual_store` files). An entry is
 built in a temporary directory and renamed into place in one step, so it exists completely or
 not at all.
 
@@ -32,10 +32,10 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from edge_agent.fsutil import read_json, remove_temp_files, write_json_atomic
-from edge_agent.residual_store import save_residual
-from shared.durable import TEMP_MARKER, fsync_dir, write_bytes_atomic
-from shared.feedback import Residual
+from fedge.edge_agent.fsutil import read_json, remove_temp_files, write_json_atomic
+from fedge.edge_agent.residual_store import save_residual
+from fedge.shared.durable import TEMP_MARKER, fsync_dir, write_bytes_atomic
+from fedge.shared.feedback import Residual
 
 META = "meta.json"
 BODY = "update.bin"

@@ -1,8 +1,8 @@
 """Residual files: the agent's error-feedback residuals on disk.
 
-A file holds :meth:`shared.feedback.Residual.to_bytes` (magic ``FEDR``, checksummed; the format
-is in ``docs/wire-format.md``), written with :func:`shared.durable.write_bytes_atomic` (mode
-0600): after a crash the file holds the old residual or the new one, never a mix.
+A file holds :meth:`fedge.shared.feedback.Residual.to_bytes` (magic ``FEDR``, checksummed; the
+format is in ``docs/wire-format.md``), written with :func:`fedge.shared.durable.write_bytes_atomic`
+(mode 0600): after a crash the file holds the old residual or the new one, never a mix.
 """
 
 from __future__ import annotations
@@ -10,10 +10,10 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from shared.durable import write_bytes_atomic
-from shared.feedback import Residual
-from shared.limits import DEFAULT_LIMITS, Limits
-from shared.modelspec import ModelSpec
+from fedge.shared.durable import write_bytes_atomic
+from fedge.shared.feedback import Residual
+from fedge.shared.limits import DEFAULT_LIMITS, Limits
+from fedge.shared.modelspec import ModelSpec
 
 __all__ = ["RESIDUAL_FILE_MODE", "load_residual", "save_residual"]
 

@@ -6,11 +6,11 @@ Layout (see docs/agent.md)::
       agent.json              device id, coordinator URL, CA file name, name, seed
       identity.pem            Ed25519 private key, PKCS#8 PEM, mode 0600
       ca.pem                  the coordinator's CA certificate (pinned), when given
-      residuals/task-<id>.res error-feedback residual per task (edge_agent.residual_store)
-      outbox/<assignment>/    computed updates waiting for upload (edge_agent.outbox)
+      residuals/task-<id>.res error-feedback residual per task (fedge.edge_agent.residual_store)
+      outbox/<assignment>/    computed updates waiting for upload (fedge.edge_agent.outbox)
       models/task-<id>/v<n>.bin  cached model versions (wire format) + v<n>.json (ETag)
 
-Every file is written atomically (``shared.durable``: temp file, fsync, rename, fsync of the
+Every file is written atomically (``fedge.shared.durable``: temp file, fsync, rename, fsync of the
 directory), so a crash at any instant leaves each file either old or new; leftovers of
 interrupted writes are deleted on open.
 """
@@ -31,13 +31,13 @@ from typing import Any
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from edge_agent.fsutil import read_json, remove_temp_files, write_json_atomic
-from edge_agent.outbox import RESIDUAL_AFTER, Outbox
-from edge_agent.residual_store import RESIDUAL_FILE_MODE, load_residual, save_residual
-from shared import signing
-from shared.durable import write_bytes_atomic
-from shared.feedback import Residual
-from shared.modelspec import ModelSpec
+from fedge.edge_agent.fsutil import read_json, remove_temp_files, write_json_atomic
+from fedge.edge_agent.outbox import RESIDUAL_AFTER, Outbox
+from fedge.edge_agent.residual_store import RESIDUAL_FILE_MODE, load_residual, save_residual
+from fedge.shared import signing
+from fedge.shared.durable import write_bytes_atomic
+from fedge.shared.feedback import Residual
+from fedge.shared.modelspec import ModelSpec
 
 log = logging.getLogger(__name__)
 

@@ -7,8 +7,8 @@ A trainer holds the device's local data and trains a copy of the global weights:
 
 The agent builds one trainer per task with a *factory* ``factory(model, data) -> Trainer``,
 where ``model`` is the task's model object (docs/protocol.md) and ``data`` the device's
-:class:`~edge_agent.data.LocalData`. The built-in factory handles the ``softmax`` and ``mlp``
-architectures of :mod:`shared.architectures` (minibatch SGD on softmax cross-entropy, ReLU
+:class:`~fedge.edge_agent.data.LocalData`. The built-in factory handles the ``softmax`` and ``mlp``
+architectures of :mod:`fedge.shared.architectures` (minibatch SGD on softmax cross-entropy, ReLU
 hidden layers, optional FedProx proximal term ``proximal_mu``). Your own factory is given as
 an entry point ``package.module:factory`` (``fedge agent run --trainer``).
 
@@ -25,9 +25,9 @@ from typing import Any, Protocol
 
 import numpy as np
 
-from edge_agent.data import DataError, LocalData, load_entry_point
-from shared import architectures
-from shared.modelspec import Weights
+from fedge.edge_agent.data import DataError, LocalData, load_entry_point
+from fedge.shared import architectures
+from fedge.shared.modelspec import Weights
 
 
 @dataclass(frozen=True)

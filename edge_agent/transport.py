@@ -1,9 +1,9 @@
 """One HTTP session to the coordinator: pinned CA, timeouts, retries with backoff and jitter.
 
-Both the device client (:mod:`edge_agent.client`) and the administrator's client
-(:mod:`edge_agent.admin_client`) send through :class:`Session`. A request is retried on
+Both the device client (:mod:`fedge.edge_agent.client`) and the administrator's client
+(:mod:`fedge.edge_agent.admin_client`) send through :class:`Session`. A request is retried on
 connection errors and timeouts, on 5xx answers and on 429 (waiting at least ``Retry-After``);
-any other 4xx is raised at once as an :class:`~edge_agent.errors.ApiError`. Every attempt
+any other 4xx is raised at once as an :class:`~fedge.edge_agent.errors.ApiError`. Every attempt
 rebuilds the request and runs the ``prepare`` hook again, so a signed request gets a fresh
 nonce and timestamp per attempt (the coordinator refuses replayed nonces).
 """
@@ -20,7 +20,7 @@ from typing import Any
 
 import httpx
 
-from edge_agent.errors import ApiError, RateLimited, Unreachable, error_from_response
+from fedge.edge_agent.errors import ApiError, RateLimited, Unreachable, error_from_response
 
 log = logging.getLogger(__name__)
 

@@ -2,7 +2,7 @@
 
 :func:`save_update` compresses ``local - base`` with the task's policy and the error-feedback
 residual, encodes it, commits it (with its idempotency key and both residuals) to the outbox,
-then makes the new residual current (see :mod:`edge_agent.outbox` for why in that order).
+then makes the new residual current (see :mod:`fedge.edge_agent.outbox` for why in that order).
 :func:`upload_entry` sends an outbox entry and removes it on success, or discards it (restoring
 the residual it advanced) when the coordinator refuses it for good, e.g. 409 stale_update.
 Errors that a later attempt may cure (network, 5xx, 429, clock skew) propagate and leave the
@@ -18,16 +18,16 @@ from collections.abc import Mapping
 
 import numpy as np
 
-from edge_agent.client import CoordinatorClient, Work
-from edge_agent.errors import ApiError, DeviceRevoked, StaleUpdate
-from edge_agent.outbox import RESIDUAL_BEFORE, OutboxEntry, new_idempotency_key
-from edge_agent.outcome import AgentStats, Outcome
-from edge_agent.state import State
-from shared.compression import compress
-from shared.modelspec import ModelSpec, Weights
-from shared.policy import CompressionPolicy
-from shared.wire import encode_update
-from shared.wiremetrics import carried_metrics
+from fedge.edge_agent.client import CoordinatorClient, Work
+from fedge.edge_agent.errors import ApiError, DeviceRevoked, StaleUpdate
+from fedge.edge_agent.outbox import RESIDUAL_BEFORE, OutboxEntry, new_idempotency_key
+from fedge.edge_agent.outcome import AgentStats, Outcome
+from fedge.edge_agent.state import State
+from fedge.shared.compression import compress
+from fedge.shared.modelspec import ModelSpec, Weights
+from fedge.shared.policy import CompressionPolicy
+from fedge.shared.wire import encode_update
+from fedge.shared.wiremetrics import carried_metrics
 
 log = logging.getLogger(__name__)
 

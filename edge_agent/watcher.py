@@ -12,8 +12,8 @@ from __future__ import annotations
 import logging
 import threading
 
-from edge_agent.client import CoordinatorClient
-from edge_agent.errors import AgentError
+from fedge.edge_agent.client import CoordinatorClient
+from fedge.edge_agent.errors import AgentError
 
 log = logging.getLogger(__name__)
 

@@ -1,14 +1,14 @@
 """Alembic environment. The database URL comes from the caller's config (set by
-``coordinator.migrate``) or, failing that, from the coordinator's settings."""
+``fedge.coordinator.migrate``) or, failing that, from the coordinator's settings."""
 
 from __future__ import annotations
 
 from alembic import context
 from sqlalchemy import Connection
 
-from coordinator.db import make_engine
-from coordinator.models import Base
-from coordinator.settings import Settings
+from fedge.coordinator.db import make_engine
+from fedge.coordinator.models import Base
+from fedge.coordinator.settings import Settings
 
 config = context.config
 target_metadata = Base.metadata

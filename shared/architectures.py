@@ -23,7 +23,7 @@ from typing import Any
 
 import numpy as np
 
-from shared.modelspec import ModelSpec, Weights
+from fedge.shared.modelspec import ModelSpec, Weights
 
 ARCHITECTURES = ("softmax", "mlp")
 MAX_PARAMS = 50_000_000

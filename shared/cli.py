@@ -1,7 +1,7 @@
 """The ``fedge`` command: a small dispatcher over the ``fedge.commands`` entry-point group.
 
-Subcommands live in the package that owns them (``coordinator`` -> ``coordinator.cli``,
-``agent`` -> ``edge_agent.cli``, ...). On an agent-only install the coordinator's code is
+Subcommands live in the package that owns them (``coordinator`` -> ``fedge.coordinator.cli``,
+``agent`` -> ``fedge.edge_agent.cli``, ...). On an agent-only install the coordinator's code is
 present but its dependencies are not; the dispatcher then says which extra to install instead
 of printing a traceback.
 """

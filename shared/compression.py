@@ -19,11 +19,11 @@ from typing import Protocol
 
 import numpy as np
 
-from shared.indexcoding import check_indices
-from shared.modelspec import ModelSpec, TensorSpec, Weights
-from shared.policy import CompressionPolicy, Scope
-from shared.quantize import Quantized, dequantize, max_code, quantize
-from shared.topk import top_k_indices, topk_count
+from fedge.shared.indexcoding import check_indices
+from fedge.shared.modelspec import ModelSpec, TensorSpec, Weights
+from fedge.shared.policy import CompressionPolicy, Scope
+from fedge.shared.quantize import Quantized, dequantize, max_code, quantize
+from fedge.shared.topk import top_k_indices, topk_count
 
 __all__ = [
     "CompressedTensor",
@@ -36,11 +36,12 @@ __all__ = [
 
 
 class ResidualMemory(Protocol):
-    """What :func:`compress` needs of an error-feedback residual (:class:`shared.feedback.Residual`
-    is one): its model spec and its float32 arrays by tensor name, which ``compress`` replaces.
-
+    """What :func:`compress` needs of an error-feedback residual
+    (:class:`fedge.shared.feedback.Residual` is one): its model spec and its float32 arrays by
+    tensor name, which ``compress`` replaces.
     A protocol rather than an import, so that this module does not depend on
-    ``shared.feedback`` (which depends on ``shared.wire``, which depends on this module)."""
+    ``fedge.shared.feedback`` (which depends on ``fedge.shared.wire``, which depends on this
+    module)."""
 
     values: Weights
 

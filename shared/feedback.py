@@ -6,7 +6,7 @@ serializes to a small checksummed byte string (the content of a residual file)::
     magic "FEDR" | version u16 | reserved u16 (0) | crc32 u32 | payload length u64 | payload
 
 where the payload is a dense float32 model blob (``wire.encode_model``). This module does no
-file I/O: the agent stores residuals (atomically) in ``edge_agent.residual_store``.
+file I/O: the agent stores residuals (atomically) in ``fedge.edge_agent.residual_store``.
 """
 
 from __future__ import annotations
@@ -17,10 +17,10 @@ from collections.abc import Mapping
 
 import numpy as np
 
-from shared.limits import DEFAULT_LIMITS, Limits
-from shared.modelspec import ModelSpec, Weights
-from shared.wire import decode_model, encode_model
-from shared.wireerror import WireFormatError
+from fedge.shared.limits import DEFAULT_LIMITS, Limits
+from fedge.shared.modelspec import ModelSpec, Weights
+from fedge.shared.wire import decode_model, encode_model
+from fedge.shared.wireerror import WireFormatError
 
 __all__ = ["RESIDUAL_MAGIC", "Residual"]
 

@@ -32,7 +32,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from shared.wireerror import WireFormatError
+from fedge.shared.wireerror import WireFormatError
 
 __all__ = [
     "ALL",

@@ -14,7 +14,7 @@ from typing import Any
 
 import numpy as np
 
-from shared.limits import DEFAULT_LIMITS, Limits
+from fedge.shared.limits import DEFAULT_LIMITS, Limits
 
 __all__ = ["ModelSpec", "TensorSpec", "Weights"]
 

@@ -11,7 +11,7 @@ from collections.abc import Mapping
 from dataclasses import asdict, dataclass, fields
 from typing import Any, Literal
 
-from shared.limits import MAX_CHUNK
+from fedge.shared.limits import MAX_CHUNK
 
 __all__ = ["ALLOWED_BITS", "DENSE", "CompressionPolicy", "PolicyError", "Scope"]
 

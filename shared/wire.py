@@ -2,13 +2,13 @@
 
 The public surface of the codecs; the code lives in
 
-* :mod:`shared.wire_update` -- updates: ``encode_update``, ``decode_update``,
+* :mod:`fedge.shared.wire_update` -- updates: ``encode_update``, ``decode_update``,
   ``peek_update_header``, ``update_overhead_bytes``, ``DecodedUpdate``;
-* :mod:`shared.wire_model` -- models: ``encode_model``, ``decode_model``;
-* :mod:`shared.wirelayout` -- prefix, descriptors, varints, the bounds-checked reader;
-* :mod:`shared.wire_sections` -- index and value sections behind the descriptors;
-* :mod:`shared.wiremetrics` -- the metrics block of an update;
-* :mod:`shared.wireerror` -- :class:`WireFormatError` and its codes.
+* :mod:`fedge.shared.wire_model` -- models: ``encode_model``, ``decode_model``;
+* :mod:`fedge.shared.wirelayout` -- prefix, descriptors, varints, the bounds-checked reader;
+* :mod:`fedge.shared.wire_sections` -- index and value sections behind the descriptors;
+* :mod:`fedge.shared.wiremetrics` -- the metrics block of an update;
+* :mod:`fedge.shared.wireerror` -- :class:`WireFormatError` and its codes.
 
 There is one format version (docs/wire-format.md has the byte layout). Plain binary only (no
 object serialization, no JSON arrays). Decoders validate everything and raise
@@ -17,9 +17,9 @@ object serialization, no JSON arrays). Decoders validate everything and raise
 
 from __future__ import annotations
 
-from shared.limits import DEFAULT_LIMITS, Limits
-from shared.wire_model import decode_model, encode_model
-from shared.wire_update import (
+from fedge.shared.limits import DEFAULT_LIMITS, Limits
+from fedge.shared.wire_model import decode_model, encode_model
+from fedge.shared.wire_update import (
     DecodedTensor,
     DecodedUpdate,
     UpdateHeader,
@@ -28,9 +28,9 @@ from shared.wire_update import (
     peek_update_header,
     update_overhead_bytes,
 )
-from shared.wireerror import CODES, WireFormatError
-from shared.wirelayout import FORMAT_VERSION, MAGIC
-from shared.wiremetrics import METRIC_KEYS
+from fedge.shared.wireerror import CODES, WireFormatError
+from fedge.shared.wirelayout import FORMAT_VERSION, MAGIC
+from fedge.shared.wiremetrics import METRIC_KEYS
 
 __all__ = [
     "CODES",

@@ -3,7 +3,7 @@
 Layout (docs/wire-format.md has the tables)::
 
     prefix (magic "FEDG", version u16, kind u8 = 2, flags u8 = 0) | num_tensors var
-    | descriptors (shared.wirelayout; index coding 0, value coding f32 or f16)
+    | descriptors (fedge.shared.wirelayout; index coding 0, value coding f32 or f16)
     | value sections, in descriptor order
 """
 
@@ -14,11 +14,11 @@ from typing import Literal
 
 import numpy as np
 
-from shared.compression import as_float32
-from shared.limits import DEFAULT_LIMITS, Limits
-from shared.modelspec import ModelSpec, Weights
-from shared.wire_sections import decode_values, join_sections
-from shared.wirelayout import (
+from fedge.shared.compression import as_float32
+from fedge.shared.limits import DEFAULT_LIMITS, Limits
+from fedge.shared.modelspec import ModelSpec, Weights
+from fedge.shared.wire_sections import decode_values, join_sections
+from fedge.shared.wirelayout import (
     FORMAT_VERSION,
     KIND_MODEL,
     MAGIC,

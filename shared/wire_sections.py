@@ -4,16 +4,16 @@ After the last descriptor come, for each tensor in order, its index bytes then i
 bytes: little-endian float32 or float16 values, or (quantized) the float32 scales followed
 by the packed codes. Decoding checks every value and scale (``non_finite``,
 ``negative_scale``) and every code (``invalid_code``); the section lengths were checked
-against the descriptors before (:func:`shared.wirelayout.read_descriptors`).
+against the descriptors before (:func:`fedge.shared.wirelayout.read_descriptors`).
 """
 
 from __future__ import annotations
 
 import numpy as np
 
-from shared.quantize import Quantized, dequantize, max_code, unpack_codes
-from shared.wireerror import WireFormatError
-from shared.wirelayout import VALUE_F16, VALUE_F32, Descriptor
+from fedge.shared.quantize import Quantized, dequantize, max_code, unpack_codes
+from fedge.shared.wireerror import WireFormatError
+from fedge.shared.wirelayout import VALUE_F16, VALUE_F32, Descriptor
 
 __all__ = ["decode_values", "join_sections"]
 

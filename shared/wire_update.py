@@ -6,8 +6,8 @@ shortest form)::
     prefix: magic "FEDG" | version u16 | kind u8 = 1 | flags u8 (bit 0: metrics block)
     header: task_id var | base_version var | num_examples var | bits u8 | scope u8 | chunk var
             | topk_fraction as m var, e var (m * 10**-e) | num_tensors var
-            | metrics block when flag bit 0 (shared.wiremetrics)
-    descriptors (shared.wirelayout), then for each tensor its index and value sections
+            | metrics block when flag bit 0 (fedge.shared.wiremetrics)
+    descriptors (fedge.shared.wirelayout), then for each tensor its index and value sections
 
 Decoders validate everything and raise :class:`WireFormatError` with a stable code; encoders
 raise ``ValueError`` for invalid input (NaN, wrong dtypes, ...).
@@ -22,16 +22,16 @@ from typing import NamedTuple
 
 import numpy as np
 
-from shared.compression import CompressedUpdate
-from shared.indexcoding import decode_indices, encode_indices
-from shared.limits import DEFAULT_LIMITS, Limits
-from shared.modelspec import ModelSpec, Weights
-from shared.policy import ALLOWED_BITS, CompressionPolicy
-from shared.quantize import pack_codes
-from shared.topk import topk_count
-from shared.wire_sections import decode_values, join_sections
-from shared.wireerror import WireFormatError
-from shared.wirelayout import (
+from fedge.shared.compression import CompressedUpdate
+from fedge.shared.indexcoding import decode_indices, encode_indices
+from fedge.shared.limits import DEFAULT_LIMITS, Limits
+from fedge.shared.modelspec import ModelSpec, Weights
+from fedge.shared.policy import ALLOWED_BITS, CompressionPolicy
+from fedge.shared.quantize import pack_codes
+from fedge.shared.topk import topk_count
+from fedge.shared.wire_sections import decode_values, join_sections
+from fedge.shared.wireerror import WireFormatError
+from fedge.shared.wirelayout import (
     FORMAT_VERSION,
     KIND_UPDATE,
     MAGIC,
@@ -50,7 +50,7 @@ from shared.wirelayout import (
     read_descriptors,
     read_prefix,
 )
-from shared.wiremetrics import FLAG_METRICS, encode_metrics, read_metrics
+from fedge.shared.wiremetrics import FLAG_METRICS, encode_metrics, read_metrics
 
 __all__ = [
     "DecodedTensor",
@@ -95,7 +95,8 @@ class DecodedUpdate:
     topk_fraction: float
     tensors: list[DecodedTensor]
     scope: str = field(default="tensor")
-    #: What the device measured (the metrics block; names in ``shared.wiremetrics.METRIC_KEYS``).
+    #: What the device measured (the metrics block; names in
+    #: ``fedge.shared.wiremetrics.METRIC_KEYS``).
     metrics: dict[str, float] = field(default_factory=dict)
 
     @property
@@ -161,7 +162,7 @@ def encode_update(
     limits: Limits = DEFAULT_LIMITS,
 ) -> bytes:
     """Serialize a compressed update (``ValueError`` if it is inconsistent or out of limits).
-    ``metrics`` (names in :data:`shared.wiremetrics.METRIC_KEYS`) travel in the update's
+    ``metrics`` (names in :data:`fedge.shared.wiremetrics.METRIC_KEYS`) travel in the update's
     metrics block, so the device needs no separate report."""
     block = encode_metrics(metrics or {})
     _check_id("task_id", task_id)

@@ -4,7 +4,7 @@ See docs/wire-format.md for the tables. Everything is little-endian; after the f
 prefix (magic, format version, kind, flags) integers are unsigned LEB128 varints in their
 shortest form, and no length the decoder can compute is sent. There is one format version
 (:data:`FORMAT_VERSION`); any other is ``unsupported_version``. Parsing checks each declared
-count and length against :class:`~shared.limits.Limits` and against the bytes that remain
+count and length against :class:`~fedge.shared.limits.Limits` and against the bytes that remain
 *before* anything proportional to it is allocated.
 """
 
@@ -15,11 +15,11 @@ import struct
 from dataclasses import dataclass
 from decimal import Decimal
 
-from shared.indexcoding import ALL, CODING_NAMES, RICE, index_section_bounds
-from shared.limits import Limits
-from shared.modelspec import ModelSpec
-from shared.quantize import packed_size
-from shared.wireerror import WireFormatError
+from fedge.shared.indexcoding import ALL, CODING_NAMES, RICE, index_section_bounds
+from fedge.shared.limits import Limits
+from fedge.shared.modelspec import ModelSpec
+from fedge.shared.quantize import packed_size
+from fedge.shared.wireerror import WireFormatError
 
 MAGIC = b"FEDG"
 #: The one format version: what the encoders write and the only one the decoders read.

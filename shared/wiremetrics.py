@@ -30,8 +30,8 @@ import numbers
 import struct
 from collections.abc import Mapping
 
-from shared.wireerror import WireFormatError
-from shared.wirelayout import Reader, encode_varint
+from fedge.shared.wireerror import WireFormatError
+from fedge.shared.wirelayout import Reader, encode_varint
 
 __all__ = [
     "FLAG_METRICS",

@@ -1,11 +1,18 @@
 """The import rules between fedge's packages, and the edge agent's light footprint.
 
-* ``shared`` imports neither ``coordinator`` nor ``edge_agent``; ``edge_agent`` never imports
-  ``coordinator``; ``coordinator`` never imports ``edge_agent`` (checked on the source with
-  ``ast``, so a violation inside a function counts too).
-* Nothing in ``edge_agent`` outside ``edge_agent/sim`` imports ``edge_agent.sim`` (the fleet
+* Installed, the folders ``shared``, ``coordinator``, ``edge_agent`` and ``migrations`` are
+  ``fedge.shared``, ``fedge.coordinator``, ... (pyproject.toml maps them). Every import of our
+  code, in the packages, the tests, the benchmarks and the container scripts, uses those names,
+  and so does every module path written in a string (``python -m``, entry points, patch
+  targets, docstrings): with the checkout on ``sys.path`` a bare ``import shared`` would still
+  work and load a second copy of every module.
+* ``fedge.shared`` imports neither ``fedge.coordinator`` nor ``fedge.edge_agent``;
+  ``fedge.edge_agent`` never imports ``fedge.coordinator``; ``fedge.coordinator`` never imports
+  ``fedge.edge_agent`` (checked on the source with ``ast``, so a violation inside a function
+  counts too).
+* Nothing in ``edge_agent`` outside ``edge_agent/sim`` imports ``fedge.edge_agent.sim`` (the fleet
   simulation: demo, faults): the agent core runs on devices and knows no simulation. ``shared``
-  and ``coordinator`` import no ``edge_agent`` at all, so not its simulation either.
+  and ``coordinator`` import no ``fedge.edge_agent`` at all, so not its simulation either.
 * The modules of ``shared`` import each other without a cycle, counting imports under
   ``TYPE_CHECKING`` and inside functions (a cycle there is a tangle even when it runs).
 * Files are replaced durably in one place, ``shared/durable.py``: no other module of the three
@@ -20,7 +27,9 @@ from __future__ import annotations
 
 import ast
 import graphlib
+import importlib
 import json
+import re
 import subprocess
 import sys
 from importlib import metadata
@@ -31,10 +40,15 @@ from packaging.requirements import Requirement
 from packaging.utils import canonicalize_name
 
 ROOT = Path(__file__).resolve().parents[1]
+# The installed namespace, and the folders that are its packages (folder -> module name).
+NAMESPACE = "fedge"
+FOLDERS = ("shared", "coordinator", "edge_agent", "migrations")
+# Folders whose Python files must name our modules the installed way.
+CHECKED = (*FOLDERS, "tests", "bench", "docker")
 FORBIDDEN = {
-    "shared": {"coordinator", "edge_agent"},
-    "edge_agent": {"coordinator"},
-    "coordinator": {"edge_agent"},
+    "shared": {"fedge.coordinator", "fedge.edge_agent"},
+    "edge_agent": {"fedge.coordinator"},
+    "coordinator": {"fedge.edge_agent"},
 }
 # Must never be attempted at import time by shared or edge_agent, even inside try/except.
 HEAVY = [
@@ -78,18 +92,152 @@ def imported_modules(source: str, *, module: str, is_package: bool = False) -> s
     return found
 
 
+def module_name(rel: Path) -> tuple[str, bool]:
+    """The module a file is (``shared/wire.py`` -> ``fedge.shared.wire``: the package folders are
+    installed under the namespace; other folders keep their own names), and whether it is a
+    package."""
+    is_package = rel.name == "__init__.py"
+    parts = rel.with_suffix("").parts
+    parts = parts[:-1] if is_package else parts
+    if parts[0] in FOLDERS:
+        parts = (NAMESPACE, *parts)
+    return ".".join(parts), is_package
+
+
+def within(name: str, prefixes: set[str] | str) -> bool:
+    """Whether module ``name`` is one of ``prefixes`` or inside one of them."""
+    prefixes = {prefixes} if isinstance(prefixes, str) else prefixes
+    return any(name == p or name.startswith(p + ".") for p in prefixes)
+
+
 def violations(package: str) -> list[str]:
     problems = []
     for path in sorted((ROOT / package).rglob("*.py")):
         rel = path.relative_to(ROOT)
-        is_package = path.name == "__init__.py"
-        parts = rel.with_suffix("").parts
-        module = ".".join(parts[:-1] if is_package else parts)
+        module, is_package = module_name(rel)
         source = path.read_text(encoding="utf-8")
         for name in sorted(imported_modules(source, module=module, is_package=is_package)):
-            if name.partition(".")[0] in FORBIDDEN[package]:
+            if within(name, FORBIDDEN[package]):
                 problems.append(f"{rel} imports {name}")
     return problems
+
+
+def bare_imports(source: str, *, module: str, is_package: bool = False) -> list[str]:
+    """Imports in ``source`` of a package folder by its bare name (``shared.wire`` instead of
+    ``fedge.shared.wire``), counting ``from shared import wire``."""
+    names = imported_modules(source, module=module, is_package=is_package)
+    return sorted(name for name in names if name.partition(".")[0] in FOLDERS)
+
+
+def _submodules(folder: str) -> set[str]:
+    """The first-level modules and subpackages of a package folder (``wire``, ``sim``, ...)."""
+    found = set()
+    for path in (ROOT / folder).rglob("*.py"):
+        parts = path.relative_to(ROOT / folder).with_suffix("").parts
+        if parts[0] != "__init__":
+            found.add(parts[0])
+    return found
+
+
+_BARE_PATH = re.compile(
+    "|".join(
+        [
+            *(
+                rf"(?<![\w./-]){folder}\.(?:{'|'.join(sorted(_submodules(folder)))})\b"
+                for folder in FOLDERS
+            ),
+            # Code in a string: ``python -c "import edge_agent"``.
+            rf"(?<![\w.])(?:import|from) (?:{'|'.join(FOLDERS)})\b(?![\w./-])",
+        ]
+    )
+)
+
+
+def bare_paths(source: str) -> list[str]:
+    """Module paths in the string literals of ``source`` (docstrings included) that use a bare
+    folder name: ``"shared.cli"``, ``"coordinator.engine.x.y"``, ``edge_agent.data:LocalData``,
+    ``"import edge_agent"``. ``coordinator.env`` (a file name) is no module, so it does not
+    count."""
+    found = []
+    for node in ast.walk(ast.parse(source)):
+        if isinstance(node, ast.Constant) and isinstance(node.value, str):
+            found.extend(m.group(0) for m in _BARE_PATH.finditer(node.value))
+    return sorted(found)
+
+
+def python_files() -> list[Path]:
+    return [path for folder in CHECKED for path in sorted((ROOT / folder).rglob("*.py"))]
+
+
+def test_every_import_of_our_code_uses_the_fedge_namespace() -> None:
+    files = python_files()
+    assert ROOT / "shared" / "cli.py" in files and ROOT / "tests" / "conftest.py" in files
+    problems = {}
+    for path in files:
+        rel = path.relative_to(ROOT)
+        module, is_package = module_name(rel)
+        source = path.read_text(encoding="utf-8")
+        if found := bare_imports(source, module=module, is_package=is_package):
+            problems[str(rel)] = found
+    assert problems == {}, "import fedge.shared..., fedge.coordinator..., not the bare names"
+
+
+def test_module_paths_in_strings_use_the_fedge_namespace() -> None:
+    problems = {}
+    for path in python_files():
+        if path == Path(__file__).resolve():
+            continue  # its samples name bare paths on purpose
+        if found := bare_paths(path.read_text(encoding="utf-8")):
+            problems[str(path.relative_to(ROOT))] = found
+    assert problems == {}
+
+
+def test_no_module_is_loaded_under_a_bare_name() -> None:
+    """Every test module has been imported by now (collection): none of them, nor anything they
+    import, loaded a second copy of our code under the folder names."""
+    importlib.import_module("fedge.shared.wire")
+    assert sorted(m for m in sys.modules if m.partition(".")[0] in FOLDERS) == []
+
+
+@pytest.mark.parametrize(
+    ("source", "module", "expected"),
+    [
+        ("import shared.wire", "tests.x", ["shared.wire"]),
+        ("from coordinator.db import utcnow", "bench.x", ["coordinator.db"]),
+        ("from edge_agent import sim", "tests.x", ["edge_agent"]),
+        ("import migrations", "fedge.coordinator.migrate", ["migrations"]),
+        ("def f():\n    import shared\n", "tests.x", ["shared"]),
+        (
+            "import importlib\nimportlib.import_module('coordinator.cli')",
+            "tests.x",
+            ["coordinator.cli"],
+        ),
+        ("from fedge.shared.wire import x\nimport fedge.coordinator", "tests.x", []),
+        ("from . import wire", "fedge.shared.cli", []),
+        ("from .support import x", "tests.e2e", []),
+    ],
+)
+def test_the_namespace_check_sees_bare_imports(
+    source: str, module: str, expected: list[str]
+) -> None:
+    assert bare_imports(source, module=module) == expected
+
+
+def test_the_string_check_sees_bare_module_paths() -> None:
+    source = (
+        'X = ["-m", "shared.cli"]\n'
+        'Y = "edge_agent.data:LocalData"\n'
+        'def f():\n    """See :mod:`coordinator.engine.rounds`."""\n'
+        'Z = ["fedge.shared.cli", "coordinator.env", "coordinator.log", "a.shared.wire"]\n'
+        'P = "import sys, edge_agent\\nfrom shared import wire"\n'
+        'Q = "from fedge.shared import wire; import fedge.edge_agent; from coordinator/"\n'
+    )
+    assert bare_paths(source) == [
+        "coordinator.engine",
+        "edge_agent.data",
+        "from shared",
+        "shared.cli",
+    ]
 
 
 @pytest.mark.parametrize("package", sorted(FORBIDDEN))
@@ -101,31 +249,43 @@ def test_packages_import_only_in_the_allowed_direction(package: str) -> None:
 @pytest.mark.parametrize(
     "source",
     [
-        "import coordinator",
-        "import coordinator.models as m",
-        "from coordinator.db import utcnow",
-        "def f():\n    from coordinator import app\n",
-        "import importlib\nimportlib.import_module('coordinator.cli')",
+        "import fedge.coordinator",
+        "import fedge.coordinator.models as m",
+        "from fedge.coordinator.db import utcnow",
+        "def f():\n    from fedge.coordinator import app\n",
+        "from fedge import coordinator",
+        "import importlib\nimportlib.import_module('fedge.coordinator.cli')",
+        "from ...coordinator import db",
     ],
 )
 def test_the_checker_sees_every_form_of_import(source: str) -> None:
-    names = imported_modules(source, module="edge_agent.x.y")
-    assert any(n.partition(".")[0] == "coordinator" for n in names), names
+    names = imported_names(source, module="fedge.edge_agent.x.y")
+    assert any(within(n, "fedge.coordinator") for n in names), names
+
+
+def test_a_rule_matches_whole_module_names() -> None:
+    assert within("fedge.coordinator", {"fedge.coordinator"})
+    assert within("fedge.coordinator.db", "fedge.coordinator")
+    assert not within("fedge.coordinatorx", "fedge.coordinator")
+    assert not within("fedge", "fedge.coordinator")
 
 
 def test_relative_imports_resolve_inside_the_package() -> None:
-    assert imported_modules("from . import signing", module="shared.cli") == {"shared"}
-    assert imported_modules("from .wire import x", module="shared", is_package=True) == {
-        "shared.wire"
+    assert imported_modules("from . import signing", module="fedge.shared.cli") == {"fedge.shared"}
+    assert imported_modules("from .wire import x", module="fedge.shared", is_package=True) == {
+        "fedge.shared.wire"
     }
+    assert module_name(Path("shared/cli.py")) == ("fedge.shared.cli", False)
+    assert module_name(Path("edge_agent/sim/__init__.py")) == ("fedge.edge_agent.sim", True)
+    assert module_name(Path("tests/e2e/test_x.py")) == ("tests.e2e.test_x", False)
 
 
-SIM = "edge_agent.sim"
+SIM = "fedge.edge_agent.sim"
 
 
 def imported_names(source: str, *, module: str, is_package: bool = False) -> set[str]:
     """:func:`imported_modules` plus ``package.name`` for every ``from package import name``
-    (``name`` may be a submodule: ``from edge_agent import sim``)."""
+    (``name`` may be a submodule: ``from fedge.edge_agent import sim``)."""
     found = imported_modules(source, module=module, is_package=is_package)
     for node in ast.walk(ast.parse(source)):
         if isinstance(node, ast.ImportFrom):
@@ -142,12 +302,10 @@ def sim_violations(root: Path) -> list[str]:
         rel = path.relative_to(root)
         if rel.parts[:2] == ("edge_agent", "sim"):
             continue
-        is_package = path.name == "__init__.py"
-        parts = rel.with_suffix("").parts
-        module = ".".join(parts[:-1] if is_package else parts)
+        module, is_package = module_name(rel)
         source = path.read_text(encoding="utf-8")
         for name in sorted(imported_names(source, module=module, is_package=is_package)):
-            if name == SIM or name.startswith(SIM + "."):
+            if within(name, SIM):
                 problems.append(f"{rel} imports {name}")
     return problems
 
@@ -160,28 +318,30 @@ def test_the_agent_core_never_imports_the_simulation() -> None:
 @pytest.mark.parametrize(
     "source",
     [
-        "from edge_agent.sim.faults import FaultHooks",
-        "import edge_agent.sim",
-        "from edge_agent import sim",
+        "from fedge.edge_agent.sim.faults import FaultHooks",
+        "import fedge.edge_agent.sim",
+        "from fedge.edge_agent import sim",
         "from .sim import fleet",
         "from . import sim",
-        "def f():\n    import edge_agent.sim.demo\n",
-        "import importlib\nimportlib.import_module('edge_agent.sim.fleet')",
+        "def f():\n    import fedge.edge_agent.sim.demo\n",
+        "import importlib\nimportlib.import_module('fedge.edge_agent.sim.fleet')",
     ],
 )
 def test_the_simulation_rule_catches_an_import_from_the_core(tmp_path: Path, source: str) -> None:
     package = tmp_path / "edge_agent"
     (package / "sim").mkdir(parents=True)
     (package / "__init__.py").write_text("")
-    (package / "sim" / "__init__.py").write_text("from edge_agent.agent import Agent\n")
-    (package / "sim" / "fleet.py").write_text("from edge_agent.sim.faults import FaultHooks\n")
-    (package / "agent.py").write_text("from edge_agent.hooks import AgentHooks\n")
-    (package / "simulated.py").write_text("import edge_agent.simulated_io\n")
+    (package / "sim" / "__init__.py").write_text("from fedge.edge_agent.agent import Agent\n")
+    (package / "sim" / "fleet.py").write_text("from fedge.edge_agent.sim.faults import Hooks\n")
+    (package / "agent.py").write_text("from fedge.edge_agent.hooks import AgentHooks\n")
+    (package / "simulated.py").write_text("import fedge.edge_agent.simulated_io\n")
     assert sim_violations(tmp_path) == []
     (package / "agent.py").write_text(source + "\n")
     found = sim_violations(tmp_path)
     assert found, source
-    assert all(v.startswith("edge_agent/agent.py imports edge_agent.sim") for v in found), found
+    assert all(v.startswith("edge_agent/agent.py imports fedge.edge_agent.sim") for v in found), (
+        found
+    )
 
 
 def module_graph(root: Path, package: str) -> dict[str, set[str]]:
@@ -189,12 +349,8 @@ def module_graph(root: Path, package: str) -> dict[str, set[str]]:
     statement anywhere in it; ``from pkg import mod`` imports ``pkg.mod``)."""
     sources: dict[str, tuple[str, bool]] = {}
     for path in sorted((root / package).rglob("*.py")):
-        is_package = path.name == "__init__.py"
-        parts = path.relative_to(root).with_suffix("").parts
-        sources[".".join(parts[:-1] if is_package else parts)] = (
-            path.read_text(encoding="utf-8"),
-            is_package,
-        )
+        module, is_package = module_name(path.relative_to(root))
+        sources[module] = (path.read_text(encoding="utf-8"), is_package)
     graph: dict[str, set[str]] = {}
     for module, (source, is_package) in sources.items():
         names = imported_modules(source, module=module, is_package=is_package)
@@ -217,7 +373,8 @@ def import_cycle(graph: dict[str, set[str]]) -> list[str]:
 
 def test_shared_modules_import_each_other_without_a_cycle() -> None:
     graph = module_graph(ROOT, "shared")
-    assert {"shared.compression", "shared.feedback", "shared.wire"} <= set(graph)
+    assert {"fedge.shared.compression", "fedge.shared.feedback", "fedge.shared.wire"} <= set(graph)
+    assert graph["fedge.shared.feedback"]
     assert import_cycle(graph) == []
 
 
@@ -260,7 +417,7 @@ def test_files_are_replaced_durably_only_in_shared_durable() -> None:
         for path in sorted((ROOT / package).rglob("*.py"))
         if path != helper and (calls := durable_write_calls(path.read_text(encoding="utf-8")))
     }
-    assert elsewhere == {}, "use shared.durable.write_atomic / write_bytes_atomic"
+    assert elsewhere == {}, "use fedge.shared.durable.write_atomic / write_bytes_atomic"
 
 
 def plain_install_modules() -> list[str]:
@@ -290,7 +447,8 @@ import importlib, importlib.abc, json, pkgutil, sys
 
 heavy = set(json.loads(sys.argv[1]))
 roots = json.loads(sys.argv[3])
-allowed = set(json.loads(sys.argv[2])) | set(roots)
+tops = {root.partition(".")[0] for root in roots}
+allowed = set(json.loads(sys.argv[2])) | tops
 attempts = []
 
 
@@ -303,7 +461,7 @@ class PlainInstall(importlib.abc.MetaPathFinder):
         return None
 
 
-preloaded = sorted(m for m in sys.modules if m.partition(".")[0] in heavy | set(roots))
+preloaded = sorted(m for m in sys.modules if m.partition(".")[0] in heavy | tops)
 sys.meta_path.insert(0, PlainInstall())
 results = {}
 
@@ -346,10 +504,10 @@ def heavy_attempts(result: dict) -> list[str]:
 
 
 def test_agent_and_shared_import_on_a_plain_install() -> None:
-    report = probe(["shared", "edge_agent"], cwd=ROOT)
+    report = probe(["fedge.shared", "fedge.edge_agent"], cwd=ROOT)
     assert report["preloaded"] == []
     results = report["results"]
-    assert "edge_agent" in results and "shared.signing" in results
+    assert "fedge.edge_agent" in results and "fedge.shared.signing" in results
     failures = {name: r["error"] for name, r in results.items() if r["error"]}
     attempts = {name: heavy_attempts(r) for name, r in results.items()}
     assert failures == {}, f"modules that do not import on a plain install: {failures}"

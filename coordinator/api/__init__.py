@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from fastapi import APIRouter
 
-from coordinator.api import (
+from fedge.coordinator.api import (
     device,
     device_work,
     devices,
@@ -18,7 +18,7 @@ from coordinator.api import (
     tasks,
     tokens,
 )
-from coordinator.paths import API_PREFIX
+from fedge.coordinator.paths import API_PREFIX
 
 
 def build_router() -> APIRouter:

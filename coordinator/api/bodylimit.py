@@ -9,7 +9,7 @@ exceeds the route's limit, and stops a streamed (chunked) body as soon as it doe
   ``max_model_bytes``; ``POST /api/v1/device/assignments/{id}/update``: ``max_upload_bytes``);
 - every other route (JSON bodies) gets :data:`MAX_JSON_BODY`.
 
-Routes still check their exact limit while reading (:func:`coordinator.auth.read_body`).
+Routes still check their exact limit while reading (:func:`fedge.coordinator.auth.read_body`).
 
 A client that closes its connection before its body is in makes the reader raise Starlette's
 ``ClientDisconnect``. Nobody is left to answer, so that is not an application error: the
@@ -29,8 +29,8 @@ from typing import Any
 
 from starlette.requests import ClientDisconnect
 
-from coordinator.paths import API_PREFIX, DEVICE_PREFIX
-from coordinator.settings import Settings
+from fedge.coordinator.paths import API_PREFIX, DEVICE_PREFIX
+from fedge.coordinator.settings import Settings
 
 Scope = MutableMapping[str, Any]
 Message = MutableMapping[str, Any]

@@ -6,7 +6,7 @@
   success for a change that was not committed. Service functions flush, never commit.
 - ``AdminDep`` / ``ViewerDep``: the caller's API key (``Authorization: Bearer``); admin-only
   routes answer 403 ``forbidden`` to viewer keys.
-- ``DeviceDep``: a verified signed device request (:mod:`coordinator.auth`). It holds no
+- ``DeviceDep``: a verified signed device request (:mod:`fedge.coordinator.auth`). It holds no
   session open, so long-polls can wait without a database connection.
 - ``Pagination``: ``limit``/``offset`` query parameters of list routes.
 """
@@ -24,14 +24,14 @@ from pydantic import BaseModel
 from sqlalchemy import Select, func, select
 from sqlalchemy.orm import Session
 
-from coordinator.auth import DeviceIdentity, authenticate_device
-from coordinator.blobstore import BlobStore
-from coordinator.db import session_scope, utcnow
-from coordinator.errors import Forbidden, Unauthorized
-from coordinator.models import ApiKey
-from coordinator.runtime import Runtime
-from coordinator.secrets import hash_secret
-from coordinator.settings import Settings
+from fedge.coordinator.auth import DeviceIdentity, authenticate_device
+from fedge.coordinator.blobstore import BlobStore
+from fedge.coordinator.db import session_scope, utcnow
+from fedge.coordinator.errors import Forbidden, Unauthorized
+from fedge.coordinator.models import ApiKey
+from fedge.coordinator.runtime import Runtime
+from fedge.coordinator.secrets import hash_secret
+from fedge.coordinator.settings import Settings
 
 T = TypeVar("T")
 P = TypeVar("P", bound=BaseModel)

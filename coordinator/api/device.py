@@ -1,7 +1,7 @@
 """The device API: enrollment (unsigned), the device's own record, model download.
 
 Every route but enrollment depends on ``DeviceDep`` (a verified signed request). The work
-long-poll, update upload and metrics live in :mod:`coordinator.api.device_work`.
+long-poll, update upload and metrics live in :mod:`fedge.coordinator.api.device_work`.
 """
 
 from __future__ import annotations
@@ -10,9 +10,9 @@ from fastapi import APIRouter, Response
 from sqlalchemy import select, update
 from sqlalchemy.orm import Session
 
-from coordinator.api.deps import BlobsDep, DeviceDep, SessionDep
-from coordinator.api.devices import to_public
-from coordinator.api.model_versions import (
+from fedge.coordinator.api.deps import BlobsDep, DeviceDep, SessionDep
+from fedge.coordinator.api.devices import to_public
+from fedge.coordinator.api.model_versions import (
     MODEL_RESPONSES,
     Dtype,
     IfNoneMatch,
@@ -20,18 +20,18 @@ from coordinator.api.model_versions import (
     find_version,
     model_response,
 )
-from coordinator.api.tasks import TaskId, get_task
-from coordinator.db import utcnow
-from coordinator.enrollment import enroll_device
-from coordinator.errors import Forbidden, NotFound, error_responses
-from coordinator.models import Assignment, Device
-from coordinator.schemas.devices import DevicePublic, EnrollRequest, EnrollResponse
-from coordinator.states import AssignmentStatus
-from shared.modelspec import ModelSpec
+from fedge.coordinator.api.tasks import TaskId, get_task
+from fedge.coordinator.db import utcnow
+from fedge.coordinator.enrollment import enroll_device
+from fedge.coordinator.errors import Forbidden, NotFound, error_responses
+from fedge.coordinator.models import Assignment, Device
+from fedge.coordinator.schemas.devices import DevicePublic, EnrollRequest, EnrollResponse
+from fedge.coordinator.states import AssignmentStatus
+from fedge.shared.modelspec import ModelSpec
 
 router = APIRouter(prefix="/device", tags=["device"])
 
-#: Errors every signed route can answer (see coordinator.auth).
+#: Errors every signed route can answer (see fedge.coordinator.auth).
 SIGNED_ERRORS = (401, 403, 413, 429)
 
 

@@ -3,11 +3,11 @@
 Every route depends on ``DeviceDep`` (a verified signed request; the body was read with the
 ``max_upload_bytes`` limit enforced while it streamed in and is part of the signature). The
 database work runs in worker threads with short transactions of its own; the long-poll
-(:mod:`coordinator.engine.longpoll`) waits on an in-process signal holding no session or
+(:mod:`fedge.coordinator.engine.longpoll`) waits on an in-process signal holding no session or
 connection (docs/protocol.md).
 
 A device may keep ``device_max_long_polls`` polls with a wait open (besides its cap on
-requests in flight, :class:`coordinator.auth.DeviceSlots`); one more is refused at once with
+requests in flight, :class:`fedge.coordinator.auth.DeviceSlots`); one more is refused at once with
 429 ``too_many_requests`` and ``Retry-After``, before its first check. The slot is taken after
 the request was verified, so nobody but the device itself can use up its polls.
 """
@@ -21,15 +21,15 @@ from fastapi import APIRouter, Header, Path, Query, Request, Response
 from fastapi.concurrency import run_in_threadpool
 from pydantic import ValidationError
 
-from coordinator.api.deps import MAX_ID, DeviceDep, RuntimeDep
-from coordinator.auth import get_device_slots
-from coordinator.db import session_scope
-from coordinator.engine.longpoll import long_poll
-from coordinator.engine.reports import record_metrics
-from coordinator.engine.updates import accept_upload, check_idempotency_key
-from coordinator.errors import Unprocessable, error_responses
-from coordinator.runtime import Runtime
-from coordinator.schemas.device_work import (
+from fedge.coordinator.api.deps import MAX_ID, DeviceDep, RuntimeDep
+from fedge.coordinator.auth import get_device_slots
+from fedge.coordinator.db import session_scope
+from fedge.coordinator.engine.longpoll import long_poll
+from fedge.coordinator.engine.reports import record_metrics
+from fedge.coordinator.engine.updates import accept_upload, check_idempotency_key
+from fedge.coordinator.errors import Unprocessable, error_responses
+from fedge.coordinator.runtime import Runtime
+from fedge.coordinator.schemas.device_work import (
     DeviceMetrics,
     UploadAccepted,
     WorkAssignment,

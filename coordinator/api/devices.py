@@ -7,7 +7,7 @@ from typing import Annotated
 from fastapi import APIRouter, BackgroundTasks, Path, Query
 from sqlalchemy import select
 
-from coordinator.api.deps import (
+from fedge.coordinator.api.deps import (
     AdminDep,
     Pagination,
     RuntimeDep,
@@ -15,12 +15,12 @@ from coordinator.api.deps import (
     ViewerDep,
     page_of,
 )
-from coordinator.api.signals import wake_devices
-from coordinator.enrollment import revoke_device
-from coordinator.errors import NotFound, error_responses
-from coordinator.models import Device
-from coordinator.schemas.devices import DevicePublic, DevicesPublic
-from coordinator.states import DeviceStatus
+from fedge.coordinator.api.signals import wake_devices
+from fedge.coordinator.enrollment import revoke_device
+from fedge.coordinator.errors import NotFound, error_responses
+from fedge.coordinator.models import Device
+from fedge.coordinator.schemas.devices import DevicePublic, DevicesPublic
+from fedge.coordinator.states import DeviceStatus
 
 router = APIRouter(prefix="/devices", tags=["devices"])
 DeviceId = Annotated[str, Path(pattern=r"^[A-Za-z0-9_-]{1,64}$", description="Device id")]

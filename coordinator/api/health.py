@@ -7,11 +7,11 @@ from fastapi.concurrency import run_in_threadpool
 from pydantic import BaseModel
 from sqlalchemy import select
 
-from coordinator.errors import NotReady, error_responses
-from coordinator.migrate import schema_status
-from coordinator.models import ModelVersion, Task
-from coordinator.runtime import Runtime
-from coordinator.states import TASK_LIVE
+from fedge.coordinator.errors import NotReady, error_responses
+from fedge.coordinator.migrate import schema_status
+from fedge.coordinator.models import ModelVersion, Task
+from fedge.coordinator.runtime import Runtime
+from fedge.coordinator.states import TASK_LIVE
 
 router = APIRouter(tags=["health"])
 

@@ -7,12 +7,12 @@ from typing import Annotated
 from fastapi import APIRouter, Path
 from sqlalchemy import select
 
-from coordinator.api.deps import MAX_ID, AdminDep, Pagination, SessionDep, ViewerDep, page_of
-from coordinator.db import utcnow
-from coordinator.errors import Conflict, NotFound, error_responses
-from coordinator.models import ApiKey
-from coordinator.schemas.keys import ApiKeyCreate, ApiKeyCreated, ApiKeyPublic, ApiKeysPublic
-from coordinator.secrets import create_api_key
+from fedge.coordinator.api.deps import MAX_ID, AdminDep, Pagination, SessionDep, ViewerDep, page_of
+from fedge.coordinator.db import utcnow
+from fedge.coordinator.errors import Conflict, NotFound, error_responses
+from fedge.coordinator.models import ApiKey
+from fedge.coordinator.schemas.keys import ApiKeyCreate, ApiKeyCreated, ApiKeyPublic, ApiKeysPublic
+from fedge.coordinator.secrets import create_api_key
 
 router = APIRouter(prefix="/api-keys", tags=["api keys"])
 KeyId = Annotated[int, Path(ge=1, le=MAX_ID)]

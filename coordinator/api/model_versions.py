@@ -1,6 +1,6 @@
 """Model versions (admin API): list, and binary download with ETag / If-None-Match.
 
-The download helpers are shared with the device API (:mod:`coordinator.api.device`).
+The download helpers are shared with the device API (:mod:`fedge.coordinator.api.device`).
 Versions are stored once, as float32 wire blobs; ``?dtype=f16`` re-encodes on the fly and has
 its own ETag (the digest with a ``-f16`` suffix), so caches never confuse the two.
 """
@@ -13,15 +13,15 @@ from fastapi import APIRouter, Header, Path, Query, Response
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
-from coordinator.api.deps import BlobsDep, Pagination, SessionDep, ViewerDep, page_of
-from coordinator.api.tasks import TaskId, get_task
-from coordinator.blobstore import BlobStore
-from coordinator.errors import NotFound, Unprocessable, error_responses
-from coordinator.models import ModelVersion
-from coordinator.schemas.model_versions import ModelVersionsPublic
-from coordinator.tasks import version_to_public
-from shared import wire
-from shared.modelspec import ModelSpec
+from fedge.coordinator.api.deps import BlobsDep, Pagination, SessionDep, ViewerDep, page_of
+from fedge.coordinator.api.tasks import TaskId, get_task
+from fedge.coordinator.blobstore import BlobStore
+from fedge.coordinator.errors import NotFound, Unprocessable, error_responses
+from fedge.coordinator.models import ModelVersion
+from fedge.coordinator.schemas.model_versions import ModelVersionsPublic
+from fedge.coordinator.tasks import version_to_public
+from fedge.shared import wire
+from fedge.shared.modelspec import ModelSpec
 
 router = APIRouter(prefix="/tasks/{task_id}/models", tags=["model versions"])
 

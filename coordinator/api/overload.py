@@ -12,7 +12,7 @@ Device routes (under ``device_prefix``) may fill only ``device_limit`` of the sl
 (``max_connections`` minus ``reserved_connections``): the rest is kept for ``/healthz``,
 ``/readyz`` and the admin API, so that devices' long-polls cannot lock operators and probes
 out. The total stays within ``max_connections``, so the margin above still holds. How many of
-the device slots one device may take is :class:`coordinator.auth.DeviceSlots`' business.
+the device slots one device may take is :class:`fedge.coordinator.auth.DeviceSlots`' business.
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ import json
 from collections.abc import Awaitable, Callable, MutableMapping
 from typing import Any
 
-from coordinator.paths import DEVICE_PREFIX
+from fedge.coordinator.paths import DEVICE_PREFIX
 
 Scope = MutableMapping[str, Any]
 Message = MutableMapping[str, Any]

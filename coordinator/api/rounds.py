@@ -7,12 +7,12 @@ from typing import Annotated
 from fastapi import APIRouter, Path, Query
 from sqlalchemy import select
 
-from coordinator.api.deps import MAX_ID, Pagination, SessionDep, ViewerDep, page_of
-from coordinator.api.tasks import TaskId, get_task
-from coordinator.errors import NotFound, error_responses
-from coordinator.models import Round
-from coordinator.schemas.rounds import RoundPublic, RoundsPublic
-from coordinator.states import RoundStatus
+from fedge.coordinator.api.deps import MAX_ID, Pagination, SessionDep, ViewerDep, page_of
+from fedge.coordinator.api.tasks import TaskId, get_task
+from fedge.coordinator.errors import NotFound, error_responses
+from fedge.coordinator.models import Round
+from fedge.coordinator.schemas.rounds import RoundPublic, RoundsPublic
+from fedge.coordinator.states import RoundStatus
 
 router = APIRouter(prefix="/tasks/{task_id}/rounds", tags=["rounds"])
 RoundNumber = Annotated[int, Path(ge=0, le=MAX_ID, description="Round number within the task")]

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 
-from coordinator.runtime import Runtime
+from fedge.coordinator.runtime import Runtime
 
 
 async def wake_devices(runtime: Runtime, device_ids: Iterable[str]) -> None:

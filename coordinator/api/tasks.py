@@ -8,8 +8,8 @@ from fastapi import APIRouter, BackgroundTasks, Depends, Path, Query, Request
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from coordinator import tasks as service
-from coordinator.api.deps import (
+from fedge.coordinator import tasks as service
+from fedge.coordinator.api.deps import (
     MAX_ID,
     AdminDep,
     BlobsDep,
@@ -20,13 +20,13 @@ from coordinator.api.deps import (
     ViewerDep,
     page_of,
 )
-from coordinator.api.signals import kick_scheduler
-from coordinator.auth import read_body
-from coordinator.errors import NotFound, error_responses
-from coordinator.models import Task
-from coordinator.schemas.model_versions import ModelVersionPublic
-from coordinator.schemas.tasks import TaskCreate, TaskPublic, TasksPublic, TaskUpdate
-from coordinator.states import TaskStatus
+from fedge.coordinator.api.signals import kick_scheduler
+from fedge.coordinator.auth import read_body
+from fedge.coordinator.errors import NotFound, error_responses
+from fedge.coordinator.models import Task
+from fedge.coordinator.schemas.model_versions import ModelVersionPublic
+from fedge.coordinator.schemas.tasks import TaskCreate, TaskPublic, TasksPublic, TaskUpdate
+from fedge.coordinator.states import TaskStatus
 
 router = APIRouter(prefix="/tasks", tags=["tasks"])
 TaskId = Annotated[int, Path(ge=1, le=MAX_ID, description="Task id")]

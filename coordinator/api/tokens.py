@@ -7,12 +7,12 @@ from typing import Annotated
 from fastapi import APIRouter, Path
 from sqlalchemy import select
 
-from coordinator.api.deps import MAX_ID, AdminDep, Pagination, SessionDep, ViewerDep, page_of
-from coordinator.db import utcnow
-from coordinator.enrollment import create_token, token_status
-from coordinator.errors import NotFound, error_responses
-from coordinator.models import EnrollmentToken
-from coordinator.schemas.tokens import TokenCreate, TokenCreated, TokenPublic, TokensPublic
+from fedge.coordinator.api.deps import MAX_ID, AdminDep, Pagination, SessionDep, ViewerDep, page_of
+from fedge.coordinator.db import utcnow
+from fedge.coordinator.enrollment import create_token, token_status
+from fedge.coordinator.errors import NotFound, error_responses
+from fedge.coordinator.models import EnrollmentToken
+from fedge.coordinator.schemas.tokens import TokenCreate, TokenCreated, TokenPublic, TokensPublic
 
 router = APIRouter(prefix="/enrollment-tokens", tags=["enrollment tokens"])
 TokenId = Annotated[int, Path(ge=1, le=MAX_ID)]

@@ -20,11 +20,11 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from coordinator.blobstore import BlobNotFound, BlobStore
-from shared.limits import DEFAULT_LIMITS, Limits
-from shared.modelspec import ModelSpec
-from shared.policy import CompressionPolicy
-from shared.wire import DecodedUpdate, WireFormatError, decode_update
+from fedge.coordinator.blobstore import BlobNotFound, BlobStore
+from fedge.shared.limits import DEFAULT_LIMITS, Limits
+from fedge.shared.modelspec import ModelSpec
+from fedge.shared.policy import CompressionPolicy
+from fedge.shared.wire import DecodedUpdate, WireFormatError, decode_update
 
 
 class BadStoredUpdate(ValueError):

@@ -29,19 +29,19 @@ import numpy as np
 from sqlalchemy import select, update
 from sqlalchemy.orm import Session
 
-from coordinator.blobstore import BlobStore
-from coordinator.engine import examples, reports, rounds
-from coordinator.engine.aggregate import WeightedBlob, aggregate_blobs
-from coordinator.engine.config import AggregationConfig
-from coordinator.engine.evalhook import EvalHook, run_hook
-from coordinator.engine.modelio import load_state, load_weights, store_state, store_weights
-from coordinator.engine.staleness import update_weight
-from coordinator.engine.strategies import make_strategy
-from coordinator.models import ModelVersion, Round, Task, Update
-from coordinator.states import ROUND_ACTIVE, TASK_LIVE, RoundStatus, TaskStatus, UpdateStatus
-from shared.limits import Limits
-from shared.modelspec import ModelSpec
-from shared.policy import CompressionPolicy
+from fedge.coordinator.blobstore import BlobStore
+from fedge.coordinator.engine import examples, reports, rounds
+from fedge.coordinator.engine.aggregate import WeightedBlob, aggregate_blobs
+from fedge.coordinator.engine.config import AggregationConfig
+from fedge.coordinator.engine.evalhook import EvalHook, run_hook
+from fedge.coordinator.engine.modelio import load_state, load_weights, store_state, store_weights
+from fedge.coordinator.engine.staleness import update_weight
+from fedge.coordinator.engine.strategies import make_strategy
+from fedge.coordinator.models import ModelVersion, Round, Task, Update
+from fedge.coordinator.states import ROUND_ACTIVE, TASK_LIVE, RoundStatus, TaskStatus, UpdateStatus
+from fedge.shared.limits import Limits
+from fedge.shared.modelspec import ModelSpec
+from fedge.shared.policy import CompressionPolicy
 
 #: Ids per ``IN (...)`` list: SQLite allows at most 32,766 bound parameters per statement, and
 #: a round may hold up to 100,000 updates (``clients_per_round``, ``buffer_size``).
@@ -157,7 +157,7 @@ def plan_aggregation(
     elif not chosen:
         return None
     # The weight counts the examples clipped to a multiple of the cohort's median
-    # (coordinator.engine.examples), then discounts staleness.
+    # (fedge.coordinator.engine.examples), then discounts staleness.
     clipped = examples.cohort_clip([count for *_, count in chosen])
     items = [
         PlannedUpdate(

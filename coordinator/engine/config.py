@@ -1,7 +1,7 @@
 """A task's aggregation settings: the one definition of their fields, defaults and bounds.
 
 The task API validates a task body's ``aggregation`` with :class:`AggregationConfig`
-(:mod:`coordinator.schemas.tasks` re-exports it), stores it as JSON, and the engine parses the
+(:mod:`fedge.coordinator.schemas.tasks` re-exports it), stores it as JSON, and the engine parses the
 stored JSON again with :meth:`AggregationConfig.from_dict`, so both apply the same defaults and
 bounds. A stored config that no longer parses raises :class:`ConfigError` and fails the task
 with a clear reason instead of crashing the scheduler.
@@ -15,7 +15,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, Field, ValidationError, model_validator
 
-from coordinator.engine.staleness import CONFIG, StalenessConfig
+from fedge.coordinator.engine.staleness import CONFIG, StalenessConfig
 
 Mode = Literal["sync", "async"]
 Weighting = Literal["num_examples", "equal"]
@@ -129,8 +129,8 @@ class AggregationConfig(BaseModel):
         """Parse and validate a stored config (:class:`ConfigError` names the field).
 
         The early-stop target is read in the stored form (``target_metric`` a name and
-        ``target_value``, as ``coordinator.tasks`` writes it) or the API's object form. Unknown
-        top-level keys are ignored: another coordinator version may have written them.
+        ``target_value``, as ``fedge.coordinator.tasks`` writes it) or the API's object form.
+        Unknown top-level keys are ignored: another coordinator version may have written them.
         """
         if not isinstance(data, Mapping):
             raise ConfigError("aggregation must be an object")

@@ -27,9 +27,9 @@ import numpy as np
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from coordinator.errors import Unprocessable
-from coordinator.models import Update
-from coordinator.states import UPDATE_COUNTED
+from fedge.coordinator.errors import Unprocessable
+from fedge.coordinator.models import Update
+from fedge.coordinator.states import UPDATE_COUNTED
 
 #: A claim counts at most this many times the device's recent largest count. (4 rather than 2:
 #: a device's data may well grow fourfold between uploads early on, e.g. 10 then 40 examples,

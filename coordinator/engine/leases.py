@@ -20,7 +20,7 @@ from sqlalchemy import delete, or_, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session
 
-from coordinator.models import Lease
+from fedge.coordinator.models import Lease
 
 
 def task_lease_name(task_id: int) -> str:

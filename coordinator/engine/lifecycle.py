@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import asyncio
 
-from coordinator.engine.evalhook import load_hook
-from coordinator.engine.notify import Notifier
-from coordinator.engine.scheduler import Scheduler
-from coordinator.runtime import Runtime
+from fedge.coordinator.engine.evalhook import load_hook
+from fedge.coordinator.engine.notify import Notifier
+from fedge.coordinator.engine.scheduler import Scheduler
+from fedge.coordinator.runtime import Runtime
 
 
 async def start_engine(runtime: Runtime) -> None:

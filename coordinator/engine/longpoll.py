@@ -3,10 +3,10 @@ device's current assignment, holding no database session or connection while wai
 
 A poll checks the database on arrival with its own check (:func:`check_work`). While it
 waits, its re-checks (every ``long_poll_recheck_s``, for changes made by other coordinator
-processes) and its wake-ups (the in-process :class:`~coordinator.engine.notify.Notifier`)
+processes) and its wake-ups (the in-process :class:`~fedge.coordinator.engine.notify.Notifier`)
 are batched: the waits end on a clock shared by every poll (:func:`next_tick`), and every
 poll that wakes in the same event-loop turn is checked in one
-:func:`coordinator.engine.work.check_waiting` call (:class:`BatchChecker`), so a thousand
+:func:`fedge.coordinator.engine.work.check_waiting` call (:class:`BatchChecker`), so a thousand
 idle devices cost a few queries per re-check instead of a thousand, and a round opened for
 all of them is answered from one query. A poll whose batch verdict is anything but its active
 assignment or "nothing new" runs its own check again.
@@ -22,16 +22,16 @@ from typing import Any
 
 from fastapi.concurrency import run_in_threadpool
 
-from coordinator.db import session_scope, utcnow
-from coordinator.engine.notify import Notifier
-from coordinator.engine.work import (
+from fedge.coordinator.db import session_scope, utcnow
+from fedge.coordinator.engine.notify import Notifier
+from fedge.coordinator.engine.work import (
     Verdict,
     cancellation,
     check_waiting,
     find_work,
     require_active,
 )
-from coordinator.runtime import Runtime
+from fedge.coordinator.runtime import Runtime
 
 log = logging.getLogger(__name__)
 

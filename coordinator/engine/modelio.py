@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-from coordinator.blobstore import BlobStore
-from coordinator.engine.strategies import OptimizerState, state_from_bytes, state_to_bytes
-from shared.modelspec import ModelSpec, Weights
-from shared.wire import decode_model, encode_model
+from fedge.coordinator.blobstore import BlobStore
+from fedge.coordinator.engine.strategies import OptimizerState, state_from_bytes, state_to_bytes
+from fedge.shared.modelspec import ModelSpec, Weights
+from fedge.shared.wire import decode_model, encode_model
 
 
 def load_weights(blobs: BlobStore, digest: str, spec: ModelSpec) -> Weights:

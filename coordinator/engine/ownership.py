@@ -5,8 +5,8 @@ from __future__ import annotations
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from coordinator.errors import Forbidden, NotFound
-from coordinator.models import Assignment
+from fedge.coordinator.errors import Forbidden, NotFound
+from fedge.coordinator.models import Assignment
 
 
 def own_assignment(

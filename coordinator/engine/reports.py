@@ -15,9 +15,9 @@ from typing import Any
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
-from coordinator.engine.ownership import own_assignment
-from coordinator.models import ModelVersion, Round, Update
-from coordinator.states import UpdateStatus
+from fedge.coordinator.engine.ownership import own_assignment
+from fedge.coordinator.models import ModelVersion, Round, Update
+from fedge.coordinator.states import UpdateStatus
 
 
 def record_metrics(

@@ -3,7 +3,7 @@ tasks. Every function works inside the caller's transaction (it flushes, never c
 returns the ids of devices whose long-polls should wake once the transaction has committed.
 
 Sync round: ``open`` (collecting) -> ``aggregating`` (closed to new work, quorum met) ->
-``closed`` (new version committed, see :mod:`coordinator.engine.apply`), or ``open`` ->
+``closed`` (new version committed, see :mod:`fedge.coordinator.engine.apply`), or ``open`` ->
 ``failed`` (deadline passed below quorum). Async round: ``open`` -> ``closed`` when
 ``buffer_size`` updates are applied. docs/rounds.md describes the rules.
 """
@@ -20,10 +20,10 @@ from sqlalchemy.orm import Session
 from sqlalchemy.orm.attributes import set_committed_value
 from sqlalchemy.orm.util import identity_key
 
-from coordinator.engine.config import AggregationConfig
-from coordinator.engine.selection import busy_clause, choose, eligible_devices
-from coordinator.models import Assignment, Device, Round, Task, Update
-from coordinator.states import (
+from fedge.coordinator.engine.config import AggregationConfig
+from fedge.coordinator.engine.selection import busy_clause, choose, eligible_devices
+from fedge.coordinator.models import Assignment, Device, Round, Task, Update
+from fedge.coordinator.states import (
     ASSIGNMENT_ACTIVE,
     ASSIGNMENT_ENDED,
     ROUND_ACTIVE,

@@ -9,10 +9,10 @@ coordinator process acts for a task at a time; the lease lapses after
 ``settings.lease_ttl_s`` if its holder dies), then:
 
 1. in one short transaction (task row locked on PostgreSQL), applies the state rules of
-   :mod:`coordinator.engine.rounds`: open, close or fail rounds, drop expired async
+   :mod:`fedge.coordinator.engine.rounds`: open, close or fail rounds, drop expired async
    assignments, wind down paused, cancelled and finished tasks;
 2. if a round is ready to aggregate, plans, computes and commits it
-   (:mod:`coordinator.engine.apply`).
+   (:mod:`fedge.coordinator.engine.apply`).
 
 Devices affected (newly assigned, cancelled) are woken through the :class:`Notifier` after
 each commit. Uploads call :meth:`Scheduler.kick` so a round that reached its target closes
@@ -29,15 +29,15 @@ from dataclasses import dataclass, field
 from sqlalchemy import exists, or_, select, update
 from sqlalchemy.orm import Session
 
-from coordinator.db import session_scope, utcnow
-from coordinator.engine import apply, leases, rounds
-from coordinator.engine.aggregate import BadStoredUpdate
-from coordinator.engine.config import AggregationConfig, ConfigError
-from coordinator.engine.evalhook import EvalHook, load_hook
-from coordinator.engine.notify import Notifier
-from coordinator.models import Assignment, Round, Task, Update
-from coordinator.runtime import Runtime
-from coordinator.states import (
+from fedge.coordinator.db import session_scope, utcnow
+from fedge.coordinator.engine import apply, leases, rounds
+from fedge.coordinator.engine.aggregate import BadStoredUpdate
+from fedge.coordinator.engine.config import AggregationConfig, ConfigError
+from fedge.coordinator.engine.evalhook import EvalHook, load_hook
+from fedge.coordinator.engine.notify import Notifier
+from fedge.coordinator.models import Assignment, Round, Task, Update
+from fedge.coordinator.runtime import Runtime
+from fedge.coordinator.states import (
     ASSIGNMENT_ACTIVE,
     ROUND_ACTIVE,
     TASK_LIVE,

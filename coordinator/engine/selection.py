@@ -22,8 +22,8 @@ import numpy as np
 from sqlalchemy import ColumnElement, exists, select
 from sqlalchemy.orm import Session
 
-from coordinator.models import Assignment, Device
-from coordinator.states import ASSIGNMENT_ACTIVE, DeviceStatus
+from fedge.coordinator.models import Assignment, Device
+from fedge.coordinator.states import ASSIGNMENT_ACTIVE, DeviceStatus
 
 PRIOR_SUCCESS = 3.0
 PRIOR_FAILURE = 1.0

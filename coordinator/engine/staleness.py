@@ -22,7 +22,7 @@ Function = Literal["constant", "polynomial", "hinge"]
 #: Task configuration objects: unknown fields, non-finite numbers and numbers of the wrong
 #: type (``true`` or ``"4"`` for a count, ``4.0`` for an integer) are errors; values are
 #: immutable. The API validates a task body and the engine parses the stored JSON with the
-#: same models (:mod:`coordinator.engine.config`).
+#: same models (:mod:`fedge.coordinator.engine.config`).
 CONFIG = ConfigDict(extra="forbid", allow_inf_nan=False, frozen=True)
 
 

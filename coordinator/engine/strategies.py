@@ -23,7 +23,7 @@ from collections.abc import Mapping
 
 import numpy as np
 
-from coordinator.engine.config import AggregationConfig
+from fedge.coordinator.engine.config import AggregationConfig
 
 OptimizerState = dict[str, np.ndarray]
 Arrays = Mapping[str, np.ndarray]
@@ -51,7 +51,7 @@ def _to_f32(weights: Arrays, step: Arrays) -> dict[str, np.ndarray]:
     allocated; the result is bit-identical (float64 addition is commutative).
 
     A sum beyond float32's range becomes infinite without a warning: the caller checks the
-    result (``coordinator.engine.apply.compute`` fails the aggregation)."""
+    result (``fedge.coordinator.engine.apply.compute`` fails the aggregation)."""
     out: dict[str, np.ndarray] = {}
     with np.errstate(over="ignore", invalid="ignore"):
         for name, w in weights.items():

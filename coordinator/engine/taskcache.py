@@ -12,10 +12,10 @@ import copy
 from dataclasses import dataclass
 from typing import Any
 
-from coordinator.engine.config import AggregationConfig
-from coordinator.models import Task
-from shared.modelspec import ModelSpec
-from shared.policy import CompressionPolicy
+from fedge.coordinator.engine.config import AggregationConfig
+from fedge.coordinator.models import Task
+from fedge.shared.modelspec import ModelSpec
+from fedge.shared.policy import CompressionPolicy
 
 
 @dataclass(frozen=True)

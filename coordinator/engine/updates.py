@@ -29,21 +29,21 @@ from sqlalchemy import select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
-from coordinator.blobstore import BlobStore
-from coordinator.db import session_scope, utcnow
-from coordinator.engine import examples, rounds
-from coordinator.engine.aggregate import max_abs
-from coordinator.engine.config import AggregationConfig, ConfigError
-from coordinator.engine.ownership import own_assignment
-from coordinator.engine.staleness import update_weight
-from coordinator.engine.taskcache import ParsedTask, TaskConfigCache
-from coordinator.errors import BadRequest, Conflict, Unprocessable
-from coordinator.models import Assignment, Device, Task, Update
-from coordinator.runtime import Runtime
-from coordinator.states import AssignmentStatus, TaskStatus, UpdateStatus
-from shared.modelspec import ModelSpec
-from shared.policy import CompressionPolicy
-from shared.wire import DecodedUpdate, WireFormatError, decode_update
+from fedge.coordinator.blobstore import BlobStore
+from fedge.coordinator.db import session_scope, utcnow
+from fedge.coordinator.engine import examples, rounds
+from fedge.coordinator.engine.aggregate import max_abs
+from fedge.coordinator.engine.config import AggregationConfig, ConfigError
+from fedge.coordinator.engine.ownership import own_assignment
+from fedge.coordinator.engine.staleness import update_weight
+from fedge.coordinator.engine.taskcache import ParsedTask, TaskConfigCache
+from fedge.coordinator.errors import BadRequest, Conflict, Unprocessable
+from fedge.coordinator.models import Assignment, Device, Task, Update
+from fedge.coordinator.runtime import Runtime
+from fedge.coordinator.states import AssignmentStatus, TaskStatus, UpdateStatus
+from fedge.shared.modelspec import ModelSpec
+from fedge.shared.policy import CompressionPolicy
+from fedge.shared.wire import DecodedUpdate, WireFormatError, decode_update
 
 IDEMPOTENCY_KEY = re.compile(r"^[A-Za-z0-9_.-]{1,128}$")
 #: Wire codes answered with 422 (well-formed data that does not fit this task); the rest 400.

@@ -24,13 +24,13 @@ from typing import Any, Literal
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
-from coordinator.engine import rounds
-from coordinator.engine.config import AggregationConfig, ConfigError
-from coordinator.engine.ownership import own_assignment
-from coordinator.errors import Forbidden
-from coordinator.models import Assignment, Device, Task
-from coordinator.paths import DEVICE_PREFIX
-from coordinator.states import (
+from fedge.coordinator.engine import rounds
+from fedge.coordinator.engine.config import AggregationConfig, ConfigError
+from fedge.coordinator.engine.ownership import own_assignment
+from fedge.coordinator.errors import Forbidden
+from fedge.coordinator.models import Assignment, Device, Task
+from fedge.coordinator.paths import DEVICE_PREFIX
+from fedge.coordinator.states import (
     ASSIGNMENT_ACTIVE,
     ASSIGNMENT_ENDED,
     AssignmentStatus,

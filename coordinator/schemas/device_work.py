@@ -8,9 +8,9 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, Field, model_validator
 
-from coordinator.schemas.common import Strict
-from coordinator.states import AssignmentStatus, UpdateStatus
-from shared.wiremetrics import check_metrics
+from fedge.coordinator.schemas.common import Strict
+from fedge.coordinator.states import AssignmentStatus, UpdateStatus
+from fedge.shared.wiremetrics import check_metrics
 
 
 class WorkAssignment(BaseModel):
@@ -56,7 +56,7 @@ class UploadAccepted(BaseModel):
 class DeviceMetrics(Strict):
     """What a device reports about its training and local evaluation (all optional). The
     names and the rules for their values are the update's metrics block's
-    (:mod:`shared.wiremetrics`): losses finite, ``eval_accuracy`` in [0, 1],
+    (:mod:`fedge.shared.wiremetrics`): losses finite, ``eval_accuracy`` in [0, 1],
     ``num_eval_examples`` a whole number in [0, 2**62), ``train_time_s`` >= 0."""
 
     train_loss: float | None = None

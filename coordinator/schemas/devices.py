@@ -7,9 +7,9 @@ from typing import Any
 
 from pydantic import BaseModel, Field, field_validator
 
-from coordinator.schemas.common import DeviceName, JsonObject, Page, Strict
-from coordinator.states import DeviceStatus
-from shared.signing import public_key_from_b64, public_key_to_b64
+from fedge.coordinator.schemas.common import DeviceName, JsonObject, Page, Strict
+from fedge.coordinator.states import DeviceStatus
+from fedge.shared.signing import public_key_from_b64, public_key_to_b64
 
 
 class EnrollRequest(Strict):

@@ -7,7 +7,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from coordinator.schemas.common import Label, Page, Strict
+from fedge.coordinator.schemas.common import Label, Page, Strict
 
 Role = Literal["admin", "viewer"]
 

@@ -7,7 +7,7 @@ from typing import Any
 
 from pydantic import BaseModel, Field
 
-from coordinator.schemas.common import Page
+from fedge.coordinator.schemas.common import Page
 
 
 class ModelVersionPublic(BaseModel):

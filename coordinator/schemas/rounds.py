@@ -7,8 +7,8 @@ from typing import Any
 
 from pydantic import BaseModel
 
-from coordinator.schemas.common import Page
-from coordinator.states import RoundStatus
+from fedge.coordinator.schemas.common import Page
+from fedge.coordinator.states import RoundStatus
 
 
 class RoundPublic(BaseModel):

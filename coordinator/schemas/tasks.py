@@ -11,15 +11,15 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag, model_validator
 
-from coordinator.engine.config import AggregationConfig as AggregationConfig
-from coordinator.engine.config import TargetMetric as TargetMetric
-from coordinator.engine.staleness import StalenessConfig as StalenessConfig
-from coordinator.schemas.common import JsonObject, Name, Page, Strict, Text
-from coordinator.states import TaskStatus
-from shared import architectures
-from shared.limits import MAX_CHUNK
-from shared.modelspec import ModelSpec
-from shared.policy import CompressionPolicy, PolicyError
+from fedge.coordinator.engine.config import AggregationConfig as AggregationConfig
+from fedge.coordinator.engine.config import TargetMetric as TargetMetric
+from fedge.coordinator.engine.staleness import StalenessConfig as StalenessConfig
+from fedge.coordinator.schemas.common import JsonObject, Name, Page, Strict, Text
+from fedge.coordinator.states import TaskStatus
+from fedge.shared import architectures
+from fedge.shared.limits import MAX_CHUNK
+from fedge.shared.modelspec import ModelSpec
+from fedge.shared.policy import CompressionPolicy, PolicyError
 
 BUILTIN_TRAINERS = ("softmax", "mlp")
 #: A trainer named by entry point: ``package.module:function``.
@@ -81,7 +81,7 @@ def model_spec(model: BuiltinModel | SpecModel) -> ModelSpec:
 # ------------------------------------------------------------------------ aggregation
 
 # AggregationConfig, StalenessConfig and TargetMetric are the round engine's own models
-# (coordinator.engine.config): the API validates a task body with what the engine parses
+# (fedge.coordinator.engine.config): the API validates a task body with what the engine parses
 # the stored task with, so the two cannot drift apart.
 
 # ------------------------------------------------------------------------ compression
@@ -90,7 +90,7 @@ _DEFAULT_POLICY = CompressionPolicy()
 
 
 class CompressionConfig(Strict):
-    """The compression policy devices must apply (see shared.policy.CompressionPolicy)."""
+    """The compression policy devices must apply (see fedge.shared.policy.CompressionPolicy)."""
 
     topk_fraction: float = Field(default=_DEFAULT_POLICY.topk_fraction, gt=0, le=1)
     bits: Literal[1, 2, 4, 8, 32] = _DEFAULT_POLICY.bits  # type: ignore[assignment]

@@ -7,7 +7,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from coordinator.schemas.common import Label, Page, Strict
+from fedge.coordinator.schemas.common import Label, Page, Strict
 
 TokenStatus = Literal["active", "expired", "used_up", "revoked"]
 MAX_TOKEN_TTL_S = 366 * 24 * 3600

@@ -30,25 +30,25 @@ from typing import Any
 
 import numpy as np
 
-from edge_agent.admin_client import AdminClient
-from edge_agent.errors import AgentError
-from edge_agent.sim.datasets import DATASETS, Dataset, load_dataset
-from edge_agent.sim.demo_report import (
+from fedge.edge_agent.admin_client import AdminClient
+from fedge.edge_agent.errors import AgentError
+from fedge.edge_agent.sim.datasets import DATASETS, Dataset, load_dataset
+from fedge.edge_agent.sim.demo_report import (
     centralized_baseline,
     evaluate_versions,
     summary_text,
     write_report,
 )
-from edge_agent.sim.faults import FaultConfig
-from edge_agent.sim.fleet import Fleet, FleetStats
-from edge_agent.sim.local_coordinator import (
+from fedge.edge_agent.sim.faults import FaultConfig
+from fedge.edge_agent.sim.fleet import Fleet, FleetStats
+from fedge.edge_agent.sim.local_coordinator import (
     CoordinatorStartError,
     LocalCoordinator,
     start_local_coordinator,
 )
-from edge_agent.sim.partition import dirichlet_partition, iid_partition, label_skew
-from shared import architectures
-from shared.wire import decode_model
+from fedge.edge_agent.sim.partition import dirichlet_partition, iid_partition, label_skew
+from fedge.shared import architectures
+from fedge.shared.wire import decode_model
 
 log = logging.getLogger(__name__)
 

@@ -1,7 +1,7 @@
 """The demo's results: accuracy per model version, a centralized baseline, traffic, plot.
 
 Model versions are downloaded through the admin API and evaluated on the held-out test split
-with :func:`shared.architectures.evaluate`. The baseline trains the same model on the pooled
+with :func:`fedge.shared.architectures.evaluate`. The baseline trains the same model on the pooled
 training data of all devices, with the same optimizer settings, for the same number of local
 epochs per round, so "round r" means comparable work. matplotlib is a demo extra, imported
 lazily.
@@ -16,10 +16,10 @@ from typing import Any
 
 import numpy as np
 
-from edge_agent.data import LocalData
-from edge_agent.trainers import NumpyTrainer
-from shared import architectures
-from shared.modelspec import Weights
+from fedge.edge_agent.data import LocalData
+from fedge.edge_agent.trainers import NumpyTrainer
+from fedge.shared import architectures
+from fedge.shared.modelspec import Weights
 
 
 def evaluate_versions(

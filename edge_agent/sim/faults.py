@@ -14,8 +14,8 @@ generator:
   reaches the coordinator late (stale, or refused when too stale).
 
 The agent itself knows nothing of these: :class:`FaultHooks` turns one device's decisions into
-the agent's neutral hook points (:class:`edge_agent.hooks.AgentHooks`), and the fleet passes it
-to each agent it builds. A real agent runs with no hooks (the equivalent of :data:`NO_FAULTS`).
+the agent's neutral hook points (:class:`fedge.edge_agent.hooks.AgentHooks`), and the fleet passes
+it to each agent it builds. A real agent runs with no hooks (the equivalent of :data:`NO_FAULTS`).
 """
 
 from __future__ import annotations
@@ -27,8 +27,8 @@ from typing import Protocol
 
 import numpy as np
 
-from edge_agent.client import Work
-from edge_agent.hooks import AgentHooks
+from fedge.edge_agent.client import Work
+from fedge.edge_agent.hooks import AgentHooks
 
 log = logging.getLogger(__name__)
 

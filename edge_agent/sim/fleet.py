@@ -1,10 +1,10 @@
 """Many simulated devices in one process: one thread, state dir and data shard per device.
 
-Each device is a real :class:`~edge_agent.agent.Agent` with its own Ed25519 identity, its own
-HTTPS client and its own state directory, talking to a real coordinator; only the device
-hardware is simulated. Faults (:mod:`edge_agent.sim.faults`) are drawn per device from generators
-derived from one seed, so a run is reproducible up to thread timing, and reach each agent from
-outside through its hooks (:class:`~edge_agent.sim.faults.FaultHooks`).
+Each device is a real :class:`~fedge.edge_agent.agent.Agent` with its own Ed25519 identity, its
+own HTTPS client and its own state directory, talking to a real coordinator; only the device
+hardware is simulated. Faults (:mod:`fedge.edge_agent.sim.faults`) are drawn per device from
+generators derived from one seed, so a run is reproducible up to thread timing, and reach each agent
+from outside through its hooks (:class:`~fedge.edge_agent.sim.faults.FaultHooks`).
 """
 
 from __future__ import annotations
@@ -17,14 +17,14 @@ from pathlib import Path
 
 import numpy as np
 
-from edge_agent.agent import Agent, AgentStats, FatalAgentError
-from edge_agent.client import CoordinatorClient
-from edge_agent.data import LocalData, check_arrays, split_local
-from edge_agent.device import enroll_device, open_client
-from edge_agent.sim.faults import FaultConfig, FaultHooks, FaultSchedule, FaultSource
-from edge_agent.state import State
-from edge_agent.trainers import TrainerFactory
-from edge_agent.transport import RetryPolicy
+from fedge.edge_agent.agent import Agent, AgentStats, FatalAgentError
+from fedge.edge_agent.client import CoordinatorClient
+from fedge.edge_agent.data import LocalData, check_arrays, split_local
+from fedge.edge_agent.device import enroll_device, open_client
+from fedge.edge_agent.sim.faults import FaultConfig, FaultHooks, FaultSchedule, FaultSource
+from fedge.edge_agent.state import State
+from fedge.edge_agent.trainers import TrainerFactory
+from fedge.edge_agent.transport import RetryPolicy
 
 log = logging.getLogger(__name__)
 

@@ -1,8 +1,8 @@
 """Run a real coordinator as a child process on loopback (for the demo and tests).
 
 The agent package never imports the coordinator: this module runs ``fedge coordinator init``
-and ``fedge coordinator serve`` as subprocesses (``python -m shared.cli coordinator ...``) with
-a data directory of their own (SQLite, blob store, private CA), reads the bootstrap admin key
+and ``fedge coordinator serve`` as subprocesses (``python -m fedge.shared.cli coordinator ...``)
+with a data directory of their own (SQLite, blob store, private CA), reads the bootstrap admin key
 from ``init``'s output and the bound port from ``serve --port-file``, and waits until
 ``/healthz`` answers over HTTPS with the pinned CA.
 """
@@ -23,7 +23,7 @@ from typing import IO
 
 import httpx
 
-from edge_agent.transport import verify_setting
+from fedge.edge_agent.transport import verify_setting
 
 _KEY_LINE = re.compile(r"^\s{2,}(\S{16,})\s*$")
 
@@ -33,7 +33,7 @@ class CoordinatorStartError(RuntimeError):
 
 
 def _command(*args: str) -> list[str]:
-    return [sys.executable, "-m", "shared.cli", "coordinator", *args]
+    return [sys.executable, "-m", "fedge.shared.cli", "coordinator", *args]
 
 
 def _child_env(overrides: Mapping[str, str]) -> dict[str, str]:

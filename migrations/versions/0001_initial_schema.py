@@ -10,7 +10,7 @@ from collections.abc import Sequence
 import sqlalchemy as sa
 from alembic import op
 
-import coordinator.db
+import fedge.coordinator.db
 
 
 revision: str = '0001'
@@ -27,9 +27,9 @@ def upgrade() -> None:
     sa.Column('prefix', sa.String(length=16), nullable=False),
     sa.Column('name', sa.String(length=200), nullable=False),
     sa.Column('role', sa.String(length=16), nullable=False),
-    sa.Column('created_at', coordinator.db.UTCDateTime(timezone=True), nullable=False),
-    sa.Column('last_used_at', coordinator.db.UTCDateTime(timezone=True), nullable=True),
-    sa.Column('revoked_at', coordinator.db.UTCDateTime(timezone=True), nullable=True),
+    sa.Column('created_at', fedge.coordinator.db.UTCDateTime(timezone=True), nullable=False),
+    sa.Column('last_used_at', fedge.coordinator.db.UTCDateTime(timezone=True), nullable=True),
+    sa.Column('revoked_at', fedge.coordinator.db.UTCDateTime(timezone=True), nullable=True),
     sa.PrimaryKeyConstraint('id', name=op.f('pk_api_keys')),
     sa.UniqueConstraint('key_hash', name=op.f('uq_api_keys_key_hash'))
     )
@@ -40,16 +40,16 @@ def upgrade() -> None:
     sa.Column('label', sa.String(length=200), nullable=False),
     sa.Column('max_uses', sa.Integer(), nullable=False),
     sa.Column('uses', sa.Integer(), nullable=False),
-    sa.Column('created_at', coordinator.db.UTCDateTime(timezone=True), nullable=False),
-    sa.Column('expires_at', coordinator.db.UTCDateTime(timezone=True), nullable=False),
-    sa.Column('revoked_at', coordinator.db.UTCDateTime(timezone=True), nullable=True),
+    sa.Column('created_at', fedge.coordinator.db.UTCDateTime(timezone=True), nullable=False),
+    sa.Column('expires_at', fedge.coordinator.db.UTCDateTime(timezone=True), nullable=False),
+    sa.Column('revoked_at', fedge.coordinator.db.UTCDateTime(timezone=True), nullable=True),
     sa.PrimaryKeyConstraint('id', name=op.f('pk_enrollment_tokens')),
     sa.UniqueConstraint('token_hash', name=op.f('uq_enrollment_tokens_token_hash'))
     )
     op.create_table('leases',
     sa.Column('name', sa.String(length=64), nullable=False),
     sa.Column('holder', sa.String(length=64), nullable=False),
-    sa.Column('expires_at', coordinator.db.UTCDateTime(timezone=True), nullable=False),
+    sa.Column('expires_at', fedge.coordinator.db.UTCDateTime(timezone=True), nullable=False),
     sa.PrimaryKeyConstraint('name', name=op.f('pk_leases'))
     )
     op.create_table('tasks',
@@ -64,10 +64,10 @@ def upgrade() -> None:
     sa.Column('training', sa.JSON(), nullable=False),
     sa.Column('current_version', sa.Integer(), nullable=False),
     sa.Column('optimizer_state_digest', sa.String(length=64), nullable=True),
-    sa.Column('created_at', coordinator.db.UTCDateTime(timezone=True), nullable=False),
-    sa.Column('updated_at', coordinator.db.UTCDateTime(timezone=True), nullable=False),
-    sa.Column('started_at', coordinator.db.UTCDateTime(timezone=True), nullable=True),
-    sa.Column('finished_at', coordinator.db.UTCDateTime(timezone=True), nullable=True),
+    sa.Column('created_at', fedge.coordinator.db.UTCDateTime(timezone=True), nullable=False),
+    sa.Column('updated_at', fedge.coordinator.db.UTCDateTime(timezone=True), nullable=False),
+    sa.Column('started_at', fedge.coordinator.db.UTCDateTime(timezone=True), nullable=True),
+    sa.Column('finished_at', fedge.coordinator.db.UTCDateTime(timezone=True), nullable=True),
     sa.Column('status_reason', sa.Text(), nullable=True),
     sa.PrimaryKeyConstraint('id', name=op.f('pk_tasks'))
     )
@@ -77,7 +77,7 @@ def upgrade() -> None:
     op.create_table('used_nonces',
     sa.Column('device_id', sa.String(length=64), nullable=False),
     sa.Column('nonce', sa.String(length=32), nullable=False),
-    sa.Column('expires_at', coordinator.db.UTCDateTime(timezone=True), nullable=False),
+    sa.Column('expires_at', fedge.coordinator.db.UTCDateTime(timezone=True), nullable=False),
     sa.PrimaryKeyConstraint('device_id', 'nonce', name=op.f('pk_used_nonces'))
     )
     with op.batch_alter_table('used_nonces', schema=None) as batch_op:
@@ -90,9 +90,9 @@ def upgrade() -> None:
     sa.Column('status', sa.String(length=16), nullable=False),
     sa.Column('capabilities', sa.JSON(), nullable=False),
     sa.Column('enrollment_token_id', sa.Integer(), nullable=True),
-    sa.Column('enrolled_at', coordinator.db.UTCDateTime(timezone=True), nullable=False),
-    sa.Column('last_seen_at', coordinator.db.UTCDateTime(timezone=True), nullable=True),
-    sa.Column('revoked_at', coordinator.db.UTCDateTime(timezone=True), nullable=True),
+    sa.Column('enrolled_at', fedge.coordinator.db.UTCDateTime(timezone=True), nullable=False),
+    sa.Column('last_seen_at', fedge.coordinator.db.UTCDateTime(timezone=True), nullable=True),
+    sa.Column('revoked_at', fedge.coordinator.db.UTCDateTime(timezone=True), nullable=True),
     sa.Column('num_assigned', sa.Integer(), nullable=False),
     sa.Column('num_completed', sa.Integer(), nullable=False),
     sa.Column('num_dropped', sa.Integer(), nullable=False),
@@ -110,9 +110,9 @@ def upgrade() -> None:
     sa.Column('base_version', sa.Integer(), nullable=False),
     sa.Column('status', sa.String(length=16), nullable=False),
     sa.Column('target_updates', sa.Integer(), nullable=False),
-    sa.Column('opened_at', coordinator.db.UTCDateTime(timezone=True), nullable=False),
-    sa.Column('deadline_at', coordinator.db.UTCDateTime(timezone=True), nullable=True),
-    sa.Column('closed_at', coordinator.db.UTCDateTime(timezone=True), nullable=True),
+    sa.Column('opened_at', fedge.coordinator.db.UTCDateTime(timezone=True), nullable=False),
+    sa.Column('deadline_at', fedge.coordinator.db.UTCDateTime(timezone=True), nullable=True),
+    sa.Column('closed_at', fedge.coordinator.db.UTCDateTime(timezone=True), nullable=True),
     sa.Column('result_version', sa.Integer(), nullable=True),
     sa.Column('num_assigned', sa.Integer(), nullable=False),
     sa.Column('num_received', sa.Integer(), nullable=False),
@@ -136,10 +136,10 @@ def upgrade() -> None:
     sa.Column('device_id', sa.String(length=64), nullable=False),
     sa.Column('base_version', sa.Integer(), nullable=False),
     sa.Column('status', sa.String(length=16), nullable=False),
-    sa.Column('assigned_at', coordinator.db.UTCDateTime(timezone=True), nullable=False),
-    sa.Column('lease_expires_at', coordinator.db.UTCDateTime(timezone=True), nullable=True),
-    sa.Column('downloaded_at', coordinator.db.UTCDateTime(timezone=True), nullable=True),
-    sa.Column('finished_at', coordinator.db.UTCDateTime(timezone=True), nullable=True),
+    sa.Column('assigned_at', fedge.coordinator.db.UTCDateTime(timezone=True), nullable=False),
+    sa.Column('lease_expires_at', fedge.coordinator.db.UTCDateTime(timezone=True), nullable=True),
+    sa.Column('downloaded_at', fedge.coordinator.db.UTCDateTime(timezone=True), nullable=True),
+    sa.Column('finished_at', fedge.coordinator.db.UTCDateTime(timezone=True), nullable=True),
     sa.Column('metrics', sa.JSON(), nullable=False),
     sa.ForeignKeyConstraint(['device_id'], ['devices.id'], name=op.f('fk_assignments_device_id_devices'), ondelete='CASCADE'),
     sa.ForeignKeyConstraint(['round_id'], ['rounds.id'], name=op.f('fk_assignments_round_id_rounds'), ondelete='CASCADE'),
@@ -162,7 +162,7 @@ def upgrade() -> None:
     sa.Column('round_id', sa.Integer(), nullable=True),
     sa.Column('num_updates', sa.Integer(), nullable=False),
     sa.Column('metrics', sa.JSON(), nullable=False),
-    sa.Column('created_at', coordinator.db.UTCDateTime(timezone=True), nullable=False),
+    sa.Column('created_at', fedge.coordinator.db.UTCDateTime(timezone=True), nullable=False),
     sa.ForeignKeyConstraint(['round_id'], ['rounds.id'], name=op.f('fk_model_versions_round_id_rounds')),
     sa.ForeignKeyConstraint(['task_id'], ['tasks.id'], name=op.f('fk_model_versions_task_id_tasks'), ondelete='CASCADE'),
     sa.PrimaryKeyConstraint('id', name=op.f('pk_model_versions')),
@@ -186,7 +186,7 @@ def upgrade() -> None:
     sa.Column('status', sa.String(length=16), nullable=False),
     sa.Column('reason', sa.Text(), nullable=True),
     sa.Column('idempotency_key', sa.String(length=128), nullable=False),
-    sa.Column('received_at', coordinator.db.UTCDateTime(timezone=True), nullable=False),
+    sa.Column('received_at', fedge.coordinator.db.UTCDateTime(timezone=True), nullable=False),
     sa.Column('applied_version', sa.Integer(), nullable=True),
     sa.Column('metrics', sa.JSON(), nullable=False),
     sa.ForeignKeyConstraint(['assignment_id'], ['assignments.id'], name=op.f('fk_updates_assignment_id_assignments'), ondelete='CASCADE'),

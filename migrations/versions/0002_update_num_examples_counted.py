@@ -5,7 +5,7 @@ Revises: 0001
 Create Date: 2026-12-02 10:00:00.000000
 
 Nullable, no backfill: rows written before it count their claim capped by the task's
-``max_num_examples`` (coordinator.engine.examples.stored_count).
+``max_num_examples`` (fedge.coordinator.engine.examples.stored_count).
 """
 
 from collections.abc import Sequence

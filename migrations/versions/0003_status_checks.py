@@ -4,7 +4,7 @@ Revision ID: 0003
 Revises: 0002
 Create Date: 2026-12-06 04:30:00.000000
 
-Each ``status`` column accepts only the values of its enum in ``coordinator.states`` (the
+Each ``status`` column accepts only the values of its enum in ``fedge.coordinator.states`` (the
 values are written out here: a migration must not change when the code does). A database
 holding any other value fails this upgrade, on PostgreSQL when the constraint is validated,
 on SQLite when batch mode copies the rows into the rebuilt table; nothing is changed then.

@@ -11,11 +11,11 @@ import httpx
 import pytest
 from fastapi import FastAPI
 
-from coordinator.app import create_app
-from coordinator.db import make_engine, make_sessionmaker, session_scope
-from coordinator.secrets import create_api_key
-from coordinator.settings import Settings
-from coordinator.tls import TlsPaths, create_ca_and_server_cert
+from fedge.coordinator.app import create_app
+from fedge.coordinator.db import make_engine, make_sessionmaker, session_scope
+from fedge.coordinator.secrets import create_api_key
+from fedge.coordinator.settings import Settings
+from fedge.coordinator.tls import TlsPaths, create_ca_and_server_cert
 from tests.support import databases
 from tests.support.rounds import Db
 from tests.support.servers import serve_in_thread

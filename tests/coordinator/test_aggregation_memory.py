@@ -12,14 +12,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from coordinator.blobstore import BlobStore
-from coordinator.engine.aggregate import Accumulator, WeightedBlob, aggregate_blobs
-from shared.compression import CompressedTensor, CompressedUpdate, decompress
-from shared.modelspec import ModelSpec
-from shared.policy import CompressionPolicy
-from shared.quantize import quantize
-from shared.topk import topk_count
-from shared.wire import encode_update
+from fedge.coordinator.blobstore import BlobStore
+from fedge.coordinator.engine.aggregate import Accumulator, WeightedBlob, aggregate_blobs
+from fedge.shared.compression import CompressedTensor, CompressedUpdate, decompress
+from fedge.shared.modelspec import ModelSpec
+from fedge.shared.policy import CompressionPolicy
+from fedge.shared.quantize import quantize
+from fedge.shared.topk import topk_count
+from fedge.shared.wire import encode_update
 
 ROWS, COLS = 1000, 1000
 NUM_UPDATES = 1000

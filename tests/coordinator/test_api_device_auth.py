@@ -11,10 +11,10 @@ import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from sqlalchemy import func, select
 
-from coordinator.api.bodylimit import MAX_JSON_BODY
-from coordinator.app import create_app
-from coordinator.db import make_engine, make_sessionmaker, session_scope
-from coordinator.models import Device, EnrollmentToken, UsedNonce
+from fedge.coordinator.api.bodylimit import MAX_JSON_BODY
+from fedge.coordinator.app import create_app
+from fedge.coordinator.db import make_engine, make_sessionmaker, session_scope
+from fedge.coordinator.models import Device, EnrollmentToken, UsedNonce
 from tests.coordinator.conftest import Coordinator, make_key
 from tests.support.device import API, SignedDevice, make_token
 from tests.support.servers import serve_in_thread

@@ -9,8 +9,8 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 from sqlalchemy import select
 
-from coordinator.app import create_app
-from coordinator.models import Assignment
+from fedge.coordinator.app import create_app
+from fedge.coordinator.models import Assignment
 from tests.coordinator.conftest import Coordinator, make_key
 from tests.support.device import API, SignedDevice
 from tests.support.rows import add_assignment, db_session

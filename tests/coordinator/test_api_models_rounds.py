@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from shared import wire
+from fedge.shared import wire
 from tests.support.device import API
 from tests.support.rows import add_model_version, add_round
 

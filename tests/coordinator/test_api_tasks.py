@@ -12,8 +12,8 @@ from typing import Any
 import numpy as np
 from sqlalchemy import func, select
 
-from coordinator.models import ModelVersion, Task
-from shared import architectures, wire
+from fedge.coordinator.models import ModelVersion, Task
+from fedge.shared import architectures, wire
 from tests.support.device import API
 from tests.support.rows import db_session
 

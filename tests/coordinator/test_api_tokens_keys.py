@@ -6,7 +6,7 @@ import hashlib
 
 from sqlalchemy import select
 
-from coordinator.models import ApiKey, EnrollmentToken
+from fedge.coordinator.models import ApiKey, EnrollmentToken
 from tests.support.device import API, SignedDevice
 from tests.support.rows import db_session
 

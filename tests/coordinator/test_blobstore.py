@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from coordinator.blobstore import BlobNotFound, BlobStore
+from fedge.coordinator.blobstore import BlobNotFound, BlobStore
 
 
 def files_under(root: Path) -> list[Path]:

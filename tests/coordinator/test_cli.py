@@ -1,5 +1,5 @@
 """``fedge coordinator init | migrate | create-key | serve`` run in-process through
-``coordinator.cli.main`` (the subprocess and TLS path is in test_tls_serve.py)."""
+``fedge.coordinator.cli.main`` (the subprocess and TLS path is in test_tls_serve.py)."""
 
 from __future__ import annotations
 
@@ -11,13 +11,13 @@ import pytest
 from cryptography import x509
 from sqlalchemy import func, select
 
-from coordinator import migrate
-from coordinator.bootstrap import ENV_FILE
-from coordinator.cli import main
-from coordinator.db import make_engine, make_sessionmaker, session_scope
-from coordinator.models import ApiKey
-from coordinator.secrets import find_api_key
-from coordinator.tls import TlsPaths
+from fedge.coordinator import migrate
+from fedge.coordinator.bootstrap import ENV_FILE
+from fedge.coordinator.cli import main
+from fedge.coordinator.db import make_engine, make_sessionmaker, session_scope
+from fedge.coordinator.models import ApiKey
+from fedge.coordinator.secrets import find_api_key
+from fedge.coordinator.tls import TlsPaths
 
 KEY_LINE = re.compile(r"^\s+(fk_[A-Za-z0-9_-]{43})$", re.MULTILINE)
 

@@ -20,9 +20,9 @@ from typing import Any
 import httpx
 import pytest
 
-from coordinator.models import ASSIGNMENT_ACTIVE
-from coordinator.settings import Settings
-from coordinator.tls import TlsPaths
+from fedge.coordinator.models import ASSIGNMENT_ACTIVE
+from fedge.coordinator.settings import Settings
+from fedge.coordinator.tls import TlsPaths
 from tests.coordinator.conftest import Coordinator
 from tests.coordinator.test_device_work_sync import assert_weights_equal, expected_model
 from tests.support.chaos import ChaosLog, Operator, check_invariants, run_fleet

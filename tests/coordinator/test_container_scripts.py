@@ -13,10 +13,10 @@ from types import ModuleType
 import pytest
 from sqlalchemy import create_engine, text
 
-from coordinator.app import create_app
-from coordinator.migrate import head_revision
-from coordinator.settings import Settings
-from coordinator.tls import create_ca_and_server_cert
+from fedge.coordinator.app import create_app
+from fedge.coordinator.migrate import head_revision
+from fedge.coordinator.settings import Settings
+from fedge.coordinator.tls import create_ca_and_server_cert
 from tests.support import databases
 from tests.support.servers import serve_in_thread
 

@@ -6,8 +6,8 @@ from __future__ import annotations
 import pytest
 from sqlalchemy import func, select, update
 
-from coordinator.db import make_engine, make_sessionmaker, session_scope
-from coordinator.models import Device
+from fedge.coordinator.db import make_engine, make_sessionmaker, session_scope
+from fedge.coordinator.models import Device
 
 
 class _Boom(Exception):

@@ -16,8 +16,8 @@ import httpx
 import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from coordinator.auth import DeviceSlots, get_device_slots
-from coordinator.settings import Settings
+from fedge.coordinator.auth import DeviceSlots, get_device_slots
+from fedge.coordinator.settings import Settings
 from tests.coordinator.conftest import Coordinator
 from tests.coordinator.test_overload import IN_FLIGHT, RESERVED, THREADS, RawRequest
 from tests.support.device import API, SignedDevice

@@ -9,9 +9,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from coordinator.engine.scheduler import TaskStepper
-from coordinator.runtime import Runtime
-from coordinator.settings import Settings
+from fedge.coordinator.engine.scheduler import TaskStepper
+from fedge.coordinator.runtime import Runtime
+from fedge.coordinator.settings import Settings
 from tests.coordinator.conftest import Coordinator
 from tests.coordinator.test_device_work_sync import assert_weights_equal, expected_model
 from tests.support.rounds import (

@@ -10,14 +10,14 @@ from datetime import timedelta
 import pytest
 from sqlalchemy import update
 
-from coordinator.auth import _insert_nonce
-from coordinator.db import make_engine, make_sessionmaker, session_scope, utcnow
-from coordinator.engine.config import ConfigError
-from coordinator.engine.longpoll import BatchChecker, get_checker
-from coordinator.engine.notify import Notifier
-from coordinator.engine.taskcache import TaskConfigCache
-from coordinator.models import Device, Task
-from coordinator.settings import Settings
+from fedge.coordinator.auth import _insert_nonce
+from fedge.coordinator.db import make_engine, make_sessionmaker, session_scope, utcnow
+from fedge.coordinator.engine.config import ConfigError
+from fedge.coordinator.engine.longpoll import BatchChecker, get_checker
+from fedge.coordinator.engine.notify import Notifier
+from fedge.coordinator.engine.taskcache import TaskConfigCache
+from fedge.coordinator.models import Device, Task
+from fedge.coordinator.settings import Settings
 from tests.coordinator.conftest import Coordinator
 from tests.support.device import API
 from tests.support.rounds import Db, create_task, fleet_of, wait_until

@@ -8,8 +8,8 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 import pytest
 
-from coordinator.engine.notify import Notifier
-from coordinator.settings import Settings
+from fedge.coordinator.engine.notify import Notifier
+from fedge.coordinator.settings import Settings
 from tests.coordinator.conftest import Coordinator
 from tests.support.device import API
 from tests.support.rounds import (

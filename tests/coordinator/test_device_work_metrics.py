@@ -6,10 +6,10 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from coordinator.settings import Settings
-from shared import architectures
-from shared.modelspec import Weights
-from shared.wire import decode_model
+from fedge.coordinator.settings import Settings
+from fedge.shared import architectures
+from fedge.shared.modelspec import Weights
+from fedge.shared.wire import decode_model
 from tests.coordinator.conftest import Coordinator
 from tests.support.device import API
 from tests.support.rounds import (

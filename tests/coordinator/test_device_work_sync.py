@@ -12,10 +12,10 @@ from typing import Any
 import numpy as np
 import pytest
 
-from coordinator.engine.strategies import state_from_bytes
-from coordinator.models import Task
-from shared.modelspec import ModelSpec, Weights
-from shared.wire import decode_model
+from fedge.coordinator.engine.strategies import state_from_bytes
+from fedge.coordinator.models import Task
+from fedge.shared.modelspec import ModelSpec, Weights
+from fedge.shared.wire import decode_model
 from tests.coordinator.conftest import Coordinator
 from tests.support.device import API
 from tests.support.rounds import (

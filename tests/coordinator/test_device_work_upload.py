@@ -11,11 +11,11 @@ import httpx
 import numpy as np
 import pytest
 
-from coordinator.settings import Settings
-from shared import signing
-from shared.compression import compress
-from shared.policy import CompressionPolicy
-from shared.wire import encode_update
+from fedge.coordinator.settings import Settings
+from fedge.shared import signing
+from fedge.shared.compression import compress
+from fedge.shared.policy import CompressionPolicy
+from fedge.shared.wire import encode_update
 from tests.coordinator.conftest import Coordinator
 from tests.support.device import API
 from tests.support.rounds import (

@@ -17,11 +17,11 @@ import httpx
 import pytest
 from sqlalchemy import func, select
 
-from coordinator.app import create_app
-from coordinator.auth import get_device_slots
-from coordinator.models import UsedNonce
-from coordinator.settings import Settings
-from coordinator.tls import TlsPaths
+from fedge.coordinator.app import create_app
+from fedge.coordinator.auth import get_device_slots
+from fedge.coordinator.models import UsedNonce
+from fedge.coordinator.settings import Settings
+from fedge.coordinator.tls import TlsPaths
 from tests.coordinator import test_tls_serve
 from tests.coordinator.conftest import Coordinator, make_key
 from tests.coordinator.test_overload import RawRequest
@@ -67,7 +67,7 @@ class Recorder(logging.Handler):
         return [formatter.format(r) for r in self.records]
 
     def attach(self) -> None:
-        ours = logging.getLogger("coordinator")
+        ours = logging.getLogger("fedge.coordinator")
         self._level = ours.level
         ours.setLevel(logging.INFO)
         for name in self.LOGGERS:
@@ -76,7 +76,7 @@ class Recorder(logging.Handler):
     def detach(self) -> None:
         for name in self.LOGGERS:
             logging.getLogger(name).removeHandler(self)
-        logging.getLogger("coordinator").setLevel(self._level)
+        logging.getLogger("fedge.coordinator").setLevel(self._level)
 
 
 def test_a_client_gone_mid_upload_is_one_log_line(

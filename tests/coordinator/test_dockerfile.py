@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from coordinator.settings import Settings
+from fedge.coordinator.settings import Settings
 
 ROOT = Path(__file__).resolve().parents[2]
 DOCKER = ROOT / "docker"

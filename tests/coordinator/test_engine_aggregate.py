@@ -7,17 +7,17 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from coordinator.blobstore import BlobStore
-from coordinator.engine.aggregate import (
+from fedge.coordinator.blobstore import BlobStore
+from fedge.coordinator.engine.aggregate import (
     Accumulator,
     BadStoredUpdate,
     WeightedBlob,
     aggregate_blobs,
 )
-from shared.compression import compress, decompress
-from shared.modelspec import ModelSpec
-from shared.policy import DENSE, CompressionPolicy
-from shared.wire import encode_update
+from fedge.shared.compression import compress, decompress
+from fedge.shared.modelspec import ModelSpec
+from fedge.shared.policy import DENSE, CompressionPolicy
+from fedge.shared.wire import encode_update
 
 SPEC = ModelSpec.from_dict([{"name": "W", "shape": [20, 5]}, {"name": "b", "shape": [5]}])
 

@@ -13,22 +13,22 @@ import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from sqlalchemy import select
 
-from coordinator.db import session_scope, utcnow
-from coordinator.engine import apply, rounds
-from coordinator.engine.config import AggregationConfig
-from coordinator.engine.strategies import FedAdaptive, FedAvg, FedAvgM
-from coordinator.engine.updates import accept_upload
-from coordinator.enrollment import create_token, enroll_device
-from coordinator.models import Assignment, ModelVersion, Round, Task, Update
-from coordinator.runtime import Runtime
-from coordinator.schemas.tasks import TaskCreate
-from coordinator.settings import Settings
-from coordinator.tasks import create_task, transition
-from shared.compression import compress
-from shared.modelspec import ModelSpec, Weights
-from shared.policy import CompressionPolicy
-from shared.signing import public_key_to_b64
-from shared.wire import decode_model, encode_update
+from fedge.coordinator.db import session_scope, utcnow
+from fedge.coordinator.engine import apply, rounds
+from fedge.coordinator.engine.config import AggregationConfig
+from fedge.coordinator.engine.strategies import FedAdaptive, FedAvg, FedAvgM
+from fedge.coordinator.engine.updates import accept_upload
+from fedge.coordinator.enrollment import create_token, enroll_device
+from fedge.coordinator.models import Assignment, ModelVersion, Round, Task, Update
+from fedge.coordinator.runtime import Runtime
+from fedge.coordinator.schemas.tasks import TaskCreate
+from fedge.coordinator.settings import Settings
+from fedge.coordinator.tasks import create_task, transition
+from fedge.shared.compression import compress
+from fedge.shared.modelspec import ModelSpec, Weights
+from fedge.shared.policy import CompressionPolicy
+from fedge.shared.signing import public_key_to_b64
+from fedge.shared.wire import decode_model, encode_update
 from tests.support.rounds import EXACT, SMALL_MODEL
 
 NUM_UPDATES = 5

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from coordinator.engine.config import AggregationConfig, ConfigError
+from fedge.coordinator.engine.config import AggregationConfig, ConfigError
 
 
 @pytest.mark.parametrize(

@@ -17,10 +17,10 @@ from typing import Any
 import numpy as np
 import pytest
 
-from coordinator.db import READ_ONLY_OPTION, utcnow
-from coordinator.engine.scheduler import StepOutcome, TaskStepper
-from coordinator.runtime import Runtime
-from coordinator.settings import Settings
+from fedge.coordinator.db import READ_ONLY_OPTION, utcnow
+from fedge.coordinator.engine.scheduler import StepOutcome, TaskStepper
+from fedge.coordinator.runtime import Runtime
+from fedge.coordinator.settings import Settings
 from tests.coordinator.conftest import Coordinator
 from tests.support.chaos import check_invariants
 from tests.support.interleave import interleave

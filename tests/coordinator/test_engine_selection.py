@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from coordinator.engine.selection import P_MIN, Candidate, choose, success_probability
+from fedge.coordinator.engine.selection import P_MIN, Candidate, choose, success_probability
 
 
 def test_success_probability_is_the_optimistic_posterior_mean() -> None:

@@ -7,7 +7,7 @@ import math
 
 import pytest
 
-from coordinator.engine.staleness import StalenessConfig, staleness_factor, update_weight
+from fedge.coordinator.engine.staleness import StalenessConfig, staleness_factor, update_weight
 
 
 @pytest.mark.parametrize(

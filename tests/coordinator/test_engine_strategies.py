@@ -5,8 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from coordinator.engine.config import AggregationConfig
-from coordinator.engine.strategies import (
+from fedge.coordinator.engine.config import AggregationConfig
+from fedge.coordinator.engine.strategies import (
     FedAdaptive,
     FedAvg,
     FedAvgM,

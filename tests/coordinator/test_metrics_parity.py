@@ -1,4 +1,4 @@
-"""Device metrics have one definition (shared.wiremetrics): a JSON report accepts exactly the
+"""Device metrics have one definition (fedge.shared.wiremetrics): a JSON report accepts exactly the
 values an update's metrics block accepts."""
 
 from __future__ import annotations
@@ -8,8 +8,8 @@ import math
 import pytest
 from pydantic import ValidationError
 
-from coordinator.schemas.device_work import DeviceMetrics
-from shared.wiremetrics import METRIC_KEYS, encode_metrics
+from fedge.coordinator.schemas.device_work import DeviceMetrics
+from fedge.shared.wiremetrics import METRIC_KEYS, encode_metrics
 
 CASES = [
     {"num_eval_examples": 2**62 - 1},

@@ -11,12 +11,12 @@ from alembic.autogenerate import compare_metadata
 from alembic.runtime.migration import MigrationContext
 from sqlalchemy import inspect
 
-from coordinator import migrate
-from coordinator.app import create_app
-from coordinator.db import make_engine
-from coordinator.models import Base
-from coordinator.settings import Settings
-from coordinator.tls import TlsPaths
+from fedge.coordinator import migrate
+from fedge.coordinator.app import create_app
+from fedge.coordinator.db import make_engine
+from fedge.coordinator.models import Base
+from fedge.coordinator.settings import Settings
+from fedge.coordinator.tls import TlsPaths
 from tests.support.servers import serve_in_thread
 
 

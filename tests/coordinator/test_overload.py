@@ -25,7 +25,7 @@ from urllib.parse import urlsplit
 import httpx
 import pytest
 
-from coordinator.settings import Settings
+from fedge.coordinator.settings import Settings
 from tests.coordinator.conftest import Coordinator
 from tests.support.device import API, SignedDevice
 from tests.support.rounds import wait_until

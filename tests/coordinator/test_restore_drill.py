@@ -37,12 +37,12 @@ import numpy as np
 import pytest
 from sqlalchemy.engine import make_url
 
-from coordinator.blobstore import BlobStore
-from coordinator.migrate import upgrade
-from coordinator.settings import Settings
-from coordinator.tls import TlsPaths
-from shared.modelspec import Weights
-from shared.wire import decode_model
+from fedge.coordinator.blobstore import BlobStore
+from fedge.coordinator.migrate import upgrade
+from fedge.coordinator.settings import Settings
+from fedge.coordinator.tls import TlsPaths
+from fedge.shared.modelspec import Weights
+from fedge.shared.wire import decode_model
 from tests.coordinator.test_device_work_sync import assert_weights_equal, expected_model
 from tests.support import databases
 from tests.support.backup import (
@@ -218,7 +218,7 @@ def schema_status(settings: Settings) -> subprocess.CompletedProcess[str]:
         [
             sys.executable,
             "-m",
-            "shared.cli",
+            "fedge.shared.cli",
             "coordinator",
             "migrate",
             "--status",

@@ -25,11 +25,11 @@ from schemathesis.specs.openapi.checks import (
 )
 from sqlalchemy import select
 
-from coordinator.app import create_app
-from coordinator.models import ApiKey
-from coordinator.secrets import hash_secret
-from coordinator.settings import Settings
-from coordinator.tls import TlsPaths
+from fedge.coordinator.app import create_app
+from fedge.coordinator.models import ApiKey
+from fedge.coordinator.secrets import hash_secret
+from fedge.coordinator.settings import Settings
+from fedge.coordinator.tls import TlsPaths
 from tests.coordinator.conftest import make_key
 from tests.support.databases import SqliteTemplate
 from tests.support.rows import db_session

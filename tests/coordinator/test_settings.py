@@ -16,8 +16,8 @@ import pytest
 from pydantic import ValidationError
 from pydantic.fields import FieldInfo
 
-from coordinator.bootstrap import ENV_FILE, load_settings
-from coordinator.settings import Settings
+from fedge.coordinator.bootstrap import ENV_FILE, load_settings
+from fedge.coordinator.settings import Settings
 
 DOC = Path(__file__).resolve().parents[2] / "docs" / "configuration.md"
 START, END = "<!-- settings-table:start -->", "<!-- settings-table:end -->"

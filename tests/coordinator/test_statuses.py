@@ -16,10 +16,10 @@ from alembic.runtime.migration import MigrationContext
 from sqlalchemy import Engine, event, func, inspect, select, text, update
 from sqlalchemy.exc import DBAPIError, IntegrityError, StatementError
 
-from coordinator import migrate
-from coordinator.db import make_engine, make_sessionmaker, session_scope, utcnow
-from coordinator.models import Assignment, Base, Device, Round, Task, Update
-from coordinator.states import (
+from fedge.coordinator import migrate
+from fedge.coordinator.db import make_engine, make_sessionmaker, session_scope, utcnow
+from fedge.coordinator.models import Assignment, Base, Device, Round, Task, Update
+from fedge.coordinator.states import (
     AssignmentStatus,
     DeviceStatus,
     RoundStatus,

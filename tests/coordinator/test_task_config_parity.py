@@ -1,7 +1,7 @@
 """One task configuration: the API's schema and the round engine's parser agree.
 
 A task body's ``aggregation`` is validated by the API (``TaskCreate``), stored as JSON
-(``coordinator.tasks.aggregation_to_stored``) and parsed again by the engine on every tick
+(``fedge.coordinator.tasks.aggregation_to_stored``) and parsed again by the engine on every tick
 (``AggregationConfig.from_dict``). The property below draws configurations across each
 field's bounds, read from the API's JSON schema (the bounds themselves, the next float inside
 and outside, values within, wrong types), and checks that
@@ -21,13 +21,13 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from pydantic import BaseModel, ValidationError
 
-from coordinator.engine.config import AggregationConfig as EngineConfig
-from coordinator.engine.config import ConfigError
-from coordinator.engine.staleness import StalenessConfig as EngineStaleness
-from coordinator.schemas.tasks import AggregationConfig as ApiConfig
-from coordinator.schemas.tasks import StalenessConfig as ApiStaleness
-from coordinator.schemas.tasks import TaskCreate
-from coordinator.tasks import aggregation_to_stored
+from fedge.coordinator.engine.config import AggregationConfig as EngineConfig
+from fedge.coordinator.engine.config import ConfigError
+from fedge.coordinator.engine.staleness import StalenessConfig as EngineStaleness
+from fedge.coordinator.schemas.tasks import AggregationConfig as ApiConfig
+from fedge.coordinator.schemas.tasks import StalenessConfig as ApiStaleness
+from fedge.coordinator.schemas.tasks import TaskCreate
+from fedge.coordinator.tasks import aggregation_to_stored
 
 MODEL = {"architecture": "softmax", "input_dim": 4, "num_classes": 2}
 SCHEMA = ApiConfig.model_json_schema()

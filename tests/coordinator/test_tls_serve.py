@@ -19,8 +19,8 @@ from pathlib import Path
 import httpx
 import pytest
 
-from coordinator import migrate
-from coordinator.tls import TlsPaths
+from fedge.coordinator import migrate
+from fedge.coordinator.tls import TlsPaths
 
 pytestmark = pytest.mark.slow  # real processes: a few seconds each
 
@@ -31,7 +31,7 @@ KEY_LINE = re.compile(r"^\s+(fk_[A-Za-z0-9_-]{43})$", re.MULTILINE)
 def fedge_command() -> list[str]:
     """The installed console script when there is one, else the same entry point by module."""
     script = Path(sys.executable).with_name("fedge")
-    return [str(script)] if script.is_file() else [sys.executable, "-m", "shared.cli"]
+    return [str(script)] if script.is_file() else [sys.executable, "-m", "fedge.shared.cli"]
 
 
 def fedge(*argv: str, timeout: float = START_TIMEOUT_S) -> subprocess.CompletedProcess[str]:

@@ -14,10 +14,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from coordinator.settings import Settings
-from coordinator.tls import TlsPaths
-from shared.modelspec import ModelSpec
-from shared.wire import decode_update
+from fedge.coordinator.settings import Settings
+from fedge.coordinator.tls import TlsPaths
+from fedge.shared.modelspec import ModelSpec
+from fedge.shared.wire import decode_update
 from tests.coordinator.test_device_work_sync import assert_weights_equal, expected_model
 from tests.support.process import coordinator_process
 from tests.support.rounds import Db, create_task, fleet_of, make_update, random_delta, spec_of

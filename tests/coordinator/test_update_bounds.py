@@ -25,18 +25,18 @@ import numpy as np
 import pytest
 from pydantic import ValidationError
 
-from coordinator.blobstore import BlobStore
-from coordinator.engine import apply, examples
-from coordinator.engine.config import FLOAT32_MAX, AggregationConfig, ConfigError
-from coordinator.engine.scheduler import TaskStepper
-from coordinator.models import Update
-from coordinator.runtime import Runtime
-from coordinator.schemas import tasks as task_schemas
-from coordinator.settings import Settings
-from shared.compression import compress
-from shared.modelspec import ModelSpec, Weights
-from shared.policy import CompressionPolicy
-from shared.wire import encode_model, encode_update
+from fedge.coordinator.blobstore import BlobStore
+from fedge.coordinator.engine import apply, examples
+from fedge.coordinator.engine.config import FLOAT32_MAX, AggregationConfig, ConfigError
+from fedge.coordinator.engine.scheduler import TaskStepper
+from fedge.coordinator.models import Update
+from fedge.coordinator.runtime import Runtime
+from fedge.coordinator.schemas import tasks as task_schemas
+from fedge.coordinator.settings import Settings
+from fedge.shared.compression import compress
+from fedge.shared.modelspec import ModelSpec, Weights
+from fedge.shared.policy import CompressionPolicy
+from fedge.shared.wire import encode_model, encode_update
 from tests.coordinator.conftest import Coordinator
 from tests.coordinator.test_device_work_sync import assert_weights_equal, expected_model
 from tests.support.rounds import (

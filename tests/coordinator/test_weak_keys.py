@@ -16,9 +16,9 @@ import uuid
 import pytest
 from sqlalchemy import func, select
 
-from coordinator.db import make_engine, make_sessionmaker, session_scope, utcnow
-from coordinator.models import Device, EnrollmentToken
-from shared import signing
+from fedge.coordinator.db import make_engine, make_sessionmaker, session_scope, utcnow
+from fedge.coordinator.models import Device, EnrollmentToken
+from fedge.shared import signing
 from tests.coordinator.conftest import Coordinator
 from tests.support.device import API, SignedDevice, make_token
 

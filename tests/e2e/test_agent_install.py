@@ -7,6 +7,7 @@ which extra to install instead of failing with a traceback.
 
 from __future__ import annotations
 
+import json
 import shutil
 import subprocess
 import venv
@@ -59,8 +60,8 @@ def test_plain_install_is_the_agent_only(tmp_path: Path) -> None:
     assert "enroll" in helped.stdout and "run" in helped.stdout
 
     probe = (
-        "import sys, importlib, pkgutil, edge_agent\n"
-        "for m in pkgutil.walk_packages(edge_agent.__path__, 'edge_agent.'):\n"
+        "import sys, importlib, pkgutil, fedge.edge_agent\n"
+        "for m in pkgutil.walk_packages(fedge.edge_agent.__path__, 'fedge.edge_agent.'):\n"
         "    importlib.import_module(m.name)\n"
         f"bad = [n for n in {SERVER_LIBS + DEMO_LIBS!r} if n in sys.modules]\n"
         "print(','.join(bad))\n"
@@ -68,6 +69,17 @@ def test_plain_install_is_the_agent_only(tmp_path: Path) -> None:
     imported = subprocess.run([python, "-c", probe], capture_output=True, text=True, cwd=tmp_path)
     assert imported.returncode == 0, imported.stderr
     assert imported.stdout.strip() == ""
+
+    # Everything of ours is under the fedge namespace: no top-level `shared` or `coordinator`.
+    tops = (
+        "import importlib.util, json\n"
+        "names = ['fedge', 'shared', 'coordinator', 'edge_agent', 'migrations']\n"
+        "print(json.dumps([n for n in names if importlib.util.find_spec(n)]))\n"
+    )
+    found = subprocess.run(
+        [python, "-I", "-c", tops], capture_output=True, text=True, cwd=tmp_path, check=True
+    )
+    assert json.loads(found.stdout) == ["fedge"]
 
     coordinator = subprocess.run(
         [env_dir / "bin" / "fedge", "coordinator", "serve"], capture_output=True, text=True

@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from edge_agent.sim import demo
+from fedge.edge_agent.sim import demo
 
 
 @pytest.mark.slow

@@ -12,10 +12,10 @@ import signal
 
 import numpy as np
 
-from edge_agent.agent import Agent
-from edge_agent.data import load_arrays, split_local
-from edge_agent.device import open_client
-from edge_agent.state import State
+from fedge.edge_agent.agent import Agent
+from fedge.edge_agent.data import load_arrays, split_local
+from fedge.edge_agent.device import open_client
+from fedge.edge_agent.state import State
 
 
 def main() -> None:

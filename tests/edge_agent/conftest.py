@@ -14,18 +14,18 @@ from typing import Any
 import numpy as np
 import pytest
 
-from coordinator.app import create_app
-from coordinator.db import make_engine, make_sessionmaker, session_scope
-from coordinator.secrets import create_api_key
-from coordinator.settings import Settings
-from coordinator.tls import TlsPaths, create_ca_and_server_cert
-from edge_agent.admin_client import AdminClient
-from edge_agent.agent import Agent
-from edge_agent.data import LocalData
-from edge_agent.device import enroll_device, open_client
-from edge_agent.sim.datasets import Dataset, load_dataset
-from edge_agent.state import State
-from edge_agent.transport import RetryPolicy
+from fedge.coordinator.app import create_app
+from fedge.coordinator.db import make_engine, make_sessionmaker, session_scope
+from fedge.coordinator.secrets import create_api_key
+from fedge.coordinator.settings import Settings
+from fedge.coordinator.tls import TlsPaths, create_ca_and_server_cert
+from fedge.edge_agent.admin_client import AdminClient
+from fedge.edge_agent.agent import Agent
+from fedge.edge_agent.data import LocalData
+from fedge.edge_agent.device import enroll_device, open_client
+from fedge.edge_agent.sim.datasets import Dataset, load_dataset
+from fedge.edge_agent.state import State
+from fedge.edge_agent.transport import RetryPolicy
 from tests.support import databases
 from tests.support.servers import serve_in_thread
 

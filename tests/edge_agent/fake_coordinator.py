@@ -17,9 +17,9 @@ import httpx
 import numpy as np
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
-from shared import architectures, signing
-from shared.modelspec import Weights
-from shared.wire import decode_update, encode_model
+from fedge.shared import architectures, signing
+from fedge.shared.modelspec import Weights
+from fedge.shared.wire import decode_update, encode_model
 
 MODEL = {"architecture": "softmax", "input_dim": 64, "num_classes": 10, "hidden": []}
 COMPRESSION = {"topk_fraction": 0.05, "bits": 4, "chunk": 64, "error_feedback": True}

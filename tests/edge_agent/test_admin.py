@@ -7,10 +7,10 @@ import json
 import httpx
 import pytest
 
-from edge_agent import admin_cli, errors
-from edge_agent.admin_client import AdminClient
-from edge_agent.sim.local_coordinator import CoordinatorStartError, parse_admin_key
-from edge_agent.transport import RetryPolicy
+from fedge.edge_agent import admin_cli, errors
+from fedge.edge_agent.admin_client import AdminClient
+from fedge.edge_agent.sim.local_coordinator import CoordinatorStartError, parse_admin_key
+from fedge.edge_agent.transport import RetryPolicy
 
 
 def test_bearer_key_paths_and_pagination():

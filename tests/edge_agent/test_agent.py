@@ -11,18 +11,18 @@ from typing import Any
 import numpy as np
 import pytest
 
-from edge_agent.agent import Agent, FatalAgentError, Outcome
-from edge_agent.data import LocalData
-from edge_agent.device import enroll_device, open_client
-from edge_agent.errors import ServerError
-from edge_agent.hooks import AgentHooks
-from edge_agent.sim.datasets import load_dataset
-from edge_agent.sim.faults import FaultConfig, FaultHooks, FaultSchedule
-from edge_agent.state import State
-from edge_agent.trainers import NumpyTrainer
-from edge_agent.transport import RetryPolicy
-from shared import architectures
-from shared.wire import decode_model, decode_update
+from fedge.edge_agent.agent import Agent, FatalAgentError, Outcome
+from fedge.edge_agent.data import LocalData
+from fedge.edge_agent.device import enroll_device, open_client
+from fedge.edge_agent.errors import ServerError
+from fedge.edge_agent.hooks import AgentHooks
+from fedge.edge_agent.sim.datasets import load_dataset
+from fedge.edge_agent.sim.faults import FaultConfig, FaultHooks, FaultSchedule
+from fedge.edge_agent.state import State
+from fedge.edge_agent.trainers import NumpyTrainer
+from fedge.edge_agent.transport import RetryPolicy
+from fedge.shared import architectures
+from fedge.shared.wire import decode_model, decode_update
 from tests.edge_agent.fake_coordinator import MODEL, FakeCoordinator
 
 FAST_RETRY = RetryPolicy(attempts=2, base_delay=0.0, max_delay=0.0)
@@ -203,7 +203,7 @@ class BlockingTrainer:
         self.started = threading.Event()
 
     def train(self, weights, config, rng, *, should_stop=None):
-        from edge_agent.trainers import TrainResult
+        from fedge.edge_agent.trainers import TrainResult
 
         self.started.set()
         deadline = time.monotonic() + 10
@@ -420,7 +420,7 @@ def test_a_failing_trainer_gives_the_assignment_up_without_stopping_the_agent(
 
 class DivergingTrainer(BrokenTrainer):
     def train(self, weights, config, rng, *, should_stop=None):
-        from edge_agent.trainers import TrainResult
+        from fedge.edge_agent.trainers import TrainResult
 
         return TrainResult({k: np.full_like(v, np.nan) for k, v in weights.items()}, 10)
 

@@ -10,8 +10,8 @@ import sys
 
 import numpy as np
 
-from edge_agent import cli
-from edge_agent.state import State
+from fedge.edge_agent import cli
+from fedge.edge_agent.state import State
 from tests.edge_agent.conftest import shard, wait_for
 
 
@@ -30,7 +30,7 @@ def test_usage_errors(capsys):
 
 def test_enroll_refuses_a_missing_ca_and_an_unreachable_url(tmp_path, capsys, monkeypatch):
     slept: list[float] = []
-    monkeypatch.setattr("edge_agent.transport.time.sleep", slept.append)
+    monkeypatch.setattr("fedge.edge_agent.transport.time.sleep", slept.append)
     args = ["enroll", "--url", "https://127.0.0.1:9", "--token", "t", "--state-dir"]
     assert cli.main([*args, str(tmp_path / "a"), "--ca", str(tmp_path / "nope.pem")]) == 1
     assert "does not exist" in capsys.readouterr().err
@@ -57,7 +57,7 @@ def test_agent_process_trains_uploads_and_stops_on_sigterm(live, digits, tmp_pat
         [
             sys.executable,
             "-m",
-            "shared.cli",
+            "fedge.shared.cli",
             "agent",
             "run",
             "--state-dir",
@@ -93,7 +93,7 @@ def test_agent_process_trains_uploads_and_stops_on_sigterm(live, digits, tmp_pat
 def test_demo_without_its_extras_says_what_to_install(monkeypatch, capsys):
     import importlib.util
 
-    from edge_agent.sim import demo
+    from fedge.edge_agent.sim import demo
 
     real = importlib.util.find_spec
     monkeypatch.setattr(

@@ -10,10 +10,10 @@ import httpx
 import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from edge_agent import errors
-from edge_agent.client import CoordinatorClient, Work
-from edge_agent.transport import RetryPolicy
-from shared import signing
+from fedge.edge_agent import errors
+from fedge.edge_agent.client import CoordinatorClient, Work
+from fedge.edge_agent.transport import RetryPolicy
+from fedge.shared import signing
 
 WORK = {
     "assignment_id": 12,

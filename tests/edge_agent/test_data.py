@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from edge_agent.data import DataError, load_arrays, load_entry_point, split_local
+from fedge.edge_agent.data import DataError, load_arrays, load_entry_point, split_local
 
 
 def small_dataset():
@@ -59,8 +59,8 @@ def test_malformed_npz(tmp_path, arrays, message):
         ("missing.npz", "does not exist"),
         ("no_colon_here", "module:function"),
         ("not_a_module_xyz:f", "cannot import"),
-        ("edge_agent.data:nothing", "no attribute"),
-        ("edge_agent.data:DataError.args", "not callable"),
+        ("fedge.edge_agent.data:nothing", "no attribute"),
+        ("fedge.edge_agent.data:DataError.args", "not callable"),
     ],
 )
 def test_bad_sources(spec, message):
@@ -69,7 +69,7 @@ def test_bad_sources(spec, message):
 
 
 def test_load_entry_point_dotted_attribute():
-    assert load_entry_point("edge_agent.data:LocalData.num_train") is not None
+    assert load_entry_point("fedge.edge_agent.data:LocalData.num_train") is not None
 
 
 def test_split_local_holds_out_a_fraction_and_uses_everything():

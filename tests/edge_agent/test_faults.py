@@ -7,8 +7,8 @@ import threading
 import numpy as np
 import pytest
 
-from edge_agent.client import Work
-from edge_agent.sim.faults import (
+from fedge.edge_agent.client import Work
+from fedge.edge_agent.sim.faults import (
     NO_FAULTS,
     FaultConfig,
     FaultDecision,

@@ -6,10 +6,10 @@ import stat
 
 import numpy as np
 
-from edge_agent.sim.faults import FaultConfig
-from edge_agent.sim.fleet import Fleet
-from edge_agent.sim.partition import dirichlet_partition
-from edge_agent.state import State
+from fedge.edge_agent.sim.faults import FaultConfig
+from fedge.edge_agent.sim.fleet import Fleet
+from fedge.edge_agent.sim.partition import dirichlet_partition
+from fedge.edge_agent.state import State
 from tests.edge_agent.conftest import wait_for
 
 

@@ -7,10 +7,9 @@ import pkgutil
 import subprocess
 import sys
 
-import edge_agent
+import fedge.edge_agent
 
 FORBIDDEN = (
-    "coordinator",
     "fastapi",
     "starlette",
     "uvicorn",
@@ -27,8 +26,15 @@ FORBIDDEN = (
 
 
 def test_importing_every_agent_module_pulls_in_no_server_or_demo_dependency():
-    modules = [m.name for m in pkgutil.walk_packages(edge_agent.__path__, "edge_agent.")]
-    expected = {"edge_agent.agent", "edge_agent.client", "edge_agent.cli", "edge_agent.sim.demo"}
+    modules = [
+        m.name for m in pkgutil.walk_packages(fedge.edge_agent.__path__, "fedge.edge_agent.")
+    ]
+    expected = {
+        "fedge.edge_agent.agent",
+        "fedge.edge_agent.client",
+        "fedge.edge_agent.cli",
+        "fedge.edge_agent.sim.demo",
+    }
     assert expected <= set(modules)
     script = (
         "import importlib, json, sys\n"
@@ -42,4 +48,8 @@ def test_importing_every_agent_module_pulls_in_no_server_or_demo_dependency():
     loaded = set(json.loads(result.stdout))
     leaked = sorted(name for name in loaded if name.split(".")[0] in FORBIDDEN)
     assert leaked == []
+    # Not the coordinator, and nothing of ours outside the fedge namespace.
+    bare = {"shared", "coordinator", "edge_agent", "migrations"}
+    assert sorted(n for n in loaded if n.split(".")[0] in bare) == []
+    assert sorted(n for n in loaded if n.split(".")[:2] == ["fedge", "coordinator"]) == []
     assert {"numpy", "httpx", "cryptography"} <= {name.split(".")[0] for name in loaded}

@@ -13,13 +13,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from edge_agent import cli
-from edge_agent.agent import FatalAgentError
-from edge_agent.outbox import RESIDUAL_AFTER
-from edge_agent.state import State
-from edge_agent.trainers import TrainResult
-from shared import architectures, signing
-from shared.wire import decode_model
+from fedge.edge_agent import cli
+from fedge.edge_agent.agent import FatalAgentError
+from fedge.edge_agent.outbox import RESIDUAL_AFTER
+from fedge.edge_agent.state import State
+from fedge.edge_agent.trainers import TrainResult
+from fedge.shared import architectures, signing
+from fedge.shared.wire import decode_model
 from tests.edge_agent.conftest import SOFTMAX, LiveCoordinator, shard, wait_for
 
 SPEC = architectures.build_spec(SOFTMAX)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from edge_agent.sim.partition import dirichlet_partition, iid_partition, label_skew
+from fedge.edge_agent.sim.partition import dirichlet_partition, iid_partition, label_skew
 
 
 @pytest.fixture(scope="module")

@@ -9,19 +9,19 @@ import stat
 import numpy as np
 import pytest
 
-from edge_agent import fsutil
-from edge_agent.outbox import (
+from fedge.edge_agent import fsutil
+from fedge.edge_agent.outbox import (
     RESIDUAL_AFTER,
     RESIDUAL_BEFORE,
     OutboxEntry,
     PendingUpdateExists,
     new_idempotency_key,
 )
-from edge_agent.residual_store import load_residual, save_residual
-from edge_agent.state import AgentConfig, State, StateError
-from shared.feedback import Residual
-from shared.modelspec import ModelSpec
-from shared.wireerror import WireFormatError
+from fedge.edge_agent.residual_store import load_residual, save_residual
+from fedge.edge_agent.state import AgentConfig, State, StateError
+from fedge.shared.feedback import Residual
+from fedge.shared.modelspec import ModelSpec
+from fedge.shared.wireerror import WireFormatError
 
 SPEC = ModelSpec.from_dict([{"name": "W", "shape": [3, 2]}, {"name": "b", "shape": [2]}])
 

@@ -5,10 +5,15 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from edge_agent.data import LocalData, split_local
-from edge_agent.sim.datasets import load_dataset
-from edge_agent.trainers import NumpyTrainer, TrainingConfig, _loss_and_grads, load_trainer_factory
-from shared import architectures
+from fedge.edge_agent.data import LocalData, split_local
+from fedge.edge_agent.sim.datasets import load_dataset
+from fedge.edge_agent.trainers import (
+    NumpyTrainer,
+    TrainingConfig,
+    _loss_and_grads,
+    load_trainer_factory,
+)
+from fedge.shared import architectures
 
 SOFTMAX = {"architecture": "softmax", "input_dim": 64, "num_classes": 10}
 MLP = {"architecture": "mlp", "input_dim": 64, "num_classes": 10, "hidden": [32]}
@@ -120,7 +125,7 @@ def test_bad_training_config(config):
 
 
 def test_user_trainer_factory_by_entry_point():
-    factory = load_trainer_factory("edge_agent.trainers:builtin_trainer")
+    factory = load_trainer_factory("fedge.edge_agent.trainers:builtin_trainer")
     data = split_local(
         np.zeros((10, 64), np.float32),
         np.zeros(10, np.int64),

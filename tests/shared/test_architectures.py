@@ -1,7 +1,7 @@
 import numpy as np
 import pytest
 
-from shared import architectures as arch
+from fedge.shared import architectures as arch
 
 SOFTMAX = {"architecture": "softmax", "input_dim": 5, "num_classes": 3, "hidden": [], "seed": 0}
 MLP = {"architecture": "mlp", "input_dim": 5, "num_classes": 3, "hidden": [8, 4]}

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from shared import cli
+from fedge.shared import cli
 
 
 def run(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str, str]:
@@ -109,14 +109,14 @@ def test_missing_dependency_says_what_to_install(
 
 def test_installed_entry_points() -> None:
     commands = cli._commands()
-    assert commands["coordinator"].value == "coordinator.cli:main"
-    assert commands["agent"].value == "edge_agent.cli:main"
+    assert commands["coordinator"].value == "fedge.coordinator.cli:main"
+    assert commands["agent"].value == "fedge.edge_agent.cli:main"
 
 
 def test_console_script_dispatches_to_the_coordinator() -> None:
-    """The installed ``fedge`` script reaches ``coordinator.cli`` through the entry point."""
+    """The installed ``fedge`` script reaches ``fedge.coordinator.cli`` through the entry point."""
     script = Path(sys.executable).with_name("fedge")
-    command = [str(script)] if script.is_file() else [sys.executable, "-m", "shared.cli"]
+    command = [str(script)] if script.is_file() else [sys.executable, "-m", "fedge.shared.cli"]
     result = subprocess.run(
         [*command, "coordinator", "--help"], capture_output=True, text=True, timeout=120
     )

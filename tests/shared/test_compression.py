@@ -5,11 +5,11 @@ import math
 import numpy as np
 import pytest
 
-from shared.compression import compress, decompress
-from shared.feedback import Residual
-from shared.modelspec import ModelSpec
-from shared.policy import DENSE, CompressionPolicy
-from shared.topk import topk_count
+from fedge.shared.compression import compress, decompress
+from fedge.shared.feedback import Residual
+from fedge.shared.modelspec import ModelSpec
+from fedge.shared.policy import DENSE, CompressionPolicy
+from fedge.shared.topk import topk_count
 
 
 def _delta(rng: np.random.Generator) -> dict[str, np.ndarray]:

@@ -1,4 +1,4 @@
-"""shared.durable: atomic, durable replacement of a file, and the sweep of leftovers."""
+"""fedge.shared.durable: atomic, durable replacement of a file, and the sweep of leftovers."""
 
 from __future__ import annotations
 
@@ -10,8 +10,8 @@ from typing import BinaryIO
 
 import pytest
 
-from shared import durable
-from shared.durable import remove_temp_files, write_atomic, write_bytes_atomic
+from fedge.shared import durable
+from fedge.shared.durable import remove_temp_files, write_atomic, write_bytes_atomic
 
 
 @pytest.fixture

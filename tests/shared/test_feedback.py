@@ -5,11 +5,11 @@ from collections.abc import Callable
 import numpy as np
 import pytest
 
-from shared.compression import compress, decompress
-from shared.feedback import Residual
-from shared.modelspec import ModelSpec
-from shared.policy import CompressionPolicy
-from shared.wire import WireFormatError
+from fedge.shared.compression import compress, decompress
+from fedge.shared.feedback import Residual
+from fedge.shared.modelspec import ModelSpec
+from fedge.shared.policy import CompressionPolicy
+from fedge.shared.wire import WireFormatError
 
 SPEC = ModelSpec.from_dict(
     [{"name": "w", "shape": [30, 20]}, {"name": "b", "shape": [20]}, {"name": "s", "shape": []}]

@@ -5,7 +5,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from shared.indexcoding import (
+from fedge.shared.indexcoding import (
     ALL,
     BITMAP,
     RAW,
@@ -15,7 +15,7 @@ from shared.indexcoding import (
     encode_indices,
     index_section_bounds,
 )
-from shared.wireerror import WireFormatError
+from fedge.shared.wireerror import WireFormatError
 
 
 def _round_trip(indices: np.ndarray, size: int) -> int:

@@ -3,8 +3,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from shared.limits import Limits
-from shared.modelspec import ModelSpec, TensorSpec
+from fedge.shared.limits import Limits
+from fedge.shared.modelspec import ModelSpec, TensorSpec
 
 SPEC_DICT = [
     {"name": "w", "shape": [64, 10]},

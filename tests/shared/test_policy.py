@@ -4,7 +4,7 @@ import math
 
 import pytest
 
-from shared.policy import DENSE, CompressionPolicy, PolicyError
+from fedge.shared.policy import DENSE, CompressionPolicy, PolicyError
 
 
 def test_defaults_and_round_trip() -> None:

@@ -9,7 +9,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from shared.quantize import (
+from fedge.shared.quantize import (
     QUANT_BITS,
     chunk_scales,
     dequantize,

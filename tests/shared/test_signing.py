@@ -4,7 +4,7 @@ import hashlib
 import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from shared import signing
+from fedge.shared import signing
 
 
 @pytest.fixture

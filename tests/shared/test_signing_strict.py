@@ -17,7 +17,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey,
 from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
-from shared import signing
+from fedge.shared import signing
 
 P = 2**255 - 19
 L = 2**252 + 27742317777372353535851937790883648493

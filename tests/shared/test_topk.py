@@ -5,7 +5,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from shared.topk import top_k_indices, topk_count
+from fedge.shared.topk import top_k_indices, topk_count
 
 
 @pytest.mark.parametrize(

@@ -9,14 +9,14 @@ from collections.abc import Callable
 import numpy as np
 import pytest
 
-from shared.compression import compress
-from shared.feedback import Residual
-from shared.indexcoding import BITMAP, RAW, RICE, encode_indices
-from shared.limits import Limits
-from shared.modelspec import ModelSpec
-from shared.policy import CompressionPolicy
-from shared.quantize import pack_codes
-from shared.wire import (
+from fedge.shared.compression import compress
+from fedge.shared.feedback import Residual
+from fedge.shared.indexcoding import BITMAP, RAW, RICE, encode_indices
+from fedge.shared.limits import Limits
+from fedge.shared.modelspec import ModelSpec
+from fedge.shared.policy import CompressionPolicy
+from fedge.shared.quantize import pack_codes
+from fedge.shared.wire import (
     CODES,
     WireFormatError,
     decode_model,
@@ -25,7 +25,7 @@ from shared.wire import (
     encode_update,
     peek_update_header,
 )
-from shared.wirelayout import FORMAT_VERSION, KIND_MODEL, VALUE_F16, VALUE_F32, VALUE_QUANT
+from fedge.shared.wirelayout import FORMAT_VERSION, KIND_MODEL, VALUE_F16, VALUE_F32, VALUE_QUANT
 from tests.shared.wirecraft import RawTensor, model_blob, prefix, update_blob
 
 

@@ -12,18 +12,18 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from shared.compression import compress
-from shared.indexcoding import index_section_bounds
-from shared.limits import Limits
-from shared.policy import CompressionPolicy
-from shared.wire import (
+from fedge.shared.compression import compress
+from fedge.shared.indexcoding import index_section_bounds
+from fedge.shared.limits import Limits
+from fedge.shared.policy import CompressionPolicy
+from fedge.shared.wire import (
     WireFormatError,
     decode_model,
     decode_update,
     encode_model,
     encode_update,
 )
-from shared.wirelayout import FORMAT_VERSION, KIND_MODEL, encode_varint
+from fedge.shared.wirelayout import FORMAT_VERSION, KIND_MODEL, encode_varint
 from tests.shared.wirecraft import RawTensor, model_blob, prefix, update_blob
 
 Decoder = Callable[[bytes], object]

@@ -11,12 +11,12 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from shared import architectures
-from shared.compression import CompressedUpdate, compress, decompress
-from shared.indexcoding import BITMAP, RAW, RICE, index_section_bounds
-from shared.limits import Limits
-from shared.policy import DENSE, CompressionPolicy
-from shared.wire import (
+from fedge.shared import architectures
+from fedge.shared.compression import CompressedUpdate, compress, decompress
+from fedge.shared.indexcoding import BITMAP, RAW, RICE, index_section_bounds
+from fedge.shared.limits import Limits
+from fedge.shared.policy import DENSE, CompressionPolicy
+from fedge.shared.wire import (
     WireFormatError,
     decode_model,
     decode_update,
@@ -25,7 +25,7 @@ from shared.wire import (
     peek_update_header,
     update_overhead_bytes,
 )
-from shared.wirelayout import (
+from fedge.shared.wirelayout import (
     FORMAT_VERSION,
     MAX_FRACTION_EXPONENT,
     VALUE_QUANT,
@@ -463,7 +463,7 @@ def test_count_is_checked_before_descriptors_are_parsed() -> None:
 
 
 def test_encoder_rejects_dimensions_beyond_u32() -> None:
-    from shared.compression import CompressedTensor
+    from fedge.shared.compression import CompressedTensor
 
     t = CompressedTensor("w", (0, 1 << 32), None, values=np.zeros(0, np.float32))
     c = CompressedUpdate(bits=32, chunk=1, topk_fraction=1.0, scope="tensor", tensors=(t,))

@@ -1,5 +1,5 @@
 """The metrics block of an update: a device's training and evaluation metrics travel
-inside its upload (``shared.wiremetrics``)."""
+inside its upload (``fedge.shared.wiremetrics``)."""
 
 from __future__ import annotations
 
@@ -10,17 +10,17 @@ import pytest
 from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
-from shared.compression import CompressedUpdate, compress
-from shared.policy import CompressionPolicy
-from shared.wire import (
+from fedge.shared.compression import CompressedUpdate, compress
+from fedge.shared.policy import CompressionPolicy
+from fedge.shared.wire import (
     METRIC_KEYS,
     WireFormatError,
     decode_update,
     encode_update,
     peek_update_header,
 )
-from shared.wirelayout import encode_varint
-from shared.wiremetrics import encode_metrics
+from fedge.shared.wirelayout import encode_varint
+from fedge.shared.wiremetrics import encode_metrics
 from tests.shared.wirecraft import prefix, update_blob, update_header
 
 IDS = {"task_id": 3, "base_version": 5, "num_examples": 40}

@@ -8,13 +8,13 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
-from shared.compression import CompressedTensor, CompressedUpdate, compress, decompress
-from shared.feedback import Residual
-from shared.indexcoding import ALL, BITMAP, RAW, RICE
-from shared.modelspec import ModelSpec
-from shared.policy import ALLOWED_BITS, CompressionPolicy
-from shared.quantize import quantize
-from shared.wire import (
+from fedge.shared.compression import CompressedTensor, CompressedUpdate, compress, decompress
+from fedge.shared.feedback import Residual
+from fedge.shared.indexcoding import ALL, BITMAP, RAW, RICE
+from fedge.shared.modelspec import ModelSpec
+from fedge.shared.policy import ALLOWED_BITS, CompressionPolicy
+from fedge.shared.quantize import quantize
+from fedge.shared.wire import (
     DecodedUpdate,
     decode_model,
     decode_update,
@@ -22,7 +22,7 @@ from shared.wire import (
     encode_update,
     peek_update_header,
 )
-from shared.wirelayout import FORMAT_VERSION, VALUE_F32, VALUE_QUANT
+from fedge.shared.wirelayout import FORMAT_VERSION, VALUE_F32, VALUE_QUANT
 from tests.shared.wirecraft import descriptors_of
 
 FINITE_F32 = st.floats(width=32, allow_nan=False, allow_infinity=False)

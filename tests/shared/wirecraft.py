@@ -8,9 +8,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from shared.limits import Limits
-from shared.wire_update import _read_update_descriptors
-from shared.wirelayout import (
+from fedge.shared.limits import Limits
+from fedge.shared.wire_update import _read_update_descriptors
+from fedge.shared.wirelayout import (
     FORMAT_VERSION,
     KIND_MODEL,
     KIND_UPDATE,

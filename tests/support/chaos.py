@@ -34,9 +34,9 @@ from typing import Any
 import httpx
 import numpy as np
 
-from coordinator.models import ASSIGNMENT_ACTIVE
-from shared.modelspec import ModelSpec, Weights
-from shared.wire import decode_update
+from fedge.coordinator.models import ASSIGNMENT_ACTIVE
+from fedge.shared.modelspec import ModelSpec, Weights
+from fedge.shared.wire import decode_update
 from tests.support.device import API
 from tests.support.rounds import Db, TestDevice, make_update, random_delta, spec_of
 

@@ -17,8 +17,8 @@ from pathlib import Path
 from sqlalchemy import create_engine, text
 from sqlalchemy.engine import make_url
 
-from coordinator.migrate import upgrade
-from coordinator.models import Base
+from fedge.coordinator.migrate import upgrade
+from fedge.coordinator.models import Base
 
 ENV = "FEDGE_TEST_POSTGRES_URL"
 

@@ -24,7 +24,7 @@ from typing import Any, Protocol
 import httpx
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from shared import signing
+from fedge.shared import signing
 
 API = "/api/v1"
 

@@ -23,7 +23,7 @@ from pathlib import Path
 
 import httpx
 
-from coordinator.settings import Settings
+from fedge.coordinator.settings import Settings
 from tests.coordinator.conftest import make_key
 
 START_TIMEOUT_S = 60.0
@@ -103,7 +103,7 @@ def coordinator_process(
     command = [
         sys.executable,
         "-m",
-        "shared.cli",
+        "fedge.shared.cli",
         "coordinator",
         "serve",
         "--data-dir",

@@ -24,14 +24,14 @@ import numpy as np
 from sqlalchemy import Engine, select
 from sqlalchemy.orm import Session
 
-from coordinator.blobstore import BlobStore
-from coordinator.db import make_engine, make_sessionmaker
-from coordinator.models import Assignment, Device, ModelVersion, Round, Task, Update
-from coordinator.settings import Settings
-from shared.compression import compress
-from shared.modelspec import ModelSpec, Weights
-from shared.policy import CompressionPolicy
-from shared.wire import decode_model, decode_update, encode_update
+from fedge.coordinator.blobstore import BlobStore
+from fedge.coordinator.db import make_engine, make_sessionmaker
+from fedge.coordinator.models import Assignment, Device, ModelVersion, Round, Task, Update
+from fedge.coordinator.settings import Settings
+from fedge.shared.compression import compress
+from fedge.shared.modelspec import ModelSpec, Weights
+from fedge.shared.policy import CompressionPolicy
+from fedge.shared.wire import decode_model, decode_update, encode_update
 from tests.support.device import API, SignedDevice, make_token
 
 T = TypeVar("T")

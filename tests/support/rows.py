@@ -11,10 +11,10 @@ from typing import Any
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from coordinator.blobstore import BlobStore
-from coordinator.db import make_engine, make_sessionmaker, session_scope, utcnow
-from coordinator.models import Assignment, ModelVersion, Round
-from coordinator.settings import Settings
+from fedge.coordinator.blobstore import BlobStore
+from fedge.coordinator.db import make_engine, make_sessionmaker, session_scope, utcnow
+from fedge.coordinator.models import Assignment, ModelVersion, Round
+from fedge.coordinator.settings import Settings
 
 
 @contextmanager
