@@ -114,7 +114,7 @@ async def upload_update(
     else:
         if runtime.scheduler is not None:
             runtime.scheduler.kick()
-    return UploadAccepted(**result.to_dict())
+    return result
 
 
 def _store_metrics(

@@ -21,9 +21,8 @@ the unique constraints; the loser re-reads and answers like a repeat.
 from __future__ import annotations
 
 import re
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from datetime import datetime
-from typing import Any
 
 from sqlalchemy import select, update
 from sqlalchemy.exc import IntegrityError
@@ -40,6 +39,7 @@ from fedge.coordinator.engine.taskcache import ParsedTask, TaskConfigCache
 from fedge.coordinator.errors import BadRequest, Conflict, Unprocessable
 from fedge.coordinator.models import Assignment, Device, Task, Update
 from fedge.coordinator.runtime import Runtime
+from fedge.coordinator.schemas.device_work import UploadAccepted
 from fedge.coordinator.states import AssignmentStatus, TaskStatus, UpdateStatus
 from fedge.shared.modelspec import ModelSpec
 from fedge.shared.policy import CompressionPolicy
@@ -48,23 +48,6 @@ from fedge.shared.wire import DecodedUpdate, WireFormatError, decode_update
 IDEMPOTENCY_KEY = re.compile(r"^[A-Za-z0-9_.-]{1,128}$")
 #: Wire codes answered with 422 (well-formed data that does not fit this task); the rest 400.
 UNPROCESSABLE_WIRE_CODES = frozenset({"shape_mismatch", "policy_mismatch"})
-
-
-@dataclass(frozen=True)
-class UploadResult:
-    update_id: int
-    assignment_id: int
-    task_id: int
-    base_version: int
-    staleness: int
-    weight: float
-    status: UpdateStatus
-    duplicate: bool
-    #: The examples the weight counts (the claim, bounded: docs/rounds.md "Update bounds").
-    num_examples_counted: int
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
 
 
 @dataclass(frozen=True)
@@ -106,7 +89,7 @@ def _parsed(configs: TaskConfigCache, task: Task) -> ParsedTask:
         ) from None
 
 
-def _first_result(session: Session, u: Update) -> UploadResult:
+def _first_result(session: Session, u: Update) -> UploadAccepted:
     """The answer the first upload got (its weight recomputed from the staleness at
     acceptance, since the stored weight becomes the one used at aggregation)."""
     task = session.get(Task, u.task_id)
@@ -119,7 +102,7 @@ def _first_result(session: Session, u: Update) -> UploadResult:
         cfg.staleness, tau=u.staleness, num_examples=counted, weighting=cfg.weighting
     )
     assert u.assignment_id is not None
-    return UploadResult(
+    return UploadAccepted(
         update_id=u.id,
         assignment_id=u.assignment_id,
         task_id=u.task_id,
@@ -134,7 +117,7 @@ def _first_result(session: Session, u: Update) -> UploadResult:
 
 def _repeat(
     session: Session, *, device_id: str, key: str, assignment_id: int
-) -> UploadResult | None:
+) -> UploadAccepted | None:
     u = session.scalar(
         select(Update).where(Update.device_id == device_id, Update.idempotency_key == key)
     )
@@ -216,7 +199,7 @@ def _record(
     digest: str,
     size: int,
     now: datetime,
-) -> UploadResult:
+) -> UploadAccepted:
     # A repeat or a second upload for this assignment that committed since the first check
     # ends in the unique constraints (device_id, idempotency_key) and (assignment_id); the
     # caller then answers it like a repeat or a conflict.
@@ -271,7 +254,7 @@ def _record(
         .execution_options(synchronize_session=False)
     )
     session.flush()
-    return UploadResult(
+    return UploadAccepted(
         update_id=u.id,
         assignment_id=a.id,
         task_id=task.id,
@@ -317,7 +300,7 @@ def end_stale_assignment(runtime: Runtime, *, device_id: str, assignment_id: int
 
 def accept_upload(
     runtime: Runtime, *, device_id: str, assignment_id: int, key: str, body: bytes
-) -> UploadResult:
+) -> UploadAccepted:
     """Validate, store and record one upload (blocking: call from a worker thread)."""
     with session_scope(runtime.sessions, read_only=True) as session:
         repeat = _repeat(session, device_id=device_id, key=key, assignment_id=assignment_id)
