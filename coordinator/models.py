@@ -94,10 +94,26 @@ class ModelVersion(Base):
     version: Mapped[int] = mapped_column(Integer)
     blob_digest: Mapped[str] = mapped_column(String(64))
     size_bytes: Mapped[int] = mapped_column(BigInteger)
+    # What devices download (fedge.shared.broadcast): the broadcast model, when it differs
+    # from the true model (compressed downloads), and the delta from the previous version's
+    # broadcast model. NULL broadcast: the true model is broadcast; NULL delta: none exists.
+    broadcast_digest: Mapped[str | None] = mapped_column(String(64), default=None)
+    broadcast_size: Mapped[int | None] = mapped_column(BigInteger, default=None)
+    delta_digest: Mapped[str | None] = mapped_column(String(64), default=None)
+    delta_size: Mapped[int | None] = mapped_column(BigInteger, default=None)
     round_id: Mapped[int | None] = mapped_column(ForeignKey("rounds.id"), default=None)
     num_updates: Mapped[int] = mapped_column(Integer, default=0)
     metrics: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
     created_at: Mapped[datetime] = _now_column()
+
+    @property
+    def served_digest(self) -> str:
+        """The blob devices download as the full model of this version."""
+        return self.broadcast_digest or self.blob_digest
+
+    @property
+    def served_size(self) -> int:
+        return self.broadcast_size if self.broadcast_size is not None else self.size_bytes
 
 
 class Round(Base):

@@ -23,6 +23,7 @@ pause the loop; a revoked or unknown device stops the agent with :class:`FatalAg
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import threading
 import time
@@ -40,9 +41,11 @@ from fedge.edge_agent.state import State
 from fedge.edge_agent.trainers import Trainer, TrainerFactory, task_trainer_factory
 from fedge.edge_agent.uploads import FATAL_CODES, save_update, upload_entry
 from fedge.edge_agent.watcher import CancelWatcher
+from fedge.shared.broadcast import blob_kind, rebuild
 from fedge.shared.modelspec import ModelSpec, Weights
 from fedge.shared.policy import CompressionPolicy, PolicyError
-from fedge.shared.wire import WireFormatError, decode_model
+from fedge.shared.wire import WireFormatError, decode_model, encode_model
+from fedge.shared.wirelayout import KIND_MODEL
 
 __all__ = ["Agent", "AgentStats", "FatalAgentError", "Outcome"]
 
@@ -293,9 +296,17 @@ class Agent:
     # -- model -----------------------------------------------------------------------------
 
     def _fetch_model(self, work: Work, spec: ModelSpec) -> Weights:
-        """The base model, from the cache when the coordinator says it is unchanged (304)."""
+        """The base model: from the cache when the coordinator says it is unchanged (304),
+        rebuilt from the deltas since an older cached version when the coordinator sends
+        those, else downloaded whole."""
         task, version = work.task_id, work.base_version
         cached = self.state.cached_model(task, version)
+        if cached is None:
+            have = self.state.newest_cached_version(task, below=version)
+            if have is not None:
+                rebuilt = self._fetch_delta(work, spec, have)
+                if rebuilt is not None:
+                    return rebuilt
         for attempt in range(2):
             etag = cached[1] if cached is not None else None
             data, new_etag = self.client.download_model(task, version, etag=etag)
@@ -318,6 +329,44 @@ class Agent:
                     continue
                 raise ValueError(f"model v{version} does not decode: {exc}") from exc
         raise AssertionError("unreachable")  # pragma: no cover
+
+    def _fetch_delta(self, work: Work, spec: ModelSpec, have: int) -> Weights | None:
+        """The model of ``work`` from the cached version ``have`` and what the coordinator
+        sends for it (a delta chain, or the full model when that is smaller); ``None`` when
+        the cached model or the chain is unusable, so the caller downloads the full model."""
+        task, version = work.task_id, work.base_version
+        cached = self.state.cached_model(task, have)
+        try:
+            if cached is None:
+                return None
+            base = decode_model(cached[0], spec=spec)
+        except WireFormatError as exc:
+            log.warning("cached model v%d is unreadable (%s); dropping it", have, exc)
+            self.state.drop_cached_model(task, have)
+            return None
+        data, etag = self.client.download_model(task, version, have=have)
+        if data is None:  # no If-None-Match was sent: a 304 here is not ours
+            return None
+        try:
+            if blob_kind(data) == KIND_MODEL:
+                weights: Weights = decode_model(data, spec=spec)
+                log.info("downloaded model v%d (%d bytes)", version, len(data))
+            else:
+                weights = rebuild(base, data, spec, task_id=task, have=have, want=version)
+                log.info("model v%d rebuilt from v%d and %d delta bytes", version, have, len(data))
+                data = encode_model(weights)
+                etag = f'"{hashlib.sha256(data).hexdigest()}"'
+        except WireFormatError as exc:
+            log.warning(
+                "the model update v%d -> v%d was refused (%s); downloading the full model",
+                have,
+                version,
+                exc,
+            )
+            self.stats.refused_deltas += 1
+            return None
+        self.state.cache_model(task, version, data, etag)
+        return weights
 
     # -- update ----------------------------------------------------------------------------
 

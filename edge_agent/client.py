@@ -86,6 +86,8 @@ class Traffic:
     model_bytes: int = 0
     downloads: int = 0
     not_modified: int = 0
+    #: Of ``downloads``: answers that were delta chains (their bytes are in ``model_bytes``).
+    delta_downloads: int = 0
 
 
 class CoordinatorClient:
@@ -194,20 +196,29 @@ class CoordinatorClient:
         return Work.from_json(response.json())
 
     def download_model(
-        self, task_id: int, version: int, etag: str | None = None
+        self, task_id: int, version: int, etag: str | None = None, *, have: int | None = None
     ) -> tuple[bytes | None, str | None]:
-        """The model's wire bytes and ETag; ``(None, etag)`` when ``etag`` still matches (304)."""
+        """The model's wire bytes and ETag; ``(None, etag)`` when ``etag`` still matches (304).
+
+        With ``have`` (a version whose broadcast model the device holds) the answer may be a
+        delta chain instead of the model (no ETag then; see :mod:`fedge.shared.broadcast`)."""
         headers = {"If-None-Match": etag} if etag else None
+        params = None if have is None else {"have": have}
         response = self._signed(
-            "GET", f"{API}/device/tasks/{task_id}/models/{version}", headers=headers
+            "GET",
+            f"{API}/device/tasks/{task_id}/models/{version}",
+            headers=headers,
+            params=params,
         )
-        new_etag = response.headers.get("ETag", etag)
+        new_etag = response.headers.get("ETag", etag if have is None else None)
         with self._traffic_lock:
             if response.status_code == 304:
                 self.traffic.not_modified += 1
             else:
                 self.traffic.downloads += 1
                 self.traffic.model_bytes += len(response.content)
+                if "ETag" not in response.headers:
+                    self.traffic.delta_downloads += 1
         if response.status_code == 304:
             return None, new_etag
         return response.content, new_etag

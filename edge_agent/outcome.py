@@ -29,3 +29,4 @@ class AgentStats:
     cancelled: int = 0
     dropped: int = 0  # assignments a hook declined (Outcome.DROPPED)
     failed: int = 0
+    refused_deltas: int = 0  # delta chains that did not rebuild; the full model was fetched

@@ -243,6 +243,16 @@ class State:
                 with contextlib.suppress(FileNotFoundError):
                     (directory / f"v{old}{suffix}").unlink()
 
+    def newest_cached_version(self, task_id: int, *, below: int) -> int | None:
+        """The newest cached version of the task older than ``below``, if any."""
+        directory = self._model_dir(task_id)
+        versions = [
+            int(p.stem[1:])
+            for p in directory.glob("v*.bin")
+            if p.stem[1:].isdigit() and int(p.stem[1:]) < below
+        ]
+        return max(versions, default=None)
+
     def drop_cached_model(self, task_id: int, version: int) -> None:
         base = self._model_dir(task_id) / f"v{int(version)}"
         for suffix in (".json", ".bin"):

@@ -183,12 +183,26 @@ def encode_update(
         encode_varint(int(task_id)),
         encode_varint(int(base_version)),
         encode_varint(int(num_examples)),
-        bytes([c.bits, SCOPE_CODES[c.scope]]),
-        encode_varint(c.chunk),
-        encode_fraction(c.topk_fraction),
-        encode_varint(len(c.tensors)),
+        encode_codec(c),
         block,
     ]
+    return join_tensor_sections(parts, c)
+
+
+def encode_codec(c: CompressedUpdate) -> bytes:
+    """bits u8 | scope u8 | chunk var | topk_fraction | num_tensors var."""
+    return b"".join(
+        (
+            bytes([c.bits, SCOPE_CODES[c.scope]]),
+            encode_varint(c.chunk),
+            encode_fraction(c.topk_fraction),
+            encode_varint(len(c.tensors)),
+        )
+    )
+
+
+def join_tensor_sections(parts: list[bytes], c: CompressedUpdate) -> bytes:
+    """``parts`` (prefix and header), then the descriptors and sections of ``c``'s tensors."""
     sections: list[np.ndarray] = []
     for t in c.tensors:
         t.validate(bits=c.bits, chunk=c.chunk)
@@ -213,6 +227,46 @@ def encode_update(
     return join_sections(parts, sections)
 
 
+class Codec(NamedTuple):
+    bits: int
+    chunk: int
+    scope: str
+    fraction: float
+    num_tensors: int
+
+
+def read_codec(reader: Reader, limits: Limits) -> Codec:
+    """The fields :func:`encode_codec` wrote, checked."""
+    bits = reader.u8("bits")
+    scope = reader.u8("scope")
+    chunk = reader.varint("chunk")
+    fraction = reader.fraction("topk_fraction")
+    count = reader.varint("num_tensors")
+    if bits not in ALLOWED_BITS:
+        raise WireFormatError("bad_header", f"bits must be one of {ALLOWED_BITS}, got {bits}")
+    if scope not in SCOPE_NAMES:
+        raise WireFormatError("bad_header", f"unknown top-k scope {scope}")
+    if chunk == 0:
+        raise WireFormatError("bad_header", "chunk must be at least 1")
+    if chunk > limits.max_chunk:
+        raise WireFormatError("limit_exceeded", f"chunk {chunk}, the limit is {limits.max_chunk}")
+    return Codec(int(bits), int(chunk), SCOPE_NAMES[scope], fraction, int(count))
+
+
+def read_tensor_sections(
+    reader: Reader, descs: list[Descriptor], *, bits: int, chunk: int
+) -> list[DecodedTensor]:
+    """Decode the index and value sections behind ``descs`` (the last part of the blob)."""
+    tensors: list[DecodedTensor] = []
+    for d in descs:
+        ibuf = np.frombuffer(reader.take(d.index_bytes, "index section"), dtype=np.uint8)
+        indices = decode_indices(d.index_coding, d.index_param, ibuf, d.nnz, d.size)
+        vview = reader.take(d.value_bytes, "value section")
+        values = decode_values(vview, d, bits=bits, chunk=chunk)
+        tensors.append(DecodedTensor(d.name, d.shape, indices, values))
+    return tensors
+
+
 class _UpdateHead(NamedTuple):
     header: UpdateHeader
     bits: int
@@ -228,27 +282,15 @@ def _read_update_header(reader: Reader, limits: Limits) -> _UpdateHead:
     task = reader.varint("task_id")
     base = reader.varint("base_version")
     examples = reader.varint("num_examples")
-    bits = reader.u8("bits")
-    scope = reader.u8("scope")
-    chunk = reader.varint("chunk")
-    fraction = reader.fraction("topk_fraction")
-    count = reader.varint("num_tensors")
+    codec = read_codec(reader, limits)
     metrics = read_metrics(reader) if flags & FLAG_METRICS else {}
     if task > MAX_ID or base > MAX_ID:
         raise WireFormatError("bad_header", "task id and base version must be below 2**63")
     if not 1 <= examples <= MAX_ID:
         raise WireFormatError("bad_header", f"num_examples must be in [1, 2**63), got {examples}")
-    if bits not in ALLOWED_BITS:
-        raise WireFormatError("bad_header", f"bits must be one of {ALLOWED_BITS}, got {bits}")
-    if scope not in SCOPE_NAMES:
-        raise WireFormatError("bad_header", f"unknown top-k scope {scope}")
-    if chunk == 0:
-        raise WireFormatError("bad_header", "chunk must be at least 1")
-    if chunk > limits.max_chunk:
-        raise WireFormatError("limit_exceeded", f"chunk {chunk}, the limit is {limits.max_chunk}")
     header = UpdateHeader(int(task), int(base), int(examples))
     return _UpdateHead(
-        header, int(bits), int(chunk), SCOPE_NAMES[scope], fraction, int(count), metrics
+        header, codec.bits, codec.chunk, codec.scope, codec.fraction, codec.num_tensors, metrics
     )
 
 
@@ -336,13 +378,7 @@ def decode_update(
         check_spec(descs, spec)
     if policy is not None:
         _check_policy(descs, policy, bits=bits, chunk=chunk, scope=scope)
-    tensors: list[DecodedTensor] = []
-    for d in descs:
-        ibuf = np.frombuffer(reader.take(d.index_bytes, "index section"), dtype=np.uint8)
-        indices = decode_indices(d.index_coding, d.index_param, ibuf, d.nnz, d.size)
-        vview = reader.take(d.value_bytes, "value section")
-        values = decode_values(vview, d, bits=bits, chunk=chunk)
-        tensors.append(DecodedTensor(d.name, d.shape, indices, values))
+    tensors = read_tensor_sections(reader, descs, bits=bits, chunk=chunk)
     return DecodedUpdate(
         task_id=head.header.task_id,
         base_version=head.header.base_version,

@@ -13,7 +13,7 @@ __all__ = ["CODES", "WireFormatError"]
 CODES: dict[str, str] = {
     "bad_magic": "the input does not start with the fedge magic bytes",
     "unsupported_version": "the format version is not one this decoder reads",
-    "wrong_kind": "a model was given where an update was expected, or the reverse",
+    "wrong_kind": "a blob of another kind (update, model, model delta, delta chain) than expected",
     "truncated": "the input ends before a declared field or section",
     "trailing_bytes": "bytes follow the last declared section",
     "limit_exceeded": "a declared count or size is larger than the decoder's limits",
@@ -32,7 +32,9 @@ CODES: dict[str, str] = {
     "duplicate_index": "an index occurs twice",
     "shape_mismatch": "names, order or shapes differ from the expected model spec",
     "policy_mismatch": "the update does not obey the task's compression policy",
-    "checksum_mismatch": "a stored checksum does not match the data",
+    "checksum_mismatch": "a stored checksum does not match the data, or a rebuilt model does "
+    "not match the digest its delta announced",
+    "chain_mismatch": "a model delta does not lead from the version held to the one wanted",
     "bad_metrics": "the metrics block of an update is malformed or a metric is out of range",
 }
 

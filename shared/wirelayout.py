@@ -24,8 +24,13 @@ from fedge.shared.wireerror import WireFormatError
 MAGIC = b"FEDG"
 #: The one format version: what the encoders write and the only one the decoders read.
 FORMAT_VERSION = 2
-KIND_UPDATE, KIND_MODEL = 1, 2
-KIND_NAMES = {KIND_UPDATE: "update", KIND_MODEL: "model"}
+KIND_UPDATE, KIND_MODEL, KIND_DELTA, KIND_CHAIN = 1, 2, 3, 4
+KIND_NAMES = {
+    KIND_UPDATE: "update",
+    KIND_MODEL: "model",
+    KIND_DELTA: "model delta",
+    KIND_CHAIN: "delta chain",
+}
 VALUE_F32, VALUE_F16, VALUE_QUANT = 0, 1, 2
 VALUE_NAMES = {VALUE_F32: "f32", VALUE_F16: "f16", VALUE_QUANT: "quant"}
 SCOPE_CODES = {"tensor": 0, "global": 1}

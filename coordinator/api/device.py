@@ -6,7 +6,9 @@ long-poll, update upload and metrics live in :mod:`fedge.coordinator.api.device_
 
 from __future__ import annotations
 
-from fastapi import APIRouter, Response
+from typing import Annotated
+
+from fastapi import APIRouter, Query, Response
 from sqlalchemy import select, update
 from sqlalchemy.orm import Session
 
@@ -21,13 +23,15 @@ from fedge.coordinator.api.model_versions import (
     model_response,
 )
 from fedge.coordinator.api.tasks import TaskId, get_task
+from fedge.coordinator.blobstore import BlobNotFound, BlobStore
 from fedge.coordinator.db import utcnow
 from fedge.coordinator.enrollment import enroll_device
 from fedge.coordinator.errors import Forbidden, NotFound, error_responses
-from fedge.coordinator.models import Assignment, Device
+from fedge.coordinator.models import Assignment, Device, ModelVersion
 from fedge.coordinator.schemas.devices import DevicePublic, EnrollRequest, EnrollResponse
 from fedge.coordinator.states import AssignmentStatus
 from fedge.shared.modelspec import ModelSpec
+from fedge.shared.wire_delta import MAX_CHAIN, encode_chain
 
 router = APIRouter(prefix="/device", tags=["device"])
 
@@ -77,11 +81,54 @@ def me(device: DeviceDep, session: SessionDep) -> DevicePublic:
     return to_public(_device(session, device.id))
 
 
+Have = Annotated[
+    int | None,
+    Query(
+        ge=0,
+        le=999_999_999,
+        description="The version whose broadcast model the device holds: the answer may then "
+        "be the chain of compressed deltas from it (docs/wire-format.md, model deltas)",
+    ),
+]
+
+
+def delta_chain(
+    session: Session, blobs: BlobStore, task_id: int, have: int, row: ModelVersion
+) -> bytes | None:
+    """The deltas from version ``have`` to ``row``'s as one chain, or ``None`` when one is
+    missing or the chain would not be smaller than the full model."""
+    count = row.version - have
+    if not 1 <= count <= MAX_CHAIN:
+        return None
+    links = session.execute(
+        select(ModelVersion.delta_digest, ModelVersion.delta_size)
+        .where(
+            ModelVersion.task_id == task_id,
+            ModelVersion.version > have,
+            ModelVersion.version <= row.version,
+        )
+        .order_by(ModelVersion.version)
+    ).all()
+    digests = [digest for digest, _ in links if digest is not None]
+    sizes = [size for _, size in links if size is not None]
+    if len(links) != count or len(digests) != count or len(sizes) != count:
+        return None
+    if sum(sizes) >= row.served_size:
+        return None
+    try:
+        data = encode_chain([blobs.get(digest) for digest in digests])
+    except BlobNotFound:
+        return None
+    return data if len(data) < row.served_size else None
+
+
 @router.get(
     "/tasks/{task_id}/models/{version}",
     response_class=Response,
     summary="Download a model of a task the device has an assignment for",
-    description="The first download of an assignment's base model marks it `downloaded`.",
+    description="The broadcast model of the version (the full model, or with `have` the "
+    "chain of compressed deltas from the version the device holds when that is smaller). "
+    "The first download of an assignment's base model marks it `downloaded`.",
     responses={**MODEL_RESPONSES, **error_responses(*SIGNED_ERRORS, 404, 422)},
 )
 def download_model(
@@ -92,6 +139,7 @@ def download_model(
     blobs: BlobsDep,
     dtype: Dtype = "f32",
     if_none_match: IfNoneMatch = None,
+    have: Have = None,
 ) -> Response:
     mine = select(Assignment.id).where(
         Assignment.task_id == task_id, Assignment.device_id == device.id
@@ -102,9 +150,23 @@ def download_model(
         )
     task = get_task(session, task_id)
     row = find_version(session, task_id, version)
-    response = model_response(
-        blobs, row, ModelSpec.from_dict(task.model_spec), dtype=dtype, if_none_match=if_none_match
-    )
+    chain = None
+    if have is not None and have < row.version and dtype == "f32":
+        chain = delta_chain(session, blobs, task_id, have, row)
+    if chain is not None:
+        response = Response(
+            content=chain,
+            media_type="application/octet-stream",
+            headers={"Cache-Control": "private, no-store"},
+        )
+    else:
+        response = model_response(
+            blobs,
+            row.served_digest,
+            ModelSpec.from_dict(task.model_spec),
+            dtype=dtype,
+            if_none_match=if_none_match,
+        )
     session.execute(
         update(Assignment)
         .where(

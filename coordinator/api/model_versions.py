@@ -67,8 +67,8 @@ def find_version(session: Session, task_id: int, ref: str) -> ModelVersion:
     return row
 
 
-def etag_of(row: ModelVersion, dtype: str) -> str:
-    return f'"{row.blob_digest}"' if dtype == "f32" else f'"{row.blob_digest}-{dtype}"'
+def etag_of(digest: str, dtype: str) -> str:
+    return f'"{digest}"' if dtype == "f32" else f'"{digest}-{dtype}"'
 
 
 def etag_matches(if_none_match: str | None, etag: str) -> bool:
@@ -87,14 +87,14 @@ def etag_matches(if_none_match: str | None, etag: str) -> bool:
 
 
 def model_response(
-    blobs: BlobStore, row: ModelVersion, spec: ModelSpec, *, dtype: str, if_none_match: str | None
+    blobs: BlobStore, digest: str, spec: ModelSpec, *, dtype: str, if_none_match: str | None
 ) -> Response:
-    """200 with the model bytes, or 304 when the client's ETag is current."""
-    etag = etag_of(row, dtype)
+    """200 with the model stored under ``digest``, or 304 when the client's ETag is current."""
+    etag = etag_of(digest, dtype)
     headers = {"ETag": etag, "Cache-Control": "private, no-cache"}
     if etag_matches(if_none_match, etag):
         return Response(status_code=304, headers=headers)
-    data = blobs.get(row.blob_digest)
+    data = blobs.get(digest)
     if dtype == "f16":
         weights = wire.decode_model(data, spec=spec)
         try:
@@ -138,4 +138,4 @@ def download(
     task = get_task(session, task_id)
     row = find_version(session, task_id, version)
     spec = ModelSpec.from_dict(task.model_spec)
-    return model_response(blobs, row, spec, dtype=dtype, if_none_match=if_none_match)
+    return model_response(blobs, row.blob_digest, spec, dtype=dtype, if_none_match=if_none_match)

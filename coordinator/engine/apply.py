@@ -39,8 +39,9 @@ from fedge.coordinator.engine.staleness import update_weight
 from fedge.coordinator.engine.strategies import make_strategy
 from fedge.coordinator.models import ModelVersion, Round, Task, Update
 from fedge.coordinator.states import ROUND_ACTIVE, TASK_LIVE, RoundStatus, TaskStatus, UpdateStatus
+from fedge.shared.broadcast import make_delta
 from fedge.shared.limits import Limits
-from fedge.shared.modelspec import ModelSpec
+from fedge.shared.modelspec import ModelSpec, Weights
 from fedge.shared.policy import CompressionPolicy
 
 #: Ids per ``IN (...)`` list: SQLite allows at most 32,766 bound parameters per statement, and
@@ -79,6 +80,8 @@ class Plan:
     round_id: int
     base_version: int
     base_digest: str
+    #: The broadcast model of the base version (what devices hold; fedge.shared.broadcast).
+    base_broadcast_digest: str
     state_digest: str | None
     spec: ModelSpec
     policy: CompressionPolicy
@@ -92,12 +95,22 @@ class Plan:
 
 
 @dataclass(frozen=True)
+class Broadcast:
+    digest: str
+    size: int
+    delta_digest: str
+    delta_size: int
+
+
+@dataclass(frozen=True)
 class Result:
     model_digest: str
     model_size: int
     state_digest: str | None
     total_weight: float
     server_metrics: dict[str, float]
+    #: Compressed downloads only: the new broadcast model and the delta that leads to it.
+    broadcast: Broadcast | None = None
     #: Seconds spent in each part of :func:`compute`: ``aggregate`` (read, decode and add every
     #: update), ``step`` (server optimizer), ``store`` (write model and state blobs), ``eval``.
     timings: dict[str, float] = field(default_factory=dict)
@@ -173,6 +186,7 @@ def plan_aggregation(
         round_id=rnd.id,
         base_version=base,
         base_digest=model.blob_digest,
+        base_broadcast_digest=model.served_digest,
         state_digest=task.optimizer_state_digest,
         spec=ModelSpec.from_dict(task.model_spec),
         policy=CompressionPolicy.from_dict(task.compression),
@@ -217,6 +231,7 @@ def compute(
             f"the new model (version {plan.new_version}) cannot be encoded: {exc}"
         ) from None
     state_digest = store_state(blobs, new_state)
+    broadcast = None if plan.policy.download.is_dense else _broadcast(plan, blobs, new_weights)
     stored = time.perf_counter()
     cfg = plan.config
     due = plan.new_version % cfg.eval_every == 0 or plan.new_version >= cfg.num_rounds
@@ -227,7 +242,34 @@ def compute(
         "store": stored - stepped,
         "eval": time.perf_counter() - stored,
     }
-    return Result(model_digest, model_size, state_digest, total_weight, server, timings)
+    return Result(model_digest, model_size, state_digest, total_weight, server, broadcast, timings)
+
+
+def _broadcast(plan: Plan, blobs: BlobStore, new_weights: Weights) -> Broadcast:
+    """Compress the step from the base version's broadcast model towards the new model
+    (server-side error feedback: what is left out stays in ``new - broadcast`` and goes down
+    with the next delta) and store the delta and the new broadcast model.
+
+    The quantization's randomness is seeded by (task, version), so a retried aggregation
+    writes the same blobs."""
+    previous = load_weights(blobs, plan.base_broadcast_digest, plan.spec)
+    try:
+        data, rebuilt = make_delta(
+            new_weights,
+            previous,
+            plan.policy.download,
+            np.random.default_rng([plan.task_id, plan.new_version]),
+            spec=plan.spec,
+            task_id=plan.task_id,
+            from_version=plan.base_version,
+            to_version=plan.new_version,
+        )
+    except ValueError as exc:
+        raise AggregationFailed(
+            f"the broadcast delta to version {plan.new_version} cannot be made: {exc}"
+        ) from None
+    digest, size = store_weights(blobs, rebuilt)
+    return Broadcast(digest, size, blobs.put(data), len(data))
 
 
 def _check_finite(what: str, arrays: Mapping[str, np.ndarray]) -> None:
@@ -306,6 +348,10 @@ def commit_aggregation(
             version=new_version,
             blob_digest=result.model_digest,
             size_bytes=result.model_size,
+            broadcast_digest=None if result.broadcast is None else result.broadcast.digest,
+            broadcast_size=None if result.broadcast is None else result.broadcast.size,
+            delta_digest=None if result.broadcast is None else result.broadcast.delta_digest,
+            delta_size=None if result.broadcast is None else result.broadcast.delta_size,
             round_id=rnd.id,
             num_updates=len(ids),
             metrics=metrics,

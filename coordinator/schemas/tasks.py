@@ -19,7 +19,7 @@ from fedge.coordinator.states import TaskStatus
 from fedge.shared import architectures
 from fedge.shared.limits import MAX_CHUNK
 from fedge.shared.modelspec import ModelSpec
-from fedge.shared.policy import CompressionPolicy, PolicyError
+from fedge.shared.policy import CompressionPolicy, DownloadPolicy, PolicyError
 
 BUILTIN_TRAINERS = ("softmax", "mlp")
 #: A trainer named by entry point: ``package.module:function``.
@@ -87,6 +87,17 @@ def model_spec(model: BuiltinModel | SpecModel) -> ModelSpec:
 # ------------------------------------------------------------------------ compression
 
 _DEFAULT_POLICY = CompressionPolicy()
+_DEFAULT_DOWNLOAD = DownloadPolicy()
+
+
+class DownloadConfig(Strict):
+    """How the coordinator compresses the models devices download (see
+    fedge.shared.policy.DownloadPolicy); dense by default."""
+
+    topk_fraction: float = Field(default=_DEFAULT_DOWNLOAD.topk_fraction, gt=0, le=1)
+    bits: Literal[1, 2, 4, 8, 32] = _DEFAULT_DOWNLOAD.bits  # type: ignore[assignment]
+    chunk: int = Field(default=_DEFAULT_DOWNLOAD.chunk, ge=1, le=MAX_CHUNK)
+    scope: Literal["tensor", "global"] = _DEFAULT_DOWNLOAD.scope
 
 
 class CompressionConfig(Strict):
@@ -97,6 +108,7 @@ class CompressionConfig(Strict):
     chunk: int = Field(default=_DEFAULT_POLICY.chunk, ge=1, le=MAX_CHUNK)
     error_feedback: bool = _DEFAULT_POLICY.error_feedback
     scope: Literal["tensor", "global"] = _DEFAULT_POLICY.scope
+    download: DownloadConfig = Field(default_factory=DownloadConfig)
 
     @model_validator(mode="after")
     def _policy(self) -> CompressionConfig:

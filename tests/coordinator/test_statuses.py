@@ -314,7 +314,7 @@ def test_migration_0003_keeps_rows_and_its_downgrade_drops_the_checks(empty_db_u
         assert before["updates"] == before["assignments"] == 1
 
         # SQLite rebuilds every table: no cascade empties the children of a rebuilt parent.
-        migrate.upgrade(empty_db_url, "head")
+        migrate.upgrade(empty_db_url, "0003")
         assert _revision(empty_db_url) == "0003"
         assert _counts(engine) == before
         with pytest.raises(IntegrityError), engine.begin() as conn:
@@ -334,12 +334,12 @@ def test_migration_0003_keeps_rows_and_its_downgrade_drops_the_checks(empty_db_u
 
         # A database holding a value outside the enums cannot be upgraded; nothing changes.
         with pytest.raises(IntegrityError):
-            migrate.upgrade(empty_db_url, "head")
+            migrate.upgrade(empty_db_url, "0003")
         assert _revision(empty_db_url) == "0002"
         assert _counts(engine) == {**before, "updates": before["updates"] + 1}
         with engine.begin() as conn:
             conn.execute(text("DELETE FROM updates WHERE status = :s"), {"s": BAD})
-        migrate.upgrade(empty_db_url, "head")
+        migrate.upgrade(empty_db_url, "0003")
         assert _revision(empty_db_url) == "0003"
         assert _counts(engine) == before
     finally:

@@ -472,6 +472,7 @@ def _plan(
         round_id=1,
         base_version=0,
         base_digest=base,
+        base_broadcast_digest=base,
         state_digest=None,
         spec=SPEC,
         policy=DENSE,

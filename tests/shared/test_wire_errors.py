@@ -240,7 +240,8 @@ MODEL_CASES: list[UpdateCase] = [
     ("version", prefix(kind=KIND_MODEL, version=7) + VALID_MODEL[8:], "unsupported_version"),
     ("version_1", prefix(kind=KIND_MODEL, version=1) + VALID_MODEL[8:], "unsupported_version"),
     ("flags_set", model_blob(head={"flags": 1}), "bad_header"),
-    ("unknown_kind", model_blob(head={"kind": 3}), "bad_header"),
+    ("unknown_kind", model_blob(head={"kind": 9}), "bad_header"),
+    ("delta_kind", model_blob(head={"kind": 3}), "wrong_kind"),
     ("zero_tensors", model_blob([]), "bad_header"),
     ("huge_count", model_blob(count=0xFFFFFFFF), "limit_exceeded"),
     ("sparse_model", model_blob([_sparse(BITMAP, b"\x01" + b"\0" * 12, 1)]), "bad_descriptor"),
@@ -367,6 +368,7 @@ def test_every_code_is_tested() -> None:
     tested |= {"shape_mismatch", "policy_mismatch", "checksum_mismatch"}
     tested |= {"bad_varint"}  # tests/shared/test_wire_layout.py
     tested |= {"bad_metrics"}  # tests/shared/test_wire_metrics.py
+    tested |= {"chain_mismatch"}  # tests/shared/test_broadcast.py
     assert tested == set(CODES)
 
 
