@@ -147,3 +147,42 @@ def test_chains_rebuild_the_broadcast_model_bit_for_bit_across_replicas_and_rest
     row = db.version(task_id, NUM_ROUNDS)
     assert row is not None and row.broadcast_digest != row.blob_digest
     assert hashlib.sha256(served).hexdigest() == row.broadcast_digest
+
+
+def test_far_behind_or_without_its_chain_a_device_gets_the_full_model(
+    coordinator: Coordinator, db: Db
+) -> None:
+    """A chain at least as large as the model, or one whose delta blob is gone, is not
+    served: the answer is the full broadcast model."""
+    rng = np.random.default_rng(9)
+    with fleet_of(coordinator, 2) as fleet:
+        task_id = create_task(
+            coordinator,
+            aggregation={
+                "clients_per_round": 2,
+                "over_selection": 0.0,
+                "min_updates": 2,
+                "round_deadline_s": 600,
+                "num_rounds": 4,
+            },
+            # every value at 8 bits: a delta is over a quarter of the f32 model, so a chain
+            # of four is larger than the model
+            compression={**EXACT, "download": {"topk_fraction": 1.0, "bits": 8, "chunk": 64}},
+            model=MODEL,
+        )
+        for version in range(4):
+            _run_round(fleet, coordinator.url, db, task_id, version, rng)
+        device = fleet[0]
+        kinds = {
+            have: blob_kind(_download(device, coordinator.url, task_id, 4, have))
+            for have in range(4)
+        }
+        assert kinds[3] == KIND_CHAIN
+        assert kinds[0] == KIND_MODEL
+        full, _ = _broadcast(db, task_id, 4)
+        assert _download(device, coordinator.url, task_id, 4, 0) == full
+
+        row = db.version(task_id, 4)
+        assert row is not None and row.delta_digest is not None
+        db.blobs.path(row.delta_digest).unlink()
+        assert _download(device, coordinator.url, task_id, 4, 3) == full

@@ -1,0 +1,80 @@
+"""Agents download compressed model deltas and rebuild the broadcast model exactly; a chain
+damaged on the way is refused and the agent fetches the full model instead."""
+
+from __future__ import annotations
+
+import ssl
+
+import httpx
+
+from fedge.edge_agent.device import open_client
+from fedge.edge_agent.transport import RetryPolicy
+from tests.edge_agent.conftest import LiveCoordinator, shard, wait_for
+
+DOWNLOAD = {"topk_fraction": 0.1, "bits": 8, "chunk": 64}
+ROUNDS = 4
+
+
+class Corrupting(httpx.BaseTransport):
+    """A real HTTPS transport that flips one byte of every delta chain it receives (the
+    answers to ``?have=``), as a damaged link would."""
+
+    def __init__(self, ca_file: str) -> None:
+        self.inner = httpx.HTTPTransport(verify=ssl.create_default_context(cafile=ca_file))
+        self.damaged = 0
+
+    def handle_request(self, request: httpx.Request) -> httpx.Response:
+        response = self.inner.handle_request(request)
+        if "have" not in request.url.params or response.status_code != 200:
+            return response
+        body = bytearray(response.read())
+        body[-2] ^= 0x01
+        self.damaged += 1
+        return httpx.Response(200, headers=response.headers, content=bytes(body))
+
+    def close(self) -> None:
+        self.inner.close()
+
+
+def test_agents_rebuild_models_from_deltas_and_fall_back_on_damage(
+    live: LiveCoordinator, digits
+) -> None:
+    agents = [live.agent(live.enroll(f"d{i}", seed=i), shard(digits, i)) for i in range(2)]
+    corrupting = Corrupting(live.ca_file)
+    damaged = agents[1]
+    damaged.client.close()
+    damaged.client = open_client(
+        damaged.state,
+        transport=corrupting,
+        retry=RetryPolicy(attempts=3, base_delay=0.05, max_delay=0.2),
+    )
+    for agent in agents:
+        live.start(agent, max_rounds=ROUNDS)
+    task = live.create_task(
+        aggregation={"clients_per_round": 2, "min_updates": 2, "num_rounds": ROUNDS},
+        compression={"download": DOWNLOAD},
+    )
+    task_id = task["id"]
+    wait_for(lambda: live.task(task_id)["status"] == "completed", what="the task to complete")
+
+    healthy = agents[0]
+    # Versions 1..ROUNDS-1 came down as deltas for the healthy agent, never as full models.
+    assert healthy.client.traffic.delta_downloads == ROUNDS - 1
+    assert healthy.stats.refused_deltas == 0
+    # The damaged agent refused every damaged chain and fetched the full model instead.
+    assert corrupting.damaged == ROUNDS - 1
+    assert damaged.stats.refused_deltas == ROUNDS - 1
+    assert damaged.stats.uploaded == healthy.stats.uploaded == ROUNDS
+
+    # What each agent holds of the last base version is the coordinator's broadcast model,
+    # byte for byte (the healthy one rebuilt it, the other downloaded it).
+    last = ROUNDS - 1
+    with open_client(healthy.state) as client:
+        served, _ = client.download_model(task_id, last)
+    assert served is not None
+    for agent in agents:
+        cached = agent.state.cached_model(task_id, last)
+        assert cached is not None and cached[0] == served
+    # ... and it is not the true model: the download policy is lossy.
+    assert live.admin.download_model(task_id, last) != served
+    assert healthy.client.traffic.model_bytes * 3 < damaged.client.traffic.model_bytes
