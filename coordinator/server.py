@@ -197,6 +197,10 @@ def serve(
         forwarded_allow_ips=forwarded_allow_ips,
         timeout_graceful_shutdown=graceful_timeout_s,
         server_header=False,
+        # Every byte counts on a device's link: no Date header on every answer, and idle
+        # connections kept long enough to outlive a round of local training.
+        date_header=False,
+        timeout_keep_alive=int(max(1, round(settings.keepalive_s))),
     )
     server = _Server(config, on_started=announce)
     try:

@@ -42,6 +42,12 @@ class Settings(BaseSettings):
     signature_skew_s: int = Field(default=300, ge=1)
     long_poll_max_s: int = Field(default=60, ge=0)
     long_poll_recheck_s: float = Field(default=1.0, gt=0)
+    keepalive_s: float = Field(
+        default=75.0,
+        gt=0,
+        description="Seconds an idle device connection stays open, so a device's next request "
+        "(after local training) reuses its connection instead of a new TLS handshake.",
+    )
     device_rate_per_minute: int = Field(default=600, ge=1)
     device_seen_window_s: int = Field(default=600, ge=1)
 

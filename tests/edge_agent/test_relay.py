@@ -10,6 +10,7 @@ import httpx
 import pytest
 
 from fedge.edge_agent.sim.relay import CountingRelay
+from fedge.edge_agent.transport import Session
 from tests.edge_agent.conftest import LiveCoordinator
 
 
@@ -66,3 +67,21 @@ def test_counts_tls_records_of_a_real_https_exchange(live: LiveCoordinator) -> N
     assert first.connections == second.connections == 1
     assert first.up > 200 and first.down > len(response.content) + 500  # handshake + headers
     assert 0 < (second - first).total < first.total
+
+
+def test_the_agent_sends_no_default_headers_and_reuses_its_connection(
+    live: LiveCoordinator,
+) -> None:
+    port = httpx.URL(live.url).port
+    assert port is not None
+    with CountingRelay("127.0.0.1", port) as relay:
+        session = Session(f"https://localhost:{relay.port}", ca_file=live.ca_file)
+        try:
+            first = session.request("GET", "/healthz")
+            second = session.request("GET", "/healthz")
+        finally:
+            session.close()
+        counts = relay.counts()
+    sent = {name.lower() for name in first.request.headers}
+    assert not sent & {"user-agent", "accept", "accept-encoding", "connection"}
+    assert second.status_code == 200 and counts.connections == 1
