@@ -9,10 +9,23 @@ or across the whole update) -> stochastic quantization of the kept values (or pl
 so the sum of everything decoded on the server plus the current residual always equals the sum
 of all true deltas. ``decompress`` is what the server's decoder returns for the same update, to
 the bit (``decode_update(encode_update(c)).to_dense() == decompress(c)``).
+
+``compress_round`` is what a device runs for one update: the policy's top-k fraction for the
+update's base version (``fedge.shared.warmup``), and around ``compress`` the rest of the
+device's error-feedback memory (a :class:`FeedbackMemory`): the residual and velocity decayed
+by the model versions the device missed, and Deep Gradient Compression's momentum correction
+(Lin et al. 2018) adapted to federated deltas::
+
+    r, u <- decay**missed * r, decay**missed * u
+    u <- momentum * u + delta;   x = r + u;   c = Q(topk(x));   r <- x - decompress(c)
+    u <- 0 where c carries a value (momentum factor masking)
+
+With ``momentum = 0`` (no velocity) and nothing missed this is exactly ``compress``.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Protocol
@@ -24,14 +37,18 @@ from fedge.shared.modelspec import ModelSpec, TensorSpec, Weights
 from fedge.shared.policy import CompressionPolicy, Scope
 from fedge.shared.quantize import Quantized, dequantize, max_code, quantize
 from fedge.shared.topk import top_k_indices, topk_count
+from fedge.shared.warmup import topk_fraction_at
 
 __all__ = [
     "CompressedTensor",
     "CompressedUpdate",
+    "FeedbackMemory",
     "ResidualMemory",
     "as_float32",
     "compress",
+    "compress_round",
     "decompress",
+    "missed_versions",
 ]
 
 
@@ -47,6 +64,25 @@ class ResidualMemory(Protocol):
 
     @property
     def spec(self) -> ModelSpec: ...
+
+
+class FeedbackMemory(ResidualMemory, Protocol):
+    """A device's whole error-feedback memory for one task, as :func:`compress_round` uses it
+    (``fedge.edge_agent.residual_store.ResidualState`` is one): the residual, the momentum
+    velocity (float32 arrays by tensor name, ``None`` while there is none) and ``version``, the
+    base version of the last update folded into them (``None`` before the first)."""
+
+    velocity: Weights | None
+    version: int | None
+
+
+@dataclass
+class _Scratch:
+    """The residual as ``compress`` sees it inside :func:`compress_round`, so that the caller's
+    memory changes only once the update is made."""
+
+    values: Weights
+    spec: ModelSpec
 
 
 @dataclass(frozen=True, eq=False)
@@ -246,3 +282,71 @@ def decompress(c: CompressedUpdate) -> Weights:
             dense[t.indices] = values
         out[t.name] = dense.reshape(t.shape)
     return out
+
+
+def missed_versions(memory_version: int | None, base_version: int) -> int:
+    """Model versions made since the memory was last updated, not counting the one it was
+    updated on: 0 for a device that took part in every version (or has no memory yet)."""
+    if memory_version is None:
+        return 0
+    return max(0, base_version - memory_version - 1)
+
+
+def compress_round(
+    delta: Mapping[str, np.ndarray],
+    policy: CompressionPolicy,
+    rng: np.random.Generator,
+    memory: FeedbackMemory | None,
+    *,
+    base_version: int,
+) -> CompressedUpdate:
+    """Compress a device's update on model version ``base_version`` (see the module docstring).
+
+    ``memory`` is required when the policy has error feedback and is updated in place (residual,
+    velocity, ``version = base_version``) only when the update is made: after a ``ValueError``
+    it is as it was. Without ``memory`` the compression is one-shot (no momentum allowed).
+    """
+    fraction = topk_fraction_at(policy, base_version)
+    step = policy
+    if fraction != policy.topk_fraction:
+        step = dataclasses.replace(policy, topk_fraction=fraction)
+    if memory is None:
+        if policy.momentum:
+            raise ValueError("momentum needs the device's error-feedback memory")
+        return compress(delta, step, rng)
+    if not policy.error_feedback:
+        raise ValueError("an error-feedback memory was given but the policy disables it")
+    spec = memory.spec
+    velocity = memory.velocity
+    if velocity is not None and ModelSpec.from_weights(velocity) != spec:
+        raise ValueError("the velocity's model spec differs from the residual's")
+    missed = missed_versions(memory.version, base_version)
+    factor = np.float32(policy.residual_decay**missed) if missed else np.float32(1.0)
+    values = dict(memory.values)
+    if factor != 1.0:
+        values = {name: a * factor for name, a in values.items()}
+    scratch = _Scratch(values, spec)
+    new_velocity: Weights | None = None
+    x: Mapping[str, np.ndarray] = delta
+    if policy.momentum:
+        m = np.float32(policy.momentum) * factor
+        arrays = {name: as_float32(name, a) for name, a in delta.items()}
+        if ModelSpec.from_weights(arrays) != spec:
+            raise ValueError("the residual's model spec differs from the delta's")
+        if velocity is None:
+            new_velocity = {t.name: arrays[t.name].copy() for t in spec.tensors}
+        else:
+            new_velocity = {t.name: m * velocity[t.name] + arrays[t.name] for t in spec.tensors}
+        x = new_velocity
+    c = compress(x, step, rng, scratch)
+    if new_velocity is not None:
+        for ct in c.tensors:
+            u = new_velocity[ct.name]
+            if ct.indices is None:
+                u[...] = 0.0
+            else:
+                u.reshape(-1)[ct.indices] = 0.0
+    memory.values = scratch.values
+    memory.velocity = new_velocity
+    memory.version = base_version
+    return c

@@ -110,6 +110,8 @@ class DownloadPolicy:
 
 #: Full float32 models for every download.
 DENSE_DOWNLOAD = DownloadPolicy()
+#: Upper bound of ``warmup_rounds`` (model versions).
+MAX_WARMUP_ROUNDS = 100_000
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -122,6 +124,15 @@ class CompressionPolicy:
     scale per ``chunk`` values). ``error_feedback`` tells the device to carry what compression
     dropped into its next update. ``download`` is the other direction: how the coordinator
     compresses the models it sends (:class:`DownloadPolicy`).
+
+    With error feedback, ``momentum`` (in [0, 1)) is Deep Gradient Compression's momentum
+    correction: the device keeps a velocity ``u <- momentum * u + delta`` and feeds ``u``, not
+    the delta, into its residual, zeroing ``u`` where values were sent; 0 is plain error
+    feedback. ``warmup_rounds`` lets the kept fraction decay from a start value to
+    ``topk_fraction`` over the first model versions (``fedge.shared.warmup``). ``residual_decay``
+    (in (0, 1]) scales the residual and the velocity by ``residual_decay ** missed`` before they
+    are used, ``missed`` being the model versions since the device last folded an update into
+    them; 1 keeps them whole.
     """
 
     topk_fraction: float = 0.01
@@ -130,6 +141,9 @@ class CompressionPolicy:
     error_feedback: bool = True
     scope: Scope = "tensor"
     download: DownloadPolicy = DENSE_DOWNLOAD
+    momentum: float = 0.0
+    warmup_rounds: int = 0
+    residual_decay: float = 1.0
 
     def __post_init__(self) -> None:
         fraction = _check_codec(self.topk_fraction, self.bits, self.chunk, self.scope)
@@ -140,6 +154,31 @@ class CompressionPolicy:
             object.__setattr__(self, "download", DownloadPolicy.from_dict(self.download))
         elif not isinstance(self.download, DownloadPolicy):
             raise PolicyError(f"download must be an object, got {type(self.download).__name__}")
+        self._check_feedback_fields()
+
+    def _check_feedback_fields(self) -> None:
+        m = self.momentum
+        if isinstance(m, bool) or not isinstance(m, int | float):
+            raise PolicyError(f"momentum must be a number, got {m!r}")
+        if not math.isfinite(m) or not 0.0 <= m < 1.0:
+            raise PolicyError(f"momentum must be in [0, 1), got {m!r}")
+        object.__setattr__(self, "momentum", float(m))
+        w = self.warmup_rounds
+        if isinstance(w, bool) or not isinstance(w, int):
+            raise PolicyError(f"warmup_rounds must be an integer, got {w!r}")
+        if not 0 <= w <= MAX_WARMUP_ROUNDS:
+            raise PolicyError(f"warmup_rounds must be between 0 and {MAX_WARMUP_ROUNDS}, got {w}")
+        d = self.residual_decay
+        if isinstance(d, bool) or not isinstance(d, int | float):
+            raise PolicyError(f"residual_decay must be a number, got {d!r}")
+        if not math.isfinite(d) or not 0.0 < d <= 1.0:
+            raise PolicyError(f"residual_decay must be in (0, 1], got {d!r}")
+        object.__setattr__(self, "residual_decay", float(d))
+        if not self.error_feedback:
+            if self.momentum != 0.0:
+                raise PolicyError("momentum needs error_feedback (the velocity feeds the residual)")
+            if self.residual_decay != 1.0:
+                raise PolicyError("residual_decay needs error_feedback (it decays the residual)")
 
     @property
     def is_dense(self) -> bool:

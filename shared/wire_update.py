@@ -29,6 +29,7 @@ from fedge.shared.modelspec import ModelSpec, Weights
 from fedge.shared.policy import ALLOWED_BITS, CompressionPolicy
 from fedge.shared.quantize import pack_codes
 from fedge.shared.topk import topk_count
+from fedge.shared.warmup import topk_fraction_at
 from fedge.shared.wire_sections import decode_values, join_sections
 from fedge.shared.wireerror import WireFormatError
 from fedge.shared.wirelayout import (
@@ -327,8 +328,17 @@ def update_overhead_bytes(data: bytes | bytearray | memoryview) -> int:
 
 
 def _check_policy(
-    descs: list[Descriptor], policy: CompressionPolicy, *, bits: int, chunk: int, scope: str
+    descs: list[Descriptor],
+    policy: CompressionPolicy,
+    *,
+    bits: int,
+    chunk: int,
+    scope: str,
+    base_version: int,
 ) -> None:
+    """``policy_mismatch`` unless the codec parameters are the policy's and no tensor (scope
+    ``tensor``) or the whole update (scope ``global``) carries more values than the policy's
+    fraction for ``base_version`` allows (``topk_fraction`` itself after the top-k warm-up)."""
     if bits != policy.bits:
         raise WireFormatError(
             "policy_mismatch", f"{bits}-bit values, the policy says {policy.bits}"
@@ -339,7 +349,7 @@ def _check_policy(
         raise WireFormatError(
             "policy_mismatch", f"scope {scope!r}, the policy says {policy.scope!r}"
         )
-    f = policy.topk_fraction
+    f = topk_fraction_at(policy, base_version)
     if policy.scope == "tensor":
         for d in descs:
             k = topk_count(d.size, f)
@@ -368,8 +378,10 @@ def decode_update(
 
     With ``spec`` the tensors must match it (``shape_mismatch``); with ``policy`` the codec
     parameters must equal the policy's and no tensor (scope ``tensor``) or the whole update
-    (scope ``global``) may carry more than ``ceil(topk_fraction * size)`` values
-    (``policy_mismatch``). Both checks run before any section is decoded.
+    (scope ``global``) may carry more than ``ceil(f * size)`` values (``policy_mismatch``),
+    ``f`` being the policy's fraction for the update's base version
+    (``fedge.shared.warmup.topk_fraction_at``: ``topk_fraction`` once any top-k warm-up is
+    over). Both checks run before any section is decoded.
     """
     reader = Reader(as_bytes_view(data))
     head, descs = _read_update_descriptors(reader, limits)
@@ -377,7 +389,14 @@ def decode_update(
     if spec is not None:
         check_spec(descs, spec)
     if policy is not None:
-        _check_policy(descs, policy, bits=bits, chunk=chunk, scope=scope)
+        _check_policy(
+            descs,
+            policy,
+            bits=bits,
+            chunk=chunk,
+            scope=scope,
+            base_version=head.header.base_version,
+        )
     tensors = read_tensor_sections(reader, descs, bits=bits, chunk=chunk)
     return DecodedUpdate(
         task_id=head.header.task_id,
