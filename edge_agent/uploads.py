@@ -1,8 +1,11 @@
 """The update step of the agent loop: make the update durable, then send it and settle it.
 
 :func:`save_update` compresses ``local - base`` with the task's policy and the error-feedback
-residual, encodes it, commits it (with its idempotency key and both residuals) to the outbox,
-then makes the new residual current (see :mod:`fedge.edge_agent.outbox` for why in that order).
+memory (residual, and with momentum-corrected error feedback the velocity and the model version
+they belong to: one residual file, :mod:`fedge.edge_agent.residual_store`), encodes it, commits
+it (with its idempotency key and the memory of before and after) to the outbox, then makes the
+new memory current (see :mod:`fedge.edge_agent.outbox` for why in that order). A discarded
+update restores the memory of before, velocity and version included.
 :func:`upload_entry` sends an outbox entry and removes it on success, or discards it (restoring
 the residual it advanced) when the coordinator refuses it for good, e.g. 409 stale_update.
 Errors that a later attempt may cure (network, 5xx, 429, clock skew) propagate and leave the
@@ -22,8 +25,9 @@ from fedge.edge_agent.client import CoordinatorClient, Work
 from fedge.edge_agent.errors import ApiError, DeviceRevoked, StaleUpdate
 from fedge.edge_agent.outbox import RESIDUAL_BEFORE, OutboxEntry, new_idempotency_key
 from fedge.edge_agent.outcome import AgentStats, Outcome
+from fedge.edge_agent.residual_store import ResidualState
 from fedge.edge_agent.state import State
-from fedge.shared.compression import compress
+from fedge.shared.compression import compress_round
 from fedge.shared.modelspec import ModelSpec, Weights
 from fedge.shared.policy import CompressionPolicy
 from fedge.shared.wire import encode_update
@@ -63,10 +67,12 @@ def save_update(
     The training and evaluation metrics travel inside the update (its metrics block).
     """
     delta = {t.name: local[t.name] - base[t.name] for t in spec.tensors}
-    residual = state.load_residual(work.task_id, spec) if policy.error_feedback else None
+    residual = None
+    if policy.error_feedback:
+        residual = ResidualState.of(state.load_residual(work.task_id, spec))
     before = copy.deepcopy(residual)
     rng = np.random.default_rng([seed, work.assignment_id, 1])
-    compressed = compress(delta, policy, rng, residual)
+    compressed = compress_round(delta, policy, rng, residual, base_version=work.base_version)
     carried = carried_metrics(metrics)  # in the update itself: no separate report
     body = encode_update(
         compressed,
