@@ -19,7 +19,12 @@ from fedge.coordinator.states import TaskStatus
 from fedge.shared import architectures
 from fedge.shared.limits import MAX_CHUNK
 from fedge.shared.modelspec import ModelSpec
-from fedge.shared.policy import CompressionPolicy, DownloadPolicy, PolicyError
+from fedge.shared.policy import (
+    MAX_WARMUP_ROUNDS,
+    CompressionPolicy,
+    DownloadPolicy,
+    PolicyError,
+)
 
 BUILTIN_TRAINERS = ("softmax", "mlp")
 #: A trainer named by entry point: ``package.module:function``.
@@ -109,6 +114,11 @@ class CompressionConfig(Strict):
     error_feedback: bool = _DEFAULT_POLICY.error_feedback
     scope: Literal["tensor", "global"] = _DEFAULT_POLICY.scope
     download: DownloadConfig = Field(default_factory=DownloadConfig)
+    momentum: float = Field(default=_DEFAULT_POLICY.momentum, ge=0, lt=1, strict=True)
+    warmup_rounds: int = Field(
+        default=_DEFAULT_POLICY.warmup_rounds, ge=0, le=MAX_WARMUP_ROUNDS, strict=True
+    )
+    residual_decay: float = Field(default=_DEFAULT_POLICY.residual_decay, gt=0, le=1, strict=True)
 
     @model_validator(mode="after")
     def _policy(self) -> CompressionConfig:
