@@ -303,3 +303,121 @@ def plot(report: dict[str, Any], out_dir: Path, stem: str, suffix: str = "") -> 
         fig.savefig(paths[-1], dpi=110)
         plt.close(fig)
     return paths
+
+
+# ------------------------------------------------------------ uplink ablation (issue 12)
+
+
+def _points(a: float, b: float) -> float:
+    return 100.0 * (a - b)
+
+
+def summarize_uplink_arm(
+    runs: list[dict[str, Any]],
+    *,
+    plain: list[dict[str, Any]] | None,
+    dense: list[dict[str, Any]],
+    checkpoints: Sequence[int],
+    targets: Sequence[float],
+) -> dict[str, Any]:
+    """One arm of the uplink ablation over its seeds: accuracy after each checkpoint round,
+    paired differences (same seed) against plain error feedback and dense, rounds to each
+    target accuracy within the run, and the update body bytes per round."""
+    plain_by_seed = {r["seed"]: r for r in plain or []}
+    dense_by_seed = {r["seed"]: r for r in dense}
+    at: dict[str, Any] = {}
+    vs_plain: dict[str, Any] = {}
+    vs_dense: dict[str, Any] = {}
+    for c in checkpoints:
+        accs = [r["accuracy"][c] for r in runs]
+        at[str(c)] = {"per_seed": accs, **spread(accs)}
+        if plain:
+            d = [_points(r["accuracy"][c], plain_by_seed[r["seed"]]["accuracy"][c]) for r in runs]
+            vs_plain[str(c)] = {"per_seed": d, **spread(d)}
+        d = [_points(r["accuracy"][c], dense_by_seed[r["seed"]]["accuracy"][c]) for r in runs]
+        vs_dense[str(c)] = {"per_seed": d, **spread(d)}
+    reached = {}
+    for t in targets:
+        per_seed = [rounds_to(r["accuracy"], t) for r in runs]
+        reached[f"{t:.2f}"] = {"per_seed": per_seed, **spread(per_seed)}
+    per_round = np.array([r["upload_bytes_per_round"] for r in runs], dtype=np.float64)
+    per_round_updates = np.array(
+        [[r["num_updates"] / len(r["upload_bytes_per_round"])] for r in runs], dtype=np.float64
+    )
+    per_update = per_round / per_round_updates
+    totals = {
+        f"total_rounds_1_{c}": float(per_round[:, :c].sum(axis=1).mean()) for c in checkpoints
+    }
+    return {
+        "seeds": [r["seed"] for r in runs],
+        "accuracy_after_round": at,
+        "points_vs_plain_ef_same_seed": vs_plain or None,
+        "points_vs_dense_same_seed": vs_dense,
+        "rounds_to_accuracy": reached,
+        "body_bytes": {
+            "per_round_mean_by_round": per_round.mean(axis=0).tolist(),
+            "per_update_mean_by_round": per_update.mean(axis=0).tolist(),
+            "per_round_mean": float(per_round.mean()),
+            "per_update_mean": float(per_update.mean()),
+            **totals,
+        },
+        "accuracy_curve": curve_stats([r["accuracy"] for r in runs]),
+        "accuracy_per_seed": [r["accuracy"] for r in runs],
+        "diagnostics": diagnostics(runs),
+        "cpu_s": sum(r["cpu_s"] for r in runs),
+    }
+
+
+def uplink_table(group: dict[str, Any]) -> str:
+    """Text table of one group of the uplink ablation."""
+    cps = group["checkpoints"]
+    head = f"{'arm':<28}" + "".join(f" {'acc@' + str(c):>20}" for c in cps)
+    head += "".join(f" {'pts vs EF@' + str(c):>20}" for c in cps)
+    head += "".join(f" {'r->' + t:>12}" for t in group["targets"]) + f" {'B/update':>9}"
+    lines = [head]
+    for a in group["arms"]:
+        row = f"{a['name']:<28}"
+        for c in cps:
+            s = a["accuracy_after_round"][str(c)]
+            row += f" {s['mean']:>7.4f} ({s['min']:.3f}-{s['max']:.3f})"
+        for c in cps:
+            p = (a["points_vs_plain_ef_same_seed"] or {}).get(str(c))
+            cell = "" if p is None else f"{p['mean']:+.1f} ({p['min']:+.1f}..{p['max']:+.1f})"
+            row += f" {cell:>20}"
+        for t in group["targets"]:
+            r = a["rounds_to_accuracy"][t]
+            cell = "-" if r["mean"] is None else f"{r['mean']:.1f} ({r['n']}/{len(a['seeds'])})"
+            row += f" {cell:>12}"
+        row += f" {a['body_bytes']['per_update_mean']:>9,.0f}"
+        lines.append(row)
+    return "\n".join(lines)
+
+
+def plot_uplink(uplink: dict[str, Any], path: Path) -> Path:
+    """Accuracy per round of the key arms, one panel per group."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    groups = [g for g in uplink["groups"] if g.get("plot", True)]
+    fig, axes = plt.subplots(1, len(groups), figsize=(6 * len(groups), 5), squeeze=False)
+    for ax, g in zip(axes[0], groups, strict=True):
+        for a in g["arms"]:
+            if a["name"] not in g["plot_arms"]:
+                continue
+            c = a["accuracy_curve"]
+            r = np.arange(len(c["mean"]))
+            ax.plot(r, c["mean"], label=a["name"])
+            ax.fill_between(r, c["min"], c["max"], alpha=0.12)
+        ax.set_ylim(0.0, 1.0)
+        ax.set_xlabel("round")
+        ax.set_ylabel("test accuracy (mean, min-max band)")
+        ax.set_title(g["title"], fontsize=9)
+        ax.legend(fontsize=7, loc="lower right")
+        ax.grid(True, alpha=0.3)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path

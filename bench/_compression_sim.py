@@ -6,11 +6,15 @@ out:
 * data: ``fedge.edge_agent.sim.datasets.load_dataset`` (digits, stratified held-out test split) and
   ``fedge.edge_agent.sim.partition.dirichlet_partition`` (non-IID shards, one per device);
 * device: ``fedge.edge_agent.trainers.NumpyTrainer`` trains a copy of the global model; the delta
-  ``local - base`` is compressed with ``fedge.shared.compression.compress`` (and the device's own
-  ``fedge.shared.feedback.Residual``, kept across rounds, when the policy has error feedback) and
-  encoded with ``fedge.shared.wire.encode_update`` -- the same calls, with the same seeding
-  (``[seed, assignment]`` for training, ``[seed, assignment, 1]`` for compression), as
-  ``fedge.edge_agent.uploads.save_update``. The encoded length is the upload size;
+  ``local - base`` is compressed with ``fedge.shared.compression.compress_round`` (top-k warm-up
+  by base version, and the device's own error-feedback memory,
+  ``fedge.edge_agent.residual_store.ResidualState``: residual, momentum velocity and the version
+  they belong to, kept across rounds, when the policy has error feedback) and encoded with
+  ``fedge.shared.wire.encode_update`` -- the same calls, with the same seeding (``[seed,
+  assignment]`` for training, ``[seed, assignment, 1]`` for compression), as
+  ``fedge.edge_agent.uploads.save_update``. The encoded length is the upload size (the update
+  body; no HTTP or TLS bytes, there is no socket here). Round ``r`` (0-based) trains on model
+  version ``r``: sync rounds, one version per round;
 * server: ``fedge.shared.wire.decode_update`` (with the task's policy check) into the coordinator's
   ``fedge.coordinator.engine.aggregate.Accumulator`` with the weight from
   ``fedge.coordinator.engine.staleness.update_weight`` (sync rounds: staleness 0, weight =
@@ -32,13 +36,13 @@ from fedge.coordinator.engine.config import AggregationConfig
 from fedge.coordinator.engine.staleness import update_weight
 from fedge.coordinator.engine.strategies import OptimizerState, make_strategy
 from fedge.edge_agent.data import LocalData
+from fedge.edge_agent.residual_store import ResidualState
 from fedge.edge_agent.sim.datasets import Dataset, load_dataset
 from fedge.edge_agent.sim.demo_report import centralized_baseline
 from fedge.edge_agent.sim.partition import dirichlet_partition, label_skew
 from fedge.edge_agent.trainers import NumpyTrainer
 from fedge.shared import architectures
-from fedge.shared.compression import compress
-from fedge.shared.feedback import Residual
+from fedge.shared.compression import compress, compress_round
 from fedge.shared.modelspec import Weights
 from fedge.shared.policy import CompressionPolicy
 from fedge.shared.wire import decode_update, encode_update, update_overhead_bytes
@@ -63,29 +67,58 @@ class FleetConfig:
     chunk: int = 64
     scope: str = "tensor"
 
-    def policy(self, topk: float, bits: int, ef: bool) -> CompressionPolicy:
+    def policy(
+        self,
+        topk: float,
+        bits: int,
+        ef: bool,
+        *,
+        momentum: float = 0.0,
+        warmup: int = 0,
+        decay: float = 1.0,
+    ) -> CompressionPolicy:
         return CompressionPolicy(
             topk_fraction=topk,
             bits=bits,
             chunk=self.chunk,
             error_feedback=ef,
             scope=self.scope,  # type: ignore[arg-type]
+            momentum=momentum,
+            warmup_rounds=warmup,
+            residual_decay=decay,
+        )
+
+    def policy_of(self, s: Setting) -> CompressionPolicy:
+        return self.policy(
+            s.topk, s.bits, s.ef, momentum=s.momentum, warmup=s.warmup, decay=s.decay
         )
 
 
 @dataclass(frozen=True)
 class Setting:
-    """One compression setting (``topk=1, bits=32, ef=False`` is dense float32 FedAvg)."""
+    """One compression setting (``topk=1, bits=32, ef=False`` is dense float32 FedAvg);
+    ``momentum``, ``warmup`` and ``decay`` are the policy's ``momentum``, ``warmup_rounds``
+    and ``residual_decay``."""
 
     topk: float
     bits: int
     ef: bool
+    momentum: float = 0.0
+    warmup: int = 0
+    decay: float = 1.0
 
     @property
     def name(self) -> str:
         if self.topk == 1.0 and self.bits == 32:
             return "dense-f32"
-        return f"top{self.topk * 100:g}%-{self.bits}b-{'ef' if self.ef else 'noef'}"
+        name = f"top{self.topk * 100:g}%-{self.bits}b-{'ef' if self.ef else 'noef'}"
+        if self.momentum:
+            name += f"-m{self.momentum:g}"
+        if self.warmup:
+            name += f"-w{self.warmup}"
+        if self.decay != 1.0:
+            name += f"-d{self.decay:g}"
+        return name
 
 
 DENSE = Setting(1.0, 32, False)
@@ -139,14 +172,14 @@ def run_federated(fleet: FleetConfig, setting: Setting, seed: int) -> dict[str, 
     model = model_config(fleet, data, seed)
     spec = architectures.build_spec(model)
     weights: Weights = architectures.init_weights(model, np.random.default_rng(seed))
-    policy = fleet.policy(setting.topk, setting.bits, setting.ef)
+    policy = fleet.policy_of(setting)
     cfg = AggregationConfig.from_dict(
         {**fleet.aggregation, "mode": "sync", "clients_per_round": fleet.per_round}
     )
     strategy = make_strategy(cfg)
     state: OptimizerState = {}
     trainers = [NumpyTrainer(model, shard) for shard in shards]
-    residuals: dict[int, Residual] = {}
+    residuals: dict[int, ResidualState] = {}
     acc0 = architectures.evaluate(model, weights, data.X_test, data.y_test)
     accuracy, loss, upload, nnz = [acc0["accuracy"]], [acc0["loss"]], [], []
     residual_norm: list[float] = []
@@ -162,11 +195,11 @@ def run_federated(fleet: FleetConfig, setting: Setting, seed: int) -> dict[str, 
                 weights, fleet.training, np.random.default_rng([seed, assignment])
             )
             delta = {t.name: result.weights[t.name] - weights[t.name] for t in spec.tensors}
-            residual = None
+            memory = None
             if policy.error_feedback:
-                residual = residuals.setdefault(device, Residual.zeros(spec))
+                memory = residuals.setdefault(device, ResidualState.zeros(spec))
             rng = np.random.default_rng([seed, assignment, 1])
-            compressed = compress(delta, policy, rng, residual)
+            compressed = compress_round(delta, policy, rng, memory, base_version=rnd)
             blob = encode_update(
                 compressed,
                 task_id=TASK_ID,

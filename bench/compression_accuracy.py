@@ -71,9 +71,12 @@ from _compression_report import (
     check_targets,
     make_summary,
     plot,
+    plot_uplink,
     spread,
     summarize_setting,
+    summarize_uplink_arm,
     table,
+    uplink_table,
 )
 from _compression_sim import (
     DENSE,
@@ -135,6 +138,311 @@ ABLATIONS: tuple[tuple[str, str, dict[str, Any]], ...] = (
     ),
     ("hidden 512", "a larger model, MLP 64-512-10 (38,410 parameters)", {"hidden": (512,)}),
 )
+
+
+# Uplink accuracy at equal local work (issue 12): Flower's setting at 1 local epoch.
+UPLINK = FleetConfig(
+    devices=10,
+    per_round=10,
+    rounds=20,
+    alpha=0.5,
+    hidden=(128,),
+    training={"epochs": 1, "batch_size": 16, "lr": 0.1},
+    aggregation={"strategy": "fedavg", "server_lr": 1.0},
+    chunk=256,
+    scope="tensor",
+)
+UPLINK_HALF = dataclasses.replace(UPLINK, per_round=5)
+UPLINK_CHECKPOINTS = (10, 20)
+UPLINK_TARGETS = (0.85, 0.90)
+MOMENTA = (0.5, 0.9)
+WARMUPS = (2, 4)
+DECAYS = (0.8, 0.5)
+UPLINK_FRACTIONS = (0.02, 0.05)
+PLAIN_EF = Setting(0.01, 4, True)
+NO_EF = Setting(0.01, 4, False)
+CONFIRM_SEED_OFFSET = 3  # the confirmation runs use the next seeds, unseen by the choice
+UPLINK_DESCRIPTION = (
+    "Uplink accuracy at equal local work (issue 12). Flower's setting: digits, Dirichlet 0.5 "
+    "over 10 clients, MLP 64-128-10, 1 local epoch, batch 16, SGD lr 0.1, plain FedAvg "
+    "(server_lr 1, no server momentum), 20 sync rounds; compression chunk 256, scope tensor, "
+    "4-bit values. Every arm of a group sees the same data, initial model, client sampling and "
+    "training randomness per seed; only the compression policy differs. Accuracy after round "
+    "10 is read from the same 20-round run (rounds are deterministic per seed, so it equals a "
+    "10-round run). Phase 1 crosses momentum {0, 0.5, 0.9} x warmup_rounds {0, 2, 4} (all "
+    "clients) and momentum x warmup_rounds {0, 4} x residual_decay {1, 0.8, 0.5} (5 of 10 "
+    "clients, where devices miss versions) at top-1 %; the best arm of each group (rule in "
+    "'best') is then run at top-2 % and top-5 %, on three unseen seeds, and in the main "
+    "configuration of this benchmark. 'points_vs_plain_ef_same_seed' pairs each arm with "
+    "plain error feedback (momentum 0, no warm-up, no decay) at the same top-k fraction and "
+    "seed. Byte figures are update bodies (the encoded wire-format update) as the "
+    "coordinator receives them; HTTP headers, TLS and downloads are not counted here "
+    "(no socket: in-process simulation)."
+)
+
+
+def uplink_phase1(quick: bool) -> list[tuple[str, str, FleetConfig, list[Setting]]]:
+    """(key, title, fleet, arms) of the first phase: every combination of the techniques."""
+    if quick:
+        full = [DENSE, PLAIN_EF, Setting(0.01, 4, True, 0.9, 4)]
+        half = [DENSE, PLAIN_EF, Setting(0.01, 4, True, 0.9, 4, 0.5)]
+    else:
+        full = [DENSE, NO_EF, PLAIN_EF] + [
+            Setting(0.01, 4, True, m, w)
+            for m in (0.0, *MOMENTA)
+            for w in (0, *WARMUPS)
+            if (m, w) != (0.0, 0)
+        ]
+        half = [DENSE, NO_EF, PLAIN_EF] + [
+            Setting(0.01, 4, True, m, w, d)
+            for m in (0.0, *MOMENTA)
+            for w in (0, WARMUPS[-1])
+            for d in (1.0, *DECAYS)
+            if (m, w, d) != (0.0, 0, 1.0)
+        ]
+    return [
+        ("all10", "all 10 clients every round", UPLINK, full),
+        ("half", "5 of the 10 clients per round (uniform)", UPLINK_HALF, half),
+    ]
+
+
+def _run_jobs(jobs: list[Job], workers: int, t0: float) -> list[dict[str, Any]]:
+    order = sorted(range(len(jobs)), key=lambda i: -_cost(jobs[i]))
+    results: dict[int, dict[str, Any]] = {}
+    with ProcessPoolExecutor(max_workers=workers) as pool:
+        futures = {i: pool.submit(_run, jobs[i]) for i in order}
+        for n, i in enumerate(order, 1):
+            results[i] = futures[i].result()
+            if n % 20 == 0 or n == len(jobs):
+                print(f"  {n}/{len(jobs)} runs ({time.perf_counter() - t0:.0f} s)", file=sys.stderr)
+    return [results[i] for i in range(len(jobs))]
+
+
+def _best(arms: list[dict[str, Any]], last: int) -> dict[str, Any]:
+    """The error-feedback arm with the highest mean accuracy after the last round (then after
+    the first checkpoint)."""
+    candidates = [a for a in arms if a["error_feedback"]]
+    return max(
+        candidates,
+        key=lambda a: (
+            a["accuracy_after_round"][str(last)]["mean"],
+            a["accuracy_after_round"][str(UPLINK_CHECKPOINTS[0])]["mean"],
+        ),
+    )
+
+
+def run_uplink(args: argparse.Namespace) -> dict[str, Any]:
+    """The uplink ablation: momentum-corrected error feedback, top-k warm-up and residual
+    decay at top-1 % / 4 bits in Flower's setting, then the best combinations at 2 % and 5 %,
+    on unseen seeds, and in the main configuration."""
+    t0 = time.perf_counter()
+    quick = args.quick
+    reps = 1 if quick else 3
+    seeds = [args.seed + i for i in range(reps)]
+    confirm_seeds = [args.seed + CONFIRM_SEED_OFFSET + i for i in range(reps)]
+    rounds = 10 if quick else UPLINK.rounds
+    checkpoints = (10,) if quick else UPLINK_CHECKPOINTS
+    targets = [f"{t:.2f}" for t in UPLINK_TARGETS]
+
+    def fleet_of(f: FleetConfig) -> FleetConfig:
+        return dataclasses.replace(f, rounds=rounds) if f.devices == UPLINK.devices else f
+
+    def group(
+        key: str,
+        title: str,
+        fleet: FleetConfig,
+        arms: list[Setting],
+        runs: dict[tuple[str, int], dict[str, Any]],
+        group_seeds: list[int],
+        cps: tuple[int, ...],
+        plain_of: dict[str, str],
+        plot_arms: list[str],
+    ) -> dict[str, Any]:
+        out = []
+        dense = [runs[(DENSE.name, sd)] for sd in group_seeds]
+        for st in arms:
+            plain_name = plain_of.get(st.name)
+            plain = [runs[(plain_name, sd)] for sd in group_seeds] if plain_name else None
+            summary = summarize_uplink_arm(
+                [runs[(st.name, sd)] for sd in group_seeds],
+                plain=plain,
+                dense=dense,
+                checkpoints=cps,
+                targets=UPLINK_TARGETS,
+            )
+            out.append(
+                {
+                    "name": st.name,
+                    "topk": st.topk,
+                    "bits": st.bits,
+                    "error_feedback": st.ef,
+                    "momentum": st.momentum,
+                    "warmup_rounds": st.warmup,
+                    "residual_decay": st.decay,
+                    "policy": fleet.policy_of(st).to_dict(),
+                    "paired_with": plain_name,
+                    **summary,
+                }
+            )
+        return {
+            "key": key,
+            "title": title,
+            "fleet": _fleet_dict(fleet),
+            "seeds": group_seeds,
+            "checkpoints": list(cps),
+            "targets": targets,
+            "arms": out,
+            "plot_arms": plot_arms,
+        }
+
+    def execute(
+        specs: list[tuple[str, FleetConfig, list[Setting], list[int]]],
+    ) -> dict[str, dict[tuple[str, int], dict[str, Any]]]:
+        jobs: list[Job] = [
+            (key, fleet, st, sd) for key, fleet, arms, sds in specs for st in arms for sd in sds
+        ]
+        results = _run_jobs(jobs, args.workers, t0)
+        by_group: dict[str, dict[tuple[str, int], dict[str, Any]]] = {}
+        for job, result in zip(jobs, results, strict=True):
+            assert job[2] is not None
+            by_group.setdefault(job[0], {})[(job[2].name, job[3])] = result
+        return by_group
+
+    # phase 1: every combination at top-1 % / 4 bits
+    phase1 = [(k, t, fleet_of(f), arms) for k, t, f, arms in uplink_phase1(quick)]
+    runs1 = execute([(k, f, arms, seeds) for k, _, f, arms in phase1])
+    groups = []
+    best: dict[str, Setting] = {}
+    for key, title, fleet, arms in phase1:
+        plain_of = {st.name: PLAIN_EF.name for st in arms if st.ef and st != PLAIN_EF}
+        key_arms = [DENSE.name, PLAIN_EF.name]
+        g = group(key, title, fleet, arms, runs1[key], seeds, checkpoints, plain_of, key_arms)
+        b = _best(g["arms"], checkpoints[-1])
+        best[key] = next(st for st in arms if st.name == b["name"])
+        singles = [
+            Setting(0.01, 4, True, momentum=best[key].momentum),
+            Setting(0.01, 4, True, warmup=best[key].warmup),
+            Setting(0.01, 4, True, decay=best[key].decay),
+        ]
+        present = {a["name"] for a in g["arms"]}
+        wanted = [*key_arms, *(s.name for s in singles), b["name"]]
+        g["plot_arms"] = [n for n in dict.fromkeys(wanted) if n in present]
+        groups.append(g)
+
+    if quick:
+        return {
+            "quick": True,
+            "description": UPLINK_DESCRIPTION,
+            "groups": groups,
+            "best": {k: v.name for k, v in best.items()},
+            "runtime_s": time.perf_counter() - t0,
+        }
+
+    # phase 2: the best combinations at 2 % and 5 %, on unseen seeds, in the main configuration
+    full, half = fleet_of(UPLINK), fleet_of(UPLINK_HALF)
+
+    def at(f: float, st: Setting) -> Setting:
+        return dataclasses.replace(st, topk=f)
+
+    frac_full = [at(f, s) for f in UPLINK_FRACTIONS for s in (PLAIN_EF, best["all10"])]
+    frac_half = [at(f, s) for f in UPLINK_FRACTIONS for s in (PLAIN_EF, best["half"])]
+    confirm_full = [DENSE, PLAIN_EF, best["all10"]]
+    confirm_half = [DENSE, PLAIN_EF, best["half"]]
+    main_arms = [DENSE, PLAIN_EF, best["half"]]
+    runs2 = execute(
+        [
+            ("frac-all10", full, frac_full, seeds),
+            ("frac-half", half, frac_half, seeds),
+            ("confirm-all10", full, confirm_full, confirm_seeds),
+            ("confirm-half", half, confirm_half, confirm_seeds),
+            ("main", MAIN, main_arms, seeds),
+        ]
+    )
+    # the fraction arms pair with plain error feedback at the same fraction and use phase 1's
+    # dense runs of the same seeds
+    for key, src in (("frac-all10", "all10"), ("frac-half", "half")):
+        for sd in seeds:
+            runs2[key][(DENSE.name, sd)] = runs1[src][(DENSE.name, sd)]
+    frac_plain = {
+        at(f, st).name: at(f, PLAIN_EF).name for f in UPLINK_FRACTIONS for st in best.values()
+    }
+
+    def names(arms: list[Setting]) -> list[str]:
+        return [a.name for a in arms]
+
+    groups += [
+        group(
+            "frac-all10",
+            "top-2 % and top-5 % at 4 bits, all 10 clients",
+            full,
+            frac_full,
+            runs2["frac-all10"],
+            seeds,
+            checkpoints,
+            frac_plain,
+            names(frac_full),
+        ),
+        group(
+            "frac-half",
+            "top-2 % and top-5 % at 4 bits, 5 of 10 clients",
+            half,
+            frac_half,
+            runs2["frac-half"],
+            seeds,
+            checkpoints,
+            frac_plain,
+            names(frac_half),
+        ),
+        group(
+            "confirm-all10",
+            f"unseen seeds {confirm_seeds}, all 10 clients",
+            full,
+            confirm_full,
+            runs2["confirm-all10"],
+            confirm_seeds,
+            checkpoints,
+            {best["all10"].name: PLAIN_EF.name},
+            names(confirm_full),
+        ),
+        group(
+            "confirm-half",
+            f"unseen seeds {confirm_seeds}, 5 of 10 clients",
+            half,
+            confirm_half,
+            runs2["confirm-half"],
+            confirm_seeds,
+            checkpoints,
+            {best["half"].name: PLAIN_EF.name},
+            names(confirm_half),
+        ),
+        group(
+            "main",
+            "main configuration (100 devices, 20 per round, 5 epochs, FedAvgM 0.9, chunk 64)",
+            MAIN,
+            main_arms,
+            runs2["main"],
+            seeds,
+            (10, 20, MAIN.rounds),
+            {best["half"].name: PLAIN_EF.name},
+            names(main_arms),
+        ),
+    ]
+    return {
+        "quick": False,
+        "description": UPLINK_DESCRIPTION,
+        "seeds": seeds,
+        "confirm_seeds": confirm_seeds,
+        "best": {
+            "all10": best["all10"].name,
+            "half": best["half"].name,
+            "rule": "among the error-feedback arms at top-1 % / 4 bits of phase 1 (seeds "
+            f"{seeds}), the highest mean accuracy after round {checkpoints[-1]} (ties: after "
+            f"round {checkpoints[0]}); 'all10' is used with every client each round, 'half' "
+            "with 5 of 10 and in the main configuration",
+        },
+        "groups": groups,
+        "runtime_s": time.perf_counter() - t0,
+    }
 
 
 def machine_info() -> dict[str, Any]:
@@ -332,6 +640,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "centralized": central,
         "targets": check_targets(main_settings, dense, central),
         "ablations": ablation_reports,
+        "uplink_ablation": None if args.no_uplink else run_uplink(args),
         "wire_ceiling": ceiling,
         "summary": {
             **make_summary(main_settings, dense, central),
@@ -376,6 +685,17 @@ def print_report(report: dict[str, Any]) -> None:
     for name, t in report["targets"].items():
         print(f"- {name}: {'met' if t['met'] else 'NOT met'}  {json.dumps(t)}")
     print("\nsummary:", json.dumps(report["summary"], indent=2))
+    print_uplink(report.get("uplink_ablation"))
+
+
+def print_uplink(uplink: dict[str, Any] | None) -> None:
+    if not uplink:
+        return
+    print("\nuplink ablation (Flower's setting, 1 local epoch):")
+    for g in uplink["groups"]:
+        print(f"\n{g['title']} (seeds {g['seeds']}):")
+        print(uplink_table(g))
+    print("\nbest:", json.dumps(uplink["best"], indent=1))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -388,6 +708,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=0, help="first seed")
     parser.add_argument("--workers", type=int, default=2, help="worker processes")
     parser.add_argument("--no-ablations", action="store_true", help="skip the ablations")
+    parser.add_argument("--no-uplink", action="store_true", help="skip the uplink ablation")
+    parser.add_argument(
+        "--uplink-only",
+        action="store_true",
+        help="run only the uplink ablation and put it into the existing results file",
+    )
     parser.add_argument("--output", type=Path, default=None, help="JSON results path")
     args = parser.parse_args(argv)
     output = args.output or RESULTS / (f"{NAME}.quick.json" if args.quick else f"{NAME}.json")
@@ -396,13 +722,28 @@ def main(argv: list[str] | None = None) -> int:
     stem, _, suffix = output.name.removesuffix(".json").partition(".")
     if args.plot_only:
         report = json.loads(output.read_text())
+    elif args.uplink_only:
+        report = json.loads(output.read_text()) if output.exists() else {"benchmark": NAME}
+        report["uplink_ablation"] = run_uplink(args)
+        report["uplink_ablation"]["command"] = " ".join([sys.executable, *sys.argv])
+        report["uplink_ablation"]["finished_at"] = datetime.now(UTC).isoformat(timespec="seconds")
+        report["uplink_ablation"]["machine"] = machine_info()
+        output.write_text(json.dumps(report, indent=1) + "\n")
+        print(f"wrote the uplink ablation into {output}", file=sys.stderr)
     else:
         report = run(args)
         output.parent.mkdir(parents=True, exist_ok=True)
         output.write_text(json.dumps(report, indent=1) + "\n")
         print(f"wrote {output}", file=sys.stderr)
-    print_report(report)
-    for path in plot(report, output.parent, stem, f".{suffix}" if suffix else ""):
+    if "settings" in report:
+        print_report(report)
+        for path in plot(report, output.parent, stem, f".{suffix}" if suffix else ""):
+            print(f"wrote {path}", file=sys.stderr)
+    else:
+        print_uplink(report.get("uplink_ablation"))
+    if report.get("uplink_ablation"):
+        tail = f".{suffix}" if suffix else ""
+        path = plot_uplink(report["uplink_ablation"], output.parent / f"{stem}_uplink{tail}.png")
         print(f"wrote {path}", file=sys.stderr)
     return 0
 
