@@ -2,10 +2,14 @@
 
 Each process runs one asyncio loop with one ``httpx.AsyncClient`` and drives a slice of the
 enrolled devices. Every request is signed with the product's
-:func:`fedge.shared.signing.sign_request` and every update body is built once per (task, base
-version) with the product's encoder (:func:`fedge.shared.compression.compress` +
-:func:`fedge.shared.wire.encode_update`). A process reports its own CPU time over the measured
-window, so a reader can see whether it was saturated.
+:func:`fedge.shared.signing.sign_request` and every upload carries its own update body, built
+with the product's encoder (:func:`fedge.shared.compression.compress` +
+:func:`fedge.shared.wire.encode_update`) from one of a few noise deltas and a fresh draw of the
+stochastic quantization, so no two bodies are byte-identical: the coordinator's
+content-addressed blob store writes and fsyncs every one, as it does for real devices (a
+repeated body would be found on disk and skipped). A process checks the digests of its bodies
+and draws again on a repeat, and reports its own CPU time over the measured window (and the
+part of it spent building bodies), so a reader can see whether it was saturated.
 Phases (``cfg["phase"]``):
 
 - ``steady``: every device loops get work (``wait=0``) -> upload -> repeat until ``t_end``;
@@ -50,27 +54,46 @@ def _cpu() -> float:
     return r.ru_utime + r.ru_stime
 
 
+#: Noise deltas per process; each body is one of them compressed with a fresh draw of the
+#: stochastic quantization (fresh noise per body cost 6 ms of generator CPU against 1.6 ms).
+DELTAS = 8
+
+
 class _Bodies:
-    """Update bodies encoded once per (task, base version) with the product's encoder."""
+    """A new update body for every upload, each distinct from every other this process built
+    (and from other processes': their seeds differ)."""
 
     def __init__(self, model: dict[str, Any], compression: dict[str, Any], seed: int) -> None:
         self.spec = build_spec(model)
         self.policy = CompressionPolicy.from_dict(compression)
         rng = np.random.default_rng(seed)
-        self.delta = {
-            t.name: rng.standard_normal(t.shape).astype(np.float32) for t in self.spec.tensors
-        }
+        self.deltas = [
+            {t.name: rng.standard_normal(t.shape).astype(np.float32) for t in self.spec.tensors}
+            for _ in range(DELTAS)
+        ]
         self.rng = rng
-        self._cache: dict[tuple[int, int], bytes] = {}
+        self._seen: set[bytes] = set()
+        self.built = 0
+        self.redrawn = 0
+        self.build_s = 0.0
 
-    def get(self, task_id: int, base_version: int) -> bytes:
-        key = (task_id, base_version)
-        body = self._cache.get(key)
-        if body is None:
-            c = compress(self.delta, self.policy, self.rng)
+    def new(self, task_id: int, base_version: int) -> bytes:
+        start = time.perf_counter()
+        while True:
+            delta = self.deltas[(self.built + self.redrawn) % DELTAS]
+            c = compress(delta, self.policy, self.rng)
             body = encode_update(c, task_id=task_id, base_version=base_version, num_examples=32)
-            self._cache[key] = body
+            digest = hashlib.sha256(body).digest()
+            if digest not in self._seen:
+                break
+            self.redrawn += 1
+        self._seen.add(digest)
+        self.built += 1
+        self.build_s += time.perf_counter() - start
         return body
+
+    def report(self) -> dict[str, Any]:
+        return {"built": self.built, "redrawn": self.redrawn, "build_cpu_s": self.build_s}
 
 
 class _Device:
@@ -108,9 +131,8 @@ async def _get_work(
 
 
 async def _upload(
-    client: httpx.AsyncClient, dev: _Device, work: dict[str, Any], bodies: _Bodies
+    client: httpx.AsyncClient, dev: _Device, work: dict[str, Any], body: bytes
 ) -> httpx.Response:
-    body = bodies.get(int(work["task_id"]), int(work["base_version"]))
     path = str(work["upload_url"])
     dev.seq += 1
     headers = dev.headers("POST", path, "", body)
@@ -160,8 +182,9 @@ async def _steady(cfg: dict[str, Any]) -> dict[str, Any]:
                     continue
                 if inside(now):
                     in_window["work_200"] += 1
+                body = bodies.new(int(work["task_id"]), int(work["base_version"]))
                 start = time.perf_counter()
-                r = await _upload(client, dev, work, bodies)
+                r = await _upload(client, dev, work, body)
                 lat = time.perf_counter() - start
                 now = time.time()
                 st.code("upload", r.status_code)
@@ -177,8 +200,10 @@ async def _steady(cfg: dict[str, Any]) -> dict[str, Any]:
     async def cpu_marks() -> None:
         await asyncio.sleep(max(0.0, t0 - time.time()))
         cpu["t0"] = _cpu()
+        cpu["build0"] = bodies.build_s
         await asyncio.sleep(max(0.0, t1 - time.time()))
         cpu["t1"] = _cpu()
+        cpu["build1"] = bodies.build_s
 
     async with _client(cfg, len(devices)) as client:
         await asyncio.sleep(max(0.0, cfg["t_start"] - time.time()))
@@ -189,6 +214,8 @@ async def _steady(cfg: dict[str, Any]) -> dict[str, Any]:
         "errors": st.errors,
         "in_window": in_window,
         "cpu_s": cpu.get("t1", 0.0) - cpu.get("t0", 0.0),
+        "body_build_s_in_window": cpu.get("build1", 0.0) - cpu.get("build0", 0.0),
+        "bodies": bodies.report(),
     }
 
 
@@ -197,7 +224,7 @@ async def _assign_upload(cfg: dict[str, Any], ready: Any, go: Any) -> dict[str, 
     devices = [_Device(d, bytes.fromhex(k)) for d, k in cfg["devices"]]
     bodies = _Bodies(cfg["model"], cfg["compression"], cfg["seed"])
     st = _Stats()
-    works: list[tuple[_Device, dict[str, Any]]] = []
+    works: list[tuple[_Device, dict[str, Any], bytes]] = []
     async with _client(cfg, len(devices)) as client:
         sem = asyncio.Semaphore(cfg.get("assign_concurrency", 50))
 
@@ -207,8 +234,9 @@ async def _assign_upload(cfg: dict[str, Any], ready: Any, go: Any) -> dict[str, 
                     status, work = await _get_work(client, dev)
                     st.code("work", status)
                     if work is not None and work.get("status") != "cancelled":
-                        works.append((dev, work))
-                        bodies.get(int(work["task_id"]), int(work["base_version"]))
+                        # built before the burst: the burst measures the coordinator
+                        body = bodies.new(int(work["task_id"]), int(work["base_version"]))
+                        works.append((dev, work, body))
                         return
                     await asyncio.sleep(0.05)
 
@@ -219,10 +247,10 @@ async def _assign_upload(cfg: dict[str, Any], ready: Any, go: Any) -> dict[str, 
         cpu0 = _cpu()
         start_all = time.time()
 
-        async def up(dev: _Device, work: dict[str, Any]) -> None:
+        async def up(dev: _Device, work: dict[str, Any], body: bytes) -> None:
             start = time.perf_counter()
             try:
-                r = await _upload(client, dev, work, bodies)
+                r = await _upload(client, dev, work, body)
             except httpx.HTTPError as exc:
                 st.error(exc)
                 return
@@ -230,7 +258,7 @@ async def _assign_upload(cfg: dict[str, Any], ready: Any, go: Any) -> dict[str, 
             if r.status_code == 201:
                 st.latencies.append(time.perf_counter() - start)
 
-        await asyncio.gather(*(up(d, w) for d, w in works))
+        await asyncio.gather(*(up(d, w, b) for d, w, b in works))
         end_all = time.time()
     return {
         "assigned": len(works),
@@ -238,6 +266,7 @@ async def _assign_upload(cfg: dict[str, Any], ready: Any, go: Any) -> dict[str, 
         "codes": st.codes,
         "errors": st.errors,
         "cpu_s": _cpu() - cpu0,
+        "bodies": bodies.report(),
         "start": start_all,
         "end": end_all,
     }

@@ -6,9 +6,13 @@ start_local_coordinator`), once on SQLite (a file) and once on PostgreSQL (a fre
 ``fedge_bench``, dropped afterwards). Load generators run in ``--procs`` OTHER processes
 (asyncio + ``httpx.AsyncClient``), each driving a slice of C real enrolled devices (enrollment
 tokens from the admin API, seeded Ed25519 keys). Per device: get work (``wait=0``) -> upload
-the update of that assignment -> repeat. Each request is signed with ``fedge.shared.signing``; the
-update body (an MLP 256-300-80, 101,180 parameters; top-1% 4-bit, error feedback) is encoded
-with ``fedge.shared.compression``/``fedge.shared.wire`` once per (task, base version).
+the update of that assignment -> repeat. Each request is signed with ``fedge.shared.signing``; each
+upload carries its own update body (an MLP 256-300-80, 101,180 parameters; top-1% 4-bit, error
+feedback), encoded with ``fedge.shared.compression``/``fedge.shared.wire`` from one of a few noise
+deltas and a fresh draw of the stochastic quantization, so every body is distinct and the
+coordinator's content-addressed blob store writes and fsyncs every one (identical bodies would
+be found on disk and skipped). The generators check their digests; the run counts the blob
+files the coordinator added against the updates it accepted.
 
 The task is async (FedBuff): ``max_concurrency`` above C, ``max_staleness`` large,
 ``buffer_size = min(100, C // 2)`` (a device works at most once per model version, so the
@@ -265,6 +269,13 @@ def run_workers(
     return results
 
 
+def count_blobs(root: Path) -> int:
+    """Blob files in the coordinator's store (not its temporary files)."""
+    if not root.is_dir():
+        return 0
+    return sum(1 for f in root.rglob("*") if f.is_file() and not f.name.startswith(".tmp-"))
+
+
 def split(items: list[Any], parts: int) -> list[list[Any]]:
     return [items[i::parts] for i in range(parts) if items[i::parts]]
 
@@ -344,6 +355,7 @@ def steady(
         for k, v in r["errors"].items():
             errors[k] = errors.get(k, 0) + v
     gen_cpu = [r["cpu_s"] for r in results]
+    built = sum(r["bodies"]["built"] for r in results)
     return {
         "concurrency": len(devices),
         "window_s": measure_s,
@@ -359,6 +371,9 @@ def steady(
         "loadgen_procs": len(cfgs),
         "loadgen_cpu_s": gen_cpu,
         "loadgen_cpu_share_per_proc": [c / measure_s for c in gen_cpu],
+        "loadgen_body_build_cpu_s": [r["body_build_s_in_window"] for r in results],
+        "bodies_built": built,
+        "bodies_redrawn_as_repeats": sum(r["bodies"]["redrawn"] for r in results),
         "status_counts": codes,
         "client_errors": errors,
     }
@@ -577,11 +592,13 @@ def run_backend(
         out["enroll_s"] = time.time() - t
         out["enrolled"] = len(ids)
         devices = [(d, k.hex()) for d, k in zip(ids, keys, strict=False)]
+        blobs = work / "data" / "blobs"
         for c in p["concurrency"]:
             sub = devices[:c]
             task_id = async_task(
                 admin, f"bench-steady-{c}", buffer_size=max(1, min(100, c // 2)), concurrency=10 * c
             )
+            blobs_before = count_blobs(blobs)  # after version 0 (the same model every task)
             profile = None
             if args.profile and c == max(p["concurrency"]):
                 profile = RESULTS / f"ingest_profile_{backend}_{args.profile}.svg"
@@ -600,13 +617,21 @@ def run_backend(
             r["buffer_size"] = max(1, min(100, c // 2))
             r["model_versions_at_end"] = task.get("current_version")
             admin.cancel_task(task_id)
+            # every accepted update must be a blob of its own (and every model version)
+            r["blob_files_added"] = count_blobs(blobs) - blobs_before
+            r["uploads_accepted_total"] = r["status_counts"].get("upload_201", 0)
+            r["distinct_update_blobs"] = r["blob_files_added"] - int(
+                r["model_versions_at_end"] or 0
+            )
             out["runs"].append(r)
             print(
                 f"  {backend:10s} C={c:4d}: {r['updates_per_s']:7.1f} updates/s  "
                 f"p50 {r['upload_p50_ms'] or 0:7.1f} ms  p99 {r['upload_p99_ms'] or 0:7.1f} ms  "
                 f"coord CPU {r['coordinator_cpu_ms_per_update'] or 0:6.2f} ms/update  "
                 "loadgen CPU share "
-                + ", ".join(f"{x:.2f}" for x in r["loadgen_cpu_share_per_proc"]),
+                + ", ".join(f"{x:.2f}" for x in r["loadgen_cpu_share_per_proc"])
+                + f"  blobs: {r['distinct_update_blobs']} new update blobs for "
+                f"{r['uploads_accepted_total']} accepted uploads",
                 flush=True,
             )
             task_id = async_task(
