@@ -10,6 +10,13 @@
 5. evaluate every model version on the test split, compare with centralized training, count
    bytes, print a summary and write ``report.json`` and ``report.png``.
 
+Bytes are counted on the socket: every device talks to the coordinator through its own
+:class:`~fedge.edge_agent.sim.relay.CountingRelay`, which counts what crosses it in each
+direction (TLS, HTTP headers, signed headers, long polls, bodies). The update and model bodies
+the agents counted are reported beside it. No second, dense fleet is run: the dense figures
+are an estimate, the measured socket bytes with every update and model body replaced by a
+dense float32 one (:func:`fedge.edge_agent.sim.demo_report.socket_traffic`).
+
 The coordinator is stopped cleanly at the end and on Ctrl-C. scikit-learn, matplotlib and
 tqdm are demo extras, imported lazily.
 """
@@ -31,16 +38,20 @@ from typing import Any
 import numpy as np
 
 from fedge.edge_agent.admin_client import AdminClient
+from fedge.edge_agent.client import Traffic
 from fedge.edge_agent.errors import AgentError
 from fedge.edge_agent.sim.datasets import DATASETS, Dataset, load_dataset
 from fedge.edge_agent.sim.demo_report import (
+    body_traffic,
     centralized_baseline,
+    dense_body_sizes,
     evaluate_versions,
+    socket_traffic,
     summary_text,
     write_report,
 )
 from fedge.edge_agent.sim.faults import FaultConfig
-from fedge.edge_agent.sim.fleet import Fleet, FleetStats
+from fedge.edge_agent.sim.fleet import Fleet
 from fedge.edge_agent.sim.local_coordinator import (
     CoordinatorStartError,
     LocalCoordinator,
@@ -206,30 +217,6 @@ def _wait_for_task(
     return dict(admin.cancel_task(task_id))
 
 
-def _traffic(
-    stats: FleetStats, num_params: int, versions: list[int], not_modified: int
-) -> dict[str, Any]:
-    dense_per_update = 4 * num_params
-    uploaded = max(1, stats.upload_bytes)
-    cumulative = []
-    up, dense = 0, 0
-    for version in versions:
-        count, nbytes = stats.uploads_by_base_version.get(version - 1, (0, 0))
-        up += nbytes
-        dense += count * dense_per_update
-        cumulative.append({"version": version, "upload_bytes": up, "dense_bytes": dense})
-    return {
-        "uploads": stats.uploads,
-        "upload_bytes": stats.upload_bytes,
-        "dense_upload_bytes": stats.uploads * dense_per_update,
-        "compression_ratio": stats.uploads * dense_per_update / uploaded,
-        "downloads": stats.downloads,
-        "model_bytes": stats.model_bytes,
-        "not_modified": not_modified,
-        "cumulative": cumulative,
-    }
-
-
 def run_demo(options: DemoOptions) -> dict[str, Any]:
     """Run the whole demo; the report (also written to ``options.out``)."""
     started = time.monotonic()
@@ -258,6 +245,7 @@ def run_demo(options: DemoOptions) -> dict[str, Any]:
                     root=root / "devices",
                     shards=shards,
                     seed=options.seed,
+                    count_socket=True,
                     faults=FaultConfig(
                         dropout=options.dropout,
                         straggler_scale_s=options.stragglers_s,
@@ -344,7 +332,23 @@ def _collect(
         seed=options.seed,
     )
     stats = fleet.stats()
-    not_modified = sum(d.client.traffic.not_modified for d in fleet.devices if d.client is not None)
+    clients = [d.client.traffic if d.client is not None else Traffic() for d in fleet.devices]
+    dense_update, dense_model = dense_body_sizes(model)
+    traffic = {
+        "socket": socket_traffic(
+            fleet.socket_counts(),
+            clients,
+            dense_update_bytes=dense_update,
+            dense_model_bytes=dense_model,
+        ),
+        "bodies": body_traffic(
+            stats,
+            spec.num_params,
+            [v for v, _ in versions],
+            sum(c.not_modified for c in clients),
+            dense_model_bytes=dense_model,
+        ),
+    }
     return {
         "dataset": options.dataset,
         "devices": options.devices,
@@ -364,7 +368,7 @@ def _collect(
         "final_accuracy": accuracy[-1]["accuracy"] if accuracy else float("nan"),
         "baseline": baseline,
         "rounds": rounds,
-        "traffic": _traffic(stats, spec.num_params, [v for v, _ in versions], not_modified),
+        "traffic": traffic,
         "counts": {
             "rounds_closed": sum(1 for r in rounds if r["status"] == "closed"),
             "rounds_failed": sum(1 for r in rounds if r["status"] == "failed"),

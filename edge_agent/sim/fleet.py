@@ -5,6 +5,11 @@ own HTTPS client and its own state directory, talking to a real coordinator; onl
 hardware is simulated. Faults (:mod:`fedge.edge_agent.sim.faults`) are drawn per device from
 generators derived from one seed, so a run is reproducible up to thread timing, and reach each agent
 from outside through its hooks (:class:`~fedge.edge_agent.sim.faults.FaultHooks`).
+
+With ``count_socket=True`` every device talks to the coordinator through its own
+:class:`~fedge.edge_agent.sim.relay.CountingRelay`, so the bytes each device sends and receives
+on its sockets (TLS, HTTP headers, signatures, polls and bodies) are counted per device:
+:meth:`Fleet.socket_counts`.
 """
 
 from __future__ import annotations
@@ -14,6 +19,7 @@ import threading
 from collections.abc import Sequence
 from dataclasses import dataclass, field, fields
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import numpy as np
 
@@ -22,6 +28,7 @@ from fedge.edge_agent.client import CoordinatorClient
 from fedge.edge_agent.data import LocalData, check_arrays, split_local
 from fedge.edge_agent.device import enroll_device, open_client
 from fedge.edge_agent.sim.faults import FaultConfig, FaultHooks, FaultSchedule, FaultSource
+from fedge.edge_agent.sim.relay import CountingRelay, Counts
 from fedge.edge_agent.state import State
 from fedge.edge_agent.trainers import TrainerFactory
 from fedge.edge_agent.transport import RetryPolicy
@@ -40,6 +47,17 @@ class SimulatedDevice:
     client: CoordinatorClient | None = None
     thread: threading.Thread | None = None
     error: BaseException | None = None
+    relay: CountingRelay | None = None  # with count_socket: this device's counting relay
+    enrollment: Counts = field(default_factory=Counts)  # socket bytes of its enrollment
+
+
+@dataclass(frozen=True)
+class DeviceSocket:
+    """One device's socket bytes: its enrollment, and everything after it (``work``)."""
+
+    index: int
+    enrollment: Counts
+    work: Counts
 
 
 @dataclass
@@ -71,8 +89,10 @@ class Fleet:
         eval_fraction: float = 0.2,
         trainer_factory: TrainerFactory | None = None,
         retry: RetryPolicy | None = None,
+        count_socket: bool = False,
     ) -> None:
         self.url = url
+        self.count_socket = count_socket
         self.ca_file = ca_file
         self.root = Path(root)
         self.poll_wait = poll_wait
@@ -98,13 +118,26 @@ class Fleet:
                 )
             )
 
+    def _device_url(self, device: SimulatedDevice) -> str:
+        """The URL a device is enrolled with: the coordinator's, or its own counting relay's
+        (which forwards to the coordinator; the relay's host keeps the name the coordinator's
+        certificate is checked against)."""
+        if not self.count_socket:
+            return self.url
+        parts = urlsplit(self.url)
+        if parts.hostname is None or parts.port is None:
+            raise ValueError(f"count_socket needs a URL with a host and a port, got {self.url}")
+        if device.relay is None:
+            device.relay = CountingRelay(parts.hostname, parts.port).start()
+        return f"{parts.scheme}://{parts.hostname}:{device.relay.port}"
+
     def enroll(self, token: str) -> list[str]:
         """Enroll every device with one (multi-use) token; their device ids."""
         ids = []
         for device in self.devices:
             config = enroll_device(
                 device.state_dir,
-                url=self.url,
+                url=self._device_url(device),
                 token=token,
                 ca_file=self.ca_file,
                 name=f"sim-{device.index:03d}",
@@ -112,6 +145,8 @@ class Fleet:
                 seed=device.seed,
                 retry=self.retry,
             )
+            if device.relay is not None:
+                device.enrollment = device.relay.counts()
             ids.append(config.device_id)
         return ids
 
@@ -162,6 +197,19 @@ class Fleet:
         for device in self.devices:
             if device.client is not None and not (device.thread and device.thread.is_alive()):
                 device.client.close()
+        for device in self.devices:
+            if device.relay is not None and not (device.thread and device.thread.is_alive()):
+                device.relay.close()  # its counts stay readable
+
+    def socket_counts(self) -> list[DeviceSocket]:
+        """Socket bytes per device (``count_socket=True``; empty otherwise). Counted as they
+        cross each device's relay, so final once the fleet has stopped."""
+        out = []
+        for device in self.devices:
+            if device.relay is not None:
+                total = device.relay.counts()
+                out.append(DeviceSocket(device.index, device.enrollment, total - device.enrollment))
+        return out
 
     def __enter__(self) -> Fleet:
         return self

@@ -74,3 +74,39 @@ def test_dropouts_are_seen_by_the_coordinator(live, digits, tmp_path):
     assert (first["num_assigned"], first["num_received"], first["num_dropped"]) == (3, 0, 3)
     stats = fleet.stats()
     assert stats.agents.dropped >= 3 and stats.uploads == 0
+
+
+def test_socket_bytes_are_counted_per_device(live, digits, tmp_path):
+    """With count_socket each device goes through its own counting relay: its enrollment and
+    its work are counted apart, and the socket carries its bodies plus an envelope."""
+    parts = dirichlet_partition(digits.y_train[:400], 3, 1.0, np.random.default_rng(1))
+    fleet = Fleet(
+        url=live.url,
+        ca_file=live.ca_file,
+        root=tmp_path / "fleet",
+        shards=[(digits.X_train[p], digits.y_train[p]) for p in parts],
+        seed=7,
+        poll_wait=1.0,
+        count_socket=True,
+    )
+    fleet.enroll(live.admin.create_enrollment_token(max_uses=3)["token"])
+    ports = {State(d.state_dir).load_config().url.rsplit(":", 1)[1] for d in fleet.devices}
+    assert len(ports) == 3 and live.url.rsplit(":", 1)[1] not in ports
+    with fleet:
+        fleet.start()
+        task = live.create_task(
+            aggregation={"mode": "async", "num_rounds": 2, "buffer_size": 2, "max_concurrency": 3}
+        )
+        wait_for(lambda: live.task(task["id"])["status"] == "completed", what="the task")
+    sockets = fleet.socket_counts()
+    assert [s.index for s in sockets] == [0, 1, 2]
+    for device, sock in zip(fleet.devices, sockets, strict=True):
+        assert device.client is not None
+        bodies = device.client.traffic
+        # a TLS handshake at least each way during enrollment, and a fresh one afterwards
+        assert sock.enrollment.up > 500 and sock.enrollment.down > 1000
+        assert sock.enrollment.connections >= 1 and sock.work.connections >= 1
+        # every body crossed the socket, inside TLS records and HTTP requests
+        assert sock.work.up > bodies.upload_bytes + 500
+        assert sock.work.down > bodies.model_bytes + 1000
+    assert sum(s.work.up for s in sockets) > fleet.stats().upload_bytes
