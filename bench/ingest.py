@@ -376,6 +376,8 @@ def steady(
         "bodies_redrawn_as_repeats": sum(r["bodies"]["redrawn"] for r in results),
         "status_counts": codes,
         "client_errors": errors,
+        # the machine is shared: how busy it was (runnable tasks, 1 and 5 min) at the end
+        "load_average_1_5min": list(os.getloadavg()[:2]),
     }
 
 
