@@ -1,163 +1,243 @@
-"""fedge in the setting measured for Flower 1.42 on this machine.
+"""fedge against Flower 1.42, both run in this benchmark, on the same shards, counted the same way.
 
-Setting: digits (scikit-learn, 20% stratified test split), Dirichlet alpha=0.5 over 10
-clients, MLP 64-128-10 (9,610 parameters, 38.4 kB as float32), FedAvg, 10 rounds, every client
-in every round, no artificial delays and no faults. Flower's figures on this machine: about
-22 s per round, about 62 kB uploaded per client per round, about 390 MiB memory per client,
-0.903 test accuracy (centralized training of the same model: 0.969).
+Setting (the team's Flower harness, ``digitsapp`` in the Flower peer folder): scikit-learn
+digits, X/16 float32, stratified 80/20 split (``random_state=0``: 1,437 train, 360 test), the
+train set split over 10 clients by Dirichlet(0.5) over labels (seed 0), MLP 64-128-10
+(9,610 parameters), local SGD with batch 16 and lr 0.1 for 1 epoch (and a 5-epoch
+configuration), every client in every round, FedAvg weighted by examples, test accuracy on
+the 360 test images after every round.
 
-What runs: the real coordinator (a child process: HTTPS on loopback with its private CA, a
-SQLite file, a blob store) and 10 real agents, each a separate ``fedge agent run`` process
-(``python -m fedge.shared.cli agent run --data shard.npz``). The benchmark enrolls the devices with
-the library call ``enroll_device`` (so their seeds are fixed) and creates the task through the
-admin REST API. Measured after the fact from the coordinator:
+What runs, in one run of this script:
 
-* seconds per round: each round's ``closed_at - opened_at`` (admin API), and the task's
-  ``finished_at - started_at`` divided by the rounds;
-* upload bytes per client per round: the size of every update request body as the
-  coordinator received it (``updates.byte_size`` in its SQLite file; the agent's training
-  metrics travel inside it), plus any separate metrics report (an upload without a metrics
-  block whose assignment has metrics: that JSON body re-encoded with httpx's own encoder);
-  HTTP headers and TLS framing are not counted;
-* memory per client: peak resident set size (``VmHWM`` in ``/proc/<pid>/status``) of every
-  agent process, read just before it is stopped;
-* test accuracy: the coordinator's evaluation hook on the held-out test split (every model
-  version), and the final version downloaded and evaluated again here;
-* centralized accuracy: the same model trained by the product's trainer on the pooled
-  training data (``fedge.edge_agent.sim.demo_report.centralized_baseline``), for the same number of
-  epochs as the federated run and for a long run (the figure Flower's 0.969 corresponds to).
+* **Flower itself**: the harness's ``bench/run.sh`` (one superlink, 10 supernodes, ``flwr
+  run``, ``PROXY=1``: its ``countproxy.py`` relays and counts every byte between the
+  supernodes and the superlink), 10 rounds. For 5 epochs, ``bench/_flower_launch.py`` runs the
+  same commands with ``local-epochs=5`` added to ``--run-config``. Flower's own virtualenv is
+  made on first use (``--flower-venv``). Flower runs without TLS (``--insecure``, as in the
+  harness) and is deterministic apart from timing; it runs ``--flower-repeats`` times per
+  configuration.
+* **fedge**: the real coordinator (a child process: HTTPS on loopback with its private CA, a
+  SQLite file, a blob store) and 10 agents, each a separate ``fedge agent run`` process
+  (``bench/_flower_agent.py``: the product's agent command line, which also writes the
+  client's body counters at exit), on **the same shards and test split** (imported from the
+  harness's ``digitsapp/task.py``) and starting from **the same weights** (Flower's
+  ``init_params()`` uploaded as the task's version 0 with ``PUT /tasks/{id}/model``).
+  A :class:`~fedge.edge_agent.sim.relay.CountingRelay` sits between the agents and the
+  coordinator; agents are enrolled through it (``https://localhost:<relay port>``), so every
+  byte they send and receive crosses it: TLS, HTTP and signed headers, long-polls, bodies.
 
-Compression policies (each on a fresh coordinator and fresh agents): ``top1pct-4bit-ef`` (the
-headline: top-1% per tensor, 4-bit values, error feedback), and for the trade-off
-``top1pct-4bit-ef-global``, ``top10pct-8bit-ef``, ``top0.1pct-4bit-ef`` (full run only) and
-``dense`` float32 (reference). Training: 5 local epochs, batch 16, SGD lr 0.1 (the main
-configuration of ``bench/compression_accuracy.py``; Flower's local settings are not recorded
-here; ``--epochs 2 --lr 0.05``, the demo's earlier settings, is the lighter alternative),
-plain FedAvg on the server. Targets: rounds at least 20x faster than Flower, at least 250x
-fewer upload bytes per client per round, at most a quarter of its memory per client, test
-accuracy at least 0.903.
+Counting, the same on both sides: the relay's cumulative bytes in each direction, sampled
+over time (Flower's every 0.5 s by its countproxy, fedge's every 10 ms), read at the
+timestamps at which each round's model is evaluated (Flower: results.json's round times;
+fedge: the model versions' ``created_at``), divided by the 10 clients. Flower's window runs
+from round 0 (the strategy's start) to round r, rounded inwards to its samples (never more
+than crossed the socket); fedge's runs from the agents' launch (their connection set-up, TLS
+handshakes and first polls included) to round r, rounded outwards. Both exclude the one-time
+registration (Flower's supernode registration, fedge's enrollment).
 
-    python bench/flower_setting.py            # full run
-    python bench/flower_setting.py --quick    # make bench
+Reported per configuration (1 and 5 local epochs) and fedge policy, over ``--seeds``
+(fedge's seed drives the training shuffles, the compression RNG and the device keys; the
+shards and the initial weights stay Flower's): **socket bytes per client to reach Flower's
+final test accuracy** (the first round whose accuracy is at least Flower's final one; fedge
+runs up to ``--max-rounds`` rounds), the rounds it takes, socket bytes per client per round
+up and down, seconds per round (mean of the per-round wall times from the first to the
+last round, on both sides), final accuracy, and the update and model body bytes the agents
+counted. The headline is the ratio Flower / fedge of those bytes per client, taken as the
+least flattering figure: the communication-efficient policy's worst seed against Flower's
+smallest repeat, in the less favourable epochs configuration. Target: at least 20x; goal: 50x.
+
+fedge policies: ``dense`` (float32 both ways), ``up1pct4b`` (top-1 % 4-bit error-feedback
+updates, dense model downloads), and, when the coordinator has compressed model downloads
+(the task's ``compression.download``), ``up1pct4b-down10pct8b`` and ``up1pct4b-down5pct4b``.
+A policy the coordinator refuses (422: the field does not exist on the measured commit) is
+recorded as not supported. ``--compression-extra '{...}'`` merges more uplink fields (e.g.
+``momentum``, ``warmup_rounds``) into the compressed policies.
+
+    python bench/flower_setting.py                 # full run (Flower included; ~1 hour)
+    python bench/flower_setting.py --quick         # make bench: fedge only, 1 seed
+    python bench/flower_setting.py --quick --with-flower
     python bench/flower_setting.py --plot-only
 """
 
 from __future__ import annotations
 
 import argparse
+import bisect
 import json
 import signal
-import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
-import httpx
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from _fleet_bench import (
     RESULTS_DIR,
+    Spread,
     code_state,
     collect,
     configure_logging,
-    db_rows,
     machine_info,
     now_iso,
     parse_time,
-    seconds_between,
     start_coordinator,
-    summary_stats,
     wait_for_task,
     write_json,
 )
+from _flower import (
+    DEFAULT_HARNESS,
+    FlowerUnavailable,
+    default_venv,
+    ensure_venv,
+    harness_app,
+    import_task,
+    prepare_data,
+    run_flower,
+)
 
-from fedge.coordinator.blobstore import BlobStore
 from fedge.edge_agent.admin_client import AdminClient
 from fedge.edge_agent.device import enroll_device
-from fedge.edge_agent.sim.datasets import load_dataset
-from fedge.edge_agent.sim.demo_report import centralized_baseline
-from fedge.edge_agent.sim.partition import dirichlet_partition
+from fedge.edge_agent.errors import AgentError
+from fedge.edge_agent.sim.relay import CountingRelay, Counts
 from fedge.shared import architectures
-from fedge.shared.wire import decode_model, decode_update
+from fedge.shared.wire import decode_model, encode_model
 
 NAME = "flower_setting"
+BENCH_DIR = Path(__file__).resolve().parent
 CLIENTS = 10
-ROUNDS = 10
-FLOWER = {
-    "seconds_per_round": 22.0,
-    "upload_bytes_per_client_per_round": 62_000,
-    "memory_mib_per_client": 390.0,
-    "test_accuracy": 0.903,
-    "centralized_accuracy": 0.969,
-    "model_bytes": 38_000,
-}
-TARGETS = {
-    "round_speedup": 20.0,  # fedge rounds at least 20x faster
-    "upload_reduction": 250.0,  # at least 250x fewer bytes per client per round
-    "memory_fraction": 0.25,  # at most a quarter of Flower's memory per client
-    "accuracy": 0.903,  # no lower than Flower's
-}
+FLOWER_ROUNDS = 10
 MODEL = {"architecture": "mlp", "input_dim": 64, "num_classes": 10, "hidden": [128]}
-TRAINING = {"epochs": 5, "batch_size": 16, "lr": 0.1}
-POLICIES: dict[str, dict[str, Any]] = {
-    "top1pct-4bit-ef": {
-        "topk_fraction": 0.01,
-        "bits": 4,
-        "chunk": 256,
-        "error_feedback": True,
-        "scope": "tensor",
-    },
-    "top10pct-8bit-ef": {
-        "topk_fraction": 0.1,
-        "bits": 8,
-        "chunk": 256,
-        "error_feedback": True,
-        "scope": "tensor",
-    },
-    "top1pct-4bit-ef-global": {
-        "topk_fraction": 0.01,
-        "bits": 4,
-        "chunk": 256,
-        "error_feedback": True,
-        "scope": "global",
-    },
-    "top0.1pct-4bit-ef": {
-        "topk_fraction": 0.001,
-        "bits": 4,
-        "chunk": 256,
-        "error_feedback": True,
-        "scope": "global",
-    },
-    "dense": {"topk_fraction": 1.0, "bits": 32, "chunk": 256, "error_feedback": False},
+BATCH, LR = 16, 0.1
+#: Flower's tensors (task.init_params order) -> fedge's built-in mlp names.
+NAMES = ("W0", "b0", "W1", "b1")
+TARGET_RATIO, GOAL_RATIO = 20.0, 50.0
+SAMPLE_S = 0.01
+
+UP_DENSE = {"topk_fraction": 1.0, "bits": 32, "chunk": 256, "error_feedback": False}
+UP_EF = {
+    "topk_fraction": 0.01,
+    "bits": 4,
+    "chunk": 256,
+    "error_feedback": True,
+    "scope": "tensor",
 }
-HEADLINE = "top1pct-4bit-ef"
+
+
+def _down(fraction: float, bits: int) -> dict[str, Any]:
+    return {"topk_fraction": fraction, "bits": bits, "chunk": 256, "scope": "tensor"}
+
+
+#: name -> (task compression body, whether --compression-extra applies)
+POLICIES: dict[str, tuple[dict[str, Any], bool]] = {
+    "dense": (UP_DENSE, False),
+    "up1pct4b": (UP_EF, True),
+    "up1pct4b-down10pct8b": ({**UP_EF, "download": _down(0.1, 8)}, True),
+    "up1pct4b-down5pct4b": ({**UP_EF, "download": _down(0.05, 4)}, True),
+}
+QUICK_POLICIES = ["dense", "up1pct4b"]
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--quick", action="store_true", help="reduced run for make bench")
     p.add_argument("--plot-only", action="store_true", help="redraw the plot from the JSON")
-    p.add_argument("--policies", nargs="*", choices=list(POLICIES), help="policies to run")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--epochs", type=int, help=f"local epochs ({TRAINING['epochs']})")
-    p.add_argument("--lr", type=float, help=f"learning rate ({TRAINING['lr']})")
-    p.add_argument("--batch-size", type=int, help=f"batch size ({TRAINING['batch_size']})")
+    p.add_argument("--with-flower", action="store_true", help="run Flower in --quick too")
+    p.add_argument("--no-flower", action="store_true", help="fedge only (no ratio)")
+    p.add_argument("--flower-venv", type=Path, default=None, help=f"({default_venv()})")
+    p.add_argument("--flower-harness", type=Path, default=DEFAULT_HARNESS)
+    p.add_argument("--flower-repeats", type=int, help="Flower runs per configuration (3)")
+    p.add_argument("--flower-rounds", type=int, default=FLOWER_ROUNDS)
+    p.add_argument("--policies", nargs="*", choices=list(POLICIES))
+    p.add_argument("--seeds", type=int, nargs="*", help="fedge seeds (0 1 2; quick: 0)")
+    p.add_argument("--epochs", type=int, nargs="*", help="local epoch configurations (1 5)")
+    p.add_argument("--max-rounds", type=int, help="fedge rounds at most (40; quick: 12)")
+    p.add_argument("--compression-extra", type=json.loads, default={}, help="JSON object")
+    p.add_argument("--work", type=Path, help="scratch folder (default: a temporary one)")
     p.add_argument("--output", type=Path, help="results JSON path")
     p.add_argument("-v", "--verbose", action="store_true")
     return p.parse_args(argv)
 
 
-def _agent_command(state_dir: Path, data: Path) -> list[str]:
+_T0 = time.monotonic()
+
+
+def progress(message: str) -> None:
+    print(f"[{time.monotonic() - _T0:7.1f}s] {message}", file=sys.stderr, flush=True)
+
+
+# ----------------------------------------------------------------------------- the setting
+
+
+def load_setting(harness: Path) -> dict[str, Any]:
+    """Flower's data split, its 10 shards and its initial weights, from the harness."""
+    task = import_task(harness)
+    Xtr, ytr, Xte, yte = task.load_data("")
+    parts = task.dirichlet_partition(ytr, CLIENTS, 0.5)
+    init = dict(zip(NAMES, task.init_params(), strict=True))
+    return {
+        "train": (np.asarray(Xtr, np.float32), np.asarray(ytr, np.int64)),
+        "test": (np.asarray(Xte, np.float32), np.asarray(yte, np.int64)),
+        "shards": [(Xtr[p], ytr[p]) for p in parts],
+        "init": {k: np.asarray(v, np.float32) for k, v in init.items()},
+        "source": f"{task.__file__}: load_data, dirichlet_partition(alpha=0.5), init_params",
+    }
+
+
+# ----------------------------------------------------------------------------- fedge runs
+
+
+class Sampler:
+    """The relay's cumulative counts every ``interval`` seconds: (time, up, down)."""
+
+    def __init__(self, relay: CountingRelay, interval: float = SAMPLE_S) -> None:
+        self.relay = relay
+        self.interval = interval
+        self.samples: list[tuple[float, int, int]] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="relay-sampler", daemon=True)
+
+    def _take(self) -> None:
+        c = self.relay.counts()
+        self.samples.append((time.time(), c.up, c.down))
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.interval):
+            self._take()
+
+    def start(self) -> Sampler:
+        self._take()
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(5)
+        self._take()
+
+    def at_or_after(self, t: float) -> tuple[int, int]:
+        times = [s[0] for s in self.samples]
+        i = min(bisect.bisect_left(times, t), len(times) - 1)
+        return self.samples[i][1], self.samples[i][2]
+
+    def at_or_before(self, t: float) -> tuple[int, int]:
+        times = [s[0] for s in self.samples]
+        i = max(bisect.bisect_right(times, t) - 1, 0)
+        return self.samples[i][1], self.samples[i][2]
+
+
+def _agent_command(traffic: Path, state_dir: Path, data: Path) -> list[str]:
     return [
         sys.executable,
-        "-m",
-        "fedge.shared.cli",
-        "agent",
+        str(BENCH_DIR / "_flower_agent.py"),
+        str(traffic),
         "-q",
         "run",
         "--state-dir",
@@ -171,119 +251,121 @@ def _agent_command(state_dir: Path, data: Path) -> list[str]:
     ]
 
 
-def _proc_status(pid: int) -> dict[str, int]:
-    """VmHWM / VmRSS of a live process in kB (``/proc/<pid>/status``)."""
-    out: dict[str, int] = {}
+def _vm_hwm_mib(pid: int) -> float | None:
     try:
-        text = Path(f"/proc/{pid}/status").read_text()
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
     except OSError:
-        return out
-    for line in text.splitlines():
-        key, _, value = line.partition(":")
-        if key in ("VmHWM", "VmRSS"):
-            out[key] = int(value.split()[0])
-    return out
+        pass
+    return None
 
 
-def _metrics_body_bytes(coordinator: Any, task_id: int) -> list[int]:
-    """Bytes of the separate metrics reports (``POST .../metrics``), one entry per upload.
-
-    The agent puts its metrics in the update's metrics block (counted in the update's own
-    size) and then sends no report; an upload without that block whose assignment has
-    metrics was followed by a report, sized here as httpx encodes it."""
-    blobs = BlobStore(coordinator.data_dir / "blobs")
-    rows = db_rows(
-        coordinator,
-        "SELECT a.metrics, u.blob_digest FROM assignments a JOIN updates u "
-        "ON u.assignment_id = a.id WHERE a.task_id = ?",
-        (task_id,),
-    )
-    sizes = []
-    for raw, digest in rows:
-        metrics = json.loads(raw) if raw else {}
-        if not metrics or decode_update(blobs.get(digest)).metrics:
-            sizes.append(0)
-        else:
-            sizes.append(len(httpx.Request("POST", "https://x/", json=metrics).content))
-    return sizes
+def _wait_devices_seen(admin: AdminClient, count: int, budget_s: float) -> float:
+    """Seconds until ``count`` devices have made a signed request (their first poll)."""
+    start = time.monotonic()
+    while time.monotonic() - start < budget_s:
+        items = admin.list_devices(limit=500)["items"]
+        if sum(1 for d in items if d.get("last_seen_at")) >= count:
+            return time.monotonic() - start
+        time.sleep(0.1)
+    raise RuntimeError(f"the agents did not all poll within {budget_s} s")
 
 
-def run_policy(
-    policy_name: str,
+def compression_body(policy: str, extra: dict[str, Any]) -> dict[str, Any]:
+    body, takes_extra = POLICIES[policy]
+    return {**body, **extra} if takes_extra else dict(body)
+
+
+def run_fedge(
+    policy: str,
     *,
     seed: int,
+    epochs: int,
+    max_rounds: int,
     work: Path,
-    dataset: Any,
-    shards: list[Any],
-    training: dict[str, Any],
+    setting: dict[str, Any],
+    target: float | None,
+    extra: dict[str, Any],
 ) -> dict[str, Any]:
-    """One federated run with one compression policy on a fresh coordinator."""
+    """One fedge run: fresh coordinator, relay, 10 agent processes; bytes per round."""
+    compression = compression_body(policy, extra)
     model = {**MODEL, "seed": seed}
     body = {
-        "name": f"flower-setting-{policy_name}",
+        "name": f"flower-setting-{policy}-e{epochs}-s{seed}",
         "model": model,
         "aggregation": {
             "mode": "sync",
             "strategy": "fedavg",
-            "num_rounds": ROUNDS,
+            "num_rounds": max_rounds,
             "clients_per_round": CLIENTS,
             "over_selection": 0.0,
             "min_updates": CLIENTS,
             "round_deadline_s": 300.0,
             "lease_s": 300.0,
         },
-        "compression": POLICIES[policy_name],
-        "training": training,
+        "compression": compression,
+        "training": {"epochs": epochs, "batch_size": BATCH, "lr": LR},
     }
-    root = work / policy_name
-    coordinator = start_coordinator(root, (dataset.X_test, dataset.y_test))
+    root = work / f"fedge-e{epochs}-{policy}-s{seed}"
+    coordinator = start_coordinator(root, setting["test"])
+    port = urlsplit(coordinator.url).port
+    assert port is not None
+    relay = CountingRelay("127.0.0.1", port).start()
+    sampler = Sampler(relay)
     procs: list[subprocess.Popen[bytes]] = []
     logs = []
-    memory: list[dict[str, int]] = []
+    memory: list[float | None] = []
     try:
         with AdminClient(
             coordinator.url, coordinator.admin_key, ca_file=coordinator.ca_file
         ) as admin:
-            task = admin.create_task(body)
+            try:
+                task = admin.create_task(body)
+            except AgentError as exc:
+                if exc.status == 422:
+                    return {
+                        "policy": policy,
+                        "seed": seed,
+                        "epochs": epochs,
+                        "compression": compression,
+                        "unsupported": str(exc),
+                    }
+                raise
+            task_id = int(task["id"])
+            admin.upload_initial_model(task_id, encode_model(setting["init"]))
+            spec = architectures.build_spec(model)
+            v0 = decode_model(admin.download_model(task_id, 0), spec=spec)
+            same_init = all(np.array_equal(v0[k], setting["init"][k]) for k in NAMES)
             token = admin.create_enrollment_token(
                 label="flower setting", max_uses=CLIENTS, expires_in_s=3600
             )["token"]
+            relay_url = f"https://localhost:{relay.port}"
             seeds = np.random.SeedSequence([seed, 11]).generate_state(CLIENTS)
-            for i, (X, y) in enumerate(shards):
-                state_dir = root / f"agent-{i:02d}"
+            for i in range(CLIENTS):
                 enroll_device(
-                    state_dir,
-                    url=coordinator.url,
+                    root / f"agent-{i:02d}",
+                    url=relay_url,
                     token=token,
                     ca_file=coordinator.ca_file,
                     name=f"client-{i:02d}",
                     seed=int(seeds[i]),
                 )
+            enrollment = relay.counts()
+            sampler.start()
+            launched = time.time()
+            for i, (X, y) in enumerate(setting["shards"]):
                 data = root / f"shard-{i:02d}.npz"
                 np.savez(data, X=X, y=y)
                 log = open(root / f"agent-{i:02d}.log", "wb")  # noqa: SIM115
                 logs.append(log)
-                procs.append(
-                    subprocess.Popen(
-                        _agent_command(state_dir, data), stdout=log, stderr=subprocess.STDOUT
-                    )
-                )
-            admin.start_task(task["id"])
-            final, timed_out = wait_for_task(admin, task["id"], budget_s=240.0)
-            memory = [_proc_status(p.pid) for p in procs]
-            record = collect(admin, coordinator, task["id"])
-            last = max(int(p["version"]) for p in record["curve"])
-            spec = architectures.build_spec(model)
-            weights = decode_model(admin.download_model(task["id"], last), spec=spec)
-            local_eval = architectures.evaluate(model, weights, dataset.X_test, dataset.y_test)
-            metrics_sizes = _metrics_body_bytes(coordinator, task["id"])
-            closing = db_rows(
-                coordinator,
-                "SELECT r.closed_at, MAX(u.received_at) FROM rounds r "
-                "JOIN updates u ON u.round_id = r.id "
-                "WHERE r.task_id = ? AND r.status = 'closed' GROUP BY r.id",
-                (task["id"],),
-            )
+                cmd = _agent_command(root / f"traffic-{i:02d}.json", root / f"agent-{i:02d}", data)
+                procs.append(subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT))
+            ready_s = _wait_devices_seen(admin, CLIENTS, 120.0)
+            admin.start_task(task_id)
+            final, timed_out = wait_for_task(admin, task_id, budget_s=60.0 + 30.0 * max_rounds)
+            memory = [_vm_hwm_mib(p.pid) for p in procs]
+            record = collect(admin, coordinator, task_id)
     finally:
         for p in procs:
             if p.poll() is None:
@@ -296,100 +378,247 @@ def run_policy(
                 p.wait(5)
         for log in logs:
             log.close()
+        if sampler.samples:
+            sampler.stop()
+        relay.close()
         coordinator.stop()
-    rounds = [r for r in record["rounds"] if r["status"] == "closed"]
-    durations = []
-    for r in rounds:
-        opened, closed = parse_time(r["opened_at"]), parse_time(r["closed_at"])
-        if opened is not None and closed is not None:
-            durations.append(closed - opened)
-    started = parse_time(record["task"]["started_at"])
-    finished = parse_time(record["task"]["finished_at"])
-    sizes = record["updates"]["byte_sizes"]
-    hwm_mib = [m["VmHWM"] / 1024 for m in memory if "VmHWM" in m]
-    per_round_updates = statistics.fmean(sizes) if sizes else None
-    per_round_metrics = statistics.fmean(metrics_sizes) if metrics_sizes else 0.0
+    traffic = [_read_traffic(root / f"traffic-{i:02d}.json") for i in range(CLIENTS)]
     return {
-        "policy": policy_name,
-        "compression": POLICIES[policy_name],
+        "policy": policy,
+        "seed": seed,
+        "epochs": epochs,
+        "compression": compression,
         "status": final["status"],
-        "status_reason": final.get("status_reason"),
         "timed_out": timed_out,
-        "rounds_closed": len(rounds),
+        "same_initial_weights_as_flower": same_init,
+        "agents_ready_s": ready_s,
+        "enrollment_bytes_per_client": Counts(enrollment.up, enrollment.down).total / CLIENTS,
+        **analyse(record, sampler, launched=launched, target=target),
+        "bodies": _bodies(traffic),
+        "agent_peak_rss_mib": Spread([m for m in memory if m is not None]).to_dict(),
         "rounds_failed": record["rounds_failed"],
-        "round_seconds": durations,
-        "seconds_per_round": statistics.fmean(durations) if durations else None,
-        "task_seconds_per_round": (finished - started) / len(rounds)
-        if started and finished and rounds
-        else None,
-        "updates_received": record["updates"]["received"],
-        "update_body_bytes": {
-            "mean": per_round_updates,
-            "min": min(sizes) if sizes else None,
-            "max": max(sizes) if sizes else None,
-            "total": sum(sizes),
-        },
-        "metrics_body_bytes_mean": per_round_metrics,
-        "upload_bytes_per_client_per_round": (per_round_updates or 0.0) + per_round_metrics,
-        "dense_update_bytes": 4 * architectures.build_spec(model).num_params,
-        "agent_memory_kib": memory,
-        "agent_peak_rss_mib": {
-            "mean": statistics.fmean(hwm_mib) if hwm_mib else None,
-            "max": max(hwm_mib) if hwm_mib else None,
-            "min": min(hwm_mib) if hwm_mib else None,
-        },
-        "round_time_breakdown": {
-            **record["timeline"],
-            "last_upload_to_round_closed_s": summary_stats(
-                [seconds_between(last_upload, closed) for closed, last_upload in closing]
-            ),
-        },
-        "curve": record["curve"],
-        "final_accuracy_hook": next(
-            (p["accuracy"] for p in reversed(record["curve"]) if p["accuracy"] is not None),
-            None,
-        ),
-        "final_accuracy_local_eval": local_eval["accuracy"],
-        "final_version": last,
     }
 
 
-def _targets(run: dict[str, Any]) -> dict[str, Any]:
-    spr = run["seconds_per_round"]
-    up = run["upload_bytes_per_client_per_round"]
-    mem = run["agent_peak_rss_mib"]["max"]
-    acc = run["final_accuracy_local_eval"]
-    speed = FLOWER["seconds_per_round"] / spr if spr else None
-    reduction = FLOWER["upload_bytes_per_client_per_round"] / up if up else None
-    fraction = mem / FLOWER["memory_mib_per_client"] if mem else None
+def _read_traffic(path: Path) -> dict[str, int]:
+    try:
+        data: dict[str, int] = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+    return data
+
+
+def _bodies(traffic: Sequence[dict[str, int]]) -> dict[str, Any]:
+    """Update and model body bytes the agents' clients counted (per client, whole run)."""
+
+    def total(key: str) -> int:
+        return sum(int(t.get(key, 0)) for t in traffic)
+
+    uploads, downloads = total("uploads"), total("downloads")
     return {
-        "round_speedup": {
-            "value": speed,
-            "target": TARGETS["round_speedup"],
-            "met": bool(speed and speed >= TARGETS["round_speedup"]),
-        },
-        "upload_reduction": {
-            "value": reduction,
-            "target": TARGETS["upload_reduction"],
-            "met": bool(reduction and reduction >= TARGETS["upload_reduction"]),
-        },
-        "upload_reduction_update_body_only": {
-            "value": FLOWER["upload_bytes_per_client_per_round"] / run["update_body_bytes"]["mean"]
-            if run["update_body_bytes"]["mean"]
-            else None,
-            "note": "information only: without the metrics report body",
-        },
-        "memory_fraction_of_flower": {
-            "value": fraction,
-            "target_at_most": TARGETS["memory_fraction"],
-            "met": bool(fraction is not None and fraction <= TARGETS["memory_fraction"]),
-        },
-        "accuracy": {
-            "value": acc,
-            "target_at_least": TARGETS["accuracy"],
-            "met": bool(acc is not None and acc >= TARGETS["accuracy"]),
-        },
+        "agents_reporting": sum(1 for t in traffic if t),
+        "update_bytes_per_upload": total("upload_bytes") / uploads if uploads else None,
+        "model_bytes_per_download": total("model_bytes") / downloads if downloads else None,
+        "uploads": uploads,
+        "downloads": downloads,
+        "not_modified": total("not_modified"),
+        "update_bytes_per_client": total("upload_bytes") / CLIENTS,
+        "model_bytes_per_client": total("model_bytes") / CLIENTS,
     }
+
+
+def analyse(
+    record: dict[str, Any], sampler: Sampler, *, launched: float, target: float | None
+) -> dict[str, Any]:
+    """Per-round socket bytes, accuracy and round times of one fedge run."""
+    started = parse_time(record["task"]["started_at"])
+    assert started is not None
+    up0, down0 = sampler.at_or_before(started)
+    upl, downl = sampler.at_or_before(launched)
+    curve = []
+    for point in record["curve"]:
+        v = int(point["version"])
+        t = started + float(point["t_s"]) if v > 0 else started
+        up, down = sampler.at_or_after(t) if v > 0 else (up0, down0)
+        curve.append(
+            {
+                "round": v,
+                "t_s": t - started,
+                "accuracy": point["accuracy"],
+                "up_bytes_per_client": (up - up0) / CLIENTS,
+                "down_bytes_per_client": (down - down0) / CLIENTS,
+                "startup_bytes_per_client": (up0 - upl + down0 - downl) / CLIENTS,
+            }
+        )
+    last = curve[-1]
+    rounds = last["round"]
+    reach = None
+    if target is not None:
+        reach = next(
+            (p for p in curve if p["accuracy"] is not None and p["accuracy"] >= target - 1e-9),
+            None,
+        )
+    startup = (up0 - upl + down0 - downl) / CLIENTS
+    return {
+        "rounds": rounds,
+        "final_accuracy": last["accuracy"],
+        "best_accuracy": max((p["accuracy"] or 0.0) for p in curve),
+        "curve": curve,
+        "seconds_per_round": last["t_s"] / rounds if rounds else None,
+        "up_bytes_per_client_per_round": last["up_bytes_per_client"] / rounds if rounds else None,
+        "down_bytes_per_client_per_round": last["down_bytes_per_client"] / rounds
+        if rounds
+        else None,
+        "startup_bytes_per_client": startup,
+        "target_accuracy": target,
+        "rounds_to_target": reach["round"] if reach else None,
+        "bytes_per_client_to_target": startup
+        + reach["up_bytes_per_client"]
+        + reach["down_bytes_per_client"]
+        if reach
+        else None,
+        "bytes_per_client_to_target_from_task_start": reach["up_bytes_per_client"]
+        + reach["down_bytes_per_client"]
+        if reach
+        else None,
+    }
+
+
+# ----------------------------------------------------------------------------- summary
+
+
+def summarize_policy(runs: list[dict[str, Any]], flower: dict[str, Any] | None) -> dict[str, Any]:
+    ok = [r for r in runs if "unsupported" not in r]
+    if not ok:
+        return {"supported": False, "reason": runs[0]["unsupported"] if runs else None}
+    reached = [r for r in ok if r["bytes_per_client_to_target"] is not None]
+    out: dict[str, Any] = {
+        "supported": True,
+        "seeds": [r["seed"] for r in ok],
+        "reached_target": f"{len(reached)}/{len(ok)}",
+        "bytes_per_client_to_target": Spread(
+            [r["bytes_per_client_to_target"] for r in reached]
+        ).to_dict(),
+        "rounds_to_target": Spread([float(r["rounds_to_target"]) for r in reached]).to_dict(),
+        "up_bytes_per_client_per_round": Spread(
+            [r["up_bytes_per_client_per_round"] for r in ok]
+        ).to_dict(),
+        "down_bytes_per_client_per_round": Spread(
+            [r["down_bytes_per_client_per_round"] for r in ok]
+        ).to_dict(),
+        "seconds_per_round": Spread([r["seconds_per_round"] for r in ok]).to_dict(),
+        "final_accuracy": Spread([r["final_accuracy"] for r in ok]).to_dict(),
+        "update_bytes_per_upload": Spread(
+            [r["bodies"]["update_bytes_per_upload"] for r in ok]
+        ).to_dict(),
+        "model_bytes_per_download": Spread(
+            [r["bodies"]["model_bytes_per_download"] for r in ok]
+        ).to_dict(),
+        "startup_bytes_per_client": Spread([r["startup_bytes_per_client"] for r in ok]).to_dict(),
+        "rounds_run": ok[0]["rounds"],
+    }
+    if flower and flower.get("bytes_per_client_to_final_accuracy"):
+        fb = flower["bytes_per_client_to_final_accuracy"]
+        all_reached = len(reached) == len(ok)
+        b = out["bytes_per_client_to_target"]
+        out["ratio_vs_flower"] = {
+            "mean": fb["mean"] / b["mean"] if all_reached and b["mean"] else None,
+            "worst": fb["min"] / b["max"] if all_reached and b["max"] else None,
+            "best": fb["max"] / b["min"] if all_reached and b["min"] else None,
+            "note": "Flower socket bytes per client to its final accuracy / fedge's to the "
+            "same accuracy; worst = Flower's smallest repeat / fedge's largest seed",
+        }
+    return out
+
+
+def summarize_flower(runs: list[dict[str, Any]]) -> dict[str, Any] | None:
+    if not runs:
+        return None
+    return {
+        "repeats": len(runs),
+        "final_accuracy": Spread([r["final_accuracy"] for r in runs]).to_dict(),
+        "rounds_to_final_accuracy": Spread(
+            [float(r["rounds_to_final_accuracy"]) for r in runs]
+        ).to_dict(),
+        "bytes_per_client_to_final_accuracy": Spread(
+            [r["bytes_per_client_to_final_accuracy"] for r in runs]
+        ).to_dict(),
+        "up_bytes_per_client_per_round": Spread(
+            [r["up_bytes_per_client_per_round"] for r in runs]
+        ).to_dict(),
+        "down_bytes_per_client_per_round": Spread(
+            [r["down_bytes_per_client_per_round"] for r in runs]
+        ).to_dict(),
+        "seconds_per_round": Spread([r["seconds_per_round"] for r in runs]).to_dict(),
+    }
+
+
+def headline(configs: dict[str, Any]) -> dict[str, Any]:
+    """The least flattering ratio of the best communication-efficient policy.
+
+    For every compressed policy that reached Flower's final accuracy with every seed in every
+    configuration: its worst ratio over the configurations (Flower's smallest repeat against
+    fedge's largest seed); the headline is the policy whose worst ratio is the largest."""
+    candidates: dict[str, list[tuple[str, dict[str, Any]]]] = {}
+    for key, cfg in configs.items():
+        for name, s in cfg["fedge"].items():
+            if name == "dense" or not s.get("supported"):
+                continue
+            candidates.setdefault(name, []).append((key, s))
+    best: dict[str, Any] | None = None
+    n_configs = len(configs)
+    for name, items in candidates.items():
+        ratios = [(k, s.get("ratio_vs_flower") or {}) for k, s in items]
+        if len(items) < n_configs or any(r.get("worst") is None for _, r in ratios):
+            continue
+        key, worst = min(ratios, key=lambda kr: kr[1]["worst"])
+        if best is None or worst["worst"] > best["ratio_worst"]:
+            best = {
+                "policy": name,
+                "configuration": key,
+                "ratio_worst": worst["worst"],
+                "ratio_mean": worst["mean"],
+                "fedge_bytes_per_client_to_target": configs[key]["fedge"][name][
+                    "bytes_per_client_to_target"
+                ],
+                "flower_bytes_per_client_to_final_accuracy": configs[key]["flower"][
+                    "bytes_per_client_to_final_accuracy"
+                ],
+                "target_accuracy": configs[key]["target_accuracy"],
+                "rounds_to_target": configs[key]["fedge"][name]["rounds_to_target"],
+                "flower_rounds": configs[key]["flower"]["rounds_to_final_accuracy"],
+            }
+    if best is None:
+        return {
+            "policy": None,
+            "note": "no compressed policy reached Flower's accuracy "
+            "with every seed in every configuration (or Flower did not run)",
+        }
+    best["target"] = TARGET_RATIO
+    best["goal"] = GOAL_RATIO
+    best["met"] = best["ratio_worst"] >= TARGET_RATIO
+    best["goal_met"] = best["ratio_worst"] >= GOAL_RATIO
+    best["differences"] = DIFFERENCES
+    return best
+
+
+DIFFERENCES = [
+    "Flower runs without TLS (--insecure, as in the harness); fedge runs HTTPS with its "
+    "private CA, handshakes and TLS records counted",
+    "fedge may run more rounds than Flower's 10 (up to --max-rounds) and is measured at the "
+    "first round reaching Flower's final accuracy; Flower at the first round reaching its own",
+    "fedge's window starts at the agents' launch (connection set-up included); Flower's at "
+    "round 0, after its supernodes registered (registration excluded on both sides: "
+    "enrollment for fedge)",
+    "local shuffles differ: Flower seeds them 1000*round+partition, fedge from each device's "
+    "seed; FedAvg weighting by examples on both sides; fedge's compressed policies send "
+    "top-k quantized deltas with error feedback, Flower float32 arrays",
+    "fedge's agents train on all their shard (--eval-fraction 0), as Flower's clients do; "
+    "neither side evaluates on the clients",
+]
+
+
+# ----------------------------------------------------------------------------- output
 
 
 def plot(result: dict[str, Any], path: Path) -> None:
@@ -398,132 +627,238 @@ def plot(result: dict[str, Any], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    runs = result["runs"]
-    fig, axes = plt.subplots(1, 4, figsize=(15, 4))
-    labels = ["Flower 1.42", *[r["policy"] for r in runs]]
-    colors = ["C7", *[f"C{i}" for i in range(len(runs))]]
-    panels = [
-        ("seconds per round", FLOWER["seconds_per_round"], "seconds_per_round", True),
-        (
-            "upload bytes per client per round",
-            FLOWER["upload_bytes_per_client_per_round"],
-            "upload_bytes_per_client_per_round",
-            True,
-        ),
-        ("peak memory per client (MiB)", FLOWER["memory_mib_per_client"], None, False),
-        ("test accuracy", FLOWER["test_accuracy"], "final_accuracy_local_eval", False),
-    ]
-    for ax, (title, flower, key, log) in zip(axes, panels, strict=True):
-        if key is None:
-            values = [flower, *[r["agent_peak_rss_mib"]["max"] or 0.0 for r in runs]]
-        else:
-            values = [flower, *[r[key] or 0.0 for r in runs]]
-        ax.bar(range(len(values)), values, color=colors)
-        ax.set_xticks(range(len(values)), labels, rotation=25, ha="right", fontsize=8)
-        ax.set_title(title, fontsize=10)
-        if log:
-            ax.set_yscale("log")
-        for i, v in enumerate(values):
-            ax.annotate(
-                f"{v:.3g}",
-                (i, v),
-                ha="center",
-                va="bottom",
-                fontsize=7,
-                xytext=(0, 2),
-                textcoords="offset points",
+    configs = result["configurations"]
+    fig, axes = plt.subplots(1, len(configs) + 1, figsize=(5.2 * (len(configs) + 1), 4.2))
+    axes = np.atleast_1d(axes)
+    names = list(POLICIES)
+    for ax, (key, cfg) in zip(axes, configs.items(), strict=False):
+        for run in cfg.get("flower_runs", [])[:1]:
+            xs = [p["up_bytes_per_client"] + p["down_bytes_per_client"] for p in run["curve"]]
+            ax.plot(
+                np.maximum(xs, 1),
+                [p["accuracy"] for p in run["curve"]],
+                "k-o",
+                ms=3,
+                label="Flower 1.42",
             )
-    axes[3].set_ylim(0, 1.05)
-    central = result["centralized"]["same_epochs_accuracy"]
-    axes[3].axhline(central, color="grey", ls=":", lw=1, label=f"centralized {central:.3f}")
-    axes[3].legend(fontsize=7, loc="lower right")
-    fig.suptitle("fedge vs Flower 1.42: digits, Dirichlet 0.5, 10 clients, MLP, FedAvg, 10 rounds")
+        for i, name in enumerate(names):
+            runs = [r for r in cfg["fedge_runs"] if r["policy"] == name and "curve" in r]
+            for j, run in enumerate(runs):
+                xs = [
+                    p["startup_bytes_per_client"]
+                    + p["up_bytes_per_client"]
+                    + p["down_bytes_per_client"]
+                    for p in run["curve"]
+                ]
+                ax.plot(
+                    np.maximum(xs, 1),
+                    [p["accuracy"] or 0 for p in run["curve"]],
+                    color=f"C{i}",
+                    lw=1,
+                    alpha=0.8,
+                    label=f"fedge {name}" if j == 0 else None,
+                )
+        if cfg.get("target_accuracy"):
+            ax.axhline(cfg["target_accuracy"], color="grey", ls=":", lw=1)
+        ax.set_xscale("log")
+        ax.set_ylim(0, 1.0)
+        ax.set_xlabel("socket bytes per client (both directions, cumulative)")
+        ax.set_ylabel("test accuracy")
+        ax.set_title(f"{key}", fontsize=10)
+        ax.legend(fontsize=7, loc="lower right")
+    ax = axes[-1]
+    labels, values, errs, colors = [], [], [], []
+    for key, cfg in configs.items():
+        fl = cfg.get("flower")
+        if fl:
+            b = fl["bytes_per_client_to_final_accuracy"]
+            labels.append(f"Flower {key}")
+            values.append(b["mean"])
+            errs.append((b["mean"] - b["min"], b["max"] - b["mean"]))
+            colors.append("k")
+        for i, name in enumerate(names):
+            s = cfg["fedge"].get(name)
+            if not s or not s.get("supported") or s["bytes_per_client_to_target"]["mean"] is None:
+                continue
+            b = s["bytes_per_client_to_target"]
+            labels.append(f"{name} {key}")
+            values.append(b["mean"])
+            errs.append((b["mean"] - b["min"], b["max"] - b["mean"]))
+            colors.append(f"C{i}")
+    if values:
+        ax.bar(range(len(values)), values, color=colors, yerr=np.array(errs).T, capsize=2)
+        ax.set_xticks(range(len(values)), labels, rotation=60, ha="right", fontsize=7)
+        ax.set_yscale("log")
+    ax.set_title("bytes per client to reach Flower's final accuracy", fontsize=10)
+    fig.suptitle(
+        "fedge vs Flower 1.42, both run here: digits, Dirichlet 0.5, 10 clients, "
+        "MLP 64-128-10, FedAvg; bytes counted on the socket",
+        fontsize=10,
+    )
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
 
 
+def _fmt(d: dict[str, Any] | None, spec: str = ",.0f") -> str:
+    if not d or d.get("mean") is None:
+        return "-"
+    if d["min"] == d["max"]:
+        return format(d["mean"], spec)
+    return f"{d['mean']:{spec}} ({d['min']:{spec}}-{d['max']:{spec}})"
+
+
 def print_summary(result: dict[str, Any]) -> None:
-    print("\nfedge in Flower's setting (10 clients, 10 rounds)")
-    print(
-        f"{'run':<18} {'s/round':>8} {'upload B':>9} {'peak MiB':>9} {'accuracy':>9} "
-        f"{'speedup':>8} {'reduct.':>8} {'mem frac':>8}"
-    )
-    f = FLOWER
-    print(
-        f"{'Flower 1.42':<18} {f['seconds_per_round']:>8.2f} "
-        f"{f['upload_bytes_per_client_per_round']:>9.0f} {f['memory_mib_per_client']:>9.0f} "
-        f"{f['test_accuracy']:>9.3f}"
-    )
-    for r in result["runs"]:
-        t = r["targets"]
+    for key, cfg in result["configurations"].items():
+        print(f"\n{key}: target accuracy {cfg.get('target_accuracy')}")
         print(
-            f"{r['policy']:<18} {r['seconds_per_round']:>8.3f} "
-            f"{r['upload_bytes_per_client_per_round']:>9.0f} "
-            f"{r['agent_peak_rss_mib']['max']:>9.1f} {r['final_accuracy_local_eval']:>9.3f} "
-            f"{t['round_speedup']['value']:>7.1f}x {t['upload_reduction']['value']:>7.1f}x "
-            f"{t['memory_fraction_of_flower']['value']:>8.3f}"
+            f"{'system':<24} {'B/client to target':>30} {'rounds':>10} {'up B/rnd':>10} "
+            f"{'down B/rnd':>10} {'s/round':>8} {'final acc':>9} {'ratio':>8}"
         )
-    c = result["centralized"]
-    print(
-        f"centralized (same model, product trainer): {c['same_epochs_accuracy']:.3f} after "
-        f"{c['same_epochs']} epochs, {c['long_accuracy']:.3f} after {c['long_epochs']} epochs"
-    )
-    for name, t in result["summary"]["targets_headline"].items():
-        if "met" in t:
-            print(f"target {name}: {'met' if t['met'] else 'NOT met'} ({t['value']})")
+        fl = cfg.get("flower")
+        if fl:
+            print(
+                f"{'Flower 1.42':<24} {_fmt(fl['bytes_per_client_to_final_accuracy']):>30} "
+                f"{_fmt(fl['rounds_to_final_accuracy'], '.0f'):>10} "
+                f"{_fmt(fl['up_bytes_per_client_per_round']):>10} "
+                f"{_fmt(fl['down_bytes_per_client_per_round']):>10} "
+                f"{_fmt(fl['seconds_per_round'], '.2f'):>8} "
+                f"{_fmt(fl['final_accuracy'], '.4f'):>9}"
+            )
+        elif cfg.get("flower_not_run"):
+            print(f"Flower not run: {cfg['flower_not_run']}")
+        for name, s in cfg["fedge"].items():
+            if not s.get("supported"):
+                print(f"fedge {name:<18} not supported here: {s.get('reason')}")
+                continue
+            ratio = (s.get("ratio_vs_flower") or {}).get("worst")
+            print(
+                f"fedge {name:<18} {_fmt(s['bytes_per_client_to_target']):>30} "
+                f"{_fmt(s['rounds_to_target'], '.1f'):>10} "
+                f"{_fmt(s['up_bytes_per_client_per_round']):>10} "
+                f"{_fmt(s['down_bytes_per_client_per_round']):>10} "
+                f"{_fmt(s['seconds_per_round'], '.2f'):>8} "
+                f"{_fmt(s['final_accuracy'], '.4f'):>9} "
+                f"{'-' if ratio is None else f'{ratio:.1f}x':>8}"
+            )
+    h = result["summary"]["headline"]
+    if h.get("policy"):
+        print(
+            f"\nheadline: {h['policy']} ({h['configuration']}): Flower/fedge socket bytes per "
+            f"client to Flower's final accuracy {h['ratio_worst']:.1f}x worst case "
+            f"({h['ratio_mean']:.1f}x on means); target {TARGET_RATIO:.0f}x "
+            f"{'met' if h['met'] else 'NOT met'}, goal {GOAL_RATIO:.0f}x "
+            f"{'met' if h['goal_met'] else 'not met'}"
+        )
+    else:
+        print(f"\nheadline: {h['note']}")
+
+
+# ----------------------------------------------------------------------------- main
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     out = args.output or RESULTS_DIR / (f"{NAME}.quick.json" if args.quick else f"{NAME}.json")
-    png = RESULTS_DIR / (f"{NAME}.quick.png" if args.quick else f"{NAME}.png")
-    if args.output:
-        png = out.with_suffix(".png")
+    png = out.with_suffix(".png")
     if args.plot_only:
         stored = json.loads(out.read_text())
         plot(stored, png)
         print_summary(stored)
         return 0
     configure_logging(args.verbose)
-    training = dict(TRAINING)
-    for key, value in (("epochs", args.epochs), ("lr", args.lr), ("batch_size", args.batch_size)):
-        if value is not None:
-            training[key] = value
-    policies = args.policies or (["top1pct-4bit-ef", "dense"] if args.quick else list(POLICIES))
+    seeds = args.seeds if args.seeds is not None else ([0] if args.quick else [0, 1, 2])
+    epoch_list = args.epochs or ([1] if args.quick else [1, 5])
+    max_rounds = args.max_rounds or (12 if args.quick else 40)
+    policies = args.policies or (QUICK_POLICIES if args.quick else list(POLICIES))
+    repeats = args.flower_repeats or (1 if args.quick else 3)
+    want_flower = not args.no_flower and (args.with_flower or not args.quick)
     started = time.monotonic()
-    rng = np.random.default_rng(args.seed)
-    dataset = load_dataset("digits", test_fraction=0.2, rng=rng)
-    parts = dirichlet_partition(dataset.y_train, CLIENTS, 0.5, rng)
-    shards = [(dataset.X_train[p], dataset.y_train[p]) for p in parts]
-    runs = []
+
+    setting = load_setting(args.flower_harness)
+    flower_env: dict[str, Any] | None = None
+    flower_reason: str | None = None
+    if not want_flower:
+        flower_reason = "not requested" + (" (--quick without --with-flower)" if args.quick else "")
+    venv = args.flower_venv or default_venv()
     with tempfile.TemporaryDirectory(prefix="fedge-flower-") as tmp:
-        for name in policies:
-            print(f"[{time.monotonic() - started:6.1f}s] {name} ...", file=sys.stderr)
-            run = run_policy(
-                name,
-                seed=args.seed,
-                work=Path(tmp),
-                dataset=dataset,
-                shards=shards,
-                training=training,
-            )
-            run["targets"] = _targets(run)
-            runs.append(run)
-    model = {**MODEL, "seed": args.seed}
-    epochs = ROUNDS * int(training["epochs"])
-    long_rounds = ROUNDS * (3 if args.quick else 5)
-    central = centralized_baseline(
-        model,
-        training,
-        X_train=dataset.X_train,
-        y_train=dataset.y_train,
-        X_test=dataset.X_test,
-        y_test=dataset.y_test,
-        rounds=long_rounds,
-        seed=args.seed,
-    )
-    same = central[ROUNDS]["accuracy"]
+        work = args.work or Path(tmp)
+        work.mkdir(parents=True, exist_ok=True)
+        app = None
+        if want_flower:
+            try:
+                app = harness_app(args.flower_harness)
+                flower_env = ensure_venv(venv, log=progress)
+                prepare_data(venv, app, work / "flower-data")
+                progress(f"Flower {flower_env['versions'].get('flwr')} in {venv}")
+            except FlowerUnavailable as exc:
+                flower_reason = f"Flower could not run: {exc}"
+                progress(flower_reason)
+        configurations: dict[str, Any] = {}
+        for epochs in epoch_list:
+            key = f"{epochs} local epoch" + ("s" if epochs > 1 else "")
+            cfg: dict[str, Any] = {"epochs": epochs, "flower_runs": [], "fedge_runs": []}
+            if flower_reason is None and app is not None:
+                for k in range(repeats):
+                    progress(f"Flower, {key}, repeat {k + 1}/{repeats} ...")
+                    try:
+                        run = run_flower(
+                            venv=venv,
+                            app=app,
+                            homes=work / "flower-homes",
+                            data_dir=work / "flower-data",
+                            clients=CLIENTS,
+                            rounds=args.flower_rounds,
+                            epochs=epochs,
+                            tag=f"e{epochs}-r{k}",
+                            timeout_s=180.0 + 60.0 * args.flower_rounds,
+                        )
+                    except FlowerUnavailable as exc:
+                        cfg["flower_not_run"] = str(exc)
+                        progress(f"Flower failed: {exc}")
+                        break
+                    cfg["flower_runs"].append(run)
+                    progress(
+                        f"  Flower: final accuracy {run['final_accuracy']:.4f}, "
+                        f"{run['bytes_per_client_to_final_accuracy']:,.0f} B/client, "
+                        f"{run['seconds_per_round']:.1f} s/round"
+                    )
+            else:
+                cfg["flower_not_run"] = flower_reason
+            cfg["flower"] = summarize_flower(cfg["flower_runs"])
+            target = max((r["final_accuracy"] for r in cfg["flower_runs"]), default=None)
+            cfg["target_accuracy"] = target
+            for name in policies:
+                for seed in seeds:
+                    progress(f"fedge {name}, {key}, seed {seed} ...")
+                    run = run_fedge(
+                        name,
+                        seed=seed,
+                        epochs=epochs,
+                        max_rounds=max_rounds,
+                        work=work,
+                        setting=setting,
+                        target=target,
+                        extra=args.compression_extra,
+                    )
+                    cfg["fedge_runs"].append(run)
+                    if "unsupported" in run:
+                        progress(f"  not supported on this commit: {run['unsupported']}")
+                        break
+                    progress(
+                        f"  final accuracy {run['final_accuracy']}, rounds to target "
+                        f"{run['rounds_to_target']}, B/client to target "
+                        f"{run['bytes_per_client_to_target']}, "
+                        f"{run['up_bytes_per_client_per_round']:,.0f} up / "
+                        f"{run['down_bytes_per_client_per_round']:,.0f} down B/client/round"
+                    )
+            cfg["fedge"] = {
+                name: summarize_policy(
+                    [r for r in cfg["fedge_runs"] if r["policy"] == name], cfg["flower"]
+                )
+                for name in policies
+            }
+            configurations[key] = cfg
     result: dict[str, Any] = {
         "benchmark": NAME,
         "command": " ".join([Path(sys.executable).name, *sys.argv]),
@@ -533,46 +868,33 @@ def main(argv: list[str] | None = None) -> int:
         "runtime_s": time.monotonic() - started,
         "parameters": {
             "quick": args.quick,
-            "seed": args.seed,
-            "dataset": (
-                "digits (sklearn), 20% stratified test split (fedge.edge_agent.sim.datasets)"
-            ),
-            "partition": "Dirichlet alpha=0.5 over 10 clients",
-            "shard_sizes": [len(p) for p in parts],
+            "seeds": seeds,
+            "epochs": epoch_list,
+            "max_rounds": max_rounds,
+            "flower_rounds": args.flower_rounds,
+            "flower_repeats": repeats,
+            "clients": CLIENTS,
+            "data": setting["source"],
+            "shard_sizes": [len(y) for _, y in setting["shards"]],
+            "test_size": len(setting["test"][1]),
             "model": MODEL,
-            "training": training,
-            "rounds": ROUNDS,
-            "clients_per_round": CLIENTS,
-            "agents": (
-                "10 separate `python -m fedge.shared.cli agent run` processes, --eval-fraction 0"
-            ),
-            "policies": {n: POLICIES[n] for n in policies},
-            "flower": FLOWER,
-            "targets": TARGETS,
+            "initial_weights": "Flower's init_params() (He-normal, seed 0) as fedge's version 0",
+            "training": {"batch_size": BATCH, "lr": LR},
+            "policies": {n: compression_body(n, args.compression_extra) for n in policies},
+            "compression_extra": args.compression_extra,
+            "agents": "10 separate `fedge agent run` processes (bench/_flower_agent.py), "
+            "--eval-fraction 0, --poll-wait 30, through a CountingRelay",
+            "flower": flower_env,
+            "flower_not_run": flower_reason,
+            "counting": "relay cumulative bytes both directions at each round's model "
+            "evaluation time, per client (/10); Flower: countproxy.py samples every 0.5 s, "
+            "window round 0 .. round r rounded inwards; fedge: CountingRelay sampled every "
+            "10 ms, window agents' launch .. round r rounded outwards",
+            "differences": DIFFERENCES,
         },
-        "centralized": {
-            "same_epochs": epochs,
-            "same_epochs_accuracy": same,
-            "long_epochs": (len(central) - 1) * int(training["epochs"]),
-            "long_accuracy": central[-1]["accuracy"],
-            "history": central,
-        },
-        "runs": runs,
+        "configurations": configurations,
     }
-    headline = next((r for r in runs if r["policy"] == HEADLINE), runs[0])
-    result["summary"] = {
-        "headline_policy": headline["policy"],
-        "seconds_per_round": headline["seconds_per_round"],
-        "upload_bytes_per_client_per_round": headline["upload_bytes_per_client_per_round"],
-        "agent_peak_rss_mib_max": headline["agent_peak_rss_mib"]["max"],
-        "test_accuracy": headline["final_accuracy_local_eval"],
-        "centralized_accuracy_same_epochs": same,
-        "targets_headline": headline["targets"],
-        "targets_per_policy": {r["policy"]: r["targets"] for r in runs},
-        "all_targets_met_by": [
-            r["policy"] for r in runs if all(t.get("met", True) for t in r["targets"].values())
-        ],
-    }
+    result["summary"] = {"headline": headline(configurations)}
     write_json(out, result)
     plot(result, png)
     print_summary(result)
