@@ -18,6 +18,7 @@ says why, and the benchmark records Flower as not run.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -225,6 +226,8 @@ def run_flower(
                 f"the Flower run {tag} took longer than {timeout_s:.0f} s (stopped); "
                 f"see {outd}/node*.log"
             ) from exc
+        finally:
+            _sweep(proc.pid)
     results = outd / "results.json"
     if not results.exists():
         tail = "\n".join((outd / "launcher.log").read_text(errors="replace").splitlines()[-10:])
@@ -290,6 +293,38 @@ def _abort(proc: subprocess.Popen[bytes]) -> None:
             return
         except subprocess.TimeoutExpired:
             continue
+
+
+def _group_members(pgid: int) -> list[int]:
+    members = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_text()
+        except OSError:
+            continue
+        fields = stat.rsplit(")", 1)[-1].split()
+        if len(fields) > 2 and int(fields[2]) == pgid and fields[0] != "Z":
+            members.append(int(entry.name))
+    return members
+
+
+def _sweep(pgid: int) -> None:
+    """End what is left of a finished launcher's process group: ``flwr-clientapp`` processes
+    whose supernode or superexec ended before them (they outlive their parents). The group
+    was made for the launcher (``start_new_session``), so it holds only processes this run
+    started; they are signalled one by one, by process id."""
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        members = _group_members(pgid)
+        if not members:
+            return
+        for pid in members:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, sig)
+        deadline = time.monotonic() + 10
+        while _group_members(pgid) and time.monotonic() < deadline:
+            time.sleep(0.2)
 
 
 def _read_wall(path: Path) -> float | None:
