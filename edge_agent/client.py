@@ -24,6 +24,8 @@ from fedge.shared import signing
 
 API = "/api/v1"
 MAX_WAIT_S = 60
+#: The parts of a work answer the coordinator leaves out once the device holds them.
+TASK_CONFIG_KEYS = ("compression", "training", "model", "spec")
 
 
 @dataclass(frozen=True)
@@ -88,6 +90,8 @@ class Traffic:
     not_modified: int = 0
     #: Of ``downloads``: answers that were delta chains (their bytes are in ``model_bytes``).
     delta_downloads: int = 0
+    #: Work answers that left out the task configuration this client already held.
+    known_configs: int = 0
 
 
 class CoordinatorClient:
@@ -108,6 +112,9 @@ class CoordinatorClient:
     ) -> None:
         self.identity = identity
         self.traffic = Traffic()
+        # Task configurations by config_digest (what a work answer leaves out once known).
+        self._configs: dict[str, dict[str, Any]] = {}
+        self._known: str | None = None
         self._traffic_lock = threading.Lock()
         self._session = Session(
             base_url,
@@ -188,12 +195,33 @@ class CoordinatorClient:
         params: dict[str, Any] = {"wait": wait_s}
         if current is not None:
             params["current"] = current
+        elif self._known is not None:
+            params["known"] = self._known
         response = self._signed(
             "GET", f"{API}/device/work", params=params, timeout=wait_s + self._timeout
         )
         if response.status_code == 204 or not response.content:
             return None
-        return Work.from_json(response.json())
+        return Work.from_json(self._with_config(response.json()))
+
+    def _with_config(self, body: Any) -> Any:
+        """Fill in a work answer's task configuration from the one held under its digest, or
+        remember the configuration it carries."""
+        digest = body.get("config_digest") if isinstance(body, dict) else None
+        if not isinstance(digest, str) or body.get("status") == "cancelled":
+            return body
+        config = {k: body[k] for k in TASK_CONFIG_KEYS if k in body}
+        if len(config) == len(TASK_CONFIG_KEYS):
+            with self._traffic_lock:
+                self._configs = {digest: config}  # one task at a time is what devices run
+                self._known = digest
+            return body
+        held = self._configs.get(digest)
+        if held is None:
+            raise AgentError("bad_response", "work answer without a task configuration")
+        with self._traffic_lock:
+            self.traffic.known_configs += 1
+        return {**body, **held}
 
     def download_model(
         self, task_id: int, version: int, etag: str | None = None, *, have: int | None = None

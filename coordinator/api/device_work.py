@@ -27,6 +27,7 @@ from fedge.coordinator.db import session_scope
 from fedge.coordinator.engine.longpoll import long_poll
 from fedge.coordinator.engine.reports import record_metrics
 from fedge.coordinator.engine.updates import accept_upload, check_idempotency_key
+from fedge.coordinator.engine.work import without_known_config
 from fedge.coordinator.errors import Unprocessable, error_responses
 from fedge.coordinator.runtime import Runtime
 from fedge.coordinator.schemas.device_work import (
@@ -46,6 +47,7 @@ AssignmentId = Annotated[int, Path(ge=1, le=MAX_ID, description="Assignment id")
 @router.get(
     "/work",
     response_model=WorkAssignment | WorkCancelled,
+    response_model_exclude_none=True,
     summary="Long-poll for work, or for the cancellation of the current assignment",
     responses={
         204: {"description": "Nothing within the wait"},
@@ -60,6 +62,14 @@ async def work(
     current: Annotated[
         int | None, Query(ge=1, le=MAX_ID, description="The assignment being worked on")
     ] = None,
+    known: Annotated[
+        str | None,
+        Query(
+            pattern="^[0-9a-f]{16}$",
+            description="The `config_digest` of the task configuration the device holds: an "
+            "answer for that configuration leaves it out",
+        ),
+    ] = None,
 ) -> Any:
     wait_s = min(wait, runtime.settings.long_poll_max_s)
     # A check without a wait holds nothing for long and needs no long-poll slot.
@@ -70,7 +80,7 @@ async def work(
         found = await long_poll(
             runtime, device.id, current, wait_s=wait_s, disconnected=request.is_disconnected
         )
-    return Response(status_code=204) if found is None else found
+    return Response(status_code=204) if found is None else without_known_config(found, known)
 
 
 @router.post(

@@ -17,6 +17,8 @@
 
 from __future__ import annotations
 
+import hashlib
+import json
 from collections.abc import Sequence
 from datetime import datetime
 from typing import Any, Literal
@@ -39,6 +41,26 @@ from fedge.coordinator.states import (
     TaskStatus,
 )
 
+#: The parts of a work answer a device can keep between assignments of one task.
+TASK_CONFIG_KEYS = ("compression", "training", "model", "spec")
+
+
+def config_digest(task: Task) -> str:
+    """A short digest of the task's :data:`TASK_CONFIG_KEYS` (what ``known`` refers to)."""
+    canonical = json.dumps(
+        [task.compression, task.training, task.model_config_, task.model_spec],
+        sort_keys=True,
+        separators=(",", ":"),
+    )
+    return hashlib.sha256(canonical.encode()).hexdigest()[:16]
+
+
+def without_known_config(payload: dict[str, Any], known: str | None) -> dict[str, Any]:
+    """``payload`` without the task configuration when the device already holds it."""
+    if known is None or payload.get("config_digest") != known:
+        return payload
+    return {k: v for k, v in payload.items() if k not in TASK_CONFIG_KEYS}
+
 
 def assignment_payload(a: Assignment, task: Task, *, mode: str) -> dict[str, Any]:
     """The JSON body describing one assignment (docs/protocol.md, "Work long-poll")."""
@@ -52,6 +74,7 @@ def assignment_payload(a: Assignment, task: Task, *, mode: str) -> dict[str, Any
         "deadline": a.lease_expires_at,
         "model_url": f"{DEVICE_PREFIX}/tasks/{task.id}/models/{a.base_version}",
         "upload_url": f"{DEVICE_PREFIX}/assignments/{a.id}/update",
+        "config_digest": config_digest(task),
         "compression": task.compression,
         "training": task.training,
         "model": task.model_config_,

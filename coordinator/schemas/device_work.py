@@ -20,13 +20,17 @@ class WorkAssignment(BaseModel):
     round_id: int
     mode: Literal["sync", "async"]
     base_version: int
-    deadline: datetime | None = Field(description="When the assignment's lease ends")
+    deadline: datetime | None = Field(default=None, description="When the assignment's lease ends")
     model_url: str
     upload_url: str
-    compression: dict[str, Any]
-    training: dict[str, Any]
-    model: dict[str, Any]
-    spec: list[dict[str, Any]]
+    config_digest: str = Field(
+        description="Digest of the task's compression, training, model and spec; a poll that "
+        "sends it back as `known` gets them left out while they stay the same"
+    )
+    compression: dict[str, Any] | None = None
+    training: dict[str, Any] | None = None
+    model: dict[str, Any] | None = None
+    spec: list[dict[str, Any]] | None = None
 
 
 class WorkCancelled(BaseModel):

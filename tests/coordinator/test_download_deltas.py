@@ -10,6 +10,7 @@ the middle. Each rebuilt model must equal the coordinator's stored broadcast mod
 from __future__ import annotations
 
 import hashlib
+import json
 import ssl
 from contextlib import ExitStack
 
@@ -186,3 +187,34 @@ def test_far_behind_or_without_its_chain_a_device_gets_the_full_model(
         assert row is not None and row.delta_digest is not None
         db.blobs.path(row.delta_digest).unlink()
         assert _download(device, coordinator.url, task_id, 4, 3) == full
+
+
+def test_a_work_answer_leaves_out_the_configuration_the_device_knows(
+    coordinator: Coordinator, db: Db
+) -> None:
+    with fleet_of(coordinator, 1) as fleet:
+        create_task(
+            coordinator,
+            aggregation={"clients_per_round": 1, "min_updates": 1, "round_deadline_s": 600},
+            compression={**EXACT, "download": DOWNLOAD},
+            model=MODEL,
+        )
+        device = fleet[0]
+        full = device.work(wait=5)
+        assert full is not None
+        digest = full["config_digest"]
+        assert {"compression", "training", "model", "spec"} <= full.keys()
+
+        r = device.get(f"{API}/device/work", params={"wait": 0, "known": digest})
+        assert r.status_code == 200, r.text
+        thin = r.json()
+        assert thin == {
+            k: v for k, v in full.items() if k not in ("compression", "training", "model", "spec")
+        }
+        assert len(r.content) * 2 < len(json.dumps(full))
+
+        other = "0" * 16 if digest != "0" * 16 else "1" * 16
+        r = device.get(f"{API}/device/work", params={"wait": 0, "known": other})
+        assert r.json() == full
+        r = device.get(f"{API}/device/work", params={"wait": 0, "known": "not-a-digest"})
+        assert r.status_code == 422 and r.json()["error"] == "validation_error"

@@ -60,6 +60,8 @@ def test_agents_rebuild_models_from_deltas_and_fall_back_on_damage(
     healthy = agents[0]
     # Versions 1..ROUNDS-1 came down as deltas for the healthy agent, never as full models.
     assert healthy.client.traffic.delta_downloads == ROUNDS - 1
+    # ... and every work answer after the first left out the task configuration it held.
+    assert healthy.client.traffic.known_configs == ROUNDS - 1
     assert healthy.stats.refused_deltas == 0
     # The damaged agent refused every damaged chain and fetched the full model instead.
     assert corrupting.damaged == ROUNDS - 1
