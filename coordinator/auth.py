@@ -2,8 +2,8 @@
 
 A device request passes when, in this order:
 
-1. the four ``X-Fedge-*`` headers are present and well formed (401 ``invalid_signature``);
-2. the device named by ``X-Fedge-Device`` exists (401 ``unknown_device``) and is not revoked
+1. the ``Authorization: Fedge ...`` header is present and well formed (401 ``invalid_signature``);
+2. the device it names exists (401 ``unknown_device``) and is not revoked
    (403 ``device_revoked``): a read-only lookup made before any byte of the body is read, so
    a client naming a device that is not enrolled cannot make the coordinator take in a body;
 3. the device has fewer than ``device_max_in_flight`` requests in flight (429

@@ -28,14 +28,15 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey,
 from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 
 SCHEME = "FEDGE-SIG-V1"
-HEADER_DEVICE = "X-Fedge-Device"
-HEADER_TIMESTAMP = "X-Fedge-Timestamp"
-HEADER_NONCE = "X-Fedge-Nonce"
-HEADER_SIGNATURE = "X-Fedge-Signature"
-SIGNED_HEADERS = (HEADER_DEVICE, HEADER_TIMESTAMP, HEADER_NONCE, HEADER_SIGNATURE)
+#: One header carries the whole authentication, about 180 bytes:
+#: ``Authorization: Fedge <device id>.<timestamp>.<nonce>.<signature>``.
+HEADER_AUTH = "Authorization"
+AUTH_SCHEME = "Fedge"
 
-_NONCE_RE = re.compile(r"^[0-9a-f]{32}$")
+#: 16 random bytes, base64url without padding.
+_NONCE_RE = re.compile(r"^[A-Za-z0-9_-]{22}$")
 _DEVICE_RE = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
+_SIGNATURE_RE = re.compile(r"^[A-Za-z0-9_-]{86}$")
 EMPTY_BODY_SHA256 = hashlib.sha256(b"").hexdigest()
 
 #: The field prime, the order of the base point and the curve constant d (RFC 8032 5.1).
@@ -132,7 +133,12 @@ def canonical_request(
 
 
 def new_nonce() -> str:
-    return secrets.token_hex(16)
+    """16 random bytes as base64url without padding (22 characters)."""
+    return _b64url(secrets.token_bytes(16))
+
+
+def _b64url(data: bytes) -> str:
+    return base64.urlsafe_b64encode(data).rstrip(b"=").decode("ascii")
 
 
 def sign_request(
@@ -158,13 +164,13 @@ def sign_request(
         nonce=nc,
         body_sha256=hashlib.sha256(body).hexdigest(),
     )
-    signature = base64.b64encode(key.sign(message)).decode("ascii")
-    return {
-        HEADER_DEVICE: device_id,
-        HEADER_TIMESTAMP: str(ts),
-        HEADER_NONCE: nc,
-        HEADER_SIGNATURE: signature,
-    }
+    return auth_header(device_id, ts, nc, key.sign(message))
+
+
+def auth_header(device_id: str, timestamp: int, nonce: str, signature: bytes) -> dict[str, str]:
+    """The authentication header of a signed request, from its parts."""
+    value = f"{AUTH_SCHEME} {device_id}.{timestamp}.{nonce}.{_b64url(signature)}"
+    return {HEADER_AUTH: value}
 
 
 @dataclass(frozen=True)
@@ -176,29 +182,34 @@ class SignedHeaders:
 
 
 def parse_signed_headers(headers: Mapping[str, str]) -> SignedHeaders:
-    """Check the presence and form of the four signing headers (not the signature itself)."""
+    """Check the presence and form of the authentication header (not the signature itself)."""
     lower = {k.lower(): v for k, v in headers.items()}
-    values = {}
-    for name in SIGNED_HEADERS:
-        value = lower.get(name.lower())
-        if not value:
-            raise SignatureError("invalid_signature", f"missing header {name}")
-        values[name] = value
-    device_id = values[HEADER_DEVICE]
+    value = lower.get(HEADER_AUTH.lower(), "")
+    scheme, _, credentials = value.partition(" ")
+    if scheme != AUTH_SCHEME or not credentials:
+        raise SignatureError(
+            "invalid_signature", f"missing {HEADER_AUTH}: {AUTH_SCHEME} <device>.<ts>.<nonce>.<sig>"
+        )
+    parts = credentials.split(".")
+    if len(parts) != 4:
+        raise SignatureError("invalid_signature", f"{HEADER_AUTH} must have four parts")
+    device_id, ts_text, nonce, signature_text = parts
     if not _DEVICE_RE.match(device_id):
-        raise SignatureError("invalid_signature", f"malformed {HEADER_DEVICE}")
-    ts_text = values[HEADER_TIMESTAMP]
+        raise SignatureError("invalid_signature", "malformed device id")
     if not ts_text.isascii() or not ts_text.isdigit() or len(ts_text) > 12:
-        raise SignatureError("invalid_signature", f"{HEADER_TIMESTAMP} must be Unix seconds")
-    nonce = values[HEADER_NONCE]
+        raise SignatureError("invalid_signature", "the timestamp must be Unix seconds")
     if not _NONCE_RE.match(nonce):
-        raise SignatureError("invalid_signature", f"{HEADER_NONCE} must be 32 lowercase hex")
+        raise SignatureError("invalid_signature", "the nonce must be 22 base64url characters")
+    if not _SIGNATURE_RE.match(signature_text):
+        raise SignatureError(
+            "invalid_signature", "an Ed25519 signature is 86 base64url characters (64 bytes)"
+        )
     try:
-        signature = base64.b64decode(values[HEADER_SIGNATURE], validate=True)
-    except (binascii.Error, ValueError):
-        raise SignatureError("invalid_signature", f"{HEADER_SIGNATURE} is not base64") from None
-    if len(signature) != 64:
-        raise SignatureError("invalid_signature", "an Ed25519 signature has 64 bytes")
+        signature = base64.urlsafe_b64decode(signature_text + "==")
+    except (binascii.Error, ValueError):  # pragma: no cover - the pattern admits only valid text
+        raise SignatureError("invalid_signature", "the signature is not base64url") from None
+    if len(signature) != 64 or _b64url(signature) != signature_text:
+        raise SignatureError("invalid_signature", "the signature is not canonical base64url")
     return SignedHeaders(device_id, int(ts_text), nonce, signature)
 
 

@@ -15,6 +15,7 @@ from fedge.coordinator.api.bodylimit import MAX_JSON_BODY
 from fedge.coordinator.app import create_app
 from fedge.coordinator.db import make_engine, make_sessionmaker, session_scope
 from fedge.coordinator.models import Device, EnrollmentToken, UsedNonce
+from fedge.shared import signing
 from tests.coordinator.conftest import Coordinator, make_key
 from tests.support.device import API, SignedDevice, make_token
 from tests.support.servers import serve_in_thread
@@ -266,12 +267,7 @@ def test_device_body_limit_is_413(limited):
 
         request = device.client.build_request("POST", path, content=chunks())
         request.headers.update(
-            {
-                "X-Fedge-Device": device.device_id,
-                "X-Fedge-Timestamp": str(int(time.time())),
-                "X-Fedge-Nonce": "0" * 32,
-                "X-Fedge-Signature": "A" * 86 + "==",
-            }
+            signing.auth_header(device.device_id, int(time.time()), "A" * 22, bytes(64))
         )
         assert "Content-Length" not in request.headers
         r = device.send(request)

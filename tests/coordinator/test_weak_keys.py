@@ -111,7 +111,7 @@ def _forged_headers(key: bytes, *, device_id: str, method: str, path: str, body:
     timestamp = int(time.time())
     r = IDENTITY
     for i in itertools.count():
-        nonce = f"{i:032x}"
+        nonce = f"{i:022x}"
         message = signing.canonical_request(
             method=method,
             path=path,
@@ -123,12 +123,7 @@ def _forged_headers(key: bytes, *, device_id: str, method: str, path: str, body:
         )
         k = int.from_bytes(hashlib.sha512(r + key + message).digest(), "little") % L
         if k % 8 == 0:
-            return {
-                signing.HEADER_DEVICE: device_id,
-                signing.HEADER_TIMESTAMP: str(timestamp),
-                signing.HEADER_NONCE: nonce,
-                signing.HEADER_SIGNATURE: _b64(r + bytes(32)),
-            }
+            return signing.auth_header(device_id, timestamp, nonce, r + bytes(32))
     raise AssertionError("unreachable")
 
 

@@ -108,7 +108,7 @@ def test_every_device_request_is_signed_and_verifies(key):
     assert rec.requests[2].headers["Idempotency-Key"] == "key-1"
     assert rec.requests[2].content == b"\x00\x01payload"
     assert json.loads(rec.requests[3].content) == {"train_loss": 0.5}
-    nonces = {r.headers[signing.HEADER_NONCE] for r in rec.requests}
+    nonces = {verify(r, key).nonce for r in rec.requests}
     assert len(nonces) == 4
 
 
@@ -127,7 +127,7 @@ def test_enroll_is_not_signed_and_returns_device_id(key):
     rec = Recorder(httpx.Response(201, json={"device_id": "abc", "name": "n"}))
     client = CoordinatorClient("https://c.test", transport=httpx.MockTransport(rec))
     assert client.enroll("tok", "n", {"cpu": 2}, public_key="pubkey") == "abc"
-    assert signing.HEADER_SIGNATURE not in rec.requests[0].headers
+    assert signing.HEADER_AUTH not in rec.requests[0].headers
     assert json.loads(rec.requests[0].content) == {
         "token": "tok",
         "public_key": "pubkey",
@@ -191,7 +191,7 @@ def test_transient_failures_are_retried_with_growing_backoff(key, failure):
     for n, delay in enumerate(sleeps):
         assert 0.25 * 2**n <= delay <= 0.5 * 2**n
     # every attempt is signed afresh
-    assert len({r.headers[signing.HEADER_NONCE] for r in rec.requests}) == 4
+    assert len({verify(r, key).nonce for r in rec.requests}) == 4
     for request in rec.requests:
         verify(request, key)
 

@@ -65,30 +65,55 @@ def test_other_key_fails(key):
         _verify(other, headers, method="GET", path="/p", query="", body=b"")
 
 
+PARTS = {"device": 0, "timestamp": 1, "nonce": 2, "signature": 3}
+
+
 @pytest.mark.parametrize(
-    ("header", "value"),
+    ("part", "value"),
     [
-        (signing.HEADER_NONCE, "xyz"),
-        (signing.HEADER_TIMESTAMP, "-5"),
-        (signing.HEADER_TIMESTAMP, "\uff11\uff12"),  # full-width digits
-        (signing.HEADER_SIGNATURE, "!!!"),
-        (signing.HEADER_SIGNATURE, base64.b64encode(b"short").decode()),
-        (signing.HEADER_DEVICE, "a/b"),
+        ("nonce", "xyz"),
+        ("nonce", "0" * 32),  # the hex nonce of the four-header format
+        ("timestamp", "-5"),
+        ("timestamp", "\uff11\uff12"),  # full-width digits
+        ("signature", "!!!"),
+        ("signature", base64.urlsafe_b64encode(b"short").decode().rstrip("=")),
+        ("signature", base64.b64encode(bytes(64)).decode()),  # padded standard base64
+        ("signature", "A" * 85 + "B"),  # non-zero padding bits: not canonical
+        ("device", "a/b"),
     ],
 )
-def test_malformed_headers_are_rejected(key, header, value):
+def test_malformed_headers_are_rejected(key, part, value):
     headers = signing.sign_request(key, device_id="d", method="GET", path="/p")
-    headers[header] = value
+    scheme, credentials = headers[signing.HEADER_AUTH].split(" ")
+    parts = credentials.split(".")
+    parts[PARTS[part]] = value
+    headers[signing.HEADER_AUTH] = f"{scheme} {'.'.join(parts)}"
     with pytest.raises(signing.SignatureError) as err:
         signing.parse_signed_headers(headers)
     assert err.value.code == "invalid_signature"
 
 
-def test_missing_header(key):
+@pytest.mark.parametrize(
+    "value", [None, "Bearer abc", "Fedge ", "Fedge a.1.b", "fedge d.1.n.s", "Fedge a.1.b.c.d"]
+)
+def test_missing_or_malformed_auth_header(key, value):
     headers = signing.sign_request(key, device_id="d", method="GET", path="/p")
-    del headers[signing.HEADER_NONCE]
-    with pytest.raises(signing.SignatureError, match="missing header"):
+    if value is None:
+        del headers[signing.HEADER_AUTH]
+    else:
+        headers[signing.HEADER_AUTH] = value
+    with pytest.raises(signing.SignatureError) as err:
         signing.parse_signed_headers(headers)
+    assert err.value.code == "invalid_signature"
+
+
+def test_the_auth_header_is_compact(key):
+    headers = signing.sign_request(
+        key, device_id="0f8fad5b-d9cb-469f-a165-70867728950e", method="GET", path="/p"
+    )
+    ((name, value),) = headers.items()
+    # name, ": ", value and CRLF: what the four X-Fedge-* headers took 251 bytes for
+    assert len(name) + 2 + len(value) + 2 == 180
 
 
 def test_clock_skew_window():

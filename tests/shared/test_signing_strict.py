@@ -208,12 +208,7 @@ def test_identity_key_is_refused_with_a_clear_error():
 
 
 def test_identity_key_forgery_is_refused_by_verify_request():
-    headers = {
-        signing.HEADER_DEVICE: "dev1",
-        signing.HEADER_TIMESTAMP: "1700000000",
-        signing.HEADER_NONCE: "0" * 32,
-        signing.HEADER_SIGNATURE: b64(encode(1) + bytes(32)),
-    }
+    headers = signing.auth_header("dev1", 1700000000, "A" * 22, encode(1) + bytes(32))
     signed = signing.parse_signed_headers(headers)
     with pytest.raises(signing.SignatureError) as err:
         signing.verify_request(
