@@ -137,6 +137,10 @@ class CountingRelay:
             await asyncio.gather(
                 self._pipe(client_r, server_w, up=True), self._pipe(server_r, client_w, up=False)
             )
+        except asyncio.CancelledError:
+            # close() cancels open connections; end quietly (asyncio's server callback logs a
+            # cancelled handler as an unhandled exception)
+            pass
         finally:
             self._writers.difference_update((client_w, server_w))
             client_w.close()

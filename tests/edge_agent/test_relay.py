@@ -85,3 +85,21 @@ def test_the_agent_sends_no_default_headers_and_reuses_its_connection(
     sent = {name.lower() for name in first.request.headers}
     assert not sent & {"user-agent", "accept", "accept-encoding", "connection"}
     assert second.status_code == 200 and counts.connections == 1
+
+
+def test_close_with_open_connections_is_quiet(
+    echo_server: int, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Closing the relay while a device still holds a kept-alive connection ends it without
+    asyncio logging the cancelled handler as an unhandled exception; the counts stay."""
+    relay = CountingRelay("127.0.0.1", echo_server).start()
+    with socket.create_connection(("127.0.0.1", relay.port)) as s:
+        s.sendall(b"y" * 10)
+        got = b""
+        while len(got) < 20:
+            got += s.recv(4096)
+        with caplog.at_level("ERROR"):
+            relay.close()
+        assert s.recv(10) == b""  # the relay closed its side
+    assert [r.getMessage() for r in caplog.records if r.levelname == "ERROR"] == []
+    assert (relay.counts().up, relay.counts().down) == (10, 20)
