@@ -84,6 +84,9 @@ class DemoOptions:
     iid: bool = False
     topk: float = 0.02
     bits: int = 4
+    # models go down as compressed deltas from the previous broadcast model (1.0 and 32: dense)
+    download_topk: float = 0.1
+    download_bits: int = 8
     dropout: float = 0.2
     stragglers_s: float = 0.2
     offline: float = 0.05
@@ -139,6 +142,12 @@ def task_body(options: DemoOptions, dataset: Dataset) -> dict[str, Any]:
             "chunk": 64,
             "error_feedback": True,
             "scope": "tensor",
+            "download": {
+                "topk_fraction": options.download_topk,
+                "bits": options.download_bits,
+                "chunk": 256,
+                "scope": "tensor",
+            },
         },
         "training": {
             "epochs": options.epochs,
@@ -347,6 +356,7 @@ def _collect(
             [v for v, _ in versions],
             sum(c.not_modified for c in clients),
             dense_model_bytes=dense_model,
+            delta_downloads=sum(c.delta_downloads for c in clients),
         ),
     }
     return {
@@ -410,6 +420,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--iid", action="store_true", help="IID shards instead of Dirichlet")
     p.add_argument("--topk", type=float, default=d.topk, help="top-k fraction kept")
     p.add_argument("--bits", type=int, choices=(1, 2, 4, 8, 32), default=d.bits)
+    p.add_argument(
+        "--download-topk",
+        type=float,
+        default=d.download_topk,
+        help=f"top-k fraction of the model deltas devices download ({d.download_topk}; 1 = dense)",
+    )
+    p.add_argument(
+        "--download-bits",
+        type=int,
+        choices=(1, 2, 4, 8, 32),
+        default=d.download_bits,
+        help=f"bits of the model deltas ({d.download_bits}; 32 with top-k 1 = full models)",
+    )
     p.add_argument("--dropout", type=float, default=d.dropout, help="per-round dropout prob.")
     p.add_argument(
         "--stragglers", type=float, default=d.stragglers_s, help="straggler delay scale (s)"
@@ -441,6 +464,8 @@ def options_from_args(args: argparse.Namespace) -> DemoOptions:
         iid=args.iid,
         topk=args.topk,
         bits=args.bits,
+        download_topk=args.download_topk,
+        download_bits=args.download_bits,
         dropout=args.dropout,
         stragglers_s=args.stragglers,
         offline=args.offline,

@@ -188,9 +188,11 @@ def body_traffic(
     not_modified: int,
     *,
     dense_model_bytes: int,
+    delta_downloads: int = 0,
 ) -> dict[str, Any]:
     """Update and model bodies as the agents counted them (no envelope), against dense
-    float32 values (4 bytes per parameter per update) and dense float32 models."""
+    float32 values (4 bytes per parameter per update) and dense float32 models;
+    ``delta_downloads`` of the downloads were delta chains rather than whole models."""
     dense_per_update = 4 * num_params
     cumulative = []
     up, dense = 0, 0
@@ -205,6 +207,7 @@ def body_traffic(
         "dense_upload_bytes": stats.uploads * dense_per_update,
         "compression_ratio": stats.uploads * dense_per_update / max(1, stats.upload_bytes),
         "downloads": stats.downloads,
+        "delta_downloads": delta_downloads,
         "model_bytes": stats.model_bytes,
         "dense_model_bytes": stats.downloads * dense_model_bytes,
         "not_modified": not_modified,
@@ -218,8 +221,9 @@ def summary_text(report: Mapping[str, Any]) -> str:
         "",
         f"fedge demo: {report['devices']} devices, {report['mode']} mode, "
         f"{report['model']['architecture']} on {report['dataset']} "
-        f"(Dirichlet alpha={report['alpha']}), top-k {report['compression']['topk_fraction']}, "
-        f"{report['compression']['bits']}-bit values",
+        f"(Dirichlet alpha={report['alpha']}), updates top-k "
+        f"{report['compression']['topk_fraction']} {report['compression']['bits']}-bit, "
+        f"{_downloads(report['compression'])}",
         "",
         f"{'round':>5}  {'version':>7}  {'federated acc':>13}  {'centralized acc':>15}  "
         f"{'updates':>7}  {'dropped':>7}  {'stale':>5}",
@@ -283,10 +287,19 @@ def traffic_lines(traffic: Mapping[str, Any]) -> list[str]:
         "",
         f"bodies alone: {b['uploads']} update bodies {_size(b['upload_bytes'])} (dense float32 "
         f"values {_size(b['dense_upload_bytes'])}, {b['compression_ratio']:.1f}x); "
-        f"{b['downloads']} model bodies {_size(b['model_bytes'])} (dense float32 "
-        f"{_size(b['dense_model_bytes'])}); {b['not_modified']} answered 304 from cache",
+        f"{b['downloads']} model bodies ({b.get('delta_downloads', 0)} of them delta chains) "
+        f"{_size(b['model_bytes'])} (dense float32 {_size(b['dense_model_bytes'])}); "
+        f"{b['not_modified']} answered 304 from cache",
     ]
     return lines
+
+
+def _downloads(compression: Mapping[str, Any]) -> str:
+    down = compression.get("download") or {}
+    topk, bits = down.get("topk_fraction", 1.0), down.get("bits", 32)
+    if topk == 1.0 and bits == 32:
+        return "full float32 models down"
+    return f"model deltas top-k {topk} {bits}-bit"
 
 
 def _times(ratio: float | None) -> str:
