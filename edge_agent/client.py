@@ -116,16 +116,26 @@ class CoordinatorClient:
         self._configs: dict[str, dict[str, Any]] = {}
         self._known: str | None = None
         self._traffic_lock = threading.Lock()
-        self._session = Session(
-            base_url,
-            ca_file=ca_file,
-            transport=transport,
-            timeout=timeout,
-            retry=retry,
-            sleep=sleep,
-            rng=rng,
-            interrupted=interrupted,
-        )
+
+        def session() -> Session:
+            # One connection each: the agent's requests follow one another, so a single
+            # kept-alive TLS connection carries them all, round after round.
+            return Session(
+                base_url,
+                ca_file=ca_file,
+                transport=transport,
+                timeout=timeout,
+                retry=retry,
+                sleep=sleep,
+                rng=rng,
+                interrupted=interrupted,
+                max_connections=1,
+            )
+
+        self._session = session()
+        # The cancel watch (a long-poll held open while the agent trains) has a connection of
+        # its own, so the upload after training does not open a new one next to it.
+        self._watch_session = session()
         self._timeout = timeout
 
     @property
@@ -134,6 +144,7 @@ class CoordinatorClient:
 
     def close(self) -> None:
         self._session.close()
+        self._watch_session.close()
 
     def __enter__(self) -> CoordinatorClient:
         return self
@@ -157,8 +168,11 @@ class CoordinatorClient:
         )
         request.headers.update(headers)
 
-    def _signed(self, method: str, path: str, **kwargs: Any) -> httpx.Response:
-        return self._session.request(method, path, prepare=self._sign, **kwargs)
+    def _signed(
+        self, method: str, path: str, *, watch: bool = False, **kwargs: Any
+    ) -> httpx.Response:
+        session = self._watch_session if watch else self._session
+        return session.request(method, path, prepare=self._sign, **kwargs)
 
     # -- API -------------------------------------------------------------------------------
 
@@ -198,7 +212,11 @@ class CoordinatorClient:
         elif self._known is not None:
             params["known"] = self._known
         response = self._signed(
-            "GET", f"{API}/device/work", params=params, timeout=wait_s + self._timeout
+            "GET",
+            f"{API}/device/work",
+            params=params,
+            timeout=wait_s + self._timeout,
+            watch=current is not None,
         )
         if response.status_code == 204 or not response.content:
             return None

@@ -82,6 +82,7 @@ class Session:
         headers: Mapping[str, str] | None = None,
         interrupted: Callable[[], bool] | None = None,
         keepalive_s: float = KEEPALIVE_S,
+        max_connections: int | None = None,
     ) -> None:
         self.base_url = base_url.rstrip("/")
         self.retry = retry or RetryPolicy()
@@ -95,7 +96,11 @@ class Session:
             timeout=httpx.Timeout(timeout, connect=min(timeout, 10.0)),
             headers=dict(headers or {}),
             follow_redirects=False,
-            limits=httpx.Limits(keepalive_expiry=keepalive_s),
+            limits=httpx.Limits(
+                max_connections=max_connections,
+                max_keepalive_connections=max_connections,
+                keepalive_expiry=keepalive_s,
+            ),
         )
         # httpx's default headers (Accept, Accept-Encoding, Connection, User-Agent) say
         # nothing the coordinator uses: about 90 bytes per request on a metered link.

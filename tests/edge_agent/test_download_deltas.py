@@ -7,7 +7,9 @@ import ssl
 
 import httpx
 
+from fedge.edge_agent.client import CoordinatorClient
 from fedge.edge_agent.device import open_client
+from fedge.edge_agent.sim.relay import CountingRelay
 from fedge.edge_agent.transport import RetryPolicy
 from tests.edge_agent.conftest import LiveCoordinator, shard, wait_for
 
@@ -80,3 +82,33 @@ def test_agents_rebuild_models_from_deltas_and_fall_back_on_damage(
     # ... and it is not the true model: the download policy is lossy.
     assert live.admin.download_model(task_id, last) != served
     assert healthy.client.traffic.model_bytes * 3 < damaged.client.traffic.model_bytes
+
+
+def test_rounds_reuse_the_agents_connections(live: LiveCoordinator, digits) -> None:
+    """Every round of two agents through a counting relay: the number of TCP (and TLS)
+    connections does not grow with the rounds."""
+    port = httpx.URL(live.url).port
+    assert port is not None
+    rounds = 5
+    with CountingRelay("127.0.0.1", port) as relay:
+        agents = []
+        for i in range(2):
+            agent = live.agent(live.enroll(f"r{i}", seed=i), shard(digits, i))
+            config = agent.state.load_config()
+            agent.client.close()
+            agent.client = CoordinatorClient(
+                f"https://localhost:{relay.port}",
+                ca_file=live.ca_file,
+                identity=(config.device_id, agent.state.load_key()),
+            )
+            agents.append(agent)
+            live.start(agent, max_rounds=rounds)
+        task = live.create_task(
+            aggregation={"clients_per_round": 2, "min_updates": 2, "num_rounds": rounds},
+            compression={"download": DOWNLOAD},
+        )
+        wait_for(lambda: live.task(task["id"])["status"] == "completed", what="the task")
+        counts = relay.counts()
+    assert all(a.stats.uploaded == rounds for a in agents)
+    # Two per agent, whatever the number of rounds: its requests, and the cancel watch.
+    assert counts.connections == 2 * len(agents), counts
