@@ -80,6 +80,7 @@ class Agent:
         hooks: AgentHooks | None = None,
         poll_wait: float = 30.0,
         cancel_poll_wait: float | None = None,
+        cancel_watch_after_s: float = 2.0,
         error_pause_s: float = 5.0,
         before_upload: Callable[[OutboxEntry], None] | None = None,
         stop_event: threading.Event | None = None,
@@ -92,6 +93,8 @@ class Agent:
         self.hooks = hooks if hooks is not None else NO_HOOKS
         self.poll_wait = poll_wait
         self.cancel_poll_wait = poll_wait if cancel_poll_wait is None else cancel_poll_wait
+        # Training shorter than this is not watched for cancellation (saves a request a round).
+        self.cancel_watch_after_s = cancel_watch_after_s
         self.error_pause_s = error_pause_s
         self.before_upload = before_upload
         self.stats = AgentStats()
@@ -202,7 +205,11 @@ class Agent:
             return Outcome.DROPPED
         interrupt = self._new_interrupt()
         watcher = CancelWatcher(
-            self.client, work.assignment_id, wait=self.cancel_poll_wait, on_cancel=interrupt
+            self.client,
+            work.assignment_id,
+            wait=self.cancel_poll_wait,
+            on_cancel=interrupt,
+            delay_s=self.cancel_watch_after_s,
         )
         started = time.monotonic()
         try:

@@ -4,7 +4,8 @@ While the agent trains, :class:`CancelWatcher` keeps ``GET /device/work?current=
 coordinator answers at once when assignment ``A`` is cancelled (its round closed, the task was
 paused or cancelled); the watcher then sets :attr:`CancelWatcher.cancelled`, which the trainer
 sees through ``should_stop`` between minibatches. Network trouble never stops training: the
-watcher just tries again a little later.
+watcher just tries again a little later. With ``delay_s`` the first poll waits that long, so
+training that ends sooner costs no request (every request costs bytes on the device's link).
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ class CancelWatcher:
         wait: float,
         on_cancel: threading.Event | None = None,
         retry_pause_s: float = 1.0,
+        delay_s: float = 0.0,
     ) -> None:
         self.client = client
         self.assignment_id = assignment_id
@@ -37,6 +39,7 @@ class CancelWatcher:
         self._also = on_cancel
         self._done = threading.Event()
         self._retry_pause_s = retry_pause_s
+        self._delay_s = delay_s
         self._thread = threading.Thread(
             target=self._run, name=f"cancel-watch-{assignment_id}", daemon=True
         )
@@ -53,6 +56,9 @@ class CancelWatcher:
         self._done.set()
 
     def _run(self) -> None:
+        # Work that ends within the delay is never watched: no request at all for it.
+        if self._delay_s > 0 and self._done.wait(self._delay_s):
+            return
         while not self._done.is_set():
             try:
                 answer = self.client.get_work(self.wait, current=self.assignment_id)

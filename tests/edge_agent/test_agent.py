@@ -431,3 +431,29 @@ def test_a_diverged_model_is_not_uploaded(state_dir, fake, data):
     assert agent.handle(agent.client.get_work(0)) is Outcome.FAILED
     assert fake.received == {} and agent.state.outbox.entries() == []
     assert not agent.state.residual_path(1).exists()
+
+
+def test_short_training_is_not_watched_and_long_training_is(state_dir, fake, data):
+    """The cancel watch starts after cancel_watch_after_s: a round that trains faster costs no
+    watch request; a straggler still hears of its cancellation."""
+
+    def watches() -> int:
+        return sum(1 for r in fake.requests if "current" in r.url.params)
+
+    fake.assign(1)
+    agent = make_agent(state_dir, fake, data, cancel_watch_after_s=30.0, cancel_poll_wait=0.1)
+    assert agent.run(once=True).uploaded == 1
+    assert watches() == 0
+
+    class Straggler(AgentHooks):
+        def before_training(self, work, interrupted):
+            interrupted.wait(0.3)  # longer than the watch delay below
+            fake.cancel(work.assignment_id)
+            interrupted.wait(10)
+
+    fake.assign(2)
+    agent = make_agent(
+        state_dir, fake, data, hooks=Straggler(), cancel_watch_after_s=0.2, cancel_poll_wait=0.1
+    )
+    assert agent.handle(agent.client.get_work(0)) is Outcome.CANCELLED
+    assert watches() >= 1

@@ -110,5 +110,6 @@ def test_rounds_reuse_the_agents_connections(live: LiveCoordinator, digits) -> N
         wait_for(lambda: live.task(task["id"])["status"] == "completed", what="the task")
         counts = relay.counts()
     assert all(a.stats.uploaded == rounds for a in agents)
-    # Two per agent, whatever the number of rounds: its requests, and the cancel watch.
-    assert counts.connections == 2 * len(agents), counts
+    # At most two per agent, whatever the number of rounds: its requests, and the cancel
+    # watch (opened only when training lasts longer than cancel_watch_after_s).
+    assert counts.connections <= 2 * len(agents), counts
