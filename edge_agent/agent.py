@@ -104,6 +104,9 @@ class Agent:
         self._interrupt: threading.Event | None = None
         self._trainers: dict[int, Trainer] = {}
         self._given_up: set[int] = set()
+        # (task, version) of the newest model this agent holds: polls announce it, so a work
+        # answer can carry the delta chain to its base model.
+        self._held: tuple[int, int] | None = None
         self.idle = True  # True while only waiting (safe to abandon at once)
 
     # -- control ---------------------------------------------------------------------------
@@ -141,7 +144,7 @@ class Agent:
                     break
                 self.idle = True
                 log.debug("waiting up to %.0f s for work", self.poll_wait)
-                work = self.client.get_work(self.poll_wait)
+                work = self.client.get_work(self.poll_wait, have=self._held)
             except AgentError as exc:
                 self._check_fatal(exc)
                 log.warning("cannot reach the coordinator (%s); trying again shortly", exc)
@@ -306,12 +309,21 @@ class Agent:
         """The base model: from the cache when the coordinator says it is unchanged (304),
         rebuilt from the deltas since an older cached version when the coordinator sends
         those, else downloaded whole."""
+        weights = self._model_of(work, spec)
+        self._held = (work.task_id, work.base_version)
+        return weights
+
+    def _model_of(self, work: Work, spec: ModelSpec) -> Weights:
         task, version = work.task_id, work.base_version
+        if work.model_delta is not None and work.model_delta_from is not None:
+            rebuilt = self._rebuild(work, spec, work.model_delta_from, work.model_delta)
+            if rebuilt is not None:
+                return rebuilt
         cached = self.state.cached_model(task, version)
         if cached is None:
-            have = self.state.newest_cached_version(task, below=version)
-            if have is not None:
-                rebuilt = self._fetch_delta(work, spec, have)
+            older = self.state.newest_cached_version(task, below=version)
+            if older is not None:
+                rebuilt = self._fetch_delta(work, spec, older)
                 if rebuilt is not None:
                     return rebuilt
         for attempt in range(2):
@@ -342,27 +354,37 @@ class Agent:
         sends for it (a delta chain, or the full model when that is smaller); ``None`` when
         the cached model or the chain is unusable, so the caller downloads the full model."""
         task, version = work.task_id, work.base_version
-        cached = self.state.cached_model(task, have)
+        if self.state.cached_model(task, have) is None:
+            return None
+        data, etag = self.client.download_model(task, version, have=have)
+        if data is None:  # no If-None-Match was sent: a 304 here is not ours
+            return None
+        if blob_kind(data) != KIND_MODEL:
+            return self._rebuild(work, spec, have, data)
         try:
-            if cached is None:
-                return None
+            weights: Weights = decode_model(data, spec=spec)
+        except WireFormatError as exc:
+            log.warning("model v%d does not decode (%s); downloading it again", version, exc)
+            return None
+        log.info("downloaded model v%d (%d bytes)", version, len(data))
+        self.state.cache_model(task, version, data, etag)
+        return weights
+
+    def _rebuild(self, work: Work, spec: ModelSpec, have: int, chain: bytes) -> Weights | None:
+        """Apply ``chain`` to the cached model of version ``have`` and cache the result;
+        ``None`` (the chain refused, or no usable cached model) when it cannot be done."""
+        task, version = work.task_id, work.base_version
+        cached = self.state.cached_model(task, have)
+        if cached is None:
+            return None
+        try:
             base = decode_model(cached[0], spec=spec)
         except WireFormatError as exc:
             log.warning("cached model v%d is unreadable (%s); dropping it", have, exc)
             self.state.drop_cached_model(task, have)
             return None
-        data, etag = self.client.download_model(task, version, have=have)
-        if data is None:  # no If-None-Match was sent: a 304 here is not ours
-            return None
         try:
-            if blob_kind(data) == KIND_MODEL:
-                weights: Weights = decode_model(data, spec=spec)
-                log.info("downloaded model v%d (%d bytes)", version, len(data))
-            else:
-                weights = rebuild(base, data, spec, task_id=task, have=have, want=version)
-                log.info("model v%d rebuilt from v%d and %d delta bytes", version, have, len(data))
-                data = encode_model(weights)
-                etag = f'"{hashlib.sha256(data).hexdigest()}"'
+            weights = rebuild(base, chain, spec, task_id=task, have=have, want=version)
         except WireFormatError as exc:
             log.warning(
                 "the model update v%d -> v%d was refused (%s); downloading the full model",
@@ -372,7 +394,9 @@ class Agent:
             )
             self.stats.refused_deltas += 1
             return None
-        self.state.cache_model(task, version, data, etag)
+        log.info("model v%d rebuilt from v%d and %d delta bytes", version, have, len(chain))
+        data = encode_model(weights)
+        self.state.cache_model(task, version, data, f'"{hashlib.sha256(data).hexdigest()}"')
         return weights
 
     # -- update ----------------------------------------------------------------------------

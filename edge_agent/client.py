@@ -9,6 +9,8 @@ exponential backoff and jitter (:mod:`fedge.edge_agent.transport`); other errors
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import random
 import threading
 from collections.abc import Callable, Mapping
@@ -21,6 +23,8 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from fedge.edge_agent.errors import AgentError
 from fedge.edge_agent.transport import RetryPolicy, Session
 from fedge.shared import signing
+from fedge.shared.wire_delta import WORK_FRAME_MEDIA_TYPE, decode_work_frame
+from fedge.shared.wireerror import WireFormatError
 
 API = "/api/v1"
 MAX_WAIT_S = 60
@@ -45,6 +49,10 @@ class Work:
     training: Mapping[str, Any] = field(default_factory=dict)
     model: Mapping[str, Any] = field(default_factory=dict)
     spec: list[Mapping[str, Any]] = field(default_factory=list)
+    #: The delta chain to the base model that came with the answer, and the version it
+    #: starts at (a work frame; see ``get_work(have=...)``).
+    model_delta: bytes | None = None
+    model_delta_from: int | None = None
 
     @property
     def cancelled(self) -> bool:
@@ -92,6 +100,8 @@ class Traffic:
     delta_downloads: int = 0
     #: Work answers that left out the task configuration this client already held.
     known_configs: int = 0
+    #: Of ``delta_downloads``: chains that came inside a work answer (no download request).
+    inline_deltas: int = 0
 
 
 class CoordinatorClient:
@@ -202,15 +212,23 @@ class CoordinatorClient:
         except (KeyError, TypeError):
             raise AgentError("bad_response", "enrollment answer lacks device_id") from None
 
-    def get_work(self, wait: float, current: int | None = None) -> Work | None:
+    def get_work(
+        self, wait: float, current: int | None = None, *, have: tuple[int, int] | None = None
+    ) -> Work | None:
         """Long-poll for work (or, with ``current``, for that assignment's cancellation).
-        ``None`` when the wait ended without news (204)."""
+        ``None`` when the wait ended without news (204).
+
+        ``have`` is ``(task, version)`` of the broadcast model the device holds: an answer on a
+        newer version of that task may then carry the delta chain to it (``Work.model_delta``)."""
         wait_s = max(0, min(MAX_WAIT_S, int(wait)))
         params: dict[str, Any] = {"wait": wait_s}
         if current is not None:
             params["current"] = current
-        elif self._known is not None:
-            params["known"] = self._known
+        else:
+            if self._known is not None:
+                params["known"] = self._known
+            if have is not None:
+                params["have"] = f"{int(have[0])}.{int(have[1])}"
         response = self._signed(
             "GET",
             f"{API}/device/work",
@@ -220,6 +238,22 @@ class CoordinatorClient:
         )
         if response.status_code == 204 or not response.content:
             return None
+        if response.headers.get("content-type", "").startswith(WORK_FRAME_MEDIA_TYPE):
+            try:
+                answer, chain = decode_work_frame(response.content)
+                body = json.loads(answer)
+            except (WireFormatError, ValueError) as exc:
+                raise AgentError("bad_response", f"malformed work frame: {exc}") from None
+            work = Work.from_json(self._with_config(body))
+            with self._traffic_lock:
+                self.traffic.downloads += 1
+                self.traffic.delta_downloads += 1
+                self.traffic.inline_deltas += 1
+                self.traffic.model_bytes += len(chain)
+            start = body.get("model_delta_from")
+            if not isinstance(start, int):
+                return work
+            return dataclasses.replace(work, model_delta=chain, model_delta_from=start)
         return Work.from_json(self._with_config(response.json()))
 
     def _with_config(self, body: Any) -> Any:

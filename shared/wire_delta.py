@@ -47,11 +47,14 @@ from fedge.shared.wirelayout import (
 __all__ = [
     "DIGEST_BYTES",
     "MAX_CHAIN",
+    "WORK_FRAME_MEDIA_TYPE",
     "DecodedDelta",
     "decode_chain",
     "decode_delta",
+    "decode_work_frame",
     "encode_chain",
     "encode_delta",
+    "encode_work_frame",
     "with_digest",
 ]
 
@@ -194,3 +197,24 @@ def decode_chain(
     if reader.remaining:
         raise WireFormatError("trailing_bytes", f"{reader.remaining} bytes after the chain")
     return out
+
+
+#: Media type of a work answer that carries its base model's delta chain.
+WORK_FRAME_MEDIA_TYPE = "application/x-fedge-work"
+
+
+def encode_work_frame(answer: bytes, chain: bytes) -> bytes:
+    """A work answer (its JSON bytes) followed by the delta chain to its base model, so the
+    device needs no separate download request: ``length var | JSON | chain``."""
+    return encode_varint(len(answer)) + bytes(answer) + bytes(chain)
+
+
+def decode_work_frame(data: bytes | bytearray | memoryview) -> tuple[bytes, bytes]:
+    """``(JSON bytes, chain bytes)`` of a work frame (``WireFormatError`` when the declared
+    JSON length exceeds the body or no chain follows)."""
+    reader = Reader(as_bytes_view(data))
+    length = reader.varint("answer length")
+    answer = bytes(reader.take(length, "work answer"))
+    if not reader.remaining:
+        raise WireFormatError("truncated", "a work frame without its delta chain")
+    return answer, bytes(reader.take(reader.remaining, "delta chain"))

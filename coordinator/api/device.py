@@ -9,7 +9,7 @@ from __future__ import annotations
 from typing import Annotated
 
 from fastapi import APIRouter, Query, Response
-from sqlalchemy import select, update
+from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from fedge.coordinator.api.deps import BlobsDep, DeviceDep, SessionDep
@@ -23,15 +23,12 @@ from fedge.coordinator.api.model_versions import (
     model_response,
 )
 from fedge.coordinator.api.tasks import TaskId, get_task
-from fedge.coordinator.blobstore import BlobNotFound, BlobStore
-from fedge.coordinator.db import utcnow
+from fedge.coordinator.engine.downloads import delta_chain, mark_downloaded
 from fedge.coordinator.enrollment import enroll_device
 from fedge.coordinator.errors import Forbidden, NotFound, error_responses
-from fedge.coordinator.models import Assignment, Device, ModelVersion
+from fedge.coordinator.models import Assignment, Device
 from fedge.coordinator.schemas.devices import DevicePublic, EnrollRequest, EnrollResponse
-from fedge.coordinator.states import AssignmentStatus
 from fedge.shared.modelspec import ModelSpec
-from fedge.shared.wire_delta import MAX_CHAIN, encode_chain
 
 router = APIRouter(prefix="/device", tags=["device"])
 
@@ -92,36 +89,6 @@ Have = Annotated[
 ]
 
 
-def delta_chain(
-    session: Session, blobs: BlobStore, task_id: int, have: int, row: ModelVersion
-) -> bytes | None:
-    """The deltas from version ``have`` to ``row``'s as one chain, or ``None`` when one is
-    missing or the chain would not be smaller than the full model."""
-    count = row.version - have
-    if not 1 <= count <= MAX_CHAIN:
-        return None
-    links = session.execute(
-        select(ModelVersion.delta_digest, ModelVersion.delta_size)
-        .where(
-            ModelVersion.task_id == task_id,
-            ModelVersion.version > have,
-            ModelVersion.version <= row.version,
-        )
-        .order_by(ModelVersion.version)
-    ).all()
-    digests = [digest for digest, _ in links if digest is not None]
-    sizes = [size for _, size in links if size is not None]
-    if len(links) != count or len(digests) != count or len(sizes) != count:
-        return None
-    if sum(sizes) >= row.served_size:
-        return None
-    try:
-        data = encode_chain([blobs.get(digest) for digest in digests])
-    except BlobNotFound:
-        return None
-    return data if len(data) < row.served_size else None
-
-
 @router.get(
     "/tasks/{task_id}/models/{version}",
     response_class=Response,
@@ -167,15 +134,5 @@ def download_model(
             dtype=dtype,
             if_none_match=if_none_match,
         )
-    session.execute(
-        update(Assignment)
-        .where(
-            Assignment.task_id == task_id,
-            Assignment.device_id == device.id,
-            Assignment.base_version == row.version,
-            Assignment.status == AssignmentStatus.ASSIGNED,
-        )
-        .values(status=AssignmentStatus.DOWNLOADED, downloaded_at=utcnow())
-        .execution_options(synchronize_session=False)
-    )
+    mark_downloaded(session, task_id=task_id, device_id=device.id, version=row.version)
     return response

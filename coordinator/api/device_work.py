@@ -24,6 +24,7 @@ from pydantic import ValidationError
 from fedge.coordinator.api.deps import MAX_ID, DeviceDep, RuntimeDep
 from fedge.coordinator.auth import get_device_slots
 from fedge.coordinator.db import session_scope
+from fedge.coordinator.engine.downloads import inline_chain
 from fedge.coordinator.engine.longpoll import long_poll
 from fedge.coordinator.engine.reports import record_metrics
 from fedge.coordinator.engine.updates import accept_upload, check_idempotency_key
@@ -36,6 +37,7 @@ from fedge.coordinator.schemas.device_work import (
     WorkAssignment,
     WorkCancelled,
 )
+from fedge.shared.wire_delta import WORK_FRAME_MEDIA_TYPE, encode_work_frame
 
 router = APIRouter(prefix="/device", tags=["device"])
 
@@ -50,6 +52,15 @@ AssignmentId = Annotated[int, Path(ge=1, le=MAX_ID, description="Assignment id")
     response_model_exclude_none=True,
     summary="Long-poll for work, or for the cancellation of the current assignment",
     responses={
+        200: {
+            "content": {
+                WORK_FRAME_MEDIA_TYPE: {
+                    "schema": {"type": "string", "format": "binary"},
+                    "description": "With `have`: the assignment's JSON followed by the delta "
+                    "chain to its base model (docs/protocol.md, 'Work long-poll')",
+                }
+            }
+        },
         204: {"description": "Nothing within the wait"},
         **error_responses(*SIGNED_ERRORS, 404, 422),
     },
@@ -70,6 +81,14 @@ async def work(
             "answer for that configuration leaves it out",
         ),
     ] = None,
+    have: Annotated[
+        str | None,
+        Query(
+            pattern=r"^[0-9]{1,9}\.[0-9]{1,9}$",
+            description="`<task>.<version>`: the broadcast model the device holds; an answer "
+            "on a newer version of that task may carry the delta chain to it",
+        ),
+    ] = None,
 ) -> Any:
     wait_s = min(wait, runtime.settings.long_poll_max_s)
     # A check without a wait holds nothing for long and needs no long-poll slot.
@@ -80,7 +99,18 @@ async def work(
         found = await long_poll(
             runtime, device.id, current, wait_s=wait_s, disconnected=request.is_disconnected
         )
-    return Response(status_code=204) if found is None else without_known_config(found, known)
+    if found is None:
+        return Response(status_code=204)
+    if have is not None and current is None:
+        task_id, version = (int(part) for part in have.split("."))
+        chain = await run_in_threadpool(inline_chain, runtime, device.id, found, (task_id, version))
+        if chain is not None:
+            answer = {**without_known_config(found, known), "model_delta_from": version}
+            body = WorkAssignment.model_validate(answer).model_dump_json(exclude_none=True)
+            return Response(
+                content=encode_work_frame(body.encode(), chain), media_type=WORK_FRAME_MEDIA_TYPE
+            )
+    return without_known_config(found, known)
 
 
 @router.post(

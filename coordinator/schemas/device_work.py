@@ -31,6 +31,10 @@ class WorkAssignment(BaseModel):
     training: dict[str, Any] | None = None
     model: dict[str, Any] | None = None
     spec: list[dict[str, Any]] | None = None
+    model_delta_from: int | None = Field(
+        default=None,
+        description="Only in a work frame: the version the delta chain after the JSON starts at",
+    )
 
 
 class WorkCancelled(BaseModel):

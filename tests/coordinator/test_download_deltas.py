@@ -13,6 +13,7 @@ import hashlib
 import json
 import ssl
 from contextlib import ExitStack
+from typing import Any
 
 import httpx
 import numpy as np
@@ -22,6 +23,7 @@ from fedge.coordinator.settings import Settings
 from fedge.shared.broadcast import blob_kind, rebuild
 from fedge.shared.modelspec import ModelSpec, Weights
 from fedge.shared.wire import decode_model
+from fedge.shared.wire_delta import WORK_FRAME_MEDIA_TYPE, decode_work_frame
 from fedge.shared.wirelayout import KIND_CHAIN, KIND_MODEL
 from tests.coordinator.conftest import Coordinator
 from tests.support.device import API
@@ -217,4 +219,50 @@ def test_a_work_answer_leaves_out_the_configuration_the_device_knows(
         r = device.get(f"{API}/device/work", params={"wait": 0, "known": other})
         assert r.json() == full
         r = device.get(f"{API}/device/work", params={"wait": 0, "known": "not-a-digest"})
+        assert r.status_code == 422 and r.json()["error"] == "validation_error"
+
+
+def test_a_work_answer_carries_the_chain_to_its_base_model(
+    coordinator: Coordinator, db: Db
+) -> None:
+    rng = np.random.default_rng(3)
+    with fleet_of(coordinator, 1) as fleet:
+        device = fleet[0]
+        task_id = create_task(
+            coordinator,
+            aggregation={
+                "clients_per_round": 1,
+                "over_selection": 0.0,
+                "min_updates": 1,
+                "round_deadline_s": 600,
+                "num_rounds": 3,
+            },
+            compression={**EXACT, "download": DOWNLOAD},
+            model=MODEL,
+        )
+        spec = ModelSpec.from_dict(db.task(task_id).model_spec)
+        v0 = decode_model(_download(device, coordinator.url, task_id, 0, None), spec=spec)
+        _run_round(fleet, coordinator.url, db, task_id, 0, rng)
+
+        r = device.get(f"{API}/device/work", params={"wait": 5, "have": f"{task_id}.0"})
+        assert r.status_code == 200
+        assert r.headers["content-type"] == WORK_FRAME_MEDIA_TYPE
+        answer, chain = decode_work_frame(r.content)
+        work = json.loads(answer)
+        assert work["base_version"] == 1 and work["model_delta_from"] == 0
+        rebuilt = rebuild(v0, chain, spec, task_id=task_id, have=0, want=1)
+        _, expected = _broadcast(db, task_id, 1)
+        assert all(rebuilt[n].tobytes() == expected[n].tobytes() for n in spec.names)
+        (assignment,) = [a for a in db.assignments(task_id) if a.id == work["assignment_id"]]
+        assert assignment.status == "downloaded"
+
+        # Nothing to carry: the device holds the base version, another task, or says nothing.
+        for have in (f"{task_id}.1", f"{task_id + 1}.0", None):
+            params: dict[str, Any] = {"wait": 0}
+            if have is not None:
+                params["have"] = have
+            r = device.get(f"{API}/device/work", params=params)
+            assert r.headers["content-type"] == "application/json"
+            assert r.json()["assignment_id"] == work["assignment_id"]
+        r = device.get(f"{API}/device/work", params={"wait": 0, "have": "1-0"})
         assert r.status_code == 422 and r.json()["error"] == "validation_error"

@@ -18,8 +18,9 @@ ROUNDS = 4
 
 
 class Corrupting(httpx.BaseTransport):
-    """A real HTTPS transport that flips one byte of every delta chain it receives (the
-    answers to ``?have=``), as a damaged link would."""
+    """A real HTTPS transport that flips one byte of every delta chain it receives (binary
+    answers to ``?have=``: downloads and work answers carrying a chain), as a damaged link
+    would."""
 
     def __init__(self, ca_file: str) -> None:
         self.inner = httpx.HTTPTransport(verify=ssl.create_default_context(cafile=ca_file))
@@ -28,6 +29,8 @@ class Corrupting(httpx.BaseTransport):
     def handle_request(self, request: httpx.Request) -> httpx.Response:
         response = self.inner.handle_request(request)
         if "have" not in request.url.params or response.status_code != 200:
+            return response
+        if response.headers.get("content-type", "").startswith("application/json"):
             return response
         body = bytearray(response.read())
         body[-2] ^= 0x01
@@ -60,14 +63,18 @@ def test_agents_rebuild_models_from_deltas_and_fall_back_on_damage(
     wait_for(lambda: live.task(task_id)["status"] == "completed", what="the task to complete")
 
     healthy = agents[0]
-    # Versions 1..ROUNDS-1 came down as deltas for the healthy agent, never as full models.
+    # Versions 1..ROUNDS-1 came down as deltas for the healthy agent, never as full models,
+    # and inside the work answers: no download request after the first.
     assert healthy.client.traffic.delta_downloads == ROUNDS - 1
+    assert healthy.client.traffic.inline_deltas == ROUNDS - 1
+    assert healthy.client.traffic.downloads == ROUNDS
     # ... and every work answer after the first left out the task configuration it held.
     assert healthy.client.traffic.known_configs == ROUNDS - 1
     assert healthy.stats.refused_deltas == 0
-    # The damaged agent refused every damaged chain and fetched the full model instead.
-    assert corrupting.damaged == ROUNDS - 1
-    assert damaged.stats.refused_deltas == ROUNDS - 1
+    # The damaged agent refused every damaged chain (the one in the work answer, then the one
+    # it downloaded) and fetched the full model instead.
+    assert corrupting.damaged == 2 * (ROUNDS - 1)
+    assert damaged.stats.refused_deltas == 2 * (ROUNDS - 1)
     assert damaged.stats.uploaded == healthy.stats.uploaded == ROUNDS
 
     # What each agent holds of the last base version is the coordinator's broadcast model,
