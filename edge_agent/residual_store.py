@@ -82,6 +82,11 @@ class ResidualState(Residual):
         self.version: int | None = version
 
     @classmethod
+    def zeros(cls, spec: ModelSpec) -> ResidualState:
+        """A fresh memory: a zero residual, no velocity, no version."""
+        return cls(Residual.zeros(spec).values)
+
+    @classmethod
     def of(cls, residual: Residual) -> ResidualState:
         """``residual`` itself when it is a state already, else a state holding its arrays."""
         if isinstance(residual, ResidualState):
