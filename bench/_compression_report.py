@@ -6,6 +6,7 @@ can redraw the plots from a results file alone.
 
 from __future__ import annotations
 
+import textwrap
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -373,7 +374,8 @@ def uplink_table(group: dict[str, Any]) -> str:
     cps = group["checkpoints"]
     head = f"{'arm':<28}" + "".join(f" {'acc@' + str(c):>20}" for c in cps)
     head += "".join(f" {'pts vs EF@' + str(c):>20}" for c in cps)
-    head += "".join(f" {'r->' + t:>12}" for t in group["targets"]) + f" {'B/update':>9}"
+    head += "".join(f" {'r->' + t:>12}" for t in group["targets"])
+    head += f" {'B/update':>9} {'kB r1-' + str(cps[0]):>9}"
     lines = [head]
     for a in group["arms"]:
         row = f"{a['name']:<28}"
@@ -389,6 +391,7 @@ def uplink_table(group: dict[str, Any]) -> str:
             cell = "-" if r["mean"] is None else f"{r['mean']:.1f} ({r['n']}/{len(a['seeds'])})"
             row += f" {cell:>12}"
         row += f" {a['body_bytes']['per_update_mean']:>9,.0f}"
+        row += f" {a['body_bytes'][f'total_rounds_1_{cps[0]}'] / 1000:>9,.1f}"
         lines.append(row)
     return "\n".join(lines)
 
@@ -401,8 +404,12 @@ def plot_uplink(uplink: dict[str, Any], path: Path) -> Path:
     import matplotlib.pyplot as plt
 
     groups = [g for g in uplink["groups"] if g.get("plot", True)]
-    fig, axes = plt.subplots(1, len(groups), figsize=(6 * len(groups), 5), squeeze=False)
-    for ax, g in zip(axes[0], groups, strict=True):
+    cols = min(4, len(groups))
+    rows = -(-len(groups) // cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(5.5 * cols, 4.5 * rows), squeeze=False)
+    for ax in axes.flat[len(groups) :]:
+        ax.axis("off")
+    for ax, g in zip(axes.flat, groups, strict=False):
         for a in g["arms"]:
             if a["name"] not in g["plot_arms"]:
                 continue
@@ -410,10 +417,10 @@ def plot_uplink(uplink: dict[str, Any], path: Path) -> Path:
             r = np.arange(len(c["mean"]))
             ax.plot(r, c["mean"], label=a["name"])
             ax.fill_between(r, c["min"], c["max"], alpha=0.12)
-        ax.set_ylim(0.0, 1.0)
+        ax.set_ylim(0.5, 1.0)
         ax.set_xlabel("round")
         ax.set_ylabel("test accuracy (mean, min-max band)")
-        ax.set_title(g["title"], fontsize=9)
+        ax.set_title("\n".join(textwrap.wrap(g["title"], 48)), fontsize=9)
         ax.legend(fontsize=7, loc="lower right")
         ax.grid(True, alpha=0.3)
     fig.tight_layout()
