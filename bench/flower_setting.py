@@ -170,6 +170,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument(
         "--flower-max-wait", type=float, default=900.0, help="seconds to wait for it (900)"
     )
+    p.add_argument("--flower-attempts", type=int, default=2, help="tries per Flower run (2)")
     p.add_argument("--policies", nargs="*", choices=list(POLICIES))
     p.add_argument("--seeds", type=int, nargs="*", help="fedge seeds (0 1 2; quick: 0)")
     p.add_argument("--epochs", type=int, nargs="*", help="local epoch configurations (1 5)")
@@ -850,25 +851,42 @@ def main(argv: list[str] | None = None) -> int:
             cfg: dict[str, Any] = {"epochs": epochs, "flower_runs": [], "fedge_runs": []}
             if flower_reason is None and app is not None:
                 for k in range(repeats):
-                    progress(f"Flower, {key}, repeat {k + 1}/{repeats} ...")
-                    load_before = wait_for_quiet(args.flower_max_load, args.flower_max_wait)
-                    try:
-                        run = run_flower(
-                            venv=venv,
-                            app=app,
-                            homes=work / "flower-homes",
-                            data_dir=work / "flower-data",
-                            clients=CLIENTS,
-                            rounds=args.flower_rounds,
-                            epochs=epochs,
-                            tag=f"e{epochs}-r{k}",
-                            timeout_s=180.0 + 60.0 * args.flower_rounds,
-                        )
-                    except FlowerUnavailable as exc:
-                        cfg["flower_not_run"] = str(exc)
-                        progress(f"Flower failed: {exc}")
+                    run = None
+                    for attempt in range(1, args.flower_attempts + 1):
+                        progress(f"Flower, {key}, repeat {k + 1}/{repeats}, attempt {attempt} ...")
+                        load_before = wait_for_quiet(args.flower_max_load, args.flower_max_wait)
+                        try:
+                            run = run_flower(
+                                venv=venv,
+                                app=app,
+                                homes=work / "flower-homes",
+                                data_dir=work / "flower-data",
+                                clients=CLIENTS,
+                                rounds=args.flower_rounds,
+                                epochs=epochs,
+                                tag=f"e{epochs}-r{k}-a{attempt}",
+                                timeout_s=180.0 + 60.0 * args.flower_rounds,
+                            )
+                        except FlowerUnavailable as exc:
+                            cfg.setdefault("flower_failed_attempts", []).append(
+                                {
+                                    "repeat": k,
+                                    "attempt": attempt,
+                                    "error": str(exc),
+                                    "load_average_1min": {"before": load_before, "after": _load()},
+                                }
+                            )
+                            progress(f"Flower failed: {exc}")
+                            continue
+                        run["attempt"] = attempt
+                        run["load_average_1min"] = {"before": load_before, "after": _load()}
                         break
-                    run["load_average_1min"] = {"before": load_before, "after": _load()}
+                    if run is None:
+                        cfg["flower_not_run"] = (
+                            f"{args.flower_attempts} attempts failed; the last: "
+                            f"{cfg['flower_failed_attempts'][-1]['error']}"
+                        )
+                        break
                     cfg["flower_runs"].append(run)
                     progress(
                         f"  Flower: final accuracy {run['final_accuracy']:.4f}, "

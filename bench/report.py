@@ -408,14 +408,14 @@ def aggregate(d: dict[str, Any]) -> str:
     )
 
 
-def _flower_rows(key: str, cfg: dict[str, Any]) -> list[Row]:
+def _flower_rows(key: str, cfg: dict[str, Any], flwr: str) -> list[Row]:
     rows: list[Row] = []
     fl = cfg.get("flower")
     if fl:
         rows.append(
             [
                 key,
-                f"Flower 1.42 (×{fl['repeats']})",
+                f"Flower {flwr} (×{fl['repeats']})",
                 mean_range(fl["bytes_per_client_to_final_accuracy"], ",.0f"),
                 mean_range(fl["rounds_to_final_accuracy"], ".0f"),
                 mean_range(fl["up_bytes_per_client_per_round"], ",.0f"),
@@ -427,7 +427,7 @@ def _flower_rows(key: str, cfg: dict[str, Any]) -> list[Row]:
         )
     else:
         reason = cfg.get("flower_not_run") or "not run"
-        rows.append([key, "Flower 1.42", f"not run: {reason}", "", "", "", "", "", ""])
+        rows.append([key, f"Flower {flwr}", f"not run: {reason}", "", "", "", "", "", ""])
     for name, s in cfg["fedge"].items():
         if not s.get("supported"):
             rows.append([key, f"fedge {name}", "not supported by the measured commit"] + [""] * 6)
@@ -454,8 +454,9 @@ def _flower_rows(key: str, cfg: dict[str, Any]) -> list[Row]:
 def flower_setting(d: dict[str, Any]) -> str:
     p = d["parameters"]
     rows: list[Row] = []
+    flwr = ((p.get("flower") or {}).get("versions") or {}).get("flwr", "")
     for key, cfg in d["configurations"].items():
-        rows += _flower_rows(key, cfg)
+        rows += _flower_rows(key, cfg, flwr)
     h = d["summary"]["headline"]
     if h.get("policy"):
         measured = (
