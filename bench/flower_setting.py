@@ -50,7 +50,8 @@ smallest repeat, in the less favourable epochs configuration. Target: at least 2
 fedge policies: ``dense`` (float32 both ways), ``up1pct4b`` (top-1 % 4-bit error-feedback
 updates, dense model downloads), and, when the coordinator has compressed model downloads
 (the task's ``compression.download``), ``up1pct4b-down10pct8b``, ``up1pct4b-down5pct4b`` and
-``up10pct8b-down10pct8b`` (top-10 % 8-bit both ways).
+``up10pct8b-down10pct8b`` (top-10 % 8-bit both ways), ``up1pct4b-m09w4-down10pct8b`` (the
+uplink with momentum correction 0.9 and a 4-round top-k warm-up).
 A policy the coordinator refuses (422: the field does not exist on the measured commit) is
 recorded as not supported. ``--compression-extra '{...}'`` merges more uplink fields (e.g.
 ``momentum``, ``warmup_rounds``) into the compressed policies.
@@ -147,6 +148,10 @@ POLICIES: dict[str, tuple[dict[str, Any], bool]] = {
     "up1pct4b-down10pct8b": ({**UP_EF, "download": _down(0.1, 8)}, True),
     "up1pct4b-down5pct4b": ({**UP_EF, "download": _down(0.05, 4)}, True),
     "up10pct8b-down10pct8b": ({**UP_EF10, "download": _down(0.1, 8)}, True),
+    "up1pct4b-m09w4-down10pct8b": (
+        {**UP_EF, "momentum": 0.9, "warmup_rounds": 4, "download": _down(0.1, 8)},
+        True,
+    ),
 }
 QUICK_POLICIES = ["dense", "up1pct4b"]
 
@@ -808,8 +813,16 @@ def print_summary(result: dict[str, Any]) -> None:
 # ----------------------------------------------------------------------------- main
 
 
+def _interrupt(signum: int, frame: Any) -> None:
+    raise KeyboardInterrupt(f"signal {signum}")
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    # A run started in the background ignores SIGINT; both signals end it through the
+    # cleanup paths (agents, coordinators, Flower's processes are stopped).
+    signal.signal(signal.SIGTERM, _interrupt)
+    signal.signal(signal.SIGINT, _interrupt)
     out = args.output or RESULTS_DIR / (f"{NAME}.quick.json" if args.quick else f"{NAME}.json")
     png = out.with_suffix(".png")
     if args.plot_only:
@@ -930,6 +943,56 @@ def main(argv: list[str] | None = None) -> int:
                 for name in policies
             }
             configurations[key] = cfg
+            partial = result_of(
+                args,
+                configurations,
+                setting,
+                flower_env,
+                flower_reason,
+                seeds=seeds,
+                epoch_list=epoch_list,
+                max_rounds=max_rounds,
+                repeats=repeats,
+                policies=policies,
+                started=started,
+            )
+            partial["partial"] = True
+            write_json(out.with_suffix(".partial.json"), partial)
+    result = result_of(
+        args,
+        configurations,
+        setting,
+        flower_env,
+        flower_reason,
+        seeds=seeds,
+        epoch_list=epoch_list,
+        max_rounds=max_rounds,
+        repeats=repeats,
+        policies=policies,
+        started=started,
+    )
+    write_json(out, result)
+    out.with_suffix(".partial.json").unlink(missing_ok=True)
+    plot(result, png)
+    print_summary(result)
+    print(f"\nresults: {out}\nplot:    {png}")
+    return 0
+
+
+def result_of(
+    args: argparse.Namespace,
+    configurations: dict[str, Any],
+    setting: dict[str, Any],
+    flower_env: dict[str, Any] | None,
+    flower_reason: str | None,
+    *,
+    seeds: list[int],
+    epoch_list: list[int],
+    max_rounds: int,
+    repeats: int,
+    policies: list[str],
+    started: float,
+) -> dict[str, Any]:
     result: dict[str, Any] = {
         "benchmark": NAME,
         "command": " ".join([Path(sys.executable).name, *sys.argv]),
@@ -967,11 +1030,7 @@ def main(argv: list[str] | None = None) -> int:
         "configurations": configurations,
     }
     result["summary"] = {"headline": headline(configurations)}
-    write_json(out, result)
-    plot(result, png)
-    print_summary(result)
-    print(f"\nresults: {out}\nplot:    {png}")
-    return 0
+    return result
 
 
 if __name__ == "__main__":
