@@ -363,6 +363,23 @@ def _at_or_after(samples: Sequence[tuple[float, int, int]], t: float) -> tuple[i
     return samples[-1][1], samples[-1][2]
 
 
+IDLE_WINDOW_S = 15.0
+
+
+def idle_rate(
+    samples: Sequence[tuple[float, int, int]], t0: float, *, clients: int
+) -> float | None:
+    """Bytes per client per second (both directions) while every supernode is registered and
+    idle: the relay's samples in the ``IDLE_WINDOW_S`` before round 0 (after the harness's 5 s
+    settle, while ``flwr run`` builds and submits the app; the app itself goes to the
+    superlink's control API, not through the relay). ``None`` without enough samples."""
+    inside = [s for s in samples if t0 - IDLE_WINDOW_S <= s[0] <= t0]
+    if len(inside) < 2 or inside[-1][0] - inside[0][0] < IDLE_WINDOW_S / 2:
+        return None
+    first, last = inside[0], inside[-1]
+    return (last[1] - first[1] + last[2] - first[2]) / (last[0] - first[0]) / clients
+
+
 def summarize(
     results: dict[str, Any], samples: Sequence[tuple[float, int, int]], *, clients: int
 ) -> dict[str, Any]:
@@ -398,7 +415,13 @@ def summarize(
     final = last["accuracy"]
     reach = next(p for p in curve if p["accuracy"] >= final)
     dts = [float(r["dt"]) for r in log[1:]]
+    idle = idle_rate(samples, t0, clients=clients)
+    to_final = reach["up_bytes_per_client"] + reach["down_bytes_per_client"]
     return {
+        "idle_bytes_per_client_per_s": idle,
+        "bytes_per_client_to_final_accuracy_net_of_idle": None
+        if idle is None
+        else max(0.0, to_final - idle * reach["t_s"]),
         "rounds": rounds,
         "final_accuracy": final,
         "curve": curve,
@@ -408,8 +431,7 @@ def summarize(
         "down_bytes_per_client_per_round": last["down_bytes_per_client"] / rounds,
         "total_bytes_per_client": last["up_bytes_per_client"] + last["down_bytes_per_client"],
         "rounds_to_final_accuracy": reach["round"],
-        "bytes_per_client_to_final_accuracy": reach["up_bytes_per_client"]
-        + reach["down_bytes_per_client"],
+        "bytes_per_client_to_final_accuracy": to_final,
         "whole_log_bytes_per_client": {
             "up": samples[-1][1] / clients,
             "down": samples[-1][2] / clients,

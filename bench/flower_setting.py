@@ -104,7 +104,9 @@ from _flower import (
     harness_app,
     import_task,
     prepare_data,
+    read_proxy_log,
     run_flower,
+    summarize,
 )
 
 from fedge.edge_agent.admin_client import AdminClient
@@ -160,6 +162,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--quick", action="store_true", help="reduced run for make bench")
     p.add_argument("--plot-only", action="store_true", help="redraw the plot from the JSON")
+    p.add_argument(
+        "--reanalyse",
+        action="store_true",
+        help="recompute the summaries of the JSON (Flower's from its logs, when its run "
+        "folders still exist) without running anything",
+    )
     p.add_argument("--with-flower", action="store_true", help="run Flower in --quick too")
     p.add_argument("--no-flower", action="store_true", help="fedge only (no ratio)")
     p.add_argument("--flower-venv", type=Path, default=None, help=f"({default_venv()})")
@@ -577,12 +585,18 @@ def summarize_policy(runs: list[dict[str, Any]], flower: dict[str, Any] | None) 
         fb = flower["bytes_per_client_to_final_accuracy"]
         all_reached = len(reached) == len(ok)
         b = out["bytes_per_client_to_target"]
+        net = flower.get("bytes_per_client_to_final_accuracy_net_of_idle") or {}
         out["ratio_vs_flower"] = {
             "mean": fb["mean"] / b["mean"] if all_reached and b["mean"] else None,
             "worst": fb["min"] / b["max"] if all_reached and b["max"] else None,
             "best": fb["max"] / b["min"] if all_reached and b["min"] else None,
+            "worst_net_of_idle": net["min"] / b["max"]
+            if all_reached and b["max"] and net.get("min") is not None
+            else None,
             "note": "Flower socket bytes per client to its final accuracy / fedge's to the "
-            "same accuracy; worst = Flower's smallest repeat / fedge's largest seed",
+            "same accuracy; worst = Flower's smallest repeat / fedge's largest seed; "
+            "net_of_idle: Flower's bytes less its idle polling rate (measured before round 0) "
+            "times the time to its final accuracy, a lower bound of Flower's cost",
         }
     return out
 
@@ -599,6 +613,12 @@ def summarize_flower(runs: list[dict[str, Any]]) -> dict[str, Any] | None:
         "bytes_per_client_to_final_accuracy": Spread(
             [r["bytes_per_client_to_final_accuracy"] for r in runs]
         ).to_dict(),
+        "bytes_per_client_to_final_accuracy_net_of_idle": Spread(
+            [r.get("bytes_per_client_to_final_accuracy_net_of_idle") for r in runs]
+        ).to_dict(),
+        "idle_bytes_per_client_per_s": Spread(
+            [r.get("idle_bytes_per_client_per_s") for r in runs]
+        ).to_dict(),
         "up_bytes_per_client_per_round": Spread(
             [r["up_bytes_per_client_per_round"] for r in runs]
         ).to_dict(),
@@ -607,6 +627,31 @@ def summarize_flower(runs: list[dict[str, Any]]) -> dict[str, Any] | None:
         ).to_dict(),
         "seconds_per_round": Spread([r["seconds_per_round"] for r in runs]).to_dict(),
     }
+
+
+def reanalyse(result: dict[str, Any]) -> None:
+    """Recompute the summaries of a results dict in place (the measurements stay): Flower's
+    per-run figures from its results.json and proxy.log when the run folder still exists,
+    then every configuration's summaries and the headline."""
+    for cfg in result["configurations"].values():
+        for run in cfg["flower_runs"]:
+            folder = Path(run["output_dir"])
+            if (folder / "results.json").exists() and (folder / "proxy.log").exists():
+                run.update(
+                    summarize(
+                        json.loads((folder / "results.json").read_text()),
+                        read_proxy_log(folder / "proxy.log"),
+                        clients=CLIENTS,
+                    )
+                )
+        cfg["flower"] = summarize_flower(cfg["flower_runs"])
+        names = list(dict.fromkeys(r["policy"] for r in cfg["fedge_runs"]))
+        cfg["fedge"] = {
+            n: summarize_policy([r for r in cfg["fedge_runs"] if r["policy"] == n], cfg["flower"])
+            for n in names
+        }
+    result["summary"] = {"headline": headline(result["configurations"])}
+    result["reanalysed_at"] = now_iso()
 
 
 def headline(configs: dict[str, Any]) -> dict[str, Any]:
@@ -634,6 +679,7 @@ def headline(configs: dict[str, Any]) -> dict[str, Any]:
                 "configuration": key,
                 "ratio_worst": worst["worst"],
                 "ratio_mean": worst["mean"],
+                "ratio_worst_net_of_idle": worst.get("worst_net_of_idle"),
                 "fedge_bytes_per_client_to_target": configs[key]["fedge"][name][
                     "bytes_per_client_to_target"
                 ],
@@ -650,10 +696,16 @@ def headline(configs: dict[str, Any]) -> dict[str, Any]:
             "note": "no compressed policy reached Flower's accuracy "
             "with every seed in every configuration (or Flower did not run)",
         }
+    figures = [best["ratio_worst"], best.get("ratio_worst_net_of_idle")]
+    best["ratio"] = min(f for f in figures if f is not None)
+    best["ratio_is"] = (
+        "the smaller of: fedge's worst seed against Flower's smallest repeat, with Flower's "
+        "bytes as counted and net of its idle polling"
+    )
     best["target"] = TARGET_RATIO
     best["goal"] = GOAL_RATIO
-    best["met"] = best["ratio_worst"] >= TARGET_RATIO
-    best["goal_met"] = best["ratio_worst"] >= GOAL_RATIO
+    best["met"] = best["ratio"] >= TARGET_RATIO
+    best["goal_met"] = best["ratio"] >= GOAL_RATIO
     best["differences"] = DIFFERENCES
     return best
 
@@ -801,8 +853,10 @@ def print_summary(result: dict[str, Any]) -> None:
     if h.get("policy"):
         print(
             f"\nheadline: {h['policy']} ({h['configuration']}): Flower/fedge socket bytes per "
-            f"client to Flower's final accuracy {h['ratio_worst']:.1f}x worst case "
-            f"({h['ratio_mean']:.1f}x on means); target {TARGET_RATIO:.0f}x "
+            f"client to Flower's final accuracy {h['ratio']:.1f}x (worst seed "
+            f"{h['ratio_worst']:.1f}x, net of Flower's idle polling "
+            f"{h.get('ratio_worst_net_of_idle') or 0:.1f}x, on "
+            f"means {h['ratio_mean']:.1f}x); target {TARGET_RATIO:.0f}x "
             f"{'met' if h['met'] else 'NOT met'}, goal {GOAL_RATIO:.0f}x "
             f"{'met' if h['goal_met'] else 'not met'}"
         )
@@ -825,8 +879,11 @@ def main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGINT, _interrupt)
     out = args.output or RESULTS_DIR / (f"{NAME}.quick.json" if args.quick else f"{NAME}.json")
     png = out.with_suffix(".png")
-    if args.plot_only:
+    if args.plot_only or args.reanalyse:
         stored = json.loads(out.read_text())
+        if args.reanalyse:
+            reanalyse(stored)
+            write_json(out, stored)
         plot(stored, png)
         print_summary(stored)
         return 0
@@ -1019,17 +1076,29 @@ def result_of(
             "compression_extra": args.compression_extra,
             "agents": "10 separate `fedge agent run` processes (bench/_flower_agent.py), "
             "--eval-fraction 0, --poll-wait 30, through a CountingRelay",
+            "process_niceness": os.nice(0),
             "flower": flower_env,
             "flower_not_run": flower_reason,
             "counting": "relay cumulative bytes both directions at each round's model "
             "evaluation time, per client (/10); Flower: countproxy.py samples every 0.5 s, "
             "window round 0 .. round r rounded inwards; fedge: CountingRelay sampled every "
             "10 ms, window agents' launch .. round r rounded outwards",
-            "differences": DIFFERENCES,
+            "differences": DIFFERENCES
+            + (
+                [
+                    f"every process of the run (Flower's and fedge's alike) ran at niceness "
+                    f"{os.nice(0)} on the shared machine, so that Flower's per-message "
+                    "clientapps start within its fixed 30 s while other jobs load the machine"
+                ]
+                if os.nice(0) != 0
+                else []
+            ),
         },
         "configurations": configurations,
     }
     result["summary"] = {"headline": headline(configurations)}
+    if result["summary"]["headline"].get("policy"):
+        result["summary"]["headline"]["differences"] = result["parameters"]["differences"]
     return result
 
 
