@@ -154,6 +154,23 @@ POLICIES: dict[str, tuple[dict[str, Any], bool]] = {
         {**UP_EF, "momentum": 0.9, "warmup_rounds": 4, "download": _down(0.1, 8)},
         True,
     ),
+    # the uplink settings bench/compression_accuracy.py found best at 1 local epoch
+    # (momentum 0.5, 2 warm-up versions) at top-2 % and top-5 %
+    "up2pct4b-m05w2-down10pct8b": (
+        {**UP_EF, "topk_fraction": 0.02, "momentum": 0.5, "warmup_rounds": 2}
+        | {"download": _down(0.1, 8)},
+        True,
+    ),
+    "up5pct4b-m05w2-down10pct8b": (
+        {**UP_EF, "topk_fraction": 0.05, "momentum": 0.5, "warmup_rounds": 2}
+        | {"download": _down(0.1, 8)},
+        True,
+    ),
+    "up5pct4b-m05w2-down20pct8b": (
+        {**UP_EF, "topk_fraction": 0.05, "momentum": 0.5, "warmup_rounds": 2}
+        | {"download": _down(0.2, 8)},
+        True,
+    ),
 }
 QUICK_POLICIES = ["dense", "up1pct4b"]
 
