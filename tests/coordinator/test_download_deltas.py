@@ -61,15 +61,16 @@ def _broadcast(db: Db, task_id: int, version: int) -> tuple[bytes, Weights]:
 
 
 def _run_round(fleet: list[TestDevice], url: str, db: Db, task_id: int, version: int, rng) -> None:
-    """Every device with work on ``version`` uploads; wait for ``version + 1``."""
+    """Every device (each test selects the whole fleet, and the round waits for all of them)
+    uploads on ``version``; wait for ``version + 1``. The poll waits for the round to open:
+    the version before it can be committed a moment before its successor round is."""
     for device in fleet:
         device.client.base_url = url
-        work = device.work(wait=0)
-        if work is None or work["base_version"] != version:
-            continue
+        work = device.work(wait=20)
+        assert work is not None and work["base_version"] == version, work
         body = make_update(work, delta=random_delta(spec_of(work), rng, 0.05), num_examples=5)
         r = device.upload(work, body)
-        assert r.status_code in (201, 409), r.text
+        assert r.status_code == 201, r.text
     wait_until(lambda: db.task(task_id).current_version >= version + 1, timeout=30)
 
 
