@@ -2,16 +2,16 @@
 transports, and a sampler of the counting relay.
 
 * :class:`RequestLedger` / :class:`CountingTransport`: every device's HTTP client sends through a
-  :class:`CountingTransport` wrapped around the same ``httpx.HTTPTransport`` its client would
-  otherwise build (pinned CA, HTTP/1.1, default pool limits). It classifies each request
+  :class:`CountingTransport` wrapped around the ``httpx.HTTPTransport`` the client built for
+  itself (pinned CA, pool and keep-alive settings unchanged). It classifies each request
   (work poll, cancel watch, model download, upload, ...) and counts, per kind, the requests,
   the answers by status code and the HTTP/1.1 bytes each way: request line, header lines and
   body as sent; status line, header lines and body bytes as received (raw, before any content
   decoding; chunked-transfer framing is not counted). TLS records and handshakes are not
   visible here: the relay sees them, and the difference of the two is reported as such.
-* :class:`TrafficFleet`: :class:`fedge.edge_agent.sim.fleet.Fleet` whose devices' clients use
-  those transports (the fleet simulation has no transport hook, so ``start`` is repeated here
-  with one).
+* :class:`TrafficFleet`: :class:`fedge.edge_agent.sim.fleet.Fleet` whose devices' clients count
+  through those transports (the fleet simulation has no hook for it, so ``start`` is repeated
+  here, wrapping the transport each client built for itself).
 * :class:`Sampler`: a thread that records the relay's cumulative counts and the ledger every
   ``interval_s`` with a wall-clock timestamp, so the bytes at any moment of the run (e.g. the
   creation of a model version, timestamped by the coordinator) are read from a sample instead
@@ -31,12 +31,12 @@ from typing import Any
 import httpx
 
 from fedge.edge_agent.agent import Agent
+from fedge.edge_agent.client import CoordinatorClient
 from fedge.edge_agent.device import open_client
 from fedge.edge_agent.sim.faults import FaultHooks
 from fedge.edge_agent.sim.fleet import Fleet
 from fedge.edge_agent.sim.relay import CountingRelay, Counts
 from fedge.edge_agent.state import State
-from fedge.edge_agent.transport import verify_setting
 
 _MODEL = re.compile(r"/device/tasks/\d+/models/\d+$")
 _UPLOAD = re.compile(r"/device/assignments/\d+/update$")
@@ -150,35 +150,44 @@ class RequestLedger:
             entry = self._kinds[kind] = KindCounts()
         return entry
 
-    def sent(self, kind: str, head: int, body: int) -> None:
+    def sent(self, kind: str, *, up_head: int, up_body: int) -> None:
         with self._lock:
             entry = self._entry(kind)
             entry.requests += 1
-            entry.up += head + body
-            entry.up_headers += head
+            entry.up += up_head + up_body
+            entry.up_headers += up_head
 
     def answered(
         self,
         kind: str,
-        status: int,
-        head: int,
         *,
+        status: str,
+        down_head: int,
         connection: object | None,
         close: bool,
         sent_at: float,
     ) -> None:
-        """The answer's head. The first answer on a connection is that of the request that
-        opened it (HTTP/1.1 answers in order)."""
+        """The head of an answer (the body is counted as it is read). The first answer on a
+        connection is that of the request that opened it (HTTP/1.1 answers in order)."""
         with self._lock:
             entry = self._entry(kind)
+            entry.down += down_head
+            entry.down_headers += down_head
+            entry.statuses[status] = entry.statuses.get(status, 0) + 1
             entry.closed_by_server += int(close)
             if connection is not None and id(connection) not in self._connections:
                 self._connections[id(connection)] = connection
                 if sent_at >= self._window_start:
                     entry.new_connections += 1
-            entry.down += head
-            entry.down_headers += head
-            entry.statuses[str(status)] = entry.statuses.get(str(status), 0) + 1
+
+    def rebook(self, old: str, new: str, *, up_head: int, up_body: int) -> None:
+        """Move one sent request from kind ``old`` to ``new`` (known once answered)."""
+        with self._lock:
+            for kind, sign in ((old, -1), (new, 1)):
+                entry = self._entry(kind)
+                entry.requests += sign
+                entry.up += sign * (up_head + up_body)
+                entry.up_headers += sign * up_head
 
     def received(self, kind: str, nbytes: int) -> None:
         with self._lock:
@@ -210,27 +219,45 @@ class _CountingStream(httpx.SyncByteStream):
 
 
 class CountingTransport(httpx.BaseTransport):
-    """Counts what passes through ``inner`` in ``ledger`` (see the module docstring)."""
+    """Counts what passes through ``inner`` in ``ledger`` (see the module docstring). A request
+    is booked when it is sent, its answer when the head arrives; a model download answered
+    with a delta chain (200 without an ETag) is moved to ``model_delta_chain`` then."""
 
     def __init__(self, inner: httpx.BaseTransport, ledger: RequestLedger) -> None:
-        self._inner = inner
+        self.inner = inner
         self._ledger = ledger
 
     def handle_request(self, request: httpx.Request) -> httpx.Response:
         url = request.url
         query = url.query.decode("ascii", "replace")
         kind = request_kind(request.method, url.path, query)
-        line = len(request.method) + 1 + len(url.raw_path) + len(" HTTP/1.1\r\n")
-        body = request.read()
+        up_head = len(request.method) + 1 + len(url.raw_path) + len(" HTTP/1.1\r\n")
+        up_head += _header_bytes(request.headers.raw)
+        up_body = len(request.read())
         sent_at = time.monotonic()
-        self._ledger.sent(kind, line + _header_bytes(request.headers.raw), len(body))
-        response = self._inner.handle_request(request)
+        self._ledger.sent(kind, up_head=up_head, up_body=up_body)
+        try:
+            response = self.inner.handle_request(request)
+        except httpx.TransportError as exc:
+            self._ledger.answered(
+                kind,
+                status=type(exc).__name__,
+                down_head=0,
+                connection=None,
+                close=False,
+                sent_at=sent_at,
+            )
+            raise
+        delta = response.status_code == 200 and "etag" not in response.headers
+        if kind == "model_download" and delta:
+            self._ledger.rebook(kind, "model_delta_chain", up_head=up_head, up_body=up_body)
+            kind = "model_delta_chain"
         reason = response.extensions.get("reason_phrase", b"")
         status_line = len(f"HTTP/1.1 {response.status_code} ") + len(reason) + 2
         self._ledger.answered(
             kind,
-            response.status_code,
-            status_line + _header_bytes(response.headers.raw),
+            status=str(response.status_code),
+            down_head=status_line + _header_bytes(response.headers.raw),
             connection=response.extensions.get("network_stream"),
             close=response.headers.get("connection", "").lower() == "close",
             sent_at=sent_at,
@@ -244,7 +271,36 @@ class CountingTransport(httpx.BaseTransport):
         )
 
     def close(self) -> None:
-        self._inner.close()
+        self.inner.close()
+
+
+def count_client(client: CoordinatorClient, ledger: RequestLedger) -> httpx.BaseTransport:
+    """Put a :class:`CountingTransport` around the transport ``client`` built for itself (its
+    TLS, pool and keep-alive settings stay the product's); the wrapped transport.
+
+    The agent's client takes a transport only in place of its own, so the benchmark reaches
+    for the one inside: ``CoordinatorClient._session._client`` (an ``httpx.Client``)."""
+    http = client._session._client
+    inner = http._transport
+    if not isinstance(inner, httpx.HTTPTransport):
+        raise TypeError(f"unexpected transport {type(inner).__name__}")
+    http._transport = CountingTransport(inner, ledger)
+    return inner
+
+
+def transport_settings(inner: httpx.BaseTransport) -> dict[str, Any]:
+    """Pool settings of an agent's transport, for the record (httpcore's attributes)."""
+    pool = getattr(inner, "_pool", None)
+    return {
+        name: getattr(pool, f"_{name}", None)
+        for name in (
+            "max_connections",
+            "max_keepalive_connections",
+            "keepalive_expiry",
+            "http1",
+            "http2",
+        )
+    }
 
 
 class TrafficFleet(Fleet):
@@ -253,20 +309,16 @@ class TrafficFleet(Fleet):
     def __init__(self, *args: Any, ledger: RequestLedger, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.ledger = ledger
+        self.transport_settings: dict[str, Any] = {}
 
     def start(self) -> None:
         # Fleet.start with a transport per device (the fleet offers no transport hook).
         for device in self.devices:
             state = State(device.state_dir)
-            config = state.load_config()
-            inner = httpx.HTTPTransport(verify=verify_setting(state.ca_path(config)))
             device.client = open_client(
-                state,
-                transport=CountingTransport(inner, self.ledger),
-                retry=self.retry,
-                sleep=self._stop.wait,
-                interrupted=self._stop.is_set,
+                state, retry=self.retry, sleep=self._stop.wait, interrupted=self._stop.is_set
             )
+            self.transport_settings = transport_settings(count_client(device.client, self.ledger))
             device.agent = Agent(
                 state=state,
                 client=device.client,

@@ -128,7 +128,14 @@ ARMS: dict[str, dict[str, Any]] = {
     },
 }
 HEADLINE = "fedge"
-KIND_ORDER = ("work_poll", "model_download", "cancel_watch", "upload", "metrics_report")
+KIND_ORDER = (
+    "work_poll",
+    "model_download",
+    "model_delta_chain",
+    "cancel_watch",
+    "upload",
+    "metrics_report",
+)
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -334,6 +341,7 @@ def run_one(
                 "max": int(max(len(p) for p in parts)),
             },
             "device_errors": errors,
+            "agent_transport": fleet.transport_settings if fleet is not None else {},
             "wall_s": time.monotonic() - started_wall,
         }
     )
