@@ -37,6 +37,7 @@ from fedge.edge_agent.sim.faults import FaultHooks
 from fedge.edge_agent.sim.fleet import Fleet
 from fedge.edge_agent.sim.relay import CountingRelay, Counts
 from fedge.edge_agent.state import State
+from fedge.edge_agent.transport import Session
 
 _MODEL = re.compile(r"/device/tasks/\d+/models/\d+$")
 _UPLOAD = re.compile(r"/device/assignments/\d+/update$")
@@ -275,17 +276,25 @@ class CountingTransport(httpx.BaseTransport):
 
 
 def count_client(client: CoordinatorClient, ledger: RequestLedger) -> httpx.BaseTransport:
-    """Put a :class:`CountingTransport` around the transport ``client`` built for itself (its
-    TLS, pool and keep-alive settings stay the product's); the wrapped transport.
+    """Put a :class:`CountingTransport` around every transport ``client`` built for itself (one
+    per :class:`~fedge.edge_agent.transport.Session` it holds: requests, cancel watch); their
+    TLS, pool and keep-alive settings stay the product's. Returns the first one.
 
     The agent's client takes a transport only in place of its own, so the benchmark reaches
-    for the one inside: ``CoordinatorClient._session._client`` (an ``httpx.Client``)."""
-    http = client._session._client
-    inner = http._transport
-    if not isinstance(inner, httpx.HTTPTransport):
-        raise TypeError(f"unexpected transport {type(inner).__name__}")
-    http._transport = CountingTransport(inner, ledger)
-    return inner
+    for the ones inside (each ``Session._client`` is an ``httpx.Client``)."""
+    wrapped = []
+    for value in vars(client).values():
+        if not isinstance(value, Session):
+            continue
+        http = value._client
+        inner = http._transport
+        if not isinstance(inner, httpx.HTTPTransport):
+            raise TypeError(f"unexpected transport {type(inner).__name__}")
+        http._transport = CountingTransport(inner, ledger)
+        wrapped.append(inner)
+    if not wrapped:
+        raise TypeError("the client holds no Session")
+    return wrapped[0]
 
 
 def transport_settings(inner: httpx.BaseTransport) -> dict[str, Any]:

@@ -49,7 +49,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import logging
 import math
 import statistics
 import sys
@@ -297,15 +296,7 @@ def run_one(
             sampler.sample()
         if fleet is not None:
             fleet.signal_stop()
-        # Closing the relay ends the agents' open long-polls at once; asyncio logs the
-        # relay's cancelled connection handlers as errors, which they are not here.
-        asyncio_log = logging.getLogger("asyncio")
-        level = asyncio_log.level
-        asyncio_log.setLevel(logging.CRITICAL)
-        try:
-            relay.close()
-        finally:
-            asyncio_log.setLevel(level)
+        relay.close()  # ends the agents' open long-polls at once
         if fleet is not None:
             fleet.stop(timeout=10)
         coordinator.stop()
