@@ -49,6 +49,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import math
 import statistics
 import sys
@@ -296,9 +297,17 @@ def run_one(
             sampler.sample()
         if fleet is not None:
             fleet.signal_stop()
-        relay.close()  # ends the agents' open long-polls at once
-        if fleet is not None:
-            fleet.stop(timeout=10)
+        # Closing the relay ends the agents' open long-polls at once; each agent would log
+        # the cut poll as a warning on its way out.
+        agent_log = logging.getLogger("fedge.edge_agent.agent")
+        level = agent_log.level
+        agent_log.setLevel(logging.ERROR)
+        try:
+            relay.close()
+            if fleet is not None:
+                fleet.stop(timeout=10)
+        finally:
+            agent_log.setLevel(level)
         coordinator.stop()
     errors = fleet.stats().errors if fleet is not None else []
     run = analyse(
