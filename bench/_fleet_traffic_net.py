@@ -38,6 +38,7 @@ from fedge.edge_agent.sim.fleet import Fleet
 from fedge.edge_agent.sim.relay import CountingRelay, Counts
 from fedge.edge_agent.state import State
 from fedge.edge_agent.transport import Session
+from fedge.shared.wire_delta import WORK_FRAME_MEDIA_TYPE
 
 _MODEL = re.compile(r"/device/tasks/\d+/models/\d+$")
 _UPLOAD = re.compile(r"/device/assignments/\d+/update$")
@@ -222,7 +223,8 @@ class _CountingStream(httpx.SyncByteStream):
 class CountingTransport(httpx.BaseTransport):
     """Counts what passes through ``inner`` in ``ledger`` (see the module docstring). A request
     is booked when it is sent, its answer when the head arrives; a model download answered
-    with a delta chain (200 without an ETag) is moved to ``model_delta_chain`` then."""
+    with a delta chain (200 without an ETag) is moved to ``model_delta_chain`` then, and a work
+    poll answered with a work frame (assignment and delta chain in one body) to ``work_frame``."""
 
     def __init__(self, inner: httpx.BaseTransport, ledger: RequestLedger) -> None:
         self.inner = inner
@@ -249,10 +251,14 @@ class CountingTransport(httpx.BaseTransport):
                 sent_at=sent_at,
             )
             raise
-        delta = response.status_code == 200 and "etag" not in response.headers
-        if kind == "model_download" and delta:
+        ok = response.status_code == 200
+        if kind == "model_download" and ok and "etag" not in response.headers:
             self._ledger.rebook(kind, "model_delta_chain", up_head=up_head, up_body=up_body)
             kind = "model_delta_chain"
+        frame = response.headers.get("content-type", "").startswith(WORK_FRAME_MEDIA_TYPE)
+        if kind == "work_poll" and ok and frame:
+            self._ledger.rebook(kind, "work_frame", up_head=up_head, up_body=up_body)
+            kind = "work_frame"
         reason = response.extensions.get("reason_phrase", b"")
         status_line = len(f"HTTP/1.1 {response.status_code} ") + len(reason) + 2
         self._ledger.answered(

@@ -130,6 +130,7 @@ ARMS: dict[str, dict[str, Any]] = {
 HEADLINE = "fedge"
 KIND_ORDER = (
     "work_poll",
+    "work_frame",
     "model_download",
     "model_delta_chain",
     "cancel_watch",
