@@ -218,6 +218,7 @@ def run_flower(
         proc = subprocess.Popen(
             cmd, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
         )
+        set_autogroup_nice(proc.pid)
         try:
             proc.wait(timeout_s)
         except subprocess.TimeoutExpired as exc:
@@ -252,6 +253,22 @@ def run_flower(
         }
     )
     return out
+
+
+def set_autogroup_nice(pid: int) -> int | None:
+    """Give ``pid``'s session the niceness of this process (Linux autogroup scheduling).
+
+    With ``kernel.sched_autogroup_enabled`` the CPU is shared between sessions first, so a
+    process's own niceness only counts inside its session; a launcher in a session of its
+    own gets this process's niceness for its whole session. The niceness set, or ``None``
+    where there is no autogroup (or it may not be changed)."""
+    nice = os.nice(0)
+    path = Path(f"/proc/{pid}/autogroup")
+    try:
+        path.write_text(f"{nice}\n")
+    except OSError:
+        return None
+    return nice
 
 
 def _descendants(pid: int) -> list[int]:

@@ -106,6 +106,7 @@ from _flower import (
     prepare_data,
     read_proxy_log,
     run_flower,
+    set_autogroup_nice,
     summarize,
 )
 
@@ -894,6 +895,7 @@ def main(argv: list[str] | None = None) -> int:
     # cleanup paths (agents, coordinators, Flower's processes are stopped).
     signal.signal(signal.SIGTERM, _interrupt)
     signal.signal(signal.SIGINT, _interrupt)
+    set_autogroup_nice(os.getpid())
     out = args.output or RESULTS_DIR / (f"{NAME}.quick.json" if args.quick else f"{NAME}.json")
     png = out.with_suffix(".png")
     if args.plot_only or args.reanalyse:
@@ -1000,6 +1002,27 @@ def main(argv: list[str] | None = None) -> int:
                         stop_at_target=not args.all_rounds,
                     )
                     cfg["fedge_runs"].append(run)
+                    cfg["fedge"] = {
+                        n: summarize_policy(
+                            [r for r in cfg["fedge_runs"] if r["policy"] == n], cfg["flower"]
+                        )
+                        for n in dict.fromkeys(r["policy"] for r in cfg["fedge_runs"])
+                    }
+                    partial = result_of(
+                        args,
+                        {**configurations, key: cfg},
+                        setting,
+                        flower_env,
+                        flower_reason,
+                        seeds=seeds,
+                        epoch_list=epoch_list,
+                        max_rounds=max_rounds,
+                        repeats=repeats,
+                        policies=policies,
+                        started=started,
+                    )
+                    partial["partial"] = True
+                    write_json(out.with_suffix(".partial.json"), partial)
                     if "unsupported" in run:
                         progress(f"  not supported on this commit: {run['unsupported']}")
                         break
@@ -1104,8 +1127,9 @@ def result_of(
             + (
                 [
                     f"every process of the run (Flower's and fedge's alike) ran at niceness "
-                    f"{os.nice(0)} on the shared machine, so that Flower's per-message "
-                    "clientapps start within its fixed 30 s while other jobs load the machine"
+                    f"{os.nice(0)}, their sessions too (autogroup), on the shared machine, so "
+                    "that Flower's per-message clientapps start within its fixed 30 s while "
+                    "other jobs load the machine"
                 ]
                 if os.nice(0) != 0
                 else []
