@@ -759,10 +759,11 @@ def plot(result: dict[str, Any], path: Path) -> None:
     names = list(POLICIES)
     for ax, (key, cfg) in zip(axes, configs.items(), strict=False):
         for run in cfg.get("flower_runs", [])[:1]:
-            xs = [p["up_bytes_per_client"] + p["down_bytes_per_client"] for p in run["curve"]]
+            pts = [p for p in run["curve"] if p["round"] > 0]  # log axis: from round 1
+            xs = [p["up_bytes_per_client"] + p["down_bytes_per_client"] for p in pts]
             ax.plot(
-                np.maximum(xs, 1),
-                [p["accuracy"] for p in run["curve"]],
+                xs,
+                [p["accuracy"] for p in pts],
                 "k-o",
                 ms=3,
                 label="Flower 1.42",
@@ -775,10 +776,11 @@ def plot(result: dict[str, Any], path: Path) -> None:
                     + p["up_bytes_per_client"]
                     + p["down_bytes_per_client"]
                     for p in run["curve"]
+                    if p["round"] > 0
                 ]
                 ax.plot(
-                    np.maximum(xs, 1),
-                    [p["accuracy"] or 0 for p in run["curve"]],
+                    xs,
+                    [p["accuracy"] or 0 for p in run["curve"] if p["round"] > 0],
                     color=f"C{i}",
                     lw=1,
                     alpha=0.8,
