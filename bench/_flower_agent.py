@@ -30,7 +30,7 @@ def main(argv: list[str]) -> int:
         clients.append(client)
         return client
 
-    cli.open_client = recording_open  # type: ignore[assignment]
+    cli.open_client = recording_open
     try:
         return cli.main(rest)
     finally:

@@ -632,10 +632,18 @@ def summarize_flower(runs: list[dict[str, Any]]) -> dict[str, Any] | None:
             [r["bytes_per_client_to_final_accuracy"] for r in runs]
         ).to_dict(),
         "bytes_per_client_to_final_accuracy_net_of_idle": Spread(
-            [r.get("bytes_per_client_to_final_accuracy_net_of_idle") for r in runs]
+            [
+                r["bytes_per_client_to_final_accuracy_net_of_idle"]
+                for r in runs
+                if r.get("bytes_per_client_to_final_accuracy_net_of_idle") is not None
+            ]
         ).to_dict(),
         "idle_bytes_per_client_per_s": Spread(
-            [r.get("idle_bytes_per_client_per_s") for r in runs]
+            [
+                r["idle_bytes_per_client_per_s"]
+                for r in runs
+                if r.get("idle_bytes_per_client_per_s") is not None
+            ]
         ).to_dict(),
         "up_bytes_per_client_per_round": Spread(
             [r["up_bytes_per_client_per_round"] for r in runs]
