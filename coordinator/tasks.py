@@ -44,6 +44,7 @@ from fedge.coordinator.states import TaskStatus
 from fedge.shared import architectures, wire
 from fedge.shared.limits import DEFAULT_LIMITS, Limits
 from fedge.shared.modelspec import ModelSpec
+from fedge.shared.policy import CompressionPolicy
 
 #: Lifecycle actions: action -> (statuses it applies to, status it leads to).
 TRANSITIONS: dict[str, tuple[tuple[TaskStatus, ...], TaskStatus]] = {
@@ -175,6 +176,27 @@ def _store_version_zero(session: Session, blobs: BlobStore, task: Task, data: by
     task.current_version = 0
 
 
+def _broadcast_version_zero(session: Session, blobs: BlobStore, task: Task) -> None:
+    """The broadcast model devices start from (fedge.shared.broadcast): with compressed
+    downloads, version 0 rounded to float16, sent at half the bytes of the float32 model; the
+    rounding error is part of ``w - b`` and goes down with the first deltas (server-side error
+    feedback). Dense downloads (or weights beyond float16's range) broadcast the model itself."""
+    row = session.scalar(
+        select(ModelVersion).where(ModelVersion.task_id == task.id, ModelVersion.version == 0)
+    )
+    if row is None:
+        return
+    row.broadcast_digest = row.broadcast_size = None
+    if CompressionPolicy.from_dict(task.compression).download.is_dense:
+        return
+    try:
+        data = wire.encode_model(wire.decode_model(blobs.get(row.blob_digest)), dtype="f16")
+    except ValueError:  # a value beyond float16's range: devices get the float32 model
+        return
+    row.broadcast_digest = blobs.put(data)
+    row.broadcast_size = len(data)
+
+
 def _drop_version_zero(session: Session, task: Task) -> None:
     row = session.scalar(
         select(ModelVersion).where(ModelVersion.task_id == task.id, ModelVersion.version == 0)
@@ -213,6 +235,8 @@ def create_task(session: Session, blobs: BlobStore, settings: Settings, body: Ta
     session.flush()
     if isinstance(body.model, BuiltinModel):
         _store_version_zero(session, blobs, task, _initial_weights(body.model))
+        session.flush()
+        _broadcast_version_zero(session, blobs, task)
         session.flush()
     return task
 
@@ -271,6 +295,8 @@ def update_task(
     task.aggregation = aggregation_to_stored(aggregation)
     task.compression = compression.model_dump(mode="json")
     task.training = training.model_dump(mode="json")
+    session.flush()
+    _broadcast_version_zero(session, blobs, task)
     task.updated_at = utcnow()
     session.flush()
     return task
@@ -289,6 +315,8 @@ def upload_initial_model(
         raise cls(exc.detail, code=exc.code) from None
     # Stored canonically as float32, whatever precision was uploaded.
     _store_version_zero(session, blobs, task, wire.encode_model(weights))
+    session.flush()
+    _broadcast_version_zero(session, blobs, task)
     task.updated_at = utcnow()
     session.flush()
     row = session.scalar(

@@ -17,12 +17,13 @@ from typing import Any
 
 import httpx
 import numpy as np
+import pytest
 
 from fedge.coordinator.app import create_app
 from fedge.coordinator.settings import Settings
 from fedge.shared.broadcast import blob_kind, rebuild
 from fedge.shared.modelspec import ModelSpec, Weights
-from fedge.shared.wire import decode_model
+from fedge.shared.wire import decode_model, encode_model
 from fedge.shared.wire_delta import WORK_FRAME_MEDIA_TYPE, decode_work_frame
 from fedge.shared.wirelayout import KIND_CHAIN, KIND_MODEL
 from tests.coordinator.conftest import Coordinator
@@ -267,3 +268,26 @@ def test_a_work_answer_carries_the_chain_to_its_base_model(
             assert r.json()["assignment_id"] == work["assignment_id"]
         r = device.get(f"{API}/device/work", params={"wait": 0, "have": "1-0"})
         assert r.status_code == 422 and r.json()["error"] == "validation_error"
+
+
+@pytest.mark.parametrize("download", [DOWNLOAD, None])
+def test_version_zero_goes_down_at_half_precision_when_downloads_are_compressed(
+    coordinator: Coordinator, db: Db, download: dict[str, Any] | None
+) -> None:
+    compression = {**EXACT} if download is None else {**EXACT, "download": download}
+    with fleet_of(coordinator, 1) as fleet:
+        task_id = create_task(
+            coordinator,
+            aggregation={"clients_per_round": 1, "min_updates": 1, "round_deadline_s": 600},
+            compression=compression,
+            model=MODEL,
+        )
+        device = fleet[0]
+        assert device.work(wait=5) is not None
+        served = _download(device, coordinator.url, task_id, 0, None)
+    true = db.weights(task_id, 0)
+    if download is None:
+        assert served == encode_model(true)
+    else:
+        assert served == encode_model(true, dtype="f16")
+        assert len(served) * 1.9 < len(encode_model(true))
