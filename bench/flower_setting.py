@@ -945,6 +945,25 @@ def main(argv: list[str] | None = None) -> int:
                 flower_reason = f"Flower could not run: {exc}"
                 progress(flower_reason)
         configurations: dict[str, Any] = {}
+
+        def write_partial(configs: dict[str, Any]) -> None:
+            """What is measured so far, in a file of its own (a long run can be read early)."""
+            partial = result_of(
+                args,
+                configs,
+                setting,
+                flower_env,
+                flower_reason,
+                seeds=seeds,
+                epoch_list=epoch_list,
+                max_rounds=max_rounds,
+                repeats=repeats,
+                policies=policies,
+                started=started,
+            )
+            partial["partial"] = True
+            write_json(out.with_suffix(".partial.json"), partial)
+
         for epochs in epoch_list:
             key = f"{epochs} local epoch" + ("s" if epochs > 1 else "")
             cfg: dict[str, Any] = {"epochs": epochs, "flower_runs": [], "fedge_runs": []}
@@ -1018,21 +1037,7 @@ def main(argv: list[str] | None = None) -> int:
                         )
                         for n in dict.fromkeys(r["policy"] for r in cfg["fedge_runs"])
                     }
-                    partial = result_of(
-                        args,
-                        {**configurations, key: cfg},
-                        setting,
-                        flower_env,
-                        flower_reason,
-                        seeds=seeds,
-                        epoch_list=epoch_list,
-                        max_rounds=max_rounds,
-                        repeats=repeats,
-                        policies=policies,
-                        started=started,
-                    )
-                    partial["partial"] = True
-                    write_json(out.with_suffix(".partial.json"), partial)
+                    write_partial({**configurations, key: cfg})
                     if "unsupported" in run:
                         progress(f"  not supported on this commit: {run['unsupported']}")
                         break
@@ -1050,21 +1055,7 @@ def main(argv: list[str] | None = None) -> int:
                 for name in policies
             }
             configurations[key] = cfg
-            partial = result_of(
-                args,
-                configurations,
-                setting,
-                flower_env,
-                flower_reason,
-                seeds=seeds,
-                epoch_list=epoch_list,
-                max_rounds=max_rounds,
-                repeats=repeats,
-                policies=policies,
-                started=started,
-            )
-            partial["partial"] = True
-            write_json(out.with_suffix(".partial.json"), partial)
+            write_partial(configurations)
     result = result_of(
         args,
         configurations,
