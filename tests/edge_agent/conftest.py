@@ -149,6 +149,15 @@ class LiveCoordinator:
         self.running.append(agent)
         return thread
 
+    def finish(self, threads: list[threading.Thread], timeout: float = 20.0) -> None:
+        """Wait for agents started with a round limit to end their runs. A task completes when
+        the coordinator has taken the last update, which can be before the agent has read the
+        answer: an agent's counts are final only once its run has ended."""
+        for thread in threads:
+            thread.join(timeout)
+            assert not thread.is_alive(), "an agent did not end its run after its rounds"
+            assert not thread.errors, thread.errors  # type: ignore[attr-defined]
+
     def task(self, task_id: int) -> dict[str, Any]:
         return dict(self.admin.get_task(task_id))
 

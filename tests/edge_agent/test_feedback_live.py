@@ -32,6 +32,7 @@ def test_warmup_updates_are_accepted_and_the_memory_follows_the_versions(live, d
     lock = threading.Lock()
     sent: list[tuple[int, int]] = []  # (base version, values carried by the first tensor)
     agents = []
+    threads = []
 
     def keep(entry: OutboxEntry, agent_index: int) -> None:
         body = agents[agent_index].state.outbox.body(entry)
@@ -44,13 +45,14 @@ def test_warmup_updates_are_accepted_and_the_memory_follows_the_versions(live, d
         agents.append(
             live.agent(state_dir, shard(digits, i), before_upload=lambda e, i=i: keep(e, i))
         )
-        live.start(agents[-1])
+        threads.append(live.start(agents[-1], max_rounds=3))
     task = live.create_task(
         aggregation={"num_rounds": 3, "clients_per_round": 2, "min_updates": 2},
         compression=COMPRESSION,
     )
     assert task["compression"] == {**task["compression"], **COMPRESSION}
     wait_for(lambda: live.task(task["id"])["status"] == "completed", what="the task to end")
+    live.finish(threads)
     rounds = live.rounds(task["id"])
     assert [(r["status"], r["num_received"]) for r in rounds] == [("closed", 2)] * 3
     assert sum(a.stats.uploaded for a in agents) == 6

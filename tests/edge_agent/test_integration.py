@@ -60,10 +60,10 @@ def test_enroll_status_and_signed_requests(live, tmp_path, capsys):
 
 def test_one_full_round(live, digits):
     agents = [live.agent(live.enroll(f"d{i}", seed=i), shard(digits, i)) for i in range(2)]
-    for agent in agents:
-        live.start(agent, once=True)
+    threads = [live.start(agent, once=True) for agent in agents]
     task = live.create_task(aggregation={"clients_per_round": 2, "min_updates": 2})
     wait_for(lambda: completed(live, task["id"]), what="the task to complete")
+    live.finish(threads)
     (round_,) = live.rounds(task["id"])
     assert (round_["status"], round_["num_received"], round_["result_version"]) == (
         "closed",
