@@ -20,8 +20,13 @@ What runs, in one run of this script:
   SQLite file, a blob store) and 10 agents, each a separate ``fedge agent run`` process
   (``bench/_flower_agent.py``: the product's agent command line, which also writes the
   client's body counters at exit), on **the same shards and test split** (imported from the
-  harness's ``digitsapp/task.py``) and starting from **the same weights** (Flower's
-  ``init_params()`` uploaded as the task's version 0 with ``PUT /tasks/{id}/model``).
+  harness's ``digitsapp/task.py``) and starting from **the same weights**: Flower's
+  ``init_params()`` draws He-normal weights for both layers from ``default_rng(0)``, which is
+  fedge's built-in mlp with ``"init": "he_normal", "seed": 0``, so the task is created with
+  that model and the run checks that its version 0 equals ``init_params()`` bit for bit
+  (fedge's agents then generate version 0 instead of downloading it; were the weights ever
+  to differ, Flower's are uploaded with ``PUT /tasks/{id}/model`` and the agents download
+  them, and the JSON says which happened).
   A :class:`~fedge.edge_agent.sim.relay.CountingRelay` sits between the agents and the
   coordinator; agents are enrolled through it (``https://localhost:<relay port>``), so every
   byte they send and receive crosses it: TLS, HTTP and signed headers, long-polls, bodies.
@@ -114,14 +119,15 @@ from fedge.edge_agent.admin_client import AdminClient
 from fedge.edge_agent.device import enroll_device
 from fedge.edge_agent.errors import AgentError
 from fedge.edge_agent.sim.relay import CountingRelay, Counts
-from fedge.shared import architectures
-from fedge.shared.wire import decode_model, encode_model
+from fedge.shared.wire import encode_model
 
 NAME = "flower_setting"
 BENCH_DIR = Path(__file__).resolve().parent
 CLIENTS = 10
 FLOWER_ROUNDS = 10
 MODEL = {"architecture": "mlp", "input_dim": 64, "num_classes": 10, "hidden": [128]}
+#: Flower's init_params(): He-normal for both layers from default_rng(INIT_SEED = 0).
+FLOWER_INIT = {"init": "he_normal", "seed": 0}
 BATCH, LR = 16, 0.1
 #: Flower's tensors (task.init_params order) -> fedge's built-in mlp names.
 NAMES = ("W0", "b0", "W1", "b1")
@@ -164,6 +170,21 @@ POLICIES: dict[str, tuple[dict[str, Any], bool]] = {
     ),
     "up5pct4b-m05w2-down10pct8b": (
         {**UP_EF, "topk_fraction": 0.05, "momentum": 0.5, "warmup_rounds": 2}
+        | {"download": _down(0.1, 8)},
+        True,
+    ),
+    "up5pct4b-m05w2-down10pct4b": (
+        {**UP_EF, "topk_fraction": 0.05, "momentum": 0.5, "warmup_rounds": 2}
+        | {"download": _down(0.1, 4)},
+        True,
+    ),
+    "up5pct4b-m05w2-down5pct8b": (
+        {**UP_EF, "topk_fraction": 0.05, "momentum": 0.5, "warmup_rounds": 2}
+        | {"download": _down(0.05, 8)},
+        True,
+    ),
+    "up5pct2b-m05w2-down10pct8b": (
+        {**UP_EF, "topk_fraction": 0.05, "bits": 2, "momentum": 0.5, "warmup_rounds": 2}
         | {"download": _down(0.1, 8)},
         True,
     ),
@@ -367,7 +388,7 @@ def run_fedge(
 ) -> dict[str, Any]:
     """One fedge run: fresh coordinator, relay, 10 agent processes; bytes per round."""
     compression = compression_body(policy, extra)
-    model = {**MODEL, "seed": seed}
+    model = {**MODEL, **FLOWER_INIT}
     body = {
         "name": f"flower-setting-{policy}-e{epochs}-s{seed}",
         "model": model,
@@ -415,10 +436,11 @@ def run_fedge(
                     }
                 raise
             task_id = int(task["id"])
-            admin.upload_initial_model(task_id, encode_model(setting["init"]))
-            spec = architectures.build_spec(model)
-            v0 = decode_model(admin.download_model(task_id, 0), spec=spec)
-            same_init = all(np.array_equal(v0[k], setting["init"][k]) for k in NAMES)
+            flower_init = encode_model(setting["init"])
+            generated_init = admin.download_model(task_id, 0) == flower_init
+            if not generated_init:
+                admin.upload_initial_model(task_id, flower_init)
+            same_init = admin.download_model(task_id, 0) == flower_init
             token = admin.create_enrollment_token(
                 label="flower setting", max_uses=CLIENTS, expires_in_s=3600
             )["token"]
@@ -473,6 +495,7 @@ def run_fedge(
         "status": final["status"],
         "timed_out": timed_out,
         "same_initial_weights_as_flower": same_init,
+        "initial_weights_generated_by_the_agents": generated_init,
         "agents_ready_s": ready_s,
         "enrollment_bytes_per_client": Counts(enrollment.up, enrollment.down).total / CLIENTS,
         **analyse(record, sampler, launched=launched, target=target),
@@ -1111,7 +1134,9 @@ def result_of(
             "shard_sizes": [len(y) for _, y in setting["shards"]],
             "test_size": len(setting["test"][1]),
             "model": MODEL,
-            "initial_weights": "Flower's init_params() (He-normal, seed 0) as fedge's version 0",
+            "initial_weights": "Flower's init_params() (He-normal, seed 0) as fedge's version "
+            "0: the built-in mlp with init he_normal and seed 0, checked equal in every run; "
+            "the agents generate it and download no model for version 0",
             "training": {"batch_size": BATCH, "lr": LR},
             "policies": {n: compression_body(n, args.compression_extra) for n in policies},
             "compression_extra": args.compression_extra,

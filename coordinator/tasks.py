@@ -12,10 +12,10 @@ filled in, except that the API's ``target_metric: {"name", "value"}`` is stored 
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Mapping
 from typing import Any, TypeVar
 
-import numpy as np
 from pydantic import BaseModel, ValidationError
 from sqlalchemy import select, update
 from sqlalchemy.orm import Session
@@ -180,14 +180,16 @@ def _broadcast_version_zero(session: Session, blobs: BlobStore, task: Task) -> N
     """The broadcast model devices start from (fedge.shared.broadcast): with compressed
     downloads, version 0 rounded to float16, sent at half the bytes of the float32 model; the
     rounding error is part of ``w - b`` and goes down with the first deltas (server-side error
-    feedback). Dense downloads (or weights beyond float16's range) broadcast the model itself."""
+    feedback). Dense downloads, weights beyond float16's range, and a built-in model's seeded
+    initial weights (which devices generate instead of downloading) broadcast the model
+    itself."""
     row = session.scalar(
         select(ModelVersion).where(ModelVersion.task_id == task.id, ModelVersion.version == 0)
     )
     if row is None:
         return
     row.broadcast_digest = row.broadcast_size = None
-    if CompressionPolicy.from_dict(task.compression).download.is_dense:
+    if CompressionPolicy.from_dict(task.compression).download.is_dense or _generated(task, row):
         return
     try:
         data = wire.encode_model(wire.decode_model(blobs.get(row.blob_digest)), dtype="f16")
@@ -207,8 +209,18 @@ def _drop_version_zero(session: Session, task: Task) -> None:
 
 
 def _initial_weights(model: BuiltinModel) -> bytes:
-    weights = architectures.init_weights(model.model_dump(), np.random.default_rng(model.seed))
+    weights = architectures.generated_weights(model.model_dump())
+    assert weights is not None
     return wire.encode_model(weights)
+
+
+def _generated(task: Task, row: ModelVersion) -> bool:
+    """True when version 0 is the built-in model's seeded initial weights, which devices
+    generate themselves (they confirm them with the ETag, and download nothing)."""
+    model = parse_model(task.model_config_)
+    if not isinstance(model, BuiltinModel):
+        return False
+    return row.blob_digest == hashlib.sha256(_initial_weights(model)).hexdigest()
 
 
 # ------------------------------------------------------------------------------ tasks

@@ -41,6 +41,7 @@ from fedge.edge_agent.state import State
 from fedge.edge_agent.trainers import Trainer, TrainerFactory, task_trainer_factory
 from fedge.edge_agent.uploads import FATAL_CODES, save_update, upload_entry
 from fedge.edge_agent.watcher import CancelWatcher
+from fedge.shared.architectures import generated_weights
 from fedge.shared.broadcast import blob_kind, rebuild
 from fedge.shared.modelspec import ModelSpec, Weights
 from fedge.shared.policy import CompressionPolicy, PolicyError
@@ -322,16 +323,27 @@ class Agent:
         cached = self.state.cached_model(task, version)
         if cached is None:
             older = self.state.newest_cached_version(task, below=version)
+            generated = self._generated_version_zero(work) if older is None else None
             if older is not None:
                 rebuilt = self._fetch_delta(work, spec, older)
                 if rebuilt is not None:
                     return rebuilt
+            elif generated is not None and version > 0:
+                # The chain from the generated version 0 when that is smaller than the model;
+                # the digest of the rebuilt weights confirms version 0 on the way.
+                rebuilt = self._fetch_delta(work, spec, 0, base=generated[0])
+                if rebuilt is not None:
+                    return rebuilt
+            elif generated is not None:
+                cached = generated
         for attempt in range(2):
             etag = cached[1] if cached is not None else None
             data, new_etag = self.client.download_model(task, version, etag=etag)
             if data is None and cached is not None:
                 log.info("model v%d unchanged; using the cached copy", version)
                 data = cached[0]
+                if self.state.cached_model(task, version) is None:  # generated, now confirmed
+                    self.state.cache_model(task, version, data, cached[1])
             elif data is None:
                 raise AgentError("bad_response", "304 Not Modified without a cached model")
             else:
@@ -349,18 +361,35 @@ class Agent:
                 raise ValueError(f"model v{version} does not decode: {exc}") from exc
         raise AssertionError("unreachable")  # pragma: no cover
 
-    def _fetch_delta(self, work: Work, spec: ModelSpec, have: int) -> Weights | None:
-        """The model of ``work`` from the cached version ``have`` and what the coordinator
-        sends for it (a delta chain, or the full model when that is smaller); ``None`` when
-        the cached model or the chain is unusable, so the caller downloads the full model."""
-        task, version = work.task_id, work.base_version
-        if self.state.cached_model(task, have) is None:
+    def _generated_version_zero(self, work: Work) -> tuple[bytes, str] | None:
+        """Version 0 of a built-in model generated here from the task's seed, with the ETag
+        the coordinator gives it when it broadcasts exactly these weights: the download then
+        answers 304 Not Modified and carries no model (any other version 0 comes down whole)."""
+        try:
+            weights = generated_weights(work.model)
+        except ValueError:
             return None
-        data, etag = self.client.download_model(task, version, have=have)
+        if weights is None:
+            return None
+        data = encode_model(weights)
+        return data, f'"{hashlib.sha256(data).hexdigest()}"'
+
+    def _fetch_delta(
+        self, work: Work, spec: ModelSpec, have: int, *, base: bytes | None = None
+    ) -> Weights | None:
+        """The model of ``work`` from version ``have`` (cached, or the encoded ``base``) and
+        what the coordinator sends for it (a delta chain, or the full model when that is
+        smaller); ``None`` when the base or the chain is unusable, so the caller downloads the
+        full model."""
+        task, version = work.task_id, work.base_version
+        if base is None and self.state.cached_model(task, have) is None:
+            return None
+        held = None if base is None else hashlib.sha256(base).hexdigest()
+        data, etag = self.client.download_model(task, version, have=have, held=held)
         if data is None:  # no If-None-Match was sent: a 304 here is not ours
             return None
         if blob_kind(data) != KIND_MODEL:
-            return self._rebuild(work, spec, have, data)
+            return self._rebuild(work, spec, have, data, base=base)
         try:
             weights: Weights = decode_model(data, spec=spec)
         except WireFormatError as exc:
@@ -370,21 +399,24 @@ class Agent:
         self.state.cache_model(task, version, data, etag)
         return weights
 
-    def _rebuild(self, work: Work, spec: ModelSpec, have: int, chain: bytes) -> Weights | None:
-        """Apply ``chain`` to the cached model of version ``have`` and cache the result;
-        ``None`` (the chain refused, or no usable cached model) when it cannot be done."""
+    def _rebuild(
+        self, work: Work, spec: ModelSpec, have: int, chain: bytes, *, base: bytes | None = None
+    ) -> Weights | None:
+        """Apply ``chain`` to the model of version ``have`` (cached, or the encoded ``base``)
+        and cache the result; ``None`` (the chain refused, or no usable base) when it cannot
+        be done."""
         task, version = work.task_id, work.base_version
-        cached = self.state.cached_model(task, have)
+        cached = self.state.cached_model(task, have) if base is None else (base, "")
         if cached is None:
             return None
         try:
-            base = decode_model(cached[0], spec=spec)
+            held = decode_model(cached[0], spec=spec)
         except WireFormatError as exc:
             log.warning("cached model v%d is unreadable (%s); dropping it", have, exc)
             self.state.drop_cached_model(task, have)
             return None
         try:
-            weights = rebuild(base, chain, spec, task_id=task, have=have, want=version)
+            weights = rebuild(held, chain, spec, task_id=task, have=have, want=version)
         except WireFormatError as exc:
             log.warning(
                 "the model update v%d -> v%d was refused (%s); downloading the full model",

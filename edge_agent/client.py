@@ -276,14 +276,24 @@ class CoordinatorClient:
         return {**body, **held}
 
     def download_model(
-        self, task_id: int, version: int, etag: str | None = None, *, have: int | None = None
+        self,
+        task_id: int,
+        version: int,
+        etag: str | None = None,
+        *,
+        have: int | None = None,
+        held: str | None = None,
     ) -> tuple[bytes | None, str | None]:
         """The model's wire bytes and ETag; ``(None, etag)`` when ``etag`` still matches (304).
 
         With ``have`` (a version whose broadcast model the device holds) the answer may be a
-        delta chain instead of the model (no ETag then; see :mod:`fedge.shared.broadcast`)."""
+        delta chain instead of the model (no ETag then; see :mod:`fedge.shared.broadcast`);
+        ``held`` (a SHA-256 hex digest of the model held as ``have``) asks for the full model
+        unless that is the broadcast model."""
         headers = {"If-None-Match": etag} if etag else None
-        params = None if have is None else {"have": have}
+        params: dict[str, Any] | None = None
+        if have is not None:
+            params = {"have": have} if held is None else {"have": have, "held": held[:16]}
         response = self._signed(
             "GET",
             f"{API}/device/tasks/{task_id}/models/{version}",

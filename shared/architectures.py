@@ -9,6 +9,8 @@ trainers train the same tensors under the same names. Two architectures exist:
 - ``{"architecture": "mlp", "input_dim": D, "num_classes": C, "hidden": [H1, ...]}``: a ReLU
   multilayer perceptron, tensors ``W0``, ``b0``, ``W1``, ``b1``, ... (the last layer outputs C).
 
+``init`` chooses the initial weights: ``"he_glorot"`` (the default: He-normal for the ReLU
+layers, Glorot-uniform for the output layer) or ``"he_normal"`` (He-normal for every layer).
 Other keys (``seed``, an empty ``hidden`` for softmax) are allowed and ignored here. A model
 given as ``{"spec": [...]}`` (custom weights uploaded by the administrator) has a spec but no
 built-in forward pass.
@@ -26,6 +28,7 @@ import numpy as np
 from fedge.shared.modelspec import ModelSpec, Weights
 
 ARCHITECTURES = ("softmax", "mlp")
+INITS = ("he_glorot", "he_normal")
 MAX_PARAMS = 50_000_000
 MAX_HIDDEN_LAYERS = 32
 
@@ -104,12 +107,15 @@ def build_spec(model: Mapping[str, Any]) -> ModelSpec:
 
 
 def init_weights(model: Mapping[str, Any], rng: np.random.Generator) -> Weights:
-    """Seeded float32 initial weights: He-normal for ReLU layers, Glorot-uniform for the
-    output layer, zero biases."""
+    """Seeded float32 initial weights, zero biases: He-normal for ReLU layers; for the output
+    layer Glorot-uniform, or He-normal with ``"init": "he_normal"``."""
+    init = model.get("init", INITS[0])
+    if init not in INITS:
+        raise ValueError(f"init must be one of {', '.join(INITS)}, got {init!r}")
     all_layers = layers(model)
     weights: Weights = {}
     for i, layer in enumerate(all_layers):
-        if i < len(all_layers) - 1:
+        if i < len(all_layers) - 1 or init == "he_normal":
             std = np.sqrt(2.0 / layer.fan_in)
             w = rng.standard_normal((layer.fan_in, layer.fan_out)) * std
         else:
@@ -118,6 +124,17 @@ def init_weights(model: Mapping[str, Any], rng: np.random.Generator) -> Weights:
         weights[layer.weight] = w.astype(np.float32)
         weights[layer.bias] = np.zeros(layer.fan_out, dtype=np.float32)
     return weights
+
+
+def generated_weights(model: Mapping[str, Any]) -> Weights | None:
+    """The initial weights a coordinator generates for a built-in ``model`` (its ``seed``),
+    which a device can generate too instead of downloading them; ``None`` for other models."""
+    if not isinstance(model, Mapping) or model.get("architecture") not in ARCHITECTURES:
+        return None
+    seed = model.get("seed", 0)
+    if not isinstance(seed, int) or isinstance(seed, bool) or seed < 0:
+        return None
+    return init_weights(model, np.random.default_rng(seed))
 
 
 def check_inputs(model: Mapping[str, Any], X: Any, y: Any | None = None) -> tuple[np.ndarray, ...]:

@@ -87,6 +87,15 @@ Have = Annotated[
         "be the chain of compressed deltas from it (docs/wire-format.md, model deltas)",
     ),
 ]
+Held = Annotated[
+    str | None,
+    Query(
+        pattern="^[0-9a-f]{16}$",
+        description="With `have`: the first 16 hex digits of the SHA-256 of the model the "
+        "device holds as that version (one it generated rather than downloaded); when they "
+        "are not the broadcast model's, the answer is the full model, not a chain",
+    ),
+]
 
 
 @router.get(
@@ -107,6 +116,7 @@ def download_model(
     dtype: Dtype = "f32",
     if_none_match: IfNoneMatch = None,
     have: Have = None,
+    held: Held = None,
 ) -> Response:
     mine = select(Assignment.id).where(
         Assignment.task_id == task_id, Assignment.device_id == device.id
@@ -118,7 +128,13 @@ def download_model(
     task = get_task(session, task_id)
     row = find_version(session, task_id, version)
     chain = None
-    if have is not None and have < row.version and dtype == "f32":
+    # ``held``: the device's own model of version ``have`` must be the broadcast one.
+    if (
+        have is not None
+        and have < row.version
+        and dtype == "f32"
+        and (held is None or find_version(session, task_id, str(have)).served_digest[:16] == held)
+    ):
         chain = delta_chain(session, blobs, task_id, have, row)
     if chain is not None:
         response = Response(

@@ -44,6 +44,11 @@ class BuiltinModel(Strict):
         default_factory=list, max_length=architectures.MAX_HIDDEN_LAYERS
     )
     seed: int = Field(default=0, ge=0, le=MAX_SEED)
+    init: Literal["he_glorot", "he_normal"] = Field(
+        default="he_glorot",
+        description="Initial weights: He-normal for the ReLU layers and Glorot-uniform for "
+        "the output layer (he_glorot), or He-normal for every layer (he_normal)",
+    )
 
     @model_validator(mode="after")
     def _layers(self) -> BuiltinModel:

@@ -73,6 +73,17 @@ def test_seed_changes_the_initial_weights(coordinator):
     assert len(digests) == 2
 
 
+def test_init_chooses_the_initial_weights(coordinator):
+    with coordinator.admin() as admin:
+        task = create(admin, model={**MLP, "init": "he_normal"})
+        assert task["model"]["init"] == "he_normal"
+        assert create(admin, model=MLP)["model"]["init"] == "he_glorot"
+        blob = admin.get(f"{API}/tasks/{task['id']}/models/0").content
+    expected = architectures.init_weights({**MLP, "init": "he_normal"}, np.random.default_rng(1))
+    assert blob == wire.encode_model(expected)
+    assert blob != wire.encode_model(architectures.init_weights(MLP, np.random.default_rng(1)))
+
+
 def test_target_metric_round_trips_and_is_stored_for_the_engine(coordinator):
     target = {"name": "accuracy", "value": 0.9}
     with coordinator.admin() as admin:
@@ -99,6 +110,7 @@ INVALID_TASKS: list[tuple[dict[str, Any], str]] = [
     ({"training": {"trainer": "not an entry point"}}, "trainer"),
     ({"model": {**SOFTMAX, "hidden": [4]}}, "hidden"),
     ({"model": {**SOFTMAX, "input_dim": 0}}, "input_dim"),
+    ({"model": {**SOFTMAX, "init": "xavier"}}, "init"),
     ({"model": {"architecture": "cnn", "input_dim": 4, "num_classes": 2}}, "architecture"),
     ({"model": SPEC}, "trainer"),
     ({"model": {"spec": [{"name": "w", "shape": [2]}, {"name": "w", "shape": [2]}]}}, "dup"),

@@ -21,6 +21,7 @@ import pytest
 
 from fedge.coordinator.app import create_app
 from fedge.coordinator.settings import Settings
+from fedge.shared import architectures
 from fedge.shared.broadcast import blob_kind, rebuild
 from fedge.shared.modelspec import ModelSpec, Weights
 from fedge.shared.wire import decode_model, encode_model
@@ -32,6 +33,7 @@ from tests.support.rounds import (
     EXACT,
     Db,
     TestDevice,
+    action,
     create_task,
     fleet_of,
     make_update,
@@ -154,6 +156,41 @@ def test_chains_rebuild_the_broadcast_model_bit_for_bit_across_replicas_and_rest
     assert hashlib.sha256(served).hexdigest() == row.broadcast_digest
 
 
+def test_a_device_new_to_a_task_starts_its_chain_from_the_version_zero_it_generated(
+    coordinator: Coordinator, db: Db
+) -> None:
+    """``have=0&held=<digest>``: a chain when the device's own version 0 is the broadcast one
+    (a built-in model's seeded weights), the full model when it is not (uploaded weights)."""
+    with fleet_of(coordinator, 1) as fleet:
+        task_id = create_task(
+            coordinator,
+            aggregation={"clients_per_round": 1, "min_updates": 1, "round_deadline_s": 600},
+            compression={**EXACT, "download": DOWNLOAD},
+            model=MODEL,
+        )
+        spec = ModelSpec.from_dict(db.task(task_id).model_spec)
+        generated = architectures.generated_weights(MODEL)
+        assert generated is not None
+        _run_round(fleet, coordinator.url, db, task_id, 0, np.random.default_rng(2))
+        device = fleet[0]
+        path = f"{API}/device/tasks/{task_id}/models/1"
+        mine = hashlib.sha256(encode_model(generated)).hexdigest()
+        answers = {
+            held: device.get(path, params={"have": 0, "held": held})
+            for held in (mine[:16], "0" * 16, "xyz")
+        }
+    chain = answers[mine[:16]]
+    assert chain.status_code == 200 and blob_kind(chain.content) == KIND_CHAIN
+    served, expected = _broadcast(db, task_id, 1)
+    rebuilt = rebuild(generated, chain.content, spec, task_id=task_id, have=0, want=1)
+    assert all(rebuilt[n].tobytes() == expected[n].tobytes() for n in spec.names)
+    assert len(chain.content) * 2 < len(served)
+    full = answers["0" * 16]
+    assert full.status_code == 200 and full.content == served
+    assert answers["xyz"].status_code == 422
+    assert answers["xyz"].json()["error"] == "validation_error"
+
+
 def test_far_behind_or_without_its_chain_a_device_gets_the_full_model(
     coordinator: Coordinator, db: Db
 ) -> None:
@@ -271,9 +308,13 @@ def test_a_work_answer_carries_the_chain_to_its_base_model(
 
 
 @pytest.mark.parametrize("download", [DOWNLOAD, None])
-def test_version_zero_goes_down_at_half_precision_when_downloads_are_compressed(
-    coordinator: Coordinator, db: Db, download: dict[str, Any] | None
+@pytest.mark.parametrize("origin", ["generated", "uploaded"])
+def test_version_zero_goes_down_at_half_precision_unless_devices_can_generate_it(
+    coordinator: Coordinator, db: Db, download: dict[str, Any] | None, origin: str
 ) -> None:
+    """With compressed downloads, an uploaded version 0 is broadcast at float16; a built-in
+    model's seeded initial weights are broadcast as they are, with the ETag of the weights a
+    device generates from the seed, so that device downloads nothing (304)."""
     compression = {**EXACT} if download is None else {**EXACT, "download": download}
     with fleet_of(coordinator, 1) as fleet:
         task_id = create_task(
@@ -281,13 +322,33 @@ def test_version_zero_goes_down_at_half_precision_when_downloads_are_compressed(
             aggregation={"clients_per_round": 1, "min_updates": 1, "round_deadline_s": 600},
             compression=compression,
             model=MODEL,
+            start=False,
         )
+        generated = encode_model(architectures.generated_weights(MODEL) or {})
+        if origin == "uploaded":
+            spec = ModelSpec.from_dict(db.task(task_id).model_spec)
+            rng = np.random.default_rng(7)
+            weights = {
+                t.name: rng.standard_normal(t.shape).astype(np.float32) for t in spec.tensors
+            }
+            with coordinator.admin() as admin:
+                r = admin.put(f"{API}/tasks/{task_id}/model", content=encode_model(weights))
+                assert r.status_code == 200, r.text
+        action(coordinator, task_id, "start")
         device = fleet[0]
         assert device.work(wait=5) is not None
+        path = f"{API}/device/tasks/{task_id}/models/0"
+        etag = f'"{hashlib.sha256(generated).hexdigest()}"'
+        confirmed = device.get(path, headers={"If-None-Match": etag})
         served = _download(device, coordinator.url, task_id, 0, None)
     true = db.weights(task_id, 0)
-    if download is None:
+    if origin == "generated":
+        assert encode_model(true) == generated
+    if download is None or origin == "generated":
         assert served == encode_model(true)
     else:
         assert served == encode_model(true, dtype="f16")
         assert len(served) * 1.9 < len(encode_model(true))
+    # The generated weights' ETag answers 304 exactly when they are what is broadcast.
+    assert confirmed.status_code == (304 if served == generated else 200)
+    assert confirmed.content == (b"" if served == generated else served)

@@ -22,7 +22,7 @@ from fedge.edge_agent.state import State
 from fedge.edge_agent.trainers import NumpyTrainer
 from fedge.edge_agent.transport import RetryPolicy
 from fedge.shared import architectures
-from fedge.shared.wire import decode_model, decode_update
+from fedge.shared.wire import decode_model, decode_update, encode_model
 from tests.edge_agent.fake_coordinator import MODEL, FakeCoordinator
 
 FAST_RETRY = RetryPolicy(attempts=2, base_delay=0.0, max_delay=0.0)
@@ -262,22 +262,43 @@ def test_stop_ends_training_without_uploading(state_dir, fake, data):
     assert fake.received == {}
 
 
+def _etag(data: bytes) -> str:
+    return '"' + hashlib.sha256(data).hexdigest() + '"'
+
+
 def test_model_is_cached_and_revalidated_with_its_etag(state_dir, fake, data):
+    # Not the weights the task's seed generates: the first download brings the model.
+    fake.set_model(0, architectures.init_weights(MODEL, np.random.default_rng(5)))
+    generated = encode_model(architectures.generated_weights(MODEL))
     fake.assign(1)
     fake.assign(2)
     agent = make_agent(state_dir, fake, data)
     agent.run(max_rounds=2)
     model_requests = [r for r in fake.requests if "/models/" in r.url.path]
     assert len(model_requests) == 2
-    assert "If-None-Match" not in model_requests[0].headers
-    assert model_requests[1].headers["If-None-Match"].startswith('"')
+    assert model_requests[0].headers["If-None-Match"] == _etag(generated)
+    assert model_requests[1].headers["If-None-Match"] == _etag(fake.models[0])
     assert agent.client.traffic.downloads == 1 and agent.client.traffic.not_modified == 1
+    assert agent.state.cached_model(1, 0)[0] == fake.models[0]
+
+
+def test_seeded_version_zero_is_generated_and_only_confirmed(state_dir, fake, data):
+    """The coordinator broadcasts a built-in model's seeded weights as version 0: the agent
+    makes them itself and the download answers 304 with no model bytes."""
+    assert fake.models[0] == encode_model(architectures.generated_weights(MODEL))
+    fake.assign(1)
+    agent = make_agent(state_dir, fake, data)
+    agent.run(once=True)
+    assert agent.stats.uploaded == 1
+    assert agent.client.traffic.not_modified == 1
+    assert agent.client.traffic.downloads == agent.client.traffic.model_bytes == 0
+    assert agent.state.cached_model(1, 0) == (fake.models[0], _etag(fake.models[0]))
 
 
 def test_corrupt_cached_model_is_downloaded_again(state_dir, fake, data):
     fake.assign(1)
     agent = make_agent(state_dir, fake, data)
-    cached_etag = '"' + hashlib.sha256(fake.models[0]).hexdigest() + '"'
+    cached_etag = _etag(fake.models[0])
     agent.state.cache_model(1, 0, b"garbage", cached_etag)
     agent.run(once=True)
     assert agent.stats.uploaded == 1

@@ -53,21 +53,24 @@ def test_agents_rebuild_models_from_deltas_and_fall_back_on_damage(
         transport=corrupting,
         retry=RetryPolicy(attempts=3, base_delay=0.05, max_delay=0.2),
     )
-    for agent in agents:
-        live.start(agent, max_rounds=ROUNDS)
+    threads = [live.start(agent, max_rounds=ROUNDS) for agent in agents]
     task = live.create_task(
         aggregation={"clients_per_round": 2, "min_updates": 2, "num_rounds": ROUNDS},
         compression={"download": DOWNLOAD},
     )
     task_id = task["id"]
     wait_for(lambda: live.task(task_id)["status"] == "completed", what="the task to complete")
+    live.finish(threads)
 
     healthy = agents[0]
     # Versions 1..ROUNDS-1 came down as deltas for the healthy agent, never as full models,
     # and inside the work answers: no download request after the first.
     assert healthy.client.traffic.delta_downloads == ROUNDS - 1
     assert healthy.client.traffic.inline_deltas == ROUNDS - 1
-    assert healthy.client.traffic.downloads == ROUNDS
+    assert healthy.client.traffic.downloads == ROUNDS - 1
+    # Version 0 (the built-in model's seeded weights) was generated on the device and only
+    # confirmed with its ETag: no model bytes came down for it.
+    assert healthy.client.traffic.not_modified == 1
     # ... and every work answer after the first left out the task configuration it held.
     assert healthy.client.traffic.known_configs == ROUNDS - 1
     assert healthy.stats.refused_deltas == 0
@@ -75,8 +78,7 @@ def test_agents_rebuild_models_from_deltas_and_fall_back_on_damage(
     # it downloaded) and fetched the full model instead.
     assert corrupting.damaged == 2 * (ROUNDS - 1)
     assert damaged.stats.refused_deltas == 2 * (ROUNDS - 1)
-    # every round's update was accepted once (a retried upload answers as a duplicate)
-    assert [a.stats.uploaded + a.stats.duplicates for a in agents] == [ROUNDS, ROUNDS]
+    assert [a.stats.uploaded for a in agents] == [ROUNDS, ROUNDS]
 
     # What each agent holds of the last base version is the coordinator's broadcast model,
     # byte for byte (the healthy one rebuilt it, the other downloaded it).
@@ -99,7 +101,7 @@ def test_rounds_reuse_the_agents_connections(live: LiveCoordinator, digits) -> N
     assert port is not None
     rounds = 5
     with CountingRelay("127.0.0.1", port) as relay:
-        agents = []
+        agents, threads = [], []
         for i in range(2):
             agent = live.agent(live.enroll(f"r{i}", seed=i), shard(digits, i))
             config = agent.state.load_config()
@@ -110,14 +112,43 @@ def test_rounds_reuse_the_agents_connections(live: LiveCoordinator, digits) -> N
                 identity=(config.device_id, agent.state.load_key()),
             )
             agents.append(agent)
-            live.start(agent, max_rounds=rounds)
+            threads.append(live.start(agent, max_rounds=rounds))
         task = live.create_task(
             aggregation={"clients_per_round": 2, "min_updates": 2, "num_rounds": rounds},
             compression={"download": DOWNLOAD},
         )
         wait_for(lambda: live.task(task["id"])["status"] == "completed", what="the task")
+        live.finish(threads)
         counts = relay.counts()
-    assert all(a.stats.uploaded + a.stats.duplicates == rounds for a in agents)
+    assert [a.stats.uploaded for a in agents] == [rounds, rounds]
     # At most two per agent, whatever the number of rounds: its requests, and the cancel
     # watch (opened only when training lasts longer than cancel_watch_after_s).
     assert counts.connections <= 2 * len(agents), counts
+
+
+def test_a_device_joining_late_rebuilds_from_the_version_zero_it_generated(
+    live: LiveCoordinator, digits
+) -> None:
+    """A device that first works on version 2 of a built-in model holds nothing of the task:
+    it makes version 0 from the seed and downloads the chain 0 -> 2, not the model."""
+    early = live.agent(live.enroll("early", seed=1), shard(digits, 0))
+    task = live.create_task(  # async: whoever polls works on the current version
+        aggregation={"mode": "async", "buffer_size": 1, "max_concurrency": 1, "num_rounds": 3},
+        compression={"download": DOWNLOAD},
+    )
+    task_id = task["id"]
+    live.finish([live.start(early, max_rounds=2)])
+    assert live.task(task_id)["current_version"] == 2
+    late = live.agent(live.enroll("late", seed=2), shard(digits, 1))
+    live.finish([live.start(late, max_rounds=1)])
+    wait_for(lambda: live.task(task_id)["status"] == "completed", what="the task to complete")
+
+    traffic = late.client.traffic
+    assert (late.stats.uploaded, late.stats.refused_deltas) == (1, 0)
+    assert (traffic.downloads, traffic.delta_downloads, traffic.not_modified) == (1, 1, 0)
+    with open_client(late.state) as client:
+        served, _ = client.download_model(task_id, 2)
+    assert served is not None
+    assert traffic.model_bytes * 2 < len(served)
+    cached = late.state.cached_model(task_id, 2)
+    assert cached is not None and cached[0] == served

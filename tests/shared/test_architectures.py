@@ -87,6 +87,34 @@ def test_he_init_scale_for_hidden_layers():
     assert w["W1"].std() == pytest.approx(limit / np.sqrt(3), rel=0.1)
 
 
+def test_he_normal_init_draws_every_layer_from_one_stream():
+    """``init: he_normal``: every weight matrix He-normal, drawn in layer order from the seed's
+    generator (the usual recipe, e.g. a numpy script's ``rng.standard_normal(shape) * sqrt(2 /
+    fan_in)``), so those weights can be reproduced exactly."""
+    model = {"architecture": "mlp", "input_dim": 64, "num_classes": 10, "hidden": [128]}
+    w = arch.init_weights({**model, "init": "he_normal"}, np.random.default_rng(3))
+    rng = np.random.default_rng(3)
+    w0 = (rng.standard_normal((64, 128)) * np.sqrt(2.0 / 64)).astype(np.float32)
+    w1 = (rng.standard_normal((128, 10)) * np.sqrt(2.0 / 128)).astype(np.float32)
+    assert w["W0"].tobytes() == w0.tobytes() and w["W1"].tobytes() == w1.tobytes()
+    default = arch.init_weights(model, np.random.default_rng(3))
+    assert default["W0"].tobytes() == w0.tobytes() and default["W1"].tobytes() != w1.tobytes()
+    with pytest.raises(ValueError, match="init must be one of"):
+        arch.init_weights({**model, "init": "xavier"}, np.random.default_rng(3))
+
+
+def test_generated_weights_follow_the_seed_of_built_in_models_only():
+    for model in (SOFTMAX, MLP):
+        want = arch.init_weights(model, np.random.default_rng(model.get("seed", 0)))
+        got = arch.generated_weights(model)
+        assert got is not None and all(got[k].tobytes() == want[k].tobytes() for k in want)
+    seeded, plain = arch.generated_weights({**MLP, "seed": 4}), arch.generated_weights(MLP)
+    assert seeded is not None and plain is not None
+    assert seeded["W0"].tobytes() != plain["W0"].tobytes()
+    assert arch.generated_weights({"spec": [{"name": "w", "shape": [2]}]}) is None
+    assert arch.generated_weights({**MLP, "seed": -1}) is None
+
+
 def test_forward_matches_a_manual_computation():
     rng = np.random.default_rng(1)
     w = arch.init_weights(MLP, rng)
