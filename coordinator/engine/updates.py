@@ -306,7 +306,16 @@ def accept_upload(
         repeat = _repeat(session, device_id=device_id, key=key, assignment_id=assignment_id)
         if repeat is not None:
             return repeat
-        a, task = _check_assignment(session, device_id=device_id, assignment_id=assignment_id)
+        try:
+            a, task = _check_assignment(session, device_id=device_id, assignment_id=assignment_id)
+        except Conflict as exc:
+            # On PostgreSQL every statement reads the latest commit: the update found here
+            # may be a concurrent request's with this key, committed after the look above.
+            if exc.code == "already_uploaded":
+                repeat = _repeat(session, device_id=device_id, key=key, assignment_id=assignment_id)
+                if repeat is not None:
+                    return repeat
+            raise
         parsed = _parsed(runtime.task_configs, task)
         ctx = _Context(
             task_id=task.id,

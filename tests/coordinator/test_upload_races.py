@@ -90,7 +90,7 @@ def test_concurrent_uploads_for_one_assignment_store_one_update(
     codes = sorted(r.status_code for r in responses)
     assert codes.count(201) == 1, [(r.status_code, r.text) for r in responses]
     if same_key:
-        assert codes == [200] * (PARALLEL - 1) + [201]
+        assert codes == [200] * (PARALLEL - 1) + [201], [(r.status_code, r.text) for r in responses]
         first = next(r for r in responses if r.status_code == 201).json()
         for r in responses:
             assert {**r.json(), "duplicate": False} == first
