@@ -319,10 +319,8 @@ class CoordinatorClient:
             "POST",
             upload_url,
             content=body,
-            headers={
-                "Idempotency-Key": idempotency_key,
-                "Content-Type": "application/octet-stream",
-            },
+            # the short receipt (update id, staleness, duplicate) is all the agent reads
+            headers={"Idempotency-Key": idempotency_key, "Prefer": "return=minimal"},
         )
         with self._traffic_lock:
             self.traffic.uploads += 1

@@ -71,9 +71,10 @@ class OutboxEntry:
         )
 
 
-def new_idempotency_key(assignment_id: int) -> str:
-    """A key unique to this computed update (``[A-Za-z0-9_.-]``, at most 128 chars)."""
-    return f"a{assignment_id}-{secrets.token_hex(16)}"
+def new_idempotency_key() -> str:
+    """A key unique to this computed update (``[A-Za-z0-9_-]``, 16 characters: 96 random bits;
+    keys are per device)."""
+    return secrets.token_urlsafe(12)
 
 
 class PendingUpdateExists(RuntimeError):

@@ -93,7 +93,7 @@ def save_update(
         task_id=work.task_id,
         base_version=work.base_version,
         upload_url=work.upload_url,
-        idempotency_key=new_idempotency_key(work.assignment_id),
+        idempotency_key=new_idempotency_key(),
         num_examples=num_examples,
         created_at=time.time(),
         has_residual=residual is not None,

@@ -34,6 +34,7 @@ from fedge.coordinator.runtime import Runtime
 from fedge.coordinator.schemas.device_work import (
     DeviceMetrics,
     UploadAccepted,
+    UploadReceipt,
     WorkAssignment,
     WorkCancelled,
 )
@@ -116,10 +117,16 @@ async def work(
 @router.post(
     "/assignments/{assignment_id}/update",
     status_code=201,
-    response_model=UploadAccepted,
+    response_model=UploadAccepted | UploadReceipt,
     summary="Upload the update (binary wire format) of an assignment",
+    description="With `Prefer: return=minimal` (RFC 7240) the answer is only "
+    '`{"update_id", "staleness", "duplicate"}` (`UploadReceipt`), what an agent needs, '
+    "in a third of the bytes.",
     responses={
-        200: {"model": UploadAccepted, "description": "Repeated Idempotency-Key: first result"},
+        200: {
+            "model": UploadAccepted | UploadReceipt,
+            "description": "Repeated Idempotency-Key: first result",
+        },
         **error_responses(*SIGNED_ERRORS, 400, 404, 409, 422),
     },
     openapi_extra={
@@ -139,7 +146,10 @@ async def upload_update(
     idempotency_key: Annotated[
         str | None, Header(alias="Idempotency-Key", description="1..128 of [A-Za-z0-9_.-]")
     ] = None,
-) -> UploadAccepted:
+    prefer: Annotated[
+        str | None, Header(description="`return=minimal`: answer `UploadReceipt` only")
+    ] = None,
+) -> Any:
     key = check_idempotency_key(idempotency_key)
     result = await run_in_threadpool(
         accept_upload,
@@ -149,11 +159,15 @@ async def upload_update(
         key=key,
         body=device.body,
     )
-    if result.duplicate:
-        response.status_code = 200
-    else:
-        if runtime.scheduler is not None:
-            runtime.scheduler.kick()
+    if not result.duplicate and runtime.scheduler is not None:
+        runtime.scheduler.kick()
+    status = 200 if result.duplicate else 201
+    if prefer is not None and "return=minimal" in prefer.replace(" ", "").split(","):
+        receipt = UploadReceipt.model_validate(result, from_attributes=True)
+        return Response(
+            receipt.model_dump_json(), status_code=status, media_type="application/json"
+        )
+    response.status_code = status
     return result
 
 

@@ -61,6 +61,14 @@ class UploadAccepted(BaseModel):
     )
 
 
+class UploadReceipt(BaseModel):
+    """The short answer to an upload sent with ``Prefer: return=minimal``."""
+
+    update_id: int
+    staleness: int
+    duplicate: bool
+
+
 class DeviceMetrics(Strict):
     """What a device reports about its training and local evaluation (all optional). The
     names and the rules for their values are the update's metrics block's

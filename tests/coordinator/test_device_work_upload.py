@@ -89,6 +89,32 @@ def test_a_repeated_idempotency_key_answers_the_first_result(assigned: Assigned)
     assert assigned.db.assignments(assigned.task_id)[0].status == "uploaded"
 
 
+def test_prefer_return_minimal_answers_a_short_receipt(assigned: Assigned) -> None:
+    body, url = assigned.body(), assigned.work["upload_url"]
+
+    def upload(prefer: str | None) -> httpx.Response:
+        headers = {"Idempotency-Key": "k-1"}
+        if prefer is not None:
+            headers["Prefer"] = prefer
+        return assigned.device.post(url, content=body, headers=headers)
+
+    first = upload("respond-async, return=minimal")
+    assert first.status_code == 201, first.text
+    assert first.headers["content-type"] == "application/json"
+    receipt = first.json()
+    assert set(receipt) == {"update_id", "staleness", "duplicate"}
+    assert receipt["duplicate"] is False and receipt["staleness"] == 0
+    again = upload("return=minimal")
+    assert (again.status_code, again.json()) == (200, {**receipt, "duplicate": True})
+    full = upload(None)  # no preference, or another one: the whole answer
+    representation = upload("return=representation")
+    assert full.status_code == representation.status_code == 200
+    assert full.json() == representation.json()
+    assert {k: full.json()[k] for k in receipt} == {**receipt, "duplicate": True}
+    assert len(first.content) * 2 < len(full.content)
+    assert len(assigned.db.updates(assigned.task_id)) == 1
+
+
 def test_the_idempotency_key_is_required(assigned: Assigned) -> None:
     cases = [({}, "missing_idempotency_key"), ({"Idempotency-Key": "not ok!"}, "bad_request")]
     for headers, code in cases:

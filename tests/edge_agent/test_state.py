@@ -36,7 +36,7 @@ def entry(assignment_id=7, task_id=1, *, has_residual=True) -> OutboxEntry:
         task_id=task_id,
         base_version=2,
         upload_url=f"/api/v1/device/assignments/{assignment_id}/update",
-        idempotency_key=new_idempotency_key(assignment_id),
+        idempotency_key=new_idempotency_key(),
         num_examples=40,
         created_at=1000.0 + assignment_id,
         has_residual=has_residual,
