@@ -1,17 +1,27 @@
-"""Content-addressed filesystem blob store for models and updates.
+"""Content-addressed blob stores for models and updates.
 
-A blob's name is the SHA-256 of its bytes; it lives at ``<root>/<d[0:2]>/<d[2:4]>/<d>``.
-Writes are atomic and durable (``fedge.shared.durable``): a temporary file ``.tmp-<random>`` in the
-target directory is written and fsynced, renamed over the final name and the directory is
-fsynced. A crash leaves either no blob or the whole blob; stray temporary files are ignored and
-can be swept. Blobs get mode 0600.
+A blob's name is the SHA-256 of its bytes. :class:`BlobStore` is what the coordinator uses
+(put, get, exists, size, check, verify, and for retention ``delete`` and ``list_blobs``);
+:class:`FileBlobStore` keeps blobs as files, the embedded default.
+
+Files: a blob lives at ``<root>/<d[0:2]>/<d[2:4]>/<d>``. Writes are atomic and durable
+(``fedge.shared.durable``): a temporary file ``.tmp-<random>`` in the target directory is written
+and fsynced, renamed over the final name and the directory is fsynced. A crash leaves either no
+blob or the whole blob; stray temporary files are ignored and can be swept. Blobs get mode 0600.
+
+Every ``put`` of bytes already stored refreshes the blob's write time: a sweep of unreferenced
+blobs (retention) only deletes blobs written longer ago than its grace period, so a blob that
+a new row is about to reference (written, then the row committed) is never swept.
 """
 
 from __future__ import annotations
 
+import abc
 import hashlib
 import os
 import re
+from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 from fedge.shared.durable import write_bytes_atomic
@@ -21,27 +31,106 @@ TEMP_PREFIX = ".tmp-"
 BLOB_MODE = 0o600
 
 
+def check_digest(digest: str) -> str:
+    """``digest`` when it is a SHA-256 hex digest, else ValueError."""
+    if not _DIGEST_RE.fullmatch(digest):
+        raise ValueError(f"not a SHA-256 hex digest: {digest!r}")
+    return digest
+
+
+@dataclass(frozen=True)
+class BlobInfo:
+    """One stored blob: its name, size and the time (Unix seconds) it was last written."""
+
+    digest: str
+    size: int
+    written_at: float
+
+
 class BlobNotFound(KeyError):
     pass
 
 
-class BlobStore:
+class BlobStore(abc.ABC):
+    """Content-addressed storage; every method is safe to call from several threads and
+    processes at once."""
+
+    @abc.abstractmethod
+    def put(self, data: bytes) -> str:
+        """Store ``data`` durably (or refresh its write time when stored); its digest."""
+
+    @abc.abstractmethod
+    def get(self, digest: str) -> bytes:
+        """The bytes stored under ``digest``; :class:`BlobNotFound` when there are none."""
+
+    @abc.abstractmethod
+    def exists(self, digest: str) -> bool: ...
+
+    @abc.abstractmethod
+    def size(self, digest: str) -> int:
+        """The size in bytes; :class:`BlobNotFound` when there is no such blob."""
+
+    @abc.abstractmethod
+    def check(self) -> tuple[bool, str]:
+        """(usable, detail) for the readiness probe."""
+
+    @abc.abstractmethod
+    def delete(self, digest: str) -> bool:
+        """Remove the blob; False when there was none."""
+
+    @abc.abstractmethod
+    def list_blobs(self) -> Iterator[BlobInfo]:
+        """Every stored blob, in no particular order."""
+
+    def verify(self, digest: str) -> bool:
+        """True when the stored bytes still hash to their name."""
+        return hashlib.sha256(self.get(digest)).hexdigest() == digest
+
+
+class FileBlobStore(BlobStore):
+    """Blobs as files under ``root`` (module docstring)."""
+
     def __init__(self, root: Path | str) -> None:
         self.root = Path(root)
         self.root.mkdir(parents=True, exist_ok=True)
 
     def path(self, digest: str) -> Path:
-        if not _DIGEST_RE.fullmatch(digest):
-            raise ValueError(f"not a SHA-256 hex digest: {digest!r}")
-        return self.root / digest[:2] / digest[2:4] / digest
+        return self.root / digest[:2] / digest[2:4] / check_digest(digest)
 
     def put(self, data: bytes) -> str:
         digest = hashlib.sha256(data).hexdigest()
         target = self.path(digest)
         if target.exists():
-            return digest
+            try:
+                os.utime(target)  # written again: a sweep's grace period starts over
+                return digest
+            except FileNotFoundError:  # swept in between: write it again
+                pass
         write_bytes_atomic(target, data, mode=BLOB_MODE, temp_prefix=TEMP_PREFIX)
         return digest
+
+    def delete(self, digest: str) -> bool:
+        try:
+            self.path(digest).unlink()
+        except FileNotFoundError:
+            return False
+        return True
+
+    def list_blobs(self) -> Iterator[BlobInfo]:
+        for first in sorted(self.root.iterdir()):
+            if not first.is_dir() or len(first.name) != 2:
+                continue
+            for second in sorted(first.iterdir()):
+                if not second.is_dir():
+                    continue
+                for entry in os.scandir(second):
+                    if not _DIGEST_RE.fullmatch(entry.name):
+                        continue  # temporary files and strangers
+                    try:
+                        stat = entry.stat()
+                    except FileNotFoundError:
+                        continue
+                    yield BlobInfo(entry.name, stat.st_size, stat.st_mtime)
 
     def get(self, digest: str) -> bytes:
         try:
@@ -65,7 +154,3 @@ class BlobStore:
         if not os.access(self.root, os.R_OK | os.W_OK | os.X_OK):
             return False, f"blob directory {self.root} is not readable and writable"
         return True, "ok"
-
-    def verify(self, digest: str) -> bool:
-        """True when the stored bytes still hash to their name."""
-        return hashlib.sha256(self.get(digest)).hexdigest() == digest

@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING
 from sqlalchemy import Engine
 from sqlalchemy.orm import Session, sessionmaker
 
-from fedge.coordinator.blobstore import BlobStore
+from fedge.coordinator.blobstore import BlobStore, FileBlobStore
 from fedge.coordinator.db import make_engine, make_sessionmaker
 from fedge.coordinator.engine.taskcache import TaskConfigCache
 from fedge.coordinator.settings import Settings
@@ -52,7 +52,7 @@ class Runtime:
             settings=settings,
             engine=engine,
             sessions=make_sessionmaker(engine),
-            blobs=BlobStore(settings.blobs),
+            blobs=FileBlobStore(settings.blobs),
         )
 
     def close(self) -> None:

@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from fedge.coordinator.blobstore import BlobStore
+from fedge.coordinator.blobstore import FileBlobStore
 from fedge.coordinator.engine.aggregate import Accumulator, WeightedBlob, aggregate_blobs
 from fedge.shared.compression import CompressedTensor, CompressedUpdate, decompress
 from fedge.shared.modelspec import ModelSpec
@@ -53,7 +53,7 @@ def _fast_dir(tmp_path: Path) -> Path:
 def test_peak_memory_stays_within_a_small_multiple_of_one_dense_model(tmp_path: Path) -> None:
     spec = ModelSpec.from_dict([{"name": "W", "shape": [ROWS, COLS]}])
     root = _fast_dir(tmp_path)
-    blobs = BlobStore(root / "blobs")
+    blobs = FileBlobStore(root / "blobs")
     rng = np.random.default_rng(2024)
     k = topk_count(ROWS * COLS, POLICY.topk_fraction)
     # 100 distinct sparsity patterns; each blob is distinct through its num_examples.

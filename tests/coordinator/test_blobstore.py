@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from fedge.coordinator.blobstore import BlobNotFound, BlobStore
+from fedge.coordinator.blobstore import BlobNotFound, BlobStore, FileBlobStore
 
 
 def files_under(root: Path) -> list[Path]:
@@ -18,7 +18,7 @@ def files_under(root: Path) -> list[Path]:
 
 @pytest.fixture
 def store(tmp_path: Path) -> BlobStore:
-    return BlobStore(tmp_path / "blobs")
+    return FileBlobStore(tmp_path / "blobs")
 
 
 @pytest.mark.parametrize("size", [0, 1, 4096, 1 << 20])
@@ -50,8 +50,8 @@ def test_different_bytes_different_blobs(store: BlobStore) -> None:
 
 
 def test_survives_reopening(tmp_path: Path) -> None:
-    digest = BlobStore(tmp_path / "blobs").put(b"durable")
-    assert BlobStore(tmp_path / "blobs").get(digest) == b"durable"
+    digest = FileBlobStore(tmp_path / "blobs").put(b"durable")
+    assert FileBlobStore(tmp_path / "blobs").get(digest) == b"durable"
 
 
 @pytest.mark.parametrize("failing", ["replace", "fsync"])
@@ -108,3 +108,29 @@ def test_invalid_digests_rejected(store: BlobStore, digest: str, operation: str)
     with pytest.raises(ValueError, match="not a SHA-256 hex digest"):
         getattr(store, operation)(digest)
     assert files_under(store.root) == []
+
+
+def test_delete_and_list(store: FileBlobStore) -> None:
+    a, b = store.put(b"kept"), store.put(b"dropped")
+    (store.root / "ab").mkdir()
+    (store.root / "ab" / "cd").mkdir()
+    (store.root / "ab" / "cd" / ".tmp-stray").write_bytes(b"x")  # not a blob
+    listed = {info.digest: info for info in store.list_blobs()}
+    assert set(listed) == {a, b}
+    assert listed[a].size == 4 and listed[b].size == 7
+    assert store.delete(b) is True
+    assert store.delete(b) is False
+    assert not store.exists(b) and store.get(a) == b"kept"
+    assert [info.digest for info in store.list_blobs()] == [a]
+    with pytest.raises(BlobNotFound):
+        store.get(b)
+
+
+def test_putting_stored_bytes_again_refreshes_the_write_time(store: FileBlobStore) -> None:
+    digest = store.put(b"model")
+    os.utime(store.path(digest), (1_000_000, 1_000_000))
+    (before,) = store.list_blobs()
+    assert before.written_at == 1_000_000
+    assert store.put(b"model") == digest
+    (after,) = store.list_blobs()
+    assert after.written_at > 1_000_000 + 10**8

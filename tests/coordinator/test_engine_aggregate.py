@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from fedge.coordinator.blobstore import BlobStore
+from fedge.coordinator.blobstore import BlobStore, FileBlobStore
 from fedge.coordinator.engine.aggregate import (
     Accumulator,
     BadStoredUpdate,
@@ -24,7 +24,7 @@ SPEC = ModelSpec.from_dict([{"name": "W", "shape": [20, 5]}, {"name": "b", "shap
 
 @pytest.fixture
 def blobs(tmp_path: Path) -> BlobStore:
-    return BlobStore(tmp_path / "blobs")
+    return FileBlobStore(tmp_path / "blobs")
 
 
 def _store(blobs: BlobStore, delta: dict[str, np.ndarray], policy: CompressionPolicy, seed: int):

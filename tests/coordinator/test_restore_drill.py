@@ -37,7 +37,7 @@ import numpy as np
 import pytest
 from sqlalchemy.engine import make_url
 
-from fedge.coordinator.blobstore import BlobStore
+from fedge.coordinator.blobstore import FileBlobStore
 from fedge.coordinator.migrate import upgrade
 from fedge.coordinator.settings import Settings
 from fedge.coordinator.tls import TlsPaths
@@ -316,7 +316,7 @@ def test_restored_backup_continues_the_task_from_the_same_version(
         assert (ready.status_code, ready.json()) == (200, {"status": "ready"})
         assert snapshot(second, admin_key, task_id) == before
         assert corrupt_blobs(restored.blobs) == []
-        store = BlobStore(restored.blobs)
+        store = FileBlobStore(restored.blobs)
         for version in (0, 1, 2):
             row = db.version(task_id, version)
             assert row is not None and store.verify(row.blob_digest), version

@@ -25,7 +25,7 @@ import numpy as np
 import pytest
 from pydantic import ValidationError
 
-from fedge.coordinator.blobstore import BlobStore
+from fedge.coordinator.blobstore import BlobStore, FileBlobStore
 from fedge.coordinator.engine import apply, examples
 from fedge.coordinator.engine.config import FLOAT32_MAX, AggregationConfig, ConfigError
 from fedge.coordinator.engine.scheduler import TaskStepper
@@ -498,7 +498,7 @@ def _blob_count(root: Path) -> int:
 def test_compute_fails_an_aggregation_whose_result_is_not_finite(
     tmp_path: Path, values: list[float], weights: list[float] | None, cfg: dict, message: str
 ) -> None:
-    blobs = BlobStore(tmp_path / "blobs")
+    blobs = FileBlobStore(tmp_path / "blobs")
     plan = _plan(blobs, values, weights=weights, **cfg)
     before = _blob_count(tmp_path / "blobs")
     with pytest.raises(apply.AggregationFailed, match=message) as info:
@@ -508,7 +508,7 @@ def test_compute_fails_an_aggregation_whose_result_is_not_finite(
 
 
 def test_compute_keeps_a_large_but_finite_result(tmp_path: Path) -> None:
-    blobs = BlobStore(tmp_path / "blobs")
+    blobs = FileBlobStore(tmp_path / "blobs")
     plan = _plan(blobs, [HUGE, HUGE])  # 0.6 x max: representable
     result = apply.compute(plan, blobs, hook=None)
     assert result.total_weight == 2.0

@@ -24,7 +24,7 @@ import numpy as np
 from sqlalchemy import Engine, select
 from sqlalchemy.orm import Session
 
-from fedge.coordinator.blobstore import BlobStore
+from fedge.coordinator.blobstore import FileBlobStore
 from fedge.coordinator.db import make_engine, make_sessionmaker
 from fedge.coordinator.models import Assignment, Device, ModelVersion, Round, Task, Update
 from fedge.coordinator.settings import Settings
@@ -196,7 +196,7 @@ class Db:
         self.settings = settings
         self.engine: Engine = make_engine(settings.database_url)
         self.sessions = make_sessionmaker(self.engine)
-        self.blobs = BlobStore(settings.blobs)
+        self.blobs = FileBlobStore(settings.blobs)
 
     def close(self) -> None:
         self.engine.dispose()

@@ -11,7 +11,7 @@ from typing import Any
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from fedge.coordinator.blobstore import BlobStore
+from fedge.coordinator.blobstore import FileBlobStore
 from fedge.coordinator.db import make_engine, make_sessionmaker, session_scope, utcnow
 from fedge.coordinator.models import Assignment, ModelVersion, Round
 from fedge.coordinator.settings import Settings
@@ -73,7 +73,7 @@ def add_model_version(
     settings: Settings, *, task_id: int, version: int, data: bytes, **fields: Any
 ) -> str:
     """Store ``data`` as a blob and a model version row naming it; the digest."""
-    digest = BlobStore(settings.blobs).put(data)
+    digest = FileBlobStore(settings.blobs).put(data)
     with db_session(settings) as s:
         s.add(
             ModelVersion(
