@@ -34,9 +34,11 @@ status line, headers, body); relay bytes minus HTTP bytes are TLS records and ha
 (``tls_and_framing``). A one-request probe on a fresh connection measures one handshake.
 
 Arms (``ARMS``): ``dense`` (float32 both ways: update top-k 1.0 / 32 bits without error
-feedback, full model downloads) and ``fedge`` (top-1 % + 4-bit updates with error feedback, and
+feedback, full model downloads) and ``fedge`` (the Flower-setting headline policy: top-5 % +
+4-bit updates with momentum-corrected error feedback (0.5) and 2 warm-up versions, and
 compressed download deltas when the coordinator offers them: ``compression.download``, top-10 %
-+ 8-bit); a ``middle`` arm (top-10 % + 8-bit both ways) runs when asked for (``--arms``). A
++ 8-bit); ``fedge-top1`` (top-1 % + 4-bit with plain error feedback, the arm of earlier runs)
+and ``middle`` (top-10 % + 8-bit both ways) run when asked for (``--arms``). A
 task body the coordinator refuses because of ``download`` is retried without it, and the run
 says so (``download_compression``).
 
@@ -106,7 +108,22 @@ AGGREGATION = {"strategy": "fedavg", "server_lr": 1.0}
 DENSE_UP = {"topk_fraction": 1.0, "bits": 32, "chunk": 256, "error_feedback": False}
 ARMS: dict[str, dict[str, Any]] = {
     "dense": {"compression": DENSE_UP, "download": None},
+    # the policy of the Flower-setting headline: top-5 % 4-bit uploads with momentum-corrected
+    # error feedback and 2 warm-up versions, top-10 % 8-bit download deltas
     "fedge": {
+        "compression": {
+            "topk_fraction": 0.05,
+            "bits": 4,
+            "chunk": 256,
+            "error_feedback": True,
+            "scope": "tensor",
+            "momentum": 0.5,
+            "warmup_rounds": 2,
+        },
+        "download": {"topk_fraction": 0.1, "bits": 8, "chunk": 256, "scope": "tensor"},
+    },
+    # plain error feedback at top-1 % (the arm of earlier runs)
+    "fedge-top1": {
         "compression": {
             "topk_fraction": 0.01,
             "bits": 4,
@@ -633,7 +650,12 @@ def plot(result: dict[str, Any], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    colors = {"dense": "tab:red", "fedge": "tab:blue", "middle": "tab:green"}
+    colors = {
+        "dense": "tab:red",
+        "fedge": "tab:blue",
+        "middle": "tab:green",
+        "fedge-top1": "tab:purple",
+    }
     fig, (ax, bx) = plt.subplots(1, 2, figsize=(13, 5), gridspec_kw={"width_ratios": [3, 2]})
     for run in result["runs"]:
         pts = [p for p in run["curve"] if p["accuracy"] is not None]
