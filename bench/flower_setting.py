@@ -162,37 +162,22 @@ POLICIES: dict[str, tuple[dict[str, Any], bool]] = {
         True,
     ),
     # the uplink settings bench/compression_accuracy.py found best at 1 local epoch
-    # (momentum 0.5, 2 warm-up versions) at top-2 % and top-5 %
-    "up2pct4b-m05w2-down10pct8b": (
-        {**UP_EF, "topk_fraction": 0.02, "momentum": 0.5, "warmup_rounds": 2}
-        | {"download": _down(0.1, 8)},
-        True,
-    ),
-    "up5pct4b-m05w2-down10pct8b": (
-        {**UP_EF, "topk_fraction": 0.05, "momentum": 0.5, "warmup_rounds": 2}
-        | {"download": _down(0.1, 8)},
-        True,
-    ),
-    "up5pct4b-m05w2-down10pct4b": (
-        {**UP_EF, "topk_fraction": 0.05, "momentum": 0.5, "warmup_rounds": 2}
-        | {"download": _down(0.1, 4)},
-        True,
-    ),
-    "up5pct4b-m05w2-down5pct8b": (
-        {**UP_EF, "topk_fraction": 0.05, "momentum": 0.5, "warmup_rounds": 2}
-        | {"download": _down(0.05, 8)},
-        True,
-    ),
-    "up5pct2b-m05w2-down10pct8b": (
-        {**UP_EF, "topk_fraction": 0.05, "bits": 2, "momentum": 0.5, "warmup_rounds": 2}
-        | {"download": _down(0.1, 8)},
-        True,
-    ),
-    "up5pct4b-m05w2-down20pct8b": (
-        {**UP_EF, "topk_fraction": 0.05, "momentum": 0.5, "warmup_rounds": 2}
-        | {"download": _down(0.2, 8)},
-        True,
-    ),
+    # (momentum 0.5, 2 warm-up versions) at top-2 % and top-5 %, with download variants
+    **{
+        f"up{round(up * 100)}pct{bits}b-m05w2-down{round(down * 100)}pct{down_bits}b": (
+            {**UP_EF, "topk_fraction": up, "bits": bits, "momentum": 0.5, "warmup_rounds": 2}
+            | {"download": _down(down, down_bits)},
+            True,
+        )
+        for up, bits, down, down_bits in [
+            (0.02, 4, 0.1, 8),
+            (0.05, 4, 0.1, 8),
+            (0.05, 4, 0.1, 4),
+            (0.05, 4, 0.05, 8),
+            (0.05, 2, 0.1, 8),
+            (0.05, 4, 0.2, 8),
+        ]
+    },
 }
 QUICK_POLICIES = ["dense", "up1pct4b"]
 
