@@ -18,6 +18,7 @@ from sqlalchemy import (
     ForeignKey,
     Index,
     Integer,
+    LargeBinary,
     MetaData,
     String,
     Text,
@@ -273,3 +274,27 @@ class Lease(Base):
     name: Mapped[str] = mapped_column(String(64), primary_key=True)
     holder: Mapped[str] = mapped_column(String(64))
     expires_at: Mapped[datetime] = mapped_column()
+
+
+class Blob(Base):
+    """A blob kept in the database (``FEDGE_BLOB_URL=database``; fedge.coordinator.blobstore_db):
+    its name, size, how many chunks hold its bytes, and when it was last written."""
+
+    __tablename__ = "blobs"
+
+    digest: Mapped[str] = mapped_column(String(64), primary_key=True)
+    size: Mapped[int] = mapped_column(BigInteger)
+    num_chunks: Mapped[int] = mapped_column(Integer)
+    written_at: Mapped[datetime] = mapped_column(UTCDateTime())
+
+
+class BlobChunk(Base):
+    """Bytes ``[seq * chunk_size, (seq + 1) * chunk_size)`` of a database blob."""
+
+    __tablename__ = "blob_chunks"
+
+    digest: Mapped[str] = mapped_column(
+        ForeignKey("blobs.digest", ondelete="CASCADE"), primary_key=True
+    )
+    seq: Mapped[int] = mapped_column(Integer, primary_key=True)
+    data: Mapped[bytes] = mapped_column(LargeBinary)
