@@ -20,7 +20,8 @@ from typing import TYPE_CHECKING
 from sqlalchemy import Engine
 from sqlalchemy.orm import Session, sessionmaker
 
-from fedge.coordinator.blobstore import BlobStore, FileBlobStore
+from fedge.coordinator.blobstore import BlobStore
+from fedge.coordinator.blobstore_db import DatabaseBlobStore, open_blob_store
 from fedge.coordinator.db import make_engine, make_sessionmaker
 from fedge.coordinator.engine.taskcache import TaskConfigCache
 from fedge.coordinator.settings import Settings
@@ -52,8 +53,10 @@ class Runtime:
             settings=settings,
             engine=engine,
             sessions=make_sessionmaker(engine),
-            blobs=FileBlobStore(settings.blobs),
+            blobs=open_blob_store(settings),
         )
 
     def close(self) -> None:
+        if isinstance(self.blobs, DatabaseBlobStore):
+            self.blobs.close()
         self.engine.dispose()

@@ -12,6 +12,8 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 THREAD_MARGIN = 16
 #: Largest default of ``reserved_connections`` (requests in flight kept for non-device routes).
 MAX_DEFAULT_RESERVE = 32
+#: The ``blob_url`` that keeps blobs in the coordinator's database.
+BLOBS_IN_DATABASE = "database"
 
 
 class Settings(BaseSettings):
@@ -26,6 +28,12 @@ class Settings(BaseSettings):
         "PostgreSQL: postgresql+psycopg://user@host/db",
     )
     blob_dir: Path | None = Field(default=None, description="Blob store; default <data_dir>/blobs")
+    blob_url: str | None = Field(
+        default=None,
+        description="Where blobs live. Unset: files under blob_dir. 'file:<path>' or "
+        "'file://<absolute path>': files there. 'database': rows in the coordinator's own "
+        "database (PostgreSQL only), so replicas on several hosts share nothing else.",
+    )
     tls_cert: Path | None = Field(default=None, description="Server certificate chain (PEM)")
     tls_key: Path | None = Field(default=None, description="Server private key (PEM)")
     host: str = "127.0.0.1"
@@ -119,6 +127,7 @@ class Settings(BaseSettings):
             )
         if not self.database_url:
             self.database_url = f"sqlite:///{(self.data_dir / 'fedge.db').resolve()}"
+        self._check_blob_url()
         if self.blob_dir is None:
             self.blob_dir = self.data_dir / "blobs"
         if self.tls_cert is None:
@@ -126,6 +135,48 @@ class Settings(BaseSettings):
         if self.tls_key is None:
             self.tls_key = self.data_dir / "tls" / "server.key"
         return self
+
+    def _check_blob_url(self) -> None:
+        """Refuse a ``blob_url`` the coordinator cannot use; ``file:`` sets ``blob_dir``."""
+        if self.blob_url is None:
+            return
+        value = self.blob_url
+        if value == BLOBS_IN_DATABASE:
+            if self.database_url.startswith("sqlite"):
+                raise ValueError(
+                    "blob_url 'database' needs a PostgreSQL database_url: SQLite allows one "
+                    "writer at a time and the coordinator holds it while it stores a model, "
+                    "so keep the file store (the default) with SQLite"
+                )
+            return
+        if value.startswith("file://"):
+            path = value.removeprefix("file://")
+            if not path.startswith("/"):
+                raise ValueError(
+                    f"blob_url {value!r}: write file://<absolute path> (three slashes) or "
+                    "file:<path>; a host name is not supported"
+                )
+        elif value.startswith("file:"):
+            path = value.removeprefix("file:")
+        else:
+            raise ValueError(
+                f"blob_url {value!r} is not supported: use 'file:<path>', "
+                "'file://<absolute path>' or 'database' (or leave it unset for files under "
+                "blob_dir)"
+            )
+        if not path:
+            raise ValueError(f"blob_url {value!r} names no directory")
+        if self.blob_dir is not None and Path(self.blob_dir) != Path(path):
+            raise ValueError(
+                f"blob_dir ({self.blob_dir}) and blob_url ({value}) name different blob "
+                "stores; set one of them"
+            )
+        self.blob_dir = Path(path)
+
+    @property
+    def blobs_in_database(self) -> bool:
+        """True when blobs are rows of the coordinator's database (``blob_url=database``)."""
+        return self.blob_url == BLOBS_IN_DATABASE
 
     @property
     def connection_reserve(self) -> int:
