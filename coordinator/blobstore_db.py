@@ -28,9 +28,9 @@ from __future__ import annotations
 import hashlib
 from collections.abc import Iterator
 from datetime import datetime
-from typing import Any
+from typing import Any, cast
 
-from sqlalchemy import Connection, Engine, delete, func, insert, select, update
+from sqlalchemy import Connection, Engine, Table, delete, func, insert, select, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.exc import IntegrityError, SQLAlchemyError
 
@@ -51,8 +51,8 @@ DEFAULT_CHUNK_SIZE = 1 << 20
 #: Rows per query of :meth:`DatabaseBlobStore.list_blobs` (one short transaction each).
 LIST_BATCH = 1000
 
-_blobs = Blob.__table__
-_chunks = BlobChunk.__table__
+_blobs = cast(Table, Blob.__table__)
+_chunks = cast(Table, BlobChunk.__table__)
 
 
 class BlobDamaged(Exception):

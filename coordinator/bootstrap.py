@@ -121,7 +121,8 @@ def init_data_dir(
         data_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
         result = migrate_database(settings)
         tls = create_ca_and_server_cert(data_dir / "tls", hosts=all_hosts, overwrite=force)
-        settings.blobs.mkdir(parents=True, exist_ok=True)
+        if not settings.blobs_in_database:
+            settings.blobs.mkdir(parents=True, exist_ok=True)
         env_file = write_env_file(settings, data_dir=data_dir)
         admin_key = create_key(settings, name=BOOTSTRAP_KEY_NAME, role="admin")
     except BaseException:
@@ -151,7 +152,9 @@ def write_env_file(settings: Settings, *, data_dir: Path) -> Path:
     ]
     if settings.database_url != default_database_url(data_dir):
         lines.append(f"FEDGE_DATABASE_URL={settings.database_url}")
-    if settings.blobs.resolve() != (data_dir / "blobs"):
+    if settings.blob_url is not None:
+        lines.append(f"FEDGE_BLOB_URL={settings.blob_url}")
+    elif settings.blobs.resolve() != (data_dir / "blobs"):
         lines.append(f"FEDGE_BLOB_DIR={settings.blobs.resolve()}")
     path = data_dir / ENV_FILE
     write_bytes_atomic(path, ("\n".join(lines) + "\n").encode("utf-8"), mode=0o600)

@@ -58,7 +58,7 @@ def make_store(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[MakeS
         return
     for url in database_url(request, request.param, tmp_path):
 
-        def make() -> BlobStore:
+        def make(url: str = url) -> BlobStore:
             store = DatabaseBlobStore(url, chunk_size=CHUNK)
             opened.append(store)
             return store

@@ -25,6 +25,7 @@ from sqlalchemy import Engine, select
 from sqlalchemy.orm import Session
 
 from fedge.coordinator.blobstore import FileBlobStore
+from fedge.coordinator.blobstore_db import DatabaseBlobStore, open_blob_store
 from fedge.coordinator.db import make_engine, make_sessionmaker
 from fedge.coordinator.models import Assignment, Device, ModelVersion, Round, Task, Update
 from fedge.coordinator.settings import Settings
@@ -196,9 +197,12 @@ class Db:
         self.settings = settings
         self.engine: Engine = make_engine(settings.database_url)
         self.sessions = make_sessionmaker(self.engine)
-        self.blobs = FileBlobStore(settings.blobs)
+        # The coordinator's backend; tests of file-store internals get a FileBlobStore.
+        self.blobs = cast(FileBlobStore | DatabaseBlobStore, open_blob_store(settings))
 
     def close(self) -> None:
+        if isinstance(self.blobs, DatabaseBlobStore):
+            self.blobs.close()
         self.engine.dispose()
 
     def read(self, fn: Callable[[Session], T]) -> T:
