@@ -51,6 +51,16 @@ class BlobNotFound(KeyError):
     pass
 
 
+class BlobDamaged(Exception):
+    """A stored blob that cannot be read back whole (a database blob whose chunks disagree
+    with its row: rows deleted or changed behind the store's back); never returned as short
+    or padded bytes."""
+
+    def __init__(self, digest: str, detail: str) -> None:
+        super().__init__(f"blob {digest} is damaged in the database: {detail}")
+        self.digest = digest
+
+
 class BlobStore(abc.ABC):
     """Content-addressed storage; every method is safe to call from several threads and
     processes at once."""

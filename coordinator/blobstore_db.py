@@ -35,6 +35,7 @@ from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.exc import IntegrityError, SQLAlchemyError
 
 from fedge.coordinator.blobstore import (
+    BlobDamaged,
     BlobInfo,
     BlobNotFound,
     BlobStore,
@@ -53,15 +54,6 @@ LIST_BATCH = 1000
 
 _blobs = cast(Table, Blob.__table__)
 _chunks = cast(Table, BlobChunk.__table__)
-
-
-class BlobDamaged(Exception):
-    """A database blob whose chunks disagree with its row (rows deleted or changed behind
-    the store's back); never returned as short or padded bytes."""
-
-    def __init__(self, digest: str, detail: str) -> None:
-        super().__init__(f"blob {digest} is damaged in the database: {detail}")
-        self.digest = digest
 
 
 class DatabaseBlobStore(BlobStore):

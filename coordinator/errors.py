@@ -31,7 +31,7 @@ from fastapi.responses import JSONResponse
 from pydantic import BaseModel
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from fedge.coordinator.blobstore import BlobNotFound
+from fedge.coordinator.blobstore import BlobDamaged, BlobNotFound
 
 log = logging.getLogger(__name__)
 
@@ -152,6 +152,15 @@ def install_error_handlers(app: FastAPI) -> None:
             503,
             "blob_missing",
             f"blob {digest} is missing from the blob store; restore the blob directory",
+        )
+
+    @app.exception_handler(BlobDamaged)
+    async def _blob_damaged(_request: Request, exc: BlobDamaged) -> JSONResponse:
+        log.error("%s", exc)
+        return _render(
+            503,
+            "blob_damaged",
+            f"blob {exc.digest} is damaged in the blob store; restore it from a backup",
         )
 
     @app.exception_handler(Exception)

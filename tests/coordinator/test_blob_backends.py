@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from pydantic import ValidationError
+from sqlalchemy import text
 
 from fedge.coordinator.blobstore import FileBlobStore
 from fedge.coordinator.blobstore_db import DatabaseBlobStore, open_blob_store
@@ -142,6 +143,15 @@ def test_a_round_with_blobs_in_postgresql_writes_no_file(
             assert download.content == blobs.get(v1.blob_digest)
             assert set(decode_model(download.content)) == {"W", "b"}
             assert admin.get("/readyz").json() == {"status": "ready"}
+            # A chunk lost behind the store's back: a clear 503, never a short model.
+            with blobs.engine.begin() as conn:
+                conn.execute(
+                    text("DELETE FROM blob_chunks WHERE digest = :d"), {"d": v1.blob_digest}
+                )
+            damaged = admin.get(f"{API}/tasks/{task_id}/models/1")
+            assert damaged.status_code == 503, damaged.text
+            assert damaged.json()["error"] == "blob_damaged"
+            assert v1.blob_digest in damaged.json()["detail"]
     finally:
         blobs.close()
     data_dir = coordinator.settings.data_dir

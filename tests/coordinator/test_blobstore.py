@@ -17,8 +17,8 @@ import numpy as np
 import pytest
 from sqlalchemy import delete, update
 
-from fedge.coordinator.blobstore import BlobNotFound, BlobStore, FileBlobStore
-from fedge.coordinator.blobstore_db import BlobDamaged, DatabaseBlobStore
+from fedge.coordinator.blobstore import BlobDamaged, BlobNotFound, BlobStore, FileBlobStore
+from fedge.coordinator.blobstore_db import DatabaseBlobStore
 from fedge.coordinator.models import Blob, BlobChunk
 from tests.support import databases
 
