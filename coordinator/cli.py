@@ -95,6 +95,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="serve plain HTTP (only behind a TLS-terminating proxy; FEDGE_INSECURE_HTTP)",
     )
     srv.add_argument(
+        "--workers",
+        type=int,
+        metavar="N",
+        help="worker processes serving on the one port (FEDGE_WORKERS, default 1; more than "
+        "1 needs PostgreSQL)",
+    )
+    srv.add_argument(
         "--port-file",
         type=Path,
         help="once listening, write the bound port to this file (atomically); removed on exit",
@@ -130,6 +137,7 @@ def _settings(args: argparse.Namespace) -> Settings:
         host=getattr(args, "host", None),
         port=getattr(args, "port", None),
         insecure_http=getattr(args, "insecure_http", None),
+        workers=getattr(args, "workers", None),
     )
 
 

@@ -33,6 +33,7 @@ from typing import Any
 
 import uvicorn
 import uvicorn.config
+from sqlalchemy.engine import make_url
 
 from fedge.coordinator.app import create_app
 from fedge.coordinator.bootstrap import SetupError, schema_report
@@ -110,7 +111,7 @@ def log_config(level: str) -> dict[str, Any]:
     return config
 
 
-class _Server(uvicorn.Server):
+class StartedServer(uvicorn.Server):
     """uvicorn's server with a hook that runs once it accepts connections."""
 
     def __init__(self, config: uvicorn.Config, on_started: Callable[[], None]) -> None:
@@ -147,14 +148,71 @@ def _warn(message: str) -> None:
     print(f"fedge coordinator serve: {message}", file=sys.stderr, flush=True)
 
 
+def check_workers(settings: Settings, workers: int) -> None:
+    """Refuse several worker processes where they are not supported (SQLite).
+
+    SQLite takes one writer at a time for the whole file: more processes add no write
+    throughput, only lock waits, and a database file is reachable from one host alone. One
+    process per SQLite database is what is supported; several need PostgreSQL."""
+    if workers < 1:
+        raise ServeError(f"--workers must be at least 1 (got {workers})")
+    if workers > 1 and make_url(settings.database_url).get_backend_name() == "sqlite":
+        raise ServeError(
+            f"--workers {workers} (FEDGE_WORKERS) needs PostgreSQL: on SQLite the coordinator "
+            "runs as one process (SQLite has one writer at a time, so more processes only "
+            "wait on its lock). Serve with --workers 1, or set FEDGE_DATABASE_URL to a "
+            "PostgreSQL database (postgresql+psycopg://...); see docs/deploy.md, "
+            '"Several processes".'
+        )
+
+
+def uvicorn_config(
+    app: Any,
+    settings: Settings,
+    tls: tuple[Path, Path] | None,
+    *,
+    forwarded_allow_ips: str | None,
+    graceful_timeout_s: int,
+) -> uvicorn.Config:
+    """The uvicorn configuration of one coordinator process (a worker, or the only one)."""
+    return uvicorn.Config(
+        app,
+        ssl_certfile=str(tls[0]) if tls else None,
+        ssl_keyfile=str(tls[1]) if tls else None,
+        log_level=settings.log_level.lower(),
+        log_config=log_config(settings.log_level),
+        proxy_headers=True,
+        forwarded_allow_ips=forwarded_allow_ips,
+        timeout_graceful_shutdown=graceful_timeout_s,
+        server_header=False,
+        # Every byte counts on a device's link: no Date header on every answer, and idle
+        # connections kept long enough to outlive a round of local training.
+        date_header=False,
+        timeout_keep_alive=int(max(1, round(settings.keepalive_s))),
+    )
+
+
+def run_server(server: uvicorn.Server, sock: socket.socket) -> bool:
+    """Serve on ``sock`` until SIGTERM/SIGINT (or ``should_exit``); True if it had started."""
+    with _quiet_stop_signals():
+        asyncio.run(server.serve(sockets=[sock]))
+    return server.started
+
+
 def serve(
     settings: Settings,
     *,
+    workers: int | None = None,
     port_file: Path | None = None,
     forwarded_allow_ips: str | None = None,
     graceful_timeout_s: int = 10,
 ) -> int:
-    """Serve the coordinator until SIGTERM/SIGINT; returns the process exit status."""
+    """Serve the coordinator until SIGTERM/SIGINT; returns the process exit status.
+
+    ``workers`` (default ``settings.workers``) above 1 runs that many worker processes on the
+    one listening socket under a supervisor (:mod:`fedge.coordinator.workers`)."""
+    count = settings.workers if workers is None else workers
+    check_workers(settings, count)
     tls = check_tls(settings)
     scheme = "https" if tls else "http"
     if tls is None:
@@ -183,33 +241,37 @@ def serve(
         print(f"fedge coordinator listening on {url}", flush=True)
         if tls is not None:
             print(f"TLS certificate {tls[0]}", flush=True)
+        if count > 1:
+            print(f"{count} worker processes", flush=True)
         if port_file is not None:
             write_port_file(port_file, port)
             wrote_port_file = True
 
-    config = uvicorn.Config(
-        create_app(settings),
-        ssl_certfile=str(tls[0]) if tls else None,
-        ssl_keyfile=str(tls[1]) if tls else None,
-        log_level=settings.log_level.lower(),
-        log_config=log_config(settings.log_level),
-        proxy_headers=True,
-        forwarded_allow_ips=forwarded_allow_ips,
-        timeout_graceful_shutdown=graceful_timeout_s,
-        server_header=False,
-        # Every byte counts on a device's link: no Date header on every answer, and idle
-        # connections kept long enough to outlive a round of local training.
-        date_header=False,
-        timeout_keep_alive=int(max(1, round(settings.keepalive_s))),
-    )
-    server = _Server(config, on_started=announce)
     try:
-        with _quiet_stop_signals():
-            asyncio.run(server.serve(sockets=[sock]))
+        if count == 1:
+            config = uvicorn_config(
+                create_app(settings),
+                settings,
+                tls,
+                forwarded_allow_ips=forwarded_allow_ips,
+                graceful_timeout_s=graceful_timeout_s,
+            )
+            started = run_server(StartedServer(config, on_started=announce), sock)
+        else:
+            from fedge.coordinator.workers import Supervisor
+
+            supervisor = Supervisor(
+                settings,
+                sock,
+                count,
+                forwarded_allow_ips=forwarded_allow_ips,
+                graceful_timeout_s=graceful_timeout_s,
+            )
+            started = supervisor.run(on_ready=announce)
     finally:
         sock.close()
         if port_file is not None and wrote_port_file:
             with suppress(FileNotFoundError):
                 port_file.unlink()
     print("fedge coordinator stopped", flush=True)
-    return 0 if server.started else 1
+    return 0 if started else 1

@@ -92,6 +92,14 @@ class Settings(BaseSettings):
         "too_many_requests. Must be below device_max_in_flight.",
     )
 
+    workers: int = Field(
+        default=1,
+        ge=1,
+        le=512,
+        description="Worker processes `fedge coordinator serve` runs on its one port (more "
+        "than 1 needs PostgreSQL; see docs/deploy.md).",
+    )
+
     scheduler_enabled: bool = True
     scheduler_interval_s: float = Field(default=0.5, gt=0)
     lease_ttl_s: float = Field(default=10.0, gt=0)
