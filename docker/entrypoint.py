@@ -7,7 +7,8 @@
 2. apply the Alembic migrations, under a PostgreSQL advisory lock so that several replicas
    starting at once migrate exactly once;
 3. run ``fedge coordinator serve`` in this process (PID 1 of the container, so it receives
-   SIGTERM directly and stops gracefully).
+   SIGTERM directly and stops gracefully), with one worker process per CPU available to the
+   container on PostgreSQL (:func:`default_workers`), one on SQLite.
 
 Any other command runs as given, e.g. ``fedge coordinator init`` or
 ``fedge coordinator create-key`` as a one-off container.
@@ -17,17 +18,21 @@ exactly as ``fedge coordinator serve`` reads them, so both see the same database
 
 - ``FEDGE_DB_WAIT_ATTEMPTS`` (default 30) and ``FEDGE_DB_WAIT_INTERVAL_S`` (default 2):
   how long to wait for the database;
-- ``FEDGE_MIGRATE_ON_START`` (default true): set false when migrations run as a separate job.
+- ``FEDGE_MIGRATE_ON_START`` (default true): set false when migrations run as a separate job;
+- ``FEDGE_WORKERS``: worker processes (a coordinator setting); when unset, the CPU count
+  on PostgreSQL.
 """
 
 from __future__ import annotations
 
 import hashlib
+import math
 import os
 import sys
 import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
+from pathlib import Path
 
 from alembic.runtime.migration import MigrationContext
 from sqlalchemy import Connection, Engine, text
@@ -180,6 +185,40 @@ def migrate(url: str) -> tuple[str | None, str | None]:
     return before, after
 
 
+def available_cpus(
+    *, cgroup_cpu_max: Path = Path("/sys/fs/cgroup/cpu.max"), cpus: int | None = None
+) -> int:
+    """CPUs this process may use: its CPU affinity, lowered to the container's CPU quota
+    (cgroup v2 ``cpu.max``, rounded up) when one is set."""
+    count = cpus if cpus is not None else len(os.sched_getaffinity(0))
+    try:
+        quota, period = cgroup_cpu_max.read_text().split()[:2]
+        if quota != "max":
+            count = min(count, math.ceil(int(quota) / int(period)))
+    except (OSError, ValueError):
+        pass  # no cgroup v2 quota readable: the affinity stands
+    return max(1, count)
+
+
+def default_workers(settings: Settings, cpus: int) -> int:
+    """Worker processes when ``FEDGE_WORKERS`` is unset: one per CPU on PostgreSQL, one on
+    SQLite (which supports a single process; see docs/deploy.md)."""
+    if make_url(settings.database_url).get_backend_name() == "sqlite":
+        return 1
+    return cpus
+
+
+def serve_args(settings: Settings, args: Sequence[str]) -> list[str]:
+    """``serve`` and its options, with ``--workers`` from the CPU count unless the operator
+    chose (``FEDGE_WORKERS`` in the environment or ``coordinator.env``, or ``--workers``)."""
+    chosen = "workers" in settings.model_fields_set or any(
+        a == "--workers" or a.startswith("--workers=") for a in args
+    )
+    if chosen:
+        return ["serve", *args]
+    return ["serve", "--workers", str(default_workers(settings, available_cpus())), *args]
+
+
 def prestart(settings: Settings) -> None:
     """Wait for the database and migrate it (unless FEDGE_MIGRATE_ON_START=false)."""
     url = settings.database_url
@@ -203,14 +242,15 @@ def main(argv: Sequence[str]) -> int:
     if args and args[0] != "serve":
         os.execvp(args[0], args)  # noqa: S606 (the container's command, given by the operator)
     try:
-        prestart(load_settings())
+        settings = load_settings()
+        prestart(settings)
     except ValueError as exc:  # pydantic's ValidationError: a FEDGE_* variable is malformed
         log(f"invalid configuration: {exc}")
         return 2
     except StartupError as exc:
         log(str(exc))
         return 1
-    return coordinator_main(["serve", *args[1:]])
+    return coordinator_main(serve_args(settings, args[1:]))
 
 
 if __name__ == "__main__":

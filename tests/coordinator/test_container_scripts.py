@@ -110,6 +110,58 @@ def test_entrypoint_stops_with_status_1_and_a_message_when_the_database_never_an
     assert "unreachable after 2 attempts" in capsys.readouterr().err
 
 
+# -- worker processes -------------------------------------------------------------------------
+
+PG = "postgresql+psycopg://fedge@db.invalid/fedge"
+
+
+@pytest.mark.parametrize(
+    ("url", "env", "args", "expected"),
+    [
+        (PG, {}, [], ["serve", "--workers", "6"]),
+        (PG, {"FEDGE_WORKERS": "2"}, [], ["serve"]),  # the CLI reads FEDGE_WORKERS itself
+        (PG, {}, ["--workers", "3"], ["serve", "--workers", "3"]),
+        (PG, {}, ["--workers=3"], ["serve", "--workers=3"]),
+        ("sqlite:////tmp/fedge.db", {}, [], ["serve", "--workers", "1"]),
+    ],
+)
+def test_serve_gets_one_worker_per_cpu_on_postgres_unless_the_operator_chose(
+    monkeypatch, tmp_path, url, env, args, expected
+):
+    monkeypatch.setattr(entrypoint, "available_cpus", lambda: 6)
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    settings = Settings(data_dir=tmp_path, database_url=url)
+    assert entrypoint.serve_args(settings, args) == expected
+
+
+def test_workers_chosen_in_the_data_dirs_env_file_are_kept(monkeypatch, tmp_path):
+    monkeypatch.setattr(entrypoint, "available_cpus", lambda: 6)
+    (tmp_path / "coordinator.env").write_text(f"FEDGE_DATABASE_URL={PG}\nFEDGE_WORKERS=2\n")
+    monkeypatch.setenv("FEDGE_DATA_DIR", str(tmp_path))
+    settings = entrypoint.load_settings()
+    assert settings.workers == 2
+    assert entrypoint.serve_args(settings, []) == ["serve"]
+
+
+@pytest.mark.parametrize(
+    ("cpu_max", "cpus", "expected"),
+    [
+        (None, 8, 8),  # no cgroup v2 file: the affinity
+        ("max 100000\n", 8, 8),  # no quota
+        ("150000 100000\n", 8, 2),  # 1.5 CPUs: rounded up
+        ("400000 100000\n", 2, 2),  # a quota above the affinity
+        ("1000 100000\n", 4, 1),
+        ("garbage\n", 3, 3),
+    ],
+)
+def test_available_cpus_follows_the_container_quota(tmp_path, cpu_max, cpus, expected):
+    path = tmp_path / "cpu.max"
+    if cpu_max is not None:
+        path.write_text(cpu_max)
+    assert entrypoint.available_cpus(cgroup_cpu_max=path, cpus=cpus) == expected
+
+
 # -- migrating --------------------------------------------------------------------------------
 
 
