@@ -16,7 +16,7 @@ import ssl
 import subprocess
 import sys
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -94,11 +94,15 @@ def coordinator_process(
     *,
     ca_file: Path,
     env: Mapping[str, str] | None = None,
+    port: int = 0,
+    args: Sequence[str] = (),
 ) -> Iterator[CoordinatorProcess]:
-    """Start ``fedge coordinator serve`` on ``settings``' database, blob store and TLS files;
-    stop it (SIGTERM) on exit unless the test killed it."""
+    """Start ``fedge coordinator serve`` on ``settings``' database, blob store and TLS files
+    (on ``port``, 0 for any free one; ``args``: more options); stop it (SIGTERM) on exit
+    unless the test killed it."""
     workdir.mkdir(parents=True, exist_ok=True)
     port_file = workdir / "port"
+    port_file.unlink(missing_ok=True)
     log_path = workdir / "coordinator.log"
     command = [
         sys.executable,
@@ -111,9 +115,10 @@ def coordinator_process(
         "--database-url",
         settings.database_url,
         "--port",
-        "0",
+        str(port),
         "--port-file",
         str(port_file),
+        *args,
     ]
     with open(log_path, "wb") as log:
         process = subprocess.Popen(
