@@ -11,6 +11,11 @@ the demo wait for that file). SIGTERM and SIGINT stop it gracefully: no new conn
 in-flight requests get ``graceful_timeout_s`` to finish, the app's lifespan shuts down, and
 the process exits with status 0.
 
+With ``workers`` above 1 (``--workers`` / ``FEDGE_WORKERS``, PostgreSQL only) this process
+binds the socket and supervises that many worker processes serving on it
+(:mod:`fedge.coordinator.workers`); the port file is written once every worker accepts
+connections.
+
 Logging is uvicorn's console configuration, with the coordinator's own loggers added at
 ``log_level`` (they would otherwise reach only Python's last-resort handler, which prints
 warnings and errors alone).
