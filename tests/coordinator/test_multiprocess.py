@@ -38,6 +38,7 @@ from typing import Any
 import numpy as np
 import pytest
 
+from fedge.coordinator.db import utcnow
 from fedge.coordinator.models import ASSIGNMENT_ACTIVE, Lease
 from fedge.coordinator.settings import Settings
 from fedge.coordinator.tls import TlsPaths
@@ -60,8 +61,8 @@ pytestmark = [pytest.mark.postgres, pytest.mark.slow]
 BLOB_BACKEND = "file"
 
 AGENTS_PER_PROCESS = 3
-SYNC_ROUNDS = 6
-ASYNC_ROUNDS = 6
+SYNC_ROUNDS = 8
+ASYNC_ROUNDS = 8
 SOFTMAX = {"architecture": "softmax", "input_dim": 64, "num_classes": 10, "hidden": [], "seed": 0}
 COMPRESSION = {"topk_fraction": 0.1, "bits": 8, "chunk": 64, "error_feedback": True}
 #: Every process: short task leases (they change hands often, and lapse soon after a kill),
@@ -261,15 +262,27 @@ def test_three_processes_one_killed_and_restarted_every_update_applied_once(
         )
         b_agents = [entry for entry in agents if entry.process == "b"]
         before = sum(entry.agent.stats.uploaded for entry in b_agents)
+        restarted = utcnow()  # b is down: whatever is seen of its agents later is its doing
         procs.start("b", port=port)  # the same address: b's agents find it again
+        left = {t: db.task(t).current_version for t in (sync_task, async_task)}
+        # b's agents reconnect to the restarted process and take part again.
+        wait_until(
+            lambda: all(
+                (seen := db.device(entry.device_id).last_seen_at) and seen > restarted
+                for entry in b_agents
+            ),
+            timeout=60,
+        )
+        try:
+            wait_until(
+                lambda: sum(entry.agent.stats.uploaded for entry in b_agents) > before,
+                timeout=120,
+            )
+        except AssertionError as exc:
+            raise AssertionError(f"b's agents uploaded nothing after the restart ({left})") from exc
 
         for task_id in (sync_task, async_task):
             db.wait_task(task_id, lambda t: t.status == "completed", timeout=300)
-        # b's agents came back: they uploaded again to the restarted process.
-        wait_until(
-            lambda: sum(entry.agent.stats.uploaded for entry in b_agents) > before,
-            timeout=60,
-        )
         for entry in agents:
             entry.agent.stop()
         for entry in agents:
