@@ -102,7 +102,19 @@ class Settings(BaseSettings):
 
     scheduler_enabled: bool = True
     scheduler_interval_s: float = Field(default=0.5, gt=0)
-    lease_ttl_s: float = Field(default=10.0, gt=0)
+    scheduler_workers: int = Field(
+        default=4,
+        ge=1,
+        le=64,
+        description="Tasks the scheduler steps at once, each in its own thread (a long "
+        "aggregation of one task then does not delay another task's deadlines). Each running "
+        "aggregation holds its model-sized buffers in memory.",
+    )
+    lease_ttl_s: float = Field(
+        default=10.0,
+        gt=0,
+        description="Lifetime of a task lease; renewed every third of it while a step runs.",
+    )
     instance_id: str = Field(default_factory=lambda: secrets.token_hex(6))
     eval_hook: str | None = Field(
         default=None,

@@ -2,11 +2,16 @@
 
 Everything it decides comes from the database, so a restarted coordinator resumes where the
 last one stopped (an ``aggregating`` round is aggregated again, an expired round is closed).
-Each tick runs in a worker thread (``asyncio.to_thread``) and never blocks the event loop.
 
-For each task that needs attention, a tick takes the task's lease (``leases``: one
-coordinator process acts for a task at a time; the lease lapses after
-``settings.lease_ttl_s`` if its holder dies), then:
+Each tick lists the tasks that need attention (in a thread, never blocking the event loop)
+and hands each one that is not already being stepped to a bounded pool of
+``settings.scheduler_workers`` threads: tasks are stepped independently, so a long
+aggregation of one task does not hold back another task's deadlines, cancellations and round
+openings, and a task is stepped by at most one thread of the process at a time.
+
+A step takes the task's lease (``leases``: one coordinator process acts for a task at a
+time; the lease lapses after ``settings.lease_ttl_s`` if its holder dies) and keeps it
+renewed while it runs (:class:`~fedge.coordinator.engine.leases.LeaseKeeper`), then:
 
 1. in one short transaction (task row locked on PostgreSQL), applies the state rules of
    :mod:`fedge.coordinator.engine.rounds`: open, close or fail rounds, drop expired async
@@ -15,8 +20,9 @@ coordinator process acts for a task at a time; the lease lapses after
    (:mod:`fedge.coordinator.engine.apply`).
 
 Devices affected (newly assigned, cancelled) are woken through the :class:`Notifier` after
-each commit. Uploads call :meth:`Scheduler.kick` so a round that reached its target closes
-without waiting for the next tick.
+each step. Uploads call :meth:`Scheduler.kick` so a round that reached its target closes
+without waiting for the next tick (a task kicked while its step runs is stepped again as soon
+as that step ends).
 """
 
 from __future__ import annotations
@@ -24,7 +30,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import threading
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from functools import partial
 
 from sqlalchemy import exists, or_, select, update
 from sqlalchemy.orm import Session
@@ -91,15 +100,27 @@ class TaskStepper:
     def __init__(self, runtime: Runtime, *, hook: EvalHook | None = None) -> None:
         self.runtime = runtime
         self.hook = hook
+        self.keeper = leases.LeaseKeeper(
+            runtime.sessions, holder=self.holder, ttl_s=runtime.settings.lease_ttl_s
+        )
+        #: Set at shutdown: steps running then start no further aggregation.
+        self.stopping = threading.Event()
+        self._busy: set[int] = set()
+        self._busy_lock = threading.Lock()
 
     @property
     def holder(self) -> str:
         return self.runtime.settings.instance_id
 
+    def task_ids(self) -> list[int]:
+        """The tasks that need attention now."""
+        with session_scope(self.runtime.sessions, read_only=True) as session:
+            return tasks_needing_attention(session)
+
     def tick(self) -> list[str]:
-        """One pass over every task that needs attention; the devices to wake."""
-        with session_scope(self.runtime.sessions) as session:
-            task_ids = tasks_needing_attention(session)
+        """One pass over every task that needs attention, one after another; the devices to
+        wake (the :class:`Scheduler` steps tasks in parallel instead)."""
+        task_ids = self.task_ids()
         woken: list[str] = []
         for task_id in task_ids:
             try:
@@ -109,23 +130,34 @@ class TaskStepper:
         return woken
 
     def step(self, task_id: int) -> StepOutcome:
-        """Advance one task as far as it can go now (if this process holds its lease)."""
-        settings = self.runtime.settings
-        with session_scope(self.runtime.sessions) as session:
-            acquired = leases.acquire(
-                session,
-                leases.task_lease_name(task_id),
-                holder=self.holder,
-                ttl_s=settings.lease_ttl_s,
-                now=utcnow(),
-            )
+        """Advance one task as far as it can go now (if this process holds its lease).
+
+        Does nothing when another thread of this process is stepping the task already."""
         outcome = StepOutcome()
-        if not acquired:
+        with self._busy_lock:
+            if task_id in self._busy:
+                return outcome
+            self._busy.add(task_id)
+        try:
+            name = leases.task_lease_name(task_id)
+            with session_scope(self.runtime.sessions) as session:
+                acquired = leases.acquire(
+                    session,
+                    name,
+                    holder=self.holder,
+                    ttl_s=self.runtime.settings.lease_ttl_s,
+                    now=utcnow(),
+                )
+            if not acquired:
+                return outcome
+            with self.keeper.hold(name) as held:
+                ready = self._transitions(task_id, outcome)
+                if ready:
+                    self._aggregate(task_id, outcome, held)
             return outcome
-        ready = self._transitions(task_id, outcome)
-        if ready:
-            self._aggregate(task_id, outcome)
-        return outcome
+        finally:
+            with self._busy_lock:
+                self._busy.discard(task_id)
 
     def _transitions(self, task_id: int, outcome: StepOutcome) -> bool:
         """Step 1; True when a round is ready to aggregate."""
@@ -187,11 +219,16 @@ class TaskStepper:
             rnd.num_received = min(pending, cfg.buffer_size)
         return pending >= cfg.buffer_size
 
-    def _aggregate(self, task_id: int, outcome: StepOutcome) -> None:
+    def _aggregate(
+        self, task_id: int, outcome: StepOutcome, held: leases.Hold | None = None
+    ) -> None:
         """Step 2: plan, compute and commit one aggregation (repeated while async buffers
-        are full)."""
+        are full). No aggregation starts once the process is stopping or the task's lease
+        was lost (the next tick, or the lease's new holder, takes it up)."""
         settings = self.runtime.settings
         for _ in range(100):
+            if self.stopping.is_set() or (held is not None and held.lost):
+                return
             with session_scope(self.runtime.sessions) as session:
                 # The plan reads the round and may fail it or reject updates: it runs under
                 # the task row lock like every other writer of the task's rounds, so it sees
@@ -288,45 +325,97 @@ class TaskStepper:
 
 
 class Scheduler:
-    """Runs :class:`TaskStepper` ticks every ``settings.scheduler_interval_s`` (or sooner
-    when kicked) until stopped."""
+    """Steps every task that needs attention, each in a thread of a bounded pool, every
+    ``settings.scheduler_interval_s`` (or sooner when kicked) until stopped."""
 
     def __init__(self, runtime: Runtime, notifier: Notifier) -> None:
         self.runtime = runtime
         self.notifier = notifier
         self.stepper = TaskStepper(runtime, hook=load_hook(runtime.settings.eval_hook))
+        self.workers = runtime.settings.scheduler_workers
+        self._pool = ThreadPoolExecutor(self.workers, thread_name_prefix="fedge-step")
         self._wake = asyncio.Event()
         self._stopping = False
         self._task: asyncio.Task[None] | None = None
+        #: Steps in flight, by task (at most one per task).
+        self._running: dict[int, asyncio.Future[StepOutcome]] = {}
+        #: Loop time each task's last step started: the longest-waiting tasks go first when
+        #: there are more tasks to step than free workers.
+        self._last_started: dict[int, float] = {}
+        self._backlog = False
+        self._kicks = 0
 
     def start(self) -> None:
         self._task = asyncio.get_running_loop().create_task(self._run(), name="fedge-scheduler")
 
     def kick(self) -> None:
         """Run the next tick now (call on the event loop)."""
+        self._kicks += 1
         self._wake.set()
+
+    @property
+    def running(self) -> set[int]:
+        """The tasks being stepped right now."""
+        return set(self._running)
 
     async def _run(self) -> None:
         interval = self.runtime.settings.scheduler_interval_s
         while not self._stopping:
+            self._wake.clear()
             try:
-                woken = await asyncio.to_thread(self.stepper.tick)
-                self.notifier.notify(woken)
+                task_ids = await asyncio.to_thread(self.stepper.task_ids)
+                if not self._stopping:
+                    self._launch(task_ids)
             except Exception:
                 log.exception("scheduler tick failed; retrying")
             if self._stopping:
                 break
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._wake.wait(), interval)
-            self._wake.clear()
+
+    def _launch(self, task_ids: list[int]) -> None:
+        loop = asyncio.get_running_loop()
+        self._last_started = {t: self._last_started.get(t, -1.0) for t in task_ids}
+        waiting = sorted(
+            (t for t in task_ids if t not in self._running), key=self._last_started.__getitem__
+        )
+        free = self.workers - len(self._running)
+        self._backlog = len(waiting) > free
+        for task_id in waiting[: max(free, 0)]:
+            self._last_started[task_id] = loop.time()
+            future = loop.run_in_executor(self._pool, self.stepper.step, task_id)
+            self._running[task_id] = future
+            future.add_done_callback(partial(self._step_done, task_id, self._kicks))
+
+    def _step_done(self, task_id: int, kicks: int, future: asyncio.Future[StepOutcome]) -> None:
+        self._running.pop(task_id, None)
+        if future.cancelled():
+            return
+        exc = future.exception()
+        if exc is not None:
+            log.error(
+                "scheduler step for task %s failed; retrying next tick", task_id, exc_info=exc
+            )
+        else:
+            self.notifier.notify(future.result().woken)
+        # A kick that came while the step ran may be for this task (an upload that completed
+        # its round); tasks left waiting for a worker can have this one.
+        if not self._stopping and (kicks != self._kicks or self._backlog):
+            self._wake.set()
 
     async def stop(self) -> None:
-        """Finish the current tick, stop, and hand this process's leases back."""
+        """Stop ticking, let the steps in flight end (none starts another aggregation), stop
+        renewing and hand this process's leases back."""
         self._stopping = True
+        self.stepper.stopping.set()
         self._wake.set()
         if self._task is not None:
             await self._task
+        if self._running:
+            await asyncio.wait(list(self._running.values()))
+        await asyncio.to_thread(self._pool.shutdown)
         try:
+            await asyncio.to_thread(self.stepper.keeper.close)
             await asyncio.to_thread(self.stepper.release_leases)
         except Exception:
             log.exception("could not release scheduler leases at shutdown")
