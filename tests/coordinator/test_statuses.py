@@ -298,10 +298,14 @@ def _revision(url: str) -> str | None:
 
 
 def _counts(engine: Engine) -> dict[str, int]:
+    """Rows per table, of the tables the database has at its revision (later migrations add
+    tables of their own)."""
     with engine.connect() as conn:
+        present = set(inspect(conn).get_table_names())
         return {
             t: conn.execute(text(f"SELECT count(*) FROM {t}")).scalar_one()
             for t in Base.metadata.tables
+            if t in present
         }
 
 
