@@ -10,8 +10,9 @@ A device request passes when, in this order:
    ``too_many_requests`` with ``Retry-After``; see "Slots" below);
 4. the body fits ``max_upload_bytes`` (413 ``payload_too_large``, checked while it streams in);
 5. the signature covers the request's method, path, query and body digest (401
-   ``invalid_signature``); the device's existence and status are checked again in the same
-   transaction, for a device revoked meanwhile;
+   ``invalid_signature``), checked against the public key step 2 read (a device's key never
+   changes); the device's existence and status are checked again in the transaction that
+   records the nonce (step 8), for a device revoked meanwhile;
 6. the timestamp lies within the skew window (401 ``clock_skew``);
 7. the device is within its request rate (429 ``rate_limited`` with ``Retry-After``);
 8. the nonce was not used by this device before (401 ``replayed_nonce``). Nonces are rows of
@@ -23,8 +24,22 @@ before step 1 (:mod:`fedge.coordinator.api.bodylimit`). Since step 2 comes befor
 revoked device is refused without one: whoever knows a device id learns that it is revoked,
 as ``unknown_device`` already told whether it is enrolled.
 
-Passing requests update the device's ``last_seen_at``. The checks of steps 5-8 run in their
-own short transaction and hold no session afterwards (long-polls wait without a connection).
+Passing requests update the device's ``last_seen_at``. Steps 5-7 need no database: they run
+on the event loop, outside any transaction (on SQLite: never under the write lock). Step 8
+and ``last_seen_at`` (with the re-check of step 5) are written by :func:`record_claim`:
+
+- ``DeviceDep`` (:func:`authenticate_device`) records them in a short transaction of their
+  own before the handler runs, and holds no session afterwards (long-polls wait without a
+  connection);
+- ``DeviceClaimDep`` (:func:`authenticate_device_deferred`, the upload and the work poll)
+  hands the handler a :class:`RequestClaim` instead, which the handler records in its own
+  write transaction (one commit per request). A handler that answers without that
+  transaction committing (a refusal, a repeated upload) records the claim in one of its own
+  first (:func:`settle_claim`), and a replay or revocation found then is the answer. Either
+  way no answer leaves before the nonce is recorded, and a nonce is recorded at most once
+  (the unique constraint decides between concurrent replays), so replay protection is the
+  same as with ``DeviceDep``.
+
 The verified body is cached on the request, so handlers read it again with ``await
 request.body()`` (or take it from :attr:`DeviceIdentity.body`).
 
@@ -46,21 +61,23 @@ The rate limit is a token bucket per device and per coordinator process (capacit
 from __future__ import annotations
 
 import hashlib
+import logging
 import math
 import threading
 import time
 from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from fastapi import Request
 from fastapi.concurrency import run_in_threadpool
-from sqlalchemy import Insert, delete, select
+from sqlalchemy import Connection, Insert, Update, bindparam, delete, select, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session
 
-from fedge.coordinator.db import session_scope, utcnow
+from fedge.coordinator.db import READ_ONLY, utcnow
 from fedge.coordinator.errors import Forbidden, PayloadTooLarge, RateLimited, Unauthorized
 from fedge.coordinator.models import Device, UsedNonce
 from fedge.coordinator.runtime import Runtime
@@ -77,19 +94,37 @@ from fedge.shared.signing import (
 if TYPE_CHECKING:
     from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
+log = logging.getLogger(__name__)
+
 #: How often (seconds) one process deletes expired nonces.
 NONCE_PRUNE_INTERVAL_S = 60.0
 #: ``Retry-After`` (seconds) of a request refused for want of a free slot of its device.
 SLOT_RETRY_AFTER_S = 1
 
 
+@dataclass
+class RequestClaim:
+    """What a verified request still has to write: its nonce (step 8) and the device's
+    ``last_seen_at`` (with the re-check of its status). ``recorded`` once committed."""
+
+    device_id: str
+    nonce: str
+    ttl: timedelta
+    authenticator: DeviceAuthenticator = field(repr=False)
+    recorded: bool = False
+
+
 @dataclass(frozen=True)
 class DeviceIdentity:
-    """The device a verified request came from, and the exact body that was signed."""
+    """The device a verified request came from, and the exact body that was signed.
+
+    ``claim`` is set by ``DeviceClaimDep`` only: the handler must record it
+    (:func:`record_claim` in its own transaction, or :func:`settle_claim`) before answering."""
 
     id: str
     name: str
     body: bytes = field(repr=False, default=b"")
+    claim: RequestClaim | None = field(repr=False, default=None)
 
 
 class RateLimiter:
@@ -119,18 +154,18 @@ class RateLimiter:
 KEY_CACHE_SIZE = 65536
 
 
-def _insert_nonce(
-    session: Session, device_id: str, nonce: str, *, now: datetime, ttl: timedelta
-) -> bool:
-    """Record a nonce in one statement; False when it is in use (a replay).
-
-    An expired row of the same nonce (kept until the next prune) is taken over, as the
-    separate delete-then-insert did before: ``INSERT ... ON CONFLICT DO UPDATE ... WHERE
-    expires_at < now`` changes no row exactly when the nonce is still live.
-    """
-    values = {"device_id": device_id, "nonce": nonce, "expires_at": now + ttl}
-    dialect = session.get_bind().dialect.name
-    stmt: Insert
+def _nonce_statement(dialect: str) -> Insert:
+    """``INSERT ... ON CONFLICT DO UPDATE ... WHERE expires_at < now RETURNING nonce`` with
+    bound parameters ``p_device``, ``p_nonce``, ``p_expires`` and ``p_now`` (built once)."""
+    stmt = _NONCE_STATEMENTS.get(dialect)
+    if stmt is not None:
+        return stmt
+    values = {
+        "device_id": bindparam("p_device"),
+        "nonce": bindparam("p_nonce"),
+        "expires_at": bindparam("p_expires", type_=UsedNonce.__table__.c.expires_at.type),
+    }
+    now = bindparam("p_now", type_=UsedNonce.__table__.c.expires_at.type)
     if dialect == "postgresql":
         pg = postgresql.insert(UsedNonce).values(values)
         stmt = pg.on_conflict_do_update(
@@ -147,7 +182,27 @@ def _insert_nonce(
         )
     else:  # pragma: no cover - fedge supports SQLite and PostgreSQL
         raise RuntimeError(f"unsupported database dialect {dialect!r}")
-    return session.execute(stmt.returning(UsedNonce.nonce)).first() is not None
+    stmt = stmt.returning(UsedNonce.nonce)
+    _NONCE_STATEMENTS[dialect] = stmt
+    return stmt
+
+
+_NONCE_STATEMENTS: dict[str, Insert] = {}
+
+
+def _insert_nonce(
+    session: Session | Connection, device_id: str, nonce: str, *, now: datetime, ttl: timedelta
+) -> bool:
+    """Record a nonce in one statement; False when it is in use (a replay).
+
+    An expired row of the same nonce (kept until the next prune) is taken over, as the
+    separate delete-then-insert did before: ``INSERT ... ON CONFLICT DO UPDATE ... WHERE
+    expires_at < now`` changes no row exactly when the nonce is still live.
+    """
+    bind = session if isinstance(session, Connection) else session.get_bind()
+    params = {"p_device": device_id, "p_nonce": nonce, "p_expires": now + ttl, "p_now": now}
+    stmt = _nonce_statement(bind.dialect.name)
+    return session.execute(stmt, params).first() is not None
 
 
 class DeviceAuthenticator:
@@ -179,56 +234,135 @@ class DeviceAuthenticator:
             self._last_prune = now
             return True
 
-    def verify(
-        self, signed: SignedHeaders, *, method: str, path: str, query: str, body: bytes
+    def check(
+        self,
+        signed: SignedHeaders,
+        device: DeviceRow,
+        *,
+        method: str,
+        path: str,
+        query: str,
+        body: bytes,
     ) -> DeviceIdentity:
-        """Steps 5-8 of the module docstring, in one transaction; raises an ApiError."""
+        """Steps 5-7 of the module docstring (no database); raises an ApiError. The identity
+        carries the claim of step 8, not yet recorded."""
         settings = self.runtime.settings
         window = settings.signature_skew_s
-        body_sha256 = hashlib.sha256(body).hexdigest()
-        with session_scope(self.runtime.sessions) as session:
-            device = session.get(Device, signed.device_id)
-            if device is None:
-                raise Unauthorized(
-                    f"no device {signed.device_id!r} is enrolled", code="unknown_device"
-                )
-            try:
-                verify_request(
-                    self._public_key(device.public_key),
-                    signed,
-                    method=method,
-                    path=path,
-                    query=query,
-                    body_sha256=body_sha256,
-                )
-            except SignatureError as exc:
-                raise Unauthorized(exc.detail, code=exc.code) from None
-            if device.status == DeviceStatus.REVOKED:
-                raise Forbidden(f"device {device.id} has been revoked", code="device_revoked")
-            try:
-                check_skew(signed.timestamp, window_s=window)
-            except SignatureError as exc:
-                raise Unauthorized(exc.detail, code=exc.code) from None
-            wait = self.limiter.acquire(device.id)
-            if wait > 0:
-                retry_after = max(1, math.ceil(wait))
-                raise RateLimited(
-                    f"device {device.id} exceeded {settings.device_rate_per_minute} "
-                    f"requests per minute; retry in {retry_after} s",
-                    headers={"Retry-After": str(retry_after)},
-                )
-            now = utcnow()
-            if self._prune_due():
-                session.execute(delete(UsedNonce).where(UsedNonce.expires_at < now))
-            if not _insert_nonce(
-                session, device.id, signed.nonce, now=now, ttl=timedelta(seconds=2 * window)
-            ):
-                raise Unauthorized(
-                    "this nonce was already used; sign every request with a fresh nonce",
-                    code="replayed_nonce",
-                )
-            device.last_seen_at = now
-            return DeviceIdentity(id=device.id, name=device.name, body=body)
+        try:
+            verify_request(
+                self._public_key(device.public_key),
+                signed,
+                method=method,
+                path=path,
+                query=query,
+                body_sha256=hashlib.sha256(body).hexdigest(),
+            )
+        except SignatureError as exc:
+            raise Unauthorized(exc.detail, code=exc.code) from None
+        if device.status == DeviceStatus.REVOKED:
+            raise Forbidden(f"device {device.id} has been revoked", code="device_revoked")
+        try:
+            check_skew(signed.timestamp, window_s=window)
+        except SignatureError as exc:
+            raise Unauthorized(exc.detail, code=exc.code) from None
+        wait = self.limiter.acquire(device.id)
+        if wait > 0:
+            retry_after = max(1, math.ceil(wait))
+            raise RateLimited(
+                f"device {device.id} exceeded {settings.device_rate_per_minute} "
+                f"requests per minute; retry in {retry_after} s",
+                headers={"Retry-After": str(retry_after)},
+            )
+        claim = RequestClaim(
+            device_id=device.id,
+            nonce=signed.nonce,
+            ttl=timedelta(seconds=2 * window),
+            authenticator=self,
+        )
+        return DeviceIdentity(id=device.id, name=device.name, body=body, claim=claim)
+
+
+@dataclass(frozen=True)
+class DeviceRow:
+    """What step 2 reads of a device."""
+
+    id: str
+    name: str
+    status: DeviceStatus
+    public_key: str
+
+
+def record_nonce(conn: Connection, claim: RequestClaim, *, now: datetime) -> None:
+    """Step 8 in the caller's transaction: 401 ``replayed_nonce`` when the nonce is in use.
+    (Every so often the expired nonces are deleted first.) Nothing else is locked, so it may
+    come first in any transaction."""
+    if claim.authenticator._prune_due():
+        conn.execute(delete(UsedNonce).where(UsedNonce.expires_at < now))
+    if not _insert_nonce(conn, claim.device_id, claim.nonce, now=now, ttl=claim.ttl):
+        raise Unauthorized(
+            "this nonce was already used; sign every request with a fresh nonce",
+            code="replayed_nonce",
+        )
+
+
+def _touch_statement(count: str | None, seen: bool) -> Update:
+    key = (count, seen)
+    stmt = _TOUCH_STATEMENTS.get(key)
+    if stmt is None:
+        values: dict[str, Any] = {}
+        if seen:
+            values["last_seen_at"] = bindparam("p_seen", type_=Device.__table__.c.last_seen_at.type)
+        if count is not None:
+            values[count] = getattr(Device, count) + 1
+        stmt = (
+            update(Device)
+            .where(Device.id == bindparam("p_device"), Device.status == DeviceStatus.ACTIVE)
+            .values(**values)
+        )
+        _TOUCH_STATEMENTS[key] = stmt
+    return stmt
+
+
+_TOUCH_STATEMENTS: dict[tuple[str | None, bool], Update] = {}
+_DEVICE_STATUS = select(Device.status).where(Device.id == bindparam("p_device"))
+
+
+def touch_device(
+    conn: Connection, device_id: str, *, now: datetime | None, count: str | None = None
+) -> None:
+    """Set the device's ``last_seen_at`` (unless ``now`` is None) and add one to its counter
+    ``count`` (``num_assigned``, ``num_completed``) in one statement, if it is still enrolled
+    and active: 401 ``unknown_device`` / 403 ``device_revoked`` otherwise. It row-locks the
+    device (on PostgreSQL), so it comes where the engine's lock order puts device rows
+    (docs/rounds.md, "Concurrency"): after any task row."""
+    params: dict[str, Any] = {"p_device": device_id}
+    if now is not None:
+        params["p_seen"] = now
+    done = conn.execute(_touch_statement(count, now is not None), params)
+    if done.rowcount == 1:
+        return
+    status = conn.execute(_DEVICE_STATUS, {"p_device": device_id}).scalar()
+    if status is None:
+        raise Unauthorized(f"no device {device_id!r} is enrolled", code="unknown_device")
+    raise Forbidden(f"device {device_id} has been revoked", code="device_revoked")
+
+
+def record_claim(conn: Connection, claim: RequestClaim, *, now: datetime) -> None:
+    """Step 8 and ``last_seen_at`` in the caller's transaction (for a handler that takes no
+    other row lock before the device's)."""
+    record_nonce(conn, claim, now=now)
+    touch_device(conn, claim.device_id, now=now)
+
+
+def settle_claim(runtime: Runtime, claim: RequestClaim | None) -> None:
+    """Record the claim in a transaction of its own unless a handler's transaction already
+    committed it (blocking). A replayed nonce or a device revoked meanwhile raises here and
+    is the request's answer."""
+    if claim is None or claim.recorded:
+        return
+    with runtime.engine.begin() as conn:
+        record_claim(conn, claim, now=utcnow())
+    claim.recorded = True
 
 
 def get_authenticator(runtime: Runtime) -> DeviceAuthenticator:
@@ -321,13 +455,21 @@ def get_device_slots(runtime: Runtime) -> DeviceSlots:
     return runtime.slots
 
 
-def _device_status(runtime: Runtime, device_id: str) -> DeviceStatus | None:
-    """Step 2's lookup: the device's status, None when no such device is enrolled."""
-    with session_scope(runtime.sessions, read_only=True) as session:
-        status: DeviceStatus | None = session.scalar(
-            select(Device.status).where(Device.id == device_id)
-        )
-        return status
+_DEVICE_ROW = select(Device.name, Device.status, Device.public_key).where(
+    Device.id == bindparam("p_device")
+)
+
+
+def _device_row(runtime: Runtime, device_id: str) -> DeviceRow | None:
+    """Step 2's lookup (one read-only statement, no write lock): None when no such device
+    is enrolled."""
+    with runtime.engine.connect() as conn:
+        conn = conn.execution_options(**READ_ONLY)
+        row = conn.execute(_DEVICE_ROW, {"p_device": device_id}).first()
+        conn.rollback()
+    if row is None:
+        return None
+    return DeviceRow(id=device_id, name=row[0], status=row[1], public_key=row[2])
 
 
 async def read_body(request: Request, *, limit: int) -> bytes:
@@ -356,27 +498,60 @@ async def read_body(request: Request, *, limit: int) -> bytes:
     return body
 
 
-async def authenticate_device(request: Request) -> AsyncIterator[DeviceIdentity]:
-    """FastAPI dependency behind ``DeviceDep``: verify the signed request or raise. The
-    device's request slot is held until the request ends (FastAPI closes the dependency
-    after the response), and given back at once when verification fails."""
+@asynccontextmanager
+async def _verified(request: Request) -> AsyncIterator[DeviceIdentity]:
+    """Steps 1-7; the device's request slot is held while the caller's ``async with`` runs."""
     runtime: Runtime = request.app.state.runtime
     try:
         signed = parse_signed_headers(request.headers)
     except SignatureError as exc:
         raise Unauthorized(exc.detail, code=exc.code) from None
-    status = await run_in_threadpool(_device_status, runtime, signed.device_id)
-    if status is None:
+    device = await run_in_threadpool(_device_row, runtime, signed.device_id)
+    if device is None:
         raise Unauthorized(f"no device {signed.device_id!r} is enrolled", code="unknown_device")
-    if status == DeviceStatus.REVOKED:
+    if device.status == DeviceStatus.REVOKED:
         raise Forbidden(f"device {signed.device_id} has been revoked", code="device_revoked")
     with get_device_slots(runtime).request(signed.device_id):
         body = await read_body(request, limit=runtime.settings.max_upload_bytes)
-        yield await run_in_threadpool(
-            get_authenticator(runtime).verify,
+        # A signature check costs less CPU than a hop to a worker thread and back.
+        yield get_authenticator(runtime).check(
             signed,
+            device,
             method=request.method,
             path=request.url.path,
             query=request.url.query,
             body=body,
         )
+
+
+async def authenticate_device(request: Request) -> AsyncIterator[DeviceIdentity]:
+    """FastAPI dependency behind ``DeviceDep``: verify the signed request and record its
+    nonce and ``last_seen_at`` (a transaction of their own), or raise. The device's request
+    slot is held until the request ends (FastAPI closes the dependency after the response),
+    and given back at once when verification fails."""
+    runtime: Runtime = request.app.state.runtime
+    async with _verified(request) as identity:
+        await run_in_threadpool(settle_claim, runtime, identity.claim)
+        yield DeviceIdentity(id=identity.id, name=identity.name, body=identity.body)
+
+
+async def authenticate_device_deferred(request: Request) -> AsyncIterator[DeviceIdentity]:
+    """FastAPI dependency behind ``DeviceClaimDep``: verify the signed request (steps 1-7)
+    and leave step 8 and ``last_seen_at`` to the handler's own transaction
+    (:attr:`DeviceIdentity.claim`; see the module docstring)."""
+    runtime: Runtime = request.app.state.runtime
+    async with _verified(request) as identity:
+        claim = identity.claim
+        try:
+            yield identity
+        except Exception:
+            # The handler refused the request (its transaction, if any, rolled back): the
+            # nonce is recorded now, before the refusal is answered; a replay or a
+            # revocation found then is the answer instead.
+            await run_in_threadpool(settle_claim, runtime, claim)
+            raise
+        if claim is not None and not claim.recorded:  # a handler bug: say so loudly
+            log.error(
+                "device request answered without recording its nonce",
+                extra={"device": identity.id, "path": request.url.path},
+            )

@@ -7,7 +7,9 @@
 - ``AdminDep`` / ``ViewerDep``: the caller's API key (``Authorization: Bearer``); admin-only
   routes answer 403 ``forbidden`` to viewer keys.
 - ``DeviceDep``: a verified signed device request (:mod:`fedge.coordinator.auth`). It holds no
-  session open, so long-polls can wait without a database connection.
+  session open, so long-polls can wait without a database connection. ``DeviceClaimDep``
+  (the upload and the work poll): the same checks, the nonce recorded by the handler's own
+  transaction.
 - ``Pagination``: ``limit``/``offset`` query parameters of list routes.
 """
 
@@ -24,7 +26,11 @@ from pydantic import BaseModel
 from sqlalchemy import Select, func, select
 from sqlalchemy.orm import Session
 
-from fedge.coordinator.auth import DeviceIdentity, authenticate_device
+from fedge.coordinator.auth import (
+    DeviceIdentity,
+    authenticate_device,
+    authenticate_device_deferred,
+)
 from fedge.coordinator.blobstore import BlobStore
 from fedge.coordinator.db import session_scope, utcnow
 from fedge.coordinator.errors import Forbidden, Unauthorized
@@ -124,6 +130,9 @@ ViewerDep = Annotated[Caller, Depends(require_viewer)]
 AdminDep = Annotated[Caller, Depends(require_admin)]
 
 DeviceDep = Annotated[DeviceIdentity, Depends(authenticate_device)]
+#: Verified like ``DeviceDep``, but the nonce and ``last_seen_at`` are left to the handler's own
+#: transaction (:attr:`DeviceIdentity.claim`, :func:`fedge.coordinator.auth.settle_claim`).
+DeviceClaimDep = Annotated[DeviceIdentity, Depends(authenticate_device_deferred)]
 
 
 @dataclass(frozen=True)

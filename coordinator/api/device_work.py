@@ -21,7 +21,7 @@ from fastapi import APIRouter, Header, Path, Query, Request, Response
 from fastapi.concurrency import run_in_threadpool
 from pydantic import ValidationError
 
-from fedge.coordinator.api.deps import MAX_ID, DeviceDep, RuntimeDep
+from fedge.coordinator.api.deps import MAX_ID, DeviceClaimDep, DeviceDep, RuntimeDep
 from fedge.coordinator.auth import get_device_slots
 from fedge.coordinator.db import session_scope
 from fedge.coordinator.engine.downloads import inline_chain
@@ -68,7 +68,7 @@ AssignmentId = Annotated[int, Path(ge=1, le=MAX_ID, description="Assignment id")
 )
 async def work(
     request: Request,
-    device: DeviceDep,
+    device: DeviceClaimDep,
     runtime: RuntimeDep,
     wait: Annotated[int, Query(ge=0, le=60, description="Seconds to wait for news")] = 0,
     current: Annotated[
@@ -98,7 +98,12 @@ async def work(
     )
     with slot:
         found = await long_poll(
-            runtime, device.id, current, wait_s=wait_s, disconnected=request.is_disconnected
+            runtime,
+            device.id,
+            current,
+            wait_s=wait_s,
+            disconnected=request.is_disconnected,
+            claim=device.claim,
         )
     if found is None:
         return Response(status_code=204)
@@ -139,7 +144,7 @@ async def work(
     },
 )
 async def upload_update(
-    device: DeviceDep,
+    device: DeviceClaimDep,
     runtime: RuntimeDep,
     assignment_id: AssignmentId,
     response: Response,
@@ -158,6 +163,7 @@ async def upload_update(
         assignment_id=assignment_id,
         key=key,
         body=device.body,
+        claim=device.claim,
     )
     if not result.duplicate and runtime.scheduler is not None:
         runtime.scheduler.kick()

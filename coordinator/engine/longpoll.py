@@ -22,6 +22,7 @@ from typing import Any
 
 from fastapi.concurrency import run_in_threadpool
 
+from fedge.coordinator.auth import RequestClaim, record_nonce, touch_device
 from fedge.coordinator.db import session_scope, utcnow
 from fedge.coordinator.engine.notify import Notifier
 from fedge.coordinator.engine.work import (
@@ -90,17 +91,36 @@ def next_tick(now: float, period: float) -> float:
     return (math.floor(now / period) + 1) * period
 
 
-def check_work(runtime: Runtime, device_id: str, current: int | None) -> dict[str, Any] | None:
-    """One poll's own check (blocking): the cancellation of ``current``, else new work."""
-    with session_scope(runtime.sessions) as session:
+def check_work(
+    runtime: Runtime, device_id: str, current: int | None, claim: RequestClaim | None = None
+) -> dict[str, Any] | None:
+    """One poll's own check (blocking, SQLAlchemy Core, one write transaction): the
+    cancellation of ``current``, else new work. With the request's ``claim`` (its first
+    check) the nonce and ``last_seen_at`` are written in the same transaction (when the check
+    fails, ``DeviceClaimDep`` records them on their own before the error is answered)."""
+    now = utcnow()
+    with runtime.engine.begin() as conn:
+        if claim is not None:
+            record_nonce(conn, claim, now=now)
         if current is not None:
-            stopped = cancellation(session, device_id=device_id, assignment_id=current)
-            if stopped is not None:
-                return stopped
-        require_active(session, device_id)
-        if current is not None:
-            return None
-        return find_work(session, device_id=device_id, now=utcnow())
+            found = cancellation(conn, device_id=device_id, assignment_id=current)
+            if claim is not None:
+                touch_device(conn, device_id, now=now)
+            elif found is None:
+                require_active(conn, device_id)
+        else:
+            if claim is None:
+                require_active(conn, device_id)
+            found = find_work(
+                conn,
+                runtime.task_configs,
+                device_id=device_id,
+                now=now,
+                seen=claim is not None,
+            )
+    if claim is not None:
+        claim.recorded = True
+    return found
 
 
 async def long_poll(
@@ -110,9 +130,11 @@ async def long_poll(
     *,
     wait_s: float,
     disconnected: Callable[[], Awaitable[bool]],
+    claim: RequestClaim | None = None,
 ) -> dict[str, Any] | None:
     """The poll's answer, or ``None`` when nothing came within ``wait_s`` seconds or the
-    client went away (``disconnected()`` is asked before each wait)."""
+    client went away (``disconnected()`` is asked before each wait). ``claim``: the
+    request's nonce and ``last_seen_at``, recorded by the first check."""
     loop = asyncio.get_running_loop()
     deadline = loop.time() + wait_s
     recheck = runtime.settings.long_poll_recheck_s
@@ -124,7 +146,8 @@ async def long_poll(
         own_check = True
         while True:
             if own_check:
-                found = await run_in_threadpool(check_work, runtime, device_id, current)
+                found = await run_in_threadpool(check_work, runtime, device_id, current, claim)
+                claim = None  # recorded by the first check
                 if found is not None:
                     return found
             remaining = deadline - loop.time()

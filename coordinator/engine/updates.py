@@ -24,23 +24,23 @@ import re
 from dataclasses import dataclass
 from datetime import datetime
 
-from sqlalchemy import select, update
+from sqlalchemy import Connection, bindparam, insert, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
+from fedge.coordinator.auth import RequestClaim, record_nonce, settle_claim, touch_device
 from fedge.coordinator.blobstore import BlobStore
-from fedge.coordinator.db import session_scope, utcnow
+from fedge.coordinator.db import READ_ONLY, session_scope, utcnow
 from fedge.coordinator.engine import examples, rounds
 from fedge.coordinator.engine.aggregate import max_abs
 from fedge.coordinator.engine.config import AggregationConfig, ConfigError
 from fedge.coordinator.engine.ownership import own_assignment
 from fedge.coordinator.engine.staleness import update_weight
-from fedge.coordinator.engine.taskcache import ParsedTask, TaskConfigCache
-from fedge.coordinator.errors import BadRequest, Conflict, Unprocessable
-from fedge.coordinator.models import Assignment, Device, Task, Update
+from fedge.coordinator.errors import BadRequest, Conflict, Forbidden, NotFound, Unprocessable
+from fedge.coordinator.models import Assignment, Device, Round, Task, Update
 from fedge.coordinator.runtime import Runtime
 from fedge.coordinator.schemas.device_work import UploadAccepted
-from fedge.coordinator.states import AssignmentStatus, TaskStatus, UpdateStatus
+from fedge.coordinator.states import UPDATE_COUNTED, AssignmentStatus, TaskStatus, UpdateStatus
 from fedge.shared.modelspec import ModelSpec
 from fedge.shared.policy import CompressionPolicy
 from fedge.shared.wire import DecodedUpdate, WireFormatError, decode_update
@@ -74,15 +74,6 @@ def check_idempotency_key(key: str | None) -> str:
 def _config(task: Task) -> AggregationConfig:
     try:
         return AggregationConfig.from_dict(task.aggregation)
-    except ConfigError as exc:
-        raise Conflict(
-            f"task {task.id} has an unusable configuration: {exc}", code="task_not_running"
-        ) from None
-
-
-def _parsed(configs: TaskConfigCache, task: Task) -> ParsedTask:
-    try:
-        return configs.get(task)
     except ConfigError as exc:
         raise Conflict(
             f"task {task.id} has an unusable configuration: {exc}", code="task_not_running"
@@ -188,85 +179,6 @@ def decode_checked(body: bytes, ctx: _Context) -> DecodedUpdate:
     return decoded
 
 
-def _record(
-    session: Session,
-    configs: TaskConfigCache,
-    *,
-    device_id: str,
-    assignment_id: int,
-    key: str,
-    decoded: DecodedUpdate,
-    digest: str,
-    size: int,
-    now: datetime,
-) -> UploadAccepted:
-    # A repeat or a second upload for this assignment that committed since the first check
-    # ends in the unique constraints (device_id, idempotency_key) and (assignment_id); the
-    # caller then answers it like a repeat or a conflict.
-    a, task = lock_for_upload(session, device_id=device_id, assignment_id=assignment_id)
-    if task.status != TaskStatus.RUNNING:
-        raise Conflict(f"task {task.id} is {task.status}, not running", code="task_not_running")
-    cfg = _parsed(configs, task).config
-    tau = _check_staleness(cfg, current=task.current_version, base=a.base_version)
-    counted = examples.counted_examples(
-        session,
-        task_id=task.id,
-        device_id=device_id,
-        claimed=decoded.num_examples,
-        cap=cfg.max_num_examples,
-    )
-    weight = update_weight(cfg.staleness, tau=tau, num_examples=counted, weighting=cfg.weighting)
-    # Metrics carried in the update join (and override) any the device reported before.
-    metrics = {**(a.metrics or {}), **decoded.metrics}
-    if decoded.metrics:
-        a.metrics = metrics
-    u = Update(
-        task_id=task.id,
-        assignment_id=a.id,
-        device_id=device_id,
-        round_id=a.round_id,
-        base_version=a.base_version,
-        num_examples=decoded.num_examples,
-        num_examples_counted=counted,
-        blob_digest=digest,
-        byte_size=size,
-        staleness=tau,
-        weight=weight,
-        status=UpdateStatus.ACCEPTED,
-        idempotency_key=key,
-        received_at=now,
-        metrics=metrics,
-    )
-    session.add(u)
-    was_dropped = a.status == AssignmentStatus.DROPPED
-    a.status = AssignmentStatus.UPLOADED
-    a.finished_at = now
-    session.flush()
-    if was_dropped:  # a straggler delivered after all: it is not a dropout
-        rounds.bump_round(session, a.round_id, num_dropped=-1)
-    session.execute(
-        update(Device)
-        .where(Device.id == device_id)
-        .values(
-            num_completed=Device.num_completed + 1,
-            num_dropped=Device.num_dropped - (1 if was_dropped else 0),
-        )
-        .execution_options(synchronize_session=False)
-    )
-    session.flush()
-    return UploadAccepted(
-        update_id=u.id,
-        assignment_id=a.id,
-        task_id=task.id,
-        base_version=a.base_version,
-        staleness=tau,
-        weight=weight,
-        status=UpdateStatus.ACCEPTED,
-        duplicate=False,
-        num_examples_counted=counted,
-    )
-
-
 def lock_for_upload(
     session: Session, *, device_id: str, assignment_id: int
 ) -> tuple[Assignment, Task]:
@@ -298,42 +210,249 @@ def end_stale_assignment(runtime: Runtime, *, device_id: str, assignment_id: int
         rounds.end_assignments(session, [a], status=AssignmentStatus.CANCELLED, now=utcnow())
 
 
-def accept_upload(
-    runtime: Runtime, *, device_id: str, assignment_id: int, key: str, body: bytes
-) -> UploadAccepted:
-    """Validate, store and record one upload (blocking: call from a worker thread)."""
-    with session_scope(runtime.sessions, read_only=True) as session:
-        repeat = _repeat(session, device_id=device_id, key=key, assignment_id=assignment_id)
-        if repeat is not None:
-            return repeat
+_REPEAT = select(Update.id).where(
+    Update.device_id == bindparam("p_device"), Update.idempotency_key == bindparam("p_key")
+)
+_ASSIGNMENT_AND_TASK = (
+    select(
+        Assignment.device_id,
+        Assignment.task_id,
+        Assignment.base_version,
+        Task.status,
+        Task.current_version,
+        Task.created_at,
+        select(Update.id).where(Update.assignment_id == Assignment.id).scalar_subquery(),
+    )
+    .join(Task, Task.id == Assignment.task_id)
+    .where(Assignment.id == bindparam("p_assignment"))
+)
+# The upload's write transaction, in the engine's lock order (docs/rounds.md, "Concurrency").
+_TASK_FOR_SHARE = (
+    select(Task.status, Task.current_version)
+    .where(Task.id == bindparam("p_task"))
+    .with_for_update(read=True)
+)
+_ASSIGNMENT_FOR_UPDATE = (
+    select(Assignment.device_id, Assignment.status, Assignment.round_id, Assignment.metrics)
+    .where(Assignment.id == bindparam("p_assignment"))
+    .with_for_update(key_share=True)
+)
+_HISTORY = (
+    select(Update.num_examples_counted, Update.num_examples)
+    .where(
+        Update.task_id == bindparam("p_task"),
+        Update.device_id == bindparam("p_device"),
+        Update.status.in_(UPDATE_COUNTED),
+    )
+    .order_by(Update.id.desc())
+    .limit(examples.HISTORY)
+)
+_INSERT_UPDATE = insert(Update).returning(Update.id)
+_END_ASSIGNMENT = (
+    update(Assignment)
+    .where(Assignment.id == bindparam("p_assignment"))
+    .values(status=AssignmentStatus.UPLOADED, finished_at=bindparam("p_finished"))
+)
+_END_ASSIGNMENT_WITH_METRICS = _END_ASSIGNMENT.values(metrics=bindparam("p_metrics"))
+_DEVICE_COMPLETED = (
+    update(Device)
+    .where(Device.id == bindparam("p_device"))
+    .values(num_completed=Device.num_completed + 1)
+)
+
+
+def _repeat_id(conn: Connection, *, device_id: str, key: str) -> int | None:
+    found = conn.execute(_REPEAT, {"p_device": device_id, "p_key": key}).scalar()
+    return None if found is None else int(found)
+
+
+def _precheck(runtime: Runtime, *, device_id: str, assignment_id: int, key: str) -> _Context | int:
+    """Steps 1-2 of the module docstring in one read-only transaction (no write lock): the
+    context to decode against, or the id of this key's earlier update (a repeat)."""
+    with runtime.engine.connect() as conn:
+        conn = conn.execution_options(**READ_ONLY)
         try:
-            a, task = _check_assignment(session, device_id=device_id, assignment_id=assignment_id)
-        except Conflict as exc:
-            # On PostgreSQL every statement reads the latest commit: the update found here
-            # may be a concurrent request's with this key, committed after the look above.
-            if exc.code == "already_uploaded":
-                repeat = _repeat(session, device_id=device_id, key=key, assignment_id=assignment_id)
+            repeat = _repeat_id(conn, device_id=device_id, key=key)
+            if repeat is not None:
+                return repeat
+            row = conn.execute(_ASSIGNMENT_AND_TASK, {"p_assignment": assignment_id}).first()
+            if row is None:
+                raise NotFound(f"no assignment {assignment_id}")
+            owner, task_id, base, task_status, current, created_at, uploaded = row
+            if owner != device_id:
+                raise Forbidden(
+                    f"assignment {assignment_id} belongs to another device",
+                    code="not_your_assignment",
+                )
+            if uploaded is not None:
+                # On PostgreSQL every statement reads the latest commit: the update found
+                # here may be a concurrent request's with this key, committed after the look
+                # above.
+                repeat = _repeat_id(conn, device_id=device_id, key=key)
                 if repeat is not None:
                     return repeat
-            raise
-        parsed = _parsed(runtime.task_configs, task)
-        ctx = _Context(
-            task_id=task.id,
-            base_version=a.base_version,
-            current_version=task.current_version,
-            spec=parsed.spec,
-            policy=parsed.policy,
-            config=parsed.config,
+                raise Conflict(
+                    f"assignment {assignment_id} already has an update", code="already_uploaded"
+                )
+            if task_status != TaskStatus.RUNNING:
+                raise Conflict(
+                    f"task {task_id} is {task_status}, not running", code="task_not_running"
+                )
+            parsed = runtime.task_configs.lookup(conn, task_id, created_at)
+        finally:
+            conn.rollback()
+    if parsed.config is None:
+        raise Conflict(
+            f"task {task_id} has an unusable configuration: {parsed.config_error}",
+            code="task_not_running",
         )
+    return _Context(
+        task_id=task_id,
+        base_version=base,
+        current_version=current,
+        spec=parsed.spec,
+        policy=parsed.policy,
+        config=parsed.config,
+    )
+
+
+def _answer_repeat(
+    runtime: Runtime, update_id: int, *, assignment_id: int, key: str
+) -> UploadAccepted:
+    with session_scope(runtime.sessions, read_only=True) as session:
+        u = session.get(Update, update_id)
+        assert u is not None
+        if u.assignment_id != assignment_id:
+            raise Conflict(
+                f"Idempotency-Key {key!r} was already used for assignment {u.assignment_id}; "
+                "use a fresh key for each update"
+            )
+        return _first_result(session, u)
+
+
+def _record_core(
+    conn: Connection,
+    ctx: _Context,
+    claim: RequestClaim | None,
+    *,
+    device_id: str,
+    assignment_id: int,
+    key: str,
+    decoded: DecodedUpdate,
+    digest: str,
+    size: int,
+    now: datetime,
+) -> UploadAccepted:
+    """The upload's write transaction in SQLAlchemy Core: the request's nonce (``claim``),
+    then in the engine's lock order the task row (``FOR SHARE``), the device row (its
+    ``last_seen_at`` and ``num_completed`` in one statement, which also re-checks that it is
+    active) and the assignment row, then the ``updates`` row. A repeat or a second upload for
+    this assignment that committed since the pre-check ends in the unique constraints
+    (device_id, idempotency_key) and (assignment_id); the caller then answers it like a
+    repeat or a conflict."""
+    if claim is not None:
+        record_nonce(conn, claim, now=now)
+    task = conn.execute(_TASK_FOR_SHARE, {"p_task": ctx.task_id}).one()
+    if task.status != TaskStatus.RUNNING:
+        raise Conflict(f"task {ctx.task_id} is {task.status}, not running", code="task_not_running")
+    cfg = ctx.config
+    tau = _check_staleness(cfg, current=task.current_version, base=ctx.base_version)
+    if claim is not None:
+        touch_device(conn, device_id, now=now, count="num_completed")
+    else:
+        conn.execute(_DEVICE_COMPLETED, {"p_device": device_id})
+    a = conn.execute(_ASSIGNMENT_FOR_UPDATE, {"p_assignment": assignment_id}).one()
+    if a.device_id != device_id:  # an assignment never changes hands; checked before
+        raise Forbidden(
+            f"assignment {assignment_id} belongs to another device", code="not_your_assignment"
+        )
+    history = conn.execute(_HISTORY, {"p_task": ctx.task_id, "p_device": device_id}).all()
+    counted = examples.bounded_by_history(
+        decoded.num_examples,
+        [examples.stored_count(c, n, cap=cfg.max_num_examples) for c, n in history],
+    )
+    weight = update_weight(cfg.staleness, tau=tau, num_examples=counted, weighting=cfg.weighting)
+    # Metrics carried in the update join (and override) any the device reported before.
+    metrics = {**(a.metrics or {}), **decoded.metrics}
+    update_id = conn.execute(
+        _INSERT_UPDATE,
+        {
+            "task_id": ctx.task_id,
+            "assignment_id": assignment_id,
+            "device_id": device_id,
+            "round_id": a.round_id,
+            "base_version": ctx.base_version,
+            "num_examples": decoded.num_examples,
+            "num_examples_counted": counted,
+            "blob_digest": digest,
+            "byte_size": size,
+            "staleness": tau,
+            "weight": weight,
+            "status": UpdateStatus.ACCEPTED,
+            "idempotency_key": key,
+            "received_at": now,
+            "metrics": metrics,
+        },
+    ).scalar_one()
+    if decoded.metrics:
+        conn.execute(
+            _END_ASSIGNMENT_WITH_METRICS,
+            {"p_assignment": assignment_id, "p_finished": now, "p_metrics": metrics},
+        )
+    else:
+        conn.execute(_END_ASSIGNMENT, {"p_assignment": assignment_id, "p_finished": now})
+    if a.status == AssignmentStatus.DROPPED:  # a straggler delivered after all: no dropout
+        conn.execute(
+            update(Round).where(Round.id == a.round_id).values(num_dropped=Round.num_dropped - 1)
+        )
+        conn.execute(
+            update(Device).where(Device.id == device_id).values(num_dropped=Device.num_dropped - 1)
+        )
+    return UploadAccepted(
+        update_id=update_id,
+        assignment_id=assignment_id,
+        task_id=ctx.task_id,
+        base_version=ctx.base_version,
+        staleness=tau,
+        weight=weight,
+        status=UpdateStatus.ACCEPTED,
+        duplicate=False,
+        num_examples_counted=counted,
+    )
+
+
+def accept_upload(
+    runtime: Runtime,
+    *,
+    device_id: str,
+    assignment_id: int,
+    key: str,
+    body: bytes,
+    claim: RequestClaim | None = None,
+) -> UploadAccepted:
+    """Validate, store and record one upload (blocking: call from a worker thread).
+
+    Reads and checks come first in a read-only transaction, the body is decoded and checked
+    and the blob written outside any transaction, and one write transaction records it all:
+    with the request's ``claim`` (``DeviceClaimDep``) also its nonce and the device's
+    ``last_seen_at``. An answer that does not come from that transaction (a repeat) records
+    the claim on its own first; a refusal leaves that to ``DeviceClaimDep``."""
+    checked = _precheck(runtime, device_id=device_id, assignment_id=assignment_id, key=key)
+    if isinstance(checked, int):
+        answer = _answer_repeat(runtime, checked, assignment_id=assignment_id, key=key)
+        settle_claim(runtime, claim)
+        return answer
+    ctx = checked
     decoded = decode_checked(body, ctx)
     try:
         _check_staleness(ctx.config, current=ctx.current_version, base=ctx.base_version)
         blobs: BlobStore = runtime.blobs
         digest = blobs.put(body)
-        with session_scope(runtime.sessions) as session:
-            return _record(
-                session,
-                runtime.task_configs,
+        with runtime.engine.begin() as conn:
+            result = _record_core(
+                conn,
+                ctx,
+                claim,
                 device_id=device_id,
                 assignment_id=assignment_id,
                 key=key,
@@ -342,15 +461,21 @@ def accept_upload(
                 size=len(body),
                 now=utcnow(),
             )
+        if claim is not None:
+            claim.recorded = True
+        return result
     except Conflict as exc:
         if exc.code == "stale_update":
+            settle_claim(runtime, claim)  # a replay must not cancel the assignment
             end_stale_assignment(runtime, device_id=device_id, assignment_id=assignment_id)
         raise
     except IntegrityError:
         # A concurrent request with the same key or for the same assignment won the race.
         with session_scope(runtime.sessions, read_only=True) as session:
             repeat = _repeat(session, device_id=device_id, key=key, assignment_id=assignment_id)
-            if repeat is not None:
-                return repeat
-            _check_assignment(session, device_id=device_id, assignment_id=assignment_id)
+            if repeat is None:
+                _check_assignment(session, device_id=device_id, assignment_id=assignment_id)
+        if repeat is not None:
+            settle_claim(runtime, claim)
+            return repeat
         raise

@@ -17,24 +17,29 @@
 
 from __future__ import annotations
 
-import hashlib
-import json
 from collections.abc import Sequence
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import Any, Literal
 
-from sqlalchemy import func, select
+from sqlalchemy import Connection, bindparam, func, insert, select, update
 from sqlalchemy.orm import Session
 
+from fedge.coordinator.auth import touch_device
 from fedge.coordinator.engine import rounds
 from fedge.coordinator.engine.config import AggregationConfig, ConfigError
-from fedge.coordinator.engine.ownership import own_assignment
-from fedge.coordinator.errors import Forbidden
-from fedge.coordinator.models import Assignment, Device, Task
+from fedge.coordinator.engine.taskcache import (
+    ParsedTask,
+    TaskConfigCache,
+    config_digest_of,
+    mode_of,
+)
+from fedge.coordinator.errors import Forbidden, NotFound
+from fedge.coordinator.models import Assignment, Device, Round, Task
 from fedge.coordinator.paths import DEVICE_PREFIX
 from fedge.coordinator.states import (
     ASSIGNMENT_ACTIVE,
     ASSIGNMENT_ENDED,
+    ROUND_ACTIVE,
     AssignmentStatus,
     DeviceStatus,
     RoundStatus,
@@ -47,12 +52,7 @@ TASK_CONFIG_KEYS = ("compression", "training", "model", "spec")
 
 def config_digest(task: Task) -> str:
     """A short digest of the task's :data:`TASK_CONFIG_KEYS` (what ``known`` refers to)."""
-    canonical = json.dumps(
-        [task.compression, task.training, task.model_config_, task.model_spec],
-        sort_keys=True,
-        separators=(",", ":"),
-    )
-    return hashlib.sha256(canonical.encode()).hexdigest()[:16]
+    return config_digest_of(task.compression, task.training, task.model_config_, task.model_spec)
 
 
 def without_known_config(payload: dict[str, Any], known: str | None) -> dict[str, Any]:
@@ -62,101 +62,294 @@ def without_known_config(payload: dict[str, Any], known: str | None) -> dict[str
     return {k: v for k, v in payload.items() if k not in TASK_CONFIG_KEYS}
 
 
-def assignment_payload(a: Assignment, task: Task, *, mode: str) -> dict[str, Any]:
-    """The JSON body describing one assignment (docs/protocol.md, "Work long-poll")."""
+def _payload(
+    *,
+    assignment_id: int,
+    status: AssignmentStatus,
+    task_id: int,
+    round_id: int,
+    mode: str,
+    base_version: int,
+    deadline: datetime | None,
+    digest: str,
+    compression: Any,
+    training: Any,
+    model: Any,
+    spec: Any,
+) -> dict[str, Any]:
     return {
-        "assignment_id": a.id,
-        "status": a.status,
-        "task_id": task.id,
-        "round_id": a.round_id,
+        "assignment_id": assignment_id,
+        "status": status,
+        "task_id": task_id,
+        "round_id": round_id,
         "mode": mode,
-        "base_version": a.base_version,
-        "deadline": a.lease_expires_at,
-        "model_url": f"{DEVICE_PREFIX}/tasks/{task.id}/models/{a.base_version}",
-        "upload_url": f"{DEVICE_PREFIX}/assignments/{a.id}/update",
-        "config_digest": config_digest(task),
-        "compression": task.compression,
-        "training": task.training,
-        "model": task.model_config_,
-        "spec": task.model_spec,
+        "base_version": base_version,
+        "deadline": deadline,
+        "model_url": f"{DEVICE_PREFIX}/tasks/{task_id}/models/{base_version}",
+        "upload_url": f"{DEVICE_PREFIX}/assignments/{assignment_id}/update",
+        "config_digest": digest,
+        "compression": compression,
+        "training": training,
+        "model": model,
+        "spec": spec,
     }
 
 
-def _mode(task: Task) -> str:
-    return _mode_of(task.aggregation)
-
-
-def _mode_of(aggregation: Any) -> str:
-    mode = (aggregation or {}).get("mode", "sync") if isinstance(aggregation, dict) else "sync"
-    return mode if mode in ("sync", "async") else "sync"
-
-
-def find_work(session: Session, *, device_id: str, now: datetime) -> dict[str, Any] | None:
-    """The assignment the device should work on now, or ``None``."""
-    active = session.scalar(
-        select(Assignment)
-        .where(Assignment.device_id == device_id, Assignment.status.in_(ASSIGNMENT_ACTIVE))
-        .order_by(Assignment.id.desc())
-        .limit(1)
+def assignment_payload(a: Assignment, task: Task, *, mode: str) -> dict[str, Any]:
+    """The JSON body describing one assignment (docs/protocol.md, "Work long-poll")."""
+    return _payload(
+        assignment_id=a.id,
+        status=a.status,
+        task_id=task.id,
+        round_id=a.round_id,
+        mode=mode,
+        base_version=a.base_version,
+        deadline=a.lease_expires_at,
+        digest=config_digest(task),
+        compression=task.compression,
+        training=task.training,
+        model=task.model_config_,
+        spec=task.model_spec,
     )
+
+
+def _parsed_payload(
+    parsed: ParsedTask,
+    *,
+    assignment_id: int,
+    status: AssignmentStatus,
+    task_id: int,
+    round_id: int,
+    mode: str,
+    base_version: int,
+    deadline: datetime | None,
+) -> dict[str, Any]:
+    """:func:`assignment_payload` from the task's cached configuration."""
+    return _payload(
+        assignment_id=assignment_id,
+        status=status,
+        task_id=task_id,
+        round_id=round_id,
+        mode=mode,
+        base_version=base_version,
+        deadline=deadline,
+        digest=parsed.config_digest,
+        compression=parsed.compression,
+        training=parsed.training,
+        model=parsed.model_config,
+        spec=parsed.model_spec,
+    )
+
+
+def _mode(task: Task) -> str:
+    return mode_of(task.aggregation)
+
+
+_mode_of = mode_of
+
+_ACTIVE_OF_DEVICE = (
+    select(
+        Assignment.id,
+        Assignment.status,
+        Assignment.task_id,
+        Assignment.round_id,
+        Assignment.base_version,
+        Assignment.lease_expires_at,
+        Task.created_at,
+    )
+    .join(Task, Task.id == Assignment.task_id)
+    .where(Assignment.device_id == bindparam("p_device"), Assignment.status.in_(ASSIGNMENT_ACTIVE))
+    .order_by(Assignment.id.desc())
+    .limit(1)
+)
+_RUNNING_TASKS = (
+    select(Task.id, Task.created_at).where(Task.status == TaskStatus.RUNNING).order_by(Task.id)
+)
+# The task row locked: serializes with the scheduler and other requests for this task
+# (concurrency cap).
+_LOCK_TASK = (
+    select(Task.current_version)
+    .where(Task.id == bindparam("p_task"), Task.status == TaskStatus.RUNNING)
+    .with_for_update(key_share=True)
+)
+_ACTIVE_ROUND = (
+    select(Round.id, Round.status, Round.base_version)
+    .where(Round.task_id == bindparam("p_task"), Round.status.in_(ROUND_ACTIVE))
+    .order_by(Round.number.desc())
+    .limit(1)
+)
+_DONE_HERE_AND_ACTIVE = select(
+    select(func.count(Assignment.id))
+    .where(
+        Assignment.round_id == bindparam("p_round"), Assignment.device_id == bindparam("p_device")
+    )
+    .scalar_subquery(),
+    select(func.count(Assignment.id))
+    .where(Assignment.task_id == bindparam("p_task"), Assignment.status.in_(ASSIGNMENT_ACTIVE))
+    .scalar_subquery(),
+)
+_LOCK_DEVICE = (
+    select(Device.id).where(Device.id == bindparam("p_device")).with_for_update(key_share=True)
+)
+_BUSY = (
+    select(Assignment.id)
+    .where(Assignment.device_id == bindparam("p_device"), Assignment.status.in_(ASSIGNMENT_ACTIVE))
+    .limit(1)
+)
+_INSERT_ASSIGNMENT = insert(Assignment).returning(Assignment.id)
+_COUNT_ASSIGNED = (
+    update(Round)
+    .where(Round.id == bindparam("p_round"))
+    .values(num_assigned=Round.num_assigned + 1)
+)
+_DEVICE_ASSIGNED = (
+    update(Device)
+    .where(Device.id == bindparam("p_device"))
+    .values(num_assigned=Device.num_assigned + 1)
+)
+
+
+def find_work(
+    conn: Connection,
+    configs: TaskConfigCache,
+    *,
+    device_id: str,
+    now: datetime,
+    seen: bool = False,
+) -> dict[str, Any] | None:
+    """The assignment the device should work on now, or ``None`` (SQLAlchemy Core, in the
+    caller's write transaction). ``seen``: also set the device's ``last_seen_at`` (and
+    re-check that it is active, :func:`fedge.coordinator.auth.touch_device`) as the last
+    statement, where the lock order puts the device row."""
+    active = conn.execute(_ACTIVE_OF_DEVICE, {"p_device": device_id}).first()
     if active is not None:
-        task = session.get(Task, active.task_id)
-        assert task is not None
-        return assignment_payload(active, task, mode=_mode(task))
-    # Only the ids and modes of the running tasks: the full row is loaded (and locked) for
-    # the async ones alone.
-    candidates = session.execute(
-        select(Task.id, Task.aggregation).where(Task.status == TaskStatus.RUNNING).order_by(Task.id)
-    ).all()
-    for candidate_id, aggregation in candidates:
-        if _mode_of(aggregation) != "async":
-            continue
-        # Serialize with the scheduler and other requests for this task (concurrency cap).
-        task = session.scalar(
-            select(Task)
-            .where(Task.id == candidate_id, Task.status == TaskStatus.RUNNING)
-            .with_for_update(key_share=True)
+        aid, status, task_id, round_id, base_version, lease, created_at = active
+        parsed = configs.lookup(conn, task_id, created_at)
+        if seen:
+            touch_device(conn, device_id, now=now)
+        return _parsed_payload(
+            parsed,
+            assignment_id=aid,
+            status=status,
+            task_id=task_id,
+            round_id=round_id,
+            mode=parsed.mode,
+            base_version=base_version,
+            deadline=lease,
         )
-        if task is None:
+    for candidate_id, created_at in conn.execute(_RUNNING_TASKS).all():
+        parsed = configs.lookup(conn, candidate_id, created_at)
+        cfg = parsed.config
+        if parsed.mode != "async" or cfg is None:
             continue
-        try:
-            cfg = AggregationConfig.from_dict(task.aggregation)
-        except ConfigError:
-            continue
-        rnd = rounds.active_round(session, task.id)
-        if (
-            rnd is None
-            or rnd.status != RoundStatus.OPEN
-            or rnd.base_version != task.current_version
-        ):
-            continue
-        a = rounds.assign_async(session, task, rnd, device_id, cfg, now=now)
-        if a is not None:
-            return assignment_payload(a, task, mode="async")
+        found = _assign_async(conn, parsed, cfg, candidate_id, device_id=device_id, now=now)
+        if found is not None:
+            if seen:
+                touch_device(conn, device_id, now=now, count="num_assigned")
+            else:
+                conn.execute(_DEVICE_ASSIGNED, {"p_device": device_id})
+            return found
+    if seen:
+        touch_device(conn, device_id, now=now)
     return None
 
 
-def require_active(session: Session, device_id: str) -> None:
+def _assign_async(
+    conn: Connection,
+    parsed: ParsedTask,
+    cfg: AggregationConfig,
+    task_id: int,
+    *,
+    device_id: str,
+    now: datetime,
+) -> dict[str, Any] | None:
+    """A new async assignment for an idle device (the caller checked that it has no active
+    one, in this transaction), unless the concurrency cap is reached or the device already
+    worked on this round's version. The device's ``num_assigned`` is the caller's to count."""
+    locked = conn.execute(_LOCK_TASK, {"p_task": task_id}).first()
+    if locked is None:
+        return None
+    rnd = conn.execute(_ACTIVE_ROUND, {"p_task": task_id}).first()
+    if rnd is None or rnd.status != RoundStatus.OPEN or rnd.base_version != locked[0]:
+        return None
+    done_here, active = conn.execute(
+        _DONE_HERE_AND_ACTIVE, {"p_round": rnd.id, "p_device": device_id, "p_task": task_id}
+    ).one()
+    if done_here or int(active or 0) >= cfg.max_concurrency:
+        return None
+    if conn.dialect.name == "postgresql":
+        # Another process (or the round opener) may have given the device work since the
+        # look at its assignments: lock its row (engine lock order: after the task) and look
+        # again. SQLite serializes writers, so there the first look stands.
+        conn.execute(_LOCK_DEVICE, {"p_device": device_id}).all()
+        if conn.execute(_BUSY, {"p_device": device_id}).first() is not None:
+            return None
+    lease = now + timedelta(seconds=cfg.lease_s)
+    aid = conn.execute(
+        _INSERT_ASSIGNMENT,
+        {
+            "task_id": task_id,
+            "round_id": rnd.id,
+            "device_id": device_id,
+            "base_version": rnd.base_version,
+            "status": AssignmentStatus.ASSIGNED,
+            "lease_expires_at": lease,
+            "assigned_at": now,
+        },
+    ).scalar_one()
+    conn.execute(_COUNT_ASSIGNED, {"p_round": rnd.id})
+    return _parsed_payload(
+        parsed,
+        assignment_id=aid,
+        status=AssignmentStatus.ASSIGNED,
+        task_id=task_id,
+        round_id=rnd.id,
+        mode="async",
+        base_version=rnd.base_version,
+        deadline=lease,
+    )
+
+
+def require_active(conn: Connection, device_id: str) -> None:
     """A device revoked while its long-poll waited gets no more work (403 at once)."""
-    device = session.get(Device, device_id)
-    if device is None or device.status != DeviceStatus.ACTIVE:
+    status = conn.execute(_STATUS, {"p_device": device_id}).scalar()
+    if status != DeviceStatus.ACTIVE:
         raise Forbidden(f"device {device_id} has been revoked", code="device_revoked")
 
 
-def cancellation(session: Session, *, device_id: str, assignment_id: int) -> dict[str, Any] | None:
-    """A ``status: cancelled`` body when the device's assignment was stopped, else ``None``."""
-    a = own_assignment(session, device_id=device_id, assignment_id=assignment_id)
-    if a.status not in ASSIGNMENT_ENDED:
+_ASSIGNMENT_OWNER = select(
+    Assignment.device_id,
+    Assignment.status,
+    Assignment.task_id,
+    Assignment.round_id,
+    Assignment.base_version,
+).where(Assignment.id == bindparam("p_assignment"))
+_STATUS = select(Device.status).where(Device.id == bindparam("p_device"))
+
+
+def cancellation(conn: Connection, *, device_id: str, assignment_id: int) -> dict[str, Any] | None:
+    """A ``status: cancelled`` body when the device's assignment was stopped, else ``None``
+    (404 / 403 ``not_your_assignment`` as :func:`~fedge.coordinator.engine.ownership.
+    own_assignment`)."""
+    row = conn.execute(_ASSIGNMENT_OWNER, {"p_assignment": assignment_id}).first()
+    if row is None:
+        raise NotFound(f"no assignment {assignment_id}")
+    owner, status, task_id, round_id, base_version = row
+    if owner != device_id:
+        raise Forbidden(
+            f"assignment {assignment_id} belongs to another device", code="not_your_assignment"
+        )
+    if status not in ASSIGNMENT_ENDED:
         return None
     return {
-        "assignment_id": a.id,
+        "assignment_id": assignment_id,
         "status": AssignmentStatus.CANCELLED,
         "reason": "deadline passed"
-        if a.status == AssignmentStatus.DROPPED
+        if status == AssignmentStatus.DROPPED
         else "stopped by the coordinator",
-        "task_id": a.task_id,
-        "round_id": a.round_id,
-        "base_version": a.base_version,
+        "task_id": task_id,
+        "round_id": round_id,
+        "base_version": base_version,
     }
 
 

@@ -8,7 +8,7 @@ from concurrent.futures import ThreadPoolExecutor
 from datetime import timedelta
 
 import pytest
-from sqlalchemy import update
+from sqlalchemy import select, update
 
 from fedge.coordinator.auth import _insert_nonce
 from fedge.coordinator.db import make_engine, make_sessionmaker, session_scope, utcnow
@@ -20,7 +20,7 @@ from fedge.coordinator.models import Device, Task
 from fedge.coordinator.settings import Settings
 from tests.coordinator.conftest import Coordinator
 from tests.support.device import API
-from tests.support.rounds import Db, create_task, fleet_of, wait_until
+from tests.support.rounds import Db, action, create_task, fleet_of, wait_until
 
 LONG_WAIT = 30
 
@@ -154,3 +154,25 @@ def test_parsed_task_configuration_follows_a_changed_task() -> None:
     task.aggregation = {"mode": "async", "buffer_size": 0}
     with pytest.raises(ConfigError):
         cache.get(task)
+
+
+def test_the_request_path_parses_a_started_task_once(coordinator: Coordinator) -> None:
+    """``lookup`` reads and parses a task's configuration once after it left draft; a draft
+    (whose configuration may still change) is read again every time."""
+    runtime = coordinator.app.state.runtime
+    task_id = create_task(coordinator, aggregation={"mode": "async"}, start=False)
+    cache = TaskConfigCache()
+    with runtime.engine.connect() as conn:
+        created = conn.execute(select(Task.created_at).where(Task.id == task_id)).scalar_one()
+        draft = cache.lookup(conn, task_id, created)
+        assert cache.lookup(conn, task_id, created) is not draft
+        assert cache.parsed == 2
+    action(coordinator, task_id, "start")
+    with runtime.engine.connect() as conn:
+        first = cache.lookup(conn, task_id, created)
+        assert cache.lookup(conn, task_id, created) is first
+        assert cache.parsed == 3
+        assert first.config is not None and first.mode == draft.mode
+        assert first.config_digest == draft.config_digest
+        with pytest.raises(LookupError):
+            cache.lookup(conn, task_id + 1000, created)

@@ -10,7 +10,10 @@ from typing import Any
 import httpx
 import numpy as np
 import pytest
+from sqlalchemy import func, select
 
+from fedge.coordinator import auth
+from fedge.coordinator.models import UsedNonce
 from fedge.coordinator.settings import Settings
 from fedge.shared import signing
 from fedge.shared.compression import compress
@@ -212,3 +215,60 @@ def test_metrics_are_validated(assigned: Assigned) -> None:
     assert assigned.db.assignments(assigned.task_id)[0].metrics == {}
     assert assigned.device.metrics(aid, train_loss=0.25).status_code == 204
     assert assigned.db.assignments(assigned.task_id)[0].metrics == {"train_loss": 0.25}
+
+
+def _nonces(a: Assigned) -> int:
+    return a.db.read(lambda s: int(s.scalar(select(func.count()).select_from(UsedNonce)) or 0))
+
+
+def test_a_replayed_upload_is_refused_whatever_the_first_answer(assigned: Assigned) -> None:
+    """The upload records its nonce in its own transaction; a refused upload, a repeated
+    one and an accepted one each record it all the same, so a replay is 401 every time."""
+    device, url = assigned.device, assigned.work["upload_url"]
+    nonces = _nonces(assigned)
+    refused = device.build(
+        "POST", url, content=b"not an update", headers={"Idempotency-Key": "bad-1"}
+    )
+    assert device.send(refused).status_code == 400
+    accepted = device.build(
+        "POST", url, content=assigned.body(), headers={"Idempotency-Key": "good-1"}
+    )
+    assert device.send(accepted).status_code == 201
+    repeat = device.build(
+        "POST", url, content=assigned.body(), headers={"Idempotency-Key": "good-1"}
+    )
+    assert device.send(repeat).status_code == 200
+    for request in (refused, accepted, repeat):
+        r = device.send(request)
+        assert (r.status_code, r.json()["error"]) == (401, "replayed_nonce"), r.text
+    assert len(assigned.db.updates(assigned.task_id)) == 1
+    assert _nonces(assigned) == nonces + 3  # one per request answered, none per replay
+
+
+def test_an_upload_sets_last_seen(assigned: Assigned) -> None:
+    before = assigned.db.device(assigned.device.device_id).last_seen_at
+    assert before is not None
+    assert assigned.device.upload(assigned.work, assigned.body()).status_code == 201
+    after = assigned.db.device(assigned.device.device_id)
+    assert after.last_seen_at is not None and after.last_seen_at > before
+    assert after.num_completed == 1
+
+
+def test_a_device_revoked_after_the_first_look_is_refused_and_nothing_is_kept(
+    coordinator: Coordinator, assigned: Assigned, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Revoked between the look-up before the body and the upload's transaction: that
+    transaction checks the status again (403), and keeps neither the update nor the nonce."""
+    device = assigned.device
+    stale_row = auth._device_row(coordinator.app.state.runtime, device.device_id)
+    with coordinator.admin() as admin:
+        assert admin.post(f"{API}/devices/{device.device_id}/revoke").status_code == 200
+    monkeypatch.setattr(auth, "_device_row", lambda _runtime, _id: stale_row)
+    nonces = _nonces(assigned)
+    r = device.upload(assigned.work, assigned.body())
+    assert (r.status_code, r.json()["error"]) == (403, "device_revoked")
+    assert assigned.db.updates(assigned.task_id) == []
+    assert _nonces(assigned) == nonces
+    r = device.get(f"{API}/device/work", params={"wait": 0})
+    assert (r.status_code, r.json()["error"]) == (403, "device_revoked")
+    assert _nonces(assigned) == nonces
