@@ -21,7 +21,7 @@ from collections.abc import Sequence
 from datetime import datetime, timedelta
 from typing import Any, Literal
 
-from sqlalchemy import Connection, bindparam, func, insert, select, update
+from sqlalchemy import Connection, String, bindparam, exists, func, insert, literal, select, update
 from sqlalchemy.orm import Session
 
 from fedge.coordinator.auth import touch_device
@@ -39,7 +39,6 @@ from fedge.coordinator.paths import DEVICE_PREFIX
 from fedge.coordinator.states import (
     ASSIGNMENT_ACTIVE,
     ASSIGNMENT_ENDED,
-    ROUND_ACTIVE,
     AssignmentStatus,
     DeviceStatus,
     RoundStatus,
@@ -165,38 +164,64 @@ _ACTIVE_OF_DEVICE = (
 _RUNNING_TASKS = (
     select(Task.id, Task.created_at).where(Task.status == TaskStatus.RUNNING).order_by(Task.id)
 )
-# The task row locked: serializes with the scheduler and other requests for this task
-# (concurrency cap).
+# The task row locked (PostgreSQL): serializes with the scheduler and other requests for this
+# task (concurrency cap). SQLite's write lock serializes them already.
 _LOCK_TASK = (
-    select(Task.current_version)
+    select(Task.id)
     .where(Task.id == bindparam("p_task"), Task.status == TaskStatus.RUNNING)
     .with_for_update(key_share=True)
 )
-_ACTIVE_ROUND = (
-    select(Round.id, Round.status, Round.base_version)
-    .where(Round.task_id == bindparam("p_task"), Round.status.in_(ROUND_ACTIVE))
+_NEW_ASSIGNMENT_ROUND = (
+    select(
+        bindparam("p_task", type_=Assignment.__table__.c.task_id.type),
+        Round.id,
+        bindparam("p_device", type_=Assignment.__table__.c.device_id.type),
+        Round.base_version,
+        literal(AssignmentStatus.ASSIGNED.value, type_=String(16)),
+        bindparam("p_lease", type_=Assignment.__table__.c.lease_expires_at.type),
+        bindparam("p_now", type_=Assignment.__table__.c.assigned_at.type),
+    )
+    .join(Task, Task.id == Round.task_id)
+    .where(
+        Round.task_id == bindparam("p_task"),
+        Round.status == RoundStatus.OPEN,
+        Round.base_version == Task.current_version,
+        Task.status == TaskStatus.RUNNING,
+        # the device works at most once per async round (model version) ...
+        ~exists().where(
+            Assignment.round_id == Round.id, Assignment.device_id == bindparam("p_device")
+        ),
+        # ... on one assignment at a time ...
+        ~exists().where(
+            Assignment.device_id == bindparam("p_device"),
+            Assignment.status.in_(ASSIGNMENT_ACTIVE),
+        ),
+        # ... within the task's concurrency cap
+        select(func.count(Assignment.id))
+        .where(Assignment.task_id == bindparam("p_task"), Assignment.status.in_(ASSIGNMENT_ACTIVE))
+        .scalar_subquery()
+        < bindparam("p_cap"),
+    )
     .order_by(Round.number.desc())
     .limit(1)
 )
-_DONE_HERE_AND_ACTIVE = select(
-    select(func.count(Assignment.id))
-    .where(
-        Assignment.round_id == bindparam("p_round"), Assignment.device_id == bindparam("p_device")
+#: One statement decides and inserts a new async assignment (INSERT ... SELECT ... RETURNING).
+_INSERT_ASYNC = (
+    insert(Assignment)
+    .from_select(
+        [
+            Assignment.task_id,
+            Assignment.round_id,
+            Assignment.device_id,
+            Assignment.base_version,
+            Assignment.status,
+            Assignment.lease_expires_at,
+            Assignment.assigned_at,
+        ],
+        _NEW_ASSIGNMENT_ROUND,
     )
-    .scalar_subquery(),
-    select(func.count(Assignment.id))
-    .where(Assignment.task_id == bindparam("p_task"), Assignment.status.in_(ASSIGNMENT_ACTIVE))
-    .scalar_subquery(),
+    .returning(Assignment.id, Assignment.round_id, Assignment.base_version)
 )
-_LOCK_DEVICE = (
-    select(Device.id).where(Device.id == bindparam("p_device")).with_for_update(key_share=True)
-)
-_BUSY = (
-    select(Assignment.id)
-    .where(Assignment.device_id == bindparam("p_device"), Assignment.status.in_(ASSIGNMENT_ACTIVE))
-    .limit(1)
-)
-_INSERT_ASSIGNMENT = insert(Assignment).returning(Assignment.id)
 _COUNT_ASSIGNED = (
     update(Round)
     .where(Round.id == bindparam("p_round"))
@@ -206,6 +231,11 @@ _DEVICE_ASSIGNED = (
     update(Device)
     .where(Device.id == bindparam("p_device"))
     .values(num_assigned=Device.num_assigned + 1)
+)
+_DEVICE_NOT_ASSIGNED = (
+    update(Device)
+    .where(Device.id == bindparam("p_device"))
+    .values(num_assigned=Device.num_assigned - 1)
 )
 
 
@@ -242,12 +272,10 @@ def find_work(
         cfg = parsed.config
         if parsed.mode != "async" or cfg is None:
             continue
-        found = _assign_async(conn, parsed, cfg, candidate_id, device_id=device_id, now=now)
+        found = _assign_async(
+            conn, parsed, cfg, candidate_id, device_id=device_id, now=now, seen=seen
+        )
         if found is not None:
-            if seen:
-                touch_device(conn, device_id, now=now, count="num_assigned")
-            else:
-                conn.execute(_DEVICE_ASSIGNED, {"p_device": device_id})
             return found
     if seen:
         touch_device(conn, device_id, now=now)
@@ -262,50 +290,51 @@ def _assign_async(
     *,
     device_id: str,
     now: datetime,
+    seen: bool,
 ) -> dict[str, Any] | None:
-    """A new async assignment for an idle device (the caller checked that it has no active
-    one, in this transaction), unless the concurrency cap is reached or the device already
-    worked on this round's version. The device's ``num_assigned`` is the caller's to count."""
-    locked = conn.execute(_LOCK_TASK, {"p_task": task_id}).first()
-    if locked is None:
+    """A new async assignment for an idle device, unless the concurrency cap is reached or
+    the device already worked on this round's version (or holds an active assignment).
+
+    Few statements run under the task's lock, since every work request of the task queues
+    on it: the device row (``last_seen_at`` with ``seen``, and ``num_assigned`` counted
+    ahead: taken back when no assignment results), then one ``INSERT ... SELECT`` that
+    checks the round, the device's history and busyness and the cap and inserts, then the
+    round's counter. The device row is locked before the checks read the device's
+    assignments, so two processes cannot both give it work (on PostgreSQL each statement
+    reads the latest commit; SQLite serializes writers)."""
+    if (
+        conn.dialect.name == "postgresql"
+        and conn.execute(_LOCK_TASK, {"p_task": task_id}).first() is None
+    ):
         return None
-    rnd = conn.execute(_ACTIVE_ROUND, {"p_task": task_id}).first()
-    if rnd is None or rnd.status != RoundStatus.OPEN or rnd.base_version != locked[0]:
-        return None
-    done_here, active = conn.execute(
-        _DONE_HERE_AND_ACTIVE, {"p_round": rnd.id, "p_device": device_id, "p_task": task_id}
-    ).one()
-    if done_here or int(active or 0) >= cfg.max_concurrency:
-        return None
-    if conn.dialect.name == "postgresql":
-        # Another process (or the round opener) may have given the device work since the
-        # look at its assignments: lock its row (engine lock order: after the task) and look
-        # again. SQLite serializes writers, so there the first look stands.
-        conn.execute(_LOCK_DEVICE, {"p_device": device_id}).all()
-        if conn.execute(_BUSY, {"p_device": device_id}).first() is not None:
-            return None
+    if seen:
+        touch_device(conn, device_id, now=now, count="num_assigned")
+    else:
+        conn.execute(_DEVICE_ASSIGNED, {"p_device": device_id})
     lease = now + timedelta(seconds=cfg.lease_s)
-    aid = conn.execute(
-        _INSERT_ASSIGNMENT,
+    row = conn.execute(
+        _INSERT_ASYNC,
         {
-            "task_id": task_id,
-            "round_id": rnd.id,
-            "device_id": device_id,
-            "base_version": rnd.base_version,
-            "status": AssignmentStatus.ASSIGNED,
-            "lease_expires_at": lease,
-            "assigned_at": now,
+            "p_task": task_id,
+            "p_device": device_id,
+            "p_lease": lease,
+            "p_now": now,
+            "p_cap": cfg.max_concurrency,
         },
-    ).scalar_one()
-    conn.execute(_COUNT_ASSIGNED, {"p_round": rnd.id})
+    ).first()
+    if row is None:
+        conn.execute(_DEVICE_NOT_ASSIGNED, {"p_device": device_id})
+        return None
+    aid, round_id, base_version = row
+    conn.execute(_COUNT_ASSIGNED, {"p_round": round_id})
     return _parsed_payload(
         parsed,
         assignment_id=aid,
         status=AssignmentStatus.ASSIGNED,
         task_id=task_id,
-        round_id=rnd.id,
+        round_id=round_id,
         mode="async",
-        base_version=rnd.base_version,
+        base_version=base_version,
         deadline=lease,
     )
 
