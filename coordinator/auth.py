@@ -77,7 +77,7 @@ from sqlalchemy import Connection, Insert, Update, bindparam, delete, select, up
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session
 
-from fedge.coordinator.db import READ_ONLY, utcnow
+from fedge.coordinator.db import READ_ONLY, utcnow, write_connection
 from fedge.coordinator.errors import Forbidden, PayloadTooLarge, RateLimited, Unauthorized
 from fedge.coordinator.models import Device, UsedNonce
 from fedge.coordinator.runtime import Runtime
@@ -360,7 +360,7 @@ def settle_claim(runtime: Runtime, claim: RequestClaim | None) -> None:
     is the request's answer."""
     if claim is None or claim.recorded:
         return
-    with runtime.engine.begin() as conn:
+    with write_connection(runtime.engine) as conn:
         record_claim(conn, claim, now=utcnow())
     claim.recorded = True
 

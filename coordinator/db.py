@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import threading
+import weakref
 from collections.abc import Iterator
 from contextlib import contextmanager
 from datetime import UTC, datetime
 from enum import StrEnum
 from typing import Any, TypeVar
 
-from sqlalchemy import CheckConstraint, DateTime, Engine, String, create_engine, event
+from sqlalchemy import CheckConstraint, Connection, DateTime, Engine, String, create_engine, event
 from sqlalchemy.engine import Dialect
 from sqlalchemy.exc import PendingRollbackError
 from sqlalchemy.orm import Session, sessionmaker
@@ -106,11 +108,38 @@ def make_engine(url: str, **kwargs: Any) -> Engine:
             else:
                 conn.exec_driver_sql("BEGIN IMMEDIATE")
 
+        _SQLITE_WRITERS[engine] = threading.Lock()
         return engine
     kwargs.setdefault("pool_pre_ping", True)
     kwargs.setdefault("pool_size", 10)
     kwargs.setdefault("max_overflow", 20)
     return create_engine(url, **kwargs)
+
+
+#: SQLite engines -> the lock this process's writers of :func:`write_connection` queue on.
+_SQLITE_WRITERS: weakref.WeakKeyDictionary[Engine, threading.Lock] = weakref.WeakKeyDictionary()
+
+
+@contextmanager
+def write_connection(engine: Engine) -> Iterator[Connection]:
+    """``engine.begin()`` for a short write transaction in SQLAlchemy Core (commit on
+    success, rollback on error).
+
+    On SQLite the threads of this process first queue on a lock of the process, and only the
+    one holding it takes a pooled connection and the database's write lock (``BEGIN
+    IMMEDIATE``). Otherwise every waiting writer would hold a pooled connection while it
+    sleeps in SQLite's busy handler (which backs off up to 100 ms between tries): under load
+    the pool runs dry, read-only requests wait for a connection, and the write lock sits
+    free between the sleepers' tries. Writers in other processes, or outside this function,
+    still meet the busy handler, as before.
+    """
+    lock = _SQLITE_WRITERS.get(engine)
+    if lock is None:
+        with engine.begin() as conn:
+            yield conn
+        return
+    with lock, engine.begin() as conn:
+        yield conn
 
 
 def make_sessionmaker(engine: Engine) -> sessionmaker[Session]:

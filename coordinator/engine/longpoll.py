@@ -23,7 +23,7 @@ from typing import Any
 from fastapi.concurrency import run_in_threadpool
 
 from fedge.coordinator.auth import RequestClaim, record_nonce, touch_device
-from fedge.coordinator.db import session_scope, utcnow
+from fedge.coordinator.db import session_scope, utcnow, write_connection
 from fedge.coordinator.engine.notify import Notifier
 from fedge.coordinator.engine.work import (
     Verdict,
@@ -99,7 +99,7 @@ def check_work(
     check) the nonce and ``last_seen_at`` are written in the same transaction (when the check
     fails, ``DeviceClaimDep`` records them on their own before the error is answered)."""
     now = utcnow()
-    with runtime.engine.begin() as conn:
+    with write_connection(runtime.engine) as conn:
         if claim is not None:
             record_nonce(conn, claim, now=now)
         if current is not None:

@@ -30,7 +30,7 @@ from sqlalchemy.orm import Session
 
 from fedge.coordinator.auth import RequestClaim, record_nonce, settle_claim, touch_device
 from fedge.coordinator.blobstore import BlobStore
-from fedge.coordinator.db import READ_ONLY, session_scope, utcnow
+from fedge.coordinator.db import READ_ONLY, session_scope, utcnow, write_connection
 from fedge.coordinator.engine import examples, rounds
 from fedge.coordinator.engine.aggregate import max_abs
 from fedge.coordinator.engine.config import AggregationConfig, ConfigError
@@ -448,7 +448,7 @@ def accept_upload(
         _check_staleness(ctx.config, current=ctx.current_version, base=ctx.base_version)
         blobs: BlobStore = runtime.blobs
         digest = blobs.put(body)
-        with runtime.engine.begin() as conn:
+        with write_connection(runtime.engine) as conn:
             result = _record_core(
                 conn,
                 ctx,
