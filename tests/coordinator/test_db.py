@@ -3,10 +3,18 @@ trace on the connection pool."""
 
 from __future__ import annotations
 
+import threading
+
 import pytest
 from sqlalchemy import func, select, update
 
-from fedge.coordinator.db import make_engine, make_sessionmaker, session_scope
+from fedge.coordinator.db import (
+    READ_ONLY,
+    make_engine,
+    make_sessionmaker,
+    session_scope,
+    write_connection,
+)
 from fedge.coordinator.models import Device
 
 
@@ -44,3 +52,48 @@ def test_an_error_with_a_result_still_open_does_not_lock_later_writers(db_url: s
     finally:
         engine.dispose()
         other.dispose()
+
+
+def test_sqlite_writers_queue_without_holding_a_pooled_connection(tmp_path) -> None:
+    """A writer of ``write_connection`` waiting for another one holds no pooled connection:
+    with a pool of two, one held by the first writer, a read still gets the other while a
+    second writer waits, and both writes go through in turn."""
+    engine = make_engine(
+        f"sqlite:///{tmp_path / 'w.db'}", pool_size=2, max_overflow=0, pool_timeout=2
+    )
+    try:
+        with engine.connect() as one, engine.connect() as two:  # both connections opened
+            for conn in (one, two):
+                conn.execution_options(**READ_ONLY)
+                conn.exec_driver_sql("SELECT 1")
+        with engine.begin() as conn:
+            conn.exec_driver_sql("CREATE TABLE t (x INTEGER)")
+        first_in = threading.Event()
+        release = threading.Event()
+
+        def first() -> None:
+            with write_connection(engine) as conn:
+                conn.exec_driver_sql("INSERT INTO t VALUES (1)")
+                first_in.set()
+                release.wait(timeout=30)
+
+        def second() -> None:
+            with write_connection(engine) as conn:
+                conn.exec_driver_sql("INSERT INTO t VALUES (2)")
+
+        a = threading.Thread(target=first)
+        a.start()
+        assert first_in.wait(timeout=30)
+        b = threading.Thread(target=second)
+        b.start()
+        with engine.connect() as reader:  # the second writer did not take it
+            reader.execution_options(**READ_ONLY)
+            assert reader.exec_driver_sql("SELECT count(*) FROM t").scalar() == 0
+        release.set()  # the first writer ends, the second one goes on
+        a.join(timeout=30)
+        b.join(timeout=30)
+        with engine.connect() as conn:
+            rows = sorted(conn.exec_driver_sql("SELECT x FROM t").scalars())
+        assert rows == [1, 2]
+    finally:
+        engine.dispose()
