@@ -315,3 +315,19 @@ def test_oversized_bodies_are_refused_before_anything_reads_them(limited):
         assert r.status_code == 413
         assert r.json()["error"] == "payload_too_large"
         assert admin.get(f"{API}/tasks").json()["total"] == 0
+
+
+def test_a_replayed_work_poll_is_refused_whatever_the_first_answer(coordinator, device):
+    """The work poll records its nonce in its own check's transaction; a poll its route
+    refused (404 for an assignment that does not exist) has used its nonce all the same."""
+    work = f"{API}/device/work"
+    nothing = device.build("GET", work, params={"wait": "0"})
+    missing = device.build("GET", work, params={"wait": "0", "current": "999999"})
+    before = _count(coordinator.settings, UsedNonce)
+    assert device.send(nothing).status_code == 204
+    r = device.send(missing)
+    assert (r.status_code, r.json()["error"]) == (404, "not_found"), r.text
+    for request in (nothing, missing):
+        r = device.send(request)
+        assert (r.status_code, r.json()["error"]) == (401, "replayed_nonce"), r.text
+    assert _count(coordinator.settings, UsedNonce) == before + 2
