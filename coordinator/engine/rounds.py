@@ -174,39 +174,6 @@ def open_async_round(
     return rnd
 
 
-def assign_async(
-    session: Session,
-    task: Task,
-    rnd: Round,
-    device_id: str,
-    cfg: AggregationConfig,
-    *,
-    now: datetime,
-) -> Assignment | None:
-    """A new async assignment for an idle device, unless the concurrency cap is reached or the
-    device already worked on this round's version. The caller holds the task row lock."""
-    done_here = session.scalar(
-        select(func.count(Assignment.id)).where(
-            Assignment.round_id == rnd.id, Assignment.device_id == device_id
-        )
-    )
-    if done_here:
-        return None
-    active = session.scalar(
-        select(func.count(Assignment.id)).where(
-            Assignment.task_id == task.id, Assignment.status.in_(ASSIGNMENT_ACTIVE)
-        )
-    )
-    if int(active or 0) >= cfg.max_concurrency:
-        return None
-    if not _lock_idle_devices(session, [device_id]):
-        return None
-    _assign(session, task, rnd, [device_id], lease_until=now + timedelta(seconds=cfg.lease_s))
-    return session.scalar(
-        select(Assignment).where(Assignment.round_id == rnd.id, Assignment.device_id == device_id)
-    )
-
-
 def end_assignments(
     session: Session, assignments: Iterable[Assignment], *, status: AssignmentStatus, now: datetime
 ) -> list[str]:
