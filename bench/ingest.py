@@ -20,15 +20,22 @@ buffer must fill with fewer than C devices). Figures per C:
 
 * accepted updates/s and upload latency p50/p99 (client side: request sent -> answer) in the
   measured window;
-* coordinator CPU-seconds per accepted update from ``/proc/<pid>/stat`` (utime + stime)
-  before/after the window -- this INCLUDES the work requests and the aggregations the
-  coordinator did in the window (primary figure: it does not depend on the 2-core machine
-  being shared with the load generator);
+* coordinator CPU-seconds per accepted update from ``/proc/<pid>/stat`` (utime + stime, plus
+  cutime + cstime) of the coordinator's whole process tree (``serve`` and, with ``--workers``
+  above 1, its worker processes) before/after the window -- this INCLUDES the work requests
+  and the aggregations the coordinator did in the window (primary figure: it does not depend
+  on the 2-core machine being shared with the load generator);
 * CPU per upload request alone: a separate pass where every device first takes one
   assignment of a task whose buffer never fills (no aggregation), then all upload at once;
   the coordinator CPU over the upload burst / uploads (and the CPU per assigning work request
   from the first half);
 * the load generators' own CPU-seconds over the window (to show they are not saturated).
+
+Worker processes (``--workers 1,2``): on PostgreSQL each count is its own coordinator start
+(``FEDGE_WORKERS``; fresh data directory and database) in the same run, recorded as its own
+entry of ``backends`` (with ``workers``); the summary's ``workers_scaling`` has updates/s with
+N workers over updates/s with 1 at each C, and the CPU per update of both. SQLite runs 1 (the
+coordinator refuses more).
 
 Ceiling: a bare FastAPI app (``bench/_ingest_ceiling.py``) that only verifies an Ed25519
 signature over a 2 KB body, single uvicorn worker, TLS, driven by the same load generator.
@@ -44,6 +51,7 @@ latency are lower bounds; CPU-seconds per update is the figure that does not dep
 
     python bench/ingest.py              # full: C in 50/200/500, SQLite + PostgreSQL, 1000 polls
     python bench/ingest.py --quick      # C=50, SQLite, short windows, 200 polls
+    python bench/ingest.py --backends postgresql --workers 1,2   # 1 vs 2 worker processes
     python bench/ingest.py --plot-only  # redraw the PNG from the JSON
 """
 
@@ -126,11 +134,62 @@ def machine_info() -> dict[str, Any]:
     }
 
 
+def _stat(pid: int, proc: Path) -> list[str]:
+    """The fields of /proc/<pid>/stat after ``(comm)`` (comm may hold spaces): state, ppid, ...;
+    utime, stime, cutime, cstime are at 11..14."""
+    return (proc / str(pid) / "stat").read_text().rsplit(")", 1)[1].split()
+
+
 def proc_cpu_s(pid: int) -> float:
     """utime + stime of a process (seconds) from /proc/<pid>/stat."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    ticks = os.sysconf("SC_CLK_TCK")
-    return (int(fields[11]) + int(fields[12])) / ticks
+    fields = _stat(pid, Path("/proc"))
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def process_tree(pid: int, proc: Path = Path("/proc")) -> list[int]:
+    """``pid`` and all its descendants (zombies included), from one scan of /proc for the
+    parent of every process (this kernel has no /proc/<pid>/task/<tid>/children)."""
+    children: dict[int, list[int]] = {}
+    for entry in proc.iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            ppid = int(_stat(int(entry.name), proc)[1])
+        except (OSError, ValueError, IndexError):  # exited meanwhile
+            continue
+        children.setdefault(ppid, []).append(int(entry.name))
+    tree, todo = [], [pid]
+    while todo:
+        p = todo.pop()
+        tree.append(p)
+        todo += children.get(p, [])
+    return tree
+
+
+def tree_cpu(pid: int, proc: Path = Path("/proc")) -> tuple[float, list[int]]:
+    """CPU-seconds of a process tree (a ``serve`` supervisor and its workers) and its pids.
+
+    Sums utime + stime + cutime + cstime over ``pid`` and its descendants. cutime/cstime hold
+    the CPU of children that exited and were reaped, and a zombie still shows its own
+    utime/stime, so the sum is continuous when a worker dies: the difference of two samples
+    counts a worker that exited (and was started again) between them -- as long as the
+    process that reaps it (the supervisor) is in the tree."""
+    total = 0
+    pids = []
+    for p in process_tree(pid, proc):
+        try:
+            f = _stat(p, proc)
+        except OSError:
+            if p == pid:
+                raise
+            continue  # a descendant gone between the scan and the read
+        total += int(f[11]) + int(f[12]) + int(f[13]) + int(f[14])
+        pids.append(p)
+    return total / os.sysconf("SC_CLK_TCK"), sorted(pids)
+
+
+def tree_cpu_s(pid: int) -> float:
+    return tree_cpu(pid)[0]
 
 
 def pct(values: list[float], q: float) -> float | None:
@@ -160,9 +219,11 @@ def pg_database(action: str) -> str:
     return PG_ADMIN_URL.rsplit("/", 1)[0] + f"/{PG_BENCH_DB}"
 
 
-def coordinator_env(db_url: str | None, max_connections: int) -> dict[str, str]:
+def coordinator_env(db_url: str | None, max_connections: int, workers: int = 1) -> dict[str, str]:
+    """The coordinator's settings; ``max_connections`` and the threads are per worker process."""
     env = {
         "FEDGE_LOG_LEVEL": "warning",
+        "FEDGE_WORKERS": str(workers),
         # The bench drives each device far above a real device's rate.
         "FEDGE_DEVICE_RATE_PER_MINUTE": "10000000",
         "FEDGE_MAX_CONNECTIONS": str(max_connections),
@@ -289,6 +350,7 @@ def steady(
     measure_s: float,
     seed: int,
     profile: Path | None = None,
+    workers: int = 1,
 ) -> dict[str, Any]:
     t_start = time.time() + 3.0  # processes start and import first
     t0 = t_start + warmup_s
@@ -309,10 +371,10 @@ def steady(
     ]
     pid = coord.process.pid
 
-    def between(_r: Any, _g: Any) -> dict[str, float]:
+    def between(_r: Any, _g: Any) -> dict[str, Any]:
         spy = None
         time.sleep(max(0.0, t0 - time.time()))
-        c0 = proc_cpu_s(pid)
+        c0, pids0 = tree_cpu(pid)
         if profile is not None:
             spy = subprocess.Popen(
                 [
@@ -329,6 +391,8 @@ def steady(
                     "--output",
                     str(profile),
                     "--nonblocking",
+                    # the supervisor only waits: sample its workers
+                    *(["--subprocesses"] if workers > 1 else []),
                     # .txt: collapsed stacks of the GIL holder only (where the CPU goes)
                     *(["--gil"] if profile.suffix == ".txt" else []),
                 ],
@@ -336,13 +400,14 @@ def steady(
                 stderr=subprocess.DEVNULL,
             )
         time.sleep(max(0.0, t1 - time.time()))
-        c1 = proc_cpu_s(pid)
+        c1, pids1 = tree_cpu(pid)
         if spy is not None:
             spy.wait(timeout=60)
-        return {"coord_cpu_s": c1 - c0}
+        return {"coord_cpu_s": c1 - c0, "pids0": pids0, "pids1": pids1}
 
     results = run_workers(cfgs, between=between)
-    coord_cpu = results.pop()["between"]["coord_cpu_s"]
+    sampled = results.pop()["between"]
+    coord_cpu = sampled["coord_cpu_s"]
     lat = [x for r in results for x in r["latencies"]]
     uploads = sum(r["in_window"]["uploads"] for r in results)
     work = sum(r["in_window"]["work"] for r in results)
@@ -368,6 +433,9 @@ def steady(
         "coordinator_cpu_s": coord_cpu,
         "coordinator_cpu_ms_per_update": 1000 * coord_cpu / uploads if uploads else None,
         "coordinator_cpu_share": coord_cpu / measure_s,
+        # the coordinator's process tree (supervisor + workers) at the window's start and end:
+        # different pids mean a worker was started again within the window
+        "coordinator_pids_start_end": [sampled["pids0"], sampled["pids1"]],
         "loadgen_procs": len(cfgs),
         "loadgen_cpu_s": gen_cpu,
         "loadgen_cpu_share_per_proc": [c / measure_s for c in gen_cpu],
@@ -399,11 +467,11 @@ def upload_only(
     marks: dict[str, float] = {}
 
     def between(readies: list[Any], go: Any) -> dict[str, float]:
-        marks["assign0"] = proc_cpu_s(pid)
+        marks["assign0"] = tree_cpu_s(pid)
         for ev in readies:
             ev.wait(timeout=300)
         time.sleep(0.3)
-        marks["assign1"] = proc_cpu_s(pid)
+        marks["assign1"] = tree_cpu_s(pid)
         go.set()
         return marks
 
@@ -411,7 +479,7 @@ def upload_only(
     results.pop()
     # Wait until the coordinator is done with the burst (answers are in; CPU settles).
     time.sleep(0.5)
-    c_end = proc_cpu_s(pid)
+    c_end = tree_cpu_s(pid)
     uploads = sum(len(r["latencies"]) for r in results)
     assigned = sum(r["assigned"] for r in results)
     lat = [x for r in results for x in r["latencies"]]
@@ -462,9 +530,9 @@ def longpoll(
             ev.wait(timeout=300)
         time.sleep(1.0)  # every poll is in
         marks["idle_t0"] = time.time()
-        c0 = proc_cpu_s(pid)
+        c0 = tree_cpu_s(pid)
         time.sleep(idle_s)
-        marks["idle_cpu_s"] = proc_cpu_s(pid) - c0
+        marks["idle_cpu_s"] = tree_cpu_s(pid) - c0
         marks["idle_t1"] = time.time()
         marks["open_sent"] = time.time()
         admin.start_task(task_id)
@@ -573,22 +641,43 @@ def ceiling(
 # ----------------------------------------------------------------------------- run
 
 
+def label(b: dict[str, Any]) -> str:
+    """``postgresql``, or ``postgresql x2 workers`` for a run with more worker processes."""
+    workers = int(b.get("workers", 1))
+    return b["backend"] if workers == 1 else f"{b['backend']} x{workers} workers"
+
+
+def summary_key(b: dict[str, Any]) -> str:
+    """The run's key in the summary: the backend (1 worker) or ``<backend>_workers<N>``."""
+    workers = int(b.get("workers", 1))
+    return b["backend"] if workers == 1 else f"{b['backend']}_workers{workers}"
+
+
 def run_backend(
-    backend: str, args: argparse.Namespace, p: dict[str, Any], keys: list[bytes]
+    backend: str,
+    args: argparse.Namespace,
+    p: dict[str, Any],
+    keys: list[bytes],
+    *,
+    workers: int = 1,
+    with_longpoll: bool = False,
 ) -> tuple[dict[str, Any], Path | None]:
-    work = Path(tempfile.mkdtemp(prefix=f"fedge-ingest-{backend}-"))
+    """One coordinator start (fresh data directory, fresh PostgreSQL database) with
+    ``workers`` processes, measured at every C."""
+    work = Path(tempfile.mkdtemp(prefix=f"fedge-ingest-{backend}-w{workers}-"))
     db_url = pg_database("create") if backend == "postgresql" else None
     max_conn = max(1000, p["longpoll_devices"] + 100)
-    out: dict[str, Any] = {"backend": backend, "runs": [], "upload_only": []}
+    out: dict[str, Any] = {"backend": backend, "workers": workers, "runs": [], "upload_only": []}
+    name = label(out)
     tls_copy: Path | None = None
-    coord = start_local_coordinator(work / "data", env=coordinator_env(db_url, max_conn))
+    coord = start_local_coordinator(
+        work / "data", env=coordinator_env(db_url, max_conn, workers), startup_timeout=180.0
+    )
     try:
         tls_copy = Path(tempfile.mkdtemp(prefix="fedge-tls-"))
         shutil.copytree(work / "data" / "tls", tls_copy, dirs_exist_ok=True)
         admin = AdminClient(coord.url, coord.admin_key, ca_file=coord.ca_file, timeout=120)
-        n_dev = max(
-            max(p["concurrency"]), p["longpoll_devices"] if backend == p["longpoll_on"] else 0
-        )
+        n_dev = max(max(p["concurrency"]), p["longpoll_devices"] if with_longpoll else 0)
         t = time.time()
         ids = enroll(coord, admin, keys[:n_dev])
         out["enroll_s"] = time.time() - t
@@ -603,7 +692,8 @@ def run_backend(
             blobs_before = count_blobs(blobs)  # after version 0 (the same model every task)
             profile = None
             if args.profile and c == max(p["concurrency"]):
-                profile = RESULTS / f"ingest_profile_{backend}_{args.profile}.svg"
+                tag = backend if workers == 1 else f"{backend}_workers{workers}"
+                profile = RESULTS / f"ingest_profile_{tag}_{args.profile}.svg"
                 if args.profile.endswith(".txt"):
                     profile = Path(args.profile)
             r = steady(
@@ -614,6 +704,7 @@ def run_backend(
                 measure_s=p["measure_s"],
                 seed=args.seed,
                 profile=profile,
+                workers=workers,
             )
             task = admin.get_task(task_id)
             r["buffer_size"] = max(1, min(100, c // 2))
@@ -627,7 +718,7 @@ def run_backend(
             )
             out["runs"].append(r)
             print(
-                f"  {backend:10s} C={c:4d}: {r['updates_per_s']:7.1f} updates/s  "
+                f"  {name:10s} C={c:4d}: {r['updates_per_s']:7.1f} updates/s  "
                 f"p50 {r['upload_p50_ms'] or 0:7.1f} ms  p99 {r['upload_p99_ms'] or 0:7.1f} ms  "
                 f"coord CPU {r['coordinator_cpu_ms_per_update'] or 0:6.2f} ms/update  "
                 "loadgen CPU share "
@@ -643,12 +734,12 @@ def run_backend(
             admin.cancel_task(task_id)
             out["upload_only"].append(u)
             print(
-                f"  {backend:10s} C={c:4d}: upload request alone "
+                f"  {name:10s} C={c:4d}: upload request alone "
                 f"{u['coordinator_cpu_ms_per_upload_request'] or 0:.2f} ms CPU, assigning work "
                 f"request {u['coordinator_cpu_ms_per_assign_request'] or 0:.2f} ms CPU",
                 flush=True,
             )
-        if backend == p["longpoll_on"]:
+        if with_longpoll:
             lp = longpoll(
                 coord,
                 admin,
@@ -658,7 +749,7 @@ def run_backend(
             )
             out["longpoll"] = lp
             print(
-                f"  {backend:10s} long-poll {lp['devices']} devices: all answered within "
+                f"  {name:10s} long-poll {lp['devices']} devices: all answered within "
                 f"{lp['wake_all_within_s']} s (p50 {lp['wake_p50_s']}), idle coordinator CPU "
                 f"share {lp['idle_coordinator_cpu_share']:.2f}",
                 flush=True,
@@ -676,8 +767,11 @@ def summarize(res: dict[str, Any]) -> dict[str, Any]:
     s: dict[str, Any] = {}
     for b in res["backends"]:
         best = max(b["runs"], key=lambda r: r["concurrency"])
-        name = b["backend"]
+        name = summary_key(b)
         s[name] = {
+            "backend": b["backend"],
+            "workers": int(b.get("workers", 1)),
+            "label": label(b),
             "at_concurrency": best["concurrency"],
             "updates_per_s": best["updates_per_s"],
             "upload_p99_ms": best["upload_p99_ms"],
@@ -705,10 +799,47 @@ def summarize(res: dict[str, Any]) -> dict[str, Any]:
                 < TARGETS["idle_requests_per_device_per_25s"],
                 "idle_coordinator_cpu_share": lp["idle_coordinator_cpu_share"],
             }
+    scaling = workers_scaling(res["backends"])
+    if scaling:
+        s["workers_scaling"] = scaling
     if res.get("ceiling"):
         top = max(res["ceiling"], key=lambda r: r["requests_per_s"])
         s["ceiling_best_requests_per_s"] = top["requests_per_s"]
     return s
+
+
+def workers_scaling(backends: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Per backend, worker count above 1 and C: updates/s with N workers / with 1 worker
+    (both coordinator starts of this run), and coordinator CPU per update of both."""
+    out = []
+    base = {b["backend"]: b for b in backends if int(b.get("workers", 1)) == 1}
+    for b in backends:
+        workers = int(b.get("workers", 1))
+        one = base.get(b["backend"])
+        if workers == 1 or one is None:
+            continue
+        by_c = {r["concurrency"]: r for r in one["runs"]}
+        for r in b["runs"]:
+            r1 = by_c.get(r["concurrency"])
+            if r1 is None:
+                continue
+            out.append(
+                {
+                    "backend": b["backend"],
+                    "workers": workers,
+                    "concurrency": r["concurrency"],
+                    "updates_per_s_1_worker": r1["updates_per_s"],
+                    "updates_per_s": r["updates_per_s"],
+                    "updates_per_s_ratio": (
+                        r["updates_per_s"] / r1["updates_per_s"] if r1["updates_per_s"] else None
+                    ),
+                    "coordinator_cpu_ms_per_update_1_worker": r1["coordinator_cpu_ms_per_update"],
+                    "coordinator_cpu_ms_per_update": r["coordinator_cpu_ms_per_update"],
+                    "upload_p99_ms_1_worker": r1["upload_p99_ms"],
+                    "upload_p99_ms": r["upload_p99_ms"],
+                }
+            )
+    return out
 
 
 def plot(res: dict[str, Any], path: Path) -> None:
@@ -720,8 +851,8 @@ def plot(res: dict[str, Any], path: Path) -> None:
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4.2))
     for b in res["backends"]:
         cs = [r["concurrency"] for r in b["runs"]]
-        ax1.plot(cs, [r["updates_per_s"] for r in b["runs"]], "o-", label=b["backend"])
-        ax2.plot(cs, [r["upload_p99_ms"] or np.nan for r in b["runs"]], "o-", label=b["backend"])
+        ax1.plot(cs, [r["updates_per_s"] for r in b["runs"]], "o-", label=label(b))
+        ax2.plot(cs, [r["upload_p99_ms"] or np.nan for r in b["runs"]], "o-", label=label(b))
     if res.get("ceiling"):
         cs = [r["concurrency"] for r in res["ceiling"]]
         ax1.plot(
@@ -745,19 +876,30 @@ def plot(res: dict[str, Any], path: Path) -> None:
 
 
 def print_summary(res: dict[str, Any]) -> None:
-    print("\nbackend     C   updates/s  p50 ms  p99 ms  coord ms CPU/update  upload-only ms CPU")
+    print(
+        "\nbackend                C   updates/s  p50 ms  p99 ms  coord ms CPU/update  "
+        "upload-only ms CPU"
+    )
     for b in res["backends"]:
         for r, u in zip(b["runs"], b["upload_only"], strict=False):
             print(
-                f"{b['backend']:10s} {r['concurrency']:4d} {r['updates_per_s']:9.1f} "
+                f"{label(b):21s} {r['concurrency']:4d} {r['updates_per_s']:9.1f} "
                 f"{r['upload_p50_ms'] or 0:7.1f} {r['upload_p99_ms'] or 0:7.1f} "
                 f"{r['coordinator_cpu_ms_per_update'] or 0:20.2f} "
                 f"{u['coordinator_cpu_ms_per_upload_request'] or 0:18.2f}"
             )
     for r in res.get("ceiling", []):
         print(
-            f"ceiling    {r['concurrency']:4d} {r['requests_per_s']:9.1f} {r['p50_ms']:7.1f} "
+            f"{'ceiling':21s} {r['concurrency']:4d} {r['requests_per_s']:9.1f} {r['p50_ms']:7.1f} "
             f"{r['p99_ms']:7.1f} {r['server_cpu_ms_per_request'] or 0:20.2f}"
+        )
+    for w in res.get("summary", {}).get("workers_scaling", []):
+        print(
+            f"{w['backend']} C={w['concurrency']}: {w['workers']} workers / 1 worker = "
+            f"{w['updates_per_s_ratio'] or 0:.2f}x updates/s ({w['updates_per_s_1_worker']:.1f} "
+            f"-> {w['updates_per_s']:.1f}); coordinator CPU "
+            f"{w['coordinator_cpu_ms_per_update_1_worker'] or 0:.2f} -> "
+            f"{w['coordinator_cpu_ms_per_update'] or 0:.2f} ms/update"
         )
     print(json.dumps(res.get("summary", {}), indent=1))
 
@@ -777,6 +919,12 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--backends", default=None, help="comma list: sqlite,postgresql")
     ap.add_argument("--concurrency", default=None, help="comma list of C")
+    ap.add_argument(
+        "--workers",
+        default="1",
+        help="comma list of coordinator worker process counts (serve --workers), each its own "
+        "coordinator start on a fresh database; PostgreSQL only (SQLite runs 1)",
+    )
     ap.add_argument("--no-ceiling", action="store_true")
     ap.add_argument("--no-longpoll", action="store_true")
     ap.add_argument("--profile", default=None, help="py-spy flame graph tag (largest C)")
@@ -810,6 +958,7 @@ def main() -> None:
         p["backends"] = args.backends.split(",")
     if args.concurrency:
         p["concurrency"] = [int(x) for x in args.concurrency.split(",")]
+    p["workers"] = [int(x) for x in args.workers.split(",")]
     if args.no_longpoll:
         p["longpoll_devices"] = 0
     p["longpoll_on"] = p["backends"][0] if p["longpoll_devices"] else ""
@@ -841,15 +990,43 @@ def main() -> None:
             "the coordinator did in the window.",
             "coordinator_cpu_ms_per_upload_request (upload_only): uploads alone, no aggregation.",
             "Coordinator runs with FEDGE_LOG_LEVEL=warning (no access log) like the ceiling.",
+            "Coordinator CPU is that of its whole process tree (the `serve` process and, with "
+            "--workers N > 1, its N worker processes): utime + stime + cutime + cstime summed "
+            "over the process and its descendants (a scan of /proc for parent pids) at the "
+            "window's start and end. cutime/cstime carry the CPU of a worker that exited and "
+            "was reaped by the supervisor, so a worker restarted within the window is counted "
+            "(coordinator_pids_start_end shows the tree at both samples).",
+            "With several worker counts (--workers), each count is its own coordinator start "
+            "on a fresh data directory and database in the same run; summary.workers_scaling "
+            "gives updates/s(N workers) / updates/s(1 worker) at each C. The long-poll test "
+            "runs only with the first worker count of its backend.",
         ],
         "backends": [],
     }
     tls_dir: Path | None = None
     for backend in p["backends"]:
-        print(f"{backend}:", flush=True)
-        out, tls = run_backend(backend, args, p, keys)
-        res["backends"].append(out)
-        tls_dir = tls_dir or tls
+        counts = p["workers"] if backend == "postgresql" else [1]
+        if backend != "postgresql" and any(w != 1 for w in p["workers"]):
+            res["notes"].append(
+                f"{backend}: measured with 1 worker process only (--workers {args.workers} "
+                "asked): the coordinator refuses --workers above 1 on SQLite."
+            )
+        for i, workers in enumerate(counts):
+            name = label({"backend": backend, "workers": workers})
+            print(f"{name}:", flush=True)
+            out, tls = run_backend(
+                backend,
+                args,
+                p,
+                keys,
+                workers=workers,
+                with_longpoll=backend == p["longpoll_on"] and i == 0,
+            )
+            res["backends"].append(out)
+            if tls_dir is None:
+                tls_dir = tls
+            elif tls is not None:
+                shutil.rmtree(tls, ignore_errors=True)
     if not args.no_ceiling and tls_dir is not None:
         print("ceiling:", flush=True)
         res["ceiling"] = ceiling(
@@ -862,7 +1039,7 @@ def main() -> None:
         )
     res["finished"] = datetime.now(UTC).isoformat()
     res["summary"] = summarize(res)
-    RESULTS.mkdir(parents=True, exist_ok=True)
+    out_path.parent.mkdir(parents=True, exist_ok=True)
     out_path.write_text(json.dumps(res, indent=1) + "\n")
     plot(res, png)
     print_summary(res)

@@ -252,13 +252,25 @@ def async_vs_sync(d: dict[str, Any]) -> str:
     )
 
 
+def _ingest_label(b: dict[str, Any]) -> str:
+    """The row label: the backend, and its worker process count when above 1."""
+    workers = int(b.get("workers", 1))
+    return b["backend"] if workers == 1 else f"{b['backend']} ×{workers} workers"
+
+
+def _ingest_key(b: dict[str, Any]) -> str:
+    """The entry's key in the summary (as bench/ingest.py writes it)."""
+    workers = int(b.get("workers", 1))
+    return b["backend"] if workers == 1 else f"{b['backend']}_workers{workers}"
+
+
 def ingest(d: dict[str, Any]) -> str:
     rows = []
     for b in d["backends"]:
         for r, u in zip(b["runs"], b["upload_only"], strict=False):
             rows.append(
                 [
-                    b["backend"],
+                    _ingest_label(b),
                     str(r["concurrency"]),
                     fmt(r["updates_per_s"], ",.0f"),
                     fmt(r["upload_p50_ms"], ",.1f"),
@@ -282,8 +294,9 @@ def ingest(d: dict[str, Any]) -> str:
     s = d["summary"]
     tg = d["targets"]
     targets = []
-    for name in (b["backend"] for b in d["backends"]):
-        v = s[name]
+    for b in d["backends"]:
+        name = _ingest_label(b)
+        v = s[_ingest_key(b)]
         targets += [
             [
                 f"{name}: ≥ {tg['updates_per_s_at_500']:,} updates/s at 500 devices",
@@ -318,9 +331,23 @@ def ingest(d: dict[str, Any]) -> str:
                     verdict(lp["target_idle_met"]),
                 ],
             ]
+    for w in s.get("workers_scaling", []):
+        targets.append(
+            [
+                f"{w['backend']}: updates/s with {w['workers']} worker processes ÷ with 1, "
+                f"C = {w['concurrency']} (same run)",
+                f"{fmt(w['updates_per_s_ratio'], '.2f')}× "
+                f"({fmt(w['updates_per_s_1_worker'], ',.0f')} → "
+                f"{fmt(w['updates_per_s'], ',.0f')} updates/s; coordinator CPU "
+                f"{fmt(w['coordinator_cpu_ms_per_update_1_worker'], '.2f')} → "
+                f"{fmt(w['coordinator_cpu_ms_per_update'], '.2f')} ms/update)",
+                verdict(None),
+            ]
+        )
     p = d["params"]
     return section(
-        f"Ingest (`bench/ingest.py`): the coordinator in its own process (uvicorn, HTTPS), "
+        f"Ingest (`bench/ingest.py`): the coordinator in its own process (uvicorn, HTTPS"
+        f"{_workers_note(d)}), "
         f"{p['procs']} load-generator processes ({p.get('longpoll_procs', p['procs'])} "
         "for the long-poll test) driving C enrolled devices that each take "
         f"work and upload a signed top-1 % 4-bit update of a {p['num_params']:,}-parameter "
@@ -340,6 +367,18 @@ def ingest(d: dict[str, Any]) -> str:
         "lrrrrrr",
         "ingest",
         targets,
+    )
+
+
+def _workers_note(d: dict[str, Any]) -> str:
+    counts = sorted({int(b.get("workers", 1)) for b in d["backends"]})
+    if counts == [1]:
+        return ""
+    return (
+        "; on PostgreSQL also with "
+        + ", ".join(str(c) for c in counts if c > 1)
+        + " worker processes on one socket (`serve --workers`), each its own start on a fresh "
+        "database in the same run, its CPU that of the supervisor and its workers together"
     )
 
 
