@@ -37,16 +37,7 @@ def postgres_db() -> Iterator[databases.PostgresDatabase]:
 )
 def db_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
     """A migrated, empty database; every database test runs once per backend."""
-    if request.param == "sqlite":
-        template: databases.SqliteTemplate = request.getfixturevalue("sqlite_template")
-        yield template.fresh(tmp_path)
-        return
-    pg: databases.PostgresDatabase = request.getfixturevalue("postgres_db")
-    pg.truncate_all()
-    try:
-        yield pg.url
-    finally:
-        pg.truncate_all()
+    yield from databases.fresh_database(request, request.param, tmp_path)
 
 
 @pytest.fixture(autouse=True)

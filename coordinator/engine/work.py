@@ -19,7 +19,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from datetime import datetime, timedelta
-from typing import Any, Literal
+from typing import Any, Literal, NamedTuple
 
 from sqlalchemy import Connection, String, bindparam, exists, func, insert, literal, select, update
 from sqlalchemy.orm import Session
@@ -61,7 +61,18 @@ def without_known_config(payload: dict[str, Any], known: str | None) -> dict[str
     return {k: v for k, v in payload.items() if k not in TASK_CONFIG_KEYS}
 
 
+class _Config(NamedTuple):
+    """The task configuration a work answer carries (:data:`TASK_CONFIG_KEYS`) and its digest."""
+
+    digest: str
+    compression: Any
+    training: Any
+    model: Any
+    spec: Any
+
+
 def _payload(
+    config: _Config,
     *,
     assignment_id: int,
     status: AssignmentStatus,
@@ -70,11 +81,6 @@ def _payload(
     mode: str,
     base_version: int,
     deadline: datetime | None,
-    digest: str,
-    compression: Any,
-    training: Any,
-    model: Any,
-    spec: Any,
 ) -> dict[str, Any]:
     return {
         "assignment_id": assignment_id,
@@ -86,17 +92,32 @@ def _payload(
         "deadline": deadline,
         "model_url": f"{DEVICE_PREFIX}/tasks/{task_id}/models/{base_version}",
         "upload_url": f"{DEVICE_PREFIX}/assignments/{assignment_id}/update",
-        "config_digest": digest,
-        "compression": compression,
-        "training": training,
-        "model": model,
-        "spec": spec,
+        "config_digest": config.digest,
+        "compression": config.compression,
+        "training": config.training,
+        "model": config.model,
+        "spec": config.spec,
     }
+
+
+def _parsed_config(parsed: ParsedTask) -> _Config:
+    """The answer's configuration from the task's cached, parsed configuration."""
+    return _Config(
+        parsed.config_digest,
+        parsed.compression,
+        parsed.training,
+        parsed.model_config,
+        parsed.model_spec,
+    )
 
 
 def assignment_payload(a: Assignment, task: Task, *, mode: str) -> dict[str, Any]:
     """The JSON body describing one assignment (docs/protocol.md, "Work long-poll")."""
+    config = _Config(
+        config_digest(task), task.compression, task.training, task.model_config_, task.model_spec
+    )
     return _payload(
+        config,
         assignment_id=a.id,
         status=a.status,
         task_id=task.id,
@@ -104,39 +125,6 @@ def assignment_payload(a: Assignment, task: Task, *, mode: str) -> dict[str, Any
         mode=mode,
         base_version=a.base_version,
         deadline=a.lease_expires_at,
-        digest=config_digest(task),
-        compression=task.compression,
-        training=task.training,
-        model=task.model_config_,
-        spec=task.model_spec,
-    )
-
-
-def _parsed_payload(
-    parsed: ParsedTask,
-    *,
-    assignment_id: int,
-    status: AssignmentStatus,
-    task_id: int,
-    round_id: int,
-    mode: str,
-    base_version: int,
-    deadline: datetime | None,
-) -> dict[str, Any]:
-    """:func:`assignment_payload` from the task's cached configuration."""
-    return _payload(
-        assignment_id=assignment_id,
-        status=status,
-        task_id=task_id,
-        round_id=round_id,
-        mode=mode,
-        base_version=base_version,
-        deadline=deadline,
-        digest=parsed.config_digest,
-        compression=parsed.compression,
-        training=parsed.training,
-        model=parsed.model_config,
-        spec=parsed.model_spec,
     )
 
 
@@ -257,8 +245,8 @@ def find_work(
         parsed = configs.lookup(conn, task_id, created_at)
         if seen:
             touch_device(conn, device_id, now=now)
-        return _parsed_payload(
-            parsed,
+        return _payload(
+            _parsed_config(parsed),
             assignment_id=aid,
             status=status,
             task_id=task_id,
@@ -327,8 +315,8 @@ def _assign_async(
         return None
     aid, round_id, base_version = row
     conn.execute(_COUNT_ASSIGNED, {"p_round": round_id})
-    return _parsed_payload(
-        parsed,
+    return _payload(
+        _parsed_config(parsed),
         assignment_id=aid,
         status=AssignmentStatus.ASSIGNED,
         task_id=task_id,

@@ -34,20 +34,6 @@ def files_under(root: Path) -> list[Path]:
     return sorted(p for p in root.rglob("*") if p.is_file())
 
 
-def database_url(request: pytest.FixtureRequest, backend: str, tmp_path: Path) -> Iterator[str]:
-    """A migrated, empty database on ``backend`` (as the ``db_url`` fixture makes them)."""
-    if backend == "sqlite":
-        template: databases.SqliteTemplate = request.getfixturevalue("sqlite_template")
-        yield template.fresh(tmp_path)
-        return
-    pg: databases.PostgresDatabase = request.getfixturevalue("postgres_db")
-    pg.truncate_all()
-    try:
-        yield pg.url
-    finally:
-        pg.truncate_all()
-
-
 @pytest.fixture(params=["file", *DATABASES])
 def make_store(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[MakeStore]:
     """Opens a store on the test's storage; every call opens another one on the same
@@ -56,7 +42,7 @@ def make_store(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[MakeS
     if request.param == "file":
         yield lambda: FileBlobStore(tmp_path / "blobs")
         return
-    for url in database_url(request, request.param, tmp_path):
+    for url in databases.fresh_database(request, request.param, tmp_path):
 
         def make(url: str = url) -> BlobStore:
             store = DatabaseBlobStore(url, chunk_size=CHUNK)
@@ -75,7 +61,7 @@ def store(make_store: MakeStore) -> BlobStore:
 
 @pytest.fixture(params=DATABASES)
 def db_store(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[DatabaseBlobStore]:
-    for url in database_url(request, request.param, tmp_path):
+    for url in databases.fresh_database(request, request.param, tmp_path):
         store = DatabaseBlobStore(url, chunk_size=CHUNK)
         yield store
         store.close()

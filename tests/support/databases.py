@@ -13,6 +13,7 @@ import secrets
 import shutil
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 from sqlalchemy import create_engine, text
 from sqlalchemy.engine import make_url
@@ -76,6 +77,22 @@ class SqliteTemplate:
         target = directory / "fedge.db"
         shutil.copyfile(self.path, target)
         return f"sqlite:///{target}"
+
+
+def fresh_database(request: Any, backend: str, tmp_path: Path) -> Iterator[str]:
+    """A migrated, empty database on ``backend`` (``"sqlite"``: a copy of the session's
+    template; ``"postgres"``: the session's PostgreSQL database, emptied before and after);
+    ``request`` is the pytest fixture request that provides those session fixtures."""
+    if backend == "sqlite":
+        template: SqliteTemplate = request.getfixturevalue("sqlite_template")
+        yield template.fresh(tmp_path)
+        return
+    pg: PostgresDatabase = request.getfixturevalue("postgres_db")
+    pg.truncate_all()
+    try:
+        yield pg.url
+    finally:
+        pg.truncate_all()
 
 
 def iter_postgres(admin_url: str) -> Iterator[PostgresDatabase]:
