@@ -106,6 +106,9 @@ class ModelVersion(Base):
     num_updates: Mapped[int] = mapped_column(Integer, default=0)
     metrics: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
     created_at: Mapped[datetime] = _now_column()
+    # Set when the retention policy released this version's blobs (fedge.coordinator.retention):
+    # the row stays (history, the API's 410 version_pruned), its digests name nothing readable.
+    pruned_at: Mapped[datetime | None] = mapped_column(default=None)
 
     @property
     def served_digest(self) -> str:

@@ -123,6 +123,30 @@ class Settings(BaseSettings):
     )
     log_level: str = "info"
 
+    keep_versions: int = Field(
+        default=0,
+        ge=0,
+        le=1_000_000,
+        description="Model versions of each task whose blobs are kept (the newest ones), for "
+        "tasks whose aggregation config sets no keep_versions; 0 keeps every version. Version 0 "
+        "and the base versions of work in progress are always kept.",
+    )
+    gc_grace_s: float = Field(
+        default=3600.0,
+        ge=0,
+        description="Garbage collection deletes only blobs written longer ago than this, and "
+        "prunes a version only this long after it left the kept window. Must exceed the "
+        "longest time between writing a blob and committing the row that names it (an "
+        "upload, an aggregation with its eval hook) and any clock skew between hosts sharing "
+        "the blob store.",
+    )
+    gc_interval_s: float = Field(
+        default=3600.0,
+        ge=0,
+        description="Seconds between automatic garbage collections in the coordinator process; "
+        "0 disables them (run `fedge coordinator gc` instead).",
+    )
+
     @model_validator(mode="after")
     def _defaults(self) -> Settings:
         if self.worker_threads < self.max_connections + THREAD_MARGIN:

@@ -100,6 +100,16 @@ class AggregationConfig(BaseModel):
         description="uploads claiming more examples are refused (422)",
     )
 
+    keep_versions: int | None = Field(
+        default=None,
+        ge=0,
+        le=1_000_000,
+        strict=True,
+        description="model versions whose blobs are kept, newest first (version 0 and the "
+        "bases of work in progress always are); 0: every version; null: the coordinator's "
+        "keep_versions setting",
+    )
+
     @model_validator(mode="after")
     def _consistent(self) -> AggregationConfig:
         if self.min_updates > self.clients_per_round:

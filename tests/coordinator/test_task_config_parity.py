@@ -139,6 +139,12 @@ def _object(schema: dict[str, Any], *, bad: bool) -> st.SearchStrategy[dict[str,
 
 
 def _field(prop: dict[str, Any], *, bad: bool) -> st.SearchStrategy[Any]:
+    if "anyOf" in prop and not any("$ref" in p for p in prop["anyOf"]):
+        # an optional scalar: null, or a value within its bounds
+        inner = next(p for p in prop["anyOf"] if p.get("type") != "null")
+        if bad:
+            return _outside(inner).filter(lambda v: v is not None)
+        return st.none() | _inside(inner)
     if "anyOf" in prop:  # an optional object: null, or the object
         obj = _resolve(next(p for p in prop["anyOf"] if "$ref" in p))
         if bad:
