@@ -11,7 +11,8 @@ blob or the whole blob; stray temporary files are ignored and can be swept. Blob
 
 Every ``put`` of bytes already stored refreshes the blob's write time: a sweep of unreferenced
 blobs (retention) only deletes blobs written longer ago than its grace period, so a blob that
-a new row is about to reference (written, then the row committed) is never swept.
+a new row is about to reference (written, then the row committed) is never swept. The sweep
+deletes through ``delete_if_older``, which checks the write time again as it deletes.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ import abc
 import hashlib
 import os
 import re
+import secrets
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -92,6 +94,16 @@ class BlobStore(abc.ABC):
     def list_blobs(self) -> Iterator[BlobInfo]:
         """Every stored blob, in no particular order."""
 
+    def delete_if_older(self, digest: str, written_before: float) -> bool:
+        """Remove the blob unless it was written at or after ``written_before`` (Unix
+        seconds); True when it was removed.
+
+        The sweep of unreferenced blobs calls this after its listing showed an old write time,
+        so a ``put`` of the same bytes in between (a new row about to name the blob) keeps it.
+        Stores should make the check and the removal one step (a database store: one
+        conditional ``DELETE``); this default only removes, relying on the listing."""
+        return self.delete(digest)
+
     def verify(self, digest: str) -> bool:
         """True when the stored bytes still hash to their name."""
         return hashlib.sha256(self.get(digest)).hexdigest() == digest
@@ -124,6 +136,22 @@ class FileBlobStore(BlobStore):
             self.path(digest).unlink()
         except FileNotFoundError:
             return False
+        return True
+
+    def delete_if_older(self, digest: str, written_before: float) -> bool:
+        """The blob is renamed aside first, then its write time is read: a ``put`` that
+        refreshed it before the rename shows there and the blob is put back; a ``put`` after
+        the rename finds no blob and writes it again."""
+        target = self.path(digest)
+        aside = target.with_name(f"{TEMP_PREFIX}gc-{secrets.token_hex(8)}")
+        try:
+            os.rename(target, aside)
+        except FileNotFoundError:
+            return False
+        if aside.stat().st_mtime >= written_before:
+            os.replace(aside, target)  # written again meanwhile: keep it
+            return False
+        aside.unlink()
         return True
 
     def list_blobs(self) -> Iterator[BlobInfo]:
