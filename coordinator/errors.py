@@ -8,6 +8,7 @@
     ├── Forbidden             403
     ├── NotFound              404
     ├── Conflict              409
+    ├── Gone                  410
     ├── PayloadTooLarge       413
     ├── Unprocessable         422
     ├── RateLimited           429 (Retry-After)
@@ -74,6 +75,10 @@ class Conflict(ApiError):
     status_code, default_code = 409, "conflict"
 
 
+class Gone(ApiError):
+    status_code, default_code = 410, "gone"
+
+
 class PayloadTooLarge(ApiError):
     status_code, default_code = 413, "payload_too_large"
 
@@ -96,6 +101,7 @@ _DESCRIPTIONS = {
     403: "Not allowed for this caller",
     404: "No such resource",
     409: "Conflicts with the resource's current state",
+    410: "No longer available (e.g. a model version pruned by the retention policy)",
     413: "Body larger than the configured limit",
     422: "Request body or parameters are invalid",
     429: "Too many requests; retry after the given time",

@@ -117,6 +117,7 @@ def version_to_public(row: ModelVersion) -> ModelVersionPublic:
         num_updates=row.num_updates,
         metrics=row.metrics or {},
         created_at=row.created_at,
+        pruned_at=row.pruned_at,
     )
 
 

@@ -20,7 +20,7 @@ from fedge.coordinator.api.model_versions import (
     IfNoneMatch,
     VersionRef,
     find_version,
-    model_response,
+    version_response,
 )
 from fedge.coordinator.api.tasks import TaskId, get_task
 from fedge.coordinator.engine.downloads import delta_chain, mark_downloaded
@@ -104,8 +104,10 @@ Held = Annotated[
     summary="Download a model of a task the device has an assignment for",
     description="The broadcast model of the version (the full model, or with `have` the "
     "chain of compressed deltas from the version the device holds when that is smaller). "
-    "The first download of an assignment's base model marks it `downloaded`.",
-    responses={**MODEL_RESPONSES, **error_responses(*SIGNED_ERRORS, 404, 422)},
+    "The first download of an assignment's base model marks it `downloaded`. A chain "
+    "through a version pruned by the retention policy is replaced by the full model; a "
+    "pruned version itself answers 410 `version_pruned`.",
+    responses={**MODEL_RESPONSES, **error_responses(*SIGNED_ERRORS, 404, 410, 422)},
 )
 def download_model(
     task_id: TaskId,
@@ -143,8 +145,10 @@ def download_model(
             headers={"Cache-Control": "private, no-store"},
         )
     else:
-        response = model_response(
+        response = version_response(
+            session,
             blobs,
+            row,
             row.served_digest,
             ModelSpec.from_dict(task.model_spec),
             dtype=dtype,

@@ -15,8 +15,8 @@ from sqlalchemy.orm import Session
 
 from fedge.coordinator.api.deps import BlobsDep, Pagination, SessionDep, ViewerDep, page_of
 from fedge.coordinator.api.tasks import TaskId, get_task
-from fedge.coordinator.blobstore import BlobStore
-from fedge.coordinator.errors import NotFound, Unprocessable, error_responses
+from fedge.coordinator.blobstore import BlobNotFound, BlobStore
+from fedge.coordinator.errors import Gone, NotFound, Unprocessable, error_responses
 from fedge.coordinator.models import ModelVersion
 from fedge.coordinator.schemas.model_versions import ModelVersionsPublic
 from fedge.coordinator.tasks import version_to_public
@@ -104,6 +104,38 @@ def model_response(
     return Response(content=data, media_type="application/octet-stream", headers=headers)
 
 
+def pruned_error(row: ModelVersion) -> Gone:
+    return Gone(
+        f"model version {row.version} of task {row.task_id} was pruned by the retention "
+        "policy (keep_versions); the task's model versions list shows which are kept",
+        code="version_pruned",
+    )
+
+
+def version_response(
+    session: Session,
+    blobs: BlobStore,
+    row: ModelVersion,
+    digest: str,
+    spec: ModelSpec,
+    *,
+    dtype: str,
+    if_none_match: str | None,
+) -> Response:
+    """:func:`model_response` for one of ``row``'s blobs; 410 ``version_pruned`` when the
+    retention policy released the version (before or while this request read it). A client
+    whose ETag is current still gets 304: it holds the bytes."""
+    if row.pruned_at is not None and not etag_matches(if_none_match, etag_of(digest, dtype)):
+        raise pruned_error(row)
+    try:
+        return model_response(blobs, digest, spec, dtype=dtype, if_none_match=if_none_match)
+    except BlobNotFound:
+        pruned = session.scalar(select(ModelVersion.pruned_at).where(ModelVersion.id == row.id))
+        if pruned is not None:  # pruned and swept after this request read the row
+            raise pruned_error(row) from None
+        raise
+
+
 @router.get(
     "",
     response_model=ModelVersionsPublic,
@@ -124,7 +156,8 @@ def list_versions(
     "/{version}",
     response_class=Response,
     summary="Download a model version (binary; ETag and If-None-Match)",
-    responses={**MODEL_RESPONSES, **error_responses(401, 404, 422)},
+    description="410 `version_pruned`: the retention policy released the version's blobs.",
+    responses={**MODEL_RESPONSES, **error_responses(401, 404, 410, 422)},
 )
 def download(
     task_id: TaskId,
@@ -138,4 +171,6 @@ def download(
     task = get_task(session, task_id)
     row = find_version(session, task_id, version)
     spec = ModelSpec.from_dict(task.model_spec)
-    return model_response(blobs, row.blob_digest, spec, dtype=dtype, if_none_match=if_none_match)
+    return version_response(
+        session, blobs, row, row.blob_digest, spec, dtype=dtype, if_none_match=if_none_match
+    )

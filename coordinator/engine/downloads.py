@@ -24,7 +24,8 @@ def delta_chain(
     session: Session, blobs: BlobStore, task_id: int, have: int, row: ModelVersion
 ) -> bytes | None:
     """The deltas from version ``have`` to ``row``'s as one chain, or ``None`` when one is
-    missing or the chain would not be smaller than the full model."""
+    missing (never written, or pruned by the retention policy) or the chain would not be
+    smaller than the full model."""
     count = row.version - have
     if not 1 <= count <= MAX_CHAIN:
         return None
@@ -34,6 +35,7 @@ def delta_chain(
             ModelVersion.task_id == task_id,
             ModelVersion.version > have,
             ModelVersion.version <= row.version,
+            ModelVersion.pruned_at.is_(None),
         )
         .order_by(ModelVersion.version)
     ).all()

@@ -19,6 +19,11 @@ class ModelVersionPublic(BaseModel):
     num_updates: int
     metrics: dict[str, Any]
     created_at: datetime
+    pruned_at: datetime | None = Field(
+        default=None,
+        description="When the retention policy released the version's blobs (its model then "
+        "answers 410 version_pruned); null while it is kept",
+    )
 
 
 class ModelVersionsPublic(Page[ModelVersionPublic]):
