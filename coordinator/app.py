@@ -16,6 +16,7 @@ from fedge.coordinator.api.bodylimit import BodyLimitMiddleware
 from fedge.coordinator.api.overload import OverloadMiddleware
 from fedge.coordinator.engine.lifecycle import start_engine, stop_engine
 from fedge.coordinator.errors import install_error_handlers
+from fedge.coordinator.gcjob import start_gc_job
 from fedge.coordinator.paths import DEVICE_PREFIX
 from fedge.coordinator.runtime import Runtime
 from fedge.coordinator.settings import Settings
@@ -35,7 +36,14 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         try:
             await start_engine(runtime)
             try:
-                yield
+                # Garbage collection of blobs: a job of its own, apart from the round engine.
+                gc_job = start_gc_job(runtime)
+                app.state.gc_job = gc_job
+                try:
+                    yield
+                finally:
+                    if gc_job is not None:
+                        await gc_job.stop()
             finally:
                 await stop_engine(runtime)
         finally:

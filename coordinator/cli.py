@@ -1,4 +1,5 @@
-"""``fedge coordinator init | migrate | serve | create-key``: parse options, call the library.
+"""``fedge coordinator init | migrate | serve | gc | create-key``: parse options, call the
+library.
 
 Options override ``FEDGE_*`` environment variables, which override the data directory's
 ``coordinator.env``, which overrides the defaults (see docs/configuration.md). The work is
@@ -24,6 +25,8 @@ from fedge.coordinator.bootstrap import (
     schema_report,
 )
 from fedge.coordinator.models import ROLES
+from fedge.coordinator.retention import GcBusy
+from fedge.coordinator.retention import run_once as run_gc
 from fedge.coordinator.settings import Settings
 
 PROG = "fedge coordinator"
@@ -119,6 +122,27 @@ def build_parser() -> argparse.ArgumentParser:
         help="on SIGTERM, how long in-flight requests may take to finish (10)",
     )
 
+    gc = sub.add_parser(
+        "gc",
+        parents=[common],
+        help="prune old model versions and delete unreferenced blobs",
+        description="Apply the retention policy (keep_versions) and delete the blobs no kept "
+        "row names and written longer ago than the grace period (docs/operations.md, "
+        '"Retention and garbage collection"). Safe while coordinators serve.',
+    )
+    gc.add_argument(
+        "--dry-run",
+        action="store_true",
+        help="only report what would be pruned and deleted; change nothing",
+    )
+    gc.add_argument(
+        "--grace-s",
+        type=float,
+        metavar="SECONDS",
+        help="keep unreferenced blobs written within this many seconds (FEDGE_GC_GRACE_S, "
+        "default 3600); never less than the longest upload or aggregation",
+    )
+
     key = sub.add_parser(
         "create-key",
         parents=[common],
@@ -207,13 +231,51 @@ def _serve(args: argparse.Namespace) -> int:
     )
 
 
+def _size(n: int) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if n < 1024 or unit == "GiB":
+            return f"{n} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024  # type: ignore[assignment]
+    raise AssertionError("unreachable")
+
+
+def _gc(args: argparse.Namespace) -> int:
+    if args.grace_s is not None and args.grace_s < 0:
+        print(f"{PROG} gc: error: --grace-s must not be negative", file=sys.stderr)
+        return 2
+    try:
+        report = run_gc(_settings(args), dry_run=args.dry_run, grace_s=args.grace_s)
+    except GcBusy as exc:
+        print(f"{PROG} gc: {exc}; try again later", file=sys.stderr)
+        return 1
+    verb = "would delete" if report.dry_run else "deleted"
+    prune = "would prune" if report.dry_run else "pruned"
+    print(f"{'Dry run: nothing changed. ' if report.dry_run else ''}Garbage collection:")
+    print(f"  versions {prune:<13} {report.versions_pruned}")
+    for task_id, versions in sorted(report.pruned.items()):
+        print(f"    task {task_id}: {', '.join(str(v) for v in versions)}")
+    print(f"  blobs {verb:<16} {report.blobs_deleted} ({_size(report.bytes_deleted)})")
+    print(f"  blobs kept, referenced  {report.blobs_referenced} ({_size(report.bytes_referenced)})")
+    print(
+        f"  blobs kept, recent      {report.blobs_recent} ({_size(report.bytes_recent)}, "
+        f"written within {report.grace_s:g} s)"
+    )
+    return 0
+
+
 def _create_key(args: argparse.Namespace) -> int:
     secret = create_key(_settings(args), name=args.name, role=args.role)
     print(f"New {args.role} API key {args.name!r} (shown only this once):\n\n    {secret}")
     return 0
 
 
-_HANDLERS = {"init": _init, "migrate": _migrate, "serve": _serve, "create-key": _create_key}
+_HANDLERS = {
+    "init": _init,
+    "migrate": _migrate,
+    "serve": _serve,
+    "gc": _gc,
+    "create-key": _create_key,
+}
 
 
 def main(argv: list[str] | None = None) -> int:
