@@ -140,16 +140,17 @@ class FileBlobStore(BlobStore):
 
     def delete_if_older(self, digest: str, written_before: float) -> bool:
         """The blob is renamed aside first, then its write time is read: a ``put`` that
-        refreshed it before the rename shows there and the blob is put back; a ``put`` after
-        the rename finds no blob and writes it again."""
+        refreshed it before the rename shows there and the blob is written back (durably);
+        a ``put`` after the rename finds no blob and writes it again."""
         target = self.path(digest)
         aside = target.with_name(f"{TEMP_PREFIX}gc-{secrets.token_hex(8)}")
         try:
             os.rename(target, aside)
         except FileNotFoundError:
             return False
-        if aside.stat().st_mtime >= written_before:
-            os.replace(aside, target)  # written again meanwhile: keep it
+        if aside.stat().st_mtime >= written_before:  # written again meanwhile: keep it
+            write_bytes_atomic(target, aside.read_bytes(), mode=BLOB_MODE, temp_prefix=TEMP_PREFIX)
+            aside.unlink()
             return False
         aside.unlink()
         return True
@@ -161,14 +162,15 @@ class FileBlobStore(BlobStore):
             for second in sorted(first.iterdir()):
                 if not second.is_dir():
                     continue
-                for entry in os.scandir(second):
-                    if not _DIGEST_RE.fullmatch(entry.name):
-                        continue  # temporary files and strangers
-                    try:
-                        stat = entry.stat()
-                    except FileNotFoundError:
-                        continue
-                    yield BlobInfo(entry.name, stat.st_size, stat.st_mtime)
+                with os.scandir(second) as entries:  # closed when the caller stops early
+                    for entry in entries:
+                        if not _DIGEST_RE.fullmatch(entry.name):
+                            continue  # temporary files and strangers
+                        try:
+                            stat = entry.stat()
+                        except FileNotFoundError:
+                            continue
+                        yield BlobInfo(entry.name, stat.st_size, stat.st_mtime)
 
     def get(self, digest: str) -> bytes:
         try:

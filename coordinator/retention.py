@@ -33,7 +33,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
@@ -41,7 +41,7 @@ from typing import Any
 from sqlalchemy import func, select, update
 from sqlalchemy.orm import Session, sessionmaker
 
-from fedge.coordinator.blobstore import BlobStore
+from fedge.coordinator.blobstore import BlobInfo, BlobStore
 from fedge.coordinator.bootstrap import SetupError
 from fedge.coordinator.db import session_scope
 from fedge.coordinator.engine import leases
@@ -304,22 +304,28 @@ def _sweep(
     should_stop: Callable[[], bool] | None,
 ) -> None:
     renewed = clock()
-    for info in blobs.list_blobs():
-        if should_stop is not None and should_stop():
-            report.stopped = True
-            return
-        if info.digest in marked:
-            report.blobs_referenced += 1
-            report.bytes_referenced += info.size
-        elif info.written_at >= cutoff:
-            report.blobs_recent += 1
-            report.bytes_recent += info.size
-        elif report.dry_run or blobs.delete_if_older(info.digest, cutoff):
-            report.blobs_deleted += 1
-            report.bytes_deleted += info.size
-        if not report.dry_run and clock() - renewed > LEASE_TTL_S / 3:
-            _take_lease(sessions, holder, clock)
-            renewed = clock()
+    listing: Iterator[BlobInfo] = blobs.list_blobs()
+    try:
+        for info in listing:
+            if should_stop is not None and should_stop():
+                report.stopped = True
+                return
+            if info.digest in marked:
+                report.blobs_referenced += 1
+                report.bytes_referenced += info.size
+            elif info.written_at >= cutoff:
+                report.blobs_recent += 1
+                report.bytes_recent += info.size
+            elif report.dry_run or blobs.delete_if_older(info.digest, cutoff):
+                report.blobs_deleted += 1
+                report.bytes_deleted += info.size
+            if not report.dry_run and clock() - renewed > LEASE_TTL_S / 3:
+                _take_lease(sessions, holder, clock)
+                renewed = clock()
+    finally:
+        close = getattr(listing, "close", None)
+        if close is not None:  # a listing stopped early releases its directory handles
+            close()
 
 
 def _utc(unix_s: float) -> datetime:
