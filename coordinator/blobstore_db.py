@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import hashlib
 from collections.abc import Iterator
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import Any, cast
 
 from sqlalchemy import Connection, Engine, Table, delete, func, insert, select, update
@@ -144,6 +144,22 @@ class DatabaseBlobStore(BlobStore):
         with self.engine.begin() as conn:
             conn.execute(delete(_chunks).where(_chunks.c.digest == digest))
             return bool(conn.execute(delete(_blobs).where(_blobs.c.digest == digest)).rowcount)
+
+    def delete_if_older(self, digest: str, written_before: float) -> bool:
+        """One conditional ``DELETE``: a ``put`` that refreshed ``written_at`` first keeps
+        the blob (on PostgreSQL a concurrent refresh is waited for and re-checked)."""
+        check_digest(digest)
+        cutoff = datetime.fromtimestamp(written_before, UTC)
+        with self.engine.begin() as conn:
+            gone = conn.execute(
+                delete(_blobs)
+                .where(_blobs.c.digest == digest, _blobs.c.written_at < cutoff)
+                .returning(_blobs.c.digest)
+            ).first()
+            if gone is None:
+                return False
+            conn.execute(delete(_chunks).where(_chunks.c.digest == digest))
+            return True
 
     # ------------------------------------------------------------------ reading
 

@@ -1,16 +1,13 @@
 """model_versions.pruned_at: the time the retention policy deleted a version's blobs
 
 Revision ID: 0006
-Revises: 0004
+Revises: 0005
 Create Date: 2026-12-06 20:30:00.000000
 
 Nullable, no backfill: every existing version keeps its blobs. A pruned version keeps its row
 (number, digests, metrics) so the API can say it was pruned (410 ``version_pruned``) and the
 task's history stays readable; only its blobs go (docs/operations.md, "Retention and garbage
 collection").
-
-down_revision is '0004' for now: 0005 (database blob store) is written in parallel and this
-revision is re-chained onto it when both land.
 """
 
 from collections.abc import Sequence
@@ -22,7 +19,7 @@ import fedge.coordinator.db
 
 
 revision: str = "0006"
-down_revision: str | None = "0004"
+down_revision: str | None = "0005"
 branch_labels: str | Sequence[str] | None = None
 depends_on: str | Sequence[str] | None = None
 

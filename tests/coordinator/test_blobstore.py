@@ -203,6 +203,17 @@ def test_putting_stored_bytes_again_refreshes_the_write_time(store: BlobStore) -
     assert after.written_at > 1_000_000 + 10**8
 
 
+def test_delete_if_older_keeps_what_was_written_since(store: BlobStore) -> None:
+    digest, other = store.put(b"old model"), store.put(b"other")
+    (written,) = [b.written_at for b in store.list_blobs() if b.digest == digest]
+    assert store.delete_if_older(digest, written) is False  # written at the cut-off: kept
+    assert store.get(digest) == b"old model"
+    assert store.delete_if_older(digest, written + 3600) is True
+    assert not store.exists(digest) and store.get(other) == b"other"
+    assert store.delete_if_older(digest, written + 3600) is False  # nothing left to delete
+    assert [b.digest for b in store.list_blobs()] == [other]
+
+
 def test_check_passes_on_a_usable_store(store: BlobStore) -> None:
     assert store.check() == (True, "ok")
 
