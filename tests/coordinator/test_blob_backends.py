@@ -20,7 +20,15 @@ from fedge.shared.wire import decode_model
 from tests.coordinator.conftest import Coordinator
 from tests.support import databases
 from tests.support.device import API
-from tests.support.rounds import Db, create_task, fleet_of, make_update, random_delta, spec_of
+from tests.support.rounds import (
+    Db,
+    create_task,
+    every_device,
+    fleet_of,
+    make_update,
+    random_delta,
+    spec_of,
+)
 
 PG_URL = "postgresql+psycopg://fedge@db/fedge"
 
@@ -114,13 +122,7 @@ def test_a_round_with_blobs_in_postgresql_writes_no_file(
         with fleet_of(coordinator, 2) as fleet:
             task_id = create_task(
                 coordinator,
-                aggregation={
-                    "clients_per_round": 2,
-                    "over_selection": 0.0,
-                    "min_updates": 2,
-                    "round_deadline_s": 60.0,
-                    "num_rounds": 1,
-                },
+                aggregation=every_device(2, deadline_s=60.0),
             )
             rng = np.random.default_rng(3)
             bodies = []

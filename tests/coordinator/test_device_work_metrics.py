@@ -16,6 +16,7 @@ from tests.support.rounds import (
     SMALL_MODEL,
     Db,
     create_task,
+    every_device,
     fleet_of,
     make_update,
     random_delta,
@@ -115,13 +116,7 @@ def test_metrics_carried_in_the_update_count_like_a_report(
     with fleet_of(coordinator, 2) as fleet:
         task_id = create_task(
             coordinator,
-            aggregation={
-                "clients_per_round": 2,
-                "over_selection": 0.0,
-                "min_updates": 2,
-                "round_deadline_s": 600,
-                "num_rounds": 2,
-            },
+            aggregation=every_device(2, rounds=2),
         )
         works = [d.work(wait=10) for d in fleet]
         assert all(w is not None for w in works)

@@ -35,6 +35,7 @@ from tests.support.rounds import (
     TestDevice,
     action,
     create_task,
+    every_device,
     fleet_of,
     make_update,
     random_delta,
@@ -200,13 +201,7 @@ def test_far_behind_or_without_its_chain_a_device_gets_the_full_model(
     with fleet_of(coordinator, 2) as fleet:
         task_id = create_task(
             coordinator,
-            aggregation={
-                "clients_per_round": 2,
-                "over_selection": 0.0,
-                "min_updates": 2,
-                "round_deadline_s": 600,
-                "num_rounds": 4,
-            },
+            aggregation=every_device(2, rounds=4),
             # every value at 8 bits: a delta is over a quarter of the f32 model, so a chain
             # of four is larger than the model
             compression={**EXACT, "download": {"topk_fraction": 1.0, "bits": 8, "chunk": 64}},

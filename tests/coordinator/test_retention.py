@@ -60,6 +60,7 @@ from tests.support.rounds import (
     Db,
     TestDevice,
     create_task,
+    every_device,
     fleet_of,
     make_update,
     random_delta,
@@ -625,14 +626,7 @@ def test_pruned_versions_answer_410_and_a_broken_chain_falls_back_to_the_full_mo
     with fleet_of(coordinator, 2) as fleet:
         task_id = create_task(
             coordinator,
-            aggregation={
-                "clients_per_round": 2,
-                "over_selection": 0.0,
-                "min_updates": 2,
-                "round_deadline_s": 600,
-                "num_rounds": rounds,
-                "keep_versions": 2,
-            },
+            aggregation=every_device(2, rounds=rounds, keep_versions=2),
             compression={**EXACT, "download": DOWNLOAD},
             model=MODEL,
         )

@@ -63,6 +63,21 @@ def wait_until(
         time.sleep(interval)
 
 
+def every_device(
+    n: int, *, rounds: int = 1, deadline_s: float = 600, **extra: Any
+) -> dict[str, Any]:
+    """Sync aggregation settings in which each round selects ``n`` devices, no more, and waits
+    for the updates of all of them (the set-up of most round tests)."""
+    return {
+        "clients_per_round": n,
+        "over_selection": 0.0,
+        "min_updates": n,
+        "round_deadline_s": deadline_s,
+        "num_rounds": rounds,
+        **extra,
+    }
+
+
 def create_task(
     server: _Server,
     *,
