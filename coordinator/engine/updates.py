@@ -114,6 +114,14 @@ def _repeat(
     )
     if u is None:
         return None
+    return _same_assignment_result(session, u, assignment_id=assignment_id, key=key)
+
+
+def _same_assignment_result(
+    session: Session, u: Update, *, assignment_id: int, key: str
+) -> UploadAccepted:
+    """The first answer to the upload ``u`` made with ``key``, or 409 when that key was used
+    for another assignment."""
     if u.assignment_id != assignment_id:
         raise Conflict(
             f"Idempotency-Key {key!r} was already used for assignment {u.assignment_id}; "
@@ -322,12 +330,7 @@ def _answer_repeat(
     with session_scope(runtime.sessions, read_only=True) as session:
         u = session.get(Update, update_id)
         assert u is not None
-        if u.assignment_id != assignment_id:
-            raise Conflict(
-                f"Idempotency-Key {key!r} was already used for assignment {u.assignment_id}; "
-                "use a fresh key for each update"
-            )
-        return _first_result(session, u)
+        return _same_assignment_result(session, u, assignment_id=assignment_id, key=key)
 
 
 def _record_core(
