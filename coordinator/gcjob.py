@@ -33,26 +33,29 @@ class GcJob:
         self.runs = 0
         self.last: GcReport | None = None
         self._stop = threading.Event()
+        self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
 
     def start(self) -> None:
         self._task = asyncio.get_running_loop().create_task(self._loop(), name="fedge-gc")
 
     async def stop(self) -> None:
-        """Stop the job; a run in progress ends at its next blob and is waited for."""
+        """Stop the job; a run in progress ends at its next blob and is waited for (the
+        loop is woken, not cancelled, so no worker thread outlives the runtime it uses)."""
         self._stop.set()
+        self._wake.set()
         task, self._task = self._task, None
         if task is not None:
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+            await task
 
     async def _loop(self) -> None:
         delay = min(self.interval_s, FIRST_RUN_S)
         while not self._stop.is_set():
-            await asyncio.sleep(delay)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._wake.wait(), delay)
+            if self._stop.is_set():
+                return
             delay = self.interval_s
-            # Not abandoned on cancellation: stop() waits for the thread, which sees _stop.
             await anyio.to_thread.run_sync(self.run_once)
 
     def run_once(self) -> GcReport | None:
