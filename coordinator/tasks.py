@@ -177,20 +177,25 @@ def _store_version_zero(session: Session, blobs: BlobStore, task: Task, data: by
     task.current_version = 0
 
 
-def _broadcast_version_zero(session: Session, blobs: BlobStore, task: Task) -> None:
+def _broadcast_version_zero(
+    session: Session, blobs: BlobStore, task: Task, *, generated: bool | None = None
+) -> None:
     """The broadcast model devices start from (fedge.shared.broadcast): with compressed
     downloads, version 0 rounded to float16, sent at half the bytes of the float32 model; the
     rounding error is part of ``w - b`` and goes down with the first deltas (server-side error
     feedback). Dense downloads, weights beyond float16's range, and a built-in model's seeded
     initial weights (which devices generate instead of downloading) broadcast the model
-    itself."""
+    itself. ``generated``: whether version 0 is those seeded weights, when the caller just
+    stored them (else it is found out by generating them again)."""
     row = session.scalar(
         select(ModelVersion).where(ModelVersion.task_id == task.id, ModelVersion.version == 0)
     )
     if row is None:
         return
     row.broadcast_digest = row.broadcast_size = None
-    if CompressionPolicy.from_dict(task.compression).download.is_dense or _generated(task, row):
+    if CompressionPolicy.from_dict(task.compression).download.is_dense:
+        return
+    if generated if generated is not None else _generated(task, row):
         return
     try:
         data = wire.encode_model(wire.decode_model(blobs.get(row.blob_digest)), dtype="f16")
@@ -249,7 +254,7 @@ def create_task(session: Session, blobs: BlobStore, settings: Settings, body: Ta
     if isinstance(body.model, BuiltinModel):
         _store_version_zero(session, blobs, task, _initial_weights(body.model))
         session.flush()
-        _broadcast_version_zero(session, blobs, task)
+        _broadcast_version_zero(session, blobs, task, generated=True)
         session.flush()
     return task
 
@@ -292,11 +297,13 @@ def update_task(
     except ValueError as exc:
         raise Unprocessable(f"training: {exc}") from None
 
+    generated: bool | None = None  # unknown unless version 0 is stored anew below
     if patch.model is not None:
         spec = _checked_spec(model, settings)
         same_spec = spec.to_dict() == task.model_spec
         if isinstance(model, BuiltinModel):
             _store_version_zero(session, blobs, task, _initial_weights(model))
+            generated = True
         elif not same_spec:
             _drop_version_zero(session, task)
         task.model_config_ = model.model_dump(mode="json")
@@ -309,7 +316,7 @@ def update_task(
     task.compression = compression.model_dump(mode="json")
     task.training = training.model_dump(mode="json")
     session.flush()
-    _broadcast_version_zero(session, blobs, task)
+    _broadcast_version_zero(session, blobs, task, generated=generated)
     task.updated_at = utcnow()
     session.flush()
     return task
