@@ -132,8 +132,6 @@ def _mode(task: Task) -> str:
     return mode_of(task.aggregation)
 
 
-_mode_of = mode_of
-
 _ACTIVE_OF_DEVICE = (
     select(
         Assignment.id,
@@ -390,7 +388,7 @@ def _async_work_rounds(session: Session) -> list[int]:
             Task.status == TaskStatus.RUNNING
         )
     ):
-        if _mode_of(aggregation) != "async":
+        if mode_of(aggregation) != "async":
             continue
         try:
             cfg = AggregationConfig.from_dict(aggregation)
