@@ -199,9 +199,19 @@ def uvicorn_config(
 
 def run_server(server: uvicorn.Server, sock: socket.socket) -> bool:
     """Serve on ``sock`` until SIGTERM/SIGINT (or ``should_exit``); True if it had started."""
-    with _quiet_stop_signals():
-        asyncio.run(server.serve(sockets=[sock]))
+    with _quiet_stop_signals(), asyncio.Runner(loop_factory=event_loop_factory()) as runner:
+        runner.run(server.serve(sockets=[sock]))
     return server.started
+
+
+def event_loop_factory() -> Callable[[], asyncio.AbstractEventLoop] | None:
+    """uvloop's event loop when it is installed (it comes with the coordinator's dependencies:
+    its TLS and socket handling take a fraction of the CPU of asyncio's), else asyncio's."""
+    try:
+        import uvloop
+    except ImportError:  # pragma: no cover - a trimmed install
+        return None
+    return uvloop.new_event_loop
 
 
 def serve(
