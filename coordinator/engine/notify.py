@@ -82,6 +82,19 @@ class Notifier:
         else:
             self._loop.call_soon_threadsafe(self._fire, ids)
 
+    def _fire_all(self) -> None:
+        for subs in tuple(self._subs.values()):
+            for sub in tuple(subs):
+                sub._set()
+
+    def notify_all(self) -> None:
+        """Wake every long-poll of this process (e.g. an async task's new version: any idle
+        device may now get work); callable from any thread. The woken polls are checked
+        together (:class:`~fedge.coordinator.engine.longpoll.BatchChecker`)."""
+        if self._loop.is_closed():
+            return
+        self._loop.call_soon_threadsafe(self._fire_all)
+
     def waiting(self, device_id: str) -> int:
         """Number of open subscriptions for a device (for tests and diagnostics)."""
         return len(self._subs.get(device_id, ()))

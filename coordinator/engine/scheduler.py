@@ -20,9 +20,12 @@ renewed while it runs (:class:`~fedge.coordinator.engine.leases.LeaseKeeper`), t
    (:mod:`fedge.coordinator.engine.apply`).
 
 Devices affected (newly assigned, cancelled) are woken through the :class:`Notifier` after
-each step. Uploads call :meth:`Scheduler.kick` so a round that reached its target closes
-without waiting for the next tick (a task kicked while its step runs is stepped again as soon
-as that step ends).
+each step; a new version of an async task wakes every waiting poll of the process (any idle
+device may get work on it now; polls in other processes see it at their next re-check).
+An upload that may let its round close (:func:`~fedge.coordinator.engine.updates.
+round_may_close`) calls :meth:`Scheduler.kick` so the round closes without waiting for the
+next tick (a task kicked while its step runs is stepped again as soon as that step ends);
+other uploads leave the task to the periodic tick.
 """
 
 from __future__ import annotations
@@ -31,6 +34,7 @@ import asyncio
 import contextlib
 import logging
 import threading
+import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from functools import partial
@@ -65,6 +69,8 @@ class StepOutcome:
 
     woken: list[str] = field(default_factory=list)
     aggregated: bool = False
+    #: An async task committed a version: every idle device may have work now.
+    wake_idle: bool = False
 
 
 def tasks_needing_attention(session: Session) -> list[int]:
@@ -107,6 +113,10 @@ class TaskStepper:
         self.stopping = threading.Event()
         self._busy: set[int] = set()
         self._busy_lock = threading.Lock()
+        #: Task -> ``time.monotonic()`` of this process's last successful acquisition of its
+        #: lease: a step within ``ttl / 3`` of it needs no write to know the lease is ours
+        #: (nobody can take an unexpired lease), so a busy task's steps do not each commit.
+        self._acquired_at: dict[int, float] = {}
 
     @property
     def holder(self) -> str:
@@ -140,24 +150,33 @@ class TaskStepper:
             self._busy.add(task_id)
         try:
             name = leases.task_lease_name(task_id)
-            with session_scope(self.runtime.sessions) as session:
-                acquired = leases.acquire(
-                    session,
-                    name,
-                    holder=self.holder,
-                    ttl_s=self.runtime.settings.lease_ttl_s,
-                    now=utcnow(),
-                )
-            if not acquired:
+            if not self._holds_lease(task_id, name):
                 return outcome
             with self.keeper.hold(name) as held:
                 ready = self._transitions(task_id, outcome)
                 if ready:
                     self._aggregate(task_id, outcome, held)
+            if held.lost:
+                self._acquired_at.pop(task_id, None)
             return outcome
         finally:
             with self._busy_lock:
                 self._busy.discard(task_id)
+
+    def _holds_lease(self, task_id: int, name: str) -> bool:
+        """Take or renew the task's lease, unless this process took it less than a third of
+        its TTL ago (then it is still ours for at least two thirds of the TTL)."""
+        ttl_s = self.runtime.settings.lease_ttl_s
+        started = time.monotonic()
+        if started - self._acquired_at.get(task_id, -ttl_s) < ttl_s / 3:
+            return True
+        with session_scope(self.runtime.sessions) as session:
+            acquired = leases.acquire(session, name, holder=self.holder, ttl_s=ttl_s, now=utcnow())
+        if acquired:
+            self._acquired_at[task_id] = started
+        else:
+            self._acquired_at.pop(task_id, None)
+        return acquired
 
     def _transitions(self, task_id: int, outcome: StepOutcome) -> bool:
         """Step 1; True when a round is ready to aggregate."""
@@ -273,6 +292,7 @@ class TaskStepper:
             outcome.woken += woken
             if cfg.mode == "sync":
                 return
+            outcome.wake_idle = True
 
     def _reject_unreadable(self, update_id: int, detail: str) -> None:
         log.error("update %s cannot be aggregated (%s); rejecting it", update_id, detail)
@@ -320,6 +340,7 @@ class TaskStepper:
             rounds.bump_round(session, plan.round_id, num_rejected=rejected)
 
     def release_leases(self) -> None:
+        self._acquired_at.clear()
         with session_scope(self.runtime.sessions) as session:
             leases.release_all(session, holder=self.holder)
 
@@ -397,7 +418,10 @@ class Scheduler:
                 "scheduler step for task %s failed; retrying next tick", task_id, exc_info=exc
             )
         else:
-            self.notifier.notify(future.result().woken)
+            outcome = future.result()
+            self.notifier.notify(outcome.woken)
+            if outcome.wake_idle:
+                self.notifier.notify_all()
         # A kick that came while the step ran may be for this task (an upload that completed
         # its round); tasks left waiting for a worker can have this one.
         if not self._stopping and (kicks != self._kicks or self._backlog):

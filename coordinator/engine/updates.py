@@ -24,7 +24,7 @@ import re
 from dataclasses import dataclass
 from datetime import datetime
 
-from sqlalchemy import Connection, bindparam, insert, select, update
+from sqlalchemy import Connection, bindparam, func, insert, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
@@ -262,6 +262,10 @@ _END_ASSIGNMENT = (
     .values(status=AssignmentStatus.UPLOADED, finished_at=bindparam("p_finished"))
 )
 _END_ASSIGNMENT_WITH_METRICS = _END_ASSIGNMENT.values(metrics=bindparam("p_metrics"))
+_PENDING = select(func.count(Update.id)).where(
+    Update.task_id == bindparam("p_task"), Update.status == UpdateStatus.ACCEPTED
+)
+_PENDING_ON_BASE = _PENDING.where(Update.base_version == bindparam("p_base"))
 _DEVICE_COMPLETED = (
     update(Device)
     .where(Device.id == bindparam("p_device"))
@@ -424,6 +428,21 @@ def _record_core(
     )
 
 
+def round_may_close(conn: Connection, ctx: _Context) -> bool:
+    """Whether the updates accepted so far may let the task's round close (a sync round's
+    ``clients_per_round`` fresh updates on its base version; an async buffer of
+    ``buffer_size``): only then does the upload ask the scheduler for a step at once. The
+    scheduler's periodic tick does everything else (deadlines, counts shown in the API)."""
+    cfg = ctx.config
+    if cfg.mode == "async":
+        pending = conn.execute(_PENDING, {"p_task": ctx.task_id}).scalar_one()
+        return int(pending) >= cfg.buffer_size
+    fresh = conn.execute(
+        _PENDING_ON_BASE, {"p_task": ctx.task_id, "p_base": ctx.base_version}
+    ).scalar_one()
+    return int(fresh) >= cfg.clients_per_round
+
+
 def accept_upload(
     runtime: Runtime,
     *,
@@ -433,18 +452,36 @@ def accept_upload(
     body: bytes,
     claim: RequestClaim | None = None,
 ) -> UploadAccepted:
+    """:func:`accept_upload_ready`'s answer alone."""
+    return accept_upload_ready(
+        runtime, device_id=device_id, assignment_id=assignment_id, key=key, body=body, claim=claim
+    )[0]
+
+
+def accept_upload_ready(
+    runtime: Runtime,
+    *,
+    device_id: str,
+    assignment_id: int,
+    key: str,
+    body: bytes,
+    claim: RequestClaim | None = None,
+) -> tuple[UploadAccepted, bool]:
     """Validate, store and record one upload (blocking: call from a worker thread).
 
     Reads and checks come first in a read-only transaction, the body is decoded and checked
     and the blob written outside any transaction, and one write transaction records it all:
     with the request's ``claim`` (``DeviceClaimDep``) also its nonce and the device's
     ``last_seen_at``. An answer that does not come from that transaction (a repeat) records
-    the claim on its own first; a refusal leaves that to ``DeviceClaimDep``."""
+    the claim on its own first; a refusal leaves that to ``DeviceClaimDep``.
+
+    The flag says whether the task's round may now close (:func:`round_may_close`, read in
+    the same transaction); False for a repeat."""
     checked = _precheck(runtime, device_id=device_id, assignment_id=assignment_id, key=key)
     if isinstance(checked, int):
         answer = _answer_repeat(runtime, checked, assignment_id=assignment_id, key=key)
         settle_claim(runtime, claim)
-        return answer
+        return answer, False
     ctx = checked
     decoded = decode_checked(body, ctx)
     try:
@@ -464,9 +501,10 @@ def accept_upload(
                 size=len(body),
                 now=utcnow(),
             )
+            ready = round_may_close(conn, ctx)
         if claim is not None:
             claim.recorded = True
-        return result
+        return result, ready
     except Conflict as exc:
         if exc.code == "stale_update":
             settle_claim(runtime, claim)  # a replay must not cancel the assignment
@@ -480,5 +518,5 @@ def accept_upload(
                 _check_assignment(session, device_id=device_id, assignment_id=assignment_id)
         if repeat is not None:
             settle_claim(runtime, claim)
-            return repeat
+            return repeat, False
         raise

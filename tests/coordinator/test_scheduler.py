@@ -312,3 +312,41 @@ def test_stop_waits_for_the_running_step_then_releases_the_leases(
         runtime.close()
     _assert_committed_once(db, task_id)
     assert db.read(lambda s: s.get(Lease, leases.task_lease_name(task_id))) is None
+
+
+def test_steps_soon_after_taking_the_lease_write_nothing_for_it(settings: Settings, db: Db) -> None:
+    """A stepper that took a task's lease less than a third of its TTL ago steps the task
+    without writing the lease again (a busy task's steps do not each commit for it); later
+    it takes it again, and a lease another holder took is never assumed."""
+    runtime = Runtime.open(settings.model_copy(update={"lease_ttl_s": 600.0}))
+    try:
+        stepper = TaskStepper(runtime)
+        coordinator_free_task = 10_000  # no such task: a step only takes the lease
+        name = leases.task_lease_name(coordinator_free_task)
+        stepper.step(coordinator_free_task)
+        taken = db.read(lambda s: s.get(Lease, name))
+        assert taken is not None and taken.holder == settings.instance_id
+        for _ in range(3):
+            stepper.step(coordinator_free_task)
+        again = db.read(lambda s: s.get(Lease, name))
+        assert again is not None and again.expires_at == taken.expires_at  # not rewritten
+
+        # A third of the TTL later (the stepper's clock moved back by that much) it renews.
+        stepper._acquired_at[coordinator_free_task] -= 200.0
+        stepper.step(coordinator_free_task)
+        renewed = db.read(lambda s: s.get(Lease, name))
+        assert renewed is not None and renewed.expires_at > taken.expires_at
+
+        # Lost to another holder (expired, then taken): the stepper finds out when its
+        # cached third runs out and does not step the task.
+        with session_scope(runtime.sessions) as session:
+            session.execute(
+                update(Lease)
+                .where(Lease.name == name)
+                .values(holder="rival", expires_at=utcnow() + timedelta(seconds=600))
+            )
+        stepper._acquired_at[coordinator_free_task] -= 200.0
+        assert not stepper._holds_lease(coordinator_free_task, name)
+        assert db.read(lambda s: s.get(Lease, name)).holder == "rival"  # type: ignore[union-attr]
+    finally:
+        runtime.close()
