@@ -109,6 +109,9 @@ class Agent:
         # answer can carry the delta chain to its base model.
         self._held: tuple[int, int] | None = None
         self.idle = True  # True while only waiting (safe to abandon at once)
+        #: Whether the agent takes another assignment after the one in hand (``run``'s
+        #: ``max_rounds``): only then does an upload ask for the next one.
+        self.wants_more = True
 
     # -- control ---------------------------------------------------------------------------
 
@@ -159,6 +162,7 @@ class Agent:
                 self._wait_until_cancelled(work)
                 continue
             try:
+                self.wants_more = limit is None or handled + 1 < limit
                 outcome = self.handle(work)
             except AgentError as exc:
                 self._check_fatal(exc)
@@ -265,7 +269,7 @@ class Agent:
             if self.stopping:
                 return Outcome.STOPPED
             self.stats.late_uploads += 1
-        return self._upload(entry)
+        return self._upload(entry, next_work=True)
 
     def _trainer_for(self, work: Work) -> Trainer:
         """The trainer for the task: the agent's own factory when one was given, else the one
@@ -441,7 +445,18 @@ class Agent:
             log.info("uploading saved update for assignment %d", entry.assignment_id)
             self._upload(entry)
 
-    def _upload(self, entry: OutboxEntry) -> Outcome:
+    def _upload(self, entry: OutboxEntry, *, next_work: bool = False) -> Outcome:
+        """Upload ``entry``; with ``next_work`` (the update just trained, when the agent
+        goes on working) the answer may carry the next assignment, which the loop's next
+        ``get_work`` then returns without a request."""
         if self.before_upload is not None:
             self.before_upload(entry)
-        return upload_entry(self.state, self.client, entry, stats=self.stats, uploads=self.uploads)
+        return upload_entry(
+            self.state,
+            self.client,
+            entry,
+            stats=self.stats,
+            uploads=self.uploads,
+            next_work=next_work and self.wants_more and not self.stopping,
+            have=self._held,
+        )

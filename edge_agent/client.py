@@ -102,6 +102,8 @@ class Traffic:
     known_configs: int = 0
     #: Of ``delta_downloads``: chains that came inside a work answer (no download request).
     inline_deltas: int = 0
+    #: Assignments that came with an upload's answer (no work request).
+    next_with_upload: int = 0
 
 
 class CoordinatorClient:
@@ -125,6 +127,8 @@ class CoordinatorClient:
         # Task configurations by config_digest (what a work answer leaves out once known).
         self._configs: dict[str, dict[str, Any]] = {}
         self._known: str | None = None
+        #: The next assignment an upload's answer carried, for the next ``get_work``.
+        self._next: Work | None = None
         self._traffic_lock = threading.Lock()
 
         def session() -> Session:
@@ -219,16 +223,19 @@ class CoordinatorClient:
         ``None`` when the wait ended without news (204).
 
         ``have`` is ``(task, version)`` of the broadcast model the device holds: an answer on a
-        newer version of that task may then carry the delta chain to it (``Work.model_delta``)."""
+        newer version of that task may then carry the delta chain to it (``Work.model_delta``).
+
+        The next assignment an upload's answer carried (``upload_update(next_work=True)``) is
+        answered first, without a request."""
+        if current is None and self._next is not None:
+            work, self._next = self._next, None
+            return work
         wait_s = max(0, min(MAX_WAIT_S, int(wait)))
         params: dict[str, Any] = {"wait": wait_s}
         if current is not None:
             params["current"] = current
         else:
-            if self._known is not None:
-                params["known"] = self._known
-            if have is not None:
-                params["have"] = f"{int(have[0])}.{int(have[1])}"
+            params.update(self._held_params(have))
         response = self._signed(
             "GET",
             f"{API}/device/work",
@@ -238,23 +245,42 @@ class CoordinatorClient:
         )
         if response.status_code == 204 or not response.content:
             return None
-        if response.headers.get("content-type", "").startswith(WORK_FRAME_MEDIA_TYPE):
-            try:
-                answer, chain = decode_work_frame(response.content)
-                body = json.loads(answer)
-            except (WireFormatError, ValueError) as exc:
-                raise AgentError("bad_response", f"malformed work frame: {exc}") from None
-            work = Work.from_json(self._with_config(body))
-            with self._traffic_lock:
-                self.traffic.downloads += 1
-                self.traffic.delta_downloads += 1
-                self.traffic.inline_deltas += 1
-                self.traffic.model_bytes += len(chain)
-            start = body.get("model_delta_from")
-            if not isinstance(start, int):
-                return work
-            return dataclasses.replace(work, model_delta=chain, model_delta_from=start)
-        return Work.from_json(self._with_config(response.json()))
+        body, chain = self._json_and_chain(response)
+        return self._work(body, chain)
+
+    def _json_and_chain(self, response: httpx.Response) -> tuple[Any, bytes | None]:
+        """An answer's JSON, and the delta chain after it when it is a work frame."""
+        if not response.headers.get("content-type", "").startswith(WORK_FRAME_MEDIA_TYPE):
+            return response.json(), None
+        try:
+            answer, chain = decode_work_frame(response.content)
+            return json.loads(answer), chain
+        except (WireFormatError, ValueError) as exc:
+            raise AgentError("bad_response", f"malformed work frame: {exc}") from None
+
+    def _work(self, body: Any, chain: bytes | None) -> Work:
+        """A work answer (a poll's, or an upload answer's ``next``) with its delta chain."""
+        work = Work.from_json(self._with_config(body))
+        if chain is None:
+            return work
+        with self._traffic_lock:
+            self.traffic.downloads += 1
+            self.traffic.delta_downloads += 1
+            self.traffic.inline_deltas += 1
+            self.traffic.model_bytes += len(chain)
+        start = body.get("model_delta_from")
+        if not isinstance(start, int):
+            return work
+        return dataclasses.replace(work, model_delta=chain, model_delta_from=start)
+
+    def _held_params(self, have: tuple[int, int] | None) -> dict[str, Any]:
+        """``known`` and ``have`` of a request that may be answered with work."""
+        params: dict[str, Any] = {}
+        if self._known is not None:
+            params["known"] = self._known
+        if have is not None:
+            params["have"] = f"{int(have[0])}.{int(have[1])}"
+        return params
 
     def _with_config(self, body: Any) -> Any:
         """Fill in a work answer's task configuration from the one held under its digest, or
@@ -313,19 +339,40 @@ class CoordinatorClient:
             return None, new_etag
         return response.content, new_etag
 
-    def upload_update(self, upload_url: str, body: bytes, idempotency_key: str) -> dict[str, Any]:
-        """Upload an encoded update; the coordinator's receipt (``duplicate`` tells a replay)."""
+    def upload_update(
+        self,
+        upload_url: str,
+        body: bytes,
+        idempotency_key: str,
+        *,
+        next_work: bool = False,
+        have: tuple[int, int] | None = None,
+    ) -> dict[str, Any]:
+        """Upload an encoded update; the coordinator's receipt (``duplicate`` tells a replay).
+
+        With ``next_work`` the answer also carries the device's next assignment when the
+        coordinator has one at once (with ``have``, as :meth:`get_work`'s, the delta chain to
+        its base model): the next :meth:`get_work` returns it without a request."""
+        params = {"next": 1, **self._held_params(have)} if next_work else None
         response = self._signed(
             "POST",
             upload_url,
             content=body,
+            params=params,
             # the short receipt (update id, staleness, duplicate) is all the agent reads
             headers={"Idempotency-Key": idempotency_key, "Prefer": "return=minimal"},
         )
         with self._traffic_lock:
             self.traffic.uploads += 1
             self.traffic.upload_bytes += len(body)
-        receipt: dict[str, Any] = response.json()
+        receipt, chain = self._json_and_chain(response)
+        if not isinstance(receipt, dict):
+            raise AgentError("bad_response", "upload answer is not a JSON object")
+        following = receipt.get("next")
+        if next_work and isinstance(following, dict):
+            self._next = self._work(following, chain)
+            with self._traffic_lock:
+                self.traffic.next_with_upload += 1
         return receipt
 
     def report_metrics(self, assignment_id: int, metrics: Mapping[str, float]) -> None:

@@ -111,12 +111,17 @@ def upload_entry(
     *,
     stats: AgentStats,
     uploads: list[tuple[int, int]],
+    next_work: bool = False,
+    have: tuple[int, int] | None = None,
 ) -> Outcome:
     """Send one outbox entry and settle it, counting in ``stats`` and appending
-    ``(base version, bytes)`` to ``uploads`` when accepted."""
+    ``(base version, bytes)`` to ``uploads`` when accepted. ``next_work`` and ``have``: ask
+    for the next assignment in the answer (:meth:`CoordinatorClient.upload_update`)."""
     body = state.outbox.body(entry)
     try:
-        receipt = client.upload_update(entry.upload_url, body, entry.idempotency_key)
+        receipt = client.upload_update(
+            entry.upload_url, body, entry.idempotency_key, next_work=next_work, have=have
+        )
     except StaleUpdate as exc:
         log.info(
             "update for assignment %d is too stale (%s); discarding it",

@@ -22,12 +22,12 @@ from fastapi.concurrency import run_in_threadpool
 from pydantic import ValidationError
 
 from fedge.coordinator.api.deps import MAX_ID, DeviceClaimDep, DeviceDep, RuntimeDep
-from fedge.coordinator.auth import get_device_slots
+from fedge.coordinator.auth import RequestClaim, get_device_slots
 from fedge.coordinator.db import session_scope
 from fedge.coordinator.engine.downloads import inline_chain
-from fedge.coordinator.engine.longpoll import long_poll
+from fedge.coordinator.engine.longpoll import long_poll, next_assignment
 from fedge.coordinator.engine.reports import record_metrics
-from fedge.coordinator.engine.updates import accept_upload, check_idempotency_key
+from fedge.coordinator.engine.updates import accept_upload_ready, check_idempotency_key
 from fedge.coordinator.engine.work import without_known_config
 from fedge.coordinator.errors import Unprocessable, error_responses
 from fedge.coordinator.runtime import Runtime
@@ -45,6 +45,22 @@ router = APIRouter(prefix="/device", tags=["device"])
 SIGNED_ERRORS = (401, 403, 413, 429)
 
 AssignmentId = Annotated[int, Path(ge=1, le=MAX_ID, description="Assignment id")]
+KnownQuery = Annotated[
+    str | None,
+    Query(
+        pattern="^[0-9a-f]{16}$",
+        description="The `config_digest` of the task configuration the device holds: an "
+        "answer for that configuration leaves it out",
+    ),
+]
+HaveQuery = Annotated[
+    str | None,
+    Query(
+        pattern=r"^[0-9]{1,9}\.[0-9]{1,9}$",
+        description="`<task>.<version>`: the broadcast model the device holds; an answer "
+        "on a newer version of that task may carry the delta chain to it",
+    ),
+]
 
 
 @router.get(
@@ -74,22 +90,8 @@ async def work(
     current: Annotated[
         int | None, Query(ge=1, le=MAX_ID, description="The assignment being worked on")
     ] = None,
-    known: Annotated[
-        str | None,
-        Query(
-            pattern="^[0-9a-f]{16}$",
-            description="The `config_digest` of the task configuration the device holds: an "
-            "answer for that configuration leaves it out",
-        ),
-    ] = None,
-    have: Annotated[
-        str | None,
-        Query(
-            pattern=r"^[0-9]{1,9}\.[0-9]{1,9}$",
-            description="`<task>.<version>`: the broadcast model the device holds; an answer "
-            "on a newer version of that task may carry the delta chain to it",
-        ),
-    ] = None,
+    known: KnownQuery = None,
+    have: HaveQuery = None,
 ) -> Any:
     wait_s = min(wait, runtime.settings.long_poll_max_s)
     # A check without a wait holds nothing for long and needs no long-poll slot.
@@ -108,7 +110,7 @@ async def work(
     if found is None:
         return Response(status_code=204)
     if have is not None and current is None:
-        task_id, version = (int(part) for part in have.split("."))
+        task_id, version = _task_version(have)
         chain = await run_in_threadpool(inline_chain, runtime, device.id, found, (task_id, version))
         if chain is not None:
             answer = {**without_known_config(found, known), "model_delta_from": version}
@@ -126,8 +128,19 @@ async def work(
     summary="Upload the update (binary wire format) of an assignment",
     description="With `Prefer: return=minimal` (RFC 7240) the answer is only "
     '`{"update_id", "staleness", "duplicate"}` (`UploadReceipt`), what an agent needs, '
-    "in a third of the bytes.",
+    "in a third of the bytes. With `next=1` it also carries the device's next assignment "
+    "(`next`) when one is there at once, and with `have` the delta chain to its base model "
+    "after the JSON (a work frame, as the work poll's).",
     responses={
+        201: {
+            "content": {
+                WORK_FRAME_MEDIA_TYPE: {
+                    "schema": {"type": "string", "format": "binary"},
+                }
+            },
+            "description": "Accepted. With `next=1` and `have`: the answer's JSON followed by "
+            "the delta chain to the next assignment's base model (docs/protocol.md)",
+        },
         200: {
             "model": UploadAccepted | UploadReceipt,
             "description": "Repeated Idempotency-Key: first result",
@@ -147,34 +160,82 @@ async def upload_update(
     device: DeviceClaimDep,
     runtime: RuntimeDep,
     assignment_id: AssignmentId,
-    response: Response,
     idempotency_key: Annotated[
         str | None, Header(alias="Idempotency-Key", description="1..128 of [A-Za-z0-9_.-]")
     ] = None,
     prefer: Annotated[
         str | None, Header(description="`return=minimal`: answer `UploadReceipt` only")
     ] = None,
+    next_work: Annotated[
+        bool,
+        Query(
+            alias="next",
+            description="Answer the device's next assignment too (`next`), when one is there "
+            "at once: one request per update instead of two (docs/protocol.md, 'Upload')",
+        ),
+    ] = False,
+    known: KnownQuery = None,
+    have: HaveQuery = None,
 ) -> Any:
     key = check_idempotency_key(idempotency_key)
-    result = await run_in_threadpool(
-        accept_upload,
+    result, ready, found = await run_in_threadpool(
+        _upload_and_next,
         runtime,
         device_id=device.id,
         assignment_id=assignment_id,
         key=key,
         body=device.body,
         claim=device.claim,
+        next_work=next_work,
     )
-    if not result.duplicate and runtime.scheduler is not None:
+    if ready and runtime.scheduler is not None:
         runtime.scheduler.kick()
     status = 200 if result.duplicate else 201
-    if prefer is not None and "return=minimal" in prefer.replace(" ", "").split(","):
-        receipt = UploadReceipt.model_validate(result, from_attributes=True)
+    minimal = prefer is not None and "return=minimal" in prefer.replace(" ", "").split(",")
+    answer: UploadAccepted | UploadReceipt = (
+        UploadReceipt.model_validate(result, from_attributes=True) if minimal else result
+    )
+    chain: bytes | None = None
+    if found is not None:
+        payload = without_known_config(found, known)
+        if have is not None:
+            chain = await run_in_threadpool(
+                inline_chain, runtime, device.id, found, _task_version(have)
+            )
+            if chain is not None:
+                payload = {**payload, "model_delta_from": _task_version(have)[1]}
+        answer.next = WorkAssignment.model_validate(payload)
+    body = answer.model_dump_json(exclude_none=True).encode()
+    if chain is not None:
         return Response(
-            receipt.model_dump_json(), status_code=status, media_type="application/json"
+            encode_work_frame(body, chain), status_code=status, media_type=WORK_FRAME_MEDIA_TYPE
         )
-    response.status_code = status
-    return result
+    return Response(body, status_code=status, media_type="application/json")
+
+
+def _task_version(have: str) -> tuple[int, int]:
+    task_id, version = (int(part) for part in have.split("."))
+    return task_id, version
+
+
+def _upload_and_next(
+    runtime: Runtime,
+    *,
+    device_id: str,
+    assignment_id: int,
+    key: str,
+    body: bytes,
+    claim: RequestClaim | None,
+    next_work: bool,
+) -> tuple[UploadAccepted, bool, dict[str, Any] | None]:
+    """The upload (:func:`accept_upload_ready`), then with ``next_work`` the device's next
+    assignment as a work check without a wait would find it (its own short write
+    transaction, after the upload's commit), in one worker-thread call."""
+    result, ready = accept_upload_ready(
+        runtime, device_id=device_id, assignment_id=assignment_id, key=key, body=body, claim=claim
+    )
+    found = next_assignment(runtime, device_id) if next_work else None
+    return result, ready, found
 
 
 def _store_metrics(

@@ -123,6 +123,14 @@ def check_work(
     return found
 
 
+def next_assignment(runtime: Runtime, device_id: str) -> dict[str, Any] | None:
+    """The work a poll without a wait would find for the device now (blocking: one short
+    write transaction), for an upload that asked for its next assignment. The request's
+    nonce and ``last_seen_at`` were recorded by the upload."""
+    with write_connection(runtime.engine) as conn:
+        return find_work(conn, runtime.task_configs, device_id=device_id, now=utcnow())
+
+
 async def long_poll(
     runtime: Runtime,
     device_id: str,

@@ -59,6 +59,11 @@ class UploadAccepted(BaseModel):
         description="How many of the claimed examples the weight counts (the claim, bounded "
         "by the task's rules; docs/rounds.md, 'Update bounds')"
     )
+    next: WorkAssignment | None = Field(
+        default=None,
+        description="With `next=1`: the device's next assignment, when one is there at once "
+        "(the work poll's answer; absent: poll for work as usual)",
+    )
 
 
 class UploadReceipt(BaseModel):
@@ -67,6 +72,7 @@ class UploadReceipt(BaseModel):
     update_id: int
     staleness: int
     duplicate: bool
+    next: WorkAssignment | None = None
 
 
 class DeviceMetrics(Strict):

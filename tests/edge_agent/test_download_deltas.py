@@ -138,7 +138,8 @@ def test_a_device_joining_late_rebuilds_from_the_version_zero_it_generated(
     )
     task_id = task["id"]
     live.finish([live.start(early, max_rounds=2)])
-    assert live.task(task_id)["current_version"] == 2
+    # the second update is aggregated after its upload was answered
+    wait_for(lambda: live.task(task_id)["current_version"] == 2, what="version 2")
     late = live.agent(live.enroll("late", seed=2), shard(digits, 1))
     live.finish([live.start(late, max_rounds=1)])
     wait_for(lambda: live.task(task_id)["status"] == "completed", what="the task to complete")

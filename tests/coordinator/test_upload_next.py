@@ -1,0 +1,252 @@
+"""One request per update: an upload sent with ``next=1`` is answered with the device's next
+assignment when one is there at once (``next``), with ``have`` also the delta chain to its base
+model (a work frame), and with ``known`` without the configuration the device holds.
+
+And the scheduler is asked for a step only by an upload that may let the round close: an
+upload that leaves an async buffer short of ``buffer_size`` does not kick it.
+
+The scheduler is disabled in the first tests (the test steps the engine itself, so it knows
+when the version moves); the kick test runs it with a period far longer than the test."""
+
+from __future__ import annotations
+
+import json
+import threading
+from typing import Any
+
+import numpy as np
+import pytest
+
+from fedge.coordinator.engine.scheduler import TaskStepper
+from fedge.coordinator.runtime import Runtime
+from fedge.coordinator.settings import Settings
+from fedge.shared.broadcast import rebuild
+from fedge.shared.modelspec import ModelSpec
+from fedge.shared.wire import decode_model
+from fedge.shared.wire_delta import WORK_FRAME_MEDIA_TYPE, decode_work_frame
+from tests.coordinator.conftest import Coordinator
+from tests.support.device import API
+from tests.support.rounds import (
+    EXACT,
+    Db,
+    TestDevice,
+    create_task,
+    fleet_of,
+    make_update,
+    random_delta,
+    spec_of,
+    wait_until,
+)
+
+MODEL = {"architecture": "softmax", "input_dim": 64, "num_classes": 10}
+DOWNLOAD = {"topk_fraction": 0.1, "bits": 8, "chunk": 64}
+ASYNC = {
+    "mode": "async",
+    "buffer_size": 1,
+    "max_concurrency": 4,
+    "max_staleness": 4,
+    "num_rounds": 10,
+}
+
+
+@pytest.fixture
+def settings(settings: Settings) -> Settings:
+    return settings.model_copy(update={"scheduler_enabled": False})
+
+
+def _stepper(coordinator: Coordinator) -> TaskStepper:
+    runtime: Runtime = coordinator.app.state.runtime
+    return TaskStepper(runtime)
+
+
+def _upload(
+    device: TestDevice, work: dict[str, Any], rng: np.random.Generator, **params: Any
+) -> Any:
+    body = make_update(work, delta=random_delta(spec_of(work), rng, 0.05), num_examples=5)
+    return device.post(
+        work["upload_url"],
+        content=body,
+        params=params,
+        headers={"Idempotency-Key": f"k{work['assignment_id']}", "Prefer": "return=minimal"},
+    )
+
+
+def test_an_upload_asking_for_next_work_gets_it_when_there_is_some(
+    coordinator: Coordinator, db: Db
+) -> None:
+    stepper = _stepper(coordinator)
+    rng = np.random.default_rng(1)
+    with fleet_of(coordinator, 3) as fleet:
+        a, b, c = fleet
+        task_id = create_task(coordinator, aggregation=ASYNC, model=MODEL)
+        stepper.step(task_id)
+        work_a, work_b, work_c = a.work(), b.work(), c.work()
+        assert work_a and work_b and work_c
+
+        # A fills the buffer: nothing new for it before the version moves (a device works
+        # once per version), so the answer carries no `next`.
+        r = _upload(a, work_a, rng, next=1)
+        assert r.status_code == 201, r.text
+        assert r.headers["content-type"] == "application/json"
+        assert "next" not in r.json() and set(r.json()) == {"update_id", "staleness", "duplicate"}
+        stepper.step(task_id)
+        assert db.task(task_id).current_version == 1
+        stepper.step(task_id)  # the round of version 1 opens
+
+        # B uploads its (now stale) update and gets work on version 1 in the same answer.
+        r = _upload(b, work_b, rng, next=1)
+        assert r.status_code == 201, r.text
+        answer = r.json()
+        assert answer["staleness"] == 1
+        following = answer["next"]
+        assert (following["status"], following["base_version"]) == ("assigned", 1)
+        assert following["task_id"] == task_id and following["mode"] == "async"
+        assert following["spec"] and following["config_digest"] == work_b["config_digest"]
+        mine = [x for x in db.assignments(task_id) if x.device_id == b.device_id]
+        assert [(x.base_version, x.status) for x in mine] == [(0, "uploaded"), (1, "assigned")]
+        # The work poll answers the same assignment: it is the device's active one.
+        polled = b.work()
+        assert polled is not None and polled["assignment_id"] == following["assignment_id"]
+
+        # Without `next=1` the answer carries none, even with work there (C gets it by poll).
+        r = _upload(c, work_c, rng)
+        assert r.status_code == 201 and "next" not in r.json()
+        polled = c.work()
+        assert polled is not None and polled["base_version"] == 1
+
+
+def test_next_work_leaves_out_a_known_configuration_and_carries_the_chain(
+    coordinator: Coordinator, db: Db
+) -> None:
+    stepper = _stepper(coordinator)
+    rng = np.random.default_rng(2)
+    with fleet_of(coordinator, 3) as fleet:
+        a, b, c = fleet
+        task_id = create_task(
+            coordinator,
+            aggregation=ASYNC,
+            compression={**EXACT, "download": DOWNLOAD},
+            model=MODEL,
+        )
+        spec = ModelSpec.from_dict(db.task(task_id).model_spec)
+        stepper.step(task_id)
+        work_a, work_b, work_c = a.work(), b.work(), c.work()
+        assert work_a and work_b and work_c
+        r = a.get(f"{API}/device/tasks/{task_id}/models/0")
+        v0 = decode_model(r.content, spec=spec)
+        assert _upload(a, work_a, rng).status_code == 201
+        stepper.step(task_id)
+        stepper.step(task_id)
+        assert db.task(task_id).current_version == 1
+
+        r = _upload(b, work_b, rng, next=1, known=work_b["config_digest"])
+        following = r.json()["next"]
+        assert following["base_version"] == 1 and following["config_digest"]
+        assert not {"spec", "model", "training", "compression"} & set(following)
+
+        r = _upload(c, work_c, rng, next=1, known=work_c["config_digest"], have=f"{task_id}.0")
+        assert r.status_code == 201, r.text
+        assert r.headers["content-type"] == WORK_FRAME_MEDIA_TYPE
+        answer, chain = decode_work_frame(r.content)
+        receipt = json.loads(answer)
+        assert receipt["staleness"] == 1 and receipt["duplicate"] is False
+        following = receipt["next"]
+        assert (following["base_version"], following["model_delta_from"]) == (1, 0)
+        rebuilt = rebuild(v0, chain, spec, task_id=task_id, have=0, want=1)
+        served = db.version(task_id, 1)
+        assert served is not None
+        expected = decode_model(db.blobs.get(served.served_digest))
+        assert all(rebuilt[n].tobytes() == expected[n].tobytes() for n in spec.names)
+        (assignment,) = [x for x in db.assignments(task_id) if x.id == following["assignment_id"]]
+        assert assignment.status == "downloaded"
+
+
+def test_a_refused_upload_asks_nothing_and_bad_parameters_are_refused(
+    coordinator: Coordinator, db: Db
+) -> None:
+    stepper = _stepper(coordinator)
+    rng = np.random.default_rng(3)
+    with fleet_of(coordinator, 1) as fleet:
+        (a,) = fleet
+        task_id = create_task(coordinator, aggregation=ASYNC, model=MODEL)
+        stepper.step(task_id)
+        work = a.work()
+        assert work is not None
+        r = _upload(a, work, rng, next=1, have="1-0")
+        assert r.status_code == 422 and r.json()["error"] == "validation_error"
+        r = a.post(
+            work["upload_url"],
+            content=b"not an update",
+            params={"next": 1},
+            headers={"Idempotency-Key": "bad"},
+        )
+        assert r.status_code == 400 and "error" in r.json()
+        assert db.updates(task_id) == []
+        assert [x.status for x in db.assignments(task_id)] == ["assigned"]
+
+
+class TestKick:
+    @pytest.fixture
+    def settings(self, settings: Settings) -> Settings:
+        # The periodic tick would step the task anyway: make it far longer than the test.
+        return settings.model_copy(
+            update={"scheduler_enabled": True, "scheduler_interval_s": 3600.0}
+        )
+
+    def test_only_an_upload_that_fills_the_buffer_asks_for_a_step(
+        self, coordinator: Coordinator, db: Db
+    ) -> None:
+        rng = np.random.default_rng(4)
+        runtime: Runtime = coordinator.app.state.runtime
+        scheduler = runtime.scheduler
+        assert scheduler is not None
+        with fleet_of(coordinator, 3) as fleet:
+            task_id = create_task(coordinator, aggregation={**ASYNC, "buffer_size": 3}, model=MODEL)
+            works = [wait_until(lambda d=d: d.work()) for d in fleet]  # type: ignore[misc]
+            kicks = scheduler._kicks
+            for device, work in zip(fleet[:2], works[:2], strict=True):
+                assert _upload(device, work, rng).status_code == 201
+            assert scheduler._kicks == kicks  # two of three: no step asked for
+            assert db.task(task_id).current_version == 0
+            assert _upload(fleet[2], works[2], rng).status_code == 201
+            assert scheduler._kicks == kicks + 1
+            # The step it asked for aggregates at once, not at the next periodic tick.
+            wait_until(lambda: db.task(task_id).current_version == 1, timeout=20)
+
+
+class TestWakeIdle:
+    @pytest.fixture
+    def settings(self, settings: Settings) -> Settings:
+        # Neither the periodic tick nor a poll's own re-check comes within the test.
+        return settings.model_copy(
+            update={
+                "scheduler_enabled": True,
+                "scheduler_interval_s": 3600.0,
+                "long_poll_recheck_s": 3600.0,
+            }
+        )
+
+    def test_a_new_async_version_wakes_a_waiting_idle_device_at_once(
+        self, coordinator: Coordinator, db: Db
+    ) -> None:
+        rng = np.random.default_rng(5)
+        runtime: Runtime = coordinator.app.state.runtime
+        notifier = runtime.notifier
+        assert notifier is not None
+        with fleet_of(coordinator, 2) as fleet:
+            a, b = fleet
+            task_id = create_task(coordinator, aggregation={**ASYNC, "buffer_size": 2}, model=MODEL)
+            work_a = wait_until(a.work)
+            work_b = wait_until(b.work)
+            assert _upload(b, work_b, rng).status_code == 201
+            # B worked on version 0: its poll waits (nothing for it before version 1).
+            answer: list[Any] = []
+            poll = threading.Thread(target=lambda: answer.append(b.work(wait=30)))
+            poll.start()
+            wait_until(lambda: notifier.waiting(b.device_id) == 1)
+            assert _upload(a, work_a, rng).status_code == 201  # fills the buffer
+            poll.join(25)
+            assert not poll.is_alive(), "the waiting poll was not woken by the new version"
+            (found,) = answer
+            assert found is not None and found["base_version"] == 1
+            assert db.task(task_id).current_version == 1
