@@ -12,8 +12,11 @@ and draws again on a repeat, and reports its own CPU time over the measured wind
 part of it spent building bodies), so a reader can see whether it was saturated.
 Phases (``cfg["phase"]``):
 
-- ``steady``: every device loops get work (``wait=0``) -> upload -> repeat until ``t_end``;
-  uploads completed inside ``[t0, t1]`` are counted, with their latency.
+- ``steady``: every device loops get work -> upload -> repeat until ``t_end``; uploads
+  completed inside ``[t0, t1]`` are counted, with their latency. ``device_mode`` ``agent``
+  (the default) does what the agent does: long-poll for work (``wait=poll_wait_s``) and
+  upload with ``next=1``, taking the next assignment from the answer when there is one;
+  ``busy`` polls with ``wait=0`` and sleeps 20 ms when there is no work.
 - ``assign``: every device gets one assignment, then the process waits for ``go``.
 - ``upload``: (after ``assign``) every device uploads its one assignment (measured).
 - ``longpoll``: every device sends one ``GET /work?wait=W`` and records when it is answered.
@@ -131,14 +134,23 @@ async def _get_work(
 
 
 async def _upload(
-    client: httpx.AsyncClient, dev: _Device, work: dict[str, Any], body: bytes
+    client: httpx.AsyncClient,
+    dev: _Device,
+    work: dict[str, Any],
+    body: bytes,
+    *,
+    want_next: bool = False,
 ) -> httpx.Response:
+    """The upload; ``want_next`` asks for the next assignment in the answer (``next=1``, as
+    the agent does)."""
     path = str(work["upload_url"])
+    query = "next=1" if want_next else ""
     dev.seq += 1
-    headers = dev.headers("POST", path, "", body)
+    headers = dev.headers("POST", path, query, body)
     headers["Idempotency-Key"] = f"b{work['assignment_id']}-{dev.seq}"
     headers["Content-Type"] = "application/octet-stream"
-    return await client.post(path, content=body, headers=headers)
+    url = f"{path}?{query}" if query else path
+    return await client.post(url, content=body, headers=headers)
 
 
 class _Stats:
@@ -163,38 +175,54 @@ async def _steady(cfg: dict[str, Any]) -> dict[str, Any]:
     bodies = _Bodies(cfg["model"], cfg["compression"], cfg["seed"])
     t0, t1, t_end = cfg["t0"], cfg["t1"], cfg["t_end"]
     st = _Stats()
-    in_window = {"work": 0, "work_200": 0, "uploads": 0}
+    in_window = {"work": 0, "work_200": 0, "uploads": 0, "next_with_upload": 0}
     cpu: dict[str, float] = {}
 
     def inside(t: float) -> bool:
         return t0 <= t <= t1
 
+    # "agent": long-poll for work and take the next assignment from the upload's answer, as
+    # the agent does; "busy": poll without a wait, 20 ms apart when there is none (the
+    # benchmark's earlier device model: about two work requests per update).
+    agent_like = cfg.get("device_mode", "agent") == "agent"
+    poll_wait = int(cfg.get("poll_wait_s", 20)) if agent_like else 0
+
     async def device_loop(dev: _Device) -> None:
+        work: dict[str, Any] | None = None
         while time.time() < t_end:
             try:
-                status, work = await _get_work(client, dev)
-                now = time.time()
-                st.code("work", status)
-                if inside(now):
-                    in_window["work"] += 1
-                if work is None or work.get("status") == "cancelled":
-                    await asyncio.sleep(cfg.get("idle_sleep_s", 0.02))
-                    continue
-                if inside(now):
-                    in_window["work_200"] += 1
+                if work is None:
+                    wait = max(0, min(poll_wait, int(t_end - time.time())))
+                    status, work = await _get_work(client, dev, wait)
+                    now = time.time()
+                    st.code("work", status)
+                    if inside(now):
+                        in_window["work"] += 1
+                    if work is None or work.get("status") == "cancelled":
+                        work = None
+                        if not agent_like:
+                            await asyncio.sleep(cfg.get("idle_sleep_s", 0.02))
+                        continue
+                    if inside(now):
+                        in_window["work_200"] += 1
                 body = bodies.new(int(work["task_id"]), int(work["base_version"]))
                 start = time.perf_counter()
-                r = await _upload(client, dev, work, body)
+                r = await _upload(client, dev, work, body, want_next=agent_like)
                 lat = time.perf_counter() - start
                 now = time.time()
                 st.code("upload", r.status_code)
-                if r.status_code == 201 and inside(now):
-                    in_window["uploads"] += 1
-                    st.latencies.append(lat)
+                work = None
+                if r.status_code == 201:
+                    work = r.json().get("next")
+                    if inside(now):
+                        in_window["uploads"] += 1
+                        in_window["next_with_upload"] += work is not None
+                        st.latencies.append(lat)
                 elif r.status_code >= 400:
                     await asyncio.sleep(0.05)
             except httpx.HTTPError as exc:
                 st.error(exc)
+                work = None
                 await asyncio.sleep(0.1)
 
     async def cpu_marks() -> None:

@@ -1,17 +1,20 @@
 """Ingest benchmark: how fast the coordinator accepts signed, compressed updates.
 
-The coordinator runs in its own process (``fedge coordinator init`` + ``serve`` over HTTPS
-with the certificate ``init`` made, via :func:`fedge.edge_agent.sim.local_coordinator.
+The coordinator runs in its own process (``fedge coordinator init`` + ``serve`` over HTTPS with
+the certificate ``init`` made, via :func:`fedge.edge_agent.sim.local_coordinator.
 start_local_coordinator`), once on SQLite (a file) and once on PostgreSQL (a fresh database
 ``fedge_bench``, dropped afterwards). Load generators run in ``--procs`` OTHER processes
 (asyncio + ``httpx.AsyncClient``), each driving a slice of C real enrolled devices (enrollment
-tokens from the admin API, seeded Ed25519 keys). Per device: get work (``wait=0``) -> upload
-the update of that assignment -> repeat. Each request is signed with ``fedge.shared.signing``; each
-upload carries its own update body (an MLP 256-300-80, 101,180 parameters; top-1% 4-bit, error
-feedback), encoded with ``fedge.shared.compression``/``fedge.shared.wire`` from one of a few noise
-deltas and a fresh draw of the stochastic quantization, so every body is distinct and the
-coordinator's content-addressed blob store writes and fsyncs every one (identical bodies would
-be found on disk and skipped). The generators check their digests; the run counts the blob
+tokens from the admin API, seeded Ed25519 keys). Per device (``--device-mode agent``, the
+default, as the agent does): long-poll for work (``wait=20``) -> upload with ``next=1`` -> take
+the next assignment from the answer when it carries one, else long-poll -> repeat (``--device-
+mode busy``: get work with ``wait=0``, 20 ms apart when there is none, then upload: the device
+model of runs before 7 December 2026). Each request is signed with ``fedge.shared.signing``;
+each upload carries its own update body (an MLP 256-300-80, 101,180 parameters; top-1% 4-bit,
+error feedback), encoded with ``fedge.shared.compression``/``fedge.shared.wire`` from one of a
+few noise deltas and a fresh draw of the stochastic quantization, so every body is distinct and
+the coordinator's content-addressed blob store writes and fsyncs every one (identical bodies
+would be found on disk and skipped). The generators check their digests; the run counts the blob
 files the coordinator added against the updates it accepted.
 
 The task is async (FedBuff): ``max_concurrency`` above C, ``max_staleness`` large,
@@ -351,6 +354,7 @@ def steady(
     seed: int,
     profile: Path | None = None,
     workers: int = 1,
+    device_mode: str = "agent",
 ) -> dict[str, Any]:
     t_start = time.time() + 3.0  # processes start and import first
     t0 = t_start + warmup_s
@@ -365,6 +369,7 @@ def steady(
         "t0": t0,
         "t1": t1,
         "t_end": t1 + 0.5,
+        "device_mode": device_mode,
     }
     cfgs = [
         {**base, "devices": part, "seed": seed + i} for i, part in enumerate(split(devices, procs))
@@ -430,6 +435,8 @@ def steady(
         "upload_p99_ms": None if not lat else 1000 * (pct(lat, 99) or 0.0),
         "work_requests": work,
         "work_requests_assigned": work_200,
+        "next_with_upload": sum(r["in_window"]["next_with_upload"] for r in results),
+        "device_mode": device_mode,
         "coordinator_cpu_s": coord_cpu,
         "coordinator_cpu_ms_per_update": 1000 * coord_cpu / uploads if uploads else None,
         "coordinator_cpu_share": coord_cpu / measure_s,
@@ -705,6 +712,7 @@ def run_backend(
                 seed=args.seed,
                 profile=profile,
                 workers=workers,
+                device_mode=args.device_mode,
             )
             task = admin.get_task(task_id)
             r["buffer_size"] = max(1, min(100, c // 2))
@@ -925,6 +933,14 @@ def main() -> None:
         help="comma list of coordinator worker process counts (serve --workers), each its own "
         "coordinator start on a fresh database; PostgreSQL only (SQLite runs 1)",
     )
+    ap.add_argument(
+        "--device-mode",
+        choices=["agent", "busy"],
+        default="agent",
+        help="steady phase: 'agent' long-polls for work and takes the next assignment from "
+        "the upload's answer (what the agent does); 'busy' polls without a wait every 20 ms "
+        "(the device model of runs before 7 December 2026)",
+    )
     ap.add_argument("--no-ceiling", action="store_true")
     ap.add_argument("--no-longpoll", action="store_true")
     ap.add_argument("--profile", default=None, help="py-spy flame graph tag (largest C)")
@@ -971,6 +987,7 @@ def main() -> None:
         "params": {
             **p,
             "procs": args.procs,
+            "device_mode": args.device_mode,
             "longpoll_procs": args.longpoll_procs,
             "model": MODEL,
             "num_params": 256 * 300 + 300 + 300 * 80 + 80,

@@ -23,6 +23,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from fedge.coordinator.blobstore import BlobStore
 from fedge.coordinator.blobstore_db import DatabaseBlobStore, open_blob_store
 from fedge.coordinator.db import make_engine, make_sessionmaker
+from fedge.coordinator.engine.decodedcache import DecodedCache
 from fedge.coordinator.engine.taskcache import TaskConfigCache
 from fedge.coordinator.settings import Settings
 
@@ -45,6 +46,7 @@ class Runtime:
     slots: DeviceSlots | None = None
     batch_checker: BatchChecker | None = None
     task_configs: TaskConfigCache = field(default_factory=TaskConfigCache)
+    decoded: DecodedCache = field(default_factory=lambda: DecodedCache(0))
 
     @classmethod
     def open(cls, settings: Settings) -> Runtime:
@@ -54,6 +56,7 @@ class Runtime:
             engine=engine,
             sessions=make_sessionmaker(engine),
             blobs=open_blob_store(settings),
+            decoded=DecodedCache(int(settings.decoded_cache_mb * 1_000_000)),
         )
 
     def close(self) -> None:

@@ -110,6 +110,13 @@ class Settings(BaseSettings):
         "aggregation of one task then does not delay another task's deadlines). Each running "
         "aggregation holds its model-sized buffers in memory.",
     )
+    decoded_cache_mb: float = Field(
+        default=64.0,
+        ge=0,
+        le=1_000_000,
+        description="Memory (MB) for updates decoded at upload and kept for their aggregation "
+        "(each is decoded once instead of twice; 0 disables).",
+    )
     lease_ttl_s: float = Field(
         default=10.0,
         gt=0,

@@ -21,6 +21,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from fedge.coordinator.blobstore import BlobNotFound, BlobStore
+from fedge.coordinator.engine.decodedcache import DecodedCache
 from fedge.shared.limits import DEFAULT_LIMITS, Limits
 from fedge.shared.modelspec import ModelSpec
 from fedge.shared.policy import CompressionPolicy
@@ -113,10 +114,19 @@ def iter_decoded(
     spec: ModelSpec,
     policy: CompressionPolicy | None,
     limits: Limits = DEFAULT_LIMITS,
+    decoded: DecodedCache | None = None,
 ) -> Iterator[tuple[DecodedUpdate, float]]:
     """Decode stored updates lazily, one at a time (:class:`BadStoredUpdate` names a blob
-    that is missing or no longer decodes)."""
+    that is missing or no longer decodes). An update found in ``decoded`` (decoded when it
+    was accepted, with the default limits) is taken from there instead."""
+    use_cache = decoded is not None and limits is DEFAULT_LIMITS
     for index, item in enumerate(items):
+        if use_cache:
+            assert decoded is not None
+            cached = decoded.take(item.digest, spec=spec, policy=policy)
+            if cached is not None:
+                yield cached, item.weight
+                continue
         try:
             data = blobs.get(item.digest)
             update = decode_update(data, spec=spec, policy=policy, limits=limits)
@@ -135,10 +145,13 @@ def aggregate_blobs(
     spec: ModelSpec,
     policy: CompressionPolicy | None,
     limits: Limits = DEFAULT_LIMITS,
+    decoded: DecodedCache | None = None,
 ) -> Accumulator:
     """Stream ``items`` from the blob store into one accumulator (memory O(model size))."""
     acc = Accumulator(spec)
-    for update, weight in iter_decoded(blobs, items, spec=spec, policy=policy, limits=limits):
+    for update, weight in iter_decoded(
+        blobs, items, spec=spec, policy=policy, limits=limits, decoded=decoded
+    ):
         acc.add(update, weight)
         del update
     return acc

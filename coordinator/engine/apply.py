@@ -33,6 +33,7 @@ from fedge.coordinator.blobstore import BlobStore
 from fedge.coordinator.engine import examples, reports, rounds
 from fedge.coordinator.engine.aggregate import WeightedBlob, aggregate_blobs
 from fedge.coordinator.engine.config import AggregationConfig
+from fedge.coordinator.engine.decodedcache import DecodedCache
 from fedge.coordinator.engine.evalhook import EvalHook, run_hook
 from fedge.coordinator.engine.modelio import load_state, load_weights, store_state, store_weights
 from fedge.coordinator.engine.staleness import update_weight
@@ -197,7 +198,12 @@ def plan_aggregation(
 
 
 def compute(
-    plan: Plan, blobs: BlobStore, *, hook: EvalHook | None, limits: Limits | None = None
+    plan: Plan,
+    blobs: BlobStore,
+    *,
+    hook: EvalHook | None,
+    limits: Limits | None = None,
+    decoded: DecodedCache | None = None,
 ) -> Result:
     """Aggregate the planned updates and write the new model (no database access).
 
@@ -211,6 +217,7 @@ def compute(
             (WeightedBlob(i.digest, i.weight) for i in plan.items),
             spec=plan.spec,
             policy=plan.policy,
+            decoded=decoded,
             **kwargs,
         )
         total_weight = acc.total_weight

@@ -39,10 +39,10 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from functools import partial
 
-from sqlalchemy import exists, or_, select, update
+from sqlalchemy import Connection, exists, or_, select, update
 from sqlalchemy.orm import Session
 
-from fedge.coordinator.db import session_scope, utcnow
+from fedge.coordinator.db import READ_ONLY, session_scope, utcnow
 from fedge.coordinator.engine import apply, leases, rounds
 from fedge.coordinator.engine.aggregate import BadStoredUpdate
 from fedge.coordinator.engine.config import AggregationConfig, ConfigError
@@ -73,19 +73,30 @@ class StepOutcome:
     wake_idle: bool = False
 
 
-def tasks_needing_attention(session: Session) -> list[int]:
+#: Running and paused tasks, and stopped tasks with leftovers to wind down (built once: the
+#: scheduler asks several times a second).
+_NEEDING_ATTENTION = (
+    select(Task.id)
+    .where(
+        or_(
+            Task.status.in_(TASK_LIVE),
+            Task.status.in_(TASK_TERMINAL)
+            & or_(
+                exists().where(
+                    Assignment.task_id == Task.id, Assignment.status.in_(ASSIGNMENT_ACTIVE)
+                ),
+                exists().where(Round.task_id == Task.id, Round.status.in_(ROUND_ACTIVE)),
+                exists().where(Update.task_id == Task.id, Update.status == UpdateStatus.ACCEPTED),
+            ),
+        )
+    )
+    .order_by(Task.id)
+)
+
+
+def tasks_needing_attention(conn: Connection | Session) -> list[int]:
     """Running and paused tasks, and stopped tasks with leftovers to wind down."""
-    leftovers = or_(
-        exists().where(Assignment.task_id == Task.id, Assignment.status.in_(ASSIGNMENT_ACTIVE)),
-        exists().where(Round.task_id == Task.id, Round.status.in_(ROUND_ACTIVE)),
-        exists().where(Update.task_id == Task.id, Update.status == UpdateStatus.ACCEPTED),
-    )
-    stmt = (
-        select(Task.id)
-        .where(or_(Task.status.in_(TASK_LIVE), Task.status.in_(TASK_TERMINAL) & leftovers))
-        .order_by(Task.id)
-    )
-    return list(session.scalars(stmt))
+    return [int(task_id) for task_id in conn.execute(_NEEDING_ATTENTION).scalars()]
 
 
 def lock_task(session: Session, task_id: int) -> Task | None:
@@ -124,8 +135,11 @@ class TaskStepper:
 
     def task_ids(self) -> list[int]:
         """The tasks that need attention now."""
-        with session_scope(self.runtime.sessions, read_only=True) as session:
-            return tasks_needing_attention(session)
+        with self.runtime.engine.connect() as conn:
+            try:
+                return tasks_needing_attention(conn.execution_options(**READ_ONLY))
+            finally:
+                conn.rollback()
 
     def tick(self) -> list[str]:
         """One pass over every task that needs attention, one after another; the devices to
@@ -267,7 +281,9 @@ class TaskStepper:
             if plan is None:
                 return
             try:
-                result = apply.compute(plan, self.runtime.blobs, hook=self.hook)
+                result = apply.compute(
+                    plan, self.runtime.blobs, hook=self.hook, decoded=self.runtime.decoded
+                )
             except BadStoredUpdate as exc:
                 self._reject_unreadable(plan.items[exc.index].update_id, exc.detail)
                 continue

@@ -502,6 +502,7 @@ def accept_upload_ready(
                 now=utcnow(),
             )
             ready = round_may_close(conn, ctx)
+        runtime.decoded.put(digest, decoded, spec=ctx.spec, policy=ctx.policy)
         if claim is not None:
             claim.recorded = True
         return result, ready
