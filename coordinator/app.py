@@ -11,7 +11,7 @@ import anyio.to_thread
 from fastapi import FastAPI
 
 from fedge.coordinator import __version__
-from fedge.coordinator.api import build_router
+from fedge.coordinator.api import include_routers
 from fedge.coordinator.api.bodylimit import BodyLimitMiddleware
 from fedge.coordinator.api.overload import OverloadMiddleware
 from fedge.coordinator.engine.lifecycle import start_engine, stop_engine
@@ -63,5 +63,5 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         device_limit=settings.device_connections,  # the rest is kept for probes and admins
         device_prefix=DEVICE_PREFIX + "/",
     )
-    app.include_router(build_router())
+    include_routers(app)
     return app

@@ -1,11 +1,11 @@
-"""HTTP routers. One router per resource; ``build_router`` assembles them.
+"""HTTP routers. One router per resource; ``include_routers`` adds them to the app.
 
 Health probes live at the root; everything else is under ``/api/v1``.
 """
 
 from __future__ import annotations
 
-from fastapi import APIRouter
+from fastapi import FastAPI
 
 from fedge.coordinator.api import (
     device,
@@ -21,11 +21,9 @@ from fedge.coordinator.api import (
 from fedge.coordinator.paths import API_PREFIX
 
 
-def build_router() -> APIRouter:
-    router = APIRouter()
-    router.include_router(health.router)
-    api = APIRouter(prefix=API_PREFIX)
+def include_routers(app: FastAPI) -> None:
+    """Every resource's router, included in ``app`` directly (one level: FastAPI matches a
+    request against every router nested above its route, so nesting costs each request)."""
+    app.include_router(health.router)
     for module in (tasks, rounds, model_versions, devices, tokens, keys, device, device_work):
-        api.include_router(module.router)
-    router.include_router(api)
-    return router
+        app.include_router(module.router, prefix=API_PREFIX)
