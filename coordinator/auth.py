@@ -5,7 +5,11 @@ A device request passes when, in this order:
 1. the ``Authorization: Fedge ...`` header is present and well formed (401 ``invalid_signature``);
 2. the device it names exists (401 ``unknown_device``) and is not revoked
    (403 ``device_revoked``): a read-only lookup made before any byte of the body is read, so
-   a client naming a device that is not enrolled cannot make the coordinator take in a body;
+   a client naming a device that is not enrolled cannot make the coordinator take in a body.
+   An active device's row is kept in memory for ``DEVICE_ROW_TTL_S`` (30 s; its key never
+   changes), so a busy device's requests make no lookup; a revocation through this process
+   forgets it at once, one through another process is seen within the TTL here and at once
+   by step 8 (which refuses the request, having read its body);
 3. the device has fewer than ``device_max_in_flight`` requests in flight (429
    ``too_many_requests`` with ``Retry-After``; see "Slots" below);
 4. the body fits ``max_upload_bytes`` (413 ``payload_too_large``, checked while it streams in);
@@ -152,6 +156,11 @@ class RateLimiter:
 
 #: Parsed public keys kept per process (a device's key never changes; bounded anyway).
 KEY_CACHE_SIZE = 65536
+#: How long a process trusts its memory that a device is enrolled and active (step 2) before
+#: reading the row again. The status is checked again in the transaction that records the
+#: nonce (step 8), so this only bounds how long a device revoked through another process can
+#: still get a body read before it is refused.
+DEVICE_ROW_TTL_S = 30.0
 
 
 def _nonce_statement(dialect: str) -> Insert:
@@ -216,6 +225,30 @@ class DeviceAuthenticator:
         self._last_prune = -math.inf
         self._prune_lock = threading.Lock()
         self._keys: dict[str, Ed25519PublicKey] = {}
+        #: Active devices' rows (step 2) by id, with the monotonic time they expire.
+        self._rows: dict[str, tuple[DeviceRow, float]] = {}
+
+    def known_row(self, device_id: str) -> DeviceRow | None:
+        """The row of an enrolled, active device read less than ``DEVICE_ROW_TTL_S`` ago."""
+        found = self._rows.get(device_id)
+        if found is None:
+            return None
+        if time.monotonic() >= found[1]:
+            self._rows.pop(device_id, None)
+            return None
+        return found[0]
+
+    def remember(self, row: DeviceRow) -> None:
+        """Keep an active device's row for the next requests (its key never changes)."""
+        if row.status != DeviceStatus.ACTIVE:
+            return
+        if len(self._rows) >= KEY_CACHE_SIZE:
+            self._rows.clear()
+        self._rows[row.id] = (row, time.monotonic() + DEVICE_ROW_TTL_S)
+
+    def forget(self, device_id: str) -> None:
+        """Drop a device's row (revoked through this process: refused at step 2 at once)."""
+        self._rows.pop(device_id, None)
 
     def _public_key(self, text: str) -> Ed25519PublicKey:
         key = self._keys.get(text)
@@ -506,15 +539,19 @@ async def _verified(request: Request) -> AsyncIterator[DeviceIdentity]:
         signed = parse_signed_headers(request.headers)
     except SignatureError as exc:
         raise Unauthorized(exc.detail, code=exc.code) from None
-    device = await run_in_threadpool(_device_row, runtime, signed.device_id)
+    authenticator = get_authenticator(runtime)
+    device = authenticator.known_row(signed.device_id)
     if device is None:
-        raise Unauthorized(f"no device {signed.device_id!r} is enrolled", code="unknown_device")
-    if device.status == DeviceStatus.REVOKED:
-        raise Forbidden(f"device {signed.device_id} has been revoked", code="device_revoked")
+        device = await run_in_threadpool(_device_row, runtime, signed.device_id)
+        if device is None:
+            raise Unauthorized(f"no device {signed.device_id!r} is enrolled", code="unknown_device")
+        if device.status == DeviceStatus.REVOKED:
+            raise Forbidden(f"device {signed.device_id} has been revoked", code="device_revoked")
+        authenticator.remember(device)
     with get_device_slots(runtime).request(signed.device_id):
         body = await read_body(request, limit=runtime.settings.max_upload_bytes)
         # A signature check costs less CPU than a hop to a worker thread and back.
-        yield get_authenticator(runtime).check(
+        yield authenticator.check(
             signed,
             device,
             method=request.method,

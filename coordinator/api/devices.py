@@ -16,6 +16,7 @@ from fedge.coordinator.api.deps import (
     page_of,
 )
 from fedge.coordinator.api.signals import wake_devices
+from fedge.coordinator.auth import get_authenticator
 from fedge.coordinator.enrollment import revoke_device
 from fedge.coordinator.errors import NotFound, error_responses
 from fedge.coordinator.models import Device
@@ -93,5 +94,6 @@ def revoke(
 ) -> DevicePublic:
     device = _get(session, device_id)
     revoke_device(session, device)
+    get_authenticator(runtime).forget(device.id)
     background.add_task(wake_devices, runtime, [device.id])
     return to_public(device)

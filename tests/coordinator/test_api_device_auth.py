@@ -7,17 +7,26 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import httpx
+import numpy as np
 import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
-from sqlalchemy import func, select
+from sqlalchemy import func, select, update
 
 from fedge.coordinator.api.bodylimit import MAX_JSON_BODY
 from fedge.coordinator.app import create_app
-from fedge.coordinator.db import make_engine, make_sessionmaker, session_scope
+from fedge.coordinator.db import make_engine, make_sessionmaker, session_scope, utcnow
 from fedge.coordinator.models import Device, EnrollmentToken, UsedNonce
 from fedge.shared import signing
 from tests.coordinator.conftest import Coordinator, make_key
 from tests.support.device import API, SignedDevice, make_token
+from tests.support.rounds import (
+    create_task,
+    fleet_of,
+    make_update,
+    random_delta,
+    spec_of,
+    wait_until,
+)
 from tests.support.servers import serve_in_thread
 
 ME = f"{API}/device/me"
@@ -227,6 +236,50 @@ def test_revoked_device_is_refused_at_once(coordinator, device):
     r = device.get(ME)
     assert r.status_code == 403
     assert r.json()["error"] == "device_revoked"
+
+
+def test_a_device_revoked_through_another_process_is_refused_and_nothing_changes(coordinator, db):
+    """The coordinator keeps an active device's row in memory between requests (step 2 makes
+    no lookup then); a revocation committed by another process (here: straight into the
+    database) is still refused by the transaction that records the nonce, and the refused
+    upload stores no update."""
+    with fleet_of(coordinator, 1) as fleet:
+        (device,) = fleet
+        task_id = create_task(
+            coordinator,
+            aggregation={"clients_per_round": 1, "over_selection": 0.0, "round_deadline_s": 600},
+        )
+        work = wait_until(lambda: device.work(wait=1))
+        runtime = coordinator.app.state.runtime
+        assert runtime.authenticator.known_row(device.device_id) is not None  # remembered
+        engine = make_engine(coordinator.settings.database_url)
+        try:
+            with session_scope(make_sessionmaker(engine)) as session:
+                session.execute(
+                    update(Device)
+                    .where(Device.id == device.device_id)
+                    .values(status="revoked", revoked_at=utcnow())
+                )
+        finally:
+            engine.dispose()
+        delta = random_delta(spec_of(work), np.random.default_rng(0))
+        body = make_update(work, delta=delta, num_examples=5)
+        r = device.upload(work, body)
+        assert (r.status_code, r.json()["error"]) == (403, "device_revoked")
+        assert db.updates(task_id) == []
+        r = device.get(ME)
+        assert (r.status_code, r.json()["error"]) == (403, "device_revoked")
+
+
+def test_a_revocation_through_this_process_is_refused_before_the_body(coordinator, device):
+    assert device.get(ME).status_code == 200
+    runtime = coordinator.app.state.runtime
+    assert runtime.authenticator.known_row(device.device_id) is not None
+    with coordinator.admin() as admin:
+        assert admin.post(f"{API}/devices/{device.device_id}/revoke").status_code == 200
+    assert runtime.authenticator.known_row(device.device_id) is None
+    r = device.post(f"{API}/device/assignments/1/update", content=b"x" * 100)
+    assert (r.status_code, r.json()["error"]) == (403, "device_revoked")
 
 
 @pytest.fixture
