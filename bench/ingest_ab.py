@@ -1,0 +1,124 @@
+"""Before/after of the coordinator's hot path: interleaved quick ingest runs of an earlier
+revision and of this checkout, measured in one window on the same machine.
+
+The earlier revision is checked out in a git worktree with its own virtual environment (made
+with ``make install`` there), and both run their own ``bench/ingest.py --quick --backends
+sqlite --concurrency 50 --no-ceiling --no-longpoll``; this checkout runs it in both device
+modes (``agent``: long-polls and takes the next assignment from the upload's answer; ``busy``:
+work polls without a wait, the earlier revision's only mode). Runs are interleaved (base,
+head-busy, head-agent, base, ...) so that load from other jobs on the shared machine falls on
+all of them alike; compare the ratios, not the absolute milliseconds.
+
+    python bench/ingest_ab.py --base 098bec6 --repeats 3     # bench/results/ingest_ab.json
+    python bench/ingest_ab.py --from-dir DIR                  # summarize runs already made
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parent.parent
+RESULTS = ROOT / "bench" / "results"
+ARMS = ("base", "head-busy", "head-agent")
+QUICK = ["--quick", "--backends", "sqlite", "--concurrency", "50", "--no-ceiling", "--no-longpoll"]
+
+
+def run_arm(arm: str, base_dir: Path, out: Path) -> None:
+    directory = base_dir if arm == "base" else ROOT
+    extra = [] if arm == "base" else ["--device-mode", arm.split("-")[1]]
+    cmd = [str(directory / ".venv/bin/python"), "bench/ingest.py", *QUICK, *extra]
+    with open(out.with_suffix(".log"), "w") as log:
+        subprocess.run(
+            [*cmd, "--output", str(out)], cwd=directory, stdout=log, stderr=log, check=True
+        )
+
+
+def summarize(directory: Path) -> dict[str, Any]:
+    arms: dict[str, Any] = {}
+    for arm in ARMS:
+        runs = []
+        for path in sorted(directory.glob(f"{arm}-*.json")):
+            backend = json.loads(path.read_text())["backends"][0]
+            steady, alone = backend["runs"][0], backend["upload_only"][0]
+            runs.append(
+                {
+                    "coordinator_cpu_ms_per_update": steady["coordinator_cpu_ms_per_update"],
+                    "updates_per_s": steady["updates_per_s"],
+                    "work_requests_per_update": steady["work_requests"]
+                    / max(1, steady["accepted_uploads"]),
+                    "upload_request_alone_cpu_ms": alone["coordinator_cpu_ms_per_upload_request"],
+                    "assigning_work_request_cpu_ms": alone["coordinator_cpu_ms_per_assign_request"],
+                    "load_average_1min": steady["load_average_1_5min"][0],
+                }
+            )
+        if runs:
+            cpu = [r["coordinator_cpu_ms_per_update"] for r in runs]
+            arms[arm] = {
+                "runs": runs,
+                "cpu_ms_per_update_median": statistics.median(cpu),
+                "cpu_ms_per_update_range": [min(cpu), max(cpu)],
+            }
+    if "base" in arms:
+        base = arms["base"]["cpu_ms_per_update_median"]
+        for arm in arms.values():
+            arm["cpu_per_update_vs_base"] = arm["cpu_ms_per_update_median"] / base
+    return arms
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--base", default="098bec6", help="the earlier git revision")
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--from-dir", type=Path, default=None, help="summarize existing runs")
+    ap.add_argument("--output", type=Path, default=RESULTS / "ingest_ab.json")
+    args = ap.parse_args()
+    started = datetime.now(UTC).isoformat()
+    if args.from_dir is not None:
+        runs_dir = args.from_dir
+    else:
+        runs_dir = Path(tempfile.mkdtemp(prefix="fedge-ingest-ab-"))
+        base_dir = runs_dir / "base-checkout"
+        subprocess.run(
+            ["git", "worktree", "add", "-q", str(base_dir), args.base], cwd=ROOT, check=True
+        )
+        try:
+            subprocess.run(["make", "install"], cwd=base_dir, check=True)
+            for rep in range(1, args.repeats + 1):
+                for arm in ARMS:
+                    run_arm(arm, base_dir, runs_dir / f"{arm}-{rep}.json")
+        finally:
+            subprocess.run(["git", "worktree", "remove", "--force", str(base_dir)], cwd=ROOT)
+    result = {
+        "benchmark": "ingest_ab",
+        "command": " ".join([os.path.basename(sys.executable), *sys.argv]),
+        "base_revision": args.base,
+        "head_revision": subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True
+        ).stdout.strip(),
+        "each_run": " ".join(["bench/ingest.py", *QUICK]),
+        "started": started,
+        "notes": [
+            "Interleaved runs in one window on the shared 2-core machine (other jobs ran: see "
+            "load_average_1min); compare ratios.",
+            "base and head-busy use the same device model (work polls without a wait, then "
+            "upload); head-agent long-polls and takes the next assignment from the upload's "
+            "answer, as the agent does.",
+        ],
+        "arms": summarize(runs_dir),
+    }
+    args.output.write_text(json.dumps(result, indent=1) + "\n")
+    print(json.dumps({k: v.get("cpu_ms_per_update_median") for k, v in result["arms"].items()}))
+    print(f"wrote {args.output}")
+
+
+if __name__ == "__main__":
+    main()
