@@ -111,11 +111,19 @@ def _parsed_config(parsed: ParsedTask) -> _Config:
     )
 
 
-def assignment_payload(a: Assignment, task: Task, *, mode: str) -> dict[str, Any]:
-    """The JSON body describing one assignment (docs/protocol.md, "Work long-poll")."""
-    config = _Config(
+def task_config(task: Task) -> _Config:
+    """The configuration a work answer on ``task`` carries, with its digest."""
+    return _Config(
         config_digest(task), task.compression, task.training, task.model_config_, task.model_spec
     )
+
+
+def assignment_payload(
+    a: Assignment, task: Task, *, mode: str, config: _Config | None = None
+) -> dict[str, Any]:
+    """The JSON body describing one assignment (docs/protocol.md, "Work long-poll");
+    ``config``: :func:`task_config` of ``task``, when the caller has it already."""
+    config = task_config(task) if config is None else config
     return _payload(
         config,
         assignment_id=a.id,
@@ -449,6 +457,8 @@ def check_waiting(session: Session, polls: Sequence[tuple[str, int | None]]) -> 
         if latest
         else {}
     )
+    # One digest per task, not per answer (it serializes the whole configuration).
+    configs = {task_id: task_config(t) for task_id, t in tasks.items()}
     waiting = [d for d in idle if d not in latest]
     may_get_work: set[str] = set()
     if waiting:
@@ -477,7 +487,8 @@ def check_waiting(session: Session, polls: Sequence[tuple[str, int | None]]) -> 
             if task is None:
                 verdicts.append(("check", None))
             else:
-                verdicts.append(("found", assignment_payload(a, task, mode=_mode(task))))
+                payload = assignment_payload(a, task, mode=_mode(task), config=configs[a.task_id])
+                verdicts.append(("found", payload))
         elif device_id in may_get_work:
             verdicts.append(("check", None))
         else:
