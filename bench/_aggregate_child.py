@@ -30,6 +30,7 @@ from fedge.coordinator.blobstore import BlobStore
 from fedge.coordinator.db import session_scope, utcnow
 from fedge.coordinator.engine import apply, rounds
 from fedge.coordinator.engine.config import AggregationConfig
+from fedge.coordinator.engine.eligibility import Liveness
 from fedge.coordinator.models import ModelVersion, Task, Update
 from fedge.coordinator.runtime import Runtime
 from fedge.coordinator.settings import Settings
@@ -115,7 +116,7 @@ def run(url: str, blob_dir: Path, task_id: int, *, check_reference: bool) -> dic
     step_peaks_kb["compute"] = _status_kb("VmHWM")
     with session_scope(runtime.sessions) as session:
         woken = apply.commit_aggregation(
-            session, plan, result, now=utcnow(), seen_window_s=settings.device_seen_window_s
+            session, plan, result, now=utcnow(), liveness=Liveness.from_settings(settings)
         )
     t3 = time.perf_counter()
     cpu3 = time.process_time()

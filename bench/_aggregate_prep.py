@@ -27,6 +27,7 @@ from sqlalchemy.engine import make_url
 from fedge.coordinator.db import session_scope, utcnow
 from fedge.coordinator.engine import rounds
 from fedge.coordinator.engine.config import AggregationConfig
+from fedge.coordinator.engine.eligibility import Liveness
 from fedge.coordinator.engine.updates import accept_upload
 from fedge.coordinator.enrollment import create_token, enroll_device
 from fedge.coordinator.migrate import upgrade
@@ -181,7 +182,7 @@ def prepare_round(
         assert task is not None
         cfg = AggregationConfig.from_dict(task.aggregation)
         rnd, assigned = rounds.open_sync_round(
-            session, task, cfg, now=utcnow(), seen_window_s=settings.device_seen_window_s
+            session, task, cfg, now=utcnow(), liveness=Liveness.from_settings(settings)
         )
         if rnd is None or len(assigned) != size:
             raise RuntimeError(f"could not assign {size} devices (got {len(assigned)})")

@@ -96,6 +96,7 @@ def enroll_device(
     public_key: str,
     name: str,
     capabilities: dict[str, Any],
+    tags: list[str] | None = None,
 ) -> tuple[Device, bool]:
     """Register a device's public key with an enrollment token (flushed).
 
@@ -113,6 +114,7 @@ def enroll_device(
         public_key=public_key,
         status=DeviceStatus.ACTIVE,
         capabilities=capabilities,
+        tags=sorted(set(tags or [])),
         enrollment_token_id=token_id,
         enrolled_at=utcnow(),
     )

@@ -82,6 +82,8 @@ class Task(Base):
     started_at: Mapped[datetime | None] = mapped_column(default=None)
     finished_at: Mapped[datetime | None] = mapped_column(default=None)
     status_reason: Mapped[str | None] = mapped_column(Text, default=None)
+    # What a device must offer to be given work (fedge.coordinator.engine.eligibility).
+    requirements: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict, server_default="{}")
 
     rounds: Mapped[list[Round]] = relationship(back_populates="task", order_by="Round.number")
 
@@ -141,6 +143,7 @@ class Round(Base):
     num_stale: Mapped[int] = mapped_column(Integer, default=0)
     num_dropped: Mapped[int] = mapped_column(Integer, default=0)
     num_rejected: Mapped[int] = mapped_column(Integer, default=0)
+    num_declined: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
     metrics: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
     status_reason: Mapped[str | None] = mapped_column(Text, default=None)
 
@@ -158,6 +161,10 @@ class Device(Base):
         StatusType(DeviceStatus), default=DeviceStatus.ACTIVE, index=True
     )
     capabilities: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
+    # When the device last reported its capabilities (PUT /device/capabilities).
+    capabilities_at: Mapped[datetime | None] = mapped_column(default=None)
+    # Labels set at enrollment or by an administrator; tasks may require some of them.
+    tags: Mapped[list[Any]] = mapped_column(JSON, default=list, server_default="[]")
     enrollment_token_id: Mapped[int | None] = mapped_column(
         ForeignKey("enrollment_tokens.id"), default=None
     )
@@ -168,6 +175,7 @@ class Device(Base):
     num_assigned: Mapped[int] = mapped_column(Integer, default=0)
     num_completed: Mapped[int] = mapped_column(Integer, default=0)
     num_dropped: Mapped[int] = mapped_column(Integer, default=0)
+    num_declined: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
 
 
 class Assignment(Base):
@@ -191,6 +199,10 @@ class Assignment(Base):
     downloaded_at: Mapped[datetime | None] = mapped_column(default=None)
     finished_at: Mapped[datetime | None] = mapped_column(default=None)
     metrics: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
+    # Set when the device declined the assignment (its status is then ``cancelled``):
+    # a reason code (fedge.shared.decline) and the device's own words.
+    decline_reason: Mapped[str | None] = mapped_column(String(32), default=None)
+    decline_detail: Mapped[str | None] = mapped_column(Text, default=None)
 
 
 class Update(Base):

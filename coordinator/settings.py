@@ -57,7 +57,20 @@ class Settings(BaseSettings):
         "(after local training) reuses its connection instead of a new TLS handshake.",
     )
     device_rate_per_minute: int = Field(default=600, ge=1)
-    device_seen_window_s: int = Field(default=600, ge=1)
+    device_seen_window_s: int = Field(
+        default=600,
+        ge=1,
+        description="The longest a device may stay unseen and still be selected (a cap on "
+        "the liveness window; docs/rounds.md, 'Liveness').",
+    )
+    device_liveness_polls: float = Field(
+        default=3.0,
+        ge=1,
+        le=1000,
+        description="A device is selected only while seen within this many of its poll "
+        "intervals (its reported poll_interval_s, at most long_poll_max_s; long_poll_max_s "
+        "when it reported none).",
+    )
 
     worker_threads: int = Field(
         default=1024,

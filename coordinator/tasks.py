@@ -25,6 +25,7 @@ from fedge.coordinator.db import utcnow
 from fedge.coordinator.errors import ApiError, BadRequest, Conflict, Unprocessable
 from fedge.coordinator.models import ModelVersion, Task
 from fedge.coordinator.schemas.model_versions import ModelVersionPublic
+from fedge.coordinator.schemas.targeting import TaskRequirements
 from fedge.coordinator.schemas.tasks import (
     AggregationConfig,
     BuiltinModel,
@@ -98,6 +99,7 @@ def to_public(task: Task) -> TaskPublic:
         aggregation=aggregation_from_stored(task.aggregation),
         compression=CompressionConfig.model_validate(task.compression),
         training=TrainingPublic.model_validate(task.training),
+        requirements=TaskRequirements.model_validate(task.requirements or {}),
         current_version=task.current_version,
         has_initial_weights=task.current_version >= 0,
         created_at=task.created_at,
@@ -245,6 +247,7 @@ def create_task(session: Session, blobs: BlobStore, settings: Settings, body: Ta
         aggregation=aggregation_to_stored(body.aggregation),
         compression=body.compression.model_dump(mode="json"),
         training=body.training.model_dump(mode="json"),
+        requirements=body.requirements.model_dump(mode="json", exclude_defaults=True),
         current_version=-1,
         created_at=now,
         updated_at=now,
@@ -315,6 +318,8 @@ def update_task(
     task.aggregation = aggregation_to_stored(aggregation)
     task.compression = compression.model_dump(mode="json")
     task.training = training.model_dump(mode="json")
+    if patch.requirements is not None:
+        task.requirements = patch.requirements.model_dump(mode="json", exclude_defaults=True)
     session.flush()
     _broadcast_version_zero(session, blobs, task, generated=generated)
     task.updated_at = utcnow()

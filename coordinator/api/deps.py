@@ -22,7 +22,7 @@ from typing import Annotated, Any, TypeVar
 
 from fastapi import Depends, Query, Request
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
-from pydantic import BaseModel
+from pydantic import BaseModel, ValidationError
 from sqlalchemy import Select, func, select
 from sqlalchemy.orm import Session
 
@@ -33,7 +33,7 @@ from fedge.coordinator.auth import (
 )
 from fedge.coordinator.blobstore import BlobStore
 from fedge.coordinator.db import session_scope, utcnow
-from fedge.coordinator.errors import Forbidden, Unauthorized
+from fedge.coordinator.errors import Forbidden, Unauthorized, Unprocessable
 from fedge.coordinator.models import ApiKey
 from fedge.coordinator.runtime import Runtime
 from fedge.coordinator.secrets import hash_secret
@@ -168,3 +168,18 @@ def page_of(
         limit=page.limit,
         offset=page.offset,
     )
+
+
+M = TypeVar("M", bound=BaseModel)
+
+
+def parse_signed_json(model: type[M], body: bytes | None) -> M:
+    """A signed request's JSON body (the exact bytes that were signed) as ``model``; 422
+    naming the first bad field otherwise."""
+    try:
+        return model.model_validate_json(body or b"{}")
+    except ValidationError as exc:
+        errors = exc.errors()
+        where = ".".join(str(p) for p in errors[0]["loc"]) if errors else ""
+        message = errors[0]["msg"] if errors else "invalid body"
+        raise Unprocessable(f"{where or 'body'}: {message}") from None

@@ -8,11 +8,17 @@ from __future__ import annotations
 
 from typing import Annotated
 
-from fastapi import APIRouter, Query, Response
+from fastapi import APIRouter, BackgroundTasks, Query, Response
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from fedge.coordinator.api.deps import BlobsDep, DeviceDep, SessionDep
+from fedge.coordinator.api.deps import (
+    BlobsDep,
+    DeviceDep,
+    RuntimeDep,
+    SessionDep,
+    parse_signed_json,
+)
 from fedge.coordinator.api.devices import to_public
 from fedge.coordinator.api.model_versions import (
     MODEL_RESPONSES,
@@ -22,12 +28,16 @@ from fedge.coordinator.api.model_versions import (
     find_version,
     version_response,
 )
+from fedge.coordinator.api.signals import kick_scheduler
 from fedge.coordinator.api.tasks import TaskId, get_task
+from fedge.coordinator.db import utcnow
 from fedge.coordinator.engine.downloads import delta_chain, mark_downloaded
+from fedge.coordinator.engine.eligibility import merged_capabilities
 from fedge.coordinator.enrollment import enroll_device
 from fedge.coordinator.errors import Forbidden, NotFound, error_responses
 from fedge.coordinator.models import Assignment, Device
 from fedge.coordinator.schemas.devices import DevicePublic, EnrollRequest, EnrollResponse
+from fedge.coordinator.schemas.targeting import CapabilitiesReport
 from fedge.shared.modelspec import ModelSpec
 
 router = APIRouter(prefix="/device", tags=["device"])
@@ -55,6 +65,7 @@ def enroll(body: EnrollRequest, session: SessionDep, response: Response) -> Enro
         public_key=body.public_key,
         name=body.name,
         capabilities=body.capabilities,
+        tags=body.tags,
     )
     if not created:
         response.status_code = 200
@@ -66,6 +77,34 @@ def _device(session: Session, device_id: str) -> Device:
     if device is None:  # deleted between verification and now
         raise NotFound(f"no device {device_id}")
     return device
+
+
+@router.put(
+    "/capabilities",
+    response_model=DevicePublic,
+    summary="Report what the device can do (trainers, data shape, poll interval)",
+    description="Replaces the device's previous report (fields left out are forgotten; keys "
+    "given at enrollment stay). Tasks' requirements are matched against it, and a device "
+    "that declined a task is offered it again only after a new report (docs/rounds.md, "
+    "'Eligibility').",
+    responses=error_responses(*SIGNED_ERRORS, 404, 422),
+    openapi_extra={
+        "requestBody": {
+            "required": True,
+            "content": {"application/json": {"schema": CapabilitiesReport.model_json_schema()}},
+        }
+    },
+)
+def report_capabilities(
+    device: DeviceDep, session: SessionDep, runtime: RuntimeDep, background: BackgroundTasks
+) -> DevicePublic:
+    report = parse_signed_json(CapabilitiesReport, device.body)
+    row = _device(session, device.id)
+    row.capabilities = merged_capabilities(row.capabilities, report.model_dump(mode="json"))
+    row.capabilities_at = utcnow()
+    session.flush()
+    background.add_task(kick_scheduler, runtime)
+    return to_public(row)
 
 
 @router.get(

@@ -19,17 +19,23 @@ from typing import Annotated, Any
 
 from fastapi import APIRouter, Header, Path, Query, Request, Response
 from fastapi.concurrency import run_in_threadpool
-from pydantic import ValidationError
 
-from fedge.coordinator.api.deps import MAX_ID, DeviceClaimDep, DeviceDep, RuntimeDep
+from fedge.coordinator.api.deps import (
+    MAX_ID,
+    DeviceClaimDep,
+    DeviceDep,
+    RuntimeDep,
+    parse_signed_json,
+)
 from fedge.coordinator.auth import RequestClaim, get_device_slots
-from fedge.coordinator.db import session_scope
+from fedge.coordinator.db import session_scope, utcnow
+from fedge.coordinator.engine.declines import decline_assignment
 from fedge.coordinator.engine.downloads import inline_chain
 from fedge.coordinator.engine.longpoll import long_poll, next_assignment
 from fedge.coordinator.engine.reports import record_metrics
 from fedge.coordinator.engine.updates import accept_upload_ready, check_idempotency_key
 from fedge.coordinator.engine.work import without_known_config
-from fedge.coordinator.errors import Unprocessable, error_responses
+from fedge.coordinator.errors import error_responses
 from fedge.coordinator.runtime import Runtime
 from fedge.coordinator.schemas.device_work import (
     DeviceMetrics,
@@ -38,6 +44,7 @@ from fedge.coordinator.schemas.device_work import (
     WorkAssignment,
     WorkCancelled,
 )
+from fedge.coordinator.schemas.targeting import DeclinePublic, DeclineRequest
 from fedge.shared.wire_delta import WORK_FRAME_MEDIA_TYPE, encode_work_frame
 
 router = APIRouter(prefix="/device", tags=["device"])
@@ -238,6 +245,51 @@ def _upload_and_next(
     return result, ready, found
 
 
+def _decline(runtime: Runtime, device_id: str, assignment_id: int, body: DeclineRequest) -> Any:
+    with session_scope(runtime.sessions) as session:
+        return decline_assignment(
+            session,
+            device_id=device_id,
+            assignment_id=assignment_id,
+            reason=body.reason,
+            detail=body.detail,
+            now=utcnow(),
+        )
+
+
+@router.post(
+    "/assignments/{assignment_id}/decline",
+    response_model=DeclinePublic,
+    summary="Decline an assignment the device cannot work on, with a reason",
+    description="The assignment ends at once (`cancelled`, the reason kept) and a sync round "
+    "selects a replacement instead of waiting for its deadline. A repeated decline answers "
+    "the first; an assignment that already ended otherwise answers 409 `assignment_ended` "
+    "(docs/protocol.md, 'Decline').",
+    responses=error_responses(*SIGNED_ERRORS, 404, 409, 422),
+    openapi_extra={
+        "requestBody": {
+            "required": True,
+            "content": {"application/json": {"schema": DeclineRequest.model_json_schema()}},
+        }
+    },
+)
+async def decline(device: DeviceDep, runtime: RuntimeDep, assignment_id: AssignmentId) -> Any:
+    body = parse_signed_json(DeclineRequest, device.body)
+    result = await run_in_threadpool(_decline, runtime, device.id, assignment_id, body)
+    if not result.duplicate and runtime.scheduler is not None:
+        runtime.scheduler.kick()
+    return DeclinePublic(
+        assignment_id=result.assignment_id,
+        device_id=device.id,
+        task_id=result.task_id,
+        round_id=result.round_id,
+        round_number=result.round_number,
+        reason=result.reason,
+        detail=result.detail,
+        declined_at=result.declined_at,
+    )
+
+
 def _store_metrics(
     runtime: Runtime, device_id: str, assignment_id: int, metrics: dict[str, Any]
 ) -> None:
@@ -260,13 +312,7 @@ def _store_metrics(
 async def report_metrics(
     device: DeviceDep, runtime: RuntimeDep, assignment_id: AssignmentId
 ) -> Response:
-    try:
-        body = DeviceMetrics.model_validate_json(device.body or b"{}")
-    except ValidationError as exc:
-        errors = exc.errors()
-        where = ".".join(str(p) for p in errors[0]["loc"]) if errors else ""
-        message = errors[0]["msg"] if errors else "invalid metrics"
-        raise Unprocessable(f"{where or 'body'}: {message}") from None
+    body = parse_signed_json(DeviceMetrics, device.body)
     metrics = body.model_dump(exclude_none=True)
     await run_in_threadpool(_store_metrics, runtime, device.id, assignment_id, metrics)
     return Response(status_code=204)

@@ -6,12 +6,15 @@ from typing import Annotated
 
 from fastapi import APIRouter, Path, Query
 from sqlalchemy import select
+from sqlalchemy.orm import Session
 
+from fedge.coordinator.api.declines import declines_page
 from fedge.coordinator.api.deps import MAX_ID, Pagination, SessionDep, ViewerDep, page_of
 from fedge.coordinator.api.tasks import TaskId, get_task
 from fedge.coordinator.errors import NotFound, error_responses
 from fedge.coordinator.models import Round
 from fedge.coordinator.schemas.rounds import RoundPublic, RoundsPublic
+from fedge.coordinator.schemas.targeting import DeclinesPublic
 from fedge.coordinator.states import RoundStatus
 
 router = APIRouter(prefix="/tasks/{task_id}/rounds", tags=["rounds"])
@@ -36,6 +39,7 @@ def to_public(rnd: Round) -> RoundPublic:
         num_stale=rnd.num_stale,
         num_dropped=rnd.num_dropped,
         num_rejected=rnd.num_rejected,
+        num_declined=rnd.num_declined,
         metrics=rnd.metrics or {},
     )
 
@@ -69,8 +73,24 @@ def list_rounds(
 def read_round(
     task_id: TaskId, number: RoundNumber, _caller: ViewerDep, session: SessionDep
 ) -> RoundPublic:
+    return to_public(_round(session, task_id, number))
+
+
+def _round(session: Session, task_id: int, number: int) -> Round:
     get_task(session, task_id)
     rnd = session.scalar(select(Round).where(Round.task_id == task_id, Round.number == number))
     if rnd is None:
         raise NotFound(f"task {task_id} has no round {number}")
-    return to_public(rnd)
+    return rnd
+
+
+@router.get(
+    "/{number}/declines",
+    response_model=DeclinesPublic,
+    summary="The assignments of a round that devices declined, newest first, with reasons",
+    responses=error_responses(401, 404, 422),
+)
+def round_declines(
+    task_id: TaskId, number: RoundNumber, _caller: ViewerDep, session: SessionDep, page: Pagination
+) -> DeclinesPublic:
+    return declines_page(session, page, round_id=_round(session, task_id, number).id)

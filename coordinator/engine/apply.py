@@ -34,6 +34,7 @@ from fedge.coordinator.engine import examples, reports, rounds
 from fedge.coordinator.engine.aggregate import WeightedBlob, aggregate_blobs
 from fedge.coordinator.engine.config import AggregationConfig
 from fedge.coordinator.engine.decodedcache import DecodedCache
+from fedge.coordinator.engine.eligibility import Liveness
 from fedge.coordinator.engine.evalhook import EvalHook, run_hook
 from fedge.coordinator.engine.modelio import load_state, load_weights, store_state, store_weights
 from fedge.coordinator.engine.staleness import update_weight
@@ -303,7 +304,7 @@ def target_reached(cfg: AggregationConfig, server_metrics: dict[str, float]) -> 
 
 
 def commit_aggregation(
-    session: Session, plan: Plan, result: Result, *, now: datetime, seen_window_s: float
+    session: Session, plan: Plan, result: Result, *, now: datetime, liveness: Liveness
 ) -> list[str] | None:
     """Step 3. Returns the devices to wake, or ``None`` when the state moved meanwhile (the
     work is discarded; nothing was changed)."""
@@ -402,5 +403,5 @@ def commit_aggregation(
     if cfg.mode == "async":
         rounds.open_async_round(session, task, cfg, now=now)
         return []
-    _, assigned = rounds.open_sync_round(session, task, cfg, now=now, seen_window_s=seen_window_s)
+    _, assigned = rounds.open_sync_round(session, task, cfg, now=now, liveness=liveness)
     return assigned

@@ -21,13 +21,20 @@ from sqlalchemy.orm.attributes import set_committed_value
 from sqlalchemy.orm.util import identity_key
 
 from fedge.coordinator.engine.config import AggregationConfig
-from fedge.coordinator.engine.selection import busy_clause, choose, eligible_devices
+from fedge.coordinator.engine.eligibility import Liveness, Requirements
+from fedge.coordinator.engine.selection import (
+    busy_clause,
+    choose,
+    declined_clause,
+    eligible_devices,
+)
 from fedge.coordinator.models import Assignment, Device, Round, Task, Update
 from fedge.coordinator.states import (
     ASSIGNMENT_ACTIVE,
     ASSIGNMENT_ENDED,
     ROUND_ACTIVE,
     AssignmentStatus,
+    DeviceStatus,
     RoundStatus,
     TaskStatus,
     UpdateStatus,
@@ -122,24 +129,68 @@ def _assign(
     return ids
 
 
+#: The start of a running task's ``status_reason`` while it waits for devices.
+WAITING = "waiting for eligible devices"
+
+
+def set_waiting(task: Task, reason: str | None, *, now: datetime) -> None:
+    """Say (or stop saying) in a running task's ``status_reason`` why no work goes out; the
+    row is written only when the reason changes."""
+    if task.status_reason != reason:
+        task.status_reason = reason
+        task.updated_at = now
+
+
+def _declined_devices(session: Session, task_id: int) -> int:
+    """Active devices left out of the task because they declined it (since their report)."""
+    return int(
+        session.scalar(
+            select(func.count(Device.id)).where(
+                Device.status == DeviceStatus.ACTIVE, declined_clause(task_id)
+            )
+        )
+        or 0
+    )
+
+
+def waiting_reason(session: Session, task: Task, available: int, needed: int) -> str:
+    requirements = Requirements.from_stored(task.requirements)
+    declined = _declined_devices(session, task.id)
+    tail = f"; {declined} declined this task" if declined else ""
+    return (
+        f"{WAITING}: {available} of the {needed} needed are live, idle and meet the "
+        f"requirements ({requirements.describe()}){tail}"
+    )
+
+
 def open_sync_round(
-    session: Session, task: Task, cfg: AggregationConfig, *, now: datetime, seen_window_s: float
+    session: Session, task: Task, cfg: AggregationConfig, *, now: datetime, liveness: Liveness
 ) -> tuple[Round | None, list[str]]:
     """Select devices and open the next sync round on the current version.
 
     Opens nothing while fewer devices are eligible than the round could need to reach its
-    quorum (counting fresh updates already waiting); the scheduler tries again next tick.
-    The selection rng is seeded by (task, round number), so a round's pick is reproducible.
+    quorum (counting fresh updates already waiting); the task's ``status_reason`` says so and
+    the scheduler tries again next tick. The selection rng is seeded by (task, round number),
+    so a round's pick is reproducible.
     """
     fresh = count_pending(session, task.id, base_version=task.current_version)
-    candidates = eligible_devices(session, now=now, seen_window_s=seen_window_s)
-    if len(candidates) < max(1, cfg.min_updates - fresh):
+    candidates = eligible_devices(
+        session,
+        now=now,
+        liveness=liveness,
+        requirements=Requirements.from_stored(task.requirements),
+        task_id=task.id,
+    )
+    needed = max(1, cfg.min_updates - fresh)
+    if len(candidates) < needed:
+        set_waiting(task, waiting_reason(session, task, len(candidates), needed), now=now)
         return None, []
     number = next_round_number(session, task.id)
     rng = np.random.default_rng([task.id, number])
     chosen = _lock_idle_devices(session, choose(candidates, cfg.num_selected, rng))
-    if len(chosen) < max(1, cfg.min_updates - fresh):
+    if len(chosen) < needed:
         return None, []
+    set_waiting(task, None, now=now)
     deadline = now + timedelta(seconds=cfg.round_deadline_s)
     rnd = Round(
         task_id=task.id,
@@ -154,6 +205,104 @@ def open_sync_round(
     session.add(rnd)
     session.flush()
     return rnd, _assign(session, task, rnd, chosen, lease_until=deadline)
+
+
+def settle_declines(
+    session: Session,
+    task: Task,
+    rnd: Round,
+    cfg: AggregationConfig,
+    *,
+    now: datetime,
+    liveness: Liveness,
+) -> list[str]:
+    """An open sync round some of whose devices declined: replace them, and never wait for
+    a deadline that can change nothing (docs/rounds.md, "Declines").
+
+    Each decline frees a place: as many eligible devices as there are declined places not
+    yet refilled (at most ``num_selected`` at work or done) are assigned, never one that is
+    or was in the round. When nobody is left working on the round, it closes at once: to
+    ``aggregating`` when its fresh updates reach ``min_updates``, else ``failed``. While the
+    devices at work cannot reach the quorum and no replacement exists, the task's
+    ``status_reason`` says so."""
+    if rnd.num_declined == 0 or rnd.status != RoundStatus.OPEN:
+        return []
+    counts = dict(
+        session.execute(
+            select(Assignment.status, func.count(Assignment.id))
+            .where(Assignment.round_id == rnd.id)
+            .group_by(Assignment.status)
+        ).all()
+    )
+    active = sum(int(counts.get(s, 0)) for s in ASSIGNMENT_ACTIVE)
+    placed = active + int(counts.get(AssignmentStatus.UPLOADED, 0))
+    declined = int(
+        session.scalar(
+            select(func.count(Assignment.id)).where(
+                Assignment.round_id == rnd.id, Assignment.decline_reason.is_not(None)
+            )
+        )
+        or 0
+    )
+    wanted = min(cfg.num_selected - placed, declined)
+    woken: list[str] = []
+    if wanted > 0:
+        candidates = eligible_devices(
+            session,
+            now=now,
+            liveness=liveness,
+            requirements=Requirements.from_stored(task.requirements),
+            task_id=task.id,
+            not_in_round=rnd.id,
+        )
+        rng = np.random.default_rng([task.id, rnd.number, declined])
+        chosen = _lock_idle_devices(session, choose(candidates, wanted, rng))
+        if chosen and rnd.deadline_at is not None:
+            woken = _assign(session, task, rnd, chosen, lease_until=rnd.deadline_at)
+            active += len(woken)
+    fresh = count_pending(session, task.id, base_version=rnd.base_version)
+    if active > 0:
+        if fresh + active < cfg.min_updates:
+            set_waiting(
+                task,
+                f"{WAITING}: round {rnd.number} has {fresh} update(s) and {active} device(s) "
+                f"at work, fewer than the {cfg.min_updates} needed; {declined} declined and "
+                "no eligible device is left to replace them",
+                now=now,
+            )
+        return woken
+    if fresh >= cfg.min_updates:
+        if set_round_status(session, rnd, expected=(RoundStatus.OPEN,), to=RoundStatus.AGGREGATING):
+            rnd.num_received = fresh
+        return woken
+    reason = (
+        f"every selected device declined or left ({declined} declined) and no other "
+        f"eligible device is available; {fresh} of the {cfg.min_updates} updates needed"
+    )
+    fail_round(session, rnd, reason=reason, now=now, expected=(RoundStatus.OPEN,))
+    set_waiting(task, f"{WAITING}: round {rnd.number} failed: {reason}", now=now)
+    return woken
+
+
+def explain_async_wait(session: Session, task: Task, *, now: datetime, liveness: Liveness) -> None:
+    """An async task with nobody at work says in its ``status_reason`` when no live device
+    meets its requirements (and stops saying it once one does)."""
+    working = session.scalar(
+        select(Assignment.id)
+        .where(Assignment.task_id == task.id, Assignment.status.in_(ASSIGNMENT_ACTIVE))
+        .limit(1)
+    )
+    if working is not None:
+        set_waiting(task, None, now=now)
+        return
+    candidates = eligible_devices(
+        session,
+        now=now,
+        liveness=liveness,
+        requirements=Requirements.from_stored(task.requirements),
+        task_id=task.id,
+    )
+    set_waiting(task, None if candidates else waiting_reason(session, task, 0, 1), now=now)
 
 
 def open_async_round(

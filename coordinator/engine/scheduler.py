@@ -46,6 +46,7 @@ from fedge.coordinator.db import READ_ONLY, session_scope, utcnow
 from fedge.coordinator.engine import apply, leases, rounds
 from fedge.coordinator.engine.aggregate import BadStoredUpdate
 from fedge.coordinator.engine.config import AggregationConfig, ConfigError
+from fedge.coordinator.engine.eligibility import Liveness
 from fedge.coordinator.engine.evalhook import EvalHook, load_hook
 from fedge.coordinator.engine.notify import Notifier
 from fedge.coordinator.models import Assignment, Round, Task, Update
@@ -228,12 +229,16 @@ class TaskStepper:
                 return False
             if cfg.mode == "async":
                 return self._async_transitions(session, task, cfg, outcome)
+            liveness = Liveness.from_settings(settings)
             rnd = rounds.active_round(session, task.id)
             if rnd is not None and rnd.status == RoundStatus.OPEN:
                 outcome.woken += rounds.close_sync_round_if_due(session, task, rnd, cfg, now=now)
+                outcome.woken += rounds.settle_declines(
+                    session, task, rnd, cfg, now=now, liveness=liveness
+                )
             if rnd is None or rnd.status == RoundStatus.FAILED:
                 rnd, assigned = rounds.open_sync_round(
-                    session, task, cfg, now=now, seen_window_s=settings.device_seen_window_s
+                    session, task, cfg, now=now, liveness=liveness
                 )
                 outcome.woken += assigned
             return rnd is not None and rnd.status == RoundStatus.AGGREGATING
@@ -248,6 +253,10 @@ class TaskStepper:
         if rnd is None:
             rnd = rounds.open_async_round(session, task, cfg, now=now)
         pending = rounds.count_pending(session, task.id)
+        if pending < cfg.buffer_size:
+            rounds.explain_async_wait(
+                session, task, now=now, liveness=Liveness.from_settings(self.runtime.settings)
+            )
         if rnd.num_received != min(pending, cfg.buffer_size):
             rnd.num_received = min(pending, cfg.buffer_size)
         return pending >= cfg.buffer_size
@@ -297,7 +306,7 @@ class TaskStepper:
                         plan,
                         result,
                         now=utcnow(),
-                        seen_window_s=settings.device_seen_window_s,
+                        liveness=Liveness.from_settings(settings),
                     )
             except apply.RoundMoved:
                 woken = None

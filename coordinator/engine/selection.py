@@ -1,7 +1,10 @@
 """Which devices may take work, and which of them a sync round picks.
 
-Eligible: status ``active`` (not revoked), seen within ``settings.device_seen_window_s`` and
-not busy (no assignment ``assigned``/``downloaded`` in any task).
+Eligible: status ``active`` (not revoked), live (seen within ``k`` of its poll intervals,
+:class:`~fedge.coordinator.engine.eligibility.Liveness`), not busy (no assignment
+``assigned``/``downloaded`` in any task), meeting the task's requirements
+(:class:`~fedge.coordinator.engine.eligibility.Requirements`), and not a device that declined
+this task since it last reported its capabilities (it would only decline again).
 
 Selection is reliability-informed without starving anyone: each device's chance of
 delivering is estimated by the mean of a Beta posterior with an optimistic prior,
@@ -19,9 +22,10 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 
 import numpy as np
-from sqlalchemy import ColumnElement, exists, select
+from sqlalchemy import ColumnElement, exists, or_, select
 from sqlalchemy.orm import Session
 
+from fedge.coordinator.engine.eligibility import Liveness, Requirements
 from fedge.coordinator.models import Assignment, Device
 from fedge.coordinator.states import ASSIGNMENT_ACTIVE, DeviceStatus
 
@@ -44,20 +48,59 @@ def busy_clause() -> ColumnElement[bool]:
     )
 
 
-def eligible_devices(session: Session, *, now: datetime, seen_window_s: float) -> list[Candidate]:
-    """Active, recently seen, idle devices (ordered by id, so selection is reproducible)."""
-    since = now - timedelta(seconds=seen_window_s)
-    rows = session.execute(
-        select(Device.id, Device.num_completed, Device.num_dropped)
-        .where(
-            Device.status == DeviceStatus.ACTIVE,
-            Device.last_seen_at.is_not(None),
-            Device.last_seen_at >= since,
-            ~busy_clause(),
+def declined_clause(task_id: int) -> ColumnElement[bool]:
+    """SQL condition: the device declined an assignment of the task after its last
+    capability report (or never reported)."""
+    return exists().where(
+        Assignment.device_id == Device.id,
+        Assignment.task_id == task_id,
+        Assignment.decline_reason.is_not(None),
+        or_(Device.capabilities_at.is_(None), Assignment.finished_at >= Device.capabilities_at),
+    )
+
+
+def eligible_devices(
+    session: Session,
+    *,
+    now: datetime,
+    liveness: Liveness,
+    requirements: Requirements | None = None,
+    task_id: int | None = None,
+    not_in_round: int | None = None,
+) -> list[Candidate]:
+    """Active, live, idle devices meeting ``requirements`` (ordered by id, so selection is
+    reproducible). With ``task_id``: without the devices that declined that task since their
+    last capability report; with ``not_in_round``: without the devices already assigned in
+    that round."""
+    since = now - timedelta(seconds=liveness.longest_window_s)
+    stmt = select(
+        Device.id,
+        Device.num_completed,
+        Device.num_dropped,
+        Device.last_seen_at,
+        Device.tags,
+        Device.capabilities,
+    ).where(
+        Device.status == DeviceStatus.ACTIVE,
+        Device.last_seen_at.is_not(None),
+        Device.last_seen_at >= since,
+        ~busy_clause(),
+    )
+    if task_id is not None:
+        stmt = stmt.where(~declined_clause(task_id))
+    if not_in_round is not None:
+        stmt = stmt.where(
+            ~exists().where(Assignment.device_id == Device.id, Assignment.round_id == not_in_round)
         )
-        .order_by(Device.id)
-    ).all()
-    return [Candidate(r[0], int(r[1]), int(r[2])) for r in rows]
+    wanted = requirements if requirements is not None and not requirements.empty else None
+    return [
+        Candidate(device_id, int(completed), int(dropped))
+        for device_id, completed, dropped, seen, tags, caps in session.execute(
+            stmt.order_by(Device.id)
+        )
+        if liveness.is_live(seen, caps, now)
+        and (wanted is None or wanted.unmet(tags, caps) is None)
+    ]
 
 
 def success_probability(completed: np.ndarray, dropped: np.ndarray) -> np.ndarray:

@@ -19,13 +19,14 @@ from __future__ import annotations
 import copy
 import hashlib
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
 from sqlalchemy import Connection, select
 
 from fedge.coordinator.engine.config import AggregationConfig, ConfigError
+from fedge.coordinator.engine.eligibility import Requirements
 from fedge.coordinator.models import Task
 from fedge.coordinator.states import TaskStatus
 from fedge.shared.modelspec import ModelSpec
@@ -67,10 +68,17 @@ class ParsedTask:
     config_error: str | None
     mode: str
     config_digest: str
+    requirements: Requirements = field(default_factory=Requirements)
 
 
 def _parse(
-    *, model_spec: Any, compression: Any, aggregation: Any, training: Any, model_config: Any
+    *,
+    model_spec: Any,
+    compression: Any,
+    aggregation: Any,
+    training: Any,
+    model_config: Any,
+    requirements: Any = None,
 ) -> ParsedTask:
     config: AggregationConfig | None
     try:
@@ -89,6 +97,7 @@ def _parse(
         config_error=error,
         mode=mode_of(aggregation),
         config_digest=config_digest_of(compression, training, model_config, model_spec),
+        requirements=Requirements.from_stored(requirements),
     )
 
 
@@ -99,6 +108,7 @@ _CONFIG_COLUMNS = select(
     Task.aggregation,
     Task.training,
     Task.model_config_,
+    Task.requirements,
 )
 
 
@@ -122,6 +132,7 @@ class TaskConfigCache:
             and hit.aggregation == task.aggregation
             and hit.training == task.training
             and hit.model_config == task.model_config_
+            and hit.requirements == Requirements.from_stored(task.requirements)
         ):
             return hit
         parsed = self._parse_task(
@@ -130,6 +141,7 @@ class TaskConfigCache:
             aggregation=task.aggregation,
             training=task.training,
             model_config=task.model_config_,
+            requirements=task.requirements,
         )
         if parsed.config is None:
             raise ConfigError(parsed.config_error or "unusable aggregation config")
@@ -149,13 +161,14 @@ class TaskConfigCache:
         row = conn.execute(_CONFIG_COLUMNS.where(Task.id == task_id)).first()
         if row is None:
             raise LookupError(f"no task {task_id}")
-        status, model_spec, compression, aggregation, training, model_config = row
+        status, model_spec, compression, aggregation, training, model_config, requirements = row
         parsed = self._parse_task(
             model_spec=model_spec,
             compression=compression,
             aggregation=aggregation,
             training=training,
             model_config=model_config,
+            requirements=requirements,
         )
         if status != TaskStatus.DRAFT:
             if len(self._frozen) >= self.max_entries:

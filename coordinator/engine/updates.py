@@ -241,7 +241,13 @@ _TASK_FOR_SHARE = (
     .with_for_update(read=True)
 )
 _ASSIGNMENT_FOR_UPDATE = (
-    select(Assignment.device_id, Assignment.status, Assignment.round_id, Assignment.metrics)
+    select(
+        Assignment.device_id,
+        Assignment.status,
+        Assignment.round_id,
+        Assignment.metrics,
+        Assignment.decline_reason,
+    )
     .where(Assignment.id == bindparam("p_assignment"))
     .with_for_update(key_share=True)
 )
@@ -372,6 +378,11 @@ def _record_core(
     if a.device_id != device_id:  # an assignment never changes hands; checked before
         raise Forbidden(
             f"assignment {assignment_id} belongs to another device", code="not_your_assignment"
+        )
+    if a.decline_reason is not None:  # its place went to another device
+        raise Conflict(
+            f"assignment {assignment_id} was declined; its work is no longer wanted",
+            code="assignment_declined",
         )
     history = conn.execute(_HISTORY, {"p_task": ctx.task_id, "p_device": device_id}).all()
     counted = examples.bounded_by_history(

@@ -21,12 +21,24 @@ from collections.abc import Sequence
 from datetime import datetime, timedelta
 from typing import Any, Literal, NamedTuple
 
-from sqlalchemy import Connection, String, bindparam, exists, func, insert, literal, select, update
+from sqlalchemy import (
+    Connection,
+    String,
+    bindparam,
+    exists,
+    func,
+    insert,
+    literal,
+    or_,
+    select,
+    update,
+)
 from sqlalchemy.orm import Session
 
 from fedge.coordinator.auth import touch_device
 from fedge.coordinator.engine import rounds
 from fedge.coordinator.engine.config import AggregationConfig, ConfigError
+from fedge.coordinator.engine.eligibility import Requirements
 from fedge.coordinator.engine.taskcache import (
     ParsedTask,
     TaskConfigCache,
@@ -233,6 +245,22 @@ _DEVICE_NOT_ASSIGNED = (
 )
 
 
+#: What eligibility needs of a device (fedge.coordinator.engine.eligibility).
+_TARGETING = select(Device.tags, Device.capabilities).where(Device.id == bindparam("p_device"))
+#: Whether the device declined the task since its last capability report (it would again).
+_DECLINED = (
+    select(Assignment.id)
+    .join(Device, Device.id == Assignment.device_id)
+    .where(
+        Assignment.device_id == bindparam("p_device"),
+        Assignment.task_id == bindparam("p_task"),
+        Assignment.decline_reason.is_not(None),
+        or_(Device.capabilities_at.is_(None), Assignment.finished_at >= Device.capabilities_at),
+    )
+    .limit(1)
+)
+
+
 def find_work(
     conn: Connection,
     configs: TaskConfigCache,
@@ -261,10 +289,21 @@ def find_work(
             base_version=base_version,
             deadline=lease,
         )
+    targeting: tuple[Any, Any] | None = None
     for candidate_id, created_at in conn.execute(_RUNNING_TASKS).all():
         parsed = configs.lookup(conn, candidate_id, created_at)
         cfg = parsed.config
         if parsed.mode != "async" or cfg is None:
+            continue
+        if not parsed.requirements.empty:
+            if targeting is None:
+                targeting = conn.execute(_TARGETING, {"p_device": device_id}).first()
+            if (
+                targeting is None
+                or parsed.requirements.unmet(targeting[0], targeting[1]) is not None
+            ):
+                continue
+        if conn.execute(_DECLINED, {"p_device": device_id, "p_task": candidate_id}).first():
             continue
         found = _assign_async(
             conn, parsed, cfg, candidate_id, device_id=device_id, now=now, seen=seen
@@ -387,12 +426,13 @@ def _chunks(items: Sequence[Any]) -> list[Sequence[Any]]:
     return [items[i : i + CHECK_CHUNK] for i in range(0, len(items), CHECK_CHUNK)]
 
 
-def _async_work_rounds(session: Session) -> list[int]:
+def _async_work_rounds(session: Session) -> list[tuple[int, Requirements]]:
     """Open rounds of running async tasks that may hand out an assignment now (as
-    :func:`find_work` sees them: a task whose configuration cannot be read hands out none)."""
-    open_rounds: list[int] = []
-    for task_id, aggregation, version in session.execute(
-        select(Task.id, Task.aggregation, Task.current_version).where(
+    :func:`find_work` sees them: a task whose configuration cannot be read hands out none),
+    with their task's requirements."""
+    open_rounds: list[tuple[int, Requirements]] = []
+    for task_id, aggregation, version, requirements in session.execute(
+        select(Task.id, Task.aggregation, Task.current_version, Task.requirements).where(
             Task.status == TaskStatus.RUNNING
         )
     ):
@@ -411,7 +451,7 @@ def _async_work_rounds(session: Session) -> list[int]:
             )
         )
         if int(active or 0) < cfg.max_concurrency:
-            open_rounds.append(rnd.id)
+            open_rounds.append((rnd.id, Requirements.from_stored(requirements)))
     return open_rounds
 
 
@@ -464,15 +504,33 @@ def check_waiting(session: Session, polls: Sequence[tuple[str, int | None]]) -> 
     if waiting:
         open_rounds = _async_work_rounds(session)
         if open_rounds:
-            done: dict[int, set[str]] = {r: set() for r in open_rounds}
+            done: dict[int, set[str]] = {r: set() for r, _ in open_rounds}
+            round_ids = [r for r, _ in open_rounds]
             for part in _chunks(waiting):
                 for rid, did in session.execute(
                     select(Assignment.round_id, Assignment.device_id).where(
-                        Assignment.round_id.in_(open_rounds), Assignment.device_id.in_(part)
+                        Assignment.round_id.in_(round_ids), Assignment.device_id.in_(part)
                     )
                 ):
                     done[rid].add(did)
-            may_get_work = {d for d in waiting if any(d not in done[r] for r in open_rounds)}
+            targeting: dict[str, tuple[Any, Any]] = {}
+            if any(not req.empty for _, req in open_rounds):
+                for part in _chunks(waiting):
+                    for did, tags, caps in session.execute(
+                        select(Device.id, Device.tags, Device.capabilities).where(
+                            Device.id.in_(part)
+                        )
+                    ):
+                        targeting[did] = (tags, caps)
+            may_get_work = {
+                d
+                for d in waiting
+                if any(
+                    d not in done[r]
+                    and (req.empty or req.unmet(*targeting.get(d, (None, None))) is None)
+                    for r, req in open_rounds
+                )
+            }
     verdicts: list[Verdict] = []
     for device_id, current in polls:
         if status.get(device_id) != DeviceStatus.ACTIVE:

@@ -8,6 +8,7 @@ from typing import Any
 from pydantic import BaseModel, Field, field_validator
 
 from fedge.coordinator.schemas.common import DeviceName, JsonObject, Page, Strict
+from fedge.coordinator.schemas.targeting import Tags
 from fedge.coordinator.states import DeviceStatus
 from fedge.shared.signing import public_key_from_b64, public_key_to_b64
 
@@ -21,6 +22,9 @@ class EnrollRequest(Strict):
     )
     name: DeviceName
     capabilities: JsonObject = Field(default_factory=dict)
+    tags: Tags = Field(
+        default_factory=list, description="Labels tasks can require (docs/rounds.md)"
+    )
 
     @field_validator("public_key")
     @classmethod
@@ -41,6 +45,10 @@ class DevicePublic(BaseModel):
     status: DeviceStatus
     public_key: str
     capabilities: dict[str, Any]
+    capabilities_at: datetime | None = Field(
+        description="When the device last reported its capabilities (null: never)"
+    )
+    tags: list[str]
     enrolled_at: datetime
     last_seen_at: datetime | None
     revoked_at: datetime | None
@@ -48,6 +56,7 @@ class DevicePublic(BaseModel):
     num_assigned: int
     num_completed: int
     num_dropped: int
+    num_declined: int
 
 
 class DevicesPublic(Page[DevicePublic]):

@@ -28,6 +28,7 @@ class RoundPublic(BaseModel):
     num_stale: int
     num_dropped: int
     num_rejected: int
+    num_declined: int
     metrics: dict[str, Any]
 
 

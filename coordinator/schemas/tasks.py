@@ -15,6 +15,7 @@ from fedge.coordinator.engine.config import AggregationConfig as AggregationConf
 from fedge.coordinator.engine.config import TargetMetric as TargetMetric
 from fedge.coordinator.engine.staleness import StalenessConfig as StalenessConfig
 from fedge.coordinator.schemas.common import JsonObject, Name, Page, Strict, Text
+from fedge.coordinator.schemas.targeting import TaskRequirements
 from fedge.coordinator.states import TaskStatus
 from fedge.shared import architectures
 from fedge.shared.limits import MAX_CHUNK
@@ -206,6 +207,11 @@ class TaskCreate(Strict):
     aggregation: AggregationConfig = Field(default_factory=AggregationConfig)
     compression: CompressionConfig = Field(default_factory=CompressionConfig)
     training: TrainingConfig = Field(default_factory=TrainingConfig)
+    requirements: TaskRequirements = Field(
+        default_factory=TaskRequirements,
+        description="What a device must offer to be given this task's work "
+        "(docs/rounds.md, 'Eligibility'); empty: any device",
+    )
 
     @model_validator(mode="after")
     def _trainer(self) -> TaskCreate:
@@ -224,6 +230,9 @@ class TaskUpdate(Strict):
     aggregation: JsonObject | None = None
     compression: JsonObject | None = None
     training: JsonObject | None = None
+    requirements: TaskRequirements | None = Field(
+        default=None, description="Replaces the requirements as a whole"
+    )
 
 
 class TensorSpecPublic(BaseModel):
@@ -243,6 +252,7 @@ class TaskPublic(BaseModel):
     aggregation: AggregationConfig
     compression: CompressionConfig
     training: TrainingPublic
+    requirements: TaskRequirements
     current_version: int = Field(description="Latest model version; -1 before initial weights")
     has_initial_weights: bool
     created_at: datetime

@@ -16,6 +16,7 @@ from sqlalchemy import select
 from fedge.coordinator.db import session_scope, utcnow
 from fedge.coordinator.engine import apply, rounds
 from fedge.coordinator.engine.config import AggregationConfig
+from fedge.coordinator.engine.eligibility import Liveness
 from fedge.coordinator.engine.strategies import FedAdaptive, FedAvg, FedAvgM
 from fedge.coordinator.engine.updates import accept_upload
 from fedge.coordinator.enrollment import create_token, enroll_device
@@ -79,7 +80,9 @@ def _round_with_uploads(
         transition(session, task, "start")
         task_id = task.id
         cfg = AggregationConfig.from_dict(task.aggregation)
-        rnd, assigned = rounds.open_sync_round(session, task, cfg, now=utcnow(), seen_window_s=60)
+        rnd, assigned = rounds.open_sync_round(
+            session, task, cfg, now=utcnow(), liveness=Liveness(default_poll_s=20.0)
+        )
         assert rnd is not None and len(assigned) == NUM_UPDATES
         spec = ModelSpec.from_dict(task.model_spec)
         work = [
@@ -122,7 +125,9 @@ def _plan(runtime: Runtime, task_id: int) -> apply.Plan | None:
 
 def _commit(runtime: Runtime, plan: apply.Plan, result: apply.Result) -> list[str] | None:
     with session_scope(runtime.sessions) as session:
-        return apply.commit_aggregation(session, plan, result, now=utcnow(), seen_window_s=60)
+        return apply.commit_aggregation(
+            session, plan, result, now=utcnow(), liveness=Liveness(default_poll_s=20.0)
+        )
 
 
 @pytest.mark.parametrize("batch", [apply.IN_BATCH, 2])

@@ -84,6 +84,7 @@ def create_task(
     aggregation: dict[str, Any],
     compression: dict[str, Any] | None = None,
     model: dict[str, Any] | None = None,
+    requirements: dict[str, Any] | None = None,
     start: bool = True,
 ) -> int:
     with server.admin() as admin:
@@ -95,6 +96,7 @@ def create_task(
                 "aggregation": aggregation,
                 "compression": compression or EXACT,
                 "training": {"epochs": 1, "batch_size": 8, "lr": 0.1},
+                **({"requirements": requirements} if requirements is not None else {}),
             },
         )
         assert r.status_code == 201, r.text
@@ -134,6 +136,15 @@ class TestDevice(SignedDevice):
             content=body,
             headers={"Idempotency-Key": key or secrets.token_hex(8)},
         )
+
+    def decline(self, assignment_id: int, reason: str, detail: str = "") -> httpx.Response:
+        return self.post(
+            f"{API}/device/assignments/{assignment_id}/decline",
+            json={"reason": reason, "detail": detail},
+        )
+
+    def report(self, **capabilities: Any) -> httpx.Response:
+        return self.request("PUT", f"{API}/device/capabilities", json=capabilities)
 
     def metrics(self, assignment_id: int, **values: Any) -> httpx.Response:
         return self.post(f"{API}/device/assignments/{assignment_id}/metrics", json=values)
