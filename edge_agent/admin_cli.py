@@ -42,6 +42,9 @@ def build_parser() -> argparse.ArgumentParser:
         dest="action", required=True
     )
     rounds.add_parser("list").add_argument("task_id", type=int)
+    rd = rounds.add_parser("declines", help="a round's declined assignments and their reasons")
+    rd.add_argument("task_id", type=int)
+    rd.add_argument("number", type=int)
 
     models = groups.add_parser("models", help="model versions of a task").add_subparsers(
         dest="action", required=True
@@ -58,6 +61,14 @@ def build_parser() -> argparse.ArgumentParser:
     devices.add_parser("list").add_argument("--status")
     devices.add_parser("get").add_argument("device_id")
     devices.add_parser("revoke").add_argument("device_id")
+    dt = devices.add_parser("tag", help="show or change a device's tags")
+    dt.add_argument("device_id")
+    dt.add_argument("--set", nargs="*", metavar="TAG", help="replace every tag by these")
+    dt.add_argument("--add", nargs="+", default=[], metavar="TAG")
+    dt.add_argument("--remove", nargs="+", default=[], metavar="TAG")
+    devices.add_parser(
+        "declines", help="the assignments a device declined and its reasons"
+    ).add_argument("device_id")
 
     tokens = groups.add_parser("tokens", help="enrollment tokens").add_subparsers(
         dest="action", required=True
@@ -90,6 +101,8 @@ def dispatch(client: AdminClient, args: argparse.Namespace) -> Any:
             return client.create_task(json.loads(args.file.read_text()))
         return client.task_action(args.task_id, action)
     if group == "rounds":
+        if action == "declines":
+            return client.list_round_declines(args.task_id, args.number)
         return client.list_rounds(args.task_id)
     if group == "models":
         if action == "list":
@@ -102,6 +115,10 @@ def dispatch(client: AdminClient, args: argparse.Namespace) -> Any:
             return client.list_devices(status=args.status)
         if action == "get":
             return client.get_device(args.device_id)
+        if action == "tag":
+            return _tag(client, args)
+        if action == "declines":
+            return client.list_device_declines(args.device_id)
         return client.revoke_device(args.device_id)
     if group == "tokens":
         if action == "create":
@@ -116,6 +133,16 @@ def dispatch(client: AdminClient, args: argparse.Namespace) -> Any:
     if action == "list":
         return client.list_api_keys()
     return client.revoke_api_key(args.key_id)
+
+
+def _tag(client: AdminClient, args: argparse.Namespace) -> Any:
+    """``devices tag``: the device's tags after ``--set``, then ``--add`` and ``--remove``
+    (without any of them: its tags as they are)."""
+    if args.set is None and not args.add and not args.remove:
+        return {"device_id": args.device_id, "tags": client.get_device(args.device_id)["tags"]}
+    tags = set(args.set) if args.set is not None else set(client.get_device(args.device_id)["tags"])
+    tags = (tags | set(args.add)) - set(args.remove)
+    return client.set_device_tags(args.device_id, sorted(tags))
 
 
 def main(argv: list[str] | None = None) -> int:

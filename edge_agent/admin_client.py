@@ -9,7 +9,7 @@ fleet simulation and ``fedge admin``.
 from __future__ import annotations
 
 import random
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
 
 import httpx
@@ -126,6 +126,12 @@ class AdminClient:
     def get_round(self, task_id: int, number: int) -> Any:
         return self._json("GET", f"/tasks/{task_id}/rounds/{number}")
 
+    def list_round_declines(
+        self, task_id: int, number: int, *, limit: int = 50, offset: int = 0
+    ) -> Any:
+        """The round's declined assignments with the devices' reasons, newest first."""
+        return self._page(f"/tasks/{task_id}/rounds/{number}/declines", limit=limit, offset=offset)
+
     def list_models(self, task_id: int, *, limit: int = 50, offset: int = 0) -> Any:
         return self._page(f"/tasks/{task_id}/models", limit=limit, offset=offset)
 
@@ -146,6 +152,14 @@ class AdminClient:
 
     def get_device(self, device_id: str) -> Any:
         return self._json("GET", f"/devices/{device_id}")
+
+    def set_device_tags(self, device_id: str, tags: Sequence[str]) -> Any:
+        """Replace the device's tags; its record."""
+        return self._json("PATCH", f"/devices/{device_id}", json_body={"tags": list(tags)})
+
+    def list_device_declines(self, device_id: str, *, limit: int = 50, offset: int = 0) -> Any:
+        """The assignments the device declined with its reasons, newest first."""
+        return self._page(f"/devices/{device_id}/declines", limit=limit, offset=offset)
 
     def revoke_device(self, device_id: str) -> Any:
         return self._json("POST", f"/devices/{device_id}/revoke")

@@ -27,10 +27,11 @@ import hashlib
 import logging
 import threading
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 
 import numpy as np
 
+from fedge.edge_agent.capabilities import capabilities_report
 from fedge.edge_agent.client import CoordinatorClient, Work
 from fedge.edge_agent.data import LocalData
 from fedge.edge_agent.errors import AgentError, ApiError, AuthError, DeviceRevoked
@@ -38,7 +39,12 @@ from fedge.edge_agent.hooks import NO_HOOKS, AgentHooks
 from fedge.edge_agent.outbox import OutboxEntry, PendingUpdateExists
 from fedge.edge_agent.outcome import AgentStats, Outcome
 from fedge.edge_agent.state import State
-from fedge.edge_agent.trainers import Trainer, TrainerFactory, task_trainer_factory
+from fedge.edge_agent.trainers import (
+    BUILTIN_TRAINERS,
+    Trainer,
+    TrainerFactory,
+    task_trainer_factory,
+)
 from fedge.edge_agent.uploads import FATAL_CODES, save_update, upload_entry
 from fedge.edge_agent.watcher import CancelWatcher
 from fedge.shared.architectures import generated_weights
@@ -63,6 +69,14 @@ def _in_spec_order(spec: ModelSpec, weights: Mapping[str, np.ndarray]) -> Weight
     return ordered
 
 
+class _CannotTrain(Exception):
+    """This device has no trainer for a task (``reason``: a decline reason code)."""
+
+    def __init__(self, reason: str, detail: str) -> None:
+        super().__init__(detail)
+        self.reason = reason
+
+
 class FatalAgentError(RuntimeError):
     """The coordinator no longer accepts this device (revoked or unknown)."""
 
@@ -85,6 +99,8 @@ class Agent:
         error_pause_s: float = 5.0,
         before_upload: Callable[[OutboxEntry], None] | None = None,
         stop_event: threading.Event | None = None,
+        trainers: Sequence[str] | None = None,
+        report_capabilities: bool = True,
     ) -> None:
         self.state = state
         self.client = client
@@ -112,6 +128,13 @@ class Agent:
         #: Whether the agent takes another assignment after the one in hand (``run``'s
         #: ``max_rounds``): only then does an upload ask for the next one.
         self.wants_more = True
+        # The trainer names this agent reports: the built-in ones when it uses the trainer
+        # each task names, else what the caller says its own factory provides.
+        if trainers is None:
+            trainers = BUILTIN_TRAINERS if trainer_factory is None else ()
+        self.trainers = tuple(trainers)
+        # Report once per run (again after a failure a later attempt may cure).
+        self._report_pending = report_capabilities
 
     # -- control ---------------------------------------------------------------------------
 
@@ -144,6 +167,7 @@ class Agent:
                 # Updates saved before a crash or an outage go first, also when no new
                 # assignment is wanted (``max_rounds=0`` only uploads what is pending).
                 self.flush_outbox()
+                self._report_capabilities()
                 if limit is not None and handled >= limit:
                     break
                 self.idle = True
@@ -175,6 +199,27 @@ class Agent:
         log.info("agent stopped after %d assignment(s)", handled)
         return self.stats
 
+    def capabilities(self) -> dict[str, object]:
+        """What this agent reports it can do (:mod:`fedge.edge_agent.capabilities`)."""
+        return capabilities_report(
+            self.data, trainers=self.trainers, poll_interval_s=self.poll_wait
+        )
+
+    def _report_capabilities(self) -> None:
+        """Send the capability report if it is due. A coordinator that refuses it for good
+        (4xx, e.g. one that predates reports) is not asked again this run; network trouble
+        propagates, so the loop pauses and the report is tried again."""
+        if not self._report_pending:
+            return
+        try:
+            self.client.report_capabilities(self.capabilities())
+        except ApiError as exc:
+            self._check_fatal(exc)
+            if isinstance(exc, AuthError) or exc.status is None or exc.status >= 500:
+                raise
+            log.warning("the coordinator refused the capability report: %s", exc)
+        self._report_pending = False
+
     def _check_fatal(self, exc: AgentError) -> None:
         if isinstance(exc, DeviceRevoked) or exc.code in FATAL_CODES:
             raise FatalAgentError(
@@ -197,14 +242,22 @@ class Agent:
         try:
             spec = ModelSpec.from_dict(work.spec)
             policy = CompressionPolicy.from_dict(work.compression)
-            base = self._fetch_model(work, spec)
-            trainer = self._trainer_for(work)
         except (ValueError, PolicyError) as exc:
-            return self._give_up(work, f"cannot work on it: {exc}")
+            return self._give_up(work, "bad_config", f"cannot work on it: {exc}")
+        try:
+            trainer = self._trainer_for(work)
+        except _CannotTrain as exc:
+            return self._give_up(work, exc.reason, str(exc))
+        try:
+            base = self._fetch_model(work, spec)
+        except ValueError as exc:
+            return self._give_up(work, "model_unavailable", f"cannot use the model: {exc}")
         except ApiError as exc:
             if isinstance(exc, AuthError) or exc.status is None or exc.status >= 500:
                 raise
-            return self._give_up(work, f"the coordinator refused the model download: {exc}")
+            return self._give_up(
+                work, "model_unavailable", f"the coordinator refused the model download: {exc}"
+            )
         if not self.hooks.keep_assignment(work):
             log.info("walking away from assignment %d", work.assignment_id)
             self.stats.dropped += 1
@@ -241,7 +294,7 @@ class Agent:
             metrics.update(trainer.evaluate(local))
         except Exception as exc:  # a broken trainer must not take the agent down
             log.exception("training failed on assignment %d", work.assignment_id)
-            return self._give_up(work, f"training failed: {exc!r}")
+            return self._give_up(work, "training_failed", f"training failed: {exc!r}")
         finally:
             self._interrupt = None
         metrics["train_time_s"] = train_time
@@ -264,7 +317,7 @@ class Agent:
                 seed=self.seed,
             )
         except (ValueError, PendingUpdateExists) as exc:  # e.g. a diverged model (NaN)
-            return self._give_up(work, f"cannot make an update: {exc}")
+            return self._give_up(work, "training_failed", f"cannot make an update: {exc}")
         if self.hooks.before_first_upload(work, self._stop):
             if self.stopping:
                 return Outcome.STOPPED
@@ -273,20 +326,38 @@ class Agent:
 
     def _trainer_for(self, work: Work) -> Trainer:
         """The trainer for the task: the agent's own factory when one was given, else the one
-        the task names (``softmax``/``mlp`` built in, or an installed ``module:factory``)."""
+        the task names (``softmax``/``mlp`` built in, or an installed ``module:factory``).
+        :class:`_CannotTrain` says why there is none (no such trainer, data that does not fit
+        the model)."""
         trainer = self._trainers.get(work.task_id)
         if trainer is None:
             factory = self.trainer_factory
             if factory is None:
-                factory = task_trainer_factory(work.training)
-            trainer = factory(work.model, self.data)
+                try:
+                    factory = task_trainer_factory(work.training)
+                except (ValueError, ImportError) as exc:
+                    raise _CannotTrain("no_trainer", f"no trainer for the task: {exc}") from exc
+            try:
+                trainer = factory(work.model, self.data)
+            except (ValueError, TypeError, KeyError) as exc:
+                raise _CannotTrain(
+                    "data_mismatch", f"the local data does not fit the model: {exc}"
+                ) from exc
             self._trainers[work.task_id] = trainer
         return trainer
 
-    def _give_up(self, work: Work, reason: str) -> Outcome:
+    def _give_up(self, work: Work, code: str, reason: str) -> Outcome:
+        """Leave an assignment this device cannot work on, and tell the coordinator at once
+        (a signed decline with ``code``) so its round need not wait for this device."""
         log.error("giving up assignment %d: %s", work.assignment_id, reason)
         self.stats.failed += 1
         self._given_up.add(work.assignment_id)
+        try:
+            self.client.decline(work.assignment_id, code, reason)
+            self.stats.declined += 1
+        except AgentError as exc:
+            self._check_fatal(exc)
+            log.warning("could not decline assignment %d: %s", work.assignment_id, exc)
         return Outcome.FAILED
 
     def _wait_until_cancelled(self, work: Work) -> None:

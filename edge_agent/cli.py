@@ -46,6 +46,12 @@ def build_parser() -> argparse.ArgumentParser:
     enroll.add_argument("--ca", help="the coordinator's CA certificate (PEM) to pin")
     enroll.add_argument("--state-dir", required=True, help="where this device keeps its state")
     enroll.add_argument("--name", help="a name for this device (default: host name)")
+    enroll.add_argument(
+        "--tag",
+        action="append",
+        default=[],
+        help="a label tasks can require, e.g. site:berlin (repeatable)",
+    )
 
     run = sub.add_parser("run", help="work on assignments until stopped")
     run.add_argument("--state-dir", required=True)
@@ -84,7 +90,12 @@ def _configure_logging(args: argparse.Namespace) -> None:
 
 def _enroll(args: argparse.Namespace) -> int:
     config = enroll_device(
-        args.state_dir, url=args.url, token=args.token, ca_file=args.ca, name=args.name
+        args.state_dir,
+        url=args.url,
+        token=args.token,
+        ca_file=args.ca,
+        name=args.name,
+        tags=args.tag,
     )
     print(f"enrolled device {config.device_id} ({config.name}) at {config.url}")
     print(f"state saved in {args.state_dir}")
@@ -135,6 +146,7 @@ def _run_locked(args: argparse.Namespace) -> int:
         client=client,
         data=data,
         trainer_factory=factory,
+        trainers=[args.trainer] if args.trainer else None,
         seed=config.seed,
         poll_wait=args.poll_wait,
         stop_event=stop,

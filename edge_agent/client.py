@@ -13,7 +13,7 @@ import dataclasses
 import json
 import random
 import threading
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -23,6 +23,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from fedge.edge_agent.errors import AgentError
 from fedge.edge_agent.transport import RetryPolicy, Session
 from fedge.shared import signing
+from fedge.shared.targeting import MAX_DECLINE_DETAIL
 from fedge.shared.wire_delta import WORK_FRAME_MEDIA_TYPE, decode_work_frame
 from fedge.shared.wireerror import WireFormatError
 
@@ -197,6 +198,7 @@ class CoordinatorClient:
         capabilities: Mapping[str, Any] | None = None,
         *,
         public_key: str,
+        tags: Sequence[str] = (),
     ) -> str:
         """Register ``public_key`` (base64 of the raw Ed25519 key) with an enrollment token;
         the new device id. Enrollment is the one unsigned device request."""
@@ -208,6 +210,7 @@ class CoordinatorClient:
                 "public_key": public_key,
                 "name": name,
                 "capabilities": dict(capabilities or {}),
+                **({"tags": list(tags)} if tags else {}),
             },
         )
         body = response.json()
@@ -379,6 +382,24 @@ class CoordinatorClient:
         self._signed(
             "POST", f"{API}/device/assignments/{assignment_id}/metrics", json_body=dict(metrics)
         )
+
+    def report_capabilities(self, report: Mapping[str, Any]) -> dict[str, Any]:
+        """Tell the coordinator what this device can do (trainers, data shape, poll
+        interval); the device's record as the coordinator now holds it."""
+        body: dict[str, Any] = self._signed(
+            "PUT", f"{API}/device/capabilities", json_body=dict(report)
+        ).json()
+        return body
+
+    def decline(self, assignment_id: int, reason: str, detail: str = "") -> dict[str, Any]:
+        """Decline an assignment this device cannot work on (``reason``: one of
+        :data:`fedge.shared.targeting.DECLINE_REASONS`); the coordinator's record of it."""
+        body: dict[str, Any] = self._signed(
+            "POST",
+            f"{API}/device/assignments/{assignment_id}/decline",
+            json_body={"reason": reason, "detail": detail[:MAX_DECLINE_DETAIL]},
+        ).json()
+        return body
 
     def me(self) -> dict[str, Any]:
         body: dict[str, Any] = self._signed("GET", f"{API}/device/me").json()

@@ -12,7 +12,7 @@ import os
 import platform
 import random
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -43,6 +43,7 @@ def enroll_device(
     ca_file: str | None = None,
     name: str | None = None,
     capabilities: Mapping[str, Any] | None = None,
+    tags: Sequence[str] = (),
     seed: int | None = None,
     transport: httpx.BaseTransport | None = None,
     retry: RetryPolicy | None = None,
@@ -64,6 +65,7 @@ def enroll_device(
             device_name,
             dict(capabilities) if capabilities is not None else default_capabilities(),
             public_key=signing.public_key_to_b64(key.public_key()),
+            tags=tags,
         )
     ca_name = state.save_ca(ca_file) if ca_file is not None else None
     config = AgentConfig(

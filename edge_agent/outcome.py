@@ -29,4 +29,5 @@ class AgentStats:
     cancelled: int = 0
     dropped: int = 0  # assignments a hook declined (Outcome.DROPPED)
     failed: int = 0
+    declined: int = 0  # failed assignments the coordinator was told of (signed decline)
     refused_deltas: int = 0  # delta chains that did not rebuild; the full model was fetched

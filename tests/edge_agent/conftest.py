@@ -98,7 +98,7 @@ class LiveCoordinator:
             "training": {"epochs": 1, "batch_size": 16, "lr": 0.1},
         }
         for key, value in sections.items():
-            body[key] = {**body[key], **value} if isinstance(value, dict) else value
+            body[key] = {**body.get(key, {}), **value} if isinstance(value, dict) else value
         task = self.admin.create_task(body)
         return dict(self.admin.start_task(task["id"]))
 

@@ -47,6 +47,8 @@ class FakeCoordinator:
     received: dict[str, Received] = field(default_factory=dict)
     metrics: dict[int, dict[str, float]] = field(default_factory=dict)  # separate reports
     requests: list[httpx.Request] = field(default_factory=list)
+    reports: list[dict[str, Any]] = field(default_factory=list)  # capability reports
+    declines: dict[int, dict[str, Any]] = field(default_factory=dict)
     max_wait_s: float = 0.2
 
     def __post_init__(self) -> None:
@@ -115,6 +117,16 @@ class FakeCoordinator:
         parts = path.split("/")
         if path == "/api/v1/device/work":
             return self._work(request)
+        if path == "/api/v1/device/capabilities" and request.method == "PUT":
+            self.reports.append(json.loads(request.content))
+            return httpx.Response(200, json={"device_id": signed.device_id})
+        if len(parts) < 7:
+            return _error(404, "not_found")
+        if parts[4] == "assignments" and parts[6] == "decline":
+            decline = json.loads(request.content)
+            self.declines[int(parts[5])] = decline
+            self.cancel(int(parts[5]))
+            return httpx.Response(200, json={"assignment_id": int(parts[5]), **decline})
         if parts[4:6] == ["tasks", parts[5]] and parts[6] == "models":
             data = self.models.get(int(parts[7]))
             if data is None:

@@ -478,3 +478,57 @@ def test_short_training_is_not_watched_and_long_training_is(state_dir, fake, dat
     )
     assert agent.handle(agent.client.get_work(0)) is Outcome.CANCELLED
     assert watches() >= 1
+
+
+# -- capabilities and declines ---------------------------------------------------------------
+
+
+def test_the_agent_reports_what_it_can_do_once_per_run(state_dir, fake, data):
+    fake.assign(1)
+    fake.assign(2)
+    agent = make_agent(state_dir, fake, data)
+    agent.run(max_rounds=2)
+    assert fake.reports == [
+        {
+            "trainers": ["mlp", "softmax"],
+            "feature_shape": [64],
+            "label_kind": "class",
+            "num_examples": 300,
+            "poll_interval_s": 1.0,  # its 0.2 s wait, counted as at least a second
+        }
+    ]
+    custom = make_agent(state_dir, fake, data, trainer_factory=NumpyTrainer)
+    assert custom.capabilities()["trainers"] == []
+    named = make_agent(state_dir, fake, data, trainer_factory=NumpyTrainer, trainers=["x:y"])
+    assert named.capabilities()["trainers"] == ["x:y"]
+
+
+@pytest.mark.parametrize(
+    ("extra", "reason", "downloads"),
+    [
+        ({"compression": {"topk_fraction": 2.0}}, "bad_config", 0),
+        ({"model": {**MODEL, "input_dim": 13}}, "data_mismatch", 0),
+        ({"training": {"trainer": "fedge_no_such_package.trainers:make"}}, "no_trainer", 0),
+        ({"base_version": 7}, "model_unavailable", 1),  # the fake has no version 7
+    ],
+)
+def test_an_assignment_the_device_cannot_work_on_is_declined_at_once(
+    state_dir, fake, data, extra, reason, downloads
+):
+    fake.assign(1, **extra)
+    agent = make_agent(state_dir, fake, data)
+    assert agent.handle(agent.client.get_work(0)) is Outcome.FAILED
+    assert fake.declines[1]["reason"] == reason and fake.declines[1]["detail"]
+    assert (agent.stats.failed, agent.stats.declined) == (1, 1)
+    assert sum("/models/" in r.url.path for r in fake.requests) == downloads
+    assert fake.received == {}
+
+
+def test_a_failing_trainer_declines_with_its_error(state_dir, fake, data):
+    fake.assign(1)
+    agent = make_agent(state_dir, fake, data, trainer_factory=BrokenTrainer)
+    assert agent.handle(agent.client.get_work(0)) is Outcome.FAILED
+    assert fake.declines[1] == {
+        "reason": "training_failed",
+        "detail": "training failed: ZeroDivisionError('bug in user code')",
+    }
