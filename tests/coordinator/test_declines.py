@@ -298,3 +298,30 @@ def test_async_work_goes_only_to_eligible_devices(
     assert decliner.report(trainers=["mlp"]).status_code == 200
     again = decliner.work(wait=0)
     assert again is not None and again["round_id"] != work["round_id"]
+
+
+def test_a_drafts_requirements_are_replaced_as_a_whole_and_checked(
+    coordinator: Coordinator,
+) -> None:
+    task_id = create_task(
+        coordinator, aggregation=every_device(1), requirements={"tags": ["a"]}, start=False
+    )
+    with coordinator.admin() as admin:
+        url = f"{API}/tasks/{task_id}"
+        r = admin.patch(url, json={"requirements": {"trainer": "mlp", "min_examples": 10}})
+        assert r.status_code == 200, r.text
+        expected = {
+            "tags": [],
+            "trainer": "mlp",
+            "feature_shape": None,
+            "label_kind": None,
+            "min_examples": 10,
+        }
+        assert r.json()["requirements"] == expected
+        for bad in ({"tags": ["a b"]}, {"feature_shape": [-1]}, {"gpu": True}, {"min_examples": 0}):
+            refused = admin.patch(url, json={"requirements": bad})
+            assert refused.status_code == 422 and set(refused.json()) == {"error", "detail"}
+        assert admin.get(url).json()["requirements"] == expected
+        assert admin.post(f"{url}/start").status_code == 200
+        late = admin.patch(url, json={"requirements": {}})
+        assert (late.status_code, late.json()["error"]) == (409, "task_not_draft")
