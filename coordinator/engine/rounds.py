@@ -25,7 +25,7 @@ from fedge.coordinator.engine.eligibility import Liveness, Requirements
 from fedge.coordinator.engine.selection import (
     busy_clause,
     choose,
-    declined_clause,
+    declined_devices,
     eligible_devices,
 )
 from fedge.coordinator.models import Assignment, Device, Round, Task, Update
@@ -146,7 +146,7 @@ def _declined_devices(session: Session, task_id: int) -> int:
     return int(
         session.scalar(
             select(func.count(Device.id)).where(
-                Device.status == DeviceStatus.ACTIVE, declined_clause(task_id)
+                Device.status == DeviceStatus.ACTIVE, Device.id.in_(declined_devices(task_id))
             )
         )
         or 0

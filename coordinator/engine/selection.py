@@ -22,8 +22,8 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 
 import numpy as np
-from sqlalchemy import ColumnElement, exists, or_, select
-from sqlalchemy.orm import Session
+from sqlalchemy import ColumnElement, Select, exists, or_, select
+from sqlalchemy.orm import Session, aliased
 
 from fedge.coordinator.engine.eligibility import Liveness, Requirements
 from fedge.coordinator.models import Assignment, Device
@@ -48,14 +48,22 @@ def busy_clause() -> ColumnElement[bool]:
     )
 
 
-def declined_clause(task_id: int) -> ColumnElement[bool]:
-    """SQL condition: the device declined an assignment of the task after its last
-    capability report (or never reported)."""
-    return exists().where(
-        Assignment.device_id == Device.id,
-        Assignment.task_id == task_id,
-        Assignment.decline_reason.is_not(None),
-        or_(Device.capabilities_at.is_(None), Assignment.finished_at >= Device.capabilities_at),
+def declined_devices(task_id: int) -> Select[str]:
+    """The devices that declined an assignment of the task after their last capability
+    report (or never reported): one uncorrelated subquery, read once per statement rather
+    than once per device row."""
+    reporter = aliased(Device)
+    return (
+        select(Assignment.device_id)
+        .join(reporter, reporter.id == Assignment.device_id)
+        .where(
+            Assignment.task_id == task_id,
+            Assignment.decline_reason.is_not(None),
+            or_(
+                reporter.capabilities_at.is_(None),
+                Assignment.finished_at >= reporter.capabilities_at,
+            ),
+        )
     )
 
 
@@ -87,10 +95,12 @@ def eligible_devices(
         ~busy_clause(),
     )
     if task_id is not None:
-        stmt = stmt.where(~declined_clause(task_id))
+        stmt = stmt.where(Device.id.not_in(declined_devices(task_id)))
     if not_in_round is not None:
         stmt = stmt.where(
-            ~exists().where(Assignment.device_id == Device.id, Assignment.round_id == not_in_round)
+            Device.id.not_in(
+                select(Assignment.device_id).where(Assignment.round_id == not_in_round)
+            )
         )
     wanted = requirements if requirements is not None and not requirements.empty else None
     return [
