@@ -48,8 +48,12 @@ class Liveness:
 
     def window_s(self, capabilities: Mapping[str, Any] | None) -> float:
         """Seconds the device may stay unseen and still count as reachable."""
+        return self.window_for((capabilities or {}).get("poll_interval_s"))
+
+    def window_for(self, poll_interval_s: object) -> float:
+        """:meth:`window_s` for a device that reported ``poll_interval_s`` (None: none)."""
         interval = self.default_poll_s
-        reported = (capabilities or {}).get("poll_interval_s")
+        reported = poll_interval_s
         if (
             isinstance(reported, int | float)
             and not isinstance(reported, bool)

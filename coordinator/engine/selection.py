@@ -20,6 +20,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
+from typing import Any
 
 import numpy as np
 from sqlalchemy import ColumnElement, Select, exists, or_, select
@@ -81,13 +82,29 @@ def eligible_devices(
     last capability report; with ``not_in_round``: without the devices already assigned in
     that round."""
     since = now - timedelta(seconds=liveness.longest_window_s)
+    wanted = requirements if requirements is not None and not requirements.empty else None
+    # Only the capabilities the check needs, extracted in SQL: decoding every device's whole
+    # tags and capabilities documents would cost more than the rest of the query.
+    extra: dict[str, Any] = {}
+    if wanted is not None:
+        caps = Device.capabilities
+        if wanted.tags:
+            extra["tags"] = Device.tags
+        if wanted.trainer is not None:
+            extra["trainers"] = caps["trainers"]
+        if wanted.feature_shape is not None:
+            extra["feature_shape"] = caps["feature_shape"]
+        if wanted.label_kind is not None:
+            extra["label_kind"] = caps["label_kind"].as_string()
+        if wanted.min_examples is not None:
+            extra["num_examples"] = caps["num_examples"].as_integer()
     stmt = select(
         Device.id,
         Device.num_completed,
         Device.num_dropped,
         Device.last_seen_at,
-        Device.tags,
-        Device.capabilities,
+        Device.capabilities["poll_interval_s"].as_float(),
+        *extra.values(),
     ).where(
         Device.status == DeviceStatus.ACTIVE,
         Device.last_seen_at.is_not(None),
@@ -102,15 +119,19 @@ def eligible_devices(
                 select(Assignment.device_id).where(Assignment.round_id == not_in_round)
             )
         )
-    wanted = requirements if requirements is not None and not requirements.empty else None
-    return [
-        Candidate(device_id, int(completed), int(dropped))
-        for device_id, completed, dropped, seen, tags, caps in session.execute(
-            stmt.order_by(Device.id)
-        )
-        if liveness.is_live(seen, caps, now)
-        and (wanted is None or wanted.unmet(tags, caps) is None)
-    ]
+    names = list(extra)
+    found: list[Candidate] = []
+    for device_id, completed, dropped, seen, poll, *values in session.execute(
+        stmt.order_by(Device.id)
+    ):
+        if now - seen > timedelta(seconds=liveness.window_for(poll)):
+            continue
+        if wanted is not None:
+            got = dict(zip(names, values, strict=True))
+            if wanted.unmet(got.pop("tags", None), got) is not None:
+                continue
+        found.append(Candidate(device_id, int(completed), int(dropped)))
+    return found
 
 
 def success_probability(completed: np.ndarray, dropped: np.ndarray) -> np.ndarray:
