@@ -18,6 +18,7 @@ variables, ``<data_dir>/coordinator.env``, built-in defaults.
 from __future__ import annotations
 
 import shutil
+import tempfile
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -31,8 +32,13 @@ from fedge.coordinator import migrate
 from fedge.coordinator.db import make_engine, make_sessionmaker, session_scope
 from fedge.coordinator.secrets import create_api_key
 from fedge.coordinator.settings import Settings
-from fedge.coordinator.tls import DEFAULT_HOSTS, TlsPaths, create_ca_and_server_cert
-from fedge.shared.durable import write_bytes_atomic
+from fedge.coordinator.tls import (
+    DEFAULT_HOSTS,
+    TlsPaths,
+    create_ca_and_server_cert,
+    host_problem,
+)
+from fedge.shared.durable import rename_durably, write_bytes_atomic
 
 ENV_FILE = "coordinator.env"
 BOOTSTRAP_KEY_NAME = "bootstrap admin"
@@ -102,8 +108,12 @@ def init_data_dir(
 
     Refuses a directory that already holds a coordinator unless ``force``; with ``force`` the
     CA and server certificate are replaced (agents must get the new ``ca.crt``) and another
-    admin key is issued, while the database and blobs are kept. When init fails on a
-    directory it created, it removes that directory again, so a retry starts clean.
+    admin key is issued, while the database and blobs are kept.
+
+    A first init is atomic: the inputs are checked before anything is written, everything is
+    built in a temporary directory next to (or, for an existing directory such as a volume's
+    mount point, inside) the data directory and renamed into place at the end, so a failed
+    init leaves nothing behind.
     """
     data_dir = settings.data_dir.resolve()
     found = existing_markers(data_dir)
@@ -115,20 +125,24 @@ def init_data_dir(
         )
     if data_dir.exists() and not data_dir.is_dir():
         raise SetupError(f"{data_dir} exists and is not a directory")
-    created = not data_dir.exists()
     all_hosts = tuple(dict.fromkeys([*hosts, *settings.public_hostnames, *DEFAULT_HOSTS]))
-    try:
-        data_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+    for host in all_hosts:
+        problem = host_problem(host)
+        if problem is not None:
+            origin = "--host" if host in hosts else "FEDGE_PUBLIC_HOSTNAMES"
+            raise SetupError(
+                f"{origin} {host!r} cannot go in the server certificate: {problem}; give the "
+                "DNS name or IP address devices use to reach the coordinator"
+            )
+    if found:  # --force on an initialized directory: replace the certificates in place
         result = migrate_database(settings)
-        tls = create_ca_and_server_cert(data_dir / "tls", hosts=all_hosts, overwrite=force)
+        tls = create_ca_and_server_cert(data_dir / "tls", hosts=all_hosts, overwrite=True)
         if not settings.blobs_in_database:
             settings.blobs.mkdir(parents=True, exist_ok=True)
         env_file = write_env_file(settings, data_dir=data_dir)
         admin_key = create_key(settings, name=BOOTSTRAP_KEY_NAME, role="admin")
-    except BaseException:
-        if created:
-            shutil.rmtree(data_dir, ignore_errors=True)
-        raise
+    else:
+        result, tls, env_file, admin_key = _init_staged(settings, data_dir, all_hosts)
     return InitResult(
         data_dir=data_dir,
         database_url=settings.database_url,
@@ -141,7 +155,54 @@ def init_data_dir(
     )
 
 
-def write_env_file(settings: Settings, *, data_dir: Path) -> Path:
+def _init_staged(
+    settings: Settings, data_dir: Path, hosts: tuple[str, ...]
+) -> tuple[MigrationResult, TlsPaths, Path, str]:
+    """A first init built in a staging directory, then renamed into ``data_dir``."""
+    existed = data_dir.exists()
+    try:
+        parent = data_dir if existed else data_dir.parent
+        parent.mkdir(parents=True, exist_ok=True)
+        stage = Path(tempfile.mkdtemp(prefix=".fedge-init-", dir=parent))
+    except OSError as exc:
+        raise SetupError(f"cannot create the data directory {data_dir}: {exc}") from exc
+    default_db = settings.database_url == default_database_url(data_dir)
+    default_blobs = not settings.blobs_in_database and settings.blobs.resolve() == (
+        data_dir / "blobs"
+    )
+    blobs_exist = settings.blobs.exists()
+    staged = settings.model_copy(
+        update={
+            "database_url": default_database_url(stage) if default_db else settings.database_url,
+            "blob_dir": stage / "blobs" if default_blobs and not blobs_exist else settings.blobs,
+        }
+    )
+    made_blobs = False
+    try:
+        stage.chmod(0o700)
+        result = migrate_database(staged)
+        create_ca_and_server_cert(stage / "tls", hosts=hosts)
+        if not settings.blobs_in_database and not staged.blobs.exists():
+            staged.blobs.mkdir(parents=True)
+            made_blobs = staged.blobs.resolve() != (stage / "blobs").resolve()
+        write_env_file(settings, data_dir=data_dir, directory=stage)
+        admin_key = create_key(staged, name=BOOTSTRAP_KEY_NAME, role="admin")
+        if existed:  # a mount point cannot be replaced: move the entries into it
+            order = sorted(stage.iterdir(), key=lambda p: p.name == ENV_FILE)
+            for entry in order:
+                rename_durably(entry, data_dir / entry.name)
+            stage.rmdir()
+        else:
+            rename_durably(stage, data_dir)
+    except BaseException:
+        shutil.rmtree(stage, ignore_errors=True)
+        if made_blobs:
+            shutil.rmtree(staged.blobs, ignore_errors=True)
+        raise
+    return result, TlsPaths.in_dir(data_dir / "tls"), data_dir / ENV_FILE, admin_key
+
+
+def write_env_file(settings: Settings, *, data_dir: Path, directory: Path | None = None) -> Path:
     """Write ``coordinator.env``: the settings that differ from what the data directory implies,
     so that later commands (and ``docker --env-file``) find the same database."""
     lines = [
@@ -156,7 +217,7 @@ def write_env_file(settings: Settings, *, data_dir: Path) -> Path:
         lines.append(f"FEDGE_BLOB_URL={settings.blob_url}")
     elif settings.blobs.resolve() != (data_dir / "blobs"):
         lines.append(f"FEDGE_BLOB_DIR={settings.blobs.resolve()}")
-    path = data_dir / ENV_FILE
+    path = (directory or data_dir) / ENV_FILE
     write_bytes_atomic(path, ("\n".join(lines) + "\n").encode("utf-8"), mode=0o600)
     return path
 

@@ -8,6 +8,7 @@ and ``tls/server.key``. Keys are written with mode 0600.
 from __future__ import annotations
 
 import ipaddress
+import re
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -20,6 +21,34 @@ from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 from fedge.shared.durable import write_bytes_atomic
 
 DEFAULT_HOSTS = ("localhost", "127.0.0.1", "::1")
+#: The longest common name X.509 allows; longer host names go in the SAN only.
+MAX_COMMON_NAME = 64
+#: A DNS name: dot-separated labels of letters, digits and inner hyphens (a leading ``*.`` is
+#: allowed for a wildcard certificate).
+_LABEL = re.compile(r"^(?!-)[A-Za-z0-9-]{1,63}(?<!-)$")
+
+
+def host_problem(host: str) -> str | None:
+    """Why ``host`` cannot go in a certificate (None when it can): an IP address, or a DNS
+    name of at most 253 characters in labels of 1-63 letters, digits and hyphens."""
+    try:
+        ipaddress.ip_address(host)
+        return None
+    except ValueError:
+        pass
+    if not host:
+        return "it is empty"
+    name = host[2:] if host.startswith("*.") else host
+    name = name.removesuffix(".")
+    if len(name) > 253:
+        return f"it is {len(name)} characters long (a DNS name has at most 253)"
+    bad = [label for label in name.split(".") if not _LABEL.match(label)]
+    if bad:
+        return (
+            f"{bad[0]!r} is not a DNS label (1-63 letters, digits or inner hyphens) and "
+            f"{host!r} is not an IP address"
+        )
+    return None
 
 
 @dataclass(frozen=True)
@@ -46,6 +75,12 @@ def _name(common_name: str) -> x509.Name:
             x509.NameAttribute(NameOID.COMMON_NAME, common_name),
         ]
     )
+
+
+def _common_name(host: str) -> str:
+    """The certificate's common name: the first host when X.509 allows it (clients check the
+    SAN, which holds every host)."""
+    return host if 0 < len(host) <= MAX_COMMON_NAME else "fedge coordinator"
 
 
 def _san(hosts: list[str]) -> x509.SubjectAlternativeName:
@@ -114,7 +149,7 @@ def create_ca_and_server_cert(
     server_key = ec.generate_private_key(ec.SECP256R1())
     server_cert = (
         x509.CertificateBuilder()
-        .subject_name(_name(all_hosts[0]))
+        .subject_name(_name(_common_name(all_hosts[0])))
         .issuer_name(ca_name)
         .public_key(server_key.public_key())
         .serial_number(x509.random_serial_number())

@@ -49,6 +49,13 @@ def fsync_dir(directory: str | os.PathLike[str]) -> None:
         os.close(fd)
 
 
+def rename_durably(source: str | os.PathLike[str], target: str | os.PathLike[str]) -> None:
+    """Rename ``source`` (a file or a directory) to ``target`` in one step (``target`` must
+    not exist, or be an empty directory) and make the rename durable."""
+    os.replace(source, target)
+    fsync_dir(Path(target).parent)
+
+
 def write_atomic(
     path: str | os.PathLike[str],
     write: Callable[[BinaryIO], object],

@@ -162,6 +162,73 @@ def test_failed_init_leaves_no_data_dir(capsys, tmp_path: Path) -> None:
     assert not data_dir.exists()
 
 
+@pytest.mark.parametrize(
+    ("host", "named"),
+    [("", "it is empty"), ("a" * 70 + ".example.com", "is not a DNS label"), ("bad_name", "")],
+)
+@pytest.mark.parametrize("existing", [False, True], ids=["new-dir", "existing-empty-dir"])
+def test_init_with_an_unusable_host_says_so_in_one_line_and_leaves_nothing(
+    capsys, tmp_path: Path, host: str, named: str, existing: bool
+) -> None:
+    data_dir = tmp_path / "coord"
+    if existing:
+        data_dir.mkdir()
+    code, out, err = run(capsys, "init", "--data-dir", str(data_dir), "--host", host)
+    assert code == 1
+    assert err.count("\n") == 1 and "Traceback" not in err
+    assert f"--host {host!r} cannot go in the server certificate" in err
+    assert named in err
+    assert "fk_" not in out
+    assert sorted(tmp_path.iterdir()) == ([data_dir] if existing else [])
+    if existing:
+        assert list(data_dir.iterdir()) == []
+
+
+def test_init_accepts_a_host_name_longer_than_a_common_name_may_be(capsys, tmp_path) -> None:
+    host = "a" * 60 + ".devices.example.com"  # 80 characters: SAN only, not the CN
+    code, _, err = run(capsys, "init", "--data-dir", str(tmp_path / "coord"), "--host", host)
+    assert code == 0, err
+    assert host in san_names(TlsPaths.in_dir(tmp_path / "coord" / "tls").server_cert)
+
+
+def test_init_fails_late_and_still_leaves_nothing(capsys, tmp_path: Path, monkeypatch) -> None:
+    """A failure after the schema, certificates and env file were written (creating the key)
+    removes the staging directory: neither the data directory nor a staging copy remains."""
+    from fedge.coordinator import bootstrap
+
+    def broken(*_args: object, **_kwargs: object) -> str:
+        raise bootstrap.SetupError("the key store is broken")
+
+    monkeypatch.setattr(bootstrap, "create_key", broken)
+    for existing in (False, True):
+        data_dir = tmp_path / f"coord-{existing}"
+        if existing:
+            data_dir.mkdir()
+        code, _, err = run(capsys, "init", "--data-dir", str(data_dir))
+        assert (code, "the key store is broken" in err) == (1, True)
+        assert data_dir.exists() == existing
+        assert not existing or list(data_dir.iterdir()) == []
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["coord-True"]
+
+
+def test_init_into_an_existing_directory_keeps_a_mounted_blob_dir(capsys, tmp_path, monkeypatch):
+    """The Docker layout: the data directory and its blobs/ exist already (volume mounts)."""
+    data_dir = tmp_path / "var"
+    (data_dir / "blobs").mkdir(parents=True)
+    marker = data_dir / "blobs" / "keep"
+    marker.write_text("x")
+    monkeypatch.setenv("FEDGE_BLOB_DIR", str(data_dir / "blobs"))
+    code, _, err = run(capsys, "init", "--data-dir", str(data_dir))
+    assert code == 0, err
+    assert marker.read_text() == "x"
+    assert sorted(p.name for p in data_dir.iterdir()) == [
+        "blobs",
+        "coordinator.env",
+        "fedge.db",
+        "tls",
+    ]
+
+
 def test_migrate_up_status_and_down(capsys, tmp_path: Path) -> None:
     url = f"sqlite:///{tmp_path / 'fedge.db'}"
     head = migrate.head_revision()
