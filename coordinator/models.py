@@ -73,6 +73,9 @@ class Task(Base):
     aggregation: Mapped[dict[str, Any]] = mapped_column(JSON)
     compression: Mapped[dict[str, Any]] = mapped_column(JSON)
     training: Mapped[dict[str, Any]] = mapped_column(JSON)
+    # Training settings changed while the task is live: moved into ``training`` when the
+    # engine opens the next round (fedge.coordinator.engine.rounds.apply_pending_training).
+    pending_training: Mapped[dict[str, Any] | None] = mapped_column(JSON, default=None)
     # Latest model version; -1 until initial weights exist.
     current_version: Mapped[int] = mapped_column(Integer, default=-1)
     # Server optimizer state (e.g. momentum buffer) lives in a blob; digest here.

@@ -41,7 +41,7 @@ from fedge.coordinator.schemas.tasks import (
     resolve_trainer,
 )
 from fedge.coordinator.settings import Settings
-from fedge.coordinator.states import TaskStatus
+from fedge.coordinator.states import TASK_LIVE, TaskStatus
 from fedge.shared import architectures, wire
 from fedge.shared.limits import DEFAULT_LIMITS, Limits
 from fedge.shared.modelspec import ModelSpec
@@ -54,6 +54,8 @@ TRANSITIONS: dict[str, tuple[tuple[TaskStatus, ...], TaskStatus]] = {
     "resume": ((TaskStatus.PAUSED,), TaskStatus.RUNNING),
     "cancel": ((TaskStatus.DRAFT, TaskStatus.RUNNING, TaskStatus.PAUSED), TaskStatus.CANCELLED),
 }
+#: Training settings a running or paused task accepts (applied from its next round).
+LIVE_TRAINING_FIELDS = ("lr", "epochs", "batch_size", "proximal_mu")
 #: Wire codes that mean "valid encoding, wrong content" (422); the others are 400.
 UNPROCESSABLE_WIRE_CODES = frozenset({"shape_mismatch", "policy_mismatch"})
 
@@ -85,8 +87,37 @@ def parse_model(data: Mapping[str, Any]) -> ModelConfig:
     return BuiltinModel.model_validate(data)
 
 
-def to_public(task: Task) -> TaskPublic:
+def config_warnings(task: Task, settings: Settings | None) -> list[str]:
+    """Settings of ``task`` that can never take effect as configured (docs/api.md, "Task
+    warnings"): returned with the task and, while it runs, given as its ``status_reason``.
+
+    Static checks only (a quorum larger than the round is refused outright by
+    :class:`AggregationConfig`)."""
+    try:
+        cfg = aggregation_from_stored(task.aggregation)
+    except ValueError:
+        return []
+    found: list[str] = []
+    target, value = cfg.target_name, cfg.target_value
+    if target is not None and value is not None:
+        where = f"aggregation.target_metric {target!r}"
+        if settings is not None and not settings.eval_hook:
+            found.append(
+                f"{where} can never be reached: it is compared with the server-side "
+                "evaluation, and no evaluation hook is configured (set FEDGE_EVAL_HOOK, see "
+                "docs/configuration.md); the task runs all its num_rounds"
+            )
+        if "accuracy" in target and not 0.0 <= value <= 1.0:
+            found.append(
+                f"{where} has value {value:g}, but accuracy is a fraction in [0, 1]; the "
+                "target can never be reached"
+            )
+    return found
+
+
+def to_public(task: Task, settings: Settings | None = None) -> TaskPublic:
     spec = ModelSpec.from_dict(task.model_spec)
+    pending = task.pending_training
     return TaskPublic(
         id=task.id,
         name=task.name,
@@ -100,6 +131,10 @@ def to_public(task: Task) -> TaskPublic:
         compression=CompressionConfig.model_validate(task.compression),
         training=TrainingPublic.model_validate(task.training),
         requirements=TaskRequirements.model_validate(task.requirements or {}),
+        pending_training=(
+            None if pending is None else TrainingPublic.model_validate({**task.training, **pending})
+        ),
+        warnings=config_warnings(task, settings),
         current_version=task.current_version,
         has_initial_weights=task.current_version >= 0,
         created_at=task.created_at,
@@ -273,7 +308,11 @@ def require_draft(task: Task) -> None:
 def update_task(
     session: Session, blobs: BlobStore, settings: Settings, task: Task, patch: TaskUpdate
 ) -> Task:
-    """Apply a draft edit (see :class:`TaskUpdate`); 409 ``task_not_draft`` otherwise."""
+    """Apply a draft edit (see :class:`TaskUpdate`). A running or paused task accepts only
+    ``training`` settings of :data:`LIVE_TRAINING_FIELDS`, which wait in ``pending_training``
+    until its next round opens; anything else is 409 ``task_not_draft``."""
+    if task.status in TASK_LIVE:
+        return _update_live_training(task, patch)
     require_draft(task)
     old_model = parse_model(task.model_config_)
     model = patch.model if patch.model is not None else old_model
@@ -327,6 +366,28 @@ def update_task(
     return task
 
 
+def _update_live_training(task: Task, patch: TaskUpdate) -> Task:
+    changed = set(patch.model_dump(exclude_none=True))
+    fields = set(patch.training or {})
+    refused = sorted(changed - {"training"}) + sorted(
+        f"training.{f}" for f in fields - set(LIVE_TRAINING_FIELDS)
+    )
+    if refused or not fields:
+        raise Conflict(
+            f"task {task.id} is {task.status}: only training settings "
+            f"({', '.join(LIVE_TRAINING_FIELDS)}) can change now"
+            + (f", not {', '.join(refused)}" if refused else "")
+            + "; other settings need a draft task",
+            code="task_not_draft",
+        )
+    merged = {**task.training, **(task.pending_training or {}), **(patch.training or {})}
+    training = _validate(TrainingConfig, merged, prefix="training").model_dump(mode="json")
+    pending = {k: training[k] for k in LIVE_TRAINING_FIELDS if training[k] != task.training[k]}
+    task.pending_training = pending or None
+    task.updated_at = utcnow()
+    return task
+
+
 def upload_initial_model(
     session: Session, blobs: BlobStore, settings: Settings, task: Task, data: bytes
 ) -> ModelVersion:
@@ -351,7 +412,9 @@ def upload_initial_model(
     return row
 
 
-def transition(session: Session, task: Task, action: str) -> Task:
+def transition(
+    session: Session, task: Task, action: str, *, warnings: list[str] | None = None
+) -> Task:
     """Apply a lifecycle action; 409 ``invalid_transition`` when it does not apply.
 
     Pausing or cancelling only changes the status here: the round engine then cancels the
@@ -372,7 +435,10 @@ def transition(session: Session, task: Task, action: str) -> Task:
             code="invalid_transition",
         )
     now = utcnow()
-    values: dict[str, Any] = {"status": target, "status_reason": None, "updated_at": now}
+    reason = None
+    if target == TaskStatus.RUNNING and warnings:
+        reason = "warning: " + "; ".join(warnings)
+    values: dict[str, Any] = {"status": target, "status_reason": reason, "updated_at": now}
     if action == "start":
         values["started_at"] = now
     if target == TaskStatus.CANCELLED:

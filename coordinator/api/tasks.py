@@ -68,7 +68,7 @@ def create(
     blobs: BlobsDep,
     settings: SettingsDep,
 ) -> TaskPublic:
-    return service.to_public(service.create_task(session, blobs, settings, body))
+    return service.to_public(service.create_task(session, blobs, settings, body), settings)
 
 
 @router.get(
@@ -80,13 +80,14 @@ def create(
 def list_tasks(
     _caller: ViewerDep,
     session: SessionDep,
+    settings: SettingsDep,
     page: Pagination,
     status: Annotated[TaskStatus | None, Query(description="Only this status")] = None,
 ) -> TasksPublic:
     stmt = select(Task).order_by(Task.id.desc())
     if status is not None:
         stmt = stmt.where(Task.status == status)
-    return page_of(TasksPublic, session, stmt, page, service.to_public)
+    return page_of(TasksPublic, session, stmt, page, lambda t: service.to_public(t, settings))
 
 
 @router.get(
@@ -95,14 +96,17 @@ def list_tasks(
     summary="One task",
     responses=error_responses(401, 404, 422),
 )
-def read(task_id: TaskId, _caller: ViewerDep, session: SessionDep) -> TaskPublic:
-    return service.to_public(get_task(session, task_id))
+def read(
+    task_id: TaskId, _caller: ViewerDep, session: SessionDep, settings: SettingsDep
+) -> TaskPublic:
+    return service.to_public(get_task(session, task_id), settings)
 
 
 @router.patch(
     "/{task_id}",
     response_model=TaskPublic,
-    summary="Change a draft task (409 task_not_draft otherwise)",
+    summary="Change a draft task; a running or paused one accepts only training lr, epochs, "
+    "batch_size and proximal_mu, applied from its next round (409 task_not_draft otherwise)",
     responses=error_responses(400, 401, 403, 404, 409, 422),
 )
 def update(
@@ -114,7 +118,7 @@ def update(
     settings: SettingsDep,
 ) -> TaskPublic:
     task = get_task(session, task_id, for_update=True)
-    return service.to_public(service.update_task(session, blobs, settings, task, body))
+    return service.to_public(service.update_task(session, blobs, settings, task, body), settings)
 
 
 @router.put(
@@ -152,10 +156,13 @@ def _action(action: str, summary: str) -> None:
         _caller: AdminDep,
         session: SessionDep,
         runtime: RuntimeDep,
+        settings: SettingsDep,
         background: BackgroundTasks,
     ) -> TaskPublic:
         task = get_task(session, task_id, for_update=True)
-        result = service.to_public(service.transition(session, task, action))
+        warnings = service.config_warnings(task, settings)
+        moved = service.transition(session, task, action, warnings=warnings)
+        result = service.to_public(moved, settings)
         background.add_task(kick_scheduler, runtime)
         return result
 

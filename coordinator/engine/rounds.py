@@ -163,6 +163,16 @@ def waiting_reason(session: Session, task: Task, available: int, needed: int) ->
     )
 
 
+def apply_pending_training(task: Task, *, now: datetime) -> None:
+    """Move training settings changed on the live task (``PATCH /tasks/{id}``) into force,
+    as its next round opens: every device of one round trains with the same settings."""
+    if task.pending_training is None:
+        return
+    task.training = {**task.training, **task.pending_training}
+    task.pending_training = None
+    task.updated_at = now
+
+
 def open_sync_round(
     session: Session, task: Task, cfg: AggregationConfig, *, now: datetime, liveness: Liveness
 ) -> tuple[Round | None, list[str]]:
@@ -191,6 +201,7 @@ def open_sync_round(
     if len(chosen) < needed:
         return None, []
     set_waiting(task, None, now=now)
+    apply_pending_training(task, now=now)
     deadline = now + timedelta(seconds=cfg.round_deadline_s)
     rnd = Round(
         task_id=task.id,
@@ -309,6 +320,7 @@ def open_async_round(
     session: Session, task: Task, cfg: AggregationConfig, *, now: datetime
 ) -> Round:
     """Open the next async round on the current version; work is handed out on demand."""
+    apply_pending_training(task, now=now)
     rnd = Round(
         task_id=task.id,
         number=next_round_number(session, task.id),

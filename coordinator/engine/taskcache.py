@@ -7,11 +7,11 @@ and parsing the JSON columns each time costs more than the rest of the check. Tw
 - :meth:`TaskConfigCache.get` (an ORM ``Task`` at hand): an entry is reused while the task's
   columns still equal (as JSON values) the ones it was parsed from, so an edited task is
   parsed again;
-- :meth:`TaskConfigCache.lookup` (the request path, SQLAlchemy Core): by task id and creation
-  time alone, without reading the JSON columns. A task's configuration can only change while
-  it is a draft (``update_task``) and no task goes back to draft, so an entry is made only
-  for a task that has left draft, and it stays right for as long as the task exists; the
-  creation time tells a task apart from a later one that reused its id.
+- :meth:`TaskConfigCache.lookup` (the request path, SQLAlchemy Core): by task id and the
+  task's ``updated_at`` alone, without reading the JSON columns. Every change of a task's
+  configuration (a draft edit, or training settings taking effect at a round of a live task)
+  also sets ``updated_at``, so an entry stays right until that stamp moves; an entry is made
+  only for a task that has left draft (a draft's edits may land within one clock tick).
 """
 
 from __future__ import annotations
@@ -118,7 +118,7 @@ class TaskConfigCache:
     def __init__(self, max_entries: int = 4096) -> None:
         self.max_entries = max_entries
         self._entries: dict[int, ParsedTask] = {}
-        self._frozen: dict[tuple[int, datetime], ParsedTask] = {}
+        self._frozen: dict[int, tuple[datetime, ParsedTask]] = {}
         self.parsed = 0  # parses so far (for tests and diagnostics)
 
     def get(self, task: Task) -> ParsedTask:
@@ -150,14 +150,13 @@ class TaskConfigCache:
         self._entries[task.id] = parsed
         return parsed
 
-    def lookup(self, conn: Connection, task_id: int, created_at: datetime) -> ParsedTask:
-        """The parsed configuration of the task ``task_id`` created at ``created_at`` (read
-        and parsed once per task after it left draft; an unusable aggregation config gives
+    def lookup(self, conn: Connection, task_id: int, updated_at: datetime) -> ParsedTask:
+        """The parsed configuration of the task ``task_id`` as of ``updated_at`` (read and
+        parsed again whenever that stamp moves; an unusable aggregation config gives
         ``config=None``). ``LookupError`` when there is no such task."""
-        key = (task_id, created_at)
-        hit = self._frozen.get(key)
-        if hit is not None:
-            return hit
+        hit = self._frozen.get(task_id)
+        if hit is not None and hit[0] == updated_at:
+            return hit[1]
         row = conn.execute(_CONFIG_COLUMNS.where(Task.id == task_id)).first()
         if row is None:
             raise LookupError(f"no task {task_id}")
@@ -173,7 +172,7 @@ class TaskConfigCache:
         if status != TaskStatus.DRAFT:
             if len(self._frozen) >= self.max_entries:
                 self._frozen.clear()
-            self._frozen[key] = parsed
+            self._frozen[task_id] = (updated_at, parsed)
         return parsed
 
     def _parse_task(self, **columns: Any) -> ParsedTask:

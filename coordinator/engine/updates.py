@@ -228,7 +228,7 @@ _ASSIGNMENT_AND_TASK = (
         Assignment.base_version,
         Task.status,
         Task.current_version,
-        Task.created_at,
+        Task.updated_at,
         select(Update.id).where(Update.assignment_id == Assignment.id).scalar_subquery(),
     )
     .join(Task, Task.id == Assignment.task_id)
@@ -296,7 +296,7 @@ def _precheck(runtime: Runtime, *, device_id: str, assignment_id: int, key: str)
             row = conn.execute(_ASSIGNMENT_AND_TASK, {"p_assignment": assignment_id}).first()
             if row is None:
                 raise NotFound(f"no assignment {assignment_id}")
-            owner, task_id, base, task_status, current, created_at, uploaded = row
+            owner, task_id, base, task_status, current, updated_at, uploaded = row
             if owner != device_id:
                 raise Forbidden(
                     f"assignment {assignment_id} belongs to another device",
@@ -316,7 +316,7 @@ def _precheck(runtime: Runtime, *, device_id: str, assignment_id: int, key: str)
                 raise Conflict(
                     f"task {task_id} is {task_status}, not running", code="task_not_running"
                 )
-            parsed = runtime.task_configs.lookup(conn, task_id, created_at)
+            parsed = runtime.task_configs.lookup(conn, task_id, updated_at)
         finally:
             conn.rollback()
     if parsed.config is None:

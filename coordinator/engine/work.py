@@ -160,7 +160,7 @@ _ACTIVE_OF_DEVICE = (
         Assignment.round_id,
         Assignment.base_version,
         Assignment.lease_expires_at,
-        Task.created_at,
+        Task.updated_at,
     )
     .join(Task, Task.id == Assignment.task_id)
     .where(Assignment.device_id == bindparam("p_device"), Assignment.status.in_(ASSIGNMENT_ACTIVE))
@@ -168,7 +168,7 @@ _ACTIVE_OF_DEVICE = (
     .limit(1)
 )
 _RUNNING_TASKS = (
-    select(Task.id, Task.created_at).where(Task.status == TaskStatus.RUNNING).order_by(Task.id)
+    select(Task.id, Task.updated_at).where(Task.status == TaskStatus.RUNNING).order_by(Task.id)
 )
 # The task row locked (PostgreSQL): serializes with the scheduler and other requests for this
 # task (concurrency cap). SQLite's write lock serializes them already.
@@ -275,8 +275,8 @@ def find_work(
     statement, where the lock order puts the device row."""
     active = conn.execute(_ACTIVE_OF_DEVICE, {"p_device": device_id}).first()
     if active is not None:
-        aid, status, task_id, round_id, base_version, lease, created_at = active
-        parsed = configs.lookup(conn, task_id, created_at)
+        aid, status, task_id, round_id, base_version, lease, updated_at = active
+        parsed = configs.lookup(conn, task_id, updated_at)
         if seen:
             touch_device(conn, device_id, now=now)
         return _payload(
@@ -290,8 +290,8 @@ def find_work(
             deadline=lease,
         )
     targeting: tuple[Any, Any] | None = None
-    for candidate_id, created_at in conn.execute(_RUNNING_TASKS).all():
-        parsed = configs.lookup(conn, candidate_id, created_at)
+    for candidate_id, updated_at in conn.execute(_RUNNING_TASKS).all():
+        parsed = configs.lookup(conn, candidate_id, updated_at)
         cfg = parsed.config
         if parsed.mode != "async" or cfg is None:
             continue

@@ -222,7 +222,9 @@ class TaskCreate(Strict):
 class TaskUpdate(Strict):
     """A change to a draft task. Omitted (or null) fields stay as they are; ``aggregation``,
     ``compression`` and ``training`` are merged key by key into the current values and the
-    result is validated as a whole; a new ``model`` rebuilds the spec and initial weights."""
+    result is validated as a whole; a new ``model`` rebuilds the spec and initial weights.
+    A running or paused task accepts only ``training`` fields lr, epochs, batch_size and
+    proximal_mu, applied from its next round."""
 
     name: Name | None = None
     description: Text | None = None
@@ -253,6 +255,16 @@ class TaskPublic(BaseModel):
     compression: CompressionConfig
     training: TrainingPublic
     requirements: TaskRequirements
+    pending_training: TrainingPublic | None = Field(
+        default=None,
+        description="Training settings changed while the task is live; they replace "
+        "`training` when its next round opens",
+    )
+    warnings: list[str] = Field(
+        default_factory=list,
+        description="Settings that can never take effect as configured (e.g. a target_metric "
+        "without a server-side evaluation hook)",
+    )
     current_version: int = Field(description="Latest model version; -1 before initial weights")
     has_initial_weights: bool
     created_at: datetime
