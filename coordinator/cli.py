@@ -290,6 +290,12 @@ def main(argv: list[str] | None = None) -> int:
     except SetupError as exc:  # includes the server's ServeError
         print(f"{PROG} {args.command}: error: {exc}", file=sys.stderr)
         return 1
+    except OSError as exc:  # a file or directory the command needed (the message names it)
+        where = f" ({exc.filename})" if exc.filename and str(exc.filename) not in str(exc) else ""
+        print(f"{PROG} {args.command}: error: {exc}{where}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
     except ValidationError as exc:
         problems = "; ".join(
             f"FEDGE_{'_'.join(str(p) for p in err['loc']).upper()}: {err['msg']}"

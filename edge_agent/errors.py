@@ -4,7 +4,9 @@ Every error carries ``code`` (the coordinator's stable error code, or a local on
 (the HTTP status, ``None`` when no answer arrived) and ``detail`` (plain words)::
 
     AgentError
-    ├── Unreachable            no answer after all retries (connection, timeout, TLS)
+    ├── Unreachable            no answer after all retries (connection, timeout)
+    │   └── TlsUntrusted       the server's certificate fails verification against the CA
+    ├── CaFileError            the CA file to pin is missing, unreadable or not PEM
     └── ApiError               the coordinator answered with an error status
         ├── AuthError          401: bad signature, clock skew, replay, unknown device/key/token
         ├── Forbidden          403
@@ -40,6 +42,15 @@ class AgentError(Exception):
 
 class Unreachable(AgentError):
     """The coordinator could not be reached (after the configured retries)."""
+
+
+class TlsUntrusted(Unreachable):
+    """The coordinator answered, but its certificate does not verify against the pinned CA
+    (wrong ``ca.crt``, a certificate for another host name, or an expired one). Not retried."""
+
+
+class CaFileError(AgentError):
+    """The CA file given to pin cannot be used; ``detail`` names it and says what to do."""
 
 
 class ApiError(AgentError):

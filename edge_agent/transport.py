@@ -20,7 +20,14 @@ from typing import Any
 
 import httpx
 
-from fedge.edge_agent.errors import ApiError, RateLimited, Unreachable, error_from_response
+from fedge.edge_agent.errors import (
+    ApiError,
+    CaFileError,
+    RateLimited,
+    TlsUntrusted,
+    Unreachable,
+    error_from_response,
+)
 
 log = logging.getLogger(__name__)
 
@@ -59,7 +66,40 @@ def verify_setting(ca_file: str | None) -> ssl.SSLContext | bool:
     CA, pinned), or the system trust store when no CA is given."""
     if ca_file is None:
         return True
-    return ssl.create_default_context(cafile=ca_file)
+    try:
+        return ssl.create_default_context(cafile=ca_file)
+    except FileNotFoundError:
+        raise CaFileError(
+            "ca_file_missing",
+            f"CA file {ca_file} does not exist; give the coordinator's tls/ca.crt "
+            "(--ca or FEDGE_CA)",
+        ) from None
+    except IsADirectoryError:
+        raise CaFileError(
+            "ca_file_unusable", f"CA file {ca_file} is a directory; give the ca.crt file in it"
+        ) from None
+    except (ssl.SSLError, ValueError):
+        raise CaFileError(
+            "ca_file_not_pem",
+            f"CA file {ca_file} holds no PEM certificate; give the coordinator's tls/ca.crt "
+            "(it begins with -----BEGIN CERTIFICATE-----)",
+        ) from None
+    except OSError as exc:
+        raise CaFileError(
+            "ca_file_unusable", f"cannot read CA file {ca_file}: {exc.strerror or exc}"
+        ) from None
+
+
+def _tls_failure(exc: BaseException) -> ssl.SSLCertVerificationError | None:
+    """The certificate verification error behind a transport error, if that is what it is."""
+    seen: set[int] = set()
+    cause: BaseException | None = exc
+    while cause is not None and id(cause) not in seen:
+        if isinstance(cause, ssl.SSLCertVerificationError):
+            return cause
+        seen.add(id(cause))
+        cause = cause.__cause__ or cause.__context__
+    return None
 
 
 def _sleep(seconds: float) -> None:
@@ -142,8 +182,19 @@ class Session:
             try:
                 response = self._client.send(request)
             except httpx.TransportError as exc:
+                failure = _tls_failure(exc)
+                if failure is not None:
+                    raise TlsUntrusted(
+                        "tls_untrusted",
+                        f"the certificate of {self.base_url} did not verify "
+                        f"({failure.verify_message or failure.reason}); check that the CA "
+                        "file (--ca, FEDGE_CA) is the coordinator's tls/ca.crt and that the "
+                        "URL's host name is one the certificate was made for",
+                    ) from exc
                 last_error = Unreachable(
-                    "unreachable", f"{method} {request.url.path}: {type(exc).__name__}: {exc}"
+                    "unreachable",
+                    f"cannot reach {self.base_url} ({method} {request.url.path}): "
+                    f"{type(exc).__name__}: {exc}",
                 )
                 last_error.__cause__ = exc
             else:
