@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import asyncio
 import copy
+import logging
 import signal
 import socket
 import ssl
@@ -117,7 +118,10 @@ def log_config(level: str) -> dict[str, Any]:
 
 
 class StartedServer(uvicorn.Server):
-    """uvicorn's server with a hook that runs once it accepts connections."""
+    """uvicorn's server with a hook that runs once it accepts connections, and a graceful
+    stop that first answers the waiting device long-polls (204, "nothing new"): they would
+    otherwise hold the stop for up to ``long_poll_max_s`` and then be cancelled, which logs
+    a CancelledError traceback and answers 500."""
 
     def __init__(self, config: uvicorn.Config, on_started: Callable[[], None]) -> None:
         super().__init__(config)
@@ -127,6 +131,17 @@ class StartedServer(uvicorn.Server):
         await super().startup(sockets=sockets)
         if self.started and not self.should_exit:
             self._on_started()
+
+    async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
+        runtime = getattr(getattr(self.config.app, "state", None), "runtime", None)
+        notifier = getattr(runtime, "notifier", None)
+        if notifier is not None:
+            woken = notifier.drain()
+            if woken:
+                logging.getLogger(__name__).info(
+                    "stopping: answered %d waiting long-poll(s)", woken
+                )
+        await super().shutdown(sockets=sockets)
 
 
 @contextmanager

@@ -159,11 +159,14 @@ async def long_poll(
                 if found is not None:
                     return found
             remaining = deadline - loop.time()
-            if remaining <= 0 or await disconnected():
-                # A device that went away stops costing a database check per re-check.
+            if remaining <= 0 or notifier.draining or await disconnected():
+                # A device that went away stops costing a database check per re-check; a
+                # stopping process answers "nothing new" so the device polls again later.
                 return None
             now = loop.time()
             await sub.wait(min(remaining, next_tick(now, recheck) - now))
+            if notifier.draining:
+                return None
             verdict, payload = await checker.check(device_id, current)
             if verdict == "found":
                 return payload

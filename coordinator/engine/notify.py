@@ -9,6 +9,10 @@ is not lost, because the subscription already exists and its event stays set.
 
 Other coordinator processes cannot reach this object; long-polls re-check the database every
 ``settings.long_poll_recheck_s`` to see their changes.
+
+On a graceful stop the server calls :meth:`Notifier.drain` first: every waiting long-poll wakes
+and answers "nothing new" (204) at once, instead of holding the stop for its whole wait and
+being cancelled when the grace period ends.
 """
 
 from __future__ import annotations
@@ -48,6 +52,8 @@ class Notifier:
     def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
         self._loop = loop
         self._subs: defaultdict[str, set[Subscription]] = defaultdict(set)
+        #: Set by :meth:`drain`: the process is stopping; long-polls answer at once.
+        self.draining = False
 
     @contextmanager
     def subscribe(self, device_id: str) -> Iterator[Subscription]:
@@ -94,6 +100,16 @@ class Notifier:
         if self._loop.is_closed():
             return
         self._loop.call_soon_threadsafe(self._fire_all)
+
+    def drain(self) -> int:
+        """The process is stopping: wake every waiting long-poll (they then answer "nothing
+        new") and make later ones answer without waiting. Call on the event loop; returns the
+        number of long-polls woken."""
+        self.draining = True
+        subs = [sub for group in self._subs.values() for sub in group]
+        for sub in subs:
+            sub._set()
+        return len(subs)
 
     def waiting(self, device_id: str) -> int:
         """Number of open subscriptions for a device (for tests and diagnostics)."""
