@@ -17,6 +17,7 @@ variables, ``<data_dir>/coordinator.env``, built-in defaults.
 
 from __future__ import annotations
 
+import os
 import shutil
 import tempfile
 from dataclasses import dataclass
@@ -80,8 +81,21 @@ def load_settings(**overrides: Any) -> Settings:
     settings = Settings(**given)
     env_file = settings.data_dir / ENV_FILE
     if env_file.is_file():
-        settings = Settings(_env_file=env_file, **given)  # type: ignore[call-arg]
+        layered = {**_database_named_above(given), **given}
+        settings = Settings(_env_file=env_file, **layered)  # type: ignore[call-arg]
     return settings
+
+
+def _database_named_above(given: dict[str, Any]) -> dict[str, Any]:
+    """When options or the environment name the database one way (a URL, or a URL file),
+    the env file must not add the other way: the higher layer names the database alone."""
+    by_url = "database_url" in given or "FEDGE_DATABASE_URL" in os.environ
+    by_file = "database_url_file" in given or "FEDGE_DATABASE_URL_FILE" in os.environ
+    if by_url and not by_file:
+        return {"database_url_file": None}
+    if by_file and not by_url:
+        return {"database_url": ""}
+    return {}
 
 
 def default_database_url(data_dir: Path) -> str:
@@ -211,7 +225,14 @@ def write_env_file(settings: Settings, *, data_dir: Path, directory: Path | None
         "# variables set in the environment take precedence over this file.",
         f"FEDGE_DATA_DIR={data_dir}",
     ]
-    if settings.database_url != default_database_url(data_dir):
+    # A password read from a file stays in that file: the env file names the file instead.
+    if settings.database_url_file is not None:
+        lines.append(f"FEDGE_DATABASE_URL_FILE={settings.database_url_file.resolve()}")
+    elif settings.database_password_file is not None:
+        bare = make_url(settings.database_url)._replace(password=None)
+        lines.append(f"FEDGE_DATABASE_URL={bare.render_as_string(hide_password=False)}")
+        lines.append(f"FEDGE_DATABASE_PASSWORD_FILE={settings.database_password_file.resolve()}")
+    elif settings.database_url != default_database_url(data_dir):
         lines.append(f"FEDGE_DATABASE_URL={settings.database_url}")
     if settings.blob_url is not None:
         lines.append(f"FEDGE_BLOB_URL={settings.blob_url}")

@@ -7,6 +7,8 @@ from pathlib import Path
 
 from pydantic import Field, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
+from sqlalchemy.engine import make_url
+from sqlalchemy.exc import ArgumentError
 
 #: Threads kept free beyond one per request in flight (the scheduler runs in threads too).
 THREAD_MARGIN = 16
@@ -14,6 +16,21 @@ THREAD_MARGIN = 16
 MAX_DEFAULT_RESERVE = 32
 #: The ``blob_url`` that keeps blobs in the coordinator's database.
 BLOBS_IN_DATABASE = "database"
+
+
+def read_secret(path: Path, setting: str) -> str:
+    """A secret file's content without one trailing newline; ValueError naming the setting
+    and the file when it cannot be used."""
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise ValueError(f"{setting}: {path} does not exist") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ValueError(f"{setting}: cannot read {path}: {exc}") from None
+    value = text.removesuffix("\n").removesuffix("\r")
+    if not value.strip():
+        raise ValueError(f"{setting}: {path} is empty")
+    return value
 
 
 class Settings(BaseSettings):
@@ -26,6 +43,16 @@ class Settings(BaseSettings):
         default="",
         description="SQLAlchemy URL; default sqlite:///<data_dir>/fedge.db. "
         "PostgreSQL: postgresql+psycopg://user@host/db",
+    )
+    database_url_file: Path | None = Field(
+        default=None,
+        description="A file holding the database URL (a Docker secret), instead of "
+        "database_url; one trailing newline is ignored.",
+    )
+    database_password_file: Path | None = Field(
+        default=None,
+        description="A file holding the database password (a Docker secret), put into "
+        "database_url (given without a password); one trailing newline is ignored.",
     )
     blob_dir: Path | None = Field(default=None, description="Blob store; default <data_dir>/blobs")
     blob_url: str | None = Field(
@@ -189,6 +216,7 @@ class Settings(BaseSettings):
                 f"device_max_in_flight ({self.device_max_in_flight}): a device whose "
                 "long-polls are all open must still be able to upload"
             )
+        self._read_secret_files()
         if not self.database_url:
             self.database_url = f"sqlite:///{(self.data_dir / 'fedge.db').resolve()}"
         self._check_blob_url()
@@ -199,6 +227,38 @@ class Settings(BaseSettings):
         if self.tls_key is None:
             self.tls_key = self.data_dir / "tls" / "server.key"
         return self
+
+    def _read_secret_files(self) -> None:
+        """``database_url_file`` and ``database_password_file`` into ``database_url``."""
+        if self.database_url_file is not None:
+            if self.database_url:
+                raise ValueError(
+                    "set FEDGE_DATABASE_URL or FEDGE_DATABASE_URL_FILE, not both (the file "
+                    "keeps a password out of the environment)"
+                )
+            self.database_url = read_secret(self.database_url_file, "FEDGE_DATABASE_URL_FILE")
+        if self.database_password_file is not None:
+            password = read_secret(self.database_password_file, "FEDGE_DATABASE_PASSWORD_FILE")
+            if not self.database_url:
+                raise ValueError(
+                    "FEDGE_DATABASE_PASSWORD_FILE needs FEDGE_DATABASE_URL (a URL without the "
+                    "password, e.g. postgresql+psycopg://fedge@postgres:5432/fedge)"
+                )
+            try:
+                url = make_url(self.database_url)
+            except ArgumentError:
+                raise ValueError("FEDGE_DATABASE_URL is not a database URL") from None
+            if url.password is not None:
+                raise ValueError(
+                    "FEDGE_DATABASE_URL holds a password and FEDGE_DATABASE_PASSWORD_FILE "
+                    "gives another; leave the password out of the URL"
+                )
+            self.database_url = url.set(password=password).render_as_string(hide_password=False)
+
+    @property
+    def secrets_from_files(self) -> bool:
+        """The database URL or password came from a file (then it is never written out)."""
+        return self.database_url_file is not None or self.database_password_file is not None
 
     def _check_blob_url(self) -> None:
         """Refuse a ``blob_url`` the coordinator cannot use; ``file:`` sets ``blob_dir``."""

@@ -2,6 +2,8 @@
 
 ``serve`` (the image's default command) prepares and starts the service:
 
+0. wait until ``fedge coordinator init`` has run (its ``coordinator.env`` is in the data
+   directory), logging what to run meanwhile, instead of exiting into a restart loop;
 1. wait for the database, with a bounded number of attempts (PostgreSQL usually starts
    alongside the coordinator and needs a few seconds);
 2. apply the Alembic migrations, under a PostgreSQL advisory lock so that several replicas
@@ -19,6 +21,9 @@ exactly as ``fedge coordinator serve`` reads them, so both see the same database
 - ``FEDGE_DB_WAIT_ATTEMPTS`` (default 30) and ``FEDGE_DB_WAIT_INTERVAL_S`` (default 2):
   how long to wait for the database;
 - ``FEDGE_MIGRATE_ON_START`` (default true): set false when migrations run as a separate job;
+- ``FEDGE_REQUIRE_INIT`` (default true): set false when the data directory is prepared
+  otherwise (your own certificates, keys made with ``create-key``);
+- ``FEDGE_INIT_WAIT_INTERVAL_S`` (default 10): how often to look for the finished init;
 - ``FEDGE_WORKERS``: worker processes (a coordinator setting); when unset, the CPU count
   on PostgreSQL.
 """
@@ -39,7 +44,7 @@ from sqlalchemy import Connection, Engine, text
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import SQLAlchemyError
 
-from fedge.coordinator.bootstrap import load_settings
+from fedge.coordinator.bootstrap import ENV_FILE, load_settings
 from fedge.coordinator.cli import main as coordinator_main
 from fedge.coordinator.db import make_engine
 from fedge.coordinator.migrate import head_revision, upgrade
@@ -219,6 +224,36 @@ def serve_args(settings: Settings, args: Sequence[str]) -> list[str]:
     return ["serve", "--workers", str(default_workers(settings, available_cpus())), *args]
 
 
+INIT_COMMAND = "docker compose -f docker/compose.yaml run --rm coordinator fedge coordinator init"
+
+
+def initialized(settings: Settings) -> bool:
+    """``fedge coordinator init`` finished here: it writes ``coordinator.env`` last."""
+    return (settings.data_dir / ENV_FILE).is_file()
+
+
+def wait_for_init(
+    settings: Settings,
+    *,
+    interval_s: float,
+    sleep: Callable[[float], None] = time.sleep,
+    announce_every: int = 6,
+) -> int:
+    """Wait (without limit) until the data directory holds a finished init; return the
+    number of looks it took. Logs what to run now and then, so ``docker compose logs`` says
+    what is missing instead of showing a restart loop."""
+    looks = 1
+    while not initialized(settings):
+        if looks % announce_every == 1:
+            log(
+                f"waiting for `fedge coordinator init`: {settings.data_dir / ENV_FILE} does "
+                f"not exist yet. Run it once: {INIT_COMMAND} (docs/deploy.md)"
+            )
+        sleep(interval_s)
+        looks += 1
+    return looks
+
+
 def prestart(settings: Settings) -> None:
     """Wait for the database and migrate it (unless FEDGE_MIGRATE_ON_START=false)."""
     url = settings.database_url
@@ -243,6 +278,10 @@ def main(argv: Sequence[str]) -> int:
         os.execvp(args[0], args)  # noqa: S606 (the container's command, given by the operator)
     try:
         settings = load_settings()
+        if env_bool("FEDGE_REQUIRE_INIT", True) and not initialized(settings):
+            wait_for_init(settings, interval_s=env_float("FEDGE_INIT_WAIT_INTERVAL_S", 10.0))
+            log("init has run; starting")
+            settings = load_settings()  # now with the data directory's coordinator.env
         prestart(settings)
     except ValueError as exc:  # pydantic's ValidationError: a FEDGE_* variable is malformed
         log(f"invalid configuration: {exc}")

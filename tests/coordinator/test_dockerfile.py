@@ -16,7 +16,13 @@ from fedge.coordinator.settings import Settings
 ROOT = Path(__file__).resolve().parents[2]
 DOCKER = ROOT / "docker"
 # Variables the image's entrypoint reads besides the coordinator's settings.
-ENTRYPOINT_VARS = {"FEDGE_DB_WAIT_ATTEMPTS", "FEDGE_DB_WAIT_INTERVAL_S", "FEDGE_MIGRATE_ON_START"}
+ENTRYPOINT_VARS = {
+    "FEDGE_DB_WAIT_ATTEMPTS",
+    "FEDGE_DB_WAIT_INTERVAL_S",
+    "FEDGE_MIGRATE_ON_START",
+    "FEDGE_REQUIRE_INIT",
+    "FEDGE_INIT_WAIT_INTERVAL_S",
+}
 
 
 def instructions(path: Path) -> list[tuple[str, str]]:
@@ -203,7 +209,7 @@ def test_compose_configures_the_coordinator_only_through_known_fedge_variables(c
 def test_env_example_sets_every_required_compose_variable():
     text = (DOCKER / "compose.yaml").read_text(encoding="utf-8")
     required = set(re.findall(r"\$\{([A-Z_]+):\?", text))
-    assert "POSTGRES_PASSWORD" in required
+    assert "FEDGE_PUBLIC_HOST" in required
     example = (DOCKER / ".env.example").read_text(encoding="utf-8")
     assigned = set(re.findall(r"^([A-Z_]+)=", example, re.M))
     assert required <= assigned
