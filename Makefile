@@ -8,7 +8,7 @@ DEMO_STAMP := $(VENV)/.installed-demo
 # Tested versions of every dependency (see the file's header).
 CONSTRAINTS := constraints.txt
 
-.PHONY: install test lint bench bench-full demo clean docker-test constraints
+.PHONY: install test lint bench bench-full demo clean docker-test constraints dist
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -73,5 +73,13 @@ demo: $(DEMO_STAMP)
 docker-test: $(STAMP)
 	VENV_BIN=$(BIN) bash docker/test.sh
 
+# The wheel and the sdist in dist/ (python -m build; the build backend is fetched into an
+# isolated environment: DIST_ARGS=--no-isolation builds with what .venv has, offline). The wheel
+# is what goes on a device: docs/install.md.
+dist: $(STAMP)
+	rm -rf dist
+	$(BIN)/python -m build --outdir dist $(DIST_ARGS) .
+	@ls -l dist
+
 clean:
-	rm -rf $(VENV) build *.egg-info .pytest_cache .mypy_cache .ruff_cache
+	rm -rf $(VENV) build dist *.egg-info .pytest_cache .mypy_cache .ruff_cache
