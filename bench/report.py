@@ -565,6 +565,57 @@ def flower_setting(d: dict[str, Any]) -> str:
     )
 
 
+def dp_accuracy(d: dict[str, Any]) -> str:
+    s, p = d["summary"], d["parameters"]
+    rows = []
+    for arm, v in s.items():
+        eps = v["epsilon_spent"]
+        rows.append(
+            [
+                "no DP" if arm == "no_dp" else f"ε = {arm.removeprefix('eps_')}",
+                fmt(v.get("noise_multiplier"), ".3f"),
+                mean_range(eps, ".2f") if eps.get("mean") is not None else "–",
+                mean_range(v["final_accuracy"]),
+                mean_range(v["best_accuracy"]),
+                "/".join(str(n) for n in v["versions"]),
+            ]
+        )
+    reference = s["no_dp"]["final_accuracy"]["mean"]
+    at8 = s.get("eps_8", {}).get("final_accuracy", {}).get("mean")
+    gap = None if reference is None or at8 is None else reference - at8
+    targets = [
+        [
+            "every DP run ends within its ε budget",
+            ", ".join(
+                f"{a}: max {fmt(v['epsilon_spent'].get('max'), '.3f')}"
+                for a, v in s.items()
+                if a != "no_dp"
+            ),
+            verdict(
+                all(
+                    (v["epsilon_spent"].get("max") or 0.0) <= float(a.removeprefix("eps_")) + 1e-9
+                    for a, v in s.items()
+                    if a != "no_dp"
+                )
+            ),
+        ],
+        ["accuracy cost of ε = 8 (no target set)", f"{fmt(gap, '.3f')} below no DP", "–"],
+    ]
+    return section(
+        f"Accuracy vs privacy budget (`bench/dp_accuracy.py`): central DP-FedAvg on the "
+        f"{p['devices']}-device digits fleet ({p['model']}, Dirichlet α = {p['alpha']}, "
+        f"{p['per_round']} devices per round, q = {p['sampling_rate']}, {p['rounds']} planned "
+        f"rounds, clip norm {p['clip_norm']}, δ = {p['delta']:g}), {len(p['seeds'])} seeds "
+        "(mean and min–max). The noise multiplier of each ε is the accountant's for the "
+        "planned rounds; ε spent is what the task view reported at the end.",
+        ["arm", "noise multiplier", "ε spent", "final accuracy", "best accuracy", "versions"],
+        rows,
+        "lrrrrl",
+        "dp_accuracy",
+        targets,
+    )
+
+
 SECTIONS: list[tuple[str, str, Callable[[dict[str, Any]], str]]] = [
     ("codec", "Update size and codec speed", codec),
     ("compression_accuracy", "Compression vs accuracy", compression_accuracy),
@@ -572,6 +623,7 @@ SECTIONS: list[tuple[str, str, Callable[[dict[str, Any]], str]]] = [
     ("ingest", "Ingest at scale", ingest),
     ("aggregate", "Aggregation at scale", aggregate),
     ("flower_setting", "Against Flower in its own setting", flower_setting),
+    ("dp_accuracy", "Differential privacy: accuracy vs ε", dp_accuracy),
 ]
 
 

@@ -87,6 +87,9 @@ class Task(Base):
     status_reason: Mapped[str | None] = mapped_column(Text, default=None)
     # What a device must offer to be given work (fedge.coordinator.engine.eligibility).
     requirements: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict, server_default="{}")
+    # Central differential privacy: the open round's sampling rate, the rounds released so far
+    # and the epsilon they spent (fedge.coordinator.engine.privacy); null for a task without it.
+    privacy: Mapped[dict[str, Any] | None] = mapped_column(JSON, default=None)
 
     rounds: Mapped[list[Round]] = relationship(back_populates="task", order_by="Round.number")
 

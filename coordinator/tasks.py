@@ -22,6 +22,7 @@ from sqlalchemy.orm import Session
 
 from fedge.coordinator.blobstore import BlobStore
 from fedge.coordinator.db import utcnow
+from fedge.coordinator.engine import privacy
 from fedge.coordinator.errors import ApiError, BadRequest, Conflict, Unprocessable
 from fedge.coordinator.models import ModelVersion, Task
 from fedge.coordinator.schemas.model_versions import ModelVersionPublic
@@ -30,6 +31,7 @@ from fedge.coordinator.schemas.tasks import (
     AggregationConfig,
     BuiltinModel,
     CompressionConfig,
+    PrivacyPublic,
     SpecModel,
     TaskCreate,
     TaskPublic,
@@ -39,6 +41,7 @@ from fedge.coordinator.schemas.tasks import (
     TrainingPublic,
     model_spec,
     resolve_trainer,
+    with_local_dp,
 )
 from fedge.coordinator.settings import Settings
 from fedge.coordinator.states import TASK_LIVE, TaskStatus
@@ -115,9 +118,15 @@ def config_warnings(task: Task, settings: Settings | None) -> list[str]:
     return found
 
 
+def _privacy_public(aggregation: AggregationConfig, task: Task) -> PrivacyPublic | None:
+    spent = privacy.report(aggregation.privacy, task.privacy)
+    return None if spent is None else PrivacyPublic.model_validate(spent)
+
+
 def to_public(task: Task, settings: Settings | None = None) -> TaskPublic:
     spec = ModelSpec.from_dict(task.model_spec)
     pending = task.pending_training
+    aggregation = aggregation_from_stored(task.aggregation)
     return TaskPublic(
         id=task.id,
         name=task.name,
@@ -127,7 +136,7 @@ def to_public(task: Task, settings: Settings | None = None) -> TaskPublic:
         model=parse_model(task.model_config_),
         spec=[TensorSpecPublic(name=t.name, shape=list(t.shape)) for t in spec.tensors],
         num_params=spec.num_params,
-        aggregation=aggregation_from_stored(task.aggregation),
+        aggregation=aggregation,
         compression=CompressionConfig.model_validate(task.compression),
         training=TrainingPublic.model_validate(task.training),
         requirements=TaskRequirements.model_validate(task.requirements or {}),
@@ -137,6 +146,7 @@ def to_public(task: Task, settings: Settings | None = None) -> TaskPublic:
         warnings=config_warnings(task, settings),
         current_version=task.current_version,
         has_initial_weights=task.current_version >= 0,
+        privacy=_privacy_public(aggregation, task),
         created_at=task.created_at,
         updated_at=task.updated_at,
         started_at=task.started_at,
@@ -335,7 +345,7 @@ def update_task(
         training_data["trainer"] = None
     training = _validate(TrainingConfig, training_data, prefix="training")
     try:
-        training = resolve_trainer(model, training)
+        training = with_local_dp(resolve_trainer(model, training), aggregation)
     except ValueError as exc:
         raise Unprocessable(f"training: {exc}") from None
 

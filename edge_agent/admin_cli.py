@@ -156,6 +156,11 @@ def build_parser() -> argparse.ArgumentParser:
     tg = _action(tasks, "get")
     tg.add_argument("task_id", type=int)
     _output_options(tg, top=False)
+    tp = _action(
+        tasks, "privacy", help="differential privacy spent (epsilon, delta, rounds accounted)"
+    )
+    tp.add_argument("task_id", type=int)
+    _output_options(tp, top=False)
     tc = _action(tasks, "create", help="create a draft task; prints any warnings")
     tc.add_argument(
         "--file", required=True, type=Path, help="task body (JSON, see docs/protocol.md)"
@@ -385,6 +390,8 @@ def dispatch(client: AdminClient, args: argparse.Namespace) -> Any:
             return list_page(client.list_tasks, args, status=args.status)
         if action == "get":
             return client.get_task(args.task_id)
+        if action == "privacy":
+            return client.get_task(args.task_id).get("privacy")
         if action == "create":
             return client.create_task(read_json_file(args.file, "task"))
         if action == "update":

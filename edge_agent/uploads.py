@@ -21,6 +21,7 @@ from collections.abc import Mapping
 
 import numpy as np
 
+from fedge.edge_agent import local_dp
 from fedge.edge_agent.client import CoordinatorClient, Work
 from fedge.edge_agent.errors import ApiError, DeviceRevoked, StaleUpdate
 from fedge.edge_agent.outbox import RESIDUAL_BEFORE, OutboxEntry, new_idempotency_key
@@ -61,12 +62,21 @@ def save_update(
     num_examples: int,
     metrics: Mapping[str, float],
     seed: int,
+    noise_rng: np.random.Generator | None = None,
 ) -> OutboxEntry:
     """Compress, encode and durably save the update; then advance the residual.
 
-    The training and evaluation metrics travel inside the update (its metrics block).
+    The training and evaluation metrics travel inside the update (its metrics block). Under
+    local differential privacy (``training.local_dp``) the delta is clipped and noised first
+    (:mod:`fedge.edge_agent.local_dp`; ``noise_rng`` defaults to a CSPRNG-seeded generator).
     """
     delta = {t.name: local[t.name] - base[t.name] for t in spec.tensors}
+    dp = local_dp.settings_of(work.training)
+    if dp is not None:
+        clip_norm, noise_multiplier = dp
+        delta = local_dp.privatize(
+            delta, clip_norm=clip_norm, noise_multiplier=noise_multiplier, rng=noise_rng
+        )
     residual = None
     if policy.error_feedback:
         residual = ResidualState.of(state.load_residual(work.task_id, spec))

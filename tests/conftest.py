@@ -4,12 +4,20 @@ real HTTPS coordinator on loopback, and HTTP clients for administrators."""
 from __future__ import annotations
 
 import os
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from absl import logging as absl_logging
 
 from tests.support import databases
+
+# dp-accounting (the coordinator's privacy accountant) imports absl, whose logging handler keeps
+# the sys.stderr of its import time -- under pytest, pytest's capture file -- and closes it when
+# logging is reconfigured, which every uvicorn server a test starts does. The handler is on no
+# logger; pointed at the process's own stderr it closes nothing of pytest's.
+absl_logging.get_absl_handler().python_handler.stream = sys.__stderr__
 
 
 @pytest.fixture(scope="session")

@@ -30,8 +30,8 @@ from sqlalchemy import select, update
 from sqlalchemy.orm import Session
 
 from fedge.coordinator.blobstore import BlobStore
-from fedge.coordinator.engine import examples, reports, rounds
-from fedge.coordinator.engine.aggregate import WeightedBlob, aggregate_blobs
+from fedge.coordinator.engine import examples, privacy, reports, rounds
+from fedge.coordinator.engine.aggregate import WeightedBlob, aggregate_blobs, iter_decoded
 from fedge.coordinator.engine.config import AggregationConfig
 from fedge.coordinator.engine.decodedcache import DecodedCache
 from fedge.coordinator.engine.eligibility import Liveness
@@ -42,6 +42,7 @@ from fedge.coordinator.engine.strategies import make_strategy
 from fedge.coordinator.models import ModelVersion, Round, Task, Update
 from fedge.coordinator.states import ROUND_ACTIVE, TASK_LIVE, RoundStatus, TaskStatus, UpdateStatus
 from fedge.shared.broadcast import make_delta
+from fedge.shared.dp import secure_rng
 from fedge.shared.limits import Limits
 from fedge.shared.modelspec import ModelSpec, Weights
 from fedge.shared.policy import CompressionPolicy
@@ -143,6 +144,7 @@ def plan_aggregation(
             Update.base_version,
             Update.num_examples,
             Update.num_examples_counted,
+            Update.round_id,
         )
         .where(Update.task_id == task.id, Update.status == UpdateStatus.ACCEPTED)
         .order_by(Update.received_at, Update.id)
@@ -150,8 +152,14 @@ def plan_aggregation(
     # (id, digest, tau, counted examples) of the updates to apply; weights once they are known.
     chosen: list[tuple[int, str, int, int]] = []
     rejects: list[dict[str, Any]] = []
-    for update_id, digest, base_version, num_examples, counted in pending:
+    dp = cfg.central_dp is not None
+    for update_id, digest, base_version, num_examples, counted, round_id in pending:
         tau = max(0, base - base_version)
+        if dp and round_id != rnd.id:
+            # The accountant charges this round's sample only (docs/privacy.md).
+            reason = f"differential privacy: not in the sample of round {rnd.number}"
+            rejects.append({"id": update_id, "status": UpdateStatus.REJECTED, "reason": reason})
+            continue
         if tau > cfg.max_staleness:
             reason = (
                 f"staleness {tau} at aggregation of version {base + 1} exceeds "
@@ -205,30 +213,52 @@ def compute(
     hook: EvalHook | None,
     limits: Limits | None = None,
     decoded: DecodedCache | None = None,
+    noise_rng: np.random.Generator | None = None,
 ) -> Result:
     """Aggregate the planned updates and write the new model (no database access).
+
+    Under central differential privacy the mean is DP-FedAvg's (clipped updates, fixed
+    denominator, Gaussian noise drawn from ``noise_rng``, by default a CSPRNG-seeded one;
+    :mod:`fedge.coordinator.engine.privacy`).
 
     :class:`AggregationFailed` when the mean update, the new weights (as float32) or the
     optimizer state is not finite: no blob is written then."""
     kwargs = {} if limits is None else {"limits": limits}
     start = time.perf_counter()
+    items = (WeightedBlob(i.digest, i.weight) for i in plan.items)
+    dp = plan.config.central_dp
     with np.errstate(over="ignore", invalid="ignore"):  # a non-finite sum is checked below
-        acc = aggregate_blobs(
-            blobs,
-            (WeightedBlob(i.digest, i.weight) for i in plan.items),
-            spec=plan.spec,
-            policy=plan.policy,
-            decoded=decoded,
-            **kwargs,
-        )
-        total_weight = acc.total_weight
-        delta = acc.mean()
+        delta: Mapping[str, np.ndarray]
+        if dp is not None:
+            stream = iter_decoded(
+                blobs, items, spec=plan.spec, policy=plan.policy, decoded=decoded, **kwargs
+            )
+            try:
+                sums, count = privacy.private_sum(
+                    (u for u, _ in stream), plan.spec, clip_norm=dp.clip_norm
+                )
+            except ValueError as exc:  # a non-finite norm (decoders refuse NaN/Inf)
+                raise AggregationFailed(f"differential privacy: {exc}") from None
+            total_weight = float(count)
+            delta = privacy.privatize_mean(
+                sums,
+                privacy=dp,
+                cohort=plan.config.dp_cohort,
+                rng=secure_rng() if noise_rng is None else noise_rng,
+            )
+        else:
+            acc = aggregate_blobs(
+                blobs, items, spec=plan.spec, policy=plan.policy, decoded=decoded, **kwargs
+            )
+            total_weight = acc.total_weight
+            delta = acc.mean()
+            del acc
     _check_finite("the weighted mean update is not finite", delta)
     aggregated = time.perf_counter()
     weights = load_weights(blobs, plan.base_digest, plan.spec)
     strategy = make_strategy(plan.config)
     new_weights, new_state = strategy.step(weights, delta, load_state(blobs, plan.state_digest))
-    del acc, delta, weights  # the dense float64 sum is spent; free it before encoding
+    del delta, weights  # the dense float64 sum is spent; free it before encoding
     _check_finite(f"the new model (version {plan.new_version}) overflows float32", new_weights)
     _check_finite("the new server optimizer state is not finite", new_state)
     stepped = time.perf_counter()
@@ -384,6 +414,12 @@ def commit_aggregation(
     task.current_version = new_version
     task.optimizer_state_digest = result.state_digest
     task.updated_at = now
+    dp = plan.config.central_dp
+    if dp is not None:
+        # The released version is paid for in the same transaction that releases it.
+        task.privacy = privacy.charge(
+            task.privacy, round_id=rnd.id, noise_multiplier=dp.noise_multiplier, delta=dp.delta
+        )
     session.flush()
 
     cfg = plan.config

@@ -15,6 +15,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, Field, ValidationError, model_validator
 
+from fedge.coordinator.engine.privacy import PrivacyConfig, config_problems
 from fedge.coordinator.engine.staleness import CONFIG, StalenessConfig
 
 Mode = Literal["sync", "async"]
@@ -109,6 +110,9 @@ class AggregationConfig(BaseModel):
         "bases of work in progress always are); 0: every version; null: the coordinator's "
         "keep_versions setting",
     )
+    privacy: PrivacyConfig | None = Field(
+        default=None, description="differential privacy (docs/privacy.md); null: none"
+    )
 
     @model_validator(mode="after")
     def _consistent(self) -> AggregationConfig:
@@ -117,7 +121,28 @@ class AggregationConfig(BaseModel):
                 f"min_updates ({self.min_updates}) must not exceed clients_per_round "
                 f"({self.clients_per_round})"
             )
+        if self.privacy is not None:
+            problem = config_problems(
+                self.privacy,
+                mode=self.mode,
+                weighting=self.weighting,
+                max_staleness=self.max_staleness,
+            )
+            if problem:
+                raise ValueError(problem)
         return self
+
+    @property
+    def central_dp(self) -> PrivacyConfig | None:
+        """The privacy settings when the coordinator adds the noise (central DP-FedAvg)."""
+        return self.privacy if self.privacy is not None and self.privacy.mode == "central" else None
+
+    @property
+    def dp_cohort(self) -> int:
+        """Central DP: the fixed denominator of the mean update."""
+        if self.privacy is not None and self.privacy.expected_cohort is not None:
+            return self.privacy.expected_cohort
+        return self.clients_per_round
 
     @property
     def num_selected(self) -> int:

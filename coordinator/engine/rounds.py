@@ -20,6 +20,7 @@ from sqlalchemy.orm import Session
 from sqlalchemy.orm.attributes import set_committed_value
 from sqlalchemy.orm.util import identity_key
 
+from fedge.coordinator.engine import privacy
 from fedge.coordinator.engine.config import AggregationConfig
 from fedge.coordinator.engine.eligibility import Liveness, Requirements
 from fedge.coordinator.engine.selection import (
@@ -39,6 +40,7 @@ from fedge.coordinator.states import (
     TaskStatus,
     UpdateStatus,
 )
+from fedge.shared.dp import secure_rng
 
 #: Ids per ``IN (...)`` list (SQLite allows at most 32,766 bound parameters per statement).
 CHUNK = 10_000
@@ -59,13 +61,18 @@ def next_round_number(session: Session, task_id: int) -> int:
     return 1 if last is None else int(last) + 1
 
 
-def count_pending(session: Session, task_id: int, *, base_version: int | None = None) -> int:
-    """Accepted, not yet applied updates of a task (optionally only on ``base_version``)."""
+def count_pending(
+    session: Session, task_id: int, *, base_version: int | None = None, round_id: int | None = None
+) -> int:
+    """Accepted, not yet applied updates of a task (optionally only on ``base_version``, or
+    only of the round ``round_id``)."""
     stmt = select(func.count(Update.id)).where(
         Update.task_id == task_id, Update.status == UpdateStatus.ACCEPTED
     )
     if base_version is not None:
         stmt = stmt.where(Update.base_version == base_version)
+    if round_id is not None:
+        stmt = stmt.where(Update.round_id == round_id)
     return int(session.scalar(stmt) or 0)
 
 
@@ -181,9 +188,14 @@ def open_sync_round(
     Opens nothing while fewer devices are eligible than the round could need to reach its
     quorum (counting fresh updates already waiting); the task's ``status_reason`` says so and
     the scheduler tries again next tick. The selection rng is seeded by (task, round number),
-    so a round's pick is reproducible.
+    so a round's pick is reproducible. Central differential privacy instead picks uniformly
+    with a CSPRNG-seeded generator, notes the round's sampling rate in the task's privacy
+    ledger, and finishes the task instead when the round would spend more than
+    ``target_epsilon`` (docs/privacy.md).
     """
-    fresh = count_pending(session, task.id, base_version=task.current_version)
+    dp = cfg.central_dp
+    # Central DP aggregates only the round's own sample: earlier updates do not count.
+    fresh = 0 if dp else count_pending(session, task.id, base_version=task.current_version)
     candidates = eligible_devices(
         session,
         now=now,
@@ -195,9 +207,18 @@ def open_sync_round(
     if len(candidates) < needed:
         set_waiting(task, waiting_reason(session, task, len(candidates), needed), now=now)
         return None, []
+    sampling_rate = None
+    if dp is not None:
+        sampling_rate = privacy.rounded_rate(cfg.num_selected, len(candidates))
+        refusal = privacy.budget_refusal(dp, task.privacy, q=sampling_rate)
+        if refusal is not None:
+            return None, finish_task(session, task, now=now, reason=refusal)
     number = next_round_number(session, task.id)
-    rng = np.random.default_rng([task.id, number])
-    chosen = _lock_idle_devices(session, choose(candidates, cfg.num_selected, rng))
+    # A DP sample must stay secret (amplification by sampling assumes it): drawn from the
+    # OS's CSPRNG instead of the reproducible (task, round) seed.
+    rng = secure_rng() if dp is not None else np.random.default_rng([task.id, number])
+    picked = choose(candidates, cfg.num_selected, rng, uniform=dp is not None)
+    chosen = _lock_idle_devices(session, picked)
     if len(chosen) < needed:
         return None, []
     set_waiting(task, None, now=now)
@@ -215,6 +236,8 @@ def open_sync_round(
     )
     session.add(rnd)
     session.flush()
+    if sampling_rate is not None:
+        task.privacy = privacy.with_open_round(task.privacy, round_id=rnd.id, q=sampling_rate)
     return rnd, _assign(session, task, rnd, chosen, lease_until=deadline)
 
 
@@ -459,9 +482,11 @@ def close_sync_round_if_due(
     working are cancelled (not their fault: not counted as drops). Deadline with quorum ->
     ``aggregating``; devices that did not upload are dropped. Deadline below quorum ->
     ``failed``, devices dropped; the fresh updates stay accepted and join the next aggregation
-    (they are on the same version).
+    (they are on the same version). Under central differential privacy only the round's own
+    uploads count: the others are not in its sample and will not be aggregated.
     """
-    fresh = count_pending(session, task.id, base_version=rnd.base_version)
+    own = rnd.id if cfg.central_dp is not None else None
+    fresh = count_pending(session, task.id, base_version=rnd.base_version, round_id=own)
     if rnd.num_received != fresh:
         rnd.num_received = fresh
     reached = fresh >= cfg.clients_per_round

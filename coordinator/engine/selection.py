@@ -142,17 +142,24 @@ def success_probability(completed: np.ndarray, dropped: np.ndarray) -> np.ndarra
     return np.maximum(p, P_MIN)
 
 
-def choose(candidates: Sequence[Candidate], n: int, rng: np.random.Generator) -> list[str]:
+def choose(
+    candidates: Sequence[Candidate], n: int, rng: np.random.Generator, *, uniform: bool = False
+) -> list[str]:
     """Up to ``n`` device ids, drawn without replacement with probability proportional to
-    their estimated success rate."""
+    their estimated success rate, or with equal probability when ``uniform`` (differential
+    privacy: every eligible device is in the sample with probability ``n / len(candidates)``,
+    the sampling rate the accountant charges)."""
     if n <= 0 or not candidates:
         return []
     if len(candidates) <= n:
         return [c.device_id for c in candidates]
-    p = success_probability(
-        np.array([c.num_completed for c in candidates]),
-        np.array([c.num_dropped for c in candidates]),
-    )
+    if uniform:
+        p = np.ones(len(candidates))
+    else:
+        p = success_probability(
+            np.array([c.num_completed for c in candidates]),
+            np.array([c.num_dropped for c in candidates]),
+        )
     # Efraimidis-Spirakis: the n largest keys u^(1/p) form a weighted sample without
     # replacement. Compare log-keys log(u)/p for numerical range.
     keys = np.log(rng.random(len(candidates))) / p

@@ -141,6 +141,14 @@ class CompressionConfig(Strict):
 # --------------------------------------------------------------------------- training
 
 
+class LocalDpConfig(Strict):
+    """What a device applies under local differential privacy (docs/privacy.md): clip the
+    delta to L2 norm ``clip_norm``, add N(0, (noise_multiplier * clip_norm)**2) per value."""
+
+    clip_norm: float = Field(gt=0, le=1e6)
+    noise_multiplier: float = Field(gt=0, le=1e4)
+
+
 class TrainingConfig(Strict):
     """Handed to devices. ``trainer`` is ``softmax``, ``mlp`` or ``package.module:function``;
     when omitted it is the model's built-in architecture."""
@@ -153,10 +161,26 @@ class TrainingConfig(Strict):
     lr: float = Field(default=0.1, gt=0, le=1000)
     proximal_mu: float = Field(default=0.0, ge=0, le=1_000_000)
     extra: JsonObject = Field(default_factory=dict)
+    local_dp: LocalDpConfig | None = Field(
+        default=None,
+        description="Local differential privacy the device applies to its delta before "
+        "compressing it; set by the coordinator from aggregation.privacy (mode 'local'), "
+        "a value given here is replaced",
+    )
 
 
 class TrainingPublic(TrainingConfig):
     trainer: str  # always resolved in stored tasks
+
+
+def with_local_dp(training: TrainingConfig, aggregation: AggregationConfig) -> TrainingConfig:
+    """``training`` with ``local_dp`` derived from ``aggregation.privacy`` (None unless its
+    mode is 'local'): the path by which devices learn the settings."""
+    p = aggregation.privacy
+    local = None
+    if p is not None and p.mode == "local":
+        local = LocalDpConfig(clip_norm=p.clip_norm, noise_multiplier=p.noise_multiplier)
+    return training.model_copy(update={"local_dp": local})
 
 
 def resolve_trainer(model: BuiltinModel | SpecModel, training: TrainingConfig) -> TrainingConfig:
@@ -215,7 +239,7 @@ class TaskCreate(Strict):
 
     @model_validator(mode="after")
     def _trainer(self) -> TaskCreate:
-        self.training = resolve_trainer(self.model, self.training)
+        self.training = with_local_dp(resolve_trainer(self.model, self.training), self.aggregation)
         return self
 
 
@@ -240,6 +264,25 @@ class TaskUpdate(Strict):
 class TensorSpecPublic(BaseModel):
     name: str
     shape: list[int]
+
+
+class PrivacyPublic(BaseModel):
+    """What a task's differential privacy has spent (docs/privacy.md)."""
+
+    mode: Literal["central", "local"]
+    delta: float
+    epsilon: float | None = Field(
+        default=None, description="central: epsilon spent so far at delta (RDP accountant)"
+    )
+    rounds_accounted: int | None = Field(default=None, description="central: rounds released")
+    target_epsilon: float | None = None
+    epsilon_per_round: float | None = Field(
+        default=None, description="local: what one upload of one device reveals, at delta"
+    )
+    verified: bool = Field(
+        default=True,
+        description="false for local DP: the coordinator cannot check that devices add noise",
+    )
 
 
 class TaskPublic(BaseModel):
@@ -267,6 +310,9 @@ class TaskPublic(BaseModel):
     )
     current_version: int = Field(description="Latest model version; -1 before initial weights")
     has_initial_weights: bool
+    privacy: PrivacyPublic | None = Field(
+        default=None, description="Differential privacy spent; null without aggregation.privacy"
+    )
     created_at: datetime
     updated_at: datetime
     started_at: datetime | None
