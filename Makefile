@@ -5,10 +5,19 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-dev
 DEMO_STAMP := $(VENV)/.installed-demo
+TORCH_STAMP := $(VENV)/.installed-torch
+# CI runs the PyTorch adapter's tests too: `make test` adds the torch extra (the CPU build,
+# ~17 s and ~870 MB on the reference machine, docs/agent.md) when CI=true. Elsewhere those
+# tests skip unless torch is installed (`make install-torch`).
+ifeq ($(CI),true)
+TEST_STAMPS := $(STAMP) $(TORCH_STAMP)
+else
+TEST_STAMPS := $(STAMP)
+endif
 # Tested versions of every dependency (see the file's header).
 CONSTRAINTS := constraints.txt
 
-.PHONY: install test lint bench bench-full demo clean docker-test constraints dist
+.PHONY: install install-torch test lint bench bench-full demo clean docker-test constraints dist
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -17,6 +26,10 @@ $(BIN)/python:
 $(STAMP): pyproject.toml $(CONSTRAINTS) | $(BIN)/python
 	$(BIN)/pip install --quiet -c $(CONSTRAINTS) -e '.[dev]'
 	touch $(STAMP) $(DEMO_STAMP)
+
+$(TORCH_STAMP): $(STAMP)
+	$(BIN)/pip install --quiet -c $(CONSTRAINTS) -e '.[dev,torch]'
+	touch $(TORCH_STAMP)
 
 $(DEMO_STAMP): pyproject.toml $(CONSTRAINTS) | $(BIN)/python
 	$(BIN)/pip install --quiet -c $(CONSTRAINTS) -e '.[demo]'
@@ -27,7 +40,7 @@ constraints:
 	rm -rf .venv-constraints
 	$(PYTHON) -m venv .venv-constraints
 	.venv-constraints/bin/pip install --quiet --upgrade pip
-	.venv-constraints/bin/pip install --quiet '.[dev]'
+	.venv-constraints/bin/pip install --quiet '.[dev,torch]'
 	{ sed -n '/^#/p' $(CONSTRAINTS); .venv-constraints/bin/pip freeze --exclude-editable \
 	  | grep -v '^fedge'; } > $(CONSTRAINTS).new
 	mv $(CONSTRAINTS).new $(CONSTRAINTS)
@@ -35,7 +48,9 @@ constraints:
 
 install: $(STAMP)
 
-test: $(STAMP)
+install-torch: $(TORCH_STAMP)
+
+test: $(TEST_STAMPS)
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
 # mypy checks the installed names (fedge.shared, ...): it cannot follow the package-dir mapping

@@ -20,11 +20,11 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, TextIO
 
-import numpy as np
-
+from fedge.edge_agent import custom_models
 from fedge.edge_agent.admin_client import AdminClient
 from fedge.edge_agent.errors import AgentError
-from fedge.shared import wire
+from fedge.shared.modelfiles import FORMATS, format_for_path
+from fedge.shared.modelspec import ModelSpec
 
 PROG = "fedge admin"
 #: The API's largest page (``limit``); ``--all`` reads pages of this size.
@@ -165,6 +165,20 @@ def build_parser() -> argparse.ArgumentParser:
     tc.add_argument(
         "--file", required=True, type=Path, help="task body (JSON, see docs/protocol.md)"
     )
+    initial = tc.add_mutually_exclusive_group()
+    initial.add_argument(
+        "--model",
+        metavar="MODULE:FUNCTION",
+        help="a function returning a torch.nn.Module: the task's model spec and initial "
+        "weights come from it (needs the torch extra)",
+    )
+    initial.add_argument(
+        "--weights",
+        type=Path,
+        help="initial weights (.npz, .safetensors, .pt or wire format) uploaded after "
+        "creating the task; the model spec comes from them when the body has no model",
+    )
+    tc.add_argument("--seed", type=int, default=0, help="torch seed for --model (0)")
     _output_options(tc, top=False)
     tu = _action(
         tasks,
@@ -213,19 +227,29 @@ def build_parser() -> argparse.ArgumentParser:
     md = _action(models, "download")
     md.add_argument("task_id", type=int)
     md.add_argument("version", nargs="?", default="latest")
-    md.add_argument("--out", required=True, type=Path, help="file to write (wire format)")
+    md.add_argument("--out", required=True, type=Path, help="file to write")
+    md.add_argument(
+        "--format",
+        choices=FORMATS,
+        help="wire (as served), npz, safetensors or torch (a state_dict; needs the torch "
+        "extra); default: from the --out suffix (.npz, .safetensors, .pt/.pth), else wire",
+    )
     _output_options(md, top=False)
     mu = _action(
         models,
-        "upload-initial",
+        "upload",
         help="upload a draft task's initial weights (version 0)",
-        description="Upload initial weights for a draft task: a model in the binary wire "
-        "format (docs/wire-format.md) or a NumPy .npz archive with one array per tensor of "
-        "the task's spec (float arrays; no pickled objects).",
+        description="Upload initial weights for a draft task: .npz, .safetensors, .pt/.pth "
+        "(a state_dict; needs the torch extra) or the binary wire format "
+        "(docs/wire-format.md), one tensor per tensor of the task's spec (no pickled objects).",
     )
     mu.add_argument("task_id", type=int)
-    mu.add_argument("--file", required=True, type=Path, help="weights: wire format or .npz")
+    mu.add_argument("weights", type=Path, help=".npz, .safetensors, .pt or wire-format file")
     _output_options(mu, top=False)
+    mi = _action(models, "upload-initial", help="the same as upload, with --file")
+    mi.add_argument("task_id", type=int)
+    mi.add_argument("--file", dest="weights", required=True, type=Path, help="weights file")
+    _output_options(mi, top=False)
 
     devices = groups.add_parser("devices", help="enrolled devices").add_subparsers(
         dest="action", required=True
@@ -322,39 +346,29 @@ def _merge(base: dict[str, Any], extra: Mapping[str, Any]) -> dict[str, Any]:
 
 
 def initial_weights(client: AdminClient, task_id: int, path: Path) -> bytes:
-    """The wire bytes to upload: the file itself, or an ``.npz`` archive encoded in the task
-    spec's tensor order (float32)."""
+    """The wire bytes to upload as a task's version 0: a weights file in any format
+    :func:`fedge.edge_agent.custom_models.read_weights` reads, checked against the task's
+    spec and encoded in its tensor order."""
+    if not path.exists():
+        raise UsageError(f"weights file {path} does not exist")
     try:
-        data = path.read_bytes()
-    except FileNotFoundError:
-        raise UsageError(f"weights file {path} does not exist") from None
+        weights = custom_models.read_weights(path)
     except OSError as exc:
         raise UsageError(f"cannot read weights file {path}: {exc.strerror or exc}") from None
-    if not data.startswith(b"PK"):  # not a zip archive: sent as it is (wire format)
-        return data
-    spec = client.get_task(task_id)["spec"]
-    try:
-        with np.load(path, allow_pickle=False) as archive:
-            arrays = {name: archive[name] for name in archive.files}
-    except (OSError, ValueError) as exc:
-        raise UsageError(f"weights file {path} is not a usable .npz archive: {exc}") from None
-    names = [t["name"] for t in spec]
-    missing = [n for n in names if n not in arrays]
-    extra = sorted(set(arrays) - set(names))
+    except ValueError as exc:
+        raise UsageError(f"weights file {path} is not usable: {exc}") from None
+    spec = ModelSpec.from_dict(client.get_task(task_id)["spec"])
+    missing = [n for n in spec.names if n not in weights]
+    extra = sorted(set(weights) - set(spec.names))
     if missing or extra:
+        parts = [f"missing {', '.join(missing)}" if missing else "", ""]
+        parts[1] = f"unknown {', '.join(extra)}" if extra else ""
         raise UsageError(
             f"weights file {path} does not match task {task_id}'s spec: "
-            + "; ".join(
-                part
-                for part in (
-                    f"missing {', '.join(missing)}" if missing else "",
-                    f"unknown {', '.join(extra)}" if extra else "",
-                )
-                if part
-            )
+            + "; ".join(p for p in parts if p)
         )
     try:
-        return wire.encode_model({n: np.asarray(arrays[n], dtype=np.float32) for n in names})
+        return custom_models.upload_body(weights, spec)
     except ValueError as exc:
         raise UsageError(f"weights file {path}: {exc}") from None
 
@@ -393,7 +407,7 @@ def dispatch(client: AdminClient, args: argparse.Namespace) -> Any:
         if action == "privacy":
             return client.get_task(args.task_id).get("privacy")
         if action == "create":
-            return client.create_task(read_json_file(args.file, "task"))
+            return _create_task(client, args)
         if action == "update":
             changes: dict[str, Any] = {}
             if args.file is not None:
@@ -414,15 +428,17 @@ def dispatch(client: AdminClient, args: argparse.Namespace) -> Any:
     if group == "models":
         if action == "list":
             return list_page(lambda **kw: client.list_models(args.task_id, **kw), args)
-        if action == "upload-initial":
-            body = initial_weights(client, args.task_id, args.file)
+        if action in ("upload", "upload-initial"):
+            body = initial_weights(client, args.task_id, args.weights)
             return client.upload_initial_model(args.task_id, body)
+        fmt = args.format or format_for_path(args.out)
         data = client.download_model(args.task_id, args.version)
+        model = client.get_task(args.task_id)["model"] if fmt != "wire" else {}
         try:
-            args.out.write_bytes(data)
+            size = custom_models.export_model(data, args.out, fmt=fmt, model=model)
         except OSError as exc:
             raise UsageError(f"cannot write {args.out}: {exc.strerror or exc}") from None
-        return {"written": str(args.out), "bytes": len(data)}
+        return {"written": str(args.out), "format": fmt, "bytes": size}
     if group == "devices":
         if action == "list":
             return list_page(client.list_devices, args, status=args.status)
@@ -586,6 +602,24 @@ def watch(
 def _fail(message: str, status: int = 1) -> int:
     print(f"{PROG}: error: {message}", file=sys.stderr)
     return status
+
+
+def _create_task(client: AdminClient, args: argparse.Namespace) -> Any:
+    """Create a task; with ``--model`` or ``--weights`` also upload its initial weights."""
+    body = read_json_file(args.file, "task")
+    weights = None
+    if args.model:
+        body["model"], weights = custom_models.init_model(args.model, seed=args.seed)
+    elif args.weights:
+        weights = custom_models.read_weights(args.weights)
+        if "model" not in body:
+            body["model"] = {"spec": ModelSpec.from_weights(weights).to_dict()}
+    task = client.create_task(body)
+    if weights is None:
+        return task
+    spec = ModelSpec.from_dict(task["spec"])
+    client.upload_initial_model(task["id"], custom_models.upload_body(weights, spec))
+    return client.get_task(task["id"])
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -61,6 +61,11 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument(
         "--trainer", help="trainer factory module:factory (default: what the task names)"
     )
+    run.add_argument(
+        "--flatten",
+        action="store_true",
+        help="reshape N-D features [n, ...] to [n, d] (what the built-in trainers need)",
+    )
     run.add_argument("--once", action="store_true", help="handle one assignment, then exit")
     run.add_argument("--max-rounds", type=int, help="exit after this many assignments")
     run.add_argument("--poll-wait", type=float, default=30.0, help="long-poll wait in seconds (30)")
@@ -134,7 +139,7 @@ def _run(args: argparse.Namespace) -> int:
 def _run_locked(args: argparse.Namespace) -> int:
     state = State(args.state_dir)
     config = state.load_config()
-    X, y = load_arrays(args.data)
+    X, y = load_arrays(args.data, flatten=args.flatten)
     data = split_local(
         X, y, eval_fraction=args.eval_fraction, rng=np.random.default_rng(config.seed)
     )

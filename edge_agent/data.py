@@ -1,14 +1,22 @@
 """Local training data: from an ``.npz`` file or a Python entry point, split for evaluation.
 
-``--data`` takes either a path to an ``.npz`` file with arrays ``X`` (float, [n, d]) and ``y``
-(integer labels, [n]) — loaded with ``allow_pickle=False`` — or an entry point
-``package.module:function`` whose function takes no arguments and returns ``(X, y)``.
+``--data`` takes either a path to an ``.npz`` file with arrays ``X`` and ``y`` — loaded with
+``allow_pickle=False`` — or an entry point ``package.module:function`` whose function takes
+no arguments and returns ``(X, y)`` or an iterable of ``(X_batch, y_batch)`` pairs (a
+PyTorch ``DataLoader``, a generator), which are concatenated.
+
+``X`` is real numbers of any shape ``[n, ...]`` (``[n, d]`` features, ``[n, 1, 8, 8]``
+images); ``y`` has ``n`` rows: integer class labels (kept as int64) or float targets for
+regression (kept as float32). What a trainer needs beyond that it checks itself (the
+built-in ``softmax``/``mlp`` trainer: ``[n, d]`` features and labels in ``[0, C)``;
+``flatten=True``, ``fedge agent run --flatten``, reshapes ``X`` to ``[n, d]``).
 The data never leaves the device: only model updates do.
 """
 
 from __future__ import annotations
 
 import importlib
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -51,30 +59,59 @@ def load_entry_point(spec: str) -> Any:
     return obj
 
 
-def check_arrays(X: Any, y: Any) -> tuple[np.ndarray, np.ndarray]:
-    """``X`` as float32 [n, d] and ``y`` as int64 [n], or :class:`DataError`."""
+def check_arrays(X: Any, y: Any, *, flatten: bool = False) -> tuple[np.ndarray, np.ndarray]:
+    """``X`` as float32 ``[n, ...]`` and ``y`` as int64 labels or float32 targets with ``n``
+    rows, or :class:`DataError`. ``flatten`` reshapes ``X`` to ``[n, d]``."""
     x = np.asarray(X)
-    labels = np.asarray(y)
-    if x.ndim != 2 or x.shape[0] == 0:
-        raise DataError(f"X must be a non-empty 2-D array, got shape {list(x.shape)}")
+    targets = np.asarray(y)
+    if x.ndim < 1 or x.shape[0] == 0:
+        raise DataError(f"X must be a non-empty array [n, ...], got shape {list(x.shape)}")
     if not np.issubdtype(x.dtype, np.number) or np.issubdtype(x.dtype, np.complexfloating):
         raise DataError(f"X must be real numbers, got dtype {x.dtype}")
-    if labels.shape != (x.shape[0],):
-        raise DataError(f"y must have shape [{x.shape[0]}], got {list(labels.shape)}")
-    integral = np.issubdtype(labels.dtype, np.integer) or (
-        np.issubdtype(labels.dtype, np.floating) and bool(np.all(labels == np.round(labels)))
-    )
-    if not integral:
-        raise DataError(f"y must hold integer class labels, got dtype {labels.dtype}")
+    if targets.ndim < 1 or targets.shape[0] != x.shape[0]:
+        raise DataError(f"y must have shape [{x.shape[0]}, ...], got {list(targets.shape)}")
     x32 = x.astype(np.float32)
+    if flatten:
+        x32 = x32.reshape(x32.shape[0], -1)
     if not np.isfinite(x32).all():
         raise DataError("X contains NaN or Inf")
-    if labels.min() < 0:
-        raise DataError("labels must not be negative")
-    return x32, labels.astype(np.int64)
+    if np.issubdtype(targets.dtype, np.integer):
+        return x32, targets.astype(np.int64)
+    if np.issubdtype(targets.dtype, np.floating) or targets.dtype == np.bool_:
+        y32 = targets.astype(np.float32)
+        if not np.isfinite(y32).all():
+            raise DataError("y contains NaN or Inf")
+        return x32, y32
+    raise DataError(f"y must hold integer labels or float targets, got dtype {targets.dtype}")
 
 
-def load_arrays(source: str) -> tuple[np.ndarray, np.ndarray]:
+def _concatenate_batches(source: str, batches: Iterable[Any]) -> tuple[Any, Any]:
+    xs: list[np.ndarray] = []
+    ys: list[np.ndarray] = []
+    for i, batch in enumerate(batches):
+        try:
+            xb, yb = batch
+        except (TypeError, ValueError):
+            raise DataError(f"{source!r}: batch {i} is not a pair (X, y)") from None
+        xs.append(np.asarray(xb))
+        ys.append(np.asarray(yb))
+    if not xs:
+        raise DataError(f"{source!r} returned no batches")
+    try:
+        return np.concatenate(xs), np.concatenate(ys)
+    except ValueError as exc:
+        raise DataError(f"{source!r}: batches of different shapes: {exc}") from None
+
+
+def _is_pair(result: Any) -> bool:
+    return (
+        isinstance(result, tuple | list)
+        and len(result) == 2
+        and all(hasattr(part, "shape") for part in result)
+    )
+
+
+def load_arrays(source: str, *, flatten: bool = False) -> tuple[np.ndarray, np.ndarray]:
     """``(X, y)`` from an ``.npz`` path or a ``module:function`` entry point."""
     path = Path(source)
     if path.suffix == ".npz" or path.exists():
@@ -82,7 +119,7 @@ def load_arrays(source: str) -> tuple[np.ndarray, np.ndarray]:
             with np.load(path, allow_pickle=False) as archive:
                 if "X" not in archive or "y" not in archive:
                     raise DataError(f"{path} must hold arrays 'X' and 'y'")
-                return check_arrays(archive["X"], archive["y"])
+                return check_arrays(archive["X"], archive["y"], flatten=flatten)
         except FileNotFoundError:
             raise DataError(f"{path} does not exist") from None
         except (OSError, ValueError) as exc:
@@ -93,11 +130,13 @@ def load_arrays(source: str) -> tuple[np.ndarray, np.ndarray]:
     if not callable(func):
         raise DataError(f"{source!r} is not callable")
     result = func()
-    try:
+    if _is_pair(result):
         X, y = result
-    except (TypeError, ValueError):
-        raise DataError(f"{source!r} must return a pair (X, y)") from None
-    return check_arrays(X, y)
+    elif isinstance(result, Iterable) and not isinstance(result, str | bytes | dict):
+        X, y = _concatenate_batches(source, result)
+    else:
+        raise DataError(f"{source!r} must return (X, y) or an iterable of (X, y) batches")
+    return check_arrays(X, y, flatten=flatten)
 
 
 def split_local(

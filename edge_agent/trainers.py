@@ -121,7 +121,8 @@ class NumpyTrainer:
         self.model = dict(model)
         self.layers = architectures.layers(self.model)
         self.data = data
-        architectures.check_inputs(self.model, data.X_train, data.y_train)
+        check_builtin_data(data)
+        self.X, self.y = architectures.check_inputs(self.model, data.X_train, data.y_train)
         if data.X_eval.shape[0]:
             architectures.check_inputs(self.model, data.X_eval, data.y_eval)
 
@@ -136,7 +137,7 @@ class NumpyTrainer:
         cfg = TrainingConfig.from_mapping(config)
         base = {name: np.asarray(w, dtype=np.float32) for name, w in weights.items()}
         local = {name: w.copy() for name, w in base.items()}
-        X, y = self.data.X_train, self.data.y_train
+        X, y = self.X, self.y
         n = X.shape[0]
         lr = np.float32(cfg.lr)
         mu = np.float32(cfg.proximal_mu)
@@ -174,6 +175,26 @@ class NumpyTrainer:
             "eval_accuracy": result["accuracy"],
             "num_eval_examples": float(self.data.X_eval.shape[0]),
         }
+
+
+def check_builtin_data(data: LocalData) -> None:
+    """:class:`DataError` unless the built-in classifiers can train on ``data``: features
+    ``[n, d]`` and integer class labels."""
+    shape = list(data.X_train.shape)
+    if len(shape) != 2:
+        raise DataError(
+            f"the built-in softmax/mlp trainer needs 2-D features [n, d], the data is {shape}: "
+            "flatten it (fedge agent run --flatten) or federate your own model "
+            "(docs/agent.md, 'Federate your PyTorch model')"
+        )
+    for labels in (data.y_train, data.y_eval):
+        integral = np.issubdtype(labels.dtype, np.integer) or bool(np.all(np.mod(labels, 1) == 0))
+        if labels.ndim != 1 or not integral:
+            raise DataError(
+                "the built-in softmax/mlp trainer classifies: y must hold integer class labels "
+                f"[n], got {labels.dtype} {list(labels.shape)}; float targets (regression) need "
+                "your own trainer"
+            )
 
 
 def builtin_trainer(model: Mapping[str, Any], data: LocalData) -> Trainer:

@@ -32,7 +32,7 @@ from fedge.shared.compression import compress_round
 from fedge.shared.modelspec import ModelSpec, Weights
 from fedge.shared.policy import CompressionPolicy
 from fedge.shared.wire import encode_update
-from fedge.shared.wiremetrics import carried_metrics
+from fedge.shared.wiremetrics import split_metrics
 
 log = logging.getLogger(__name__)
 
@@ -83,7 +83,10 @@ def save_update(
     before = copy.deepcopy(residual)
     rng = np.random.default_rng([seed, work.assignment_id, 1])
     compressed = compress_round(delta, policy, rng, residual, base_version=work.base_version)
-    carried = carried_metrics(metrics)  # in the update itself: no separate report
+    # in the update itself: no separate report; what it cannot carry is named in the log
+    carried, refused = split_metrics(metrics)
+    for name, why in refused.items():
+        log.warning("metric %r left out of the update: %s", name, why)
     body = encode_update(
         compressed,
         task_id=work.task_id,

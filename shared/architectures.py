@@ -14,6 +14,14 @@ layers, Glorot-uniform for the output layer) or ``"he_normal"`` (He-normal for e
 Other keys (``seed``, an empty ``hidden`` for softmax) are allowed and ignored here. A model
 given as ``{"spec": [...]}`` (custom weights uploaded by the administrator) has a spec but no
 built-in forward pass.
+
+To use a trained model: ``load(path)`` reads a file written by ``fedge admin models download
+--format npz|safetensors`` (which records the task's model object) and returns a
+:class:`Classifier` with ``predict(X)`` (class labels) and ``predict_proba(X)``::
+
+    from fedge.shared import architectures
+    clf = architectures.load("model.safetensors")
+    labels = clf.predict(X)            # X: [n, input_dim]
 """
 
 from __future__ import annotations
@@ -21,10 +29,12 @@ from __future__ import annotations
 import itertools
 from collections.abc import Mapping
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from fedge.shared.modelfiles import read_model_file
 from fedge.shared.modelspec import ModelSpec, Weights
 
 ARCHITECTURES = ("softmax", "mlp")
@@ -189,3 +199,42 @@ def evaluate(model: Mapping[str, Any], weights: Weights, X: Any, y: Any) -> dict
     loss = float(-logp[np.arange(n), labels].mean())
     accuracy = float((logp.argmax(axis=1) == labels).mean())
     return {"loss": loss, "accuracy": accuracy}
+
+
+@dataclass(frozen=True)
+class Classifier:
+    """A trained built-in model: its ``model`` object and weights, ready to predict."""
+
+    model: dict[str, Any]
+    weights: Weights
+
+    def logits(self, X: Any) -> np.ndarray:
+        """Logits ``[n, num_classes]`` of ``X`` ``[n, input_dim]``."""
+        return forward(self.model, self.weights, X)
+
+    def predict_proba(self, X: Any) -> np.ndarray:
+        """Class probabilities ``[n, num_classes]``."""
+        return np.exp(log_softmax(self.logits(X)))
+
+    def predict(self, X: Any) -> np.ndarray:
+        """The most likely class of each row of ``X`` (int64 ``[n]``)."""
+        return self.logits(X).argmax(axis=1).astype(np.int64)
+
+
+def load(path: str | Path, *, model: Mapping[str, Any] | None = None) -> Classifier:
+    """A :class:`Classifier` from a model file (``.npz``, ``.safetensors``, or the wire format
+    with ``model`` given); ``model`` overrides the model object the file records.
+    ``ValueError`` when the file is not a built-in architecture or does not match it."""
+    stored = read_model_file(path)
+    config = dict(model) if model is not None else stored.model
+    if config is None:
+        raise ValueError(
+            f"{path} does not record its model object; pass model= (the task's 'model')"
+        )
+    if config.get("architecture") not in ARCHITECTURES:
+        raise ValueError(
+            f"{path} holds a custom model ({config!r:.60}); load it into your own code "
+            "(for PyTorch: fedge.edge_agent.torch_adapter.load_into)"
+        )
+    build_spec(config).check(stored.weights)
+    return Classifier(config, stored.weights)

@@ -15,7 +15,7 @@ from importlib.metadata import EntryPoint, entry_points
 GROUP = "fedge.commands"
 
 # Which extra a subcommand needs when its import fails for lack of a dependency.
-_EXTRAS = {"coordinator": "coordinator", "demo": "demo", "admin": ""}
+_EXTRAS = {"coordinator": "coordinator", "demo": "demo", "admin": "", "model": "torch"}
 
 USAGE = """usage: fedge <command> [options]
 
@@ -23,7 +23,8 @@ commands:
   demo          run the whole platform on loopback with a simulated fleet
   coordinator   init | migrate | serve  (the coordinator service)
   agent         enroll | run | status   (the edge agent)
-  admin         tasks, rounds, devices, tokens, keys (a client of the admin REST API)
+  admin         tasks, rounds, models, devices, tokens, keys (a client of the admin REST API)
+  model         init  (a custom PyTorch model's spec and initial weights)
 
 `fedge <command> --help` shows a command's options."""
 

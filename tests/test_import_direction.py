@@ -20,7 +20,10 @@
 * ``edge_agent`` and ``shared``, every module of them, import on a plain install (numpy, httpx,
   cryptography and their own dependencies): a fresh interpreter whose import system refuses
   everything else imports them all. The coordinator's and the demo's dependencies must not even
-  be attempted at import time; demo and fleet code imports them inside functions.
+  be attempted at import time; demo and fleet code imports them inside functions. The
+  exceptions are the opt-in adapters for a user's own model (``ADAPTERS``), which exist to
+  use their library: each fails on a plain install for that library alone, and no other
+  module imports them (tests/edge_agent/test_imports.py).
 """
 
 from __future__ import annotations
@@ -503,11 +506,22 @@ def heavy_attempts(result: dict) -> list[str]:
     return [a for a in result["attempted"] if a.partition(".")[0] in HEAVY]
 
 
+#: Adapter module -> the one library it needs (an extra, or scikit-learn).
+ADAPTERS = {
+    "fedge.edge_agent.torch_adapter": "torch",
+    "fedge.edge_agent.sklearn_adapter": "sklearn",
+}
+
+
 def test_agent_and_shared_import_on_a_plain_install() -> None:
     report = probe(["fedge.shared", "fedge.edge_agent"], cwd=ROOT)
     assert report["preloaded"] == []
     results = report["results"]
     assert "fedge.edge_agent" in results and "fedge.shared.signing" in results
+    adapters = {name: results.pop(name)["error"] for name in ADAPTERS}
+    assert adapters == {
+        name: f"ModuleNotFoundError: No module named '{lib}'" for name, lib in ADAPTERS.items()
+    }
     failures = {name: r["error"] for name, r in results.items() if r["error"]}
     attempts = {name: heavy_attempts(r) for name, r in results.items()}
     assert failures == {}, f"modules that do not import on a plain install: {failures}"

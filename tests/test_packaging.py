@@ -48,7 +48,7 @@ def test_entry_points_name_the_namespace() -> None:
     scripts = {ep.name: ep.value for ep in metadata.entry_points(group="console_scripts")}
     assert scripts["fedge"] == "fedge.shared.cli:main"
     commands = metadata.entry_points(group="fedge.commands")
-    assert {ep.name for ep in commands} == {"coordinator", "agent", "admin", "demo"}
+    assert {ep.name for ep in commands} == {"coordinator", "agent", "admin", "demo", "model"}
     for ep in commands:
         assert ep.value.startswith("fedge."), ep
         assert callable(ep.load())

@@ -18,6 +18,7 @@ from sqlalchemy.orm import Session
 from fedge.coordinator.engine.ownership import own_assignment
 from fedge.coordinator.models import ModelVersion, Round, Update
 from fedge.coordinator.states import UpdateStatus
+from fedge.shared.wiremetrics import METRIC_KEYS
 
 
 def record_metrics(
@@ -63,7 +64,10 @@ def client_metrics(rows: Iterable[tuple[dict[str, Any], int]]) -> dict[str, floa
 
     ``train_loss`` is weighted by each update's ``num_examples``; ``eval_loss`` and
     ``eval_accuracy`` by the reported ``num_eval_examples``; ``train_time_s`` is the mean.
+    A trainer's own metrics (any other name, :mod:`fedge.shared.wiremetrics`) are weighted
+    by ``num_examples`` like ``train_loss``, each over the updates that report it.
     """
+    custom: dict[str, list[tuple[float, float]]] = {}
     train: list[tuple[float, float]] = []
     eval_loss: list[tuple[float, float]] = []
     eval_acc: list[tuple[float, float]] = []
@@ -83,7 +87,14 @@ def client_metrics(rows: Iterable[tuple[dict[str, Any], int]]) -> dict[str, floa
             eval_examples += n_eval
         if "train_time_s" in metrics:
             times.append(float(metrics["train_time_s"]))
+        for name, value in metrics.items():
+            if name not in METRIC_KEYS:
+                custom.setdefault(name, []).append((float(value), float(num_examples)))
     out: dict[str, float] = {}
+    for name in sorted(custom):
+        mean = _weighted(custom[name])
+        if mean is not None:
+            out[name] = mean
     for key, value in (
         ("train_loss", _weighted(train)),
         ("eval_loss", _weighted(eval_loss)),

@@ -142,6 +142,39 @@ def test_metrics_carried_in_the_update_count_like_a_report(
         assert m["train_loss"] == pytest.approx((1.5 * 10 + 0.5 * 30) / 40)
 
 
+def test_a_trainers_own_metrics_are_kept_and_averaged_by_examples(
+    coordinator: Coordinator, db: Db
+) -> None:
+    """Names beyond the five known ones travel in the update and are averaged over the
+    updates that report them, weighted by their examples."""
+    with fleet_of(coordinator, 2) as fleet:
+        task_id = create_task(coordinator, aggregation=every_device(2, rounds=2))
+        works = [d.work(wait=10) for d in fleet]
+        a, b = works[0], works[1]
+        assert a is not None and b is not None
+        spec = spec_of(a)
+        rng = np.random.default_rng(4)
+        sent = (
+            (fleet[0], a, 10, {"train_loss": 1.0, "macro_f1": 0.5}),
+            (fleet[1], b, 30, {"macro_f1": 0.875, "mae": 2.5}),
+        )
+        for device, work, n, metrics in sent:
+            body = make_update(work, delta=random_delta(spec, rng), num_examples=n, metrics=metrics)
+            assert device.upload(work, body).status_code == 201
+        wait_until(lambda: db.task(task_id).current_version == 1)
+        with coordinator.admin() as admin:
+            m = admin.get(f"{API}/tasks/{task_id}/rounds/1").json()["metrics"]
+            v1 = admin.get(f"{API}/tasks/{task_id}/models").json()["items"][1]
+        assert m["macro_f1"] == pytest.approx((0.5 * 10 + 0.875 * 30) / 40)
+        assert m["mae"] == pytest.approx(2.5)  # only B reported it
+        assert m["train_loss"] == pytest.approx(1.0)
+        assert v1["metrics"]["macro_f1"] == pytest.approx(m["macro_f1"])
+        # a JSON report keeps to the five known names: a custom one is refused, not dropped
+        r = fleet[1].metrics(b["assignment_id"], macro_f1=0.1)
+        assert r.status_code == 422
+        assert r.json()["error"] == "validation_error"
+
+
 def test_reaching_the_target_metric_completes_the_task(coordinator: Coordinator, db: Db) -> None:
     with fleet_of(coordinator, 2) as fleet:
         task_id = create_task(

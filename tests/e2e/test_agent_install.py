@@ -18,6 +18,8 @@ import pytest
 ROOT = Path(__file__).resolve().parents[2]
 SERVER_LIBS = ["fastapi", "starlette", "sqlalchemy", "alembic", "uvicorn", "psycopg", "pydantic"]
 DEMO_LIBS = ["sklearn", "matplotlib", "tqdm"]
+# The opt-in adapters need their library (tests/test_import_direction.py checks them apart).
+ADAPTERS = ["fedge.edge_agent.torch_adapter", "fedge.edge_agent.sklearn_adapter"]
 
 
 def _copy_source(target: Path) -> None:
@@ -62,8 +64,9 @@ def test_plain_install_is_the_agent_only(tmp_path: Path) -> None:
     probe = (
         "import sys, importlib, pkgutil, fedge.edge_agent\n"
         "for m in pkgutil.walk_packages(fedge.edge_agent.__path__, 'fedge.edge_agent.'):\n"
-        "    importlib.import_module(m.name)\n"
-        f"bad = [n for n in {SERVER_LIBS + DEMO_LIBS!r} if n in sys.modules]\n"
+        f"    if m.name not in {ADAPTERS!r}:\n"
+        "        importlib.import_module(m.name)\n"
+        f"bad = [n for n in {SERVER_LIBS + DEMO_LIBS + ['torch']!r} if n in sys.modules]\n"
         "print(','.join(bad))\n"
     )
     imported = subprocess.run([python, "-c", probe], capture_output=True, text=True, cwd=tmp_path)

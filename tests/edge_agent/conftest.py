@@ -71,8 +71,9 @@ class LiveCoordinator:
     threads: list[threading.Thread] = field(default_factory=list)
     running: list[Agent] = field(default_factory=list)
 
-    def create_task(self, **sections: Any) -> dict[str, Any]:
-        """A started task; ``sections`` override parts of the body (merged one level).
+    def create_task(self, *, start: bool = True, **sections: Any) -> dict[str, Any]:
+        """A started task (a draft with ``start=False``); ``sections`` override parts of the
+        body (merged one level; a ``model`` with a ``spec`` replaces the built-in one).
 
         Waits first until the coordinator has seen every running agent poll, so that the
         first round can select all of them."""
@@ -98,8 +99,11 @@ class LiveCoordinator:
             "training": {"epochs": 1, "batch_size": 16, "lr": 0.1},
         }
         for key, value in sections.items():
-            body[key] = {**body.get(key, {}), **value} if isinstance(value, dict) else value
+            merge = isinstance(value, dict) and not (key == "model" and "spec" in value)
+            body[key] = {**body.get(key, {}), **value} if merge else value
         task = self.admin.create_task(body)
+        if not start:
+            return dict(task)
         return dict(self.admin.start_task(task["id"]))
 
     def enroll(self, name: str, *, seed: int = 1) -> Path:

@@ -98,6 +98,7 @@ def test_one_round_uploads_a_compressed_delta_and_keeps_the_residual(state_dir, 
         "eval_accuracy",
         "num_eval_examples",
         "train_time_s",
+        "steps",  # the built-in trainer's own metric
     }
     assert received.metrics["num_eval_examples"] == 60
     assert fake.metrics == {}
@@ -532,3 +533,27 @@ def test_a_failing_trainer_declines_with_its_error(state_dir, fake, data):
         "reason": "training_failed",
         "detail": "training failed: ZeroDivisionError('bug in user code')",
     }
+
+
+class ChattyTrainer(NumpyTrainer):
+    """Reports more own metrics than an update carries, and a NaN."""
+
+    def evaluate(self, weights):
+        own = {f"m{i:02d}": float(i) for i in range(34)}
+        return {**super().evaluate(weights), **own, "f1": float("nan")}
+
+
+def test_own_metrics_travel_and_what_cannot_is_named_in_the_log(state_dir, fake, data, caplog):
+    fake.assign(1)
+    agent = make_agent(state_dir, fake, data, trainer_factory=ChattyTrainer)
+    with caplog.at_level("WARNING", logger="fedge.edge_agent.uploads"):
+        assert agent.run(once=True).uploaded == 1
+    (received,) = fake.received.values()
+    own = {k: v for k, v in received.metrics.items() if k.startswith("m")}
+    # 32 own metrics at most, the first in name order (the trainer's "steps" comes after)
+    assert own == {f"m{i:02d}": float(i) for i in range(32)}
+    assert "steps" not in received.metrics and "eval_accuracy" in received.metrics
+    left_out = {r.getMessage().split("'")[1]: r.getMessage() for r in caplog.records}
+    assert set(left_out) == {"f1", "m32", "m33", "steps"}
+    assert "finite" in left_out["f1"]
+    assert all("over the limit of 32" in left_out[n] for n in ("m32", "m33", "steps"))

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from fedge.edge_agent.data import LocalData, split_local
+from fedge.edge_agent.data import DataError, LocalData, load_arrays, split_local
 from fedge.edge_agent.sim.datasets import load_dataset
 from fedge.edge_agent.trainers import (
     NumpyTrainer,
@@ -134,3 +134,27 @@ def test_user_trainer_factory_by_entry_point():
     )
     assert isinstance(factory(SOFTMAX, data), NumpyTrainer)
     assert load_trainer_factory(None)(SOFTMAX, data).__class__ is NumpyTrainer
+
+
+def test_the_builtin_trainer_says_what_it_needs_of_images_and_regression_targets(digits):
+    images = LocalData(
+        digits.X_train.reshape(-1, 1, 8, 8), digits.y_train, digits.X_eval, digits.y_eval
+    )
+    with pytest.raises(DataError, match=r"2-D features \[n, d\], the data is \[\d+, 1, 8, 8\]"):
+        NumpyTrainer(SOFTMAX, images)
+    targets = digits.y_train.astype(np.float32) + 0.5
+    regression = LocalData(digits.X_train, targets, digits.X_eval, digits.y_eval)
+    with pytest.raises(DataError, match="float targets"):
+        NumpyTrainer(SOFTMAX, regression)
+
+
+def test_flattened_images_and_integral_float_labels_train(digits, tmp_path):
+    path = tmp_path / "images.npz"
+    np.savez(path, X=digits.X_train.reshape(-1, 1, 8, 8), y=digits.y_train.astype(np.float64))
+    X, y = load_arrays(str(path), flatten=True)
+    assert y.dtype == np.float32
+    data = split_local(X, y, eval_fraction=0.2, rng=np.random.default_rng(0))
+    trainer = NumpyTrainer(SOFTMAX, data)
+    w0 = architectures.init_weights(SOFTMAX, np.random.default_rng(0))
+    result = trainer.train(w0, {"epochs": 1, "lr": 0.1}, np.random.default_rng(1))
+    assert trainer.evaluate(result.weights)["eval_accuracy"] > 0.8

@@ -20,7 +20,7 @@ from fedge.shared.wire import (
     peek_update_header,
 )
 from fedge.shared.wirelayout import encode_varint
-from fedge.shared.wiremetrics import encode_metrics
+from fedge.shared.wiremetrics import MAX_CUSTOM, check_custom_name, encode_metrics, split_metrics
 from tests.shared.wirecraft import prefix, update_blob, update_header
 
 IDS = {"task_id": 3, "base_version": 5, "num_examples": 40}
@@ -88,7 +88,10 @@ def test_the_block_costs_one_count_byte_and_a_key_byte_per_metric() -> None:
 @pytest.mark.parametrize(
     ("metrics", "match"),
     [
-        ({"accuracy": 0.5}, "unknown metrics"),
+        ({"accuracy": float("nan")}, "finite"),
+        ({"train-loss": 1.0}, "must match"),
+        ({"server_x": 1.0}, "reserved"),
+        ({f"m{i:02d}": 1.0 for i in range(33)}, "at most 32"),
         ({"train_loss": float("nan")}, "finite"),
         ({"eval_loss": float("inf")}, "finite"),
         ({"eval_accuracy": 1.5}, r"\[0, 1\]"),
@@ -170,4 +173,59 @@ def test_mutated_updates_with_metrics_raise_only_the_format_error(data: st.DataO
         decoded = decode_update(bytes(blob[:cut]))
     except WireFormatError:
         return
-    assert set(decoded.metrics) <= METRIC_KEYS
+    assert all(k in METRIC_KEYS or check_custom_name(k) is None for k in decoded.metrics)
+
+
+def test_a_trainers_own_metrics_travel_after_the_known_ones() -> None:
+    metrics = {**FULL, "macro_f1": 0.8125, "mae": 3.5, "steps": 12.0}
+    blob = encode_update(_update(), **IDS, metrics=metrics)
+    got = decode_update(blob)
+    assert got.metrics == {
+        k: (v if k == "num_eval_examples" else f32(v)) for k, v in metrics.items()
+    }
+    # the section: key 6, a count, then (length, name, f32) in name order
+    block = encode_metrics({"train_loss": 1.0, "mae": 2.0, "macro_f1": 0.5})
+    assert block == (
+        b"\x02\x01" + _f(1.0) + b"\x06\x02" + b"\x08macro_f1" + _f(0.5) + b"\x03mae" + _f(2.0)
+    )
+
+
+def test_a_device_keeps_what_a_block_can_carry_and_says_why_it_leaves_the_rest() -> None:
+    many = {f"m{i:02d}": float(i) for i in range(MAX_CUSTOM + 2)}
+    carried, refused = split_metrics(
+        {**many, "train_loss": 1.0, "eval_accuracy": 2.0, "f1": float("nan"), "a b": 1.0}
+    )
+    assert carried == {"train_loss": 1.0, **{f"m{i:02d}": float(i) for i in range(MAX_CUSTOM)}}
+    assert set(refused) == {"eval_accuracy", "f1", "a b", "m32", "m33"}
+    assert "over the limit of 32" in refused["m33"]
+    assert "finite" in refused["f1"]
+    # what it keeps always encodes
+    assert decode_update(encode_update(_update(), **IDS, metrics=carried)).metrics == carried
+
+
+@pytest.mark.parametrize(
+    ("section", "why"),
+    [
+        (b"\x00", "count"),  # an empty section
+        (b"\x21", "count"),  # 33 entries announced
+        (b"\x01\x00", "length"),  # an empty name
+        (b"\x01\x31" + b"a" * 49 + _f(1.0), "length"),  # a name too long (checked first)
+        (b"\x01\x03a-b" + _f(1.0), "must match"),
+        (b"\x01\x0atrain_loss" + _f(1.0), "reserved"),
+        (b"\x01\x03f\xff1" + _f(1.0), "ASCII"),
+        (b"\x01\x02f1" + _f(float("inf")), "finite"),
+        (b"\x02\x02f2" + _f(1.0) + b"\x02f1" + _f(1.0), "increasing"),
+        (b"\x02\x02f1" + _f(1.0) + b"\x02f1" + _f(1.0), "increasing"),
+    ],
+)
+def test_the_decoder_rejects_a_malformed_custom_section(section: bytes, why: str) -> None:
+    blob = update_blob(head={"flags": 1}, metrics=b"\x01\x06" + section)
+    with pytest.raises(WireFormatError, match=why) as err:
+        decode_update(blob)
+    assert err.value.code == "bad_metrics"
+
+
+def test_the_largest_block_is_what_the_format_says() -> None:
+    names = {f"{chr(97 + i % 26)}{i:02d}".ljust(48, "x"): 1.0 for i in range(MAX_CUSTOM)}
+    block = encode_metrics({**FULL, "num_eval_examples": (1 << 62) - 1, **names})
+    assert len(block) == 1 + 4 * 5 + 1 + len(encode_varint((1 << 62) - 1)) + 2 + 32 * 53 == 1729
