@@ -539,6 +539,7 @@ async def _verified(request: Request) -> AsyncIterator[DeviceIdentity]:
         signed = parse_signed_headers(request.headers)
     except SignatureError as exc:
         raise Unauthorized(exc.detail, code=exc.code) from None
+    request.scope["fedge.device"] = signed.device_id  # the claimed id, for the request's logs
     authenticator = get_authenticator(runtime)
     device = authenticator.known_row(signed.device_id)
     if device is None:

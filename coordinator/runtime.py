@@ -9,7 +9,10 @@ Built in the app's lifespan (never at import time) and reachable from requests a
   scheduler, a runtime opened by a script has neither);
 - ``authenticator``, ``slots``, ``batch_checker``: made on first use by their modules'
   ``get_*`` functions (device authentication, per-device slots, batched long-poll checks);
-- ``task_configs``: parsed task configurations, reused while a task's JSON is unchanged.
+- ``task_configs``: parsed task configurations, reused while a task's JSON is unchanged;
+- ``metrics``: the app's Prometheus metrics (``None`` outside an app, or when disabled);
+- ``event_hooks``: called with each round and task event once its transaction committed
+  (:mod:`fedge.coordinator.events`; the metrics count rounds there).
 """
 
 from __future__ import annotations
@@ -25,6 +28,7 @@ from fedge.coordinator.blobstore_db import DatabaseBlobStore, open_blob_store
 from fedge.coordinator.db import make_engine, make_sessionmaker
 from fedge.coordinator.engine.decodedcache import DecodedCache
 from fedge.coordinator.engine.taskcache import TaskConfigCache
+from fedge.coordinator.events import Hook, install
 from fedge.coordinator.settings import Settings
 
 if TYPE_CHECKING:
@@ -32,6 +36,7 @@ if TYPE_CHECKING:
     from fedge.coordinator.engine.longpoll import BatchChecker
     from fedge.coordinator.engine.notify import Notifier
     from fedge.coordinator.engine.scheduler import Scheduler
+    from fedge.coordinator.metrics import Metrics
 
 
 @dataclass
@@ -47,17 +52,21 @@ class Runtime:
     batch_checker: BatchChecker | None = None
     task_configs: TaskConfigCache = field(default_factory=TaskConfigCache)
     decoded: DecodedCache = field(default_factory=lambda: DecodedCache(0))
+    metrics: Metrics | None = None
+    event_hooks: list[Hook] = field(default_factory=list)
 
     @classmethod
     def open(cls, settings: Settings) -> Runtime:
         engine = make_engine(settings.database_url)
-        return cls(
+        runtime = cls(
             settings=settings,
             engine=engine,
             sessions=make_sessionmaker(engine),
             blobs=open_blob_store(settings),
             decoded=DecodedCache(int(settings.decoded_cache_mb * 1_000_000)),
         )
+        install(runtime.sessions, runtime.event_hooks)
+        return runtime
 
     def close(self) -> None:
         if isinstance(self.blobs, DatabaseBlobStore):

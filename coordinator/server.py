@@ -16,15 +16,14 @@ binds the socket and supervises that many worker processes serving on it
 (:mod:`fedge.coordinator.workers`); the port file is written once every worker accepts
 connections.
 
-Logging is uvicorn's console configuration, with the coordinator's own loggers added at
-``log_level`` (they would otherwise reach only Python's last-resort handler, which prints
-warnings and errors alone).
+Logging (:mod:`fedge.coordinator.logs`): uvicorn's loggers and the coordinator's own, the
+latter at ``log_level``, on one stderr handler, as text lines or JSON objects
+(``log_format``).
 """
 
 from __future__ import annotations
 
 import asyncio
-import copy
 import logging
 import signal
 import socket
@@ -38,11 +37,11 @@ from types import FrameType
 from typing import Any
 
 import uvicorn
-import uvicorn.config
 from sqlalchemy.engine import make_url
 
 from fedge.coordinator.app import create_app
 from fedge.coordinator.bootstrap import SetupError, schema_report
+from fedge.coordinator.logs import console_line, log_config
 from fedge.coordinator.settings import Settings
 from fedge.shared.durable import write_bytes_atomic
 
@@ -105,18 +104,6 @@ def write_port_file(path: Path, port: int) -> None:
     write_bytes_atomic(path, f"{port}\n".encode("ascii"))
 
 
-def log_config(level: str) -> dict[str, Any]:
-    """uvicorn's logging configuration plus the ``fedge.coordinator`` loggers at ``level``, on
-    uvicorn's console handler."""
-    config = copy.deepcopy(uvicorn.config.LOGGING_CONFIG)
-    config["loggers"]["fedge.coordinator"] = {
-        "handlers": ["default"],
-        "level": level.upper(),
-        "propagate": False,
-    }
-    return config
-
-
 class StartedServer(uvicorn.Server):
     """uvicorn's server with a hook that runs once it accepts connections, and a graceful
     stop that first answers the waiting device long-polls (204, "nothing new"): they would
@@ -164,8 +151,13 @@ def _quiet_stop_signals() -> Iterator[None]:
             signal.signal(sig, handler)
 
 
-def _warn(message: str) -> None:
-    print(f"fedge coordinator serve: {message}", file=sys.stderr, flush=True)
+def _warn(message: str, fmt: str = "text") -> None:
+    line = console_line(fmt, f"fedge coordinator serve: {message}", level="warning")
+    print(line, file=sys.stderr, flush=True)
+
+
+def _say(message: str, fmt: str) -> None:
+    print(console_line(fmt, message), flush=True)
 
 
 def check_workers(settings: Settings, workers: int) -> None:
@@ -200,7 +192,7 @@ def uvicorn_config(
         ssl_certfile=str(tls[0]) if tls else None,
         ssl_keyfile=str(tls[1]) if tls else None,
         log_level=settings.log_level.lower(),
-        log_config=log_config(settings.log_level),
+        log_config=log_config(settings.log_level, settings.log_format),
         proxy_headers=True,
         forwarded_allow_ips=forwarded_allow_ips,
         timeout_graceful_shutdown=graceful_timeout_s,
@@ -241,6 +233,7 @@ def serve(
 
     ``workers`` (default ``settings.workers``) above 1 runs that many worker processes on the
     one listening socket under a supervisor (:mod:`fedge.coordinator.workers`)."""
+    fmt = settings.log_format
     count = settings.workers if workers is None else workers
     check_workers(settings, count)
     tls = check_tls(settings)
@@ -249,17 +242,19 @@ def serve(
         _warn(
             "WARNING: serving plain HTTP because --insecure-http / FEDGE_INSECURE_HTTP is set. "
             "Do this only behind a proxy that terminates TLS: API keys and device traffic "
-            "would otherwise cross the network unencrypted."
+            "would otherwise cross the network unencrypted.",
+            fmt,
         )
     try:
         status = schema_report(settings)
         if status.after != status.head:
             _warn(
                 f"the database schema is at {status.after or 'nothing'}, expected "
-                f"{status.head}; /readyz answers 503 until `fedge coordinator migrate` runs"
+                f"{status.head}; /readyz answers 503 until `fedge coordinator migrate` runs",
+                fmt,
             )
     except SetupError as exc:
-        _warn(f"{exc}; /readyz answers 503 until the database is reachable")
+        _warn(f"{exc}; /readyz answers 503 until the database is reachable", fmt)
 
     sock = bind_socket(settings.host, settings.port)
     port = sock.getsockname()[1]
@@ -268,11 +263,11 @@ def serve(
 
     def announce() -> None:
         nonlocal wrote_port_file
-        print(f"fedge coordinator listening on {url}", flush=True)
+        _say(f"fedge coordinator listening on {url}", fmt)
         if tls is not None:
-            print(f"TLS certificate {tls[0]}", flush=True)
+            _say(f"TLS certificate {tls[0]}", fmt)
         if count > 1:
-            print(f"{count} worker processes", flush=True)
+            _say(f"{count} worker processes", fmt)
         if port_file is not None:
             write_port_file(port_file, port)
             wrote_port_file = True
@@ -303,5 +298,5 @@ def serve(
         if port_file is not None and wrote_port_file:
             with suppress(FileNotFoundError):
                 port_file.unlink()
-    print("fedge coordinator stopped", flush=True)
+    _say("fedge coordinator stopped", fmt)
     return 0 if started else 1

@@ -5,7 +5,7 @@ from __future__ import annotations
 import secrets
 from pathlib import Path
 
-from pydantic import Field, model_validator
+from pydantic import Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import ArgumentError
@@ -169,6 +169,22 @@ class Settings(BaseSettings):
         "each aggregation (server-side evaluation on held-out data).",
     )
     log_level: str = "info"
+    log_format: str = Field(
+        default="text",
+        description="Log lines as readable text or as one JSON object per line (event, task, "
+        "round and device ids as fields; see docs/operations.md).",
+    )
+    metrics_enabled: bool = Field(
+        default=True,
+        description="Serve Prometheus metrics at /metrics (an API key is required to read "
+        "them; see docs/operations.md).",
+    )
+    dashboard_session_s: int = Field(
+        default=8 * 3600,
+        ge=60,
+        le=30 * 86400,
+        description="Lifetime of a dashboard login (seconds).",
+    )
 
     keep_versions: int = Field(
         default=0,
@@ -193,6 +209,14 @@ class Settings(BaseSettings):
         description="Seconds between automatic garbage collections in the coordinator process; "
         "0 disables them (run `fedge coordinator gc` instead).",
     )
+
+    @field_validator("log_format")
+    @classmethod
+    def _log_format(cls, value: str) -> str:
+        value = value.lower()
+        if value not in ("text", "json"):
+            raise ValueError(f"log_format {value!r}: use 'text' or 'json'")
+        return value
 
     @model_validator(mode="after")
     def _defaults(self) -> Settings:

@@ -24,6 +24,7 @@ from fedge.coordinator.blobstore import BlobStore
 from fedge.coordinator.db import utcnow
 from fedge.coordinator.engine import privacy
 from fedge.coordinator.errors import ApiError, BadRequest, Conflict, Unprocessable
+from fedge.coordinator.events import emit
 from fedge.coordinator.models import ModelVersion, Task
 from fedge.coordinator.schemas.model_versions import ModelVersionPublic
 from fedge.coordinator.schemas.targeting import TaskRequirements
@@ -469,4 +470,5 @@ def transition(
             f"cannot {action} task {task.id}: it became {task.status} meanwhile",
             code="invalid_transition",
         )
+    emit(session, f"task.{target}", task=task.id, action=action)
     return task

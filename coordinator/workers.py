@@ -42,6 +42,7 @@ from dataclasses import dataclass, field
 from types import FrameType
 from typing import Any
 
+from fedge.coordinator import metrics
 from fedge.coordinator.settings import Settings
 
 #: Workers that exit before they are ready, in a row, before the supervisor gives up.
@@ -138,6 +139,8 @@ class Supervisor:
 
     def _reap(self, worker: _Worker) -> None:
         worker.close_pipe()
+        if worker.process.returncode is not None:
+            metrics.worker_exited(worker.process.pid)
         if worker.process.stdin is not None:
             with contextlib.suppress(OSError):
                 worker.process.stdin.close()
@@ -219,6 +222,9 @@ class Supervisor:
             }
         ok = False
         self.sock.listen(2048)  # connections queue while a worker (re)starts
+        # Workers inherit the environment: they count into one directory that every worker
+        # reads when it answers a scrape (fedge.coordinator.metrics).
+        metrics_dir = metrics.prepare_multiprocess_dir() if self.settings.metrics_enabled else None
         try:
             for index in range(self.count):
                 self._start(index)
@@ -234,6 +240,7 @@ class Supervisor:
             ok = announced and self._stop.is_set()
         finally:
             self._stop_all()
+            metrics.remove_multiprocess_dir(metrics_dir)
             for sig, handler in handlers.items():
                 signal.signal(sig, handler)
         return ok

@@ -1,6 +1,6 @@
 """HTTP routers. One router per resource; ``include_routers`` adds them to the app.
 
-Health probes live at the root; everything else is under ``/api/v1``.
+Health probes and ``/metrics`` live at the root; everything else is under ``/api/v1``.
 """
 
 from __future__ import annotations
@@ -13,6 +13,7 @@ from fedge.coordinator.api import (
     devices,
     health,
     keys,
+    metrics,
     model_versions,
     rounds,
     tasks,
@@ -25,5 +26,6 @@ def include_routers(app: FastAPI) -> None:
     """Every resource's router, included in ``app`` directly (one level: FastAPI matches a
     request against every router nested above its route, so nesting costs each request)."""
     app.include_router(health.router)
+    app.include_router(metrics.router)
     for module in (tasks, rounds, model_versions, devices, tokens, keys, device, device_work):
         app.include_router(module.router, prefix=API_PREFIX)

@@ -105,7 +105,8 @@ async def work(
     slot: AbstractContextManager[None] = (
         get_device_slots(runtime).long_poll(device.id) if wait_s > 0 else nullcontext()
     )
-    with slot:
+    waiters = runtime.metrics.long_poll_waiters if runtime.metrics and wait_s > 0 else None
+    with slot, waiters.track_inprogress() if waiters is not None else nullcontext():
         found = await long_poll(
             runtime,
             device.id,

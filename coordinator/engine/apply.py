@@ -39,6 +39,7 @@ from fedge.coordinator.engine.evalhook import EvalHook, run_hook
 from fedge.coordinator.engine.modelio import load_state, load_weights, store_state, store_weights
 from fedge.coordinator.engine.staleness import update_weight
 from fedge.coordinator.engine.strategies import make_strategy
+from fedge.coordinator.events import emit
 from fedge.coordinator.models import ModelVersion, Round, Task, Update
 from fedge.coordinator.states import ROUND_ACTIVE, TASK_LIVE, RoundStatus, TaskStatus, UpdateStatus
 from fedge.shared.broadcast import make_delta
@@ -411,6 +412,25 @@ def commit_aggregation(
     )
     if not closed:
         raise RoundMoved(f"round {rnd.id} left {tuple(map(str, ROUND_ACTIVE))} during its commit")
+    emit(
+        session,
+        "round.closed",
+        task=task.id,
+        round=rnd.id,
+        number=rnd.number,
+        version=new_version,
+        updates=len(ids),
+    )
+    emit(
+        session,
+        "version.committed",
+        task=task.id,
+        round=rnd.id,
+        version=new_version,
+        updates=len(ids),
+        size_bytes=result.model_size,
+        metrics=metrics,
+    )
     task.current_version = new_version
     task.optimizer_state_digest = result.state_digest
     task.updated_at = now

@@ -29,6 +29,7 @@ from fedge.coordinator.engine.selection import (
     declined_devices,
     eligible_devices,
 )
+from fedge.coordinator.events import emit
 from fedge.coordinator.models import Assignment, Device, Round, Task, Update
 from fedge.coordinator.states import (
     ASSIGNMENT_ACTIVE,
@@ -238,7 +239,19 @@ def open_sync_round(
     session.flush()
     if sampling_rate is not None:
         task.privacy = privacy.with_open_round(task.privacy, round_id=rnd.id, q=sampling_rate)
-    return rnd, _assign(session, task, rnd, chosen, lease_until=deadline)
+    assigned = _assign(session, task, rnd, chosen, lease_until=deadline)
+    emit(
+        session,
+        "round.opened",
+        task=task.id,
+        round=rnd.id,
+        number=number,
+        mode="sync",
+        base_version=rnd.base_version,
+        assigned=len(assigned),
+        deadline=deadline.isoformat(),
+    )
+    return rnd, assigned
 
 
 def settle_declines(
@@ -355,6 +368,15 @@ def open_async_round(
     )
     session.add(rnd)
     session.flush()
+    emit(
+        session,
+        "round.opened",
+        task=task.id,
+        round=rnd.id,
+        number=rnd.number,
+        mode="async",
+        base_version=rnd.base_version,
+    )
     return rnd
 
 
@@ -375,10 +397,10 @@ def end_assignments(
     ids = sorted({a.id for a in chosen})
     # Devices before assignments: the lock order of uploads and revocations too.
     lock_devices(session, sorted({a.device_id for a in chosen}))
-    moved: list[tuple[int, str, int]] = []
+    moved: list[tuple[int, str, int, int]] = []
     for start in range(0, len(ids), CHUNK):
         moved += [
-            (row.id, row.device_id, row.round_id)
+            (row.id, row.device_id, row.round_id, row.task_id)
             for row in session.execute(
                 update(Assignment)
                 .where(
@@ -386,12 +408,26 @@ def end_assignments(
                     Assignment.status.in_(ASSIGNMENT_ACTIVE),
                 )
                 .values(status=status, finished_at=now)
-                .returning(Assignment.id, Assignment.device_id, Assignment.round_id)
+                .returning(
+                    Assignment.id, Assignment.device_id, Assignment.round_id, Assignment.task_id
+                )
                 .execution_options(synchronize_session=False)
             )
         ]
     _expire_status(session, Assignment, [m[0] for m in moved])
-    woken = [device_id for _, device_id, _ in moved]
+    woken = [m[1] for m in moved]
+    for assignment_id, device_id, round_id, task_id in (
+        moved if status == AssignmentStatus.DROPPED else ()
+    ):
+        emit(
+            session,
+            "assignment.dropped",
+            task=task_id,
+            round=round_id,
+            device=device_id,
+            assignment=assignment_id,
+            reason="the device delivered no update in time",
+        )
     if status == AssignmentStatus.DROPPED:
         for device_id in sorted(woken):
             session.execute(
@@ -401,7 +437,7 @@ def end_assignments(
                 .execution_options(synchronize_session=False)
             )
         per_round: dict[int, int] = {}
-        for _, _, round_id in moved:
+        for _, _, round_id, _ in moved:
             per_round[round_id] = per_round.get(round_id, 0) + 1
         for round_id, n in sorted(per_round.items()):
             bump_round(session, round_id, num_dropped=n)
@@ -498,6 +534,7 @@ def close_sync_round_if_due(
             session, rnd, expected=(RoundStatus.OPEN,), to=RoundStatus.AGGREGATING
         ):
             return []
+        _collected(session, rnd, fresh, "target reached")
         working = active_assignments(session, task_id=task.id, round_id=rnd.id)
         return end_assignments(session, working, status=AssignmentStatus.CANCELLED, now=now)
     if fresh >= cfg.min_updates:
@@ -505,6 +542,7 @@ def close_sync_round_if_due(
             session, rnd, expected=(RoundStatus.OPEN,), to=RoundStatus.AGGREGATING
         ):
             return []
+        _collected(session, rnd, fresh, "deadline passed with quorum")
     elif not fail_round(
         session,
         rnd,
@@ -517,6 +555,18 @@ def close_sync_round_if_due(
     return end_assignments(session, working, status=AssignmentStatus.DROPPED, now=now)
 
 
+def _collected(session: Session, rnd: Round, updates: int, reason: str) -> None:
+    emit(
+        session,
+        "round.aggregating",
+        task=rnd.task_id,
+        round=rnd.id,
+        number=rnd.number,
+        updates=updates,
+        reason=reason,
+    )
+
+
 def fail_round(
     session: Session,
     rnd: Round,
@@ -527,9 +577,20 @@ def fail_round(
 ) -> bool:
     """``expected`` -> ``failed`` with the reason; False (nothing changed) when another
     writer already gave the round its outcome."""
-    return set_round_status(
+    failed = set_round_status(
         session, rnd, expected=expected, to=RoundStatus.FAILED, closed_at=now, status_reason=reason
     )
+    if failed:
+        emit(
+            session,
+            "round.failed",
+            task=rnd.task_id,
+            round=rnd.id,
+            number=rnd.number,
+            received=rnd.num_received,
+            reason=reason,
+        )
+    return failed
 
 
 def expire_async_leases(session: Session, task: Task, *, now: datetime) -> list[str]:
@@ -579,6 +640,7 @@ def finish_task(session: Session, task: Task, *, now: datetime, reason: str) -> 
     task.finished_at = now
     task.updated_at = now
     task.status_reason = reason
+    emit(session, "task.finished", task=task.id, status=str(task.status), reason=reason)
     return wind_down(session, task, now=now, reason=f"task completed: {reason}")
 
 

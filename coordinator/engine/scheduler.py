@@ -49,6 +49,7 @@ from fedge.coordinator.engine.config import AggregationConfig, ConfigError
 from fedge.coordinator.engine.eligibility import Liveness
 from fedge.coordinator.engine.evalhook import EvalHook, load_hook
 from fedge.coordinator.engine.notify import Notifier
+from fedge.coordinator.events import Event, emit, publish
 from fedge.coordinator.models import Assignment, Round, Task, Update
 from fedge.coordinator.runtime import Runtime
 from fedge.coordinator.states import (
@@ -217,6 +218,7 @@ class TaskStepper:
             except ConfigError as exc:
                 task.status = TaskStatus.FAILED
                 task.status_reason = f"invalid aggregation config: {exc}"
+                emit(session, "task.failed", task=task.id, reason=task.status_reason)
                 task.finished_at = task.updated_at = now
                 outcome.woken += rounds.wind_down(session, task, now=now, reason="task failed")
                 return False
@@ -289,6 +291,7 @@ class TaskStepper:
                     )
             if plan is None:
                 return
+            started = time.perf_counter()
             try:
                 result = apply.compute(
                     plan, self.runtime.blobs, hook=self.hook, decoded=self.runtime.decoded
@@ -299,6 +302,18 @@ class TaskStepper:
             except apply.AggregationFailed as exc:
                 self._fail_aggregation(plan, exc.reason)
                 return
+            publish(
+                Event(
+                    "aggregation.computed",
+                    {
+                        "task": plan.task_id,
+                        "round": plan.round_id,
+                        "updates": len(plan.items),
+                        "seconds": round(time.perf_counter() - started, 6),
+                    },
+                ),
+                self.runtime.event_hooks,
+            )
             try:
                 with session_scope(self.runtime.sessions) as session:
                     woken = apply.commit_aggregation(
@@ -389,6 +404,7 @@ class Scheduler:
         #: there are more tasks to step than free workers.
         self._last_started: dict[int, float] = {}
         self._backlog = False
+        self._waiting = 0
         self._kicks = 0
 
     def start(self) -> None:
@@ -432,9 +448,18 @@ class Scheduler:
             future = loop.run_in_executor(self._pool, self.stepper.step, task_id)
             self._running[task_id] = future
             future.add_done_callback(partial(self._step_done, task_id, self._kicks))
+        self._waiting = max(0, len(waiting) - max(free, 0))
+        self._report()
+
+    def _report(self) -> None:
+        metrics = self.runtime.metrics
+        if metrics is not None:
+            metrics.steps_running.set(len(self._running))
+            metrics.tasks_waiting.set(self._waiting)
 
     def _step_done(self, task_id: int, kicks: int, future: asyncio.Future[StepOutcome]) -> None:
         self._running.pop(task_id, None)
+        self._report()
         if future.cancelled():
             return
         exc = future.exception()

@@ -37,6 +37,7 @@ from fedge.coordinator.engine.config import AggregationConfig, ConfigError
 from fedge.coordinator.engine.ownership import own_assignment
 from fedge.coordinator.engine.staleness import update_weight
 from fedge.coordinator.errors import BadRequest, Conflict, Forbidden, NotFound, Unprocessable
+from fedge.coordinator.events import Event, publish
 from fedge.coordinator.models import Assignment, Device, Round, Task, Update
 from fedge.coordinator.runtime import Runtime
 from fedge.coordinator.schemas.device_work import UploadAccepted
@@ -355,7 +356,7 @@ def _record_core(
     digest: str,
     size: int,
     now: datetime,
-) -> UploadAccepted:
+) -> tuple[UploadAccepted, int]:
     """The upload's write transaction in SQLAlchemy Core: the request's nonce (``claim``),
     then in the engine's lock order the task row (``FOR SHARE``), the device row (its
     ``last_seen_at`` and ``num_completed`` in one statement, which also re-checks that it is
@@ -426,7 +427,7 @@ def _record_core(
         conn.execute(
             update(Device).where(Device.id == device_id).values(num_dropped=Device.num_dropped - 1)
         )
-    return UploadAccepted(
+    accepted = UploadAccepted(
         update_id=update_id,
         assignment_id=assignment_id,
         task_id=ctx.task_id,
@@ -437,6 +438,7 @@ def _record_core(
         duplicate=False,
         num_examples_counted=counted,
     )
+    return accepted, a.round_id
 
 
 def round_may_close(conn: Connection, ctx: _Context) -> bool:
@@ -500,7 +502,7 @@ def accept_upload_ready(
         blobs: BlobStore = runtime.blobs
         digest = blobs.put(body)
         with write_connection(runtime.engine) as conn:
-            result = _record_core(
+            result, result_round = _record_core(
                 conn,
                 ctx,
                 claim,
@@ -516,6 +518,21 @@ def accept_upload_ready(
         runtime.decoded.put(digest, decoded, spec=ctx.spec, policy=ctx.policy)
         if claim is not None:
             claim.recorded = True
+        publish(
+            Event(
+                "update.accepted",
+                {
+                    "task": ctx.task_id,
+                    "round": result_round,
+                    "device": device_id,
+                    "assignment": assignment_id,
+                    "update": result.update_id,
+                    "bytes": len(body),
+                    "staleness": result.staleness,
+                },
+            ),
+            runtime.event_hooks,
+        )
         return result, ready
     except Conflict as exc:
         if exc.code == "stale_update":
