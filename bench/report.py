@@ -616,6 +616,59 @@ def dp_accuracy(d: dict[str, Any]) -> str:
     )
 
 
+def byzantine(d: dict[str, Any]) -> str:
+    s = d["summary"]
+    p = d["parameters"]
+    rows = []
+    for arm in p["arms"]:
+        v = s.get(arm)
+        if v is None:
+            continue
+        gap = v["minus_clean_points"]
+        rows.append(
+            [
+                arm,
+                mean_range(v["final_accuracy"]),
+                "–" if arm == "clean" else mean_range(gap, "+.1f"),
+                mean_range(v.get("last10_mean_accuracy")),
+                mean_range(v.get("lowest_accuracy_after_version_10")),
+                str(v["byzantine_updates_clipped"]),
+                str(v["honest_updates_clipped"]),
+            ]
+        )
+    h = s["headline"]
+    targets = [
+        [
+            "with the defences, final accuracy within 2 points of the clean run",
+            f"worst: {h['worst_defended_arm']} "
+            f"{fmt(h['worst_defended_minus_clean_points'], '+.1f')} points (least favourable seed)",
+            verdict(h["met"]),
+        ]
+    ]
+    defence = p["defence"]
+    return section(
+        f"Byzantine devices (`bench/byzantine.py`): {p['devices']} agents over HTTPS, "
+        f"{p['byzantine_devices']} of them validly enrolled attackers, {p['clients_per_round']} "
+        f"per round, digits, {p['rounds']} rounds, {len(p['seeds'])} seeds (mean and min–max). "
+        f"Attacks: {'; '.join(f'{k}: {v}' for k, v in p['attacks'].items())}. Defence "
+        f"`{defence['name']}`: `{json.dumps(defence['aggregation'])}` "
+        "([docs/robustness.md](docs/robustness.md)).",
+        [
+            "arm",
+            "final accuracy",
+            "vs clean (points)",
+            "last 10 versions mean",
+            "lowest after version 10",
+            "Byzantine clipped",
+            "honest clipped",
+        ],
+        rows,
+        "lrrrrrr",
+        "byzantine",
+        targets,
+    )
+
+
 SECTIONS: list[tuple[str, str, Callable[[dict[str, Any]], str]]] = [
     ("codec", "Update size and codec speed", codec),
     ("compression_accuracy", "Compression vs accuracy", compression_accuracy),
@@ -624,6 +677,7 @@ SECTIONS: list[tuple[str, str, Callable[[dict[str, Any]], str]]] = [
     ("aggregate", "Aggregation at scale", aggregate),
     ("flower_setting", "Against Flower in its own setting", flower_setting),
     ("dp_accuracy", "Differential privacy: accuracy vs ε", dp_accuracy),
+    ("byzantine", "Byzantine devices", byzantine),
 ]
 
 

@@ -80,6 +80,11 @@ class Task(Base):
     current_version: Mapped[int] = mapped_column(Integer, default=-1)
     # Server optimizer state (e.g. momentum buffer) lives in a blob; digest here.
     optimizer_state_digest: Mapped[str | None] = mapped_column(String(64), default=None)
+    # The adaptive L2 norm bound after the latest aggregation (fedge.coordinator.engine.bounds);
+    # null: none adapted yet, the task's configured bound applies. The columns of migration 0007
+    # are nullable without defaults (a null counter is 0), so the ORM leaves them out of its
+    # INSERTs: tests seed databases at earlier revisions through these models.
+    norm_bound: Mapped[float | None] = mapped_column(Float)
     created_at: Mapped[datetime] = _now_column()
     updated_at: Mapped[datetime] = _now_column()
     started_at: Mapped[datetime | None] = mapped_column(default=None)
@@ -150,6 +155,8 @@ class Round(Base):
     num_dropped: Mapped[int] = mapped_column(Integer, default=0)
     num_rejected: Mapped[int] = mapped_column(Integer, default=0)
     num_declined: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
+    # Applied updates the norm bound scaled down (fedge.coordinator.engine.bounds); null is 0.
+    num_clipped: Mapped[int | None] = mapped_column(Integer)
     metrics: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
     status_reason: Mapped[str | None] = mapped_column(Text, default=None)
 
@@ -182,6 +189,10 @@ class Device(Base):
     num_completed: Mapped[int] = mapped_column(Integer, default=0)
     num_dropped: Mapped[int] = mapped_column(Integer, default=0)
     num_declined: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
+    # The task's L2 norm bound: updates scaled down at aggregation, uploads refused (422);
+    # null is 0.
+    num_norm_clipped: Mapped[int | None] = mapped_column(Integer)
+    num_norm_refused: Mapped[int | None] = mapped_column(Integer)
 
 
 class Assignment(Base):
@@ -242,6 +253,10 @@ class Update(Base):
     idempotency_key: Mapped[str] = mapped_column(String(128))
     received_at: Mapped[datetime] = _now_column()
     applied_version: Mapped[int | None] = mapped_column(Integer, default=None)
+    # At aggregation: the update's L2 norm and the factor the norm bound scaled it by (1: not
+    # clipped); null until applied.
+    norm: Mapped[float | None] = mapped_column(Float)
+    clip_scale: Mapped[float | None] = mapped_column(Float)
     # Metrics the device sent with its work (train loss etc.), copied at acceptance.
     metrics: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
 

@@ -46,6 +46,8 @@ def to_public(device: Device) -> DevicePublic:
         num_completed=device.num_completed,
         num_dropped=device.num_dropped,
         num_declined=device.num_declined,
+        num_norm_clipped=device.num_norm_clipped or 0,
+        num_norm_refused=device.num_norm_refused or 0,
     )
 
 

@@ -40,6 +40,7 @@ def to_public(rnd: Round) -> RoundPublic:
         num_dropped=rnd.num_dropped,
         num_rejected=rnd.num_rejected,
         num_declined=rnd.num_declined,
+        num_clipped=rnd.num_clipped or 0,
         metrics=rnd.metrics or {},
     )
 

@@ -57,11 +57,12 @@ class Accumulator:
         self.total_weight = 0.0
         self.count = 0
 
-    def add(self, update: DecodedUpdate, weight: float) -> None:
-        """Add ``weight * delta`` (O(nnz) for sparse updates)."""
+    def add(self, update: DecodedUpdate, weight: float, *, scale: float = 1.0) -> None:
+        """Add ``weight * scale * delta`` (O(nnz) for sparse updates); the total weight grows
+        by ``weight`` only: ``scale`` shrinks the update itself (the norm bound's clip)."""
         if not math.isfinite(weight) or weight < 0:
             raise ValueError(f"update weight must be finite and >= 0, got {weight}")
-        update.add_to(self.sums, weight)
+        update.add_to(self.sums, weight * scale)
         self.total_weight += weight
         self.count += 1
 

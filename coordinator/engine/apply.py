@@ -26,21 +26,22 @@ from datetime import datetime
 from typing import Any
 
 import numpy as np
-from sqlalchemy import select, update
+from sqlalchemy import bindparam, func, select, update
 from sqlalchemy.orm import Session
 
 from fedge.coordinator.blobstore import BlobStore
-from fedge.coordinator.engine import examples, privacy, reports, rounds
-from fedge.coordinator.engine.aggregate import WeightedBlob, aggregate_blobs, iter_decoded
+from fedge.coordinator.engine import bounds, examples, privacy, reports, rounds
+from fedge.coordinator.engine.aggregate import WeightedBlob, iter_decoded
 from fedge.coordinator.engine.config import AggregationConfig
 from fedge.coordinator.engine.decodedcache import DecodedCache
 from fedge.coordinator.engine.eligibility import Liveness
 from fedge.coordinator.engine.evalhook import EvalHook, run_hook
 from fedge.coordinator.engine.modelio import load_state, load_weights, store_state, store_weights
+from fedge.coordinator.engine.robust import combine
 from fedge.coordinator.engine.staleness import update_weight
 from fedge.coordinator.engine.strategies import make_strategy
 from fedge.coordinator.events import emit
-from fedge.coordinator.models import ModelVersion, Round, Task, Update
+from fedge.coordinator.models import Device, ModelVersion, Round, Task, Update
 from fedge.coordinator.states import ROUND_ACTIVE, TASK_LIVE, RoundStatus, TaskStatus, UpdateStatus
 from fedge.shared.broadcast import make_delta
 from fedge.shared.dp import secure_rng
@@ -74,6 +75,7 @@ class PlannedUpdate:
     digest: str
     weight: float
     tau: int
+    device_id: str = ""
 
 
 @dataclass(frozen=True)
@@ -92,6 +94,8 @@ class Plan:
     model_config: dict[str, Any]
     config: AggregationConfig
     items: tuple[PlannedUpdate, ...]
+    #: The L2 norm bound this aggregation applies (None: no bound; fedge.coordinator.engine.bounds).
+    norm_bound: float | None = None
 
     @property
     def new_version(self) -> int:
@@ -118,6 +122,15 @@ class Result:
     #: Seconds spent in each part of :func:`compute`: ``aggregate`` (read, decode and add every
     #: update), ``step`` (server optimizer), ``store`` (write model and state blobs), ``eval``.
     timings: dict[str, float] = field(default_factory=dict)
+    #: Per planned update (in the plan's order): its L2 norm and the bound's scale factor.
+    norms: tuple[float, ...] = ()
+    scales: tuple[float, ...] = ()
+    #: The adaptive bound for the next aggregation (None: not adaptive).
+    next_norm_bound: float | None = None
+
+    @property
+    def num_clipped(self) -> int:
+        return sum(1 for s in self.scales if s < 1.0)
 
 
 def plan_aggregation(
@@ -146,15 +159,17 @@ def plan_aggregation(
             Update.num_examples,
             Update.num_examples_counted,
             Update.round_id,
+            Update.device_id,
         )
         .where(Update.task_id == task.id, Update.status == UpdateStatus.ACCEPTED)
         .order_by(Update.received_at, Update.id)
     ).all()
-    # (id, digest, tau, counted examples) of the updates to apply; weights once they are known.
-    chosen: list[tuple[int, str, int, int]] = []
+    # (id, digest, tau, counted examples, device) of the updates to apply; weights once they
+    # are known.
+    chosen: list[tuple[int, str, int, int, str]] = []
     rejects: list[dict[str, Any]] = []
     dp = cfg.central_dp is not None
-    for update_id, digest, base_version, num_examples, counted, round_id in pending:
+    for update_id, digest, base_version, num_examples, counted, round_id, device_id in pending:
         tau = max(0, base - base_version)
         if dp and round_id != rnd.id:
             # The accountant charges this round's sample only (docs/privacy.md).
@@ -169,7 +184,7 @@ def plan_aggregation(
             rejects.append({"id": update_id, "status": UpdateStatus.REJECTED, "reason": reason})
             continue
         count = examples.stored_count(counted, num_examples, cap=cfg.max_num_examples)
-        chosen.append((update_id, digest, tau, count))
+        chosen.append((update_id, digest, tau, count, device_id))
     if rejects:
         session.execute(update(Update), rejects)
         rounds.bump_round(session, rnd.id, num_rejected=len(rejects))
@@ -182,15 +197,16 @@ def plan_aggregation(
         return None
     # The weight counts the examples clipped to a multiple of the cohort's median
     # (fedge.coordinator.engine.examples), then discounts staleness.
-    clipped = examples.cohort_clip([count for *_, count in chosen])
+    clipped = examples.cohort_clip([count for _, _, _, count, _ in chosen])
     items = [
         PlannedUpdate(
             update_id,
             digest,
             update_weight(cfg.staleness, tau=tau, num_examples=int(n), weighting=cfg.weighting),
             tau,
+            device_id,
         )
-        for (update_id, digest, tau, _), n in zip(chosen, clipped, strict=True)
+        for (update_id, digest, tau, _, device_id), n in zip(chosen, clipped, strict=True)
     ]
     return Plan(
         task_id=task.id,
@@ -204,6 +220,7 @@ def plan_aggregation(
         model_config=dict(task.model_config_),
         config=cfg,
         items=tuple(items),
+        norm_bound=bounds.current_bound(cfg.norm_bound, task.norm_bound),
     )
 
 
@@ -220,23 +237,35 @@ def compute(
 
     Under central differential privacy the mean is DP-FedAvg's (clipped updates, fixed
     denominator, Gaussian noise drawn from ``noise_rng``, by default a CSPRNG-seeded one;
-    :mod:`fedge.coordinator.engine.privacy`).
+    :mod:`fedge.coordinator.engine.privacy`). Otherwise each update is clipped to the plan's
+    norm bound, then the updates are combined as the task's ``robust`` setting says
+    (fedge.coordinator.engine.robust); sync rounds and async buffers alike.
 
-    :class:`AggregationFailed` when the mean update, the new weights (as float32) or the
+    :class:`AggregationFailed` when the combined update, the new weights (as float32) or the
     optimizer state is not finite: no blob is written then."""
     kwargs = {} if limits is None else {"limits": limits}
     start = time.perf_counter()
-    items = (WeightedBlob(i.digest, i.weight) for i in plan.items)
-    dp = plan.config.central_dp
+    cfg = plan.config
+    dp = cfg.central_dp
+
+    def source() -> Any:
+        return iter_decoded(
+            blobs,
+            (WeightedBlob(i.digest, i.weight) for i in plan.items),
+            spec=plan.spec,
+            policy=plan.policy,
+            decoded=decoded,
+            **kwargs,
+        )
+
+    norms: tuple[float, ...] = ()
+    scales: tuple[float, ...] = ()
     with np.errstate(over="ignore", invalid="ignore"):  # a non-finite sum is checked below
         delta: Mapping[str, np.ndarray]
         if dp is not None:
-            stream = iter_decoded(
-                blobs, items, spec=plan.spec, policy=plan.policy, decoded=decoded, **kwargs
-            )
             try:
                 sums, count = privacy.private_sum(
-                    (u for u, _ in stream), plan.spec, clip_norm=dp.clip_norm
+                    (u for u, _ in source()), plan.spec, clip_norm=dp.clip_norm
                 )
             except ValueError as exc:  # a non-finite norm (decoders refuse NaN/Inf)
                 raise AggregationFailed(f"differential privacy: {exc}") from None
@@ -244,17 +273,25 @@ def compute(
             delta = privacy.privatize_mean(
                 sums,
                 privacy=dp,
-                cohort=plan.config.dp_cohort,
+                cohort=cfg.dp_cohort,
                 rng=secure_rng() if noise_rng is None else noise_rng,
             )
+            what = "differentially private mean"
         else:
-            acc = aggregate_blobs(
-                blobs, items, spec=plan.spec, policy=plan.policy, decoded=decoded, **kwargs
+            combined = combine(
+                source,
+                count=len(plan.items),
+                spec=plan.spec,
+                method=cfg.robust,
+                trim_fraction=cfg.trim_fraction,
+                bound=plan.norm_bound,
             )
-            total_weight = acc.total_weight
-            delta = acc.mean()
-            del acc
-    _check_finite("the weighted mean update is not finite", delta)
+            total_weight = combined.total_weight
+            delta = combined.delta
+            norms, scales = tuple(combined.norms), tuple(combined.scales)
+            what = "weighted mean" if cfg.robust == "mean" else f"combined ({cfg.robust})"
+            del combined
+    _check_finite(f"the {what} update is not finite", delta)
     aggregated = time.perf_counter()
     weights = load_weights(blobs, plan.base_digest, plan.spec)
     strategy = make_strategy(plan.config)
@@ -272,7 +309,6 @@ def compute(
     state_digest = store_state(blobs, new_state)
     broadcast = None if plan.policy.download.is_dense else _broadcast(plan, blobs, new_weights)
     stored = time.perf_counter()
-    cfg = plan.config
     due = plan.new_version % cfg.eval_every == 0 or plan.new_version >= cfg.num_rounds
     server = run_hook(hook, plan.model_config, new_weights) if due else {}
     timings = {
@@ -281,7 +317,18 @@ def compute(
         "store": stored - stepped,
         "eval": time.perf_counter() - stored,
     }
-    return Result(model_digest, model_size, state_digest, total_weight, server, broadcast, timings)
+    return Result(
+        model_digest,
+        model_size,
+        state_digest,
+        total_weight,
+        server,
+        broadcast,
+        timings,
+        norms=norms,
+        scales=scales,
+        next_norm_bound=bounds.adapt(cfg.norm_bound, plan.norm_bound, norms),
+    )
 
 
 def _broadcast(plan: Plan, blobs: BlobStore, new_weights: Weights) -> Broadcast:
@@ -318,6 +365,22 @@ def _check_finite(what: str, arrays: Mapping[str, np.ndarray]) -> None:
         bad = a.size - int(np.count_nonzero(np.isfinite(a)))
         if bad:
             raise AggregationFailed(f"{what}: tensor {name!r} has {bad} NaN or infinite value(s)")
+
+
+def _count_clipped(session: Session, plan: Plan, result: Result) -> None:
+    """Add the updates the bound scaled down to their devices' ``num_norm_clipped``."""
+    per_device: dict[str, int] = {}
+    for item, scale in zip(plan.items, result.scales, strict=False):
+        if scale < 1.0:
+            per_device[item.device_id] = per_device.get(item.device_id, 0) + 1
+    if not per_device:
+        return
+    session.connection().execute(
+        update(Device)
+        .where(Device.id == bindparam("p_device"))
+        .values(num_norm_clipped=func.coalesce(Device.num_norm_clipped, 0) + bindparam("p_count")),
+        [{"p_device": d, "p_count": n} for d, n in sorted(per_device.items())],
+    )
 
 
 def target_reached(cfg: AggregationConfig, server_metrics: dict[str, float]) -> bool:
@@ -365,6 +428,7 @@ def commit_aggregation(
     if locked != len(ids):
         return None
     new_version = plan.new_version
+    measured = len(result.norms) == len(plan.items)
     # One executemany by primary key instead of loading and tracking every row.
     session.execute(
         update(Update),
@@ -374,13 +438,19 @@ def commit_aggregation(
                 "status": UpdateStatus.APPLIED,
                 "applied_version": new_version,
                 "weight": i.weight,
+                "norm": result.norms[k] if measured else None,
+                "clip_scale": result.scales[k] if measured else None,
             }
-            for i in plan.items
+            for k, i in enumerate(plan.items)
         ],
     )
+    _count_clipped(session, plan, result)
     session.flush()
     server = {f"server_{k}": v for k, v in result.server_metrics.items()}
     metrics = {**reports.version_client_metrics(session, task.id, new_version), **server}
+    if plan.norm_bound is not None:
+        metrics["norm_bound"] = plan.norm_bound
+        metrics["num_clipped"] = float(result.num_clipped)
     session.add(
         ModelVersion(
             task_id=task.id,
@@ -408,6 +478,7 @@ def commit_aggregation(
         result_version=new_version,
         num_received=len(ids),
         num_stale=sum(1 for i in plan.items if i.tau > 0),
+        num_clipped=result.num_clipped,
         metrics=metrics,
     )
     if not closed:
@@ -433,6 +504,8 @@ def commit_aggregation(
     )
     task.current_version = new_version
     task.optimizer_state_digest = result.state_digest
+    if result.next_norm_bound is not None:
+        task.norm_bound = result.next_norm_bound
     task.updated_at = now
     dp = plan.config.central_dp
     if dp is not None:

@@ -15,7 +15,9 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, Field, ValidationError, model_validator
 
+from fedge.coordinator.engine.bounds import NormBoundConfig
 from fedge.coordinator.engine.privacy import PrivacyConfig, config_problems
+from fedge.coordinator.engine.robust import Robust
 from fedge.coordinator.engine.staleness import CONFIG, StalenessConfig
 
 Mode = Literal["sync", "async"]
@@ -100,6 +102,23 @@ class AggregationConfig(BaseModel):
         strict=True,
         description="uploads claiming more examples are refused (422)",
     )
+    norm_bound: NormBoundConfig | None = Field(
+        default=None,
+        description="largest L2 norm of an update and what happens above it (clip or refuse); "
+        "null: no bound (docs/robustness.md)",
+    )
+    robust: Robust = Field(
+        default="mean",
+        description="how the updates of one aggregation are combined: weighted mean, "
+        "coordinate-wise trimmed mean or median (docs/robustness.md)",
+    )
+    trim_fraction: float = Field(
+        default=0.1,
+        ge=0,
+        lt=0.5,
+        strict=True,
+        description="trimmed_mean: share of the values dropped at each end of a coordinate",
+    )
 
     keep_versions: int | None = Field(
         default=None,
@@ -130,6 +149,15 @@ class AggregationConfig(BaseModel):
             )
             if problem:
                 raise ValueError(problem)
+            if self.privacy.mode == "central" and (
+                self.norm_bound is not None or self.robust != "mean"
+            ):
+                raise ValueError(
+                    "central differential privacy clips every update to privacy.clip_norm and "
+                    "averages them with a fixed denominator: it cannot be combined with "
+                    "norm_bound or a robust aggregation (leave norm_bound null and robust "
+                    "'mean'; docs/privacy.md)"
+                )
         return self
 
     @property

@@ -9,7 +9,9 @@ Order of checks (each rejection changes nothing):
    422 ``shape_mismatch``/``policy_mismatch``), its header names the assignment's task and base
    version (422 ``task_mismatch``/``base_version_mismatch``), ``num_examples >= 1`` and at
    most the task's ``max_num_examples`` (422 ``num_examples_out_of_range``), and no value's
-   magnitude exceeds ``max_update_abs`` (422 ``update_out_of_range``);
+   magnitude exceeds ``max_update_abs`` (422 ``update_out_of_range``), and with a norm bound
+   whose action is ``refuse`` its L2 norm is at most ``max_norm`` (422
+   ``update_norm_exceeded``; the device's ``num_norm_refused`` counts it, nothing else changes);
 4. staleness ``tau = current_version - base_version`` is within ``max_staleness``
    (409 ``stale_update``).
 
@@ -31,7 +33,7 @@ from sqlalchemy.orm import Session
 from fedge.coordinator.auth import RequestClaim, record_nonce, settle_claim, touch_device
 from fedge.coordinator.blobstore import BlobStore
 from fedge.coordinator.db import READ_ONLY, session_scope, utcnow, write_connection
-from fedge.coordinator.engine import examples, rounds
+from fedge.coordinator.engine import bounds, examples, rounds
 from fedge.coordinator.engine.aggregate import max_abs
 from fedge.coordinator.engine.config import AggregationConfig, ConfigError
 from fedge.coordinator.engine.ownership import own_assignment
@@ -185,7 +187,29 @@ def decode_checked(body: bytes, ctx: _Context) -> DecodedUpdate:
             f"{ctx.config.max_update_abs:.6g} (aggregation.max_update_abs)",
             code="update_out_of_range",
         )
+    limit = ctx.config.norm_bound
+    if limit is not None and limit.action == "refuse":
+        norm = bounds.update_norm(decoded)
+        if norm > limit.max_norm:
+            raise Unprocessable(
+                f"the update's L2 norm is {norm:.6g}; this task refuses updates above "
+                f"{limit.max_norm:.6g} (aggregation.norm_bound)",
+                code="update_norm_exceeded",
+            )
     return decoded
+
+
+_NORM_REFUSED = (
+    update(Device)
+    .where(Device.id == bindparam("p_device"))
+    .values(num_norm_refused=func.coalesce(Device.num_norm_refused, 0) + 1)
+)
+
+
+def count_norm_refusal(runtime: Runtime, device_id: str) -> None:
+    """Count an upload refused for its norm on the device (its own short transaction)."""
+    with write_connection(runtime.engine) as conn:
+        conn.execute(_NORM_REFUSED, {"p_device": device_id})
 
 
 def lock_for_upload(
@@ -496,7 +520,12 @@ def accept_upload_ready(
         settle_claim(runtime, claim)
         return answer, False
     ctx = checked
-    decoded = decode_checked(body, ctx)
+    try:
+        decoded = decode_checked(body, ctx)
+    except Unprocessable as exc:
+        if exc.code == "update_norm_exceeded":
+            count_norm_refusal(runtime, device_id)
+        raise
     try:
         _check_staleness(ctx.config, current=ctx.current_version, base=ctx.base_version)
         blobs: BlobStore = runtime.blobs

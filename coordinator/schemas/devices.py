@@ -57,6 +57,9 @@ class DevicePublic(BaseModel):
     num_completed: int
     num_dropped: int
     num_declined: int
+    #: Updates the task's L2 norm bound scaled down at aggregation / refused at upload.
+    num_norm_clipped: int = 0
+    num_norm_refused: int = 0
 
 
 class DevicesPublic(Page[DevicePublic]):

@@ -29,6 +29,8 @@ class RoundPublic(BaseModel):
     num_dropped: int
     num_rejected: int
     num_declined: int
+    #: Applied updates the task's L2 norm bound scaled down.
+    num_clipped: int = 0
     metrics: dict[str, Any]
 
 

@@ -337,6 +337,8 @@ def test_task_stops_before_the_round_that_would_exceed_its_budget(runtime: Runti
         ({"weighting": "num_examples"}, "weighting 'equal'"),
         ({"max_staleness": 2}, "max_staleness 0"),
         ({"mode": "async"}, "mode 'sync'"),
+        ({"robust": "median"}, "cannot be combined with norm_bound or a robust"),
+        ({"norm_bound": {"max_norm": 1.0}}, "cannot be combined with norm_bound or a robust"),
     ],
 )
 def test_configs_that_cannot_be_accounted_are_refused(changes: dict[str, Any], words: str) -> None:

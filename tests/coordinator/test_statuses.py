@@ -13,7 +13,7 @@ from typing import Any
 
 import pytest
 from alembic.runtime.migration import MigrationContext
-from sqlalchemy import Engine, event, func, inspect, select, text, update
+from sqlalchemy import Engine, event, func, insert, inspect, select, text, update
 from sqlalchemy.exc import DBAPIError, IntegrityError, StatementError
 
 from fedge.coordinator import migrate
@@ -78,36 +78,53 @@ class Seeded:
 
 
 def _seed(engine: Engine) -> Seeded:
+    """One row per table with a status. Core inserts naming their columns, so that the rows
+    fit the schema of an earlier revision too (the models have columns later migrations add)."""
     now = utcnow()
     with session_scope(make_sessionmaker(engine)) as session:
-        task = Task(
+
+        def add(model: Any, **values: Any) -> Any:
+            table = model.__table__
+            return session.execute(
+                insert(table).values(**values).returning(table.c.id)
+            ).scalar_one()
+
+        task_id = add(
+            Task,
             name="t",
-            model_config_={},
+            model_config={},
             model_spec=[],
             aggregation={},
             compression={},
             training={},
             status=TaskStatus.RUNNING,
+            created_at=now,
+            updated_at=now,
         )
-        session.add(task)
-        session.add_all(
-            [
-                Device(id="dev-a", name="a", public_key="key-a"),
-                Device(id="dev-b", name="b", public_key="key-b"),
-            ]
+        for key in ("a", "b"):
+            add(Device, id=f"dev-{key}", name=key, public_key=f"key-{key}", enrolled_at=now)
+        round_id = add(
+            Round,
+            task_id=task_id,
+            number=1,
+            base_version=0,
+            opened_at=now,
+            deadline_at=now + timedelta(1),
         )
-        session.flush()
-        rnd = Round(task_id=task.id, number=1, base_version=0, deadline_at=now + timedelta(1))
-        session.add(rnd)
-        session.flush()
-        a = Assignment(task_id=task.id, round_id=rnd.id, device_id="dev-a", base_version=0)
-        session.add(a)
-        session.flush()
-        u = Update(
-            task_id=task.id,
-            assignment_id=a.id,
+        assignment_id = add(
+            Assignment,
+            task_id=task_id,
+            round_id=round_id,
             device_id="dev-a",
-            round_id=rnd.id,
+            base_version=0,
+            assigned_at=now,
+        )
+        update_id = add(
+            Update,
+            task_id=task_id,
+            assignment_id=assignment_id,
+            device_id="dev-a",
+            round_id=round_id,
             base_version=0,
             num_examples=1,
             blob_digest="x",
@@ -115,16 +132,16 @@ def _seed(engine: Engine) -> Seeded:
             staleness=0,
             weight=1.0,
             idempotency_key="k",
+            received_at=now,
+            metrics={},
         )
-        session.add(u)
-        session.flush()
         return Seeded(
             {
-                "tasks": task.id,
-                "rounds": rnd.id,
+                "tasks": task_id,
+                "rounds": round_id,
                 "devices": "dev-a",
-                "assignments": a.id,
-                "updates": u.id,
+                "assignments": assignment_id,
+                "updates": update_id,
             }
         )
 
