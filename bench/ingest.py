@@ -9,13 +9,14 @@ tokens from the admin API, seeded Ed25519 keys). Per device (``--device-mode age
 default, as the agent does): long-poll for work (``wait=20``) -> upload with ``next=1`` -> take
 the next assignment from the answer when it carries one, else long-poll -> repeat (``--device-
 mode busy``: get work with ``wait=0``, 20 ms apart when there is none, then upload: the device
-model of runs before 7 December 2026). Each request is signed with ``fedge.shared.signing``;
-each upload carries its own update body (an MLP 256-300-80, 101,180 parameters; top-1% 4-bit,
-error feedback), encoded with ``fedge.shared.compression``/``fedge.shared.wire`` from one of a
-few noise deltas and a fresh draw of the stochastic quantization, so every body is distinct and
-the coordinator's content-addressed blob store writes and fsyncs every one (identical bodies
-would be found on disk and skipped). The generators check their digests; the run counts the blob
-files the coordinator added against the updates it accepted.
+model of runs before the evening of 6 December 2026). Each request is signed with
+``fedge.shared.signing``; each upload carries its own update body (an MLP 256-300-80, 101,180
+parameters; top-1% 4-bit, error feedback), encoded with
+``fedge.shared.compression``/``fedge.shared.wire`` from one of a few noise deltas and a fresh
+draw of the stochastic quantization, so every body is distinct and the coordinator's content-
+addressed blob store writes and fsyncs every one (identical bodies would be found on disk and
+skipped). The generators check their digests; the run counts the blob files the coordinator
+added against the updates it accepted.
 
 The task is async (FedBuff): ``max_concurrency`` above C, ``max_staleness`` large,
 ``buffer_size = min(100, C // 2)`` (a device works at most once per model version, so the
@@ -939,7 +940,7 @@ def main() -> None:
         default="agent",
         help="steady phase: 'agent' long-polls for work and takes the next assignment from "
         "the upload's answer (what the agent does); 'busy' polls without a wait every 20 ms "
-        "(the device model of runs before 7 December 2026)",
+        "(the device model of runs before the evening of 6 December 2026)",
     )
     ap.add_argument("--no-ceiling", action="store_true")
     ap.add_argument("--no-longpoll", action="store_true")
