@@ -24,6 +24,7 @@ from fedge.coordinator.engine import privacy
 from fedge.coordinator.engine.config import AggregationConfig
 from fedge.coordinator.engine.eligibility import Liveness, Requirements
 from fedge.coordinator.engine.selection import (
+    Candidate,
     busy_clause,
     choose,
     declined_devices,
@@ -181,6 +182,25 @@ def apply_pending_training(task: Task, *, now: datetime) -> None:
     task.updated_at = now
 
 
+def _eligible(
+    session: Session,
+    task: Task,
+    *,
+    now: datetime,
+    liveness: Liveness,
+    not_in_round: int | None = None,
+) -> list[Candidate]:
+    """The devices that may work on ``task`` now (its requirements, liveness, no decline)."""
+    return eligible_devices(
+        session,
+        now=now,
+        liveness=liveness,
+        requirements=Requirements.from_stored(task.requirements),
+        task_id=task.id,
+        not_in_round=not_in_round,
+    )
+
+
 def open_sync_round(
     session: Session, task: Task, cfg: AggregationConfig, *, now: datetime, liveness: Liveness
 ) -> tuple[Round | None, list[str]]:
@@ -197,13 +217,7 @@ def open_sync_round(
     dp = cfg.central_dp
     # Central DP aggregates only the round's own sample: earlier updates do not count.
     fresh = 0 if dp else count_pending(session, task.id, base_version=task.current_version)
-    candidates = eligible_devices(
-        session,
-        now=now,
-        liveness=liveness,
-        requirements=Requirements.from_stored(task.requirements),
-        task_id=task.id,
-    )
+    candidates = _eligible(session, task, now=now, liveness=liveness)
     needed = max(1, cfg.min_updates - fresh)
     if len(candidates) < needed:
         set_waiting(task, waiting_reason(session, task, len(candidates), needed), now=now)
@@ -294,14 +308,7 @@ def settle_declines(
     wanted = min(cfg.num_selected - placed, declined)
     woken: list[str] = []
     if wanted > 0:
-        candidates = eligible_devices(
-            session,
-            now=now,
-            liveness=liveness,
-            requirements=Requirements.from_stored(task.requirements),
-            task_id=task.id,
-            not_in_round=rnd.id,
-        )
+        candidates = _eligible(session, task, now=now, liveness=liveness, not_in_round=rnd.id)
         rng = np.random.default_rng([task.id, rnd.number, declined])
         chosen = _lock_idle_devices(session, choose(candidates, wanted, rng))
         if chosen and rnd.deadline_at is not None:
@@ -342,13 +349,7 @@ def explain_async_wait(session: Session, task: Task, *, now: datetime, liveness:
     if working is not None:
         set_waiting(task, None, now=now)
         return
-    candidates = eligible_devices(
-        session,
-        now=now,
-        liveness=liveness,
-        requirements=Requirements.from_stored(task.requirements),
-        task_id=task.id,
-    )
+    candidates = _eligible(session, task, now=now, liveness=liveness)
     set_waiting(task, None if candidates else waiting_reason(session, task, 0, 1), now=now)
 
 
