@@ -322,7 +322,10 @@ class Agent:
             if self.stopping:
                 return Outcome.STOPPED
             self.stats.late_uploads += 1
-        return self._upload(entry, next_work=True)
+        outcome = self._upload(entry, next_work=True)
+        if outcome is Outcome.DISCARDED:
+            self._leave_refused(work)
+        return outcome
 
     def _trainer_for(self, work: Work) -> Trainer:
         """The trainer for the task: the agent's own factory when one was given, else the one
@@ -359,6 +362,20 @@ class Agent:
             self._check_fatal(exc)
             log.warning("could not decline assignment %d: %s", work.assignment_id, exc)
         return Outcome.FAILED
+
+    def _leave_refused(self, work: Work) -> None:
+        """The coordinator refused this assignment's update for good (e.g. 422
+        ``update_out_of_range``) but may keep the assignment open: training again would make
+        the same kind of update, so leave it and decline it, and the round need not wait."""
+        self._given_up.add(work.assignment_id)
+        try:
+            self.client.decline(
+                work.assignment_id, "other", "the coordinator refused this assignment's update"
+            )
+            self.stats.declined += 1
+        except AgentError as exc:  # e.g. 409: the refusal ended the assignment already
+            self._check_fatal(exc)
+            log.info("assignment %d not declined: %s", work.assignment_id, exc)
 
     def _wait_until_cancelled(self, work: Work) -> None:
         """Stay away from an assignment until the coordinator cancels it (or a while passes)."""

@@ -44,6 +44,10 @@ class FakeCoordinator:
     stale: set[int] = field(default_factory=set)
     revoked: set[str] = field(default_factory=set)
     fail_uploads: int = 0
+    #: Assignments whose uploads are refused for good (422); like the coordinator, the
+    #: assignment stays active, so the next work poll answers it again until it is declined.
+    refused: set[int] = field(default_factory=set)
+    offered: dict[int, dict[str, Any]] = field(default_factory=dict)
     received: dict[str, Received] = field(default_factory=dict)
     metrics: dict[int, dict[str, float]] = field(default_factory=dict)  # separate reports
     requests: list[httpx.Request] = field(default_factory=list)
@@ -78,6 +82,7 @@ class FakeCoordinator:
             "spec": spec,
         } | extra
         with self.changed:
+            self.offered[assignment_id] = work
             self.queue.append(work)
             self.changed.notify_all()
 
@@ -167,6 +172,12 @@ class FakeCoordinator:
             return httpx.Response(200, json={"assignment_id": assignment_id, "duplicate": True})
         if assignment_id in self.stale:
             return _error(409, "stale_update", "base version too old")
+        if assignment_id in self.refused:
+            with self.changed:
+                if assignment_id not in self.declines:
+                    self.queue.insert(0, self.offered[assignment_id])  # it is still active
+                    self.changed.notify_all()
+            return _error(422, "update_out_of_range", "a value beyond max_update_abs")
         if any(r.assignment_id == assignment_id for r in self.received.values()):
             return _error(409, "already_uploaded")
         update = decode_update(request.content)

@@ -557,3 +557,18 @@ def test_own_metrics_travel_and_what_cannot_is_named_in_the_log(state_dir, fake,
     assert set(left_out) == {"f1", "m32", "m33", "steps"}
     assert "finite" in left_out["f1"]
     assert all("over the limit of 32" in left_out[n] for n in ("m32", "m33", "steps"))
+
+
+def test_an_update_refused_for_good_is_not_trained_again(state_dir, fake, data):
+    """A 422 refusal that leaves the assignment open (the coordinator answers it to the next
+    work poll again) is declined, not retrained and uploaded in a loop until its deadline."""
+    fake.assign(1)
+    fake.refused.add(1)
+    fake.assign(2)
+    agent = make_agent(state_dir, fake, data)
+    agent.run(max_rounds=2)
+    uploads = [r for r in fake.requests if r.url.path.endswith("/assignments/1/update")]
+    assert len(uploads) == 1
+    assert fake.declines[1]["reason"] == "other"
+    assert agent.stats.discarded == 1 and agent.stats.declined == 1
+    assert [r.assignment_id for r in fake.received.values()] == [2]
