@@ -49,8 +49,11 @@ def decline_assignment(
     """End the device's active assignment as declined (in the caller's transaction).
 
     404 / 403 ``not_your_assignment`` as any assignment request; 409 ``assignment_ended``
-    when it already ended otherwise (uploaded, cancelled, dropped). Declining again answers
-    the first decline (``duplicate``) and changes nothing."""
+    when it already ended otherwise (uploaded or dropped). An assignment the coordinator
+    cancelled while the device was finding out that it cannot do it (its round reached its
+    target meanwhile) is declined all the same: it stays cancelled, and the decline is kept
+    and counted, so the device is not offered the task again. Declining again answers the
+    first decline (``duplicate``) and changes nothing."""
     a, _ = lock_for_upload(session, device_id=device_id, assignment_id=assignment_id)
     number = int(session.scalar(select(Round.number).where(Round.id == a.round_id)) or 0)
     if a.decline_reason is not None:
@@ -64,13 +67,16 @@ def decline_assignment(
             a.finished_at,
             duplicate=True,
         )
-    if a.status not in ASSIGNMENT_ACTIVE:
+    cancelled = a.status == AssignmentStatus.CANCELLED
+    if a.status not in ASSIGNMENT_ACTIVE and not cancelled:
         raise Conflict(
-            f"assignment {assignment_id} is {a.status}; only work in progress can be declined",
+            f"assignment {assignment_id} is {a.status}; only work in progress (or work the "
+            "coordinator cancelled) can be declined",
             code="assignment_ended",
         )
-    a.status = AssignmentStatus.CANCELLED
-    a.finished_at = now
+    if not cancelled:
+        a.status = AssignmentStatus.CANCELLED
+        a.finished_at = now
     a.decline_reason = reason
     a.decline_detail = detail
     session.execute(
@@ -81,4 +87,6 @@ def decline_assignment(
     )
     session.flush()
     rounds.bump_round(session, a.round_id, num_declined=1)
-    return Declined(a.id, a.task_id, a.round_id, number, reason, detail, now, duplicate=False)
+    return Declined(
+        a.id, a.task_id, a.round_id, number, reason, detail, a.finished_at, duplicate=False
+    )

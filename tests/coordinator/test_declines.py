@@ -325,3 +325,46 @@ def test_a_drafts_requirements_are_replaced_as_a_whole_and_checked(
         assert admin.post(f"{url}/start").status_code == 200
         late = admin.patch(url, json={"requirements": {}})
         assert (late.status_code, late.json()["error"]) == (409, "task_not_draft")
+
+
+def test_a_decline_of_work_cancelled_meanwhile_is_kept_and_the_task_not_offered_again(
+    coordinator: Coordinator, fleet: Fleet, db: Db
+) -> None:
+    """Three devices picked for two updates: the two fast ones close the round and the third
+    one's assignment is cancelled while it was finding out it cannot do the task. Its decline
+    is still kept and counted (eligibility then leaves the device out of the task, as for any
+    decline: test_eligibility.py)."""
+    task_id = create_task(
+        coordinator,
+        aggregation={
+            "clients_per_round": 2,
+            "over_selection": 0.5,
+            "min_updates": 2,
+            "round_deadline_s": 600,
+            "num_rounds": 3,
+        },
+    )
+    slow, *fast = working(db, task_id, 3)
+    for seed, assignment in enumerate(fast):
+        device = fleet.by_id(assignment.device_id)
+        work = device.work(wait=0)
+        assert work is not None and work["assignment_id"] == assignment.id
+        upload(device, work, seed)
+    decliner = fleet.by_id(slow.device_id)
+    wait_until(
+        lambda: decliner.work(wait=0, current=slow.id)["status"] == "cancelled"  # type: ignore[index]
+    )
+    r = decliner.decline(slow.id, "data_mismatch", "X must have shape [n, 64]")
+    assert r.status_code == 200, r.text
+    assert r.json()["reason"] == "data_mismatch" and r.json()["round_number"] == 1
+    (ended,) = [a for a in db.assignments(task_id) if a.id == slow.id]
+    assert ended.status == AssignmentStatus.CANCELLED and ended.decline_reason == "data_mismatch"
+    assert db.device(slow.device_id).num_declined == 1
+    assert db.round(task_id, 1).num_declined == 1  # type: ignore[union-attr]
+
+    with coordinator.viewer() as viewer:
+        listed = viewer.get(f"{API}/devices/{slow.device_id}/declines").json()
+    assert [d["assignment_id"] for d in listed["items"]] == [slow.id]
+    # Uploaded work cannot be declined.
+    done = fleet.by_id(fast[0].device_id).decline(fast[0].id, "other")
+    assert (done.status_code, done.json()["error"]) == (409, "assignment_ended")
