@@ -396,6 +396,7 @@ step "entrypoint gives up on an unreachable database"
 "${PODMAN[@]}" run --name "$CTR_NODB" "${LIMITS[@]}" --network host --health-interval disable \
   -e FEDGE_DATABASE_URL="postgresql+psycopg://postgres@127.0.0.1:$(free_port)/none" \
   -e FEDGE_DB_WAIT_ATTEMPTS=3 -e FEDGE_DB_WAIT_INTERVAL_S=0.2 -e FEDGE_INSECURE_HTTP=true \
+  -e FEDGE_REQUIRE_INIT=false \
   "$IMAGE" >"$WORK/nodb.log" 2>&1 && fail "the entrypoint served without a database"
 grep -q "unreachable after 3 attempts" "$WORK/nodb.log" \
   || { cat "$WORK/nodb.log" >&2; fail "no clear message about the unreachable database"; }

@@ -7,6 +7,7 @@ from __future__ import annotations
 import fnmatch
 import json
 import re
+import tomllib
 from pathlib import Path
 
 import pytest
@@ -216,3 +217,19 @@ def test_env_example_sets_every_required_compose_variable():
     referenced = set(re.findall(r"\$\{([A-Z_]+)", text))
     mentioned = set(re.findall(r"^#?\s*([A-Z_]+)=", example, re.M))
     assert referenced <= mentioned, referenced - mentioned
+
+
+def test_the_dependency_layer_makes_every_package_pyproject_lists() -> None:
+    """The dependency layer installs from empty package folders: a package pyproject.toml
+    lists that the loop does not make fails the image build (``package directory ... does not
+    exist``)."""
+    project = tomllib.loads((DOCKER.parent / "pyproject.toml").read_text())
+    dirs = project["tool"]["setuptools"]["package-dir"]
+    wanted = set()
+    for package in project["tool"]["setuptools"]["packages"]:
+        parts = package.split(".")
+        root = ".".join(parts[:2])
+        wanted.add("/".join([dirs[root], *parts[2:]]))
+    text = (DOCKER / "Dockerfile").read_text().replace("\\\n", " ")
+    loop = text.split("for pkg in", 1)[1].split("; do", 1)[0]
+    assert set(loop.split()) == wanted
