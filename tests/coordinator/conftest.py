@@ -13,6 +13,7 @@ from fastapi import FastAPI
 
 from fedge.coordinator.app import create_app
 from fedge.coordinator.db import make_engine, make_sessionmaker, session_scope
+from fedge.coordinator.runtime import Runtime
 from fedge.coordinator.secrets import create_api_key
 from fedge.coordinator.settings import Settings
 from fedge.coordinator.tls import TlsPaths, create_ca_and_server_cert
@@ -106,3 +107,13 @@ def db(settings: Settings) -> Iterator[Db]:
     handle = Db(settings)
     yield handle
     handle.close()
+
+
+@pytest.fixture
+def runtime(settings: Settings) -> Iterator[Runtime]:
+    """The coordinator's runtime on the test settings (engine tests without a server)."""
+    rt = Runtime.open(settings)
+    try:
+        yield rt
+    finally:
+        rt.close()

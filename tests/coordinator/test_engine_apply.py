@@ -6,7 +6,6 @@ the new model bit-identical to a float64 reference of the FedAvg step."""
 from __future__ import annotations
 
 import secrets
-from collections.abc import Iterator
 
 import numpy as np
 import pytest
@@ -23,7 +22,6 @@ from fedge.coordinator.enrollment import create_token, enroll_device
 from fedge.coordinator.models import Assignment, ModelVersion, Round, Task, Update
 from fedge.coordinator.runtime import Runtime
 from fedge.coordinator.schemas.tasks import TaskCreate
-from fedge.coordinator.settings import Settings
 from fedge.coordinator.tasks import create_task, transition
 from fedge.shared.compression import compress
 from fedge.shared.modelspec import ModelSpec, Weights
@@ -33,15 +31,6 @@ from fedge.shared.wire import decode_model, encode_update
 from tests.support.rounds import EXACT, SMALL_MODEL
 
 NUM_UPDATES = 5
-
-
-@pytest.fixture
-def runtime(settings: Settings) -> Iterator[Runtime]:
-    rt = Runtime.open(settings)
-    try:
-        yield rt
-    finally:
-        rt.close()
 
 
 def _enroll(runtime: Runtime, n: int) -> None:

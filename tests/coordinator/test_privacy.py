@@ -8,14 +8,12 @@ from __future__ import annotations
 
 import math
 import secrets
-from collections.abc import Iterator
 from datetime import timedelta
 from typing import Any
 
 import dp_accounting
 import numpy as np
 import pytest
-from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from dp_accounting import rdp
 from sqlalchemy import select
 
@@ -24,17 +22,15 @@ from fedge.coordinator.engine import apply, privacy, rounds
 from fedge.coordinator.engine.config import AggregationConfig, ConfigError
 from fedge.coordinator.engine.eligibility import Liveness
 from fedge.coordinator.engine.updates import accept_upload
-from fedge.coordinator.enrollment import create_token, enroll_device
 from fedge.coordinator.models import Assignment, ModelVersion, Task, Update
 from fedge.coordinator.runtime import Runtime
 from fedge.coordinator.schemas.tasks import TaskCreate
-from fedge.coordinator.settings import Settings
 from fedge.coordinator.tasks import create_task, transition
 from fedge.shared.compression import compress
 from fedge.shared.modelspec import ModelSpec, Weights
 from fedge.shared.policy import CompressionPolicy
-from fedge.shared.signing import public_key_to_b64
 from fedge.shared.wire import decode_model, decode_update, encode_update
+from tests.coordinator.test_engine_apply import _enroll
 from tests.support.rounds import EXACT
 
 #: Devices that polled within the test count as reachable.
@@ -45,26 +41,6 @@ LIVENESS = Liveness(polls=3, default_poll_s=60, max_window_s=600)
 DOC_ORDERS = [*range(2, 65), 80, 96, 128, 192, 256, 512, 1024]
 #: 50,100 parameters: enough coordinates to estimate the noise's std to about 0.3%.
 WIDE_MODEL = {"architecture": "softmax", "input_dim": 500, "num_classes": 100}
-
-
-@pytest.fixture
-def runtime(settings: Settings) -> Iterator[Runtime]:
-    rt = Runtime.open(settings)
-    try:
-        yield rt
-    finally:
-        rt.close()
-
-
-def _enroll(runtime: Runtime, n: int) -> None:
-    with session_scope(runtime.sessions) as session:
-        _, secret = create_token(session, label="t", max_uses=n, expires_in_s=600)
-        for i in range(n):
-            key = public_key_to_b64(Ed25519PrivateKey.generate().public_key())
-            device, _ = enroll_device(
-                session, token=secret, public_key=key, name=f"d{i}", capabilities={}
-            )
-            device.last_seen_at = utcnow()
 
 
 def _dp_aggregation(cohort: int, **privacy_fields: Any) -> dict[str, Any]:
