@@ -322,7 +322,9 @@ class Agent:
             if self.stopping:
                 return Outcome.STOPPED
             self.stats.late_uploads += 1
-        outcome = self._upload(entry, next_work=True)
+        # A sync round's next assignment exists only once the round has been aggregated,
+        # after this upload: asking for it would cost the query's bytes on every upload.
+        outcome = self._upload(entry, next_work=work.mode == "async")
         if outcome is Outcome.DISCARDED:
             self._leave_refused(work)
         return outcome

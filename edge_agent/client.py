@@ -103,6 +103,8 @@ class Traffic:
     known_configs: int = 0
     #: Of ``delta_downloads``: chains that came inside a work answer (no download request).
     inline_deltas: int = 0
+    #: Uploads that asked for the next assignment (``next=1``).
+    next_asked: int = 0
     #: Assignments that came with an upload's answer (no work request).
     next_with_upload: int = 0
 
@@ -368,6 +370,7 @@ class CoordinatorClient:
         with self._traffic_lock:
             self.traffic.uploads += 1
             self.traffic.upload_bytes += len(body)
+            self.traffic.next_asked += int(next_work)
         receipt, chain = self._json_and_chain(response)
         if not isinstance(receipt, dict):
             raise AgentError("bad_response", "upload answer is not a JSON object")

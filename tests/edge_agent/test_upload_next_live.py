@@ -1,6 +1,6 @@
 """A real agent over HTTPS takes its next assignment from its upload's answer when the
 coordinator has one at once (one request per update), with the delta chain to its base model,
-and asks for none when it will not work on it (its last round)."""
+and asks for none when it will not work on it (its last round, or a sync round)."""
 
 from __future__ import annotations
 
@@ -51,7 +51,21 @@ def test_an_agent_takes_its_next_assignment_from_the_upload_answer(
     assert second.stats.uploaded == 2 and second.stats.stale_accepted >= 1
     # Its second assignment came with its first upload's answer, with the chain 0 -> 1; its
     # last upload asked for nothing (it stops after two rounds).
-    assert traffic.next_with_upload == 1
+    assert traffic.next_asked == 1 and traffic.next_with_upload == 1
     assert traffic.inline_deltas == 1 and traffic.delta_downloads == 1
     assert [version for version, _ in second.uploads] == [0, 1]
+    assert first.client.traffic.next_asked == 0
     assert first.client.traffic.next_with_upload == 0
+
+
+def test_a_sync_upload_asks_for_no_next_assignment(live: LiveCoordinator, digits) -> None:
+    """A sync round's next assignment exists only after the round's aggregation, so an
+    upload never asks for it (``next=1`` and its query would be bytes for nothing)."""
+    agent = live.agent(live.enroll("sync", seed=3), shard(digits, 0))
+    threads = [live.start(agent, max_rounds=2)]
+    live.create_task(aggregation={"num_rounds": 2})
+    live.finish(threads)
+
+    traffic = agent.client.traffic
+    assert agent.stats.uploaded == 2
+    assert traffic.uploads == 2 and traffic.next_asked == 0
