@@ -11,6 +11,7 @@ from fedge.shared.secagg.errors import SecAggError
 from fedge.shared.secagg.graph import Graph, plan_degree
 from fedge.shared.secagg.grid import Grid
 from fedge.shared.secagg.support import flatten, project, shared_support, unflatten
+from fedge.shared.secagg.update import mean_update, quantized_input
 
 __all__ = [
     "MAX_COHORT",
@@ -19,8 +20,10 @@ __all__ = [
     "RoundConfig",
     "SecAggError",
     "flatten",
+    "mean_update",
     "plan_degree",
     "project",
+    "quantized_input",
     "shared_support",
     "unflatten",
 ]

@@ -10,6 +10,7 @@ from fedge.shared.modelspec import ModelSpec
 from fedge.shared.secagg import Graph, Grid, RoundConfig, SecAggError, plan_degree, shamir
 from fedge.shared.secagg.prg import keystream_u32
 from fedge.shared.secagg.support import flatten, project, shared_support, unflatten
+from fedge.shared.secagg.update import mean_update, quantized_input
 
 
 def test_keystream_is_aes_256_ctr() -> None:
@@ -156,3 +157,50 @@ def test_planned_degree_grows_with_dropout_and_slowly_with_the_cohort() -> None:
     assert t_small == d_small // 2 + 1
     assert d_small < 100 and d_small <= d_large <= d_small + 10
     assert plan_degree(10_000, dropout=0.2)[0] > d_small
+
+
+def test_error_feedback_keeps_what_the_support_did_not_carry() -> None:
+    gen = np.random.default_rng(8)
+    cfg = RoundConfig(
+        task_id=1,
+        round=1,
+        seed=gen.bytes(32),
+        cohort=2,
+        degree=1,
+        threshold=1,
+        size=500,
+        k=50,
+        grid=Grid(bound=0.5, bits=12),
+    )
+    residual = None
+    sent_total = np.zeros(500)
+    true_total = np.zeros(500)
+    for _ in range(5):
+        delta = gen.normal(0, 0.1, 500).astype(np.float32)
+        q, residual = quantized_input(cfg, delta, residual, gen)
+        sent_total += mean_update(cfg, q, 1)
+        true_total += delta
+    assert residual is not None
+    np.testing.assert_allclose(true_total - sent_total, residual, atol=1e-5)
+    off = np.setdiff1d(np.arange(500), cfg.support)
+    assert np.all(residual[off] != 0) and np.all(np.abs(residual[cfg.support]) <= cfg.grid.step)
+
+
+def test_mean_update_divides_the_exact_sum() -> None:
+    gen = np.random.default_rng(9)
+    cfg = RoundConfig(
+        task_id=1,
+        round=1,
+        seed=gen.bytes(32),
+        cohort=3,
+        degree=2,
+        threshold=2,
+        size=40,
+        k=8,
+        grid=Grid(bound=1.0, bits=8),
+    )
+    ints = [gen.integers(-127, 128, 8) for _ in range(3)]
+    total = np.sum([i.astype(np.uint32) for i in ints], axis=0, dtype=np.uint32)
+    mean = mean_update(cfg, total, 3)
+    np.testing.assert_allclose(mean[cfg.support], np.sum(ints, axis=0) / 127 / 3, rtol=1e-6)
+    assert np.count_nonzero(np.delete(mean, cfg.support)) == 0
