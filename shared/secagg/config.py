@@ -50,6 +50,15 @@ class RoundConfig:
             raise SecAggError("bad_config", f"cohort must be in [2, {MAX_COHORT}]")
         if not 1 <= self.k <= self.size:
             raise SecAggError("bad_config", f"k must be in [1, {self.size}], got {self.k}")
+        if not (
+            self.degree == self.cohort - 1
+            or (2 <= self.degree < self.cohort - 1 and self.degree % 2 == 0)
+        ):
+            raise SecAggError(
+                "bad_config",
+                f"degree must be even in [2, {self.cohort - 2}] or {self.cohort - 1}, "
+                f"got {self.degree}",
+            )
         if not self.degree // 2 < self.threshold <= self.degree:
             raise SecAggError(
                 "bad_config",

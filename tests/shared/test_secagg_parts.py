@@ -99,6 +99,12 @@ def test_round_config_refuses_overflow_and_weak_thresholds() -> None:
     with pytest.raises(SecAggError) as err:
         RoundConfig(**base, cohort=300, degree=299, threshold=150, grid=Grid(bound=1.0, bits=24))  # type: ignore[arg-type]
     assert err.value.code == "overflow"
+    for degree in (9, 20, 0):  # even and below n - 1, or n - 1
+        with pytest.raises(SecAggError) as err:
+            RoundConfig(
+                **base, cohort=20, degree=degree, threshold=degree, grid=Grid(bound=1.0, bits=8)
+            )  # type: ignore[arg-type]
+        assert err.value.code == "bad_config"
     for threshold in (5, 11):  # t must be in (degree/2, degree]
         with pytest.raises(SecAggError) as err:
             RoundConfig(
