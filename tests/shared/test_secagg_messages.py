@@ -131,3 +131,26 @@ def test_indices_outside_the_cohort_and_duplicates_are_refused(
     with pytest.raises(WireFormatError) as err:
         m.decode_unmask_response(cfg, bad_kind)
     assert err.value.code == "bad_header"
+
+
+@pytest.mark.parametrize(("n", "degree"), [(6, 5), (12, 4)])
+def test_bytes_per_device_match_the_documented_layout(n: int, degree: int) -> None:
+    """docs/secure-aggregation.md: with d neighbours and k values a device sends
+    348 + 231 d + 4 k bytes and receives 140 + 328 d."""
+    gen = np.random.default_rng(62)
+    cfg = RoundConfig(
+        task_id=3,
+        round=1,
+        seed=gen.bytes(32),
+        cohort=n,
+        degree=degree,
+        threshold=degree // 2 + 1,
+        size=100,
+        k=17,
+        grid=Grid(bound=1.0, bits=8),
+    )
+    keys = {u: Ed25519PrivateKey.from_private_bytes(gen.bytes(32)) for u in range(n)}
+    inputs = {u: np.zeros(17, np.uint32) for u in range(n)}
+    result = run_round(cfg, inputs, keys, gen.bytes)
+    assert set(result.sent_bytes.values()) == {348 + 231 * degree + 4 * 17}
+    assert set(result.received_bytes.values()) == {140 + 328 * degree}
