@@ -71,7 +71,7 @@ lint: $(STAMP)
 # figures the README quotes: bench/results/*.json and *.png), then rewrites the README's
 # Results section from them.
 BENCHES := codec compression_accuracy async_vs_sync flower_setting aggregate ingest fleet_traffic \
-	selection dp_accuracy byzantine
+	selection dp_accuracy byzantine secagg
 
 bench: $(STAMP)
 	$(BIN)/python bench/codec.py

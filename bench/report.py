@@ -669,6 +669,118 @@ def byzantine(d: dict[str, Any]) -> str:
     )
 
 
+def secagg(d: dict[str, Any]) -> str:
+    s = d["summary"]
+    p = d["settings"]
+    plain = d["plain_upload_bytes"]
+    diff = s["final_accuracy_minus_plain_randk_points"]
+    rows = [
+        [
+            f"`{arm}`",
+            mean_range(v),
+            ", ".join(f"{x:+.1f}" for x in diff.get(arm, [])) or "–",
+        ]
+        for arm, v in s["final_accuracy"].items()
+    ]
+    worst = max(abs(x) for x in diff["randk-grid-ef+secagg"])
+    cost_rows = []
+    for key, cells in s["cost"].items():
+        plan, drop = key.removeprefix("plan").split("-drop")
+        for n in sorted(cells, key=int):
+            c = cells[n]
+            if not c["runs"]:
+                cost_rows.append([plan, drop, n, *["–"] * 6, f"{c['failed']}"])
+                continue
+            cost_rows.append(
+                [
+                    plan,
+                    drop,
+                    n,
+                    f"{c['degree']} / {c['threshold']}",
+                    f"{c['bytes_per_device_mean'] / 1e3:,.1f}",
+                    f"{c['bytes_per_device_mean'] / plain['topk-8b']:,.1f}×",
+                    mean_range(c["coordinator_cpu_s"]),
+                    mean_range(c["plain_coordinator_cpu_s"]),
+                    mean_range(c["device_cpu_s_mean"]),
+                    f"{c['failed']}",
+                ]
+            )
+    intro = (
+        f"Secure aggregation (`bench/secagg.py`, **in one process**: every protocol message "
+        f"encoded, relayed and decoded, but no HTTPS, database or round engine; "
+        f"[docs/secure-aggregation.md](docs/secure-aggregation.md)). Accuracy: the "
+        f"{p['devices']}-device digits fleet, {p['per_round']} per round, {p['rounds']} rounds, "
+        f"{len(p['seeds'])} seeds, {p['dropped_after_sharing_per_round']} devices per round "
+        f"dropping after sharing; random-k support k = {p['k']} of {p['num_params']:,} "
+        f"({100 * p['fraction']:g} %), {p['grid_bits']}-bit grid, bound {p['grid_bound']}, "
+        "error feedback; the top-k and dense arms are fedge's regular uploads (equal weights). "
+        "Final accuracy (mean and min–max) and the difference to the same compression summed "
+        "in the clear, per seed:"
+    )
+    accuracy = table(["arm", "final accuracy", "vs randk-grid-ef (points)"], rows, "lrr")
+    cost_intro = (
+        f"Cost per round against the cohort size n (same model and k): bytes every device "
+        f"sends and receives in the four phases (mean over the devices that stayed), as a "
+        f"multiple of a plain top-k 10 % 8-bit upload ({plain['topk-8b']:,} bytes; dense "
+        f"float32: {plain['dense-f32']:,}), and the coordinator's CPU per round against "
+        f"decoding and accumulating n plain top-k uploads, and the devices' mean CPU; "
+        f"{p.get('repetitions', 3)} repetitions (mean and min–max). "
+        f"Graph planned for a drop-out of 1/3 or 0.1 (`plan_degree`), with that share of the "
+        f"cohort dropping after sharing or none."
+    )
+    cost = table(
+        [
+            "planned drop-out",
+            "dropped",
+            "n",
+            "d / t",
+            "kB per device",
+            "vs plain upload",
+            "coordinator CPU s",
+            "plain coordinator CPU s",
+            "device CPU s",
+            "failed",
+        ],
+        cost_rows,
+        "rrrrrrrrrr",
+    )
+    targets = [
+        [
+            "accuracy with secure aggregation within 1 point of the same compression without it",
+            f"{worst:.1f} points (every round's unmasked sum equal to the plain sum)",
+            verdict(worst <= 1.0),
+        ],
+    ]
+    by_seed = {
+        arm: [r["accuracy"][-1] for r in d["accuracy_runs"] if r["arm"] == arm]
+        for arm in ("randk-grid-ef+secagg", "topk-8b-ef")
+    }
+    gaps = [100 * (a - b) for a, b in zip(*by_seed.values(), strict=True)]
+    targets.append(
+        [
+            "cost of the shared random support against fedge's top-k at the same k",
+            f"{min(gaps):+.1f} points (least favourable seed; mean {sum(gaps) / len(gaps):+.1f})",
+            "–",
+        ]
+    )
+    full = s["cost"].get("plan0.33-drop0.33", {})
+    largest = max((int(n) for n, c in full.items() if c["runs"]), default=None)
+    if largest is not None:
+        c = full[str(largest)]
+        cpu = c["coordinator_cpu_s"]["max"] / c["plain_coordinator_cpu_s"]["mean"]
+        targets.append(
+            [
+                f"traffic and coordinator CPU at n = {largest}, a third dropping",
+                f"{c['bytes_per_device_mean'] / plain['topk-8b']:,.0f}× a plain top-k upload per "
+                f"device; coordinator CPU {cpu:,.1f}× plain (worst repetition)",
+                "–",
+            ]
+        )
+    parts = [intro, accuracy, cost_intro, cost, image("secagg")]
+    parts.append(table(["target", "measured", "verdict"], targets, "lll"))
+    return "\n\n".join(x for x in parts if x)
+
+
 SECTIONS: list[tuple[str, str, Callable[[dict[str, Any]], str]]] = [
     ("codec", "Update size and codec speed", codec),
     ("compression_accuracy", "Compression vs accuracy", compression_accuracy),
@@ -678,6 +790,7 @@ SECTIONS: list[tuple[str, str, Callable[[dict[str, Any]], str]]] = [
     ("flower_setting", "Against Flower in its own setting", flower_setting),
     ("dp_accuracy", "Differential privacy: accuracy vs ε", dp_accuracy),
     ("byzantine", "Byzantine devices", byzantine),
+    ("secagg", "Secure aggregation", secagg),
 ]
 
 
