@@ -65,11 +65,14 @@ test: $(TEST_STAMPS)
 # mypy checks the installed names (fedge.shared, ...): it cannot follow the package-dir mapping
 # of the editable install, so it reads the folders through links in build/mypy/fedge/
 # (pyproject.toml's mypy_path).
+# bandit checks the four packages ([tool.bandit] in pyproject.toml; tests/test_nosec_reasons.py
+# checks that each suppression says why).
 MYPY_TREE := build/mypy/fedge
 
 lint: $(STAMP)
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
+	$(BIN)/bandit -c pyproject.toml -q -r shared coordinator edge_agent migrations
 	mkdir -p $(MYPY_TREE)
 	for p in shared coordinator edge_agent migrations; do ln -sfn ../../../$$p $(MYPY_TREE)/$$p; done
 	$(BIN)/mypy
@@ -107,4 +110,4 @@ dist: $(STAMP)
 	@ls -l dist
 
 clean:
-	rm -rf $(VENV) build dist *.egg-info .pytest_cache .mypy_cache .ruff_cache
+	rm -rf $(VENV) $(SCAN_VENV) build dist *.egg-info .pytest_cache .mypy_cache .ruff_cache

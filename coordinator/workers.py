@@ -33,7 +33,7 @@ import os
 import select
 import signal
 import socket
-import subprocess
+import subprocess  # nosec B404  # fixed argument lists, never a shell
 import sys
 import threading
 import time
@@ -121,7 +121,7 @@ class Supervisor:
     def _start(self, index: int) -> None:
         ready_r, ready_w = os.pipe()
         try:
-            process = subprocess.Popen(  # noqa: S603 (our own interpreter and module)
+            process = subprocess.Popen(  # noqa: S603  # nosec B603  # our interpreter and module
                 self.command,
                 stdin=subprocess.PIPE,
                 pass_fds=(self.sock.fileno(), ready_w),
