@@ -185,7 +185,7 @@ def _print_init(result: InitResult, settings: Settings) -> None:
         f"  database     {redact_url(result.database_url)} (schema at {result.revision})\n"
         f"  blobs        {result.blob_dir}\n"
         f"  CA           {result.tls.ca_cert}  (give it to every device: agents pin it)\n"
-        f"  CA key       {result.tls.ca_key}  (keep it private, offline once you are done)\n"
+        f"  CA key       {result.tls.ca_key}  (keep it private: it renews the certificate)\n"
         f"  certificate  {result.tls.server_cert}  (valid for {', '.join(result.hosts)})\n"
         f"  settings     {result.env_file}\n"
         "\n"
