@@ -177,4 +177,7 @@ class LiveTls:
         """:meth:`check` every ``interval_s`` seconds until cancelled."""
         while True:
             await asyncio.sleep(interval_s)
-            self.check()
+            try:
+                self.check()
+            except Exception:  # a surprise must not end the checks (or the server)
+                log.exception("TLS certificate check failed", extra={"event": "tls_check_failed"})
