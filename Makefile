@@ -9,10 +9,14 @@ TORCH_STAMP := $(VENV)/.installed-torch
 # CI runs the PyTorch adapter's tests too: `make test` adds the torch extra (the CPU build,
 # ~17 s and ~870 MB on the reference machine, docs/agent.md) when CI=true. Elsewhere those
 # tests skip unless torch is installed (`make install-torch`).
+# The TLS scan test runs sslyze from its own environment: sslyze pins an older cryptography
+# than fedge's (constraints-scan.txt; tests/support/tls_scan.py).
+SCAN_VENV := .venv-scan
+SCAN_STAMP := $(SCAN_VENV)/.installed
 ifeq ($(CI),true)
-TEST_STAMPS := $(STAMP) $(TORCH_STAMP)
+TEST_STAMPS := $(STAMP) $(TORCH_STAMP) $(SCAN_STAMP)
 else
-TEST_STAMPS := $(STAMP)
+TEST_STAMPS := $(STAMP) $(SCAN_STAMP)
 endif
 # Tested versions of every dependency (see the file's header).
 CONSTRAINTS := constraints.txt
@@ -30,6 +34,11 @@ $(STAMP): pyproject.toml $(CONSTRAINTS) | $(BIN)/python
 $(TORCH_STAMP): $(STAMP)
 	$(BIN)/pip install --quiet -c $(CONSTRAINTS) -e '.[dev,torch]'
 	touch $(TORCH_STAMP)
+
+$(SCAN_STAMP): constraints-scan.txt
+	$(PYTHON) -m venv $(SCAN_VENV)
+	$(SCAN_VENV)/bin/pip install --quiet -c constraints-scan.txt sslyze
+	touch $(SCAN_STAMP)
 
 $(DEMO_STAMP): pyproject.toml $(CONSTRAINTS) | $(BIN)/python
 	$(BIN)/pip install --quiet -c $(CONSTRAINTS) -e '.[demo]'
@@ -56,11 +65,14 @@ test: $(TEST_STAMPS)
 # mypy checks the installed names (fedge.shared, ...): it cannot follow the package-dir mapping
 # of the editable install, so it reads the folders through links in build/mypy/fedge/
 # (pyproject.toml's mypy_path).
+# bandit checks the four packages ([tool.bandit] in pyproject.toml; tests/test_nosec_reasons.py
+# checks that each suppression says why).
 MYPY_TREE := build/mypy/fedge
 
 lint: $(STAMP)
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
+	$(BIN)/bandit -c pyproject.toml -q -r shared coordinator edge_agent migrations
 	mkdir -p $(MYPY_TREE)
 	for p in shared coordinator edge_agent migrations; do ln -sfn ../../../$$p $(MYPY_TREE)/$$p; done
 	$(BIN)/mypy
@@ -98,4 +110,4 @@ dist: $(STAMP)
 	@ls -l dist
 
 clean:
-	rm -rf $(VENV) build dist *.egg-info .pytest_cache .mypy_cache .ruff_cache
+	rm -rf $(VENV) $(SCAN_VENV) build dist *.egg-info .pytest_cache .mypy_cache .ruff_cache

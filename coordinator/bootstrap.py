@@ -7,7 +7,7 @@ A data directory holds everything one coordinator needs on disk::
         fedge.db          the SQLite database (unless FEDGE_DATABASE_URL names another one)
         blobs/            the content-addressed blob store
         tls/ca.crt        the private CA: copy it to every device, agents pin it
-        tls/ca.key        the CA's key (0600): keep it offline once certificates are issued
+        tls/ca.key        the CA's key (0600): renews the server certificate (90 days)
         tls/server.crt    server certificate followed by the CA
         tls/server.key    server key (0600)
 

@@ -1,5 +1,5 @@
-"""``fedge coordinator init | migrate | serve | gc | create-key``: parse options, call the
-library.
+"""``fedge coordinator init | migrate | serve | gc | create-key | renew-cert``: parse options,
+call the library.
 
 Options override ``FEDGE_*`` environment variables, which override the data directory's
 ``coordinator.env``, which overrides the defaults (see docs/configuration.md). The work is
@@ -143,6 +143,17 @@ def build_parser() -> argparse.ArgumentParser:
         "default 3600); never less than the longest upload or aggregation",
     )
 
+    sub.add_parser(
+        "renew-cert",
+        parents=[common],
+        help="issue a new server certificate from the private CA now",
+        description="Issue a new server certificate (90 days, the same names, a new key) from "
+        "the private CA beside it (tls/ca.crt and tls/ca.key). A running coordinator loads it "
+        "at its next certificate check (FEDGE_TLS_CHECK_INTERVAL_S) without a restart. "
+        "Coordinators renew on their own when fewer than 30 days are left; this is for "
+        "renewing sooner (a leaked key, changed names need init --force).",
+    )
+
     key = sub.add_parser(
         "create-key",
         parents=[common],
@@ -174,7 +185,7 @@ def _print_init(result: InitResult, settings: Settings) -> None:
         f"  database     {redact_url(result.database_url)} (schema at {result.revision})\n"
         f"  blobs        {result.blob_dir}\n"
         f"  CA           {result.tls.ca_cert}  (give it to every device: agents pin it)\n"
-        f"  CA key       {result.tls.ca_key}  (keep it private, offline once you are done)\n"
+        f"  CA key       {result.tls.ca_key}  (keep it private: it renews the certificate)\n"
         f"  certificate  {result.tls.server_cert}  (valid for {', '.join(result.hosts)})\n"
         f"  settings     {result.env_file}\n"
         "\n"
@@ -269,12 +280,37 @@ def _create_key(args: argparse.Namespace) -> int:
     return 0
 
 
+def _renew_cert(args: argparse.Namespace) -> int:
+    from fedge.coordinator.tls import issued_by_ca, renew_server_cert, renewal_lock
+    from fedge.coordinator.tls_live import paths_for
+
+    settings = _settings(args)
+    assert settings.tls_cert is not None and settings.tls_key is not None
+    paths = paths_for(settings.tls_cert, settings.tls_key)
+    if not issued_by_ca(paths):
+        raise SetupError(
+            f"{paths.server_cert} is not a certificate of the private CA {paths.ca_cert} whose "
+            f"key {paths.ca_key} is beside it (an operator-provided certificate, or the CA key "
+            "was moved offline): renew it where it was issued, or put ca.key back"
+        )
+    with renewal_lock(paths):
+        renewed = renew_server_cert(paths)
+    print(
+        f"Renewed {paths.server_cert} (key {paths.server_key}): valid until "
+        f"{renewed.not_after.isoformat()}, SHA-256 {renewed.fingerprint}.\n"
+        f"A running coordinator serves it after its next certificate check (every "
+        f"{settings.tls_check_interval_s:g} s); devices need nothing new (same CA)."
+    )
+    return 0
+
+
 _HANDLERS = {
     "init": _init,
     "migrate": _migrate,
     "serve": _serve,
     "gc": _gc,
     "create-key": _create_key,
+    "renew-cert": _renew_cert,
 }
 
 

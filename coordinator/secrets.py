@@ -13,7 +13,7 @@ from fedge.coordinator.db import utcnow
 from fedge.coordinator.models import ROLES, ApiKey
 
 API_KEY_PREFIX = "fk_"
-TOKEN_PREFIX = "fe_"  # noqa: S105 (a prefix, not a secret)
+TOKEN_PREFIX = "fe_"  # noqa: S105  # nosec B105  # a prefix, not a secret
 
 
 def new_secret(prefix: str) -> str:

@@ -43,6 +43,7 @@ from fedge.coordinator.app import create_app
 from fedge.coordinator.bootstrap import SetupError, schema_report
 from fedge.coordinator.logs import console_line, log_config
 from fedge.coordinator.settings import Settings
+from fedge.coordinator.tls_live import LiveTls
 from fedge.shared.durable import write_bytes_atomic
 
 _STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
@@ -108,18 +109,39 @@ class StartedServer(uvicorn.Server):
     """uvicorn's server with a hook that runs once it accepts connections, and a graceful
     stop that first answers the waiting device long-polls (204, "nothing new"): they would
     otherwise hold the stop for up to ``long_poll_max_s`` and then be cancelled, which logs
-    a CancelledError traceback and answers 500."""
+    a CancelledError traceback and answers 500.
 
-    def __init__(self, config: uvicorn.Config, on_started: Callable[[], None]) -> None:
+    With ``live_tls``, its certificate check runs every ``tls_check_interval_s`` on the
+    server's event loop (:mod:`fedge.coordinator.tls_live`)."""
+
+    def __init__(
+        self,
+        config: uvicorn.Config,
+        on_started: Callable[[], None],
+        *,
+        live_tls: LiveTls | None = None,
+        tls_check_interval_s: float = 3600.0,
+    ) -> None:
         super().__init__(config)
         self._on_started = on_started
+        self._live_tls = live_tls
+        self._tls_check_interval_s = tls_check_interval_s
+        self._tls_watch: asyncio.Task[None] | None = None
 
     async def startup(self, sockets: list[socket.socket] | None = None) -> None:
         await super().startup(sockets=sockets)
         if self.started and not self.should_exit:
+            if self._live_tls is not None:
+                self._tls_watch = asyncio.create_task(
+                    self._live_tls.watch(self._tls_check_interval_s), name="tls-watch"
+                )
             self._on_started()
 
     async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
+        if self._tls_watch is not None:
+            self._tls_watch.cancel()
+            with suppress(asyncio.CancelledError):
+                await self._tls_watch
         runtime = getattr(getattr(self.config.app, "state", None), "runtime", None)
         notifier = getattr(runtime, "notifier", None)
         if notifier is not None:
@@ -178,19 +200,38 @@ def check_workers(settings: Settings, workers: int) -> None:
         )
 
 
+def open_tls(live: LiveTls | None) -> None:
+    """Renew the certificate when it is due and ours to renew, then load it (after
+    :func:`uvicorn_config`, which sets up logging)."""
+    if live is None:
+        return
+    try:
+        live.open()
+    except (ssl.SSLError, OSError, ValueError) as exc:
+        paths = live.paths
+        raise ServeError(
+            f"cannot load TLS certificate {paths.server_cert} with key {paths.server_key}: {exc}"
+        ) from exc
+
+
 def uvicorn_config(
     app: Any,
     settings: Settings,
-    tls: tuple[Path, Path] | None,
+    tls: LiveTls | None,
     *,
     forwarded_allow_ips: str | None,
     graceful_timeout_s: int,
 ) -> uvicorn.Config:
-    """The uvicorn configuration of one coordinator process (a worker, or the only one)."""
+    """The uvicorn configuration of one coordinator process (a worker, or the only one):
+    with ``tls``, uvicorn serves HTTPS with its context (not one of its own making)."""
+
+    def context(_config: uvicorn.Config, _default: Callable[[], ssl.SSLContext]) -> ssl.SSLContext:
+        assert tls is not None
+        return tls.context
+
     return uvicorn.Config(
         app,
-        ssl_certfile=str(tls[0]) if tls else None,
-        ssl_keyfile=str(tls[1]) if tls else None,
+        ssl_context_factory=context if tls is not None else None,
         log_level=settings.log_level.lower(),
         log_config=log_config(settings.log_level, settings.log_format),
         proxy_headers=True,
@@ -274,14 +315,22 @@ def serve(
 
     try:
         if count == 1:
+            live = LiveTls(*tls, group=settings.tls_group) if tls else None
             config = uvicorn_config(
                 create_app(settings),
                 settings,
-                tls,
+                live,
                 forwarded_allow_ips=forwarded_allow_ips,
                 graceful_timeout_s=graceful_timeout_s,
             )
-            started = run_server(StartedServer(config, on_started=announce), sock)
+            open_tls(live)
+            server = StartedServer(
+                config,
+                on_started=announce,
+                live_tls=live,
+                tls_check_interval_s=settings.tls_check_interval_s,
+            )
+            started = run_server(server, sock)
         else:
             from fedge.coordinator.workers import Supervisor
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import secrets
 from pathlib import Path
+from typing import Literal
 
 from pydantic import Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -63,6 +64,16 @@ class Settings(BaseSettings):
     )
     tls_cert: Path | None = Field(default=None, description="Server certificate chain (PEM)")
     tls_key: Path | None = Field(default=None, description="Server private key (PEM)")
+    tls_group: Literal["X25519", "P-256", "P-384"] = Field(
+        default="X25519",
+        description="The one ECDHE key-exchange group the server offers (TLS 1.2 and 1.3).",
+    )
+    tls_check_interval_s: float = Field(
+        default=3600.0,
+        gt=0,
+        description="Seconds between checks of the certificate files: renewal from the private "
+        "CA when fewer than 30 days are left, loading a replaced certificate.",
+    )
     host: str = "127.0.0.1"
     port: int = Field(default=8443, ge=0, le=65535)
     insecure_http: bool = Field(

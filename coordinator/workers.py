@@ -33,7 +33,7 @@ import os
 import select
 import signal
 import socket
-import subprocess
+import subprocess  # nosec B404  # fixed argument lists, never a shell
 import sys
 import threading
 import time
@@ -121,7 +121,7 @@ class Supervisor:
     def _start(self, index: int) -> None:
         ready_r, ready_w = os.pipe()
         try:
-            process = subprocess.Popen(  # noqa: S603 (our own interpreter and module)
+            process = subprocess.Popen(  # noqa: S603  # nosec B603  # our interpreter and module
                 self.command,
                 stdin=subprocess.PIPE,
                 pass_fds=(self.sock.fileno(), ready_w),
@@ -274,7 +274,14 @@ def worker_main() -> int:
     """Entry of ``python -m fedge.coordinator.workers`` (started by :class:`Supervisor`)."""
     # Imported here: the supervisor itself never builds an app.
     from fedge.coordinator.app import create_app
-    from fedge.coordinator.server import StartedServer, check_tls, run_server, uvicorn_config
+    from fedge.coordinator.server import (
+        StartedServer,
+        check_tls,
+        open_tls,
+        run_server,
+        uvicorn_config,
+    )
+    from fedge.coordinator.tls_live import LiveTls
 
     line = _read_line(0)
     if not line:
@@ -284,7 +291,8 @@ def worker_main() -> int:
     settings = Settings(**spec["settings"])
     sock = socket.socket(fileno=int(spec["socket_fd"]))
     ready_fd = int(spec["ready_fd"])
-    tls = check_tls(settings)
+    cert_key = check_tls(settings)
+    tls = LiveTls(*cert_key, group=settings.tls_group) if cert_key else None
     config = uvicorn_config(
         create_app(settings),
         settings,
@@ -292,12 +300,18 @@ def worker_main() -> int:
         forwarded_allow_ips=spec["forwarded_allow_ips"],
         graceful_timeout_s=int(spec["graceful_timeout_s"]),
     )
+    open_tls(tls)
 
     def ready() -> None:
         os.write(ready_fd, b"1")
         os.close(ready_fd)
 
-    server = StartedServer(config, on_started=ready)
+    server = StartedServer(
+        config,
+        on_started=ready,
+        live_tls=tls,
+        tls_check_interval_s=settings.tls_check_interval_s,
+    )
 
     def stop() -> None:
         server.should_exit = True

@@ -99,7 +99,7 @@ def open_client(
         identity=(config.device_id, state.load_key()),
         retry=retry,
         sleep=sleep,
-        rng=random.Random(config.seed),
+        rng=random.Random(config.seed),  # nosec B311  # retry jitter, not a secret
         interrupted=interrupted,
         timeout=timeout,
     )

@@ -127,7 +127,7 @@ class Session:
         self.base_url = base_url.rstrip("/")
         self.retry = retry or RetryPolicy()
         self._sleep = sleep if sleep is not None else _sleep
-        self._rng = rng or random.Random()
+        self._rng = rng or random.Random()  # nosec B311  # retry jitter, not a secret
         self._interrupted = interrupted
         self._client = httpx.Client(
             base_url=self.base_url,

@@ -13,7 +13,7 @@ import contextlib
 import os
 import re
 import signal
-import subprocess
+import subprocess  # nosec B404  # fixed argument lists, never a shell
 import sys
 import time
 from collections.abc import Mapping
@@ -111,7 +111,7 @@ def start_local_coordinator(
     root = Path(data_dir)
     root.mkdir(parents=True, exist_ok=True)
     child_env = _child_env(env or {})
-    init = subprocess.run(  # noqa: S603 - our own interpreter and fixed arguments
+    init = subprocess.run(  # noqa: S603  # nosec B603  # our interpreter, fixed arguments
         _command("init", "--data-dir", str(root), "--host", "127.0.0.1"),
         capture_output=True,
         env=child_env,
@@ -131,7 +131,7 @@ def start_local_coordinator(
         port_file.unlink()
     log_path = root / "coordinator.log"
     log = open(log_path, "ab")  # noqa: SIM115 - kept open for the child's lifetime
-    process = subprocess.Popen(  # noqa: S603 - our own interpreter and fixed arguments
+    process = subprocess.Popen(  # noqa: S603  # nosec B603  # our interpreter, fixed arguments
         _command(
             "serve",
             "--data-dir",

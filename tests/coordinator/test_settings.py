@@ -37,6 +37,8 @@ def type_name(annotation: Any) -> str:
         return " or ".join(type_name(a) for a in args if a is not type(None))
     if typing.get_origin(annotation) is list:
         return f"JSON list of {type_name(args[0])}s"
+    if typing.get_origin(annotation) is typing.Literal:
+        return " or ".join(dict.fromkeys(type_name(type(a)) for a in args))
     return _TYPE_NAMES.get(annotation, str(annotation))
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import socket
+import ssl
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -28,9 +29,16 @@ class _Server(uvicorn.Server):
 
 @contextmanager
 def serve_in_thread(
-    app: FastAPI, *, certfile: Path | None, keyfile: Path | None, timeout: float = 30
+    app: FastAPI,
+    *,
+    certfile: Path | None,
+    keyfile: Path | None,
+    ssl_context: ssl.SSLContext | None = None,
+    timeout: float = 30,
 ) -> Iterator[str]:
-    """Serve ``app`` on 127.0.0.1 (a free port); yield its base URL."""
+    """Serve ``app`` on 127.0.0.1 (a free port); yield its base URL. With ``ssl_context``
+    (the coordinator's, or one made to fail a test) uvicorn serves HTTPS with that context
+    instead of making one from ``certfile`` and ``keyfile``."""
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     sock.bind(("127.0.0.1", 0))
@@ -40,6 +48,7 @@ def serve_in_thread(
         log_level="warning",
         ssl_certfile=str(certfile) if certfile else None,
         ssl_keyfile=str(keyfile) if keyfile else None,
+        ssl_context_factory=(lambda _config, _default: ssl_context) if ssl_context else None,
         timeout_graceful_shutdown=5,
     )
     server = _Server(config)
@@ -57,7 +66,7 @@ def serve_in_thread(
     if not server.ready.wait(timeout) or errors or not server.started:
         server.should_exit = True
         raise RuntimeError(f"test server did not start: {errors}")
-    scheme = "https" if certfile else "http"
+    scheme = "https" if certfile or ssl_context else "http"
     try:
         yield f"{scheme}://127.0.0.1:{port}"
     finally:
