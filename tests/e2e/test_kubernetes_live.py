@@ -49,6 +49,7 @@ from fedge.coordinator.migrate import head_revision
 from fedge.coordinator.settings import Settings
 from fedge.coordinator.tls import create_ca_and_server_cert
 from fedge.edge_agent.admin_client import AdminClient
+from fedge.edge_agent.errors import ApiError, Unreachable
 from fedge.edge_agent.sim.datasets import load_dataset
 from fedge.edge_agent.sim.fleet import Fleet
 from fedge.edge_agent.sim.partition import iid_partition
@@ -64,7 +65,7 @@ PODMAN = ["podman", "--runtime", "runc"]
 LIMITS = ["--ulimit", "nofile=1024:1024", "--ulimit", "nproc=1024:1024"]
 PROBE_PERIOD_S = 1.0
 DEVICES = 4
-ROUNDS = 4
+ROUNDS = 5
 
 pytestmark = [
     pytest.mark.slow,
@@ -223,10 +224,32 @@ class Pod:
         return out.stdout + out.stderr
 
     def remove(self) -> None:
-        podman("rm", "--force", "--time", "5", self.main, check=False)
+        podman("rm", "--force", "--time", "0", self.main, check=False)
         for volume in self.spec.get("volumes", []):
             if "emptyDir" in volume:
                 podman("volume", "rm", "--force", f"{self.name}-{volume['name']}", check=False)
+
+
+class Starter(threading.Thread):
+    """Start a pod in the background; ``join`` re-raises what went wrong."""
+
+    def __init__(self, pod: Pod) -> None:
+        super().__init__(daemon=True)
+        self.pod = pod
+        self.error: BaseException | None = None
+        self.start()
+
+    def run(self) -> None:
+        try:
+            self.pod.start()
+        except BaseException as exc:  # handed to the test's thread in join()
+            self.error = exc
+
+    def join(self, timeout: float | None = 300) -> None:
+        super().join(timeout)
+        assert not self.is_alive(), f"pod {self.pod.name} did not start in {timeout} s"
+        if self.error is not None:
+            raise self.error
 
 
 class Service:
@@ -460,27 +483,39 @@ def run_fleet(
                 admin.start_task(task_id)
 
                 def version() -> int:
-                    return int(admin.get_task(task_id)["current_version"])
+                    try:
+                        return int(admin.get_task(task_id)["current_version"])
+                    except (Unreachable, ApiError):  # no ready pod in the Service just now
+                        return -1
 
-                # Mid-run: pod a dies (SIGKILL, as on a node failure); its replacement starts.
+                # Mid-run: pod a dies (SIGKILL, as on a node failure); its replacement starts
+                # meanwhile, as the Deployment's controller would start it.
                 wait_for("model version 1", lambda: version() >= 1, timeout_s=120)
+                at_kill = version()
                 a.kill()
-                replacement = new_pod("a2")
-                replacement.start()
-                # Then: pod b is deleted gracefully (a rolling update) and replaced.
+                a2 = Starter(new_pod("a2"))
+                # Then pod b is deleted gracefully and replaced, whether or not a2 is ready
+                # yet (the Service may have no pod for a while: devices wait and retry).
                 wait_for("model version 2", lambda: version() >= 2, timeout_s=120)
+                at_delete = version()
                 status_b = b.delete()
                 b_logs = b.logs()
-                new_pod("b2").start()
+                b2 = Starter(new_pod("b2"))
+                a2.join()
+                b2.join()
                 task = None
 
                 def finished() -> bool:
                     nonlocal task
-                    task = admin.get_task(task_id)
+                    try:
+                        task = admin.get_task(task_id)
+                    except (Unreachable, ApiError):
+                        return False
                     return task["status"] in smoke.TERMINAL
 
                 wait_for("task finished", finished, timeout_s=180)
             stats = fleet.stats()
+    assert at_kill < ROUNDS and at_delete < ROUNDS, "the task ended before the disruptions"
     assert task is not None and task["status"] == "completed", task
     assert not stats.errors, stats.errors
     assert status_b == 0, b_logs
