@@ -69,6 +69,9 @@ ROUNDS = 5
 
 pytestmark = [
     pytest.mark.slow,
+    # Each phase waits with its own deadline; pods start slowly on a loaded 2-core machine
+    # (about 5 minutes in all at load average 40, where the default 300 s cut it off).
+    pytest.mark.timeout(900),
     pytest.mark.skipif(not IMAGE, reason=f"{IMAGE_ENV} is not set (make k8s-test)"),
 ]
 
