@@ -21,7 +21,7 @@ endif
 # Tested versions of every dependency (see the file's header).
 CONSTRAINTS := constraints.txt
 
-.PHONY: install install-torch test lint bench bench-full demo clean docker-test constraints dist
+.PHONY: install install-torch test lint bench bench-full demo clean docker-test k8s-test constraints dist
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -100,6 +100,15 @@ demo: $(DEMO_STAMP)
 # (installs podman, buildah, runc, debootstrap and hadolint when missing; see docker/test.sh).
 docker-test: $(STAMP)
 	VENV_BIN=$(BIN) bash docker/test.sh
+
+# The rendered deploy/kubernetes dev overlay run with podman on the image docker-test built: two
+# coordinator pods on one PostgreSQL, a fleet training through them while one is killed and the
+# other restarted (tests/e2e/test_kubernetes_live.py; docs/deploy-kubernetes.md).
+K8S_TEST_IMAGE ?= $(or $(FEDGE_TEST_IMAGE),localhost/fedge-coordinator:test)
+k8s-test: $(STAMP)
+	FEDGE_K8S_TEST_IMAGE=$(K8S_TEST_IMAGE) \
+	FEDGE_TEST_POSTGRES_URL=$${FEDGE_TEST_POSTGRES_URL:-postgresql+psycopg://postgres@127.0.0.1:5432/test} \
+	$(BIN)/python -m pytest -q -p no:randomly --durations=3 tests/e2e/test_kubernetes_live.py
 
 # The wheel and the sdist in dist/ (python -m build; the build backend is fetched into an
 # isolated environment: DIST_ARGS=--no-isolation builds with what .venv has, offline). The wheel

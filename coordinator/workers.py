@@ -108,6 +108,10 @@ class Supervisor:
     def _spec(self, index: int, ready_w: int) -> bytes:
         settings = self.settings.model_dump(mode="json")
         settings["instance_id"] = worker_name(self.settings.instance_id, index)
+        # database_url is already read from the *_FILE secrets: the worker must not read them
+        # again (with the URL given as well, Settings refuses FEDGE_DATABASE_URL_FILE, which
+        # the worker inherits in its environment).
+        settings["database_url_file"] = settings["database_password_file"] = None
         spec = {
             "settings": settings,
             "socket_fd": self.sock.fileno(),

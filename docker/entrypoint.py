@@ -12,6 +12,9 @@
    SIGTERM directly and stops gracefully), with one worker process per CPU available to the
    container on PostgreSQL (:func:`default_workers`), one on SQLite.
 
+``migrate`` does steps 1 and 2 only (whatever ``FEDGE_MIGRATE_ON_START`` says) and exits 0
+once the schema is at head: the Kubernetes init container (deploy/kubernetes/).
+
 Any other command runs as given, e.g. ``fedge coordinator init`` or
 ``fedge coordinator create-key`` as a one-off container.
 
@@ -254,14 +257,15 @@ def wait_for_init(
     return looks
 
 
-def prestart(settings: Settings) -> None:
-    """Wait for the database and migrate it (unless FEDGE_MIGRATE_ON_START=false)."""
+def prestart(settings: Settings, *, always_migrate: bool = False) -> None:
+    """Wait for the database and migrate it (unless FEDGE_MIGRATE_ON_START=false and not
+    ``always_migrate``)."""
     url = settings.database_url
     attempts = env_int("FEDGE_DB_WAIT_ATTEMPTS", 30)
     interval_s = env_float("FEDGE_DB_WAIT_INTERVAL_S", 2.0)
     used = wait_for_database(url, attempts=attempts, interval_s=interval_s)
     log(f"database {redact(url)} answered (attempt {used})")
-    if not env_bool("FEDGE_MIGRATE_ON_START", True):
+    if not always_migrate and not env_bool("FEDGE_MIGRATE_ON_START", True):
         log("FEDGE_MIGRATE_ON_START=false: not migrating")
         return
     before, after = migrate(url)
@@ -271,9 +275,26 @@ def prestart(settings: Settings) -> None:
         log(f"migrated schema from {before or 'nothing'} to {after}")
 
 
+def migrate_only() -> int:
+    """``migrate``: wait for the database, migrate it under the advisory lock, exit (an init
+    container or a Job; docs/deploy-kubernetes.md)."""
+    try:
+        prestart(load_settings(), always_migrate=True)
+    except ValueError as exc:  # pydantic's ValidationError: a FEDGE_* variable is malformed
+        log(f"invalid configuration: {exc}")
+        return 2
+    except StartupError as exc:
+        log(str(exc))
+        return 1
+    return 0
+
+
 def main(argv: Sequence[str]) -> int:
-    """Run ``serve`` (prepare, then serve) or exec any other command as given."""
+    """Run ``serve`` (prepare, then serve), ``migrate`` (prepare only) or exec any other
+    command as given."""
     args = list(argv)
+    if args == ["migrate"]:
+        return migrate_only()
     if args and args[0] != "serve":
         os.execvp(args[0], args)  # noqa: S606 (the container's command, given by the operator)
     try:

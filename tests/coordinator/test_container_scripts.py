@@ -183,6 +183,25 @@ def test_migrate_brings_an_empty_sqlite_database_to_head_once(tmp_path):
     assert revision_of(url) == head
 
 
+def test_migrate_command_migrates_even_when_serve_would_not_and_exits(tmp_path, monkeypatch):
+    """``entrypoint.py migrate`` (the Kubernetes init container) migrates under the lock and
+    exits 0, although the pod's FEDGE_MIGRATE_ON_START=false is meant for ``serve``."""
+    url = f"sqlite:///{tmp_path / 'fedge.db'}"
+    monkeypatch.setenv("FEDGE_DATABASE_URL", url)
+    monkeypatch.setenv("FEDGE_DATA_DIR", str(tmp_path))
+    monkeypatch.setenv("FEDGE_MIGRATE_ON_START", "false")
+    assert entrypoint.main(["migrate"]) == 0
+    assert revision_of(url) == head_revision(url)
+    assert entrypoint.main(["migrate"]) == 0  # already at head: nothing to do
+
+
+def test_migrate_command_fails_with_a_clear_status_without_a_database(tmp_path, monkeypatch):
+    monkeypatch.setenv("FEDGE_DATABASE_URL", f"postgresql+psycopg://u@127.0.0.1:{closed_port()}/x")
+    monkeypatch.setenv("FEDGE_DATA_DIR", str(tmp_path))
+    monkeypatch.setenv("FEDGE_DB_WAIT_ATTEMPTS", "1")
+    assert entrypoint.main(["migrate"]) == 1
+
+
 @pytest.fixture
 def empty_postgres() -> databases.PostgresDatabase:
     admin_url = databases.postgres_admin_url()

@@ -5,8 +5,10 @@ On PostgreSQL the supervisor is a real child process here; the tests watch its w
 
 from __future__ import annotations
 
+import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -17,6 +19,7 @@ import pytest
 from fedge.coordinator.cli import main
 from fedge.coordinator.settings import Settings
 from fedge.coordinator.tls import TlsPaths
+from fedge.coordinator.workers import Supervisor
 from tests.support.process import CoordinatorProcess, coordinator_process
 from tests.support.rounds import wait_until
 
@@ -161,3 +164,28 @@ def test_workers_that_cannot_start_make_serve_exit_with_status_1(
     assert result.returncode == 1, err
     assert "failed starts in a row, giving up" in err
     assert "listening on" not in result.stdout.decode()
+
+
+@pytest.mark.parametrize("secret", ["url", "password"])
+def test_workers_take_the_database_url_read_from_a_secret_file(tmp_path, monkeypatch, secret):
+    """With FEDGE_DATABASE_URL_FILE (or _PASSWORD_FILE) in the environment, which workers
+    inherit, a worker builds its settings from the supervisor's resolved URL without reading
+    the file again (Settings refused URL plus URL file, and every worker exited at start)."""
+    url = "postgresql+psycopg://fedge:pw-from-file@db.internal:5432/fedge"
+    if secret == "url":
+        (tmp_path / "url").write_text(url + "\n")
+        monkeypatch.setenv("FEDGE_DATABASE_URL_FILE", str(tmp_path / "url"))
+    else:
+        (tmp_path / "password").write_text("pw-from-file\n")
+        monkeypatch.setenv("FEDGE_DATABASE_PASSWORD_FILE", str(tmp_path / "password"))
+        monkeypatch.setenv(
+            "FEDGE_DATABASE_URL", "postgresql+psycopg://fedge@db.internal:5432/fedge"
+        )
+    settings = Settings(data_dir=tmp_path)
+    assert settings.database_url == url
+    with socket.socket() as sock:
+        supervisor = Supervisor(settings, sock, 2, forwarded_allow_ips=None, graceful_timeout_s=1)
+        spec = json.loads(supervisor._spec(1, 0))
+    worker = Settings(**spec["settings"])  # in the worker, with the same environment
+    assert worker.database_url == url
+    assert worker.instance_id == f"{settings.instance_id}-1"
