@@ -138,6 +138,7 @@ ARMS = (
     *(f"{a}+krum" for a in ATTACKS),
 )
 POLL_WAIT_S = 5.0
+STARTUP_TIMEOUT_S = 600.0
 
 log = logging.getLogger(NAME)
 
@@ -228,7 +229,11 @@ def run_one(
     }
     root = work / f"{arm}-{seed}".replace("+", "_")
     wall0 = time.monotonic()
-    coordinator = start_coordinator(root, (dataset.X_test, dataset.y_test))
+    # A generous start-up wait: on a loaded machine the coordinator's start (key generation,
+    # migrations, imports) has taken more than the default 60 s.
+    coordinator = start_coordinator(
+        root, (dataset.X_test, dataset.y_test), startup_timeout=STARTUP_TIMEOUT_S
+    )
     fleet: Fleet | None = None
     try:
         with AdminClient(
