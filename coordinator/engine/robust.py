@@ -171,7 +171,7 @@ def krum_parameters(n: int, byzantine: int, select: int | None) -> tuple[int, in
     return f, max(1, m)
 
 
-def krum_select(gram: np.ndarray, byzantine: int, select: int) -> np.ndarray:
+def krum_keep(gram: np.ndarray, byzantine: int, select: int) -> np.ndarray:
     """Multi-Krum on the Gram matrix ``G[i, j] = <u_i, u_j>`` of ``n`` updates: a boolean mask
     of the ``select`` updates with the lowest scores, the score of update ``i`` being the sum
     of its squared distances to its ``n - byzantine - 2`` nearest other updates (ties: the
@@ -238,12 +238,13 @@ def _robust(
     for t in spec.tensors:
         offsets[t.name] = total
         total += math.prod(t.shape)
-    flat = np.zeros(total, dtype=np.float64)
     n = count
+    krum = method == "multi_krum"
+    # The result of the coordinate-wise statistics (Multi-Krum accumulates its own).
+    flat = np.zeros(0 if krum and n > 0 else total, dtype=np.float64)
     if n <= 0:
         return Combined(_shape(flat, spec), 0.0, [], [])
     cols = max(1, budget_bytes // (_CELL_BYTES[method] * n))
-    krum = method == "multi_krum"
     gram = np.zeros((n, n), dtype=np.float64) if krum else None
     trim = trimmed_count(n, trim_fraction)
     norms: list[float] = []
@@ -315,7 +316,7 @@ def _krum_mean(
     """The weighted mean of the updates Multi-Krum selects on ``gram`` (second pass)."""
     n = len(weights)
     f, m = krum_parameters(n, byzantine, select)
-    keep = krum_select(gram, f, m)
+    keep = krum_keep(gram, f, m)
     passing: Iterable[tuple[DecodedUpdate, float]]
     if cache is not None and len(cache) == n:
         passing = zip(cache, weights, strict=True)
