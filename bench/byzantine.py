@@ -515,8 +515,13 @@ def main() -> None:
             {
                 "file": path,
                 "timestamp": earlier.get("timestamp"),
+                "command": earlier.get("command"),
                 "code": earlier.get("code"),
+                "load_average_1_5_15min": (earlier.get("machine") or {}).get(
+                    "load_average_1_5_15min"
+                ),
                 "runs": len(extra),
+                "merged_from": earlier.get("merged_from", []),
             }
         )
     if args.merge:
