@@ -93,14 +93,18 @@ def coordinator_env(test_npz: Path | None, *, recheck_s: float = 1.0) -> dict[st
 
 
 def start_coordinator(
-    root: Path, test: tuple[np.ndarray, np.ndarray], *, recheck_s: float = 1.0
+    root: Path,
+    test: tuple[np.ndarray, np.ndarray],
+    *,
+    recheck_s: float = 1.0,
+    startup_timeout: float = 60.0,
 ) -> LocalCoordinator:
     """A coordinator in ``root`` that evaluates every model version on ``test``."""
     root.mkdir(parents=True, exist_ok=True)
     test_npz = root / "test-split.npz"
     np.savez(test_npz, X=test[0], y=test[1])
     env = coordinator_env(test_npz, recheck_s=recheck_s)
-    return start_local_coordinator(root / "coordinator", env=env)
+    return start_local_coordinator(root / "coordinator", env=env, startup_timeout=startup_timeout)
 
 
 # ----------------------------------------------------------------------------- faults

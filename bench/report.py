@@ -636,23 +636,44 @@ def byzantine(d: dict[str, Any]) -> str:
                 str(v["honest_updates_clipped"]),
             ]
         )
-    h = s["headline"]
-    targets = [
-        [
-            "with the defences, final accuracy within 2 points of the clean run",
-            f"worst: {h['worst_defended_arm']} "
-            f"{fmt(h['worst_defended_minus_clean_points'], '+.1f')} points (least favourable seed)",
-            verdict(h["met"]),
-        ]
-    ]
+    targets = []
+    for key, label in (("headline", "+defence"), ("headline_krum", "+krum")):
+        h = s.get(key)
+        if not h or h.get("worst_defended_arm") is None:
+            continue
+        present = h.get("attacks_present", [])
+        targets.append(
+            [
+                f"{label} arms ({', '.join(present)}): final accuracy within 2 points of the "
+                "clean run",
+                f"worst: {h['worst_defended_arm']} "
+                f"{fmt(h['worst_defended_minus_clean_points'], '+.1f')} points (least "
+                "favourable seed)"
+                + (
+                    f", worst mean {fmt(h['worst_mean_minus_clean_points'], '+.1f')}"
+                    if h.get("worst_mean_minus_clean_points") is not None
+                    else ""
+                ),
+                verdict(h["met"]),
+            ]
+        )
     defence = p["defence"]
+    krum = p.get("krum_defence")
+    krum_text = (
+        f" `+krum` arms: `{krum['name']}`: `{json.dumps(krum['aggregation'])}`."
+        if krum and any(a.endswith("+krum") for a in p["arms"])
+        else ""
+    )
+    seeds_of = {arm: sorted({r["seed"] for r in d["runs"] if r["arm"] == arm}) for arm in p["arms"]}
+    partial = [f"{a} ({len(v)})" for a, v in seeds_of.items() if len(v) != len(p["seeds"])]
+    partial_text = f" Arms with fewer seeds (seeds run): {', '.join(partial)}." if partial else ""
     return section(
         f"Byzantine devices (`bench/byzantine.py`): {p['devices']} agents over HTTPS, "
         f"{p['byzantine_devices']} of them validly enrolled attackers, {p['clients_per_round']} "
         f"per round, digits, {p['rounds']} rounds, {len(p['seeds'])} seeds (mean and min–max). "
-        f"Attacks: {'; '.join(f'{k}: {v}' for k, v in p['attacks'].items())}. Defence "
-        f"`{defence['name']}`: `{json.dumps(defence['aggregation'])}` "
-        "([docs/robustness.md](docs/robustness.md)).",
+        f"Attacks: {'; '.join(f'{k}: {v}' for k, v in p['attacks'].items())}. `+defence` arms: "
+        f"`{defence['name']}`: `{json.dumps(defence['aggregation'])}`.{krum_text}"
+        f"{partial_text} ([docs/robustness.md](docs/robustness.md)).",
         [
             "arm",
             "final accuracy",

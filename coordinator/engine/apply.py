@@ -127,6 +127,8 @@ class Result:
     scales: tuple[float, ...] = ()
     #: The adaptive bound for the next aggregation (None: not adaptive).
     next_norm_bound: float | None = None
+    #: Updates the robust rule left out entirely (``multi_krum``; None: no such rule).
+    num_rejected: int | None = None
 
     @property
     def num_clipped(self) -> int:
@@ -260,6 +262,7 @@ def compute(
 
     norms: tuple[float, ...] = ()
     scales: tuple[float, ...] = ()
+    rejected: int | None = None
     with np.errstate(over="ignore", invalid="ignore"):  # a non-finite sum is checked below
         delta: Mapping[str, np.ndarray]
         if dp is not None:
@@ -285,10 +288,13 @@ def compute(
                 method=cfg.robust,
                 trim_fraction=cfg.trim_fraction,
                 bound=plan.norm_bound,
+                krum_byzantine=cfg.krum_byzantine,
+                krum_select=cfg.krum_select,
             )
             total_weight = combined.total_weight
             delta = combined.delta
             norms, scales = tuple(combined.norms), tuple(combined.scales)
+            rejected = combined.num_rejected
             what = "weighted mean" if cfg.robust == "mean" else f"combined ({cfg.robust})"
             del combined
     _check_finite(f"the {what} update is not finite", delta)
@@ -328,6 +334,7 @@ def compute(
         norms=norms,
         scales=scales,
         next_norm_bound=bounds.adapt(cfg.norm_bound, plan.norm_bound, norms),
+        num_rejected=rejected,
     )
 
 
@@ -451,6 +458,8 @@ def commit_aggregation(
     if plan.norm_bound is not None:
         metrics["norm_bound"] = plan.norm_bound
         metrics["num_clipped"] = float(result.num_clipped)
+    if result.num_rejected is not None and plan.config.robust == "multi_krum":
+        metrics["num_rejected"] = float(result.num_rejected)
     session.add(
         ModelVersion(
             task_id=task.id,

@@ -119,6 +119,21 @@ class AggregationConfig(BaseModel):
         strict=True,
         description="trimmed_mean: share of the values dropped at each end of a coordinate",
     )
+    krum_byzantine: int = Field(
+        default=0,
+        ge=0,
+        le=49_998,
+        strict=True,
+        description="multi_krum: f, the Byzantine updates one aggregation is assumed to hold "
+        "(needs at least 2f + 3 updates: min_updates in sync mode, buffer_size in async)",
+    )
+    krum_select: int | None = Field(
+        default=None,
+        ge=1,
+        le=100_000,
+        strict=True,
+        description="multi_krum: m, the updates averaged (lowest scores); null: n - f",
+    )
 
     keep_versions: int | None = Field(
         default=None,
@@ -140,6 +155,8 @@ class AggregationConfig(BaseModel):
                 f"min_updates ({self.min_updates}) must not exceed clients_per_round "
                 f"({self.clients_per_round})"
             )
+        if self.robust == "multi_krum":
+            self._check_krum()
         if self.privacy is not None:
             problem = config_problems(
                 self.privacy,
@@ -159,6 +176,25 @@ class AggregationConfig(BaseModel):
                     "'mean'; docs/privacy.md)"
                 )
         return self
+
+    def _check_krum(self) -> None:
+        """Multi-Krum needs ``n >= 2f + 3`` and ``m <= n - f`` for the smallest aggregation the
+        task can make: ``min_updates`` fresh updates (sync) or ``buffer_size`` (async)."""
+        f, m = self.krum_byzantine, self.krum_select
+        size, name = (
+            (self.min_updates, "min_updates")
+            if self.mode == "sync"
+            else (self.buffer_size, "buffer_size")
+        )
+        if size < 2 * f + 3:
+            raise ValueError(
+                f"multi_krum with krum_byzantine {f} needs at least {2 * f + 3} updates per "
+                f"aggregation (2f + 3); {name} is {size}"
+            )
+        if m is not None and m > size - f:
+            raise ValueError(
+                f"krum_select ({m}) must not exceed {name} - krum_byzantine ({size - f})"
+            )
 
     @property
     def central_dp(self) -> PrivacyConfig | None:
