@@ -186,12 +186,17 @@ def paced_liveness(settings: Settings, state: PaceState | None) -> Liveness:
     )
 
 
+#: How old a reading the scheduler uses at most: a round picks devices by their slots under
+#: the current period, which a task that just started has changed.
+SCHEDULER_REFRESH_S = 2.0
+
+
 def liveness_for(runtime: Runtime) -> Liveness:
     """The fleet's liveness rule for the scheduler (blocking: reads the pace state when this
-    process has no fresh reading)."""
+    process's reading is older than :data:`SCHEDULER_REFRESH_S`)."""
     pacer = get_pacer(runtime)
     state = pacer.state
-    if state is None or time.monotonic() - state.read_at >= REFRESH_S:
+    if state is None or time.monotonic() - state.read_at >= min(REFRESH_S, SCHEDULER_REFRESH_S):
         state = _read_state(runtime)
         pacer.state = state
     return paced_liveness(runtime.settings, state)
