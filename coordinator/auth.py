@@ -6,7 +6,8 @@ A device request passes when, in this order:
 2. the device it names exists (401 ``unknown_device``) and is not revoked
    (403 ``device_revoked``): a read-only lookup made before any byte of the body is read, so
    a client naming a device that is not enrolled cannot make the coordinator take in a body.
-   An active device's row is kept in memory for ``DEVICE_ROW_TTL_S`` (30 s; its key never
+   An active device's row is kept in memory for ``DEVICE_ROW_TTL_S`` (30 s; an hour,
+   ``BODYLESS_ROW_TTL_S``, for a GET without a body, such as a paced check-in; its key never
    changes), so a busy device's requests make no lookup; a revocation through this process
    forgets it at once, one through another process is seen within the TTL here and at once
    by step 8 (which refuses the request, having read its body);
@@ -161,6 +162,10 @@ KEY_CACHE_SIZE = 65536
 #: nonce (step 8), so this only bounds how long a device revoked through another process can
 #: still get a body read before it is refused.
 DEVICE_ROW_TTL_S = 30.0
+#: The same for a request without a body (a paced check-in comes every few minutes): the row
+#: serves only for the signature, no body is read on its word, and the device's status is
+#: checked again where the nonce is recorded, as for every request.
+BODYLESS_ROW_TTL_S = 3600.0
 
 
 def _nonce_statement(dialect: str) -> Insert:
@@ -225,16 +230,20 @@ class DeviceAuthenticator:
         self._last_prune = -math.inf
         self._prune_lock = threading.Lock()
         self._keys: dict[str, Ed25519PublicKey] = {}
-        #: Active devices' rows (step 2) by id, with the monotonic time they expire.
+        #: Active devices' rows (step 2) by id, with the monotonic time they were read.
         self._rows: dict[str, tuple[DeviceRow, float]] = {}
 
-    def known_row(self, device_id: str) -> DeviceRow | None:
-        """The row of an enrolled, active device read less than ``DEVICE_ROW_TTL_S`` ago."""
+    def known_row(self, device_id: str, *, bodyless: bool = False) -> DeviceRow | None:
+        """The row of an enrolled, active device read less than ``DEVICE_ROW_TTL_S`` ago
+        (``BODYLESS_ROW_TTL_S`` for a request without a body)."""
         found = self._rows.get(device_id)
         if found is None:
             return None
-        if time.monotonic() >= found[1]:
+        age = time.monotonic() - found[1]
+        if age >= BODYLESS_ROW_TTL_S:
             self._rows.pop(device_id, None)
+            return None
+        if age >= DEVICE_ROW_TTL_S and not bodyless:
             return None
         return found[0]
 
@@ -244,7 +253,7 @@ class DeviceAuthenticator:
             return
         if len(self._rows) >= KEY_CACHE_SIZE:
             self._rows.clear()
-        self._rows[row.id] = (row, time.monotonic() + DEVICE_ROW_TTL_S)
+        self._rows[row.id] = (row, time.monotonic())
 
     def forget(self, device_id: str) -> None:
         """Drop a device's row (revoked through this process: refused at step 2 at once)."""
@@ -541,7 +550,12 @@ async def _verified(request: Request) -> AsyncIterator[DeviceIdentity]:
         raise Unauthorized(exc.detail, code=exc.code) from None
     request.scope["fedge.device"] = signed.device_id  # the claimed id, for the request's logs
     authenticator = get_authenticator(runtime)
-    device = authenticator.known_row(signed.device_id)
+    bodyless = (
+        request.method == "GET"
+        and request.headers.get("content-length", "0") == "0"
+        and "transfer-encoding" not in request.headers
+    )
+    device = authenticator.known_row(signed.device_id, bodyless=bodyless)
     if device is None:
         device = await run_in_threadpool(_device_row, runtime, signed.device_id)
         if device is None:

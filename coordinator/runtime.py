@@ -7,7 +7,7 @@ Built in the app's lifespan (never at import time) and reachable from requests a
 - ``notifier``, ``scheduler``: set by the round engine when the app starts
   (:mod:`fedge.coordinator.engine.lifecycle`); ``None`` without it (an API-only process has no
   scheduler, a runtime opened by a script has neither);
-- ``authenticator``, ``slots``, ``batch_checker``: made on first use by their modules'
+- ``authenticator``, ``slots``, ``batch_checker``, ``pacer``: made on first use by their modules'
   ``get_*`` functions (device authentication, per-device slots, batched long-poll checks);
 - ``task_configs``: parsed task configurations, reused while a task's JSON is unchanged;
 - ``metrics``: the app's Prometheus metrics (``None`` outside an app, or when disabled);
@@ -35,6 +35,7 @@ if TYPE_CHECKING:
     from fedge.coordinator.auth import DeviceAuthenticator, DeviceSlots
     from fedge.coordinator.engine.longpoll import BatchChecker
     from fedge.coordinator.engine.notify import Notifier
+    from fedge.coordinator.engine.pace import Pacer
     from fedge.coordinator.engine.scheduler import Scheduler
     from fedge.coordinator.metrics import Metrics
 
@@ -50,6 +51,7 @@ class Runtime:
     authenticator: DeviceAuthenticator | None = None
     slots: DeviceSlots | None = None
     batch_checker: BatchChecker | None = None
+    pacer: Pacer | None = None
     task_configs: TaskConfigCache = field(default_factory=TaskConfigCache)
     decoded: DecodedCache = field(default_factory=lambda: DecodedCache(0))
     metrics: Metrics | None = None

@@ -95,6 +95,38 @@ class Settings(BaseSettings):
         "(after local training) reuses its connection instead of a new TLS handshake.",
     )
     device_rate_per_minute: int = Field(default=600, ge=1)
+    pace_min_fleet: int = Field(
+        default=5000,
+        ge=0,
+        description="Enrolled active devices from which idle devices are paced instead of "
+        "long-polling: a work poll without work answers at once with the time to come back "
+        "(docs/protocol.md, 'Pace steering'). 0: always; a huge value: never.",
+    )
+    pace_window_s: float = Field(
+        default=60.0,
+        gt=0,
+        description="Paced fleets: the selection window, in which a round's devices should "
+        "check in; check-ins are paced so that enough come in any such window.",
+    )
+    pace_safety: float = Field(
+        default=3.0,
+        ge=1,
+        description="Paced fleets: how many times the devices the running rounds need "
+        "should check in per selection window.",
+    )
+    pace_min_s: float = Field(
+        default=30.0, gt=0, description="Paced fleets: the shortest check-in period."
+    )
+    pace_max_s: float = Field(
+        default=900.0, gt=0, description="Paced fleets: the longest check-in period."
+    )
+    checkin_batch_s: float = Field(
+        default=0.05,
+        gt=0,
+        le=5,
+        description="Paced fleets: idle check-ins arriving within this time are committed "
+        "together (one transaction for their nonces and last-seen times).",
+    )
     device_seen_window_s: int = Field(
         default=600,
         ge=1,
@@ -244,6 +276,10 @@ class Settings(BaseSettings):
             raise ValueError(
                 f"reserved_connections ({self.reserved_connections}) must be below "
                 f"max_connections ({self.max_connections}): device routes need at least one"
+            )
+        if self.pace_min_s > self.pace_max_s:
+            raise ValueError(
+                f"pace_min_s ({self.pace_min_s}) must not exceed pace_max_s ({self.pace_max_s})"
             )
         if self.device_max_long_polls >= self.device_max_in_flight:
             raise ValueError(

@@ -45,6 +45,7 @@ from fedge.edge_agent.trainers import (
     TrainerFactory,
     task_trainer_factory,
 )
+from fedge.edge_agent.transport import KEEPALIVE_S
 from fedge.edge_agent.uploads import FATAL_CODES, save_update, upload_entry
 from fedge.edge_agent.watcher import CancelWatcher
 from fedge.shared.architectures import generated_weights
@@ -152,6 +153,18 @@ class Agent:
     def _pause(self, seconds: float) -> None:
         self._stop.wait(seconds)
 
+    def _sleep_until_reconnect(self) -> None:
+        """A paced coordinator said when to come back: sleep until then, holding no
+        connection when the sleep outlasts the keep-alive (docs/protocol.md, "Pace
+        steering"). Without a reconnect time the next poll follows at once (long-poll)."""
+        delay = self.client.reconnect_s
+        if delay is None or delay <= 0:
+            return
+        if delay > KEEPALIVE_S:
+            self.client.drop_connection()
+        log.debug("coordinator paces this device: next check-in in %.0f s", delay)
+        self._pause(delay)
+
     # -- the loop --------------------------------------------------------------------------
 
     def run(self, *, max_rounds: int | None = None, once: bool = False) -> AgentStats:
@@ -180,7 +193,10 @@ class Agent:
                 continue
             finally:
                 self.idle = False
-            if work is None or work.cancelled:
+            if work is None:
+                self._sleep_until_reconnect()
+                continue
+            if work.cancelled:
                 continue
             if work.assignment_id in self._given_up:
                 self._wait_until_cancelled(work)

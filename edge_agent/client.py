@@ -109,6 +109,20 @@ class Traffic:
     next_with_upload: int = 0
 
 
+#: The header of a paced coordinator's answer without work (docs/protocol.md).
+RECONNECT_HEADER = "Fedge-Reconnect"
+#: The longest sleep a reconnect time may ask for (a bad value cannot silence a device).
+MAX_RECONNECT_S = 86400.0
+
+
+def _reconnect(value: str | None) -> float | None:
+    """The reconnect time of an answer: whole seconds, 0..``MAX_RECONNECT_S``; None when
+    absent or malformed (then the agent polls again as it would without it)."""
+    if value is None or not value.isdigit() or len(value) > 6:
+        return None
+    return min(float(value), MAX_RECONNECT_S)
+
+
 class CoordinatorClient:
     """Signed, retrying HTTP client for the device API."""
 
@@ -133,6 +147,9 @@ class CoordinatorClient:
         #: The next assignment an upload's answer carried, for the next ``get_work``.
         self._next: Work | None = None
         self._traffic_lock = threading.Lock()
+        #: A paced coordinator's "come back in" (seconds) of the last work poll without
+        #: ``current`` that brought no work (docs/protocol.md, "Pace steering"); else None.
+        self.reconnect_s: float | None = None
 
         def session() -> Session:
             # One connection each: the agent's requests follow one another, so a single
@@ -248,10 +265,16 @@ class CoordinatorClient:
             timeout=wait_s + self._timeout,
             watch=current is not None,
         )
+        if current is None:
+            self.reconnect_s = _reconnect(response.headers.get(RECONNECT_HEADER))
         if response.status_code == 204 or not response.content:
             return None
         body, chain = self._json_and_chain(response)
         return self._work(body, chain)
+
+    def drop_connection(self) -> None:
+        """Close the kept-alive connection of the work poll and uploads (before a long sleep)."""
+        self._session.drop_connections()
 
     def _json_and_chain(self, response: httpx.Response) -> tuple[Any, bytes | None]:
         """An answer's JSON, and the delta chain after it when it is a work frame."""

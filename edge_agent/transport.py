@@ -10,6 +10,7 @@ nonce and timestamp per attempt (the coordinator refuses replayed nonces).
 
 from __future__ import annotations
 
+import functools
 import logging
 import random
 import ssl
@@ -129,7 +130,29 @@ class Session:
         self._sleep = sleep if sleep is not None else _sleep
         self._rng = rng or random.Random()  # nosec B311  # retry jitter, not a secret
         self._interrupted = interrupted
-        self._client = httpx.Client(
+        self._own_transport = transport is None
+        self._make_client = functools.partial(
+            self._new_client,
+            ca_file=ca_file,
+            transport=transport,
+            timeout=timeout,
+            headers=headers,
+            keepalive_s=keepalive_s,
+            max_connections=max_connections,
+        )
+        self._client = self._make_client()
+
+    def _new_client(
+        self,
+        *,
+        ca_file: str | None,
+        transport: httpx.BaseTransport | None,
+        timeout: float,
+        headers: Mapping[str, str] | None,
+        keepalive_s: float,
+        max_connections: int | None,
+    ) -> httpx.Client:
+        client = httpx.Client(
             base_url=self.base_url,
             verify=verify_setting(ca_file) if transport is None else True,
             transport=transport,
@@ -146,10 +169,21 @@ class Session:
         # nothing the coordinator uses: about 90 bytes per request on a metered link.
         for name in DROPPED_DEFAULT_HEADERS:
             if name not in {k.lower() for k in (headers or {})}:
-                self._client.headers.pop(name, None)
+                client.headers.pop(name, None)
+        return client
 
     def close(self) -> None:
         self._client.close()
+
+    def drop_connections(self) -> None:
+        """Close the kept-alive connections now (before a sleep longer than the
+        coordinator's keep-alive: neither side holds a socket meanwhile); the next request
+        opens a new one. (A transport given by the caller is the caller's: kept.)"""
+        if not self._own_transport:
+            return
+        old = self._client
+        self._client = self._make_client()
+        old.close()
 
     def request(
         self,

@@ -27,11 +27,12 @@ from fedge.coordinator.api.deps import (
     RuntimeDep,
     parse_signed_json,
 )
-from fedge.coordinator.auth import RequestClaim, get_device_slots
+from fedge.coordinator.auth import DeviceIdentity, RequestClaim, get_device_slots
 from fedge.coordinator.db import session_scope, utcnow
 from fedge.coordinator.engine.declines import decline_assignment
 from fedge.coordinator.engine.downloads import inline_chain
 from fedge.coordinator.engine.longpoll import long_poll, next_assignment
+from fedge.coordinator.engine.pace import paced_checkin
 from fedge.coordinator.engine.reports import record_metrics
 from fedge.coordinator.engine.updates import accept_upload_ready, check_idempotency_key
 from fedge.coordinator.engine.work import without_known_config
@@ -100,23 +101,15 @@ async def work(
     known: KnownQuery = None,
     have: HaveQuery = None,
 ) -> Any:
-    wait_s = min(wait, runtime.settings.long_poll_max_s)
-    # A check without a wait holds nothing for long and needs no long-poll slot.
-    slot: AbstractContextManager[None] = (
-        get_device_slots(runtime).long_poll(device.id) if wait_s > 0 else nullcontext()
-    )
-    waiters = runtime.metrics.long_poll_waiters if runtime.metrics and wait_s > 0 else None
-    with slot, waiters.track_inprogress() if waiters is not None else nullcontext():
-        found = await long_poll(
-            runtime,
-            device.id,
-            current,
-            wait_s=wait_s,
-            disconnected=request.is_disconnected,
-            claim=device.claim,
-        )
-    if found is None:
-        return Response(status_code=204)
+    paced = await paced_checkin(runtime, device.id, device.claim) if current is None else None
+    if paced is not None:  # a paced fleet: answered at once (docs/protocol.md, "Pace steering")
+        found = paced.found
+        if found is None:
+            return Response(status_code=204, headers=paced.headers)
+    else:
+        found = await _long_poll(request, runtime, device, current, wait)
+        if found is None:
+            return Response(status_code=204)
     if have is not None and current is None:
         task_id, version = _task_version(have)
         chain = await run_in_threadpool(inline_chain, runtime, device.id, found, (task_id, version))
@@ -219,6 +212,26 @@ async def upload_update(
             encode_work_frame(body, chain), status_code=status, media_type=WORK_FRAME_MEDIA_TYPE
         )
     return Response(body, status_code=status, media_type="application/json")
+
+
+async def _long_poll(
+    request: Request, runtime: Runtime, device: DeviceIdentity, current: int | None, wait: int
+) -> dict[str, Any] | None:
+    wait_s = min(wait, runtime.settings.long_poll_max_s)
+    # A check without a wait holds nothing for long and needs no long-poll slot.
+    slot: AbstractContextManager[None] = (
+        get_device_slots(runtime).long_poll(device.id) if wait_s > 0 else nullcontext()
+    )
+    waiters = runtime.metrics.long_poll_waiters if runtime.metrics and wait_s > 0 else None
+    with slot, waiters.track_inprogress() if waiters is not None else nullcontext():
+        return await long_poll(
+            runtime,
+            device.id,
+            current,
+            wait_s=wait_s,
+            disconnected=request.is_disconnected,
+            claim=device.claim,
+        )
 
 
 def _task_version(have: str) -> tuple[int, int]:

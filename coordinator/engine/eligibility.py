@@ -37,6 +37,11 @@ class Liveness:
     polls: float = 3.0
     default_poll_s: float = 60.0
     max_window_s: float = 600.0
+    #: A paced fleet (fedge.coordinator.engine.pace): its check-in period and selection
+    #: window, and every device's window is ``max_window_s`` whatever it reported.
+    paced_period_s: float | None = None
+    paced_window_s: float | None = None
+    fixed_window: bool = False
 
     @classmethod
     def from_settings(cls, settings: Settings) -> Liveness:
@@ -52,6 +57,8 @@ class Liveness:
 
     def window_for(self, poll_interval_s: object) -> float:
         """:meth:`window_s` for a device that reported ``poll_interval_s`` (None: none)."""
+        if self.fixed_window:
+            return self.max_window_s
         interval = self.default_poll_s
         reported = poll_interval_s
         if (

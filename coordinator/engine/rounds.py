@@ -23,6 +23,7 @@ from sqlalchemy.orm.util import identity_key
 from fedge.coordinator.engine import privacy
 from fedge.coordinator.engine.config import AggregationConfig
 from fedge.coordinator.engine.eligibility import Liveness, Requirements
+from fedge.coordinator.engine.rotation import choose_paced
 from fedge.coordinator.engine.selection import (
     Candidate,
     busy_clause,
@@ -232,7 +233,17 @@ def open_sync_round(
     # A DP sample must stay secret (amplification by sampling assumes it): drawn from the
     # OS's CSPRNG instead of the reproducible (task, round) seed.
     rng = secure_rng() if dp is not None else np.random.default_rng([task.id, number])
-    picked = choose(candidates, cfg.num_selected, rng, uniform=dp is not None)
+    if liveness.paced_period_s is not None and dp is None:  # a paced fleet: fair rotation
+        picked = choose_paced(
+            candidates,
+            cfg.num_selected,
+            rng,
+            now=now,
+            period=liveness.paced_period_s,
+            window=liveness.paced_window_s or 0.0,
+        )
+    else:
+        picked = choose(candidates, cfg.num_selected, rng, uniform=dp is not None)
     chosen = _lock_idle_devices(session, picked)
     if len(chosen) < needed:
         return None, []

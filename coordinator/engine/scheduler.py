@@ -46,9 +46,9 @@ from fedge.coordinator.db import READ_ONLY, session_scope, utcnow
 from fedge.coordinator.engine import apply, leases, rounds
 from fedge.coordinator.engine.aggregate import BadStoredUpdate
 from fedge.coordinator.engine.config import AggregationConfig, ConfigError
-from fedge.coordinator.engine.eligibility import Liveness
 from fedge.coordinator.engine.evalhook import EvalHook, load_hook
 from fedge.coordinator.engine.notify import Notifier
+from fedge.coordinator.engine.pace import liveness_for
 from fedge.coordinator.events import Event, emit, publish
 from fedge.coordinator.models import Assignment, Round, Task, Update
 from fedge.coordinator.runtime import Runtime
@@ -196,7 +196,6 @@ class TaskStepper:
 
     def _transitions(self, task_id: int, outcome: StepOutcome) -> bool:
         """Step 1; True when a round is ready to aggregate."""
-        settings = self.runtime.settings
         now = utcnow()
         with session_scope(self.runtime.sessions) as session:
             task = lock_task(session, task_id)
@@ -231,7 +230,7 @@ class TaskStepper:
                 return False
             if cfg.mode == "async":
                 return self._async_transitions(session, task, cfg, outcome)
-            liveness = Liveness.from_settings(settings)
+            liveness = liveness_for(self.runtime)
             rnd = rounds.active_round(session, task.id)
             if rnd is not None and rnd.status == RoundStatus.OPEN:
                 outcome.woken += rounds.close_sync_round_if_due(session, task, rnd, cfg, now=now)
@@ -256,9 +255,7 @@ class TaskStepper:
             rnd = rounds.open_async_round(session, task, cfg, now=now)
         pending = rounds.count_pending(session, task.id)
         if pending < cfg.buffer_size:
-            rounds.explain_async_wait(
-                session, task, now=now, liveness=Liveness.from_settings(self.runtime.settings)
-            )
+            rounds.explain_async_wait(session, task, now=now, liveness=liveness_for(self.runtime))
         if rnd.num_received != min(pending, cfg.buffer_size):
             rnd.num_received = min(pending, cfg.buffer_size)
         return pending >= cfg.buffer_size
@@ -269,7 +266,6 @@ class TaskStepper:
         """Step 2: plan, compute and commit one aggregation (repeated while async buffers
         are full). No aggregation starts once the process is stopping or the task's lease
         was lost (the next tick, or the lease's new holder, takes it up)."""
-        settings = self.runtime.settings
         for _ in range(100):
             if self.stopping.is_set() or (held is not None and held.lost):
                 return
@@ -321,7 +317,7 @@ class TaskStepper:
                         plan,
                         result,
                         now=utcnow(),
-                        liveness=Liveness.from_settings(settings),
+                        liveness=liveness_for(self.runtime),
                     )
             except apply.RoundMoved:
                 woken = None

@@ -40,6 +40,8 @@ class Candidate:
     device_id: str
     num_completed: int
     num_dropped: int
+    num_assigned: int = 0
+    last_seen: datetime | None = None
 
 
 def busy_clause() -> ColumnElement[bool]:
@@ -102,6 +104,7 @@ def eligible_devices(
         Device.id,
         Device.num_completed,
         Device.num_dropped,
+        Device.num_assigned,
         Device.last_seen_at,
         Device.capabilities["poll_interval_s"].as_float(),
         *extra.values(),
@@ -121,7 +124,7 @@ def eligible_devices(
         )
     names = list(extra)
     found: list[Candidate] = []
-    for device_id, completed, dropped, seen, poll, *values in session.execute(
+    for device_id, completed, dropped, assigned, seen, poll, *values in session.execute(
         stmt.order_by(Device.id)
     ):
         if now - seen > timedelta(seconds=liveness.window_for(poll)):
@@ -130,7 +133,7 @@ def eligible_devices(
             got = dict(zip(names, values, strict=True))
             if wanted.unmet(got.pop("tags", None), got) is not None:
                 continue
-        found.append(Candidate(device_id, int(completed), int(dropped)))
+        found.append(Candidate(device_id, int(completed), int(dropped), int(assigned), seen))
     return found
 
 

@@ -1,0 +1,608 @@
+"""A large idle fleet against one coordinator: pace steering, check-in cost, round formation.
+
+``python bench/idle_fleet.py [--devices 20000] [--procs 3] [--seed 0]``
+
+Setup: one coordinator (``fedge coordinator serve``, SQLite, HTTPS on loopback) and N
+enrolled devices, each with its own Ed25519 key. Enrolling 20,000 devices one request at a
+time would take minutes, so the benchmark's setup writes the device rows in bulk into the
+coordinator's database (:func:`bulk_enroll`: the same columns ``POST /device/enroll`` writes,
+each public key checked with the coordinator's strict key check); every request after that is
+signed and verified as usual.
+
+A sync task (softmax on 4 features, ``clients_per_round`` 100, ``over_selection`` 0.3,
+``min_updates`` 100) runs all along: its rounds are the demand the coordinator paces the fleet
+for (``pace_window_s`` 30 s, ``pace_safety`` 3, ``pace_max_s`` 3600: a period of about
+1,540 s for 20,000 devices, 13 check-ins a second).
+
+The devices run in ``--procs`` processes, many virtual devices per process (asyncio). A
+device checks in with ``GET /device/work?wait=30`` over a new TLS connection (a paced device
+closes its connection before a sleep longer than the keep-alive), sleeps the
+``Fedge-Reconnect`` time of a 204, and on an assignment "trains" for ``--train-s`` seconds
+(30; holding no connection), then uploads a small update over a new connection and checks in
+again on it. A failed request (the coordinator restarting) is retried with the agent's
+backoff (:class:`fedge.edge_agent.transport.RetryPolicy`). The fleet starts as if paced for
+a while: each device was last seen at its latest slot and checks in first at its next one.
+Time scale: real time (1:1), no compression.
+
+Measured: check-ins per second (per-second counts; peak / mean), coordinator CPU from
+``/proc/<pid>/stat`` (utime + stime of the coordinator process) per 1,000 enrolled devices,
+each round's formation time (from ``opened_at`` to the moment its 100th device received its
+assignment), and every device's selection count; then the coordinator is restarted (SIGTERM,
+serve again on the same port) and the per-second check-in rate of the following minutes is
+measured again. Results: ``bench/results/idle_fleet.json`` and ``idle_fleet.png``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import multiprocessing as mp
+import os
+import random
+import secrets
+import ssl
+import subprocess
+import sys
+import time
+import uuid
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlencode, urlsplit
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from bench.ingest import machine_info, proc_cpu_s  # noqa: E402
+from fedge.coordinator.engine.pace import period_s  # noqa: E402
+from fedge.coordinator.engine.rotation import next_checkin  # noqa: E402
+from fedge.coordinator.settings import Settings  # noqa: E402
+from fedge.edge_agent.sim.local_coordinator import (  # noqa: E402
+    LocalCoordinator,
+    _child_env,
+    _command,
+    _wait_until_healthy,
+    start_local_coordinator,
+)
+from fedge.edge_agent.transport import RetryPolicy  # noqa: E402
+from fedge.shared.compression import compress  # noqa: E402
+from fedge.shared.modelspec import ModelSpec  # noqa: E402
+from fedge.shared.policy import CompressionPolicy  # noqa: E402
+from fedge.shared.signing import sign_request  # noqa: E402
+from fedge.shared.wire import encode_update  # noqa: E402
+
+API = "/api/v1"
+RESULTS = ROOT / "bench" / "results"
+COHORT = 100
+OVER_SELECTION = 0.3
+PACE = {
+    "FEDGE_PACE_WINDOW_S": "30",
+    "FEDGE_PACE_SAFETY": "3",
+    "FEDGE_PACE_MIN_S": "30",
+    "FEDGE_PACE_MAX_S": "3600",
+    "FEDGE_PACE_MIN_FLEET": "5000",
+    # a single client address runs the whole fleet: the per-process caps are per device
+    "FEDGE_MAX_CONNECTIONS": "2000",
+    "FEDGE_LOG_LEVEL": "warning",  # no access log line per check-in
+    "FEDGE_WORKER_THREADS": "2100",
+}
+
+
+def bulk_enroll(
+    database_url: str, keys: list[bytes], rng: np.random.Generator, *, period: float
+) -> tuple[list[str], list[float]]:
+    """Write enrolled device rows in bulk (the benchmark's setup; see the module docstring),
+    each device last seen at its latest slot (as in a fleet paced for a while): its ids and
+    the times of their next slots."""
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+    from sqlalchemy import insert
+
+    from fedge.coordinator.db import make_engine
+    from fedge.coordinator.models import Device
+    from fedge.shared.signing import public_key_from_b64, public_key_to_b64
+
+    now = datetime.now(UTC)
+    rows = []
+    ids: list[str] = []
+    nexts: list[float] = []
+    for i, raw in enumerate(keys):
+        public = public_key_to_b64(Ed25519PrivateKey.from_private_bytes(raw).public_key())
+        public_key_from_b64(public)  # the coordinator's strict check
+        device_id = str(uuid.UUID(bytes=rng.bytes(16), version=4))
+        ids.append(device_id)
+        upcoming = next_checkin(device_id, time.time(), period)
+        previous = next_checkin(device_id, upcoming - 2 * period, period)
+        while (later := next_checkin(device_id, previous, period)) < upcoming:
+            previous = later
+        nexts.append(upcoming)
+        rows.append(
+            {
+                "id": device_id,
+                "name": f"sim-{i}",
+                "public_key": public,
+                "status": "active",
+                "capabilities": {},
+                "tags": [],
+                "enrolled_at": now,
+                "last_seen_at": datetime.fromtimestamp(previous, UTC),
+                "num_assigned": 0,
+                "num_completed": 0,
+                "num_dropped": 0,
+                "num_declined": 0,
+            }
+        )
+    engine = make_engine(database_url)
+    try:
+        with engine.begin() as conn:
+            for start in range(0, len(rows), 2000):
+                conn.execute(insert(Device), rows[start : start + 2000])
+    finally:
+        engine.dispose()
+    return ids, nexts
+
+
+# -- the simulated devices (one process each slice) -----------------------------------------
+
+
+class _Http:
+    """A minimal HTTP/1.1 client over one TLS connection (asyncio streams)."""
+
+    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.reader, self.writer = reader, writer
+
+    async def request(
+        self, method: str, target: str, headers: dict[str, str], body: bytes = b""
+    ) -> tuple[int, dict[str, str], bytes]:
+        lines = [f"{method} {target} HTTP/1.1", "Host: 127.0.0.1"]
+        lines += [f"{k}: {v}" for k, v in headers.items()]
+        lines.append(f"Content-Length: {len(body)}")
+        self.writer.write(("\r\n".join(lines) + "\r\n\r\n").encode() + body)
+        await self.writer.drain()
+        status_line = await self.reader.readline()
+        if not status_line:
+            raise ConnectionError("connection closed")
+        status = int(status_line.split()[1])
+        got: dict[str, str] = {}
+        while True:
+            line = await self.reader.readline()
+            if line in (b"\r\n", b""):
+                break
+            name, _, value = line.decode("latin-1").partition(":")
+            got[name.strip().lower()] = value.strip()
+        length = int(got.get("content-length", "0"))
+        data = await self.reader.readexactly(length) if length else b""
+        return status, got, data
+
+    async def close(self) -> None:
+        self.writer.close()
+        with contextlib.suppress(OSError, TimeoutError, ssl.SSLError):
+            await asyncio.wait_for(self.writer.wait_closed(), 5)
+
+
+def _signed(
+    key: Any, device_id: str, method: str, path: str, params: dict[str, Any], body: bytes = b""
+) -> tuple[str, dict[str, str]]:
+    query = urlencode(sorted(params.items()))
+    headers = sign_request(
+        key, device_id=device_id, method=method, path=path, query=query, body=body
+    )
+    return (f"{path}?{query}" if query else path), headers
+
+
+def _update_body(work: dict[str, Any], rng: np.random.Generator) -> bytes:
+    spec = ModelSpec.from_dict(work["spec"])
+    delta = {t.name: rng.normal(0, 0.01, t.shape).astype(np.float32) for t in spec.tensors}
+    policy = CompressionPolicy.from_dict(work["compression"])
+    return encode_update(
+        compress(delta, policy, rng),
+        task_id=work["task_id"],
+        base_version=work["base_version"],
+        num_examples=10,
+    )
+
+
+async def _device(
+    host: str,
+    port: int,
+    ctx: ssl.SSLContext,
+    device_id: str,
+    raw_key: bytes,
+    *,
+    first_at: float,
+    end_at: float,
+    train_s: float,
+    seed: int,
+    log: dict[str, list[Any]],
+    sem: asyncio.Semaphore,
+) -> None:
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+    key = Ed25519PrivateKey.from_private_bytes(raw_key)
+    rng = np.random.default_rng(seed)
+    retry_rng = random.Random(seed)
+    policy = RetryPolicy()
+    config: dict[str, Any] = {}
+    work: dict[str, Any] | None = None
+    await asyncio.sleep(max(0.0, min(first_at, end_at) - time.time()))
+    failures = 0
+    while time.time() < end_at:
+        delay = 0.0
+        try:
+            async with sem:
+                reader, writer = await asyncio.open_connection(host, port, ssl=ctx)
+            http = _Http(reader, writer)
+            try:
+                if work is not None:  # trained: upload, then check in on the same connection
+                    await _upload(http, key, device_id, work, rng, log)
+                    work = None
+                delay, work = await _checkin(http, key, device_id, config, log)
+            finally:
+                await http.close()
+            failures = 0
+        except (OSError, ConnectionError, asyncio.IncompleteReadError, ssl.SSLError, ValueError):
+            log["errors"].append(time.time())
+            delay = policy.backoff(min(failures, 10), retry_rng)
+            failures += 1
+        if work is not None:
+            delay = train_s  # local training, holding no connection
+        await asyncio.sleep(max(0.0, min(delay, end_at - time.time())))
+
+
+async def _checkin(
+    http: _Http, key: Any, device_id: str, config: dict[str, Any], log: dict[str, list[Any]]
+) -> tuple[float, dict[str, Any] | None]:
+    """One check-in: (seconds until the next one, None) or (0, the assignment)."""
+    params: dict[str, Any] = {"wait": 30}
+    if config:
+        params["known"] = config["config_digest"]
+    target, headers = _signed(key, device_id, "GET", f"{API}/device/work", params)
+    log["checkins"].append(time.time())
+    status, got, data = await http.request("GET", target, headers)
+    if status == 204:
+        return float(got.get("fedge-reconnect", "30")), None
+    if status != 200:
+        raise ConnectionError(f"check-in answered {status}")
+    work = json.loads(data)
+    if "spec" in work:
+        config.update(work)
+    work = {**config, **work}
+    log["assigned"].append((work["round_id"], work["assignment_id"], time.time()))
+    return 0.0, work
+
+
+async def _upload(
+    http: _Http,
+    key: Any,
+    device_id: str,
+    work: dict[str, Any],
+    rng: np.random.Generator,
+    log: dict[str, list[Any]],
+) -> None:
+    body = _update_body(work, rng)
+    target, headers = _signed(key, device_id, "POST", work["upload_url"], {}, body)
+    headers.update(
+        {
+            "Idempotency-Key": secrets.token_hex(8),
+            "Prefer": "return=minimal",
+            "Content-Type": "application/octet-stream",
+        }
+    )
+    status, _, _ = await http.request("POST", target, headers, body)
+    log["uploads"].append((status, time.time()))
+
+
+def _worker(
+    url: str,
+    ca_file: str,
+    devices: list[tuple[str, bytes, float, int]],
+    end_at: float,
+    train_s: float,
+    out: Any,
+) -> None:
+    parts = urlsplit(url)
+    ctx = ssl.create_default_context(cafile=ca_file)
+    log: dict[str, list[Any]] = {"checkins": [], "assigned": [], "uploads": [], "errors": []}
+
+    async def main() -> None:
+        sem = asyncio.Semaphore(64)  # handshakes in flight per process
+        await asyncio.gather(
+            *(
+                _device(
+                    parts.hostname or "127.0.0.1",
+                    parts.port or 443,
+                    ctx,
+                    d,
+                    k,
+                    first_at=first,
+                    end_at=end_at,
+                    train_s=train_s,
+                    seed=seed,
+                    log=log,
+                    sem=sem,
+                )
+                for d, k, first, seed in devices
+            )
+        )
+
+    cpu0 = time.process_time()
+    asyncio.run(main())
+    log["cpu_s"] = [time.process_time() - cpu0]
+    out.send(log)
+    out.close()
+
+
+# -- the run --------------------------------------------------------------------------------
+
+
+def _restart(coord: LocalCoordinator, port: int, env: dict[str, str]) -> tuple[float, float]:
+    """Stop the coordinator and serve the same data on the same port: (stopped, ready)."""
+    coord.stop(timeout=30)
+    stopped = time.time()
+    log = open(coord.log_path, "ab")  # noqa: SIM115 - kept open for the child's lifetime
+    coord.process = subprocess.Popen(
+        _command(
+            "serve",
+            "--data-dir",
+            str(coord.data_dir),
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--port-file",
+            str(coord.data_dir / "port"),
+        ),
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        env=_child_env(env),
+    )
+    coord._log = log
+    _wait_until_healthy(coord, coord.data_dir / "port", 180)
+    return stopped, time.time()
+
+
+def _per_second(times: np.ndarray, start: float, end: float) -> np.ndarray:
+    inside = times[(times >= start) & (times < end)]
+    return np.bincount((inside - start).astype(int), minlength=int(end - start))
+
+
+def run(args: argparse.Namespace) -> dict[str, Any]:
+    import httpx
+    from sqlalchemy import create_engine, select
+
+    rng = np.random.default_rng(args.seed)
+    data = Path(args.data_dir)
+    env = dict(PACE)
+    coord = start_local_coordinator(data, env=env)
+    port = int(urlsplit(coord.url).port or 0)
+    db_url = f"sqlite:///{(data / 'fedge.db').resolve()}"
+    try:
+        settings = Settings(database_url=db_url, **{k[6:].lower(): v for k, v in PACE.items()})
+        demand = float(np.ceil(COHORT * (1 + OVER_SELECTION)))
+        period = period_s(settings, args.devices, demand)
+        t = time.time()
+        keys = [rng.bytes(32) for _ in range(args.devices)]
+        ids, nexts = bulk_enroll(db_url, keys, rng, period=period)
+        enroll_s = time.time() - t
+        with httpx.Client(
+            base_url=coord.url,
+            verify=ssl.create_default_context(cafile=coord.ca_file),
+            headers={"Authorization": f"Bearer {coord.admin_key}"},
+            timeout=60,
+        ) as admin:
+            r = admin.post(
+                f"{API}/tasks",
+                json={
+                    "name": "paced",
+                    "model": {"architecture": "softmax", "input_dim": 4, "num_classes": 2},
+                    "aggregation": {
+                        "mode": "sync",
+                        "clients_per_round": COHORT,
+                        "over_selection": OVER_SELECTION,
+                        "min_updates": COHORT,
+                        "round_deadline_s": 300,
+                        "num_rounds": 100000,
+                    },
+                },
+            )
+            r.raise_for_status()
+            task_id = r.json()["id"]
+            admin.post(f"{API}/tasks/{task_id}/start").raise_for_status()
+        start = time.time() + 10.0
+        restart_at = start + args.before_restart
+        end_at = restart_at + args.after_restart
+        # A slot that passed during the setup was missed: that device comes at its next one.
+        first = [next_checkin(d, start, period) for d in ids]
+        del nexts
+        seeds = rng.integers(0, 2**31, args.devices)
+        slices = np.array_split(np.arange(args.devices), args.procs)
+        ctx = mp.get_context("spawn")
+        pipes, procs = [], []
+        for part in slices:
+            recv, send = ctx.Pipe(duplex=False)
+            devices = [(ids[i], keys[i], float(first[i]), int(seeds[i])) for i in part]
+            p = ctx.Process(
+                target=_worker, args=(coord.url, coord.ca_file, devices, end_at, args.train_s, send)
+            )
+            p.start()
+            pipes.append(recv)
+            procs.append(p)
+        warm = start + args.warmup
+        time.sleep(max(0.0, warm - time.time()))
+        cpu0, t0 = proc_cpu_s(coord.process.pid), time.time()
+        time.sleep(max(0.0, restart_at - time.time()))
+        cpu1, t1 = proc_cpu_s(coord.process.pid), time.time()
+        stopped, ready = _restart(coord, port, env)
+        print(f"restarted: down {ready - stopped:.1f} s", file=sys.stderr, flush=True)
+        time.sleep(max(0.0, ready + 5 - time.time()))
+        cpu2, t2 = proc_cpu_s(coord.process.pid), time.time()
+        time.sleep(max(0.0, end_at - 1 - time.time()))
+        cpu3, t3 = proc_cpu_s(coord.process.pid), time.time()
+        logs = [pipe.recv() for pipe in pipes]
+        for p in procs:
+            p.join(60)
+    finally:
+        coord.stop(timeout=30)
+
+    checkins = np.sort(np.concatenate([np.array(lg["checkins"]) for lg in logs]))
+    assigned = [a for lg in logs for a in lg["assigned"]]
+    uploads = [u for lg in logs for u in lg["uploads"]]
+    errors = np.concatenate([np.array(lg["errors"]) for lg in logs]) if logs else np.array([])
+    steady = _per_second(checkins, t0, t1)
+    after = _per_second(checkins, ready, max(ready + 10, end_at - 1))
+
+    engine = create_engine(db_url)
+    from fedge.coordinator.models import Device, Round
+
+    with engine.connect() as conn:
+        rounds = conn.execute(
+            select(Round.id, Round.number, Round.opened_at, Round.status).where(
+                Round.task_id == task_id
+            )
+        ).all()
+        counts = np.array(conn.execute(select(Device.num_assigned)).scalars().all())
+    engine.dispose()
+    by_round: dict[int, list[float]] = {}
+    for round_id, _, at in assigned:
+        by_round.setdefault(int(round_id), []).append(at)
+    formation = []
+    for round_id, number, opened_at, status in rounds:
+        got = sorted(by_round.get(int(round_id), []))
+        opened = opened_at.replace(tzinfo=UTC).timestamp()
+        formed = got[COHORT - 1] - opened if len(got) >= COHORT else None
+        formation.append(
+            {"number": number, "status": status, "received": len(got), "formation_s": formed}
+        )
+    formed_s = [f["formation_s"] for f in formation if f["formation_s"] is not None]
+    n_k = args.devices / 1000
+    window = float(PACE["FEDGE_PACE_WINDOW_S"])
+    steady_cpu = (cpu1 - cpu0) / (t1 - t0)
+    after_cpu = (cpu3 - cpu2) / (t3 - t2)
+    result = {
+        "devices": args.devices,
+        "procs": args.procs,
+        "seed": args.seed,
+        "time_scale": "1:1 (real time, no compression)",
+        "train_s": args.train_s,
+        "settings": {k: float(v) for k, v in PACE.items() if "PACE" in k},
+        "task": {
+            "clients_per_round": COHORT,
+            "over_selection": OVER_SELECTION,
+            "min_updates": COHORT,
+            "demand_per_window": demand,
+        },
+        "period_s": period,
+        "bulk_enroll_s": enroll_s,
+        "steady": {
+            "seconds": t1 - t0,
+            "checkins": int(steady.sum()),
+            "checkins_per_s_mean": float(steady.mean()),
+            "checkins_per_s_peak": int(steady.max()),
+            "peak_over_mean": float(steady.max() / steady.mean()),
+            "peak_over_mean_poisson_reference": _poisson_peak(steady.mean(), steady.size, rng),
+            "peak_over_mean_5s_bins": _binned(steady, 5),
+            "expected_per_s": args.devices / period,
+            "coordinator_cpu_share": steady_cpu,
+            "coordinator_cpu_pct_per_1000_devices": 100 * steady_cpu / n_k,
+            "coordinator_cpu_ms_per_checkin": 1000 * (cpu1 - cpu0) / max(1, int(steady.sum())),
+        },
+        "restart": {
+            "down_s": ready - stopped,
+            "failed_requests": int(errors.size),
+            "seconds_measured": int(after.size),
+            "checkins_per_s_mean": float(after.mean()),
+            "checkins_per_s_peak": int(after.max()),
+            "peak_over_mean": float(after.max() / after.mean()),
+            "peak_over_mean_poisson_reference": _poisson_peak(after.mean(), after.size, rng),
+            "peak_over_mean_5s_bins": _binned(after, 5),
+            "coordinator_cpu_pct_per_1000_devices": 100 * after_cpu / n_k,
+        },
+        "rounds": {
+            "opened": len(rounds),
+            "formed": len(formed_s),
+            "formation_s_median": float(np.median(formed_s)) if formed_s else None,
+            "formation_s_max": float(np.max(formed_s)) if formed_s else None,
+            "window_s": float(PACE["FEDGE_PACE_WINDOW_S"]),
+            "formed_within_window": int(sum(f <= window for f in formed_s)),
+            "detail": formation,
+        },
+        "selection_counts": {
+            "histogram": {str(k): int(v) for k, v in enumerate(np.bincount(counts))},
+            "max": int(counts.max()),
+            "selected_devices": int((counts > 0).sum()),
+            "assignments": int(counts.sum()),
+        },
+        "uploads": {"accepted": sum(1 for s, _ in uploads if s in (200, 201)), "all": len(uploads)},
+        "loadgen_cpu_s": [lg["cpu_s"][0] for lg in logs],
+        "machine": machine_info(),
+    }
+    _plot(steady, after, result, RESULTS / "idle_fleet.png")
+    return result
+
+
+def _poisson_peak(mean: float, bins: int, rng: np.random.Generator) -> float:
+    """The median peak/mean of ``bins`` Poisson counts of this mean: what independent,
+    perfectly spread check-ins would show (the floor of the per-second figure)."""
+    draws = rng.poisson(mean, size=(200, bins))
+    return float(np.median(draws.max(axis=1) / draws.mean(axis=1)))
+
+
+def _binned(counts: np.ndarray, width: int) -> float:
+    n = counts.size // width * width
+    sums = counts[:n].reshape(-1, width).sum(axis=1)
+    return float(sums.max() / sums.mean())
+
+
+def _plot(steady: np.ndarray, after: np.ndarray, result: dict[str, Any], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(9, 3.2))
+    ax.plot(np.arange(steady.size), steady, lw=0.8, label="steady")
+    gap = steady.size + 5
+    ax.plot(gap + np.arange(after.size), after, lw=0.8, label="after a coordinator restart")
+    ax.axhline(result["steady"]["expected_per_s"], color="k", lw=0.6, ls="--", label="N / T")
+    ax.set_xlabel("second of the measurement")
+    ax.set_ylabel("check-ins per second")
+    ax.set_title(
+        f"{result['devices']} paced devices, period {result['period_s']:.0f} s "
+        f"(peak/mean {result['steady']['peak_over_mean']:.2f} steady, "
+        f"{result['restart']['peak_over_mean']:.2f} after restart)",
+        fontsize=9,
+    )
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--devices", type=int, default=20_000)
+    parser.add_argument("--procs", type=int, default=3)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--warmup", type=float, default=20.0)
+    parser.add_argument("--train-s", type=float, default=30.0)
+    parser.add_argument("--before-restart", type=float, default=260.0)
+    parser.add_argument("--after-restart", type=float, default=120.0)
+    parser.add_argument("--data-dir", default="")
+    parser.add_argument("--out", default=str(RESULTS / "idle_fleet.json"))
+    args = parser.parse_args()
+    if not args.data_dir:
+        import tempfile
+
+        args.data_dir = tempfile.mkdtemp(prefix="fedge-idle-fleet-")
+    os.makedirs(RESULTS, exist_ok=True)
+    result = run(args)
+    Path(args.out).write_text(json.dumps(result, indent=2, default=str) + "\n")
+    print(json.dumps({k: v for k, v in result.items() if k != "rounds"}, indent=2, default=str))
+    print(json.dumps({k: v for k, v in result["rounds"].items() if k != "detail"}, indent=2))
+
+
+if __name__ == "__main__":
+    main()

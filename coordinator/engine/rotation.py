@@ -1,0 +1,68 @@
+"""Check-in slots of a paced fleet and the fair rotation of its rounds (docs/rounds.md,
+"Paced fleets").
+
+Every device has one check-in slot per period ``T``, at a point of the period derived from
+its id and the period's index (:func:`slot`): uniform over a fleet, different every period,
+and independent of when a coordinator process started. The coordinator tells a device the
+time to its next slot (:mod:`fedge.coordinator.engine.pace`), so it also knows when a device
+it saw will come back (:func:`next_checkin`), and a round picks the devices that come within
+its selection window, least often selected first (:func:`choose_paced`).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+from collections.abc import Sequence
+from datetime import datetime
+
+import numpy as np
+
+from fedge.coordinator.engine.selection import Candidate
+
+
+def slot(device_id: str, index: int, period: float) -> float:
+    """The device's check-in time (seconds since the epoch) in period number ``index``."""
+    digest = hashlib.blake2b(f"{device_id}:{index}".encode(), digest_size=8).digest()
+    return (index + int.from_bytes(digest, "big") / 2.0**64) * period
+
+
+def next_checkin(device_id: str, after: float, period: float) -> float:
+    """The device's first slot strictly after ``after`` (epoch seconds)."""
+    index = math.floor(after / period)
+    at = slot(device_id, index, period)
+    return at if at > after else slot(device_id, index + 1, period)
+
+
+def choose_paced(
+    candidates: Sequence[Candidate],
+    n: int,
+    rng: np.random.Generator,
+    *,
+    now: datetime,
+    period: float,
+    window: float,
+) -> list[str]:
+    """Up to ``n`` device ids for a round of a paced fleet, in a fair rotation: first the
+    devices whose next check-in (:func:`next_checkin` after they were last seen) falls within
+    the selection window from ``now``, then the others by how soon they come; within each
+    group the least often selected (``num_assigned``) first, ties in random order."""
+    if n <= 0 or not candidates:
+        return []
+    start = now.timestamp()
+    due = np.array(
+        [
+            next_checkin(c.device_id, c.last_seen.timestamp(), period)
+            if c.last_seen is not None
+            else start
+            for c in candidates
+        ]
+    )
+    # A device whose slot passed unseen is late (offline, or its clock is off): it counts as
+    # coming one period later, so that devices on time go first.
+    due = np.where(due < start - 1.0, due + period * np.ceil((start - due) / period), due)
+    outside = (due > start + window).astype(np.int64)
+    counts = np.array([c.num_assigned for c in candidates], dtype=np.int64)
+    soon = np.where(outside == 1, due - start, 0.0)
+    order = np.lexsort((rng.random(len(candidates)), counts, soon, outside))
+    return [candidates[i].device_id for i in order[:n]]
