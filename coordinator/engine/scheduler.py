@@ -48,7 +48,7 @@ from fedge.coordinator.engine.aggregate import BadStoredUpdate
 from fedge.coordinator.engine.config import AggregationConfig, ConfigError
 from fedge.coordinator.engine.eligibility import Liveness
 from fedge.coordinator.engine.evalhook import EvalHook, load_hook
-from fedge.coordinator.engine.idlestep import async_step_is_noop
+from fedge.coordinator.engine.idlestep import idle_async_step
 from fedge.coordinator.engine.notify import Notifier
 from fedge.coordinator.events import Event, emit, publish
 from fedge.coordinator.models import Assignment, Round, Task, Update
@@ -199,7 +199,7 @@ class TaskStepper:
         """Step 1; True when a round is ready to aggregate."""
         settings = self.runtime.settings
         now = utcnow()
-        if async_step_is_noop(self.runtime, task_id, now=now):  # nothing to write
+        if idle_async_step(self.runtime, task_id, now=now):  # nothing else to write
             return False
         with session_scope(self.runtime.sessions) as session:
             task = lock_task(session, task_id)

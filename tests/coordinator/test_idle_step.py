@@ -1,6 +1,7 @@
-"""An async task's scheduler step with nothing to do skips its write transaction
-(:mod:`fedge.coordinator.engine.idlestep`): the look says so exactly when the full step would
-write nothing, and any pending change makes the full step run."""
+"""An idle async task's scheduler step skips its write transaction
+(:mod:`fedge.coordinator.engine.idlestep`): the idle step takes the step's place only when the
+full step would write nothing but the round's counter, and any other change makes the full
+step run."""
 
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ from sqlalchemy import event, select, update
 from fedge.coordinator.db import session_scope, utcnow
 from fedge.coordinator.engine import idlestep, scheduler
 from fedge.coordinator.engine.scheduler import TaskStepper
-from fedge.coordinator.models import Assignment, Task
+from fedge.coordinator.models import Assignment, Round, Task
 from fedge.coordinator.runtime import Runtime
 from fedge.coordinator.settings import Settings
 from tests.coordinator.conftest import Coordinator
@@ -26,12 +27,12 @@ def settings(settings: Settings) -> Settings:
     return settings.model_copy(update={"scheduler_enabled": False})
 
 
-def test_an_idle_async_step_writes_nothing_and_any_change_makes_it_run(
+def test_an_idle_async_step_writes_at_most_its_counter_and_any_change_makes_it_run(
     coordinator: Coordinator, db: Db, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     runtime: Runtime = coordinator.app.state.runtime
     stepper = TaskStepper(runtime)
-    look = idlestep.async_step_is_noop
+    look = idlestep.idle_async_step
     rng = np.random.default_rng(11)
     with fleet_of(coordinator, 2) as fleet:
         task_id = create_task(
@@ -53,7 +54,7 @@ def test_an_idle_async_step_writes_nothing_and_any_change_makes_it_run(
         event.listen(runtime.sessions, "after_flush", count)
         try:
             with monkeypatch.context() as m:
-                m.setattr(scheduler, "async_step_is_noop", lambda *_a, **_k: False)
+                m.setattr(scheduler, "idle_async_step", lambda *_a, **_k: False)
                 stepper.step(task_id)
         finally:
             event.remove(runtime.sessions, "after_flush", count)
@@ -74,9 +75,17 @@ def test_an_idle_async_step_writes_nothing_and_any_change_makes_it_run(
         assert work is not None
         body = make_update(work, delta=random_delta(spec_of(work), rng), num_examples=5)
         assert fleet[0].upload(work, body).status_code == 201
-        assert not look(runtime, task_id, now=utcnow())
-        stepper.step(task_id)  # counts it
-        assert look(runtime, task_id, now=utcnow())
+        assert look(runtime, task_id, now=utcnow())  # counts it, nothing else to do
+        assert (
+            db.read(
+                lambda s: s.scalar(
+                    select(Round.num_received).where(
+                        Round.task_id == task_id, Round.status == "open"
+                    )
+                )
+            )
+            == 1
+        )
 
         # A status reason to clear, and a task that is not running.
         with session_scope(runtime.sessions) as session:
