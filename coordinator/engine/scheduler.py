@@ -131,6 +131,9 @@ class TaskStepper:
         #: lease: a step within ``ttl / 3`` of it needs no write to know the lease is ours
         #: (nobody can take an unexpired lease), so a busy task's steps do not each commit.
         self._acquired_at: dict[int, float] = {}
+        #: Tasks a full step found running in async mode: only their steps try
+        #: :func:`fedge.coordinator.engine.idlestep.idle_async_step` first.
+        self._async_tasks: set[int] = set()
 
     @property
     def holder(self) -> str:
@@ -199,7 +202,8 @@ class TaskStepper:
         """Step 1; True when a round is ready to aggregate."""
         settings = self.runtime.settings
         now = utcnow()
-        if idle_async_step(self.runtime, task_id, now=now):  # nothing else to write
+        # An async task (its mode never changes once it runs) may have nothing else to write.
+        if task_id in self._async_tasks and idle_async_step(self.runtime, task_id, now=now):
             return False
         with session_scope(self.runtime.sessions) as session:
             task = lock_task(session, task_id)
@@ -233,6 +237,7 @@ class TaskStepper:
                 )
                 return False
             if cfg.mode == "async":
+                self._async_tasks.add(task_id)
                 return self._async_transitions(session, task, cfg, outcome)
             liveness = Liveness.from_settings(settings)
             rnd = rounds.active_round(session, task.id)
