@@ -9,8 +9,10 @@ import pytest
 from starlette.routing import Match
 
 from fedge.coordinator.api.deps import MAX_ID
-from fedge.coordinator.api.upload_route import UploadRoute
+from fedge.coordinator.api.upload_route import UPLOAD_PATH, UploadRoute
+from fedge.coordinator.app import create_app
 from fedge.coordinator.paths import DEVICE_PREFIX
+from fedge.coordinator.settings import Settings
 
 
 def _scope(path: str, query: str = "", method: str = "POST") -> dict[str, Any]:
@@ -66,3 +68,13 @@ def test_well_formed_uploads_are_taken(query: str, expected: dict[str, Any]) -> 
 def test_everything_else_is_left_to_the_fastapi_route(path: str, query: str, method: str) -> None:
     match, _ = UploadRoute().matches(_scope(path, query, method))
     assert match is Match.NONE
+
+
+def test_the_app_serves_uploads_through_it_and_still_documents_the_route(
+    settings: Settings,
+) -> None:
+    app = create_app(settings)
+    assert isinstance(app.router.routes[0], UploadRoute)
+    documented = app.openapi()["paths"][UPLOAD_PATH]["post"]
+    assert documented["requestBody"]["content"]["application/octet-stream"]
+    assert {"201", "422"} <= set(documented["responses"])
