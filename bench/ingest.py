@@ -942,6 +942,9 @@ def main() -> None:
         "the upload's answer (what the agent does); 'busy' polls without a wait every 20 ms "
         "(the device model of runs before the evening of 6 December 2026)",
     )
+    ap.add_argument(
+        "--measure-s", type=float, default=None, help="steady window (s; default 8 quick, 15)"
+    )
     ap.add_argument("--no-ceiling", action="store_true")
     ap.add_argument("--no-longpoll", action="store_true")
     ap.add_argument("--profile", default=None, help="py-spy flame graph tag (largest C)")
@@ -971,6 +974,8 @@ def main() -> None:
             "longpoll_devices": 1000,
             "idle_s": 30.0,
         }
+    if args.measure_s is not None:
+        p["measure_s"] = args.measure_s
     if args.backends:
         p["backends"] = args.backends.split(",")
     if args.concurrency:

@@ -32,10 +32,12 @@ ARMS = ("base", "head-busy", "head-agent")
 QUICK = ["--quick", "--backends", "sqlite", "--concurrency", "50", "--no-ceiling", "--no-longpoll"]
 
 
-def run_arm(arm: str, base_dir: Path, out: Path) -> None:
+def run_arm(arm: str, base_dir: Path, out: Path, extra: list[str] | None = None) -> None:
+    """One quick run of ``arm``; ``extra`` options go to every arm (the earlier revision's
+    ``bench/ingest.py`` must know them)."""
     directory = base_dir if arm == "base" else ROOT
-    extra = [] if arm == "base" else ["--device-mode", arm.split("-")[1]]
-    cmd = [str(directory / ".venv/bin/python"), "bench/ingest.py", *QUICK, *extra]
+    mode = [] if arm == "base" else ["--device-mode", arm.split("-")[1]]
+    cmd = [str(directory / ".venv/bin/python"), "bench/ingest.py", *QUICK, *mode, *(extra or [])]
     with open(out.with_suffix(".log"), "w") as log:
         subprocess.run(
             [*cmd, "--output", str(out)], cwd=directory, stdout=log, stderr=log, check=True
@@ -79,6 +81,16 @@ def main() -> None:
     ap.add_argument("--base", default="098bec6", help="the earlier git revision")
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--from-dir", type=Path, default=None, help="summarize existing runs")
+    ap.add_argument(
+        "--base-dir",
+        type=Path,
+        default=None,
+        help="a checkout of the earlier revision with its .venv made already (no worktree)",
+    )
+    ap.add_argument("--arms", default=",".join(ARMS), help="comma list of the arms to run")
+    ap.add_argument(
+        "--measure-s", type=float, default=None, help="each run's steady window (s; default 8)"
+    )
     ap.add_argument("--output", type=Path, default=RESULTS / "ingest_ab.json")
     args = ap.parse_args()
     started = datetime.now(UTC).isoformat()
@@ -86,17 +98,24 @@ def main() -> None:
         runs_dir = args.from_dir
     else:
         runs_dir = Path(tempfile.mkdtemp(prefix="fedge-ingest-ab-"))
-        base_dir = runs_dir / "base-checkout"
-        subprocess.run(
-            ["git", "worktree", "add", "-q", str(base_dir), args.base], cwd=ROOT, check=True
-        )
-        try:
-            subprocess.run(["make", "install"], cwd=base_dir, check=True)
+        arms = args.arms.split(",")
+        extra = [] if args.measure_s is None else ["--measure-s", str(args.measure_s)]
+        if args.base_dir is not None:
             for rep in range(1, args.repeats + 1):
-                for arm in ARMS:
-                    run_arm(arm, base_dir, runs_dir / f"{arm}-{rep}.json")
-        finally:
-            subprocess.run(["git", "worktree", "remove", "--force", str(base_dir)], cwd=ROOT)
+                for arm in arms:
+                    run_arm(arm, args.base_dir, runs_dir / f"{arm}-{rep}.json", extra)
+        else:
+            base_dir = runs_dir / "base-checkout"
+            subprocess.run(
+                ["git", "worktree", "add", "-q", str(base_dir), args.base], cwd=ROOT, check=True
+            )
+            try:
+                subprocess.run(["make", "install"], cwd=base_dir, check=True)
+                for rep in range(1, args.repeats + 1):
+                    for arm in arms:
+                        run_arm(arm, base_dir, runs_dir / f"{arm}-{rep}.json", extra)
+            finally:
+                subprocess.run(["git", "worktree", "remove", "--force", str(base_dir)], cwd=ROOT)
     result = {
         "benchmark": "ingest_ab",
         "command": " ".join([os.path.basename(sys.executable), *sys.argv]),
@@ -104,7 +123,10 @@ def main() -> None:
         "head_revision": subprocess.run(
             ["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True
         ).stdout.strip(),
-        "each_run": " ".join(["bench/ingest.py", *QUICK]),
+        "each_run": " ".join(
+            ["bench/ingest.py", *QUICK]
+            + ([] if args.measure_s is None else ["--measure-s", str(args.measure_s)])
+        ),
         "started": started,
         "notes": [
             "Interleaved runs in one window on the shared 2-core machine (other jobs ran: see "

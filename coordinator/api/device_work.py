@@ -52,11 +52,15 @@ router = APIRouter(prefix="/device", tags=["device"])
 
 SIGNED_ERRORS = (401, 403, 413, 429)
 
+#: The patterns of the ``known`` and ``have`` query parameters.
+KNOWN_PATTERN = "^[0-9a-f]{16}$"
+HAVE_PATTERN = r"^[0-9]{1,9}\.[0-9]{1,9}$"
+
 AssignmentId = Annotated[int, Path(ge=1, le=MAX_ID, description="Assignment id")]
 KnownQuery = Annotated[
     str | None,
     Query(
-        pattern="^[0-9a-f]{16}$",
+        pattern=KNOWN_PATTERN,
         description="The `config_digest` of the task configuration the device holds: an "
         "answer for that configuration leaves it out",
     ),
@@ -64,7 +68,7 @@ KnownQuery = Annotated[
 HaveQuery = Annotated[
     str | None,
     Query(
-        pattern=r"^[0-9]{1,9}\.[0-9]{1,9}$",
+        pattern=HAVE_PATTERN,
         description="`<task>.<version>`: the broadcast model the device holds; an answer "
         "on a newer version of that task may carry the delta chain to it",
     ),
@@ -177,7 +181,32 @@ async def upload_update(
     ] = False,
     known: KnownQuery = None,
     have: HaveQuery = None,
-) -> Any:
+) -> Response:
+    return await upload_response(
+        runtime,
+        device,
+        assignment_id,
+        idempotency_key=idempotency_key,
+        prefer=prefer,
+        next_work=next_work,
+        known=known,
+        have=have,
+    )
+
+
+async def upload_response(
+    runtime: Runtime,
+    device: DeviceIdentity,
+    assignment_id: int,
+    *,
+    idempotency_key: str | None,
+    prefer: str | None,
+    next_work: bool,
+    known: str | None,
+    have: str | None,
+) -> Response:
+    """The upload route's work once its parameters are checked: shared by the FastAPI route
+    above and the direct route of :mod:`fedge.coordinator.api.upload_route`."""
     key = check_idempotency_key(idempotency_key)
     result, ready, found = await run_in_threadpool(
         _upload_and_next,

@@ -47,6 +47,7 @@ from fedge.coordinator.engine import apply, leases, rounds
 from fedge.coordinator.engine.aggregate import BadStoredUpdate
 from fedge.coordinator.engine.config import AggregationConfig, ConfigError
 from fedge.coordinator.engine.evalhook import EvalHook, load_hook
+from fedge.coordinator.engine.idlestep import idle_async_step
 from fedge.coordinator.engine.notify import Notifier
 from fedge.coordinator.engine.pace import liveness_for
 from fedge.coordinator.events import Event, emit, publish
@@ -130,6 +131,9 @@ class TaskStepper:
         #: lease: a step within ``ttl / 3`` of it needs no write to know the lease is ours
         #: (nobody can take an unexpired lease), so a busy task's steps do not each commit.
         self._acquired_at: dict[int, float] = {}
+        #: Tasks a full step found running in async mode: only their steps try
+        #: :func:`fedge.coordinator.engine.idlestep.idle_async_step` first.
+        self._async_tasks: set[int] = set()
 
     @property
     def holder(self) -> str:
@@ -197,6 +201,9 @@ class TaskStepper:
     def _transitions(self, task_id: int, outcome: StepOutcome) -> bool:
         """Step 1; True when a round is ready to aggregate."""
         now = utcnow()
+        # An async task (its mode never changes once it runs) may have nothing else to write.
+        if task_id in self._async_tasks and idle_async_step(self.runtime, task_id, now=now):
+            return False
         with session_scope(self.runtime.sessions) as session:
             task = lock_task(session, task_id)
             if task is None:
@@ -229,6 +236,7 @@ class TaskStepper:
                 )
                 return False
             if cfg.mode == "async":
+                self._async_tasks.add(task_id)
                 return self._async_transitions(session, task, cfg, outcome)
             liveness = liveness_for(self.runtime)
             rnd = rounds.active_round(session, task.id)

@@ -255,6 +255,13 @@ _ASSIGNMENT_AND_TASK = (
         Task.current_version,
         Task.updated_at,
         select(Update.id).where(Update.assignment_id == Assignment.id).scalar_subquery(),
+        # This key's earlier update (a repeat), read in the same statement.
+        select(Update.id)
+        .where(
+            Update.device_id == bindparam("p_device"),
+            Update.idempotency_key == bindparam("p_key"),
+        )
+        .scalar_subquery(),
     )
     .join(Task, Task.id == Assignment.task_id)
     .where(Assignment.id == bindparam("p_assignment"))
@@ -315,13 +322,18 @@ def _precheck(runtime: Runtime, *, device_id: str, assignment_id: int, key: str)
     with runtime.engine.connect() as conn:
         conn = conn.execution_options(**READ_ONLY)
         try:
-            repeat = _repeat_id(conn, device_id=device_id, key=key)
-            if repeat is not None:
-                return repeat
-            row = conn.execute(_ASSIGNMENT_AND_TASK, {"p_assignment": assignment_id}).first()
+            row = conn.execute(
+                _ASSIGNMENT_AND_TASK,
+                {"p_assignment": assignment_id, "p_device": device_id, "p_key": key},
+            ).first()
             if row is None:
+                repeat = _repeat_id(conn, device_id=device_id, key=key)
+                if repeat is not None:
+                    return repeat
                 raise NotFound(f"no assignment {assignment_id}")
-            owner, task_id, base, task_status, current, updated_at, uploaded = row
+            owner, task_id, base, task_status, current, updated_at, uploaded, repeat = row
+            if repeat is not None:
+                return int(repeat)
             if owner != device_id:
                 raise Forbidden(
                     f"assignment {assignment_id} belongs to another device",
