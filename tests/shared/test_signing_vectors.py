@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import base64
 import hashlib
+import time
 
 import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
@@ -188,8 +189,21 @@ def test_altered_signature_is_refused(key: Ed25519PrivateKey) -> None:
     raw = bytearray(base64.urlsafe_b64decode(SIGNATURE + "=="))
     raw[40] ^= 1  # in S, still below L
     text = base64.urlsafe_b64encode(bytes(raw)).rstrip(b"=").decode()
-    with pytest.raises(signing.SignatureError, match="does not verify"):
+    with pytest.raises(signing.SignatureError) as err:
         _verify(key, f"Fedge dev-1.1700000000.{NONCE}.{text}")
+    assert (err.value.code, err.value.detail) == (
+        "invalid_signature",
+        "the signature does not verify",
+    )
+    # S + L: the same signature, malleated, refused before the curve arithmetic.
+    raw = base64.urlsafe_b64decode(SIGNATURE + "==")
+    s = int.from_bytes(raw[32:], "little") + 2**252 + 27742317777372353535851937790883648493
+    with pytest.raises(signing.SignatureError) as err:
+        signing.verify_signature(key.public_key(), raw[:32] + s.to_bytes(32, "little"), CANONICAL)
+    assert (err.value.code, err.value.detail) == (
+        "invalid_signature",
+        "the signature is not canonical (S >= L)",
+    )
 
 
 @pytest.mark.parametrize(
@@ -213,3 +227,142 @@ def test_skew_window_both_directions(now: float, window: int, ok: bool) -> None:
             signing.check_skew(1000, now=now, window_s=window)
         assert err.value.code == "clock_skew"
         assert f"(allowed: {window} s)" in err.value.detail
+
+
+def test_defaults_sign_an_empty_query_and_body(key: Ed25519PrivateKey) -> None:
+    headers = signing.sign_request(
+        key, device_id="dev-1", method="GET", path="/p", timestamp=1, nonce=NONCE
+    )
+    canonical = b"\n".join(
+        [b"FEDGE-SIG-V1", b"GET", b"/p", b"", b"dev-1", b"1", NONCE.encode(), EMPTY_SHA256]
+    )
+    signature = base64.urlsafe_b64encode(key.sign(canonical)).rstrip(b"=").decode()
+    assert headers == {"Authorization": f"Fedge dev-1.1.{NONCE}.{signature}"}
+
+
+EMPTY_SHA256 = b"e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855"
+
+
+@pytest.mark.parametrize(
+    ("value", "detail"),
+    [
+        (None, "missing Authorization: Fedge <device>.<ts>.<nonce>.<sig>"),
+        ("Bearer abc", "missing Authorization: Fedge <device>.<ts>.<nonce>.<sig>"),
+        ("Fedge ", "missing Authorization: Fedge <device>.<ts>.<nonce>.<sig>"),
+        ("Fedge a.1.b", "Authorization must have four parts"),
+        (f"Fedge Fedge d.1.{NONCE}.{SIGNATURE}", "malformed device id"),
+        (f"Fedge {'d' * 65}.1.{NONCE}.{SIGNATURE}", "malformed device id"),
+        (f"Fedge d.-5.{NONCE}.{SIGNATURE}", "the timestamp must be Unix seconds"),
+        (f"Fedge d.{'1' * 13}.{NONCE}.{SIGNATURE}", "the timestamp must be Unix seconds"),
+        (f"Fedge d.1.{NONCE[:-1]}.{SIGNATURE}", "the nonce must be 22 base64url characters"),
+        (
+            f"Fedge d.1.{NONCE}.{SIGNATURE[:-1]}",
+            "an Ed25519 signature is 86 base64url characters (64 bytes)",
+        ),
+        (f"Fedge d.1.{NONCE}.{'A' * 85}B", "the signature is not canonical base64url"),
+    ],
+)
+def test_malformed_header_details(value: str | None, detail: str) -> None:
+    headers = {} if value is None else {"Authorization": value}
+    with pytest.raises(signing.SignatureError) as err:
+        signing.parse_signed_headers(headers)
+    assert (err.value.code, err.value.detail, str(err.value)) == (
+        "invalid_signature",
+        detail,
+        detail,
+    )
+
+
+def test_largest_accepted_header_fields() -> None:
+    """64-character device ids and 12-digit timestamps are the limits."""
+    device = "d" * 64
+    signed = signing.parse_signed_headers(
+        {"AUTHORIZATION": f"Fedge {device}.{'9' * 12}.{NONCE}.{SIGNATURE}"}
+    )
+    assert (signed.device_id, signed.timestamp) == (device, 999_999_999_999)
+
+
+def test_skew_defaults_to_300_s_and_the_current_time() -> None:
+    signing.check_skew(1000, now=1300)
+    with pytest.raises(signing.SignatureError) as err:
+        signing.check_skew(1000, now=1301)
+    assert err.value.detail == (
+        "request time is 301 s off the coordinator's clock (allowed: 300 s); "
+        "check the device's clock"
+    )
+    signing.check_skew(int(time.time()))
+    with pytest.raises(signing.SignatureError) as err:
+        signing.check_skew(int(time.time()) + 1000)
+    assert err.value.code == "clock_skew"
+    # int() of the (now - timestamp) difference: about -999 s, whatever the fraction of a second.
+    head, _, _ = err.value.detail.partition(" s off the coordinator's clock")
+    assert head.startswith("request time is ")
+    assert -1000 <= int(head.removeprefix("request time is ")) <= -998
+
+
+def test_canonical_query_encodes_slashes_in_values() -> None:
+    assert signing.canonical_query("p=a/b&q=~x") == "p=a%2Fb&q=~x"
+
+
+def test_signature_of_the_wrong_length_is_refused(key: Ed25519PrivateKey) -> None:
+    with pytest.raises(signing.SignatureError) as err:
+        signing.verify_signature(key.public_key(), bytes(63), CANONICAL)
+    assert (err.value.code, err.value.detail) == (
+        "invalid_signature",
+        "an Ed25519 signature has 64 bytes",
+    )
+
+
+Y1_ENC = (1).to_bytes(32, "little")
+
+
+def test_on_curve_for_the_points_with_x_zero() -> None:
+    """y = 1 (the identity) and y = p - 1 have x = 0: on the curve with a clear sign bit only."""
+    p = 2**255 - 19
+    assert signing._on_curve(Y1_ENC)
+    assert not signing._on_curve((1 | 1 << 255).to_bytes(32, "little"))
+    assert signing._on_curve((p - 1).to_bytes(32, "little"))
+    assert not signing._on_curve((p - 1 | 1 << 255).to_bytes(32, "little"))
+
+
+@pytest.mark.parametrize(
+    ("text", "detail"),
+    [
+        ("not base64!", "public_key must be standard base64"),
+        (PUBLIC_B64[:20] + "*" + PUBLIC_B64[20:], "public_key must be standard base64"),
+        (base64.b64encode(bytes(31)).decode(), "public_key must be the raw 32-byte Ed25519 key"),
+        (
+            base64.b64encode((2**255 - 19).to_bytes(32, "little")).decode(),
+            "public_key is not canonically encoded (y >= 2^255 - 19)",
+        ),
+        (
+            base64.b64encode(Y1_ENC).decode(),
+            "public_key is a small-order point (such as the identity); a signature under it "
+            "binds nothing",
+        ),
+        (
+            base64.b64encode((2).to_bytes(32, "little")).decode(),
+            "public_key is not a point on the Ed25519 curve",
+        ),
+    ],
+)
+def test_public_key_errors(text: str, detail: str) -> None:
+    with pytest.raises(signing.PublicKeyError) as err:
+        signing.public_key_from_b64(text)
+    assert (err.value.code, str(err.value)) == ("invalid_signature", detail)
+
+
+def test_a_pem_of_another_key_type_is_refused() -> None:
+    from cryptography.hazmat.primitives.asymmetric.ed448 import Ed448PrivateKey
+    from cryptography.hazmat.primitives.serialization import (
+        Encoding,
+        NoEncryption,
+        PrivateFormat,
+    )
+
+    pem = Ed448PrivateKey.generate().private_bytes(
+        Encoding.PEM, PrivateFormat.PKCS8, NoEncryption()
+    )
+    with pytest.raises(ValueError) as err:
+        signing.private_key_from_pem(pem)
+    assert str(err.value) == "the identity key is not an Ed25519 key"
