@@ -14,6 +14,7 @@ from fedge.shared.topk import top_k_indices, topk_count
     [
         (0, 0.5, 0),
         (1, 0.001, 1),
+        (1000, 0.0001, 1),  # at least one value
         (100, 0.07, 7),  # 0.07 * 100 is 7.000000000000001 in binary floating point
         (100, 0.071, 8),
         (1000, 0.01, 10),
@@ -111,3 +112,11 @@ def test_sampling_bounds(n: int, k: int) -> None:
     m = np.random.default_rng(n).random(n, dtype=np.float32)
     _check_top_k(m, k)
     np.testing.assert_array_equal(top_k_indices(m, k), np.sort(np.argpartition(m, n - k)[n - k :]))
+
+
+@pytest.mark.parametrize("n", [10, 300_000])
+def test_k_of_zero_or_less_selects_nothing(n: int) -> None:
+    m = np.random.default_rng(n).random(n, dtype=np.float32)
+    for k in (0, -1):
+        idx = top_k_indices(m, k)
+        assert idx.dtype == np.int64 and idx.size == 0
