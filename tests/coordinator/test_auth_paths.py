@@ -334,3 +334,43 @@ def test_touch_device_refuses_unknown_and_revoked(tight_runtime: Runtime) -> Non
     with pytest.raises(Forbidden) as err, write_connection(rt.engine) as conn:
         auth.touch_device(conn, "dev-r", now=now)
     assert err.value.code == "device_revoked"
+
+
+def test_device_slots_limit_and_give_back() -> None:
+    slots = auth.DeviceSlots(max_in_flight=2, max_long_polls=1, poll_retry_after_s=7)
+    assert (slots.in_flight("a"), slots.long_polls("a")) == (0, 0)
+    with slots.request("a"), slots.request("a"):
+        assert slots.in_flight("a") == 2
+        assert slots.in_flight("b") == 0
+        with pytest.raises(RateLimited) as err, slots.request("a"):
+            pass
+        assert err.value.code == "too_many_requests"
+        assert err.value.headers == {"Retry-After": "1"}
+        assert err.value.detail == (
+            "device a already has 2 requests in flight, its limit; retry in 1 s"
+        )
+        with slots.request("b"):  # another device has slots of its own
+            assert slots.in_flight("b") == 1
+        assert slots.in_flight("a") == 2  # the refusal took nothing
+    assert slots.in_flight("a") == 0 and slots._in_flight == {}
+    with slots.long_poll("a"):
+        assert slots.long_polls("a") == 1 and slots.in_flight("a") == 0
+        with pytest.raises(RateLimited) as err, slots.long_poll("a"):
+            pass
+        assert err.value.headers == {"Retry-After": "7"}
+        assert err.value.detail == (
+            "device a already has 1 work long-polls open, its limit; retry in 7 s"
+        )
+        with slots.long_poll("b"):
+            assert slots.long_polls("b") == 1
+    assert slots._long_polls == {}
+    # A slot is given back when its block raises, too.
+    with pytest.raises(KeyError), slots.request("a"):
+        raise KeyError("handler failed")
+    assert slots.in_flight("a") == 0
+
+
+def test_forget_an_unknown_device_is_harmless(check_runtime: Runtime) -> None:
+    authenticator = auth.DeviceAuthenticator(check_runtime)
+    authenticator.forget("never-seen")
+    assert authenticator.known_row("never-seen") is None

@@ -244,7 +244,7 @@ def collect(module: Module, backend: str, where: Path, equivalents: dict[str, st
                 continue
             diff = get_diff_for_mutant(name, path=Path("src") / "fedge" / module.path)
             function = name.removeprefix(module.name + ".").partition("__mutmut_")[0]
-            key = stable_key(function.removeprefix("x_").replace("\u01c1", "."), diff)
+            key = stable_key(re.sub(r"^x[_\u01c1]", "", function).replace("\u01c1", "."), diff)
             seen[key] += 1
             if seen[key] > 1:
                 key = f"{key} #{seen[key]}"
@@ -344,9 +344,13 @@ def main(argv: list[str] | None = None) -> int:
     print()
     print(table(outcomes))
     BUILD.mkdir(parents=True, exist_ok=True)
-    (BUILD / "results.json").write_text(
-        json.dumps([{**o.__dict__, "score": o.score} for o in outcomes], indent=2) + "\n"
-    )
+    results = BUILD / "results.json"
+    # Figures of earlier runs of other modules or backends are kept beside this run's.
+    kept = json.loads(results.read_text()) if results.exists() else []
+    ran = {(o.module, o.backend) for o in outcomes}
+    merged = [r for r in kept if (r["module"], r["backend"]) not in ran]
+    merged += [{**o.__dict__, "score": o.score} for o in outcomes]
+    results.write_text(json.dumps(merged, indent=2) + "\n")
     low = [o for o in outcomes if o.score < args.min_score]
     if not complete:
         print("\nthe time budget ran out: the scores above cover the checked mutants only")
