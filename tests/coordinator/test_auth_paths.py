@@ -22,6 +22,7 @@ from fedge.coordinator.states import DeviceStatus
 from fedge.coordinator.tls import TlsPaths
 from fedge.shared import signing
 from tests.support import databases
+from tests.support.device import API, SignedDevice
 
 
 class Clock:
@@ -374,3 +375,18 @@ def test_forget_an_unknown_device_is_harmless(check_runtime: Runtime) -> None:
     authenticator = auth.DeviceAuthenticator(check_runtime)
     authenticator.forget("never-seen")
     assert authenticator.known_row("never-seen") is None
+
+
+def test_deferred_claims_are_recorded_without_a_warning(
+    coordinator, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A work poll records its nonce in the handler's own transaction: it is refused when
+    replayed, and the dependency's 'answered without recording its nonce' error is not
+    logged (that line is for a handler that forgets its claim)."""
+    caplog.set_level("ERROR", logger="fedge.coordinator.auth")
+    with SignedDevice.enroll(coordinator) as device:
+        request = device.build("GET", f"{API}/device/work", params={"wait": 0})
+        assert device.send(request).status_code == 204
+        replay = device.send(request)
+        assert (replay.status_code, replay.json()["error"]) == (401, "replayed_nonce")
+    assert [r.getMessage() for r in caplog.records if r.name == "fedge.coordinator.auth"] == []
