@@ -284,6 +284,15 @@ def _expired_nonce(runtime: Runtime, nonce: str) -> None:
         )
 
 
+@pytest.fixture
+def fresh_statements(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The nonce and touch statements are built once per process and kept; these tests build
+    them from scratch on their backend."""
+    monkeypatch.setattr(auth, "_NONCE_STATEMENTS", {})
+    monkeypatch.setattr(auth, "_TOUCH_STATEMENTS", {})
+
+
+@pytest.mark.usefixtures("fresh_statements")
 def test_nonce_is_recorded_once_and_expired_ones_are_pruned(tight_runtime: Runtime) -> None:
     rt = tight_runtime
     _enroll(rt, "dev-a")
@@ -294,6 +303,13 @@ def test_nonce_is_recorded_once_and_expired_ones_are_pruned(tight_runtime: Runti
     assert claim is not None
     auth.settle_claim(rt, claim)  # the process's first record prunes the expired row
     assert claim.recorded and _nonces(rt) == 1
+    with rt.engine.connect() as conn:
+        device_id, nonce, expires = conn.execute(
+            select(UsedNonce.device_id, UsedNonce.nonce, UsedNonce.expires_at)
+        ).one()
+    assert (device_id, nonce) == ("dev-a", signed.nonce)
+    ttl = expires.replace(tzinfo=None) - utcnow().replace(tzinfo=None)
+    assert timedelta(seconds=110) < ttl <= timedelta(seconds=120)  # twice the 60 s window
     auth.settle_claim(rt, claim)  # recorded: nothing more happens
     assert _nonces(rt) == 1
     again = _check(authenticator, signed, _row()).claim
@@ -317,6 +333,7 @@ def test_nonce_is_recorded_once_and_expired_ones_are_pruned(tight_runtime: Runti
         auth.record_nonce(conn, again, now=later)
 
 
+@pytest.mark.usefixtures("fresh_statements")
 def test_touch_device_refuses_unknown_and_revoked(tight_runtime: Runtime) -> None:
     rt = tight_runtime
     _enroll(rt, "dev-a")
@@ -328,7 +345,20 @@ def test_touch_device_refuses_unknown_and_revoked(tight_runtime: Runtime) -> Non
         seen, assigned = conn.execute(
             select(Device.last_seen_at, Device.num_assigned).where(Device.id == "dev-a")
         ).one()
-    assert seen is not None and assigned == 1
+    assert seen is not None and abs(seen.replace(tzinfo=None) - now.replace(tzinfo=None)) < (
+        timedelta(seconds=1)
+    )
+    assert assigned == 1
+    # Without a time only the counter moves.
+    with write_connection(rt.engine) as conn:
+        auth.touch_device(conn, "dev-a", now=None, count="num_completed")
+    with rt.engine.connect() as conn:
+        row = conn.execute(
+            select(Device.last_seen_at, Device.num_assigned, Device.num_completed).where(
+                Device.id == "dev-a"
+            )
+        ).one()
+    assert (row[0], row[1], row[2]) == (seen, 1, 1)
     with pytest.raises(Unauthorized) as err, write_connection(rt.engine) as conn:
         auth.touch_device(conn, "nobody", now=now)
     assert err.value.code == "unknown_device"
