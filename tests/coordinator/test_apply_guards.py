@@ -261,3 +261,33 @@ def test_async_plan_waits_for_a_full_buffer_and_takes_the_oldest(runtime: Runtim
     two = _plan(runtime, task_id, mode="async", buffer_size=N - 1)
     assert two is not None and [i.update_id for i in two.items] == oldest_first[: N - 1]
     assert _state(runtime, task_id)[1] == ["accepted"] * N  # planning changed nothing
+
+
+def _target(name: str | None, value: float | None = None) -> AggregationConfig:
+    if name is None:
+        return AggregationConfig.from_dict({})
+    return AggregationConfig.from_dict({"target_metric": {"name": name, "value": value}})
+
+
+def test_target_reached() -> None:
+    """Losses stop at or below the target, other metrics at or above; a missing metric or no
+    target never stops a task."""
+    assert not apply.target_reached(_target(None), {"accuracy": 1.0})
+    accuracy = _target("server_accuracy", 0.9)
+    assert apply.target_reached(accuracy, {"accuracy": 0.9})
+    assert apply.target_reached(accuracy, {"accuracy": 0.95})
+    assert not apply.target_reached(accuracy, {"accuracy": 0.89})
+    assert not apply.target_reached(accuracy, {"loss": 0.0})
+    assert not apply.target_reached(accuracy, {})
+    loss = _target("server_loss", 0.5)
+    assert apply.target_reached(loss, {"loss": 0.5})
+    assert apply.target_reached(loss, {"loss": 0.4})
+    assert not apply.target_reached(loss, {"loss": 0.51})
+    plain = _target("accuracy", 0.5)  # the server_ prefix is optional
+    assert apply.target_reached(plain, {"accuracy": 0.5})
+    assert not apply.target_reached(plain, {"server_accuracy": 0.9})
+
+
+def test_aggregation_failed_carries_its_reason() -> None:
+    err = apply.AggregationFailed("the new model overflows")
+    assert err.reason == "the new model overflows" == str(err)
