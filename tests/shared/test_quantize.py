@@ -280,3 +280,13 @@ def test_unpack_reports_nonzero_padding(bits: int) -> None:
     packed[-1] |= np.uint8(1 << (8 - bits))  # a code in the unused top position
     back, zero = unpack_codes(packed, bits, 3)
     assert not zero and back.tolist() == [1, 1, 1]
+
+
+@pytest.mark.parametrize("bits", QUANT_BITS)
+def test_pack_accepts_any_integer_codes_and_unpacks_uint8(bits: int) -> None:
+    codes = np.random.default_rng(bits).integers(0, max_code(bits) + 1, 37)
+    packed = pack_codes(codes, bits)  # int64 codes, as a caller may hold them
+    np.testing.assert_array_equal(packed, pack_codes(codes.astype(np.uint8), bits))
+    back, zero = unpack_codes(packed, bits, codes.size)
+    assert back.dtype == np.uint8 and zero
+    np.testing.assert_array_equal(back, codes)
