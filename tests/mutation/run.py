@@ -291,7 +291,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--survivors",
         action="store_true",
-        help="run the last run's surviving mutants again, with the current tests (quick "
+        help="run the mutants the last run did not kill again, with the current tests (quick "
         "iterations while writing tests; a full run gives the figures to publish)",
     )
     args = parser.parse_args(argv)
