@@ -161,6 +161,7 @@ def test_codes_scales_and_levels(bits: int) -> None:
     assert q.codes.max() <= max_code(bits) == 2 * HALF_LEVELS[bits]
     np.testing.assert_array_equal(q.scales, [np.abs(v[i : i + CHUNK]).max() for i in (0, 128, 256)])
     np.testing.assert_array_equal(chunk_scales(v, CHUNK), q.scales)
+    assert q.scales.dtype == np.float32 and chunk_scales(v, CHUNK).dtype == np.float32
     out = dequantize(q)
     assert out.dtype == np.float32
     assert np.all(np.abs(out) <= np.repeat(q.scales, CHUNK)[: v.size])
