@@ -21,7 +21,7 @@ endif
 # Tested versions of every dependency (see the file's header).
 CONSTRAINTS := constraints.txt
 
-.PHONY: install install-torch test lint bench bench-full demo clean docker-test k8s-test constraints dist
+.PHONY: install install-torch test lint mutation bench bench-full demo clean docker-test k8s-test constraints dist
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -61,6 +61,12 @@ install-torch: $(TORCH_STAMP)
 
 test: $(TEST_STAMPS)
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+# Mutation testing of the security- and aggregation-critical modules (tests/mutation/, docs/testing.md):
+# slow (minutes per module), so not part of `make test`. MUTATION_ARGS narrows it, e.g.
+# MUTATION_ARGS="--module shared/topk.py" or "--changed-since origin/main --budget 240".
+mutation: $(STAMP)
+	$(BIN)/python tests/mutation/run.py $(MUTATION_ARGS)
 
 # mypy checks the installed names (fedge.shared, ...): it cannot follow the package-dir mapping
 # of the editable install, so it reads the folders through links in build/mypy/fedge/

@@ -72,3 +72,54 @@ def test_defaults_and_round_trip() -> None:
     config = StalenessConfig.from_dict({})
     assert config.to_dict() == {"function": "polynomial", "a": 0.5, "b": 4}
     assert StalenessConfig.from_dict(config.to_dict()) == config
+
+
+@pytest.mark.parametrize(
+    "data",
+    [
+        {"a": 1000},
+        {"a": 1e-9},
+        {"a": 3},  # an integer is a number
+        {"b": 0},
+        {"b": 1_000_000},
+        {"function": "constant"},
+        {"function": "hinge", "a": 2.0, "b": 0},
+    ],
+)
+def test_valid_config_bounds(data: dict) -> None:
+    config = StalenessConfig.from_dict(data)
+    assert {k: config.to_dict()[k] for k in data} == data
+
+
+@pytest.mark.parametrize(
+    "data", [{"a": 1000.001}, {"a": 0.0}, {"b": 1_000_001}, {"a": float("inf")}, {"b": "4"}]
+)
+def test_config_bounds_are_enforced(data: dict) -> None:
+    with pytest.raises(ValueError):
+        StalenessConfig.from_dict(data)
+
+
+def test_from_dict_wants_a_mapping() -> None:
+    with pytest.raises(ValueError, match=r"^must be an object like \{'function': 'polynomial'"):
+        StalenessConfig.from_dict([("a", 1)])  # type: ignore[arg-type]
+
+
+def test_config_is_immutable() -> None:
+    config = StalenessConfig()
+    with pytest.raises(ValueError):
+        config.a = 2.0  # type: ignore[misc]
+
+
+def test_hinge_past_the_knee_and_zero_staleness() -> None:
+    config = StalenessConfig(function="hinge", a=0.5, b=0)
+    assert staleness_factor(config, 0) == 1.0
+    assert staleness_factor(config, 1) == pytest.approx(1 / 1.5, rel=1e-12)
+    assert staleness_factor(config, 10) == pytest.approx(1 / 6, rel=1e-12)
+    assert staleness_factor(StalenessConfig(function="constant"), 0) == 1.0
+
+
+def test_update_weight_defaults_to_the_example_count() -> None:
+    config = StalenessConfig(function="hinge", a=1.0, b=0)
+    assert update_weight(config, tau=1, num_examples=30) == pytest.approx(15.0, rel=1e-12)
+    assert update_weight(config, tau=0, num_examples=30, weighting="equal") == 1.0
+    assert isinstance(update_weight(config, tau=0, num_examples=30), float)

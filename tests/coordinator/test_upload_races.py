@@ -29,7 +29,7 @@ PARALLEL = 8
 
 def _in_parallel(coordinator: Coordinator, requests: list[httpx.Request]) -> list[httpx.Response]:
     """Send each request from its own thread and connection, all released at once."""
-    barrier = threading.Barrier(len(requests))
+    barrier = threading.Barrier(len(requests), timeout=60)
     responses: list[httpx.Response | BaseException | None] = [None] * len(requests)
 
     def send(i: int) -> None:
@@ -46,7 +46,8 @@ def _in_parallel(coordinator: Coordinator, requests: list[httpx.Request]) -> lis
     for t in threads:
         t.start()
     for t in threads:
-        t.join()
+        t.join(120)
+        assert not t.is_alive(), "a request did not finish within 120 s"
     out: list[httpx.Response] = []
     for r in responses:
         assert isinstance(r, httpx.Response), r

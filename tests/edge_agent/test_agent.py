@@ -219,8 +219,11 @@ class BlockingTrainer:
 def test_cancelled_round_stops_training(state_dir, fake, data):
     trainers: list[BlockingTrainer] = []
 
+    made = threading.Event()
+
     def factory(model, local):
         trainers.append(BlockingTrainer(model, local))
+        made.set()
         return trainers[-1]
 
     fake.assign(1)
@@ -228,16 +231,15 @@ def test_cancelled_round_stops_training(state_dir, fake, data):
     work = agent.client.get_work(0)
 
     def cancel_when_training():
-        while not trainers:
-            time.sleep(0.01)
-        assert trainers[0].started.wait(5)
-        fake.cancel(1)
+        if made.wait(5) and trainers[0].started.wait(5):
+            fake.cancel(1)
 
     helper = threading.Thread(target=cancel_when_training)
     helper.start()
     started = time.monotonic()
     outcome = agent.handle(work)
-    helper.join()
+    helper.join(5)
+    assert not helper.is_alive()
     assert outcome is Outcome.CANCELLED
     assert time.monotonic() - started < 5
     assert fake.received == {} and State(state_dir).outbox.entries() == []
@@ -246,16 +248,18 @@ def test_cancelled_round_stops_training(state_dir, fake, data):
 def test_stop_ends_training_without_uploading(state_dir, fake, data):
     holder: list[BlockingTrainer] = []
 
+    made = threading.Event()
+
     def factory(model, local):
         holder.append(BlockingTrainer(model, local))
+        made.set()
         return holder[-1]
 
     fake.assign(1)
     agent = make_agent(state_dir, fake, data, trainer_factory=factory)
     runner = threading.Thread(target=agent.run)
     runner.start()
-    while not holder:
-        time.sleep(0.01)
+    assert made.wait(5), "the agent never made a trainer"
     assert holder[0].started.wait(5)
     agent.stop()
     runner.join(5)

@@ -14,6 +14,7 @@ from fedge.shared.indexcoding import (
     decode_indices,
     encode_indices,
     index_section_bounds,
+    raw_width,
 )
 from fedge.shared.wireerror import WireFormatError
 
@@ -112,3 +113,54 @@ def test_decoders_reject_malformed_streams() -> None:
     with pytest.raises(WireFormatError) as err:
         index_section_bounds(9, 0, 1, 10)
     assert err.value.code == "unknown_encoding"
+
+
+@pytest.mark.parametrize(
+    ("size", "indices"),
+    [
+        (1 << 16, [0, 40_000, (1 << 16) - 1]),  # the largest tensor with u16 raw indices
+        ((1 << 16) + 1, [0, 40_000, 1 << 16]),  # the smallest with u32 raw indices
+        (10_000_000, [3, 70_000, 5_000_000, 9_999_999]),
+        (1 << 31, [1, (1 << 31) - 1]),
+        (10_000_000, list(range(0, 10_000_000, 997))),  # gaps of 996: p around 9-10
+        (3_000_000_000, list(range(7, 3_000_000_000, 1 << 22))),  # gaps above 2**16
+    ],
+)
+def test_large_sparse_tensors_round_trip(size: int, indices: list[int]) -> None:
+    """Tensors past the u16 range, in the encoder's coding and in RAW (which the encoder
+    rarely picks for them, but a decoder must read exactly)."""
+    idx = np.array(indices, dtype=np.int64)
+    enc = encode_indices(idx, size)
+    lo, hi = index_section_bounds(enc.coding, enc.param, idx.size, size)
+    assert lo <= enc.data.size <= hi
+    out = decode_indices(enc.coding, enc.param, enc.data, idx.size, size)
+    assert out is not None and out.dtype == np.int64
+    np.testing.assert_array_equal(out, idx)
+    width = 2 if size <= 1 << 16 else 4
+    assert raw_width(size) == width
+    raw = idx.astype(f"<u{width}").view(np.uint8)
+    assert index_section_bounds(RAW, 0, idx.size, size) == (raw.size, raw.size)
+    out = decode_indices(RAW, 0, raw, idx.size, size)
+    assert out is not None and out.dtype == np.int64
+    np.testing.assert_array_equal(out, idx)
+
+
+def test_rice_parameter_above_16_bits_keeps_every_remainder_bit() -> None:
+    size = 1 << 40
+    rng = np.random.default_rng(5)
+    gaps = rng.integers(1 << 20, 1 << 21, 500)
+    idx = np.cumsum(gaps).astype(np.int64)
+    enc = encode_indices(idx, size)
+    assert enc.coding == RICE and enc.param > 16
+    out = decode_indices(enc.coding, enc.param, enc.data, idx.size, size)
+    assert out is not None
+    np.testing.assert_array_equal(out, idx)
+
+
+@pytest.mark.parametrize("size", [(1 << 16) + 1, 10_000_000])
+def test_large_raw_index_out_of_range_is_refused(size: int) -> None:
+    raw = np.array([5, size], dtype="<u4").view(np.uint8)
+    with pytest.raises(WireFormatError) as err:
+        decode_indices(RAW, 0, raw, 2, size)
+    assert err.value.code == "index_out_of_range"
+    assert str(err.value).endswith(f"index {size} >= size {size}")

@@ -14,6 +14,7 @@ from fedge.shared.quantize import (
     chunk_scales,
     dequantize,
     half_levels,
+    level_table,
     max_code,
     pack_codes,
     packed_size,
@@ -38,10 +39,22 @@ def _test_vector() -> np.ndarray:
     return v
 
 
+#: The grid's s for each bit width, from the scheme in quantize's docstring (not from the code
+#: under test): 2**(b-1) - 1 levels on each side of zero, 1/2 for the one-bit grid {-m, m}.
+HALF_LEVELS = {1: 0.5, 2: 1.0, 4: 7.0, 8: 127.0}
+
+
+def _scales(v: np.ndarray, chunk: int) -> np.ndarray:
+    """max |v_i| of each chunk (the last one may be shorter), one value per element (float64)."""
+    padded = np.zeros(-(-v.size // chunk) * chunk)
+    padded[: v.size] = np.abs(v.astype(np.float64))
+    return np.repeat(padded.reshape(-1, chunk).max(axis=1), chunk)[: v.size]
+
+
 def _exact_error_variance(v: np.ndarray, bits: int, chunk: int) -> np.ndarray:
     """Per-value variance D^2 p (1 - p) of the scheme in quantize's docstring (float64)."""
-    s = half_levels(bits)
-    scales = np.repeat(chunk_scales(v, chunk).astype(np.float64), chunk)[: v.size]
+    s = HALF_LEVELS[bits]
+    scales = _scales(v, chunk)
     step = np.where(scales > 0, scales / s, 0.0)
     y = np.where(scales > 0, v / np.where(scales > 0, scales, 1.0), 0.0) * s + s
     p = y - np.floor(y)
@@ -119,7 +132,7 @@ def test_variance_bound(bits: int, d: int) -> None:
             assert exact == pytest.approx(d * m * m - norm2, rel=1e-5, abs=1e-9), name
             bound = (d - 1) * norm2
         else:
-            s = half_levels(bits)
+            s = HALF_LEVELS[bits]
             bound = min(d / s**2, math.sqrt(d) / s) * norm2
         assert exact <= bound * (1 + 1e-6) + 1e-12, (name, exact, bound)
         errors = np.empty(draws)
@@ -145,8 +158,10 @@ def test_codes_scales_and_levels(bits: int) -> None:
     v = _test_vector()
     q = quantize(v, bits=bits, chunk=CHUNK, rng=np.random.default_rng(0))
     assert q.codes.dtype == np.uint8 and q.codes.shape == v.shape
-    assert q.codes.max() <= max_code(bits)
+    assert q.codes.max() <= max_code(bits) == 2 * HALF_LEVELS[bits]
     np.testing.assert_array_equal(q.scales, [np.abs(v[i : i + CHUNK]).max() for i in (0, 128, 256)])
+    np.testing.assert_array_equal(chunk_scales(v, CHUNK), q.scales)
+    assert q.scales.dtype == np.float32 and chunk_scales(v, CHUNK).dtype == np.float32
     out = dequantize(q)
     assert out.dtype == np.float32
     assert np.all(np.abs(out) <= np.repeat(q.scales, CHUNK)[: v.size])
@@ -163,8 +178,9 @@ def test_large_input_spans_blocks(bits: int, chunk: int) -> None:
     rng = np.random.default_rng(bits)
     v = rng.standard_normal(3 * (1 << 18) + 17).astype(np.float32)
     q = quantize(v, bits=bits, chunk=chunk, rng=rng)
-    s = half_levels(bits)
-    scale = np.repeat(q.scales.astype(np.float64), chunk)[: v.size]
+    s = HALF_LEVELS[bits]
+    np.testing.assert_array_equal(q.scales, _scales(v, chunk)[::chunk].astype(np.float32))
+    scale = _scales(v, chunk)
     y = v / scale * s + s
     assert np.all((q.codes == np.floor(y)) | (q.codes == np.floor(y) + 1))
     expected = ((q.codes.astype(np.float64) - s) / s) * scale
@@ -228,3 +244,50 @@ def test_pack_layout_is_lsb_first() -> None:
 def test_invalid_bits_rejected() -> None:
     with pytest.raises(ValueError, match="bits"):
         quantize(np.zeros(3, np.float32), bits=3, chunk=2, rng=np.random.default_rng(0))
+
+
+@pytest.mark.parametrize("bits", QUANT_BITS)
+def test_grid_constants(bits: int) -> None:
+    """s, the largest code and the level table, against the scheme in the docstring."""
+    s = HALF_LEVELS[bits]
+    assert half_levels(bits) == s
+    assert max_code(bits) == int(2 * s)
+    levels = level_table(bits)
+    assert levels.dtype == np.float32 and levels.size == int(2 * s) + 1
+    np.testing.assert_allclose(levels, (np.arange(int(2 * s) + 1) - s) / s, rtol=0, atol=1e-7)
+    assert levels[0] == -1.0 and levels[-1] == 1.0
+
+
+@pytest.mark.parametrize(
+    ("count", "bits", "size"),
+    [(0, 1, 0), (1, 1, 1), (8, 1, 1), (9, 1, 2), (3, 2, 1), (5, 2, 2), (3, 4, 2), (3, 8, 3)],
+)
+def test_packed_size(count: int, bits: int, size: int) -> None:
+    assert packed_size(count, bits) == size
+
+
+@pytest.mark.parametrize("chunk", [0, -1])
+def test_invalid_chunk_rejected(chunk: int) -> None:
+    with pytest.raises(ValueError, match="chunk"):
+        quantize(np.zeros(3, np.float32), bits=2, chunk=chunk, rng=np.random.default_rng(0))
+
+
+@pytest.mark.parametrize("bits", [2, 4])
+def test_unpack_reports_nonzero_padding(bits: int) -> None:
+    codes = np.array([1, 1, 1], np.uint8)
+    packed = pack_codes(codes, bits)
+    back, zero = unpack_codes(packed, bits, 3)
+    assert zero and back.tolist() == [1, 1, 1]
+    packed[-1] |= np.uint8(1 << (8 - bits))  # a code in the unused top position
+    back, zero = unpack_codes(packed, bits, 3)
+    assert not zero and back.tolist() == [1, 1, 1]
+
+
+@pytest.mark.parametrize("bits", QUANT_BITS)
+def test_pack_accepts_any_integer_codes_and_unpacks_uint8(bits: int) -> None:
+    codes = np.random.default_rng(bits).integers(0, max_code(bits) + 1, 37)
+    packed = pack_codes(codes, bits)  # int64 codes, as a caller may hold them
+    np.testing.assert_array_equal(packed, pack_codes(codes.astype(np.uint8), bits))
+    back, zero = unpack_codes(packed, bits, codes.size)
+    assert back.dtype == np.uint8 and zero
+    np.testing.assert_array_equal(back, codes)
