@@ -16,7 +16,8 @@ aggregates moved the model most: the ``k - r`` coordinates of largest
 over a bounded window), the other ``r = round(random_share * k)`` coordinates seeded random-k
 from the round seed among the rest. Its inputs are public model versions only (every device
 and the coordinator hold them), so it reveals nothing the sums did not. The first round (no
-aggregate yet) falls back to :func:`shared_support`. See docs/secure-aggregation.md.
+aggregate yet) falls back to :func:`shared_support`. Half and half from the last aggregate
+(the defaults) measured better than random-k on every seed (docs/secure-aggregation.md).
 """
 
 from __future__ import annotations
