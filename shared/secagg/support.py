@@ -106,6 +106,8 @@ def aggregate_support(
     score = np.asarray(score)
     if score.shape != (size,) or score.dtype != np.float32:
         raise ValueError(f"the score is a float32 vector of {size} values")
+    if not np.all(np.isfinite(score)):
+        raise ValueError("the score is not finite")
     if not 1 <= k <= size:
         raise ValueError(f"k must be in [1, {size}], got {k}")
     order = _random_order(seed, size)

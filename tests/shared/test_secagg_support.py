@@ -137,6 +137,8 @@ def test_score_is_the_decayed_sum_of_the_aggregates_magnitudes() -> None:
         aggregate_support(bytes(32), 3, 1, v[0], 1.5)
     with pytest.raises(ValueError, match="float32 vector"):
         aggregate_support(bytes(32), 4, 1, v[0], 0.5)
+    with pytest.raises(ValueError, match="not finite"):
+        aggregate_support(bytes(32), 3, 1, np.array([0, np.nan, 1], np.float32), 0.5)
 
 
 def test_round_config_refuses_a_malformed_support() -> None:
