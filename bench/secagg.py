@@ -1,4 +1,4 @@
-"""Secure aggregation over a shared random-k support: accuracy and cost (issue 17).
+"""Secure aggregation over a shared sparse support: accuracy and cost (issue 17).
 
 Everything here runs in **one process**: the protocol's messages are encoded, relayed and
 decoded exactly as they would be (``fedge.shared.secagg.inprocess.run_round``), but there is no
@@ -17,6 +17,11 @@ drop after sharing their secrets: their update counts in no arm. Arms:
   graph planned for 1/3 drop-out), mean = sum / survivors;
 - ``randk-grid-ef``: the same compression, the same random numbers, summed in the clear: what the
   coordinator would compute without secure aggregation;
+- ``agg-topk+secagg``, ``agg75-rand25+secagg``, ``agg50-rand50+secagg``: the same, on the
+  support from the previous aggregate (``aggregate_support``): 100 %, 75 %, 50 % of k from the
+  largest coordinates of the last aggregate update ``|w_r - w_(r-1)|``, the rest seeded random-k;
+  ``ema-agg50-rand50+secagg``: 50 % from an exponential average of the last 8 aggregates'
+  magnitudes (decay 0.5); the first round falls back to random-k;
 - ``topk-8b-ef``: fedge's own compression at the same k (top-k 10 %, 8-bit per-chunk
   quantization, chunk 64, error feedback; ``compress_round``), equal weights;
 - ``dense-f32``: float32 uploads, equal weights.
@@ -34,6 +39,7 @@ are the same with and without secure aggregation and are counted in neither.
     python bench/secagg.py              # full: 3 seeds, 40 rounds; n up to 200, 3 repetitions
     python bench/secagg.py --quick      # 1 seed, 5 rounds; n up to 50, 1 repetition
     python bench/secagg.py --plot-only  # redraw the PNG from the JSON
+    python bench/secagg.py --accuracy-only  # part 1 only; part 2 copied from the existing JSON
 """
 
 from __future__ import annotations
@@ -64,6 +70,8 @@ from fedge.shared.secagg import (
     Grid,
     RoundConfig,
     SecAggError,
+    aggregate_score,
+    aggregate_support,
     flatten,
     mean_update,
     plan_degree,
@@ -81,7 +89,15 @@ GRID_BITS = 16
 #: the support clipped in the first 6 rounds), 0.755 with 0.05 (0.5 %), 0.674 with 0.02 (3 %).
 BOUND = 0.1
 DROP_PER_ROUND = 4
-ARMS = ["randk-grid-ef+secagg", "randk-grid-ef", "topk-8b-ef", "dense-f32"]
+#: arm -> (random share, decay, window) of ``aggregate_support`` for the aggregate-support arms
+AGG_ARMS: dict[str, tuple[float, float, int]] = {
+    "agg-topk+secagg": (0.0, 0.0, 1),
+    "agg75-rand25+secagg": (0.25, 0.0, 1),
+    "agg50-rand50+secagg": (0.5, 0.0, 1),
+    "ema-agg50-rand50+secagg": (0.5, 0.5, 8),
+}
+ARMS = ["randk-grid-ef+secagg", "randk-grid-ef", *AGG_ARMS, "topk-8b-ef", "dense-f32"]
+GRID_ARMS = {"randk-grid-ef+secagg", "randk-grid-ef", *AGG_ARMS}
 COHORTS = [10, 20, 50, 100, 200]
 #: (planned drop-out for ``plan_degree``, fraction of the cohort that drops after sharing)
 DESIGNS = [(1 / 3, 0.0), (1 / 3, 1 / 3), (0.1, 0.0), (0.1, 0.1)]
@@ -91,7 +107,15 @@ def _entropy(seed: list[int]) -> Any:
     return np.random.default_rng(seed).bytes
 
 
-def _round_config(n: int, rnd: int, seed: int, size: int, k: int, dropout: float) -> RoundConfig:
+def _round_config(
+    n: int,
+    rnd: int,
+    seed: int,
+    size: int,
+    k: int,
+    dropout: float,
+    support: np.ndarray | None = None,
+) -> RoundConfig:
     degree, threshold = plan_degree(n, dropout=dropout)
     return RoundConfig(
         task_id=1,
@@ -103,6 +127,7 @@ def _round_config(n: int, rnd: int, seed: int, size: int, k: int, dropout: float
         size=size,
         k=k,
         grid=Grid(bound=BOUND, bits=GRID_BITS),
+        fixed_support=support,
     )
 
 
@@ -124,10 +149,17 @@ def run_accuracy(fleet: FleetConfig, arm: str, seed: int) -> dict[str, Any]:
     accuracy = [architectures.evaluate(model, weights, data.X_test, data.y_test)["accuracy"]]
     clipped: list[float] = []
     exact = 0
+    versions = [flatten(weights, spec)]  # the published models, oldest first
     for rnd, chosen in enumerate(selections(fleet, seed)):
         drop_rng = np.random.default_rng([seed, rnd, 5])
         dropped = set(drop_rng.choice(len(chosen), DROP_PER_ROUND, replace=False).tolist())
-        cfg = _round_config(fleet.per_round, rnd, seed, size, k, 1 / 3)
+        support = None
+        if arm in AGG_ARMS:
+            share, decay, window = AGG_ARMS[arm]
+            round_seed = _round_config(fleet.per_round, rnd, seed, size, k, 1 / 3).seed
+            score = aggregate_score(versions[-window - 1 :], decay)
+            support = aggregate_support(round_seed, size, k, score, share)
+        cfg = _round_config(fleet.per_round, rnd, seed, size, k, 1 / 3, support)
         inputs: dict[int, np.ndarray] = {}
         dense_sum = Accumulator(spec)
         clip_count = 0
@@ -141,7 +173,7 @@ def run_accuracy(fleet: FleetConfig, arm: str, seed: int) -> dict[str, Any]:
             )
             delta = {t.name: result.weights[t.name] - weights[t.name] for t in spec.tensors}
             rng = np.random.default_rng([seed, assignment, 1])
-            if arm.startswith("randk"):
+            if arm in GRID_ARMS:
                 flat = flatten(delta, spec)
                 carried = residual.get(device)
                 x = (
@@ -159,7 +191,7 @@ def run_accuracy(fleet: FleetConfig, arm: str, seed: int) -> dict[str, Any]:
             else:
                 dense_sum.add_dense(delta, 1.0)
         survivors = [s for s in range(fleet.per_round) if s not in dropped]
-        if arm.startswith("randk"):
+        if arm in GRID_ARMS:
             plain = np.sum([inputs[s].view(np.int32).astype(np.int64) for s in survivors], axis=0)
             if arm.endswith("+secagg"):
                 res = run_round(
@@ -181,6 +213,7 @@ def run_accuracy(fleet: FleetConfig, arm: str, seed: int) -> dict[str, Any]:
         else:
             mean = dense_sum.mean()
         weights = {name: weights[name] + mean[name] for name in weights}
+        versions = [*versions[-8:], flatten(weights, spec)]
         accuracy.append(
             architectures.evaluate(model, weights, data.X_test, data.y_test)["accuracy"]
         )
@@ -311,9 +344,9 @@ def plot(data: dict[str, Any], path: Path) -> None:
     ax = axes[0]
     for arm in ARMS:
         runs = [r for r in data["accuracy_runs"] if r["arm"] == arm]
-        if runs:
+        if runs and arm != "randk-grid-ef":  # identical to its secure-aggregation arm
             curve = np.mean([r["accuracy"] for r in runs], axis=0)
-            ax.plot(curve, label=arm, linestyle="--" if arm == "randk-grid-ef" else "-")
+            ax.plot(curve, label=arm, linestyle=":" if arm in AGG_ARMS else "-")
     ax.set(xlabel="round", ylabel="test accuracy (mean over seeds)", title="digits, 100 devices")
     ax.legend(fontsize=8)
     summary = data["summary"]["cost"]
@@ -352,6 +385,11 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--plot-only", action="store_true")
+    ap.add_argument(
+        "--accuracy-only",
+        action="store_true",
+        help="run part 1 only; copy part 2 (cost) from the existing JSON it overwrites",
+    )
     ap.add_argument("--out", type=Path, help="the JSON file to write (default bench/results/)")
     args = ap.parse_args()
     suffix = ".quick" if args.quick else ""
@@ -368,6 +406,16 @@ def main() -> None:
     cohorts = [10, 20, 50] if args.quick else COHORTS
     reps = 1 if args.quick else 3
     fleet = FleetConfig(rounds=rounds)
+    spec = architectures.build_spec(
+        {"architecture": "mlp", "input_dim": 64, "num_classes": 10, "hidden": [128]}
+    )
+    previous: dict[str, Any] | None = None
+    if args.accuracy_only:
+        import json
+
+        previous = json.loads(out.read_text())
+        if previous["plain_upload_bytes"] != plain_upload_bytes(spec, 0):
+            raise SystemExit("the plain upload sizes changed: rerun the cost part")
     started = now_iso()
     runs = []
     for seed in seeds:
@@ -375,11 +423,9 @@ def main() -> None:
             run = run_accuracy(fleet, arm, seed)
             print(f"{arm:22s} seed {seed}: final accuracy {run['accuracy'][-1]:.4f}", flush=True)
             runs.append(run)
-    spec = architectures.build_spec(
-        {"architecture": "mlp", "input_dim": 64, "num_classes": 10, "hidden": [128]}
-    )
-    cost_runs = []
-    for plan, drop in DESIGNS:
+    cost_runs = previous["cost_runs"] if previous else []
+    cost_from = {"started": previous["started"], "code": previous["code"]} if previous else None
+    for plan, drop in [] if args.accuracy_only else DESIGNS:
         for n in cohorts:
             for rep in range(reps):
                 row = run_cost(n, plan, drop, rep, spec.num_params)
@@ -405,6 +451,11 @@ def main() -> None:
         "code": code_state(),
         "settings": {
             "quick": args.quick,
+            "cost_runs_copied_from": cost_from,
+            "aggregate_support_arms": {
+                arm: {"random_share": share, "decay": decay, "window": window}
+                for arm, (share, decay, window) in AGG_ARMS.items()
+            },
             "in_process": True,
             "repetitions": reps,
             "devices": fleet.devices,

@@ -5,7 +5,7 @@ from __future__ import annotations
 import functools
 import hashlib
 import struct
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 
@@ -31,6 +31,9 @@ class RoundConfig:
     selected devices); ``degree`` and ``threshold`` are the neighbour graph's (threshold
     ``t > degree / 2``, see docs/secure-aggregation.md); ``k`` of the model's ``size``
     coordinates are sent, quantized onto ``grid``. ``seed`` is the round's public seed.
+    ``fixed_support``: the round's ``k`` sorted support indices when they are not the seeded
+    random-k set of the seed (``aggregate_support``); they enter the digest, so a device that
+    derived a different set cannot take part in the round.
     """
 
     task_id: int
@@ -42,6 +45,7 @@ class RoundConfig:
     size: int
     k: int
     grid: Grid
+    fixed_support: np.ndarray | None = field(default=None, compare=False, repr=False)
 
     def __post_init__(self) -> None:
         if len(self.seed) != SEED_BYTES:
@@ -67,6 +71,18 @@ class RoundConfig:
         if not (0 <= self.task_id < 1 << 64 and 0 <= self.round < 1 << 64):
             raise SecAggError("bad_config", "task and round must fit in 64 bits")
         self.grid.check_capacity(self.cohort)
+        if self.fixed_support is not None:
+            fixed = self.fixed_support
+            if not (
+                fixed.dtype == np.int64
+                and fixed.shape == (self.k,)
+                and fixed[0] >= 0
+                and fixed[-1] < self.size
+                and bool(np.all(np.diff(fixed) > 0))
+            ):
+                raise SecAggError(
+                    "bad_config", f"the support must be {self.k} sorted distinct int64 indices"
+                )
 
     @functools.cached_property
     def digest(self) -> bytes:
@@ -83,6 +99,8 @@ class RoundConfig:
             self.grid.bits,
         )
         extra = struct.pack("<Q", self.size)
+        if self.fixed_support is not None:
+            extra += hashlib.sha256(self.fixed_support.astype("<i8").tobytes()).digest()
         return hashlib.sha256(b"fedge-secagg round v1" + self.seed + fields + extra).digest()
 
     @functools.cached_property
@@ -91,4 +109,6 @@ class RoundConfig:
 
     @functools.cached_property
     def support(self) -> np.ndarray:
+        if self.fixed_support is not None:
+            return self.fixed_support
         return shared_support(self.seed, self.size, self.k)
