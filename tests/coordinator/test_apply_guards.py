@@ -6,28 +6,19 @@ an async plan waits for a full buffer and takes the oldest ``buffer_size`` updat
 
 from __future__ import annotations
 
-import secrets
-
 import numpy as np
-from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from sqlalchemy import select
 
 from fedge.coordinator.db import session_scope, utcnow
 from fedge.coordinator.engine import apply, rounds
 from fedge.coordinator.engine.config import AggregationConfig
 from fedge.coordinator.engine.eligibility import Liveness
-from fedge.coordinator.engine.updates import accept_upload
-from fedge.coordinator.enrollment import create_token, enroll_device
-from fedge.coordinator.models import Assignment, ModelVersion, Round, Task, Update
+from fedge.coordinator.models import ModelVersion, Round, Task, Update
 from fedge.coordinator.runtime import Runtime
-from fedge.coordinator.schemas.tasks import TaskCreate
-from fedge.coordinator.tasks import create_task, transition
-from fedge.shared.compression import compress
-from fedge.shared.modelspec import ModelSpec
-from fedge.shared.policy import CompressionPolicy
-from fedge.shared.signing import public_key_to_b64
-from fedge.shared.wire import decode_model, encode_update
-from tests.support.rounds import EXACT, SMALL_MODEL
+from fedge.coordinator.tasks import transition
+from fedge.shared.wire import decode_model
+from tests.support.engine import first_round_with_uploads
+from tests.support.rounds import SMALL_MODEL
 
 N = 3
 
@@ -37,64 +28,15 @@ def _task_with_uploads(
 ) -> tuple[int, dict[int, dict[str, np.ndarray]]]:
     """A running task (model seed ``seed``) whose first round holds N uploads and is
     ``aggregating``: the task id and each update's delta by update id."""
-    with session_scope(runtime.sessions) as session:
-        _, secret = create_token(session, label="t", max_uses=N, expires_in_s=600)
-        for i in range(N):
-            key = public_key_to_b64(Ed25519PrivateKey.generate().public_key())
-            device, _ = enroll_device(
-                session, token=secret, public_key=key, name=f"d{seed}-{i}", capabilities={}
-            )
-            device.last_seen_at = utcnow()
-    body = TaskCreate.model_validate(
-        {
-            "name": f"t-{secrets.token_hex(3)}",
-            "model": {**SMALL_MODEL, "seed": seed},
-            "aggregation": {
-                "clients_per_round": N,
-                "over_selection": 0.0,
-                "num_rounds": num_rounds,
-            },
-            "compression": EXACT,
-            "training": {"epochs": 1, "batch_size": 8, "lr": 0.1},
-        }
+    task_id, uploaded = first_round_with_uploads(
+        runtime,
+        rng,
+        n=N,
+        model={**SMALL_MODEL, "seed": seed},
+        aggregation={"num_rounds": num_rounds},
+        prefix=f"d{seed}-",
     )
-    with session_scope(runtime.sessions) as session:
-        task = create_task(session, runtime.blobs, runtime.settings, body)
-        transition(session, task, "start")
-        task_id = task.id
-        cfg = AggregationConfig.from_dict(task.aggregation)
-        rnd, assigned = rounds.open_sync_round(
-            session, task, cfg, now=utcnow(), liveness=Liveness(default_poll_s=20.0)
-        )
-        assert rnd is not None and len(assigned) == N
-        spec = ModelSpec.from_dict(task.model_spec)
-        work = [
-            (a.id, a.device_id)
-            for a in session.scalars(select(Assignment).where(Assignment.round_id == rnd.id))
-        ]
-    policy = CompressionPolicy.from_dict(EXACT)
-    deltas: dict[int, dict[str, np.ndarray]] = {}
-    for i, (assignment_id, device_id) in enumerate(work):
-        delta = {t.name: rng.standard_normal(t.shape).astype(np.float32) for t in spec.tensors}
-        data = encode_update(
-            compress(delta, policy, rng), task_id=task_id, base_version=0, num_examples=10
-        )
-        accept_upload(
-            runtime, device_id=device_id, assignment_id=assignment_id, key=f"k{seed}-{i}", body=data
-        )
-        with session_scope(runtime.sessions) as session:
-            update_id = session.scalar(
-                select(Update.id).where(Update.assignment_id == assignment_id)
-            )
-        assert update_id is not None
-        deltas[update_id] = delta
-    with session_scope(runtime.sessions) as session:
-        current = session.get(Task, task_id)
-        rnd = rounds.active_round(session, task_id)
-        assert current is not None and rnd is not None
-        rounds.close_sync_round_if_due(session, current, rnd, cfg, now=utcnow())
-        assert rnd.status == "aggregating"
-    return task_id, deltas
+    return task_id, {u.update_id: u.delta for u in uploaded}
 
 
 def _plan(runtime: Runtime, task_id: int, **overrides: object) -> apply.Plan | None:

@@ -5,11 +5,8 @@ the new model bit-identical to a float64 reference of the FedAvg step."""
 
 from __future__ import annotations
 
-import secrets
-
 import numpy as np
 import pytest
-from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from sqlalchemy import select
 
 from fedge.coordinator.db import session_scope, utcnow
@@ -17,31 +14,13 @@ from fedge.coordinator.engine import apply, rounds
 from fedge.coordinator.engine.config import AggregationConfig
 from fedge.coordinator.engine.eligibility import Liveness
 from fedge.coordinator.engine.strategies import FedAdaptive, FedAvg, FedAvgM
-from fedge.coordinator.engine.updates import accept_upload
-from fedge.coordinator.enrollment import create_token, enroll_device
-from fedge.coordinator.models import Assignment, ModelVersion, Round, Task, Update
+from fedge.coordinator.models import ModelVersion, Round, Task, Update
 from fedge.coordinator.runtime import Runtime
-from fedge.coordinator.schemas.tasks import TaskCreate
-from fedge.coordinator.tasks import create_task, transition
-from fedge.shared.compression import compress
-from fedge.shared.modelspec import ModelSpec, Weights
-from fedge.shared.policy import CompressionPolicy
-from fedge.shared.signing import public_key_to_b64
-from fedge.shared.wire import decode_model, encode_update
-from tests.support.rounds import EXACT, SMALL_MODEL
+from fedge.shared.modelspec import Weights
+from fedge.shared.wire import decode_model
+from tests.support.engine import first_round_with_uploads
 
 NUM_UPDATES = 5
-
-
-def _enroll(runtime: Runtime, n: int) -> None:
-    with session_scope(runtime.sessions) as session:
-        _, secret = create_token(session, label="t", max_uses=n, expires_in_s=600)
-        for i in range(n):
-            key = public_key_to_b64(Ed25519PrivateKey.generate().public_key())
-            device, _ = enroll_device(
-                session, token=secret, public_key=key, name=f"d{i}", capabilities={}
-            )
-            device.last_seen_at = utcnow()
 
 
 def _round_with_uploads(
@@ -49,57 +28,15 @@ def _round_with_uploads(
 ) -> tuple[int, list[Weights], list[int]]:
     """A running task whose first round holds NUM_UPDATES uploads and is ``aggregating``;
     the task id, the deltas and their num_examples, in upload order."""
-    _enroll(runtime, NUM_UPDATES)
-    body = TaskCreate.model_validate(
-        {
-            "name": f"t-{secrets.token_hex(3)}",
-            "model": SMALL_MODEL,
-            "aggregation": {
-                "clients_per_round": NUM_UPDATES,
-                "over_selection": 0.0,
-                "num_rounds": 1,
-                "max_staleness": max_staleness,
-            },
-            "compression": EXACT,
-            "training": {"epochs": 1, "batch_size": 8, "lr": 0.1},
-        }
+    task_id, uploaded = first_round_with_uploads(
+        runtime,
+        rng,
+        n=NUM_UPDATES,
+        aggregation={"max_staleness": max_staleness},
+        scale=0.1,
+        num_examples=lambda i: 3 + 7 * i,
     )
-    with session_scope(runtime.sessions) as session:
-        task = create_task(session, runtime.blobs, runtime.settings, body)
-        transition(session, task, "start")
-        task_id = task.id
-        cfg = AggregationConfig.from_dict(task.aggregation)
-        rnd, assigned = rounds.open_sync_round(
-            session, task, cfg, now=utcnow(), liveness=Liveness(default_poll_s=20.0)
-        )
-        assert rnd is not None and len(assigned) == NUM_UPDATES
-        spec = ModelSpec.from_dict(task.model_spec)
-        work = [
-            (a.id, a.device_id)
-            for a in session.scalars(select(Assignment).where(Assignment.round_id == rnd.id))
-        ]
-    policy = CompressionPolicy.from_dict(EXACT)
-    deltas, examples = [], []
-    for i, (assignment_id, device_id) in enumerate(work):
-        delta = {
-            t.name: (0.1 * rng.standard_normal(t.shape)).astype(np.float32) for t in spec.tensors
-        }
-        n = 3 + 7 * i
-        data = encode_update(
-            compress(delta, policy, rng), task_id=task_id, base_version=0, num_examples=n
-        )
-        accept_upload(
-            runtime, device_id=device_id, assignment_id=assignment_id, key=f"k{i}", body=data
-        )
-        deltas.append(delta)
-        examples.append(n)
-    with session_scope(runtime.sessions) as session:
-        current = session.get(Task, task_id)
-        rnd = rounds.active_round(session, task_id)
-        assert current is not None and rnd is not None
-        rounds.close_sync_round_if_due(session, current, rnd, cfg, now=utcnow())
-        assert rnd.status == "aggregating"
-    return task_id, deltas, examples
+    return task_id, [u.delta for u in uploaded], [u.num_examples for u in uploaded]
 
 
 def _plan(runtime: Runtime, task_id: int) -> apply.Plan | None:
