@@ -673,7 +673,7 @@ def byzantine(d: dict[str, Any]) -> str:
         f"per round, digits, {p['rounds']} rounds, {len(p['seeds'])} seeds (mean and min–max). "
         f"Attacks: {'; '.join(f'{k}: {v}' for k, v in p['attacks'].items())}. `+defence` arms: "
         f"`{defence['name']}`: `{json.dumps(defence['aggregation'])}`.{krum_text}"
-        f"{partial_text} ([docs/robustness.md](docs/robustness.md)).",
+        f"{partial_text}{_byzantine_provenance(d)} ([docs/robustness.md](docs/robustness.md)).",
         [
             "arm",
             "final accuracy",
@@ -687,6 +687,37 @@ def byzantine(d: dict[str, Any]) -> str:
         "lrrrrrr",
         "byzantine",
         targets,
+    )
+
+
+def _byzantine_provenance(d: dict[str, Any]) -> str:
+    """Which run of the script each arm comes from, when the results merge several runs."""
+    chain: list[dict[str, Any]] = [d]
+    while chain[-1].get("merged_from"):
+        chain.extend(chain[-1]["merged_from"])
+    if len(chain) == 1:
+        return ""
+    parts = []
+    for run in chain:
+        words = run["command"].split()
+        arms = words[words.index("--arms") + 1 :] if "--arms" in words else []
+        arms = arms[: next((j for j, w in enumerate(arms) if w.startswith("--")), len(arms))]
+        what = ", ".join(arms) if arms else "the other arms"
+        load = run.get("load_average_1_5_15min") or run.get("machine", {}).get(
+            "load_average_1_5_15min"
+        )
+        parts.append(
+            f"{what}: commit `{run['code']['commit'][:10]}`, {run['timestamp'][:16]} UTC"
+            + (f", load average {load[0]:.0f}" if load else "")
+        )
+    return (
+        " The arms come from "
+        + str(len(chain))
+        + " runs of the script, merged (`merged_from` in the JSON; an arm run later replaces "
+        "the earlier runs of its seeds): "
+        + "; ".join(parts)
+        + ". A run is not reproducible (device ids, so the cohorts and each device's random "
+        "streams, differ between runs), so arms of different runs differ by that noise too."
     )
 
 
