@@ -30,7 +30,7 @@ from fedge.shared.compression import compress
 from fedge.shared.modelspec import ModelSpec, Weights
 from fedge.shared.policy import CompressionPolicy
 from fedge.shared.wire import decode_model, decode_update, encode_update
-from tests.coordinator.test_engine_apply import _enroll
+from tests.support.engine import enroll_seen
 from tests.support.rounds import EXACT
 
 #: Devices that polled within the test count as reachable.
@@ -154,7 +154,7 @@ def test_noise_std_matches_the_configuration_and_updates_are_clipped(runtime: Ru
     ``noise_multiplier * clip_norm / expected_cohort`` within 5 standard errors
     (``sigma / sqrt(2 n)`` for the sample std of n normals), its mean within 5 ``sigma/sqrt(n)``."""
     clip, z, cohort = 2.0, 1.3, 3
-    _enroll(runtime, cohort)
+    enroll_seen(runtime, cohort)
     task_id = _task(
         runtime, _dp_aggregation(cohort, clip_norm=clip, noise_multiplier=z), WIDE_MODEL
     )
@@ -236,7 +236,7 @@ def test_epsilon_matches_dp_accounting_for_the_task_parameters(runtime: Runtime)
     epsilon equals an RDP accountant built here over the documented orders, and is within
     2% above dp-accounting's default orders (coarser orders can only overstate epsilon)."""
     z, delta = 0.9, 1e-3
-    _enroll(runtime, 5)
+    enroll_seen(runtime, 5)
     task_id = _task(
         runtime,
         _dp_aggregation(2, clip_norm=1.0, noise_multiplier=z, delta=delta),
@@ -277,7 +277,7 @@ def test_task_stops_before_the_round_that_would_exceed_its_budget(runtime: Runti
     after2 = _independent_epsilon(q, z, 2, delta, DOC_ORDERS)
     after3 = _independent_epsilon(q, z, 3, delta, DOC_ORDERS)
     target = (after2 + after3) / 2
-    _enroll(runtime, 4)
+    enroll_seen(runtime, 4)
     task_id = _task(
         runtime,
         _dp_aggregation(2, clip_norm=1.0, noise_multiplier=z, delta=delta, target_epsilon=target),
@@ -355,7 +355,7 @@ def test_uploads_of_a_failed_round_do_not_join_the_next_sample(runtime: Runtime)
     """A round below quorum at its deadline fails; its upload is not counted towards the next
     round's target and is rejected at the next aggregation, which holds that round's sample
     only (the accountant charged that sample)."""
-    _enroll(runtime, 4)
+    enroll_seen(runtime, 4)
     aggregation = {**_dp_aggregation(2, clip_norm=1.0, noise_multiplier=1.0), "min_updates": 2}
     task_id = _task(
         runtime, aggregation, {"architecture": "softmax", "input_dim": 4, "num_classes": 3}
