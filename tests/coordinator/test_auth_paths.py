@@ -237,10 +237,15 @@ def test_device_row_cache(check_runtime: Runtime) -> None:
     assert authenticator.known_row("dev-a") == row
     authenticator.forget("dev-a")
     assert authenticator.known_row("dev-a") is None
-    # An expired entry is dropped on the next look-up.
+    # A row read more than DEVICE_ROW_TTL_S ago serves only a request without a body ...
     authenticator.remember(row)
-    authenticator._rows["dev-a"] = (row, time.monotonic() - 1.0)
+    authenticator._rows["dev-a"] = (row, time.monotonic() - auth.DEVICE_ROW_TTL_S - 1.0)
     assert authenticator.known_row("dev-a") is None
+    assert authenticator.known_row("dev-a", bodyless=True) == row
+    assert "dev-a" in authenticator._rows
+    # ... and one read more than BODYLESS_ROW_TTL_S ago is dropped on the next look-up.
+    authenticator._rows["dev-a"] = (row, time.monotonic() - auth.BODYLESS_ROW_TTL_S - 1.0)
+    assert authenticator.known_row("dev-a", bodyless=True) is None
     assert "dev-a" not in authenticator._rows
 
 
