@@ -60,6 +60,9 @@ class Module:
     path: str
     tests: list[str]
     backends: list[str]
+    #: Gated: a complete run reached the minimum score once, so falling below it fails
+    #: (``gate = true`` in modules.toml). The others are reported until they get there.
+    gate: bool = False
 
     @property
     def name(self) -> str:
@@ -91,7 +94,10 @@ class Outcome:
 
 def load_modules() -> list[Module]:
     data = tomllib.loads((HERE / "modules.toml").read_text())
-    return [Module(m["path"], list(m["tests"]), list(m["backends"])) for m in data["module"]]
+    return [
+        Module(m["path"], list(m["tests"]), list(m["backends"]), bool(m.get("gate", False)))
+        for m in data["module"]
+    ]
 
 
 def load_equivalents() -> dict[str, dict[str, str]]:
@@ -287,6 +293,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--budget", type=float, help="wall-clock seconds for the whole run")
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--min-score", type=float, default=95.0)
+    parser.add_argument(
+        "--all-gated",
+        action="store_true",
+        help="fail below --min-score for every module, gated in modules.toml or not",
+    )
     parser.add_argument("--collect-only", action="store_true", help="re-read the last run")
     parser.add_argument(
         "--survivors",
@@ -351,13 +362,16 @@ def main(argv: list[str] | None = None) -> int:
     merged = [r for r in kept if (r["module"], r["backend"]) not in ran]
     merged += [{**o.__dict__, "score": o.score} for o in outcomes]
     results.write_text(json.dumps(merged, indent=2) + "\n")
+    gated = {m.path for m in modules if m.gate}
     low = [o for o in outcomes if o.score < args.min_score]
     if not complete:
         print("\nthe time budget ran out: the scores above cover the checked mutants only")
     if low:
         names = ", ".join(f"{o.module} [{o.backend}] {o.score:.1f} %" for o in low)
         print(f"\nbelow {args.min_score:.0f} %: {names}")
-        return 1
+        if args.all_gated or any(o.module in gated for o in low):
+            return 1
+        print("(none of them is gated yet: reported only; modules.toml, docs/testing.md)")
     return 0
 
 
