@@ -16,6 +16,7 @@ from __future__ import annotations
 import fcntl
 import hashlib
 import ipaddress
+import logging
 import re
 import ssl
 from collections.abc import Iterator
@@ -31,6 +32,8 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from fedge.shared.durable import write_bytes_atomic
+
+log = logging.getLogger(__name__)
 
 DEFAULT_HOSTS = ("localhost", "127.0.0.1", "::1")
 #: The lifetime of a server certificate issued from the private CA.
@@ -138,6 +141,33 @@ def _pem_key(key: ec.EllipticCurvePrivateKey) -> bytes:
     )
 
 
+#: The group used where this Python's ``ssl`` cannot select the configured one.
+FALLBACK_GROUP = "P-256"
+
+
+def set_group(context: ssl.SSLContext, group: str) -> str:
+    """Select ``group`` for ECDHE on ``context``; the group selected.
+
+    Python 3.11's ``set_ecdh_curve`` selects X25519 only where it is built to select groups
+    rather than EC curves (python.org and pyenv builds are; Debian bookworm's python3.11, the
+    Docker image's base, is not: ``UNKNOWN_GROUP``). There the server takes P-256, the group
+    every TLS client offers, and says so once in its log."""
+    try:
+        context.set_ecdh_curve(TLS_GROUPS[group])
+        return group
+    except ssl.SSLError:
+        if group == FALLBACK_GROUP:
+            raise
+    log.warning(
+        "this Python's ssl module cannot select the TLS group %s; serving with %s instead "
+        "(FEDGE_TLS_GROUP)",
+        group,
+        FALLBACK_GROUP,
+    )
+    context.set_ecdh_curve(TLS_GROUPS[FALLBACK_GROUP])
+    return FALLBACK_GROUP
+
+
 def server_context(cert: Path, key: Path, *, group: str = "X25519") -> ssl.SSLContext:
     """The server's ``SSLContext`` with ``cert`` (chain, PEM) and ``key`` loaded.
 
@@ -148,7 +178,7 @@ def server_context(cert: Path, key: Path, *, group: str = "X25519") -> ssl.SSLCo
     context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     context.minimum_version = ssl.TLSVersion.TLSv1_2
     context.set_ciphers(TLS12_CIPHERS)
-    context.set_ecdh_curve(TLS_GROUPS[group])
+    set_group(context, group)
     context.options |= ssl.OP_NO_COMPRESSION | ssl.OP_NO_RENEGOTIATION
     # The client picks among the (all strong) suites: a device without AES instructions
     # prefers ChaCha20-Poly1305 (Mozilla: "cipher preference: client chooses").
