@@ -7,7 +7,8 @@ Every message is ``header | body``, little-endian::
 The round digest (:attr:`RoundConfig.digest`) ties a message to one round's parameters. Every
 decoder checks the header, then each declared count against the cohort size and the exact
 remaining length, before it allocates anything; it raises
-:class:`fedge.shared.wireerror.WireFormatError`. No pickle, no JSON.
+:class:`fedge.shared.wireerror.WireFormatError`. Fixed binary layouts only: no object
+serialization, no JSON.
 """
 
 from __future__ import annotations
