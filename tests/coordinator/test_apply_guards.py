@@ -48,6 +48,18 @@ def _plan(runtime: Runtime, task_id: int, **overrides: object) -> apply.Plan | N
         return apply.plan_aggregation(session, task, rnd, cfg)
 
 
+def _computed(
+    runtime: Runtime, rng_seed: int, *, seed: int, num_rounds: int = 5
+) -> tuple[int, apply.Plan, apply.Result]:
+    """:func:`_task_with_uploads`, then its aggregation planned and computed (not committed)."""
+    task_id, _ = _task_with_uploads(
+        runtime, np.random.default_rng(rng_seed), seed=seed, num_rounds=num_rounds
+    )
+    plan = _plan(runtime, task_id)
+    assert plan is not None
+    return task_id, plan, apply.compute(plan, runtime.blobs, hook=None)
+
+
 def _commit(runtime: Runtime, plan: apply.Plan, result: apply.Result) -> list[str] | None:
     with session_scope(runtime.sessions) as session:
         return apply.commit_aggregation(
@@ -124,10 +136,7 @@ def test_two_tasks_with_pending_updates_at_once(runtime: Runtime) -> None:
 
 
 def test_commit_is_discarded_when_the_task_version_moved(runtime: Runtime) -> None:
-    task_id, _ = _task_with_uploads(runtime, np.random.default_rng(22), seed=3)
-    plan = _plan(runtime, task_id)
-    assert plan is not None
-    result = apply.compute(plan, runtime.blobs, hook=None)
+    task_id, plan, result = _computed(runtime, 22, seed=3)
     with session_scope(runtime.sessions) as session:
         task = session.get(Task, task_id)
         assert task is not None
@@ -138,10 +147,7 @@ def test_commit_is_discarded_when_the_task_version_moved(runtime: Runtime) -> No
 
 
 def test_commit_is_discarded_when_the_round_is_no_longer_active(runtime: Runtime) -> None:
-    task_id, _ = _task_with_uploads(runtime, np.random.default_rng(23), seed=4)
-    plan = _plan(runtime, task_id)
-    assert plan is not None
-    result = apply.compute(plan, runtime.blobs, hook=None)
+    task_id, plan, result = _computed(runtime, 23, seed=4)
     with session_scope(runtime.sessions) as session:
         rnd = session.get(Round, plan.round_id)
         assert rnd is not None
@@ -151,10 +157,7 @@ def test_commit_is_discarded_when_the_round_is_no_longer_active(runtime: Runtime
 
 
 def test_commit_is_discarded_for_a_cancelled_task(runtime: Runtime) -> None:
-    task_id, _ = _task_with_uploads(runtime, np.random.default_rng(24), seed=5)
-    plan = _plan(runtime, task_id)
-    assert plan is not None
-    result = apply.compute(plan, runtime.blobs, hook=None)
+    task_id, plan, result = _computed(runtime, 24, seed=5)
     with session_scope(runtime.sessions) as session:
         task = session.get(Task, task_id)
         assert task is not None
@@ -164,10 +167,7 @@ def test_commit_is_discarded_for_a_cancelled_task(runtime: Runtime) -> None:
 
 
 def test_a_paused_task_commits_but_opens_no_round(runtime: Runtime) -> None:
-    task_id, _ = _task_with_uploads(runtime, np.random.default_rng(25), seed=6)
-    plan = _plan(runtime, task_id)
-    assert plan is not None
-    result = apply.compute(plan, runtime.blobs, hook=None)
+    task_id, plan, result = _computed(runtime, 25, seed=6)
     with session_scope(runtime.sessions) as session:
         task = session.get(Task, task_id)
         assert task is not None
@@ -175,19 +175,15 @@ def test_a_paused_task_commits_but_opens_no_round(runtime: Runtime) -> None:
     assert _commit(runtime, plan, result) == []
     assert _state(runtime, task_id) == (1, ["applied"] * N, ["closed"])
     # Running, the same commit opens the next round (and wakes its devices).
-    task_id, _ = _task_with_uploads(runtime, np.random.default_rng(26), seed=7)
-    plan = _plan(runtime, task_id)
-    assert plan is not None
-    woken = _commit(runtime, plan, apply.compute(plan, runtime.blobs, hook=None))
+    task_id, plan, result = _computed(runtime, 26, seed=7)
+    woken = _commit(runtime, plan, result)
     assert woken is not None and len(woken) == N
     assert _state(runtime, task_id) == (1, ["applied"] * N, ["closed", "open"])
 
 
 def test_the_last_round_finishes_the_task(runtime: Runtime) -> None:
-    task_id, _ = _task_with_uploads(runtime, np.random.default_rng(27), seed=8, num_rounds=1)
-    plan = _plan(runtime, task_id)
-    assert plan is not None
-    assert _commit(runtime, plan, apply.compute(plan, runtime.blobs, hook=None)) is not None
+    task_id, plan, result = _computed(runtime, 27, seed=8, num_rounds=1)
+    assert _commit(runtime, plan, result) is not None
     with session_scope(runtime.sessions) as session:
         task = session.get(Task, task_id)
         assert task is not None and task.status == "completed"
