@@ -12,7 +12,7 @@ support, ``w0`` elsewhere, bit for bit.
 from __future__ import annotations
 
 import threading
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -110,6 +110,7 @@ class Script(AgentHooks):
             return True
         if message == self.crash:
             self.crash = None  # once
+            self.reached.set()
             raise Crash(message)
         if message == self.hold:
             self.reached.set()
@@ -194,7 +195,8 @@ def start_agent(fleet: Fleet, state_dir: Path, seed: int, script: Script) -> Non
 
 
 def spec_of(weights: Mapping[str, np.ndarray]) -> ModelSpec:
-    return ModelSpec.from_dict([{"name": n, "shape": list(w.shape)} for n, w in weights.items()])
+    tensors = [{"name": name, "shape": list(w.shape)} for name, w in weights.items()]
+    return ModelSpec.from_dict(tensors)
 
 
 def secure_state(
@@ -346,3 +348,72 @@ def test_a_round_below_the_threshold_fails_cleanly_and_the_next_one_proceeds(
         wait_until(lambda: db.task(task_id).current_version == 1, timeout=90)
         assert db.version(task_id, 1).round_id == db.round(task_id, 2).id
         assert not fleet.errors
+
+
+@pytest.mark.parametrize("phase", ["advert", "shares", "masked", "unmask"])
+def test_a_coordinator_killed_in_each_phase_resumes_it_with_the_same_lists(
+    settings: Settings, tls_paths: TlsPaths, tmp_path: Path, db: Db, phase: str
+) -> None:
+    """Every agent holds before posting its ``phase`` message, so the round is in that phase
+    when the coordinator is SIGKILLed; a new process on the same port resumes the phase with
+    what the earlier phases fixed (relayed bundles, unmask lists: same bytes), and the new
+    model is still the exact mean."""
+    scripts = [Script(hold=phase) for _ in range(6)]
+    with ExitStack() as stack:
+        first = start_server(stack, settings, tls_paths, tmp_path / "c1")
+        fleet = stack.enter_context(real_agents(first, tmp_path, scripts))
+        # Phase deadlines run on while the coordinator is down: long enough for the restart
+        # and the agents' retries on a loaded machine (a phase with everyone in closes early).
+        task_id = start_task(first, db, fleet, aggregation(6, min_updates=4, deadline_s=300))
+        wait_until(lambda: all(s.reached.is_set() for s in scripts), timeout=60)
+        _, row, before = secure_state(db, task_id, 1)
+        assert row.phase == phase
+        first.kill()
+        port = int(first.url.rsplit(":", 1)[1])
+        start_server(stack, settings, tls_paths, tmp_path / "c2", port=port)
+        for script in scripts:
+            script.release.set()
+        wait_until(lambda: db.task(task_id).current_version == 1, timeout=120)
+        assert not fleet.errors
+        _, row, after = secure_state(db, task_id, 1)
+        assert row.phase == "done" and row.num_included == 6
+        for old, new in zip(before, after, strict=True):  # decided once, never recomputed
+            for column in ("advert", "shares_out", "shares_in", "masked", "unmask_request"):
+                if getattr(old, column) is not None:
+                    assert getattr(new, column) == getattr(old, column), column
+        w0 = db.weights(task_id, 0)
+        spec = spec_of(w0)
+        assert_bitwise_equal(
+            db.weights(task_id, 1), expected_model(db, task_id, 1, fleet, spec, w0)
+        )
+
+
+def test_an_agent_restarted_in_a_phase_sends_the_same_messages(
+    settings: Settings, tls_paths: TlsPaths, tmp_path: Path, db: Db
+) -> None:
+    """One agent dies right after saving its masked upload (before posting it), another right
+    after saving its unmask answer; each is started again on its state directory, gets the
+    assignment again, retrains, and resumes from its saved round state: the same upload, one
+    answer, and the exact sum of all six."""
+    scripts = [Script(crash="masked"), Script(crash="unmask")] + [Script() for _ in range(4)]
+    with ExitStack() as stack:
+        server = start_server(stack, settings, tls_paths, tmp_path / "c")
+        fleet = stack.enter_context(real_agents(server, tmp_path, scripts))
+        task_id = start_task(server, db, fleet, aggregation(6, min_updates=4, deadline_s=300))
+        for i in (0, 1):
+            assert scripts[i].reached.wait(60)
+            fleet.threads[i].join(30)
+            saved = list((tmp_path / f"agent{i}" / "secagg").glob("round-*.state"))
+            assert len(saved) == 1  # what it would have sent is on disk
+            start_agent(fleet, tmp_path / f"agent{i}", fleet.seeds[i], Script())
+        wait_until(lambda: db.task(task_id).current_version == 1, timeout=120)
+        assert not fleet.errors
+        _, row, members = secure_state(db, task_id, 1)
+        assert row.num_included == 6
+        assert all(m.unmask_response is not None for m in members)
+        assert not list((tmp_path / "agent0" / "secagg").glob("round-*.state"))  # cleaned up
+        w0 = db.weights(task_id, 0)
+        spec = spec_of(w0)
+        assert_bitwise_equal(
+            db.weights(task_id, 1), expected_model(db, task_id, 1, fleet, spec, w0)
+        )
