@@ -293,7 +293,7 @@ def test_the_new_model_is_the_exact_mean_of_the_survivors_with_a_third_dropping(
     with ExitStack() as stack:
         server = start_server(stack, settings, tls_paths, tmp_path / "c")
         fleet = stack.enter_context(real_agents(server, tmp_path, scripts))
-        task_id = start_task(server, db, fleet, aggregation(9, min_updates=4, deadline_s=10))
+        task_id = start_task(server, db, fleet, aggregation(9, min_updates=4, deadline_s=40))
         cfg = wait_secure_round(db, task_id, 1)
         assert (cfg.cohort, cfg.degree, cfg.threshold, cfg.k) == (9, 8, 5, 8)
         wait_until(lambda: db.task(task_id).current_version == 1, timeout=90)
@@ -330,7 +330,7 @@ def test_a_round_below_the_threshold_fails_cleanly_and_the_next_one_proceeds(
     with ExitStack() as stack:
         server = start_server(stack, settings, tls_paths, tmp_path / "c")
         fleet = stack.enter_context(real_agents(server, tmp_path, scripts))
-        task_id = start_task(server, db, fleet, aggregation(6, min_updates=2, deadline_s=6))
+        task_id = start_task(server, db, fleet, aggregation(6, min_updates=2, deadline_s=40))
         wait_secure_round(db, task_id, 1)
         failed = wait_until(
             lambda: (r := db.round(task_id, 1)) is not None and r.status == "failed" and r,
