@@ -9,18 +9,17 @@ closed. The rules are in :mod:`fedge.coordinator.engine.secure_messages`.
 
 from __future__ import annotations
 
+import json
+from collections.abc import Callable
 from typing import Annotated, Any
 
 from fastapi import APIRouter, BackgroundTasks, Path, Response
-from sqlalchemy.orm import Session
 
 from fedge.coordinator.api.deps import MAX_ID, DeviceDep, RuntimeDep, SessionDep
 from fedge.coordinator.api.signals import kick_scheduler
-from fedge.coordinator.auth import DeviceIdentity
 from fedge.coordinator.db import utcnow
 from fedge.coordinator.engine import secure_messages
 from fedge.coordinator.errors import error_responses
-from fedge.coordinator.runtime import Runtime
 
 router = APIRouter(prefix="/device/secagg", tags=["device"])
 
@@ -36,26 +35,6 @@ BINARY = {"application/octet-stream": {"schema": {"type": "string", "format": "b
 )
 def config(device: DeviceDep, session: SessionDep, round_id: RoundId) -> dict[str, Any]:
     return secure_messages.config_of(session, device.id, round_id)
-
-
-def _post(
-    phase: str,
-    device: DeviceIdentity,
-    session: Session,
-    runtime: Runtime,
-    background: BackgroundTasks,
-    round_id: int,
-) -> Response:
-    posted = secure_messages.post(
-        session, device.id, round_id, phase, device.body or b"", now=utcnow()
-    )
-    if not posted.duplicate:
-        background.add_task(kick_scheduler, runtime)
-    return Response(
-        f'{{"phase":"{posted.phase}","duplicate":{str(posted.duplicate).lower()}}}',
-        status_code=200 if posted.duplicate else 201,
-        media_type="application/json",
-    )
 
 
 _POST_DOC: dict[str, Any] = {
@@ -76,65 +55,61 @@ _GET_DOC: dict[str, Any] = {
 }
 
 
-@router.post("/{round_id}/advert", summary="Post the signed key advertisement", **_POST_DOC)
-def post_advert(
-    device: DeviceDep,
-    session: SessionDep,
-    runtime: RuntimeDep,
-    background: BackgroundTasks,
-    round_id: RoundId,
-) -> Response:
-    return _post("advert", device, session, runtime, background, round_id)
+POSTS = {
+    "advert": "Post the signed key advertisement",
+    "shares": "Post the sealed share bundles",
+    "masked": "Post the masked quantized update",
+    "unmask": "Post the answer to the unmask request",
+}
+GETS = {
+    "adverts": "The advertised neighbours' adverts",
+    "shares": "The share bundles addressed to this device",
+    "unmask": "This device's unmask request",
+}
 
 
-@router.post("/{round_id}/shares", summary="Post the sealed share bundles", **_POST_DOC)
-def post_shares(
-    device: DeviceDep,
-    session: SessionDep,
-    runtime: RuntimeDep,
-    background: BackgroundTasks,
-    round_id: RoundId,
-) -> Response:
-    return _post("shares", device, session, runtime, background, round_id)
+def _post_route(phase: str) -> Callable[..., Response]:
+    def post(
+        device: DeviceDep,
+        session: SessionDep,
+        runtime: RuntimeDep,
+        background: BackgroundTasks,
+        round_id: RoundId,
+    ) -> Response:
+        posted = secure_messages.post(
+            session, device.id, round_id, phase, device.body or b"", now=utcnow()
+        )
+        if not posted.duplicate:
+            background.add_task(kick_scheduler, runtime)
+        body = {"phase": posted.phase, "duplicate": posted.duplicate}
+        return Response(
+            json.dumps(body),
+            status_code=200 if posted.duplicate else 201,
+            media_type="application/json",
+        )
+
+    post.__name__ = f"post_{phase}"
+    return post
 
 
-@router.post("/{round_id}/masked", summary="Post the masked quantized update", **_POST_DOC)
-def post_masked(
-    device: DeviceDep,
-    session: SessionDep,
-    runtime: RuntimeDep,
-    background: BackgroundTasks,
-    round_id: RoundId,
-) -> Response:
-    return _post("masked", device, session, runtime, background, round_id)
+def _get_route(what: str) -> Callable[..., Response]:
+    def get(device: DeviceDep, session: SessionDep, round_id: RoundId) -> Response:
+        data = secure_messages.fetch(session, device.id, round_id, what)
+        return Response(data, media_type="application/octet-stream")
+
+    get.__name__ = f"get_{what}"
+    return get
 
 
-@router.post("/{round_id}/unmask", summary="Post the answer to the unmask request", **_POST_DOC)
-def post_unmask(
-    device: DeviceDep,
-    session: SessionDep,
-    runtime: RuntimeDep,
-    background: BackgroundTasks,
-    round_id: RoundId,
-) -> Response:
-    return _post("unmask", device, session, runtime, background, round_id)
-
-
-def _get(what: str, device: DeviceIdentity, session: Session, round_id: int) -> Response:
-    data = secure_messages.fetch(session, device.id, round_id, what)
-    return Response(data, media_type="application/octet-stream")
-
-
-@router.get("/{round_id}/adverts", summary="The advertised neighbours' adverts", **_GET_DOC)
-def get_adverts(device: DeviceDep, session: SessionDep, round_id: RoundId) -> Response:
-    return _get("adverts", device, session, round_id)
-
-
-@router.get("/{round_id}/shares", summary="The share bundles addressed to this device", **_GET_DOC)
-def get_shares(device: DeviceDep, session: SessionDep, round_id: RoundId) -> Response:
-    return _get("shares", device, session, round_id)
-
-
-@router.get("/{round_id}/unmask", summary="This device's unmask request", **_GET_DOC)
-def get_unmask(device: DeviceDep, session: SessionDep, round_id: RoundId) -> Response:
-    return _get("unmask", device, session, round_id)
+for _phase, _summary in POSTS.items():
+    router.add_api_route(
+        f"/{{round_id}}/{_phase}",
+        _post_route(_phase),
+        methods=["POST"],
+        summary=_summary,
+        **_POST_DOC,
+    )
+for _what, _summary in GETS.items():
+    router.add_api_route(
+        f"/{{round_id}}/{_what}", _get_route(_what), methods=["GET"], summary=_summary, **_GET_DOC
+    )

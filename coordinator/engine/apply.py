@@ -219,29 +219,21 @@ def plan_aggregation(
         )
         for (update_id, digest, tau, _, device_id), n in zip(chosen, clipped, strict=True)
     ]
-    return Plan(
-        task_id=task.id,
-        round_id=rnd.id,
-        base_version=base,
-        base_digest=model.blob_digest,
-        base_broadcast_digest=model.served_digest,
-        state_digest=task.optimizer_state_digest,
-        spec=ModelSpec.from_dict(task.model_spec),
-        policy=CompressionPolicy.from_dict(task.compression),
-        model_config=dict(task.model_config_),
-        config=cfg,
+    return _plan(
+        task,
+        rnd,
+        cfg,
+        model,
         items=tuple(items),
         norm_bound=bounds.current_bound(cfg.norm_bound, task.norm_bound),
     )
 
 
-def _secure_plan(
-    session: Session, task: Task, rnd: Round, cfg: AggregationConfig, model: ModelVersion
-) -> Plan | None:
-    """A secure-aggregation round's plan: its unmasked sum, no individual updates."""
-    result = secure.secure_sum(session, rnd)
-    if result is None:
-        return None
+def _plan(
+    task: Task, rnd: Round, cfg: AggregationConfig, model: ModelVersion, **parts: Any
+) -> Plan:
+    """The plan of an aggregation on the task's current version; ``parts``: what it applies
+    (``items``, and ``norm_bound`` or ``secure_sum``)."""
     return Plan(
         task_id=task.id,
         round_id=rnd.id,
@@ -253,9 +245,18 @@ def _secure_plan(
         policy=CompressionPolicy.from_dict(task.compression),
         model_config=dict(task.model_config_),
         config=cfg,
-        items=(),
-        secure_sum=result,
+        **parts,
     )
+
+
+def _secure_plan(
+    session: Session, task: Task, rnd: Round, cfg: AggregationConfig, model: ModelVersion
+) -> Plan | None:
+    """A secure-aggregation round's plan: its unmasked sum, no individual updates."""
+    result = secure.secure_sum(session, rnd)
+    if result is None:
+        return None
+    return _plan(task, rnd, cfg, model, items=(), secure_sum=result)
 
 
 def compute(
