@@ -25,11 +25,13 @@ before each run: the machine is shared.
 
     python bench/secagg_engine.py                       # n = 10 20 50 100 200, 2 repetitions
     python bench/secagg_engine.py --sizes 10 20 --reps 1
+    python bench/secagg_engine.py --sizes 100 --reps 1 --append   # add a size to the JSON
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import os
 import statistics
@@ -221,10 +223,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--sizes", type=int, nargs="+", default=list(SIZES))
     parser.add_argument("--reps", type=int, default=2)
     parser.add_argument("--out", type=Path, default=OUT)
+    parser.add_argument(
+        "--append", action="store_true", help="keep the runs already in --out (other sizes)"
+    )
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
     logging.getLogger("fedge.edge_agent").setLevel(logging.ERROR)
     runs: list[dict[str, Any]] = []
+    if args.append and args.out.exists():
+        runs = list(json.loads(args.out.read_text())["runs"])
     started = now_iso()
     with tempfile.TemporaryDirectory(prefix="secagg-engine-") as tmp:
         for n in args.sizes:
@@ -254,7 +261,7 @@ def main(argv: list[str] | None = None) -> int:
                                 "rounds": ROUNDS,
                                 "alpha": ALPHA,
                                 "reps": args.reps,
-                                "sizes": args.sizes,
+                                "sizes": sorted({r["n"] for r in runs}),
                             },
                             "runs": runs,
                             "summary": summarize(runs),
