@@ -2,8 +2,8 @@
 
 Everything here runs in **one process**: the protocol's messages are encoded, relayed and
 decoded exactly as they would be (``fedge.shared.secagg.inprocess.run_round``), but there is no
-HTTPS, no database and no round engine (the engine phases are not built yet,
-docs/secure-aggregation.md). Byte counts are the encoded messages, without HTTP or TLS bytes.
+HTTPS, no database and no round engine (``bench/secagg_engine.py`` measures the cost through
+the real stack). Byte counts are the encoded messages, without HTTP or TLS bytes.
 
 Part 1, accuracy: the 100-device digits fleet of ``compression_accuracy.py`` (in-process
 simulation ``_compression_sim.py``: scikit-learn digits, Dirichlet alpha=0.5 over 100 devices,

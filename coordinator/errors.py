@@ -11,6 +11,7 @@
     ├── Gone                  410
     ├── PayloadTooLarge       413
     ├── Unprocessable         422
+    ├── TooEarly              425
     ├── RateLimited           429 (Retry-After)
     └── NotReady              503
 
@@ -87,6 +88,10 @@ class Unprocessable(ApiError):
     status_code, default_code = 422, "validation_error"
 
 
+class TooEarly(ApiError):
+    status_code, default_code = 425, "phase_not_ready"
+
+
 class RateLimited(ApiError):
     status_code, default_code = 429, "rate_limited"
 
@@ -104,6 +109,7 @@ _DESCRIPTIONS = {
     410: "No longer available (e.g. a model version pruned by the retention policy)",
     413: "Body larger than the configured limit",
     422: "Request body or parameters are invalid",
+    425: "Not available yet (e.g. a secure-aggregation phase that has not opened); ask again",
     429: "Too many requests; retry after the given time",
     503: "Not ready",
 }

@@ -334,3 +334,64 @@ class BlobChunk(Base):
     )
     seq: Mapped[int] = mapped_column(Integer, primary_key=True)
     data: Mapped[bytes] = mapped_column(LargeBinary)
+
+
+class SecAggRound(Base):
+    """A sync round run with secure aggregation: its public parameters and the phase it is in
+    (fedge.coordinator.engine.secure; docs/secure-aggregation.md). Everything a phase decides
+    is written here and in :class:`SecAggMember` before the phase is announced."""
+
+    __tablename__ = "secagg_rounds"
+
+    round_id: Mapped[int] = mapped_column(
+        ForeignKey("rounds.id", ondelete="CASCADE"), primary_key=True
+    )
+    task_id: Mapped[int] = mapped_column(ForeignKey("tasks.id", ondelete="CASCADE"), index=True)
+    seed: Mapped[bytes] = mapped_column(LargeBinary)
+    cohort: Mapped[int] = mapped_column(Integer)
+    degree: Mapped[int] = mapped_column(Integer)
+    threshold: Mapped[int] = mapped_column(Integer)
+    size: Mapped[int] = mapped_column(BigInteger)
+    k: Mapped[int] = mapped_column(BigInteger)
+    grid_bound: Mapped[float] = mapped_column(Float)
+    grid_bits: Mapped[int] = mapped_column(Integer)
+    # "random": seeded random-k from the round seed (the only kind built so far); the model
+    # version the round trains from (what an aggregate-based support would be derived from).
+    support_kind: Mapped[str] = mapped_column(String(16))
+    support_version: Mapped[int] = mapped_column(Integer)
+    # advert, shares, masked, unmask, done or failed.
+    phase: Mapped[str] = mapped_column(String(16))
+    phase_deadline_at: Mapped[datetime] = mapped_column()
+    # The exact uint32 sum of the survivors' quantized inputs once unmasked (k little-endian
+    # words), and how many devices it holds.
+    result_sum: Mapped[bytes | None] = mapped_column(LargeBinary, default=None)
+    num_included: Mapped[int | None] = mapped_column(Integer, default=None)
+
+
+class SecAggMember(Base):
+    """One selected device of a secure-aggregation round: its cohort index and every message
+    it sent or was sent, as bytes (fixed layouts of fedge.shared.secagg.messages)."""
+
+    __tablename__ = "secagg_members"
+    __table_args__ = (
+        UniqueConstraint("round_id", "cohort_index", name="uq_secagg_members_round_index"),
+        UniqueConstraint("round_id", "device_id", name="uq_secagg_members_round_device"),
+    )
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    round_id: Mapped[int] = mapped_column(
+        ForeignKey("secagg_rounds.round_id", ondelete="CASCADE"), index=True
+    )
+    cohort_index: Mapped[int] = mapped_column(Integer)
+    device_id: Mapped[str] = mapped_column(ForeignKey("devices.id", ondelete="CASCADE"))
+    assignment_id: Mapped[int] = mapped_column(ForeignKey("assignments.id", ondelete="CASCADE"))
+    # The last phase this device completed (selected, advert, shares, masked, unmask) and
+    # whether it was left out of a later one (dropped).
+    phase_reached: Mapped[str] = mapped_column(String(16), default="selected")
+    dropped: Mapped[bool] = mapped_column(default=False)
+    advert: Mapped[bytes | None] = mapped_column(LargeBinary, default=None)
+    shares_out: Mapped[bytes | None] = mapped_column(LargeBinary, default=None)
+    shares_in: Mapped[bytes | None] = mapped_column(LargeBinary, default=None)
+    masked: Mapped[bytes | None] = mapped_column(LargeBinary, default=None)
+    unmask_request: Mapped[bytes | None] = mapped_column(LargeBinary, default=None)
+    unmask_response: Mapped[bytes | None] = mapped_column(LargeBinary, default=None)

@@ -31,6 +31,7 @@ from collections.abc import Callable, Mapping, Sequence
 
 import numpy as np
 
+from fedge.edge_agent import secagg_round
 from fedge.edge_agent.capabilities import capabilities_report
 from fedge.edge_agent.client import CoordinatorClient, Work
 from fedge.edge_agent.data import LocalData
@@ -46,7 +47,7 @@ from fedge.edge_agent.trainers import (
     task_trainer_factory,
 )
 from fedge.edge_agent.transport import KEEPALIVE_S
-from fedge.edge_agent.uploads import FATAL_CODES, save_update, upload_entry
+from fedge.edge_agent.uploads import FATAL_CODES, local_delta, save_update, upload_entry
 from fedge.edge_agent.watcher import CancelWatcher
 from fedge.shared.architectures import generated_weights
 from fedge.shared.broadcast import blob_kind, rebuild
@@ -102,6 +103,7 @@ class Agent:
         stop_event: threading.Event | None = None,
         trainers: Sequence[str] | None = None,
         report_capabilities: bool = True,
+        secagg_poll_s: float = 0.2,
     ) -> None:
         self.state = state
         self.client = client
@@ -114,6 +116,8 @@ class Agent:
         # Training shorter than this is not watched for cancellation (saves a request a round).
         self.cancel_watch_after_s = cancel_watch_after_s
         self.error_pause_s = error_pause_s
+        #: Secure aggregation: the pause between asks for a phase that has not opened.
+        self.secagg_poll_s = secagg_poll_s
         self.before_upload = before_upload
         self.stats = AgentStats()
         # (base version, bytes) of every accepted upload, for traffic reports
@@ -320,6 +324,8 @@ class Agent:
             train_time,
             metrics.get("train_loss", float("nan")),
         )
+        if work.secure_aggregation:
+            return self._secure_round(work, spec, policy, base, local)
         try:
             entry = save_update(
                 self.state,
@@ -344,6 +350,41 @@ class Agent:
         if outcome is Outcome.DISCARDED:
             self._leave_refused(work)
         return outcome
+
+    def _secure_round(
+        self, work: Work, spec: ModelSpec, policy: CompressionPolicy, base: Weights, local: Weights
+    ) -> Outcome:
+        """Take part in the phases of a secure-aggregation round instead of uploading
+        (:mod:`fedge.edge_agent.secagg_round`). Network trouble propagates: the loop pauses,
+        gets the same assignment again and resumes from the saved round state."""
+        try:
+            delta = local_delta(work, spec=spec, base=base, local=local)
+            secagg_round.take_part(
+                self.client,
+                work,
+                directory=self.state.directory,
+                key=self.state.load_key(),
+                spec=spec,
+                delta=delta,
+                error_feedback=policy.error_feedback,
+                seed=self.seed,
+                stop=self._stop,
+                go_on=lambda message: self.hooks.secagg_post(work, message),
+                poll_s=self.secagg_poll_s,
+            )
+        except InterruptedError:
+            return Outcome.STOPPED
+        except secagg_round.RoundGone as exc:
+            log.warning("out of the secure round of assignment %d: %s", work.assignment_id, exc)
+            secagg_round.forget(self.state.directory, work)
+            self.stats.failed += 1
+            self._given_up.add(work.assignment_id)
+            return Outcome.FAILED
+        except ValueError as exc:
+            return self._give_up(work, "bad_config", f"cannot take part in the round: {exc}")
+        log.info("secure round of assignment %d done", work.assignment_id)
+        self.stats.uploaded += 1
+        return Outcome.UPLOADED
 
     def _trainer_for(self, work: Work) -> Trainer:
         """The trainer for the task: the agent's own factory when one was given, else the one

@@ -54,6 +54,8 @@ class Work:
     #: starts at (a work frame; see ``get_work(have=...)``).
     model_delta: bytes | None = None
     model_delta_from: int | None = None
+    #: The round runs secure aggregation (:mod:`fedge.edge_agent.secagg_round`).
+    secure_aggregation: bool = False
 
     @property
     def cancelled(self) -> bool:
@@ -83,6 +85,7 @@ class Work:
                 training=dict(body.get("training") or {}),
                 model=dict(body.get("model") or {}),
                 spec=list(body.get("spec") or []),
+                secure_aggregation=body.get("secure_aggregation") is True,
             )
         except (KeyError, TypeError, ValueError) as exc:
             raise AgentError("bad_response", f"malformed work answer: {exc!r}") from None
@@ -107,6 +110,9 @@ class Traffic:
     next_asked: int = 0
     #: Assignments that came with an upload's answer (no work request).
     next_with_upload: int = 0
+    #: Secure aggregation: message bytes posted and fetched (bodies only).
+    secagg_sent: int = 0
+    secagg_received: int = 0
 
 
 #: The header of a paced coordinator's answer without work (docs/protocol.md).
@@ -426,6 +432,40 @@ class CoordinatorClient:
             json_body={"reason": reason, "detail": detail[:MAX_DECLINE_DETAIL]},
         ).json()
         return body
+
+    # -- secure aggregation (docs/secure-aggregation.md) ------------------------------------
+
+    def secagg_config(self, round_id: int) -> dict[str, Any]:
+        """The round's public parameters, this device's index and the cohort's keys."""
+        body = self._signed("GET", f"{API}/device/secagg/{round_id}/config").json()
+        if not isinstance(body, dict):
+            raise AgentError("bad_response", "secure-aggregation config is not a JSON object")
+        return body
+
+    def secagg_post(self, round_id: int, message: str, data: bytes) -> None:
+        """Post one of the round's messages (``advert``, ``shares``, ``masked``, ``unmask``);
+        the same message again is answered as a duplicate."""
+        self._signed(
+            "POST",
+            f"{API}/device/secagg/{round_id}/{message}",
+            content=data,
+            headers={"Content-Type": "application/octet-stream"},
+        )
+        with self._traffic_lock:
+            self.traffic.secagg_sent += len(data)
+
+    def secagg_get(self, round_id: int, what: str) -> bytes | None:
+        """``adverts``, ``shares`` or ``unmask`` of the round; ``None`` while the phase that
+        produces it is still open (425)."""
+        try:
+            response = self._signed("GET", f"{API}/device/secagg/{round_id}/{what}")
+        except AgentError as exc:
+            if exc.status == 425:
+                return None
+            raise
+        with self._traffic_lock:
+            self.traffic.secagg_received += len(response.content)
+        return response.content
 
     def me(self) -> dict[str, Any]:
         body: dict[str, Any] = self._signed("GET", f"{API}/device/me").json()

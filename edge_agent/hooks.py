@@ -44,5 +44,12 @@ class AgentHooks:
         """
         return False
 
+    def secagg_post(self, work: Work, message: str) -> bool:
+        """Secure aggregation: called before the device posts ``message`` (``advert``,
+        ``shares``, ``masked``, ``unmask``) of the round of ``work``. ``False`` makes the
+        device go silent in the round from there on (it posts nothing more and leaves the
+        assignment alone until the coordinator ends it)."""
+        return True
+
 
 NO_HOOKS = AgentHooks()

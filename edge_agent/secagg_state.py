@@ -16,8 +16,9 @@ File layout (little-endian)::
     then 7 sections, each ``length u32 | bytes`` (length 0: not reached yet):
     advert, advert list, shares out, shares in, masked, unmask request, unmask response
 
-The round engine and the agent's round loop do not use this yet (docs/secure-aggregation.md,
-"Engine integration"); it is the device side of "restart in every phase".
+The agent's round loop (:mod:`fedge.edge_agent.secagg_round`) keeps one per round it takes
+part in: the device side of "restart in every phase" (docs/secure-aggregation.md, "Engine
+integration").
 """
 
 from __future__ import annotations

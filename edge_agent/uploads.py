@@ -51,6 +51,27 @@ def refused_for_good(exc: ApiError) -> bool:
     return lasting and exc.code not in FATAL_CODES | TRANSIENT_AUTH_CODES
 
 
+def local_delta(
+    work: Work,
+    *,
+    spec: ModelSpec,
+    base: Weights,
+    local: Weights,
+    noise_rng: np.random.Generator | None = None,
+) -> Weights:
+    """``local - base``; under local differential privacy (``training.local_dp``) clipped and
+    noised (:mod:`fedge.edge_agent.local_dp`; ``noise_rng`` defaults to a CSPRNG-seeded
+    generator)."""
+    delta = {t.name: local[t.name] - base[t.name] for t in spec.tensors}
+    dp = local_dp.settings_of(work.training)
+    if dp is not None:
+        clip_norm, noise_multiplier = dp
+        delta = local_dp.privatize(
+            delta, clip_norm=clip_norm, noise_multiplier=noise_multiplier, rng=noise_rng
+        )
+    return delta
+
+
 def save_update(
     state: State,
     work: Work,
@@ -70,13 +91,7 @@ def save_update(
     local differential privacy (``training.local_dp``) the delta is clipped and noised first
     (:mod:`fedge.edge_agent.local_dp`; ``noise_rng`` defaults to a CSPRNG-seeded generator).
     """
-    delta = {t.name: local[t.name] - base[t.name] for t in spec.tensors}
-    dp = local_dp.settings_of(work.training)
-    if dp is not None:
-        clip_norm, noise_multiplier = dp
-        delta = local_dp.privatize(
-            delta, clip_norm=clip_norm, noise_multiplier=noise_multiplier, rng=noise_rng
-        )
+    delta = local_delta(work, spec=spec, base=base, local=local, noise_rng=noise_rng)
     residual = None
     if policy.error_feedback:
         residual = ResidualState.of(state.load_residual(work.task_id, spec))

@@ -16,6 +16,7 @@ from fedge.coordinator.api import (
     metrics,
     model_versions,
     rounds,
+    secagg,
     tasks,
     tokens,
 )
@@ -27,5 +28,15 @@ def include_routers(app: FastAPI) -> None:
     request against every router nested above its route, so nesting costs each request)."""
     app.include_router(health.router)
     app.include_router(metrics.router)
-    for module in (tasks, rounds, model_versions, devices, tokens, keys, device, device_work):
+    for module in (
+        tasks,
+        rounds,
+        model_versions,
+        devices,
+        tokens,
+        keys,
+        device,
+        device_work,
+        secagg,
+    ):
         app.include_router(module.router, prefix=API_PREFIX)

@@ -30,7 +30,7 @@ from sqlalchemy import bindparam, func, select, update
 from sqlalchemy.orm import Session
 
 from fedge.coordinator.blobstore import BlobStore
-from fedge.coordinator.engine import bounds, examples, privacy, reports, rounds
+from fedge.coordinator.engine import bounds, examples, privacy, reports, rounds, secure
 from fedge.coordinator.engine.aggregate import WeightedBlob, iter_decoded
 from fedge.coordinator.engine.config import AggregationConfig
 from fedge.coordinator.engine.decodedcache import DecodedCache
@@ -96,6 +96,13 @@ class Plan:
     items: tuple[PlannedUpdate, ...]
     #: The L2 norm bound this aggregation applies (None: no bound; fedge.coordinator.engine.bounds).
     norm_bound: float | None = None
+    #: Secure aggregation: the round's unmasked sum (``items`` is empty then).
+    secure_sum: secure.SecureSum | None = None
+
+    @property
+    def num_updates(self) -> int:
+        """The updates the new version is built from (devices in a secure sum)."""
+        return len(self.items) if self.secure_sum is None else self.secure_sum.count
 
     @property
     def new_version(self) -> int:
@@ -151,6 +158,8 @@ def plan_aggregation(
     )
     if model is None:
         raise RuntimeError(f"task {task.id} has no stored model version {base}")
+    if cfg.secure is not None:
+        return _secure_plan(session, task, rnd, cfg, model)
     # Plain columns, not ORM objects: a round of 10,000 updates would otherwise hold 10,000
     # tracked ``Update`` instances (with their metrics) in the session.
     pending = session.execute(
@@ -210,10 +219,25 @@ def plan_aggregation(
         )
         for (update_id, digest, tau, _, device_id), n in zip(chosen, clipped, strict=True)
     ]
+    return _plan(
+        task,
+        rnd,
+        cfg,
+        model,
+        items=tuple(items),
+        norm_bound=bounds.current_bound(cfg.norm_bound, task.norm_bound),
+    )
+
+
+def _plan(
+    task: Task, rnd: Round, cfg: AggregationConfig, model: ModelVersion, **parts: Any
+) -> Plan:
+    """The plan of an aggregation on the task's current version; ``parts``: what it applies
+    (``items``, and ``norm_bound`` or ``secure_sum``)."""
     return Plan(
         task_id=task.id,
         round_id=rnd.id,
-        base_version=base,
+        base_version=task.current_version,
         base_digest=model.blob_digest,
         base_broadcast_digest=model.served_digest,
         state_digest=task.optimizer_state_digest,
@@ -221,9 +245,18 @@ def plan_aggregation(
         policy=CompressionPolicy.from_dict(task.compression),
         model_config=dict(task.model_config_),
         config=cfg,
-        items=tuple(items),
-        norm_bound=bounds.current_bound(cfg.norm_bound, task.norm_bound),
+        **parts,
     )
+
+
+def _secure_plan(
+    session: Session, task: Task, rnd: Round, cfg: AggregationConfig, model: ModelVersion
+) -> Plan | None:
+    """A secure-aggregation round's plan: its unmasked sum, no individual updates."""
+    result = secure.secure_sum(session, rnd)
+    if result is None:
+        return None
+    return _plan(task, rnd, cfg, model, items=(), secure_sum=result)
 
 
 def compute(
@@ -265,7 +298,11 @@ def compute(
     rejected: int | None = None
     with np.errstate(over="ignore", invalid="ignore"):  # a non-finite sum is checked below
         delta: Mapping[str, np.ndarray]
-        if dp is not None:
+        if plan.secure_sum is not None:
+            delta = plan.secure_sum.mean_delta(plan.spec)
+            total_weight = float(plan.secure_sum.count)
+            what = "secure aggregation mean"
+        elif dp is not None:
             try:
                 sums, count = privacy.private_sum(
                     (u for u, _ in source()), plan.spec, clip_norm=dp.clip_norm
@@ -458,6 +495,8 @@ def commit_aggregation(
     if plan.norm_bound is not None:
         metrics["norm_bound"] = plan.norm_bound
         metrics["num_clipped"] = float(result.num_clipped)
+    if plan.secure_sum is not None:
+        metrics["secagg_included"] = float(plan.secure_sum.count)
     if result.num_rejected is not None and plan.config.robust == "multi_krum":
         metrics["num_rejected"] = float(result.num_rejected)
     session.add(
@@ -471,7 +510,7 @@ def commit_aggregation(
             delta_digest=None if result.broadcast is None else result.broadcast.delta_digest,
             delta_size=None if result.broadcast is None else result.broadcast.delta_size,
             round_id=rnd.id,
-            num_updates=len(ids),
+            num_updates=plan.num_updates,
             metrics=metrics,
             created_at=now,
         )
@@ -485,7 +524,7 @@ def commit_aggregation(
         to=RoundStatus.CLOSED,
         closed_at=now,
         result_version=new_version,
-        num_received=len(ids),
+        num_received=plan.num_updates,
         num_stale=sum(1 for i in plan.items if i.tau > 0),
         num_clipped=result.num_clipped,
         metrics=metrics,
@@ -499,7 +538,7 @@ def commit_aggregation(
         round=rnd.id,
         number=rnd.number,
         version=new_version,
-        updates=len(ids),
+        updates=plan.num_updates,
     )
     emit(
         session,
@@ -507,7 +546,7 @@ def commit_aggregation(
         task=task.id,
         round=rnd.id,
         version=new_version,
-        updates=len(ids),
+        updates=plan.num_updates,
         size_bytes=result.model_size,
         metrics=metrics,
     )

@@ -19,6 +19,7 @@ from fedge.coordinator.engine.bounds import NormBoundConfig
 from fedge.coordinator.engine.privacy import PrivacyConfig, config_problems
 from fedge.coordinator.engine.robust import Robust
 from fedge.coordinator.engine.staleness import CONFIG, StalenessConfig
+from fedge.shared.secagg import Grid, SecAggError
 
 Mode = Literal["sync", "async"]
 Weighting = Literal["num_examples", "equal"]
@@ -53,6 +54,31 @@ class TargetMetric(BaseModel):
 
     name: str = Field(default="accuracy", min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_.]+$")
     value: float = Field(strict=True)
+
+
+class SecureAggregationConfig(BaseModel):
+    """Secure aggregation of a sync task (docs/secure-aggregation.md): the coordinator learns
+    only the sum of the round's quantized updates on a shared random-k support."""
+
+    model_config = CONFIG
+
+    bound: float = Field(
+        default=0.1,
+        gt=0,
+        le=1e6,
+        strict=True,
+        description="B: every value sent is clipped to [-B, B] on the device (the norm bound)",
+    )
+    grid_bits: int = Field(
+        default=16, ge=2, le=24, strict=True, description="integer grid width of a value"
+    )
+    planned_dropout: float = Field(
+        default=1 / 3,
+        ge=0,
+        lt=0.5,
+        strict=True,
+        description="share of the cohort the neighbour graph is planned to survive dropping",
+    )
 
 
 class AggregationConfig(BaseModel):
@@ -147,6 +173,10 @@ class AggregationConfig(BaseModel):
     privacy: PrivacyConfig | None = Field(
         default=None, description="differential privacy (docs/privacy.md); null: none"
     )
+    secure: SecureAggregationConfig | None = Field(
+        default=None,
+        description="secure aggregation (docs/secure-aggregation.md); null: plain uploads",
+    )
 
     @model_validator(mode="after")
     def _consistent(self) -> AggregationConfig:
@@ -157,6 +187,10 @@ class AggregationConfig(BaseModel):
             )
         if self.robust == "multi_krum":
             self._check_krum()
+        if self.secure is not None:
+            problem = self._secure_problem(self.secure)
+            if problem:
+                raise ValueError(problem)
         if self.privacy is not None:
             problem = config_problems(
                 self.privacy,
@@ -176,6 +210,32 @@ class AggregationConfig(BaseModel):
                     "'mean'; docs/privacy.md)"
                 )
         return self
+
+    def _secure_problem(self, secure: SecureAggregationConfig) -> str | None:
+        """Why secure aggregation cannot run with the other settings (None: it can)."""
+        needs_individual = "it needs each device's update, which secure aggregation hides"
+        if self.mode != "sync":
+            return "secure aggregation needs mode 'sync' (a fixed cohort per round)"
+        if self.weighting != "equal":
+            return (
+                "secure aggregation averages with equal weights: set weighting 'equal' "
+                "(num_examples would need its own aggregation)"
+            )
+        if self.privacy is not None:
+            return "secure aggregation cannot be combined with differential privacy (not built)"
+        if self.norm_bound is not None:
+            return f"secure aggregation cannot be combined with norm_bound: {needs_individual}"
+        if self.robust != "mean":
+            return f"secure aggregation cannot be combined with robust {self.robust!r}: " + (
+                needs_individual
+            )
+        if self.min_updates < 2:
+            return "secure aggregation needs min_updates >= 2 (a sum of one is no secret)"
+        try:
+            Grid(bound=secure.bound, bits=secure.grid_bits).check_capacity(self.num_selected)
+        except SecAggError as exc:
+            return f"secure aggregation: {exc.detail} (selected per round: {self.num_selected})"
+        return None
 
     def _check_krum(self) -> None:
         """Multi-Krum needs ``n >= 2f + 3`` and ``m <= n - f`` for the smallest aggregation the

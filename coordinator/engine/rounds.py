@@ -20,7 +20,7 @@ from sqlalchemy.orm import Session
 from sqlalchemy.orm.attributes import set_committed_value
 from sqlalchemy.orm.util import identity_key
 
-from fedge.coordinator.engine import privacy
+from fedge.coordinator.engine import privacy, secure
 from fedge.coordinator.engine.config import AggregationConfig
 from fedge.coordinator.engine.eligibility import Liveness, Requirements
 from fedge.coordinator.engine.rotation import choose_paced
@@ -216,10 +216,12 @@ def open_sync_round(
     ``target_epsilon`` (docs/privacy.md).
     """
     dp = cfg.central_dp
-    # Central DP aggregates only the round's own sample: earlier updates do not count.
-    fresh = 0 if dp else count_pending(session, task.id, base_version=task.current_version)
+    # Central DP aggregates only the round's own sample, secure aggregation only the round's
+    # own masked sum: earlier updates do not count.
+    own_only = dp is not None or cfg.secure is not None
+    fresh = 0 if own_only else count_pending(session, task.id, base_version=task.current_version)
     candidates = _eligible(session, task, now=now, liveness=liveness)
-    needed = max(1, cfg.min_updates - fresh)
+    needed = max(2 if cfg.secure else 1, cfg.min_updates - fresh)
     if len(candidates) < needed:
         set_waiting(task, waiting_reason(session, task, len(candidates), needed), now=now)
         return None, []
@@ -265,6 +267,8 @@ def open_sync_round(
     if sampling_rate is not None:
         task.privacy = privacy.with_open_round(task.privacy, round_id=rnd.id, q=sampling_rate)
     assigned = _assign(session, task, rnd, chosen, lease_until=deadline)
+    if cfg.secure is not None:
+        secure.open_phases(session, task, rnd, cfg.secure, cfg, now=now)
     emit(
         session,
         "round.opened",

@@ -43,7 +43,7 @@ from sqlalchemy import Connection, exists, or_, select, update
 from sqlalchemy.orm import Session
 
 from fedge.coordinator.db import READ_ONLY, session_scope, utcnow
-from fedge.coordinator.engine import apply, leases, rounds
+from fedge.coordinator.engine import apply, leases, rounds, secure
 from fedge.coordinator.engine.aggregate import BadStoredUpdate
 from fedge.coordinator.engine.config import AggregationConfig, ConfigError
 from fedge.coordinator.engine.evalhook import EvalHook, load_hook
@@ -240,7 +240,9 @@ class TaskStepper:
                 return self._async_transitions(session, task, cfg, outcome)
             liveness = liveness_for(self.runtime)
             rnd = rounds.active_round(session, task.id)
-            if rnd is not None and rnd.status == RoundStatus.OPEN:
+            if rnd is not None and rnd.status == RoundStatus.OPEN and cfg.secure is not None:
+                outcome.woken += secure.advance(session, task, rnd, cfg, now=now)
+            elif rnd is not None and rnd.status == RoundStatus.OPEN:
                 outcome.woken += rounds.close_sync_round_if_due(session, task, rnd, cfg, now=now)
                 outcome.woken += rounds.settle_declines(
                     session, task, rnd, cfg, now=now, liveness=liveness

@@ -50,6 +50,11 @@ def mode_of(aggregation: Any) -> str:
     return mode if mode in ("sync", "async") else "sync"
 
 
+def secure_of(aggregation: Any) -> bool:
+    """Whether a stored aggregation config asks for secure aggregation."""
+    return isinstance(aggregation, dict) and bool(aggregation.get("secure"))
+
+
 @dataclass(frozen=True)
 class ParsedTask:
     """A task's spec, policy and aggregation config, and the JSON they were parsed from.

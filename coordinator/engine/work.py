@@ -44,6 +44,7 @@ from fedge.coordinator.engine.taskcache import (
     TaskConfigCache,
     config_digest_of,
     mode_of,
+    secure_of,
 )
 from fedge.coordinator.errors import Forbidden, NotFound
 from fedge.coordinator.models import Assignment, Device, Round, Task
@@ -93,6 +94,7 @@ def _payload(
     mode: str,
     base_version: int,
     deadline: datetime | None,
+    secure: bool = False,
 ) -> dict[str, Any]:
     return {
         "assignment_id": assignment_id,
@@ -109,6 +111,9 @@ def _payload(
         "training": config.training,
         "model": config.model,
         "spec": config.spec,
+        # Only for a task with secure aggregation: the device takes part in the round's
+        # phases instead of uploading its update (docs/secure-aggregation.md).
+        "secure_aggregation": True if secure else None,
     }
 
 
@@ -145,6 +150,7 @@ def assignment_payload(
         mode=mode,
         base_version=a.base_version,
         deadline=a.lease_expires_at,
+        secure=secure_of(task.aggregation),
     )
 
 
@@ -288,6 +294,7 @@ def find_work(
             mode=parsed.mode,
             base_version=base_version,
             deadline=lease,
+            secure=parsed.config is not None and parsed.config.secure is not None,
         )
     targeting: tuple[Any, Any] | None = None
     for candidate_id, updated_at in conn.execute(_RUNNING_TASKS).all():

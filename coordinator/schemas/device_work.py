@@ -35,6 +35,11 @@ class WorkAssignment(BaseModel):
         default=None,
         description="Only in a work frame: the version the delta chain after the JSON starts at",
     )
+    secure_aggregation: bool | None = Field(
+        default=None,
+        description="True when the round runs secure aggregation: the device posts the "
+        "round's messages under /device/secagg/{round_id}/ instead of uploading its update",
+    )
 
 
 class WorkCancelled(BaseModel):
