@@ -36,6 +36,7 @@ from sqlalchemy import (
 from sqlalchemy.orm import Session
 
 from fedge.coordinator.auth import touch_device
+from fedge.coordinator.db import in_states
 from fedge.coordinator.engine import rounds
 from fedge.coordinator.engine.config import AggregationConfig, ConfigError
 from fedge.coordinator.engine.eligibility import Requirements
@@ -163,7 +164,10 @@ _ACTIVE_OF_DEVICE = (
         Task.updated_at,
     )
     .join(Task, Task.id == Assignment.task_id)
-    .where(Assignment.device_id == bindparam("p_device"), Assignment.status.in_(ASSIGNMENT_ACTIVE))
+    .where(
+        Assignment.device_id == bindparam("p_device"),
+        in_states(Assignment.status, ASSIGNMENT_ACTIVE),
+    )
     .order_by(Assignment.id.desc())
     .limit(1)
 )
@@ -200,11 +204,14 @@ _NEW_ASSIGNMENT_ROUND = (
         # ... on one assignment at a time ...
         ~exists().where(
             Assignment.device_id == bindparam("p_device"),
-            Assignment.status.in_(ASSIGNMENT_ACTIVE),
+            in_states(Assignment.status, ASSIGNMENT_ACTIVE),
         ),
         # ... within the task's concurrency cap
         select(func.count(Assignment.id))
-        .where(Assignment.task_id == bindparam("p_task"), Assignment.status.in_(ASSIGNMENT_ACTIVE))
+        .where(
+            Assignment.task_id == bindparam("p_task"),
+            in_states(Assignment.status, ASSIGNMENT_ACTIVE),
+        )
         .scalar_subquery()
         < bindparam("p_cap"),
     )
@@ -447,7 +454,7 @@ def _async_work_rounds(session: Session) -> list[tuple[int, Requirements]]:
             continue
         active = session.scalar(
             select(func.count(Assignment.id)).where(
-                Assignment.task_id == task_id, Assignment.status.in_(ASSIGNMENT_ACTIVE)
+                Assignment.task_id == task_id, in_states(Assignment.status, ASSIGNMENT_ACTIVE)
             )
         )
         if int(active or 0) < cfg.max_concurrency:
@@ -483,7 +490,7 @@ def check_waiting(session: Session, polls: Sequence[tuple[str, int | None]]) -> 
     for part in _chunks(idle):
         for a in session.scalars(
             select(Assignment)
-            .where(Assignment.device_id.in_(part), Assignment.status.in_(ASSIGNMENT_ACTIVE))
+            .where(Assignment.device_id.in_(part), in_states(Assignment.status, ASSIGNMENT_ACTIVE))
             .order_by(Assignment.id.desc())
         ):
             latest.setdefault(a.device_id, a)
