@@ -45,7 +45,7 @@ def test_well_formed_uploads_are_taken(query: str, expected: dict[str, Any]) -> 
     match, child = UploadRoute().matches(_scope(_upload("42"), query))
     assert match is Match.FULL
     assert child["path_params"] == {"assignment_id": "42"}
-    assert child["fedge.upload"] == (42, expected)
+    assert child["fedge.direct"] == (42, expected)
 
 
 @pytest.mark.parametrize(
