@@ -218,6 +218,22 @@ _NEW_ASSIGNMENT_ROUND = (
     .order_by(Round.number.desc())
     .limit(1)
 )
+#: Whether the device already works or worked on the task's open round (its model version):
+#: then no new assignment can result. Read before any lock or write: once true it stays true
+#: for that round, so the answer is what the assignment's own checks would find at this
+#: statement's moment.
+_WORKED_ON_OPEN_ROUND = (
+    select(Assignment.id)
+    .join(Round, Round.id == Assignment.round_id)
+    .join(Task, Task.id == Round.task_id)
+    .where(
+        Assignment.device_id == bindparam("p_device"),
+        Round.task_id == bindparam("p_task"),
+        Round.status == RoundStatus.OPEN,
+        Round.base_version == Task.current_version,
+    )
+    .limit(1)
+)
 #: One statement decides and inserts a new async assignment (INSERT ... SELECT ... RETURNING).
 _INSERT_ASYNC = (
     insert(Assignment)
@@ -341,7 +357,13 @@ def _assign_async(
     checks the round, the device's history and busyness and the cap and inserts, then the
     round's counter. The device row is locked before the checks read the device's
     assignments, so two processes cannot both give it work (on PostgreSQL each statement
-    reads the latest commit; SQLite serializes writers)."""
+    reads the latest commit; SQLite serializes writers).
+
+    A device that already worked on the open round (the common case right after its upload,
+    until the version moves) is answered by one read first, without the task's lock and
+    without writing the device row twice."""
+    if conn.execute(_WORKED_ON_OPEN_ROUND, {"p_task": task_id, "p_device": device_id}).first():
+        return None  # with ``seen``, find_work touches the device row at its end
     if (
         conn.dialect.name == "postgresql"
         and conn.execute(_LOCK_TASK, {"p_task": task_id}).first() is None
