@@ -18,20 +18,14 @@ from fedge.coordinator.api.work_route import WORK_PATH, WorkRoute
 from fedge.coordinator.app import create_app
 from fedge.coordinator.settings import Settings
 from tests.coordinator.conftest import Coordinator
-from tests.support.device import API
+from tests.support.device import API, http_scope
 from tests.support.rounds import create_task, fleet_of
 
 ASYNC = {"mode": "async", "buffer_size": 2, "max_concurrency": 4, "num_rounds": 10}
 
 
 def _scope(query: str = "", method: str = "GET", path: str = WORK_PATH) -> dict[str, Any]:
-    return {
-        "type": "http",
-        "method": method,
-        "path": path,
-        "root_path": "",
-        "query_string": query.encode(),
-    }
+    return http_scope(path, query, method)
 
 
 @pytest.mark.parametrize(
