@@ -28,8 +28,8 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.types import Receive, Scope, Send
 
-from fedge.coordinator.api.deps import MAX_ID
 from fedge.coordinator.api import device_work
+from fedge.coordinator.api.deps import MAX_ID
 from fedge.coordinator.api.device_work import HAVE_PATTERN, KNOWN_PATTERN, work
 from fedge.coordinator.api.direct import DirectRoute, int_in, matching
 from fedge.coordinator.api.upload_route import deferred
