@@ -31,6 +31,8 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "bench" / "results"
 ARMS = ("base", "head-busy", "head-agent")
@@ -80,6 +82,9 @@ def summarize(directory: Path, names: tuple[str, ...] | list[str] = ARMS) -> dic
                     "upload_request_alone_cpu_ms": alone["coordinator_cpu_ms_per_upload_request"],
                     "assigning_work_request_cpu_ms": alone["coordinator_cpu_ms_per_assign_request"],
                     "load_average_1min": steady["load_average_1_5min"][0],
+                    "accepted_uploads": steady["accepted_uploads"],
+                    "coordinator_cpu_s": steady["coordinator_cpu_s"],
+                    "window_s": steady["window_s"],
                 }
             )
         if runs:
@@ -96,10 +101,30 @@ def summarize(directory: Path, names: tuple[str, ...] | list[str] = ARMS) -> dic
     return arms
 
 
+def cpu_fit(runs: list[dict[str, Any]]) -> dict[str, float] | None:
+    """Least squares of a run's coordinator CPU-seconds on its accepted updates: the slope is
+    the CPU of one more update (ms), the intercept what the window cost without any (as a
+    share of a core: scheduler ticks, long-polls checking again). On a loaded machine the
+    load generators are starved and accept fewer updates in the window, which inflates CPU
+    per update (the fixed part is spread over fewer); the slope does not depend on that."""
+    if len(runs) < 2 or len({r["accepted_uploads"] for r in runs}) < 2:
+        return None
+    n = np.array([r["accepted_uploads"] for r in runs], dtype=float)
+    cpu = np.array([r["coordinator_cpu_s"] for r in runs], dtype=float)
+    slope, intercept = np.polyfit(n, cpu, 1)
+    window = statistics.mean(r["window_s"] for r in runs)
+    return {
+        "marginal_cpu_ms_per_update": float(slope * 1000),
+        "fixed_cpu_share_of_a_core": float(intercept / window),
+    }
+
+
 def summarize_chain(directory: Path, names: list[str]) -> dict[str, Any]:
     """:func:`summarize` of successive revisions, each against the one before and the first
     (ratios of medians, and the range of the ratios of runs made in the same round)."""
     arms = summarize(directory, names)
+    for arm in arms.values():
+        arm["fit"] = cpu_fit(arm["runs"])
     for i, name in enumerate(names):
         if i == 0 or name not in arms or names[i - 1] not in arms:
             continue
