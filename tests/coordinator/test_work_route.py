@@ -117,7 +117,9 @@ def test_answers_match_the_fastapi_route(
         assert direct.status_code == fastapi.status_code == 204
         assert direct.content == fastapi.content == b""
         task_id = create_task(coordinator, aggregation=ASYNC)
-        # The assignment (the second poll finds the same active one): the same bytes.
+        # The scheduler opens the task's round: a long-poll takes the assignment when it does.
+        assert device.get(path, params={"wait": 30}).status_code == 200
+        # The assignment (each poll finds the same active one): the same bytes.
         direct, fastapi = both({"wait": 0})
         assert direct.status_code == fastapi.status_code == 200
         assert direct.headers["content-type"] == fastapi.headers["content-type"]
