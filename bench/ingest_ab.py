@@ -11,6 +11,11 @@ all of them alike; compare the ratios, not the absolute milliseconds.
 
     python bench/ingest_ab.py --base 098bec6 --repeats 3     # bench/results/ingest_ab.json
     python bench/ingest_ab.py --from-dir DIR                  # summarize runs already made
+    python bench/ingest_ab.py --chain DIR1,DIR2,DIR3          # successive revisions
+
+``--chain`` takes checkouts of successive revisions (each with its ``.venv`` made already),
+runs each in agent mode, interleaved (DIR1, DIR2, DIR3, DIR1, ...), and gives each one's CPU
+per update against the one before it and against the first.
 """
 
 from __future__ import annotations
@@ -25,6 +30,8 @@ import tempfile
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
+
+import numpy as np
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "bench" / "results"
@@ -44,9 +51,24 @@ def run_arm(arm: str, base_dir: Path, out: Path, extra: list[str] | None = None)
         )
 
 
-def summarize(directory: Path) -> dict[str, Any]:
+def run_chain_arm(directory: Path, out: Path, extra: list[str]) -> None:
+    """One quick run, in agent mode, of the checkout ``directory``."""
+    cmd = [str(directory / ".venv/bin/python"), "bench/ingest.py", *QUICK, "--device-mode", "agent"]
+    with open(out.with_suffix(".log"), "w") as log:
+        subprocess.run(
+            [*cmd, *extra, "--output", str(out)], cwd=directory, stdout=log, stderr=log, check=True
+        )
+
+
+def revision(directory: Path) -> str:
+    return subprocess.run(
+        ["git", "rev-parse", "--short", "HEAD"], cwd=directory, capture_output=True, text=True
+    ).stdout.strip()
+
+
+def summarize(directory: Path, names: tuple[str, ...] | list[str] = ARMS) -> dict[str, Any]:
     arms: dict[str, Any] = {}
-    for arm in ARMS:
+    for arm in names:
         runs = []
         for path in sorted(directory.glob(f"{arm}-*.json")):
             backend = json.loads(path.read_text())["backends"][0]
@@ -60,6 +82,9 @@ def summarize(directory: Path) -> dict[str, Any]:
                     "upload_request_alone_cpu_ms": alone["coordinator_cpu_ms_per_upload_request"],
                     "assigning_work_request_cpu_ms": alone["coordinator_cpu_ms_per_assign_request"],
                     "load_average_1min": steady["load_average_1_5min"][0],
+                    "accepted_uploads": steady["accepted_uploads"],
+                    "coordinator_cpu_s": steady["coordinator_cpu_s"],
+                    "window_s": steady["window_s"],
                 }
             )
         if runs:
@@ -73,6 +98,44 @@ def summarize(directory: Path) -> dict[str, Any]:
         base = arms["base"]["cpu_ms_per_update_median"]
         for arm in arms.values():
             arm["cpu_per_update_vs_base"] = arm["cpu_ms_per_update_median"] / base
+    return arms
+
+
+def cpu_fit(runs: list[dict[str, Any]]) -> dict[str, float] | None:
+    """Least squares of a run's coordinator CPU-seconds on its accepted updates: the slope is
+    the CPU of one more update (ms), the intercept what the window cost without any (as a
+    share of a core: scheduler ticks, long-polls checking again). On a loaded machine the
+    load generators are starved and accept fewer updates in the window, which inflates CPU
+    per update (the fixed part is spread over fewer); the slope does not depend on that."""
+    if len(runs) < 2 or len({r["accepted_uploads"] for r in runs}) < 2:
+        return None
+    n = np.array([r["accepted_uploads"] for r in runs], dtype=float)
+    cpu = np.array([r["coordinator_cpu_s"] for r in runs], dtype=float)
+    slope, intercept = np.polyfit(n, cpu, 1)
+    window = statistics.mean(r["window_s"] for r in runs)
+    return {
+        "marginal_cpu_ms_per_update": float(slope * 1000),
+        "fixed_cpu_share_of_a_core": float(intercept / window),
+    }
+
+
+def summarize_chain(directory: Path, names: list[str]) -> dict[str, Any]:
+    """:func:`summarize` of successive revisions, each against the one before and the first
+    (ratios of medians, and the range of the ratios of runs made in the same round)."""
+    arms = summarize(directory, names)
+    for arm in arms.values():
+        arm["fit"] = cpu_fit(arm["runs"])
+    for i, name in enumerate(names):
+        if i == 0 or name not in arms or names[i - 1] not in arms:
+            continue
+        cpu = [r["coordinator_cpu_ms_per_update"] for r in arms[name]["runs"]]
+        for label, other in (("previous", names[i - 1]), ("first", names[0])):
+            ref = [r["coordinator_cpu_ms_per_update"] for r in arms[other]["runs"]]
+            paired = [a / b for a, b in zip(cpu, ref, strict=False)]
+            arms[name][f"cpu_per_update_vs_{label}"] = (
+                arms[name]["cpu_ms_per_update_median"] / arms[other]["cpu_ms_per_update_median"]
+            )
+            arms[name][f"cpu_per_update_vs_{label}_paired_range"] = [min(paired), max(paired)]
     return arms
 
 
@@ -91,9 +154,18 @@ def main() -> None:
     ap.add_argument(
         "--measure-s", type=float, default=None, help="each run's steady window (s; default 8)"
     )
+    ap.add_argument(
+        "--chain",
+        default=None,
+        help="comma list of checkouts of successive revisions (each with its .venv), run "
+        "interleaved in agent mode",
+    )
     ap.add_argument("--output", type=Path, default=RESULTS / "ingest_ab.json")
     args = ap.parse_args()
     started = datetime.now(UTC).isoformat()
+    if args.chain is not None:
+        main_chain(args, started)
+        return
     if args.from_dir is not None:
         runs_dir = args.from_dir
     else:
@@ -139,6 +211,42 @@ def main() -> None:
     }
     args.output.write_text(json.dumps(result, indent=1) + "\n")
     print(json.dumps({k: v.get("cpu_ms_per_update_median") for k, v in result["arms"].items()}))
+    print(f"wrote {args.output}")
+
+
+def main_chain(args: argparse.Namespace, started: str) -> None:
+    dirs = [Path(d).resolve() for d in args.chain.split(",")]
+    names = [f"{i}-{revision(d)}" for i, d in enumerate(dirs)]
+    runs_dir = args.from_dir or Path(tempfile.mkdtemp(prefix="fedge-ingest-chain-"))
+    extra = [] if args.measure_s is None else ["--measure-s", str(args.measure_s)]
+    if args.from_dir is None:
+        for rep in range(1, args.repeats + 1):
+            for name, directory in zip(names, dirs, strict=True):
+                run_chain_arm(directory, runs_dir / f"{name}-{rep}.json", extra)
+    result = {
+        "benchmark": "ingest_ab_chain",
+        "command": " ".join([os.path.basename(sys.executable), *sys.argv]),
+        "revisions": names,
+        "each_run": " ".join(["bench/ingest.py", *QUICK, "--device-mode", "agent", *extra]),
+        "started": started,
+        "finished": datetime.now(UTC).isoformat(),
+        "runs_dir": str(runs_dir),
+        "notes": [
+            "Successive revisions run interleaved in one window on the shared 2-core machine "
+            "(other jobs ran: see load_average_1min); compare the ratios. Paired ranges: the "
+            "ratio of the runs of the same round (repeat).",
+        ],
+        "arms": summarize_chain(runs_dir, names),
+    }
+    args.output.write_text(json.dumps(result, indent=1) + "\n")
+    for name in names:
+        arm = result["arms"].get(name, {})
+        print(
+            name,
+            arm.get("cpu_ms_per_update_median"),
+            arm.get("cpu_per_update_vs_previous"),
+            arm.get("cpu_per_update_vs_first"),
+        )
     print(f"wrote {args.output}")
 
 

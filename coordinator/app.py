@@ -19,6 +19,7 @@ from fedge.coordinator.api import include_routers
 from fedge.coordinator.api.bodylimit import BodyLimitMiddleware
 from fedge.coordinator.api.overload import OverloadMiddleware
 from fedge.coordinator.api.upload_route import install_upload_route
+from fedge.coordinator.api.work_route import install_work_route
 from fedge.coordinator.dashboard import install_dashboard
 from fedge.coordinator.engine.lifecycle import start_engine, stop_engine
 from fedge.coordinator.errors import install_error_handlers
@@ -85,7 +86,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     # Outermost: it sees the other middleware's refusals too (and logs refused uploads).
     app.add_middleware(MetricsMiddleware, metrics=metrics, routes=RouteTable(app))
     include_routers(app)
-    install_upload_route(app)  # the upload's well-formed requests, before FastAPI's route
+    # The hot device routes' well-formed requests, before their FastAPI routes.
+    install_work_route(app)
+    install_upload_route(app)
     app.mount("/static", StaticFiles(directory=STATIC_DIR), name="static")
     install_docs(app)
     install_dashboard(app)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import threading
 import weakref
 from collections.abc import Iterator
@@ -10,7 +11,17 @@ from datetime import UTC, datetime
 from enum import StrEnum
 from typing import Any, TypeVar
 
-from sqlalchemy import CheckConstraint, Connection, DateTime, Engine, String, create_engine, event
+from sqlalchemy import (
+    CheckConstraint,
+    ColumnElement,
+    Connection,
+    DateTime,
+    Engine,
+    String,
+    create_engine,
+    event,
+    literal_column,
+)
 from sqlalchemy.engine import Dialect
 from sqlalchemy.exc import PendingRollbackError
 from sqlalchemy.orm import Session, sessionmaker
@@ -70,6 +81,25 @@ class StatusType(TypeDecorator[E]):
 
     def process_result_value(self, value: str | None, dialect: Dialect) -> E | None:
         return None if value is None else self.enum_cls(value)
+
+
+#: What a state value written into SQL text may be made of (see :func:`in_states`).
+_STATE_VALUE = re.compile(r"^[a-z_]{1,16}$")
+
+
+def in_states(column: Any, states: tuple[StrEnum, ...]) -> ColumnElement[bool]:
+    """``column IN ('a', 'b')`` over a fixed set of states, the values written into the
+    statement's SQL text. ``column.in_(states)`` binds them as an expanding parameter, which
+    SQLAlchemy renders into the SQL string again at every execution (a regular-expression
+    pass over the statement, then one bound value per state): on the device routes' hot
+    statements that was about 5 % of the coordinator's Python time. The values are the
+    members of a status enum, checked against ``[a-z_]`` here, so nothing from a request
+    ever reaches this text."""
+    values = [state.value for state in states]
+    for value in values:
+        if not _STATE_VALUE.match(value):
+            raise ValueError(f"not a state value: {value!r}")
+    return column.in_([literal_column(f"'{value}'") for value in values])
 
 
 def status_check(enum_cls: type[StrEnum], column: str = "status") -> CheckConstraint:

@@ -15,7 +15,7 @@ from sqlalchemy import select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
-from fedge.coordinator.db import utcnow
+from fedge.coordinator.db import in_states, utcnow
 from fedge.coordinator.errors import Conflict, Unauthorized
 from fedge.coordinator.models import Assignment, Device, EnrollmentToken
 from fedge.coordinator.secrets import TOKEN_PREFIX, display_prefix, hash_secret, new_secret
@@ -130,7 +130,7 @@ def cancel_active_assignments(session: Session, *, device_id: str) -> int:
     """Cancel the device's assigned/downloaded assignments; how many were cancelled."""
     result = session.execute(
         update(Assignment)
-        .where(Assignment.device_id == device_id, Assignment.status.in_(ASSIGNMENT_ACTIVE))
+        .where(Assignment.device_id == device_id, in_states(Assignment.status, ASSIGNMENT_ACTIVE))
         .values(status=AssignmentStatus.CANCELLED, finished_at=utcnow())
         .execution_options(synchronize_session=False)
     )

@@ -43,7 +43,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from fedge.coordinator.blobstore import BlobInfo, BlobStore
 from fedge.coordinator.bootstrap import SetupError
-from fedge.coordinator.db import session_scope
+from fedge.coordinator.db import in_states, session_scope
 from fedge.coordinator.engine import leases
 from fedge.coordinator.engine.config import AggregationConfig, ConfigError
 from fedge.coordinator.migrate import schema_status
@@ -141,9 +141,9 @@ def plan_pruning(
     protected: dict[int, set[int]] = {}
     in_progress = [
         select(Assignment.task_id, Assignment.base_version)
-        .where(Assignment.status.in_(ASSIGNMENT_ACTIVE))
+        .where(in_states(Assignment.status, ASSIGNMENT_ACTIVE))
         .distinct(),
-        select(Round.task_id, Round.base_version).where(Round.status.in_(ROUND_ACTIVE)),
+        select(Round.task_id, Round.base_version).where(in_states(Round.status, ROUND_ACTIVE)),
     ]
     for stmt in in_progress:
         for task_id, base in session.execute(stmt):

@@ -7,6 +7,7 @@ from fastapi.concurrency import run_in_threadpool
 from pydantic import BaseModel
 from sqlalchemy import select
 
+from fedge.coordinator.db import in_states
 from fedge.coordinator.errors import NotReady, error_responses
 from fedge.coordinator.migrate import schema_status
 from fedge.coordinator.models import ModelVersion, Task
@@ -52,7 +53,7 @@ def _blobs_status(runtime: Runtime) -> tuple[bool, str]:
             select(ModelVersion.blob_digest)
             .join(Task, Task.id == ModelVersion.task_id)
             .where(
-                Task.status.in_(TASK_LIVE),
+                in_states(Task.status, TASK_LIVE),
                 ModelVersion.version == Task.current_version,
             )
         ).all()

@@ -11,6 +11,7 @@ from typing import Any
 from sqlalchemy import and_, func, select
 from sqlalchemy.orm import Session
 
+from fedge.coordinator.db import in_states
 from fedge.coordinator.models import Assignment, Device, ModelVersion, Round, Task, Update
 from fedge.coordinator.states import ASSIGNMENT_ACTIVE, AssignmentStatus, DeviceStatus
 
@@ -101,7 +102,7 @@ def _devices(
     since = now - timedelta(seconds=seen_window_s)
     busy = (
         select(Assignment.device_id)
-        .where(Assignment.status.in_(ASSIGNMENT_ACTIVE))
+        .where(in_states(Assignment.status, ASSIGNMENT_ACTIVE))
         .distinct()
         .scalar_subquery()
     )
@@ -140,7 +141,7 @@ def _devices(
     counts["idle"] = counts["online"] - counts["working"]
     working_ids = set(
         session.scalars(
-            select(Assignment.device_id).where(Assignment.status.in_(ASSIGNMENT_ACTIVE))
+            select(Assignment.device_id).where(in_states(Assignment.status, ASSIGNMENT_ACTIVE))
         )
     )
     rows = []

@@ -27,6 +27,7 @@ import numpy as np
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
+from fedge.coordinator.db import in_states
 from fedge.coordinator.errors import Unprocessable
 from fedge.coordinator.models import Update
 from fedge.coordinator.states import UPDATE_COUNTED
@@ -74,7 +75,7 @@ def device_history(
         .where(
             Update.task_id == task_id,
             Update.device_id == device_id,
-            Update.status.in_(UPDATE_COUNTED),
+            in_states(Update.status, UPDATE_COUNTED),
         )
         .order_by(Update.id.desc())
         .limit(limit)

@@ -32,7 +32,7 @@ from typing import Any
 
 from sqlalchemy import bindparam, exists, func, select, update
 
-from fedge.coordinator.db import READ_ONLY, write_connection
+from fedge.coordinator.db import READ_ONLY, in_states, write_connection
 from fedge.coordinator.models import Assignment, Round, Task, Update
 from fedge.coordinator.runtime import Runtime
 from fedge.coordinator.states import (
@@ -43,13 +43,13 @@ from fedge.coordinator.states import (
 )
 
 _NOW = bindparam("p_now", type_=Assignment.__table__.c.lease_expires_at.type)
-_ACTIVE_WORK = (Assignment.task_id == Task.id, Assignment.status.in_(ASSIGNMENT_ACTIVE))
+_ACTIVE_WORK = (Assignment.task_id == Task.id, in_states(Assignment.status, ASSIGNMENT_ACTIVE))
 
 
 def _active_round(column: Any) -> Any:
     return (
         select(column)
-        .where(Round.task_id == Task.id, Round.status.in_(ROUND_ACTIVE))
+        .where(Round.task_id == Task.id, in_states(Round.status, ROUND_ACTIVE))
         .order_by(Round.number.desc())
         .limit(1)
         .scalar_subquery()
@@ -79,7 +79,7 @@ _LOOK = select(
 
 _COUNT_RECEIVED = (
     update(Round)
-    .where(Round.id == bindparam("p_round"), Round.status.in_(ROUND_ACTIVE))
+    .where(Round.id == bindparam("p_round"), in_states(Round.status, ROUND_ACTIVE))
     .values(num_received=bindparam("p_received"))
 )
 

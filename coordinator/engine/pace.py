@@ -45,7 +45,7 @@ from sqlalchemy import Connection, Insert, bindparam, delete, func, select, upda
 from sqlalchemy.dialects import postgresql, sqlite
 
 from fedge.coordinator.auth import RequestClaim
-from fedge.coordinator.db import READ_ONLY, utcnow, write_connection
+from fedge.coordinator.db import READ_ONLY, in_states, utcnow, write_connection
 from fedge.coordinator.engine.eligibility import Liveness
 from fedge.coordinator.engine.longpoll import check_work
 from fedge.coordinator.engine.rotation import next_checkin
@@ -274,7 +274,7 @@ _SEEN = (
 )
 _BUSY = select(Assignment.device_id).where(
     Assignment.device_id.in_(bindparam("p_ids", expanding=True)),
-    Assignment.status.in_(ASSIGNMENT_ACTIVE),
+    in_states(Assignment.status, ASSIGNMENT_ACTIVE),
 )
 
 

@@ -20,6 +20,7 @@ from sqlalchemy.orm import Session
 from sqlalchemy.orm.attributes import set_committed_value
 from sqlalchemy.orm.util import identity_key
 
+from fedge.coordinator.db import in_states
 from fedge.coordinator.engine import privacy, secure
 from fedge.coordinator.engine.config import AggregationConfig
 from fedge.coordinator.engine.eligibility import Liveness, Requirements
@@ -53,7 +54,7 @@ def active_round(session: Session, task_id: int) -> Round | None:
     """The task's open or aggregating round (there is at most one)."""
     return session.scalar(
         select(Round)
-        .where(Round.task_id == task_id, Round.status.in_(ROUND_ACTIVE))
+        .where(Round.task_id == task_id, in_states(Round.status, ROUND_ACTIVE))
         .order_by(Round.number.desc())
         .limit(1)
     )
@@ -358,7 +359,7 @@ def explain_async_wait(session: Session, task: Task, *, now: datetime, liveness:
     meets its requirements (and stops saying it once one does)."""
     working = session.scalar(
         select(Assignment.id)
-        .where(Assignment.task_id == task.id, Assignment.status.in_(ASSIGNMENT_ACTIVE))
+        .where(Assignment.task_id == task.id, in_states(Assignment.status, ASSIGNMENT_ACTIVE))
         .limit(1)
     )
     if working is not None:
@@ -421,7 +422,7 @@ def end_assignments(
                 update(Assignment)
                 .where(
                     Assignment.id.in_(ids[start : start + CHUNK]),
-                    Assignment.status.in_(ASSIGNMENT_ACTIVE),
+                    in_states(Assignment.status, ASSIGNMENT_ACTIVE),
                 )
                 .values(status=status, finished_at=now)
                 .returning(
@@ -518,7 +519,7 @@ def active_assignments(
     session: Session, *, task_id: int, round_id: int | None = None
 ) -> list[Assignment]:
     stmt = select(Assignment).where(
-        Assignment.task_id == task_id, Assignment.status.in_(ASSIGNMENT_ACTIVE)
+        Assignment.task_id == task_id, in_states(Assignment.status, ASSIGNMENT_ACTIVE)
     )
     if round_id is not None:
         stmt = stmt.where(Assignment.round_id == round_id)
@@ -614,7 +615,7 @@ def expire_async_leases(session: Session, task: Task, *, now: datetime) -> list[
     expired = session.scalars(
         select(Assignment).where(
             Assignment.task_id == task.id,
-            Assignment.status.in_(ASSIGNMENT_ACTIVE),
+            in_states(Assignment.status, ASSIGNMENT_ACTIVE),
             Assignment.lease_expires_at.is_not(None),
             Assignment.lease_expires_at < now,
         )
@@ -632,7 +633,7 @@ def cancel_doomed(
     doomed = session.scalars(
         select(Assignment).where(
             Assignment.task_id == task.id,
-            Assignment.status.in_(ASSIGNMENT_ACTIVE),
+            in_states(Assignment.status, ASSIGNMENT_ACTIVE),
             Assignment.base_version < oldest_usable,
         )
     ).all()

@@ -42,7 +42,7 @@ from functools import partial
 from sqlalchemy import Connection, exists, or_, select, update
 from sqlalchemy.orm import Session
 
-from fedge.coordinator.db import READ_ONLY, session_scope, utcnow
+from fedge.coordinator.db import READ_ONLY, in_states, session_scope, utcnow
 from fedge.coordinator.engine import apply, leases, rounds, secure
 from fedge.coordinator.engine.aggregate import BadStoredUpdate
 from fedge.coordinator.engine.config import AggregationConfig, ConfigError
@@ -82,13 +82,13 @@ _NEEDING_ATTENTION = (
     select(Task.id)
     .where(
         or_(
-            Task.status.in_(TASK_LIVE),
-            Task.status.in_(TASK_TERMINAL)
+            in_states(Task.status, TASK_LIVE),
+            in_states(Task.status, TASK_TERMINAL)
             & or_(
                 exists().where(
-                    Assignment.task_id == Task.id, Assignment.status.in_(ASSIGNMENT_ACTIVE)
+                    Assignment.task_id == Task.id, in_states(Assignment.status, ASSIGNMENT_ACTIVE)
                 ),
-                exists().where(Round.task_id == Task.id, Round.status.in_(ROUND_ACTIVE)),
+                exists().where(Round.task_id == Task.id, in_states(Round.status, ROUND_ACTIVE)),
                 exists().where(Update.task_id == Task.id, Update.status == UpdateStatus.ACCEPTED),
             ),
         )

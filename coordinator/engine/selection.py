@@ -26,6 +26,7 @@ import numpy as np
 from sqlalchemy import ColumnElement, Select, exists, or_, select
 from sqlalchemy.orm import Session, aliased
 
+from fedge.coordinator.db import in_states
 from fedge.coordinator.engine.eligibility import Liveness, Requirements
 from fedge.coordinator.models import Assignment, Device
 from fedge.coordinator.states import ASSIGNMENT_ACTIVE, DeviceStatus
@@ -47,7 +48,7 @@ class Candidate:
 def busy_clause() -> ColumnElement[bool]:
     """SQL condition: the device holds an active assignment in some task."""
     return exists().where(
-        Assignment.device_id == Device.id, Assignment.status.in_(ASSIGNMENT_ACTIVE)
+        Assignment.device_id == Device.id, in_states(Assignment.status, ASSIGNMENT_ACTIVE)
     )
 
 

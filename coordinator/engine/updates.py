@@ -32,7 +32,7 @@ from sqlalchemy.orm import Session
 
 from fedge.coordinator.auth import RequestClaim, record_nonce, settle_claim, touch_device
 from fedge.coordinator.blobstore import BlobStore
-from fedge.coordinator.db import READ_ONLY, session_scope, utcnow, write_connection
+from fedge.coordinator.db import READ_ONLY, in_states, session_scope, utcnow, write_connection
 from fedge.coordinator.engine import bounds, examples, rounds
 from fedge.coordinator.engine.aggregate import max_abs
 from fedge.coordinator.engine.config import AggregationConfig, ConfigError
@@ -288,7 +288,7 @@ _HISTORY = (
     .where(
         Update.task_id == bindparam("p_task"),
         Update.device_id == bindparam("p_device"),
-        Update.status.in_(UPDATE_COUNTED),
+        in_states(Update.status, UPDATE_COUNTED),
     )
     .order_by(Update.id.desc())
     .limit(examples.HISTORY)

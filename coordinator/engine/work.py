@@ -36,6 +36,7 @@ from sqlalchemy import (
 from sqlalchemy.orm import Session
 
 from fedge.coordinator.auth import touch_device
+from fedge.coordinator.db import in_states
 from fedge.coordinator.engine import rounds
 from fedge.coordinator.engine.config import AggregationConfig, ConfigError
 from fedge.coordinator.engine.eligibility import Requirements
@@ -169,7 +170,10 @@ _ACTIVE_OF_DEVICE = (
         Task.updated_at,
     )
     .join(Task, Task.id == Assignment.task_id)
-    .where(Assignment.device_id == bindparam("p_device"), Assignment.status.in_(ASSIGNMENT_ACTIVE))
+    .where(
+        Assignment.device_id == bindparam("p_device"),
+        in_states(Assignment.status, ASSIGNMENT_ACTIVE),
+    )
     .order_by(Assignment.id.desc())
     .limit(1)
 )
@@ -206,15 +210,34 @@ _NEW_ASSIGNMENT_ROUND = (
         # ... on one assignment at a time ...
         ~exists().where(
             Assignment.device_id == bindparam("p_device"),
-            Assignment.status.in_(ASSIGNMENT_ACTIVE),
+            in_states(Assignment.status, ASSIGNMENT_ACTIVE),
         ),
         # ... within the task's concurrency cap
         select(func.count(Assignment.id))
-        .where(Assignment.task_id == bindparam("p_task"), Assignment.status.in_(ASSIGNMENT_ACTIVE))
+        .where(
+            Assignment.task_id == bindparam("p_task"),
+            in_states(Assignment.status, ASSIGNMENT_ACTIVE),
+        )
         .scalar_subquery()
         < bindparam("p_cap"),
     )
     .order_by(Round.number.desc())
+    .limit(1)
+)
+#: Whether the device already works or worked on the task's open round (its model version):
+#: then no new assignment can result. Read before any lock or write: once true it stays true
+#: for that round, so the answer is what the assignment's own checks would find at this
+#: statement's moment.
+_WORKED_ON_OPEN_ROUND = (
+    select(Assignment.id)
+    .join(Round, Round.id == Assignment.round_id)
+    .join(Task, Task.id == Round.task_id)
+    .where(
+        Assignment.device_id == bindparam("p_device"),
+        Round.task_id == bindparam("p_task"),
+        Round.status == RoundStatus.OPEN,
+        Round.base_version == Task.current_version,
+    )
     .limit(1)
 )
 #: One statement decides and inserts a new async assignment (INSERT ... SELECT ... RETURNING).
@@ -341,7 +364,13 @@ def _assign_async(
     checks the round, the device's history and busyness and the cap and inserts, then the
     round's counter. The device row is locked before the checks read the device's
     assignments, so two processes cannot both give it work (on PostgreSQL each statement
-    reads the latest commit; SQLite serializes writers)."""
+    reads the latest commit; SQLite serializes writers).
+
+    A device that already worked on the open round (the common case right after its upload,
+    until the version moves) is answered by one read first, without the task's lock and
+    without writing the device row twice."""
+    if conn.execute(_WORKED_ON_OPEN_ROUND, {"p_task": task_id, "p_device": device_id}).first():
+        return None  # with ``seen``, find_work touches the device row at its end
     if (
         conn.dialect.name == "postgresql"
         and conn.execute(_LOCK_TASK, {"p_task": task_id}).first() is None
@@ -454,7 +483,7 @@ def _async_work_rounds(session: Session) -> list[tuple[int, Requirements]]:
             continue
         active = session.scalar(
             select(func.count(Assignment.id)).where(
-                Assignment.task_id == task_id, Assignment.status.in_(ASSIGNMENT_ACTIVE)
+                Assignment.task_id == task_id, in_states(Assignment.status, ASSIGNMENT_ACTIVE)
             )
         )
         if int(active or 0) < cfg.max_concurrency:
@@ -490,7 +519,7 @@ def check_waiting(session: Session, polls: Sequence[tuple[str, int | None]]) -> 
     for part in _chunks(idle):
         for a in session.scalars(
             select(Assignment)
-            .where(Assignment.device_id.in_(part), Assignment.status.in_(ASSIGNMENT_ACTIVE))
+            .where(Assignment.device_id.in_(part), in_states(Assignment.status, ASSIGNMENT_ACTIVE))
             .order_by(Assignment.id.desc())
         ):
             latest.setdefault(a.device_id, a)

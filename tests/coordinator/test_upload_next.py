@@ -250,3 +250,51 @@ class TestWakeIdle:
             (found,) = answer
             assert found is not None and found["base_version"] == 1
             assert db.task(task_id).current_version == 1
+
+
+def test_a_device_that_worked_on_the_open_round_is_answered_without_writes(
+    coordinator: Coordinator, db: Db
+) -> None:
+    """Right after its upload, until the version moves, a device can get no new assignment
+    of the task: the upload's `next` and a work poll find that with one read, and neither
+    inserts an assignment nor writes the device's assignment counter (the device's
+    `last_seen_at` is still written by the poll); once the version moves, it gets work."""
+    from sqlalchemy import event
+
+    stepper = _stepper(coordinator)
+    rng = np.random.default_rng(3)
+    engine = coordinator.app.state.runtime.engine
+    writes: list[str] = []
+
+    def record(_conn: Any, _cursor: Any, statement: str, *_: Any) -> None:
+        text = " ".join(statement.split()).lower()
+        if text.startswith("insert into assignments") or "num_assigned" in text:
+            writes.append(text)
+
+    with fleet_of(coordinator, 2) as fleet:
+        a, b = fleet
+        task_id = create_task(coordinator, aggregation={**ASYNC, "buffer_size": 2}, model=MODEL)
+        stepper.step(task_id)
+        work_a, work_b = a.work(), b.work()
+        assert work_a and work_b
+        event.listen(engine, "before_cursor_execute", record)
+        try:
+            r = _upload(a, work_a, rng, next=1)
+            assert r.status_code == 201 and "next" not in r.json()
+            seen_before = db.device(a.device_id).last_seen_at
+            assert a.work() is None
+            assert db.device(a.device_id).last_seen_at > seen_before
+            assert writes == []
+            stepper.step(task_id)  # one update of two: the version stays
+            assert a.work() is None and writes == []
+            # B fills the buffer, the version moves, and A gets work on it (one insert).
+            assert _upload(b, work_b, rng).status_code == 201
+            stepper.step(task_id)
+            stepper.step(task_id)
+            assert db.task(task_id).current_version == 1
+            following = a.work()
+            assert following is not None and following["base_version"] == 1
+            assert sum(w.startswith("insert into assignments") for w in writes) == 1
+        finally:
+            event.remove(engine, "before_cursor_execute", record)
+        assert db.device(a.device_id).num_assigned == 2

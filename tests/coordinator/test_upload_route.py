@@ -13,16 +13,11 @@ from fedge.coordinator.api.upload_route import UPLOAD_PATH, UploadRoute
 from fedge.coordinator.app import create_app
 from fedge.coordinator.paths import DEVICE_PREFIX
 from fedge.coordinator.settings import Settings
+from tests.support.device import http_scope
 
 
 def _scope(path: str, query: str = "", method: str = "POST") -> dict[str, Any]:
-    return {
-        "type": "http",
-        "method": method,
-        "path": path,
-        "root_path": "",
-        "query_string": query.encode(),
-    }
+    return http_scope(path, query, method)
 
 
 def _upload(assignment: str) -> str:
@@ -45,7 +40,7 @@ def test_well_formed_uploads_are_taken(query: str, expected: dict[str, Any]) -> 
     match, child = UploadRoute().matches(_scope(_upload("42"), query))
     assert match is Match.FULL
     assert child["path_params"] == {"assignment_id": "42"}
-    assert child["fedge.upload"] == (42, expected)
+    assert child["fedge.direct"] == (42, expected)
 
 
 @pytest.mark.parametrize(

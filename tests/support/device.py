@@ -160,3 +160,14 @@ class SignedDevice:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def http_scope(path: str, query: str = "", method: str = "GET") -> dict[str, Any]:
+    """The ASGI scope of a request, as far as a route's ``matches`` reads it."""
+    return {
+        "type": "http",
+        "method": method,
+        "path": path,
+        "root_path": "",
+        "query_string": query.encode(),
+    }
