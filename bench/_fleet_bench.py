@@ -208,6 +208,19 @@ def wait_for_task(
     return dict(admin.cancel_task(task_id)), True
 
 
+def wait_until_seen(admin: AdminClient, count: int, *, timeout_s: float = 120.0) -> None:
+    """Poll until ``count`` devices have made a signed request (their first work poll), so
+    that the first round can pick from the whole fleet."""
+    deadline = time.monotonic() + timeout_s
+    seen = 0
+    while time.monotonic() < deadline:
+        seen = sum(1 for d in admin.iterate("/devices") if d.get("last_seen_at"))
+        if seen >= count:
+            return
+        time.sleep(0.2)
+    raise RuntimeError(f"only {seen} of {count} devices were seen within {timeout_s} s")
+
+
 def _db_path(coordinator: LocalCoordinator) -> Path:
     return coordinator.data_dir / "fedge.db"
 

@@ -57,6 +57,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import hashlib
 import json
 import logging
 import statistics
@@ -82,6 +83,7 @@ from _fleet_bench import (
     now_iso,
     start_coordinator,
     wait_for_task,
+    wait_until_seen,
     write_json,
 )
 
@@ -233,6 +235,8 @@ def run_one(
         "aggregation": {
             **AGGREGATION,
             "num_rounds": rounds,
+            # The same cohorts in every arm of a seed (and every run of it).
+            "selection_seed": seed,
             **(DEFENCES[defence_name] if defence_name else {}),
         },
         "compression": COMPRESSION,
@@ -262,11 +266,15 @@ def run_one(
                 seed=seed,
                 poll_wait=POLL_WAIT_S,
                 eval_fraction=0.0,
+                # Each device trains alike in every arm of a seed.
+                seed_training_by_version=True,
             )
             byzantine = {id(fleet.devices[int(i)].data) for i in chosen}
             fleet.trainer_factory = trainer_factory(attack, byzantine)
             device_ids = fleet.enroll(token)
             fleet.start()
+            # Every device polled before the first round: it picks from the whole fleet.
+            wait_until_seen(admin, DEVICES)
             admin.start_task(task["id"])
             final, timed_out = wait_for_task(
                 admin, task["id"], budget_s=120.0 + WAIT_PER_ROUND_S * rounds, poll_s=0.5
@@ -278,6 +286,13 @@ def run_one(
                 coordinator,
                 "SELECT device_id, norm, clip_scale FROM updates "
                 "WHERE task_id = ? AND status = 'applied'",
+                (task["id"],),
+            )
+            cohorts = db_rows(
+                coordinator,
+                "SELECT r.number, d.name FROM assignments a "
+                "JOIN rounds r ON r.id = a.round_id JOIN devices d ON d.id = a.device_id "
+                "WHERE a.task_id = ? ORDER BY r.number, d.name",
                 (task["id"],),
             )
             devices = list(admin.iterate("/devices"))
@@ -325,6 +340,9 @@ def run_one(
         "devices_norm_clipped": sum(int(d.get("num_norm_clipped", 0)) for d in devices),
         "norm_bound_per_version": [(v.get("metrics") or {}).get("norm_bound") for v in versions],
         "rounds_failed": record["rounds_failed"],
+        # The devices of every round (by name): equal in every arm of a seed when the
+        # selection is reproducible.
+        "cohorts_sha256": hashlib.sha256(json.dumps(cohorts).encode()).hexdigest(),
         "wall_s": time.monotonic() - wall0,
     }
 
@@ -373,6 +391,10 @@ def summarize(runs: list[dict[str, Any]], arms: list[str], seeds: list[int]) -> 
                 if (arm, s) in by
             ),
         }
+    out["same_cohorts_in_every_arm"] = {
+        str(s): len({r.get("cohorts_sha256") for r in runs if r["seed"] == s}) == 1
+        for s in seeds
+    }
     for key, suffix in (("headline", "defence"), ("headline_krum", "krum")):
         defended = [f"{a}+{suffix}" for a in ATTACKS if f"{a}+{suffix}" in out]
         worst = None
