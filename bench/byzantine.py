@@ -56,6 +56,7 @@ defended arms' final accuracy against the clean run's (target: within 2 points).
 from __future__ import annotations
 
 import argparse
+import concurrent.futures
 import dataclasses
 import hashlib
 import json
@@ -392,8 +393,7 @@ def summarize(runs: list[dict[str, Any]], arms: list[str], seeds: list[int]) -> 
             ),
         }
     out["same_cohorts_in_every_arm"] = {
-        str(s): len({r.get("cohorts_sha256") for r in runs if r["seed"] == s}) == 1
-        for s in seeds
+        str(s): len({r.get("cohorts_sha256") for r in runs if r["seed"] == s}) == 1 for s in seeds
     }
     for key, suffix in (("headline", "defence"), ("headline_krum", "krum")):
         defended = [f"{a}+{suffix}" for a in ATTACKS if f"{a}+{suffix}" in out]
@@ -490,6 +490,14 @@ def main() -> None:
     parser.add_argument(
         "--defence", default=DEFENCE, choices=sorted(DEFENCES), help="the defended arms' setting"
     )
+    parser.add_argument(
+        "--jobs", type=int, default=1, help="runs at once (each its own coordinator and fleet)"
+    )
+    parser.add_argument(
+        "--no-clean",
+        action="store_true",
+        help="do not add the clean arm (its runs repeat exactly: another run's serve)",
+    )
     parser.add_argument("--plot-only", action="store_true")
     parser.add_argument(
         "--merge",
@@ -517,22 +525,34 @@ def main() -> None:
     seeds = [args.first_seed] if args.quick else [args.first_seed + i for i in range(args.seeds)]
     rounds = 8 if args.quick else args.rounds
     arms = list(args.arms)
-    if "clean" not in arms and not args.merge:
+    if "clean" not in arms and not args.merge and not args.no_clean:
         arms.insert(0, "clean")
     started = time.monotonic()
     runs: list[dict[str, Any]] = []
     with tempfile.TemporaryDirectory(prefix="fedge-byzantine-") as tmp:
-        for seed in seeds:
-            for arm in arms:
-                run = run_one(arm, seed=seed, rounds=rounds, work=Path(tmp), defence=args.defence)
+        pairs = [(arm, seed) for seed in seeds for arm in arms]
+        # Runs are reproducible (accuracy does not depend on timing), so they may share the
+        # machine; each is a coordinator process and a fleet of its own.
+        with concurrent.futures.ProcessPoolExecutor(max_workers=args.jobs) as pool:
+            futures = [
+                pool.submit(
+                    run_one, arm, seed=seed, rounds=rounds, work=Path(tmp), defence=args.defence
+                )
+                for arm, seed in pairs
+            ]
+            for future in concurrent.futures.as_completed(futures):
+                run = future.result()
                 runs.append(run)
+                # What is done so far, should the run be cut short.
+                write_json(out_json.with_suffix(".partial.json"), {"runs": runs})
                 print(
-                    f"{arm:>20} seed {seed}: final accuracy {run['final_accuracy']}, "
-                    f"{run['versions']} versions, byzantine clipped "
+                    f"{run['arm']:>20} seed {run['seed']}: final accuracy "
+                    f"{run['final_accuracy']}, {run['versions']} versions, byzantine clipped "
                     f"{run['updates_applied']['byzantine']['clipped']}, "
                     f"{run['wall_s']:.0f} s",
                     flush=True,
                 )
+    runs.sort(key=lambda r: (r["seed"], arms.index(r["arm"])))
     merged_from = []
     for path in args.merge:
         earlier = json.loads(Path(path).read_text())
@@ -570,6 +590,7 @@ def main() -> None:
         "runtime_s": time.monotonic() - started,
         "parameters": {
             "quick": args.quick,
+            "jobs": args.jobs,
             "seeds": seeds,
             "rounds": rounds,
             "devices": DEVICES,

@@ -143,7 +143,7 @@ class AggregationConfig(BaseModel):
         description="sync: seeds the devices each round picks, ordering the eligible devices "
         "by name, and sums a round's updates in assignment order, so that two runs of an "
         "experiment on fresh coordinators with the same fleet get the same cohorts; null: the "
-        "(task, round) seed and device id order (docs/rounds.md, \"Reproducible selection\")",
+        '(task, round) seed and device id order (docs/rounds.md, "Reproducible selection")',
     )
 
     keep_versions: int | None = Field(

@@ -82,9 +82,9 @@ def eligible_devices(
 ) -> list[Candidate]:
     """Active, live, idle devices meeting ``requirements`` (ordered by id, so selection is
     reproducible; with ``by_name`` by name, then id: the order two enrollments of one fleet
-    share, whose ids are random). With ``task_id``: without the devices that declined that task since their
-    last capability report; with ``not_in_round``: without the devices already assigned in
-    that round."""
+    share, whose ids are random). With ``task_id``: without the devices that declined that
+    task since their last capability report; with ``not_in_round``: without the devices
+    already assigned in that round."""
     since = now - timedelta(seconds=liveness.longest_window_s)
     wanted = requirements if requirements is not None and not requirements.empty else None
     # Only the capabilities the check needs, extracted in SQL: decoding every device's whole

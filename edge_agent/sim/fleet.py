@@ -170,9 +170,7 @@ class Fleet:
                 data=device.data,
                 trainer_factory=self.trainer_factory,
                 seed=device.seed,
-                hooks=FaultHooks(
-                    device.faults, seed_by_version=self.seed_training_by_version
-                ),
+                hooks=FaultHooks(device.faults, seed_by_version=self.seed_training_by_version),
                 poll_wait=self.poll_wait,
                 error_pause_s=min(1.0, self.poll_wait),
                 stop_event=self._stop,
