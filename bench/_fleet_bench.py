@@ -98,12 +98,14 @@ def start_coordinator(
     *,
     recheck_s: float = 1.0,
     startup_timeout: float = 60.0,
+    extra_env: Mapping[str, str] | None = None,
 ) -> LocalCoordinator:
-    """A coordinator in ``root`` that evaluates every model version on ``test``."""
+    """A coordinator in ``root`` that evaluates every model version on ``test`` (further
+    settings in ``extra_env``)."""
     root.mkdir(parents=True, exist_ok=True)
     test_npz = root / "test-split.npz"
     np.savez(test_npz, X=test[0], y=test[1])
-    env = coordinator_env(test_npz, recheck_s=recheck_s)
+    env = {**coordinator_env(test_npz, recheck_s=recheck_s), **(extra_env or {})}
     return start_local_coordinator(root / "coordinator", env=env, startup_timeout=startup_timeout)
 
 

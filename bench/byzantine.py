@@ -110,9 +110,15 @@ AGGREGATION = {
     "clients_per_round": PER_ROUND,
     "over_selection": 0.0,
     "min_updates": PER_ROUND,
-    "round_deadline_s": 60.0,
-    "lease_s": 60.0,
+    # A safety net only (a round closes with its 20th update): a round that missed a short
+    # deadline on the loaded machine would make the run depend on timing.
+    "round_deadline_s": 3600.0,
+    "lease_s": 3600.0,
 }
+#: Devices stay eligible while seen within 100 poll intervals (capped by the coordinator at
+#: 600 s), not 3: on the loaded machine a device's next poll can be late, and a round that
+#: opened without it would pick another cohort.
+COORDINATOR_ENV = {"FEDGE_DEVICE_LIVENESS_POLLS": "100"}
 #: The adaptive norm bound every defence uses: clip to the running median of the norms (at
 #: most 10; honest updates here are about 1).
 NORM_BOUND = {
@@ -129,7 +135,7 @@ DEFENCES: dict[str, dict[str, Any]] = {
     "krum6": {"norm_bound": NORM_BOUND, "robust": "multi_krum", "krum_byzantine": 6},
     "krum8": {"norm_bound": NORM_BOUND, "robust": "multi_krum", "krum_byzantine": 8},
 }
-DEFENCE = "trimmed10"
+DEFENCE = "krum6"
 SCALE = 100.0
 SIGN_FLIP = -4.0
 GAUSSIAN_SIGMA = 1.0
@@ -140,14 +146,15 @@ ATTACKS = ("scaled", "sign_flip", "gaussian")
 #: The direction-aware defence of the ``+krum`` arms: the same adaptive norm bound and
 #: Multi-Krum with f = 6 of the 20 updates of a round, averaging the 14 best.
 KRUM_DEFENCE = "krum6"
-ARMS = (
+#: The reported arms, in the order a seed's runs start: the clean reference, the defended
+#: attacks, the defence's own cost, the undefended attacks.
+DEFAULT_ARMS = (
     "clean",
+    *(f"{a}+defence" for a in ATTACKS),
     "clean+defence",
     *ATTACKS,
-    *(f"{a}+defence" for a in ATTACKS),
-    "clean+krum",
-    *(f"{a}+krum" for a in ATTACKS),
 )
+ARMS = (*DEFAULT_ARMS, "clean+krum", *(f"{a}+krum" for a in ATTACKS))
 POLL_WAIT_S = 5.0
 STARTUP_TIMEOUT_S = 600.0
 #: How long a run may take per round before it is cancelled: generous, because on the loaded
@@ -248,7 +255,10 @@ def run_one(
     # A generous start-up wait: on a loaded machine the coordinator's start (key generation,
     # migrations, imports) has taken more than the default 60 s.
     coordinator = start_coordinator(
-        root, (dataset.X_test, dataset.y_test), startup_timeout=STARTUP_TIMEOUT_S
+        root,
+        (dataset.X_test, dataset.y_test),
+        startup_timeout=STARTUP_TIMEOUT_S,
+        extra_env=COORDINATOR_ENV,
     )
     fleet: Fleet | None = None
     try:
@@ -485,7 +495,7 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="1 seed, 8 rounds")
     parser.add_argument("--seeds", type=int, default=3)
     parser.add_argument("--rounds", type=int, default=50)
-    parser.add_argument("--arms", nargs="*", default=list(ARMS), choices=ARMS)
+    parser.add_argument("--arms", nargs="*", default=list(DEFAULT_ARMS), choices=ARMS)
     parser.add_argument("--first-seed", type=int, default=0)
     parser.add_argument(
         "--defence", default=DEFENCE, choices=sorted(DEFENCES), help="the defended arms' setting"
@@ -497,6 +507,11 @@ def main() -> None:
         "--no-clean",
         action="store_true",
         help="do not add the clean arm (its runs repeat exactly: another run's serve)",
+    )
+    parser.add_argument(
+        "--from-partial",
+        action="store_true",
+        help="write the results of a run stopped early from its .partial.json (same arguments)",
     )
     parser.add_argument("--plot-only", action="store_true")
     parser.add_argument(
@@ -528,30 +543,50 @@ def main() -> None:
     if "clean" not in arms and not args.merge and not args.no_clean:
         arms.insert(0, "clean")
     started = time.monotonic()
-    runs: list[dict[str, Any]] = []
-    with tempfile.TemporaryDirectory(prefix="fedge-byzantine-") as tmp:
-        pairs = [(arm, seed) for seed in seeds for arm in arms]
-        # Runs are reproducible (accuracy does not depend on timing), so they may share the
-        # machine; each is a coordinator process and a fleet of its own.
-        with concurrent.futures.ProcessPoolExecutor(max_workers=args.jobs) as pool:
-            futures = [
-                pool.submit(
-                    run_one, arm, seed=seed, rounds=rounds, work=Path(tmp), defence=args.defence
-                )
-                for arm, seed in pairs
-            ]
-            for future in concurrent.futures.as_completed(futures):
-                run = future.result()
-                runs.append(run)
-                # What is done so far, should the run be cut short.
-                write_json(out_json.with_suffix(".partial.json"), {"runs": runs})
-                print(
-                    f"{run['arm']:>20} seed {run['seed']}: final accuracy "
-                    f"{run['final_accuracy']}, {run['versions']} versions, byzantine clipped "
-                    f"{run['updates_applied']['byzantine']['clipped']}, "
-                    f"{run['wall_s']:.0f} s",
-                    flush=True,
-                )
+    command = " ".join(["python", "bench/byzantine.py", *sys.argv[1:]])
+    code = code_state()
+    partial_json = out_json.with_suffix(".partial.json")
+    cut_short = None
+    if args.from_partial:
+        # A run stopped before every (arm, seed) pair was done: its finished pairs, with the
+        # command and code of that run.
+        partial = json.loads(partial_json.read_text())
+        runs: list[dict[str, Any]] = partial["runs"]
+        command, code = partial["command"], partial["code"]
+        done = {(r["arm"], r["seed"]) for r in runs}
+        cut_short = {
+            "started": partial["started"],
+            "missing": [[a, s] for s in seeds for a in arms if (a, s) not in done],
+        }
+    else:
+        runs = []
+        started_at = now_iso()
+        with tempfile.TemporaryDirectory(prefix="fedge-byzantine-") as tmp:
+            pairs = [(arm, seed) for seed in seeds for arm in arms]
+            # Runs are reproducible (accuracy does not depend on timing), so they may share
+            # the machine; each is a coordinator process and a fleet of its own.
+            with concurrent.futures.ProcessPoolExecutor(max_workers=args.jobs) as pool:
+                futures = [
+                    pool.submit(
+                        run_one, arm, seed=seed, rounds=rounds, work=Path(tmp), defence=args.defence
+                    )
+                    for arm, seed in pairs
+                ]
+                for future in concurrent.futures.as_completed(futures):
+                    run = future.result()
+                    runs.append(run)
+                    # What is done so far, should the run be cut short (--from-partial).
+                    write_json(
+                        partial_json,
+                        {"command": command, "code": code, "started": started_at, "runs": runs},
+                    )
+                    print(
+                        f"{run['arm']:>20} seed {run['seed']}: final accuracy "
+                        f"{run['final_accuracy']}, {run['versions']} versions, byzantine "
+                        f"clipped {run['updates_applied']['byzantine']['clipped']}, "
+                        f"{run['wall_s']:.0f} s",
+                        flush=True,
+                    )
     runs.sort(key=lambda r: (r["seed"], arms.index(r["arm"])))
     merged_from = []
     for path in args.merge:
@@ -583,11 +618,12 @@ def main() -> None:
         seeds = sorted({r["seed"] for r in runs})
     data = {
         "benchmark": NAME,
-        "command": " ".join(["python", "bench/byzantine.py", *sys.argv[1:]]),
+        "command": command,
+        "cut_short": cut_short,
         "timestamp": now_iso(),
         "machine": machine_info(),
-        "code": code_state(),
-        "runtime_s": time.monotonic() - started,
+        "code": code,
+        "runtime_s": None if args.from_partial else time.monotonic() - started,
         "parameters": {
             "quick": args.quick,
             "jobs": args.jobs,
@@ -602,6 +638,7 @@ def main() -> None:
             "training": TRAINING,
             "compression": COMPRESSION,
             "aggregation": AGGREGATION,
+            "coordinator_env": COORDINATOR_ENV,
             "defence": {"name": args.defence, "aggregation": DEFENCES[args.defence]},
             "krum_defence": {"name": KRUM_DEFENCE, "aggregation": DEFENCES[KRUM_DEFENCE]},
             "defences_available": DEFENCES,

@@ -637,7 +637,12 @@ def byzantine(d: dict[str, Any]) -> str:
             ]
         )
     targets = []
+    names = {
+        "headline": p["defence"]["name"],
+        "headline_krum": (p.get("krum_defence") or {}).get("name", "krum"),
+    }
     for key, label in (("headline", "+defence"), ("headline_krum", "+krum")):
+        label = f"{label} (`{names[key]}`)"
         h = s.get(key)
         if not h or h.get("worst_defended_arm") is None:
             continue
@@ -665,6 +670,18 @@ def byzantine(d: dict[str, Any]) -> str:
         else ""
     )
     seeds_of = {arm: sorted({r["seed"] for r in d["runs"] if r["arm"] == arm}) for arm in p["arms"]}
+    same = s.get("same_cohorts_in_every_arm") or {}
+    reproducible = (
+        f" Every run of a seed used the same cohorts (`selection_seed`, training seeded by "
+        f"device and version; cohorts identical in every arm: "
+        f"{'all ' + str(len(same)) + ' seeds' if all(same.values()) else 'not for every seed'}), "
+        f"so an arm differs from the clean run of its seed by the attack and the defence "
+        f"alone; all arms in one run (commit `{d['code']['commit'][:10]}`, "
+        f"{d['timestamp'][:16]} UTC, {p.get('jobs', 1)} runs at once, load average "
+        f"{d['machine']['load_average_1_5_15min'][0]:.0f} at the end)."
+        if same and not d.get("merged_from")
+        else ""
+    )
     partial = [f"{a} ({len(v)})" for a, v in seeds_of.items() if len(v) != len(p["seeds"])]
     partial_text = f" Arms with fewer seeds (seeds run): {', '.join(partial)}." if partial else ""
     return section(
@@ -673,7 +690,8 @@ def byzantine(d: dict[str, Any]) -> str:
         f"per round, digits, {p['rounds']} rounds, {len(p['seeds'])} seeds (mean and min–max). "
         f"Attacks: {'; '.join(f'{k}: {v}' for k, v in p['attacks'].items())}. `+defence` arms: "
         f"`{defence['name']}`: `{json.dumps(defence['aggregation'])}`.{krum_text}"
-        f"{partial_text}{_byzantine_provenance(d)} ([docs/robustness.md](docs/robustness.md)).",
+        f"{partial_text}{reproducible}{_byzantine_provenance(d)} "
+        "([docs/robustness.md](docs/robustness.md)).",
         [
             "arm",
             "final accuracy",
@@ -687,6 +705,37 @@ def byzantine(d: dict[str, Any]) -> str:
         "lrrrrrr",
         "byzantine",
         targets,
+    ) + _byzantine_per_seed(d)
+
+
+def _byzantine_per_seed(d: dict[str, Any]) -> str:
+    """Each arm's final accuracy minus the clean run's of the same seed, per seed."""
+    seeds = d["parameters"]["seeds"]
+    by = {(r["arm"], r["seed"]): r["final_accuracy"] for r in d["runs"]}
+    rows = []
+    for arm in d["parameters"]["arms"]:
+        if arm == "clean":
+            continue
+        gaps = [
+            None
+            if by.get((arm, seed)) is None or by.get(("clean", seed)) is None
+            else 100.0 * (by[(arm, seed)] - by[("clean", seed)])
+            for seed in seeds
+        ]
+        known = [g for g in gaps if g is not None]
+        rows.append(
+            [
+                arm,
+                *(fmt(g, "+.1f") for g in gaps),
+                fmt(sum(known) / len(known) if known else None, "+.1f"),
+                fmt(min(known) if known else None, "+.1f"),
+            ]
+        )
+    clean = ["clean (final accuracy)", *(fmt(by.get(("clean", seed)), ".3f") for seed in seeds)]
+    return "\n\nPer seed, points against the clean run of the same seed:\n\n" + table(
+        ["arm", *(f"seed {seed}" for seed in seeds), "mean", "worst"],
+        [[*clean, "", ""], *rows],
+        "l" + "r" * (len(seeds) + 2),
     )
 
 
