@@ -418,9 +418,8 @@ def summarize(runs: list[dict[str, Any]], arms: list[str], seeds: list[int]) -> 
                 if (arm, s) in by
             ),
         }
-    out["same_cohorts_in_every_arm"] = {
-        str(s): len({r.get("cohorts_sha256") for r in runs if r["seed"] == s}) == 1 for s in seeds
-    }
+    digests = {s: {r.get("cohorts_sha256") for r in runs if r["seed"] == s} for s in seeds}
+    out["same_cohorts_in_every_arm"] = {str(s): len(d) == 1 for s, d in digests.items() if d}
     for key, suffix in (("headline", "defence"), ("headline_krum", "krum")):
         defended = [f"{a}+{suffix}" for a in ATTACKS if f"{a}+{suffix}" in out]
         worst = None

@@ -676,21 +676,26 @@ def byzantine(d: dict[str, Any]) -> str:
         f"device and version; cohorts identical in every arm: "
         f"{'all ' + str(len(same)) + ' seeds' if all(same.values()) else 'not for every seed'}), "
         f"so an arm differs from the clean run of its seed by the attack and the defence "
-        f"alone; all arms in one run (commit `{d['code']['commit'][:10]}`, "
+        f"alone (commit `{d['code']['commit'][:10]}`, "
         f"{d['timestamp'][:16]} UTC, {p.get('jobs', 1)} runs at once, load average "
         f"{d['machine']['load_average_1_5_15min'][0]:.0f} at the end)."
-        if same and not d.get("merged_from")
+        if same
         else ""
     )
     partial = [f"{a} ({len(v)})" for a, v in seeds_of.items() if len(v) != len(p["seeds"])]
     partial_text = f" Arms with fewer seeds (seeds run): {', '.join(partial)}." if partial else ""
+    if d.get("cut_short"):
+        partial_text += (
+            f" The run was stopped before it finished (the time it had); "
+            f"{len(d['cut_short']['missing'])} (arm, seed) pairs were not run."
+        )
     return section(
         f"Byzantine devices (`bench/byzantine.py`): {p['devices']} agents over HTTPS, "
         f"{p['byzantine_devices']} of them validly enrolled attackers, {p['clients_per_round']} "
         f"per round, digits, {p['rounds']} rounds, {len(p['seeds'])} seeds (mean and min–max). "
         f"Attacks: {'; '.join(f'{k}: {v}' for k, v in p['attacks'].items())}. `+defence` arms: "
         f"`{defence['name']}`: `{json.dumps(defence['aggregation'])}`.{krum_text}"
-        f"{partial_text}{reproducible}{_byzantine_provenance(d)} "
+        f"{partial_text}{reproducible}{_byzantine_provenance(d, bool(same))} "
         "([docs/robustness.md](docs/robustness.md)).",
         [
             "arm",
@@ -739,7 +744,7 @@ def _byzantine_per_seed(d: dict[str, Any]) -> str:
     )
 
 
-def _byzantine_provenance(d: dict[str, Any]) -> str:
+def _byzantine_provenance(d: dict[str, Any], reproducible: bool = False) -> str:
     """Which run of the script each arm comes from, when the results merge several runs."""
     chain: list[dict[str, Any]] = [d]
     while chain[-1].get("merged_from"):
@@ -765,8 +770,14 @@ def _byzantine_provenance(d: dict[str, Any]) -> str:
         + " runs of the script, merged (`merged_from` in the JSON; an arm run later replaces "
         "the earlier runs of its seeds): "
         + "; ".join(parts)
-        + ". A run is not reproducible (device ids, so the cohorts and each device's random "
-        "streams, differ between runs), so arms of different runs differ by that noise too."
+        + (
+            ". The runs are reproducible, so arms of different runs of one commit compare as "
+            "arms of one run would."
+            if reproducible
+            else ". A run is not reproducible (device ids, so the cohorts and each device's "
+            "random streams, differ between runs), so arms of different runs differ by that "
+            "noise too."
+        )
     )
 
 
