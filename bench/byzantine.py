@@ -438,7 +438,13 @@ def summarize(runs: list[dict[str, Any]], arms: list[str], seeds: list[int]) -> 
             "worst_defended_arm": None if worst is None else worst[0],
             "worst_defended_minus_clean_points": None if worst is None else worst[1],
             "worst_mean_minus_clean_points": None if worst_mean is None else worst_mean[1],
-            "met": None if worst is None else worst[1] >= -2.0,
+            # Per defended arm, the seeds compared with their clean run.
+            "seeds_compared": {a: len(out[a]["minus_clean_points"]["values"]) for a in defended},
+            # Undecided while a defended arm lacks a seed of the run.
+            "met": None
+            if worst is None
+            or any(len(out[a]["minus_clean_points"]["values"]) < len(seeds) for a in defended)
+            else worst[1] >= -2.0,
         }
     return out
 
@@ -561,18 +567,15 @@ def main() -> None:
     command = " ".join(["python", "bench/byzantine.py", *sys.argv[1:]])
     code = code_state()
     partial_json = out_json.with_suffix(".partial.json")
-    cut_short = None
+    cut_short: dict[str, Any] | None = None
+    wanted = [(a, s) for s in seeds for a in arms]
     if args.from_partial:
         # A run stopped before every (arm, seed) pair was done: its finished pairs, with the
         # command and code of that run.
         partial = json.loads(partial_json.read_text())
         runs: list[dict[str, Any]] = partial["runs"]
         command, code = partial["command"], partial["code"]
-        done = {(r["arm"], r["seed"]) for r in runs}
-        cut_short = {
-            "started": partial["started"],
-            "missing": [[a, s] for s in seeds for a in arms if (a, s) not in done],
-        }
+        cut_short = {"started": partial["started"], "missing": []}
     else:
         runs = []
         started_at = now_iso()
@@ -631,6 +634,9 @@ def main() -> None:
                 "merged_from": earlier.get("merged_from", []),
             }
         )
+    if cut_short is not None:
+        done = {(r["arm"], r["seed"]) for r in runs}
+        cut_short["missing"] = [[a, s] for a, s in wanted if (a, s) not in done]
     if args.merge:
         present = {r["arm"] for r in runs}
         arms = [a for a in ARMS if a in present]

@@ -658,6 +658,12 @@ def byzantine(d: dict[str, Any]) -> str:
                     f", worst mean {fmt(h['worst_mean_minus_clean_points'], '+.1f')}"
                     if h.get("worst_mean_minus_clean_points") is not None
                     else ""
+                )
+                + (
+                    "; seeds compared: "
+                    + ", ".join(f"{a} {n}" for a, n in h["seeds_compared"].items())
+                    if h.get("seeds_compared")
+                    else ""
                 ),
                 verdict(h["met"]),
             ]
