@@ -98,12 +98,14 @@ def start_coordinator(
     *,
     recheck_s: float = 1.0,
     startup_timeout: float = 60.0,
+    extra_env: Mapping[str, str] | None = None,
 ) -> LocalCoordinator:
-    """A coordinator in ``root`` that evaluates every model version on ``test``."""
+    """A coordinator in ``root`` that evaluates every model version on ``test`` (further
+    settings in ``extra_env``)."""
     root.mkdir(parents=True, exist_ok=True)
     test_npz = root / "test-split.npz"
     np.savez(test_npz, X=test[0], y=test[1])
-    env = coordinator_env(test_npz, recheck_s=recheck_s)
+    env = {**coordinator_env(test_npz, recheck_s=recheck_s), **(extra_env or {})}
     return start_local_coordinator(root / "coordinator", env=env, startup_timeout=startup_timeout)
 
 
@@ -206,6 +208,19 @@ def wait_for_task(
             return task, False
         time.sleep(poll_s)
     return dict(admin.cancel_task(task_id)), True
+
+
+def wait_until_seen(admin: AdminClient, count: int, *, timeout_s: float = 120.0) -> None:
+    """Poll until ``count`` devices have made a signed request (their first work poll), so
+    that the first round can pick from the whole fleet."""
+    deadline = time.monotonic() + timeout_s
+    seen = 0
+    while time.monotonic() < deadline:
+        seen = sum(1 for d in admin.iterate("/devices") if d.get("last_seen_at"))
+        if seen >= count:
+            return
+        time.sleep(0.2)
+    raise RuntimeError(f"only {seen} of {count} devices were seen within {timeout_s} s")
 
 
 def _db_path(coordinator: LocalCoordinator) -> Path:

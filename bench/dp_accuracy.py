@@ -58,6 +58,7 @@ from _fleet_bench import (
     now_iso,
     start_coordinator,
     wait_for_task,
+    wait_until_seen,
     write_json,
 )
 
@@ -111,16 +112,6 @@ def noise_for(epsilon: float, *, q: float, rounds: int, delta: float) -> float:
         mid = (lo + hi) / 2
         lo, hi = (lo, mid) if spent(mid) <= epsilon else (mid, hi)
     return hi
-
-
-def wait_until_all_seen(admin: AdminClient, *, timeout_s: float = 120.0) -> None:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        seen = sum(1 for d in admin.iterate("/devices") if d.get("last_seen_at"))
-        if seen >= DEVICES:
-            return
-        time.sleep(0.2)
-    raise RuntimeError(f"only {seen} of {DEVICES} devices were seen within {timeout_s} s")
 
 
 def task_body(
@@ -188,7 +179,7 @@ def run_one(
             fleet.start()
             # Every device must have been seen before the first round opens: the sampling
             # rate charged is picked / eligible, and an unseen device is not eligible.
-            wait_until_all_seen(admin)
+            wait_until_seen(admin, DEVICES)
             admin.start_task(task["id"])
             final, timed_out = wait_for_task(admin, task["id"], budget_s=BUDGET_S)
             fleet.stop(timeout=5)

@@ -637,7 +637,12 @@ def byzantine(d: dict[str, Any]) -> str:
             ]
         )
     targets = []
+    names = {
+        "headline": p["defence"]["name"],
+        "headline_krum": (p.get("krum_defence") or {}).get("name", "krum"),
+    }
     for key, label in (("headline", "+defence"), ("headline_krum", "+krum")):
+        label = f"{label} (`{names[key]}`)"
         h = s.get(key)
         if not h or h.get("worst_defended_arm") is None:
             continue
@@ -653,6 +658,12 @@ def byzantine(d: dict[str, Any]) -> str:
                     f", worst mean {fmt(h['worst_mean_minus_clean_points'], '+.1f')}"
                     if h.get("worst_mean_minus_clean_points") is not None
                     else ""
+                )
+                + (
+                    "; seeds compared: "
+                    + ", ".join(f"{a} {n}" for a, n in h["seeds_compared"].items())
+                    if h.get("seeds_compared")
+                    else ""
                 ),
                 verdict(h["met"]),
             ]
@@ -665,15 +676,33 @@ def byzantine(d: dict[str, Any]) -> str:
         else ""
     )
     seeds_of = {arm: sorted({r["seed"] for r in d["runs"] if r["arm"] == arm}) for arm in p["arms"]}
+    same = s.get("same_cohorts_in_every_arm") or {}
+    reproducible = (
+        f" Every run of a seed used the same cohorts (`selection_seed`, training seeded by "
+        f"device and version; cohorts identical in every arm: "
+        f"{'all ' + str(len(same)) + ' seeds' if all(same.values()) else 'not for every seed'}), "
+        f"so an arm differs from the clean run of its seed by the attack and the defence "
+        f"alone (commit `{d['code']['commit'][:10]}`, "
+        f"{d['timestamp'][:16]} UTC, {p.get('jobs', 1)} runs at once, load average "
+        f"{d['machine']['load_average_1_5_15min'][0]:.0f} at the end)."
+        if same
+        else ""
+    )
     partial = [f"{a} ({len(v)})" for a, v in seeds_of.items() if len(v) != len(p["seeds"])]
     partial_text = f" Arms with fewer seeds (seeds run): {', '.join(partial)}." if partial else ""
+    if d.get("cut_short"):
+        partial_text += (
+            f" The run was stopped before it finished (the time it had); "
+            f"{len(d['cut_short']['missing'])} (arm, seed) pairs were not run."
+        )
     return section(
         f"Byzantine devices (`bench/byzantine.py`): {p['devices']} agents over HTTPS, "
         f"{p['byzantine_devices']} of them validly enrolled attackers, {p['clients_per_round']} "
         f"per round, digits, {p['rounds']} rounds, {len(p['seeds'])} seeds (mean and min–max). "
         f"Attacks: {'; '.join(f'{k}: {v}' for k, v in p['attacks'].items())}. `+defence` arms: "
         f"`{defence['name']}`: `{json.dumps(defence['aggregation'])}`.{krum_text}"
-        f"{partial_text}{_byzantine_provenance(d)} ([docs/robustness.md](docs/robustness.md)).",
+        f"{partial_text}{reproducible}{_byzantine_provenance(d, bool(same))} "
+        "([docs/robustness.md](docs/robustness.md)).",
         [
             "arm",
             "final accuracy",
@@ -687,10 +716,41 @@ def byzantine(d: dict[str, Any]) -> str:
         "lrrrrrr",
         "byzantine",
         targets,
+    ) + _byzantine_per_seed(d)
+
+
+def _byzantine_per_seed(d: dict[str, Any]) -> str:
+    """Each arm's final accuracy minus the clean run's of the same seed, per seed."""
+    seeds = d["parameters"]["seeds"]
+    by = {(r["arm"], r["seed"]): r["final_accuracy"] for r in d["runs"]}
+    rows = []
+    for arm in d["parameters"]["arms"]:
+        if arm == "clean":
+            continue
+        gaps = [
+            None
+            if by.get((arm, seed)) is None or by.get(("clean", seed)) is None
+            else 100.0 * (by[(arm, seed)] - by[("clean", seed)])
+            for seed in seeds
+        ]
+        known = [g for g in gaps if g is not None]
+        rows.append(
+            [
+                arm,
+                *(fmt(g, "+.1f") for g in gaps),
+                fmt(sum(known) / len(known) if known else None, "+.1f"),
+                fmt(min(known) if known else None, "+.1f"),
+            ]
+        )
+    clean = ["clean (final accuracy)", *(fmt(by.get(("clean", seed)), ".3f") for seed in seeds)]
+    return "\n\nPer seed, points against the clean run of the same seed:\n\n" + table(
+        ["arm", *(f"seed {seed}" for seed in seeds), "mean", "worst"],
+        [[*clean, "", ""], *rows],
+        "l" + "r" * (len(seeds) + 2),
     )
 
 
-def _byzantine_provenance(d: dict[str, Any]) -> str:
+def _byzantine_provenance(d: dict[str, Any], reproducible: bool = False) -> str:
     """Which run of the script each arm comes from, when the results merge several runs."""
     chain: list[dict[str, Any]] = [d]
     while chain[-1].get("merged_from"):
@@ -716,8 +776,14 @@ def _byzantine_provenance(d: dict[str, Any]) -> str:
         + " runs of the script, merged (`merged_from` in the JSON; an arm run later replaces "
         "the earlier runs of its seeds): "
         + "; ".join(parts)
-        + ". A run is not reproducible (device ids, so the cohorts and each device's random "
-        "streams, differ between runs), so arms of different runs differ by that noise too."
+        + (
+            ". The runs are reproducible, so arms of different runs of one commit compare as "
+            "arms of one run would."
+            if reproducible
+            else ". A run is not reproducible (device ids, so the cohorts and each device's "
+            "random streams, differ between runs), so arms of different runs differ by that "
+            "noise too."
+        )
     )
 
 

@@ -296,7 +296,7 @@ class Agent:
         try:
             with watcher:
                 self.hooks.before_training(work, interrupt)
-                rng = np.random.default_rng([self.seed, work.assignment_id])
+                rng = np.random.default_rng([self.seed, *self.hooks.training_entropy(work)])
                 result = trainer.train(base, work.training, rng, should_stop=interrupt.is_set)
                 local = _in_spec_order(spec, result.weights)
             train_time = time.monotonic() - started

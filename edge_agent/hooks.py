@@ -29,6 +29,14 @@ class AgentHooks:
         """
         return True
 
+    def training_entropy(self, work: Work) -> tuple[int, ...]:
+        """What seeds the training of ``work`` besides the agent's own seed (its
+        generator is ``default_rng([seed, *entropy])``): the assignment id, unique per
+        assignment. A simulation that wants the same training in two runs whose assignment ids
+        differ returns something both runs share (see
+        :class:`fedge.edge_agent.sim.faults.FaultHooks`)."""
+        return (work.assignment_id,)
+
     def before_training(self, work: Work, interrupted: threading.Event) -> None:
         """Called right before training, while the agent already watches for the
         assignment's cancellation. ``interrupted`` is set on cancellation or stop; the agent

@@ -150,7 +150,10 @@ def plan_aggregation(
     Sync: every accepted update of the task (fresh ones plus stragglers of earlier rounds).
     Async: the ``buffer_size`` oldest accepted updates, and only once that many exist.
     Updates whose staleness relative to the current version exceeds ``max_staleness`` are
-    rejected here (counted as ``num_rejected`` of the round).
+    rejected here (counted as ``num_rejected`` of the round). They are planned in arrival
+    order; in assignment order when the task sets ``selection_seed`` (floating-point sums then
+    add in the same order in every run of the experiment, not in the order uploads happened to
+    arrive).
     """
     base = task.current_version
     model = session.scalar(
@@ -173,7 +176,13 @@ def plan_aggregation(
             Update.device_id,
         )
         .where(Update.task_id == task.id, Update.status == UpdateStatus.ACCEPTED)
-        .order_by(Update.received_at, Update.id)
+        .order_by(
+            *(
+                (Update.assignment_id, Update.id)
+                if cfg.selection_seed is not None
+                else (Update.received_at, Update.id)
+            )
+        )
     ).all()
     # (id, digest, tau, counted examples, device) of the updates to apply; weights once they
     # are known.

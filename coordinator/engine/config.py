@@ -161,6 +161,17 @@ class AggregationConfig(BaseModel):
         description="multi_krum: m, the updates averaged (lowest scores); null: n - f",
     )
 
+    selection_seed: int | None = Field(
+        default=None,
+        ge=0,
+        le=2**63 - 1,
+        strict=True,
+        description="sync: seeds the devices each round picks, ordering the eligible devices "
+        "by name, and sums a round's updates in assignment order, so that two runs of an "
+        "experiment on fresh coordinators with the same fleet get the same cohorts; null: the "
+        '(task, round) seed and device id order (docs/rounds.md, "Reproducible selection")',
+    )
+
     keep_versions: int | None = Field(
         default=None,
         ge=0,
@@ -191,6 +202,8 @@ class AggregationConfig(BaseModel):
             problem = self._secure_problem(self.secure)
             if problem:
                 raise ValueError(problem)
+        if self.selection_seed is not None and self.mode != "sync":
+            raise ValueError("selection_seed applies to sync rounds only (mode 'sync')")
         if self.privacy is not None:
             problem = config_problems(
                 self.privacy,
@@ -208,6 +221,12 @@ class AggregationConfig(BaseModel):
                     "averages them with a fixed denominator: it cannot be combined with "
                     "norm_bound or a robust aggregation (leave norm_bound null and robust "
                     "'mean'; docs/privacy.md)"
+                )
+            if self.privacy.mode == "central" and self.selection_seed is not None:
+                raise ValueError(
+                    "central differential privacy draws each round's sample from a secret "
+                    "random source (amplification by sampling assumes it): selection_seed "
+                    "must be null (docs/privacy.md)"
                 )
         return self
 

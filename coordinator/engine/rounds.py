@@ -191,6 +191,7 @@ def _eligible(
     now: datetime,
     liveness: Liveness,
     not_in_round: int | None = None,
+    by_name: bool = False,
 ) -> list[Candidate]:
     """The devices that may work on ``task`` now (its requirements, liveness, no decline)."""
     return eligible_devices(
@@ -200,7 +201,16 @@ def _eligible(
         requirements=Requirements.from_stored(task.requirements),
         task_id=task.id,
         not_in_round=not_in_round,
+        by_name=by_name,
     )
+
+
+def selection_rng(task: Task, cfg: AggregationConfig, *keys: int) -> np.random.Generator:
+    """The generator of a sync round's pick: seeded by ``(selection_seed, *keys)`` when the
+    task sets one (the same cohorts in every run of an experiment), else by
+    ``(task id, *keys)``."""
+    first = task.id if cfg.selection_seed is None else cfg.selection_seed
+    return np.random.default_rng([first, *keys])
 
 
 def open_sync_round(
@@ -211,7 +221,9 @@ def open_sync_round(
     Opens nothing while fewer devices are eligible than the round could need to reach its
     quorum (counting fresh updates already waiting); the task's ``status_reason`` says so and
     the scheduler tries again next tick. The selection rng is seeded by (task, round number),
-    so a round's pick is reproducible. Central differential privacy instead picks uniformly
+    so a round's pick is reproducible; by (``selection_seed``, round number) over the eligible
+    devices in name order when the task sets that seed (the same pick on another coordinator
+    with the same fleet). Central differential privacy instead picks uniformly
     with a CSPRNG-seeded generator, notes the round's sampling rate in the task's privacy
     ledger, and finishes the task instead when the round would spend more than
     ``target_epsilon`` (docs/privacy.md).
@@ -221,7 +233,8 @@ def open_sync_round(
     # own masked sum: earlier updates do not count.
     own_only = dp is not None or cfg.secure is not None
     fresh = 0 if own_only else count_pending(session, task.id, base_version=task.current_version)
-    candidates = _eligible(session, task, now=now, liveness=liveness)
+    seeded = cfg.selection_seed is not None
+    candidates = _eligible(session, task, now=now, liveness=liveness, by_name=seeded)
     needed = max(2 if cfg.secure else 1, cfg.min_updates - fresh)
     if len(candidates) < needed:
         set_waiting(task, waiting_reason(session, task, len(candidates), needed), now=now)
@@ -235,7 +248,7 @@ def open_sync_round(
     number = next_round_number(session, task.id)
     # A DP sample must stay secret (amplification by sampling assumes it): drawn from the
     # OS's CSPRNG instead of the reproducible (task, round) seed.
-    rng = secure_rng() if dp is not None else np.random.default_rng([task.id, number])
+    rng = secure_rng() if dp is not None else selection_rng(task, cfg, number)
     if liveness.paced_period_s is not None and dp is None:  # a paced fleet: fair rotation
         picked = choose_paced(
             candidates,
@@ -324,8 +337,15 @@ def settle_declines(
     wanted = min(cfg.num_selected - placed, declined)
     woken: list[str] = []
     if wanted > 0:
-        candidates = _eligible(session, task, now=now, liveness=liveness, not_in_round=rnd.id)
-        rng = np.random.default_rng([task.id, rnd.number, declined])
+        candidates = _eligible(
+            session,
+            task,
+            now=now,
+            liveness=liveness,
+            not_in_round=rnd.id,
+            by_name=cfg.selection_seed is not None,
+        )
+        rng = selection_rng(task, cfg, rnd.number, declined)
         chosen = _lock_idle_devices(session, choose(candidates, wanted, rng))
         if chosen and rnd.deadline_at is not None:
             woken = _assign(session, task, rnd, chosen, lease_until=rnd.deadline_at)

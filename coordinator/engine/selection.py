@@ -79,11 +79,13 @@ def eligible_devices(
     requirements: Requirements | None = None,
     task_id: int | None = None,
     not_in_round: int | None = None,
+    by_name: bool = False,
 ) -> list[Candidate]:
     """Active, live, idle devices meeting ``requirements`` (ordered by id, so selection is
-    reproducible). With ``task_id``: without the devices that declined that task since their
-    last capability report; with ``not_in_round``: without the devices already assigned in
-    that round."""
+    reproducible; with ``by_name`` by name, then id: the order two enrollments of one fleet
+    share, whose ids are random). With ``task_id``: without the devices that declined that
+    task since their last capability report; with ``not_in_round``: without the devices
+    already assigned in that round."""
     since = now - timedelta(seconds=liveness.longest_window_s)
     wanted = requirements if requirements is not None and not requirements.empty else None
     # Only the capabilities the check needs, extracted in SQL: decoding every device's whole
@@ -126,7 +128,7 @@ def eligible_devices(
     names = list(extra)
     found: list[Candidate] = []
     for device_id, completed, dropped, assigned, seen, poll, *values in session.execute(
-        stmt.order_by(Device.id)
+        stmt.order_by(Device.name, Device.id) if by_name else stmt.order_by(Device.id)
     ):
         if now - seen > timedelta(seconds=liveness.window_for(poll)):
             continue

@@ -119,10 +119,21 @@ class FaultHooks(AgentHooks):
     - dropout: declines the assignment once its model is fetched (the agent walks away);
     - straggler delay: waits before training, ended early by cancellation or stop;
     - offline spell: holds the first upload back, ended early by stop.
+
+    With ``seed_by_version`` the device's training is seeded by (task, base version) instead
+    of the assignment id: in sync mode a device trains at most once per version, and two runs
+    of an experiment (fresh coordinators, the same cohorts: ``selection_seed``) then train
+    alike although their assignment ids differ.
     """
 
-    def __init__(self, faults: FaultSource) -> None:
+    def __init__(self, faults: FaultSource, *, seed_by_version: bool = False) -> None:
         self.faults = faults
+        self.seed_by_version = seed_by_version
+
+    def training_entropy(self, work: Work) -> tuple[int, ...]:
+        if self.seed_by_version:
+            return (work.task_id, work.base_version)
+        return super().training_entropy(work)
 
     def keep_assignment(self, work: Work) -> bool:
         if self.faults.decide(work.assignment_id).drop:

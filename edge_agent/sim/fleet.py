@@ -6,6 +6,12 @@ hardware is simulated. Faults (:mod:`fedge.edge_agent.sim.faults`) are drawn per
 generators derived from one seed, so a run is reproducible up to thread timing, and reach each agent
 from outside through its hooks (:class:`~fedge.edge_agent.sim.faults.FaultHooks`).
 
+Reproducible experiments (sync, no faults): the devices' names (``sim-000``...) and seeds
+follow from the fleet's seed; a task with ``selection_seed`` picks the same devices per round
+on any fresh coordinator, and ``seed_training_by_version=True`` seeds each device's training
+by (task, base version) rather than by the coordinator's assignment id, so two runs train
+alike (``tests/edge_agent/test_reproducible_runs.py``).
+
 With ``count_socket=True`` every device talks to the coordinator through its own
 :class:`~fedge.edge_agent.sim.relay.CountingRelay`, so the bytes each device sends and receives
 on its sockets (TLS, HTTP headers, signatures, polls and bodies) are counted per device:
@@ -90,9 +96,11 @@ class Fleet:
         trainer_factory: TrainerFactory | None = None,
         retry: RetryPolicy | None = None,
         count_socket: bool = False,
+        seed_training_by_version: bool = False,
     ) -> None:
         self.url = url
         self.count_socket = count_socket
+        self.seed_training_by_version = seed_training_by_version
         self.ca_file = ca_file
         self.root = Path(root)
         self.poll_wait = poll_wait
@@ -162,7 +170,7 @@ class Fleet:
                 data=device.data,
                 trainer_factory=self.trainer_factory,
                 seed=device.seed,
-                hooks=FaultHooks(device.faults),
+                hooks=FaultHooks(device.faults, seed_by_version=self.seed_training_by_version),
                 poll_wait=self.poll_wait,
                 error_pause_s=min(1.0, self.poll_wait),
                 stop_event=self._stop,

@@ -103,6 +103,8 @@ INVALID_TASKS: list[tuple[dict[str, Any], str]] = [
     ({"aggregation": {"num_round": 3}}, "num_round"),
     ({"aggregation": {"staleness": {"function": "hinge", "a": 0}}}, "staleness.a"),
     ({"aggregation": {"server_momentum": 1.0}}, "server_momentum"),
+    ({"aggregation": {"selection_seed": -1}}, "selection_seed"),
+    ({"aggregation": {"mode": "async", "selection_seed": 1}}, "selection_seed"),
     ({"compression": {"bits": 3}}, "compression.bits"),
     ({"compression": {"topk_fraction": 0}}, "topk_fraction"),
     ({"training": {"epochs": 0}}, "epochs"),

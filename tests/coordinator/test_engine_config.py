@@ -63,3 +63,36 @@ def test_inconsistent_config_is_a_config_error() -> None:
 def test_a_config_that_is_no_object_is_a_config_error(data: object) -> None:
     with pytest.raises(ConfigError, match="must be an object"):
         AggregationConfig.from_dict(data)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize(
+    ("data", "problem"),
+    [
+        ({"selection_seed": -1}, "aggregation.selection_seed"),
+        ({"selection_seed": 2**63}, "aggregation.selection_seed"),
+        ({"selection_seed": 1.0}, "aggregation.selection_seed"),
+        ({"selection_seed": "7"}, "aggregation.selection_seed"),
+        (
+            {"selection_seed": 3, "mode": "async", "clients_per_round": 1},
+            "selection_seed applies to sync rounds only",
+        ),
+        (
+            {
+                "selection_seed": 3,
+                "weighting": "equal",
+                "max_staleness": 0,
+                "privacy": {"mode": "central", "clip_norm": 1.0, "noise_multiplier": 1.0},
+            },
+            "selection_seed must be null",
+        ),
+    ],
+)
+def test_a_selection_seed_is_checked(data: dict, problem: str) -> None:
+    with pytest.raises(ConfigError, match=problem):
+        AggregationConfig.from_dict(data)
+
+
+def test_selection_seed_defaults_to_none_and_takes_any_63_bit_integer() -> None:
+    assert AggregationConfig.from_dict({}).selection_seed is None
+    for seed in (0, 12345, 2**63 - 1):
+        assert AggregationConfig.from_dict({"selection_seed": seed}).selection_seed == seed

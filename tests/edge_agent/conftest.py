@@ -7,6 +7,7 @@ from __future__ import annotations
 import threading
 import time
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -179,13 +180,15 @@ def _admin_key(settings: Settings) -> str:
     return secret
 
 
-@pytest.fixture
-def live(
-    tmp_path: Path, sqlite_template: databases.SqliteTemplate, agent_tls: TlsPaths
+@contextmanager
+def live_coordinator(
+    root: Path, sqlite_template: databases.SqliteTemplate, agent_tls: TlsPaths
 ) -> Iterator[LiveCoordinator]:
+    """A coordinator serving a fresh SQLite database in ``root`` (a test may start several)."""
+    root.mkdir(parents=True, exist_ok=True)
     settings = Settings(
-        data_dir=tmp_path / "coordinator",
-        database_url=sqlite_template.fresh(tmp_path),
+        data_dir=root / "coordinator",
+        database_url=sqlite_template.fresh(root),
         tls_cert=agent_tls.server_cert,
         tls_key=agent_tls.server_key,
         scheduler_interval_s=0.05,
@@ -196,7 +199,7 @@ def live(
         create_app(settings), certfile=agent_tls.server_cert, keyfile=agent_tls.server_key
     ) as url:
         admin = AdminClient(url, key, ca_file=str(agent_tls.ca_cert))
-        live = LiveCoordinator(url, str(agent_tls.ca_cert), key, admin, tmp_path / "devices")
+        live = LiveCoordinator(url, str(agent_tls.ca_cert), key, admin, root / "devices")
         try:
             yield live
         finally:
@@ -207,3 +210,11 @@ def live(
             for agent in live.agents:
                 agent.client.close()
             admin.close()
+
+
+@pytest.fixture
+def live(
+    tmp_path: Path, sqlite_template: databases.SqliteTemplate, agent_tls: TlsPaths
+) -> Iterator[LiveCoordinator]:
+    with live_coordinator(tmp_path, sqlite_template, agent_tls) as live:
+        yield live

@@ -103,3 +103,13 @@ def test_a_straggler_delay_waits_on_the_agents_event():
     FaultHooks(Fixed(FaultDecision(delay_s=2.5))).before_training(WORK, interrupted)
     FaultHooks(Fixed(FaultDecision())).before_training(WORK, interrupted)
     assert Event.waited == [2.5]
+
+
+def test_training_is_seeded_by_the_assignment_or_by_task_and_version():
+    other = Work(assignment_id=9, status="assigned", task_id=1)
+    later = Work(assignment_id=9, status="assigned", task_id=1, base_version=1)
+    plain = FaultHooks(Fixed(FaultDecision()))
+    assert plain.training_entropy(WORK) == (5,) != plain.training_entropy(other)
+    by_version = FaultHooks(Fixed(FaultDecision()), seed_by_version=True)
+    assert by_version.training_entropy(WORK) == by_version.training_entropy(other) == (1, 0)
+    assert by_version.training_entropy(later) == (1, 1)
