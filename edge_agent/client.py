@@ -258,12 +258,17 @@ class CoordinatorClient:
             params["current"] = current
         else:
             params.update(self._held_params(have))
+        # A paced device's check-in is tried once: after a failure the agent pauses a random
+        # part of its pacing interval (agent.paced_retry_s) instead of retrying at once, so
+        # a fleet's check-ins held back by an outage do not all arrive as it ends.
+        paced = current is None and self.reconnect_s is not None
         response = self._signed(
             "GET",
             f"{API}/device/work",
             params=params,
             timeout=wait_s + self._timeout,
             watch=current is not None,
+            attempts=1 if paced else None,
         )
         if current is None:
             self.reconnect_s = _reconnect(response.headers.get(RECONNECT_HEADER))
