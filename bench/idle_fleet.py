@@ -19,17 +19,24 @@ device checks in with ``GET /device/work?wait=30`` over a new TLS connection (a 
 closes its connection before a sleep longer than the keep-alive), sleeps the
 ``Fedge-Reconnect`` time of a 204, and on an assignment "trains" for ``--train-s`` seconds
 (30; holding no connection), then uploads a small update over a new connection and checks in
-again on it. A failed request (the coordinator restarting) is retried with the agent's
-backoff (:class:`fedge.edge_agent.transport.RetryPolicy`). The fleet starts as if paced for
-a while: each device was last seen at its latest slot and checks in first at its next one.
-Time scale: real time (1:1), no compression.
+again on it. A failed check-in is handled as the agent does: tried once, then a pause
+uniformly random between 5 s and the last reconnect time
+(:func:`fedge.edge_agent.agent.paced_retry_s`). The fleet starts as if paced for a while:
+each device was last seen at its latest slot (0.5 s after it, as a device that sleeps whole
+seconds arrives), the device processes come up first, the task starts once they are ready,
+and each device checks in first at its first slot after that moment. Time scale: real time
+(1:1), no compression.
 
-Measured: check-ins per second (per-second counts; peak / mean), coordinator CPU from
+Measured: check-ins per second as the devices send them (per-second and 5-second counts;
+peak / mean, each with the median peak / mean of independent Poisson counts of the same mean
+and bin count; also without the check-ins that follow an upload), coordinator CPU from
 ``/proc/<pid>/stat`` (utime + stime of the coordinator process) per 1,000 enrolled devices,
 each round's formation time (from ``opened_at`` to the moment its 100th device received its
-assignment), and every device's selection count; then the coordinator is restarted (SIGTERM,
-serve again on the same port) and the per-second check-in rate of the following minutes is
-measured again. Results: ``bench/results/idle_fleet.json`` and ``idle_fleet.png``.
+assignment; also each round's assigned and received counts and arrival times), and every
+device's selection count; then the coordinator is restarted (SIGTERM, serve again on the same
+port) and the check-in rate from its return to 300 s after it stopped is measured again. The
+load average (1, 5, 15 min) is recorded at the start, before the restart and at the end.
+Results: ``bench/results/idle_fleet.json`` and ``idle_fleet.png``.
 """
 
 from __future__ import annotations
@@ -61,6 +68,7 @@ from bench.ingest import machine_info, proc_cpu_s  # noqa: E402
 from fedge.coordinator.engine.pace import period_s  # noqa: E402
 from fedge.coordinator.engine.rotation import next_checkin  # noqa: E402
 from fedge.coordinator.settings import Settings  # noqa: E402
+from fedge.edge_agent.agent import paced_retry_s  # noqa: E402
 from fedge.edge_agent.sim.local_coordinator import (  # noqa: E402
     LocalCoordinator,
     _child_env,
@@ -76,6 +84,8 @@ from fedge.shared.signing import sign_request  # noqa: E402
 from fedge.shared.wire import encode_update  # noqa: E402
 
 API = "/api/v1"
+#: The agent's pause after a failed check-in (``Agent(error_pause_s=...)``'s default).
+ERROR_PAUSE_S = 5.0
 RESULTS = ROOT / "bench" / "results"
 COHORT = 100
 OVER_SELECTION = 0.3
@@ -128,7 +138,9 @@ def bulk_enroll(
                 "capabilities": {},
                 "tags": [],
                 "enrolled_at": now,
-                "last_seen_at": datetime.fromtimestamp(previous, UTC),
+                # as a device that came for that slot (0.5 s after it: it sleeps whole
+                # seconds, and a request takes a while)
+                "last_seen_at": datetime.fromtimestamp(previous + 0.5, UTC),
                 "num_assigned": 0,
                 "num_completed": 0,
                 "num_dropped": 0,
@@ -215,6 +227,7 @@ async def _device(
     first_at: float,
     end_at: float,
     train_s: float,
+    period: float,
     seed: int,
     log: dict[str, list[Any]],
     sem: asyncio.Semaphore,
@@ -229,38 +242,62 @@ async def _device(
     work: dict[str, Any] | None = None
     await asyncio.sleep(max(0.0, min(first_at, end_at) - time.time()))
     failures = 0
+    # As the agent: paced since the fleet started (the last interval it was told, here its
+    # period); a failed check-in is followed by the agent's paced pause.
+    reconnect: float | None = period
     while time.time() < end_at:
         delay = 0.0
+        retry = failures > 0
         try:
             async with sem:
                 reader, writer = await asyncio.open_connection(host, port, ssl=ctx)
             http = _Http(reader, writer)
             try:
+                uploaded = work is not None
                 if work is not None:  # trained: upload, then check in on the same connection
                     await _upload(http, key, device_id, work, rng, log)
                     work = None
-                delay, work = await _checkin(http, key, device_id, config, log)
+                delay, work = await _checkin(
+                    http, key, device_id, config, log, retry=retry, after_upload=uploaded
+                )
             finally:
                 await http.close()
             failures = 0
+            if work is None:
+                reconnect = delay
         except (OSError, ConnectionError, asyncio.IncompleteReadError, ssl.SSLError, ValueError):
             log["errors"].append(time.time())
-            delay = policy.backoff(min(failures, 10), retry_rng)
             failures += 1
+            if reconnect is None:  # unpaced: the client's own retries first
+                delay = policy.backoff(min(failures - 1, 10), retry_rng)
+            else:  # paced: tried once, then the agent's pause (agent.paced_retry_s)
+                delay = paced_retry_s(reconnect, ERROR_PAUSE_S, rng)
         if work is not None:
             delay = train_s  # local training, holding no connection
         await asyncio.sleep(max(0.0, min(delay, end_at - time.time())))
 
 
 async def _checkin(
-    http: _Http, key: Any, device_id: str, config: dict[str, Any], log: dict[str, list[Any]]
+    http: _Http,
+    key: Any,
+    device_id: str,
+    config: dict[str, Any],
+    log: dict[str, list[Any]],
+    *,
+    retry: bool,
+    after_upload: bool,
 ) -> tuple[float, dict[str, Any] | None]:
     """One check-in: (seconds until the next one, None) or (0, the assignment)."""
     params: dict[str, Any] = {"wait": 30}
     if config:
         params["known"] = config["config_digest"]
     target, headers = _signed(key, device_id, "GET", f"{API}/device/work", params)
-    log["checkins"].append(time.time())
+    now = time.time()
+    log["checkins"].append(now)
+    if retry:
+        log["retries"].append(now)
+    if after_upload:
+        log["after_upload"].append(now)
     status, got, data = await http.request("GET", target, headers)
     if status == 204:
         return float(got.get("fedge-reconnect", "30")), None
@@ -298,14 +335,26 @@ async def _upload(
 def _worker(
     url: str,
     ca_file: str,
-    devices: list[tuple[str, bytes, float, int]],
-    end_at: float,
+    devices: list[tuple[str, bytes, int]],
+    period: float,
     train_s: float,
     out: Any,
 ) -> None:
+    """One process of simulated devices: says it is ready, receives (start, end), and runs
+    every device from its first slot after ``start`` (so that no device's first check-in
+    waits for the process to come up)."""
     parts = urlsplit(url)
     ctx = ssl.create_default_context(cafile=ca_file)
-    log: dict[str, list[Any]] = {"checkins": [], "assigned": [], "uploads": [], "errors": []}
+    log: dict[str, list[Any]] = {
+        "checkins": [],
+        "retries": [],
+        "after_upload": [],
+        "assigned": [],
+        "uploads": [],
+        "errors": [],
+    }
+    out.send("ready")
+    start, end_at = out.recv()
 
     async def main() -> None:
         sem = asyncio.Semaphore(64)  # handshakes in flight per process
@@ -317,14 +366,15 @@ def _worker(
                     ctx,
                     d,
                     k,
-                    first_at=first,
+                    first_at=next_checkin(d, start, period),
                     end_at=end_at,
                     train_s=train_s,
+                    period=period,
                     seed=seed,
                     log=log,
                     sem=sem,
                 )
-                for d, k, first, seed in devices
+                for d, k, seed in devices
             )
         )
 
@@ -387,6 +437,27 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         keys = [rng.bytes(32) for _ in range(args.devices)]
         ids, nexts = bulk_enroll(db_url, keys, rng, period=period)
         enroll_s = time.time() - t
+        del nexts
+        # The device processes come up first (importing, building 20,000 keys and coroutines
+        # takes a while on a loaded machine); the task starts once they are all ready, and
+        # each device checks in first at its first slot after that.
+        seeds = rng.integers(0, 2**31, args.devices)
+        slices = np.array_split(np.arange(args.devices), args.procs)
+        ctx = mp.get_context("spawn")
+        pipes, procs = [], []
+        for part in slices:
+            here, there = ctx.Pipe(duplex=True)
+            devices = [(ids[i], keys[i], int(seeds[i])) for i in part]
+            p = ctx.Process(
+                target=_worker,
+                args=(coord.url, coord.ca_file, devices, period, args.train_s, there),
+            )
+            p.start()
+            pipes.append(here)
+            procs.append(p)
+        for pipe in pipes:
+            if pipe.recv() != "ready":
+                raise RuntimeError("a device process did not come up")
         with httpx.Client(
             base_url=coord.url,
             verify=ssl.create_default_context(cafile=coord.ca_file),
@@ -410,37 +481,28 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             )
             r.raise_for_status()
             task_id = r.json()["id"]
+            # The devices run from before the start: the first round may pick a device whose
+            # slot comes while this request is answered.
+            start = time.time()
             admin.post(f"{API}/tasks/{task_id}/start").raise_for_status()
-        start = time.time() + 10.0
         restart_at = start + args.before_restart
         end_at = restart_at + args.after_restart
-        # A slot that passed during the setup was missed: that device comes at its next one.
-        first = [next_checkin(d, start, period) for d in ids]
-        del nexts
-        seeds = rng.integers(0, 2**31, args.devices)
-        slices = np.array_split(np.arange(args.devices), args.procs)
-        ctx = mp.get_context("spawn")
-        pipes, procs = [], []
-        for part in slices:
-            recv, send = ctx.Pipe(duplex=False)
-            devices = [(ids[i], keys[i], float(first[i]), int(seeds[i])) for i in part]
-            p = ctx.Process(
-                target=_worker, args=(coord.url, coord.ca_file, devices, end_at, args.train_s, send)
-            )
-            p.start()
-            pipes.append(recv)
-            procs.append(p)
+        for pipe in pipes:
+            pipe.send((start, end_at))
+        load = {"at_start": os.getloadavg()}
         warm = start + args.warmup
         time.sleep(max(0.0, warm - time.time()))
         cpu0, t0 = proc_cpu_s(coord.process.pid), time.time()
         time.sleep(max(0.0, restart_at - time.time()))
         cpu1, t1 = proc_cpu_s(coord.process.pid), time.time()
+        load["before_restart"] = os.getloadavg()
         stopped, ready = _restart(coord, port, env)
         print(f"restarted: down {ready - stopped:.1f} s", file=sys.stderr, flush=True)
         time.sleep(max(0.0, ready + 5 - time.time()))
         cpu2, t2 = proc_cpu_s(coord.process.pid), time.time()
         time.sleep(max(0.0, end_at - 1 - time.time()))
         cpu3, t3 = proc_cpu_s(coord.process.pid), time.time()
+        load["at_end"] = os.getloadavg()
         logs = [pipe.recv() for pipe in pipes]
         for p in procs:
             p.join(60)
@@ -451,6 +513,11 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     assigned = [a for lg in logs for a in lg["assigned"]]
     uploads = [u for lg in logs for u in lg["uploads"]]
     errors = np.concatenate([np.array(lg["errors"]) for lg in logs]) if logs else np.array([])
+    retries = np.concatenate([np.array(lg["retries"]) for lg in logs])
+    # The check-ins of devices that just uploaded (they come together, a training time
+    # after their round's devices checked in) against the rest (the idle fleet's).
+    after_upload = np.sort(np.concatenate([np.array(lg["after_upload"]) for lg in logs]))
+    idle_only = np.setdiff1d(checkins, after_upload)
     steady = _per_second(checkins, t0, t1)
     after = _per_second(checkins, ready, max(ready + 10, end_at - 1))
 
@@ -459,9 +526,14 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
     with engine.connect() as conn:
         rounds = conn.execute(
-            select(Round.id, Round.number, Round.opened_at, Round.status).where(
-                Round.task_id == task_id
-            )
+            select(
+                Round.id,
+                Round.number,
+                Round.opened_at,
+                Round.closed_at,
+                Round.status,
+                Round.num_assigned,
+            ).where(Round.task_id == task_id)
         ).all()
         counts = np.array(conn.execute(select(Device.num_assigned)).scalars().all())
     engine.dispose()
@@ -469,12 +541,26 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     for round_id, _, at in assigned:
         by_round.setdefault(int(round_id), []).append(at)
     formation = []
-    for round_id, number, opened_at, status in rounds:
+    for round_id, number, opened_at, closed_at, status, num_assigned in rounds:
         got = sorted(by_round.get(int(round_id), []))
         opened = opened_at.replace(tzinfo=UTC).timestamp()
         formed = got[COHORT - 1] - opened if len(got) >= COHORT else None
+        delays = np.array(got) - opened
         formation.append(
-            {"number": number, "status": status, "received": len(got), "formation_s": formed}
+            {
+                "number": number,
+                "status": status,
+                "assigned": num_assigned,
+                "received": len(got),
+                "formation_s": formed,
+                "received_s_median": float(np.median(delays)) if got else None,
+                "received_s_max": float(delays.max()) if got else None,
+                "open_s": (closed_at.replace(tzinfo=UTC).timestamp() if closed_at else t3) - opened,
+                "during_restart": bool(
+                    opened < ready
+                    and (closed_at is None or closed_at.replace(tzinfo=UTC).timestamp() > stopped)
+                ),
+            }
         )
     formed_s = [f["formation_s"] for f in formation if f["formation_s"] is not None]
     n_k = args.devices / 1000
@@ -496,14 +582,13 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         },
         "period_s": period,
         "bulk_enroll_s": enroll_s,
+        "load_average_1_5_15": load,
         "steady": {
             "seconds": t1 - t0,
             "checkins": int(steady.sum()),
-            "checkins_per_s_mean": float(steady.mean()),
-            "checkins_per_s_peak": int(steady.max()),
-            "peak_over_mean": float(steady.max() / steady.mean()),
-            "peak_over_mean_poisson_reference": _poisson_peak(steady.mean(), steady.size, rng),
-            "peak_over_mean_5s_bins": _binned(steady, 5),
+            "retried_checkins": int(((retries >= t0) & (retries < t1)).sum()),
+            **_herd(steady, rng),
+            "idle_checkins_only": _herd(_per_second(idle_only, t0, t1), rng),
             "expected_per_s": args.devices / period,
             "coordinator_cpu_share": steady_cpu,
             "coordinator_cpu_pct_per_1000_devices": 100 * steady_cpu / n_k,
@@ -512,12 +597,12 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "restart": {
             "down_s": ready - stopped,
             "failed_requests": int(errors.size),
+            "retried_checkins_after": int((retries >= ready).sum()),
             "seconds_measured": int(after.size),
-            "checkins_per_s_mean": float(after.mean()),
-            "checkins_per_s_peak": int(after.max()),
-            "peak_over_mean": float(after.max() / after.mean()),
-            "peak_over_mean_poisson_reference": _poisson_peak(after.mean(), after.size, rng),
-            "peak_over_mean_5s_bins": _binned(after, 5),
+            **_herd(after, rng),
+            "idle_checkins_only": _herd(
+                _per_second(idle_only, ready, max(ready + 10, end_at - 1)), rng
+            ),
             "coordinator_cpu_pct_per_1000_devices": 100 * after_cpu / n_k,
         },
         "rounds": {
@@ -539,21 +624,34 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "loadgen_cpu_s": [lg["cpu_s"][0] for lg in logs],
         "machine": machine_info(),
     }
-    _plot(steady, after, result, RESULTS / "idle_fleet.png")
+    _plot(steady, after, result, Path(args.out).with_suffix(".png"))
     return result
 
 
 def _poisson_peak(mean: float, bins: int, rng: np.random.Generator) -> float:
     """The median peak/mean of ``bins`` Poisson counts of this mean: what independent,
-    perfectly spread check-ins would show (the floor of the per-second figure)."""
+    perfectly spread check-ins would show (the floor of the figure on that bin size)."""
     draws = rng.poisson(mean, size=(200, bins))
     return float(np.median(draws.max(axis=1) / draws.mean(axis=1)))
 
 
-def _binned(counts: np.ndarray, width: int) -> float:
-    n = counts.size // width * width
-    sums = counts[:n].reshape(-1, width).sum(axis=1)
-    return float(sums.max() / sums.mean())
+def _herd(per_second: np.ndarray, rng: np.random.Generator) -> dict[str, float]:
+    """Peak / mean of the check-in counts in 1 s and 5 s bins, each with the Poisson
+    reference for the same bin size and number of bins."""
+    n = per_second.size // 5 * 5
+    five = per_second[:n].reshape(-1, 5).sum(axis=1)
+    return {
+        "checkins_per_s_mean": float(per_second.mean()),
+        "checkins_per_s_peak": int(per_second.max()),
+        "peak_over_mean": float(per_second.max() / per_second.mean()),
+        "peak_over_mean_poisson_reference": _poisson_peak(
+            float(per_second.mean()), per_second.size, rng
+        ),
+        "peak_over_mean_5s_bins": float(five.max() / five.mean()),
+        "peak_over_mean_5s_bins_poisson_reference": _poisson_peak(
+            float(five.mean()), five.size, rng
+        ),
+    }
 
 
 def _plot(steady: np.ndarray, after: np.ndarray, result: dict[str, Any], path: Path) -> None:
@@ -589,7 +687,12 @@ def main() -> None:
     parser.add_argument("--warmup", type=float, default=20.0)
     parser.add_argument("--train-s", type=float, default=30.0)
     parser.add_argument("--before-restart", type=float, default=260.0)
-    parser.add_argument("--after-restart", type=float, default=120.0)
+    parser.add_argument(
+        "--after-restart",
+        type=float,
+        default=300.0,
+        help="seconds from stopping the coordinator to the end (its downtime included)",
+    )
     parser.add_argument("--data-dir", default="")
     parser.add_argument("--out", default=str(RESULTS / "idle_fleet.json"))
     args = parser.parse_args()
