@@ -241,6 +241,7 @@ async def _device(
     config: dict[str, Any] = {}
     work: dict[str, Any] | None = None
     await asyncio.sleep(max(0.0, min(first_at, end_at) - time.time()))
+    intended = first_at  # when this device means to send its next check-in
     failures = 0
     # As the agent: paced since the fleet started (the last interval it was told, here its
     # period); a failed check-in is followed by the agent's paced pause.
@@ -258,7 +259,14 @@ async def _device(
                     await _upload(http, key, device_id, work, rng, log)
                     work = None
                 delay, work = await _checkin(
-                    http, key, device_id, config, log, retry=retry, after_upload=uploaded
+                    http,
+                    key,
+                    device_id,
+                    config,
+                    log,
+                    retry=retry,
+                    after_upload=uploaded,
+                    intended=intended,
                 )
             finally:
                 await http.close()
@@ -274,6 +282,7 @@ async def _device(
                 delay = paced_retry_s(reconnect, ERROR_PAUSE_S, rng)
         if work is not None:
             delay = train_s  # local training, holding no connection
+        intended = time.time() + delay
         await asyncio.sleep(max(0.0, min(delay, end_at - time.time())))
 
 
@@ -286,6 +295,7 @@ async def _checkin(
     *,
     retry: bool,
     after_upload: bool,
+    intended: float,
 ) -> tuple[float, dict[str, Any] | None]:
     """One check-in: (seconds until the next one, None) or (0, the assignment)."""
     params: dict[str, Any] = {"wait": 30}
@@ -294,6 +304,7 @@ async def _checkin(
     target, headers = _signed(key, device_id, "GET", f"{API}/device/work", params)
     now = time.time()
     log["checkins"].append(now)
+    log["intended"].append(intended)
     if retry:
         log["retries"].append(now)
     if after_upload:
@@ -349,6 +360,7 @@ def _worker(
         "checkins": [],
         "retries": [],
         "after_upload": [],
+        "intended": [],
         "assigned": [],
         "uploads": [],
         "errors": [],
@@ -493,6 +505,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         warm = start + args.warmup
         time.sleep(max(0.0, warm - time.time()))
         cpu0, t0 = proc_cpu_s(coord.process.pid), time.time()
+        cpu_samples = [(t0, cpu0)]  # once a second, for the split of the CPU
+        while (due := cpu_samples[-1][0] + 1.0) < restart_at:
+            time.sleep(max(0.0, due - time.time()))
+            cpu_samples.append((time.time(), proc_cpu_s(coord.process.pid)))
         time.sleep(max(0.0, restart_at - time.time()))
         cpu1, t1 = proc_cpu_s(coord.process.pid), time.time()
         load["before_restart"] = os.getloadavg()
@@ -518,6 +534,13 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     # after their round's devices checked in) against the rest (the idle fleet's).
     after_upload = np.sort(np.concatenate([np.array(lg["after_upload"]) for lg in logs]))
     idle_only = np.setdiff1d(checkins, after_upload)
+    # When each check-in was meant to be sent (its slot as told, or the end of a training or
+    # a pause) against when the loaded simulator sent it: the spread the design gives, and
+    # the lateness the machine added.
+    sent = np.concatenate([np.array(lg["checkins"]) for lg in logs])
+    meant = np.concatenate([np.array(lg["intended"]) for lg in logs])
+    in_steady = (sent >= t0) & (sent < t1)
+    late_s = (sent - meant)[in_steady]
     steady = _per_second(checkins, t0, t1)
     after = _per_second(checkins, ready, max(ready + 10, end_at - 1))
 
@@ -589,6 +612,14 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             "retried_checkins": int(((retries >= t0) & (retries < t1)).sum()),
             **_herd(steady, rng),
             "idle_checkins_only": _herd(_per_second(idle_only, t0, t1), rng),
+            "as_scheduled": _herd(_per_second(np.sort(meant), t0, t1), rng),
+            "sent_late_s": {
+                "median": float(np.median(late_s)),
+                "p90": float(np.quantile(late_s, 0.9)),
+                "p99": float(np.quantile(late_s, 0.99)),
+                "max": float(late_s.max()),
+            },
+            "coordinator_cpu_split": _cpu_split(cpu_samples, checkins, after_upload, assigned),
             "expected_per_s": args.devices / period,
             "coordinator_cpu_share": steady_cpu,
             "coordinator_cpu_pct_per_1000_devices": 100 * steady_cpu / n_k,
@@ -622,10 +653,51 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         },
         "uploads": {"accepted": sum(1 for s, _ in uploads if s in (200, 201)), "all": len(uploads)},
         "loadgen_cpu_s": [lg["cpu_s"][0] for lg in logs],
+        "per_second": {  # check-ins sent in each second (for plots and checks)
+            "steady": steady.tolist(),
+            "steady_idle_only": _per_second(idle_only, t0, t1).tolist(),
+            "steady_as_scheduled": _per_second(np.sort(meant), t0, t1).tolist(),
+            "after_restart": after.tolist(),
+        },
         "machine": machine_info(),
     }
     _plot(steady, after, result, Path(args.out).with_suffix(".png"))
     return result
+
+
+def _cpu_split(
+    samples: list[tuple[float, float]],
+    checkins: np.ndarray,
+    after_upload: np.ndarray,
+    assigned: list[tuple[Any, Any, float]],
+) -> dict[str, float]:
+    """The coordinator's CPU in 5 s bins of the steady window, fitted (least squares) as
+    ``base + idle * idle check-ins + upload * uploads + assign * assignments`` (an upload
+    comes with the check-in after it): the share of the idle fleet is ``base`` plus its
+    check-ins (``base`` also holds the scheduler's ticks, counted as idle)."""
+    times = np.array([t for t, _ in samples])
+    cpu = np.array([c for _, c in samples])
+    edges = times[::5]
+    if edges.size < 6:
+        return {}
+    used = np.diff(cpu[::5])
+    at = np.array([a for _, _, a in assigned]) if assigned else np.array([])
+    ups = np.histogram(after_upload, edges)[0]
+    assigns = np.histogram(at, edges)[0]
+    idle = np.histogram(checkins, edges)[0] - ups - assigns
+    x = np.column_stack([np.diff(edges), idle, ups, assigns]).astype(float)
+    coef, *_ = np.linalg.lstsq(x, used, rcond=None)
+    seconds = float(edges[-1] - edges[0])
+    idle_share = float(coef[0] + coef[1] * idle.sum() / seconds)
+    return {
+        "bins": int(used.size),
+        "base_cpu_share": float(coef[0]),
+        "ms_per_idle_checkin": 1000 * float(coef[1]),
+        "ms_per_upload_with_its_checkin": 1000 * float(coef[2]),
+        "ms_per_assignment_checkin": 1000 * float(coef[3]),
+        "idle_fleet_cpu_share": idle_share,
+        "round_work_cpu_share": float(used.sum() / seconds) - idle_share,
+    }
 
 
 def _poisson_peak(mean: float, bins: int, rng: np.random.Generator) -> float:

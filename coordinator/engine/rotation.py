@@ -46,9 +46,10 @@ def choose_paced(
     """Up to ``n`` device ids for a round of a paced fleet, in a fair rotation: first the
     devices whose next check-in (:func:`next_checkin` after they were last seen) falls within
     the selection window from ``now``, the least often selected (``num_assigned``) first and
-    among those the soonest, so that the cohort has checked in early in the window (about
-    ``window * n / due`` seconds for ``due`` devices in it) rather than at its end; then the
-    others by how soon they come; remaining ties in random order. A device whose slot passed
+    among those the ones due in the first half of the window, so that the cohort has checked
+    in within about half the window rather than at its end, yet spread over that half (its
+    uploads come a training time later, as spread as its check-ins); then the others by how
+    soon they come; remaining ties in random order. A device whose slot passed
     unseen (offline, or its clock is off) comes at an unknown time: it follows the devices of
     the window whatever its slot."""
     if n <= 0 or not candidates:
@@ -68,5 +69,8 @@ def choose_paced(
     outside = (late | (due > start + window)).astype(np.int64)
     counts = np.array([c.num_assigned for c in candidates], dtype=np.int64)
     soon = np.where(outside == 1, due - start, 0.0)
-    order = np.lexsort((rng.random(len(candidates)), due, counts, soon, outside))
+    # The first half of the window before the second: the cohort checks in within about
+    # half the window, and spread over it (its uploads follow a training time later).
+    later = (due > start + window / 2).astype(np.int64)
+    order = np.lexsort((rng.random(len(candidates)), later, counts, soon, outside))
     return [candidates[i].device_id for i in order[:n]]

@@ -164,7 +164,7 @@ def _seen_at_their_slots(ids: list[str], now: float, period: float) -> list[Cand
     return out
 
 
-def test_a_round_takes_the_soonest_of_its_window_and_late_devices_last() -> None:
+def test_a_round_takes_the_first_half_of_its_window_and_late_devices_last() -> None:
     period, window, now = 200.0, 20.0, 1_765_000_000.0
     ids = [f"dev-{i:05d}" for i in range(2000)]
     candidates = _seen_at_their_slots(ids, now, period)
@@ -184,10 +184,12 @@ def test_a_round_takes_the_soonest_of_its_window_and_late_devices_last() -> None
         period=period,
         window=window,
     )
-    # The cohort (20 + 30 % over-selection) are the 26 soonest: all of them have checked in
-    # after about window * 26 / 200 s, not only at the end of the window.
-    assert sorted(due[d] for d in picked) == sorted(due.values())[:26]
-    assert max(due[d] for d in picked) < window / 3
+    # The cohort (20 + 30 % over-selection) all come within the first half of the window,
+    # so it has formed by then, and spread over that half, not bunched at its start (its
+    # uploads follow a training time later, as bunched as its check-ins).
+    times = np.sort([due[d] for d in picked])
+    assert times.max() <= window / 2
+    assert times.max() > window / 3 and times[13] > window / 8
 
     # A device that missed its slots (last seen periods ago, at a slot such that counting
     # whole periods from its next one puts it inside the window) comes after every device of
