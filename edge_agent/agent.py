@@ -228,6 +228,10 @@ class Agent:
                 continue
             if outcome is not Outcome.STOPPED:
                 handled += 1
+            more = limit is None or handled < limit
+            if outcome is Outcome.UPLOADED and more and not self.client.holds_next:
+                # A paced coordinator's upload answer says when to check in (not at once).
+                self._sleep_until_reconnect()
         self.idle = True
         log.info("agent stopped after %d assignment(s)", handled)
         return self.stats

@@ -277,6 +277,11 @@ class CoordinatorClient:
         body, chain = self._json_and_chain(response)
         return self._work(body, chain)
 
+    @property
+    def holds_next(self) -> bool:
+        """Whether an upload's answer carried the next assignment (:meth:`get_work` returns it)."""
+        return self._next is not None
+
     def drop_connection(self) -> None:
         """Close the kept-alive connection of the work poll and uploads (before a long sleep)."""
         self._session.drop_connections()
@@ -399,6 +404,8 @@ class CoordinatorClient:
             self.traffic.uploads += 1
             self.traffic.upload_bytes += len(body)
             self.traffic.next_asked += int(next_work)
+        # A paced coordinator tells a device it hands no next assignment when to check in.
+        self.reconnect_s = _reconnect(response.headers.get(RECONNECT_HEADER))
         receipt, chain = self._json_and_chain(response)
         if not isinstance(receipt, dict):
             raise AgentError("bad_response", "upload answer is not a JSON object")

@@ -482,3 +482,93 @@ def test_a_paced_agent_does_not_retry_at_once_when_the_coordinator_is_down(
     assert 5.0 <= pauses["paced"] <= interval and pauses["paced"] != 5.0
     assert len(fresh_sleeps) == retry.attempts - 1  # the client's retries, as before
     assert pauses["fresh"] == 5.0
+
+
+def _one_round_events(
+    coordinator: Coordinator, url: str, tmp_path: Path
+) -> tuple[list[tuple[str, object]], float | None]:
+    """An agent on ``url`` works one round of a one-device task, then is stopped at its next
+    pause or work poll: the agent's requests and pauses in order, and the reconnect time its
+    client holds after the upload."""
+    data = load_dataset("digits", test_fraction=0.2, rng=np.random.default_rng(0))
+    local = LocalData(data.X_train[:40], data.y_train[:40], data.X_test[:10], data.y_test[:10])
+    enroll_device(
+        tmp_path / "d", url=url, token=make_token(coordinator), ca_file=str(coordinator.ca_file)
+    )
+    state = State(tmp_path / "d")
+    client = open_client(state)
+    assert client.get_work(0) is None  # seen (and, when paced, told its slot) before the task
+    task_id = create_task(
+        coordinator,
+        model={"architecture": "softmax", "input_dim": 64, "num_classes": 10},
+        aggregation={
+            "clients_per_round": 1,
+            "over_selection": 0.0,
+            "min_updates": 1,
+            "round_deadline_s": 600,
+            "num_rounds": 2,
+        },
+    )
+    events: list[tuple[str, object]] = []
+    after_upload: list[float | None] = []
+    agent = Agent(state=state, client=client, data=local, seed=1, poll_wait=1.0)
+    get_work, upload = client.get_work, client.upload_update
+
+    def polled(*args: object, **kwargs: object) -> object:
+        if after_upload:  # the first poll after the upload ends the run
+            events.append(("poll", None))
+            agent.stop()
+            return None
+        work = get_work(*args, **kwargs)  # type: ignore[arg-type]
+        events.append(("work" if work is not None else "idle", task_id))
+        return work
+
+    def uploaded(*args: object, **kwargs: object) -> object:
+        receipt = upload(*args, **kwargs)  # type: ignore[arg-type]
+        events.append(("upload", None))
+        after_upload.append(client.reconnect_s)
+        return receipt
+
+    def pause(seconds: float) -> None:
+        events.append(("pause", seconds))
+        if after_upload:
+            agent.stop()
+
+    client.get_work = polled  # type: ignore[method-assign]
+    client.upload_update = uploaded  # type: ignore[method-assign]
+    agent._pause = pause  # type: ignore[method-assign]
+    try:
+        agent.run()
+    finally:
+        client.close()
+    assert after_upload, events
+    return events, after_upload[0]
+
+
+@pytest.mark.parametrize("db_url", ["sqlite"], indirect=True)  # the paths are the same
+def test_a_paced_upload_answer_carries_the_reconnect_time_and_the_agent_sleeps(
+    coordinator: Coordinator, tmp_path: Path
+) -> None:
+    """An accepted upload without a next assignment tells a paced device when to check in
+    (its next slot, as an idle check-in is told): the agent sleeps that long instead of
+    checking in right after uploading."""
+    events, reconnect = _one_round_events(coordinator, coordinator.url, tmp_path)
+    assert reconnect is not None and 1 <= reconnect <= 2 * PACED["pace_max_s"]
+    at = events.index(("upload", None))
+    assert events[at - 1][0] == "work"
+    assert events[at + 1 :] == [("pause", reconnect)], events  # no poll before the sleep
+
+
+@pytest.mark.parametrize("db_url", ["sqlite"], indirect=True)  # the paths are the same
+def test_a_small_fleet_polls_right_after_an_upload_as_before(
+    long_poll_settings: Settings, coordinator: Coordinator, tmp_path: Path
+) -> None:
+    with serve_in_thread(
+        create_app(long_poll_settings),
+        certfile=long_poll_settings.tls_cert,
+        keyfile=long_poll_settings.tls_key,
+    ) as url:
+        events, reconnect = _one_round_events(coordinator, url, tmp_path)
+    assert reconnect is None  # no Fedge-Reconnect on the upload's answer
+    at = events.index(("upload", None))
+    assert events[at + 1 :] == [("poll", None)], events
