@@ -18,8 +18,11 @@ The devices run in ``--procs`` processes, many virtual devices per process (asyn
 device checks in with ``GET /device/work?wait=30`` over a new TLS connection (a paced device
 closes its connection before a sleep longer than the keep-alive), sleeps the
 ``Fedge-Reconnect`` time of a 204, and on an assignment "trains" for ``--train-s`` seconds
-(30; holding no connection), then uploads a small update over a new connection and checks in
-again on it. A failed check-in is handled as the agent does: tried once, then a pause
+(30; holding no connection), then uploads a small update over a new connection and sleeps the
+``Fedge-Reconnect`` time of the upload's answer (an answer without it: checks in again on that
+connection, as devices did before the upload answer carried it).
+
+A failed check-in is handled as the agent does: tried once, then a pause
 uniformly random between 5 s and the last reconnect time
 (:func:`fedge.edge_agent.agent.paced_retry_s`). The fleet starts as if paced for a while:
 each device was last seen at its latest slot (0.5 s after it, as a device that sleeps whole
@@ -27,9 +30,15 @@ seconds arrives), the device processes come up first, the task starts once they 
 and each device checks in first at its first slot after that moment. Time scale: real time
 (1:1), no compression.
 
-Measured: check-ins per second as the devices send them (per-second and 5-second counts;
-peak / mean, each with the median peak / mean of independent Poisson counts of the same mean
-and bin count; also without the check-ins that follow an upload), coordinator CPU from
+Measured: check-ins per second as the devices send them and as they arrive at the
+coordinator (the time its group commit recorded each check-in's nonce, read back from its
+``used_nonces`` rows after the run; the uploads' nonces left out), in per-second and 5-second
+counts: peak / mean, each with the median peak / mean of independent Poisson counts of the
+same mean and bin count; also as scheduled (when each check-in was meant to be sent) and how
+late the loaded simulator sent them (a check-in counts as sent once its TLS connection is
+open, so the lateness holds the coordinator's handshake too); after the restart, how the
+retries of the check-ins that failed during the outage spread (their pauses as a share of the
+interval, and when they came). Coordinator CPU from
 ``/proc/<pid>/stat`` (utime + stime of the coordinator process) per 1,000 enrolled devices,
 each round's formation time (from ``opened_at`` to the moment its 100th device received its
 assignment; also each round's assigned and received counts and arrival times), and every
@@ -255,19 +264,23 @@ async def _device(
             http = _Http(reader, writer)
             try:
                 uploaded = work is not None
-                if work is not None:  # trained: upload, then check in on the same connection
-                    await _upload(http, key, device_id, work, rng, log)
+                told: float | None = None
+                if work is not None:  # trained: upload
+                    told = await _upload(http, key, device_id, work, rng, log)
                     work = None
-                delay, work = await _checkin(
-                    http,
-                    key,
-                    device_id,
-                    config,
-                    log,
-                    retry=retry,
-                    after_upload=uploaded,
-                    intended=intended,
-                )
+                if told is not None:  # the upload's answer said when to check in
+                    delay = told
+                else:  # (an answer without it: check in on the same connection, as before)
+                    delay, work = await _checkin(
+                        http,
+                        key,
+                        device_id,
+                        config,
+                        log,
+                        retry=retry,
+                        after_upload=uploaded,
+                        intended=intended,
+                    )
             finally:
                 await http.close()
             failures = 0
@@ -280,6 +293,7 @@ async def _device(
                 delay = policy.backoff(min(failures - 1, 10), retry_rng)
             else:  # paced: tried once, then the agent's pause (agent.paced_retry_s)
                 delay = paced_retry_s(reconnect, ERROR_PAUSE_S, rng)
+                log["paced_pauses"].append((time.time(), delay, reconnect))
         if work is not None:
             delay = train_s  # local training, holding no connection
         intended = time.time() + delay
@@ -329,9 +343,12 @@ async def _upload(
     work: dict[str, Any],
     rng: np.random.Generator,
     log: dict[str, list[Any]],
-) -> None:
+) -> float | None:
+    """Upload an update: the ``Fedge-Reconnect`` time of an accepted upload's answer."""
     body = _update_body(work, rng)
     target, headers = _signed(key, device_id, "POST", work["upload_url"], {}, body)
+    # its nonce, to tell the coordinator's record of this request from the check-ins'
+    log["upload_nonces"].append(headers["Authorization"].split(" ", 1)[1].split(".")[2])
     headers.update(
         {
             "Idempotency-Key": secrets.token_hex(8),
@@ -339,8 +356,13 @@ async def _upload(
             "Content-Type": "application/octet-stream",
         }
     )
-    status, _, _ = await http.request("POST", target, headers, body)
+    status, got, _ = await http.request("POST", target, headers, body)
     log["uploads"].append((status, time.time()))
+    told = got.get("fedge-reconnect")
+    if status not in (200, 201) or told is None:
+        return None
+    log["upload_reconnect"].append(float(told))
+    return float(told)
 
 
 def _worker(
@@ -363,6 +385,9 @@ def _worker(
         "intended": [],
         "assigned": [],
         "uploads": [],
+        "upload_nonces": [],
+        "upload_reconnect": [],
+        "paced_pauses": [],
         "errors": [],
     }
     out.send("ready")
@@ -542,12 +567,14 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     in_steady = (sent >= t0) & (sent < t1)
     late_s = (sent - meant)[in_steady]
     steady = _per_second(checkins, t0, t1)
-    after = _per_second(checkins, ready, max(ready + 10, end_at - 1))
+    after_end = max(ready + 10, end_at - 1)
+    after = _per_second(checkins, ready, after_end)
 
     engine = create_engine(db_url)
-    from fedge.coordinator.models import Device, Round
+    from fedge.coordinator.models import Device, Round, UsedNonce
 
     with engine.connect() as conn:
+        nonce_rows = conn.execute(select(UsedNonce.nonce, UsedNonce.expires_at)).all()
         rounds = conn.execute(
             select(
                 Round.id,
@@ -586,6 +613,32 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             }
         )
     formed_s = [f["formation_s"] for f in formation if f["formation_s"] is not None]
+    # Where the check-ins arrived: the coordinator records every request's nonce with
+    # ``expires_at`` = its clock when it recorded the request (a check-in: its batch) + twice
+    # the signature window; the uploads' nonces are left out.
+    ttl = 2 * settings.signature_skew_s
+    upload_nonces = {n for lg in logs for n in lg["upload_nonces"]}
+    arrived = np.sort(
+        np.array(
+            [
+                expires.replace(tzinfo=UTC).timestamp() - ttl
+                for nonce, expires in nonce_rows
+                if nonce not in upload_nonces
+            ]
+        )
+    )
+    c_steady = _per_second(arrived, t0, t1)
+    c_after = _per_second(arrived, ready, after_end)
+    # Whether the simulator was starved: how late each check-in was sent, overall and in the
+    # busiest seconds of what it sent.
+    late_all = sent - meant
+    top = np.argsort(steady)[-5:]
+    second = np.floor(sent - t0).astype(int)
+    in_top = in_steady & np.isin(second, top)
+    pauses = np.array([p for lg in logs for p in lg["paced_pauses"]]).reshape(-1, 3)
+    outage = pauses[(pauses[:, 0] >= stopped - 5) & (pauses[:, 0] < ready)]
+    retried_at = retries[retries >= ready] - ready
+    told_after_upload = np.array([t for lg in logs for t in lg["upload_reconnect"]])
     n_k = args.devices / 1000
     window = float(PACE["FEDGE_PACE_WINDOW_S"])
     steady_cpu = (cpu1 - cpu0) / (t1 - t0)
@@ -618,8 +671,19 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 "p90": float(np.quantile(late_s, 0.9)),
                 "p99": float(np.quantile(late_s, 0.99)),
                 "max": float(late_s.max()),
+                "share_over_1s": float((late_s > 1).mean()),
+                "share_over_5s": float((late_s > 5).mean()),
+                "median_in_the_5_busiest_sent_seconds": float(np.median(late_all[in_top]))
+                if in_top.any()
+                else None,
             },
-            "coordinator_cpu_split": _cpu_split(cpu_samples, checkins, after_upload, assigned),
+            "as_arrived_at_coordinator": {
+                "checkins": int(c_steady.sum()),
+                **_herd(c_steady, rng),
+            },
+            "coordinator_cpu_split": _cpu_split(
+                cpu_samples, checkins, after_upload, np.array([t for _, t in uploads]), assigned
+            ),
             "expected_per_s": args.devices / period,
             "coordinator_cpu_share": steady_cpu,
             "coordinator_cpu_pct_per_1000_devices": 100 * steady_cpu / n_k,
@@ -631,9 +695,30 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             "retried_checkins_after": int((retries >= ready).sum()),
             "seconds_measured": int(after.size),
             **_herd(after, rng),
-            "idle_checkins_only": _herd(
-                _per_second(idle_only, ready, max(ready + 10, end_at - 1)), rng
-            ),
+            "idle_checkins_only": _herd(_per_second(idle_only, ready, after_end), rng),
+            "as_arrived_at_coordinator": {
+                "checkins": int(c_after.sum()),
+                **_herd(c_after, rng),
+            },
+            "paced_retries": {
+                # the pauses chosen after the check-ins that failed during the outage, as a
+                # share of the pacing interval they were drawn from (uniform: quantiles
+                # near 0.25 / 0.5 / 0.75), and when those retries came after the return
+                "paused_after_failures": int(outage.shape[0]),
+                "pause_over_interval_quantiles_25_50_75": (
+                    np.quantile(outage[:, 1] / outage[:, 2], [0.25, 0.5, 0.75]).tolist()
+                    if outage.size
+                    else None
+                ),
+                "retries_after_return": int(retried_at.size),
+                "retry_s_after_return_quantiles_10_50_90": (
+                    np.quantile(retried_at, [0.1, 0.5, 0.9]).tolist() if retried_at.size else None
+                ),
+                "retries_in_first_30s": int((retried_at < 30).sum()),
+                "retries_per_s_peak": int(np.bincount(retried_at.astype(int)).max())
+                if retried_at.size
+                else 0,
+            },
             "coordinator_cpu_pct_per_1000_devices": 100 * after_cpu / n_k,
         },
         "rounds": {
@@ -651,17 +736,29 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             "selected_devices": int((counts > 0).sum()),
             "assignments": int(counts.sum()),
         },
-        "uploads": {"accepted": sum(1 for s, _ in uploads if s in (200, 201)), "all": len(uploads)},
+        "uploads": {
+            "accepted": sum(1 for s, _ in uploads if s in (200, 201)),
+            "all": len(uploads),
+            "checkins_right_after_upload": int(after_upload.size),
+            "reconnect_told_s": {
+                "answers": int(told_after_upload.size),
+                "min": float(told_after_upload.min()) if told_after_upload.size else None,
+                "median": float(np.median(told_after_upload)) if told_after_upload.size else None,
+                "max": float(told_after_upload.max()) if told_after_upload.size else None,
+            },
+        },
         "loadgen_cpu_s": [lg["cpu_s"][0] for lg in logs],
         "per_second": {  # check-ins sent in each second (for plots and checks)
             "steady": steady.tolist(),
             "steady_idle_only": _per_second(idle_only, t0, t1).tolist(),
             "steady_as_scheduled": _per_second(np.sort(meant), t0, t1).tolist(),
             "after_restart": after.tolist(),
+            "steady_as_arrived": c_steady.tolist(),
+            "after_restart_as_arrived": c_after.tolist(),
         },
         "machine": machine_info(),
     }
-    _plot(steady, after, result, Path(args.out).with_suffix(".png"))
+    _plot(steady, after, c_steady, c_after, result, Path(args.out).with_suffix(".png"))
     return result
 
 
@@ -669,12 +766,14 @@ def _cpu_split(
     samples: list[tuple[float, float]],
     checkins: np.ndarray,
     after_upload: np.ndarray,
+    upload_times: np.ndarray,
     assigned: list[tuple[Any, Any, float]],
 ) -> dict[str, float]:
     """The coordinator's CPU in 5 s bins of the steady window, fitted (least squares) as
     ``base + idle * idle check-ins + upload * uploads + assign * assignments`` (an upload
-    comes with the check-in after it): the share of the idle fleet is ``base`` plus its
-    check-ins (``base`` also holds the scheduler's ticks, counted as idle)."""
+    whose answer carried no reconnect time comes with the check-in after it): the share of
+    the idle fleet is ``base`` plus its check-ins (``base`` also holds the scheduler's ticks,
+    counted as idle)."""
     times = np.array([t for t, _ in samples])
     cpu = np.array([c for _, c in samples])
     edges = times[::5]
@@ -682,9 +781,9 @@ def _cpu_split(
         return {}
     used = np.diff(cpu[::5])
     at = np.array([a for _, _, a in assigned]) if assigned else np.array([])
-    ups = np.histogram(after_upload, edges)[0]
+    ups = np.histogram(upload_times, edges)[0]
     assigns = np.histogram(at, edges)[0]
-    idle = np.histogram(checkins, edges)[0] - ups - assigns
+    idle = np.histogram(checkins, edges)[0] - np.histogram(after_upload, edges)[0] - assigns
     x = np.column_stack([np.diff(edges), idle, ups, assigns]).astype(float)
     coef, *_ = np.linalg.lstsq(x, used, rcond=None)
     seconds = float(edges[-1] - edges[0])
@@ -693,7 +792,7 @@ def _cpu_split(
         "bins": int(used.size),
         "base_cpu_share": float(coef[0]),
         "ms_per_idle_checkin": 1000 * float(coef[1]),
-        "ms_per_upload_with_its_checkin": 1000 * float(coef[2]),
+        "ms_per_upload": 1000 * float(coef[2]),
         "ms_per_assignment_checkin": 1000 * float(coef[3]),
         "idle_fleet_cpu_share": idle_share,
         "round_work_cpu_share": float(used.sum() / seconds) - idle_share,
@@ -726,23 +825,35 @@ def _herd(per_second: np.ndarray, rng: np.random.Generator) -> dict[str, float]:
     }
 
 
-def _plot(steady: np.ndarray, after: np.ndarray, result: dict[str, Any], path: Path) -> None:
+def _plot(
+    steady: np.ndarray,
+    after: np.ndarray,
+    c_steady: np.ndarray,
+    c_after: np.ndarray,
+    result: dict[str, Any],
+    path: Path,
+) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(9, 3.2))
-    ax.plot(np.arange(steady.size), steady, lw=0.8, label="steady")
+    fig, ax = plt.subplots(figsize=(9, 3.6))
     gap = steady.size + 5
-    ax.plot(gap + np.arange(after.size), after, lw=0.8, label="after a coordinator restart")
+    ax.plot(np.arange(steady.size), steady, lw=0.7, color="C0", label="sent (simulator)")
+    ax.plot(gap + np.arange(after.size), after, lw=0.7, color="C0")
+    ax.plot(np.arange(c_steady.size), c_steady, lw=0.7, color="C1", label="arrived (coordinator)")
+    ax.plot(gap + np.arange(c_after.size), c_after, lw=0.7, color="C1")
+    ax.axvline(gap - 2.5, color="grey", lw=0.6)
     ax.axhline(result["steady"]["expected_per_s"], color="k", lw=0.6, ls="--", label="N / T")
     ax.set_xlabel("second of the measurement")
     ax.set_ylabel("check-ins per second")
     ax.set_title(
-        f"{result['devices']} paced devices, period {result['period_s']:.0f} s "
-        f"(peak/mean {result['steady']['peak_over_mean']:.2f} steady, "
-        f"{result['restart']['peak_over_mean']:.2f} after restart)",
+        f"{result['devices']} paced devices, period {result['period_s']:.0f} s; steady | after "
+        "a restart; peak/mean as arrived "
+        f"{result['steady']['as_arrived_at_coordinator']['peak_over_mean']:.2f} | "
+        f"{result['restart']['as_arrived_at_coordinator']['peak_over_mean']:.2f}, as sent "
+        f"{result['steady']['peak_over_mean']:.2f} | {result['restart']['peak_over_mean']:.2f}",
         fontsize=9,
     )
     ax.legend(fontsize=8)
