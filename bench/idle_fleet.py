@@ -18,18 +18,34 @@ The devices run in ``--procs`` processes, many virtual devices per process (asyn
 device checks in with ``GET /device/work?wait=30`` over a new TLS connection (a paced device
 closes its connection before a sleep longer than the keep-alive), sleeps the
 ``Fedge-Reconnect`` time of a 204, and on an assignment "trains" for ``--train-s`` seconds
-(30; holding no connection), then uploads a small update over a new connection and checks in
-again on it. A failed request (the coordinator restarting) is retried with the agent's
-backoff (:class:`fedge.edge_agent.transport.RetryPolicy`). The fleet starts as if paced for
-a while: each device was last seen at its latest slot and checks in first at its next one.
-Time scale: real time (1:1), no compression.
+(30; holding no connection), then uploads a small update over a new connection and sleeps the
+``Fedge-Reconnect`` time of the upload's answer (an answer without it: checks in again on that
+connection, as devices did before the upload answer carried it).
 
-Measured: check-ins per second (per-second counts; peak / mean), coordinator CPU from
+A failed check-in is handled as the agent does: tried once, then a pause
+uniformly random between 5 s and the last reconnect time
+(:func:`fedge.edge_agent.agent.paced_retry_s`). The fleet starts as if paced for a while:
+each device was last seen at its latest slot (0.5 s after it, as a device that sleeps whole
+seconds arrives), the device processes come up first, the task starts once they are ready,
+and each device checks in first at its first slot after that moment. Time scale: real time
+(1:1), no compression.
+
+Measured: check-ins per second as the devices send them and as they arrive at the
+coordinator (the time its group commit recorded each check-in's nonce, read back from its
+``used_nonces`` rows after the run; the uploads' nonces left out), in per-second and 5-second
+counts: peak / mean, each with the median peak / mean of independent Poisson counts of the
+same mean and bin count; also as scheduled (when each check-in was meant to be sent) and how
+late the loaded simulator sent them (a check-in counts as sent once its TLS connection is
+open, so the lateness holds the coordinator's handshake too); after the restart, how the
+retries of the check-ins that failed during the outage spread (their pauses as a share of the
+interval, and when they came). Coordinator CPU from
 ``/proc/<pid>/stat`` (utime + stime of the coordinator process) per 1,000 enrolled devices,
 each round's formation time (from ``opened_at`` to the moment its 100th device received its
-assignment), and every device's selection count; then the coordinator is restarted (SIGTERM,
-serve again on the same port) and the per-second check-in rate of the following minutes is
-measured again. Results: ``bench/results/idle_fleet.json`` and ``idle_fleet.png``.
+assignment; also each round's assigned and received counts and arrival times), and every
+device's selection count; then the coordinator is restarted (SIGTERM, serve again on the same
+port) and the check-in rate from its return to 300 s after it stopped is measured again. The
+load average (1, 5, 15 min) is recorded at the start, before the restart and at the end.
+Results: ``bench/results/idle_fleet.json`` and ``idle_fleet.png``.
 """
 
 from __future__ import annotations
@@ -61,6 +77,7 @@ from bench.ingest import machine_info, proc_cpu_s  # noqa: E402
 from fedge.coordinator.engine.pace import period_s  # noqa: E402
 from fedge.coordinator.engine.rotation import next_checkin  # noqa: E402
 from fedge.coordinator.settings import Settings  # noqa: E402
+from fedge.edge_agent.agent import paced_retry_s  # noqa: E402
 from fedge.edge_agent.sim.local_coordinator import (  # noqa: E402
     LocalCoordinator,
     _child_env,
@@ -76,6 +93,8 @@ from fedge.shared.signing import sign_request  # noqa: E402
 from fedge.shared.wire import encode_update  # noqa: E402
 
 API = "/api/v1"
+#: The agent's pause after a failed check-in (``Agent(error_pause_s=...)``'s default).
+ERROR_PAUSE_S = 5.0
 RESULTS = ROOT / "bench" / "results"
 COHORT = 100
 OVER_SELECTION = 0.3
@@ -128,7 +147,9 @@ def bulk_enroll(
                 "capabilities": {},
                 "tags": [],
                 "enrolled_at": now,
-                "last_seen_at": datetime.fromtimestamp(previous, UTC),
+                # as a device that came for that slot (0.5 s after it: it sleeps whole
+                # seconds, and a request takes a while)
+                "last_seen_at": datetime.fromtimestamp(previous + 0.5, UTC),
                 "num_assigned": 0,
                 "num_completed": 0,
                 "num_dropped": 0,
@@ -215,6 +236,7 @@ async def _device(
     first_at: float,
     end_at: float,
     train_s: float,
+    period: float,
     seed: int,
     log: dict[str, list[Any]],
     sem: asyncio.Semaphore,
@@ -228,39 +250,79 @@ async def _device(
     config: dict[str, Any] = {}
     work: dict[str, Any] | None = None
     await asyncio.sleep(max(0.0, min(first_at, end_at) - time.time()))
+    intended = first_at  # when this device means to send its next check-in
     failures = 0
+    # As the agent: paced since the fleet started (the last interval it was told, here its
+    # period); a failed check-in is followed by the agent's paced pause.
+    reconnect: float | None = period
     while time.time() < end_at:
         delay = 0.0
+        retry = failures > 0
         try:
             async with sem:
                 reader, writer = await asyncio.open_connection(host, port, ssl=ctx)
             http = _Http(reader, writer)
             try:
-                if work is not None:  # trained: upload, then check in on the same connection
-                    await _upload(http, key, device_id, work, rng, log)
+                uploaded = work is not None
+                told: float | None = None
+                if work is not None:  # trained: upload
+                    told = await _upload(http, key, device_id, work, rng, log)
                     work = None
-                delay, work = await _checkin(http, key, device_id, config, log)
+                if told is not None:  # the upload's answer said when to check in
+                    delay = told
+                else:  # (an answer without it: check in on the same connection, as before)
+                    delay, work = await _checkin(
+                        http,
+                        key,
+                        device_id,
+                        config,
+                        log,
+                        retry=retry,
+                        after_upload=uploaded,
+                        intended=intended,
+                    )
             finally:
                 await http.close()
             failures = 0
+            if work is None:
+                reconnect = delay
         except (OSError, ConnectionError, asyncio.IncompleteReadError, ssl.SSLError, ValueError):
             log["errors"].append(time.time())
-            delay = policy.backoff(min(failures, 10), retry_rng)
             failures += 1
+            if reconnect is None:  # unpaced: the client's own retries first
+                delay = policy.backoff(min(failures - 1, 10), retry_rng)
+            else:  # paced: tried once, then the agent's pause (agent.paced_retry_s)
+                delay = paced_retry_s(reconnect, ERROR_PAUSE_S, rng)
+                log["paced_pauses"].append((time.time(), delay, reconnect))
         if work is not None:
             delay = train_s  # local training, holding no connection
+        intended = time.time() + delay
         await asyncio.sleep(max(0.0, min(delay, end_at - time.time())))
 
 
 async def _checkin(
-    http: _Http, key: Any, device_id: str, config: dict[str, Any], log: dict[str, list[Any]]
+    http: _Http,
+    key: Any,
+    device_id: str,
+    config: dict[str, Any],
+    log: dict[str, list[Any]],
+    *,
+    retry: bool,
+    after_upload: bool,
+    intended: float,
 ) -> tuple[float, dict[str, Any] | None]:
     """One check-in: (seconds until the next one, None) or (0, the assignment)."""
     params: dict[str, Any] = {"wait": 30}
     if config:
         params["known"] = config["config_digest"]
     target, headers = _signed(key, device_id, "GET", f"{API}/device/work", params)
-    log["checkins"].append(time.time())
+    now = time.time()
+    log["checkins"].append(now)
+    log["intended"].append(intended)
+    if retry:
+        log["retries"].append(now)
+    if after_upload:
+        log["after_upload"].append(now)
     status, got, data = await http.request("GET", target, headers)
     if status == 204:
         return float(got.get("fedge-reconnect", "30")), None
@@ -281,9 +343,12 @@ async def _upload(
     work: dict[str, Any],
     rng: np.random.Generator,
     log: dict[str, list[Any]],
-) -> None:
+) -> float | None:
+    """Upload an update: the ``Fedge-Reconnect`` time of an accepted upload's answer."""
     body = _update_body(work, rng)
     target, headers = _signed(key, device_id, "POST", work["upload_url"], {}, body)
+    # its nonce, to tell the coordinator's record of this request from the check-ins'
+    log["upload_nonces"].append(headers["Authorization"].split(" ", 1)[1].split(".")[2])
     headers.update(
         {
             "Idempotency-Key": secrets.token_hex(8),
@@ -291,21 +356,42 @@ async def _upload(
             "Content-Type": "application/octet-stream",
         }
     )
-    status, _, _ = await http.request("POST", target, headers, body)
+    status, got, _ = await http.request("POST", target, headers, body)
     log["uploads"].append((status, time.time()))
+    told = got.get("fedge-reconnect")
+    if status not in (200, 201) or told is None:
+        return None
+    log["upload_reconnect"].append(float(told))
+    return float(told)
 
 
 def _worker(
     url: str,
     ca_file: str,
-    devices: list[tuple[str, bytes, float, int]],
-    end_at: float,
+    devices: list[tuple[str, bytes, int]],
+    period: float,
     train_s: float,
     out: Any,
 ) -> None:
+    """One process of simulated devices: says it is ready, receives (start, end), and runs
+    every device from its first slot after ``start`` (so that no device's first check-in
+    waits for the process to come up)."""
     parts = urlsplit(url)
     ctx = ssl.create_default_context(cafile=ca_file)
-    log: dict[str, list[Any]] = {"checkins": [], "assigned": [], "uploads": [], "errors": []}
+    log: dict[str, list[Any]] = {
+        "checkins": [],
+        "retries": [],
+        "after_upload": [],
+        "intended": [],
+        "assigned": [],
+        "uploads": [],
+        "upload_nonces": [],
+        "upload_reconnect": [],
+        "paced_pauses": [],
+        "errors": [],
+    }
+    out.send("ready")
+    start, end_at = out.recv()
 
     async def main() -> None:
         sem = asyncio.Semaphore(64)  # handshakes in flight per process
@@ -317,14 +403,15 @@ def _worker(
                     ctx,
                     d,
                     k,
-                    first_at=first,
+                    first_at=next_checkin(d, start, period),
                     end_at=end_at,
                     train_s=train_s,
+                    period=period,
                     seed=seed,
                     log=log,
                     sem=sem,
                 )
-                for d, k, first, seed in devices
+                for d, k, seed in devices
             )
         )
 
@@ -387,6 +474,27 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         keys = [rng.bytes(32) for _ in range(args.devices)]
         ids, nexts = bulk_enroll(db_url, keys, rng, period=period)
         enroll_s = time.time() - t
+        del nexts
+        # The device processes come up first (importing, building 20,000 keys and coroutines
+        # takes a while on a loaded machine); the task starts once they are all ready, and
+        # each device checks in first at its first slot after that.
+        seeds = rng.integers(0, 2**31, args.devices)
+        slices = np.array_split(np.arange(args.devices), args.procs)
+        ctx = mp.get_context("spawn")
+        pipes, procs = [], []
+        for part in slices:
+            here, there = ctx.Pipe(duplex=True)
+            devices = [(ids[i], keys[i], int(seeds[i])) for i in part]
+            p = ctx.Process(
+                target=_worker,
+                args=(coord.url, coord.ca_file, devices, period, args.train_s, there),
+            )
+            p.start()
+            pipes.append(here)
+            procs.append(p)
+        for pipe in pipes:
+            if pipe.recv() != "ready":
+                raise RuntimeError("a device process did not come up")
         with httpx.Client(
             base_url=coord.url,
             verify=ssl.create_default_context(cafile=coord.ca_file),
@@ -410,37 +518,32 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             )
             r.raise_for_status()
             task_id = r.json()["id"]
+            # The devices run from before the start: the first round may pick a device whose
+            # slot comes while this request is answered.
+            start = time.time()
             admin.post(f"{API}/tasks/{task_id}/start").raise_for_status()
-        start = time.time() + 10.0
         restart_at = start + args.before_restart
         end_at = restart_at + args.after_restart
-        # A slot that passed during the setup was missed: that device comes at its next one.
-        first = [next_checkin(d, start, period) for d in ids]
-        del nexts
-        seeds = rng.integers(0, 2**31, args.devices)
-        slices = np.array_split(np.arange(args.devices), args.procs)
-        ctx = mp.get_context("spawn")
-        pipes, procs = [], []
-        for part in slices:
-            recv, send = ctx.Pipe(duplex=False)
-            devices = [(ids[i], keys[i], float(first[i]), int(seeds[i])) for i in part]
-            p = ctx.Process(
-                target=_worker, args=(coord.url, coord.ca_file, devices, end_at, args.train_s, send)
-            )
-            p.start()
-            pipes.append(recv)
-            procs.append(p)
+        for pipe in pipes:
+            pipe.send((start, end_at))
+        load = {"at_start": os.getloadavg()}
         warm = start + args.warmup
         time.sleep(max(0.0, warm - time.time()))
         cpu0, t0 = proc_cpu_s(coord.process.pid), time.time()
+        cpu_samples = [(t0, cpu0)]  # once a second, for the split of the CPU
+        while (due := cpu_samples[-1][0] + 1.0) < restart_at:
+            time.sleep(max(0.0, due - time.time()))
+            cpu_samples.append((time.time(), proc_cpu_s(coord.process.pid)))
         time.sleep(max(0.0, restart_at - time.time()))
         cpu1, t1 = proc_cpu_s(coord.process.pid), time.time()
+        load["before_restart"] = os.getloadavg()
         stopped, ready = _restart(coord, port, env)
         print(f"restarted: down {ready - stopped:.1f} s", file=sys.stderr, flush=True)
         time.sleep(max(0.0, ready + 5 - time.time()))
         cpu2, t2 = proc_cpu_s(coord.process.pid), time.time()
         time.sleep(max(0.0, end_at - 1 - time.time()))
         cpu3, t3 = proc_cpu_s(coord.process.pid), time.time()
+        load["at_end"] = os.getloadavg()
         logs = [pipe.recv() for pipe in pipes]
         for p in procs:
             p.join(60)
@@ -451,17 +554,36 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     assigned = [a for lg in logs for a in lg["assigned"]]
     uploads = [u for lg in logs for u in lg["uploads"]]
     errors = np.concatenate([np.array(lg["errors"]) for lg in logs]) if logs else np.array([])
+    retries = np.concatenate([np.array(lg["retries"]) for lg in logs])
+    # The check-ins of devices that just uploaded (they come together, a training time
+    # after their round's devices checked in) against the rest (the idle fleet's).
+    after_upload = np.sort(np.concatenate([np.array(lg["after_upload"]) for lg in logs]))
+    idle_only = np.setdiff1d(checkins, after_upload)
+    # When each check-in was meant to be sent (its slot as told, or the end of a training or
+    # a pause) against when the loaded simulator sent it: the spread the design gives, and
+    # the lateness the machine added.
+    sent = np.concatenate([np.array(lg["checkins"]) for lg in logs])
+    meant = np.concatenate([np.array(lg["intended"]) for lg in logs])
+    in_steady = (sent >= t0) & (sent < t1)
+    late_s = (sent - meant)[in_steady]
     steady = _per_second(checkins, t0, t1)
-    after = _per_second(checkins, ready, max(ready + 10, end_at - 1))
+    after_end = max(ready + 10, end_at - 1)
+    after = _per_second(checkins, ready, after_end)
 
     engine = create_engine(db_url)
-    from fedge.coordinator.models import Device, Round
+    from fedge.coordinator.models import Device, Round, UsedNonce
 
     with engine.connect() as conn:
+        nonce_rows = conn.execute(select(UsedNonce.nonce, UsedNonce.expires_at)).all()
         rounds = conn.execute(
-            select(Round.id, Round.number, Round.opened_at, Round.status).where(
-                Round.task_id == task_id
-            )
+            select(
+                Round.id,
+                Round.number,
+                Round.opened_at,
+                Round.closed_at,
+                Round.status,
+                Round.num_assigned,
+            ).where(Round.task_id == task_id)
         ).all()
         counts = np.array(conn.execute(select(Device.num_assigned)).scalars().all())
     engine.dispose()
@@ -469,14 +591,54 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     for round_id, _, at in assigned:
         by_round.setdefault(int(round_id), []).append(at)
     formation = []
-    for round_id, number, opened_at, status in rounds:
+    for round_id, number, opened_at, closed_at, status, num_assigned in rounds:
         got = sorted(by_round.get(int(round_id), []))
         opened = opened_at.replace(tzinfo=UTC).timestamp()
         formed = got[COHORT - 1] - opened if len(got) >= COHORT else None
+        delays = np.array(got) - opened
         formation.append(
-            {"number": number, "status": status, "received": len(got), "formation_s": formed}
+            {
+                "number": number,
+                "status": status,
+                "assigned": num_assigned,
+                "received": len(got),
+                "formation_s": formed,
+                "received_s_median": float(np.median(delays)) if got else None,
+                "received_s_max": float(delays.max()) if got else None,
+                "open_s": (closed_at.replace(tzinfo=UTC).timestamp() if closed_at else t3) - opened,
+                "during_restart": bool(
+                    opened < ready
+                    and (closed_at is None or closed_at.replace(tzinfo=UTC).timestamp() > stopped)
+                ),
+            }
         )
     formed_s = [f["formation_s"] for f in formation if f["formation_s"] is not None]
+    # Where the check-ins arrived: the coordinator records every request's nonce with
+    # ``expires_at`` = its clock when it recorded the request (a check-in: its batch) + twice
+    # the signature window; the uploads' nonces are left out.
+    ttl = 2 * settings.signature_skew_s
+    upload_nonces = {n for lg in logs for n in lg["upload_nonces"]}
+    arrived = np.sort(
+        np.array(
+            [
+                expires.replace(tzinfo=UTC).timestamp() - ttl
+                for nonce, expires in nonce_rows
+                if nonce not in upload_nonces
+            ]
+        )
+    )
+    c_steady = _per_second(arrived, t0, t1)
+    c_after = _per_second(arrived, ready, after_end)
+    # Whether the simulator was starved: how late each check-in was sent, overall and in the
+    # busiest seconds of what it sent.
+    late_all = sent - meant
+    top = np.argsort(steady)[-5:]
+    second = np.floor(sent - t0).astype(int)
+    in_top = in_steady & np.isin(second, top)
+    pauses = np.array([p for lg in logs for p in lg["paced_pauses"]]).reshape(-1, 3)
+    outage = pauses[(pauses[:, 0] >= stopped - 5) & (pauses[:, 0] < ready)]
+    retried_at = retries[retries >= ready] - ready
+    told_after_upload = np.array([t for lg in logs for t in lg["upload_reconnect"]])
     n_k = args.devices / 1000
     window = float(PACE["FEDGE_PACE_WINDOW_S"])
     steady_cpu = (cpu1 - cpu0) / (t1 - t0)
@@ -496,14 +658,32 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         },
         "period_s": period,
         "bulk_enroll_s": enroll_s,
+        "load_average_1_5_15": load,
         "steady": {
             "seconds": t1 - t0,
             "checkins": int(steady.sum()),
-            "checkins_per_s_mean": float(steady.mean()),
-            "checkins_per_s_peak": int(steady.max()),
-            "peak_over_mean": float(steady.max() / steady.mean()),
-            "peak_over_mean_poisson_reference": _poisson_peak(steady.mean(), steady.size, rng),
-            "peak_over_mean_5s_bins": _binned(steady, 5),
+            "retried_checkins": int(((retries >= t0) & (retries < t1)).sum()),
+            **_herd(steady, rng),
+            "idle_checkins_only": _herd(_per_second(idle_only, t0, t1), rng),
+            "as_scheduled": _herd(_per_second(np.sort(meant), t0, t1), rng),
+            "sent_late_s": {
+                "median": float(np.median(late_s)),
+                "p90": float(np.quantile(late_s, 0.9)),
+                "p99": float(np.quantile(late_s, 0.99)),
+                "max": float(late_s.max()),
+                "share_over_1s": float((late_s > 1).mean()),
+                "share_over_5s": float((late_s > 5).mean()),
+                "median_in_the_5_busiest_sent_seconds": float(np.median(late_all[in_top]))
+                if in_top.any()
+                else None,
+            },
+            "as_arrived_at_coordinator": {
+                "checkins": int(c_steady.sum()),
+                **_herd(c_steady, rng),
+            },
+            "coordinator_cpu_split": _cpu_split(
+                cpu_samples, checkins, after_upload, np.array([t for _, t in uploads]), assigned
+            ),
             "expected_per_s": args.devices / period,
             "coordinator_cpu_share": steady_cpu,
             "coordinator_cpu_pct_per_1000_devices": 100 * steady_cpu / n_k,
@@ -512,12 +692,33 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "restart": {
             "down_s": ready - stopped,
             "failed_requests": int(errors.size),
+            "retried_checkins_after": int((retries >= ready).sum()),
             "seconds_measured": int(after.size),
-            "checkins_per_s_mean": float(after.mean()),
-            "checkins_per_s_peak": int(after.max()),
-            "peak_over_mean": float(after.max() / after.mean()),
-            "peak_over_mean_poisson_reference": _poisson_peak(after.mean(), after.size, rng),
-            "peak_over_mean_5s_bins": _binned(after, 5),
+            **_herd(after, rng),
+            "idle_checkins_only": _herd(_per_second(idle_only, ready, after_end), rng),
+            "as_arrived_at_coordinator": {
+                "checkins": int(c_after.sum()),
+                **_herd(c_after, rng),
+            },
+            "paced_retries": {
+                # the pauses chosen after the check-ins that failed during the outage, as a
+                # share of the pacing interval they were drawn from (uniform: quantiles
+                # near 0.25 / 0.5 / 0.75), and when those retries came after the return
+                "paused_after_failures": int(outage.shape[0]),
+                "pause_over_interval_quantiles_25_50_75": (
+                    np.quantile(outage[:, 1] / outage[:, 2], [0.25, 0.5, 0.75]).tolist()
+                    if outage.size
+                    else None
+                ),
+                "retries_after_return": int(retried_at.size),
+                "retry_s_after_return_quantiles_10_50_90": (
+                    np.quantile(retried_at, [0.1, 0.5, 0.9]).tolist() if retried_at.size else None
+                ),
+                "retries_in_first_30s": int((retried_at < 30).sum()),
+                "retries_per_s_peak": int(np.bincount(retried_at.astype(int)).max())
+                if retried_at.size
+                else 0,
+            },
             "coordinator_cpu_pct_per_1000_devices": 100 * after_cpu / n_k,
         },
         "rounds": {
@@ -535,44 +736,124 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             "selected_devices": int((counts > 0).sum()),
             "assignments": int(counts.sum()),
         },
-        "uploads": {"accepted": sum(1 for s, _ in uploads if s in (200, 201)), "all": len(uploads)},
+        "uploads": {
+            "accepted": sum(1 for s, _ in uploads if s in (200, 201)),
+            "all": len(uploads),
+            "checkins_right_after_upload": int(after_upload.size),
+            "reconnect_told_s": {
+                "answers": int(told_after_upload.size),
+                "min": float(told_after_upload.min()) if told_after_upload.size else None,
+                "median": float(np.median(told_after_upload)) if told_after_upload.size else None,
+                "max": float(told_after_upload.max()) if told_after_upload.size else None,
+            },
+        },
         "loadgen_cpu_s": [lg["cpu_s"][0] for lg in logs],
+        "per_second": {  # check-ins sent in each second (for plots and checks)
+            "steady": steady.tolist(),
+            "steady_idle_only": _per_second(idle_only, t0, t1).tolist(),
+            "steady_as_scheduled": _per_second(np.sort(meant), t0, t1).tolist(),
+            "after_restart": after.tolist(),
+            "steady_as_arrived": c_steady.tolist(),
+            "after_restart_as_arrived": c_after.tolist(),
+        },
         "machine": machine_info(),
     }
-    _plot(steady, after, result, RESULTS / "idle_fleet.png")
+    _plot(steady, after, c_steady, c_after, result, Path(args.out).with_suffix(".png"))
     return result
+
+
+def _cpu_split(
+    samples: list[tuple[float, float]],
+    checkins: np.ndarray,
+    after_upload: np.ndarray,
+    upload_times: np.ndarray,
+    assigned: list[tuple[Any, Any, float]],
+) -> dict[str, float]:
+    """The coordinator's CPU in 5 s bins of the steady window, fitted (least squares) as
+    ``base + idle * idle check-ins + upload * uploads + assign * assignments`` (an upload
+    whose answer carried no reconnect time comes with the check-in after it): the share of
+    the idle fleet is ``base`` plus its check-ins (``base`` also holds the scheduler's ticks,
+    counted as idle)."""
+    times = np.array([t for t, _ in samples])
+    cpu = np.array([c for _, c in samples])
+    edges = times[::5]
+    if edges.size < 6:
+        return {}
+    used = np.diff(cpu[::5])
+    at = np.array([a for _, _, a in assigned]) if assigned else np.array([])
+    ups = np.histogram(upload_times, edges)[0]
+    assigns = np.histogram(at, edges)[0]
+    idle = np.histogram(checkins, edges)[0] - np.histogram(after_upload, edges)[0] - assigns
+    x = np.column_stack([np.diff(edges), idle, ups, assigns]).astype(float)
+    coef, *_ = np.linalg.lstsq(x, used, rcond=None)
+    seconds = float(edges[-1] - edges[0])
+    idle_share = float(coef[0] + coef[1] * idle.sum() / seconds)
+    return {
+        "bins": int(used.size),
+        "base_cpu_share": float(coef[0]),
+        "ms_per_idle_checkin": 1000 * float(coef[1]),
+        "ms_per_upload": 1000 * float(coef[2]),
+        "ms_per_assignment_checkin": 1000 * float(coef[3]),
+        "idle_fleet_cpu_share": idle_share,
+        "round_work_cpu_share": float(used.sum() / seconds) - idle_share,
+    }
 
 
 def _poisson_peak(mean: float, bins: int, rng: np.random.Generator) -> float:
     """The median peak/mean of ``bins`` Poisson counts of this mean: what independent,
-    perfectly spread check-ins would show (the floor of the per-second figure)."""
+    perfectly spread check-ins would show (the floor of the figure on that bin size)."""
     draws = rng.poisson(mean, size=(200, bins))
     return float(np.median(draws.max(axis=1) / draws.mean(axis=1)))
 
 
-def _binned(counts: np.ndarray, width: int) -> float:
-    n = counts.size // width * width
-    sums = counts[:n].reshape(-1, width).sum(axis=1)
-    return float(sums.max() / sums.mean())
+def _herd(per_second: np.ndarray, rng: np.random.Generator) -> dict[str, float]:
+    """Peak / mean of the check-in counts in 1 s and 5 s bins, each with the Poisson
+    reference for the same bin size and number of bins."""
+    n = per_second.size // 5 * 5
+    five = per_second[:n].reshape(-1, 5).sum(axis=1)
+    return {
+        "checkins_per_s_mean": float(per_second.mean()),
+        "checkins_per_s_peak": int(per_second.max()),
+        "peak_over_mean": float(per_second.max() / per_second.mean()),
+        "peak_over_mean_poisson_reference": _poisson_peak(
+            float(per_second.mean()), per_second.size, rng
+        ),
+        "peak_over_mean_5s_bins": float(five.max() / five.mean()),
+        "peak_over_mean_5s_bins_poisson_reference": _poisson_peak(
+            float(five.mean()), five.size, rng
+        ),
+    }
 
 
-def _plot(steady: np.ndarray, after: np.ndarray, result: dict[str, Any], path: Path) -> None:
+def _plot(
+    steady: np.ndarray,
+    after: np.ndarray,
+    c_steady: np.ndarray,
+    c_after: np.ndarray,
+    result: dict[str, Any],
+    path: Path,
+) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(9, 3.2))
-    ax.plot(np.arange(steady.size), steady, lw=0.8, label="steady")
+    fig, ax = plt.subplots(figsize=(9, 3.6))
     gap = steady.size + 5
-    ax.plot(gap + np.arange(after.size), after, lw=0.8, label="after a coordinator restart")
+    ax.plot(np.arange(steady.size), steady, lw=0.7, color="C0", label="sent (simulator)")
+    ax.plot(gap + np.arange(after.size), after, lw=0.7, color="C0")
+    ax.plot(np.arange(c_steady.size), c_steady, lw=0.7, color="C1", label="arrived (coordinator)")
+    ax.plot(gap + np.arange(c_after.size), c_after, lw=0.7, color="C1")
+    ax.axvline(gap - 2.5, color="grey", lw=0.6)
     ax.axhline(result["steady"]["expected_per_s"], color="k", lw=0.6, ls="--", label="N / T")
     ax.set_xlabel("second of the measurement")
     ax.set_ylabel("check-ins per second")
     ax.set_title(
-        f"{result['devices']} paced devices, period {result['period_s']:.0f} s "
-        f"(peak/mean {result['steady']['peak_over_mean']:.2f} steady, "
-        f"{result['restart']['peak_over_mean']:.2f} after restart)",
+        f"{result['devices']} paced devices, period {result['period_s']:.0f} s; steady | after "
+        "a restart; peak/mean as arrived "
+        f"{result['steady']['as_arrived_at_coordinator']['peak_over_mean']:.2f} | "
+        f"{result['restart']['as_arrived_at_coordinator']['peak_over_mean']:.2f}, as sent "
+        f"{result['steady']['peak_over_mean']:.2f} | {result['restart']['peak_over_mean']:.2f}",
         fontsize=9,
     )
     ax.legend(fontsize=8)
@@ -589,7 +870,12 @@ def main() -> None:
     parser.add_argument("--warmup", type=float, default=20.0)
     parser.add_argument("--train-s", type=float, default=30.0)
     parser.add_argument("--before-restart", type=float, default=260.0)
-    parser.add_argument("--after-restart", type=float, default=120.0)
+    parser.add_argument(
+        "--after-restart",
+        type=float,
+        default=300.0,
+        help="seconds from stopping the coordinator to the end (its downtime included)",
+    )
     parser.add_argument("--data-dir", default="")
     parser.add_argument("--out", default=str(RESULTS / "idle_fleet.json"))
     args = parser.parse_args()

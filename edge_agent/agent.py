@@ -83,6 +83,20 @@ class FatalAgentError(RuntimeError):
     """The coordinator no longer accepts this device (revoked or unknown)."""
 
 
+def paced_retry_s(reconnect_s: float | None, pause_s: float, rng: np.random.Generator) -> float:
+    """Seconds to wait after the coordinator could not be reached. A device the coordinator
+    paces (docs/protocol.md, "Pace steering"; it was last told to come back in
+    ``reconnect_s``; its client tries such a check-in once) waits a uniformly random time
+    between ``pause_s`` and that interval: every device of a paced fleet that failed during
+    an outage would otherwise come back within seconds of the coordinator's return, a herd
+    of all the check-ins the outage held back; spread over the pacing interval they add
+    about ``outage / interval`` to the mean rate. An unpaced (long-polling) device waits
+    ``pause_s`` (after its client's retries)."""
+    if reconnect_s is None or reconnect_s <= pause_s:
+        return pause_s
+    return pause_s + float(rng.random()) * (reconnect_s - pause_s)
+
+
 class Agent:
     """Runs one device. Thread-safe :meth:`stop`; everything else runs in the caller's thread."""
 
@@ -118,6 +132,8 @@ class Agent:
         self.error_pause_s = error_pause_s
         #: Secure aggregation: the pause between asks for a phase that has not opened.
         self.secagg_poll_s = secagg_poll_s
+        # Spreads a paced device's retries after an outage (:func:`paced_retry_s`).
+        self._rng = np.random.default_rng([seed, 0x7E7])
         self.before_upload = before_upload
         self.stats = AgentStats()
         # (base version, bytes) of every accepted upload, for traffic reports
@@ -192,8 +208,9 @@ class Agent:
                 work = self.client.get_work(self.poll_wait, have=self._held)
             except AgentError as exc:
                 self._check_fatal(exc)
-                log.warning("cannot reach the coordinator (%s); trying again shortly", exc)
-                self._pause(self.error_pause_s)
+                pause = paced_retry_s(self.client.reconnect_s, self.error_pause_s, self._rng)
+                log.warning("cannot reach the coordinator (%s); trying again in %.0f s", exc, pause)
+                self._pause(pause)
                 continue
             finally:
                 self.idle = False
@@ -215,6 +232,10 @@ class Agent:
                 continue
             if outcome is not Outcome.STOPPED:
                 handled += 1
+            more = limit is None or handled < limit
+            if outcome is Outcome.UPLOADED and more and not self.client.holds_next:
+                # A paced coordinator's upload answer says when to check in (not at once).
+                self._sleep_until_reconnect()
         self.idle = True
         log.info("agent stopped after %d assignment(s)", handled)
         return self.stats

@@ -264,12 +264,17 @@ class CoordinatorClient:
             params["current"] = current
         else:
             params.update(self._held_params(have))
+        # A paced device's check-in is tried once: after a failure the agent pauses a random
+        # part of its pacing interval (agent.paced_retry_s) instead of retrying at once, so
+        # a fleet's check-ins held back by an outage do not all arrive as it ends.
+        paced = current is None and self.reconnect_s is not None
         response = self._signed(
             "GET",
             f"{API}/device/work",
             params=params,
             timeout=wait_s + self._timeout,
             watch=current is not None,
+            attempts=1 if paced else None,
         )
         if current is None:
             self.reconnect_s = _reconnect(response.headers.get(RECONNECT_HEADER))
@@ -277,6 +282,11 @@ class CoordinatorClient:
             return None
         body, chain = self._json_and_chain(response)
         return self._work(body, chain)
+
+    @property
+    def holds_next(self) -> bool:
+        """Whether an upload's answer carried the next assignment (:meth:`get_work` returns it)."""
+        return self._next is not None
 
     def drop_connection(self) -> None:
         """Close the kept-alive connection of the work poll and uploads (before a long sleep)."""
@@ -400,6 +410,8 @@ class CoordinatorClient:
             self.traffic.uploads += 1
             self.traffic.upload_bytes += len(body)
             self.traffic.next_asked += int(next_work)
+        # A paced coordinator tells a device it hands no next assignment when to check in.
+        self.reconnect_s = _reconnect(response.headers.get(RECONNECT_HEADER))
         receipt, chain = self._json_and_chain(response)
         if not isinstance(receipt, dict):
             raise AgentError("bad_response", "upload answer is not a JSON object")

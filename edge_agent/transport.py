@@ -16,7 +16,7 @@ import random
 import ssl
 import time
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import httpx
@@ -196,9 +196,13 @@ class Session:
         headers: Mapping[str, str] | None = None,
         timeout: float | None = None,
         prepare: Callable[[httpx.Request], None] | None = None,
+        attempts: int | None = None,
     ) -> httpx.Response:
-        """Send with retries; return a response with status < 400 (304 included)."""
+        """Send with retries; return a response with status < 400 (304 included).
+        ``attempts``: this request's tries instead of the policy's."""
         policy = self.retry
+        if attempts is not None:
+            policy = replace(policy, attempts=max(1, attempts))
         last_error: Exception | None = None
         for attempt in range(policy.attempts):
             request = self._client.build_request(

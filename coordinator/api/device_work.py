@@ -32,7 +32,7 @@ from fedge.coordinator.db import session_scope, utcnow
 from fedge.coordinator.engine.declines import decline_assignment
 from fedge.coordinator.engine.downloads import inline_chain
 from fedge.coordinator.engine.longpoll import long_poll, next_assignment
-from fedge.coordinator.engine.pace import paced_checkin
+from fedge.coordinator.engine.pace import paced_checkin, upload_reconnect
 from fedge.coordinator.engine.reports import record_metrics
 from fedge.coordinator.engine.updates import accept_upload_ready, check_idempotency_key
 from fedge.coordinator.engine.work import without_known_config
@@ -240,7 +240,9 @@ async def upload_response(
         return Response(
             encode_work_frame(body, chain), status_code=status, media_type=WORK_FRAME_MEDIA_TYPE
         )
-    return Response(body, status_code=status, media_type="application/json")
+    # Without a next assignment a paced device is told when to check in (docs/protocol.md).
+    headers = await upload_reconnect(runtime, device.id) if found is None else None
+    return Response(body, status_code=status, media_type="application/json", headers=headers)
 
 
 async def _long_poll(

@@ -3,7 +3,8 @@
 A fleet of at least ``settings.pace_min_fleet`` enrolled active devices is *paced*: a work
 poll without ``current`` answers at once instead of being held, and an answer without work
 carries ``Fedge-Reconnect: <seconds>``, the time the device sleeps (holding no connection)
-before it checks in again. Smaller fleets keep the long-poll (rounds start within a second).
+before it checks in again; so does an accepted upload's answer without a next assignment
+(:func:`upload_reconnect`). Smaller fleets keep the long-poll (rounds start within a second).
 
 The period ``T`` (:func:`period_s`) is chosen so that the running rounds find their devices:
 they need ``D = sum(ceil(clients_per_round * (1 + over_selection)))`` devices over their sync
@@ -239,7 +240,22 @@ async def paced_checkin(
         )
     if found is not None:
         return PacedAnswer(found, {})
-    return PacedAnswer(None, {RECONNECT_HEADER: str(pacer.reconnect_s(state, device_id))})
+    return PacedAnswer(None, _reconnect_headers(pacer, state, device_id))
+
+
+def _reconnect_headers(pacer: Pacer, state: PaceState, device_id: str) -> dict[str, str]:
+    return {RECONNECT_HEADER: str(pacer.reconnect_s(state, device_id))}
+
+
+async def upload_reconnect(runtime: Runtime, device_id: str) -> dict[str, str]:
+    """The headers of an accepted upload's answer that carries no next assignment: in a
+    paced fleet ``Fedge-Reconnect``, the time to the device's next slot as an idle check-in
+    is told, so the device sleeps instead of checking in right after its upload (a round's
+    cohort would otherwise come back together, a training time after it was selected).
+    Nothing in a fleet that long-polls."""
+    pacer = get_pacer(runtime)
+    state = await pacer.current()
+    return _reconnect_headers(pacer, state, device_id) if state.active else {}
 
 
 # -- the group commit of idle check-ins -----------------------------------------------------

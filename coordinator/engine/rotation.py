@@ -45,8 +45,13 @@ def choose_paced(
 ) -> list[str]:
     """Up to ``n`` device ids for a round of a paced fleet, in a fair rotation: first the
     devices whose next check-in (:func:`next_checkin` after they were last seen) falls within
-    the selection window from ``now``, then the others by how soon they come; within each
-    group the least often selected (``num_assigned``) first, ties in random order."""
+    the selection window from ``now``, the least often selected (``num_assigned``) first and
+    among those the ones due in the first half of the window, so that the cohort has checked
+    in within about half the window rather than at its end, yet spread over that half (its
+    uploads come a training time later, as spread as its check-ins); then the others by how
+    soon they come; remaining ties in random order. A device whose slot passed
+    unseen (offline, or its clock is off) comes at an unknown time: it follows the devices of
+    the window whatever its slot."""
     if n <= 0 or not candidates:
         return []
     start = now.timestamp()
@@ -58,11 +63,14 @@ def choose_paced(
             for c in candidates
         ]
     )
-    # A device whose slot passed unseen is late (offline, or its clock is off): it counts as
-    # coming one period later, so that devices on time go first.
-    due = np.where(due < start - 1.0, due + period * np.ceil((start - due) / period), due)
-    outside = (due > start + window).astype(np.int64)
+    # A late device counts as coming a whole number of periods later, after the window's.
+    late = due < start - 1.0
+    due = np.where(late, due + period * np.ceil((start - due) / period), due)
+    outside = (late | (due > start + window)).astype(np.int64)
     counts = np.array([c.num_assigned for c in candidates], dtype=np.int64)
     soon = np.where(outside == 1, due - start, 0.0)
-    order = np.lexsort((rng.random(len(candidates)), counts, soon, outside))
+    # The first half of the window before the second: the cohort checks in within about
+    # half the window, and spread over it (its uploads follow a training time later).
+    later = (due > start + window / 2).astype(np.int64)
+    order = np.lexsort((rng.random(len(candidates)), later, counts, soon, outside))
     return [candidates[i].device_id for i in order[:n]]

@@ -7,6 +7,7 @@ import itertools
 import math
 import time
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -18,9 +19,15 @@ from fedge.coordinator.engine.rotation import choose_paced, next_checkin, slot
 from fedge.coordinator.engine.selection import Candidate
 from fedge.coordinator.models import Device, UsedNonce
 from fedge.coordinator.settings import Settings
+from fedge.edge_agent.agent import Agent
 from fedge.edge_agent.client import CoordinatorClient, _reconnect
+from fedge.edge_agent.data import LocalData
+from fedge.edge_agent.device import enroll_device, open_client
+from fedge.edge_agent.sim.datasets import load_dataset
+from fedge.edge_agent.state import State
+from fedge.edge_agent.transport import RetryPolicy
 from tests.coordinator.conftest import Coordinator
-from tests.support.device import API
+from tests.support.device import API, make_token
 from tests.support.rounds import Db, TestDevice, create_task, fleet_of, wait_until
 from tests.support.servers import serve_in_thread
 
@@ -94,13 +101,14 @@ def _paced_fleet_rounds(
     start = 1_765_000_000.0
     for r in range(rounds):
         now = start + r * window
-        # Every device was last seen at its latest slot before now.
+        # Every device was last seen at its latest slot before now (arriving 0.5 s after it:
+        # a device sleeps whole seconds and its request takes a while).
         seen = {}
         for d in ids:
             at = next_checkin(d, now - 2 * period, period)
-            while next_checkin(d, at, period) <= now:
+            while next_checkin(d, at, period) <= now - 0.5:
                 at = next_checkin(d, at, period)
-            seen[d] = datetime.fromtimestamp(at, UTC)
+            seen[d] = datetime.fromtimestamp(at + 0.5, UTC)
         candidates = [Candidate(d, 0, 0, counts[d], seen[d]) for d in ids]
         picked = choose_paced(
             candidates,
@@ -144,6 +152,78 @@ def test_fair_rotation_picks_every_device_within_a_bounded_number_of_rounds() ->
         assert max(first) < 2 * math.ceil(200 / 10), max(first)
         assert counts_arr.sum() == 400
         assert counts_arr.max() - counts_arr.min() <= 2, np.bincount(counts_arr)
+
+
+def _seen_at_their_slots(ids: list[str], now: float, period: float) -> list[Candidate]:
+    out = []
+    for d in ids:
+        at = next_checkin(d, now - 2 * period, period)
+        while next_checkin(d, at, period) <= now - 0.5:
+            at = next_checkin(d, at, period)
+        out.append(Candidate(d, 0, 0, 0, datetime.fromtimestamp(at + 0.5, UTC)))
+    return out
+
+
+def test_a_round_takes_the_first_half_of_its_window_and_late_devices_last() -> None:
+    period, window, now = 200.0, 20.0, 1_765_000_000.0
+    ids = [f"dev-{i:05d}" for i in range(2000)]
+    candidates = _seen_at_their_slots(ids, now, period)
+    # When each comes, from when it was last seen (the coordinator's knowledge).
+    due = {
+        c.device_id: next_checkin(c.device_id, c.last_seen.timestamp(), period) - now
+        for c in candidates
+        if c.last_seen is not None
+    }
+    in_window = sum(-1 <= d <= window for d in due.values())
+    assert in_window > 150  # N * W / T = 200 of them come within the window
+    picked = choose_paced(
+        candidates,
+        26,
+        np.random.default_rng(0),
+        now=datetime.fromtimestamp(now, UTC),
+        period=period,
+        window=window,
+    )
+    # The cohort (20 + 30 % over-selection) all come within the first half of the window,
+    # so it has formed by then, and spread over that half, not bunched at its start (its
+    # uploads follow a training time later, as bunched as its check-ins).
+    times = np.sort([due[d] for d in picked])
+    assert times.max() <= window / 2
+    assert times.max() > window / 3 and times[13] > window / 8
+
+    # A device that missed its slots (last seen periods ago, at a slot such that counting
+    # whole periods from its next one puts it inside the window) comes after every device of
+    # the window, also when it was selected less often.
+    def late_inside(device: str) -> float | None:
+        for index in range(int(now // period) - 40, int(now // period) - 2):
+            seen = slot(device, index, period) + 0.5
+            d = next_checkin(device, seen, period)
+            if now <= d + period * math.ceil((now - d) / period) <= now + window:
+                return seen
+        return None
+
+    late_id, seen = next((d, t) for d in ids if (t := late_inside(d)) is not None)
+    others = [
+        Candidate(c.device_id, 0, 0, 1, c.last_seen) for c in candidates if c.device_id != late_id
+    ]
+    late = Candidate(late_id, 0, 0, 0, datetime.fromtimestamp(seen, UTC))
+    picked = choose_paced(
+        [late, *others],
+        26,
+        np.random.default_rng(0),
+        now=datetime.fromtimestamp(now, UTC),
+        period=period,
+        window=window,
+    )
+    assert late_id not in picked
+    assert late_id in choose_paced(
+        [late, *others],
+        in_window + 5,
+        np.random.default_rng(0),
+        now=datetime.fromtimestamp(now, UTC),
+        period=period,
+        window=window,
+    )
 
 
 def test_reconnect_header_parsing() -> None:
@@ -349,3 +429,146 @@ def test_small_fleet_keeps_the_long_poll(
             r = d.get(f"{API}/device/work", params={"wait": 1})
             assert r.status_code == 204 and "Fedge-Reconnect" not in r.headers
             assert time.monotonic() - started >= 0.9  # held for the wait, as before
+
+
+@pytest.mark.parametrize("db_url", ["sqlite"], indirect=True)  # the paths are the same
+def test_a_paced_agent_does_not_retry_at_once_when_the_coordinator_is_down(
+    coordinator: Coordinator, settings: Settings, tmp_path: Path
+) -> None:
+    """A paced device's check-in that fails is tried once, then the agent pauses a random
+    part of its pacing interval (a restart is not followed by a herd of retries); a device
+    that was never paced retries and pauses as before."""
+    data = load_dataset("digits", test_fraction=0.2, rng=np.random.default_rng(0))
+    local = LocalData(data.X_train[:40], data.y_train[:40], data.X_test[:10], data.y_test[:10])
+    token = make_token(coordinator, max_uses=2)
+    retry = RetryPolicy(attempts=3, base_delay=0.01, max_delay=0.02)
+    with serve_in_thread(
+        create_app(settings), certfile=settings.tls_cert, keyfile=settings.tls_key
+    ) as url:
+        for name in ("paced", "fresh"):
+            enroll_device(
+                tmp_path / name, url=url, token=token, ca_file=str(coordinator.ca_file), seed=3
+            )
+        paced_state = State(tmp_path / "paced")
+        paced_sleeps: list[float] = []
+        paced = open_client(paced_state, retry=retry, sleep=paced_sleeps.append)
+        assert paced.get_work(0) is None
+        interval = paced.reconnect_s
+        assert interval is not None and interval > 5
+        paced.drop_connection()  # as the agent does before a long sleep
+    # The coordinator is gone.
+    fresh_state = State(tmp_path / "fresh")
+    fresh_sleeps: list[float] = []
+    fresh = open_client(fresh_state, retry=retry, sleep=fresh_sleeps.append)
+    pauses: dict[str, float] = {}
+    for name, state, client in (("paced", paced_state, paced), ("fresh", fresh_state, fresh)):
+        agent = Agent(
+            state=state,
+            client=client,
+            data=local,
+            seed=7,
+            error_pause_s=5.0,
+            report_capabilities=False,
+        )
+
+        def pause(seconds: float, agent: Agent = agent, name: str = name) -> None:
+            pauses[name] = seconds
+            agent.stop()
+
+        agent._pause = pause  # type: ignore[method-assign]
+        agent.run()
+        client.close()
+    assert paced_sleeps == []  # tried once, no retry at once
+    assert 5.0 <= pauses["paced"] <= interval and pauses["paced"] != 5.0
+    assert len(fresh_sleeps) == retry.attempts - 1  # the client's retries, as before
+    assert pauses["fresh"] == 5.0
+
+
+def _one_round_events(
+    coordinator: Coordinator, url: str, tmp_path: Path
+) -> tuple[list[tuple[str, object]], float | None]:
+    """An agent on ``url`` works one round of a one-device task, then is stopped at its next
+    pause or work poll: the agent's requests and pauses in order, and the reconnect time its
+    client holds after the upload."""
+    data = load_dataset("digits", test_fraction=0.2, rng=np.random.default_rng(0))
+    local = LocalData(data.X_train[:40], data.y_train[:40], data.X_test[:10], data.y_test[:10])
+    enroll_device(
+        tmp_path / "d", url=url, token=make_token(coordinator), ca_file=str(coordinator.ca_file)
+    )
+    state = State(tmp_path / "d")
+    client = open_client(state)
+    assert client.get_work(0) is None  # seen (and, when paced, told its slot) before the task
+    task_id = create_task(
+        coordinator,
+        model={"architecture": "softmax", "input_dim": 64, "num_classes": 10},
+        aggregation={
+            "clients_per_round": 1,
+            "over_selection": 0.0,
+            "min_updates": 1,
+            "round_deadline_s": 600,
+            "num_rounds": 2,
+        },
+    )
+    events: list[tuple[str, object]] = []
+    after_upload: list[float | None] = []
+    agent = Agent(state=state, client=client, data=local, seed=1, poll_wait=1.0)
+    get_work, upload = client.get_work, client.upload_update
+
+    def polled(*args: object, **kwargs: object) -> object:
+        if after_upload:  # the first poll after the upload ends the run
+            events.append(("poll", None))
+            agent.stop()
+            return None
+        work = get_work(*args, **kwargs)  # type: ignore[arg-type]
+        events.append(("work" if work is not None else "idle", task_id))
+        return work
+
+    def uploaded(*args: object, **kwargs: object) -> object:
+        receipt = upload(*args, **kwargs)  # type: ignore[arg-type]
+        events.append(("upload", None))
+        after_upload.append(client.reconnect_s)
+        return receipt
+
+    def pause(seconds: float) -> None:
+        events.append(("pause", seconds))
+        if after_upload:
+            agent.stop()
+
+    client.get_work = polled  # type: ignore[method-assign]
+    client.upload_update = uploaded  # type: ignore[method-assign]
+    agent._pause = pause  # type: ignore[method-assign]
+    try:
+        agent.run()
+    finally:
+        client.close()
+    assert after_upload, events
+    return events, after_upload[0]
+
+
+@pytest.mark.parametrize("db_url", ["sqlite"], indirect=True)  # the paths are the same
+def test_a_paced_upload_answer_carries_the_reconnect_time_and_the_agent_sleeps(
+    coordinator: Coordinator, tmp_path: Path
+) -> None:
+    """An accepted upload without a next assignment tells a paced device when to check in
+    (its next slot, as an idle check-in is told): the agent sleeps that long instead of
+    checking in right after uploading."""
+    events, reconnect = _one_round_events(coordinator, coordinator.url, tmp_path)
+    assert reconnect is not None and 1 <= reconnect <= 2 * PACED["pace_max_s"]
+    at = events.index(("upload", None))
+    assert events[at - 1][0] == "work"
+    assert events[at + 1 :] == [("pause", reconnect)], events  # no poll before the sleep
+
+
+@pytest.mark.parametrize("db_url", ["sqlite"], indirect=True)  # the paths are the same
+def test_a_small_fleet_polls_right_after_an_upload_as_before(
+    long_poll_settings: Settings, coordinator: Coordinator, tmp_path: Path
+) -> None:
+    with serve_in_thread(
+        create_app(long_poll_settings),
+        certfile=long_poll_settings.tls_cert,
+        keyfile=long_poll_settings.tls_key,
+    ) as url:
+        events, reconnect = _one_round_events(coordinator, url, tmp_path)
+    assert reconnect is None  # no Fedge-Reconnect on the upload's answer
+    at = events.index(("upload", None))
+    assert events[at + 1 :] == [("poll", None)], events
