@@ -32,6 +32,7 @@ import numpy as np
 from fedge.edge_agent.admin_client import AdminClient
 from fedge.edge_agent.errors import AgentError
 from fedge.edge_agent.sim.faults import FaultDecision
+from fedge.edge_agent.sim.fleet import Fleet
 from fedge.edge_agent.sim.local_coordinator import LocalCoordinator, start_local_coordinator
 
 log = logging.getLogger("fleet_bench")
@@ -221,6 +222,35 @@ def wait_until_seen(admin: AdminClient, count: int, *, timeout_s: float = 120.0)
             return
         time.sleep(0.2)
     raise RuntimeError(f"only {seen} of {count} devices were seen within {timeout_s} s")
+
+
+def task_and_fleet(
+    admin: AdminClient,
+    coordinator: LocalCoordinator,
+    body: Mapping[str, Any],
+    *,
+    label: str,
+    root: Path,
+    shards: Sequence[tuple[np.ndarray, np.ndarray]],
+    seed: int,
+    **fleet_options: Any,
+) -> tuple[dict[str, Any], Fleet, str]:
+    """Create the task, an enrolment token for one use per shard, and the simulated fleet
+    under ``root / "devices"`` (not enrolled yet: callers set faults or trainers first).
+    Returns the task, the fleet and the token."""
+    task = admin.create_task(dict(body))
+    token = admin.create_enrollment_token(label=label, max_uses=len(shards), expires_in_s=3600)[
+        "token"
+    ]
+    fleet = Fleet(
+        url=coordinator.url,
+        ca_file=coordinator.ca_file,
+        root=root / "devices",
+        shards=list(shards),
+        seed=seed,
+        **fleet_options,
+    )
+    return dict(task), fleet, token
 
 
 def _db_path(coordinator: LocalCoordinator) -> Path:

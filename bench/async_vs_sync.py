@@ -66,6 +66,7 @@ from _fleet_bench import (
     machine_info,
     now_iso,
     start_coordinator,
+    task_and_fleet,
     time_to_target,
     wait_for_task,
     write_json,
@@ -269,14 +270,12 @@ def run_one(
         with AdminClient(
             coordinator.url, coordinator.admin_key, ca_file=coordinator.ca_file
         ) as admin:
-            task = admin.create_task(body)
-            token = admin.create_enrollment_token(
-                label="bench fleet", max_uses=devices, expires_in_s=3600
-            )["token"]
-            fleet = Fleet(
-                url=coordinator.url,
-                ca_file=coordinator.ca_file,
-                root=root / "devices",
+            task, fleet, token = task_and_fleet(
+                admin,
+                coordinator,
+                body,
+                label="bench fleet",
+                root=root,
                 shards=shards,
                 seed=rep_seed,
             )

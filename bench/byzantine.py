@@ -97,6 +97,7 @@ from _fleet_bench import (
     machine_info,
     now_iso,
     start_coordinator,
+    task_and_fleet,
     wait_for_task,
     wait_until_seen,
     write_json,
@@ -281,14 +282,12 @@ def run_one(
         with AdminClient(
             coordinator.url, coordinator.admin_key, ca_file=coordinator.ca_file
         ) as admin:
-            task = admin.create_task(body)
-            token = admin.create_enrollment_token(
-                label="byzantine bench", max_uses=DEVICES, expires_in_s=3600
-            )["token"]
-            fleet = Fleet(
-                url=coordinator.url,
-                ca_file=coordinator.ca_file,
-                root=root / "devices",
+            task, fleet, token = task_and_fleet(
+                admin,
+                coordinator,
+                body,
+                label="byzantine bench",
+                root=root,
                 shards=shards,
                 seed=seed,
                 poll_wait=POLL_WAIT_S,

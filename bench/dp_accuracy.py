@@ -57,6 +57,7 @@ from _fleet_bench import (
     machine_info,
     now_iso,
     start_coordinator,
+    task_and_fleet,
     wait_for_task,
     wait_until_seen,
     write_json,
@@ -163,14 +164,12 @@ def run_one(
             coordinator.url, coordinator.admin_key, ca_file=coordinator.ca_file
         ) as admin:
             body = task_body(arm, seed=seed, rounds=rounds, model=model, privacy=privacy)
-            task = admin.create_task(body)
-            token = admin.create_enrollment_token(
-                label="dp bench", max_uses=DEVICES, expires_in_s=3600
-            )["token"]
-            fleet = Fleet(
-                url=coordinator.url,
-                ca_file=coordinator.ca_file,
-                root=root / "devices",
+            task, fleet, token = task_and_fleet(
+                admin,
+                coordinator,
+                body,
+                label="dp bench",
+                root=root,
                 shards=shards,
                 seed=seed,
                 eval_fraction=0.0,

@@ -45,7 +45,15 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _fleet_bench import RESULTS_DIR, code_state, machine_info, now_iso, write_json
+from _fleet_bench import (
+    RESULTS_DIR,
+    code_state,
+    machine_info,
+    now_iso,
+    task_and_fleet,
+    wait_until_seen,
+    write_json,
+)
 
 from fedge.edge_agent.admin_client import AdminClient
 from fedge.edge_agent.sim.datasets import load_dataset
@@ -115,14 +123,12 @@ def run_one(arm: str, n: int, seed: int, work: Path) -> dict[str, Any]:
         with AdminClient(
             coordinator.url, coordinator.admin_key, ca_file=coordinator.ca_file
         ) as admin:
-            task = admin.create_task(task_body(arm, n, seed))
-            token = admin.create_enrollment_token(
-                label="secagg bench", max_uses=n, expires_in_s=3600
-            )["token"]
-            fleet = Fleet(
-                url=coordinator.url,
-                ca_file=coordinator.ca_file,
-                root=root / "devices",
+            task, fleet, token = task_and_fleet(
+                admin,
+                coordinator,
+                task_body(arm, n, seed),
+                label="secagg bench",
+                root=root,
                 shards=shards,
                 seed=seed,
                 poll_wait=30.0,
@@ -135,12 +141,7 @@ def run_one(arm: str, n: int, seed: int, work: Path) -> dict[str, Any]:
                 assert device.agent is not None
                 device.agent.secagg_poll_s = poll_s(n)
             # Every device must be live before the first round opens (a cohort of n).
-            deadline = time.monotonic() + 120
-            while time.monotonic() < deadline:
-                seen = [d for d in admin.iterate("/devices") if d.get("last_seen_at")]
-                if len(seen) >= n:
-                    break
-                time.sleep(0.2)
+            wait_until_seen(admin, n)
             up0 = sum(d.relay.counts().up for d in fleet.devices if d.relay)
             down0 = sum(d.relay.counts().down for d in fleet.devices if d.relay)
             cpu0, wall0 = cpu_s(coordinator.process.pid), time.monotonic()
