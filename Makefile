@@ -68,7 +68,7 @@ test: $(TEST_STAMPS)
 
 # Mutation testing of the security- and aggregation-critical modules (tests/mutation/, docs/testing.md):
 # slow (minutes per module), so not part of `make test`. MUTATION_ARGS narrows it, e.g.
-# MUTATION_ARGS="--module shared/topk.py" or "--changed-since origin/main --budget 240".
+# MUTATION_ARGS="--module shared/topk.py" or "--changed-since origin/main --budget 120".
 mutation: $(STAMP)
 	$(BIN)/python tests/mutation/run.py $(MUTATION_ARGS)
 
