@@ -59,12 +59,14 @@ install: $(STAMP)
 
 install-torch: $(TORCH_STAMP)
 
-# The suite runs in PYTEST_WORKERS processes (pytest-xdist; default: one per core, at least 2):
-# each worker has its own SQLite files and its own PostgreSQL database (tests/support/databases.py).
-# PYTEST_WORKERS=0 runs it in this process (for -x, --pdb and the like).
-PYTEST_WORKERS ?= $(shell n=$$(nproc 2>/dev/null || echo 2); [ $$n -lt 2 ] && n=2; echo $$n)
+# The suite runs in PYTEST_WORKERS processes (pytest-xdist; default: one more than the cores,
+# at least 3: most tests wait on HTTPS round trips and child coordinator processes), each with
+# its own SQLite files and its own PostgreSQL database (tests/support/databases.py); a worker
+# that runs out of tests takes some from the others (worksteal). PYTEST_WORKERS=0 runs the
+# suite in this process (for -x, --pdb and the like).
+PYTEST_WORKERS ?= $(shell n=$$(nproc 2>/dev/null || echo 2); n=$$((n + 1)); [ $$n -lt 3 ] && n=3; echo $$n)
 test: $(TEST_STAMPS)
-	$(BIN)/python -m pytest -n $(PYTEST_WORKERS) $(PYTEST_ARGS)
+	$(BIN)/python -m pytest -n $(PYTEST_WORKERS) $$([ "$(PYTEST_WORKERS)" != 0 ] && echo --dist worksteal) $(PYTEST_ARGS)
 
 # Mutation testing of the security- and aggregation-critical modules (tests/mutation/, docs/testing.md):
 # slow (minutes per module), so not part of `make test`. MUTATION_ARGS narrows it, e.g.
