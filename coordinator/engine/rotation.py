@@ -50,6 +50,18 @@ def expected_checkin(device_id: str, last_seen: float | None, start: float, peri
     return due
 
 
+def comes_within(
+    device_id: str, last_seen: float | None, start: float, period: float, window: float
+) -> bool:
+    """Whether a device last seen at ``last_seen`` comes within ``window`` seconds from
+    ``start`` by its next slot; never for a device whose slot passed unseen (offline, or its
+    clock is off: it comes at an unknown time) or that was never seen."""
+    if last_seen is None:
+        return False
+    due = next_checkin(device_id, last_seen, period)
+    return start - 1.0 <= due <= start + window
+
+
 def choose_paced(
     candidates: Sequence[Candidate],
     n: int,

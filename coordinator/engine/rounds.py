@@ -24,7 +24,7 @@ from fedge.coordinator.db import in_states
 from fedge.coordinator.engine import privacy, secure
 from fedge.coordinator.engine.config import AggregationConfig
 from fedge.coordinator.engine.eligibility import Liveness, Requirements
-from fedge.coordinator.engine.rotation import choose_paced, expected_checkin
+from fedge.coordinator.engine.rotation import choose_paced, comes_within, expected_checkin
 from fedge.coordinator.engine.selection import (
     Candidate,
     busy_clause,
@@ -444,14 +444,14 @@ def replace_missed(
     )
     rng = selection_rng(task, cfg, rnd.number, rnd.num_assigned, len(missed))
     picked = choose_paced(candidates, len(missed), rng, now=now, period=period, window=window)
-    last_seen = {c.device_id: c.last_seen for c in candidates}
-
-    def comes_soon(device_id: str) -> bool:
-        seen = last_seen[device_id]
-        last = None if seen is None else seen.timestamp()
-        return expected_checkin(device_id, last, at, period) <= at + window
-
-    chosen = _lock_idle_devices(session, [d for d in picked if comes_soon(d)])
+    seen_at = {c.device_id: c.last_seen for c in candidates}
+    soon = [
+        d
+        for d in picked
+        if (seen := seen_at[d]) is not None
+        and comes_within(d, seen.timestamp(), at, period, window)
+    ]
+    chosen = _lock_idle_devices(session, soon)
     if not chosen:
         return []
     missed.sort(key=lambda pair: (pair[0], pair[1].id))
