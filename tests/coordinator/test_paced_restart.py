@@ -9,14 +9,19 @@ import threading
 import time
 from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
+from datetime import datetime, timedelta
 from pathlib import Path
 
 import numpy as np
 import pytest
 from fastapi import FastAPI
+from sqlalchemy import select, update
 
 from fedge.coordinator.app import create_app
+from fedge.coordinator.db import session_scope
 from fedge.coordinator.engine import pace, rounds
+from fedge.coordinator.engine.config import AggregationConfig
+from fedge.coordinator.models import Device, Round, Task
 from fedge.coordinator.settings import Settings
 from fedge.coordinator.tls import TlsPaths
 from fedge.edge_agent.agent import Agent, WorkRetry, paced_retry_s
@@ -30,7 +35,7 @@ from fedge.edge_agent.state import State
 from fedge.edge_agent.transport import RetryPolicy
 from tests.coordinator.conftest import Coordinator, make_key
 from tests.support.device import make_token
-from tests.support.rounds import Db, create_task, wait_until
+from tests.support.rounds import Db, create_task, fleet_of, wait_until
 from tests.support.servers import free_port, serve_in_thread
 
 # A window of 3 s: 4 devices and a demand of 3 make a period of 4 * 3 / (3 * 3) = 1.3 s, so
@@ -242,3 +247,74 @@ def test_a_paced_round_open_across_a_restart_completes_within_its_deadline(
         assert late.pauses[0] == (False, expected)
         assert ERROR_PAUSE_S < expected <= interval
         assert second.url == first.url
+
+
+# -- which devices a round replaces (the rule, at chosen instants) ---------------------------
+
+
+def _replace_at(coordinator: Coordinator, task_id: int, number: int, now: datetime) -> list[str]:
+    """Run the round's replacement once, as the scheduler does, at ``now``."""
+    runtime = coordinator.app.state.runtime
+    liveness = pace.liveness_for(runtime)
+    with session_scope(runtime.sessions) as session:
+        task = session.get(Task, task_id)
+        rnd = session.scalar(select(Round).where(Round.task_id == task_id, Round.number == number))
+        assert task is not None and rnd is not None
+        cfg = AggregationConfig.from_dict(task.aggregation)
+        return rounds.replace_missed(session, task, rnd, cfg, now=now, liveness=liveness)
+
+
+def test_a_round_replaces_a_missed_device_only_with_one_that_comes_within_its_window(
+    coordinator: Coordinator, db: Db, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The scheduler's own ticks (at the real time) see nobody overdue: the test picks the
+    # instants at which the rule runs.
+    monkeypatch.setattr(rounds, "MISSED_GRACE_S", 1000.0)
+    with fleet_of(coordinator, 3) as fleet:
+        for device in fleet:  # seen before the task, as a paced fleet is
+            assert device.work() is None
+        task_id = create_task(
+            coordinator,
+            aggregation={
+                "clients_per_round": 2,
+                "over_selection": 0.0,
+                "min_updates": 2,
+                "round_deadline_s": 3600,
+                "num_rounds": 1,
+            },
+        )
+        rnd = db.wait_round(task_id, 1)
+        came, missing = sorted(a.device_id for a in db.assignments(task_id))
+        (spare,) = {d.device_id for d in fleet} - {came, missing}
+        work = fleet.by_id(came).work()  # one picked device comes and takes its assignment
+        assert work is not None and work["round_id"] == rnd.id
+        opened = rnd.opened_at
+        later = opened + timedelta(seconds=1100)  # every expected check-in long past
+        assert _replace_at(coordinator, task_id, 1, opened + timedelta(seconds=1)) == []
+        # The spare's slot passed unseen (it comes at an unknown time): no replacement.
+        assert _replace_at(coordinator, task_id, 1, later) == []
+        assert {a.device_id: a.status for a in db.assignments(task_id)} == {
+            came: "assigned",
+            missing: "assigned",
+        }
+        # Seen just before: its next slot is within the window. It replaces the missing one
+        # (the one that came keeps its assignment).
+        with db.engine.begin() as conn:
+            conn.execute(
+                update(Device)
+                .where(Device.id == spare)
+                .values(last_seen_at=later - timedelta(seconds=1))
+            )
+        # Not with less than a window left before the deadline.
+        assert rnd.deadline_at is not None
+        assert _replace_at(coordinator, task_id, 1, rnd.deadline_at - timedelta(seconds=10)) == []
+        woken = _replace_at(coordinator, task_id, 1, later)
+        assert sorted(woken) == sorted([missing, spare])
+        assert {a.device_id: a.status for a in db.assignments(task_id)} == {
+            came: "assigned",
+            missing: "cancelled",
+            spare: "assigned",
+        }
+        assert db.round(task_id, 1).num_assigned == 3  # type: ignore[union-attr]
+        assert db.device(missing).num_dropped == 0
+        assert _replace_at(coordinator, task_id, 1, later) == []  # nothing left to replace
