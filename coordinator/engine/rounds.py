@@ -451,6 +451,11 @@ def replace_missed(
         if (seen := seen_at[d]) is not None
         and comes_within(d, seen.timestamp(), at, period, window)
     ]
+    if not soon:
+        return []
+    # Every device row this may write, locked at once in id order (the engine's lock order;
+    # a check-in batch holding one of the missed and waiting for a newcomer cannot deadlock).
+    lock_devices(session, sorted({*soon, *(a.device_id for _, a in missed)}))
     chosen = _lock_idle_devices(session, soon)
     if not chosen:
         return []
