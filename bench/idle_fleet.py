@@ -22,9 +22,12 @@ closes its connection before a sleep longer than the keep-alive), sleeps the
 ``Fedge-Reconnect`` time of the upload's answer (an answer without it: checks in again on that
 connection, as devices did before the upload answer carried it).
 
-A failed check-in is handled as the agent does: tried once, then a pause
-uniformly random between 5 s and the last reconnect time
-(:func:`fedge.edge_agent.agent.paced_retry_s`). The fleet starts as if paced for a while:
+A failed request is handled as the agent does (:mod:`fedge.edge_agent.pauses`): an idle
+device's check-in is tried once, then a pause uniformly random between 5 s and the last
+reconnect time (``paced_retry_s``); a device that holds a trained update retries its upload
+with the agent's short, jittered, capped backoff within the assignment's deadline
+(``WorkRetry``), then pauses as an idle one (an upload answered 5xx or 429 counts as
+failed). The fleet starts as if paced for a while:
 each device was last seen at its latest slot (0.5 s after it, as a device that sleeps whole
 seconds arrives), the device processes come up first, the task starts once they are ready,
 and each device checks in first at its first slot after that moment. Time scale: real time
@@ -77,7 +80,7 @@ from bench.ingest import machine_info, proc_cpu_s  # noqa: E402
 from fedge.coordinator.engine.pace import period_s  # noqa: E402
 from fedge.coordinator.engine.rotation import next_checkin  # noqa: E402
 from fedge.coordinator.settings import Settings  # noqa: E402
-from fedge.edge_agent.agent import paced_retry_s  # noqa: E402
+from fedge.edge_agent.pauses import WorkRetry, deadline_s, paced_retry_s  # noqa: E402
 from fedge.edge_agent.sim.local_coordinator import (  # noqa: E402
     LocalCoordinator,
     _child_env,
@@ -255,9 +258,11 @@ async def _device(
     # As the agent: paced since the fleet started (the last interval it was told, here its
     # period); a failed check-in is followed by the agent's paced pause.
     reconnect: float | None = period
+    work_retry = WorkRetry()
     while time.time() < end_at:
         delay = 0.0
         retry = failures > 0
+        trained = work is not None  # holds an update to upload (not one just received)
         try:
             async with sem:
                 reader, writer = await asyncio.open_connection(host, port, ssl=ctx)
@@ -289,12 +294,20 @@ async def _device(
         except (OSError, ConnectionError, asyncio.IncompleteReadError, ssl.SSLError, ValueError):
             log["errors"].append(time.time())
             failures += 1
-            if reconnect is None:  # unpaced: the client's own retries first
+            quick = None
+            if trained and work is not None:  # holds work: the agent's quick retries
+                deadline = deadline_s(work.get("deadline"))
+                left = None if deadline is None else deadline - time.time()
+                quick = work_retry.pause_s(failures, left, rng)
+            if quick is not None:
+                delay = quick
+                log["work_retries"].append((time.time(), delay))
+            elif reconnect is None:  # unpaced: the client's own retries first
                 delay = policy.backoff(min(failures - 1, 10), retry_rng)
-            else:  # paced: tried once, then the agent's pause (agent.paced_retry_s)
+            else:  # paced: tried once, then the agent's pause (pauses.paced_retry_s)
                 delay = paced_retry_s(reconnect, ERROR_PAUSE_S, rng)
                 log["paced_pauses"].append((time.time(), delay, reconnect))
-        if work is not None:
+        if work is not None and not (trained and failures):
             delay = train_s  # local training, holding no connection
         intended = time.time() + delay
         await asyncio.sleep(max(0.0, min(delay, end_at - time.time())))
@@ -358,6 +371,8 @@ async def _upload(
     )
     status, got, _ = await http.request("POST", target, headers, body)
     log["uploads"].append((status, time.time()))
+    if status >= 500 or status == 429:  # the update is kept and sent again
+        raise ConnectionError(f"upload answered {status}")
     told = got.get("fedge-reconnect")
     if status not in (200, 201) or told is None:
         return None
@@ -388,6 +403,7 @@ def _worker(
         "upload_nonces": [],
         "upload_reconnect": [],
         "paced_pauses": [],
+        "work_retries": [],
         "errors": [],
     }
     out.send("ready")
@@ -638,6 +654,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     pauses = np.array([p for lg in logs for p in lg["paced_pauses"]]).reshape(-1, 3)
     outage = pauses[(pauses[:, 0] >= stopped - 5) & (pauses[:, 0] < ready)]
     retried_at = retries[retries >= ready] - ready
+    work_pauses = np.array([p for lg in logs for p in lg["work_retries"]]).reshape(-1, 2)
     told_after_upload = np.array([t for lg in logs for t in lg["upload_reconnect"]])
     n_k = args.devices / 1000
     window = float(PACE["FEDGE_PACE_WINDOW_S"])
@@ -718,6 +735,11 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 "retries_per_s_peak": int(np.bincount(retried_at.astype(int)).max())
                 if retried_at.size
                 else 0,
+            },
+            # devices holding a trained update whose upload failed: their quick retries
+            "work_retries": {
+                "pauses": int(work_pauses.shape[0]),
+                "pause_s_max": float(work_pauses[:, 1].max()) if work_pauses.size else None,
             },
             "coordinator_cpu_pct_per_1000_devices": 100 * after_cpu / n_k,
         },

@@ -18,7 +18,10 @@ points through :class:`~fedge.edge_agent.hooks.AgentHooks` (the fleet simulation
 there); a real device runs with the do-nothing defaults.
 
 Errors that a later attempt may cure (network, 5xx, 429, clock skew) keep the outbox entry and
-pause the loop; a revoked or unknown device stops the agent with :class:`FatalAgentError`.
+pause the loop (:mod:`fedge.edge_agent.pauses`): an idle device of a paced fleet a random part
+of its pacing interval, a device that holds work for an open round a short, jittered backoff
+within the round's deadline; a revoked or unknown device stops the agent with
+:class:`FatalAgentError`.
 """
 
 from __future__ import annotations
@@ -39,6 +42,7 @@ from fedge.edge_agent.errors import AgentError, ApiError, AuthError, DeviceRevok
 from fedge.edge_agent.hooks import NO_HOOKS, AgentHooks
 from fedge.edge_agent.outbox import OutboxEntry, PendingUpdateExists
 from fedge.edge_agent.outcome import AgentStats, Outcome
+from fedge.edge_agent.pauses import WorkRetry, deadline_s, paced_retry_s
 from fedge.edge_agent.state import State
 from fedge.edge_agent.trainers import (
     BUILTIN_TRAINERS,
@@ -56,7 +60,7 @@ from fedge.shared.policy import CompressionPolicy, PolicyError
 from fedge.shared.wire import WireFormatError, decode_model, encode_model
 from fedge.shared.wirelayout import KIND_MODEL
 
-__all__ = ["Agent", "AgentStats", "FatalAgentError", "Outcome"]
+__all__ = ["Agent", "AgentStats", "FatalAgentError", "Outcome", "WorkRetry", "paced_retry_s"]
 
 log = logging.getLogger(__name__)
 
@@ -83,20 +87,6 @@ class FatalAgentError(RuntimeError):
     """The coordinator no longer accepts this device (revoked or unknown)."""
 
 
-def paced_retry_s(reconnect_s: float | None, pause_s: float, rng: np.random.Generator) -> float:
-    """Seconds to wait after the coordinator could not be reached. A device the coordinator
-    paces (docs/protocol.md, "Pace steering"; it was last told to come back in
-    ``reconnect_s``; its client tries such a check-in once) waits a uniformly random time
-    between ``pause_s`` and that interval: every device of a paced fleet that failed during
-    an outage would otherwise come back within seconds of the coordinator's return, a herd
-    of all the check-ins the outage held back; spread over the pacing interval they add
-    about ``outage / interval`` to the mean rate. An unpaced (long-polling) device waits
-    ``pause_s`` (after its client's retries)."""
-    if reconnect_s is None or reconnect_s <= pause_s:
-        return pause_s
-    return pause_s + float(rng.random()) * (reconnect_s - pause_s)
-
-
 class Agent:
     """Runs one device. Thread-safe :meth:`stop`; everything else runs in the caller's thread."""
 
@@ -113,6 +103,7 @@ class Agent:
         cancel_poll_wait: float | None = None,
         cancel_watch_after_s: float = 2.0,
         error_pause_s: float = 5.0,
+        work_retry: WorkRetry | None = None,
         before_upload: Callable[[OutboxEntry], None] | None = None,
         stop_event: threading.Event | None = None,
         trainers: Sequence[str] | None = None,
@@ -130,9 +121,16 @@ class Agent:
         # Training shorter than this is not watched for cancellation (saves a request a round).
         self.cancel_watch_after_s = cancel_watch_after_s
         self.error_pause_s = error_pause_s
+        #: The retries of a device that holds work for an open round (:class:`WorkRetry`).
+        self.work_retry = work_retry if work_retry is not None else WorkRetry()
+        # Failures in a row while holding work, and the assignment a failure interrupted
+        # (the loop gets it again from the coordinator).
+        self._failures = 0
+        self._unfinished: Work | None = None
         #: Secure aggregation: the pause between asks for a phase that has not opened.
         self.secagg_poll_s = secagg_poll_s
-        # Spreads a paced device's retries after an outage (:func:`paced_retry_s`).
+        # Spreads a paced device's retries after an outage (:func:`paced_retry_s`) and
+        # jitters the retries of a device that holds work (:class:`WorkRetry`).
         self._rng = np.random.default_rng([seed, 0x7E7])
         self.before_upload = before_upload
         self.stats = AgentStats()
@@ -208,12 +206,13 @@ class Agent:
                 work = self.client.get_work(self.poll_wait, have=self._held)
             except AgentError as exc:
                 self._check_fatal(exc)
-                pause = paced_retry_s(self.client.reconnect_s, self.error_pause_s, self._rng)
-                log.warning("cannot reach the coordinator (%s); trying again in %.0f s", exc, pause)
-                self._pause(pause)
+                self._pause_after_failure(exc)
                 continue
             finally:
                 self.idle = False
+            if work is None or work.cancelled:
+                # Nothing (or nothing any more) to work on: the device is idle again.
+                self._unfinished, self._failures = None, 0
             if work is None:
                 self._sleep_until_reconnect()
                 continue
@@ -228,8 +227,10 @@ class Agent:
             except AgentError as exc:
                 self._check_fatal(exc)
                 log.warning("assignment %d interrupted: %s", work.assignment_id, exc)
-                self._pause(self.error_pause_s)
+                self._unfinished = work
+                self._pause_after_failure(exc)
                 continue
+            self._unfinished, self._failures = None, 0
             if outcome is not Outcome.STOPPED:
                 handled += 1
             more = limit is None or handled < limit
@@ -239,6 +240,45 @@ class Agent:
         self.idle = True
         log.info("agent stopped after %d assignment(s)", handled)
         return self.stats
+
+    def held_deadline(self) -> tuple[bool, float | None]:
+        """Whether the agent holds work for a round (an update in its outbox, or an
+        assignment a failed request interrupted), and the earliest deadline it knows of it
+        (seconds since the epoch; ``None``: not known, e.g. an update saved by an older
+        agent)."""
+        deadlines: list[float | None] = [e.deadline for e in self.state.outbox.entries()]
+        if self._unfinished is not None:
+            deadlines.append(deadline_s(self._unfinished.deadline))
+        known = [d for d in deadlines if d is not None]
+        return bool(deadlines), min(known) if known else None
+
+    def _pause_after_failure(self, exc: AgentError) -> None:
+        """Wait after a request that failed (docs/agent.md, "Outages"). Holding work: the
+        short, jittered backoff of :attr:`work_retry` within the round's deadline, a bounded
+        number of times in a row; after that (and when idle) the idle fleet's pause, a random
+        part of the pacing interval (:func:`paced_retry_s`), so an outage is not followed by
+        a herd of retries."""
+        holds, deadline = self.held_deadline()
+        if holds:
+            self._failures += 1
+            remaining = None if deadline is None else deadline - time.time()
+            pause = self.work_retry.pause_s(self._failures, remaining, self._rng)
+            if pause is not None:
+                log.warning(
+                    "cannot reach the coordinator (%s) while holding work; retry %d in %.1f s",
+                    exc,
+                    self._failures,
+                    pause,
+                )
+                self._pause(pause)
+                return
+            interval = self.client.paced_interval_s
+        else:
+            self._failures = 0
+            interval = self.client.reconnect_s
+        pause = paced_retry_s(interval, self.error_pause_s, self._rng)
+        log.warning("cannot reach the coordinator (%s); trying again in %.0f s", exc, pause)
+        self._pause(pause)
 
     def capabilities(self) -> dict[str, object]:
         """What this agent reports it can do (:mod:`fedge.edge_agent.capabilities`)."""

@@ -156,6 +156,11 @@ class CoordinatorClient:
         #: A paced coordinator's "come back in" (seconds) of the last work poll without
         #: ``current`` that brought no work (docs/protocol.md, "Pace steering"); else None.
         self.reconnect_s: float | None = None
+        #: The last reconnect time a paced coordinator gave (kept while the device works on
+        #: an assignment, whose answers carry none); None once an idle poll is answered
+        #: without one (the fleet long-polls). The pause of a device that gave up its quick
+        #: retries while holding work is drawn from it (fedge.edge_agent.pauses).
+        self.paced_interval_s: float | None = None
 
         def session() -> Session:
             # One connection each: the agent's requests follow one another, so a single
@@ -265,8 +270,9 @@ class CoordinatorClient:
         else:
             params.update(self._held_params(have))
         # A paced device's check-in is tried once: after a failure the agent pauses a random
-        # part of its pacing interval (agent.paced_retry_s) instead of retrying at once, so
-        # a fleet's check-ins held back by an outage do not all arrive as it ends.
+        # part of its pacing interval (pauses.paced_retry_s) instead of retrying at once, so
+        # a fleet's check-ins held back by an outage do not all arrive as it ends. (A device
+        # working on an assignment holds no reconnect time: its requests are retried.)
         paced = current is None and self.reconnect_s is not None
         response = self._signed(
             "GET",
@@ -279,6 +285,8 @@ class CoordinatorClient:
         if current is None:
             self.reconnect_s = _reconnect(response.headers.get(RECONNECT_HEADER))
         if response.status_code == 204 or not response.content:
+            if current is None:
+                self.paced_interval_s = self.reconnect_s
             return None
         body, chain = self._json_and_chain(response)
         return self._work(body, chain)
@@ -412,6 +420,8 @@ class CoordinatorClient:
             self.traffic.next_asked += int(next_work)
         # A paced coordinator tells a device it hands no next assignment when to check in.
         self.reconnect_s = _reconnect(response.headers.get(RECONNECT_HEADER))
+        if self.reconnect_s is not None:
+            self.paced_interval_s = self.reconnect_s
         receipt, chain = self._json_and_chain(response)
         if not isinstance(receipt, dict):
             raise AgentError("bad_response", "upload answer is not a JSON object")

@@ -1,7 +1,7 @@
 """The outbox: computed updates waiting for upload, durable across crashes.
 
 Each entry is a directory ``outbox/<assignment_id>/`` holding ``meta.json`` (task, upload URL,
-idempotency key), ``update.bin`` (the encoded update, wire format) and,
+idempotency key, the assignment's deadline), ``update.bin`` (the encoded update, wire format) and,
 when error feedback is on, ``residual-before`` / ``residual-after`` (the task's residual before
 and after this update's compression, as :mod:`fedge.edge_agent.residual_store` files). An entry is
 built in a temporary directory and renamed into place in one step, so it exists completely or
@@ -56,6 +56,9 @@ class OutboxEntry:
     num_examples: int
     created_at: float
     has_residual: bool = False
+    #: The assignment's deadline (seconds since the epoch) when the work answer gave one: the
+    #: agent's quick retries of the upload stay within it (docs/agent.md, "Outages").
+    deadline: float | None = None
 
     @classmethod
     def from_json(cls, value: Mapping[str, Any]) -> OutboxEntry:
@@ -68,6 +71,7 @@ class OutboxEntry:
             num_examples=int(value["num_examples"]),
             created_at=float(value["created_at"]),
             has_residual=bool(value.get("has_residual", False)),
+            deadline=None if value.get("deadline") is None else float(value["deadline"]),
         )
 
 

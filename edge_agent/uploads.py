@@ -26,6 +26,7 @@ from fedge.edge_agent.client import CoordinatorClient, Work
 from fedge.edge_agent.errors import ApiError, DeviceRevoked, StaleUpdate
 from fedge.edge_agent.outbox import RESIDUAL_BEFORE, OutboxEntry, new_idempotency_key
 from fedge.edge_agent.outcome import AgentStats, Outcome
+from fedge.edge_agent.pauses import deadline_s
 from fedge.edge_agent.residual_store import ResidualState
 from fedge.edge_agent.state import State
 from fedge.shared.compression import compress_round
@@ -125,6 +126,7 @@ def save_update(
         num_examples=num_examples,
         created_at=time.time(),
         has_residual=residual is not None,
+        deadline=deadline_s(work.deadline),
     )
     state.outbox.add(entry, body, residual_before=before, residual_after=residual)
     if residual is not None:

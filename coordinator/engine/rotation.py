@@ -6,7 +6,10 @@ its id and the period's index (:func:`slot`): uniform over a fleet, different ev
 and independent of when a coordinator process started. The coordinator tells a device the
 time to its next slot (:mod:`fedge.coordinator.engine.pace`), so it also knows when a device
 it saw will come back (:func:`next_checkin`), and a round picks the devices that come within
-its selection window, least often selected first (:func:`choose_paced`).
+its selection window, least often selected first (:func:`choose_paced`). A picked device
+that does not come when expected (:func:`expected_checkin`; e.g. its check-in failed while the
+coordinator was down, and it paused a random part of its period) is replaced by the round
+(:func:`fedge.coordinator.engine.rounds.replace_missed`).
 """
 
 from __future__ import annotations
@@ -32,6 +35,31 @@ def next_checkin(device_id: str, after: float, period: float) -> float:
     index = math.floor(after / period)
     at = slot(device_id, index, period)
     return at if at > after else slot(device_id, index + 1, period)
+
+
+def expected_checkin(device_id: str, last_seen: float | None, start: float, period: float) -> float:
+    """When a device last seen at ``last_seen`` (epoch seconds) is expected to check in first
+    from ``start`` on, as :func:`choose_paced` reads it: its next slot after ``last_seen``; a
+    slot that passed unseen before ``start`` counted whole periods later; ``start`` for a
+    device never seen."""
+    if last_seen is None:
+        return start
+    due = next_checkin(device_id, last_seen, period)
+    if due < start - 1.0:
+        due += period * math.ceil((start - due) / period)
+    return due
+
+
+def comes_within(
+    device_id: str, last_seen: float | None, start: float, period: float, window: float
+) -> bool:
+    """Whether a device last seen at ``last_seen`` comes within ``window`` seconds from
+    ``start`` by its next slot; never for a device whose slot passed unseen (offline, or its
+    clock is off: it comes at an unknown time) or that was never seen."""
+    if last_seen is None:
+        return False
+    due = next_checkin(device_id, last_seen, period)
+    return start - 1.0 <= due <= start + window
 
 
 def choose_paced(

@@ -15,7 +15,7 @@ from datetime import datetime, timedelta
 from typing import Any
 
 import numpy as np
-from sqlalchemy import func, select, update
+from sqlalchemy import func, or_, select, update
 from sqlalchemy.orm import Session
 from sqlalchemy.orm.attributes import set_committed_value
 from sqlalchemy.orm.util import identity_key
@@ -24,7 +24,7 @@ from fedge.coordinator.db import in_states
 from fedge.coordinator.engine import privacy, secure
 from fedge.coordinator.engine.config import AggregationConfig
 from fedge.coordinator.engine.eligibility import Liveness, Requirements
-from fedge.coordinator.engine.rotation import choose_paced
+from fedge.coordinator.engine.rotation import choose_paced, comes_within, expected_checkin
 from fedge.coordinator.engine.selection import (
     Candidate,
     busy_clause,
@@ -371,6 +371,110 @@ def settle_declines(
     )
     fail_round(session, rnd, reason=reason, now=now, expected=(RoundStatus.OPEN,))
     set_waiting(task, f"{WAITING}: round {rnd.number} failed: {reason}", now=now)
+    return woken
+
+
+#: Seconds a device picked for a paced round may come after its expected check-in before the
+#: round takes another device in its place: devices sleep whole seconds, and a loaded network
+#: or coordinator (TLS handshakes, the check-ins' group commit) delays them a few more.
+MISSED_GRACE_S = 10.0
+
+
+def replace_missed(
+    session: Session,
+    task: Task,
+    rnd: Round,
+    cfg: AggregationConfig,
+    *,
+    now: datetime,
+    liveness: Liveness,
+) -> list[str]:
+    """An open sync round of a paced fleet replaces the picked devices that did not come
+    (docs/rounds.md, "Paced fleets"): an assignment still ``assigned`` whose device was not
+    seen since the round opened, and whose expected check-in
+    (:func:`~fedge.coordinator.engine.rotation.expected_checkin` from the round's opening)
+    passed more than :data:`MISSED_GRACE_S` ago. Such a device learns of its assignment only
+    when it checks in, and it may be sleeping a random part of its period after a check-in
+    that failed while the coordinator was down, or be offline: the round would wait for it
+    until its deadline. As many eligible devices not yet in the round as come within the
+    selection window from now (:func:`~fedge.coordinator.engine.rotation.choose_paced`) take
+    the places of the longest overdue; those assignments are cancelled (not drops: the device
+    never learnt of them). A device that comes later finds no work and is told its next slot.
+
+    Nothing is replaced once less than a window is left before the deadline, under central
+    differential privacy (its sample is drawn once, at the sampling rate it is charged) or
+    secure aggregation (its cohort is fixed when the round opens). Everything is read from
+    the database, so a restarted coordinator finds the devices its outage made miss their
+    slots, whether or not it noticed the outage."""
+    period = liveness.paced_period_s
+    window = liveness.paced_window_s or 0.0
+    if period is None or cfg.central_dp is not None or cfg.secure is not None:
+        return []
+    if rnd.status != RoundStatus.OPEN or rnd.deadline_at is None:
+        return []
+    if now + timedelta(seconds=window) > rnd.deadline_at:
+        return []
+    opened = rnd.opened_at.timestamp()
+    at = now.timestamp()
+    rows = session.execute(
+        select(Assignment, Device.last_seen_at)
+        .join(Device, Device.id == Assignment.device_id)
+        .where(
+            Assignment.round_id == rnd.id,
+            Assignment.status == AssignmentStatus.ASSIGNED,
+            or_(Device.last_seen_at.is_(None), Device.last_seen_at < rnd.opened_at),
+        )
+        .order_by(Assignment.id)
+    ).all()
+    missed: list[tuple[float, Assignment]] = []
+    for assignment, seen in rows:
+        last = None if seen is None else seen.timestamp()
+        expected = expected_checkin(assignment.device_id, last, opened, period)
+        if at > expected + MISSED_GRACE_S:
+            missed.append((expected, assignment))
+    if not missed:
+        return []
+    candidates = _eligible(
+        session,
+        task,
+        now=now,
+        liveness=liveness,
+        not_in_round=rnd.id,
+        by_name=cfg.selection_seed is not None,
+    )
+    rng = selection_rng(task, cfg, rnd.number, rnd.num_assigned, len(missed))
+    picked = choose_paced(candidates, len(missed), rng, now=now, period=period, window=window)
+    seen_at = {c.device_id: c.last_seen for c in candidates}
+    soon = [
+        d
+        for d in picked
+        if (seen := seen_at[d]) is not None
+        and comes_within(d, seen.timestamp(), at, period, window)
+    ]
+    if not soon:
+        return []
+    # Every device row this may write, locked at once in id order (the engine's lock order;
+    # a check-in batch holding one of the missed and waiting for a newcomer cannot deadlock).
+    lock_devices(session, sorted({*soon, *(a.device_id for _, a in missed)}))
+    chosen = _lock_idle_devices(session, soon)
+    if not chosen:
+        return []
+    missed.sort(key=lambda pair: (pair[0], pair[1].id))
+    gone = [assignment for _, assignment in missed[: len(chosen)]]
+    woken = end_assignments(session, gone, status=AssignmentStatus.CANCELLED, now=now)
+    # Only as many newcomers as places really freed (an upload may have ended one meanwhile).
+    chosen = chosen[: len(woken)]
+    woken += _assign(session, task, rnd, chosen, lease_until=rnd.deadline_at)
+    if chosen:
+        emit(
+            session,
+            "round.refilled",
+            task=task.id,
+            round=rnd.id,
+            number=rnd.number,
+            replaced=len(chosen),
+            reason="picked devices did not check in when expected",
+        )
     return woken
 
 

@@ -14,7 +14,8 @@ time; the lease lapses after ``settings.lease_ttl_s`` if its holder dies) and ke
 renewed while it runs (:class:`~fedge.coordinator.engine.leases.LeaseKeeper`), then:
 
 1. in one short transaction (task row locked on PostgreSQL), applies the state rules of
-   :mod:`fedge.coordinator.engine.rounds`: open, close or fail rounds, drop expired async
+   :mod:`fedge.coordinator.engine.rounds`: open, close or fail rounds, replace the
+   devices a paced round picked that did not come, drop expired async
    assignments, wind down paused, cancelled and finished tasks;
 2. if a round is ready to aggregate, plans, computes and commits it
    (:mod:`fedge.coordinator.engine.apply`).
@@ -245,6 +246,9 @@ class TaskStepper:
             elif rnd is not None and rnd.status == RoundStatus.OPEN:
                 outcome.woken += rounds.close_sync_round_if_due(session, task, rnd, cfg, now=now)
                 outcome.woken += rounds.settle_declines(
+                    session, task, rnd, cfg, now=now, liveness=liveness
+                )
+                outcome.woken += rounds.replace_missed(
                     session, task, rnd, cfg, now=now, liveness=liveness
                 )
             if rnd is None or rnd.status == RoundStatus.FAILED:

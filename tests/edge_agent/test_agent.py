@@ -6,16 +6,18 @@ from __future__ import annotations
 import hashlib
 import threading
 import time
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import numpy as np
 import pytest
 
-from fedge.edge_agent.agent import Agent, FatalAgentError, Outcome
+from fedge.edge_agent.agent import Agent, FatalAgentError, Outcome, WorkRetry
 from fedge.edge_agent.data import LocalData
 from fedge.edge_agent.device import enroll_device, open_client
 from fedge.edge_agent.errors import ServerError
 from fedge.edge_agent.hooks import AgentHooks
+from fedge.edge_agent.pauses import deadline_s
 from fedge.edge_agent.sim.datasets import load_dataset
 from fedge.edge_agent.sim.faults import FaultConfig, FaultHooks, FaultSchedule
 from fedge.edge_agent.state import State
@@ -195,6 +197,70 @@ def test_transient_upload_failure_keeps_the_update(state_dir, fake, data):
     agent.flush_outbox()
     assert len(fake.received) == 1
     assert State(state_dir).outbox.entries() == []
+
+
+@pytest.mark.parametrize("deadline_in_s", [3600.0, -1.0, None])
+def test_a_device_holding_an_update_retries_quickly_then_pauses_as_an_idle_one(
+    state_dir, fake, data, deadline_in_s
+):
+    """Uploads that fail while the coordinator is away: a device holding work retries with the
+    short, capped, jittered backoff of ``WorkRetry``, at most ``attempts`` times in a row and
+    only before the round's deadline (docs/agent.md, "Outages"); then it takes the idle pause
+    (here: the error pause, the fleet is not paced) and keeps the update until it goes out."""
+    deadline = None
+    if deadline_in_s is not None:
+        at = datetime.now(UTC) + timedelta(seconds=deadline_in_s)
+        deadline = at.isoformat()
+    fake.assign(1, deadline=deadline)
+    # every request tries twice (FAST_RETRY): 5 rounds of the loop see the upload fail
+    fake.fail_uploads = 2 * 5
+    retry = WorkRetry(attempts=3, base_s=0.1, cap_s=0.25)
+    agent = make_agent(state_dir, fake, data, work_retry=retry)
+    agent.error_pause_s = 7.0
+    pauses: list[float] = []
+    agent._pause = pauses.append  # type: ignore[method-assign]
+    get_work = agent.client.get_work
+
+    def polled(*args: Any, **kwargs: Any) -> Any:
+        if fake.received:  # the update went out (from the outbox): done
+            agent.stop()
+            return None
+        return get_work(*args, **kwargs)
+
+    agent.client.get_work = polled  # type: ignore[method-assign]
+    agent.run()
+    assert agent.stats.uploaded == 1 and State(state_dir).outbox.entries() == []
+    assert len(pauses) == 5, pauses
+    if deadline_in_s == -1.0:  # the deadline passed: no quick retry
+        assert pauses == [7.0] * 5
+        return
+    quick, idle = pauses[:3], pauses[3:]
+    assert idle == [7.0, 7.0]  # the retries in a row are bounded
+    ceilings = [0.1, 0.2, 0.25]  # base * 2**k, capped
+    assert all(c / 2 <= p <= c for p, c in zip(quick, ceilings, strict=True)), quick
+    assert len(set(quick)) == 3  # jittered
+
+
+def test_a_held_deadline_bounds_the_quick_retries():
+    rng = np.random.default_rng(0)
+    retry = WorkRetry(attempts=8, base_s=1.0, cap_s=30.0)
+    draws = [retry.pause_s(k, None, rng) for k in range(1, 9)]
+    assert all(d is not None for d in draws)
+    assert [
+        min(30.0, 2.0 ** (k - 1)) / 2 <= d <= min(30.0, 2.0 ** (k - 1))  # type: ignore[operator]
+        for k, d in enumerate(draws, 1)
+    ] == [True] * 8
+    assert retry.pause_s(9, None, rng) is None  # bounded
+    assert retry.pause_s(0, None, rng) is None
+    # Within the deadline: never more than half the time left, none once it passed.
+    assert all(0.5 <= retry.pause_s(6, 2.0, rng) <= 1.0 for _ in range(100))  # type: ignore[operator]
+    assert retry.pause_s(1, 0.0, rng) is None and retry.pause_s(1, -5.0, rng) is None
+    assert (
+        deadline_s("2026-12-07T12:00:00+00:00") == datetime(2026, 12, 7, 12, tzinfo=UTC).timestamp()
+    )
+    assert deadline_s("2026-12-07T12:00:00Z") == deadline_s("2026-12-07T12:00:00+00:00")
+    assert deadline_s(None) is None and deadline_s("soon") is None
+    assert deadline_s("2026-12-07T12:00:00") is None  # no zone: not trusted
 
 
 class BlockingTrainer:

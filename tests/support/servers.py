@@ -27,6 +27,13 @@ class _Server(uvicorn.Server):
         pass
 
 
+def free_port() -> int:
+    """A loopback port free at the moment (for a server that is stopped and served again)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
 @contextmanager
 def serve_in_thread(
     app: FastAPI,
@@ -35,13 +42,15 @@ def serve_in_thread(
     keyfile: Path | None,
     ssl_context: ssl.SSLContext | None = None,
     timeout: float = 30,
+    port: int = 0,
 ) -> Iterator[str]:
-    """Serve ``app`` on 127.0.0.1 (a free port); yield its base URL. With ``ssl_context``
+    """Serve ``app`` on 127.0.0.1 (a free port, or ``port``: a coordinator restarted where its
+    devices know it); yield its base URL. With ``ssl_context``
     (the coordinator's, or one made to fail a test) uvicorn serves HTTPS with that context
     instead of making one from ``certfile`` and ``keyfile``."""
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    sock.bind(("127.0.0.1", 0))
+    sock.bind(("127.0.0.1", port))
     port = sock.getsockname()[1]
     config = uvicorn.Config(
         app,
