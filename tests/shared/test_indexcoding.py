@@ -279,8 +279,14 @@ def _raw16(values: list[int]) -> np.ndarray:
         (RAW, 0, _raw16([1, 1, 0]), 3, 10, "indices_not_sorted", "index 2 is smaller than index 1"),
         (RAW, 0, _raw16([4, 6, 5]), 3, 10, "indices_not_sorted", "index 2 is smaller than index 1"),
         (RAW, 0, _raw16([1, 2, 2]), 3, 10, "duplicate_index", "index 2 occurs twice"),
-        (BITMAP, 0, _u8([0x01, 0x80]), 1, 10, "bad_index_coding", "bitmap padding bits are not zero"),
-        (BITMAP, 0, _u8([0x03, 0x00]), 1, 10, "count_mismatch", "bitmap holds 2 indices, 1 declared"),
+        (
+            BITMAP, 0, _u8([0x01, 0x80]), 1, 10,
+            "bad_index_coding", "bitmap padding bits are not zero",
+        ),
+        (
+            BITMAP, 0, _u8([0x03, 0x00]), 1, 10,
+            "count_mismatch", "bitmap holds 2 indices, 1 declared",
+        ),
         # p = 3, one index: a remainder byte with bit 7 set past the 3 bits, then unary "1".
         (
             RICE, 3, _u8([0x80, 0x01]), 1, 100,

@@ -370,7 +370,9 @@ def test_rounding_up_needs_a_draw_strictly_below_the_threshold() -> None:
     above = np.float32(-1.0 + (k + 1) * 2.0**-24)
     assert float(at) == -1.0 + k * 2.0**-24 and float(above) == -1.0 + (k + 1) * 2.0**-24
     for x, code in ((at, 0), (above, 1)):
-        q = quantize(np.array([x, 1.0], np.float32), bits=1, chunk=2, rng=np.random.default_rng(seed))
+        q = quantize(
+            np.array([x, 1.0], np.float32), bits=1, chunk=2, rng=np.random.default_rng(seed)
+        )
         assert q.codes[0] == code, (x, code)
 
 
