@@ -615,6 +615,7 @@ def test_a_header_cut_short_names_the_missing_field(cut: int, field: str) -> Non
     ("change", "message"),
     [
         ({"topk_fraction": 1.5}, "topk_fraction must be in (0, 1], got 1.5"),
+        ({"topk_fraction": "0.5"}, "topk_fraction must be a number, got '0.5'"),
         ({"bits": 3}, "bits must be one of (1, 2, 4, 8, 32), got 3"),
         ({"chunk": 0}, "chunk must be between 1 and 1048576, got 0"),
         ({"scope": "bogus"}, "scope must be 'tensor' or 'global', got 'bogus'"),
