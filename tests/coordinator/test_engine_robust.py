@@ -268,3 +268,71 @@ def test_norm_bound_config_rejects_inconsistent_settings() -> None:
         NormBoundConfig(max_norm=1.0, adaptive=AdaptiveNormBound(initial=2.0))
     with pytest.raises(ValueError):
         NormBoundConfig(max_norm=0.0)
+
+
+# ------------------------------------------------------------------------ errors
+
+
+def test_an_unknown_method_is_refused() -> None:
+    with pytest.raises(ValueError) as err:
+        robust.combine(lambda: iter(()), count=0, spec=SPEC, method="mode")
+    assert str(err.value) == (
+        "unknown robust aggregation 'mode'; use one of "
+        "('mean', 'trimmed_mean', 'median', 'multi_krum')"
+    )
+
+
+@pytest.mark.parametrize("method", ["trimmed_mean", "median", "multi_krum"])
+@pytest.mark.parametrize(("count", "message"), [(2, "got more"), (4, "got 3")])
+def test_a_source_with_another_count_is_an_error(method: str, count: int, message: str) -> None:
+    rng = np.random.default_rng(7)
+    updates = [sparse_update(SPEC, rng, 0.4) for _ in range(3)]
+    with pytest.raises(RuntimeError) as err:
+        robust.combine(source_of(updates, [1.0] * 3), count=count, spec=SPEC, method=method)
+    assert str(err.value) == f"expected {count} updates to combine, {message}"
+
+
+@pytest.mark.parametrize(("last", "message"), [(4, "got more"), (2, "got 2")])
+def test_multi_krum_checks_the_count_of_its_averaging_pass(last: int, message: str) -> None:
+    """A budget too small to keep the decoded updates: every pass reads the source again. A
+    source that changes its count only on its last pass (the average of the selected
+    updates) is refused too."""
+    rng = np.random.default_rng(8)
+    updates = [sparse_update(SPEC, rng, 0.5) for _ in range(4)]
+    calls: list[int] = []
+
+    def counting() -> Iterator[tuple[DecodedUpdate, float]]:
+        calls.append(3)
+        return zip(updates[:3], [1.0] * 3, strict=True)
+
+    options = {"count": 3, "spec": SPEC, "method": "multi_krum", "budget_bytes": 500}
+    robust.combine(counting, **options)  # type: ignore[arg-type]
+    passes = len(calls)
+    assert passes > 2  # several ranges, then the average
+
+    def changing() -> Iterator[tuple[DecodedUpdate, float]]:
+        calls.append(1)
+        k = last if len(calls) - passes == passes else 3
+        return zip(updates[:k], [1.0] * k, strict=True)
+
+    with pytest.raises(RuntimeError) as err:
+        robust.combine(changing, **options)  # type: ignore[arg-type]
+    assert str(err.value) == f"expected 3 updates to combine, {message}"
+    assert len(calls) - passes == passes
+
+
+@pytest.mark.parametrize(
+    ("n", "fraction", "trim"),
+    [(100, 0.29, 29), (10, 0.3, 3), (10, 0.45, 4), (10, 0.5, 4), (2, 0.45, 0), (0, 0.2, 0)],
+)
+def test_trimmed_count(n: int, fraction: float, trim: int) -> None:
+    """floor(fraction * n) (0.29 * 100 is 28.999999999999996 in floats: 29 meant), at most
+    (n - 1) // 2 so that one value is left."""
+    assert robust.trimmed_count(n, fraction) == trim
+
+
+def test_reduce_median_returns_float64_for_any_float_matrix() -> None:
+    matrix = np.array([[1.0, 4.0], [3.0, -2.0], [2.0, 0.5], [10.0, 0.25]], dtype=np.float32)
+    want = [2.5, 0.375]  # the means of the two middle values of each column
+    got = robust.reduce_median(matrix.copy())
+    assert got.dtype == np.float64 and got.tolist() == want
