@@ -336,3 +336,15 @@ def test_reduce_median_returns_float64_for_any_float_matrix() -> None:
     want = [2.5, 0.375]  # the means of the two middle values of each column
     got = robust.reduce_median(matrix.copy())
     assert got.dtype == np.float64 and got.tolist() == want
+
+
+def test_reduce_trimmed_gives_zero_where_the_kept_weights_sum_to_zero() -> None:
+    """Three updates, weights 0, 0 and 5, one value trimmed at each end: a column whose
+    middle value is the weighted update's gives that value, the others 0 (not NaN)."""
+    matrix = np.array([[1.0, 2.0, 9.0, 5.0], [3.0, 8.0, 1.0, 4.0], [2.0, 5.0, 4.0, 6.0]])
+    weights = np.array([0.0, 0.0, 5.0])
+    for _ in range(3):  # freed arrays full of another value, for the result to land on
+        junk = np.full(4, 7.0)
+        del junk
+        got = robust.reduce_trimmed(matrix.copy(), weights, 1)
+        assert got.tolist() == [2.0, 5.0, 4.0, 0.0]
