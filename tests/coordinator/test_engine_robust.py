@@ -348,3 +348,36 @@ def test_reduce_trimmed_gives_zero_where_the_kept_weights_sum_to_zero() -> None:
         del junk
         got = robust.reduce_trimmed(matrix.copy(), weights, 1)
         assert got.tolist() == [2.0, 5.0, 4.0, 0.0]
+
+
+@pytest.mark.parametrize("method", ["trimmed_mean", "median"])
+def test_clipped_values_are_scaled_in_float64(method: str) -> None:
+    """One dense update clipped to half its norm: every coordinate is its float32 value times
+    the clip factor, formed in float64 (rounding the product to float32 would differ)."""
+    rng = np.random.default_rng(10)
+    u = sparse_update(SPEC, rng, 1.0)
+    values = dense_matrix([u], SPEC)[0]
+    bound = float(np.linalg.norm(values)) / 2
+    got = robust.combine(source_of([u], [1.0]), count=1, spec=SPEC, method=method, bound=bound)
+    (scale,) = got.scales
+    assert scale == pytest.approx(0.5, rel=1e-6)
+    want = values * scale
+    assert np.any(want.astype(np.float32).astype(np.float64) != want)
+    np.testing.assert_array_equal(flat(got.delta, SPEC), want)
+
+
+def test_dense_updates_that_exactly_fit_the_budget_are_read_once() -> None:
+    """Two dense updates of 53 float32 values carry 424 bytes: with a budget of 424 bytes
+    (several coordinate ranges) they are kept, and the source is read once."""
+    rng = np.random.default_rng(11)
+    updates = [sparse_update(SPEC, rng, 1.0) for _ in range(2)]
+    calls: list[int] = []
+
+    def source() -> Iterator[tuple[DecodedUpdate, float]]:
+        calls.append(1)
+        return zip(updates, [1.0, 2.0], strict=True)
+
+    got = robust.combine(source, count=2, spec=SPEC, method="trimmed_mean", budget_bytes=424)
+    assert len(calls) == 1
+    want = (dense_matrix(updates, SPEC) * [[1.0], [2.0]]).sum(axis=0) / 3.0
+    np.testing.assert_allclose(flat(got.delta, SPEC), want, rtol=1e-12)
