@@ -381,3 +381,14 @@ def test_dense_updates_that_exactly_fit_the_budget_are_read_once() -> None:
     assert len(calls) == 1
     want = (dense_matrix(updates, SPEC) * [[1.0], [2.0]]).sum(axis=0) / 3.0
     np.testing.assert_allclose(flat(got.delta, SPEC), want, rtol=1e-12)
+
+
+@pytest.mark.parametrize("method", ["trimmed_mean", "median", "multi_krum"])
+def test_no_updates_combine_to_a_zero_delta(method: str) -> None:
+    got = robust.combine(lambda: iter(()), count=0, spec=SPEC, method=method)
+    assert {name: d.shape for name, d in got.delta.items()} == {
+        t.name: tuple(t.shape) for t in SPEC.tensors
+    }
+    assert all(not d.any() for d in got.delta.values())
+    assert (got.total_weight, got.norms, got.scales, got.rejected) == (0.0, [], [], [])
+    assert got.num_clipped == 0 and got.num_rejected == 0
