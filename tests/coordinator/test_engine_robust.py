@@ -392,3 +392,12 @@ def test_no_updates_combine_to_a_zero_delta(method: str) -> None:
     assert all(not d.any() for d in got.delta.values())
     assert (got.total_weight, got.norms, got.scales, got.rejected) == (0.0, [], [], [])
     assert got.num_clipped == 0 and got.num_rejected == 0
+
+
+def test_trimmed_mean_trims_nothing_by_default() -> None:
+    rng = np.random.default_rng(12)
+    updates = [sparse_update(SPEC, rng, 0.6) for _ in range(5)]
+    weights = [1.0, 2.0, 3.0, 0.5, 4.0]
+    got = robust.combine(source_of(updates, weights), count=5, spec=SPEC, method="trimmed_mean")
+    want = np.asarray(weights) @ dense_matrix(updates, SPEC) / sum(weights)
+    np.testing.assert_allclose(flat(got.delta, SPEC), want, rtol=1e-12, atol=1e-15)
