@@ -401,3 +401,10 @@ def test_trimmed_mean_trims_nothing_by_default() -> None:
     got = robust.combine(source_of(updates, weights), count=5, spec=SPEC, method="trimmed_mean")
     want = np.asarray(weights) @ dense_matrix(updates, SPEC) / sum(weights)
     np.testing.assert_allclose(flat(got.delta, SPEC), want, rtol=1e-12, atol=1e-15)
+
+
+def test_multi_krum_assumes_no_byzantine_update_by_default() -> None:
+    rng = np.random.default_rng(13)
+    updates = [sparse_update(SPEC, rng, 0.6) for _ in range(6)]
+    got = robust.combine(source_of(updates, [1.0] * 6), count=6, spec=SPEC, method="multi_krum")
+    assert (got.krum_byzantine, got.rejected) == (0, [False] * 6)
