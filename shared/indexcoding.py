@@ -5,7 +5,8 @@ The encoder computes the size of every coding and keeps the smallest; ties go to
 
 ``RICE``
     Golomb-Rice coded gaps ``g_0 = i_0``, ``g_j = i_j - i_{j-1} - 1`` with a per-tensor
-    parameter ``p`` (chosen by trying the few values around ``log2(mean gap)``). Two bit
+    parameter ``p``: of ``p0 - 2 .. p0 + 1`` (within ``[0, 31]``, ``p0 = floor(log2(mean
+    gap))``, 0 below a mean of 1) the one giving the fewest bytes, the smaller on a tie. Two bit
     streams, both little bit order: first the ``p``-bit remainders ``g & (2^p - 1)`` (LSB
     first, ``ceil(n p / 8)`` bytes), then the quotients ``g >> p`` in unary (``q`` zeros and a
     one). Decoding is vectorized: the positions of the ones give the quotients through a

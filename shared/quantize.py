@@ -175,7 +175,8 @@ _RAW64 = (np.random.PCG64, np.random.PCG64DXSM, np.random.Philox, np.random.SFC6
 
 
 def uniform_u32(rng: np.random.Generator, n: int) -> np.ndarray:
-    """``n`` uniform uint32 draws from ``rng`` (two per raw 64-bit output when possible).
+    """``n`` uniform uint32 draws from ``rng`` (two per raw 64-bit output when possible, the low
+    half first).
 
     Rounding up when ``u < floor(p * 2**32)`` happens with probability within ``2**-32`` of
     ``p``. Splitting raw 64-bit outputs is 2.5x faster than ``rng.random(n, dtype=float32)``

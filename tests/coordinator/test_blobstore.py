@@ -17,7 +17,13 @@ import numpy as np
 import pytest
 from sqlalchemy import delete, update
 
-from fedge.coordinator.blobstore import BlobDamaged, BlobNotFound, BlobStore, FileBlobStore
+from fedge.coordinator.blobstore import (
+    BlobDamaged,
+    BlobInfo,
+    BlobNotFound,
+    BlobStore,
+    FileBlobStore,
+)
 from fedge.coordinator.blobstore_db import DatabaseBlobStore
 from fedge.coordinator.models import Blob, BlobChunk
 from tests.support import databases
@@ -152,10 +158,12 @@ def test_verify_detects_corruption(store: BlobStore) -> None:
 def test_missing_blob(store: BlobStore) -> None:
     digest = hashlib.sha256(b"never stored").hexdigest()
     assert not store.exists(digest)
-    with pytest.raises(BlobNotFound):
+    with pytest.raises(BlobNotFound) as err:
         store.get(digest)
-    with pytest.raises(BlobNotFound):
+    assert err.value.args == (digest,)  # the KeyError names the missing blob
+    with pytest.raises(BlobNotFound) as err:
         store.size(digest)
+    assert err.value.args == (digest,)
     assert store.delete(digest) is False
 
 
@@ -255,6 +263,140 @@ def test_list_ignores_temporary_files(file_store: FileBlobStore) -> None:
     assert [info.digest for info in file_store.list_blobs()] == [a]
 
 
+def test_blobs_and_rewritten_blobs_get_mode_0600_through_a_tmp_file(
+    file_store: FileBlobStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Every write (a put, and the write-back of a blob refreshed while a sweep deleted it)
+    goes through a temporary file named .tmp-<random> beside the blob."""
+    renamed: list[tuple[str, str]] = []
+    real_replace = os.replace
+
+    def replace(src: str, dst: str) -> None:
+        renamed.append((Path(src).name, Path(dst).name))
+        real_replace(src, dst)
+
+    monkeypatch.setattr(os, "replace", replace)
+    digest = file_store.put(b"model")
+    path = file_store.path(digest)
+    assert path.stat().st_mode & 0o777 == 0o600
+    (written,) = [b.written_at for b in file_store.list_blobs()]
+    assert file_store.delete_if_older(digest, written) is False  # written again meanwhile
+    assert path.stat().st_mode & 0o777 == 0o600 and path.read_bytes() == b"model"
+    assert len(renamed) == 2
+    for src, dst in renamed:
+        assert dst == digest and src.startswith(".tmp-") and not src.startswith(".tmp-gc-")
+    assert files_under(file_store.root) == [path]
+
+
+def test_the_root_and_its_parents_are_created(tmp_path: Path) -> None:
+    store = FileBlobStore(tmp_path / "a" / "b" / "blobs")
+    assert store.root.is_dir() and store.check() == (True, "ok")
+
+
+def test_check_reports_a_missing_or_unwritable_root(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    store = FileBlobStore(tmp_path / "blobs")
+    real_access = os.access
+
+    def read_only(path: object, mode: int) -> bool:  # as for a directory mounted read-only
+        return not mode & os.W_OK and real_access(path, mode)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(os, "access", read_only)
+    assert store.check() == (False, f"blob directory {store.root} is not readable and writable")
+    monkeypatch.undo()
+    store.root.rmdir()
+    assert store.check() == (False, f"blob directory {store.root} does not exist")
+
+
+def test_list_skips_strangers_at_every_level(file_store: FileBlobStore) -> None:
+    """Files and directories that are not shard directories or blobs are skipped, wherever
+    they sort: a file "0" and a file "ab" at the root, a directory "0a0" (not a shard) holding
+    a blob-like file, a file "!" in a shard directory, temporary files beside blobs."""
+    digests = {file_store.put(f"blob {i}".encode()) for i in range(20)}
+    root = file_store.root
+    (root / "0").write_bytes(b"x")
+    (root / "ab").write_bytes(b"x")
+    (root / "0a0" / "ab").mkdir(parents=True)
+    (root / "0a0" / "ab" / hashlib.sha256(b"not a blob").hexdigest()).write_bytes(b"x")
+    for first in {d[:2] for d in digests}:
+        (root / first / "!").write_bytes(b"x")
+    leaves = {file_store.path(d).parent for d in digests}
+    for leaf in leaves:
+        for i in range(8):
+            (leaf / f".tmp-stray{i}").write_bytes(b"x")
+    # Some temporary file comes before some blob in a directory listing's own order.
+    assert any(os.listdir(leaf)[0].startswith(".tmp-") for leaf in leaves)
+    assert sorted(info.digest for info in file_store.list_blobs()) == sorted(digests)
+
+
+def test_list_skips_a_blob_deleted_while_listing(file_store: FileBlobStore) -> None:
+    """Three blobs in one leaf directory: after the first is listed, the one the directory
+    lists next is deleted; the listing goes on with the third."""
+    by_leaf: dict[str, list[bytes]] = {}
+    i = 0
+    while True:  # three contents whose digests share their first four hex digits
+        data = f"content {i}".encode()
+        group = by_leaf.setdefault(hashlib.sha256(data).hexdigest()[:4], [])
+        group.append(data)
+        if len(group) == 3:
+            break
+        i += 1
+    digests = [file_store.put(data) for data in group]
+    leaf = file_store.path(digests[0]).parent
+    order = [name for name in os.listdir(leaf) if name in digests]
+    assert sorted(order) == sorted(digests)
+    listing = file_store.list_blobs()
+    first = next(listing)
+    assert first.digest == order[0]
+    file_store.path(order[1]).unlink()
+    assert [info.digest for info in listing] == [order[2]]
+
+
+class _MemoryStore(BlobStore):
+    """The smallest store: only what BlobStore leaves abstract (for its default methods)."""
+
+    def __init__(self) -> None:
+        self.blobs: dict[str, bytes] = {}
+
+    def put(self, data: bytes) -> str:
+        digest = hashlib.sha256(data).hexdigest()
+        self.blobs[digest] = data
+        return digest
+
+    def get(self, digest: str) -> bytes:
+        try:
+            return self.blobs[digest]
+        except KeyError:
+            raise BlobNotFound(digest) from None
+
+    def exists(self, digest: str) -> bool:
+        return digest in self.blobs
+
+    def size(self, digest: str) -> int:
+        return len(self.get(digest))
+
+    def check(self) -> tuple[bool, str]:
+        return True, "ok"
+
+    def delete(self, digest: str) -> bool:
+        return self.blobs.pop(digest, None) is not None
+
+    def list_blobs(self) -> Iterator[BlobInfo]:
+        return iter(BlobInfo(d, len(b), 0.0) for d, b in self.blobs.items())
+
+
+def test_default_delete_if_older_deletes_and_verify_hashes() -> None:
+    store = _MemoryStore()
+    a, b = store.put(b"a"), store.put(b"b")
+    assert store.delete_if_older(a, 1.0) is True
+    assert not store.exists(a) and store.exists(b)
+    assert store.delete_if_older(a, 1.0) is False
+    assert store.verify(b)
+    store.blobs[b] = b"changed"
+    assert not store.verify(b)
+
+
 # ------------------------------------------------------------------ database only
 
 
@@ -327,7 +469,7 @@ def test_a_damaged_blob_is_refused(db_store: DatabaseBlobStore, damage: str, mes
             conn.execute(chunks.insert().values(digest=digest, seq=3, data=b"more"))
     with pytest.raises(BlobDamaged, match=message) as caught:
         db_store.get(digest)
-    assert digest in str(caught.value)
+    assert digest in str(caught.value) and caught.value.digest == digest
     assert not db_store.verify(digest)
     assert db_store.exists(digest)  # the row is still there: damage, not absence
 

@@ -277,3 +277,76 @@ def test_consistent_krum_settings_parse() -> None:
     assert (cfg.krum_byzantine, cfg.krum_select) == (8, 12)
     # Only multi_krum checks them.
     assert AggregationConfig.from_dict({"krum_byzantine": 8}).robust == "mean"
+
+
+def _selected(scores: np.ndarray, select: int) -> np.ndarray:
+    """The ``select`` lowest scores, ties to the earlier update."""
+    keep = np.zeros(scores.size, dtype=bool)
+    keep[sorted(range(scores.size), key=lambda i: (scores[i], i))[:select]] = True
+    return keep
+
+
+@pytest.mark.parametrize(
+    ("n", "f", "select", "scale"),
+    [
+        (40, 0, 10, 1.0),  # larger than numpy's small-array sorts: partition order matters
+        (40, 7, 20, 1.0),
+        (17, 3, 5, 1.0),
+        (30, 5, 12, 0.01),  # every squared distance below 1
+    ],
+)
+def test_krum_keep_matches_the_definition(n: int, f: int, select: int, scale: float) -> None:
+    rng = np.random.default_rng(n + f)
+    vectors = scale * rng.standard_normal((n, 6))
+    keep = robust.krum_keep(vectors @ vectors.T, f, select)
+    assert keep.dtype == bool
+    np.testing.assert_array_equal(keep, _selected(reference_scores(vectors, f), select))
+
+
+def test_krum_keep_of_three_updates_scores_one_neighbour() -> None:
+    """n = 3, f = 0: one nearest neighbour each; points 0, 1, 10 score 1, 1, 81 (two
+    neighbours would give 101, 82, 181 and select the second)."""
+    points = np.array([[0.0], [1.0], [10.0]])
+    keep = robust.krum_keep(points @ points.T, 0, 1)
+    assert keep.tolist() == [True, False, False]
+
+
+def test_krum_keep_breaks_ties_by_order() -> None:
+    """Forty updates at two points: the scores tie within each group, and the first ten of
+    the better group are kept (a sort that is not stable may pick others)."""
+    pattern = [0, 0, 0, 0, 0, 1, 1, 1, 0, 1, 1, 0, 0, 1, 1, 1, 0, 1, 1, 1]
+    pattern += [1, 1, 1, 0, 1, 0, 1, 1, 1, 1, 0, 0, 0, 0, 1, 1, 0, 1, 1, 0]
+    vectors = np.array(pattern, dtype=np.float64)[:, None]
+    scores = reference_scores(vectors, 0)
+    keep = robust.krum_keep(vectors @ vectors.T, 0, 10)
+    np.testing.assert_array_equal(keep, _selected(scores, 10))
+    better = 1 if sum(pattern) > len(pattern) / 2 else 0
+    assert [i for i in range(40) if keep[i]] == [i for i, p in enumerate(pattern) if p == better][
+        :10
+    ]
+
+
+@pytest.mark.parametrize(
+    ("method", "budget"),
+    [
+        ("trimmed_mean", robust.DEFAULT_BUDGET_BYTES),
+        ("median", robust.DEFAULT_BUDGET_BYTES),
+        ("multi_krum", robust.DEFAULT_BUDGET_BYTES),
+        ("trimmed_mean", 2000),  # several coordinate ranges, the updates kept between them
+        ("multi_krum", 2000),
+    ],
+)
+def test_updates_that_fit_the_budget_are_read_once(method: str, budget: int) -> None:
+    """The decoded updates are kept between the passes while they fit in the budget (module
+    docstring): the source is read once."""
+    rng = np.random.default_rng(9)
+    updates = [sparse_update(SPEC, rng, 0.5) for _ in range(5)]
+    calls: list[int] = []
+
+    def source() -> Iterator[tuple[DecodedUpdate, float]]:
+        calls.append(1)
+        return zip(updates, [1.0] * 5, strict=True)
+
+    got = robust.combine(source, count=5, spec=SPEC, method=method, budget_bytes=budget)
+    assert len(calls) == 1
+    assert [d.shape for d in got.delta.values()] == [tuple(t.shape) for t in SPEC.tensors]

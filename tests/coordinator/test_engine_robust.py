@@ -268,3 +268,143 @@ def test_norm_bound_config_rejects_inconsistent_settings() -> None:
         NormBoundConfig(max_norm=1.0, adaptive=AdaptiveNormBound(initial=2.0))
     with pytest.raises(ValueError):
         NormBoundConfig(max_norm=0.0)
+
+
+# ------------------------------------------------------------------------ errors
+
+
+def test_an_unknown_method_is_refused() -> None:
+    with pytest.raises(ValueError) as err:
+        robust.combine(lambda: iter(()), count=0, spec=SPEC, method="mode")
+    assert str(err.value) == (
+        "unknown robust aggregation 'mode'; use one of "
+        "('mean', 'trimmed_mean', 'median', 'multi_krum')"
+    )
+
+
+@pytest.mark.parametrize("method", ["trimmed_mean", "median", "multi_krum"])
+@pytest.mark.parametrize(("count", "message"), [(2, "got more"), (4, "got 3")])
+def test_a_source_with_another_count_is_an_error(method: str, count: int, message: str) -> None:
+    rng = np.random.default_rng(7)
+    updates = [sparse_update(SPEC, rng, 0.4) for _ in range(3)]
+    with pytest.raises(RuntimeError) as err:
+        robust.combine(source_of(updates, [1.0] * 3), count=count, spec=SPEC, method=method)
+    assert str(err.value) == f"expected {count} updates to combine, {message}"
+
+
+@pytest.mark.parametrize(("last", "message"), [(4, "got more"), (2, "got 2")])
+def test_multi_krum_checks_the_count_of_its_averaging_pass(last: int, message: str) -> None:
+    """A budget too small to keep the decoded updates: every pass reads the source again. A
+    source that changes its count only on its last pass (the average of the selected
+    updates) is refused too."""
+    rng = np.random.default_rng(8)
+    updates = [sparse_update(SPEC, rng, 0.5) for _ in range(4)]
+    calls: list[int] = []
+
+    def counting() -> Iterator[tuple[DecodedUpdate, float]]:
+        calls.append(3)
+        return zip(updates[:3], [1.0] * 3, strict=True)
+
+    options = {"count": 3, "spec": SPEC, "method": "multi_krum", "budget_bytes": 500}
+    robust.combine(counting, **options)  # type: ignore[arg-type]
+    passes = len(calls)
+    assert passes > 2  # several ranges, then the average
+
+    def changing() -> Iterator[tuple[DecodedUpdate, float]]:
+        calls.append(1)
+        k = last if len(calls) - passes == passes else 3
+        return zip(updates[:k], [1.0] * k, strict=True)
+
+    with pytest.raises(RuntimeError) as err:
+        robust.combine(changing, **options)  # type: ignore[arg-type]
+    assert str(err.value) == f"expected 3 updates to combine, {message}"
+    assert len(calls) - passes == passes
+
+
+@pytest.mark.parametrize(
+    ("n", "fraction", "trim"),
+    [(100, 0.29, 29), (10, 0.3, 3), (10, 0.45, 4), (10, 0.5, 4), (2, 0.45, 0), (0, 0.2, 0)],
+)
+def test_trimmed_count(n: int, fraction: float, trim: int) -> None:
+    """floor(fraction * n) (0.29 * 100 is 28.999999999999996 in floats: 29 meant), at most
+    (n - 1) // 2 so that one value is left."""
+    assert robust.trimmed_count(n, fraction) == trim
+
+
+def test_reduce_median_returns_float64_for_any_float_matrix() -> None:
+    matrix = np.array([[1.0, 4.0], [3.0, -2.0], [2.0, 0.5], [10.0, 0.25]], dtype=np.float32)
+    want = [2.5, 0.375]  # the means of the two middle values of each column
+    got = robust.reduce_median(matrix.copy())
+    assert got.dtype == np.float64 and got.tolist() == want
+
+
+def test_reduce_trimmed_gives_zero_where_the_kept_weights_sum_to_zero() -> None:
+    """Three updates, weights 0, 0 and 5, one value trimmed at each end: a column whose
+    middle value is the weighted update's gives that value, the others 0 (not NaN)."""
+    matrix = np.array([[1.0, 2.0, 9.0, 5.0], [3.0, 8.0, 1.0, 4.0], [2.0, 5.0, 4.0, 6.0]])
+    weights = np.array([0.0, 0.0, 5.0])
+    for _ in range(3):  # freed arrays full of another value, for the result to land on
+        junk = np.full(4, 7.0)
+        del junk
+        got = robust.reduce_trimmed(matrix.copy(), weights, 1)
+        assert got.tolist() == [2.0, 5.0, 4.0, 0.0]
+
+
+@pytest.mark.parametrize("method", ["trimmed_mean", "median"])
+def test_clipped_values_are_scaled_in_float64(method: str) -> None:
+    """One dense update clipped to half its norm: every coordinate is its float32 value times
+    the clip factor, formed in float64 (rounding the product to float32 would differ)."""
+    rng = np.random.default_rng(10)
+    u = sparse_update(SPEC, rng, 1.0)
+    values = dense_matrix([u], SPEC)[0]
+    bound = float(np.linalg.norm(values)) / 2
+    got = robust.combine(source_of([u], [1.0]), count=1, spec=SPEC, method=method, bound=bound)
+    (scale,) = got.scales
+    assert scale == pytest.approx(0.5, rel=1e-6)
+    want = values * scale
+    assert np.any(want.astype(np.float32).astype(np.float64) != want)
+    np.testing.assert_array_equal(flat(got.delta, SPEC), want)
+
+
+def test_dense_updates_that_exactly_fit_the_budget_are_read_once() -> None:
+    """Two dense updates of 53 float32 values carry 424 bytes: with a budget of 424 bytes
+    (several coordinate ranges) they are kept, and the source is read once."""
+    rng = np.random.default_rng(11)
+    updates = [sparse_update(SPEC, rng, 1.0) for _ in range(2)]
+    calls: list[int] = []
+
+    def source() -> Iterator[tuple[DecodedUpdate, float]]:
+        calls.append(1)
+        return zip(updates, [1.0, 2.0], strict=True)
+
+    got = robust.combine(source, count=2, spec=SPEC, method="trimmed_mean", budget_bytes=424)
+    assert len(calls) == 1
+    want = (dense_matrix(updates, SPEC) * [[1.0], [2.0]]).sum(axis=0) / 3.0
+    np.testing.assert_allclose(flat(got.delta, SPEC), want, rtol=1e-12)
+
+
+@pytest.mark.parametrize("method", ["trimmed_mean", "median", "multi_krum"])
+def test_no_updates_combine_to_a_zero_delta(method: str) -> None:
+    got = robust.combine(lambda: iter(()), count=0, spec=SPEC, method=method)
+    assert {name: d.shape for name, d in got.delta.items()} == {
+        t.name: tuple(t.shape) for t in SPEC.tensors
+    }
+    assert all(not d.any() for d in got.delta.values())
+    assert (got.total_weight, got.norms, got.scales, got.rejected) == (0.0, [], [], [])
+    assert got.num_clipped == 0 and got.num_rejected == 0
+
+
+def test_trimmed_mean_trims_nothing_by_default() -> None:
+    rng = np.random.default_rng(12)
+    updates = [sparse_update(SPEC, rng, 0.6) for _ in range(5)]
+    weights = [1.0, 2.0, 3.0, 0.5, 4.0]
+    got = robust.combine(source_of(updates, weights), count=5, spec=SPEC, method="trimmed_mean")
+    want = np.asarray(weights) @ dense_matrix(updates, SPEC) / sum(weights)
+    np.testing.assert_allclose(flat(got.delta, SPEC), want, rtol=1e-12, atol=1e-15)
+
+
+def test_multi_krum_assumes_no_byzantine_update_by_default() -> None:
+    rng = np.random.default_rng(13)
+    updates = [sparse_update(SPEC, rng, 0.6) for _ in range(6)]
+    got = robust.combine(source_of(updates, [1.0] * 6), count=6, spec=SPEC, method="multi_krum")
+    assert (got.krum_byzantine, got.rejected) == (0, [False] * 6)

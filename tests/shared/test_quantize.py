@@ -291,3 +291,125 @@ def test_pack_accepts_any_integer_codes_and_unpacks_uint8(bits: int) -> None:
     back, zero = unpack_codes(packed, bits, codes.size)
     assert back.dtype == np.uint8 and zero
     np.testing.assert_array_equal(back, codes)
+
+
+def test_multidimensional_input_is_quantized_flat() -> None:
+    """Any shape is quantized as its flattened values, chunks running across rows."""
+    rng = np.random.default_rng(8)
+    v = rng.standard_normal((3, 100)).astype(np.float32)
+    q = quantize(v, bits=4, chunk=64, rng=rng)
+    flat = v.reshape(-1)
+    assert q.codes.shape == (300,)
+    np.testing.assert_array_equal(q.scales, _scales(flat, 64)[::64].astype(np.float32))
+    y = flat / _scales(flat, 64) * HALF_LEVELS[4] + HALF_LEVELS[4]
+    assert np.all((q.codes == np.floor(y)) | (q.codes == np.floor(y) + 1))
+
+
+def _raw_halves(bit_generator: np.random.BitGenerator, outputs: int) -> np.ndarray:
+    """The uint32 stream the quantizer documents for a 64-bit generator: each raw output
+    split in two, the low half first."""
+    raw = bit_generator.random_raw(outputs)
+    return np.stack([raw & 0xFFFF_FFFF, raw >> 32], axis=1).reshape(-1).astype(np.uint32)
+
+
+@pytest.mark.parametrize("n", [0, 1, 2, 7, 8])
+def test_uniform_u32_splits_raw_64_bit_outputs(n: int) -> None:
+    """Two draws per raw output of a 64-bit generator, and exactly ceil(n / 2) outputs used."""
+    rng = np.random.Generator(np.random.PCG64(11))
+    u = uniform_u32(rng, n)
+    reference = np.random.PCG64(11)
+    expected = _raw_halves(reference, (n + 1) // 2)
+    assert u.dtype == np.uint32
+    np.testing.assert_array_equal(u, expected[:n])
+    # The generator is left where the reference is: the next call starts at the next raw
+    # output (the unused half of an odd count is dropped), and so does the next raw output.
+    np.testing.assert_array_equal(uniform_u32(rng, 2), _raw_halves(reference, 1))
+    assert rng.bit_generator.random_raw() == reference.random_raw()
+
+
+def test_uniform_u32_of_a_32_bit_generator_is_its_raw_output() -> None:
+    """MT19937 outputs 32 uniform bits at a time: every draw is one raw output."""
+    u = uniform_u32(np.random.Generator(np.random.MT19937(11)), 1000)
+    expected = np.random.MT19937(11).random_raw(1000)
+    assert u.dtype == np.uint32
+    np.testing.assert_array_equal(u, expected.astype(np.uint32))
+
+
+def test_a_raw_zero_of_a_32_bit_generator_is_drawn_as_zero() -> None:
+    """The draws cover all of [0, 2**32): an MT19937 whose next output is 0 (a state word of 0
+    tempers to 0) gives 0, then its following outputs."""
+    state = np.random.MT19937(5).state
+    key = state["state"]["key"].copy()
+    key[0] = 0
+    state["state"] = {"key": key, "pos": 0}
+    bit_generator = np.random.MT19937()
+    bit_generator.state = state
+    reference = np.random.MT19937()
+    reference.state = state
+    expected = reference.random_raw(3)
+    assert expected[0] == 0
+    u = uniform_u32(np.random.Generator(bit_generator), 3)
+    np.testing.assert_array_equal(u, expected.astype(np.uint32))
+
+
+def _first_draw(seed: int) -> int:
+    """The uint32 the quantizer compares with the first value's threshold under a PCG64
+    generator seeded with ``seed``: the low half of its first raw output."""
+    return int(np.random.PCG64(seed).random_raw(1)[0] & 0xFFFF_FFFF)
+
+
+def test_rounding_up_needs_a_draw_strictly_below_the_threshold() -> None:
+    """One bit, scale 1: a value ``x = 2p - 1`` has y = p exactly (a multiple of 2**-25), and
+    rounds up when the draw u < p * 2**32. Seed 1079 draws u = 439060992 = 128 k first, so
+    p = u / 2**32 keeps the value down (u == threshold) and the next float32 above rounds it
+    up."""
+    seed, u = 1079, _first_draw(1079)
+    assert u == 439060992 and u % 128 == 0
+    k = u // 128
+    at = np.float32(-1.0 + k * 2.0**-24)
+    above = np.float32(-1.0 + (k + 1) * 2.0**-24)
+    assert float(at) == -1.0 + k * 2.0**-24 and float(above) == -1.0 + (k + 1) * 2.0**-24
+    for x, code in ((at, 0), (above, 1)):
+        q = quantize(
+            np.array([x, 1.0], np.float32), bits=1, chunk=2, rng=np.random.default_rng(seed)
+        )
+        assert q.codes[0] == code, (x, code)
+
+
+def test_a_float64_input_is_rounded_to_float32_first() -> None:
+    """For x = -(3 - i 2**-22), m = 3 and one bit, y = f32(x / 3) / 2 + 1/2 and seed 30 draws u
+    between its threshold and the one of the exact quotient, so the value stays down. A
+    float64 input 0.45 ulp above that float32 is rounded to it first and gets the same code
+    (its own quotient would round the value up)."""
+    seed, u = 30, _first_draw(30)
+    assert u == 454047394
+    i = 3 * (u // 512) + 1
+    x = np.float32(-(3.0 - i * 2.0**-22))
+    assert float(x) == -(3.0 - i * 2.0**-22)
+    f32 = np.float32
+    y = f32(f32(x / f32(3.0)) * f32(0.5)) + f32(0.5)  # float32 arithmetic, step by step
+    assert math.floor(float(y) * 2**32) <= u < math.floor((float(x) / 3.0 * 0.5 + 0.5) * 2**32)
+    q = quantize(np.array([x, 3.0], np.float32), bits=1, chunk=2, rng=np.random.default_rng(seed))
+    assert q.codes[0] == 0
+    x64 = float(x) + 0.45 * 2.0**-22
+    assert np.float32(x64) == x
+    y64 = f32(f32(x64 / 3.0) * f32(0.5)) + f32(0.5)
+    assert u < math.floor(float(y64) * 2**32)
+    q = quantize(np.array([x64, 3.0]), bits=1, chunk=2, rng=np.random.default_rng(seed))
+    assert q.codes[0] == 0
+
+
+def test_y_is_computed_in_float32() -> None:
+    """The scheme's y is a float32: with four bits (s = 7), scale 1 and x = -1 + k 2**-24,
+    y = f32(f32(7 x) + 7), whose threshold is 193 units of 2**-32 below that of the exact
+    7 x + 7; seed 2 draws u between the two, so the value stays down."""
+    seed, u = 2, _first_draw(2)
+    assert u == 3597359297
+    k = 2007455
+    x = np.float32(-1.0 + k * 2.0**-24)
+    assert float(x) == -1.0 + k * 2.0**-24
+    f32 = np.float32
+    y = f32(f32(x * f32(7.0)) + f32(7.0))
+    assert math.floor(float(y) * 2**32) <= u < math.floor((float(x) * 7.0 + 7.0) * 2**32)
+    q = quantize(np.array([x, 1.0], np.float32), bits=4, chunk=2, rng=np.random.default_rng(seed))
+    assert q.codes.tolist() == [0, 14]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import struct
 from collections.abc import Callable
@@ -232,6 +233,75 @@ def test_update_error_codes(blob: bytes, code: str) -> None:
     assert err.value.detail and code in str(err.value)
 
 
+#: What each case's error says (read and checked by hand: details are part of the API).
+UPDATE_DETAILS = {
+    "bad_magic": "expected b'FEDG', got b'FEDX'",
+    "bad_magic_short": "expected b'FEDG', got b'XY'",
+    "unsupported_version": "format version 3, this decoder reads version 2",
+    "unsupported_version_1": "format version 1, this decoder reads version 2",
+    "unsupported_version_0": "format version 0, this decoder reads version 2",
+    "wrong_kind": "expected a update, got a model",
+    "truncated_empty": "header needs 8 bytes, only 0 remain",
+    "truncated_magic": "header needs 8 bytes, only 3 remain",
+    "truncated_header": "scope needs 1 bytes, only 0 remain",
+    "truncated_section": "sections need 16 bytes, only 15 remain",
+    "trailing_bytes": "1 bytes after the last section",
+    "too_many_tensors": "5000 tensors, the limit is 4096",
+    "name_too_long": "tensor 0 name is 300 bytes, the limit is 256",
+    "too_many_dims": "tensor 'w' has 9 dims, the limit is 8",
+    "tensor_too_big": "tensor 'w' has 4294967296 elements, the limit is 268435456",
+    "chunk_too_big": "chunk 1048577, the limit is 1048576",
+    "unknown_kind": "unknown blob kind 9",
+    "flags_set": "reserved flags must be 0, got 0x02",
+    "zero_examples": "num_examples must be in [1, 2**63), got 0",
+    "huge_task_id": "task id and base version must be below 2**63",
+    "bits_3": "bits must be one of (1, 2, 4, 8, 32), got 3",
+    "unknown_scope": "unknown top-k scope 2",
+    "chunk_zero": "chunk must be at least 1",
+    "fraction_zero": "topk_fraction 0e-0 is not in (0, 1]",
+    "fraction_above_one": "topk_fraction 15e-1 is not in (0, 1]",
+    "fraction_not_shortest": "topk_fraction 10e-1 is not the shortest decimal of 1.0",
+    "no_tensors": "a blob must hold at least one tensor",
+    "empty_name": "tensor 0 has an empty name",
+    "name_not_utf8": "tensor 0 name is not UTF-8",
+    "duplicate_name": "duplicate tensor name 'w'",
+    "nnz_above_size": "tensor 'w': 5 values for 4 elements",
+    "f16_in_update": "tensor 'w': value coding f16 is not allowed here",
+    "quant_in_32bit_update": "tensor 'w': value coding quant is not allowed here",
+    "f32_in_4bit_update": "tensor 'w': value coding f32 is not allowed here",
+    "rice_index_bytes_too_few": "tensor 'w': index section is 1 bytes, not in [3, 4]",
+    "unknown_index_coding": "tensor 'w': unknown index coding 7",
+    "unknown_value_coding": "tensor 'w': unknown value coding 9",
+    "nan_value": "tensor 'w': NaN or infinite value",
+    "inf_value": "tensor 'w': NaN or infinite value",
+    "nan_scale": "tensor 'w': NaN or infinite scale",
+    "inf_scale": "tensor 'w': NaN or infinite scale",
+    "negative_scale": "tensor 'w': negative scale",
+    "code_3_in_2bit": "tensor 'w': code above 2",
+    "code_15_in_4bit": "tensor 'w': code above 14",
+    "code_255_in_8bit": "tensor 'w': code above 254",
+    "padding_bits_set": "tensor 'w': padding bits after the last code are set",
+    "bitmap_padding_set": "bitmap padding bits are not zero",
+    "rice_spare_byte": "Rice unary stream has spare bytes at its end",
+    "rice_param_too_big": "Rice parameter 40 > 31",
+    "bitmap_count": "bitmap holds 2 indices, 1 declared",
+    "rice_count": "Rice stream holds 3 indices, 2 declared",
+    "raw_out_of_range": "index 100 >= size 100",
+    "rice_out_of_range": "index 101 >= size 100",
+    "raw_not_sorted": "index 1 is smaller than index 0",
+    "raw_duplicate": "index 1 occurs twice",
+}
+
+
+def test_update_error_details() -> None:
+    assert set(UPDATE_DETAILS) == {c[0] for c in UPDATE_CASES}
+    for name, blob, code in UPDATE_CASES:
+        with pytest.raises(WireFormatError) as err:
+            decode_update(blob)
+        assert (err.value.code, err.value.detail) == (code, UPDATE_DETAILS[name]), name
+        assert str(err.value) == f"{code}: {UPDATE_DETAILS[name]}"
+
+
 MODEL_CASES: list[UpdateCase] = [
     ("wrong_kind", VALID_UPDATE, "wrong_kind"),
     ("bad_magic", b"\0" * 20, "bad_magic"),
@@ -324,25 +394,48 @@ def test_shape_mismatch(spec: list[dict[str, object]]) -> None:
 
 
 @pytest.mark.parametrize(
-    ("sent", "expected"),
+    ("sent", "expected", "detail"),
     [
-        (CompressionPolicy(topk_fraction=0.1, bits=8, chunk=16), POLICY),
-        (CompressionPolicy(topk_fraction=0.1, bits=4, chunk=32), POLICY),
-        (CompressionPolicy(topk_fraction=0.1, bits=4, chunk=16, scope="global"), POLICY),
-        (CompressionPolicy(topk_fraction=0.2, bits=4, chunk=16), POLICY),
-        (CompressionPolicy(topk_fraction=1.0, bits=4, chunk=16), POLICY),
+        (
+            CompressionPolicy(topk_fraction=0.1, bits=8, chunk=16),
+            POLICY,
+            "8-bit values, the policy says 4",
+        ),
+        (
+            CompressionPolicy(topk_fraction=0.1, bits=4, chunk=32),
+            POLICY,
+            "chunk 32, the policy says 16",
+        ),
+        (
+            CompressionPolicy(topk_fraction=0.1, bits=4, chunk=16, scope="global"),
+            POLICY,
+            "scope 'global', the policy says 'tensor'",
+        ),
+        # ceil(0.1 * 100) = 10 values of tensor a; 20 and 100 sent.
+        (
+            CompressionPolicy(topk_fraction=0.2, bits=4, chunk=16),
+            POLICY,
+            "tensor 'a' carries 20 values, at most 10",
+        ),
+        (
+            CompressionPolicy(topk_fraction=1.0, bits=4, chunk=16),
+            POLICY,
+            "tensor 'a' carries 100 values, at most 10",
+        ),
+        # Global scope: ceil(0.1 * 110) = 11 values in all; 22 sent.
         (
             CompressionPolicy(topk_fraction=0.2, bits=4, chunk=16, scope="global"),
             CompressionPolicy(topk_fraction=0.1, bits=4, chunk=16, scope="global"),
+            "the update carries 22 values, at most 11",
         ),
     ],
 )
-def test_policy_mismatch(sent: CompressionPolicy, expected: CompressionPolicy) -> None:
+def test_policy_mismatch(sent: CompressionPolicy, expected: CompressionPolicy, detail: str) -> None:
     blob = _update(W, sent)
     decode_update(blob, policy=sent)
     with pytest.raises(WireFormatError) as err:
         decode_update(blob, policy=expected)
-    assert err.value.code == "policy_mismatch"
+    assert (err.value.code, err.value.detail) == ("policy_mismatch", detail)
 
 
 def test_policy_allows_fewer_values_and_global_scope_budget() -> None:
@@ -470,3 +563,84 @@ def test_layout_is_little_endian() -> None:
     assert blob[8:17] == bytes([g | 0x80 for g in groups[:-1]] + groups[-1:])
     assert blob[8:17].hex() == "888e98a8c0e0808101"
     assert VALUE_F32 == 0
+
+
+@pytest.mark.parametrize(
+    ("ids", "message"),
+    [
+        ({"task_id": -1}, "task_id must be in [0, 2**63), got -1"),
+        ({"base_version": 1 << 63}, f"base_version must be in [0, 2**63), got {1 << 63}"),
+        ({"num_examples": 0}, "num_examples must be in [1, 2**63), got 0"),
+        ({"task_id": True}, "task_id must be an integer, got True"),
+        ({"base_version": 1.0}, "base_version must be an integer, got 1.0"),
+        ({"num_examples": "5"}, "num_examples must be an integer, got '5'"),
+    ],
+)
+def test_update_encoder_names_the_bad_id(ids: dict[str, object], message: str) -> None:
+    fields: dict[str, object] = {"task_id": 1, "base_version": 0, "num_examples": 1, **ids}
+    c = compress(W, POLICY, np.random.default_rng(0))
+    with pytest.raises(ValueError) as err:
+        encode_update(c, **fields)  # type: ignore[arg-type]
+    assert str(err.value) == message
+
+
+@pytest.mark.parametrize(
+    ("cut", "field"),
+    [
+        (8, "task_id"),
+        (9, "base_version"),
+        (10, "num_examples"),
+        (11, "bits"),
+        (12, "scope"),
+        (13, "chunk"),
+        (14, "chunk"),  # the second byte of chunk 256's varint
+        (15, "topk_fraction mantissa"),
+        (16, "topk_fraction exponent"),
+        (17, "num_tensors"),
+    ],
+)
+def test_a_header_cut_short_names_the_missing_field(cut: int, field: str) -> None:
+    """The header after the 8-byte prefix: task 7, base 3, examples 11 (one byte each), bits,
+    scope, chunk 256 (two bytes), the fraction's mantissa and exponent, the tensor count."""
+    blob = update_blob(task=7, base=3, examples=11)
+    with pytest.raises(WireFormatError) as err:
+        decode_update(blob[:cut])
+    assert (err.value.code, err.value.detail) == (
+        "truncated",
+        f"{field} needs 1 bytes, only 0 remain",
+    )
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        ({"topk_fraction": 1.5}, "topk_fraction must be in (0, 1], got 1.5"),
+        ({"topk_fraction": "0.5"}, "topk_fraction must be a number, got '0.5'"),
+        ({"bits": 3}, "bits must be one of (1, 2, 4, 8, 32), got 3"),
+        ({"chunk": 0}, "chunk must be between 1 and 1048576, got 0"),
+        ({"scope": "bogus"}, "scope must be 'tensor' or 'global', got 'bogus'"),
+        ({"tensors": ()}, "an update must hold at least one tensor"),
+    ],
+)
+def test_update_encoder_checks_the_codec_and_the_tensors(
+    change: dict[str, object], message: str
+) -> None:
+    c = dataclasses.replace(compress(W, POLICY, np.random.default_rng(0)), **change)
+    with pytest.raises(ValueError) as err:
+        encode_update(c, task_id=1, base_version=0, num_examples=1)
+    assert str(err.value) == message
+
+
+def test_update_encoder_applies_its_limits() -> None:
+    c = compress(W, POLICY, np.random.default_rng(0))
+    with pytest.raises(ValueError) as err:
+        encode_update(c, task_id=1, base_version=0, num_examples=1, limits=Limits(max_tensors=1))
+    assert str(err.value) == "update tensors: model spec has 2 tensors, more than the limit of 1"
+
+
+def test_a_chunk_at_the_limit_is_accepted() -> None:
+    blob = _update(W, POLICY)  # chunk 16
+    assert decode_update(blob, limits=Limits(max_chunk=16)).chunk == 16
+    with pytest.raises(WireFormatError) as err:
+        decode_update(blob, limits=Limits(max_chunk=15))
+    assert (err.value.code, err.value.detail) == ("limit_exceeded", "chunk 16, the limit is 15")

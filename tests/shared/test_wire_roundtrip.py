@@ -234,8 +234,9 @@ def test_add_to_rejects_bad_accumulators_without_adding() -> None:
         )
     )
     acc = {"a": np.zeros(4), "b": np.zeros(4)}
-    with pytest.raises(ValueError, match="'b' has shape"):
+    with pytest.raises(ValueError) as err:
         d.add_to(acc, 1.0)
+    assert str(err.value) == "accumulator for 'b' has shape (4,), need (3,)"
     np.testing.assert_array_equal(acc["a"], 0.0)
     with pytest.raises(ValueError, match="'b' has shape None"):
         d.add_to({"a": np.zeros(4)}, 1.0)
@@ -243,3 +244,23 @@ def test_add_to_rejects_bad_accumulators_without_adding() -> None:
         d.add_to({"a": np.zeros(8)[::2], "b": np.zeros(3)}, 1.0)
     with pytest.raises(ValueError, match="floating"):
         d.add_to({"a": np.zeros(4, np.int64), "b": np.zeros(3)}, 1.0)
+
+
+def _dense_update(w: dict[str, np.ndarray]) -> DecodedUpdate:
+    policy = CompressionPolicy(topk_fraction=1.0, bits=32)
+    c = compress(w, policy, np.random.default_rng(0))
+    return decode_update(encode_update(c, task_id=1, base_version=0, num_examples=1))
+
+
+def test_add_to_forms_the_product_in_the_accumulators_dtype() -> None:
+    """float64 accumulator: weight * value is exact to float64, not rounded to float32 first;
+    a float32 accumulator (a floating dtype too) is accepted and gets the float32 product."""
+    x = np.float32(1.0 + 2.0**-22)
+    d = _dense_update({"a": np.array([x, 3.0], np.float32)})
+    acc = {"a": np.zeros(2, np.float64)}
+    d.add_to(acc, 1.0 / 3.0)
+    assert acc["a"].tolist() == [float(x) * (1.0 / 3.0), 3.0 * (1.0 / 3.0)]
+    assert float(np.float32(float(x) / 3.0)) != float(x) * (1.0 / 3.0)  # float32 would differ
+    acc32 = {"a": np.zeros(2, np.float32)}
+    d.add_to(acc32, 2.0)
+    assert acc32["a"].dtype == np.float32 and acc32["a"].tolist() == [2 * float(x), 6.0]
