@@ -72,7 +72,6 @@ from _fleet_bench import (
     write_json,
 )
 
-from fedge.edge_agent.admin_client import AdminClient
 from fedge.edge_agent.sim.datasets import load_dataset
 from fedge.edge_agent.sim.fleet import Fleet
 from fedge.edge_agent.sim.partition import dirichlet_partition
@@ -267,9 +266,7 @@ def run_one(
     coordinator = start_coordinator(root, (dataset.X_test, dataset.y_test), recheck_s=recheck_s)
     fleet: Fleet | None = None
     try:
-        with AdminClient(
-            coordinator.url, coordinator.admin_key, ca_file=coordinator.ca_file
-        ) as admin:
+        with coordinator.admin() as admin:
             task, fleet, token = task_and_fleet(
                 admin,
                 coordinator,

@@ -103,7 +103,6 @@ from _fleet_bench import (
     write_json,
 )
 
-from fedge.edge_agent.admin_client import AdminClient
 from fedge.edge_agent.data import LocalData
 from fedge.edge_agent.sim.datasets import load_dataset
 from fedge.edge_agent.sim.fleet import Fleet
@@ -283,9 +282,7 @@ def run_one(
     )
     fleet: Fleet | None = None
     try:
-        with AdminClient(
-            coordinator.url, coordinator.admin_key, ca_file=coordinator.ca_file
-        ) as admin:
+        with coordinator.admin() as admin:
             task, fleet, token = task_and_fleet(
                 admin,
                 coordinator,

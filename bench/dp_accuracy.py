@@ -64,7 +64,6 @@ from _fleet_bench import (
 )
 
 from fedge.coordinator.engine.privacy import Ledger
-from fedge.edge_agent.admin_client import AdminClient
 from fedge.edge_agent.sim.datasets import load_dataset
 from fedge.edge_agent.sim.fleet import Fleet
 from fedge.edge_agent.sim.partition import dirichlet_partition
@@ -160,9 +159,7 @@ def run_one(
     coordinator = start_coordinator(root, (dataset.X_test, dataset.y_test))
     fleet: Fleet | None = None
     try:
-        with AdminClient(
-            coordinator.url, coordinator.admin_key, ca_file=coordinator.ca_file
-        ) as admin:
+        with coordinator.admin() as admin:
             body = task_body(arm, seed=seed, rounds=rounds, model=model, privacy=privacy)
             task, fleet, token = task_and_fleet(
                 admin,

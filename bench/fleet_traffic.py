@@ -278,9 +278,7 @@ def run_one(
     try:
         url = f"https://127.0.0.1:{relay.port}"
         probe = tls_probe(relay, url, coordinator.ca_file)
-        with AdminClient(
-            coordinator.url, coordinator.admin_key, ca_file=coordinator.ca_file
-        ) as admin:
+        with coordinator.admin() as admin:
             task, body, download_mode = create_task(
                 admin, arm, seed=seed, rounds=rounds, training=training, aggregation=aggregation
             )

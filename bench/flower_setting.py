@@ -405,9 +405,7 @@ def run_fedge(
     logs = []
     memory: list[float | None] = []
     try:
-        with AdminClient(
-            coordinator.url, coordinator.admin_key, ca_file=coordinator.ca_file
-        ) as admin:
+        with coordinator.admin() as admin:
             try:
                 task = admin.create_task(body)
             except AgentError as exc:

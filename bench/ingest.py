@@ -684,7 +684,7 @@ def run_backend(
     try:
         tls_copy = Path(tempfile.mkdtemp(prefix="fedge-tls-"))
         shutil.copytree(work / "data" / "tls", tls_copy, dirs_exist_ok=True)
-        admin = AdminClient(coord.url, coord.admin_key, ca_file=coord.ca_file, timeout=120)
+        admin = coord.admin(timeout=120)
         n_dev = max(max(p["concurrency"]), p["longpoll_devices"] if with_longpoll else 0)
         t = time.time()
         ids = enroll(coord, admin, keys[:n_dev])

@@ -55,7 +55,6 @@ from _fleet_bench import (
     write_json,
 )
 
-from fedge.edge_agent.admin_client import AdminClient
 from fedge.edge_agent.sim.datasets import load_dataset
 from fedge.edge_agent.sim.fleet import Fleet
 from fedge.edge_agent.sim.local_coordinator import start_local_coordinator
@@ -120,9 +119,7 @@ def run_one(arm: str, n: int, seed: int, work: Path) -> dict[str, Any]:
     fleet: Fleet | None = None
     load = os.getloadavg()
     try:
-        with AdminClient(
-            coordinator.url, coordinator.admin_key, ca_file=coordinator.ca_file
-        ) as admin:
+        with coordinator.admin() as admin:
             task, fleet, token = task_and_fleet(
                 admin,
                 coordinator,

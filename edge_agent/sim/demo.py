@@ -243,9 +243,7 @@ def run_demo(options: DemoOptions) -> dict[str, Any]:
         fleet: Fleet | None = None
         try:
             print(f"coordinator at {coordinator.url} (TLS, private CA)", file=sys.stderr)
-            with AdminClient(
-                coordinator.url, coordinator.admin_key, ca_file=coordinator.ca_file
-            ) as admin:
+            with coordinator.admin() as admin:
                 task = admin.create_task(body)
                 token = admin.create_enrollment_token(
                     label="demo fleet", max_uses=options.devices, expires_in_s=3600

@@ -19,10 +19,11 @@ import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import IO
+from typing import IO, Any
 
 import httpx
 
+from fedge.edge_agent.admin_client import AdminClient
 from fedge.edge_agent.transport import verify_setting
 
 _KEY_LINE = re.compile(r"^\s{2,}(\S{16,})\s*$")
@@ -73,6 +74,11 @@ class LocalCoordinator:
 
     def running(self) -> bool:
         return self.process.poll() is None
+
+    def admin(self, **kwargs: Any) -> AdminClient:
+        """An admin API client for this coordinator (its URL, admin key and CA);
+        ``kwargs`` go to :class:`~fedge.edge_agent.admin_client.AdminClient`."""
+        return AdminClient(self.url, self.admin_key, ca_file=self.ca_file, **kwargs)
 
     def stop(self, *, timeout: float = 20.0) -> int:
         """SIGTERM, wait for a clean exit (SIGKILL after ``timeout``); the exit status."""
