@@ -297,6 +297,27 @@ def open_sync_round(
     return rnd, assigned
 
 
+def _outside_round(
+    session: Session,
+    task: Task,
+    rnd: Round,
+    cfg: AggregationConfig,
+    *,
+    now: datetime,
+    liveness: Liveness,
+) -> list[Candidate]:
+    """The eligible devices that are not and were not in ``rnd``: who may take a place freed
+    in an open round (in name order under ``selection_seed``)."""
+    return _eligible(
+        session,
+        task,
+        now=now,
+        liveness=liveness,
+        not_in_round=rnd.id,
+        by_name=cfg.selection_seed is not None,
+    )
+
+
 def settle_declines(
     session: Session,
     task: Task,
@@ -337,14 +358,7 @@ def settle_declines(
     wanted = min(cfg.num_selected - placed, declined)
     woken: list[str] = []
     if wanted > 0:
-        candidates = _eligible(
-            session,
-            task,
-            now=now,
-            liveness=liveness,
-            not_in_round=rnd.id,
-            by_name=cfg.selection_seed is not None,
-        )
+        candidates = _outside_round(session, task, rnd, cfg, now=now, liveness=liveness)
         rng = selection_rng(task, cfg, rnd.number, declined)
         chosen = _lock_idle_devices(session, choose(candidates, wanted, rng))
         if chosen and rnd.deadline_at is not None:
@@ -434,14 +448,7 @@ def replace_missed(
             missed.append((expected, assignment))
     if not missed:
         return []
-    candidates = _eligible(
-        session,
-        task,
-        now=now,
-        liveness=liveness,
-        not_in_round=rnd.id,
-        by_name=cfg.selection_seed is not None,
-    )
+    candidates = _outside_round(session, task, rnd, cfg, now=now, liveness=liveness)
     rng = selection_rng(task, cfg, rnd.number, rnd.num_assigned, len(missed))
     picked = choose_paced(candidates, len(missed), rng, now=now, period=period, window=window)
     seen_at = {c.device_id: c.last_seen for c in candidates}
