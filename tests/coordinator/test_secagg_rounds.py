@@ -72,6 +72,16 @@ def known_delta(seed: int, spec: ModelSpec, round_number: int) -> Weights:
     return {t.name: rng.uniform(-0.3, 0.3, size=t.shape).astype(np.float32) for t in spec.tensors}
 
 
+def device_delta(seed: int, spec: ModelSpec, base: Weights) -> Weights:
+    """What the agent quantizes: ``local - base`` in float32, where ``local`` is
+    ``float32(base + known_delta)``: not ``known_delta`` itself (rounded by the addition), and
+    the stochastic rounding can move by a grid step with it."""
+    delta = known_delta(seed, spec, 1)
+    return {
+        name: (base[name] + delta[name]).astype(np.float32) - base[name] for name in delta
+    }
+
+
 class KnownTrainer:
     """Returns ``base + known_delta``: the test knows every device's update."""
 
@@ -241,7 +251,7 @@ def expected_model(
     for m in survivors:
         seed = fleet.seeds[fleet.device_ids.index(m.device_id)]
         rng = np.random.default_rng([seed, m.assignment_id, 2])  # the device's rounding
-        delta = flatten(known_delta(seed, spec, 1), spec)
+        delta = flatten(device_delta(seed, spec, w0), spec)
         q, _ = quantized_input(cfg, delta, np.zeros(cfg.size, np.float32), rng)
         total += q.view(np.int32).astype(np.int64)
     mean = np.zeros(cfg.size, dtype=np.float64)
