@@ -78,7 +78,16 @@ from typing import TYPE_CHECKING, Any
 
 from fastapi import Request
 from fastapi.concurrency import run_in_threadpool
-from sqlalchemy import Connection, Insert, Update, bindparam, delete, select, update
+from sqlalchemy import (
+    BindParameter,
+    Connection,
+    Insert,
+    Update,
+    bindparam,
+    delete,
+    select,
+    update,
+)
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session
 
@@ -170,16 +179,18 @@ BODYLESS_ROW_TTL_S = 3600.0
 
 def _nonce_statement(dialect: str) -> Insert:
     """``INSERT ... ON CONFLICT DO UPDATE ... WHERE expires_at < now RETURNING nonce`` with
-    bound parameters ``p_device``, ``p_nonce``, ``p_expires`` and ``p_now`` (built once)."""
+    bound parameters ``p_device``, ``p_nonce``, ``p_expires`` and ``p_now`` (built once; the
+    parameters take the type of the column they are assigned to or compared with, so
+    datetimes go through ``UTCDateTime``)."""
     stmt = _NONCE_STATEMENTS.get(dialect)
     if stmt is not None:
         return stmt
-    values = {
+    values: dict[str, BindParameter[Any]] = {
         "device_id": bindparam("p_device"),
         "nonce": bindparam("p_nonce"),
-        "expires_at": bindparam("p_expires", type_=UsedNonce.__table__.c.expires_at.type),
+        "expires_at": bindparam("p_expires"),
     }
-    now = bindparam("p_now", type_=UsedNonce.__table__.c.expires_at.type)
+    now: BindParameter[datetime] = bindparam("p_now")
     if dialect == "postgresql":
         pg = postgresql.insert(UsedNonce).values(values)
         stmt = pg.on_conflict_do_update(
@@ -222,11 +233,13 @@ def _insert_nonce(
 class DeviceAuthenticator:
     """Per-process state of device verification: the rate limiter, the prune clock and a
     cache of parsed public keys (keyed by the stored base64 text, so a changed row is
-    parsed again)."""
+    parsed again). ``clock`` (monotonic seconds) drives the limiter, the row cache's ages and
+    the prune interval."""
 
-    def __init__(self, runtime: Runtime) -> None:
+    def __init__(self, runtime: Runtime, *, clock: Callable[[], float] = time.monotonic) -> None:
         self.runtime = runtime
-        self.limiter = RateLimiter(runtime.settings.device_rate_per_minute)
+        self.limiter = RateLimiter(runtime.settings.device_rate_per_minute, clock=clock)
+        self._clock = clock
         self._last_prune = -math.inf
         self._prune_lock = threading.Lock()
         self._keys: dict[str, Ed25519PublicKey] = {}
@@ -239,7 +252,7 @@ class DeviceAuthenticator:
         found = self._rows.get(device_id)
         if found is None:
             return None
-        age = time.monotonic() - found[1]
+        age = self._clock() - found[1]
         if age >= BODYLESS_ROW_TTL_S:
             self._rows.pop(device_id, None)
             return None
@@ -253,7 +266,7 @@ class DeviceAuthenticator:
             return
         if len(self._rows) >= KEY_CACHE_SIZE:
             self._rows.clear()
-        self._rows[row.id] = (row, time.monotonic())
+        self._rows[row.id] = (row, self._clock())
 
     def forget(self, device_id: str) -> None:
         """Drop a device's row (revoked through this process: refused at step 2 at once)."""
@@ -269,7 +282,7 @@ class DeviceAuthenticator:
         return key
 
     def _prune_due(self) -> bool:
-        now = time.monotonic()
+        now = self._clock()
         with self._prune_lock:
             if now - self._last_prune < NONCE_PRUNE_INTERVAL_S:
                 return False
@@ -353,7 +366,7 @@ def _touch_statement(count: str | None, seen: bool) -> Update:
     if stmt is None:
         values: dict[str, Any] = {}
         if seen:
-            values["last_seen_at"] = bindparam("p_seen", type_=Device.__table__.c.last_seen_at.type)
+            values["last_seen_at"] = bindparam("p_seen")
         if count is not None:
             values[count] = getattr(Device, count) + 1
         stmt = (

@@ -77,9 +77,7 @@ def device_delta(seed: int, spec: ModelSpec, base: Weights) -> Weights:
     ``float32(base + known_delta)``: not ``known_delta`` itself (rounded by the addition), and
     the stochastic rounding can move by a grid step with it."""
     delta = known_delta(seed, spec, 1)
-    return {
-        name: (base[name] + delta[name]).astype(np.float32) - base[name] for name in delta
-    }
+    return {name: (base[name] + delta[name]).astype(np.float32) - base[name] for name in delta}
 
 
 class KnownTrainer:

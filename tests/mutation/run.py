@@ -100,11 +100,14 @@ def load_modules() -> list[Module]:
     ]
 
 
-def load_equivalents() -> dict[str, dict[str, str]]:
-    """``{module path: {stable key: reason}}``."""
+def load_equivalents(backend: str) -> dict[str, dict[str, str]]:
+    """``{module path: {stable key: reason}}`` of the entries for ``backend``: those without a
+    ``backend`` field hold on every backend, the others on theirs only."""
     data = tomllib.loads((HERE / "equivalent.toml").read_text())
     out: dict[str, dict[str, str]] = {}
     for entry in data.get("equivalent", []):
+        if entry.get("backend", backend) != backend:
+            continue
         out.setdefault(entry["module"], {})[entry["mutant"]] = entry["reason"]
     return out
 
@@ -315,7 +318,6 @@ def main(argv: list[str] | None = None) -> int:
         if not modules:
             print(f"no module under mutation testing changed since {args.changed_since}")
             return 0
-    equivalents = load_equivalents()
     deadline = None if args.budget is None else time.monotonic() + args.budget
     outcomes: list[Outcome] = []
     complete = True
@@ -338,7 +340,8 @@ def main(argv: list[str] | None = None) -> int:
                 else:
                     where = stage(module, backend)
                     complete &= run_mutmut(where, backend, args.workers, deadline)
-            outcome = collect(module, backend, where, equivalents.get(module.path, {}))
+            equivalents = load_equivalents(backend).get(module.path, {})
+            outcome = collect(module, backend, where, equivalents)
             outcome.seconds = time.monotonic() - start
             outcomes.append(outcome)
             print(
