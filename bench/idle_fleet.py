@@ -76,6 +76,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from bench._fleet_bench import code_state  # noqa: E402
 from bench.ingest import machine_info, proc_cpu_s  # noqa: E402
 from fedge.coordinator.engine.pace import period_s  # noqa: E402
 from fedge.coordinator.engine.rotation import next_checkin  # noqa: E402
@@ -906,7 +907,8 @@ def main() -> None:
 
         args.data_dir = tempfile.mkdtemp(prefix="fedge-idle-fleet-")
     os.makedirs(RESULTS, exist_ok=True)
-    result = run(args)
+    state = code_state()  # before the run: what was measured
+    result = {**state, **run(args)}
     Path(args.out).write_text(json.dumps(result, indent=2, default=str) + "\n")
     print(json.dumps({k: v for k, v in result.items() if k != "rounds"}, indent=2, default=str))
     print(json.dumps({k: v for k, v in result["rounds"].items() if k != "detail"}, indent=2))
