@@ -1,20 +1,25 @@
 """Parts of an aggregation (fedge.coordinator.engine.apply) on real rows and blobs, both
 backends: the per-device clip counts a commit adds, and the compressed broadcast a
-computation stores (reproducible for a retried aggregation, its sizes those of the blobs)."""
+computation stores (reproducible for a retried aggregation, its sizes those of the blobs), and a
+secure round's plan and model (its unmasked sum, none of the uploads)."""
 
 from __future__ import annotations
 
 import dataclasses
 from types import SimpleNamespace
 
+import numpy as np
 from sqlalchemy import insert, select, update
 
 from fedge.coordinator.db import session_scope, utcnow
-from fedge.coordinator.engine import apply
-from fedge.coordinator.models import Device
+from fedge.coordinator.engine import apply, rounds, secure
+from fedge.coordinator.engine.config import AggregationConfig
+from fedge.coordinator.engine.modelio import load_weights
+from fedge.coordinator.models import Device, SecAggRound, Task
 from fedge.coordinator.runtime import Runtime
 from fedge.shared.policy import CompressionPolicy
-from tests.coordinator.test_apply_guards import _computed
+from fedge.shared.secagg import flatten
+from tests.coordinator.test_apply_guards import _computed, _task_with_uploads
 from tests.support.rounds import EXACT
 
 
@@ -81,3 +86,79 @@ def test_a_recomputed_broadcast_is_the_same_blobs(runtime: Runtime) -> None:
     assert first.size == len(runtime.blobs.get(first.digest))
     assert first.delta_size == len(runtime.blobs.get(first.delta_digest))
     assert first.delta_size < first.size  # a tenth of the values, 8 bits each
+
+
+SECURE = {"bound": 0.5, "grid_bits": 16, "planned_dropout": 0.34}
+
+
+def _secure_round(runtime: Runtime, task_id: int, total: np.ndarray | None) -> None:
+    """The task's active round as a secure one: its row, unmasked with ``total`` of three
+    inputs (None: not unmasked yet)."""
+    with session_scope(runtime.sessions) as session:
+        task = session.get(Task, task_id)
+        rnd = rounds.active_round(session, task_id)
+        assert task is not None and rnd is not None
+        size, k = secure.support_size(task)
+        session.add(
+            SecAggRound(
+                round_id=rnd.id,
+                task_id=task_id,
+                seed=b"\x07" * 32,
+                cohort=3,
+                degree=2,
+                threshold=2,
+                size=size,
+                k=k,
+                grid_bound=SECURE["bound"],
+                grid_bits=SECURE["grid_bits"],
+                support_kind="random",
+                support_version=0,
+                phase="done" if total is not None else "masked",
+                phase_deadline_at=utcnow(),
+                result_sum=None if total is None else total.astype("<u4").tobytes(),
+                num_included=None if total is None else 3,
+            )
+        )
+
+
+def _secure_plan(runtime: Runtime, task_id: int) -> apply.Plan | None:
+    with session_scope(runtime.sessions) as session:
+        task = session.get(Task, task_id)
+        rnd = rounds.active_round(session, task_id)
+        assert task is not None and rnd is not None
+        cfg = AggregationConfig.from_dict(
+            {**task.aggregation, "secure": SECURE, "weighting": "equal", "min_updates": 2}
+        )
+        return apply.plan_aggregation(session, task, rnd, cfg)
+
+
+def test_a_secure_round_applies_its_unmasked_sum_and_nothing_else(runtime: Runtime) -> None:
+    """The plan of a secure round holds its stored sum, none of the uploads; the new model is
+    ``float32(w0 + sum * step / count)`` on the round's support, ``w0`` elsewhere, bit for bit.
+    Before the sum is stored there is nothing to plan."""
+    task_id, _ = _task_with_uploads(runtime, np.random.default_rng(8), seed=4)
+    with session_scope(runtime.sessions) as session:
+        task = session.get(Task, task_id)
+        assert task is not None
+        size, k = secure.support_size(task)
+    signed = np.random.default_rng(9).integers(-3000, 3000, size=k)
+    _secure_round(runtime, task_id, None)
+    assert _secure_plan(runtime, task_id) is None
+    with session_scope(runtime.sessions) as session:
+        session.execute(
+            update(SecAggRound).values(
+                phase="done", result_sum=signed.astype("<u4").tobytes(), num_included=3
+            )
+        )
+    plan = _secure_plan(runtime, task_id)
+    assert plan is not None and plan.items == () and plan.secure_sum is not None
+    assert plan.secure_sum.count == 3
+    result = apply.compute(plan, runtime.blobs, hook=None)
+    assert (result.norms, result.scales, result.num_rejected) == ((), (), None)
+    w0 = load_weights(runtime.blobs, plan.base_digest, plan.spec)
+    got = load_weights(runtime.blobs, result.model_digest, plan.spec)
+    cfg = plan.secure_sum.config
+    mean = np.zeros(size)
+    mean[cfg.support] = signed * (cfg.grid.step / 3)
+    want = (flatten(w0, plan.spec).astype(np.float64) + mean).astype(np.float32)
+    np.testing.assert_array_equal(flatten(got, plan.spec), want)
