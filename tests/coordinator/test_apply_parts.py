@@ -9,18 +9,22 @@ import dataclasses
 from types import SimpleNamespace
 
 import numpy as np
+import pytest
 from sqlalchemy import insert, select, update
 
 from fedge.coordinator.db import session_scope, utcnow
 from fedge.coordinator.engine import apply, rounds, secure
+from fedge.coordinator.engine.aggregate import BadStoredUpdate
 from fedge.coordinator.engine.config import AggregationConfig
 from fedge.coordinator.engine.modelio import load_weights
 from fedge.coordinator.models import Device, SecAggRound, Task
 from fedge.coordinator.runtime import Runtime
+from fedge.shared.limits import Limits
 from fedge.shared.policy import CompressionPolicy
 from fedge.shared.secagg import flatten
 from tests.coordinator.test_apply_guards import _computed, _task_with_uploads
-from tests.support.rounds import EXACT
+from tests.support.engine import first_round_with_uploads
+from tests.support.rounds import EXACT, SMALL_MODEL
 
 
 def _devices(runtime: Runtime, counters: dict[str, int | None]) -> None:
@@ -162,3 +166,44 @@ def test_a_secure_round_applies_its_unmasked_sum_and_nothing_else(runtime: Runti
     mean[cfg.support] = signed * (cfg.grid.step / 3)
     want = (flatten(w0, plan.spec).astype(np.float64) + mean).astype(np.float32)
     np.testing.assert_array_equal(flatten(got, plan.spec), want)
+
+
+def test_stored_updates_are_decoded_under_the_given_limits(runtime: Runtime) -> None:
+    """A computation under tighter decoding limits than the defaults applies them to every
+    stored update (not the decoded cache, filled under the defaults)."""
+    _, plan, _ = _computed(runtime, 11, seed=6)
+    with pytest.raises(BadStoredUpdate) as err:
+        apply.compute(plan, runtime.blobs, hook=None, limits=Limits(max_total_elements=14))
+    assert err.value.index == 0
+    assert "exceed" in err.value.detail and "14" in err.value.detail
+    assert apply.compute(plan, runtime.blobs, hook=None, limits=Limits(max_total_elements=15))
+
+
+def test_an_update_blob_of_another_model_fails_the_computation(runtime: Runtime) -> None:
+    """An update row naming a blob of another task's model (a corrupted row) fails the
+    computation naming the blob; it is never added under this task's shapes."""
+    _, plan, _ = _computed(runtime, 12, seed=7)
+    _, other, _ = _computed_with(runtime, {**SMALL_MODEL, "input_dim": 5, "seed": 8})
+    wrong = dataclasses.replace(plan.items[1], digest=other.items[0].digest)
+    with pytest.raises(BadStoredUpdate) as err:
+        apply.compute(
+            dataclasses.replace(plan, items=(plan.items[0], wrong)), runtime.blobs, hook=None
+        )
+    assert err.value.index == 1 and err.value.digest == wrong.digest
+
+
+def _computed_with(
+    runtime: Runtime, model: dict[str, object]
+) -> tuple[int, apply.Plan, apply.Result]:
+    task_id, _ = first_round_with_uploads(
+        runtime, np.random.default_rng(13), n=2, model=model, prefix="other-"
+    )
+    with session_scope(runtime.sessions) as session:
+        task = session.get(Task, task_id)
+        rnd = rounds.active_round(session, task_id)
+        assert task is not None and rnd is not None
+        plan = apply.plan_aggregation(
+            session, task, rnd, AggregationConfig.from_dict(task.aggregation)
+        )
+    assert plan is not None
+    return task_id, plan, apply.compute(plan, runtime.blobs, hook=None)
