@@ -17,12 +17,12 @@ from fedge.coordinator.engine import apply, rounds, secure
 from fedge.coordinator.engine.aggregate import BadStoredUpdate
 from fedge.coordinator.engine.config import AggregationConfig
 from fedge.coordinator.engine.modelio import load_weights
-from fedge.coordinator.models import Device, SecAggRound, Task
+from fedge.coordinator.models import Device, ModelVersion, SecAggRound, Task, Update
 from fedge.coordinator.runtime import Runtime
 from fedge.shared.limits import Limits
 from fedge.shared.policy import CompressionPolicy
 from fedge.shared.secagg import flatten
-from tests.coordinator.test_apply_guards import _computed, _task_with_uploads
+from tests.coordinator.test_apply_guards import _commit, _computed, _task_with_uploads
 from tests.support.engine import first_round_with_uploads
 from tests.support.rounds import EXACT, SMALL_MODEL
 
@@ -207,3 +207,51 @@ def _computed_with(
         )
     assert plan is not None
     return task_id, plan, apply.compute(plan, runtime.blobs, hook=None)
+
+
+def test_a_commit_stores_the_weights_used_and_the_versions_device_metrics(
+    runtime: Runtime,
+) -> None:
+    """Each applied update keeps the weight it entered the mean with (its examples clipped to
+    a multiple of the cohort's median, which its weight at upload did not know), and the new
+    version carries the device metrics of exactly its updates (``train_loss`` weighted by the
+    counted examples)."""
+    counts = [10, 20, 5000]
+    task_id, uploaded = first_round_with_uploads(
+        runtime,
+        np.random.default_rng(14),
+        n=3,
+        aggregation={"num_rounds": 3},
+        num_examples=lambda i: counts[i],
+        prefix="m-",
+    )
+    losses = {u.update_id: 0.5 + i for i, u in enumerate(uploaded)}
+    with session_scope(runtime.sessions) as session:
+        for update_id, loss in losses.items():
+            session.execute(
+                update(Update).where(Update.id == update_id).values(metrics={"train_loss": loss})
+            )
+        before = {i: w for i, w in session.execute(select(Update.id, Update.weight))}
+    with session_scope(runtime.sessions) as session:
+        task = session.get(Task, task_id)
+        rnd = rounds.active_round(session, task_id)
+        assert task is not None and rnd is not None
+        plan = apply.plan_aggregation(
+            session, task, rnd, AggregationConfig.from_dict(task.aggregation)
+        )
+    assert plan is not None
+    _commit(runtime, plan, apply.compute(plan, runtime.blobs, hook=None))
+    with session_scope(runtime.sessions, read_only=True) as session:
+        after = {i: w for i, w in session.execute(select(Update.id, Update.weight))}
+        counted = {i: n for i, n in session.execute(select(Update.id, Update.num_examples_counted))}
+        version = session.scalar(
+            select(ModelVersion).where(ModelVersion.task_id == task_id, ModelVersion.version == 1)
+        )
+        assert version is not None
+        metrics = dict(version.metrics)
+    assert after == {i.update_id: i.weight for i in plan.items}
+    assert after != before  # the largest claim was clipped at aggregation
+    total = sum(counted[i] for i in losses)
+    want = sum(losses[i] * counted[i] for i in losses) / total
+    assert metrics["train_loss"] == pytest.approx(want, rel=1e-12)
+    assert metrics["train_examples"] == total
