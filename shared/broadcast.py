@@ -80,10 +80,15 @@ def make_delta(
     rebuilds (computed by decoding the encoded bytes, exactly as a device does)."""
     if policy.is_dense:
         raise ValueError("a dense download policy sends full models, not deltas")
-    diff = {
-        t.name: as_float32(t.name, true[t.name]) - as_float32(t.name, broadcast[t.name])
-        for t in spec.tensors
-    }
+    with np.errstate(over="ignore", invalid="ignore"):  # checked just below
+        diff = {
+            t.name: as_float32(t.name, true[t.name]) - as_float32(t.name, broadcast[t.name])
+            for t in spec.tensors
+        }
+    if not all(np.isfinite(a).all() for a in diff.values()):
+        raise ValueError(
+            f"the step from the broadcast model to version {to_version} overflows float32"
+        )
     compressed = compress(diff, policy.codec(), rng)
     data = encode_delta(
         compressed, task_id=task_id, from_version=from_version, to_version=to_version

@@ -16,12 +16,13 @@ from fedge.coordinator.db import session_scope, utcnow
 from fedge.coordinator.engine import apply, rounds, secure
 from fedge.coordinator.engine.aggregate import BadStoredUpdate
 from fedge.coordinator.engine.config import AggregationConfig
-from fedge.coordinator.engine.modelio import load_weights
+from fedge.coordinator.engine.modelio import load_weights, store_weights
 from fedge.coordinator.models import Device, ModelVersion, SecAggRound, Task, Update
 from fedge.coordinator.runtime import Runtime
 from fedge.shared.limits import Limits
 from fedge.shared.policy import CompressionPolicy
 from fedge.shared.secagg import flatten
+from fedge.shared.wire import WireFormatError
 from tests.coordinator.test_apply_guards import _commit, _computed, _task_with_uploads
 from tests.support.engine import first_round_with_uploads
 from tests.support.rounds import EXACT, SMALL_MODEL
@@ -255,3 +256,34 @@ def test_a_commit_stores_the_weights_used_and_the_versions_device_metrics(
     want = sum(losses[i] * counted[i] for i in losses) / total
     assert metrics["train_loss"] == pytest.approx(want, rel=1e-12)
     assert metrics["train_examples"] == total
+
+
+def _lossy(plan: apply.Plan, **changes: object) -> apply.Plan:
+    policy = CompressionPolicy.from_dict(
+        {**EXACT, "download": {"topk_fraction": 0.1, "bits": 8, "chunk": 64}}
+    )
+    return dataclasses.replace(plan, policy=policy, **changes)
+
+
+def test_a_broadcast_that_cannot_be_made_fails_the_computation(runtime: Runtime) -> None:
+    """The step from a broadcast model at -3e38 to a new model near +3e38 overflows float32:
+    the computation fails naming the version (a clean failure, not an infinite delta), and a
+    broadcast model of another shape is refused as such before any delta is made."""
+    _, plan, _ = _computed(runtime, 15, seed=9)
+    w0 = load_weights(runtime.blobs, plan.base_digest, plan.spec)
+    high, _ = store_weights(runtime.blobs, {n: np.full_like(w, 3e38) for n, w in w0.items()})
+    low, _ = store_weights(runtime.blobs, {n: np.full_like(w, -3e38) for n, w in w0.items()})
+    with pytest.raises(apply.AggregationFailed) as err:
+        apply.compute(
+            _lossy(plan, base_digest=high, base_broadcast_digest=low), runtime.blobs, hook=None
+        )
+    assert str(err.value) == (
+        "the broadcast delta to version 1 cannot be made: the step from the broadcast model to "
+        "version 1 overflows float32"
+    )
+    _, other, _ = _computed_with(runtime, {**SMALL_MODEL, "input_dim": 5, "seed": 10})
+    with pytest.raises(WireFormatError) as wrong:
+        apply.compute(
+            _lossy(plan, base_broadcast_digest=other.base_digest), runtime.blobs, hook=None
+        )
+    assert wrong.value.code == "shape_mismatch"

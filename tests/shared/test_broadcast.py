@@ -189,3 +189,35 @@ def test_download_policy_validation() -> None:
             from_version=0,
             to_version=1,
         )
+
+
+def test_a_step_that_overflows_float32_is_refused() -> None:
+    """Models at opposite ends of float32's range: their difference is not a float32, and
+    make_delta says so instead of compressing infinities."""
+    spec, w = _start()
+    high = {k: np.full_like(a, 3e38) for k, a in w.items()}
+    low = {k: np.full_like(a, -3e38) for k, a in w.items()}
+    with pytest.raises(ValueError) as err:
+        make_delta(
+            high,
+            low,
+            POLICY,
+            np.random.default_rng(0),
+            spec=spec,
+            task_id=1,
+            from_version=4,
+            to_version=5,
+        )
+    assert str(err.value) == "the step from the broadcast model to version 5 overflows float32"
+    # A step of zero at the top of the range is made: nothing overflows.
+    data, rebuilt = make_delta(
+        high,
+        high,
+        POLICY,
+        np.random.default_rng(0),
+        spec=spec,
+        task_id=1,
+        from_version=4,
+        to_version=5,
+    )
+    assert all(np.isfinite(a).all() for a in rebuilt.values()) and data
