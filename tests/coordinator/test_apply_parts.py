@@ -15,7 +15,6 @@ from sqlalchemy import insert, select, update
 from fedge.coordinator.db import session_scope, utcnow
 from fedge.coordinator.engine import apply, rounds, secure
 from fedge.coordinator.engine.aggregate import BadStoredUpdate
-from fedge.coordinator.engine.config import AggregationConfig
 from fedge.coordinator.engine.modelio import load_weights, store_weights
 from fedge.coordinator.models import Device, ModelVersion, SecAggRound, Task, Update
 from fedge.coordinator.runtime import Runtime
@@ -23,7 +22,7 @@ from fedge.shared.limits import Limits
 from fedge.shared.policy import CompressionPolicy
 from fedge.shared.secagg import flatten
 from fedge.shared.wire import WireFormatError
-from tests.coordinator.test_apply_guards import _commit, _computed, _task_with_uploads
+from tests.coordinator.test_apply_guards import _commit, _computed, _plan, _task_with_uploads
 from tests.support.engine import first_round_with_uploads
 from tests.support.rounds import EXACT, SMALL_MODEL
 
@@ -127,14 +126,7 @@ def _secure_round(runtime: Runtime, task_id: int, total: np.ndarray | None) -> N
 
 
 def _secure_plan(runtime: Runtime, task_id: int) -> apply.Plan | None:
-    with session_scope(runtime.sessions) as session:
-        task = session.get(Task, task_id)
-        rnd = rounds.active_round(session, task_id)
-        assert task is not None and rnd is not None
-        cfg = AggregationConfig.from_dict(
-            {**task.aggregation, "secure": SECURE, "weighting": "equal", "min_updates": 2}
-        )
-        return apply.plan_aggregation(session, task, rnd, cfg)
+    return _plan(runtime, task_id, secure=SECURE, weighting="equal", min_updates=2)
 
 
 def test_a_secure_round_applies_its_unmasked_sum_and_nothing_else(runtime: Runtime) -> None:
@@ -167,6 +159,19 @@ def test_a_secure_round_applies_its_unmasked_sum_and_nothing_else(runtime: Runti
     mean[cfg.support] = signed * (cfg.grid.step / 3)
     want = (flatten(w0, plan.spec).astype(np.float64) + mean).astype(np.float32)
     np.testing.assert_array_equal(flatten(got, plan.spec), want)
+    _commit(runtime, plan, result)
+    assert _version_metrics(runtime, task_id, 1)["secagg_included"] == 3.0
+
+
+def _version_metrics(runtime: Runtime, task_id: int, version: int) -> dict[str, float]:
+    with session_scope(runtime.sessions, read_only=True) as session:
+        row = session.scalar(
+            select(ModelVersion).where(
+                ModelVersion.task_id == task_id, ModelVersion.version == version
+            )
+        )
+        assert row is not None
+        return dict(row.metrics)
 
 
 def test_stored_updates_are_decoded_under_the_given_limits(runtime: Runtime) -> None:
@@ -199,13 +204,7 @@ def _computed_with(
     task_id, _ = first_round_with_uploads(
         runtime, np.random.default_rng(13), n=2, model=model, prefix="other-"
     )
-    with session_scope(runtime.sessions) as session:
-        task = session.get(Task, task_id)
-        rnd = rounds.active_round(session, task_id)
-        assert task is not None and rnd is not None
-        plan = apply.plan_aggregation(
-            session, task, rnd, AggregationConfig.from_dict(task.aggregation)
-        )
+    plan = _plan(runtime, task_id)
     assert plan is not None
     return task_id, plan, apply.compute(plan, runtime.blobs, hook=None)
 
@@ -222,7 +221,8 @@ def test_a_commit_stores_the_weights_used_and_the_versions_device_metrics(
         runtime,
         np.random.default_rng(14),
         n=3,
-        aggregation={"num_rounds": 3},
+        # A bound every update exceeds: each enters clipped, and the version counts them.
+        aggregation={"num_rounds": 3, "norm_bound": {"max_norm": 1e-3}},
         num_examples=lambda i: counts[i],
         prefix="m-",
     )
@@ -233,29 +233,20 @@ def test_a_commit_stores_the_weights_used_and_the_versions_device_metrics(
                 update(Update).where(Update.id == update_id).values(metrics={"train_loss": loss})
             )
         before = {i: w for i, w in session.execute(select(Update.id, Update.weight))}
-    with session_scope(runtime.sessions) as session:
-        task = session.get(Task, task_id)
-        rnd = rounds.active_round(session, task_id)
-        assert task is not None and rnd is not None
-        plan = apply.plan_aggregation(
-            session, task, rnd, AggregationConfig.from_dict(task.aggregation)
-        )
+    plan = _plan(runtime, task_id)
     assert plan is not None
     _commit(runtime, plan, apply.compute(plan, runtime.blobs, hook=None))
     with session_scope(runtime.sessions, read_only=True) as session:
         after = {i: w for i, w in session.execute(select(Update.id, Update.weight))}
         counted = {i: n for i, n in session.execute(select(Update.id, Update.num_examples_counted))}
-        version = session.scalar(
-            select(ModelVersion).where(ModelVersion.task_id == task_id, ModelVersion.version == 1)
-        )
-        assert version is not None
-        metrics = dict(version.metrics)
+    metrics = _version_metrics(runtime, task_id, 1)
     assert after == {i.update_id: i.weight for i in plan.items}
     assert after != before  # the largest claim was clipped at aggregation
     total = sum(counted[i] for i in losses)
     want = sum(losses[i] * counted[i] for i in losses) / total
     assert metrics["train_loss"] == pytest.approx(want, rel=1e-12)
     assert metrics["train_examples"] == total
+    assert metrics["num_clipped"] == 3.0
 
 
 def _lossy(plan: apply.Plan, **changes: object) -> apply.Plan:
