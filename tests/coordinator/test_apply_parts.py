@@ -278,3 +278,13 @@ def test_a_broadcast_that_cannot_be_made_fails_the_computation(runtime: Runtime)
             _lossy(plan, base_broadcast_digest=other.base_digest), runtime.blobs, hook=None
         )
     assert wrong.value.code == "shape_mismatch"
+
+
+def test_stored_updates_are_decoded_under_the_plans_policy(runtime: Runtime) -> None:
+    """An update stored under another compression policy than the plan's (the task's
+    compression was changed after it was accepted) fails the computation, naming the blob."""
+    _, plan, _ = _computed(runtime, 16, seed=11)
+    other = CompressionPolicy.from_dict({**EXACT, "bits": 8})
+    with pytest.raises(BadStoredUpdate) as err:
+        apply.compute(dataclasses.replace(plan, policy=other), runtime.blobs, hook=None)
+    assert err.value.index == 0 and "policy" in err.value.detail
