@@ -247,6 +247,7 @@ def test_a_commit_stores_the_weights_used_and_the_versions_device_metrics(
     assert metrics["train_loss"] == pytest.approx(want, rel=1e-12)
     assert metrics["train_examples"] == total
     assert metrics["num_clipped"] == 3.0
+    assert "num_rejected" not in metrics  # the mean keeps every update: nothing to say
 
 
 def _lossy(plan: apply.Plan, **changes: object) -> apply.Plan:
@@ -288,3 +289,27 @@ def test_stored_updates_are_decoded_under_the_plans_policy(runtime: Runtime) -> 
     with pytest.raises(BadStoredUpdate) as err:
         apply.compute(dataclasses.replace(plan, policy=other), runtime.blobs, hook=None)
     assert err.value.index == 0 and "policy" in err.value.detail
+
+
+def test_a_multi_krum_commit_counts_the_updates_it_left_out(runtime: Runtime) -> None:
+    """Five updates, f = 1, m = 3: the version says two were left out. (Other rules keep
+    every update and say nothing of it: see the bound test above.)"""
+    task_id, _ = first_round_with_uploads(
+        runtime,
+        np.random.default_rng(17),
+        n=5,
+        aggregation={
+            "num_rounds": 3,
+            "min_updates": 5,
+            "robust": "multi_krum",
+            "krum_byzantine": 1,
+            "krum_select": 3,
+        },
+        prefix="k-",
+    )
+    plan = _plan(runtime, task_id)
+    assert plan is not None
+    result = apply.compute(plan, runtime.blobs, hook=None)
+    assert result.num_rejected == 2
+    _commit(runtime, plan, result)
+    assert _version_metrics(runtime, task_id, 1)["num_rejected"] == 2.0
