@@ -1,7 +1,9 @@
 """Parts of an aggregation (fedge.coordinator.engine.apply) on real rows and blobs, both
-backends: the per-device clip counts a commit adds, and the compressed broadcast a
-computation stores (reproducible for a retried aggregation, its sizes those of the blobs), and a
-secure round's plan and model (its unmasked sum, none of the uploads)."""
+backends: the per-device clip counts a commit adds; the compressed broadcast a computation
+stores (reproducible for a retried aggregation, its sizes those of the blobs, and the ways it
+fails); a secure round's plan and model (its unmasked sum, none of the uploads); stored
+updates decoded under the computation's limits and the plan's policy; what a commit stores
+(the weights used, the version's device metrics, clip and Multi-Krum counts)."""
 
 from __future__ import annotations
 
@@ -76,14 +78,18 @@ def test_an_aggregation_without_scales_counts_nothing(runtime: Runtime) -> None:
     assert _clipped(runtime) == {"a": 2}
 
 
+def _lossy(plan: apply.Plan, **changes: object) -> apply.Plan:
+    policy = CompressionPolicy.from_dict(
+        {**EXACT, "download": {"topk_fraction": 0.1, "bits": 8, "chunk": 64}}
+    )
+    return dataclasses.replace(plan, policy=policy, **changes)
+
+
 def test_a_recomputed_broadcast_is_the_same_blobs(runtime: Runtime) -> None:
     """The quantization of the broadcast delta is seeded by (task, version): a retried
     aggregation stores the same delta and model, and the sizes are the blobs' own."""
-    _, plan, _ = _computed(runtime, 5, seed=3)
-    lossy = CompressionPolicy.from_dict(
-        {**EXACT, "download": {"topk_fraction": 0.1, "bits": 8, "chunk": 64}}
-    )
-    plan = dataclasses.replace(plan, policy=lossy)
+    _, computed, _ = _computed(runtime, 5, seed=3)
+    plan = _lossy(computed)
     first = apply.compute(plan, runtime.blobs, hook=None).broadcast
     again = apply.compute(plan, runtime.blobs, hook=None).broadcast
     assert first is not None and first == again
@@ -248,13 +254,6 @@ def test_a_commit_stores_the_weights_used_and_the_versions_device_metrics(
     assert metrics["train_examples"] == total
     assert metrics["num_clipped"] == 3.0
     assert "num_rejected" not in metrics  # the mean keeps every update: nothing to say
-
-
-def _lossy(plan: apply.Plan, **changes: object) -> apply.Plan:
-    policy = CompressionPolicy.from_dict(
-        {**EXACT, "download": {"topk_fraction": 0.1, "bits": 8, "chunk": 64}}
-    )
-    return dataclasses.replace(plan, policy=policy, **changes)
 
 
 def test_a_broadcast_that_cannot_be_made_fails_the_computation(runtime: Runtime) -> None:
