@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Iterator
 from datetime import datetime, timedelta, timezone
 from types import SimpleNamespace
 from typing import Annotated
@@ -23,25 +22,26 @@ from starlette.requests import Request
 
 from fedge.coordinator import auth
 from fedge.coordinator.db import session_scope, utcnow, write_connection
-from fedge.coordinator.errors import Forbidden, PayloadTooLarge, Unauthorized
+from fedge.coordinator.errors import PayloadTooLarge, Unauthorized
 from fedge.coordinator.models import Device, UsedNonce
 from fedge.coordinator.runtime import Runtime
 from fedge.coordinator.settings import Settings
 from fedge.coordinator.states import DeviceStatus
 from fedge.shared import signing
-from tests.coordinator.test_auth_paths import KEY, TIGHT, Clock, _enroll, _nonces, _row
+from tests.coordinator import test_auth_paths
+from tests.coordinator.test_auth_paths import KEY, Clock, _enroll, _nonces, _row
 
 #: Five hours behind UTC: its wall-clock text sorts before the same instant's UTC text.
 WEST = timezone(timedelta(hours=-5))
 
 
+tight_runtime = test_auth_paths.tight_runtime  # the fixture, found here by pytest
+
+
 @pytest.fixture
-def rt(settings: Settings) -> Iterator[Runtime]:
-    runtime = Runtime.open(settings.model_copy(update=TIGHT))
-    try:
-        yield runtime
-    finally:
-        runtime.close()
+def rt(tight_runtime: Runtime) -> Runtime:
+    """test_auth_paths' runtime on each backend (skew 60 s, 3 requests a minute)."""
+    return tight_runtime
 
 
 @pytest.fixture(autouse=True)
@@ -175,22 +175,14 @@ def test_insert_nonce_takes_a_session_too(rt: Runtime) -> None:
         assert not auth._insert_nonce(session, "dev-s", "s" * 22, now=now, ttl=timedelta(seconds=9))
 
 
-def test_touch_device_in_another_time_zone_and_its_refusals(rt: Runtime) -> None:
+def test_touch_device_in_another_time_zone(rt: Runtime) -> None:
     _enroll(rt, "dev-a")
-    _enroll(rt, "dev-r", status="revoked")
     now = utcnow()
     with write_connection(rt.engine) as conn:
         auth.touch_device(conn, "dev-a", now=now.astimezone(WEST))
     with rt.engine.connect() as conn:
         seen = conn.execute(select(Device.last_seen_at).where(Device.id == "dev-a")).scalar_one()
     assert seen == now
-    with pytest.raises(Unauthorized) as err, write_connection(rt.engine) as conn:
-        auth.touch_device(conn, "nobody", now=now)
-    assert err.value.detail == "no device 'nobody' is enrolled"
-    with pytest.raises(Forbidden) as forbidden, write_connection(rt.engine) as conn:
-        auth.touch_device(conn, "dev-r", now=now)
-    assert forbidden.value.code == "device_revoked"
-    assert forbidden.value.detail == "device dev-r has been revoked"
 
 
 def test_the_device_row_lookup(rt: Runtime) -> None:

@@ -366,10 +366,13 @@ def test_touch_device_refuses_unknown_and_revoked(tight_runtime: Runtime) -> Non
     assert (row[0], row[1], row[2]) == (seen, 1, 1)
     with pytest.raises(Unauthorized) as err, write_connection(rt.engine) as conn:
         auth.touch_device(conn, "nobody", now=now)
-    assert err.value.code == "unknown_device"
+    assert (err.value.code, err.value.detail) == (
+        "unknown_device",
+        "no device 'nobody' is enrolled",
+    )
     with pytest.raises(Forbidden) as err, write_connection(rt.engine) as conn:
         auth.touch_device(conn, "dev-r", now=now)
-    assert err.value.code == "device_revoked"
+    assert (err.value.code, err.value.detail) == ("device_revoked", "device dev-r has been revoked")
 
 
 def test_device_slots_limit_and_give_back() -> None:

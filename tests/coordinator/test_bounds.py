@@ -97,48 +97,43 @@ def _error(**body: object) -> tuple[tuple[str | int, ...], str, dict[str, object
     return error["loc"], error["type"], dict(error.get("ctx", {}))
 
 
-def test_settings_at_their_limits() -> None:
+def test_settings_at_their_limits_are_accepted() -> None:
     NormBoundConfig(max_norm=bounds.MAX_BOUND, adaptive={"lr": 10.0, "initial": 1e300})
     assert bounds.MAX_BOUND == 1e300
-    assert _error(max_norm=1.0000001e300) == (("max_norm",), "less_than_equal", {"le": 1e300})
-    assert _error(max_norm=0.0) == (("max_norm",), "greater_than", {"gt": 0})
-    adaptive = ("adaptive",)
-    assert _error(max_norm=1.0, adaptive={"lr": 10.000001}) == (
-        (*adaptive, "lr"),
-        "less_than_equal",
-        {"le": 10},
-    )
-    assert _error(max_norm=1.0, adaptive={"lr": 0.0}) == (
-        (*adaptive, "lr"),
-        "greater_than",
-        {"gt": 0},
-    )
-    assert _error(max_norm=1.0, adaptive={"quantile": 0.0}) == (
-        (*adaptive, "quantile"),
-        "greater_than",
-        {"gt": 0},
-    )
-    assert _error(max_norm=1.0, adaptive={"quantile": 1.0}) == (
-        (*adaptive, "quantile"),
-        "less_than",
-        {"lt": 1},
-    )
-    assert _error(max_norm=1.0, adaptive={"initial": 0.0}) == (
-        (*adaptive, "initial"),
-        "greater_than",
-        {"gt": 0},
-    )
-    assert _error(max_norm=1.0, adaptive={"initial": 1.0000001e300}) == (
-        (*adaptive, "initial"),
-        "less_than_equal",
-        {"le": 1e300},
-    )
-    assert _error(max_norm=1.0, adaptive={"lr": "1"}) == ((*adaptive, "lr"), "float_type", {})
-    assert _error(max_norm=1.0, adaptive={"quantile": "0.5"})[1] == "float_type"
-    assert _error(max_norm=1.0, adaptive={"initial": "2"})[1] == "float_type"
-    assert _error(max_norm="1.0")[1] == "float_type"  # strict: no strings
-    assert _error(max_norm=1.0, bound=2.0) == (("bound",), "extra_forbidden", {})
-    assert _error(max_norm=1.0, action="drop")[1] == "literal_error"
+
+
+@pytest.mark.parametrize(
+    ("body", "loc", "kind", "ctx"),
+    [
+        ({"max_norm": 1.0000001e300}, ("max_norm",), "less_than_equal", {"le": 1e300}),
+        ({"max_norm": 0.0}, ("max_norm",), "greater_than", {"gt": 0}),
+        ({"adaptive": {"lr": 10.000001}}, ("adaptive", "lr"), "less_than_equal", {"le": 10}),
+        ({"adaptive": {"lr": 0.0}}, ("adaptive", "lr"), "greater_than", {"gt": 0}),
+        ({"adaptive": {"quantile": 0.0}}, ("adaptive", "quantile"), "greater_than", {"gt": 0}),
+        ({"adaptive": {"quantile": 1.0}}, ("adaptive", "quantile"), "less_than", {"lt": 1}),
+        ({"adaptive": {"initial": 0.0}}, ("adaptive", "initial"), "greater_than", {"gt": 0}),
+        (
+            {"adaptive": {"initial": 1.0000001e300}},
+            ("adaptive", "initial"),
+            "less_than_equal",
+            {"le": 1e300},
+        ),
+        # strict: no strings
+        ({"adaptive": {"lr": "1"}}, ("adaptive", "lr"), "float_type", {}),
+        ({"adaptive": {"quantile": "0.5"}}, ("adaptive", "quantile"), "float_type", {}),
+        ({"adaptive": {"initial": "2"}}, ("adaptive", "initial"), "float_type", {}),
+        ({"max_norm": "1.0"}, ("max_norm",), "float_type", {}),
+        ({"bound": 2.0}, ("bound",), "extra_forbidden", {}),
+    ],
+)
+def test_settings_beyond_their_limits_are_refused(
+    body: dict[str, object], loc: tuple[str, ...], kind: str, ctx: dict[str, object]
+) -> None:
+    assert _error(**{"max_norm": 1.0, **body}) == (loc, kind, ctx)
+
+
+def test_an_unknown_action_is_refused() -> None:
+    assert _error(max_norm=1.0, action="drop")[:2] == (("action",), "literal_error")
 
 
 def test_inconsistent_settings_are_refused_with_a_reason() -> None:
