@@ -20,6 +20,7 @@ from fedge.coordinator.engine.aggregate import BadStoredUpdate
 from fedge.coordinator.engine.modelio import load_weights, store_weights
 from fedge.coordinator.models import Device, ModelVersion, SecAggRound, Task, Update
 from fedge.coordinator.runtime import Runtime
+from fedge.shared.broadcast import make_delta
 from fedge.shared.limits import Limits
 from fedge.shared.policy import CompressionPolicy
 from fedge.shared.secagg import flatten
@@ -79,23 +80,40 @@ def test_an_aggregation_without_scales_counts_nothing(runtime: Runtime) -> None:
 
 
 def _lossy(plan: apply.Plan, **changes: object) -> apply.Plan:
+    """The plan with compressed downloads: half the values at 2 bits, so several values
+    share a chunk and their stochastic rounding depends on the generator (with one value per
+    chunk it would not: that value is its chunk's scale)."""
     policy = CompressionPolicy.from_dict(
-        {**EXACT, "download": {"topk_fraction": 0.1, "bits": 8, "chunk": 64}}
+        {**EXACT, "download": {"topk_fraction": 0.5, "bits": 2, "chunk": 64}}
     )
     return dataclasses.replace(plan, policy=policy, **changes)
 
 
 def test_a_recomputed_broadcast_is_the_same_blobs(runtime: Runtime) -> None:
     """The quantization of the broadcast delta is seeded by (task, version): a retried
-    aggregation stores the same delta and model, and the sizes are the blobs' own."""
+    aggregation stores the same delta and model (the delta ``make_delta`` gives with that
+    seed), and the sizes are the blobs' own."""
     _, computed, _ = _computed(runtime, 5, seed=3)
     plan = _lossy(computed)
-    first = apply.compute(plan, runtime.blobs, hook=None).broadcast
+    result = apply.compute(plan, runtime.blobs, hook=None)
+    first = result.broadcast
     again = apply.compute(plan, runtime.blobs, hook=None).broadcast
     assert first is not None and first == again
+    data, rebuilt = make_delta(
+        load_weights(runtime.blobs, result.model_digest, plan.spec),
+        load_weights(runtime.blobs, plan.base_broadcast_digest, plan.spec),
+        plan.policy.download,
+        np.random.default_rng([plan.task_id, plan.new_version]),
+        spec=plan.spec,
+        task_id=plan.task_id,
+        from_version=plan.base_version,
+        to_version=plan.new_version,
+    )
+    assert runtime.blobs.get(first.delta_digest) == data
+    assert store_weights(runtime.blobs, rebuilt)[0] == first.digest
     assert first.size == len(runtime.blobs.get(first.digest))
     assert first.delta_size == len(runtime.blobs.get(first.delta_digest))
-    assert first.delta_size < first.size  # a tenth of the values, 8 bits each
+    assert first.delta_size < first.size  # half the values, 2 bits each
 
 
 SECURE = {"bound": 0.5, "grid_bits": 16, "planned_dropout": 0.34}
