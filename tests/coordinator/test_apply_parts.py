@@ -8,6 +8,7 @@ updates decoded under the computation's limits and the plan's policy; what a com
 from __future__ import annotations
 
 import dataclasses
+from datetime import timedelta
 from types import SimpleNamespace
 
 import numpy as np
@@ -17,8 +18,9 @@ from sqlalchemy import insert, select, update
 from fedge.coordinator.db import session_scope, utcnow
 from fedge.coordinator.engine import apply, rounds, secure
 from fedge.coordinator.engine.aggregate import BadStoredUpdate
+from fedge.coordinator.engine.eligibility import Liveness
 from fedge.coordinator.engine.modelio import load_weights, store_weights
-from fedge.coordinator.models import Device, ModelVersion, SecAggRound, Task, Update
+from fedge.coordinator.models import Device, ModelVersion, Round, SecAggRound, Task, Update
 from fedge.coordinator.runtime import Runtime
 from fedge.shared.broadcast import make_delta
 from fedge.shared.limits import Limits
@@ -330,3 +332,36 @@ def test_a_multi_krum_commit_counts_the_updates_it_left_out(runtime: Runtime) ->
     assert result.num_rejected == 2
     _commit(runtime, plan, result)
     assert _version_metrics(runtime, task_id, 1)["num_rejected"] == 2.0
+
+
+def test_a_commit_records_the_version_and_closes_the_round(runtime: Runtime) -> None:
+    """The version row (its broadcast blobs and sizes, its time) and the round's outcome (its
+    close time, result version, updates received and stale ones) are what the plan and the
+    computation say."""
+    _, computed, _ = _computed(runtime, 18, seed=12)
+    items = tuple(
+        dataclasses.replace(item, tau=tau)
+        for item, tau in zip(computed.items, (0, 1, 2), strict=True)
+    )
+    plan = _lossy(computed, items=items)  # two of the three planned as stale
+    result = apply.compute(plan, runtime.blobs, hook=None)
+    assert result.broadcast is not None
+    now = utcnow().replace(microsecond=0) - timedelta(minutes=3)
+    with session_scope(runtime.sessions) as session:
+        apply.commit_aggregation(
+            session, plan, result, now=now, liveness=Liveness(default_poll_s=20.0)
+        )
+    with session_scope(runtime.sessions, read_only=True) as session:
+        version = session.scalar(
+            select(ModelVersion).where(
+                ModelVersion.task_id == plan.task_id, ModelVersion.version == 1
+            )
+        )
+        rnd = session.get(Round, plan.round_id)
+        assert version is not None and rnd is not None
+        b = result.broadcast
+        assert (version.broadcast_digest, version.broadcast_size) == (b.digest, b.size)
+        assert (version.delta_digest, version.delta_size) == (b.delta_digest, b.delta_size)
+        assert version.created_at == now and version.num_updates == 3
+        assert (rnd.status, rnd.closed_at, rnd.result_version) == ("closed", now, 1)
+        assert (rnd.num_received, rnd.num_stale) == (3, 2)
