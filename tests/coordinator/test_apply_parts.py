@@ -8,6 +8,7 @@ updates decoded under the computation's limits and the plan's policy; what a com
 from __future__ import annotations
 
 import dataclasses
+import logging
 from datetime import timedelta
 from types import SimpleNamespace
 
@@ -18,6 +19,7 @@ from sqlalchemy import insert, select, update
 from fedge.coordinator.db import session_scope, utcnow
 from fedge.coordinator.engine import apply, rounds, secure
 from fedge.coordinator.engine.aggregate import BadStoredUpdate
+from fedge.coordinator.engine.config import AggregationConfig
 from fedge.coordinator.engine.eligibility import Liveness
 from fedge.coordinator.engine.modelio import load_weights, store_weights
 from fedge.coordinator.models import Device, ModelVersion, Round, SecAggRound, Task, Update
@@ -365,3 +367,71 @@ def test_a_commit_records_the_version_and_closes_the_round(runtime: Runtime) -> 
         assert version.created_at == now and version.num_updates == 3
         assert (rnd.status, rnd.closed_at, rnd.result_version) == ("closed", now, 1)
         assert (rnd.num_received, rnd.num_stale) == (3, 2)
+
+
+def _commit_first_round(
+    runtime: Runtime, aggregation: dict[str, object], *, seed: int, server_metrics: dict[str, float]
+) -> Task:
+    """The first round of a task with ``aggregation`` computed (the server's evaluation
+    replaced by ``server_metrics``) and committed: the task after it."""
+    task_id, _ = first_round_with_uploads(
+        runtime, np.random.default_rng(seed), n=3, aggregation=aggregation, prefix=f"f{seed}-"
+    )
+    plan = _plan(runtime, task_id)
+    assert plan is not None
+    result = apply.compute(plan, runtime.blobs, hook=None)
+    _commit(runtime, plan, dataclasses.replace(result, server_metrics=server_metrics))
+    with session_scope(runtime.sessions, read_only=True) as session:
+        task = session.get(Task, task_id)
+        assert task is not None
+        session.expunge(task)
+        return task
+
+
+def test_a_task_ends_after_its_rounds_or_at_its_target_saying_why(runtime: Runtime) -> None:
+    done = _commit_first_round(runtime, {"num_rounds": 1}, seed=19, server_metrics={})
+    assert (done.status, done.status_reason) == ("completed", "1 aggregations done")
+    target = {"num_rounds": 5, "target_metric": {"name": "server_accuracy", "value": 0.75}}
+    early = _commit_first_round(runtime, target, seed=20, server_metrics={"accuracy": 0.8})
+    assert (early.status, early.status_reason) == (
+        "completed",
+        "server_accuracy reached 0.75 at version 1",
+    )
+    on = _commit_first_round(runtime, target, seed=21, server_metrics={"accuracy": 0.7})
+    assert (on.status, on.current_version) == ("running", 1)
+
+
+def test_a_commit_keeps_the_server_optimizers_state_and_says_what_it_did(
+    runtime: Runtime, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, logger="fedge.coordinator.events")
+    _, computed, _ = _computed(runtime, 22, seed=13)
+    plan = dataclasses.replace(
+        computed,
+        config=AggregationConfig.from_dict(
+            {**computed.config.model_dump(), "strategy": "fedadam", "server_lr": 0.1}
+        ),
+    )
+    result = apply.compute(plan, runtime.blobs, hook=None)
+    assert result.state_digest is not None
+    _commit(runtime, plan, result)
+    with session_scope(runtime.sessions, read_only=True) as session:
+        task = session.get(Task, plan.task_id)
+        assert task is not None and task.optimizer_state_digest == result.state_digest
+    events = {r.event: r for r in caplog.records if hasattr(r, "event")}
+    closed, committed = events["round.closed"], events["version.committed"]
+    assert (closed.task, closed.round, closed.version, closed.updates) == (
+        plan.task_id,
+        plan.round_id,
+        1,
+        3,
+    )
+    assert closed.number == 1
+    assert (committed.task, committed.round, committed.version, committed.updates) == (
+        plan.task_id,
+        plan.round_id,
+        1,
+        3,
+    )
+    assert committed.size_bytes == result.model_size
+    assert committed.metrics == _version_metrics(runtime, plan.task_id, 1)
