@@ -435,3 +435,30 @@ def test_a_commit_keeps_the_server_optimizers_state_and_says_what_it_did(
     )
     assert committed.size_bytes == result.model_size
     assert committed.metrics == _version_metrics(runtime, plan.task_id, 1)
+
+
+def test_an_async_commit_opens_the_next_buffer_and_assigns_nobody(runtime: Runtime) -> None:
+    """After an async aggregation the next round is a buffer on the new version (work is
+    handed out on demand: nobody is assigned at the commit), opened at the commit's time; the
+    closed round counts the updates the plan applied (two of the three here)."""
+    _, computed, _ = _computed(runtime, 24, seed=14)
+    cfg = AggregationConfig.from_dict(
+        {**computed.config.model_dump(), "mode": "async", "buffer_size": 2}
+    )
+    plan = dataclasses.replace(computed, config=cfg, items=computed.items[:2])
+    result = apply.compute(plan, runtime.blobs, hook=None)
+    now = utcnow().replace(microsecond=0) - timedelta(minutes=1)
+    with session_scope(runtime.sessions) as session:
+        assigned = apply.commit_aggregation(
+            session, plan, result, now=now, liveness=Liveness(default_poll_s=20.0)
+        )
+    assert assigned == []
+    with session_scope(runtime.sessions, read_only=True) as session:
+        closed = session.get(Round, plan.round_id)
+        after = session.scalars(
+            select(Round).where(Round.task_id == plan.task_id, Round.id != plan.round_id)
+        ).all()
+        assert closed is not None and closed.num_received == 2
+        [buffer] = after
+        assert (buffer.status, buffer.base_version, buffer.opened_at) == ("open", 1, now)
+        assert buffer.target_updates == 2
