@@ -10,7 +10,7 @@ import pytest
 from sqlalchemy import select
 
 from fedge.coordinator.app import create_app
-from fedge.coordinator.models import Assignment
+from fedge.coordinator.models import Assignment, UsedNonce
 from tests.coordinator.conftest import Coordinator, make_key
 from tests.support.device import API, SignedDevice
 from tests.support.rows import add_assignment, db_session
@@ -149,6 +149,11 @@ def slow_recheck(settings, tls_paths):
         yield Coordinator(url, cfg, app, tls_paths.ca_cert, admin_key, viewer_key)
 
 
+def _nonces(coordinator: Coordinator, device_id: str) -> int:
+    with db_session(coordinator.settings) as s:
+        return len(s.scalars(select(UsedNonce.nonce).where(UsedNonce.device_id == device_id)).all())
+
+
 def test_revocation_wakes_the_devices_long_poll(slow_recheck):
     coordinator = slow_recheck
     task_id = _task(coordinator)
@@ -156,6 +161,7 @@ def test_revocation_wakes_the_devices_long_poll(slow_recheck):
         assignment = add_assignment(
             coordinator.settings, task_id=task_id, device_id=device.device_id
         )
+        nonces = _nonces(coordinator, device.device_id)
         with ThreadPoolExecutor(1) as pool:
             started = time.monotonic()
             poll = pool.submit(
@@ -163,7 +169,13 @@ def test_revocation_wakes_the_devices_long_poll(slow_recheck):
             )
             deadline = time.monotonic() + 10
             notifier = coordinator.app.state.runtime.notifier
-            while notifier.waiting(device.device_id) == 0:  # the poll is waiting
+            # The poll is waiting once it subscribed and its first check committed (its nonce
+            # recorded): a revocation before that commit is the answer to the request itself
+            # (403 device_revoked), not news for a waiting poll.
+            while (
+                notifier.waiting(device.device_id) == 0
+                or _nonces(coordinator, device.device_id) == nonces
+            ):
                 assert time.monotonic() < deadline and not poll.done(), "poll did not wait"
                 time.sleep(0.02)
             with coordinator.admin() as admin:

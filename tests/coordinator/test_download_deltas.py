@@ -12,6 +12,7 @@ from __future__ import annotations
 import hashlib
 import json
 import ssl
+from collections.abc import Iterable
 from contextlib import ExitStack
 from typing import Any
 
@@ -47,6 +48,14 @@ from tests.support.servers import serve_in_thread
 MODEL = {"architecture": "softmax", "input_dim": 64, "num_classes": 10}
 DOWNLOAD = {"topk_fraction": 0.1, "bits": 8, "chunk": 64}
 NUM_ROUNDS = 8
+
+
+def _wait_assigned(db: Db, task_id: int, devices: Iterable[TestDevice]) -> None:
+    """Until each device holds an assignment of the task (the scheduler opens the first round
+    after the start, in its own time): a model is served only to a device working on its
+    task."""
+    want = {d.device_id for d in devices}
+    wait_until(lambda: want <= {a.device_id for a in db.assignments(task_id)}, timeout=60)
 
 
 def _download(device: TestDevice, url: str, task_id: int, version: int, have: int | None) -> bytes:
@@ -115,6 +124,7 @@ def test_chains_rebuild_the_broadcast_model_bit_for_bit_across_replicas_and_rest
                 model=MODEL,
             )
             spec = ModelSpec.from_dict(db.task(task_id).model_spec)
+            _wait_assigned(db, task_id, fleet)
             held: dict[str, tuple[int, Weights]] = {}
             for device in fleet:  # everyone starts from the full version 0
                 data = _download(device, urls[0], task_id, 0, None)
@@ -275,6 +285,7 @@ def test_a_work_answer_carries_the_chain_to_its_base_model(
             model=MODEL,
         )
         spec = ModelSpec.from_dict(db.task(task_id).model_spec)
+        _wait_assigned(db, task_id, [device])
         v0 = decode_model(_download(device, coordinator.url, task_id, 0, None), spec=spec)
         _run_round(fleet, coordinator.url, db, task_id, 0, rng)
 
