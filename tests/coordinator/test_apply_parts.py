@@ -120,6 +120,28 @@ def test_a_recomputed_broadcast_is_the_same_blobs(runtime: Runtime) -> None:
     assert first.delta_size < first.size  # half the values, 2 bits each
 
 
+def test_the_computation_takes_updates_decoded_at_upload_from_memory_once(
+    runtime: Runtime,
+) -> None:
+    """An update decoded when it was accepted is aggregated from the decoded cache, not read
+    and decoded from its blob again, to the same model; it is taken out as it is used, and
+    the blob store stays the record (a second computation needs the blobs)."""
+    task_id, _ = _task_with_uploads(runtime, np.random.default_rng(21), seed=9)
+    plan = _plan(runtime, task_id)
+    assert plan is not None
+    reference = apply.compute(plan, runtime.blobs, hook=None)
+    digests = [item.digest for item in plan.items]
+    assert len(runtime.decoded) == len(digests) == len(set(digests))
+    for digest in digests:
+        assert runtime.blobs.delete(digest)
+    result = apply.compute(plan, runtime.blobs, hook=None, decoded=runtime.decoded)
+    assert result.model_digest == reference.model_digest
+    assert len(runtime.decoded) == 0 and runtime.decoded.hits == len(digests)
+    with pytest.raises(BadStoredUpdate) as err:
+        apply.compute(plan, runtime.blobs, hook=None, decoded=runtime.decoded)
+    assert err.value.index == 0 and "missing from the blob store" in err.value.detail
+
+
 SECURE = {"bound": 0.5, "grid_bits": 16, "planned_dropout": 0.34}
 
 
