@@ -14,14 +14,16 @@ from types import SimpleNamespace
 
 import numpy as np
 import pytest
-from sqlalchemy import insert, select, update
+from sqlalchemy import event, insert, select, text, update
+from sqlalchemy.exc import OperationalError
 
 from fedge.coordinator.db import session_scope, utcnow
-from fedge.coordinator.engine import apply, rounds, secure
-from fedge.coordinator.engine.aggregate import BadStoredUpdate
+from fedge.coordinator.engine import apply, robust, rounds, secure
+from fedge.coordinator.engine.aggregate import BadStoredUpdate, WeightedBlob, iter_decoded
 from fedge.coordinator.engine.config import AggregationConfig
 from fedge.coordinator.engine.eligibility import Liveness
 from fedge.coordinator.engine.modelio import load_weights, store_weights
+from fedge.coordinator.engine.strategies import make_strategy
 from fedge.coordinator.models import Device, ModelVersion, Round, SecAggRound, Task, Update
 from fedge.coordinator.runtime import Runtime
 from fedge.shared.broadcast import make_delta
@@ -142,6 +144,44 @@ def test_the_computation_takes_updates_decoded_at_upload_from_memory_once(
     assert err.value.index == 0 and "missing from the blob store" in err.value.detail
 
 
+def test_a_commit_locks_its_rows_without_blocking_references_to_them(runtime: Runtime) -> None:
+    """On PostgreSQL a commit locks the task row and its updates' rows ``FOR NO KEY UPDATE``:
+    another transaction's foreign-key check on them (``FOR KEY SHARE``, as an upload's insert
+    of a row naming the task takes) goes on while the commit holds them, where ``FOR UPDATE``
+    would make it wait for the whole commit. Probed with ``NOWAIT`` from a second connection
+    right after each lock is taken. (SQLite has no row locks: its write lock serializes.)"""
+    if runtime.engine.dialect.name != "postgresql":
+        pytest.skip("row locks are PostgreSQL's; SQLite serializes writers")
+    _, plan, result = _computed(runtime, 23, seed=10)
+    probes: list[tuple[str, str]] = []
+
+    def probe(_conn: object, _cursor: object, statement: str, *_: object) -> None:
+        if " FOR " not in statement or "NOWAIT" in statement:
+            return
+        table = next((t for t in ("tasks", "updates") if f"FROM {t}" in statement), None)
+        if table is None:
+            return
+        row = plan.task_id if table == "tasks" else plan.items[0].update_id
+        with runtime.engine.connect() as other:
+            try:
+                other.execute(
+                    text(f"SELECT id FROM {table} WHERE id = :id FOR KEY SHARE NOWAIT"),
+                    {"id": row},
+                )
+                probes.append((table, "granted"))
+            except OperationalError:
+                probes.append((table, "blocked"))
+            other.rollback()
+
+    event.listen(runtime.engine, "after_cursor_execute", probe)
+    try:
+        assert _commit(runtime, plan, result) is not None
+    finally:
+        event.remove(runtime.engine, "after_cursor_execute", probe)
+    assert {table for table, _ in probes} == {"tasks", "updates"}
+    assert all(outcome == "granted" for _, outcome in probes), probes
+
+
 SECURE = {"bound": 0.5, "grid_bits": 16, "planned_dropout": 0.34}
 
 
@@ -202,6 +242,7 @@ def test_a_secure_round_applies_its_unmasked_sum_and_nothing_else(runtime: Runti
     assert plan.secure_sum.count == 3
     result = apply.compute(plan, runtime.blobs, hook=None)
     assert (result.norms, result.scales, result.num_rejected) == ((), (), None)
+    assert result.total_weight == 3.0  # every included device weighs the same
     w0 = load_weights(runtime.blobs, plan.base_digest, plan.spec)
     got = load_weights(runtime.blobs, result.model_digest, plan.spec)
     cfg = plan.secure_sum.config
@@ -354,6 +395,29 @@ def test_a_multi_krum_commit_counts_the_updates_it_left_out(runtime: Runtime) ->
     assert plan is not None
     result = apply.compute(plan, runtime.blobs, hook=None)
     assert result.num_rejected == 2
+    # The task's f is the one applied: Multi-Krum at f = 1 (robust.combine) gives the model,
+    # and the same updates at f = 0 (scores over one more neighbour) another one.
+    combined = robust.combine(
+        lambda: iter_decoded(
+            runtime.blobs,
+            (WeightedBlob(i.digest, i.weight) for i in plan.items),
+            spec=plan.spec,
+            policy=plan.policy,
+        ),
+        count=5,
+        spec=plan.spec,
+        method="multi_krum",
+        krum_byzantine=1,
+        krum_select=3,
+    )
+    w0 = load_weights(runtime.blobs, plan.base_digest, plan.spec)
+    want, _ = make_strategy(plan.config).step(w0, combined.delta, None)
+    got = load_weights(runtime.blobs, result.model_digest, plan.spec)
+    for name in want:
+        np.testing.assert_array_equal(got[name], want[name])
+    f0 = _plan(runtime, task_id, krum_byzantine=0)
+    assert f0 is not None and f0.items == plan.items
+    assert apply.compute(f0, runtime.blobs, hook=None).model_digest != result.model_digest
     _commit(runtime, plan, result)
     assert _version_metrics(runtime, task_id, 1)["num_rejected"] == 2.0
 

@@ -115,7 +115,8 @@ def _upload_all(
         )
 
 
-def _aggregate(runtime: Runtime, task_id: int, rng: np.random.Generator) -> apply.Plan:
+def _close_and_plan(runtime: Runtime, task_id: int) -> apply.Plan:
+    """The open round closed and its aggregation planned."""
     with session_scope(runtime.sessions) as session:
         task = session.get(Task, task_id)
         rnd = rounds.active_round(session, task_id)
@@ -125,6 +126,11 @@ def _aggregate(runtime: Runtime, task_id: int, rng: np.random.Generator) -> appl
         assert rnd.status == "aggregating"
         plan = apply.plan_aggregation(session, task, rnd, cfg)
     assert plan is not None
+    return plan
+
+
+def _aggregate(runtime: Runtime, task_id: int, rng: np.random.Generator) -> apply.Plan:
+    plan = _close_and_plan(runtime, task_id)
     result = apply.compute(plan, runtime.blobs, hook=None, noise_rng=rng)
     with session_scope(runtime.sessions) as session:
         assert (
@@ -194,6 +200,37 @@ def test_noise_std_matches_the_configuration_and_updates_are_clipped(runtime: Ru
     assert abs(noise.mean()) < 5 * sigma / math.sqrt(n)
     # Dense noise: every coordinate moved (docs/privacy.md, download compression).
     assert np.count_nonzero(noise) == n
+
+
+def test_the_noise_comes_from_the_given_generator_or_from_the_systems(runtime: Runtime) -> None:
+    """A private mean's noise is drawn from the generator the computation is given (the same
+    seed gives the same model) and otherwise from a fresh CSPRNG-seeded one each time (two
+    such computations differ from each other and from the seeded one); its total weight is
+    the number of updates (the fixed denominator is the cohort)."""
+    enroll_seen(runtime, 2)
+    task_id = _task(
+        runtime,
+        _dp_aggregation(2, clip_norm=1.0, noise_multiplier=1.0),
+        {"architecture": "softmax", "input_dim": 4, "num_classes": 3},
+    )
+    work = _open(runtime, task_id)
+    assert work is not None and len(work) == 2
+    rng = np.random.default_rng(31)
+    spec = ModelSpec.from_dict([{"name": "W", "shape": [4, 3]}, {"name": "b", "shape": [3]}])
+    deltas = [
+        {t.name: rng.standard_normal(t.shape).astype(np.float32) for t in spec.tensors}
+        for _ in work
+    ]
+    _upload_all(runtime, task_id, work, deltas)
+    plan = _close_and_plan(runtime, task_id)
+    seeded = [
+        apply.compute(plan, runtime.blobs, hook=None, noise_rng=np.random.default_rng(5))
+        for _ in range(2)
+    ]
+    assert seeded[0].model_digest == seeded[1].model_digest
+    assert seeded[0].total_weight == 2.0
+    fresh = [apply.compute(plan, runtime.blobs, hook=None) for _ in range(2)]
+    assert len({seeded[0].model_digest, *(r.model_digest for r in fresh)}) == 3
 
 
 def test_clipping_bounds_each_contribution_of_sparse_quantized_updates() -> None:
