@@ -23,7 +23,7 @@ from fedge.coordinator.engine.aggregate import BadStoredUpdate, WeightedBlob, it
 from fedge.coordinator.engine.config import AggregationConfig
 from fedge.coordinator.engine.eligibility import Liveness
 from fedge.coordinator.engine.modelio import load_weights, store_weights
-from fedge.coordinator.engine.strategies import make_strategy
+from fedge.coordinator.engine.strategies import make_strategy, state_to_bytes
 from fedge.coordinator.models import Device, ModelVersion, Round, SecAggRound, Task, Update
 from fedge.coordinator.runtime import Runtime
 from fedge.shared.broadcast import make_delta
@@ -132,6 +132,7 @@ def test_the_computation_takes_updates_decoded_at_upload_from_memory_once(
     plan = _plan(runtime, task_id)
     assert plan is not None
     reference = apply.compute(plan, runtime.blobs, hook=None)
+    assert reference.total_weight == pytest.approx(sum(item.weight for item in plan.items))
     digests = [item.digest for item in plan.items]
     assert len(runtime.decoded) == len(digests) == len(set(digests))
     for digest in digests:
@@ -180,6 +181,56 @@ def test_a_commit_locks_its_rows_without_blocking_references_to_them(runtime: Ru
         event.remove(runtime.engine, "after_cursor_execute", probe)
     assert {table for table, _ in probes} == {"tasks", "updates"}
     assert all(outcome == "granted" for _, outcome in probes), probes
+
+
+def _with_state(plan: apply.Plan, runtime: Runtime, strategy: str, state: dict) -> apply.Plan:
+    """``plan`` under ``strategy`` whose stored optimizer state is ``state``."""
+    return dataclasses.replace(
+        plan,
+        config=AggregationConfig.from_dict({**plan.config.model_dump(), "strategy": strategy}),
+        state_digest=runtime.blobs.put(state_to_bytes(state)),
+    )
+
+
+def test_the_stored_optimizer_state_moves_the_model_and_a_non_finite_one_fails(
+    runtime: Runtime,
+) -> None:
+    """The computation steps from the task's stored optimizer state: a momentum buffer of
+    1e300 (a corrupted state blob) takes the model beyond float32, and a second moment that
+    is infinite leaves the model finite (its step is 0) but the new state not; each fails the
+    computation naming the version or the state and the first bad tensor."""
+    _, plan, _ = _computed(runtime, 24, seed=14)
+    w, b = (t.shape for t in plan.spec.tensors)
+    momentum = _with_state(plan, runtime, "fedavgm", {"m/W": np.full(w, 1e300), "m/b": np.zeros(b)})
+    with pytest.raises(apply.AggregationFailed) as err:
+        apply.compute(momentum, runtime.blobs, hook=None)
+    assert str(err.value) == (
+        f"the new model (version {plan.new_version}) overflows float32: "
+        f"tensor 'W' has {int(np.prod(w))} NaN or infinite value(s)"
+    )
+    adam = _with_state(
+        plan,
+        runtime,
+        "fedadam",
+        {"m/W": np.zeros(w), "v/W": np.full(w, np.inf), "m/b": np.zeros(b), "v/b": np.ones(b)},
+    )
+    with pytest.raises(apply.AggregationFailed) as err:
+        apply.compute(adam, runtime.blobs, hook=None)
+    assert str(err.value) == (
+        "the new server optimizer state is not finite: "
+        f"tensor 'v/W' has {int(np.prod(w))} NaN or infinite value(s)"
+    )
+
+
+def test_a_base_model_of_another_shape_is_refused(runtime: Runtime) -> None:
+    """The base model is read against the task's model spec: a version row naming a model of
+    other shapes (one that numpy would broadcast the step onto) is refused, never stepped."""
+    _, plan, _ = _computed(runtime, 25, seed=15)
+    other = {t.name: np.zeros((1, *t.shape[1:]), np.float32) for t in plan.spec.tensors}
+    digest, _ = store_weights(runtime.blobs, other)
+    with pytest.raises(WireFormatError) as err:
+        apply.compute(dataclasses.replace(plan, base_digest=digest), runtime.blobs, hook=None)
+    assert err.value.code == "shape_mismatch"
 
 
 SECURE = {"bound": 0.5, "grid_bits": 16, "planned_dropout": 0.34}
