@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import time
 from datetime import timedelta
 from types import SimpleNamespace
 
@@ -231,6 +232,46 @@ def test_a_base_model_of_another_shape_is_refused(runtime: Runtime) -> None:
     with pytest.raises(WireFormatError) as err:
         apply.compute(dataclasses.replace(plan, base_digest=digest), runtime.blobs, hook=None)
     assert err.value.code == "shape_mismatch"
+
+
+def test_the_evaluation_hook_runs_every_eval_every_versions_and_at_the_last(
+    runtime: Runtime,
+) -> None:
+    """With ``eval_every = 2`` of 5 rounds the server-side evaluation hook sees the new model
+    (and the task's model configuration) at versions 2, 4 and 5 (the last), and the version's
+    server metrics are what it returned; at the others it is not called."""
+    _, plan, _ = _computed(runtime, 26, seed=16, num_rounds=5)
+    config = AggregationConfig.from_dict({**plan.config.model_dump(), "eval_every": 2})
+    seen: list[tuple[dict[str, object], dict[str, np.ndarray]]] = []
+
+    def hook(model_config: dict[str, object], weights: dict[str, np.ndarray]) -> dict[str, float]:
+        seen.append((model_config, weights))
+        return {"accuracy": 0.25 * len(seen)}
+
+    ran = []
+    for base in range(5):
+        versioned = dataclasses.replace(plan, config=config, base_version=base)
+        result = apply.compute(versioned, runtime.blobs, hook=hook)
+        if result.server_metrics:
+            ran.append(base + 1)
+            assert result.server_metrics == {"accuracy": 0.25 * len(seen)}
+            model_config, weights = seen[-1]
+            assert model_config == plan.model_config
+            got = load_weights(runtime.blobs, result.model_digest, plan.spec)
+            assert all(np.array_equal(weights[t], got[t]) for t in got)
+    assert ran == [2, 4, 5] and len(seen) == 3
+
+
+def test_the_computations_timings_are_its_parts_durations(runtime: Runtime) -> None:
+    """``aggregate``, ``step``, ``store`` and ``eval`` are durations of the parts, in order:
+    none negative, together no longer than the call."""
+    _, plan, _ = _computed(runtime, 27, seed=17)
+    start = time.perf_counter()
+    result = apply.compute(plan, runtime.blobs, hook=None)
+    elapsed = time.perf_counter() - start
+    assert list(result.timings) == ["aggregate", "step", "store", "eval"]
+    assert all(t >= 0 for t in result.timings.values())
+    assert sum(result.timings.values()) <= elapsed
 
 
 SECURE = {"bound": 0.5, "grid_bits": 16, "planned_dropout": 0.34}
