@@ -274,6 +274,24 @@ def test_the_computations_timings_are_its_parts_durations(runtime: Runtime) -> N
     assert sum(result.timings.values()) <= elapsed
 
 
+def test_planning_without_the_current_model_version_stops_with_the_task_and_version(
+    runtime: Runtime,
+) -> None:
+    """A task whose current version has no stored model (a damaged database) cannot be
+    planned: the error names the task and the version (nothing else is read or written)."""
+    task_id, _ = _task_with_uploads(runtime, np.random.default_rng(28), seed=18)
+    with session_scope(runtime.sessions) as session:
+        task = session.get(Task, task_id)
+        rnd = rounds.active_round(session, task_id)
+        assert task is not None and rnd is not None
+        task.current_version = 7
+        cfg = AggregationConfig.from_dict(task.aggregation)
+        with pytest.raises(RuntimeError) as err:
+            apply.plan_aggregation(session, task, rnd, cfg)
+        session.rollback()
+    assert str(err.value) == f"task {task_id} has no stored model version 7"
+
+
 SECURE = {"bound": 0.5, "grid_bits": 16, "planned_dropout": 0.34}
 
 
