@@ -292,6 +292,57 @@ def test_planning_without_the_current_model_version_stops_with_the_task_and_vers
     assert str(err.value) == f"task {task_id} has no stored model version 7"
 
 
+def test_a_plan_weighs_the_counted_examples_in_the_order_the_task_asks(runtime: Runtime) -> None:
+    """Three updates claiming 10, 20 and 30 examples (``max_num_examples`` 35): the weight is
+    the stored count (12 where the row says so, rather than the claim), for a row without one
+    (written before the column existed; its claim made 40) the claim capped at 35, and 1 each
+    under ``equal`` weighting. Planned in the order received, or in assignment order with a
+    ``selection_seed`` (received here in the reverse order)."""
+    task_id, uploaded = first_round_with_uploads(
+        runtime,
+        np.random.default_rng(29),
+        n=3,
+        num_examples=lambda i: (10, 20, 30)[i],
+        aggregation={"max_num_examples": 35},
+        prefix="w-",
+    )
+    first, second, third = (u.update_id for u in uploaded)
+    with session_scope(runtime.sessions) as session:
+        session.execute(update(Update).where(Update.id == first).values(num_examples_counted=12))
+        session.execute(
+            update(Update)
+            .where(Update.id == third)
+            .values(num_examples=40, num_examples_counted=None)
+        )
+        received = {
+            i: session.scalar(select(Update.received_at).where(Update.id == i))
+            for i in (first, second, third)
+        }
+        for i, j in ((first, third), (third, first)):  # the first received last
+            session.execute(update(Update).where(Update.id == i).values(received_at=received[j]))
+        assignments = dict(
+            session.execute(
+                select(Update.id, Update.assignment_id).where(Update.task_id == task_id)
+            ).all()
+        )
+    by_assignment = sorted((first, second, third), key=assignments.__getitem__)
+    weights = {first: 12.0, second: 20.0, third: 35.0}
+    state = runtime.blobs.put(state_to_bytes({"m/b": np.ones(3)}))
+    with session_scope(runtime.sessions) as session:
+        session.execute(update(Task).where(Task.id == task_id).values(optimizer_state_digest=state))
+    plan = _plan(runtime, task_id)
+    assert plan is not None
+    assert plan.state_digest == state  # the task's server optimizer state goes with the plan
+    assert [(i.update_id, i.weight) for i in plan.items] == [
+        (u, weights[u]) for u in (third, second, first)
+    ]
+    seeded = _plan(runtime, task_id, selection_seed=5)
+    assert seeded is not None
+    assert [i.update_id for i in seeded.items] == by_assignment
+    equal = _plan(runtime, task_id, weighting="equal")
+    assert equal is not None and [i.weight for i in equal.items] == [1.0, 1.0, 1.0]
+
+
 SECURE = {"bound": 0.5, "grid_bits": 16, "planned_dropout": 0.34}
 
 
