@@ -34,9 +34,7 @@ def _deltas(rng: np.random.Generator, dtype: type, scale: float) -> dict[str, np
 
 def _apply(w: dict[str, np.ndarray], step: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     """``float32(float64(w) + float64(step))``."""
-    return {
-        k: (w[k].astype(np.float64) + step[k].astype(np.float64)).astype(np.float32) for k in w
-    }
+    return {k: (w[k].astype(np.float64) + step[k].astype(np.float64)).astype(np.float32) for k in w}
 
 
 def _same(got: dict[str, np.ndarray], want: dict[str, np.ndarray]) -> None:
