@@ -25,7 +25,7 @@ from fedge.shared.compression import compress
 from fedge.shared.limits import Limits
 from fedge.shared.modelspec import ModelSpec
 from fedge.shared.policy import DENSE, CompressionPolicy
-from fedge.shared.wire import decode_update, encode_update
+from fedge.shared.wire import DecodedUpdate, decode_update, encode_update
 
 SPEC = ModelSpec.from_dict([{"name": "W", "shape": [6, 5]}, {"name": "b", "shape": [5]}])
 SPARSE = CompressionPolicy(topk_fraction=0.5, bits=32, error_feedback=False)
@@ -41,13 +41,22 @@ def _delta(seed: int) -> dict[str, np.ndarray]:
     return {t.name: rng.standard_normal(t.shape).astype(np.float32) for t in SPEC.tensors}
 
 
-def _put(blobs: BlobStore, seed: int, policy: CompressionPolicy = SPARSE) -> tuple[str, bytes]:
-    data = encode_update(
-        compress(_delta(seed), policy, np.random.default_rng(seed)),
+def _encoded(delta: dict[str, np.ndarray], policy: CompressionPolicy, seed: int = 0) -> bytes:
+    return encode_update(
+        compress(delta, policy, np.random.default_rng(seed)),
         task_id=1,
         base_version=0,
         num_examples=10,
     )
+
+
+def _decoded(delta: dict[str, np.ndarray], policy: CompressionPolicy) -> DecodedUpdate:
+    """``delta`` compressed, encoded and decoded again, as an upload is."""
+    return decode_update(_encoded(delta, policy), spec=SPEC, policy=policy)
+
+
+def _put(blobs: BlobStore, seed: int, policy: CompressionPolicy = SPARSE) -> tuple[str, bytes]:
+    data = _encoded(_delta(seed), policy, seed)
     return blobs.put(data), data
 
 
@@ -145,13 +154,7 @@ def test_the_accumulator_adds_weight_times_scale_and_counts_the_weight() -> None
     """``add`` puts ``weight * scale * delta`` into float64 sums of the spec's shapes and
     counts ``weight`` (a weight of 0 is an update that counts for nothing); ``add_dense``
     takes flat arrays too."""
-    digest_data = encode_update(
-        compress(_delta(9), DENSE, np.random.default_rng(0)),
-        task_id=1,
-        base_version=0,
-        num_examples=1,
-    )
-    update = decode_update(digest_data, spec=SPEC, policy=DENSE)
+    update = _decoded(_delta(9), DENSE)
     acc = Accumulator(SPEC)
     assert acc.spec is SPEC
     assert {k: (v.dtype, v.shape) for k, v in acc.sums.items()} == {
@@ -173,16 +176,7 @@ def test_the_accumulator_adds_weight_times_scale_and_counts_the_weight() -> None
 
 @pytest.mark.parametrize("weight", [-1.0, float("nan"), float("inf"), float("-inf")])
 def test_a_weight_that_is_negative_or_not_finite_is_refused(weight: float) -> None:
-    update = decode_update(
-        encode_update(
-            compress(_delta(1), DENSE, np.random.default_rng(0)),
-            task_id=1,
-            base_version=0,
-            num_examples=1,
-        ),
-        spec=SPEC,
-        policy=DENSE,
-    )
+    update = _decoded(_delta(1), DENSE)
     acc = Accumulator(SPEC)
     with pytest.raises(ValueError) as err:
         acc.add(update, weight)
@@ -206,28 +200,9 @@ def test_max_abs_is_the_largest_magnitude_of_the_carried_values() -> None:
     delta["W"][2, 3], delta["W"][4, 1], delta["b"][0] = -7.5, 3.0, 6.25
     for sign, want in ((1.0, 7.5), (-1.0, 7.5)):
         scaled = {k: sign * v for k, v in delta.items()}
-        update = decode_update(
-            encode_update(
-                compress(scaled, SPARSE, np.random.default_rng(0)),
-                task_id=1,
-                base_version=0,
-                num_examples=1,
-            ),
-            spec=SPEC,
-            policy=SPARSE,
-        )
-        assert max_abs(update) == want
+        assert max_abs(_decoded(scaled, SPARSE)) == want
     only_b = {"W": np.zeros((6, 5), np.float32), "b": np.full(5, -2.0, np.float32)}
-    dense = decode_update(
-        encode_update(
-            compress(only_b, DENSE, np.random.default_rng(0)),
-            task_id=1,
-            base_version=0,
-            num_examples=1,
-        ),
-        spec=SPEC,
-        policy=DENSE,
-    )
+    dense = _decoded(only_b, DENSE)
     assert max_abs(dense) == 2.0
     empty = dataclasses.replace(dense, tensors=[])
     assert max_abs(empty) == 0.0
