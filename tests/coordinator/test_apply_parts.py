@@ -184,12 +184,16 @@ def test_a_commit_locks_its_rows_without_blocking_references_to_them(runtime: Ru
     assert all(outcome == "granted" for _, outcome in probes), probes
 
 
+def _configured(plan: apply.Plan, **changes: object) -> apply.Plan:
+    """``plan`` with its aggregation settings changed as given."""
+    config = AggregationConfig.from_dict({**plan.config.model_dump(), **changes})
+    return dataclasses.replace(plan, config=config)
+
+
 def _with_state(plan: apply.Plan, runtime: Runtime, strategy: str, state: dict) -> apply.Plan:
     """``plan`` under ``strategy`` whose stored optimizer state is ``state``."""
     return dataclasses.replace(
-        plan,
-        config=AggregationConfig.from_dict({**plan.config.model_dump(), "strategy": strategy}),
-        state_digest=runtime.blobs.put(state_to_bytes(state)),
+        _configured(plan, strategy=strategy), state_digest=runtime.blobs.put(state_to_bytes(state))
     )
 
 
@@ -241,7 +245,7 @@ def test_the_evaluation_hook_runs_every_eval_every_versions_and_at_the_last(
     (and the task's model configuration) at versions 2, 4 and 5 (the last), and the version's
     server metrics are what it returned; at the others it is not called."""
     _, plan, _ = _computed(runtime, 26, seed=16, num_rounds=5)
-    config = AggregationConfig.from_dict({**plan.config.model_dump(), "eval_every": 2})
+    every_2 = _configured(plan, eval_every=2)
     seen: list[tuple[dict[str, object], dict[str, np.ndarray]]] = []
 
     def hook(model_config: dict[str, object], weights: dict[str, np.ndarray]) -> dict[str, float]:
@@ -250,7 +254,7 @@ def test_the_evaluation_hook_runs_every_eval_every_versions_and_at_the_last(
 
     ran = []
     for base in range(5):
-        versioned = dataclasses.replace(plan, config=config, base_version=base)
+        versioned = dataclasses.replace(every_2, base_version=base)
         result = apply.compute(versioned, runtime.blobs, hook=hook)
         if result.server_metrics:
             ran.append(base + 1)
@@ -653,12 +657,7 @@ def test_a_commit_keeps_the_server_optimizers_state_and_says_what_it_did(
 ) -> None:
     caplog.set_level(logging.INFO, logger="fedge.coordinator.events")
     _, computed, _ = _computed(runtime, 22, seed=13)
-    plan = dataclasses.replace(
-        computed,
-        config=AggregationConfig.from_dict(
-            {**computed.config.model_dump(), "strategy": "fedadam", "server_lr": 0.1}
-        ),
-    )
+    plan = _configured(computed, strategy="fedadam", server_lr=0.1)
     result = apply.compute(plan, runtime.blobs, hook=None)
     assert result.state_digest is not None
     _commit(runtime, plan, result)
