@@ -14,9 +14,10 @@ model of runs before the evening of 6 December 2026). Each request is signed wit
 parameters; top-1% 4-bit, error feedback), encoded with
 ``fedge.shared.compression``/``fedge.shared.wire`` from one of a few noise deltas and a fresh
 draw of the stochastic quantization, so every body is distinct and the coordinator's content-
-addressed blob store writes and fsyncs every one (identical bodies would be found on disk and
-skipped). The generators check their digests; the run counts the blob files the coordinator
-added against the updates it accepted.
+addressed blob store keeps every one (identical bodies would be found and only refreshed; by
+default an update body is a row written in the upload's own transaction, a file only above
+``inline_update_max_bytes``). The generators check their digests; the run counts the blobs the
+coordinator added against the updates it accepted.
 
 The task is async (FedBuff): ``max_concurrency`` above C, ``max_staleness`` large,
 ``buffer_size = min(100, C // 2)`` (a device works at most once per model version, so the
@@ -334,11 +335,22 @@ def run_workers(
     return results
 
 
-def count_blobs(root: Path) -> int:
-    """Blob files in the coordinator's store (not its temporary files)."""
-    if not root.is_dir():
-        return 0
-    return sum(1 for f in root.rglob("*") if f.is_file() and not f.name.startswith(".tmp-"))
+def count_blobs(root: Path, db_url: str) -> int:
+    """Blobs in the coordinator's store: files (not its temporary files) and the rows of its
+    database (update bodies up to ``inline_update_max_bytes``, stored in the upload's own
+    transaction)."""
+    from sqlalchemy import create_engine, text
+
+    files = 0
+    if root.is_dir():
+        files = sum(1 for f in root.rglob("*") if f.is_file() and not f.name.startswith(".tmp-"))
+    engine = create_engine(db_url)
+    try:
+        with engine.connect() as conn:
+            rows = int(conn.execute(text("SELECT count(*) FROM blobs")).scalar_one())
+    finally:
+        engine.dispose()
+    return files + rows
 
 
 def split(items: list[Any], parts: int) -> list[list[Any]]:
@@ -679,7 +691,9 @@ def run_backend(
     name = label(out)
     tls_copy: Path | None = None
     coord = start_local_coordinator(
-        work / "data", env=coordinator_env(db_url, max_conn, workers), startup_timeout=180.0
+        work / "data",
+        env={**coordinator_env(db_url, max_conn, workers), **dict(args.coordinator_env)},
+        startup_timeout=180.0,
     )
     try:
         tls_copy = Path(tempfile.mkdtemp(prefix="fedge-tls-"))
@@ -692,12 +706,14 @@ def run_backend(
         out["enrolled"] = len(ids)
         devices = [(d, k.hex()) for d, k in zip(ids, keys, strict=False)]
         blobs = work / "data" / "blobs"
+        store_db = db_url or f"sqlite:///{work / 'data' / 'fedge.db'}"
         for c in p["concurrency"]:
             sub = devices[:c]
             task_id = async_task(
                 admin, f"bench-steady-{c}", buffer_size=max(1, min(100, c // 2)), concurrency=10 * c
             )
-            blobs_before = count_blobs(blobs)  # after version 0 (the same model every task)
+            # after version 0 (the same model every task)
+            blobs_before = count_blobs(blobs, store_db)
             profile = None
             if args.profile and c == max(p["concurrency"]):
                 tag = backend if workers == 1 else f"{backend}_workers{workers}"
@@ -720,7 +736,7 @@ def run_backend(
             r["model_versions_at_end"] = task.get("current_version")
             admin.cancel_task(task_id)
             # every accepted update must be a blob of its own (and every model version)
-            r["blob_files_added"] = count_blobs(blobs) - blobs_before
+            r["blob_files_added"] = count_blobs(blobs, store_db) - blobs_before
             r["uploads_accepted_total"] = r["status_counts"].get("upload_201", 0)
             r["distinct_update_blobs"] = r["blob_files_added"] - int(
                 r["model_versions_at_end"] or 0
@@ -948,6 +964,14 @@ def main() -> None:
     ap.add_argument("--no-ceiling", action="store_true")
     ap.add_argument("--no-longpoll", action="store_true")
     ap.add_argument("--profile", default=None, help="py-spy flame graph tag (largest C)")
+    ap.add_argument(
+        "--coordinator-env",
+        action="append",
+        default=[],
+        type=lambda text: tuple(text.split("=", 1)),
+        metavar="VAR=VALUE",
+        help="a setting of the coordinator's (repeatable), e.g. FEDGE_INLINE_UPDATE_MAX_BYTES=0",
+    )
     ap.add_argument("--output", type=Path, default=None)
     args = ap.parse_args()
     out_path = args.output or RESULTS / ("ingest.quick.json" if args.quick else "ingest.json")
@@ -998,7 +1022,7 @@ def main() -> None:
             "model": MODEL,
             "num_params": 256 * 300 + 300 + 300 * 80 + 80,
             "compression": COMPRESSION,
-            "coordinator_env": coordinator_env("<db>", 0),
+            "coordinator_env": {**coordinator_env("<db>", 0), **dict(args.coordinator_env)},
             "update_key_hash": hashlib.sha256(b"".join(keys[:1])).hexdigest()[:12],
         },
         "seeds": {"seed": args.seed, "device_keys": "numpy default_rng(seed).bytes(32) each"},

@@ -15,7 +15,12 @@ all of them alike; compare the ratios, not the absolute milliseconds.
 
 ``--chain`` takes checkouts of successive revisions (each with its ``.venv`` made already),
 runs each in agent mode, interleaved (DIR1, DIR2, DIR3, DIR1, ...), and gives each one's CPU
-per update against the one before it and against the first.
+per update against the one before it and against the first. ``--settings`` does the same for
+coordinator settings on this checkout: ``NAME:VAR=VALUE[;VAR=VALUE]`` arms, comma-separated
+(``rows:`` sets nothing), each run with ``--coordinator-env`` for its variables.
+
+    python bench/ingest_ab.py --settings "files:FEDGE_INLINE_UPDATE_MAX_BYTES=0,rows:" \
+        --repeats 3 --output bench/results/ingest_ab_inline.json
 """
 
 from __future__ import annotations
@@ -160,10 +165,16 @@ def main() -> None:
         help="comma list of checkouts of successive revisions (each with its .venv), run "
         "interleaved in agent mode",
     )
+    ap.add_argument(
+        "--settings",
+        default=None,
+        help="comma list of NAME:VAR=VALUE[;VAR=VALUE] arms of coordinator settings, run on "
+        "this checkout interleaved in agent mode",
+    )
     ap.add_argument("--output", type=Path, default=RESULTS / "ingest_ab.json")
     args = ap.parse_args()
     started = datetime.now(UTC).isoformat()
-    if args.chain is not None:
+    if args.chain is not None or args.settings is not None:
         main_chain(args, started)
         return
     if args.from_dir is not None:
@@ -214,19 +225,38 @@ def main() -> None:
     print(f"wrote {args.output}")
 
 
+def chain_arms(args: argparse.Namespace) -> list[tuple[str, Path, list[str]]]:
+    """(name, checkout, extra options) of each arm of ``--chain`` or ``--settings``."""
+    if args.chain is not None:
+        dirs = [Path(d).resolve() for d in args.chain.split(",")]
+        return [(f"{i}-{revision(d)}", d, []) for i, d in enumerate(dirs)]
+    arms = []
+    for arm in args.settings.split(","):
+        name, _, assignments = arm.partition(":")
+        extra = [
+            option
+            for assignment in assignments.split(";")
+            if assignment
+            for option in ("--coordinator-env", assignment)
+        ]
+        arms.append((name, ROOT, extra))
+    return arms
+
+
 def main_chain(args: argparse.Namespace, started: str) -> None:
-    dirs = [Path(d).resolve() for d in args.chain.split(",")]
-    names = [f"{i}-{revision(d)}" for i, d in enumerate(dirs)]
+    arms = chain_arms(args)
+    names = [name for name, _, _ in arms]
     runs_dir = args.from_dir or Path(tempfile.mkdtemp(prefix="fedge-ingest-chain-"))
     extra = [] if args.measure_s is None else ["--measure-s", str(args.measure_s)]
     if args.from_dir is None:
         for rep in range(1, args.repeats + 1):
-            for name, directory in zip(names, dirs, strict=True):
-                run_chain_arm(directory, runs_dir / f"{name}-{rep}.json", extra)
+            for name, directory, own in arms:
+                run_chain_arm(directory, runs_dir / f"{name}-{rep}.json", [*extra, *own])
     result = {
         "benchmark": "ingest_ab_chain",
         "command": " ".join([os.path.basename(sys.executable), *sys.argv]),
         "revisions": names,
+        "settings": args.settings,
         "each_run": " ".join(["bench/ingest.py", *QUICK, "--device-mode", "agent", *extra]),
         "started": started,
         "finished": datetime.now(UTC).isoformat(),

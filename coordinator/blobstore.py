@@ -25,8 +25,12 @@ import secrets
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from fedge.shared.durable import write_bytes_atomic
+
+if TYPE_CHECKING:
+    from sqlalchemy import Connection
 
 _DIGEST_RE = re.compile(r"^[0-9a-f]{64}$")
 TEMP_PREFIX = ".tmp-"
@@ -67,9 +71,22 @@ class BlobStore(abc.ABC):
     """Content-addressed storage; every method is safe to call from several threads and
     processes at once."""
 
+    #: The largest blob :meth:`put_in` stores inside a transaction of the coordinator's own
+    #: database; 0 when the store has no rows there.
+    inline_limit: int = 0
+
     @abc.abstractmethod
     def put(self, data: bytes) -> str:
         """Store ``data`` durably (or refresh its write time when stored); its digest."""
+
+    def put_in(self, conn: Connection, data: bytes) -> str:
+        """Store ``data`` (at most :attr:`inline_limit` bytes) as rows written by ``conn``, a
+        connection of the coordinator's database in a write transaction: the blob becomes
+        durable with that transaction's commit and vanishes with its rollback. Its digest."""
+        raise NotImplementedError(f"{type(self).__name__} keeps no blobs in the database")
+
+    def close(self) -> None:  # noqa: B027 (a store that holds nothing has nothing to do)
+        """Release what the store holds (a database engine of its own)."""
 
     @abc.abstractmethod
     def get(self, digest: str) -> bytes:

@@ -28,6 +28,7 @@ from __future__ import annotations
 import hashlib
 from collections.abc import Iterator
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import Any, cast
 
 from sqlalchemy import Connection, Engine, Table, delete, func, insert, select, update
@@ -58,7 +59,9 @@ _chunks = cast(Table, BlobChunk.__table__)
 
 class DatabaseBlobStore(BlobStore):
     """Blobs as rows (module docstring). ``url`` is an SQLAlchemy URL of a migrated database;
-    ``engine`` may be given instead (the store then does not dispose of it)."""
+    ``engine`` may be given instead (the store then does not dispose of it). ``inline_limit``
+    above 0 says that the database is the coordinator's own, so that :meth:`put_in` may write
+    blobs up to that size in a transaction of the caller's."""
 
     def __init__(
         self,
@@ -66,6 +69,7 @@ class DatabaseBlobStore(BlobStore):
         *,
         engine: Engine | None = None,
         chunk_size: int = DEFAULT_CHUNK_SIZE,
+        inline_limit: int = 0,
     ) -> None:
         if (url is None) == (engine is None):
             raise ValueError("give the database as url or engine, not both or neither")
@@ -74,6 +78,7 @@ class DatabaseBlobStore(BlobStore):
         self._owns_engine = engine is None
         self.engine = engine if engine is not None else make_engine(str(url))
         self.chunk_size = chunk_size
+        self.inline_limit = inline_limit
         self._dialect = self.engine.dialect.name
 
     def close(self) -> None:
@@ -83,31 +88,38 @@ class DatabaseBlobStore(BlobStore):
     # ------------------------------------------------------------------ writing
 
     def put(self, data: bytes) -> str:
+        with self.engine.begin() as conn:
+            return self._write(conn, data)
+
+    def put_in(self, conn: Connection, data: bytes) -> str:
+        """The rows of ``data`` written by ``conn`` in its own (caller's) transaction; only
+        for a store on the coordinator's database (:attr:`inline_limit` says so)."""
+        if len(data) > self.inline_limit:
+            raise ValueError(f"{len(data)} bytes is above the inline limit {self.inline_limit}")
+        return self._write(conn, data)
+
+    def _write(self, conn: Connection, data: bytes) -> str:
         digest = hashlib.sha256(data).hexdigest()
         size = len(data)
         num_chunks = -(-size // self.chunk_size)
-        with self.engine.begin() as conn:
-            if self._refresh(conn, digest):
-                return digest
-            if not self._insert_row(conn, digest, size=size, num_chunks=num_chunks):
-                # A concurrent put inserted it and committed while this one waited.
-                self._refresh(conn, digest)
-                return digest
-            view = memoryview(data)
-            for first in range(0, num_chunks, 64):  # bounded statements for large blobs
-                conn.execute(
-                    insert(_chunks),
-                    [
-                        {
-                            "digest": digest,
-                            "seq": seq,
-                            "data": bytes(
-                                view[seq * self.chunk_size : (seq + 1) * self.chunk_size]
-                            ),
-                        }
-                        for seq in range(first, min(first + 64, num_chunks))
-                    ],
-                )
+        if not self._insert_row(conn, digest, size=size, num_chunks=num_chunks):
+            # Stored already (or a concurrent put inserted it and committed while this one
+            # waited): only its write time is refreshed.
+            self._refresh(conn, digest)
+            return digest
+        view = memoryview(data)
+        for first in range(0, num_chunks, 64):  # bounded statements for large blobs
+            conn.execute(
+                insert(_chunks),
+                [
+                    {
+                        "digest": digest,
+                        "seq": seq,
+                        "data": bytes(view[seq * self.chunk_size : (seq + 1) * self.chunk_size]),
+                    }
+                    for seq in range(first, min(first + 64, num_chunks))
+                ],
+            )
         return digest
 
     def _refresh(self, conn: Connection, digest: str) -> bool:
@@ -262,9 +274,91 @@ class DatabaseBlobStore(BlobStore):
         return True, "ok"
 
 
-def open_blob_store(settings: Settings) -> BlobStore:
+class TieredBlobStore(BlobStore):
+    """The file store, and beside it the blob rows of the coordinator's database for the
+    small blobs written in a caller's transaction (:meth:`put_in`: update bodies up to
+    ``inline_update_max_bytes``, stored in the upload's own transaction). ``put`` writes files;
+    reading, listing and deleting look at both (a digest is in one of them, or in both when
+    the same bytes were written both ways: deleting removes it from both)."""
+
+    def __init__(self, files: FileBlobStore, rows: DatabaseBlobStore) -> None:
+        self.files = files
+        self.rows = rows
+        self.inline_limit = rows.inline_limit
+
+    @property
+    def root(self) -> Path:
+        return self.files.root
+
+    def path(self, digest: str) -> Path:
+        """Where the blob's file is (or would be)."""
+        return self.files.path(digest)
+
+    def close(self) -> None:
+        self.rows.close()
+
+    def put(self, data: bytes) -> str:
+        return self.files.put(data)
+
+    def put_in(self, conn: Connection, data: bytes) -> str:
+        return self.rows.put_in(conn, data)
+
+    def get(self, digest: str) -> bytes:
+        try:
+            return self.files.get(digest)
+        except BlobNotFound:
+            return self.rows.get(digest)
+
+    def exists(self, digest: str) -> bool:
+        return self.files.exists(digest) or self.rows.exists(digest)
+
+    def size(self, digest: str) -> int:
+        try:
+            return self.files.size(digest)
+        except BlobNotFound:
+            return self.rows.size(digest)
+
+    def verify(self, digest: str) -> bool:
+        store: BlobStore = self.files if self.files.exists(digest) else self.rows
+        return store.verify(digest)
+
+    def delete(self, digest: str) -> bool:
+        in_files = self.files.delete(digest)
+        return self.rows.delete(digest) or in_files
+
+    def delete_if_older(self, digest: str, written_before: float) -> bool:
+        in_files = self.files.delete_if_older(digest, written_before)
+        return self.rows.delete_if_older(digest, written_before) or in_files
+
+    def list_blobs(self) -> Iterator[BlobInfo]:
+        """The files, then the rows (a digest stored both ways is listed twice; the sweep
+        deletes it from both at its first listing)."""
+        yield from self.files.list_blobs()
+        yield from self.rows.list_blobs()
+
+    def check(self) -> tuple[bool, str]:
+        ok, detail = self.files.check()
+        if not ok:
+            return ok, detail
+        return self.rows.check()
+
+
+def open_blob_store(settings: Settings, engine: Engine | None = None) -> BlobStore:
     """The blob store the settings name (``FEDGE_BLOB_URL``, checked by the settings): files
-    under ``blob_dir`` by default, rows in the coordinator's database for ``database``."""
+    under ``blob_dir`` by default, rows in the coordinator's database for ``database`` (an
+    engine of their own). With ``inline_update_max_bytes`` above 0 the store also writes small
+    update bodies as rows of the coordinator's database in the upload's transaction: files
+    become a :class:`TieredBlobStore`, whose rows use ``engine`` (the coordinator's) when
+    given."""
+    limit = settings.inline_update_max_bytes
     if settings.blobs_in_database:
-        return DatabaseBlobStore(settings.database_url)
-    return FileBlobStore(settings.blobs)
+        return DatabaseBlobStore(settings.database_url, inline_limit=limit)
+    files = FileBlobStore(settings.blobs)
+    if limit == 0:
+        return files
+    rows = (
+        DatabaseBlobStore(engine=engine, inline_limit=limit)
+        if engine is not None
+        else DatabaseBlobStore(settings.database_url, inline_limit=limit)
+    )
+    return TieredBlobStore(files, rows)

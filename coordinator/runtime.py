@@ -24,7 +24,7 @@ from sqlalchemy import Engine
 from sqlalchemy.orm import Session, sessionmaker
 
 from fedge.coordinator.blobstore import BlobStore
-from fedge.coordinator.blobstore_db import DatabaseBlobStore, open_blob_store
+from fedge.coordinator.blobstore_db import open_blob_store
 from fedge.coordinator.db import make_engine, make_sessionmaker
 from fedge.coordinator.engine.decodedcache import DecodedCache
 from fedge.coordinator.engine.taskcache import TaskConfigCache
@@ -64,13 +64,12 @@ class Runtime:
             settings=settings,
             engine=engine,
             sessions=make_sessionmaker(engine),
-            blobs=open_blob_store(settings),
+            blobs=open_blob_store(settings, engine),
             decoded=DecodedCache(int(settings.decoded_cache_mb * 1_000_000)),
         )
         install(runtime.sessions, runtime.event_hooks)
         return runtime
 
     def close(self) -> None:
-        if isinstance(self.blobs, DatabaseBlobStore):
-            self.blobs.close()
+        self.blobs.close()
         self.engine.dispose()

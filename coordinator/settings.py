@@ -62,6 +62,15 @@ class Settings(BaseSettings):
         "'file://<absolute path>': files there. 'database': rows in the coordinator's own "
         "database (PostgreSQL only), so replicas on several hosts share nothing else.",
     )
+    inline_update_max_bytes: int = Field(
+        default=262_144,
+        ge=0,
+        le=1 << 20,
+        description="Update bodies up to this size are stored as rows of the coordinator's "
+        "own database, written in the upload's own transaction: one commit makes the update "
+        "and its bytes durable, with no file and no fsyncs of its own. Larger bodies (and "
+        "models) go to the blob store. 0: every update to the blob store.",
+    )
     tls_cert: Path | None = Field(default=None, description="Server certificate chain (PEM)")
     tls_key: Path | None = Field(default=None, description="Server private key (PEM)")
     tls_group: Literal["X25519", "P-256", "P-384"] = Field(

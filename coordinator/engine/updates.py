@@ -15,13 +15,17 @@ Order of checks (each rejection changes nothing):
 4. staleness ``tau = current_version - base_version`` is within ``max_staleness``
    (409 ``stale_update``).
 
-Then the blob is written (fsynced) and the ``Update`` row committed, in that order, before
-the answer. A race between two requests with the same key or for the same assignment ends in
-the unique constraints; the loser re-reads and answers like a repeat.
+Then the body is stored and the ``Update`` row committed before the answer: a body of at most
+``inline_update_max_bytes`` as blob rows of the coordinator's database in the same transaction
+as the row (:meth:`fedge.coordinator.blobstore.BlobStore.put_in`: both commit, or neither), a
+larger one in the blob store first (written and fsynced), then the row. A race between two
+requests with the same key or for the same assignment ends in the unique constraints; the loser
+re-reads and answers like a repeat.
 """
 
 from __future__ import annotations
 
+import hashlib
 import re
 from dataclasses import dataclass
 from datetime import datetime
@@ -519,7 +523,8 @@ def accept_upload_ready(
     """Validate, store and record one upload (blocking: call from a worker thread).
 
     Reads and checks come first in a read-only transaction, the body is decoded and checked
-    and the blob written outside any transaction, and one write transaction records it all:
+    outside any transaction (and a body above the store's ``inline_limit`` written to the blob
+    store), and one write transaction records it all, a small body's bytes included:
     with the request's ``claim`` (``DeviceClaimDep``) also its nonce and the device's
     ``last_seen_at``. An answer that does not come from that transaction (a repeat) records
     the claim on its own first; a refusal leaves that to ``DeviceClaimDep``.
@@ -541,7 +546,8 @@ def accept_upload_ready(
     try:
         _check_staleness(ctx.config, current=ctx.current_version, base=ctx.base_version)
         blobs: BlobStore = runtime.blobs
-        digest = blobs.put(body)
+        inline = len(body) <= blobs.inline_limit
+        digest = hashlib.sha256(body).hexdigest() if inline else blobs.put(body)
         with write_connection(runtime.engine) as conn:
             result, result_round = _record_core(
                 conn,
@@ -555,6 +561,8 @@ def accept_upload_ready(
                 size=len(body),
                 now=utcnow(),
             )
+            if inline:  # the bytes commit with the row, or neither does
+                blobs.put_in(conn, body)
             ready = round_may_close(conn, ctx)
         runtime.decoded.put(digest, decoded, spec=ctx.spec, policy=ctx.policy)
         if claim is not None:

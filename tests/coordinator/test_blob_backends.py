@@ -12,7 +12,7 @@ from pydantic import ValidationError
 from sqlalchemy import text
 
 from fedge.coordinator.blobstore import FileBlobStore
-from fedge.coordinator.blobstore_db import DatabaseBlobStore, open_blob_store
+from fedge.coordinator.blobstore_db import DatabaseBlobStore, TieredBlobStore, open_blob_store
 from fedge.coordinator.cli import main as cli_main
 from fedge.coordinator.settings import Settings
 from fedge.coordinator.tls import TlsPaths
@@ -33,12 +33,25 @@ from tests.support.rounds import (
 PG_URL = "postgresql+psycopg://fedge@db/fedge"
 
 
-def test_unset_keeps_files_under_blob_dir(tmp_path: Path) -> None:
+def test_unset_keeps_files_under_blob_dir_and_small_updates_in_the_database(
+    tmp_path: Path,
+) -> None:
     settings = Settings(data_dir=tmp_path)
-    store = open_blob_store(settings)
-    assert isinstance(store, FileBlobStore)
+    store = open_blob_store(settings)  # no connection is made until it is used
+    try:
+        assert isinstance(store, TieredBlobStore)
+        assert store.root == tmp_path / "blobs" and store.files.root == store.root
+        assert store.inline_limit == settings.inline_update_max_bytes == 262_144
+        assert store.rows.engine.url.render_as_string() == settings.database_url
+        assert not settings.blobs_in_database
+    finally:
+        store.close()
+
+
+def test_no_inline_limit_keeps_only_files(tmp_path: Path) -> None:
+    store = open_blob_store(Settings(data_dir=tmp_path, inline_update_max_bytes=0))
+    assert isinstance(store, FileBlobStore) and store.inline_limit == 0
     assert store.root == tmp_path / "blobs"
-    assert not settings.blobs_in_database
 
 
 @pytest.mark.parametrize("form", ["file:{}", "file://{}"])
@@ -47,7 +60,10 @@ def test_file_urls_name_the_directory(tmp_path: Path, form: str) -> None:
     settings = Settings(data_dir=tmp_path, blob_url=form.format(where))
     assert settings.blobs == where
     store = open_blob_store(settings)
-    assert isinstance(store, FileBlobStore) and store.root == where
+    try:
+        assert isinstance(store, TieredBlobStore) and store.root == where
+    finally:
+        store.close()
 
 
 def test_database_uses_the_coordinators_own_database(tmp_path: Path) -> None:
@@ -57,6 +73,7 @@ def test_database_uses_the_coordinators_own_database(tmp_path: Path) -> None:
     try:
         assert isinstance(store, DatabaseBlobStore)
         assert store.engine.url.render_as_string(hide_password=False) == PG_URL
+        assert store.inline_limit == settings.inline_update_max_bytes
     finally:
         store.close()
     assert not (tmp_path / "blobs").exists()

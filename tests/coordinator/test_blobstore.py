@@ -504,3 +504,11 @@ def test_check_reports_an_unusable_database(tmp_path: Path) -> None:
     finally:
         unreachable.close()
         not_migrated.close()
+
+
+def test_the_file_store_keeps_nothing_in_a_database_transaction(file_store: FileBlobStore) -> None:
+    assert file_store.inline_limit == 0
+    refusal = r"^FileBlobStore keeps no blobs in the database$"
+    with pytest.raises(NotImplementedError, match=refusal):
+        file_store.put_in(None, b"x")  # type: ignore[arg-type]
+    assert list(file_store.list_blobs()) == []

@@ -25,7 +25,7 @@ from sqlalchemy import Engine, select
 from sqlalchemy.orm import Session
 
 from fedge.coordinator.blobstore import FileBlobStore
-from fedge.coordinator.blobstore_db import DatabaseBlobStore, open_blob_store
+from fedge.coordinator.blobstore_db import DatabaseBlobStore, TieredBlobStore, open_blob_store
 from fedge.coordinator.db import make_engine, make_sessionmaker
 from fedge.coordinator.models import Assignment, Device, ModelVersion, Round, Task, Update
 from fedge.coordinator.settings import Settings
@@ -223,12 +223,15 @@ class Db:
         self.settings = settings
         self.engine: Engine = make_engine(settings.database_url)
         self.sessions = make_sessionmaker(self.engine)
-        # The coordinator's backend; tests of file-store internals get a FileBlobStore.
-        self.blobs = cast(FileBlobStore | DatabaseBlobStore, open_blob_store(settings))
+        # The coordinator's backend: files (with the database's rows for small update bodies
+        # beside them, unless inline_update_max_bytes is 0) or rows only.
+        self.blobs = cast(
+            FileBlobStore | DatabaseBlobStore | TieredBlobStore,
+            open_blob_store(settings, self.engine),
+        )
 
     def close(self) -> None:
-        if isinstance(self.blobs, DatabaseBlobStore):
-            self.blobs.close()
+        self.blobs.close()
         self.engine.dispose()
 
     def read(self, fn: Callable[[Session], T]) -> T:
