@@ -31,7 +31,19 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, cast
 
-from sqlalchemy import Connection, Engine, Table, delete, func, insert, select, update
+from sqlalchemy import (
+    Connection,
+    Engine,
+    LargeBinary,
+    Table,
+    bindparam,
+    delete,
+    func,
+    insert,
+    literal,
+    select,
+    update,
+)
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.exc import IntegrityError, SQLAlchemyError
 
@@ -55,6 +67,30 @@ LIST_BATCH = 1000
 
 _blobs = cast(Table, Blob.__table__)
 _chunks = cast(Table, BlobChunk.__table__)
+
+
+#: A new blob of one chunk on PostgreSQL: its row (unless the digest is there already) and,
+#: when the row was inserted, its chunk; RETURNING names the digest only then.
+_PG_NEW_BLOB = (
+    postgresql.insert(_blobs)
+    .values(
+        digest=bindparam("p_digest"),
+        size=bindparam("p_size"),
+        num_chunks=1,
+        written_at=bindparam("p_at"),
+    )
+    .on_conflict_do_nothing()
+    .returning(_blobs.c.digest)
+    .cte("new_blob")
+)
+_PG_ROW_AND_CHUNK = (
+    insert(_chunks)
+    .from_select(
+        ["digest", "seq", "data"],
+        select(_PG_NEW_BLOB.c.digest, literal(0), bindparam("p_data", type_=LargeBinary)),
+    )
+    .returning(_chunks.c.digest)
+)
 
 
 class DatabaseBlobStore(BlobStore):
@@ -102,6 +138,12 @@ class DatabaseBlobStore(BlobStore):
         digest = hashlib.sha256(data).hexdigest()
         size = len(data)
         num_chunks = -(-size // self.chunk_size)
+        if self._dialect == "postgresql" and num_chunks == 1:
+            # The row and its one chunk in one statement: a round trip fewer on an upload.
+            params = {"p_digest": digest, "p_size": size, "p_at": utcnow(), "p_data": data}
+            if conn.execute(_PG_ROW_AND_CHUNK, params).first() is None:
+                self._refresh(conn, digest)  # stored already (or by a concurrent put)
+            return digest
         if not self._insert_row(conn, digest, size=size, num_chunks=num_chunks):
             # Stored already (or a concurrent put inserted it and committed while this one
             # waited): only its write time is refreshed.

@@ -34,8 +34,12 @@ from fedge.coordinator.engine.downloads import inline_chain
 from fedge.coordinator.engine.longpoll import long_poll, next_assignment
 from fedge.coordinator.engine.pace import paced_checkin, upload_reconnect
 from fedge.coordinator.engine.reports import record_metrics
-from fedge.coordinator.engine.updates import accept_upload_ready, check_idempotency_key
-from fedge.coordinator.engine.work import without_known_config
+from fedge.coordinator.engine.updates import (
+    InTransaction,
+    accept_upload_ready,
+    check_idempotency_key,
+)
+from fedge.coordinator.engine.work import find_work, without_known_config
 from fedge.coordinator.errors import error_responses
 from fedge.coordinator.runtime import Runtime
 from fedge.coordinator.schemas.device_work import (
@@ -281,11 +285,31 @@ def _upload_and_next(
     next_work: bool,
 ) -> tuple[UploadAccepted, bool, dict[str, Any] | None]:
     """The upload (:func:`accept_upload_ready`), then with ``next_work`` the device's next
-    assignment as a work check without a wait would find it (its own short write
-    transaction, after the upload's commit), in one worker-thread call."""
-    result, ready = accept_upload_ready(
-        runtime, device_id=device_id, assignment_id=assignment_id, key=key, body=body, claim=claim
+    assignment as a work check without a wait would find it, in one worker-thread call. On
+    SQLite the next assignment is found in the upload's own write transaction (in a savepoint:
+    one commit, and one turn of the database's single write lock, instead of two); on
+    PostgreSQL, whose upload holds the task row ``FOR SHARE`` while an assignment takes it in
+    another order, in a short write transaction of its own after the upload's commit."""
+    also = (
+        InTransaction(
+            lambda conn: find_work(conn, runtime.task_configs, device_id=device_id, now=utcnow())
+        )
+        if next_work and runtime.engine.dialect.name == "sqlite"
+        else None
     )
+    result, ready = accept_upload_ready(
+        runtime,
+        device_id=device_id,
+        assignment_id=assignment_id,
+        key=key,
+        body=body,
+        claim=claim,
+        also=also,
+    )
+    if also is not None and also.ran:
+        if also.error is not None:
+            raise also.error
+        return result, ready, also.result
     found = next_assignment(runtime, device_id) if next_work else None
     return result, ready, found
 

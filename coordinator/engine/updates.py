@@ -27,8 +27,10 @@ from __future__ import annotations
 
 import hashlib
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime
+from typing import Any
 
 from sqlalchemy import Connection, bindparam, func, insert, select, update
 from sqlalchemy.exc import IntegrityError
@@ -511,6 +513,28 @@ def accept_upload(
     )[0]
 
 
+@dataclass
+class InTransaction:
+    """Work to do in the upload's own write transaction, after the upload is recorded, in a
+    savepoint of its own (``then(conn)``): what it returns is kept in ``result``, and an
+    exception it raises undoes only its own writes and is kept in ``error`` (the caller raises
+    it once the upload has committed, as if the work had run in a transaction of its own).
+    ``ran`` is False when the upload's transaction never got there (a repeat)."""
+
+    then: Callable[[Connection], Any]
+    ran: bool = False
+    result: Any = None
+    error: Exception | None = None
+
+    def run(self, conn: Connection) -> None:
+        self.ran = True
+        try:
+            with conn.begin_nested():
+                self.result = self.then(conn)
+        except Exception as exc:
+            self.error = exc
+
+
 def accept_upload_ready(
     runtime: Runtime,
     *,
@@ -519,6 +543,7 @@ def accept_upload_ready(
     key: str,
     body: bytes,
     claim: RequestClaim | None = None,
+    also: InTransaction | None = None,
 ) -> tuple[UploadAccepted, bool]:
     """Validate, store and record one upload (blocking: call from a worker thread).
 
@@ -530,7 +555,9 @@ def accept_upload_ready(
     the claim on its own first; a refusal leaves that to ``DeviceClaimDep``.
 
     The flag says whether the task's round may now close (:func:`round_may_close`, read in
-    the same transaction); False for a repeat."""
+    the same transaction); False for a repeat. ``also`` runs last in that transaction (a
+    device's next assignment, on SQLite, where every write transaction takes the one write
+    lock: one commit instead of two)."""
     checked = _precheck(runtime, device_id=device_id, assignment_id=assignment_id, key=key)
     if isinstance(checked, int):
         answer = _answer_repeat(runtime, checked, assignment_id=assignment_id, key=key)
@@ -564,6 +591,8 @@ def accept_upload_ready(
             if inline:  # the bytes commit with the row, or neither does
                 blobs.put_in(conn, body)
             ready = round_may_close(conn, ctx)
+            if also is not None:
+                also.run(conn)
         runtime.decoded.put(digest, decoded, spec=ctx.spec, policy=ctx.policy)
         if claim is not None:
             claim.recorded = True

@@ -16,6 +16,7 @@ from typing import Any
 
 import numpy as np
 import pytest
+from sqlalchemy import event
 
 from fedge.coordinator.engine.scheduler import TaskStepper
 from fedge.coordinator.runtime import Runtime
@@ -298,3 +299,79 @@ def test_a_device_that_worked_on_the_open_round_is_answered_without_writes(
         finally:
             event.remove(engine, "before_cursor_execute", record)
         assert db.device(a.device_id).num_assigned == 2
+
+
+def _commits(coordinator: Coordinator) -> list[int]:
+    """A counter of the coordinator engine's commits (one entry per commit)."""
+    runtime: Runtime = coordinator.app.state.runtime
+    seen: list[int] = []
+    event.listen(runtime.engine, "commit", lambda conn: seen.append(1))
+    return seen
+
+
+def test_on_sqlite_the_next_assignment_commits_with_the_upload(
+    coordinator: Coordinator, db: Db
+) -> None:
+    """One write transaction for the upload and the next assignment on SQLite (the database
+    has one write lock); two on PostgreSQL (the upload holds the task row FOR SHARE, an
+    assignment takes it in another order)."""
+    stepper = _stepper(coordinator)
+    rng = np.random.default_rng(5)
+    sqlite = db.engine.dialect.name == "sqlite"
+    with fleet_of(coordinator, 2) as fleet:
+        a, b = fleet
+        task_id = create_task(coordinator, aggregation=ASYNC, model=MODEL)
+        stepper.step(task_id)
+        work_a, work_b = a.work(), b.work()
+        assert work_a and work_b
+        assert _upload(a, work_a, rng).status_code == 201
+        stepper.step(task_id)
+        stepper.step(task_id)
+        assert db.task(task_id).current_version == 1
+        commits = _commits(coordinator)
+        r = _upload(b, work_b, rng, next=1)
+        assert r.status_code == 201, r.text
+        following = r.json()["next"]
+        assert (following["status"], following["base_version"]) == ("assigned", 1)
+        assert len(commits) == (1 if sqlite else 2)
+        mine = [x for x in db.assignments(task_id) if x.device_id == b.device_id]
+        assert [(x.base_version, x.status) for x in mine] == [(0, "uploaded"), (1, "assigned")]
+
+
+def test_a_failing_next_assignment_keeps_the_upload_and_only_undoes_its_own_writes(
+    coordinator: Coordinator, db: Db, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The next assignment fails after it wrote its assignment row: the upload is committed
+    (a repeat of it answers the first result), the assignment is gone, and the request is
+    answered with the error, as when the assignment was a transaction of its own."""
+    from fedge.coordinator.api import device_work
+
+    stepper = _stepper(coordinator)
+    rng = np.random.default_rng(6)
+    with fleet_of(coordinator, 2) as fleet:
+        a, b = fleet
+        task_id = create_task(coordinator, aggregation=ASYNC, model=MODEL)
+        stepper.step(task_id)
+        work_a, work_b = a.work(), b.work()
+        assert work_a and work_b
+        assert _upload(a, work_a, rng).status_code == 201
+        stepper.step(task_id)
+        stepper.step(task_id)
+        real = device_work.find_work
+        found: list[dict[str, Any] | None] = []
+
+        def find_then_fail(conn: Any, *args: Any, **kwargs: Any) -> Any:
+            found.append(real(conn, *args, **kwargs))  # writes the new assignment
+            raise RuntimeError("next assignment failed")
+
+        monkeypatch.setattr(device_work, "find_work", find_then_fail)
+        monkeypatch.setattr(device_work, "next_assignment", lambda *a: find_then_fail(None))
+        failed = _upload(b, work_b, rng, next=1)
+        assert failed.status_code == 500 and failed.json()["error"] == "internal_error"
+        if db.engine.dialect.name == "sqlite":
+            assert found and found[0] is not None and found[0]["base_version"] == 1
+        mine = [x for x in db.assignments(task_id) if x.device_id == b.device_id]
+        assert [(x.base_version, x.status) for x in mine] == [(0, "uploaded")]
+        monkeypatch.setattr(device_work, "find_work", real)
+        again = _upload(b, work_b, rng)  # the same Idempotency-Key: the first result
+        assert again.status_code == 200 and again.json()["duplicate"] is True
