@@ -385,22 +385,19 @@ class TieredBlobStore(BlobStore):
         return self.rows.check()
 
 
-def open_blob_store(settings: Settings, engine: Engine | None = None) -> BlobStore:
+def open_blob_store(settings: Settings) -> BlobStore:
     """The blob store the settings name (``FEDGE_BLOB_URL``, checked by the settings): files
-    under ``blob_dir`` by default, rows in the coordinator's database for ``database`` (an
-    engine of their own). With ``inline_update_max_bytes`` above 0 the store also writes small
-    update bodies as rows of the coordinator's database in the upload's transaction: files
-    become a :class:`TieredBlobStore`, whose rows use ``engine`` (the coordinator's) when
-    given."""
+    under ``blob_dir`` by default, rows in the coordinator's database for ``database``. With
+    ``inline_update_max_bytes`` above 0 the store also writes small update bodies as rows of
+    the coordinator's database in the upload's transaction: files become a
+    :class:`TieredBlobStore`. Rows are read through an engine of the store's own, never from
+    the coordinator's pool: an aggregation that holds a pooled connection and the task's lock
+    must not wait for another pooled connection to read an update while the uploads queued on
+    that lock hold the rest of the pool."""
     limit = settings.inline_update_max_bytes
     if settings.blobs_in_database:
         return DatabaseBlobStore(settings.database_url, inline_limit=limit)
     files = FileBlobStore(settings.blobs)
     if limit == 0:
         return files
-    rows = (
-        DatabaseBlobStore(engine=engine, inline_limit=limit)
-        if engine is not None
-        else DatabaseBlobStore(settings.database_url, inline_limit=limit)
-    )
-    return TieredBlobStore(files, rows)
+    return TieredBlobStore(files, DatabaseBlobStore(settings.database_url, inline_limit=limit))

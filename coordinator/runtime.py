@@ -64,7 +64,7 @@ class Runtime:
             settings=settings,
             engine=engine,
             sessions=make_sessionmaker(engine),
-            blobs=open_blob_store(settings, engine),
+            blobs=open_blob_store(settings),
             decoded=DecodedCache(int(settings.decoded_cache_mb * 1_000_000)),
         )
         install(runtime.sessions, runtime.event_hooks)

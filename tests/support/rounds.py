@@ -227,7 +227,7 @@ class Db:
         # beside them, unless inline_update_max_bytes is 0) or rows only.
         self.blobs = cast(
             FileBlobStore | DatabaseBlobStore | TieredBlobStore,
-            open_blob_store(settings, self.engine),
+            open_blob_store(settings),
         )
 
     def close(self) -> None:
