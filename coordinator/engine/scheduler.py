@@ -47,6 +47,7 @@ from fedge.coordinator.db import READ_ONLY, in_states, session_scope, utcnow
 from fedge.coordinator.engine import apply, leases, rounds, secure
 from fedge.coordinator.engine.aggregate import BadStoredUpdate
 from fedge.coordinator.engine.config import AggregationConfig, ConfigError
+from fedge.coordinator.engine.eligibility import Liveness
 from fedge.coordinator.engine.evalhook import EvalHook, load_hook
 from fedge.coordinator.engine.idlestep import idle_async_step
 from fedge.coordinator.engine.notify import Notifier
@@ -205,6 +206,10 @@ class TaskStepper:
         # An async task (its mode never changes once it runs) may have nothing else to write.
         if task_id in self._async_tasks and idle_async_step(self.runtime, task_id, now=now):
             return False
+        # Read before the task's lock: a fresh reading takes a pooled connection, and one
+        # taken while this step holds another (and the task row that the requests holding
+        # the rest of the pool wait for) would wait for the pool's timeout.
+        liveness = liveness_for(self.runtime)
         with session_scope(self.runtime.sessions) as session:
             task = lock_task(session, task_id)
             if task is None:
@@ -238,8 +243,7 @@ class TaskStepper:
                 return False
             if cfg.mode == "async":
                 self._async_tasks.add(task_id)
-                return self._async_transitions(session, task, cfg, outcome)
-            liveness = liveness_for(self.runtime)
+                return self._async_transitions(session, task, cfg, outcome, liveness)
             rnd = rounds.active_round(session, task.id)
             if rnd is not None and rnd.status == RoundStatus.OPEN and cfg.secure is not None:
                 outcome.woken += secure.advance(session, task, rnd, cfg, now=now)
@@ -259,7 +263,12 @@ class TaskStepper:
             return rnd is not None and rnd.status == RoundStatus.AGGREGATING
 
     def _async_transitions(
-        self, session: Session, task: Task, cfg: AggregationConfig, outcome: StepOutcome
+        self,
+        session: Session,
+        task: Task,
+        cfg: AggregationConfig,
+        outcome: StepOutcome,
+        liveness: Liveness,
     ) -> bool:
         now = utcnow()
         outcome.woken += rounds.expire_async_leases(session, task, now=now)
@@ -269,7 +278,7 @@ class TaskStepper:
             rnd = rounds.open_async_round(session, task, cfg, now=now)
         pending = rounds.count_pending(session, task.id)
         if pending < cfg.buffer_size:
-            rounds.explain_async_wait(session, task, now=now, liveness=liveness_for(self.runtime))
+            rounds.explain_async_wait(session, task, now=now, liveness=liveness)
         if rnd.num_received != min(pending, cfg.buffer_size):
             rnd.num_received = min(pending, cfg.buffer_size)
         return pending >= cfg.buffer_size
@@ -324,14 +333,11 @@ class TaskStepper:
                 ),
                 self.runtime.event_hooks,
             )
+            liveness = liveness_for(self.runtime)  # before the session (see _transitions)
             try:
                 with session_scope(self.runtime.sessions) as session:
                     woken = apply.commit_aggregation(
-                        session,
-                        plan,
-                        result,
-                        now=utcnow(),
-                        liveness=liveness_for(self.runtime),
+                        session, plan, result, now=utcnow(), liveness=liveness
                     )
             except apply.RoundMoved:
                 woken = None
