@@ -94,8 +94,8 @@ lint: $(STAMP)
 # minutes; bench/results/*.quick.json, git-ignored); `bench-full` runs the full ones (the
 # figures the README quotes: bench/results/*.json and *.png), then rewrites the README's
 # Results section from them.
-BENCHES := codec compression_accuracy async_vs_sync flower_setting aggregate ingest fleet_traffic \
-	selection dp_accuracy byzantine secagg
+BENCHES := codec compression_accuracy async_vs_sync flower_setting aggregate ingest upload_path \
+	fleet_traffic selection dp_accuracy byzantine secagg
 
 bench: $(STAMP)
 	$(BIN)/python bench/codec.py

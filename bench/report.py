@@ -264,6 +264,20 @@ def _ingest_key(b: dict[str, Any]) -> str:
     return b["backend"] if workers == 1 else f"{b['backend']}_workers{workers}"
 
 
+def upload_path(d: dict[str, Any]) -> str:
+    first = d["results"][0]
+    return (
+        "Upload path (`bench/upload_path.py`): the coordinator's own functions for one "
+        "accepted update, in the order `accept_upload_ready` calls them, in one thread on a "
+        f"fresh database and blob store per repeat ({first['uploads_per_repeat']} staged and "
+        f"as many whole uploads after a warm-up, {first['repeats']} repeats, median (range); "
+        f"bodies of {first['body_bytes']} bytes, every one distinct, each with a request "
+        "claim); thread CPU time, so an fsync's kernel work counts and waiting for the disk "
+        "does not. The two ways of storing the body run interleaved in one run "
+        "(`inline_update_max_bytes` 0 and the default).\n\n" + d["table"]
+    )
+
+
 def ingest(d: dict[str, Any]) -> str:
     rows = []
     for b in d["backends"]:
@@ -922,6 +936,7 @@ SECTIONS: list[tuple[str, str, Callable[[dict[str, Any]], str]]] = [
     ("compression_accuracy", "Compression vs accuracy", compression_accuracy),
     ("async_vs_sync", "Async vs sync under faults", async_vs_sync),
     ("ingest", "Ingest at scale", ingest),
+    ("upload_path", "Upload path, stage by stage", upload_path),
     ("aggregate", "Aggregation at scale", aggregate),
     ("flower_setting", "Against Flower in its own setting", flower_setting),
     ("dp_accuracy", "Differential privacy: accuracy vs ε", dp_accuracy),

@@ -28,6 +28,7 @@ are the median over repeats of each stage's mean, with the range. Writes
 ``bench/results/upload_path.json``.
 
     python bench/upload_path.py                      # SQLite and PostgreSQL, 3 repeats
+    python bench/upload_path.py --quick                  # SQLite, 1 x 100 (upload_path.quick.json)
     python bench/upload_path.py --backends sqlite --repeats 1 --uploads 200 --output x.json
 """
 
@@ -322,8 +323,13 @@ def main() -> None:
     ap.add_argument("--backends", default="sqlite,postgresql")
     ap.add_argument("--uploads", type=int, default=300, help="uploads per repeat and kind")
     ap.add_argument("--repeats", type=int, default=3)
-    ap.add_argument("--output", type=Path, default=RESULTS)
+    ap.add_argument("--quick", action="store_true", help="SQLite, 1 repeat of 100 uploads")
+    ap.add_argument("--output", type=Path, default=None)
     args = ap.parse_args()
+    if args.quick:
+        args.backends, args.repeats, args.uploads = "sqlite", 1, 100
+    if args.output is None:
+        args.output = RESULTS.with_suffix(".quick.json") if args.quick else RESULTS
     started = datetime.now(UTC).isoformat(timespec="seconds")
     modes = {"body in a file": 0, "body in the transaction": INLINE_DEFAULT}
     results = [

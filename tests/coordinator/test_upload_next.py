@@ -30,6 +30,7 @@ from tests.support.device import API
 from tests.support.rounds import (
     EXACT,
     Db,
+    Fleet,
     TestDevice,
     create_task,
     fleet_of,
@@ -309,25 +310,34 @@ def _commits(coordinator: Coordinator) -> list[int]:
     return seen
 
 
+def _b_behind_version_1(
+    coordinator: Coordinator, db: Db, fleet: Fleet, rng: np.random.Generator
+) -> tuple[int, TestDevice, dict[str, Any]]:
+    """An async task whose version 1 came from A's update while B still works on version 0:
+    the task id, B and B's assignment (B's upload with ``next=1`` finds work on version 1)."""
+    stepper = _stepper(coordinator)
+    a, b = fleet
+    task_id = create_task(coordinator, aggregation=ASYNC, model=MODEL)
+    stepper.step(task_id)
+    work_a, work_b = a.work(), b.work()
+    assert work_a and work_b
+    assert _upload(a, work_a, rng).status_code == 201
+    stepper.step(task_id)
+    stepper.step(task_id)  # the round of version 1 opens
+    assert db.task(task_id).current_version == 1
+    return task_id, b, work_b
+
+
 def test_on_sqlite_the_next_assignment_commits_with_the_upload(
     coordinator: Coordinator, db: Db
 ) -> None:
     """One write transaction for the upload and the next assignment on SQLite (the database
     has one write lock); two on PostgreSQL (the upload holds the task row FOR SHARE, an
     assignment takes it in another order)."""
-    stepper = _stepper(coordinator)
     rng = np.random.default_rng(5)
     sqlite = db.engine.dialect.name == "sqlite"
     with fleet_of(coordinator, 2) as fleet:
-        a, b = fleet
-        task_id = create_task(coordinator, aggregation=ASYNC, model=MODEL)
-        stepper.step(task_id)
-        work_a, work_b = a.work(), b.work()
-        assert work_a and work_b
-        assert _upload(a, work_a, rng).status_code == 201
-        stepper.step(task_id)
-        stepper.step(task_id)
-        assert db.task(task_id).current_version == 1
+        task_id, b, work_b = _b_behind_version_1(coordinator, db, fleet, rng)
         commits = _commits(coordinator)
         r = _upload(b, work_b, rng, next=1)
         assert r.status_code == 201, r.text
@@ -346,17 +356,9 @@ def test_a_failing_next_assignment_keeps_the_upload_and_only_undoes_its_own_writ
     answered with the error, as when the assignment was a transaction of its own."""
     from fedge.coordinator.api import device_work
 
-    stepper = _stepper(coordinator)
     rng = np.random.default_rng(6)
     with fleet_of(coordinator, 2) as fleet:
-        a, b = fleet
-        task_id = create_task(coordinator, aggregation=ASYNC, model=MODEL)
-        stepper.step(task_id)
-        work_a, work_b = a.work(), b.work()
-        assert work_a and work_b
-        assert _upload(a, work_a, rng).status_code == 201
-        stepper.step(task_id)
-        stepper.step(task_id)
+        task_id, b, work_b = _b_behind_version_1(coordinator, db, fleet, rng)
         real = device_work.find_work
         found: list[dict[str, Any] | None] = []
 
