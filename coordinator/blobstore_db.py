@@ -69,16 +69,21 @@ _blobs = cast(Table, Blob.__table__)
 _chunks = cast(Table, BlobChunk.__table__)
 
 
-#: A new blob of one chunk on PostgreSQL: its row (unless the digest is there already) and,
-#: when the row was inserted, its chunk; RETURNING names the digest only then.
+#: A new blob of one chunk: its row unless the digest is there already (RETURNING names the
+#: digest only when the row was inserted) and its chunk; on PostgreSQL both in one statement.
+_ONE_CHUNK_ROW = {
+    "digest": bindparam("p_digest"),
+    "size": bindparam("p_size"),
+    "num_chunks": 1,
+    "written_at": bindparam("p_at"),
+}
+_SQLITE_NEW_ROW = (
+    sqlite.insert(_blobs).values(_ONE_CHUNK_ROW).on_conflict_do_nothing().returning(_blobs.c.digest)
+)
+_FIRST_CHUNK = insert(_chunks).values(digest=bindparam("p_digest"), seq=0, data=bindparam("p_data"))
 _PG_NEW_BLOB = (
     postgresql.insert(_blobs)
-    .values(
-        digest=bindparam("p_digest"),
-        size=bindparam("p_size"),
-        num_chunks=1,
-        written_at=bindparam("p_at"),
-    )
+    .values(_ONE_CHUNK_ROW)
     .on_conflict_do_nothing()
     .returning(_blobs.c.digest)
     .cte("new_blob")
@@ -138,10 +143,16 @@ class DatabaseBlobStore(BlobStore):
         digest = hashlib.sha256(data).hexdigest()
         size = len(data)
         num_chunks = -(-size // self.chunk_size)
-        if self._dialect == "postgresql" and num_chunks == 1:
-            # The row and its one chunk in one statement: a round trip fewer on an upload.
+        if num_chunks == 1 and self._dialect in ("postgresql", "sqlite"):
+            # An update body: prebuilt statements (on PostgreSQL the row and its chunk in one).
             params = {"p_digest": digest, "p_size": size, "p_at": utcnow(), "p_data": data}
-            if conn.execute(_PG_ROW_AND_CHUNK, params).first() is None:
+            if self._dialect == "postgresql":
+                inserted = conn.execute(_PG_ROW_AND_CHUNK, params).first() is not None
+            else:
+                inserted = conn.execute(_SQLITE_NEW_ROW, params).first() is not None
+                if inserted:
+                    conn.execute(_FIRST_CHUNK, params)
+            if not inserted:
                 self._refresh(conn, digest)  # stored already (or by a concurrent put)
             return digest
         if not self._insert_row(conn, digest, size=size, num_chunks=num_chunks):
