@@ -19,6 +19,7 @@ import pytest
 from sqlalchemy import event
 
 from fedge.coordinator.engine.scheduler import TaskStepper
+from fedge.coordinator.errors import Conflict
 from fedge.coordinator.runtime import Runtime
 from fedge.coordinator.settings import Settings
 from fedge.shared.broadcast import rebuild
@@ -352,8 +353,9 @@ def test_a_failing_next_assignment_keeps_the_upload_and_only_undoes_its_own_writ
     coordinator: Coordinator, db: Db, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """The next assignment fails after it wrote its assignment row: the upload is committed
-    (a repeat of it answers the first result), the assignment is gone, and the request is
-    answered with the error, as when the assignment was a transaction of its own."""
+    (a repeat of it answers the first result) and the request is answered with the error. On
+    SQLite the savepoint undid the assignment; on PostgreSQL it was a transaction of its own,
+    committed before the failure, as before."""
     from fedge.coordinator.api import device_work
 
     rng = np.random.default_rng(6)
@@ -364,16 +366,31 @@ def test_a_failing_next_assignment_keeps_the_upload_and_only_undoes_its_own_writ
 
         def find_then_fail(conn: Any, *args: Any, **kwargs: Any) -> Any:
             found.append(real(conn, *args, **kwargs))  # writes the new assignment
-            raise RuntimeError("next assignment failed")
+            # An answered error: after an unhandled one (a 500) the server closes the
+            # connection, and the device's next request would meet a closed socket.
+            raise Conflict("next assignment failed", code="next_failed")
 
         monkeypatch.setattr(device_work, "find_work", find_then_fail)
-        monkeypatch.setattr(device_work, "next_assignment", lambda *a: find_then_fail(None))
+
+        def next_then_fail(runtime: Runtime, device_id: str) -> Any:  # PostgreSQL's way
+            found.append(real_next(runtime, device_id))  # commits the new assignment
+            raise Conflict("next assignment failed", code="next_failed")
+
+        real_next = device_work.next_assignment
+        monkeypatch.setattr(device_work, "next_assignment", next_then_fail)
         failed = _upload(b, work_b, rng, next=1)
-        assert failed.status_code == 500 and failed.json()["error"] == "internal_error"
-        if db.engine.dialect.name == "sqlite":
-            assert found and found[0] is not None and found[0]["base_version"] == 1
-        mine = [x for x in db.assignments(task_id) if x.device_id == b.device_id]
-        assert [(x.base_version, x.status) for x in mine] == [(0, "uploaded")]
+        assert failed.status_code == 409
+        assert failed.json() == {"error": "next_failed", "detail": "next assignment failed"}
+        assert len(found) == 1 and found[0] is not None and found[0]["base_version"] == 1
+        mine = [
+            (x.base_version, x.status)
+            for x in db.assignments(task_id)
+            if x.device_id == b.device_id
+        ]
+        if db.engine.dialect.name == "sqlite":  # the savepoint undid the assignment
+            assert mine == [(0, "uploaded")]
+        else:  # a transaction of its own, committed before the failure
+            assert mine == [(0, "uploaded"), (1, "assigned")]
         monkeypatch.setattr(device_work, "find_work", real)
         again = _upload(b, work_b, rng)  # the same Idempotency-Key: the first result
         assert again.status_code == 200 and again.json()["duplicate"] is True
