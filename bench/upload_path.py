@@ -35,7 +35,6 @@ are the median over repeats of each stage's mean, with the range. Writes
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import platform
 import statistics
@@ -56,17 +55,17 @@ from _aggregate_prep import enroll_devices, postgres_database
 from ingest import COMPRESSION, MODEL, PG_ADMIN_URL
 
 from fedge.coordinator.auth import RequestClaim, get_authenticator
-from fedge.coordinator.db import session_scope, utcnow, write_connection
+from fedge.coordinator.db import session_scope, utcnow
 from fedge.coordinator.engine import rounds
 from fedge.coordinator.engine.config import AggregationConfig
 from fedge.coordinator.engine.eligibility import Liveness
 from fedge.coordinator.engine.updates import (
     _Context,
     _precheck,
-    _record_core,
     accept_upload_ready,
     decode_checked,
-    round_may_close,
+    record_upload,
+    store_body,
 )
 from fedge.coordinator.events import Event, publish
 from fedge.coordinator.migrate import upgrade
@@ -154,32 +153,23 @@ def _staged(
     )
     assert isinstance(ctx, _Context)
     decoded = timed("decode", lambda: decode_checked(body, ctx))
-    blobs = runtime.blobs
-    inline = len(body) <= blobs.inline_limit
-    digest = timed(
-        "blob put", lambda: hashlib.sha256(body).hexdigest() if inline else blobs.put(body)
-    )
+    digest, inline = timed("blob put", lambda: store_body(runtime.blobs, body))
 
-    def write() -> tuple[Any, int]:
-        with write_connection(runtime.engine) as conn:
-            result, round_id = _record_core(
-                conn,
-                ctx,
-                claim,
-                device_id=device_id,
-                assignment_id=assignment_id,
-                key=key,
-                decoded=decoded,
-                digest=digest,
-                size=len(body),
-                now=utcnow(),
-            )
-            if inline:
-                blobs.put_in(conn, body)
-            round_may_close(conn, ctx)
-        return result, round_id
+    def write() -> tuple[Any, int, bool]:
+        return record_upload(
+            runtime,
+            ctx,
+            claim,
+            device_id=device_id,
+            assignment_id=assignment_id,
+            key=key,
+            decoded=decoded,
+            body=body,
+            digest=digest,
+            inline=inline,
+        )
 
-    _, round_id = timed("write transaction", write)
+    _, round_id, _ = timed("write transaction", write)
 
     def after() -> None:
         runtime.decoded.put(digest, decoded, spec=ctx.spec, policy=ctx.policy)

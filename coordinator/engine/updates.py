@@ -513,6 +513,50 @@ def accept_upload(
     )[0]
 
 
+def store_body(blobs: BlobStore, body: bytes) -> tuple[str, bool]:
+    """The body's digest, and whether it goes into the upload's transaction (at most the
+    store's ``inline_limit``); a larger body is written to the blob store here, first."""
+    inline = len(body) <= blobs.inline_limit
+    return (hashlib.sha256(body).hexdigest() if inline else blobs.put(body)), inline
+
+
+def record_upload(
+    runtime: Runtime,
+    ctx: _Context,
+    claim: RequestClaim | None,
+    *,
+    device_id: str,
+    assignment_id: int,
+    key: str,
+    decoded: DecodedUpdate,
+    body: bytes,
+    digest: str,
+    inline: bool,
+    also: InTransaction | None = None,
+) -> tuple[UploadAccepted, int, bool]:
+    """The upload's write transaction (:func:`_record_core`, a small body's rows, whether the
+    round may close, then ``also``), committed: the answer, the round id and that flag."""
+    with write_connection(runtime.engine) as conn:
+        result, round_id = _record_core(
+            conn,
+            ctx,
+            claim,
+            device_id=device_id,
+            assignment_id=assignment_id,
+            key=key,
+            decoded=decoded,
+            digest=digest,
+            size=len(body),
+            now=utcnow(),
+        )
+        if inline:  # the bytes commit with the row, or neither does
+            runtime.blobs.put_in(conn, body)
+        ready = round_may_close(conn, ctx)
+        if also is not None:
+            also.run(conn)
+    return result, round_id, ready
+
+
 @dataclass
 class InTransaction:
     """Work to do in the upload's own write transaction, after the upload is recorded, in a
@@ -572,27 +616,20 @@ def accept_upload_ready(
         raise
     try:
         _check_staleness(ctx.config, current=ctx.current_version, base=ctx.base_version)
-        blobs: BlobStore = runtime.blobs
-        inline = len(body) <= blobs.inline_limit
-        digest = hashlib.sha256(body).hexdigest() if inline else blobs.put(body)
-        with write_connection(runtime.engine) as conn:
-            result, result_round = _record_core(
-                conn,
-                ctx,
-                claim,
-                device_id=device_id,
-                assignment_id=assignment_id,
-                key=key,
-                decoded=decoded,
-                digest=digest,
-                size=len(body),
-                now=utcnow(),
-            )
-            if inline:  # the bytes commit with the row, or neither does
-                blobs.put_in(conn, body)
-            ready = round_may_close(conn, ctx)
-            if also is not None:
-                also.run(conn)
+        digest, inline = store_body(runtime.blobs, body)
+        result, result_round, ready = record_upload(
+            runtime,
+            ctx,
+            claim,
+            device_id=device_id,
+            assignment_id=assignment_id,
+            key=key,
+            decoded=decoded,
+            body=body,
+            digest=digest,
+            inline=inline,
+            also=also,
+        )
         runtime.decoded.put(digest, decoded, spec=ctx.spec, policy=ctx.policy)
         if claim is not None:
             claim.recorded = True
