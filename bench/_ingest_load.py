@@ -16,20 +16,30 @@ Phases (``cfg["phase"]``):
   completed inside ``[t0, t1]`` are counted, with their latency. ``device_mode`` ``agent``
   (the default) does what the agent does: long-poll for work (``wait=poll_wait_s``) and
   upload with ``next=1``, taking the next assignment from the answer when there is one;
-  ``busy`` polls with ``wait=0`` and sleeps 20 ms when there is no work.
+  ``busy`` polls with ``wait=0`` and sleeps 20 ms when there is no work. With ``cfg["rate"]``
+  (uploads per second of this process) the load is open-loop: an upload waits for the next
+  slot of a fixed schedule (``1/rate`` apart), so the coordinator sees that rate as long as
+  it keeps up, whatever its latency (slots more than a second behind are dropped, not
+  bunched; rate 0: devices take work and upload nothing).
 - ``assign``: every device gets one assignment, then the process waits for ``go``.
 - ``upload``: (after ``assign``) every device uploads its one assignment (measured).
 - ``longpoll``: every device sends one ``GET /work?wait=W`` and records when it is answered.
 - ``ceiling``: like ``steady`` against the bare signature-check app (``POST /verify``).
+- ``ladder``: one request at a time (no concurrency at all), kind by kind, with the
+  coordinator's CPU (``/proc/<pid>/stat`` of ``cfg["pid"]``) read before and after each kind:
+  what each kind of request costs the coordinator when nothing contends (see
+  :func:`_ladder`).
 """
 
 from __future__ import annotations
 
 import asyncio
 import hashlib
+import os
 import resource
 import ssl
 import time
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -50,6 +60,13 @@ def _raise_nofile(n: int) -> None:
     want = min(hard, max(soft, n))
     if want > soft:
         resource.setrlimit(resource.RLIMIT_NOFILE, (want, hard))
+
+
+def proc_cpu_s(pid: int) -> float:
+    """utime + stime of a process (seconds) from /proc/<pid>/stat (the fields after
+    ``(comm)``, which may hold spaces: utime and stime are the 12th and 13th)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def _cpu() -> float:
@@ -153,6 +170,29 @@ async def _upload(
     return await client.post(url, content=body, headers=headers)
 
 
+class _Pacer:
+    """Slots ``1/rate`` apart from ``start``: each upload of the process takes the next one."""
+
+    def __init__(self, rate: float, start: float, end: float) -> None:
+        self.gap = 1.0 / rate if rate > 0 else 0.0
+        self.next = start if rate > 0 else end  # rate 0: no slot before the end
+        self.skipped = 0
+
+    async def wait(self) -> None:
+        now = time.time()
+        if self.gap == 0.0:
+            await asyncio.sleep(max(0.0, self.next - now))
+            return
+        if now - self.next > 1.0:  # the schedule fell behind: drop the missed slots
+            missed = int((now - self.next) / self.gap)
+            self.skipped += missed
+            self.next += missed * self.gap
+        slot = self.next
+        self.next += self.gap
+        if slot > now:
+            await asyncio.sleep(slot - now)
+
+
 class _Stats:
     def __init__(self) -> None:
         self.latencies: list[float] = []  # accepted uploads completed inside the window
@@ -186,6 +226,9 @@ async def _steady(cfg: dict[str, Any]) -> dict[str, Any]:
     # benchmark's earlier device model: about two work requests per update).
     agent_like = cfg.get("device_mode", "agent") == "agent"
     poll_wait = int(cfg.get("poll_wait_s", 20)) if agent_like else 0
+    pacer = None
+    if cfg.get("rate") is not None:
+        pacer = _Pacer(float(cfg["rate"]), cfg["t_start"], cfg["t_end"])
 
     async def device_loop(dev: _Device) -> None:
         work: dict[str, Any] | None = None
@@ -205,6 +248,10 @@ async def _steady(cfg: dict[str, Any]) -> dict[str, Any]:
                         continue
                     if inside(now):
                         in_window["work_200"] += 1
+                if pacer is not None:
+                    await pacer.wait()
+                    if time.time() >= t_end:
+                        break
                 body = bodies.new(int(work["task_id"]), int(work["base_version"]))
                 start = time.perf_counter()
                 r = await _upload(client, dev, work, body, want_next=agent_like)
@@ -244,6 +291,7 @@ async def _steady(cfg: dict[str, Any]) -> dict[str, Any]:
         "cpu_s": cpu.get("t1", 0.0) - cpu.get("t0", 0.0),
         "body_build_s_in_window": cpu.get("build1", 0.0) - cpu.get("build0", 0.0),
         "bodies": bodies.report(),
+        "slots_skipped": pacer.skipped if pacer is not None else 0,
     }
 
 
@@ -399,6 +447,84 @@ async def _ceiling(cfg: dict[str, Any]) -> dict[str, Any]:
     }
 
 
+async def _ladder(cfg: dict[str, Any]) -> dict[str, Any]:
+    """Request kinds one at a time, each device in turn, the coordinator's CPU around each
+    kind. The coordinator runs two async tasks that never aggregate (buffers larger than the
+    fleet) and nothing else; every device has no assignment yet. In order:
+
+    ``healthz`` (unsigned ``GET /healthz``: HTTP, TLS and the middleware), ``work_assign``
+    (a signed ``GET /device/work`` that creates an assignment of the first task),
+    ``work_again`` (the same request, answered with the assignment it already has),
+    ``upload_next_found`` (the upload with ``next=1``: its answer carries an assignment of the
+    second task), ``upload_next_none`` (the upload of that one: nothing is left to assign),
+    ``work_none`` (a signed ``GET /device/work`` with no work to give: 204)."""
+    devices = [_Device(d, bytes.fromhex(k)) for d, k in cfg["devices"]]
+    bodies = _Bodies(cfg["model"], cfg["compression"], cfg["seed"])
+    pid = int(cfg["pid"])
+    repeats = int(cfg.get("repeats", 4))
+    kinds: dict[str, dict[str, Any]] = {}
+    works: dict[str, dict[str, Any]] = {}
+    nexts: dict[str, dict[str, Any]] = {}
+
+    async with _client(cfg, 1) as client:
+        for _ in range(3):  # the connection and its TLS session first
+            (await client.get("/healthz")).raise_for_status()
+
+        async def healthz(dev: _Device) -> int:
+            return (await client.get("/healthz")).status_code
+
+        async def work_assign(dev: _Device) -> int:
+            status, work = await _get_work(client, dev)
+            if work is not None:
+                works[dev.id] = work
+            return status
+
+        async def work_again(dev: _Device) -> int:
+            return (await _get_work(client, dev))[0]
+
+        async def upload_next_found(dev: _Device) -> int:
+            work = works[dev.id]
+            body = bodies.new(int(work["task_id"]), int(work["base_version"]))
+            r = await _upload(client, dev, work, body, want_next=True)
+            if r.status_code == 201 and r.json().get("next"):
+                nexts[dev.id] = r.json()["next"]
+            return r.status_code
+
+        async def upload_next_none(dev: _Device) -> int:
+            work = nexts[dev.id]
+            body = bodies.new(int(work["task_id"]), int(work["base_version"]))
+            r = await _upload(client, dev, work, body, want_next=True)
+            return r.status_code if not r.json().get("next") else -1
+
+        # (name, request, passes over the devices, the status it should answer, the devices
+        # it applies to: those the previous kinds gave what it needs)
+        steps: list[tuple[str, Any, int, int, Any]] = [
+            ("healthz", healthz, repeats, 200, None),
+            ("work_assign", work_assign, 1, 200, None),
+            ("work_again", work_again, repeats, 200, works),
+            ("upload_next_found", upload_next_found, 1, 201, works),
+            ("upload_next_none", upload_next_none, 1, 201, nexts),
+            ("work_none", work_again, repeats, 204, None),
+        ]
+        for name, fn, times, want, needs in steps:
+            chosen = [d for d in devices if needs is None or d.id in needs]
+            statuses: dict[int, int] = {}
+            cpu0, t0 = proc_cpu_s(pid), time.time()
+            for _ in range(times):
+                for dev in chosen:
+                    code = await fn(dev)
+                    statuses[code] = statuses.get(code, 0) + 1
+            cpu1, t1 = proc_cpu_s(pid), time.time()
+            kinds[name] = {
+                "requests": sum(statuses.values()),
+                "expected_status": want,
+                "statuses": {str(k): v for k, v in statuses.items()},
+                "coordinator_cpu_s": cpu1 - cpu0,
+                "wall_s": t1 - t0,
+            }
+    return {"kinds": kinds}
+
+
 def worker(cfg: dict[str, Any], out: Any, ready: Any = None, go: Any = None) -> None:
     """Entry point of one load-generator process; puts its result dict on ``out``."""
     _raise_nofile(4096)
@@ -412,6 +538,8 @@ def worker(cfg: dict[str, Any], out: Any, ready: Any = None, go: Any = None) -> 
             result = asyncio.run(_longpoll(cfg, ready))
         elif phase == "ceiling":
             result = asyncio.run(_ceiling(cfg))
+        elif phase == "ladder":
+            result = asyncio.run(_ladder(cfg))
         else:
             raise ValueError(phase)
     except BaseException as exc:  # reported to the parent rather than lost

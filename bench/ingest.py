@@ -36,6 +36,21 @@ buffer must fill with fewer than C devices). Figures per C:
   from the first half);
 * the load generators' own CPU-seconds over the window (to show they are not saturated).
 
+Ladder (on by default, ``--no-ladder`` skips it): one request at a time, no concurrency, on
+two async tasks that never aggregate: the coordinator's CPU per request of each kind --
+``healthz`` (HTTP, TLS and the middleware of a request that does nothing), a signed work
+request that assigns, one answered with the assignment the device already has, one with
+nothing to give (204), an upload whose answer carries the next assignment and one whose
+answer has none. The sum for one update is what an update costs when nothing contends.
+
+Open loop (``--rates 0,20,40,60``, at the largest C): each rate is a fresh async task whose
+devices upload on a fixed schedule of that many updates/s in all (as long as the coordinator
+keeps up), long-polling as agents do; the coordinator CPU share at each rate, and the
+straight line through (accepted updates/s, CPU share): its slope is the CPU of one more
+accepted update, its intercept the CPU the coordinator spends at rest with C devices
+connected. The closed loop above measures the coordinator saturated, where contention adds
+to every update; these two measure it below saturation.
+
 Worker processes (``--workers 1,2``): on PostgreSQL each count is its own coordinator start
 (``FEDGE_WORKERS``; fresh data directory and database) in the same run, recorded as its own
 entry of ``backends`` (with ``workers``); the summary's ``workers_scaling`` has updates/s with
@@ -57,6 +72,7 @@ latency are lower bounds; CPU-seconds per update is the figure that does not dep
     python bench/ingest.py              # full: C in 50/200/500, SQLite + PostgreSQL, 1000 polls
     python bench/ingest.py --quick      # C=50, SQLite, short windows, 200 polls
     python bench/ingest.py --backends postgresql --workers 1,2   # 1 vs 2 worker processes
+    python bench/ingest.py --quick --no-ceiling --no-longpoll --rates 0,20,40,60
     python bench/ingest.py --plot-only  # redraw the PNG from the JSON
 """
 
@@ -86,6 +102,7 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 from bench import _ingest_load  # noqa: E402
+from bench._ingest_load import proc_cpu_s  # noqa: E402
 from fedge.edge_agent.admin_client import AdminClient  # noqa: E402
 from fedge.edge_agent.sim.local_coordinator import LocalCoordinator, start_local_coordinator  # noqa: E402
 from fedge.shared.signing import public_key_to_b64  # noqa: E402
@@ -143,12 +160,6 @@ def _stat(pid: int, proc: Path) -> list[str]:
     """The fields of /proc/<pid>/stat after ``(comm)`` (comm may hold spaces): state, ppid, ...;
     utime, stime, cutime, cstime are at 11..14."""
     return (proc / str(pid) / "stat").read_text().rsplit(")", 1)[1].split()
-
-
-def proc_cpu_s(pid: int) -> float:
-    """utime + stime of a process (seconds) from /proc/<pid>/stat."""
-    fields = _stat(pid, Path("/proc"))
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def process_tree(pid: int, proc: Path = Path("/proc")) -> list[int]:
@@ -368,7 +379,10 @@ def steady(
     profile: Path | None = None,
     workers: int = 1,
     device_mode: str = "agent",
+    rate: float | None = None,
 ) -> dict[str, Any]:
+    """The closed loop (every device uploads again as soon as it can), or with ``rate`` the
+    open loop: ``rate`` uploads/s offered in all, split evenly over the processes."""
     t_start = time.time() + 3.0  # processes start and import first
     t0 = t_start + warmup_s
     t1 = t0 + measure_s
@@ -384,9 +398,10 @@ def steady(
         "t_end": t1 + 0.5,
         "device_mode": device_mode,
     }
-    cfgs = [
-        {**base, "devices": part, "seed": seed + i} for i, part in enumerate(split(devices, procs))
-    ]
+    parts = split(devices, procs)
+    if rate is not None:
+        base["rate"] = rate / len(parts)
+    cfgs = [{**base, "devices": part, "seed": seed + i} for i, part in enumerate(parts)]
     pid = coord.process.pid
 
     def between(_r: Any, _g: Any) -> dict[str, Any]:
@@ -462,6 +477,8 @@ def steady(
         "loadgen_body_build_cpu_s": [r["body_build_s_in_window"] for r in results],
         "bodies_built": built,
         "bodies_redrawn_as_repeats": sum(r["bodies"]["redrawn"] for r in results),
+        "offered_updates_per_s": rate,
+        "schedule_slots_skipped": sum(r["slots_skipped"] for r in results),
         "status_counts": codes,
         "client_errors": errors,
         # the machine is shared: how busy it was (runnable tasks, 1 and 5 min) at the end
@@ -673,6 +690,17 @@ def summary_key(b: dict[str, Any]) -> str:
     return b["backend"] if workers == 1 else f"{b['backend']}_workers{workers}"
 
 
+def _profile_path(args: argparse.Namespace, tag: str) -> Path | None:
+    """Where ``--profile`` puts the py-spy record of a steady window (``tag`` tells them
+    apart): a flame graph under bench/results, or collapsed stacks next to the given .txt."""
+    if not args.profile:
+        return None
+    if args.profile.endswith(".txt"):
+        given = Path(args.profile)
+        return given.with_name(f"{given.stem}_{tag}.txt")
+    return RESULTS / f"ingest_profile_{tag}_{args.profile}.svg"
+
+
 def run_backend(
     backend: str,
     args: argparse.Namespace,
@@ -715,11 +743,9 @@ def run_backend(
             # after version 0 (the same model every task)
             blobs_before = count_blobs(blobs, store_db)
             profile = None
-            if args.profile and c == max(p["concurrency"]):
+            if c == max(p["concurrency"]):
                 tag = backend if workers == 1 else f"{backend}_workers{workers}"
-                profile = RESULTS / f"ingest_profile_{tag}_{args.profile}.svg"
-                if args.profile.endswith(".txt"):
-                    profile = Path(args.profile)
+                profile = _profile_path(args, tag)
             r = steady(
                 coord,
                 sub,
@@ -764,6 +790,10 @@ def run_backend(
                 f"request {u['coordinator_cpu_ms_per_assign_request'] or 0:.2f} ms CPU",
                 flush=True,
             )
+        if p["ladder"] and workers == 1:
+            out["ladder"] = ladder(coord, admin, devices[: max(p["concurrency"])], args)
+        if p.get("rates"):
+            out["paced"] = paced(coord, admin, devices[: max(p["concurrency"])], args, p)
         if with_longpoll:
             lp = longpoll(
                 coord,
@@ -786,6 +816,114 @@ def run_backend(
             pg_database("drop")
         shutil.rmtree(work, ignore_errors=True)
     return out, tls_copy
+
+
+def ladder(
+    coord: LocalCoordinator,
+    admin: AdminClient,
+    devices: list[tuple[str, str]],
+    args: argparse.Namespace,
+) -> dict[str, Any]:
+    """The coordinator's CPU per request of each kind, one request at a time (the load
+    generator's ``ladder`` phase) on two async tasks that never aggregate; the CPU the
+    coordinator spends at rest (measured just before, over 2 s) is taken off each kind's."""
+    pid = coord.process.pid
+    task_ids = [
+        async_task(admin, f"bench-ladder-{i}", buffer_size=100_000, concurrency=10 * len(devices))
+        for i in range(2)
+    ]
+    c0, t0 = proc_cpu_s(pid), time.time()
+    time.sleep(2.0)
+    rest_share = (proc_cpu_s(pid) - c0) / (time.time() - t0)
+    cfg = {
+        "phase": "ladder",
+        "url": coord.url,
+        "ca_file": coord.ca_file,
+        "model": MODEL,
+        "compression": COMPRESSION,
+        "devices": devices,
+        "seed": args.seed + 7,
+        "pid": pid,
+        "repeats": 4,
+    }
+    (result,) = run_workers([cfg])
+    for task_id in task_ids:
+        admin.cancel_task(task_id)
+    kinds = result["kinds"]
+    for name, k in kinds.items():
+        cpu = k["coordinator_cpu_s"] - rest_share * k["wall_s"]
+        k["cpu_ms_per_request"] = 1000 * cpu / k["requests"] if k["requests"] else None
+        k["all_as_expected"] = k["statuses"] == {str(k["expected_status"]): k["requests"]}
+        print(
+            f"  ladder {name:18s} {k['requests']:5d} requests  "
+            f"{k['cpu_ms_per_request'] or 0:6.2f} ms CPU each  statuses {k['statuses']}",
+            flush=True,
+        )
+    return {"devices": len(devices), "rest_cpu_share": rest_share, "kinds": kinds}
+
+
+def paced(
+    coord: LocalCoordinator,
+    admin: AdminClient,
+    devices: list[tuple[str, str]],
+    args: argparse.Namespace,
+    p: dict[str, Any],
+) -> dict[str, Any]:
+    """The open loop: for each offered rate (``--rates``; ascending, then descending on the
+    next repeat), a fresh async task and a steady window at that rate; then the straight line
+    through (accepted updates/s, coordinator CPU share): its slope is the CPU of one more
+    accepted update, its intercept the CPU the coordinator spends with C devices connected
+    and nothing uploaded."""
+    c = len(devices)
+    runs = []
+    for rep in range(p["rate_repeats"]):
+        order = p["rates"] if rep % 2 == 0 else list(reversed(p["rates"]))
+        for rate in order:
+            task_id = async_task(
+                admin,
+                f"bench-paced-{rate:g}-{rep}",
+                buffer_size=max(1, min(100, c // 2)),
+                concurrency=10 * c,
+            )
+            r = steady(
+                coord,
+                devices,
+                procs=args.procs,
+                warmup_s=p["warmup_s"],
+                measure_s=p["measure_s"],
+                seed=args.seed + 1000 * (rep + 1),
+                device_mode=args.device_mode,
+                rate=rate,
+                profile=_profile_path(args, f"paced{rate:g}") if rate and rep == 0 else None,
+            )
+            admin.cancel_task(task_id)
+            r["repeat"] = rep
+            runs.append(r)
+            print(
+                f"  paced C={c}: offered {rate:6.1f}/s accepted {r['updates_per_s']:6.1f}/s  "
+                f"coord CPU share {r['coordinator_cpu_share']:.3f}  "
+                f"{r['coordinator_cpu_ms_per_update'] or 0:6.2f} ms/update  "
+                f"p99 {r['upload_p99_ms'] or 0:6.1f} ms",
+                flush=True,
+            )
+    return {"concurrency": c, "runs": runs, "fit": open_loop_fit(runs)}
+
+
+def open_loop_fit(runs: list[dict[str, Any]]) -> dict[str, Any] | None:
+    """Least squares of coordinator CPU share on accepted updates/s: the slope (ms of CPU per
+    accepted update, with its standard error) and the intercept (share of a core at rest)."""
+    x = np.array([r["updates_per_s"] for r in runs])
+    y = np.array([r["coordinator_cpu_share"] for r in runs])
+    if len(runs) < 3 or np.ptp(x) == 0:
+        return None
+    (slope, intercept), cov = np.polyfit(x, y, 1, cov=True)
+    return {
+        "marginal_cpu_ms_per_update": 1000 * float(slope),
+        "marginal_cpu_ms_per_update_stderr": 1000 * float(np.sqrt(cov[0, 0])),
+        "cpu_share_at_rest": float(intercept),
+        "points": len(runs),
+        "max_residual_share": float(np.max(np.abs(y - (slope * x + intercept)))),
+    }
 
 
 def summarize(res: dict[str, Any]) -> dict[str, Any]:
@@ -811,6 +949,8 @@ def summarize(res: dict[str, Any]) -> dict[str, Any]:
             "target_cpu_met": (best["coordinator_cpu_ms_per_update"] or 1e9)
             <= TARGETS["cpu_ms_per_update"],
         }
+        if b.get("paced", {}).get("fit"):
+            s[name]["paced_fit"] = b["paced"]["fit"]
         if "longpoll" in b:
             lp = b["longpoll"]
             s[name]["longpoll"] = {
@@ -961,9 +1101,28 @@ def main() -> None:
     ap.add_argument(
         "--measure-s", type=float, default=None, help="steady window (s; default 8 quick, 15)"
     )
+    ap.add_argument(
+        "--rates",
+        default=None,
+        help="comma list of offered updates/s for the open-loop runs at the largest C (e.g. "
+        "0,20,40,60: 0 holds the devices with work in hand and uploads nothing); the slope of "
+        "CPU against accepted updates/s is the CPU of one more update",
+    )
+    ap.add_argument("--rate-repeats", type=int, default=1, help="passes over --rates")
+    ap.add_argument(
+        "--no-ladder",
+        action="store_true",
+        help="skip the CPU per request of each kind, one request at a time",
+    )
     ap.add_argument("--no-ceiling", action="store_true")
     ap.add_argument("--no-longpoll", action="store_true")
-    ap.add_argument("--profile", default=None, help="py-spy flame graph tag (largest C)")
+    ap.add_argument(
+        "--profile",
+        default=None,
+        help="py-spy record of the steady window at the largest C and of each open-loop rate "
+        "(first pass): a flame graph tag, or FILE.txt for collapsed stacks of the GIL holder "
+        "in FILE_<backend>.txt and FILE_paced<rate>.txt",
+    )
     ap.add_argument(
         "--coordinator-env",
         action="append",
@@ -1005,6 +1164,9 @@ def main() -> None:
     if args.concurrency:
         p["concurrency"] = [int(x) for x in args.concurrency.split(",")]
     p["workers"] = [int(x) for x in args.workers.split(",")]
+    p["rates"] = [float(x) for x in args.rates.split(",")] if args.rates else []
+    p["rate_repeats"] = args.rate_repeats
+    p["ladder"] = not args.no_ladder
     if args.no_longpoll:
         p["longpoll_devices"] = 0
     p["longpoll_on"] = p["backends"][0] if p["longpoll_devices"] else ""

@@ -90,14 +90,26 @@ def summarize(directory: Path, names: tuple[str, ...] | list[str] = ARMS) -> dic
                     "accepted_uploads": steady["accepted_uploads"],
                     "coordinator_cpu_s": steady["coordinator_cpu_s"],
                     "window_s": steady["window_s"],
+                    # one request at a time (revisions that have the ladder)
+                    "ladder_cpu_ms": {
+                        kind: k["cpu_ms_per_request"]
+                        for kind, k in backend.get("ladder", {}).get("kinds", {}).items()
+                    },
                 }
             )
         if runs:
             cpu = [r["coordinator_cpu_ms_per_update"] for r in runs]
+            kinds = sorted({kind for r in runs for kind in r["ladder_cpu_ms"]})
             arms[arm] = {
                 "runs": runs,
                 "cpu_ms_per_update_median": statistics.median(cpu),
                 "cpu_ms_per_update_range": [min(cpu), max(cpu)],
+                "ladder_cpu_ms_median": {
+                    kind: statistics.median(
+                        r["ladder_cpu_ms"][kind] for r in runs if kind in r["ladder_cpu_ms"]
+                    )
+                    for kind in kinds
+                },
             }
     if "base" in arms:
         base = arms["base"]["cpu_ms_per_update_median"]
