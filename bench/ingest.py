@@ -102,7 +102,7 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 from bench import _ingest_load  # noqa: E402
-from bench._ingest_load import proc_cpu_s  # noqa: E402
+from bench._ingest_load import cpu_between, proc_cpu_s, thread_cpu_ns  # noqa: E402
 from fedge.edge_agent.admin_client import AdminClient  # noqa: E402
 from fedge.edge_agent.sim.local_coordinator import LocalCoordinator, start_local_coordinator  # noqa: E402
 from fedge.shared.signing import public_key_to_b64  # noqa: E402
@@ -832,9 +832,9 @@ def ladder(
         async_task(admin, f"bench-ladder-{i}", buffer_size=100_000, concurrency=10 * len(devices))
         for i in range(2)
     ]
-    c0, t0 = proc_cpu_s(pid), time.time()
+    c0, t0 = thread_cpu_ns(pid), time.time()
     time.sleep(2.0)
-    rest_share = (proc_cpu_s(pid) - c0) / (time.time() - t0)
+    rest_share = cpu_between(c0, thread_cpu_ns(pid)) / (time.time() - t0)
     cfg = {
         "phase": "ladder",
         "url": coord.url,
