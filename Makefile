@@ -92,8 +92,9 @@ lint: $(STAMP)
 # Benchmarks measure, they never assert; no test calls them. `bench` runs the codec benchmark
 # (half a minute; bench/results/codec.json) and the quick version of every other one (a few
 # minutes; bench/results/*.quick.json, git-ignored); `bench-full` runs the full ones (the
-# figures the README quotes: bench/results/*.json and *.png), then rewrites the README's
-# Results section from them.
+# figures the README quotes: bench/results/*.json and *.png; and the ingest benchmark below
+# saturation, bench/results/ingest_open_loop.json), then rewrites the README's Results section
+# from them.
 BENCHES := codec compression_accuracy async_vs_sync flower_setting aggregate ingest upload_path \
 	fleet_traffic selection dp_accuracy byzantine secagg
 
@@ -103,6 +104,9 @@ bench: $(STAMP)
 
 bench-full: $(STAMP)
 	set -e; for b in $(BENCHES); do $(BIN)/python bench/$$b.py; done
+	$(BIN)/python bench/ingest.py --quick --backends sqlite,postgresql --no-ceiling --no-longpoll \
+		--measure-s 10 --rates 0,10,20,30,40 --rate-repeats 2 \
+		--output bench/results/ingest_open_loop.json
 	$(BIN)/python bench/report.py --readme README.md
 
 demo: $(DEMO_STAMP)

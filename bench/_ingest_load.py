@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import json
 import os
 import resource
 import ssl
@@ -466,6 +467,24 @@ async def _ceiling(cfg: dict[str, Any]) -> dict[str, Any]:
     }
 
 
+def reference_ms(repeats: int = 5) -> float:
+    """Thread CPU (ms, the best of ``repeats``) of a fixed piece of interpreter work: JSON,
+    dicts, sorting, string formatting. On a shared machine the same code runs up to twice as
+    slow from one hour to the next; this figure, taken beside a measurement, tells two runs'
+    machines apart."""
+    doc = {f"k{i}": [i, str(i), {"x": i * 0.5}] for i in range(2000)}
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.thread_time()
+        for _ in range(5):
+            text = json.dumps(doc)
+            back = json.loads(text)
+            sorted(back, key=lambda k: back[k][0] % 97)
+            "".join(f"{k}={v[1]};" for k, v in back.items())
+        best = min(best, time.thread_time() - start)
+    return 1000 * best
+
+
 async def _ladder(cfg: dict[str, Any]) -> dict[str, Any]:
     """Request kinds one at a time, each device in turn, the coordinator's CPU around each
     kind. The coordinator runs two async tasks that never aggregate (buffers larger than the
@@ -539,9 +558,11 @@ async def _ladder(cfg: dict[str, Any]) -> dict[str, Any]:
                 "expected_status": want,
                 "statuses": {str(k): v for k, v in statuses.items()},
                 "coordinator_cpu_s": cpu_between(cpu0, cpu1),
+                # the event loop's own thread (HTTP, TLS, the middleware, signature checks)
+                "event_loop_cpu_s": (cpu1.get(pid, 0) - cpu0.get(pid, 0)) / 1e9,
                 "wall_s": t1 - t0,
             }
-    return {"kinds": kinds}
+    return {"kinds": kinds, "reference_ms": reference_ms()}
 
 
 def worker(cfg: dict[str, Any], out: Any, ready: Any = None, go: Any = None) -> None:

@@ -853,13 +853,25 @@ def ladder(
     for name, k in kinds.items():
         cpu = k["coordinator_cpu_s"] - rest_share * k["wall_s"]
         k["cpu_ms_per_request"] = 1000 * cpu / k["requests"] if k["requests"] else None
+        k["event_loop_cpu_ms_per_request"] = (
+            1000 * k["event_loop_cpu_s"] / k["requests"] if k["requests"] else None
+        )
         k["all_as_expected"] = k["statuses"] == {str(k["expected_status"]): k["requests"]}
         print(
             f"  ladder {name:18s} {k['requests']:5d} requests  "
-            f"{k['cpu_ms_per_request'] or 0:6.2f} ms CPU each  statuses {k['statuses']}",
+            f"{k['cpu_ms_per_request'] or 0:6.2f} ms CPU each (event loop "
+            f"{k['event_loop_cpu_ms_per_request'] or 0:5.2f})  statuses {k['statuses']}",
             flush=True,
         )
-    return {"devices": len(devices), "rest_cpu_share": rest_share, "kinds": kinds}
+    print(f"  ladder reference work: {result['reference_ms']:.1f} ms", flush=True)
+    return {
+        "devices": len(devices),
+        "rest_cpu_share": rest_share,
+        "kinds": kinds,
+        # the same fixed interpreter work timed in the load generator right after: runs on
+        # machines of different speed (the shared host's load) differ in this too
+        "reference_ms": result["reference_ms"],
+    }
 
 
 def paced(

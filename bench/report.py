@@ -278,6 +278,113 @@ def upload_path(d: dict[str, Any]) -> str:
     )
 
 
+LADDER_KINDS = {
+    "healthz": "`GET /healthz` (unsigned: HTTP, TLS, middleware)",
+    "work_again": "signed work request, answered with the assignment it has",
+    "work_none": "signed work request, nothing to give (204)",
+    "work_assign": "signed work request that assigns",
+    "upload_next_none": "upload (`next=1`), no next assignment",
+    "upload_next_found": "upload (`next=1`) answered with the next assignment",
+}
+
+
+def _reference_note(backends: list[dict[str, Any]]) -> str:
+    refs = [
+        f"{b['ladder']['reference_ms']:.1f} ms ({_ingest_label(b)})"
+        for b in backends
+        if "reference_ms" in b.get("ladder", {})
+    ]
+    if not refs:
+        return ""
+    return (
+        " A fixed piece of interpreter work took " + " and ".join(refs) + " right after each "
+        "ladder: the shared machine runs the same code up to twice as slow from one hour to "
+        "the next, so compare runs by it."
+    )
+
+
+def _ladder_cell(kind: dict[str, Any]) -> str:
+    cell = fmt(kind.get("cpu_ms_per_request"), ".2f")
+    loop = kind.get("event_loop_cpu_ms_per_request")
+    return cell if loop is None else f"{cell} ({loop:.2f})"
+
+
+def ingest_open_loop(d: dict[str, Any]) -> str:
+    """The ladder (one request at a time) and the open loop (fixed offered rates) of
+    ``bench/ingest.py --rates``, with the same run's closed loop for comparison."""
+    backends = [b for b in d["backends"] if "ladder" in b or "paced" in b]
+    names = [_ingest_label(b) for b in backends]
+    ladder_rows = [
+        [text]
+        + [  # ms of CPU, and the event loop's part of it
+            _ladder_cell(b.get("ladder", {}).get("kinds", {}).get(kind, {})) for b in backends
+        ]
+        for kind, text in LADDER_KINDS.items()
+    ]
+    rates = sorted({r["offered_updates_per_s"] for b in backends for r in b["paced"]["runs"]})
+    loop_rows = []
+    for rate in rates:
+        row = [fmt(rate, ",.0f")]
+        for b in backends:
+            got = [r for r in b["paced"]["runs"] if r["offered_updates_per_s"] == rate]
+            share = [r["coordinator_cpu_share"] for r in got]
+            per = [r["coordinator_cpu_ms_per_update"] for r in got if r["accepted_uploads"]]
+            row.append(
+                f"{min(r['updates_per_s'] for r in got):,.1f}; {min(share):.3f}–{max(share):.3f}"
+                + (f"; {min(per):.2f}–{max(per):.2f}" if per else "")
+            )
+        loop_rows.append(row)
+    fits = []
+    for b in backends:
+        fit = b["paced"]["fit"]
+        closed = max(b["runs"], key=lambda r: r["concurrency"])
+        fits.append(
+            [
+                _ingest_label(b),
+                f"{fit['marginal_cpu_ms_per_update']:.2f} ± "
+                f"{fit['marginal_cpu_ms_per_update_stderr']:.2f}",
+                f"{fit['cpu_share_at_rest']:.3f}",
+                f"{closed['coordinator_cpu_ms_per_update']:.2f} at "
+                f"{closed['updates_per_s']:,.0f}/s (C = {closed['concurrency']})",
+            ]
+        )
+    c = backends[0]["paced"]["concurrency"]
+    repeats = d["params"].get("rate_repeats", 1)
+    return "\n\n".join(
+        [
+            "Below saturation (`bench/ingest.py --quick --rates ...`, "
+            f"C = {c}, the same coordinator start as a closed-loop run): first **one request "
+            "at a time** (nothing contends), the coordinator's CPU per request of each kind "
+            "(its threads' exact CPU time, with the CPU it spends at rest taken off; in "
+            "brackets the event loop's thread: HTTP, TLS, middleware, signature checks), on "
+            "two async tasks that never aggregate." + _reference_note(backends),
+            table(
+                ["request", *[f"{n}, ms CPU" for n in names]], ladder_rows, "l" + "r" * len(names)
+            ),
+            "Then an **open loop**: for each offered rate a fresh async task, the devices "
+            "long-polling and uploading on a fixed schedule of that many updates/s in all "
+            f"({repeats} passes, ascending then descending); per backend: accepted updates/s; "
+            "the coordinator's share of a core (range over the passes); ms of CPU per accepted "
+            "update (range):",
+            table(["offered updates/s", *names], loop_rows, "r" + "l" * len(names)),
+            "The straight line through (accepted updates/s, share of a core) over every "
+            "point: its slope is the CPU of one more accepted update (± its standard error), "
+            "its intercept the share at rest; beside them the closed loop of the same run "
+            "(every device uploads again as soon as it can: saturated):",
+            table(
+                [
+                    "backend",
+                    "ms CPU per accepted update (slope)",
+                    "share at rest",
+                    "closed loop, ms CPU per update",
+                ],
+                fits,
+                "lrrl",
+            ),
+        ]
+    )
+
+
 def ingest(d: dict[str, Any]) -> str:
     rows = []
     for b in d["backends"]:
@@ -936,6 +1043,7 @@ SECTIONS: list[tuple[str, str, Callable[[dict[str, Any]], str]]] = [
     ("compression_accuracy", "Compression vs accuracy", compression_accuracy),
     ("async_vs_sync", "Async vs sync under faults", async_vs_sync),
     ("ingest", "Ingest at scale", ingest),
+    ("ingest_open_loop", "Ingest below saturation", ingest_open_loop),
     ("upload_path", "Upload path, stage by stage", upload_path),
     ("aggregate", "Aggregation at scale", aggregate),
     ("flower_setting", "Against Flower in its own setting", flower_setting),
