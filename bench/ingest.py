@@ -1025,7 +1025,32 @@ def plot(res: dict[str, Any], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4.2))
+    open_loop = [b for b in res["backends"] if b.get("paced", {}).get("fit")]
+    cols = 3 if open_loop else 2
+    fig, axes = plt.subplots(1, cols, figsize=(5.5 * cols, 4.2))
+    ax1, ax2 = axes[0], axes[1]
+    if open_loop:
+        ax3 = axes[2]
+        for b in open_loop:
+            runs, fit = b["paced"]["runs"], b["paced"]["fit"]
+            x = np.array([r["updates_per_s"] for r in runs])
+            (dots,) = ax3.plot(
+                x, [r["coordinator_cpu_share"] for r in runs], "o", label=f"{label(b)} (open loop)"
+            )
+            xs = np.linspace(0, x.max(), 2)
+            ax3.plot(
+                xs,
+                fit["cpu_share_at_rest"] + xs * fit["marginal_cpu_ms_per_update"] / 1000,
+                "-",
+                color=dots.get_color(),
+                label=f"slope {fit['marginal_cpu_ms_per_update']:.2f} ms/update",
+            )
+        ax3.set(
+            xlabel="accepted updates/s (offered at a fixed rate)",
+            ylabel="coordinator CPU (share of a core)",
+        )
+        ax3.legend(fontsize=8)
+        ax3.grid(alpha=0.3)
     for b in res["backends"]:
         cs = [r["concurrency"] for r in b["runs"]]
         ax1.plot(cs, [r["updates_per_s"] for r in b["runs"]], "o-", label=label(b))

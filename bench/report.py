@@ -367,6 +367,7 @@ def ingest_open_loop(d: dict[str, Any]) -> str:
             "the coordinator's share of a core (range over the passes); ms of CPU per accepted "
             "update (range):",
             table(["offered updates/s", *names], loop_rows, "r" + "l" * len(names)),
+            image("ingest_open_loop"),
             "The straight line through (accepted updates/s, share of a core) over every "
             "point: its slope is the CPU of one more accepted update (± its standard error), "
             "its intercept the share at rest; beside them the closed loop of the same run "
