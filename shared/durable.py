@@ -1,7 +1,8 @@
 """Durable atomic file writes, the one implementation both the coordinator and the agent use.
 
 :func:`write_atomic` creates a temporary file in the target's directory, writes it, flushes
-and fsyncs it, renames it over the target with ``os.replace`` and fsyncs the directory. A
+and fsyncs it, renames it over the target with ``os.replace`` and fsyncs the directory
+(missing directories on the way are created, each made durable by an fsync of its parent). A
 reader, or the process after a crash at any instant, sees the old file or the whole new one,
 never a mix; once the call returns the new content survives a power loss.
 
@@ -26,6 +27,7 @@ from typing import BinaryIO
 __all__ = [
     "TEMP_MARKER",
     "fsync_dir",
+    "make_dirs_durably",
     "remove_temp_files",
     "temp_name",
     "write_atomic",
@@ -49,6 +51,24 @@ def fsync_dir(directory: str | os.PathLike[str]) -> None:
         os.close(fd)
 
 
+def make_dirs_durably(directory: str | os.PathLike[str]) -> None:
+    """``mkdir -p directory``, each directory it creates made durable (its parent fsynced
+    after the ``mkdir``), so a file written and fsynced in it survives a power loss with the
+    path that leads to it. Nothing is fsynced when the directory exists already."""
+    path = Path(directory)
+    missing: list[Path] = []
+    while not path.is_dir():
+        missing.append(path)
+        if path.parent == path:
+            break
+        path = path.parent
+    for created in reversed(missing):
+        # made meanwhile by another writer: fsync all the same, its fsync may not be done yet
+        with contextlib.suppress(FileExistsError):
+            created.mkdir()
+        fsync_dir(created.parent)
+
+
 def rename_durably(source: str | os.PathLike[str], target: str | os.PathLike[str]) -> None:
     """Rename ``source`` (a file or a directory) to ``target`` in one step (``target`` must
     not exist, or be an empty directory) and make the rename durable."""
@@ -68,7 +88,7 @@ def write_atomic(
     directories are created. An exception from ``write`` (or from the file system) leaves
     ``path`` as it was and no temporary file behind."""
     target = Path(path)
-    target.parent.mkdir(parents=True, exist_ok=True)
+    make_dirs_durably(target.parent)
     prefix = temp_name(target.name) if temp_prefix is None else temp_prefix
     fd, tmp = tempfile.mkstemp(prefix=prefix, dir=target.parent)  # O_EXCL, mode 0600
     try:

@@ -151,3 +151,36 @@ def test_remove_temp_files_deletes_only_leftovers(tmp_path: Path) -> None:
     assert names(tmp_path) == [".hidden", "keep.json", "sub"]
     assert names(tmp_path / "sub") == []
     assert remove_temp_files(tmp_path / "missing") == 0
+
+
+def test_directories_created_on_the_way_are_made_durable_one_by_one(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A blob store's two-level shard directories: each new directory's entry is fsynced in
+    its parent before the file is written below it, and an existing path costs no fsync."""
+    events: list[str] = []
+    real_fsync_dir = durable.fsync_dir
+
+    def fsync_dir(directory: Path) -> None:
+        events.append(Path(directory).relative_to(tmp_path).as_posix())
+        real_fsync_dir(directory)
+
+    monkeypatch.setattr(durable, "fsync_dir", fsync_dir)
+    write_bytes_atomic(tmp_path / "ab" / "cd" / "blob", b"x")
+    # the parent of each created directory in order, then the file's own directory
+    assert events == [".", "ab", "ab/cd"]
+    assert (tmp_path / "ab" / "cd" / "blob").read_bytes() == b"x"
+    events.clear()
+    write_bytes_atomic(tmp_path / "ab" / "cd" / "other", b"y")
+    assert events == ["ab/cd"]
+    events.clear()
+    write_bytes_atomic(tmp_path / "ab" / "ef" / "third", b"z")
+    assert events == ["ab", "ab/ef"]
+
+
+def test_a_path_through_a_file_is_refused_and_leaves_nothing(tmp_path: Path) -> None:
+    (tmp_path / "plain").write_bytes(b"not a directory")
+    with pytest.raises((FileExistsError, NotADirectoryError)):
+        write_bytes_atomic(tmp_path / "plain" / "sub" / "f", b"x")
+    assert (tmp_path / "plain").read_bytes() == b"not a directory"
+    assert names(tmp_path) == ["plain"]
