@@ -22,7 +22,7 @@ from fedge.coordinator.api.upload_route import install_upload_route
 from fedge.coordinator.api.work_route import install_work_route
 from fedge.coordinator.dashboard import install_dashboard
 from fedge.coordinator.engine.lifecycle import start_engine, stop_engine
-from fedge.coordinator.errors import install_error_handlers
+from fedge.coordinator.errors import UnhandledErrorMiddleware, install_error_handlers
 from fedge.coordinator.gcjob import start_gc_job
 from fedge.coordinator.metrics import Metrics, MetricsMiddleware, RouteTable
 from fedge.coordinator.paths import DEVICE_PREFIX
@@ -83,6 +83,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         device_limit=settings.device_connections,  # the rest is kept for probes and admins
         device_prefix=DEVICE_PREFIX + "/",
     )
+    # Inside the metrics: an unexpected error is counted as the 500 it is answered with.
+    app.add_middleware(UnhandledErrorMiddleware)
     # Outermost: it sees the other middleware's refusals too (and logs refused uploads).
     app.add_middleware(MetricsMiddleware, metrics=metrics, routes=RouteTable(app))
     include_routers(app)

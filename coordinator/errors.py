@@ -20,6 +20,11 @@ directory, a lost volume) renders as 503 ``blob_missing`` with its digest, not a
 
 Every rejection renders as ``{"error": code, "detail": text}``; FastAPI's validation errors and
 Starlette's routing errors are rendered the same way.
+
+An unexpected exception is answered 500 ``internal_error`` by :class:`UnhandledErrorMiddleware`
+and goes no further, so the connection stays open for the client's next request (Starlette's
+own last resort sends the same answer, then raises the exception again for the server, and
+uvicorn then closes the kept-alive connection).
 """
 
 from __future__ import annotations
@@ -32,6 +37,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from fedge.coordinator.blobstore import BlobDamaged, BlobNotFound
 
@@ -132,6 +138,42 @@ def _summarize_validation(exc: RequestValidationError) -> str:
     return "; ".join(parts) or "invalid request"
 
 
+#: The answer to an unexpected exception (its traceback goes to the log only).
+INTERNAL_DETAIL = "the coordinator hit an unexpected error"
+
+
+class UnhandledErrorMiddleware:
+    """Answers an exception that no handler took with 500 ``internal_error``, logs it, and
+    returns normally: the server never sees it, so it keeps the connection open. Starlette's
+    ``ServerErrorMiddleware`` (the ``Exception`` handler below) answers the same but raises
+    the exception again afterwards, and uvicorn then closes the connection, so a device's next
+    request on its kept-alive connection met a closed socket and paid a new TLS handshake.
+    When the answer had already started, the exception goes on (the response is broken: the
+    connection must close)."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        started = False
+
+        async def sending(message: Message) -> None:
+            nonlocal started
+            started = started or message["type"] == "http.response.start"
+            await send(message)
+
+        try:
+            await self.app(scope, receive, sending)
+        except Exception as exc:
+            if started:
+                raise
+            log.exception("unhandled error", exc_info=exc)
+            await _render(500, "internal_error", INTERNAL_DETAIL)(scope, receive, send)
+
+
 def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(ApiError)
     async def _api_error(_request: Request, exc: ApiError) -> JSONResponse:
@@ -177,5 +219,7 @@ def install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(Exception)
     async def _unexpected(_request: Request, exc: Exception) -> JSONResponse:
+        # The last resort, for an exception from the middleware outside
+        # UnhandledErrorMiddleware (Starlette raises it again after this answer).
         log.exception("unhandled error", exc_info=exc)
-        return _render(500, "internal_error", "the coordinator hit an unexpected error")
+        return _render(500, "internal_error", INTERNAL_DETAIL)
