@@ -297,6 +297,17 @@ def async_task(admin: AdminClient, name: str, *, buffer_size: int, concurrency: 
     return task_id
 
 
+def buffer_for(c: int) -> int:
+    """The async task's buffer for C devices: half of them (a device works once per model
+    version, so the buffer must fill with fewer than C), at most 100."""
+    return max(1, min(100, c // 2))
+
+
+def fleet_task(admin: AdminClient, name: str, c: int) -> int:
+    """The steady windows' async task for C devices (:func:`buffer_for`, concurrency 10 C)."""
+    return async_task(admin, name, buffer_size=buffer_for(c), concurrency=10 * c)
+
+
 def sync_task(admin: AdminClient, name: str, n: int) -> int:
     body = {
         "name": name,
@@ -737,9 +748,7 @@ def run_backend(
         store_db = db_url or f"sqlite:///{work / 'data' / 'fedge.db'}"
         for c in p["concurrency"]:
             sub = devices[:c]
-            task_id = async_task(
-                admin, f"bench-steady-{c}", buffer_size=max(1, min(100, c // 2)), concurrency=10 * c
-            )
+            task_id = fleet_task(admin, f"bench-steady-{c}", c)
             # after version 0 (the same model every task)
             blobs_before = count_blobs(blobs, store_db)
             profile = None
@@ -758,7 +767,7 @@ def run_backend(
                 device_mode=args.device_mode,
             )
             task = admin.get_task(task_id)
-            r["buffer_size"] = max(1, min(100, c // 2))
+            r["buffer_size"] = buffer_for(c)
             r["model_versions_at_end"] = task.get("current_version")
             admin.cancel_task(task_id)
             # every accepted update must be a blob of its own (and every model version)
@@ -891,12 +900,7 @@ def paced(
     for rep in range(p["rate_repeats"]):
         order = p["rates"] if rep % 2 == 0 else list(reversed(p["rates"]))
         for rate in order:
-            task_id = async_task(
-                admin,
-                f"bench-paced-{rate:g}-{rep}",
-                buffer_size=max(1, min(100, c // 2)),
-                concurrency=10 * c,
-            )
+            task_id = fleet_task(admin, f"bench-paced-{rate:g}-{rep}", c)
             r = steady(
                 coord,
                 devices,
