@@ -10,6 +10,7 @@ from pathlib import Path
 import httpx
 import pytest
 from fastapi import FastAPI
+from sqlalchemy import Engine
 
 from fedge.coordinator.app import create_app
 from fedge.coordinator.db import make_engine, make_sessionmaker, session_scope
@@ -99,6 +100,14 @@ def coordinator(settings: Settings, tls_paths: TlsPaths) -> Iterator[Coordinator
     viewer_key = make_key(settings, "viewer")
     with serve_in_thread(app, certfile=settings.tls_cert, keyfile=settings.tls_key) as url:
         yield Coordinator(url, settings, app, tls_paths.ca_cert, admin_key, viewer_key)
+
+
+@pytest.fixture
+def engine(db_url: str) -> Iterator[Engine]:
+    """An engine on the test's migrated database, disposed afterwards."""
+    engine = make_engine(db_url)
+    yield engine
+    engine.dispose()
 
 
 @pytest.fixture

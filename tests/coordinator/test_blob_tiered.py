@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import hashlib
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -15,7 +14,7 @@ from sqlalchemy import Engine, func, select
 
 from fedge.coordinator.blobstore import BlobNotFound, FileBlobStore
 from fedge.coordinator.blobstore_db import DatabaseBlobStore, TieredBlobStore
-from fedge.coordinator.db import make_engine, write_connection
+from fedge.coordinator.db import write_connection
 from fedge.coordinator.models import Blob
 from fedge.coordinator.settings import Settings
 from tests.coordinator.conftest import Coordinator
@@ -30,13 +29,6 @@ from tests.support.rounds import (
 )
 
 LIMIT = 4096
-
-
-@pytest.fixture
-def engine(db_url: str) -> Iterator[Engine]:
-    engine = make_engine(db_url)
-    yield engine
-    engine.dispose()
 
 
 @pytest.fixture

@@ -5,7 +5,6 @@ migration adds and removes the constraints without touching the rows."""
 from __future__ import annotations
 
 import re
-from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import timedelta
 from enum import StrEnum
@@ -173,13 +172,6 @@ def _seed_sql(engine: Engine) -> Seeded:
         for statement in SEED_SQL:
             conn.execute(text(statement))
     return Seeded({"tasks": 1, "rounds": 1, "devices": "dev-a", "assignments": 1, "updates": 1})
-
-
-@pytest.fixture
-def engine(db_url: str) -> Iterator[Engine]:
-    engine = make_engine(db_url)
-    yield engine
-    engine.dispose()
 
 
 @pytest.fixture
