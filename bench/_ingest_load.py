@@ -36,7 +36,6 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import json
-import os
 import resource
 import ssl
 import time
@@ -61,13 +60,6 @@ def _raise_nofile(n: int) -> None:
     want = min(hard, max(soft, n))
     if want > soft:
         resource.setrlimit(resource.RLIMIT_NOFILE, (want, hard))
-
-
-def proc_cpu_s(pid: int) -> float:
-    """utime + stime of a process (seconds) from /proc/<pid>/stat (the fields after
-    ``(comm)``, which may hold spaces: utime and stime are the 12th and 13th)."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def thread_cpu_ns(pid: int) -> dict[int, int]:

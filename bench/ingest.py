@@ -102,7 +102,7 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 from bench import _ingest_load  # noqa: E402
-from bench._ingest_load import cpu_between, proc_cpu_s, thread_cpu_ns  # noqa: E402
+from bench._ingest_load import cpu_between, thread_cpu_ns  # noqa: E402
 from fedge.edge_agent.admin_client import AdminClient  # noqa: E402
 from fedge.edge_agent.sim.local_coordinator import LocalCoordinator, start_local_coordinator  # noqa: E402
 from fedge.shared.signing import public_key_to_b64  # noqa: E402
@@ -160,6 +160,12 @@ def _stat(pid: int, proc: Path) -> list[str]:
     """The fields of /proc/<pid>/stat after ``(comm)`` (comm may hold spaces): state, ppid, ...;
     utime, stime, cutime, cstime are at 11..14."""
     return (proc / str(pid) / "stat").read_text().rsplit(")", 1)[1].split()
+
+
+def proc_cpu_s(pid: int) -> float:
+    """utime + stime of a process (seconds) from /proc/<pid>/stat."""
+    fields = _stat(pid, Path("/proc"))
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def process_tree(pid: int, proc: Path = Path("/proc")) -> list[int]:
